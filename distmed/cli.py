@@ -1,0 +1,93 @@
+"""What every entry point shares: common options, logging set-up, one-line user errors.
+
+A `UserError` (or a training failure caused by one) is printed as a single `error:` line
+and the process exits with status 2; `--debug` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from distmed.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, validated like the file (repeatable), "
+        "e.g. --set train.epochs=3 --set optim.lr=3e-4",
+    )
+    parser.add_argument("--data", help="data source: image folder, MedMNIST .npz, medmnist:NAME or demo")
+    parser.add_argument("--cpu", action="store_true", help="train on CPU even when GPUs are visible")
+    parser.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks) per run, e.g. 2")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def overrides_from_args(args: argparse.Namespace) -> list[str]:
+    """The shortcut flags, as `--set` overrides, ahead of the user's own `--set` items."""
+    items = []
+    if args.data:
+        items.append(f"data.root={args.data}")
+    if args.workers is not None:
+        items.append(f"scaling.num_workers={args.workers}")
+    if args.cpu:
+        items.append("scaling.use_gpu=false")
+    return items + list(args.overrides)
+
+
+def run_entry_point(body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run `body(args)`, turning user errors into one line on stderr and exit status 2."""
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("ray", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return body(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        cause = user_error_cause(exc)
+        if cause is None:
+            print(f"error: {type(exc).__name__}: {first_line(exc)} (rerun with --debug for details)", file=sys.stderr)
+            return 1
+        print(f"error: {cause}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def user_error_cause(exc: BaseException) -> UserError | None:
+    """The `UserError` behind `exc`, also when Ray wrapped it on its way from a worker."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, UserError):
+            return current
+        stack.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return None
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    return parser.parse_args(list(argv) if argv is not None else None)

@@ -1,0 +1,210 @@
+"""The one typed experiment config: YAML in, validated, dotted overrides, dict out.
+
+Every section is a frozen pydantic model that forbids unknown keys, so a typo is an error
+that names its dotted path before any work starts. Dicts exist only at process boundaries
+(Ray, checkpoints, results); the other side re-validates with `ExperimentConfig.model_validate`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from distmed.errors import UserError
+
+# The five ResNet stages that `model.unfreeze` counts, from the head backwards.
+RESNET_STAGES = ("layer4", "layer3", "layer2", "layer1", "stem")
+RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class AugmentConfig(_Section):
+    hflip: bool = True
+    vflip: bool = False
+    rotation: float = Field(10.0, ge=0, le=180, description="max rotation in degrees")
+
+
+class DataConfig(_Section):
+    root: str | None = Field(
+        None,
+        description="image folder, MedMNIST .npz, 'medmnist:NAME', or 'demo' (built-in data)",
+    )
+    image_size: int = Field(224, ge=8, le=1024)
+    positive_class: str | None = Field(
+        None, description="binary tasks: class whose score is the ROC-AUC score (default: 2nd)"
+    )
+    group_csv: str | None = Field(
+        None, description="CSV with columns 'path' and 'group' (patient id) for grouped folds"
+    )
+    group_regex: str | None = Field(
+        None, description="regex whose first group, applied to the file name, is the patient id"
+    )
+    cache_dir: str | None = Field(None, description="decoded-image cache (default ~/.cache/distmed)")
+    augment: AugmentConfig = AugmentConfig()
+
+
+class ModelConfig(_Section):
+    arch: Literal[RESNET_ARCHS] = "resnet18"  # type: ignore[valid-type]
+    weights: str = Field(
+        "imagenet", description="'imagenet' (torchvision), 'none' (random init) or a .pt/.pth path"
+    )
+    weights_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{8,64}$")
+    head: Literal["linear", "mlp"] = "linear"
+    head_hidden: int = Field(256, ge=1)
+    head_dropout: float = Field(0.2, ge=0, lt=1)
+    unfreeze: int = Field(
+        len(RESNET_STAGES),
+        ge=0,
+        le=len(RESNET_STAGES),
+        description="0: head only; k: head + last k of layer4, layer3, layer2, layer1, stem",
+    )
+
+
+class OptimConfig(_Section):
+    name: Literal["adam", "adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0, le=10)
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: int = Field(1, ge=0)
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(32, ge=1, le=65536)
+    epochs: int = Field(10, ge=1, le=10000)
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    class_weights: Literal["none", "balanced"] = "none"
+    patience: int | None = Field(
+        None, ge=1, description="stop a fold after this many epochs without val ROC-AUC gain"
+    )
+    seed: int = 0
+
+
+class CVConfig(_Section):
+    folds: int = Field(5, ge=2, le=50)
+    seed: int = 0
+
+
+class ScalingSection(_Section):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks) per run")
+    use_gpu: bool | Literal["auto"] = Field("auto", description="auto: GPU when Ray sees one")
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="default: the node's CPUs shared between the workers"
+    )
+    max_failures: int = Field(
+        2, ge=0, description="worker-group restarts from the last checkpoint after a crash"
+    )
+
+
+class ExperimentConfig(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    cv: CVConfig = CVConfig()
+    scaling: ScalingSection = ScalingSection()
+
+    @field_validator("data")
+    @classmethod
+    def _group_sources_exclusive(cls, data: DataConfig) -> DataConfig:
+        if data.group_csv and data.group_regex:
+            raise ValueError("set at most one of group_csv and group_regex")
+        return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load a config (or a search-space file's `base`), apply `section.key=value` overrides.
+
+    Raises:
+        UserError: unreadable file, unknown key, wrong type or out-of-range value; the
+            message names the file and the dotted key.
+    """
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        raw = _read_yaml_mapping(Path(path))
+        # A search-space file carries the experiment config under `base`.
+        if "space" in raw or "base" in raw:
+            raw = raw.get("base") or {}
+            if not isinstance(raw, dict):
+                raise UserError(f"{source}: 'base' must be a mapping of config sections")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_config(raw, source)
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """Validate a plain dict into the typed config, with one readable line per problem."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(f"{source}: {format_validation_error(exc)}") from exc
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """Flatten pydantic's errors into `dotted.key: problem (got value)` parts."""
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"{key}: unknown key (check the spelling; see README 'Config')")
+        else:
+            parts.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(parts)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `section.key=value` in a nested dict; the value is parsed as YAML (`3`, `true`)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {item!r}: expected section.key=value, e.g. train.epochs=3")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {item!r}: {part} is not a section")
+        node = child
+    node[leaf] = yaml.safe_load(text) if text.strip() else None
+
+
+def config_fields() -> set[str]:
+    """Every dotted leaf name of the config (for search spaces and docs)."""
+    return set(_leaf_paths(ExperimentConfig, ""))
+
+
+def _leaf_paths(model: type[BaseModel], prefix: str):
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _leaf_paths(annotation, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
+
+
+def dump_config(cfg: ExperimentConfig, path: Path) -> None:
+    """Write the resolved config as YAML that `load_config` reads back unchanged."""
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file {path} not found: check the path given to --config")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of config sections at the top level")
+    return raw

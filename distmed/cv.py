@@ -1,0 +1,196 @@
+"""Folds and the cross-validated run: make_folds (stratified / grouped, seeded), cross_validate.
+
+Folds are index arithmetic over the CV pool, identical for every trial with the same
+`cv.seed`. `cross_validate` runs one `TorchTrainer` fit that trains all folds (see
+`distmed.worker`) and turns rank 0's return value into a `CVResult`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from distmed.config import CVConfig, ExperimentConfig
+from distmed.data import CachedData, DataIndex, Split
+from distmed.errors import UserError
+from distmed.metrics import METRIC_NAMES
+from distmed.resources import WorkerLayout
+from distmed.worker import STATE_FILE, train_folds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    fold: int
+    stop_epoch: int
+    metrics: dict[str, float]  # validation metrics at the epoch the training rule stopped at
+    history: list[dict[str, float]]
+
+
+@dataclass(frozen=True)
+class CVResult:
+    folds: list[FoldResult]
+    precision: str
+    device: str
+    world_size: int
+    checkpoint_path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fold_aucs(self) -> list[float]:
+        return [f.metrics["roc_auc"] for f in self.folds]
+
+    @property
+    def mean_roc_auc(self) -> float:
+        return float(np.mean(self.fold_aucs))
+
+    @property
+    def std_roc_auc(self) -> float:
+        return float(np.std(self.fold_aucs))
+
+    def mean_metrics(self) -> dict[str, float]:
+        return {name: float(np.mean([f.metrics[name] for f in self.folds])) for name in METRIC_NAMES}
+
+
+def make_folds(split: Split, cfg: CVConfig, class_names: list[str]) -> np.ndarray:
+    """Fold number (0..k-1) of every sample; stratified, and grouped when groups exist."""
+    counts = np.bincount(split.labels, minlength=len(class_names))
+    for name, count in zip(class_names, counts):
+        if count < cfg.folds:
+            raise UserError(
+                f"class {name!r} has {count} image(s), fewer than cv.folds={cfg.folds}; "
+                "add images or lower cv.folds"
+            )
+    assignment = np.full(len(split), -1, dtype=np.int64)
+    if split.groups is not None:
+        _check_groups(split, cfg, class_names)
+        splitter = StratifiedGroupKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
+        pieces = splitter.split(np.zeros(len(split)), split.labels, split.groups)
+    else:
+        splitter = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
+        pieces = splitter.split(np.zeros(len(split)), split.labels)
+    for fold, (_, val_idx) in enumerate(pieces):
+        assignment[val_idx] = fold
+    for fold in range(cfg.folds):
+        missing = set(range(len(class_names))) - set(split.labels[assignment == fold])
+        if missing:
+            names = ", ".join(class_names[c] for c in sorted(missing))
+            raise UserError(
+                f"cv fold {fold} has no validation image of class {names} (too few patients "
+                "per class for the grouping); lower cv.folds"
+            )
+    return assignment
+
+
+def _check_groups(split: Split, cfg: CVConfig, class_names: list[str]) -> None:
+    for label, name in enumerate(class_names):
+        patients = len(set(split.groups[split.labels == label]))
+        if patients < cfg.folds:
+            raise UserError(
+                f"class {name!r} has images from {patients} patient group(s), fewer than "
+                f"cv.folds={cfg.folds}; lower cv.folds or check data.group_*"
+            )
+
+
+def fold_specs(assignment: np.ndarray, folds: int) -> list[dict[str, list[int]]]:
+    """Train/validation index lists per fold (what the worker loop consumes)."""
+    positions = np.arange(len(assignment))
+    return [
+        {"train": positions[assignment != k].tolist(), "val": positions[assignment == k].tolist()}
+        for k in range(folds)
+    ]
+
+
+def positive_index(cfg: ExperimentConfig, class_names: list[str]) -> int | None:
+    """The class whose score is the binary ROC-AUC score; None for multi-class tasks."""
+    if len(class_names) != 2:
+        return None
+    if cfg.data.positive_class is None:
+        return 1
+    if cfg.data.positive_class not in class_names:
+        raise UserError(
+            f"data.positive_class {cfg.data.positive_class!r} is not a class; classes: {class_names}"
+        )
+    return class_names.index(cfg.data.positive_class)
+
+
+def check_batch_fits(cfg: ExperimentConfig, specs: list[dict[str, list[int]]]) -> None:
+    smallest = min(len(s["train"]) for s in specs)
+    if cfg.train.batch_size > smallest:
+        raise UserError(
+            f"train.batch_size={cfg.train.batch_size} is larger than the smallest fold's "
+            f"training set ({smallest} images); lower train.batch_size"
+        )
+
+
+def cross_validate(
+    cfg: ExperimentConfig,
+    index: DataIndex,
+    cache: CachedData,
+    assignment: np.ndarray,
+    layout: WorkerLayout,
+    storage: Path,
+    run_name: str,
+) -> CVResult:
+    """Train every fold with one Ray Train fit and collect each fold's final metrics.
+
+    Reusing `run_name` under the same `storage` resumes that run from its last checkpoint.
+    """
+    specs = fold_specs(assignment, cfg.cv.folds)
+    check_batch_fits(cfg, specs)
+    trainer = TorchTrainer(
+        train_folds,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "images_path": str(cache.pool_path),
+            "labels": index.pool.labels.tolist(),
+            "num_classes": len(index.class_names),
+            "positive": positive_index(cfg, index.class_names),
+            "folds": specs,
+            "threads": layout.threads,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=layout.num_workers,
+            use_gpu=layout.use_gpu,
+            resources_per_worker=layout.resources_per_worker,
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage.resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),  # k models + optimisers each
+            failure_config=FailureConfig(max_failures=layout.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return _to_cv_result(result.return_value, result.checkpoint)
+
+
+def _to_cv_result(value: dict[str, Any], checkpoint) -> CVResult:
+    folds = []
+    for number, fold in enumerate(value["folds"]):
+        last = fold["history"][-1]
+        metrics = {name: last[f"val_{name}"] for name in METRIC_NAMES}
+        metrics["loss"] = last["val_loss"]
+        folds.append(FoldResult(number, int(last["epoch"]), metrics, fold["history"]))
+    aucs = [f.metrics["roc_auc"] for f in folds]
+    if not all(math.isfinite(a) for a in aucs):
+        log.warning("some folds have no finite ROC-AUC: %s", aucs)
+    return CVResult(
+        folds=folds,
+        precision=value["precision"],
+        device=value["device"],
+        world_size=value["world_size"],
+        checkpoint_path=str(Path(checkpoint.path) / STATE_FILE) if checkpoint else None,
+        extra={"channels_last": value["channels_last"]},
+    )

@@ -1,0 +1,73 @@
+"""The embedded demo data set: SYNTHETIC grey-scale "scans", generated deterministically.
+
+Not medical data. Two classes, `lesion` and `normal`: every image has a smooth textured
+background and a few large soft blobs; a `lesion` image adds one small bright spot whose
+contrast is drawn from a range that starts near zero, so some lesions are invisible and the
+task is learnable but not trivially separable. Images come in patients (file names
+`pNNN_kK.png`) that share brightness and texture, so `data.group_regex: '^(p\\d+)_'` keeps a
+patient's images in one fold, as real data needs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+DEMO_VERSION = 1
+DEMO_PATIENTS = 100
+DEMO_IMAGES_PER_PATIENT = 4
+DEMO_SIZE = 64
+DEMO_SEED = 20261122
+GROUP_REGEX = r"^(p\d+)_"
+
+
+def ensure_demo_folder(root: Path) -> Path:
+    """Write the demo image folder under `root` once; later calls reuse it."""
+    folder = root / f"demo-v{DEMO_VERSION}"
+    if (folder / "DONE").is_file():
+        return folder
+    tmp = root / f".demo-v{DEMO_VERSION}.tmp{os.getpid()}"
+    write_demo_images(tmp)
+    (tmp / "DONE").write_text("synthetic demo data written by distmed.demo\n")
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished first; its copy is identical
+        if not (folder / "DONE").is_file():
+            raise
+    return folder
+
+
+def write_demo_images(folder: Path) -> None:
+    rng = np.random.default_rng(DEMO_SEED)
+    for patient in range(DEMO_PATIENTS):
+        label = "lesion" if patient % 2 else "normal"
+        class_dir = folder / label
+        class_dir.mkdir(parents=True, exist_ok=True)
+        brightness = rng.uniform(0.3, 0.6)
+        texture = rng.uniform(0.04, 0.10)
+        for k in range(DEMO_IMAGES_PER_PATIENT):
+            image = _scan(rng, brightness, texture, lesion=label == "lesion")
+            Image.fromarray(image, mode="L").save(class_dir / f"p{patient:03d}_k{k}.png")
+
+
+def _scan(rng: np.random.Generator, brightness: float, texture: float, lesion: bool) -> np.ndarray:
+    size = DEMO_SIZE
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    coarse = rng.normal(0.0, 1.0, (8, 8)).astype(np.float32)
+    background = np.asarray(
+        Image.fromarray(coarse, mode="F").resize((size, size), Image.Resampling.BICUBIC)
+    )
+    image = brightness + texture * background + rng.normal(0, 0.05, (size, size))
+    for _ in range(rng.integers(1, 4)):  # large soft structures in both classes
+        image += _blob(yy, xx, rng, radius=rng.uniform(7, 14), amplitude=rng.uniform(-0.15, 0.15))
+    if lesion:
+        image += _blob(yy, xx, rng, radius=rng.uniform(2.5, 4.5), amplitude=rng.uniform(0.1, 0.6))
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _blob(yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator, radius: float, amplitude: float):
+    cy, cx = rng.uniform(12, DEMO_SIZE - 12, size=2)
+    return amplitude * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))

@@ -1,0 +1,118 @@
+"""build_model(cfg.model, num_classes): a torchvision ResNet, its weights, a new head, freezing.
+
+Weights come from torchvision's own registry and cache (`imagenet`), from a local
+state-dict file (strict load, optional sha256), or nowhere (`none`). `unfreeze` counts
+stages from the head backwards; frozen stages keep BatchNorm in eval mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+
+from distmed.config import RESNET_STAGES, ModelConfig
+from distmed.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
+    """A ResNet with pretrained (or no) weights, a `num_classes` head and frozen stages."""
+    model = models.get_model(cfg.arch, weights=None)
+    load_backbone_weights(model, cfg)
+    model.fc = build_head(cfg, model.fc.in_features, num_classes)
+    apply_freeze(model, cfg.unfreeze)
+    return model
+
+
+def build_head(cfg: ModelConfig, in_features: int, num_classes: int) -> nn.Module:
+    if cfg.head == "linear":
+        return nn.Linear(in_features, num_classes)
+    return nn.Sequential(
+        nn.Linear(in_features, cfg.head_hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(cfg.head_dropout),
+        nn.Linear(cfg.head_hidden, num_classes),
+    )
+
+
+def load_backbone_weights(model: nn.Module, cfg: ModelConfig) -> None:
+    """Fill the backbone (including the ImageNet `fc`, replaced afterwards) from `cfg.weights`."""
+    if cfg.weights == "none":
+        return
+    if cfg.weights == "imagenet":
+        model.load_state_dict(_imagenet_state_dict(cfg.arch))
+        return
+    model.load_state_dict(read_state_dict(Path(cfg.weights).expanduser(), cfg.weights_sha256), strict=True)
+
+
+def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
+    weights = models.get_model_weights(arch).DEFAULT
+    try:
+        # torchvision downloads once into its own cache (TORCH_HOME) and checks the hash.
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except (OSError, RuntimeError) as exc:
+        raise UserError(
+            f"model.weights=imagenet: could not fetch {weights} ({type(exc).__name__}: offline?); "
+            "use model.weights=PATH to a local state dict, or model.weights=none"
+        ) from exc
+
+
+def read_state_dict(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
+    """Load a state dict safely (`weights_only=True`) after checking its sha256 (prefix)."""
+    if not path.is_file():
+        raise UserError(f"model.weights {path}: file not found; give a .pt/.pth state dict, imagenet or none")
+    if sha256:
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        if not actual.startswith(sha256.lower()):
+            raise UserError(
+                f"model.weights {path}: sha256 {actual[:16]}… does not match model.weights_sha256 "
+                f"{sha256[:16]}…; the file is corrupt or not the one intended"
+            )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt or unsafe pickles
+        raise UserError(f"model.weights {path}: not a loadable state dict ({exc})") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"model.weights {path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def stage_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """The five trainable stages of a ResNet, named as in `RESNET_STAGES`."""
+    return {
+        "layer4": [model.layer4],
+        "layer3": [model.layer3],
+        "layer2": [model.layer2],
+        "layer1": [model.layer1],
+        "stem": [model.conv1, model.bn1],
+    }
+
+
+def apply_freeze(model: nn.Module, unfreeze: int) -> None:
+    """Train the head plus the last `unfreeze` stages; everything else is frozen."""
+    trainable = set(RESNET_STAGES[:unfreeze])
+    for name, modules in stage_modules(model).items():
+        for module in modules:
+            module.requires_grad_(name in trainable)
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """`model.train()`, except BatchNorm layers whose parameters are frozen stay in eval mode.
+
+    A frozen stage must not drift its running statistics towards the new data set while its
+    affine weights stay fixed; that silently changes the features it was frozen to keep.
+    """
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in module.parameters()
+        ):
+            module.eval()
