@@ -81,6 +81,11 @@ def user_error_cause(exc: BaseException) -> UserError | None:
         if isinstance(current, UserError):
             return current
         stack.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+        # Ray Train's WorkerGroupError / ControllerError keep the workers' exceptions here.
+        stack.extend(getattr(current, "worker_failures", {}).values())
+        controller_failure = getattr(current, "controller_failure", None)
+        if isinstance(controller_failure, BaseException):
+            stack.append(controller_failure)
     return None
 
 

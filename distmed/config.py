@@ -85,6 +85,12 @@ class TrainConfig(_Section):
     )
     seed: int = 0
 
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off_is_false(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as False; take it to mean what the user wrote.
+        return "off" if value is False else value
+
 
 class CVConfig(_Section):
     folds: int = Field(5, ge=2, le=50)

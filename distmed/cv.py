@@ -182,6 +182,7 @@ def _to_cv_result(value: dict[str, Any], checkpoint) -> CVResult:
         last = fold["history"][-1]
         metrics = {name: last[f"val_{name}"] for name in METRIC_NAMES}
         metrics["loss"] = last["val_loss"]
+        metrics["num_samples"] = int(last["val_num_samples"])
         folds.append(FoldResult(number, int(last["epoch"]), metrics, fold["history"]))
     aucs = [f.metrics["roc_auc"] for f in folds]
     if not all(math.isfinite(a) for a in aucs):

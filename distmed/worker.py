@@ -232,6 +232,7 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
     number of classes, the fold index lists and the thread count; see `cv.cross_validate`.
     """
     cfg = ExperimentConfig.model_validate(loop_config["config"])
+    _quiet_worker_logs()
     torch.set_num_threads(int(loop_config["threads"]))
     device = ray.train.torch.get_device()
     if device.type == "cuda":
@@ -251,7 +252,7 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
         for fold in folds:
             if not fold.stopped:
                 _run_fold_epoch(fold, epoch, cfg, device, precision, channels_last, loop_config)
-        _report(folds, epoch)
+        _report(folds, epoch, cfg.train.epochs)
         if all(f.stopped for f in folds):
             break
     return {
@@ -322,7 +323,18 @@ def _run_fold_epoch(fold, epoch, cfg, device, precision, channels_last, loop_con
     fold.history.append(record)
 
 
-def _report(folds: list[FoldRun], epoch: int) -> None:
+def _quiet_worker_logs() -> None:
+    """Our one progress line per epoch instead of Ray Train's per-report INFO messages."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def _report(folds: list[FoldRun], epoch: int, epochs: int) -> None:
     """One report per epoch on every rank; rank 0 attaches the checkpoint of all folds."""
     latest = [f.history[-1] for f in folds if f.history]
     aucs = [r["val_roc_auc"] for r in latest if "val_roc_auc" in r]
@@ -336,6 +348,11 @@ def _report(folds: list[FoldRun], epoch: int) -> None:
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics, checkpoint=None)
         return
+    auc_text = f"val ROC-AUC {metrics['cv_roc_auc']:.4f} ± {metrics['cv_roc_auc_std']:.4f}" if aucs else ""
+    log.info(
+        "epoch %d/%d: train loss %.4f, %s (%d of %d folds still training)",
+        epoch + 1, epochs, metrics["train_loss"], auc_text, metrics["folds_active"], len(folds),
+    )
     with tempfile.TemporaryDirectory() as tmp:
         state = {"epoch": epoch + 1, "folds": [f.state_dict() for f in folds]}
         torch.save(state, Path(tmp) / STATE_FILE)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Set-up and everyday commands; each installs what it needs into .venv and is safe to repeat.
+#   bash dev.sh demo   cross-validate on the built-in synthetic demo data, print the result
+#   bash dev.sh test   run the test suite (what CI runs)
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=.venv
+
+ensure_env() {
+    local python="${PYTHON:-python3}" want stamp="$VENV/.installed"
+    want="$(cat pyproject.toml | sha256sum | cut -c1-16)"
+    if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+        return
+    fi
+    [ -x "$VENV/bin/python" ] || "$python" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    # Plain pip: torch resolves from pyproject's ranges (locally cached wheels where present).
+    "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+    echo "$want" > "$stamp"
+}
+
+case "${1:-}" in
+    demo)
+        ensure_env
+        shift
+        exec "$VENV/bin/python" -m distmed.train --config search_spaces/demo.yaml "$@"
+        ;;
+    test)
+        ensure_env
+        shift
+        exec "$VENV/bin/python" -m pytest "$@"
+        ;;
+    *)
+        echo "usage: bash dev.sh demo|test [extra arguments]" >&2
+        exit 2
+        ;;
+esac

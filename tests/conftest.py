@@ -1,0 +1,64 @@
+"""Shared fixtures: offline, CPU-only, one Ray instance per session, tiny image folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Before Ray or distmed start: fast health checks, fail fast on unschedulable workers,
+# no W&B network, and a decoded-image cache private to this test session.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["DISTMED_CACHE"] = str(tmp_path_factory.mktemp("distmed-cache"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """The one Ray instance of the test run (a second cluster on a host confuses Train)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def shared_npz(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: the real MedMNIST files live in ../shared/data")
+    return path
+
+
+def write_image_folder(
+    root: Path,
+    counts: dict[str, int],
+    size: int = 16,
+    mode: str = "L",
+    seed: int = 0,
+    suffix: str = ".png",
+) -> Path:
+    """ROOT/<class>/img_XX.png with a class-dependent brightness, so classes are learnable."""
+    rng = np.random.default_rng(seed)
+    for label, (name, count) in enumerate(sorted(counts.items())):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            base = 60 + 120 * label
+            pixels = np.clip(rng.normal(base, 40, (size, size)), 0, 255).astype(np.uint8)
+            image = Image.fromarray(pixels, mode="L")
+            if mode != "L":
+                image = image.convert(mode)
+            image.save(folder / f"p{i // 2:02d}_img{i:02d}{suffix}")
+    return root

@@ -1,0 +1,68 @@
+"""The real `python -m distmed.train` CLI: bad input fails in one line before Ray starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import write_image_folder
+
+from distmed.train import main
+
+
+def _fail(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err  # one line, no traceback
+    assert err.startswith("error: ")
+    return err
+
+
+def test_missing_data_path(tmp_path: Path, capsys) -> None:
+    err = _fail(["--data", str(tmp_path / "nowhere")], capsys)
+    assert "nowhere" in err and "no such file" in err
+
+
+def test_empty_class_folder(tmp_path: Path, capsys) -> None:
+    root = write_image_folder(tmp_path / "data", {"a": 6, "b": 6})
+    (root / "c").mkdir()
+    err = _fail(["--data", str(root)], capsys)
+    assert str(root / "c") in err and "no images" in err
+
+
+def test_single_class(tmp_path: Path, capsys) -> None:
+    root = write_image_folder(tmp_path / "data", {"only": 6})
+    assert "only one class" in _fail(["--data", str(root)], capsys)
+
+
+def test_unknown_config_key(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "exp.yaml"
+    config.write_text("train:\n  epochs: 2\n  learning_rate: 0.1\n")
+    err = _fail(["--config", str(config)], capsys)
+    assert "train.learning_rate" in err and "unknown key" in err and str(config) in err
+
+
+def test_bad_override_value(capsys) -> None:
+    err = _fail(["--set", "optim.lr=-1", "--data", "demo"], capsys)
+    assert "optim.lr" in err
+
+
+def test_corrupt_image(tmp_path: Path, capsys) -> None:
+    root = write_image_folder(tmp_path / "data", {"a": 6, "b": 6})
+    (root / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    err = _fail(["--data", str(root), "--set", "cv.folds=2", "--set", "model.weights=none"], capsys)
+    assert "b/broken.png" in err and "unreadable" in err
+
+
+def test_class_with_fewer_images_than_folds(tmp_path: Path, capsys) -> None:
+    root = write_image_folder(tmp_path / "data", {"a": 6, "b": 3})
+    err = _fail(["--data", str(root), "--set", "cv.folds=5"], capsys)
+    assert "'b'" in err and "cv.folds=5" in err
+
+
+def test_debug_shows_traceback(tmp_path: Path) -> None:
+    from distmed.errors import UserError
+
+    with pytest.raises(UserError):
+        main(["--data", str(tmp_path / "nowhere"), "--debug"])
