@@ -1,3 +1,3 @@
-"""distmed: cross-validated, Ray-distributed fine-tuning of torchvision ResNets on medical images."""
+"""distmed: cross-validated, Ray-distributed fine-tuning of ResNets on medical images."""
 
 __version__ = "0.1.0"

@@ -26,8 +26,12 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         help="override one config value, validated like the file (repeatable), "
         "e.g. --set train.epochs=3 --set optim.lr=3e-4",
     )
-    parser.add_argument("--data", help="data source: image folder, MedMNIST .npz, medmnist:NAME or demo")
-    parser.add_argument("--cpu", action="store_true", help="train on CPU even when GPUs are visible")
+    parser.add_argument(
+        "--data", help="data source: image folder, MedMNIST .npz, medmnist:NAME or demo"
+    )
+    parser.add_argument(
+        "--cpu", action="store_true", help="train on CPU even when GPUs are visible"
+    )
     parser.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks) per run, e.g. 2")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
 
@@ -63,7 +67,10 @@ def run_entry_point(body: Callable[[argparse.Namespace], int], args: argparse.Na
             raise
         cause = user_error_cause(exc)
         if cause is None:
-            print(f"error: {type(exc).__name__}: {first_line(exc)} (rerun with --debug for details)", file=sys.stderr)
+            print(
+                f"error: {type(exc).__name__}: {first_line(exc)} (rerun with --debug for details)",
+                file=sys.stderr,
+            )
             return 1
         print(f"error: {cause}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -45,7 +45,9 @@ class DataConfig(_Section):
     group_regex: str | None = Field(
         None, description="regex whose first group, applied to the file name, is the patient id"
     )
-    cache_dir: str | None = Field(None, description="decoded-image cache (default ~/.cache/distmed)")
+    cache_dir: str | None = Field(
+        None, description="decoded-image cache (default ~/.cache/distmed)"
+    )
     augment: AugmentConfig = AugmentConfig()
 
 
@@ -124,7 +126,9 @@ class ExperimentConfig(_Section):
         return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+def load_config(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+) -> ExperimentConfig:
     """Load a config (or a search-space file's `base`), apply `section.key=value` overrides.
 
     Raises:

@@ -58,13 +58,15 @@ class CVResult:
         return float(np.std(self.fold_aucs))
 
     def mean_metrics(self) -> dict[str, float]:
-        return {name: float(np.mean([f.metrics[name] for f in self.folds])) for name in METRIC_NAMES}
+        return {
+            name: float(np.mean([f.metrics[name] for f in self.folds])) for name in METRIC_NAMES
+        }
 
 
 def make_folds(split: Split, cfg: CVConfig, class_names: list[str]) -> np.ndarray:
     """Fold number (0..k-1) of every sample; stratified, and grouped when groups exist."""
     counts = np.bincount(split.labels, minlength=len(class_names))
-    for name, count in zip(class_names, counts):
+    for name, count in zip(class_names, counts, strict=True):
         if count < cfg.folds:
             raise UserError(
                 f"class {name!r} has {count} image(s), fewer than cv.folds={cfg.folds}; "
@@ -118,7 +120,8 @@ def positive_index(cfg: ExperimentConfig, class_names: list[str]) -> int | None:
         return 1
     if cfg.data.positive_class not in class_names:
         raise UserError(
-            f"data.positive_class {cfg.data.positive_class!r} is not a class; classes: {class_names}"
+            f"data.positive_class {cfg.data.positive_class!r} is not a class; "
+            f"classes: {class_names}"
         )
     return class_names.index(cfg.data.positive_class)
 

@@ -145,7 +145,9 @@ def scan_folder(root: Path, cfg: DataConfig, name: str | None = None) -> DataInd
 
 def _scan_class_folders(folder: Path) -> dict[str, list[Path]]:
     classes: dict[str, list[Path]] = {}
-    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for class_dir in sorted(
+        p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+    ):
         files = sorted(
             p
             for p in class_dir.rglob("*")
@@ -186,8 +188,12 @@ def _files_split(
     ids = [p.relative_to(root).as_posix() for p in paths]
     group_array = None
     if group_of is not None:
-        group_array = np.array([group_of(i, p) for i, p in zip(ids, paths)], dtype=object)
-    return Split(ids=ids, labels=np.asarray(labels, dtype=np.int64), groups=group_array, paths=paths)
+        group_array = np.array(
+            [group_of(i, p) for i, p in zip(ids, paths, strict=True)], dtype=object
+        )
+    return Split(
+        ids=ids, labels=np.asarray(labels, dtype=np.int64), groups=group_array, paths=paths
+    )
 
 
 def _group_lookup(cfg: DataConfig) -> Callable[[str, Path], str] | None:
@@ -236,7 +242,7 @@ def _fingerprint_files(pool: Split, test: Split | None) -> str:
     for split in (pool, test):
         if split is None:
             continue
-        for sample_id, path, label in zip(split.ids, split.paths or [], split.labels):
+        for sample_id, path, label in zip(split.ids, split.paths or [], split.labels, strict=True):
             stat = path.stat()
             digest.update(f"{sample_id}|{stat.st_size}|{stat.st_mtime_ns}|{label}\n".encode())
     return digest.hexdigest()
@@ -247,12 +253,16 @@ def scan_npz(path: Path, cfg: DataConfig) -> DataIndex:
     if cfg.group_csv or cfg.group_regex:
         raise UserError(f"{path}: grouped folds need an image folder; unset data.group_*")
     if path.suffix.lower() != ".npz":
-        raise UserError(f"data.root {path}: a file must be a MedMNIST .npz; for images give a folder")
+        raise UserError(
+            f"data.root {path}: a file must be a MedMNIST .npz; for images give a folder"
+        )
     try:
         with np.load(path, allow_pickle=False) as archive:
             missing = [k for k in NPZ_KEYS if k not in archive.files]
             if missing:
-                raise UserError(f"{path}: missing arrays {missing}; a MedMNIST .npz has {list(NPZ_KEYS)}")
+                raise UserError(
+                    f"{path}: missing arrays {missing}; a MedMNIST .npz has {list(NPZ_KEYS)}"
+                )
             arrays = {k: archive[k] for k in NPZ_KEYS}
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable .npz ({exc})") from exc
@@ -261,7 +271,9 @@ def scan_npz(path: Path, cfg: DataConfig) -> DataIndex:
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         labels = labels.reshape(len(labels), -1)
         if labels.shape[1] != 1:
-            raise UserError(f"{path}: {split}_labels has {labels.shape[1]} columns; only single-label tasks")
+            raise UserError(
+                f"{path}: {split}_labels has {labels.shape[1]} columns; only single-label tasks"
+            )
         if len(images) != len(labels):
             raise UserError(
                 f"{path}: {split}_images has {len(images)} rows but {split}_labels {len(labels)}"
@@ -285,7 +297,9 @@ def scan_npz(path: Path, cfg: DataConfig) -> DataIndex:
         class_names=class_names,
         pool=pool,
         test=splits["test"],
-        fingerprint=hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest(),
+        fingerprint=hashlib.sha256(
+            f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
+        ).hexdigest(),
     )
 
 
@@ -300,7 +314,9 @@ def fetch_medmnist(name: str, root: Path) -> Path:
         ) from exc
     info = medmnist.INFO.get(name.lower())
     if info is None:
-        raise UserError(f"medmnist:{name}: unknown data set; known: {', '.join(sorted(medmnist.INFO))}")
+        raise UserError(
+            f"medmnist:{name}: unknown data set; known: {', '.join(sorted(medmnist.INFO))}"
+        )
     target = root / "medmnist"
     target.mkdir(parents=True, exist_ok=True)
     dataset_class = getattr(medmnist, info["python_class"])
@@ -348,7 +364,7 @@ def decode_split(split: Split, size: int) -> np.ndarray:
     if split.images is not None:
         return resize_array(split.images, size)
     decoded, bad = [], []
-    for sample_id, path in zip(split.ids, split.paths or []):
+    for sample_id, path in zip(split.ids, split.paths or [], strict=True):
         try:
             decoded.append(decode_image(path, size))
         except (OSError, UnidentifiedImageError, ValueError) as exc:
@@ -358,7 +374,9 @@ def decode_split(split: Split, size: int) -> np.ndarray:
         raise UserError(f"{len(bad)} unreadable image file(s): {shown}; fix or remove them")
     colour = any(img.ndim == 3 for img in decoded)
     if colour:
-        decoded = [np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img for img in decoded]
+        decoded = [
+            np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img for img in decoded
+        ]
         return np.stack(decoded).transpose(0, 3, 1, 2).copy()
     return np.stack(decoded)[:, None]
 

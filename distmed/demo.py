@@ -68,6 +68,8 @@ def _scan(rng: np.random.Generator, brightness: float, texture: float, lesion: b
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
 
-def _blob(yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator, radius: float, amplitude: float):
+def _blob(
+    yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator, radius: float, amplitude: float
+):
     cy, cx = rng.uniform(12, DEMO_SIZE - 12, size=2)
     return amplitude * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))

@@ -54,7 +54,9 @@ def _binary_metrics(truth: np.ndarray, score: np.ndarray, decision: np.ndarray) 
     }
 
 
-def _multiclass_metrics(labels: np.ndarray, probs: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+def _multiclass_metrics(
+    labels: np.ndarray, probs: np.ndarray, predicted: np.ndarray
+) -> dict[str, float]:
     classes = np.arange(probs.shape[1])
     matrix = skm.confusion_matrix(labels, predicted, labels=classes)
     tp = np.diag(matrix)
@@ -65,9 +67,11 @@ def _multiclass_metrics(labels: np.ndarray, probs: np.ndarray, predicted: np.nda
         "roc_auc": _auc(labels, probs),
         "accuracy": float(skm.accuracy_score(labels, predicted)),
         "balanced_accuracy": float(skm.balanced_accuracy_score(labels, predicted)),
-        "sensitivity": float(np.mean([_ratio(a, a + b) for a, b in zip(tp, fn)])),
-        "specificity": float(np.mean([_ratio(a, a + b) for a, b in zip(tn, fp)])),
-        "precision": float(skm.precision_score(labels, predicted, average="macro", zero_division=0)),
+        "sensitivity": float(np.mean([_ratio(a, a + b) for a, b in zip(tp, fn, strict=True)])),
+        "specificity": float(np.mean([_ratio(a, a + b) for a, b in zip(tn, fp, strict=True)])),
+        "precision": float(
+            skm.precision_score(labels, predicted, average="macro", zero_division=0)
+        ),
         "f1": float(skm.f1_score(labels, predicted, average="macro", zero_division=0)),
     }
 

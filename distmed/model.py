@@ -48,7 +48,9 @@ def load_backbone_weights(model: nn.Module, cfg: ModelConfig) -> None:
     if cfg.weights == "imagenet":
         model.load_state_dict(_imagenet_state_dict(cfg.arch))
         return
-    model.load_state_dict(read_state_dict(Path(cfg.weights).expanduser(), cfg.weights_sha256), strict=True)
+    model.load_state_dict(
+        read_state_dict(Path(cfg.weights).expanduser(), cfg.weights_sha256), strict=True
+    )
 
 
 def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
@@ -66,7 +68,9 @@ def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
 def read_state_dict(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
     """Load a state dict safely (`weights_only=True`) after checking its sha256 (prefix)."""
     if not path.is_file():
-        raise UserError(f"model.weights {path}: file not found; give a .pt/.pth state dict, imagenet or none")
+        raise UserError(
+            f"model.weights {path}: file not found; give a .pt/.pth state dict, imagenet or none"
+        )
     if sha256:
         actual = hashlib.sha256(path.read_bytes()).hexdigest()
         if not actual.startswith(sha256.lower()):
@@ -81,7 +85,9 @@ def read_state_dict(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise UserError(f"model.weights {path}: expected a state dict, found {type(state).__name__}")
+        raise UserError(
+            f"model.weights {path}: expected a state dict, found {type(state).__name__}"
+        )
     return state
 
 

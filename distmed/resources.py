@@ -51,7 +51,8 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         target = f"the cluster at {address}" if address else "a local Ray instance"
         raise UserError(
-            f"could not start or reach {target} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            f"could not start or reach {target} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             "check --address, or run 'ray status'"
         ) from exc
 
@@ -87,5 +88,7 @@ def _want_gpu(cfg: ScalingSection, gpus: float, force_cpu: bool) -> bool:
     if force_cpu or cfg.use_gpu is False:
         return False
     if cfg.use_gpu is True and gpus == 0:
-        raise UserError("scaling.use_gpu=true but Ray sees no GPU; use --cpu or scaling.use_gpu=auto")
+        raise UserError(
+            "scaling.use_gpu=true but Ray sees no GPU; use --cpu or scaling.use_gpu=auto"
+        )
     return gpus > 0

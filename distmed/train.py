@@ -28,14 +28,19 @@ from distmed.resources import plan_workers, start_ray
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m distmed.train",
-        description="Cross-validate one configuration (k folds, Ray Train) and print mean ± std ROC-AUC.",
-        epilog="example: python -m distmed.train --config search_spaces/demo.yaml --output runs/demo",
+        description="Cross-validate one configuration (k folds, Ray Train); "
+        "print mean ± std ROC-AUC.",
+        epilog="example: python -m distmed.train --config search_spaces/demo.yaml "
+        "--output runs/demo",
     )
     parser.add_argument(
-        "--config", help="experiment YAML, or a search-space file (its 'base' is used); default: built-ins"
+        "--config",
+        help="experiment YAML, or a search-space file (its 'base' is used); default: built-ins",
     )
     parser.add_argument("--output", help="result folder (default runs/train-<data>-<time>)")
-    parser.add_argument("--address", help="join a running Ray cluster, e.g. auto or ray://host:10001")
+    parser.add_argument(
+        "--address", help="join a running Ray cluster, e.g. auto or ray://host:10001"
+    )
     add_common_options(parser)
     return parser
 
@@ -58,7 +63,8 @@ def _run(args: argparse.Namespace) -> int:
     start_ray(args.address)
     layout = plan_workers(cfg.scaling)
     print(
-        f"distmed {__version__}: {index.name}, {len(index.pool)} images, {len(index.class_names)} classes, "
+        f"distmed {__version__}: {index.name}, {len(index.pool)} images, "
+        f"{len(index.class_names)} classes, "
         f"{cfg.cv.folds}-fold CV, {layout.num_workers} worker(s) x {layout.cpus_per_worker:g} CPU"
         f"{' + GPU' if layout.use_gpu else ''}",
         flush=True,
@@ -68,7 +74,10 @@ def _run(args: argparse.Namespace) -> int:
     write_cv_result(output / "cv_result.json", cfg, index, assignment, result, wall)
     print(format_fold_table(result))
     print(f"precision: {result.precision} on {result.device}; wall time {wall:.0f} s")
-    print(f"CV ROC-AUC {result.mean_roc_auc:.4f} ± {result.std_roc_auc:.4f}  -> {output / 'cv_result.json'}")
+    print(
+        f"CV ROC-AUC {result.mean_roc_auc:.4f} ± {result.std_roc_auc:.4f}  "
+        f"-> {output / 'cv_result.json'}"
+    )
     return 0
 
 
@@ -111,7 +120,9 @@ def write_cv_result(
         "config": cfg.model_dump(mode="json"),
         "fold_assignment": [
             {"id": sample_id, "label": int(label), "fold": int(fold)}
-            for sample_id, label, fold in zip(index.pool.ids, index.pool.labels, assignment)
+            for sample_id, label, fold in zip(
+                index.pool.ids, index.pool.labels, assignment, strict=True
+            )
         ],
         "wall_time_s": wall_time_s,
         "metric_names": list(METRIC_NAMES),

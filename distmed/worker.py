@@ -122,7 +122,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
     optimizer_class = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     return optimizer_class(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -155,7 +157,9 @@ def build_loss(cfg: TrainConfig, train_labels: np.ndarray, num_classes: int, dev
 # --------------------------------------------------------------------------- epochs
 
 
-def train_one_epoch(fold: FoldRun, device: torch.device, precision: str, channels_last: bool) -> float:
+def train_one_epoch(
+    fold: FoldRun, device: torch.device, precision: str, channels_last: bool
+) -> float:
     """One pass over the fold's training data; returns the mean loss over all ranks."""
     set_train_mode(fold.model)
     total, count = torch.zeros(2, device=device, dtype=torch.float64)
@@ -208,7 +212,9 @@ def predict(
     )
 
 
-def evaluate(fold: FoldRun, device, precision: str, channels_last: bool, positive: int | None) -> dict:
+def evaluate(
+    fold: FoldRun, device, precision: str, channels_last: bool, positive: int | None
+) -> dict:
     _, labels, probs = predict(fold.model, fold.val_loader, device, precision, channels_last)
     picked = probs[np.arange(len(labels)), labels]
     result = classification_metrics(labels, probs, positive)
@@ -278,7 +284,9 @@ def _build_fold(index, spec, cfg, images, labels, num_classes, device, precision
     world = ray.train.get_context().get_world_size()
     train_idx = np.asarray(spec["train"], dtype=np.int64)
     per_rank_batch = max(1, cfg.train.batch_size // world)
-    train_loader = _loader(CachedImageDataset(images, labels, train_idx, cfg.data.augment), per_rank_batch, True)
+    train_loader = _loader(
+        CachedImageDataset(images, labels, train_idx, cfg.data.augment), per_rank_batch, True
+    )
     val_loader = None
     if spec.get("val"):
         val_set = CachedImageDataset(images, labels, np.asarray(spec["val"], dtype=np.int64))
@@ -312,7 +320,10 @@ def _run_fold_epoch(fold, epoch, cfg, device, precision, channels_last, loop_con
     sampler = getattr(fold.train_loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
-    record = {"epoch": epoch + 1, "train_loss": train_one_epoch(fold, device, precision, channels_last)}
+    record = {
+        "epoch": epoch + 1,
+        "train_loss": train_one_epoch(fold, device, precision, channels_last),
+    }
     if fold.val_loader is not None:
         val = evaluate(fold, device, precision, channels_last, loop_config.get("positive"))
         record.update({f"val_{k}": v for k, v in val.items()})
@@ -348,10 +359,17 @@ def _report(folds: list[FoldRun], epoch: int, epochs: int) -> None:
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics, checkpoint=None)
         return
-    auc_text = f"val ROC-AUC {metrics['cv_roc_auc']:.4f} ± {metrics['cv_roc_auc_std']:.4f}" if aucs else ""
+    auc_text = (
+        f"val ROC-AUC {metrics['cv_roc_auc']:.4f} ± {metrics['cv_roc_auc_std']:.4f}" if aucs else ""
+    )
     log.info(
         "epoch %d/%d: train loss %.4f, %s (%d of %d folds still training)",
-        epoch + 1, epochs, metrics["train_loss"], auc_text, metrics["folds_active"], len(folds),
+        epoch + 1,
+        epochs,
+        metrics["train_loss"],
+        auc_text,
+        metrics["folds_active"],
+        len(folds),
     )
     with tempfile.TemporaryDirectory() as tmp:
         state = {"epoch": epoch + 1, "folds": [f.state_dict() for f in folds]}
@@ -366,7 +384,7 @@ def _restore(folds: list[FoldRun]) -> int:
         return 0
     with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
-    for fold, fold_state in zip(folds, state["folds"]):
+    for fold, fold_state in zip(folds, state["folds"], strict=True):
         fold.load_state_dict(fold_state)
     log.info("resumed %d folds at epoch %d", len(folds), state["epoch"])
     return int(state["epoch"])

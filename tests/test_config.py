@@ -1,0 +1,361 @@
+"""distmed.config: defaults, YAML files, search-space `base`, `--set` overrides, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distmed.config import (
+    ExperimentConfig,
+    config_fields,
+    dump_config,
+    load_config,
+)
+from distmed.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------------- defaults + files
+
+
+def test_defaults_without_file():
+    cfg = load_config(None)
+    assert cfg == ExperimentConfig()
+    assert cfg.data.root is None
+    assert cfg.data.image_size == 224
+    assert cfg.model.arch == "resnet18"
+    assert cfg.model.weights == "imagenet"
+    assert cfg.model.head == "linear"
+    assert cfg.model.unfreeze == 5
+    assert cfg.optim.name == "adamw"
+    assert cfg.optim.lr == pytest.approx(1e-3)
+    assert cfg.optim.schedule == "cosine"
+    assert cfg.train.batch_size == 32
+    assert cfg.train.epochs == 10
+    assert cfg.train.amp == "auto"
+    assert cfg.train.patience is None
+    assert cfg.cv.folds == 5
+    assert cfg.cv.seed == 0
+    assert cfg.scaling.num_workers == 1
+    assert cfg.scaling.use_gpu == "auto"
+
+
+def test_yaml_file_values_and_untouched_defaults(tmp_path):
+    path = write(
+        tmp_path / "exp.yaml",
+        "data:\n  root: /data/xray\n  image_size: 64\n"
+        "model:\n  arch: resnet34\n  head: mlp\n  unfreeze: 2\n"
+        "optim:\n  name: sgd\n  lr: 0.05\n"
+        "train:\n  epochs: 7\n  amp: bf16\n"
+        "cv:\n  folds: 3\n",
+    )
+    cfg = load_config(path)
+    assert cfg.data.root == "/data/xray"
+    assert cfg.data.image_size == 64
+    assert (cfg.model.arch, cfg.model.head, cfg.model.unfreeze) == ("resnet34", "mlp", 2)
+    assert (cfg.optim.name, cfg.optim.lr) == ("sgd", pytest.approx(0.05))
+    assert (cfg.train.epochs, cfg.train.amp) == (7, "bf16")
+    assert cfg.cv.folds == 3
+    # keys the file does not mention keep their defaults
+    assert cfg.train.batch_size == 32
+    assert cfg.optim.weight_decay == pytest.approx(1e-4)
+    assert cfg.cv.seed == 0
+
+
+def test_empty_yaml_file_gives_defaults(tmp_path):
+    assert load_config(write(tmp_path / "empty.yaml", "")) == ExperimentConfig()
+
+
+def test_search_space_file_uses_base(tmp_path):
+    path = write(
+        tmp_path / "space.yaml",
+        "base:\n  train:\n    epochs: 4\n  data:\n    image_size: 32\n"
+        "space:\n  optim.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-2}\n",
+    )
+    cfg = load_config(path)
+    assert cfg.train.epochs == 4
+    assert cfg.data.image_size == 32
+    assert cfg.optim.lr == pytest.approx(1e-3)  # `space` is not applied by load_config
+
+
+def test_search_space_without_base_gives_defaults(tmp_path):
+    path = write(tmp_path / "space.yaml", "space:\n  optim.lr: [0.1, 0.01]\n")
+    assert load_config(path) == ExperimentConfig()
+
+
+def test_search_space_base_not_a_mapping(tmp_path):
+    path = write(tmp_path / "space.yaml", "base: [1, 2]\nspace: {}\n")
+    with pytest.raises(UserError, match="base"):
+        load_config(path)
+
+
+def test_repository_demo_search_space_loads():
+    cfg = load_config(REPO / "search_spaces" / "demo.yaml")
+    assert cfg.data.root == "demo"
+    assert cfg.data.positive_class == "lesion"
+    assert cfg.data.group_regex == r"^(p\d+)_"
+    assert cfg.model.weights == "none"
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path / "bad.yaml", "train:\n  epochs: 3\n  amp: [bf16\n")
+    with pytest.raises(UserError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "bad.yaml" in message
+    assert "line" in message
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    with pytest.raises(UserError, match="mapping"):
+        load_config(write(tmp_path / "list.yaml", "- 1\n- 2\n"))
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def test_override_parses_types():
+    cfg = load_config(
+        None,
+        [
+            "train.epochs=3",
+            "optim.lr=3e-4",
+            "optim.weight_decay=0.05",
+            "train.batch_size=8",
+            "data.augment.hflip=false",
+            "data.augment.vflip=true",
+            "scaling.use_gpu=false",
+            "model.head=mlp",
+        ],
+    )
+    assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.weight_decay == pytest.approx(0.05)
+    assert cfg.train.batch_size == 8
+    assert cfg.data.augment.hflip is False
+    assert cfg.data.augment.vflip is True
+    assert cfg.scaling.use_gpu is False
+    assert cfg.model.head == "mlp"
+
+
+def test_override_applies_on_top_of_file(tmp_path):
+    path = write(tmp_path / "exp.yaml", "train:\n  epochs: 7\n  batch_size: 4\n")
+    cfg = load_config(path, ["train.epochs=3"])
+    assert cfg.train.epochs == 3
+    assert cfg.train.batch_size == 4
+
+
+def test_later_override_wins():
+    assert load_config(None, ["train.epochs=3", "train.epochs=5"]).train.epochs == 5
+
+
+def test_override_use_gpu_auto_and_true():
+    assert load_config(None, ["scaling.use_gpu=auto"]).scaling.use_gpu == "auto"
+    assert load_config(None, ["scaling.use_gpu=true"]).scaling.use_gpu is True
+
+
+def test_override_amp_off_is_the_string_off():
+    # YAML 1.1 reads a bare `off` as False; the config must still mean "no mixed precision".
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+
+
+def test_override_empty_value_is_none():
+    cfg = load_config(None, ["train.patience=3"])
+    assert cfg.train.patience == 3
+    assert load_config(None, ["train.patience=3", "train.patience="]).train.patience is None
+
+
+def test_override_numeric_class_name_stays_a_string():
+    # MedMNIST classes are named "0", "1", ...: `--set data.positive_class=0` must select "0".
+    cfg = load_config(None, ["data.positive_class=0"])
+    assert cfg.data.positive_class == "0"
+
+
+def test_override_value_that_is_not_yaml_never_escapes_as_yaml_error():
+    # A regex such as `[A-Z]+_` is not valid YAML; the result must be the literal string
+    # or a UserError, never a raw yaml exception (the CLI prints only UserErrors cleanly).
+    try:
+        cfg = load_config(None, ["data.group_regex=[A-Z]+_"])
+    except UserError as exc:
+        assert "data.group_regex" in str(exc)
+    else:
+        assert cfg.data.group_regex == "[A-Z]+_"
+
+
+@pytest.mark.parametrize("item", ["train.epochs", "train.epochs 3", "=3", " =3"])
+def test_malformed_override(item):
+    with pytest.raises(UserError, match="section.key=value"):
+        load_config(None, [item])
+
+
+@pytest.mark.parametrize(
+    ("item", "dotted"),
+    [
+        ("train.epoch=3", "train.epoch"),
+        ("optim.learning_rate=0.1", "optim.learning_rate"),
+        ("data.augment.hfilp=true", "data.augment.hfilp"),
+        ("trian.epochs=3", "trian"),
+    ],
+)
+def test_unknown_key_names_dotted_path(item, dotted):
+    with pytest.raises(UserError) as info:
+        load_config(None, [item])
+    assert dotted in str(info.value)
+    assert "unknown key" in str(info.value)
+
+
+def test_unknown_key_in_file_names_file_and_path(tmp_path):
+    path = write(tmp_path / "typo.yaml", "model:\n  unfrezee: 2\n")
+    with pytest.raises(UserError) as info:
+        load_config(path)
+    assert "typo.yaml" in str(info.value)
+    assert "model.unfrezee" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("item", "dotted"),
+    [
+        ("train.epochs=abc", "train.epochs"),
+        ("train.epochs=2.5", "train.epochs"),
+        ("optim.lr=fast", "optim.lr"),
+        ("data.augment.hflip=sometimes", "data.augment.hflip"),
+        ("model.arch=resnet7", "model.arch"),
+        ("optim.name=rmsprop", "optim.name"),
+        ("train.amp=fp8", "train.amp"),
+        ("data=3", "data"),
+    ],
+)
+def test_wrong_type_names_dotted_path(item, dotted):
+    with pytest.raises(UserError) as info:
+        load_config(None, [item])
+    assert dotted in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("item", "dotted"),
+    [
+        ("train.epochs=0", "train.epochs"),
+        ("optim.lr=-1", "optim.lr"),
+        ("optim.lr=0", "optim.lr"),
+        ("model.unfreeze=6", "model.unfreeze"),
+        ("model.unfreeze=-1", "model.unfreeze"),
+        ("cv.folds=1", "cv.folds"),
+        ("data.image_size=4", "data.image_size"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("model.head_dropout=1", "model.head_dropout"),
+        ("scaling.num_workers=0", "scaling.num_workers"),
+    ],
+)
+def test_out_of_range_names_dotted_path(item, dotted):
+    with pytest.raises(UserError) as info:
+        load_config(None, [item])
+    message = str(info.value)
+    assert dotted in message
+    assert f"(got {item.split('=')[1]})" in message  # the offending value is quoted back
+
+
+def test_boundaries_are_accepted():
+    cfg = load_config(None, ["train.epochs=1", "model.unfreeze=0", "cv.folds=2"])
+    assert (cfg.train.epochs, cfg.model.unfreeze, cfg.cv.folds) == (1, 0, 2)
+    assert load_config(None, ["model.unfreeze=5"]).model.unfreeze == 5
+
+
+def test_group_csv_and_regex_are_exclusive():
+    with pytest.raises(UserError, match="group_csv"):
+        load_config(None, ["data.group_csv=groups.csv", "data.group_regex=^(p\\d+)_"])
+
+
+def test_override_into_a_scalar_is_refused(tmp_path):
+    path = write(tmp_path / "exp.yaml", "train:\n  epochs: 3\n")
+    with pytest.raises(UserError, match="not a section"):
+        load_config(path, ["train.epochs.value=4"])
+
+
+def test_config_is_frozen():
+    cfg = load_config(None)
+    with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen-instance ValidationError
+        cfg.train.epochs = 3  # type: ignore[misc]
+    assert cfg.train.epochs == 10
+
+
+# --------------------------------------------------------------------------- dump + fields
+
+
+def test_dump_then_load_round_trip(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            "data.root=/some/where",
+            "data.image_size=48",
+            "data.positive_class=lesion",
+            "data.group_regex=^(p\\d+)_",
+            "model.arch=resnet50",
+            "model.weights=none",
+            "model.weights_sha256=0123456789abcdef",
+            "model.head=mlp",
+            "model.unfreeze=3",
+            "optim.name=sgd",
+            "optim.lr=3e-4",
+            "optim.schedule=constant",
+            "train.epochs=3",
+            "train.amp=off",
+            "train.patience=2",
+            "train.class_weights=balanced",
+            "cv.folds=4",
+            "cv.seed=11",
+            "scaling.use_gpu=false",
+            "scaling.cpus_per_worker=1.5",
+        ],
+    )
+    path = tmp_path / "resolved.yaml"
+    dump_config(cfg, path)
+    again = load_config(path)
+    assert again == cfg
+    assert again.model.weights_sha256 == "0123456789abcdef"
+    assert again.train.amp == "off"
+
+
+def test_dump_defaults_round_trip(tmp_path):
+    path = tmp_path / "defaults.yaml"
+    dump_config(ExperimentConfig(), path)
+    assert load_config(path) == ExperimentConfig()
+
+
+def test_config_fields_lists_public_names():
+    fields = config_fields()
+    expected = {
+        "data.root",
+        "data.image_size",
+        "model.arch",
+        "model.weights",
+        "model.head",
+        "model.unfreeze",
+        "optim.name",
+        "optim.lr",
+        "optim.weight_decay",
+        "train.batch_size",
+        "train.epochs",
+        "train.amp",
+        "cv.folds",
+        "cv.seed",
+        "scaling.num_workers",
+        "scaling.use_gpu",
+    }
+    assert expected <= fields
+    assert "data.augment.hflip" in fields  # nested sections are flattened to leaves
+    assert "data" not in fields and "data.augment" not in fields
+    # every listed name is settable with an override
+    for name in ("data.augment.rotation", "scaling.max_failures", "optim.warmup_epochs"):
+        assert name in fields
