@@ -7,6 +7,7 @@ Stages: config -> data index -> folds -> decoded cache -> Ray -> one fit over al
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -69,7 +70,9 @@ def _run(args: argparse.Namespace) -> int:
         f"{' + GPU' if layout.use_gpu else ''}",
         flush=True,
     )
-    result = cross_validate(cfg, index, cache, assignment, layout, output / "ray", "cv")
+    result = cross_validate(
+        cfg, index, cache, assignment, layout, output / "ray", run_name(cfg, index)
+    )
     wall = time.perf_counter() - started
     write_cv_result(output / "cv_result.json", cfg, index, assignment, result, wall)
     print(format_fold_table(result))
@@ -79,6 +82,16 @@ def _run(args: argparse.Namespace) -> int:
         f"-> {output / 'cv_result.json'}"
     )
     return 0
+
+
+def run_name(cfg: ExperimentConfig, index: DataIndex) -> str:
+    """Ray Train run name from what determines the result (never a timestamp).
+
+    Rerunning the same command into the same `--output` resumes an interrupted run from its
+    last checkpoint; any change of config or data starts a new run beside it.
+    """
+    payload = json.dumps([cfg.model_dump(mode="json"), index.fingerprint], sort_keys=True)
+    return "cv-" + hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
 def _default_output(index: DataIndex) -> Path:

@@ -45,7 +45,7 @@ def test_two_workers_match_one_process_on_odd_validation_sets(ray_session, tmp_p
     cfg = ExperimentConfig.model_validate(result["config"])
     assert cfg.scaling.num_workers == 2
 
-    [state_file] = list((out / "ray" / "cv").glob(f"checkpoint_*/{STATE_FILE}"))
+    [state_file] = list((out / "ray").glob(f"cv-*/checkpoint_*/{STATE_FILE}"))
     state = torch.load(state_file, weights_only=True)
     index = scan_source(cfg.data)
     images = np.load(build_cache(index, cfg.data).pool_path)
@@ -76,3 +76,11 @@ def test_breastmnist_cross_validation_beats_chance(ray_session, tmp_path: Path):
     assert result["data"]["num_images"] == 546 + 78  # train + val; test held back
     assert result["mean_roc_auc"] > 0.65, result["mean_roc_auc"]
     assert result["wall_time_s"] > 0
+
+
+def test_demo_config_is_learnable_but_not_trivial(ray_session, tmp_path: Path):
+    demo = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
+    assert main(["--config", str(demo), "--output", str(tmp_path / "demo")]) == 0
+    result = json.loads((tmp_path / "demo" / "cv_result.json").read_text())
+    assert result["data"]["classes"] == ["lesion", "normal"]
+    assert 0.6 < result["mean_roc_auc"] < 0.99, result["mean_roc_auc"]

@@ -1,0 +1,600 @@
+"""distmed.data: scanning sources, decoding files, the decoded cache, datasets, transforms."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import shared_npz, write_image_folder
+from PIL import Image
+
+import distmed.data as data_mod
+from distmed.config import AugmentConfig, DataConfig
+from distmed.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CachedImageDataset,
+    build_cache,
+    decode_image,
+    decode_split,
+    load_cached,
+    scan_folder,
+    scan_source,
+    to_model_input,
+)
+from distmed.demo import write_demo_images
+from distmed.errors import UserError
+
+
+def cfg(**kwargs) -> DataConfig:
+    return DataConfig(**kwargs)
+
+
+def files_split(paths: list[Path]) -> data_mod.Split:
+    return data_mod.Split(
+        ids=[p.name for p in paths], labels=np.zeros(len(paths), dtype=np.int64), paths=paths
+    )
+
+
+def write_npz(path: Path, sizes=(6, 2, 3), drop: str | None = None, **replace) -> Path:
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in zip(("train", "val", "test"), sizes):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 10, 10), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(n, 1).astype(np.uint8)
+    arrays.update(replace)
+    if drop:
+        del arrays[drop]
+    np.savez(path, **arrays)
+    return path
+
+
+# --------------------------------------------------------------------------- scanning folders
+
+
+def test_scan_flat_folder(tmp_path):
+    root = write_image_folder(tmp_path / "flat", {"normal": 5, "abnormal": 3})
+    index = scan_folder(root, cfg())
+    assert index.class_names == ["abnormal", "normal"]  # sorted
+    assert index.test is None
+    assert len(index.pool) == 8
+    assert index.pool.labels.tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert index.pool.ids[0] == "abnormal/p00_img00.png"
+    assert all(i.startswith("normal/") for i in index.pool.ids[3:])
+    assert index.pool.groups is None
+    assert index.name == "flat"
+    assert index.pool.paths is not None and index.pool.images is None
+
+
+def test_scan_flat_folder_is_deterministic_and_fingerprinted(tmp_path):
+    root = write_image_folder(tmp_path / "flat", {"a": 3, "b": 3})
+    first, second = scan_folder(root, cfg()), scan_folder(root, cfg())
+    assert first.pool.ids == second.pool.ids
+    assert first.fingerprint == second.fingerprint
+    (root / "a" / "p00_img00.png").write_bytes((root / "b" / "p00_img00.png").read_bytes() * 2)
+    assert scan_folder(root, cfg()).fingerprint != first.fingerprint
+
+
+def test_scan_ignores_non_images_and_hidden_files(tmp_path):
+    root = write_image_folder(tmp_path / "flat", {"a": 2, "b": 2})
+    (root / "a" / "notes.txt").write_text("not an image")
+    (root / "a" / ".hidden.png").write_bytes(b"junk")
+    (root / ".git").mkdir()
+    index = scan_folder(root, cfg())
+    assert index.class_names == ["a", "b"]
+    assert len(index.pool) == 4
+
+
+def test_scan_split_folder(tmp_path):
+    root = tmp_path / "split"
+    write_image_folder(root / "train", {"cat": 4, "dog": 3}, seed=1)
+    write_image_folder(root / "val", {"cat": 2, "dog": 1}, seed=2)
+    write_image_folder(root / "test", {"cat": 2, "dog": 2}, seed=3)
+    index = scan_folder(root, cfg())
+    assert index.class_names == ["cat", "dog"]
+    assert len(index.pool) == 4 + 3 + 2 + 1  # train + val
+    assert index.test is not None and len(index.test) == 4
+    assert sum(i.startswith("train/") for i in index.pool.ids) == 7
+    assert sum(i.startswith("val/") for i in index.pool.ids) == 3
+    assert all(i.startswith("test/") for i in index.test.ids)
+    assert not set(index.pool.ids) & set(index.test.ids)
+    assert index.pool.labels.tolist() == [0] * 4 + [1] * 3 + [0] * 2 + [1]
+    assert index.test.labels.tolist() == [0, 0, 1, 1]
+
+
+def test_scan_split_folder_train_only_has_no_test(tmp_path):
+    root = tmp_path / "split"
+    write_image_folder(root / "train", {"cat": 2, "dog": 2})
+    index = scan_folder(root, cfg())
+    assert index.test is None
+    assert len(index.pool) == 4
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_split_class_mismatch_names_split(tmp_path, split):
+    root = tmp_path / "split"
+    write_image_folder(root / "train", {"cat": 2, "dog": 2})
+    write_image_folder(root / split, {"cat": 2, "dog": 1, "fox": 1})
+    with pytest.raises(UserError) as info:
+        scan_folder(root, cfg())
+    assert f"{split}/" in str(info.value)
+    assert "fox" in str(info.value)
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    root = write_image_folder(tmp_path / "flat", {"a": 2, "b": 2})
+    (root / "empty_class").mkdir()
+    with pytest.raises(UserError) as info:
+        scan_folder(root, cfg())
+    assert "empty_class" in str(info.value)
+
+
+def test_single_class_is_refused(tmp_path):
+    root = write_image_folder(tmp_path / "flat", {"only": 3})
+    with pytest.raises(UserError, match="one class"):
+        scan_folder(root, cfg())
+
+
+def test_folder_without_class_folders(tmp_path):
+    (tmp_path / "loose").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "loose" / "x.png")
+    with pytest.raises(UserError, match="no class folders"):
+        scan_folder(tmp_path / "loose", cfg())
+
+
+def test_missing_root_path(tmp_path):
+    missing = tmp_path / "does-not-exist"
+    with pytest.raises(UserError) as info:
+        scan_source(cfg(root=str(missing)))
+    assert str(missing) in str(info.value)
+
+
+def test_root_not_set():
+    with pytest.raises(UserError, match="data.root"):
+        scan_source(cfg())
+
+
+def test_scan_source_folder(tmp_path):
+    root = write_image_folder(tmp_path / "flat", {"a": 2, "b": 2})
+    index = scan_source(cfg(root=str(root)))
+    assert index.class_names == ["a", "b"] and len(index.pool) == 4
+
+
+def test_non_npz_file_is_refused(tmp_path):
+    path = tmp_path / "image.png"
+    Image.new("L", (8, 8)).save(path)
+    with pytest.raises(UserError, match="npz"):
+        scan_source(cfg(root=str(path)))
+
+
+# --------------------------------------------------------------------------- groups
+
+
+def test_group_regex_gives_groups(tmp_path):
+    root = write_image_folder(tmp_path / "flat", {"a": 4, "b": 2})
+    index = scan_folder(root, cfg(group_regex=r"^(p\d+)_"))
+    assert index.pool.groups is not None
+    assert index.pool.groups.tolist() == ["p00", "p00", "p01", "p01", "p00", "p00"]
+
+
+def test_group_regex_without_group_uses_whole_match(tmp_path):
+    root = write_image_folder(tmp_path / "flat", {"a": 2, "b": 2})
+    index = scan_folder(root, cfg(group_regex=r"img0[0-9]"))
+    assert index.pool.groups.tolist() == ["img00", "img01", "img00", "img01"]
+
+
+def test_group_regex_not_matching_names_file(tmp_path):
+    root = write_image_folder(tmp_path / "flat", {"a": 2, "b": 2})
+    with pytest.raises(UserError) as info:
+        scan_folder(root, cfg(group_regex=r"^(patient\d+)_"))
+    assert "p00_img00.png" in str(info.value)
+
+
+def test_group_regex_invalid(tmp_path):
+    root = write_image_folder(tmp_path / "flat", {"a": 2, "b": 2})
+    with pytest.raises(UserError, match="group_regex"):
+        scan_folder(root, cfg(group_regex="(unclosed"))
+
+
+def test_group_csv(tmp_path):
+    root = write_image_folder(tmp_path / "flat", {"a": 2, "b": 2})
+    table = tmp_path / "groups.csv"
+    table.write_text(
+        "path,group\na/p00_img00.png,P1\np00_img01.png,P2\nb/p00_img00.png,P3\nb/p00_img01.png,P3\n"
+    )
+    index = scan_folder(root, cfg(group_csv=str(table)))
+    # rows match the relative id, or the bare file name
+    assert index.pool.groups.tolist() == ["P1", "P2", "P3", "P3"]
+
+
+def test_group_csv_missing_row(tmp_path):
+    root = write_image_folder(tmp_path / "flat", {"a": 2, "b": 2})
+    table = tmp_path / "groups.csv"
+    table.write_text("path,group\na/p00_img00.png,P1\n")
+    with pytest.raises(UserError, match="a/p00_img01.png"):
+        scan_folder(root, cfg(group_csv=str(table)))
+
+
+# --------------------------------------------------------------------------- decoding files
+
+
+@pytest.mark.parametrize(
+    ("mode", "suffix", "shape"),
+    [
+        ("L", ".png", (16, 16)),
+        ("RGB", ".png", (16, 16, 3)),
+        ("RGBA", ".png", (16, 16, 3)),
+        ("L", ".jpg", (16, 16)),
+        ("RGB", ".jpg", (16, 16, 3)),
+        ("RGB", ".jpeg", (16, 16, 3)),
+        ("L", ".bmp", (16, 16)),
+        ("RGB", ".bmp", (16, 16, 3)),
+        ("L", ".tif", (16, 16)),
+        ("RGB", ".tiff", (16, 16, 3)),
+        ("P", ".png", (16, 16)),  # grey palette
+        ("1", ".png", (16, 16)),
+    ],
+)
+def test_decode_image_formats(tmp_path, mode, suffix, shape):
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (20, 24), dtype=np.uint8)
+    path = tmp_path / f"img{suffix}"
+    Image.fromarray(grey).convert(mode).save(path)
+    out = decode_image(path, 16)
+    assert out.dtype == np.uint8
+    assert out.shape == shape
+
+
+def test_decode_colour_palette_is_rgb(tmp_path):
+    image = Image.new("RGB", (12, 12), (200, 10, 10)).convert("P", palette=Image.Palette.ADAPTIVE)
+    image.save(tmp_path / "pal.png")
+    out = decode_image(tmp_path / "pal.png", 12)
+    assert out.shape == (12, 12, 3)
+    assert out[..., 0].mean() > 150 > out[..., 1].mean()
+
+
+def test_decode_grey_values_are_kept(tmp_path):
+    pixels = np.full((16, 16), 77, dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "g.png")
+    assert (decode_image(tmp_path / "g.png", 16) == 77).all()
+
+
+def test_decode_16bit_is_min_max_scaled(tmp_path):
+    values = np.linspace(100, 4000, 16 * 16).reshape(16, 16).astype(np.uint16)  # 12-bit data
+    path = tmp_path / "xray16.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode.startswith("I")
+    out = decode_image(path, 16)
+    assert out.dtype == np.uint8 and out.shape == (16, 16)
+    assert out.min() == 0 and out.max() == 255
+    expected = np.round((values.astype(np.float64) - 100) / 3900 * 255)
+    assert np.abs(out.astype(np.int64) - expected).max() <= 1
+    # a fixed 65535 divide would have left it nearly black
+    resized = decode_image(path, 8)
+    assert resized.min() < 30 and resized.max() > 225
+
+
+def test_decode_16bit_constant_image_is_black(tmp_path):
+    Image.fromarray(np.full((8, 8), 1234, dtype=np.uint16)).save(tmp_path / "flat16.png")
+    assert (decode_image(tmp_path / "flat16.png", 8) == 0).all()
+
+
+def test_decode_split_all_formats_in_one_set_is_colour(tmp_path):
+    rng = np.random.default_rng(1)
+    grey = rng.integers(0, 256, (20, 20), dtype=np.uint8)
+    paths = []
+    for mode, suffix in [
+        ("L", ".png"),
+        ("RGB", ".png"),
+        ("RGBA", ".png"),
+        ("L", ".jpg"),
+        ("L", ".bmp"),
+        ("RGB", ".tif"),
+    ]:
+        path = tmp_path / f"{mode}{suffix}"
+        Image.fromarray(grey).convert(mode).save(path)
+        paths.append(path)
+    path16 = tmp_path / "deep.png"
+    Image.fromarray(grey.astype(np.uint16) * 16).save(path16)
+    paths.append(path16)
+    out = decode_split(files_split(paths), 16)
+    assert out.dtype == np.uint8
+    assert out.shape == (7, 3, 16, 16)
+    # grey images are replicated into equal channels
+    assert (out[0, 0] == out[0, 1]).all() and (out[0, 1] == out[0, 2]).all()
+
+
+def test_decode_split_grey_only_has_one_channel(tmp_path):
+    rng = np.random.default_rng(2)
+    paths = []
+    for i, suffix in enumerate([".png", ".jpg", ".bmp", ".tif"]):
+        path = tmp_path / f"g{i}{suffix}"
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(path)
+        paths.append(path)
+    path16 = tmp_path / "deep.png"
+    Image.fromarray(rng.integers(0, 4096, (16, 16)).astype(np.uint16)).save(path16)
+    paths.append(path16)
+    out = decode_split(files_split(paths), 16)
+    assert out.shape == (5, 1, 16, 16)
+    assert out.dtype == np.uint8
+
+
+def test_mixed_sizes_are_resized(tmp_path):
+    paths = []
+    for i, (w, h) in enumerate([(20, 24), (40, 12), (16, 16), (7, 9)]):
+        path = tmp_path / f"s{i}.png"
+        Image.new("L", (w, h), 100 + i).save(path)
+        paths.append(path)
+    out = decode_split(files_split(paths), 16)
+    assert out.shape == (4, 1, 16, 16)
+    for i in range(4):
+        assert (out[i] == 100 + i).all()  # a flat image stays flat under resizing
+
+
+@pytest.mark.parametrize("content", [b"", np.random.default_rng(0).bytes(300)], ids=["empty", "random"])
+def test_corrupt_file_is_listed(tmp_path, content):
+    good = tmp_path / "good.png"
+    Image.new("L", (8, 8), 3).save(good)
+    bad = tmp_path / "broken_scan.png"
+    bad.write_bytes(content)
+    with pytest.raises(UserError) as info:
+        decode_split(files_split([good, bad]), 8)
+    assert "broken_scan.png" in str(info.value)
+    assert "good.png" not in str(info.value)
+
+
+def test_truncated_png_is_listed(tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)).save(good)
+    bad = tmp_path / "cut.png"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(UserError, match="cut.png"):
+        decode_split(files_split([good, bad]), 8)
+
+
+def test_many_corrupt_files_are_summarised(tmp_path):
+    paths = []
+    for i in range(7):
+        path = tmp_path / f"bad{i}.png"
+        path.write_bytes(b"")
+        paths.append(path)
+    with pytest.raises(UserError) as info:
+        decode_split(files_split(paths), 8)
+    message = str(info.value)
+    assert message.startswith("7 unreadable")
+    assert "bad0.png" in message and "2 more" in message
+
+
+# --------------------------------------------------------------------------- npz sources
+
+
+def test_breastmnist_npz():
+    index = scan_source(cfg(root=str(shared_npz("breastmnist.npz"))))
+    assert index.class_names == ["0", "1"]
+    assert len(index.pool) == 546 + 78
+    assert index.test is not None and len(index.test) == 156
+    assert index.pool.images.shape == (624, 28, 28)
+    assert index.pool.ids[0] == "train/0" and index.pool.ids[546] == "val/0"
+    assert set(np.unique(index.pool.labels)) == {0, 1}
+    assert index.name == "breastmnist"
+
+
+def test_synthetic_npz_pool_and_test(tmp_path):
+    index = scan_source(cfg(root=str(write_npz(tmp_path / "tiny.npz"))))
+    assert len(index.pool) == 8 and len(index.test) == 3
+    assert index.pool.labels.dtype == np.int64
+    decoded = decode_split(index.pool, 16)
+    assert decoded.shape == (8, 1, 16, 16) and decoded.dtype == np.uint8
+
+
+def test_npz_rgb_images(tmp_path):
+    rng = np.random.default_rng(0)
+    path = write_npz(
+        tmp_path / "rgb.npz",
+        train_images=rng.integers(0, 256, (6, 10, 10, 3), dtype=np.uint8),
+        val_images=rng.integers(0, 256, (2, 10, 10, 3), dtype=np.uint8),
+        test_images=rng.integers(0, 256, (3, 10, 10, 3), dtype=np.uint8),
+    )
+    index = scan_source(cfg(root=str(path)))
+    decoded = decode_split(index.pool, 10)
+    assert decoded.shape == (8, 3, 10, 10)
+    assert (decoded[0] == index.pool.images[0].transpose(2, 0, 1)).all()
+
+
+def test_npz_missing_key_is_named(tmp_path):
+    path = write_npz(tmp_path / "partial.npz", drop="val_labels")
+    with pytest.raises(UserError) as info:
+        scan_source(cfg(root=str(path)))
+    assert "val_labels" in str(info.value)
+
+
+def test_npz_length_mismatch(tmp_path):
+    path = write_npz(tmp_path / "mismatch.npz", train_labels=np.zeros((5, 1), dtype=np.uint8))
+    with pytest.raises(UserError) as info:
+        scan_source(cfg(root=str(path)))
+    assert "train_images" in str(info.value) and "train_labels" in str(info.value)
+
+
+def test_npz_multilabel_is_refused(tmp_path):
+    path = write_npz(tmp_path / "multi.npz", train_labels=np.zeros((6, 3), dtype=np.uint8))
+    with pytest.raises(UserError, match="single-label"):
+        scan_source(cfg(root=str(path)))
+
+
+def test_npz_not_an_archive(tmp_path):
+    path = tmp_path / "fake.npz"
+    path.write_bytes(b"definitely not a zip")
+    with pytest.raises(UserError, match="fake.npz"):
+        scan_source(cfg(root=str(path)))
+
+
+def test_npz_with_group_settings_is_refused(tmp_path):
+    path = write_npz(tmp_path / "tiny.npz")
+    with pytest.raises(UserError, match="group"):
+        scan_source(cfg(root=str(path), group_regex=r"^(p\d+)_"))
+
+
+def test_medmnist_source_without_package(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "medmnist", None)  # `import medmnist` -> ImportError
+    with pytest.raises(UserError) as info:
+        scan_source(cfg(root="medmnist:breastmnist", cache_dir=str(tmp_path)))
+    assert type(info.value) is UserError
+    assert "pip install" in str(info.value)
+    assert "breastmnist" in str(info.value)
+
+
+# --------------------------------------------------------------------------- decoded cache
+
+
+def test_build_cache_writes_and_reuses(tmp_path, monkeypatch):
+    root = tmp_path / "split"
+    write_image_folder(root / "train", {"a": 3, "b": 3}, size=20)
+    write_image_folder(root / "test", {"a": 2, "b": 2}, size=20, mode="RGB")
+    config = cfg(root=str(root), image_size=16, cache_dir=str(tmp_path / "cache"))
+    index = scan_source(config)
+    cached = build_cache(index, config)
+    assert cached.pool_path.is_file() and cached.test_path is not None
+    pool, test = load_cached(cached.pool_path), load_cached(cached.test_path)
+    assert isinstance(pool, np.memmap)
+    assert pool.shape == (6, 1, 16, 16) and pool.dtype == np.uint8
+    assert test.shape == (4, 3, 16, 16)
+    assert cached.channels == 3
+    assert cached.pool_path.is_relative_to(tmp_path / "cache")
+    assert (pool[0, 0] == decode_image(index.pool.paths[0], 16)).all()
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the cache should have been reused")
+
+    monkeypatch.setattr(data_mod, "decode_split", no_decoding)
+    again = build_cache(scan_source(config), config)
+    assert again == cached
+
+
+def test_build_cache_keys_on_image_size(tmp_path):
+    root = write_image_folder(tmp_path / "flat", {"a": 2, "b": 2}, size=20)
+    small = cfg(root=str(root), image_size=8, cache_dir=str(tmp_path / "cache"))
+    large = cfg(root=str(root), image_size=16, cache_dir=str(tmp_path / "cache"))
+    index = scan_source(small)
+    first, second = build_cache(index, small), build_cache(index, large)
+    assert first.pool_path.parent != second.pool_path.parent
+    assert load_cached(first.pool_path).shape == (4, 1, 8, 8)
+    assert load_cached(second.pool_path).shape == (4, 1, 16, 16)
+    assert first.test_path is None
+
+
+def test_build_cache_misses_after_file_change(tmp_path, monkeypatch):
+    root = write_image_folder(tmp_path / "flat", {"a": 2, "b": 2})
+    config = cfg(root=str(root), image_size=16, cache_dir=str(tmp_path / "cache"))
+    first = build_cache(scan_source(config), config)
+    Image.new("L", (16, 16), 255).save(root / "a" / "p00_img00.png")
+    second = build_cache(scan_source(config), config)
+    assert second.pool_path.parent != first.pool_path.parent
+    assert (load_cached(second.pool_path)[0] == 255).all()
+
+
+def test_build_cache_npz(tmp_path):
+    config = cfg(root=str(shared_npz("breastmnist.npz")), image_size=16, cache_dir=str(tmp_path))
+    index = scan_source(config)
+    cached = build_cache(index, config)
+    assert load_cached(cached.pool_path).shape == (624, 1, 16, 16)
+    assert load_cached(cached.test_path).shape == (156, 1, 16, 16)
+
+
+# --------------------------------------------------------------------------- datasets + transforms
+
+
+def test_cached_image_dataset_items():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 1, 8, 8), dtype=np.uint8)
+    labels = np.array([0, 1, 0, 1, 1, 0])
+    dataset = CachedImageDataset(images, labels, np.array([4, 1, 3]))
+    assert len(dataset) == 3
+    image, label, index = dataset[0]
+    assert isinstance(image, torch.Tensor) and image.dtype == torch.uint8
+    assert image.shape == (1, 8, 8)
+    assert torch.equal(image, torch.from_numpy(images[4]))
+    assert (label, index) == (1, 4)
+    assert isinstance(label, int) and isinstance(index, int)
+    assert dataset[2][1:] == (1, 3)
+
+
+def test_cached_image_dataset_augmentation_keeps_type_and_shape():
+    images = np.random.default_rng(0).integers(0, 256, (4, 3, 8, 8), dtype=np.uint8)
+    labels = np.array([0, 1, 0, 1])
+    augment = AugmentConfig(hflip=True, vflip=True, rotation=30)
+    dataset = CachedImageDataset(images, labels, np.arange(4), augment)
+    torch.manual_seed(0)
+    for position in range(4):
+        image, label, index = dataset[position]
+        assert image.dtype == torch.uint8 and image.shape == (3, 8, 8)
+        assert (label, index) == (int(labels[position]), position)
+
+
+def test_cached_image_dataset_reads_memmap(tmp_path):
+    array = np.arange(2 * 1 * 4 * 4, dtype=np.uint8).reshape(2, 1, 4, 4)
+    np.save(tmp_path / "pool.npy", array)
+    dataset = CachedImageDataset(load_cached(tmp_path / "pool.npy"), np.array([0, 1]), [1])
+    image, label, index = dataset[0]
+    assert torch.equal(image, torch.from_numpy(array[1])) and (label, index) == (1, 1)
+
+
+def test_to_model_input_grey():
+    batch = torch.zeros((2, 1, 4, 4), dtype=torch.uint8)
+    batch[1, 0, 2, 3] = 51  # 51 / 255 = 0.2
+    batch[0, 0, 0, 0] = 255
+    out = to_model_input(batch)
+    assert out.dtype == torch.float32
+    assert out.shape == (2, 3, 4, 4)
+    for c in range(3):
+        assert out[1, c, 2, 3].item() == pytest.approx((0.2 - IMAGENET_MEAN[c]) / IMAGENET_STD[c], abs=1e-5)
+        assert out[0, c, 0, 0].item() == pytest.approx((1.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c], abs=1e-5)
+        assert out[0, c, 1, 1].item() == pytest.approx(-IMAGENET_MEAN[c] / IMAGENET_STD[c], abs=1e-5)
+    # red channel by hand: (0.2 - 0.485) / 0.229
+    assert out[1, 0, 2, 3].item() == pytest.approx(-1.2445415, abs=1e-5)
+
+
+def test_to_model_input_rgb_channels_are_independent():
+    batch = torch.zeros((1, 3, 2, 2), dtype=torch.uint8)
+    batch[0, 0], batch[0, 1], batch[0, 2] = 0, 102, 204  # 0.0, 0.4, 0.8
+    out = to_model_input(batch)
+    assert out[0, 0, 0, 0].item() == pytest.approx((0.0 - 0.485) / 0.229, abs=1e-5)
+    assert out[0, 1, 0, 0].item() == pytest.approx((0.4 - 0.456) / 0.224, abs=1e-5)
+    assert out[0, 2, 0, 0].item() == pytest.approx((0.8 - 0.406) / 0.225, abs=1e-5)
+
+
+# --------------------------------------------------------------------------- demo data
+
+
+def test_demo_source_has_two_classes():
+    index = scan_source(DataConfig(root="demo"))
+    assert index.name == "demo"
+    assert index.class_names == ["lesion", "normal"]
+    assert len(index.pool) == 400
+    assert np.bincount(index.pool.labels).tolist() == [200, 200]
+    assert index.test is None
+    # the demo is written into the session's private cache, not ~/.cache
+    assert str(index.pool.paths[0]).startswith(str(data_mod.default_cache_root()))
+    grouped = scan_source(DataConfig(root="demo", group_regex=r"^(p\d+)_"))
+    assert len(set(grouped.pool.groups)) == 100
+
+
+def test_demo_is_deterministic(tmp_path):
+    write_demo_images(tmp_path / "one")
+    write_demo_images(tmp_path / "two")
+    first = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png"))
+    second = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.png"))
+    assert first == second and len(first) == 400
+
+    def digest(folder: Path) -> str:
+        hasher = hashlib.sha256()
+        for relative in first:
+            hasher.update((folder / relative).read_bytes())
+        return hasher.hexdigest()
+
+    assert digest(tmp_path / "one") == digest(tmp_path / "two")
+    with Image.open(tmp_path / "one" / first[0]) as image:
+        assert image.mode == "L" and image.size == (64, 64)

@@ -1,0 +1,184 @@
+"""distmed.cv fold arithmetic: make_folds, fold_specs, check_batch_fits, positive_index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from distmed.config import CVConfig, load_config
+from distmed.cv import check_batch_fits, fold_specs, make_folds, positive_index
+from distmed.data import Split
+from distmed.errors import UserError
+
+
+def split_of(labels, groups=None) -> Split:
+    labels = np.asarray(labels, dtype=np.int64)
+    return Split(
+        ids=[f"s{i}" for i in range(len(labels))],
+        labels=labels,
+        groups=None if groups is None else np.asarray(groups, dtype=object),
+    )
+
+
+def imbalanced_split() -> Split:
+    rng = np.random.default_rng(3)
+    return split_of(rng.permutation([0] * 23 + [1] * 12 + [2] * 7))
+
+
+def grouped_split() -> tuple[Split, np.ndarray]:
+    """30 patients with 1-4 images each; a patient's images share its label."""
+    rng = np.random.default_rng(7)
+    labels, groups = [], []
+    for patient in range(30):
+        label = patient % 2
+        for _ in range(rng.integers(1, 5)):
+            labels.append(label)
+            groups.append(f"patient{patient:02d}")
+    order = rng.permutation(len(labels))
+    return split_of(np.array(labels)[order], np.array(groups)[order]), np.array(groups)[order]
+
+
+NAMES3 = ["a", "b", "c"]
+
+
+def test_folds_are_disjoint_and_cover_every_sample():
+    split = imbalanced_split()
+    assignment = make_folds(split, CVConfig(folds=5, seed=0), NAMES3)
+    assert assignment.shape == (len(split),)
+    assert assignment.dtype == np.int64
+    # every sample is in exactly one fold: one fold number each, all in 0..k-1
+    assert set(assignment.tolist()) == set(range(5))
+    assert assignment.min() >= 0
+    specs = fold_specs(assignment, 5)
+    vals = [set(s["val"]) for s in specs]
+    assert sum(len(v) for v in vals) == len(split)
+    assert set().union(*vals) == set(range(len(split)))
+    for i in range(5):
+        for j in range(i + 1, 5):
+            assert not vals[i] & vals[j]
+
+
+def test_folds_are_stratified():
+    split = imbalanced_split()
+    folds = 5
+    assignment = make_folds(split, CVConfig(folds=folds, seed=1), NAMES3)
+    totals = np.bincount(split.labels)
+    for fold in range(folds):
+        counts = np.bincount(split.labels[assignment == fold], minlength=3)
+        for label in range(3):
+            expected = totals[label] / folds
+            assert abs(counts[label] - expected) <= 1, (fold, label, counts, expected)
+
+
+def test_folds_are_reproducible_with_same_seed():
+    split = imbalanced_split()
+    first = make_folds(split, CVConfig(folds=4, seed=5), NAMES3)
+    second = make_folds(split, CVConfig(folds=4, seed=5), NAMES3)
+    assert np.array_equal(first, second)
+
+
+def test_folds_differ_with_another_seed():
+    split = imbalanced_split()
+    first = make_folds(split, CVConfig(folds=4, seed=5), NAMES3)
+    other = make_folds(split, CVConfig(folds=4, seed=6), NAMES3)
+    assert not np.array_equal(first, other)
+
+
+def test_grouped_folds_keep_patients_together():
+    split, groups = grouped_split()
+    assignment = make_folds(split, CVConfig(folds=5, seed=0), ["neg", "pos"])
+    assert set(assignment.tolist()) == set(range(5))
+    for patient in set(groups.tolist()):
+        assert len(set(assignment[groups == patient].tolist())) == 1, patient
+    # both classes in every validation fold
+    for fold in range(5):
+        assert set(split.labels[assignment == fold].tolist()) == {0, 1}
+
+
+def test_grouped_folds_are_reproducible():
+    split, _ = grouped_split()
+    first = make_folds(split, CVConfig(folds=3, seed=2), ["neg", "pos"])
+    second = make_folds(split, CVConfig(folds=3, seed=2), ["neg", "pos"])
+    assert np.array_equal(first, second)
+
+
+def test_class_smaller_than_folds():
+    split = split_of([0] * 10 + [1] * 3)
+    with pytest.raises(UserError) as info:
+        make_folds(split, CVConfig(folds=4), ["common", "rare"])
+    message = str(info.value)
+    assert "cv.folds" in message
+    assert "'rare'" in message
+    # exactly enough images works
+    assert set(make_folds(split, CVConfig(folds=3), ["common", "rare"]).tolist()) == {0, 1, 2}
+
+
+def test_too_few_patient_groups_for_folds():
+    labels = [0] * 6 + [1] * 6
+    groups = ["p1", "p1", "p2", "p2", "p3", "p3", "q1", "q1", "q1", "q2", "q2", "q2"]
+    with pytest.raises(UserError) as info:
+        make_folds(split_of(labels, groups), CVConfig(folds=3), ["neg", "pos"])
+    assert "cv.folds" in str(info.value)
+    assert "'pos'" in str(info.value)
+
+
+def test_fold_specs_train_and_val_are_disjoint_complements():
+    split = imbalanced_split()
+    assignment = make_folds(split, CVConfig(folds=3, seed=0), NAMES3)
+    specs = fold_specs(assignment, 3)
+    assert len(specs) == 3
+    for k, spec in enumerate(specs):
+        train, val = set(spec["train"]), set(spec["val"])
+        assert not train & val
+        assert train | val == set(range(len(split)))
+        assert all(assignment[i] == k for i in val)
+        assert spec["train"] == sorted(spec["train"])
+        assert all(isinstance(i, int) for i in spec["train"] + spec["val"])
+
+
+def test_fold_specs_by_hand():
+    specs = fold_specs(np.array([1, 0, 1, 0, 2]), 3)
+    assert specs == [
+        {"train": [0, 2, 4], "val": [1, 3]},
+        {"train": [1, 3, 4], "val": [0, 2]},
+        {"train": [0, 1, 2, 3], "val": [4]},
+    ]
+
+
+def test_check_batch_fits():
+    # 10 samples in 5 folds: every training set holds 8
+    specs = fold_specs(np.repeat(np.arange(5), 2), 5)
+    check_batch_fits(load_config(None, ["train.batch_size=8"]), specs)
+    with pytest.raises(UserError) as info:
+        check_batch_fits(load_config(None, ["train.batch_size=9"]), specs)
+    assert "train.batch_size=9" in str(info.value)
+    assert "8 images" in str(info.value)
+
+
+def test_check_batch_fits_uses_smallest_fold():
+    specs = fold_specs(np.array([0, 0, 0, 0, 1, 1]), 2)  # train sizes 2 and 4
+    with pytest.raises(UserError, match="2 images"):
+        check_batch_fits(load_config(None, ["train.batch_size=3"]), specs)
+
+
+def test_positive_index_default_is_second_class():
+    assert positive_index(load_config(None), ["benign", "malignant"]) == 1
+
+
+def test_positive_index_by_name():
+    cfg = load_config(None, ["data.positive_class=benign"])
+    assert positive_index(cfg, ["benign", "malignant"]) == 0
+    cfg = load_config(None, ["data.positive_class=malignant"])
+    assert positive_index(cfg, ["benign", "malignant"]) == 1
+
+
+def test_positive_index_unknown_name():
+    cfg = load_config(None, ["data.positive_class=tumour"])
+    with pytest.raises(UserError) as info:
+        positive_index(cfg, ["benign", "malignant"])
+    assert "data.positive_class" in str(info.value)
+    assert "tumour" in str(info.value)
+
+
+def test_positive_index_multiclass_is_none():
+    assert positive_index(load_config(None), ["a", "b", "c"]) is None
