@@ -21,7 +21,10 @@ RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # coerce_numbers_to_str: YAML reads a class named 0 or a folder named 2024 as an int.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, coerce_numbers_to_str=True
+    )
 
 
 class AugmentConfig(_Section):
@@ -182,7 +185,17 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise UserError(f"--set {item!r}: {part} is not a section")
         node = child
-    node[leaf] = yaml.safe_load(text) if text.strip() else None
+    node[leaf] = _parse_value(text)
+
+
+def _parse_value(text: str) -> Any:
+    """`3` -> int, `true` -> bool, `[a, b]` -> list; anything that is not YAML stays text."""
+    if not text.strip():
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # e.g. a regex such as [A-Z]+_
 
 
 def config_fields() -> set[str]:

@@ -48,9 +48,16 @@ def load_backbone_weights(model: nn.Module, cfg: ModelConfig) -> None:
     if cfg.weights == "imagenet":
         model.load_state_dict(_imagenet_state_dict(cfg.arch))
         return
-    model.load_state_dict(
-        read_state_dict(Path(cfg.weights).expanduser(), cfg.weights_sha256), strict=True
-    )
+    path = Path(cfg.weights).expanduser()
+    try:
+        model.load_state_dict(read_state_dict(path, cfg.weights_sha256), strict=True)
+    except RuntimeError as exc:  # torch lists missing/unexpected keys and shape mismatches
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0])[:160]
+        raise UserError(
+            f"model.weights {path}: does not fit {cfg.arch} ({detail}); "
+            "check model.arch or the file"
+        ) from exc
 
 
 def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:

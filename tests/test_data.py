@@ -43,7 +43,7 @@ def files_split(paths: list[Path]) -> data_mod.Split:
 def write_npz(path: Path, sizes=(6, 2, 3), drop: str | None = None, **replace) -> Path:
     rng = np.random.default_rng(0)
     arrays = {}
-    for split, n in zip(("train", "val", "test"), sizes):
+    for split, n in zip(("train", "val", "test"), sizes, strict=True):
         arrays[f"{split}_images"] = rng.integers(0, 256, (n, 10, 10), dtype=np.uint8)
         arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(n, 1).astype(np.uint8)
     arrays.update(replace)
@@ -335,7 +335,9 @@ def test_mixed_sizes_are_resized(tmp_path):
         assert (out[i] == 100 + i).all()  # a flat image stays flat under resizing
 
 
-@pytest.mark.parametrize("content", [b"", np.random.default_rng(0).bytes(300)], ids=["empty", "random"])
+@pytest.mark.parametrize(
+    "content", [b"", np.random.default_rng(0).bytes(300)], ids=["empty", "random"]
+)
 def test_corrupt_file_is_listed(tmp_path, content):
     good = tmp_path / "good.png"
     Image.new("L", (8, 8), 3).save(good)
@@ -550,9 +552,15 @@ def test_to_model_input_grey():
     assert out.dtype == torch.float32
     assert out.shape == (2, 3, 4, 4)
     for c in range(3):
-        assert out[1, c, 2, 3].item() == pytest.approx((0.2 - IMAGENET_MEAN[c]) / IMAGENET_STD[c], abs=1e-5)
-        assert out[0, c, 0, 0].item() == pytest.approx((1.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c], abs=1e-5)
-        assert out[0, c, 1, 1].item() == pytest.approx(-IMAGENET_MEAN[c] / IMAGENET_STD[c], abs=1e-5)
+        assert out[1, c, 2, 3].item() == pytest.approx(
+            (0.2 - IMAGENET_MEAN[c]) / IMAGENET_STD[c], abs=1e-5
+        )
+        assert out[0, c, 0, 0].item() == pytest.approx(
+            (1.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c], abs=1e-5
+        )
+        assert out[0, c, 1, 1].item() == pytest.approx(
+            -IMAGENET_MEAN[c] / IMAGENET_STD[c], abs=1e-5
+        )
     # red channel by hand: (0.2 - 0.485) / 0.229
     assert out[1, 0, 2, 3].item() == pytest.approx(-1.2445415, abs=1e-5)
 

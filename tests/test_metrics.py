@@ -1,0 +1,218 @@
+"""distmed.metrics against hand-computed values and scikit-learn."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from distmed.metrics import METRIC_NAMES, classification_metrics
+
+
+def binary_probs(p1) -> np.ndarray:
+    p1 = np.asarray(p1, dtype=np.float64)
+    return np.stack([1 - p1, p1], axis=1)
+
+
+# Each case: labels, P(class 1), and metrics worked out by hand for positive class 1.
+# roc_auc = concordant (positive, negative) pairs / all pairs, a tie counting one half;
+# the decision is argmax, i.e. P(class 1) > 0.5.
+HAND_CASES = {
+    # positives 0.9 0.7 0.4 | negatives 0.6 0.3 0.2 0.1
+    # pairs 3*4 = 12; concordant 4 + 4 + 3 = 11
+    # TP 2 (0.9, 0.7)  FN 1 (0.4)  FP 1 (0.6)  TN 3
+    "separable_but_one": (
+        [1, 1, 1, 0, 0, 0, 0],
+        [0.9, 0.7, 0.4, 0.6, 0.3, 0.2, 0.1],
+        dict(
+            roc_auc=11 / 12,
+            accuracy=5 / 7,
+            balanced_accuracy=(2 / 3 + 3 / 4) / 2,
+            sensitivity=2 / 3,
+            specificity=3 / 4,
+            precision=2 / 3,
+            f1=2 * 2 / (2 * 2 + 1 + 1),
+        ),
+    ),
+    # positives 0.8 0.6 0.3 | negatives 0.6 0.45 0.2 0.05 (one tie: 0.6 vs 0.6)
+    # pairs 12; concordant 4 + (3 + 0.5) + 2 = 9.5
+    # TP 2 (0.8, 0.6)  FN 1 (0.3)  FP 1 (0.6)  TN 3
+    "with_a_tie": (
+        [0, 1, 0, 1, 0, 1, 0],
+        [0.6, 0.8, 0.45, 0.6, 0.2, 0.3, 0.05],
+        dict(
+            roc_auc=9.5 / 12,
+            accuracy=5 / 7,
+            balanced_accuracy=(2 / 3 + 3 / 4) / 2,
+            sensitivity=2 / 3,
+            specificity=3 / 4,
+            precision=2 / 3,
+            f1=4 / 6,
+        ),
+    ),
+    # positives 0.9 0.8 | negatives 0.7 0.95 0.6: concordant 2 + 2 = 4 of 6
+    # everything predicted positive: TP 2  FP 3  TN 0  FN 0
+    "all_predicted_positive": (
+        [1, 1, 0, 0, 0],
+        [0.9, 0.8, 0.7, 0.95, 0.6],
+        dict(
+            roc_auc=4 / 6,
+            accuracy=2 / 5,
+            balanced_accuracy=0.5,
+            sensitivity=1.0,
+            specificity=0.0,
+            precision=2 / 5,
+            f1=4 / 7,
+        ),
+    ),
+    # positives 0.4 0.2 | negatives 0.1 0.3: concordant 2 + 1 = 3 of 4
+    # nothing predicted positive: TP 0  FN 2  FP 0  TN 2; precision 0/0 reported as 0
+    "none_predicted_positive": (
+        [1, 0, 1, 0],
+        [0.4, 0.1, 0.2, 0.3],
+        dict(
+            roc_auc=3 / 4,
+            accuracy=2 / 4,
+            balanced_accuracy=0.5,
+            sensitivity=0.0,
+            specificity=1.0,
+            precision=0.0,
+            f1=0.0,
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HAND_CASES))
+def test_binary_metrics_by_hand(case):
+    labels, p1, expected = HAND_CASES[case]
+    result = classification_metrics(np.array(labels), binary_probs(p1))
+    assert set(result) == set(METRIC_NAMES)
+    for name, value in expected.items():
+        assert result[name] == pytest.approx(value, abs=1e-12), name
+    assert all(isinstance(v, float) for v in result.values())
+
+
+def test_positive_zero_swaps_sensitivity_and_specificity():
+    labels, p1, expected = HAND_CASES["separable_but_one"]
+    default = classification_metrics(np.array(labels), binary_probs(p1))
+    explicit_one = classification_metrics(np.array(labels), binary_probs(p1), positive=1)
+    flipped = classification_metrics(np.array(labels), binary_probs(p1), positive=0)
+    assert explicit_one == default
+    assert flipped["sensitivity"] == pytest.approx(default["specificity"])
+    assert flipped["specificity"] == pytest.approx(default["sensitivity"])
+    assert flipped["roc_auc"] == pytest.approx(default["roc_auc"])
+    assert flipped["accuracy"] == pytest.approx(default["accuracy"])
+    assert flipped["balanced_accuracy"] == pytest.approx(default["balanced_accuracy"])
+    # class 0 as positive: TP 3 (true negatives before), FP 1 (missed 0.4), FN 1 (0.6)
+    assert flipped["precision"] == pytest.approx(3 / 4)
+    assert flipped["f1"] == pytest.approx(6 / 8)
+
+
+def test_multiclass_macro_ovr_auc_matches_sklearn():
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 2, 1, 0])
+    probs = np.array(
+        [
+            [0.7, 0.2, 0.1],
+            [0.2, 0.5, 0.3],
+            [0.1, 0.3, 0.6],
+            [0.3, 0.4, 0.3],
+            [0.5, 0.3, 0.2],
+            [0.2, 0.2, 0.6],
+            [0.6, 0.1, 0.3],
+            [0.4, 0.1, 0.5],
+            [0.1, 0.8, 0.1],
+            [0.2, 0.2, 0.6],
+        ]
+    )
+    result = classification_metrics(labels, probs)
+    expected_auc = skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+    assert result["roc_auc"] == pytest.approx(expected_auc)
+    # hand: argmax = 0 1 2 1 0 2 0 2 1 2 -> correct at 0 1 2 5 6 7 8 = 7 of 10
+    assert result["accuracy"] == pytest.approx(0.7)
+    # per-class recall: class 0 2/4, class 1 2/3, class 2 3/3
+    assert result["sensitivity"] == pytest.approx((2 / 4 + 2 / 3 + 1) / 3)
+    assert result["balanced_accuracy"] == pytest.approx((2 / 4 + 2 / 3 + 1) / 3)
+    # per-class specificity: class 0: FP 1 (sample 4) of 6 negatives -> 5/6;
+    # class 1: FP 1 (sample 3) of 7 -> 6/7; class 2: FP 1 (sample 9) of 7 -> 6/7
+    assert result["specificity"] == pytest.approx((5 / 6 + 6 / 7 + 6 / 7) / 3)
+    # per-class precision: class 0 2/3, class 1 2/3, class 2 3/4
+    assert result["precision"] == pytest.approx((2 / 3 + 2 / 3 + 3 / 4) / 3)
+
+
+def test_positive_is_ignored_for_multiclass():
+    rng = np.random.default_rng(5)
+    labels = np.arange(30) % 3
+    probs = rng.dirichlet(np.ones(3), size=30)
+    assert classification_metrics(labels, probs, positive=0) == classification_metrics(
+        labels, probs
+    )
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_single_class_labels_give_nan_auc():
+    result = classification_metrics(np.array([1, 1, 1]), binary_probs([0.9, 0.2, 0.7]))
+    assert math.isnan(result["roc_auc"])
+    assert result["accuracy"] == pytest.approx(2 / 3)
+    assert result["sensitivity"] == pytest.approx(2 / 3)
+    assert result["specificity"] == 0.0  # no negatives: 0/0 reported as 0
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_multiclass_missing_class_gives_nan_auc():
+    labels = np.array([0, 1, 0, 1])
+    probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4], [0.3, 0.3, 0.4]])
+    result = classification_metrics(labels, probs)
+    assert math.isnan(result["roc_auc"])
+    assert result["accuracy"] == pytest.approx(3 / 4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("positive", [0, 1])
+def test_binary_agrees_with_sklearn_on_random_data(seed, positive):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 200)
+    p1 = np.clip(0.5 + 0.25 * (labels - 0.5) + rng.normal(0, 0.25, 200), 0.01, 0.99)
+    probs = binary_probs(p1)
+    result = classification_metrics(labels, probs, positive=positive)
+    truth = labels == positive
+    decision = probs.argmax(axis=1) == positive
+    assert result["roc_auc"] == pytest.approx(skm.roc_auc_score(truth, probs[:, positive]))
+    assert result["accuracy"] == pytest.approx(skm.accuracy_score(truth, decision))
+    assert result["balanced_accuracy"] == pytest.approx(
+        skm.balanced_accuracy_score(truth, decision)
+    )
+    assert result["sensitivity"] == pytest.approx(skm.recall_score(truth, decision))
+    assert result["specificity"] == pytest.approx(skm.recall_score(~truth, ~decision))
+    assert result["precision"] == pytest.approx(skm.precision_score(truth, decision))
+    assert result["f1"] == pytest.approx(skm.f1_score(truth, decision))
+    assert 0.5 < result["roc_auc"] < 1.0  # informative but imperfect scores
+
+
+@pytest.mark.parametrize("num_classes", [3, 5])
+def test_multiclass_agrees_with_sklearn_on_random_data(num_classes):
+    rng = np.random.default_rng(num_classes)
+    labels = rng.integers(0, num_classes, 300)
+    logits = rng.normal(0, 1, (300, num_classes))
+    logits[np.arange(300), labels] += 1.0
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    result = classification_metrics(labels, probs)
+    predicted = probs.argmax(axis=1)
+    assert result["roc_auc"] == pytest.approx(skm.roc_auc_score(labels, probs, multi_class="ovr"))
+    assert result["accuracy"] == pytest.approx(skm.accuracy_score(labels, predicted))
+    assert result["balanced_accuracy"] == pytest.approx(
+        skm.balanced_accuracy_score(labels, predicted)
+    )
+    assert result["sensitivity"] == pytest.approx(
+        skm.recall_score(labels, predicted, average="macro")
+    )
+    assert result["precision"] == pytest.approx(
+        skm.precision_score(labels, predicted, average="macro")
+    )
+    assert result["f1"] == pytest.approx(skm.f1_score(labels, predicted, average="macro"))
+    specificity = np.mean(
+        [skm.recall_score(labels != c, predicted != c) for c in range(num_classes)]
+    )
+    assert result["specificity"] == pytest.approx(specificity)

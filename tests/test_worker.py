@@ -1,0 +1,264 @@
+"""Pure parts of distmed.worker (no Ray started): precision, optimiser, schedule, stopping,
+and prediction outside torch.distributed."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from distmed.config import ModelConfig, OptimConfig, TrainConfig
+from distmed.data import CachedImageDataset, to_model_input
+from distmed.model import build_model
+from distmed.worker import (
+    FoldRun,
+    build_loss,
+    build_optimizer,
+    build_scheduler,
+    cpu_has_native_bf16,
+    predict,
+    resolve_amp,
+)
+
+
+def params(n: int = 3) -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(torch.zeros(2)) for _ in range(n)]
+
+
+def lr_trace(cfg: OptimConfig, epochs: int, steps: int) -> list[float]:
+    """The learning rate before the first step and after each of epochs * steps steps."""
+    optimizer = build_optimizer(params(1), cfg)
+    scheduler = build_scheduler(optimizer, cfg, epochs, steps)
+    trace = [optimizer.param_groups[0]["lr"]]
+    for _ in range(epochs * steps):
+        optimizer.step()
+        scheduler.step()
+        trace.append(optimizer.param_groups[0]["lr"])
+    return trace
+
+
+def bare_fold() -> FoldRun:
+    return FoldRun(
+        index=0,
+        model=None,
+        optimizer=None,
+        scheduler=None,
+        scaler=None,
+        loss_fn=None,
+        train_loader=None,
+        val_loader=None,
+    )
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def test_resolve_amp_auto_on_cpu():
+    resolved = resolve_amp("auto", torch.device("cpu"))
+    assert resolved in ("bf16", "off")
+    assert resolved == ("bf16" if cpu_has_native_bf16() else "off")
+
+
+@pytest.mark.parametrize("setting", ["bf16", "fp16", "off"])
+def test_resolve_amp_explicit_passes_through(setting):
+    assert resolve_amp(setting, torch.device("cpu")) == setting
+
+
+def test_resolve_amp_auto_follows_cpu_capability(monkeypatch):
+    import distmed.worker as worker
+
+    monkeypatch.setattr(worker, "cpu_has_native_bf16", lambda: True)
+    assert resolve_amp("auto", torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(worker, "cpu_has_native_bf16", lambda: False)
+    assert resolve_amp("auto", torch.device("cpu")) == "off"
+
+
+def test_cpu_has_native_bf16_is_a_bool():
+    assert isinstance(cpu_has_native_bf16(), bool)
+
+
+# --------------------------------------------------------------------------- optimiser
+
+
+def test_build_optimizer_adamw():
+    optimizer = build_optimizer(params(), OptimConfig(name="adamw", lr=0.02, weight_decay=0.1))
+    assert type(optimizer) is torch.optim.AdamW
+    group = optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(0.02)
+    assert group["weight_decay"] == pytest.approx(0.1)
+    assert len(group["params"]) == 3
+
+
+def test_build_optimizer_adam():
+    optimizer = build_optimizer(params(), OptimConfig(name="adam", lr=0.003, weight_decay=0.0))
+    assert type(optimizer) is torch.optim.Adam
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.003)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.0
+
+
+def test_build_optimizer_sgd():
+    cfg = OptimConfig(name="sgd", lr=0.1, momentum=0.8, weight_decay=5e-4)
+    optimizer = build_optimizer(params(), cfg)
+    assert type(optimizer) is torch.optim.SGD
+    group = optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(0.1)
+    assert group["momentum"] == pytest.approx(0.8)
+    assert group["weight_decay"] == pytest.approx(5e-4)
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def test_cosine_with_warmup_ramps_up_then_decays_to_zero():
+    epochs, steps, lr = 4, 5, 1e-3
+    trace = lr_trace(OptimConfig(lr=lr, warmup_epochs=1, schedule="cosine"), epochs, steps)
+    assert len(trace) == epochs * steps + 1
+    warmup = steps  # one epoch of warm-up
+    assert trace[0] == pytest.approx(0.01 * lr)  # LinearLR start factor
+    ramp = trace[: warmup + 1]
+    assert (np.diff(ramp) > 0).all(), ramp
+    assert trace[warmup] == pytest.approx(lr)
+    assert max(trace) == pytest.approx(lr)
+    decay = trace[warmup:]
+    assert (np.diff(decay) < 0).all(), decay
+    assert trace[-1] == pytest.approx(0.0, abs=1e-9)
+    # halfway through the cosine part the rate is half the peak
+    assert trace[warmup + (len(decay) - 1) // 2] == pytest.approx(
+        lr * 0.5 * (1 + math.cos(math.pi * ((len(decay) - 1) // 2) / (len(decay) - 1)))
+    )
+
+
+def test_cosine_without_warmup_starts_at_peak():
+    trace = lr_trace(OptimConfig(lr=0.1, warmup_epochs=0), 3, 4)
+    assert trace[0] == pytest.approx(0.1)
+    assert (np.diff(trace) < 0).all()
+    assert trace[-1] == pytest.approx(0.0, abs=1e-9)
+    assert trace[6] == pytest.approx(0.05)  # 6 of 12 steps: cos(pi/2)
+
+
+def test_warmup_longer_than_training_still_reaches_peak_then_zero():
+    trace = lr_trace(OptimConfig(lr=1e-3, warmup_epochs=5), 2, 3)
+    assert trace[0] == pytest.approx(1e-5)
+    assert max(trace) == pytest.approx(1e-3)
+    assert trace[-1] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_constant_schedule_holds_after_warmup():
+    trace = lr_trace(OptimConfig(lr=0.01, warmup_epochs=1, schedule="constant"), 3, 4)
+    assert trace[0] == pytest.approx(1e-4)
+    assert (np.diff(trace[:5]) > 0).all()
+    assert trace[4:] == pytest.approx([0.01] * (len(trace) - 4))
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def test_build_loss_balanced_weights():
+    labels = np.array([0, 0, 0, 1])
+    loss = build_loss(TrainConfig(class_weights="balanced"), labels, 3, "cpu")
+    # sklearn 'balanced': n / (classes_present * count); an absent class keeps weight 1
+    assert loss.weight.tolist() == pytest.approx([4 / (2 * 3), 4 / (2 * 1), 1.0])
+    assert build_loss(TrainConfig(), labels, 3, "cpu").weight is None
+
+
+# --------------------------------------------------------------------------- early stopping
+
+
+def test_update_stopping_with_patience():
+    fold = bare_fold()
+    aucs = [0.60, 0.70, 0.65, 0.70, 0.69]  # best at epoch 2, then 3 epochs without gain
+    states = []
+    for auc in aucs:
+        fold.update_stopping(auc, patience=3)
+        states.append((fold.best_auc, fold.epochs_since_best, fold.stopped))
+    assert states == [
+        (0.60, 0, False),
+        (0.70, 0, False),
+        (0.70, 1, False),
+        (0.70, 2, False),  # equal is not a gain
+        (0.70, 3, True),
+    ]
+
+
+def test_update_stopping_improvement_resets_counter():
+    fold = bare_fold()
+    for auc in [0.6, 0.5, 0.55, 0.61, 0.6]:
+        fold.update_stopping(auc, patience=3)
+    assert fold.best_auc == 0.61
+    assert fold.epochs_since_best == 1
+    assert not fold.stopped
+
+
+def test_update_stopping_patience_one_and_nan():
+    fold = bare_fold()
+    fold.update_stopping(0.7, patience=1)
+    assert not fold.stopped
+    fold.update_stopping(float("nan"), patience=1)  # an undefined AUC is no gain
+    assert fold.stopped
+
+
+def test_update_stopping_without_patience_never_stops():
+    fold = bare_fold()
+    for auc in [0.9] + [0.1] * 20:
+        fold.update_stopping(auc, patience=None)
+    assert fold.epochs_since_best == 20
+    assert not fold.stopped
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(weights="none", unfreeze=5), num_classes=3)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 1, 16, 16), dtype=np.uint8)
+    labels = rng.integers(0, 3, 12)
+    return images, labels
+
+
+def test_predict_returns_each_sample_once_sorted(tiny_model, tiny_data):
+    images, labels = tiny_data
+    subset = np.array([9, 2, 7, 0, 5, 11, 3])
+    loader = DataLoader(CachedImageDataset(images, labels, subset), batch_size=3, shuffle=True)
+    torch.manual_seed(1)
+    indices, got_labels, probs = predict(tiny_model, loader, torch.device("cpu"), "off", False)
+    assert indices.tolist() == sorted(subset.tolist())
+    assert got_labels.tolist() == labels[indices].tolist()
+    assert probs.shape == (len(subset), 3)
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    with torch.no_grad():
+        direct = torch.softmax(tiny_model(to_model_input(torch.from_numpy(images[indices]))), 1)
+    assert np.allclose(probs, direct.numpy(), atol=1e-5)
+
+
+def test_predict_drops_padding_duplicates(tiny_model, tiny_data):
+    images, labels = tiny_data
+    # what DistributedSampler padding looks like: samples repeated at the end
+    padded = np.array([4, 1, 6, 4, 1])
+    loader = DataLoader(CachedImageDataset(images, labels, padded), batch_size=2)
+    indices, got_labels, probs = predict(tiny_model, loader, torch.device("cpu"), "off", True)
+    assert indices.tolist() == [1, 4, 6]
+    assert got_labels.tolist() == labels[[1, 4, 6]].tolist()
+    assert probs.shape == (3, 3)
+
+
+def test_predict_puts_model_in_eval_mode(tiny_data):
+    images, labels = tiny_data
+    model = build_model(ModelConfig(weights="none"), num_classes=2)
+    model.train()
+    loader = DataLoader(CachedImageDataset(images, labels, np.arange(4)), batch_size=4)
+    first = predict(model, loader, torch.device("cpu"), "off", False)[2]
+    second = predict(model, loader, torch.device("cpu"), "off", False)[2]
+    assert not model.training
+    assert np.array_equal(first, second)  # no dropout / batch statistics in play
