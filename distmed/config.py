@@ -108,9 +108,24 @@ class ScalingSection(_Section):
     cpus_per_worker: float | None = Field(
         None, gt=0, description="default: the node's CPUs shared between the workers"
     )
+    gpus_per_worker: float = Field(
+        1.0, gt=0, le=8, description="GPUs per worker; a fraction packs trials onto one GPU"
+    )
     max_failures: int = Field(
         2, ge=0, description="worker-group restarts from the last checkpoint after a crash"
     )
+
+
+class WandbConfig(_Section):
+    project: str | None = Field(None, description="W&B project; unset: no W&B code runs")
+    entity: str | None = None
+    mode: Literal["online", "offline"] | None = Field(
+        None, description="default: $WANDB_MODE, else online (offline needs no API key)"
+    )
+
+
+class TrackingConfig(_Section):
+    wandb: WandbConfig = WandbConfig()
 
 
 class ExperimentConfig(_Section):
@@ -120,6 +135,7 @@ class ExperimentConfig(_Section):
     train: TrainConfig = TrainConfig()
     cv: CVConfig = CVConfig()
     scaling: ScalingSection = ScalingSection()
+    tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("data")
     @classmethod

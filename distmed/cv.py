@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,39 +127,80 @@ def positive_index(cfg: ExperimentConfig, class_names: list[str]) -> int | None:
     return class_names.index(cfg.data.positive_class)
 
 
-def check_batch_fits(cfg: ExperimentConfig, specs: list[dict[str, list[int]]]) -> None:
-    smallest = min(len(s["train"]) for s in specs)
-    if cfg.train.batch_size > smallest:
+def check_batch_fits(batch_size: int, smallest_train_fold: int) -> None:
+    if batch_size > smallest_train_fold:
         raise UserError(
-            f"train.batch_size={cfg.train.batch_size} is larger than the smallest fold's "
-            f"training set ({smallest} images); lower train.batch_size"
+            f"train.batch_size={batch_size} is larger than the smallest fold's "
+            f"training set ({smallest_train_fold} images); lower train.batch_size"
         )
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """What the workers train on: decoded images, labels, and train/val indices per fold.
+
+    Plain data so it crosses process boundaries (Ray `train_loop_config`, Tune parameters).
+    """
+
+    images_path: str
+    labels: list[int]
+    num_classes: int
+    positive: int | None
+    folds: list[dict[str, list[int]]]
+
+    def smallest_train_fold(self) -> int:
+        return min(len(f["train"]) for f in self.folds)
+
+
+def plan_folds(
+    cfg: ExperimentConfig, index: DataIndex, cache: CachedData, assignment: np.ndarray
+) -> FoldPlan:
+    """The k-fold plan over the CV pool (the test split never enters it)."""
+    return FoldPlan(
+        images_path=str(cache.pool_path),
+        labels=index.pool.labels.tolist(),
+        num_classes=len(index.class_names),
+        positive=positive_index(cfg, index.class_names),
+        folds=fold_specs(assignment, cfg.cv.folds),
+    )
 
 
 def cross_validate(
     cfg: ExperimentConfig,
-    index: DataIndex,
-    cache: CachedData,
-    assignment: np.ndarray,
+    plan: FoldPlan,
     layout: WorkerLayout,
-    storage: Path,
+    storage: str | Path,
     run_name: str,
+    callbacks: Sequence[Any] = (),
 ) -> CVResult:
-    """Train every fold with one Ray Train fit and collect each fold's final metrics.
+    """Train every fold of `plan` with one Ray Train fit; collect each fold's final metrics.
 
     Reusing `run_name` under the same `storage` resumes that run from its last checkpoint.
+    `callbacks` are Ray Train callbacks (Tune's report callback inside a trial).
     """
-    specs = fold_specs(assignment, cfg.cv.folds)
-    check_batch_fits(cfg, specs)
+    check_batch_fits(cfg.train.batch_size, plan.smallest_train_fold())
+    result = fit_folds(cfg, plan, layout, storage, run_name, callbacks)
+    return _to_cv_result(result.return_value, result.checkpoint)
+
+
+def fit_folds(
+    cfg: ExperimentConfig,
+    plan: FoldPlan,
+    layout: WorkerLayout,
+    storage: str | Path,
+    run_name: str,
+    callbacks: Sequence[Any] = (),
+):
+    """One `TorchTrainer` fit of `distmed.worker.train_folds` over the plan's folds."""
     trainer = TorchTrainer(
         train_folds,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
-            "images_path": str(cache.pool_path),
-            "labels": index.pool.labels.tolist(),
-            "num_classes": len(index.class_names),
-            "positive": positive_index(cfg, index.class_names),
-            "folds": specs,
+            "images_path": plan.images_path,
+            "labels": plan.labels,
+            "num_classes": plan.num_classes,
+            "positive": plan.positive,
+            "folds": plan.folds,
             "threads": layout.threads,
         },
         scaling_config=ScalingConfig(
@@ -168,15 +210,22 @@ def cross_validate(
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=str(storage.resolve()),
+            storage_path=storage_uri(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=1),  # k models + optimisers each
             failure_config=FailureConfig(max_failures=layout.max_failures),
+            callbacks=list(callbacks),
         ),
     )
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    return _to_cv_result(result.return_value, result.checkpoint)
+    return result
+
+
+def storage_uri(storage: str | Path) -> str:
+    """A URI (s3://, gs://) as given; a local path made absolute (workers run elsewhere)."""
+    text = str(storage)
+    return text if "://" in text else str(Path(text).expanduser().resolve())
 
 
 def _to_cv_result(value: dict[str, Any], checkpoint) -> CVResult:

@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from distmed.artifacts import write_text_atomic
 from distmed.config import AugmentConfig, DataConfig
 from distmed.errors import UserError
 
@@ -353,7 +354,7 @@ def build_cache(index: DataIndex, cfg: DataConfig) -> CachedData:
             channels.append(array.shape[1])
             _save_atomic(folder / f"{part}.npy", array)
         meta = {"channels": max(channels), "num_pool": len(index.pool)}
-        _write_atomic(meta_path, json.dumps(meta))
+        write_text_atomic(meta_path, json.dumps(meta))
         log.info("decoded %d images into %s", len(index.pool), folder)
     test_path = folder / "test.npy" if index.test is not None else None
     return CachedData(pool_path=folder / "pool.npy", test_path=test_path, channels=meta["channels"])
@@ -428,12 +429,6 @@ def resize_array(images: np.ndarray, size: int) -> np.ndarray:
 def _save_atomic(path: Path, array: np.ndarray) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
     np.save(tmp, array)
-    os.replace(tmp, path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(text)
     os.replace(tmp, path)
 
 

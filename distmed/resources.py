@@ -16,6 +16,8 @@ from distmed.config import ScalingSection
 from distmed.errors import UserError
 
 log = logging.getLogger(__name__)
+# CPU reserved by each Tune trial's own driver function: it only waits on its Train workers.
+TRIAL_CPU = 0.01
 
 
 @dataclass(frozen=True)
@@ -37,17 +39,21 @@ class WorkerLayout:
         return resources
 
 
-def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the cluster at `address`, or start a local one sized to this machine."""
+def start_ray(address: str | None = None, worker_logs: bool = True) -> None:
+    """Join the cluster at `address`, or start a local one sized to this machine.
+
+    `worker_logs=False` keeps Ray's worker output off the console (the search prints its
+    own per-epoch lines from the driver instead).
+    """
     if ray.is_initialized():
         return
     # Quiet, fast start-up for the common local case; a user's own settings win.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     try:
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=worker_logs)
         else:
-            ray.init(num_cpus=num_cpus, log_to_driver=True, include_dashboard=True)
+            ray.init(log_to_driver=worker_logs, include_dashboard=True)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         target = f"the cluster at {address}" if address else "a local Ray instance"
         raise UserError(
@@ -57,17 +63,25 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ) from exc
 
 
-def plan_workers(cfg: ScalingSection, force_cpu: bool = False) -> WorkerLayout:
-    """Pick the layout for one run that uses the whole cluster (the `distmed.train` case)."""
+def plan_workers(cfg: ScalingSection, force_cpu: bool = False, concurrent: int = 1) -> WorkerLayout:
+    """The layout of one run when `concurrent` runs share the cluster side by side.
+
+    Default CPUs per worker: the cluster's CPUs split evenly over all workers of all
+    concurrent runs (at least 1), so one local run gets every core.
+    """
     total = ray.cluster_resources()
     cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
     use_gpu = _want_gpu(cfg, gpus, force_cpu)
-    if use_gpu and cfg.num_workers > gpus:
+    workers = cfg.num_workers * concurrent
+    if use_gpu and cfg.num_workers * cfg.gpus_per_worker > gpus:
         raise UserError(
-            f"scaling.num_workers={cfg.num_workers} needs {cfg.num_workers} GPUs but the cluster "
-            f"has {gpus:g}; lower --workers or add GPU nodes"
+            f"scaling.num_workers={cfg.num_workers} x {cfg.gpus_per_worker:g} GPU needs "
+            f"{cfg.num_workers * cfg.gpus_per_worker:g} GPUs but the cluster has {gpus:g}; "
+            "lower --workers or --gpus-per-worker, or add GPU nodes"
         )
-    per_worker = cfg.cpus_per_worker or max(1.0, cpus // cfg.num_workers)
+    # Leave each concurrent trial's driver its sliver (TRIAL_CPU) so the last worker fits.
+    spare = cpus - (TRIAL_CPU * concurrent if concurrent > 1 else 0.0)
+    per_worker = cfg.cpus_per_worker or _even_share(spare, workers)
     if cfg.num_workers * per_worker > cpus:
         raise UserError(
             f"scaling.num_workers={cfg.num_workers} x {per_worker:g} CPU needs "
@@ -78,10 +92,33 @@ def plan_workers(cfg: ScalingSection, force_cpu: bool = False) -> WorkerLayout:
         num_workers=cfg.num_workers,
         use_gpu=use_gpu,
         cpus_per_worker=per_worker,
-        gpus_per_worker=1.0 if use_gpu else 0.0,
-        threads=max(1, int(per_worker)),
+        gpus_per_worker=cfg.gpus_per_worker if use_gpu else 0.0,
+        threads=max(1, round(per_worker)),
         max_failures=cfg.max_failures,
     )
+
+
+def concurrency_limit(
+    requested: int, num_samples: int, cfg: ScalingSection, force_cpu: bool
+) -> int:
+    """How many trials can train side by side: never more than the cluster's devices hold.
+
+    Each trial's workers need their CPUs (and GPUs); the trial's own driver is idle while
+    its workers train and reserves only a sliver of a CPU, so it never blocks them.
+    """
+    total = ray.cluster_resources()
+    cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
+    per_trial_cpus = cfg.num_workers * (cfg.cpus_per_worker or 1.0) + TRIAL_CPU
+    fits = int(cpus // per_trial_cpus) if cfg.cpus_per_worker else int(cpus // cfg.num_workers)
+    if _want_gpu(cfg, gpus, force_cpu):
+        fits = min(fits, int(gpus // (cfg.num_workers * cfg.gpus_per_worker)))
+    return max(1, min(requested, num_samples, fits))
+
+
+def _even_share(cpus: float, workers: int) -> float:
+    """CPUs per worker: whole CPUs where they divide evenly enough, else an exact fraction."""
+    whole = cpus // workers
+    return whole if whole >= 1 and cpus - whole * workers < 1 else round(cpus / workers, 2)
 
 
 def _want_gpu(cfg: ScalingSection, gpus: float, force_cpu: bool) -> bool:

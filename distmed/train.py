@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -17,9 +16,10 @@ from datetime import datetime
 from pathlib import Path
 
 from distmed import __version__
+from distmed.artifacts import write_json_atomic
 from distmed.cli import add_common_options, overrides_from_args, parse, run_entry_point
 from distmed.config import ExperimentConfig, dump_config, load_config
-from distmed.cv import CVResult, cross_validate, make_folds
+from distmed.cv import CVResult, cross_validate, make_folds, plan_folds
 from distmed.data import DataIndex, build_cache, scan_source
 from distmed.metrics import METRIC_NAMES
 from distmed.model import build_model
@@ -70,9 +70,8 @@ def _run(args: argparse.Namespace) -> int:
         f"{' + GPU' if layout.use_gpu else ''}",
         flush=True,
     )
-    result = cross_validate(
-        cfg, index, cache, assignment, layout, output / "ray", run_name(cfg, index)
-    )
+    plan = plan_folds(cfg, index, cache, assignment)
+    result = cross_validate(cfg, plan, layout, output / "ray", run_name(cfg, index))
     wall = time.perf_counter() - started
     write_cv_result(output / "cv_result.json", cfg, index, assignment, result, wall)
     print(format_fold_table(result))
@@ -141,9 +140,7 @@ def write_cv_result(
         "metric_names": list(METRIC_NAMES),
         "distmed_version": __version__,
     }
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1, allow_nan=True))
-    os.replace(tmp, path)
+    write_json_atomic(path, payload)
 
 
 if __name__ == "__main__":

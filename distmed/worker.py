@@ -337,6 +337,10 @@ def _run_fold_epoch(fold, epoch, cfg, device, precision, channels_last, loop_con
 def _quiet_worker_logs() -> None:
     """Our one progress line per epoch instead of Ray Train's per-report INFO messages."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # Ray 2.60 logs every report at INFO under a logger named by its file path.
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -353,9 +357,15 @@ def _report(folds: list[FoldRun], epoch: int, epochs: int) -> None:
         "epoch": epoch + 1,
         "train_loss": float(np.mean([r["train_loss"] for r in latest])),
         "folds_active": sum(not f.stopped for f in folds),
+        # 1 on the run's last report: every fold reached its stopping rule. A search tells
+        # Optuna a trial's score only when this is set (see distmed.search).
+        "cv_complete": int(epoch + 1 == epochs or all(f.stopped for f in folds)),
     }
     if aucs:
         metrics.update(cv_roc_auc=float(np.mean(aucs)), cv_roc_auc_std=float(np.std(aucs)))
+        for fold, record in zip(folds, latest, strict=True):
+            metrics[f"fold{fold.index}_roc_auc"] = record["val_roc_auc"]
+            metrics[f"fold{fold.index}_epoch"] = record["epoch"]
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics, checkpoint=None)
         return

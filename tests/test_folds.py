@@ -148,17 +148,20 @@ def test_fold_specs_by_hand():
 def test_check_batch_fits():
     # 10 samples in 5 folds: every training set holds 8
     specs = fold_specs(np.repeat(np.arange(5), 2), 5)
-    check_batch_fits(load_config(None, ["train.batch_size=8"]), specs)
+    smallest = min(len(s["train"]) for s in specs)
+    check_batch_fits(8, smallest)
     with pytest.raises(UserError) as info:
-        check_batch_fits(load_config(None, ["train.batch_size=9"]), specs)
+        check_batch_fits(9, smallest)
     assert "train.batch_size=9" in str(info.value)
     assert "8 images" in str(info.value)
 
 
 def test_check_batch_fits_uses_smallest_fold():
     specs = fold_specs(np.array([0, 0, 0, 0, 1, 1]), 2)  # train sizes 2 and 4
+    smallest = min(len(s["train"]) for s in specs)
+    assert smallest == 2
     with pytest.raises(UserError, match="2 images"):
-        check_batch_fits(load_config(None, ["train.batch_size=3"]), specs)
+        check_batch_fits(3, smallest)
 
 
 def test_positive_index_default_is_second_class():

@@ -1,0 +1,51 @@
+"""Result files: written atomically (temp file + rename), mirrored to remote storage.
+
+A kill at any moment leaves the previous complete version of a file, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=1, allow_nan=True, default=str))
+
+
+def upload_dir(local: Path, uri: str) -> None:
+    """Copy a local results folder to `uri` (s3://, gs://, ...) through pyarrow's filesystems."""
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(uri)
+    pyarrow.fs.copy_files(str(local), root, destination_filesystem=filesystem)
+
+
+def delete_checkpoints(run_uri: str) -> None:
+    """Remove the `checkpoint_*` folders of a finished Ray Train run (local path or URI).
+
+    A k-fold checkpoint holds k models and optimisers (about 0.6 GB for five ResNet-18s);
+    once a trial has its score nothing reads them again.
+    """
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(run_uri)
+    try:
+        entries = filesystem.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith(
+            "checkpoint_"
+        ):
+            with contextlib.suppress(OSError):  # already gone, or still being torn down by Ray
+                filesystem.delete_dir(entry.path)

@@ -1,0 +1,138 @@
+"""Search results: one row per trial, the best trial, and the files written from them.
+
+`trials.csv` (config, CV ROC-AUC mean/std, per-fold AUCs, status, time), `best_config.yaml`
+(a complete experiment config for `distmed.train --config`) and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distmed.artifacts import write_json_atomic, write_text_atomic
+from distmed.config import ExperimentConfig
+from distmed.space import apply_params
+
+STATUSES = ("completed", "stopped", "errored")
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    trial_id: str
+    params: dict[str, Any]
+    status: str  # one of STATUSES
+    cv_roc_auc: float
+    cv_roc_auc_std: float
+    fold_aucs: list[float]
+    fold_epochs: list[int]
+    epochs_reported: int
+    time_s: float
+    error: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def collect_rows(result_grid, space_keys: list[str]) -> list[TrialRow]:
+    """One `TrialRow` per Tune trial, in trial-creation order."""
+    rows = []
+    for result in result_grid:
+        metrics = result.metrics or {}
+        folds = sorted(
+            int(k[len("fold") : -len("_roc_auc")])
+            for k in metrics
+            if k.startswith("fold") and k.endswith("_roc_auc")
+        )
+        if result.error is not None:
+            status = "errored"
+        elif metrics.get("cv_complete"):
+            status = "completed"
+        else:
+            status = "stopped"
+        rows.append(
+            TrialRow(
+                trial_id=str(metrics.get("trial_id") or Path(result.path).name),
+                params={k: result.config.get(k) for k in space_keys},
+                status=status,
+                cv_roc_auc=float(metrics.get("cv_roc_auc", math.nan)),
+                cv_roc_auc_std=float(metrics.get("cv_roc_auc_std", math.nan)),
+                fold_aucs=[float(metrics[f"fold{k}_roc_auc"]) for k in folds],
+                fold_epochs=[int(metrics[f"fold{k}_epoch"]) for k in folds],
+                epochs_reported=int(metrics.get("training_iteration", 0)),
+                time_s=float(metrics.get("time_total_s", math.nan)),
+                error=_one_line(result.error) if result.error is not None else "",
+            )
+        )
+    return sorted(rows, key=lambda r: r.trial_id)
+
+
+def best_row(rows: list[TrialRow]) -> TrialRow | None:
+    """The completed trial with the highest mean CV ROC-AUC (stopped trials never win)."""
+    finished = [r for r in rows if r.status == "completed" and math.isfinite(r.cv_roc_auc)]
+    return max(finished, key=lambda r: r.cv_roc_auc, default=None)
+
+
+def write_trials_csv(path: Path, rows: list[TrialRow], space_keys: list[str]) -> None:
+    num_folds = max((len(r.fold_aucs) for r in rows), default=0)
+    header = ["trial_id", *space_keys, "cv_roc_auc", "cv_roc_auc_std"]
+    header += [f"fold{k}_roc_auc" for k in range(num_folds)]
+    header += ["status", "epochs", "time_s", "error"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    for r in rows:
+        folds = r.fold_aucs + [math.nan] * (num_folds - len(r.fold_aucs))
+        writer.writerow(
+            [r.trial_id, *(r.params[k] for k in space_keys), r.cv_roc_auc, r.cv_roc_auc_std]
+            + folds
+            + [r.status, r.epochs_reported, round(r.time_s, 1), r.error]
+        )
+    write_text_atomic(path, buffer.getvalue())
+
+
+def best_config(base: ExperimentConfig, row: TrialRow) -> ExperimentConfig:
+    return apply_params(base, row.params)
+
+
+def write_best_config(path: Path, cfg: ExperimentConfig) -> None:
+    write_text_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def status_counts(rows: list[TrialRow]) -> dict[str, int]:
+    return {status: sum(r.status == status for r in rows) for status in STATUSES}
+
+
+def write_summary(path: Path, payload: dict[str, Any]) -> None:
+    write_json_atomic(path, payload)
+
+
+def format_table(rows: list[TrialRow], space_keys: list[str], limit: int = 10) -> str:
+    """The best `limit` trials, best first, as a fixed-width text table."""
+    ranked = sorted(rows, key=lambda r: (r.status != "completed", -_sortable(r.cv_roc_auc)))
+    keys = [k.split(".")[-1] for k in space_keys]
+    header = f"{'trial':<14} {'status':<9} {'CV ROC-AUC':>16} " + " ".join(f"{k:>12}" for k in keys)
+    lines = [header]
+    for r in ranked[:limit]:
+        values = " ".join(f"{_short(r.params[k]):>12}" for k in space_keys)
+        auc = f"{r.cv_roc_auc:.4f} ± {r.cv_roc_auc_std:.4f}"
+        lines.append(f"{r.trial_id[-14:]:<14} {r.status:<9} {auc:>16} {values}")
+    return "\n".join(lines)
+
+
+def _sortable(value: float) -> float:
+    return value if math.isfinite(value) else -1.0
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]

@@ -1,0 +1,177 @@
+"""The search: a Ray Tune `Tuner` whose trials are k-fold CV runs, sampled by Optuna's TPE.
+
+Each Tune trial is a small driver function that fits one `TorchTrainer` over all folds
+(Train V2's pattern; `Tuner(trainer)` is deprecated). Workers report the fold-averaged
+validation ROC-AUC every epoch, which is what ASHA compares. A trial that ASHA stops is told
+to Optuna as PRUNED (TPE then ranks it by its last intermediate value, below every complete
+trial) rather than as COMPLETE with a score from fewer epochs than the others had.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from distmed.artifacts import delete_checkpoints
+from distmed.config import ExperimentConfig
+from distmed.cv import FoldPlan, cross_validate
+from distmed.resources import TRIAL_CPU, WorkerLayout
+from distmed.space import SearchSpaceFile, apply_params, to_tune_domains
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """Everything a trial needs besides its sampled parameters (shipped once per search)."""
+
+    base: dict[str, Any]
+    plan: FoldPlan
+    layout: WorkerLayout
+    train_storage: str
+
+
+def run_trial(params: dict[str, Any], context: TrialContext) -> None:
+    """One Tune trial: the base config with `params` applied, cross-validated by Ray Train."""
+    cfg = apply_params(ExperimentConfig.model_validate(context.base), params)
+    trial_id = ray.tune.get_context().get_trial_id()
+    cross_validate(
+        cfg,
+        context.plan,
+        context.layout,
+        context.train_storage,
+        run_name=trial_run_name(trial_id),
+        callbacks=[TuneReportCallback()],
+    )
+
+
+class CVOptunaSearch(OptunaSearch):
+    """OptunaSearch that reports scheduler-stopped trials to Optuna as PRUNED."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        if result and not error:
+            score = result.get(self.metric)
+            if not result.get("cv_complete") or score is None or not math.isfinite(score):
+                # Dropping the metric makes OptunaSearch tell PRUNED (see its on_trial_complete).
+                result = {k: v for k, v in result.items() if k != self.metric}
+        super().on_trial_complete(trial_id, result, error)
+
+
+class EpochLines(ray.tune.Callback):
+    """One line per trial per epoch, and one when a trial ends (stdout, driver side)."""
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        auc = result.get("cv_roc_auc", float("nan"))
+        print(
+            f"  trial {trial.trial_id} epoch {result.get('epoch')}: CV ROC-AUC {auc:.4f}"
+            f" ± {result.get('cv_roc_auc_std', float('nan')):.4f}, train loss "
+            f"{result.get('train_loss', float('nan')):.4f}",
+            flush=True,
+        )
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        state = "completed" if last.get("cv_complete") else "stopped early"
+        auc = last.get("cv_roc_auc", float("nan"))
+        print(f"  trial {trial.trial_id} {state}: CV ROC-AUC {auc:.4f}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"  trial {trial.trial_id} errored (see trials.csv)", file=sys.stderr, flush=True)
+
+
+class DropTrialCheckpoints(ray.tune.Callback):
+    """Delete a trial's Train checkpoints once it has ended: its score is recorded."""
+
+    def __init__(self, train_storage: str) -> None:
+        self.train_storage = train_storage
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        delete_checkpoints(f"{self.train_storage}/{trial_run_name(trial.trial_id)}")
+
+    on_trial_error = on_trial_complete
+
+
+def trial_run_name(trial_id: str) -> str:
+    """The Ray Train run of a trial, named from its id so a restored trial finds it."""
+    return f"cv-{trial_id}"
+
+
+def build_tuner(
+    spec: SearchSpaceFile,
+    context: TrialContext,
+    name: str,
+    storage: str,
+    max_concurrent: int,
+    callbacks: list[Any],
+    verbose: bool,
+) -> ray.tune.Tuner:
+    """A Tuner over `spec.space`, with TPE (seeded), a concurrency cap and ASHA (or FIFO)."""
+    settings = spec.search
+    searcher = CVOptunaSearch(sampler=optuna.samplers.TPESampler(seed=settings.seed))
+    return ray.tune.Tuner(
+        ray.tune.with_resources(
+            ray.tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_CPU}
+        ),
+        param_space=to_tune_domains(spec.space),
+        tune_config=ray.tune.TuneConfig(
+            metric=settings.metric,
+            mode=settings.mode,
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=max_concurrent),
+            scheduler=build_scheduler(spec),
+            num_samples=settings.num_samples,
+        ),
+        run_config=ray.tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            callbacks=[EpochLines(), DropTrialCheckpoints(context.train_storage), *callbacks],
+            verbose=2 if verbose else 1,
+            failure_config=ray.tune.FailureConfig(max_failures=0),
+        ),
+    )
+
+
+def build_scheduler(spec: SearchSpaceFile):
+    """ASHA on the fold-averaged ROC-AUC, one rung per epoch; `none` runs every trial fully."""
+    sched = spec.search.scheduler
+    if sched.type == "none":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",  # one Tune iteration per epoch report
+        max_t=max_epochs(spec),
+        grace_period=min(sched.grace_period, max_epochs(spec)),
+        reduction_factor=sched.reduction_factor,
+    )
+
+
+def max_epochs(spec: SearchSpaceFile) -> int:
+    """The most epochs any trial can run (the space may search `train.epochs` itself)."""
+    dist = spec.space.get("train.epochs")
+    return int(max(dist.probe_values())) if dist else spec.base.train.epochs
+
+
+def restore_tuner(path: str, context: TrialContext) -> ray.tune.Tuner:
+    """Continue an interrupted search: finished trials are kept, unfinished ones resume."""
+    return ray.tune.Tuner.restore(
+        path,
+        trainable=ray.tune.with_resources(
+            ray.tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_CPU}
+        ),
+        resume_unfinished=True,
+        resume_errored=False,
+        restart_errored=False,
+    )
+
+
+def experiment_path(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}" if "://" in storage else str(Path(storage) / name)

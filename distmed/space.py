@@ -1,0 +1,183 @@
+"""Search-space files: a base config, search settings, and dotted keys -> distributions.
+
+Every space key must name a real config field and every distribution must be valid, and
+each value a distribution can produce (its bounds, every choice) must pass the config's own
+validation; all of it is checked before Ray starts. `to_tune_domains` turns the space into
+Ray Tune sampling domains.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from distmed.config import (
+    ExperimentConfig,
+    apply_override,
+    config_fields,
+    format_validation_error,
+    validate_config,
+)
+from distmed.errors import UserError
+
+DISTRIBUTIONS = ("loguniform", "uniform", "quniform", "qloguniform", "randint", "choice")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SchedulerSettings(_Strict):
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(
+        1, ge=1, description="epochs every trial gets before it can be stopped"
+    )
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SearchSettings(_Strict):
+    metric: Literal["cv_roc_auc"] = "cv_roc_auc"
+    mode: Literal["max"] = "max"
+    num_samples: int = Field(20, ge=1)
+    seed: int = 0
+    max_concurrent: int = Field(4, ge=1)
+    scheduler: SchedulerSettings = SchedulerSettings()
+
+
+class Distribution(_Strict):
+    """One of: loguniform/uniform [low, high], quniform/qloguniform [low, high, q],
+    randint [low, high] (high inclusive), choice [values...]."""
+
+    kind: Literal[DISTRIBUTIONS]  # type: ignore[valid-type]
+    args: tuple[Any, ...]
+
+    def probe_values(self) -> list[Any]:
+        """Values the config must accept: the bounds, or every choice."""
+        if self.kind == "choice":
+            return list(self.args)
+        return [self.args[0], self.args[1]]
+
+
+class SearchSpaceFile(_Strict):
+    base: ExperimentConfig
+    search: SearchSettings
+    space: dict[str, Distribution]
+
+
+def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SearchSpaceFile:
+    """Read and validate a search-space file; `overrides` apply to its base config."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"search space {path} not found: check --space")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected keys base, search, space at the top level")
+    unknown = set(raw) - {"base", "search", "space"}
+    if unknown:
+        raise UserError(
+            f"{path}: unknown top-level key(s) {sorted(unknown)}; use base, search, space"
+        )
+    base_raw = raw.get("base") or {}
+    for item in overrides:
+        apply_override(base_raw, item)
+    base = validate_config(base_raw, f"{path}: base")
+    try:
+        search = SearchSettings.model_validate(raw.get("search") or {})
+    except ValidationError as exc:
+        raise UserError(f"{path}: search.{format_validation_error(exc)}") from exc
+    space = {
+        key: parse_distribution(path, key, spec) for key, spec in (raw.get("space") or {}).items()
+    }
+    if not space:
+        raise UserError(f"{path}: 'space' is empty; map config keys to distributions")
+    for key, dist in space.items():
+        _check_values_fit(path, base, key, dist)
+    return SearchSpaceFile(base=base, search=search, space=space)
+
+
+def parse_distribution(path: Path, key: str, spec: Any) -> Distribution:
+    where = f"{path}: space.{key}"
+    if key not in config_fields():
+        raise UserError(f"{where}: not a config field; see README 'Config' for the dotted names")
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise UserError(f"{where}: expected one of {{{', '.join(DISTRIBUTIONS)}: [...]}}")
+    ((kind, args),) = spec.items()
+    if kind not in DISTRIBUTIONS:
+        raise UserError(
+            f"{where}: unknown distribution {kind!r}; use one of {', '.join(DISTRIBUTIONS)}"
+        )
+    if not isinstance(args, list):
+        raise UserError(f"{where}: {kind} needs a list, e.g. {kind}: [1.0e-4, 1.0e-2]")
+    _check_args(where, kind, args)
+    return Distribution(kind=kind, args=tuple(args))
+
+
+def _check_args(where: str, kind: str, args: list[Any]) -> None:
+    if kind == "choice":
+        if not args:
+            raise UserError(f"{where}: choice is empty; list at least one value")
+        return
+    expected = 3 if kind.startswith("q") else 2
+    if len(args) != expected or not all(_is_number(a) for a in args):
+        shape = "[low, high, q]" if expected == 3 else "[low, high]"
+        raise UserError(f"{where}: {kind} needs {shape} numbers, got {args}")
+    low, high = args[0], args[1]
+    if kind == "randint" and not all(float(a).is_integer() for a in args):
+        raise UserError(f"{where}: randint bounds must be integers, got {args}")
+    if low >= high:
+        raise UserError(f"{where}: {kind} low {low} must be below high {high}")
+    if "log" in kind and low <= 0:
+        raise UserError(f"{where}: {kind} bounds must be > 0 (got low {low})")
+    if expected == 3 and args[2] <= 0:
+        raise UserError(f"{where}: {kind} step q must be > 0 (got {args[2]})")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_values_fit(path: Path, base: ExperimentConfig, key: str, dist: Distribution) -> None:
+    for value in dist.probe_values():
+        raw = base.model_dump(mode="json")
+        apply_override(raw, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
+        try:
+            ExperimentConfig.model_validate(raw)
+        except ValidationError as exc:
+            raise UserError(
+                f"{path}: space.{key} can produce {value!r}, which the config rejects "
+                f"({format_validation_error(exc)})"
+            ) from exc
+
+
+def to_tune_domains(space: dict[str, Distribution]) -> dict[str, Any]:
+    """Ray Tune sampling domains keyed by dotted config path."""
+    from ray import tune
+
+    domains: dict[str, Any] = {}
+    for key, dist in space.items():
+        args = dist.args
+        if dist.kind == "choice":
+            domains[key] = tune.choice(list(args))
+        elif dist.kind == "randint":
+            domains[key] = tune.randint(int(args[0]), int(args[1]) + 1)  # Tune's high is exclusive
+        else:
+            domains[key] = getattr(tune, dist.kind)(*args)
+    return domains
+
+
+def apply_params(base: ExperimentConfig, params: dict[str, Any]) -> ExperimentConfig:
+    """The base config with a trial's sampled values set at their dotted paths, re-validated."""
+    raw = base.model_dump(mode="json")
+    for key, value in params.items():
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[leaf] = value.item() if hasattr(value, "item") else value  # numpy scalars
+    return validate_config(raw, "trial config")

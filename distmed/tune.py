@@ -1,0 +1,311 @@
+"""`python -m distmed.tune --space FILE`: the hyperparameter search over CV ROC-AUC.
+
+Stages: space file (+ CLI overrides) -> data index, folds and decoded cache (once, shared by
+every trial) -> Ray -> Tune + Optuna TPE (+ ASHA) -> trials.csv, best_config.yaml -> the best
+config refit on all training data -> best_model.pt, the test split evaluated once ->
+summary.json and a results table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distmed import __version__
+from distmed.artifacts import delete_checkpoints, upload_dir
+from distmed.cli import add_common_options, overrides_from_args, parse, run_entry_point
+from distmed.cv import FoldPlan, check_batch_fits, make_folds, plan_folds, storage_uri
+from distmed.data import CachedData, DataIndex, build_cache, scan_source
+from distmed.errors import UserError
+from distmed.model import build_model
+from distmed.refit import evaluate_test, load_model, refit, refit_epochs, save_model
+from distmed.resources import concurrency_limit, plan_workers, start_ray
+from distmed.results import (
+    best_config,
+    best_row,
+    collect_rows,
+    format_table,
+    status_counts,
+    write_best_config,
+    write_summary,
+    write_trials_csv,
+)
+from distmed.search import TrialContext, build_tuner, experiment_path, restore_tuner
+from distmed.space import SearchSpaceFile, load_space
+from distmed.tracking import wandb_callbacks
+
+EXAMPLES = """examples:
+  python -m distmed.tune --space search_spaces/demo.yaml
+  python -m distmed.tune --space search_spaces/resnet.yaml \\
+      --data ../shared/data/pneumoniamnist.npz --cpu --num-samples 1
+  python -m distmed.tune --space search_spaces/resnet.yaml --data /data/xray --address auto \\
+      --storage s3://bucket/distmed --workers 2 --wandb-project xray
+  python -m distmed.tune --space search_spaces/demo.yaml --name demo-1 --resume
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m distmed.tune",
+        description="Search hyperparameters with Ray Tune + Optuna TPE; every trial is a "
+        "k-fold cross-validated Ray Train run scored on mean CV ROC-AUC.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--space", required=True, help="search-space YAML, e.g. search_spaces/resnet.yaml"
+    )
+    parser.add_argument(
+        "--num-samples", type=int, help="number of trials, e.g. 20 (search.num_samples)"
+    )
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        help="GPUs per Train worker, e.g. 0.5 packs 2 trials per GPU",
+    )
+    parser.add_argument(
+        "--max-concurrent", type=int, help="at most this many trials at once, e.g. 4"
+    )
+    parser.add_argument(
+        "--name", help="experiment name (default: <space>-<time>); reuse with --resume"
+    )
+    parser.add_argument(
+        "--storage",
+        default="runs",
+        help="results root: a folder or a URI such as s3://bucket/path (default runs)",
+    )
+    parser.add_argument(
+        "--address", help="join a running Ray cluster, e.g. auto or ray://head:10001"
+    )
+    parser.add_argument("--wandb-project", help="log one W&B run per trial to this project")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the experiment --name in --storage"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the resolved base config and space, then exit"
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show Ray's own logs and Tune's full status"
+    )
+    add_common_options(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_entry_point(_run, parse(build_parser(), argv))
+
+
+def _run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    spec = _load_spec(args)
+    if args.dry_run:
+        print(_describe(spec))
+        return 0
+    if args.resume and not args.name:
+        raise UserError("--resume needs --name: the experiment to continue (a folder in --storage)")
+    name = args.name or f"{Path(args.space).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    exp_uri = experiment_path(storage_uri(args.storage), name)
+    prepared = _prepare_data(spec)
+    start_ray(args.address, worker_logs=args.verbose)
+    grid = _search(args, spec, prepared, name, exp_uri)
+    local = _local_results_dir(args.storage, name)
+    keys = list(spec.space)
+    rows = collect_rows(grid, keys)
+    write_trials_csv(local / "trials.csv", rows, keys)
+    summary = _summary_head(name, spec, prepared.index, rows)
+    best = best_row(rows)
+    if best is None:
+        summary["wall_time_s"] = time.perf_counter() - started
+        write_summary(local / "summary.json", summary)
+        _publish(local, args.storage, name)
+        raise UserError(f"no trial completed (see {local / 'trials.csv'}); nothing to refit")
+    chosen = best_config(spec.base, best)
+    write_best_config(local / "best_config.yaml", chosen)
+    summary.update(
+        best_trial=best.trial_id,
+        best_cv_roc_auc=best.cv_roc_auc,
+        best_cv_roc_auc_std=best.cv_roc_auc_std,
+        best_fold_roc_auc=best.fold_aucs,
+        best_config=chosen.model_dump(mode="json"),
+    )
+    write_summary(local / "summary.json", summary)  # the search result is safe before the refit
+    summary.update(_refit_and_test(args, chosen, best, prepared, exp_uri, local))
+    summary["wall_time_s"] = time.perf_counter() - started
+    write_summary(local / "summary.json", summary)
+    _publish(local, args.storage, name)
+    _print_results(rows, keys, best, summary, local)
+    return 0
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    index: DataIndex
+    cache: CachedData
+    plan: FoldPlan
+
+
+def _prepare_data(spec: SearchSpaceFile) -> PreparedData:
+    """Index, folds and decoded cache, once for every trial; every input error before Ray."""
+    index = scan_source(spec.base.data)
+    assignment = make_folds(index.pool, spec.base.cv, index.class_names)
+    build_model(spec.base.model, len(index.class_names))  # bad weights fail before Ray starts
+    cache = build_cache(index, spec.base.data)
+    plan = plan_folds(spec.base, index, cache, assignment)
+    for size in _batch_sizes(spec):
+        check_batch_fits(size, plan.smallest_train_fold())
+    return PreparedData(index, cache, plan)
+
+
+def _search(args, spec: SearchSpaceFile, prepared: PreparedData, name: str, exp_uri: str):
+    search = spec.search
+    concurrent = concurrency_limit(
+        search.max_concurrent, search.num_samples, spec.base.scaling, args.cpu
+    )
+    layout = plan_workers(spec.base.scaling, force_cpu=args.cpu, concurrent=concurrent)
+    context = TrialContext(
+        spec.base.model_dump(mode="json"), prepared.plan, layout, f"{exp_uri}/trials"
+    )
+    gpu = f" + {layout.gpus_per_worker:g} GPU" if layout.use_gpu else ""
+    print(
+        f"distmed {__version__}: {search.num_samples} trials on {prepared.index.name} "
+        f"({len(prepared.index.pool)} images, {spec.base.cv.folds} folds), {concurrent} at a "
+        f"time, {layout.num_workers} worker(s) x {layout.cpus_per_worker:g} CPU{gpu} each "
+        f"-> {exp_uri}",
+        flush=True,
+    )
+    if args.resume:
+        return restore_tuner(exp_uri, context).fit()
+    callbacks = wandb_callbacks(spec.base.tracking.wandb, group=name)
+    storage = storage_uri(args.storage)
+    return build_tuner(spec, context, name, storage, concurrent, callbacks, args.verbose).fit()
+
+
+def _summary_head(name: str, spec: SearchSpaceFile, index: DataIndex, rows) -> dict[str, Any]:
+    return {
+        "name": name,
+        "num_trials": len(rows),
+        "trials_by_status": status_counts(rows),
+        "search": spec.search.model_dump(mode="json"),
+        "space": {k: {d.kind: list(d.args)} for k, d in spec.space.items()},
+        "data": {"name": index.name, "classes": index.class_names, "num_images": len(index.pool)},
+        "versions": _versions(),
+    }
+
+
+def _refit_and_test(args, chosen, best, prepared: PreparedData, exp_uri: str, local: Path):
+    """Refit the best config on the whole CV pool; evaluate the test split once."""
+    epochs = refit_epochs(best.fold_epochs)
+    index, cache, plan = prepared.index, prepared.cache, prepared.plan
+    print(
+        f"refitting trial {best.trial_id}'s config on all {len(index.pool)} training images "
+        f"for {epochs} epochs",
+        flush=True,
+    )
+    run_name = f"refit-{best.trial_id}"
+    layout = plan_workers(chosen.scaling, force_cpu=args.cpu)
+    state = refit(chosen, plan, layout, f"{exp_uri}/refit", run_name, epochs)
+    model_path = local / "best_model.pt"
+    save_model(model_path, state, chosen, index.class_names, cache.channels, plan.positive)
+    delete_checkpoints(f"{exp_uri}/refit/{run_name}")
+    out: dict[str, Any] = {"refit_epochs": epochs}
+    if cache.test_path is not None:
+        model, _ = load_model(model_path)
+        out["test_metrics"] = evaluate_test(
+            model, cache.test_path, index.test.labels, plan.positive
+        )
+    return out
+
+
+def _print_results(rows, keys, best, summary: dict[str, Any], local: Path) -> None:
+    print(format_table(rows, keys))
+    counts = summary["trials_by_status"]
+    print(
+        f"{counts['completed']} completed, {counts['stopped']} stopped early, "
+        f"{counts['errored']} errored; best CV ROC-AUC {best.cv_roc_auc:.4f} "
+        f"± {best.cv_roc_auc_std:.4f} (trial {best.trial_id})"
+    )
+    if "test_metrics" in summary:
+        test = summary["test_metrics"]
+        print(
+            f"test split (used once, refit model): ROC-AUC {test['roc_auc']:.4f}, "
+            f"accuracy {test['accuracy']:.4f}"
+        )
+    print(f"results: {local}  ({summary['wall_time_s']:.0f} s)")
+
+
+def _load_spec(args: argparse.Namespace) -> SearchSpaceFile:
+    overrides = overrides_from_args(args)
+    if args.gpus_per_worker is not None:
+        overrides.append(f"scaling.gpus_per_worker={args.gpus_per_worker}")
+    if args.wandb_project:
+        overrides.append(f"tracking.wandb.project={args.wandb_project}")
+    spec = load_space(args.space, overrides)
+    updates = {}
+    if args.num_samples is not None:
+        updates["num_samples"] = args.num_samples
+    if args.max_concurrent is not None:
+        updates["max_concurrent"] = args.max_concurrent
+    if updates:
+        data = spec.search.model_dump() | updates
+        spec = spec.model_copy(update={"search": type(spec.search).model_validate(data)})
+    return spec
+
+
+def _describe(spec: SearchSpaceFile) -> str:
+    return yaml.safe_dump(
+        {
+            "base": spec.base.model_dump(mode="json"),
+            "search": spec.search.model_dump(mode="json"),
+            "space": {k: {d.kind: list(d.args)} for k, d in spec.space.items()},
+        },
+        sort_keys=False,
+    )
+
+
+def _batch_sizes(spec: SearchSpaceFile) -> list[int]:
+    dist = spec.space.get("train.batch_size")
+    return [int(v) for v in dist.probe_values()] if dist else [spec.base.train.batch_size]
+
+
+def _local_results_dir(storage: str, name: str) -> Path:
+    """Our result files go to <storage>/<name>; for a URI, a local staging copy first."""
+    if "://" in storage:
+        folder = Path(tempfile.gettempdir()) / "distmed-results" / name
+    else:
+        folder = Path(storage).expanduser().resolve() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _publish(local: Path, storage: str, name: str) -> None:
+    if "://" in storage:
+        upload_dir(local, f"{storage.rstrip('/')}/{name}")
+
+
+def _versions() -> dict[str, str]:
+    import optuna
+    import ray
+    import torch
+    import torchvision
+
+    return {
+        "distmed": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "ray": ray.__version__,
+        "optuna": optuna.__version__,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
