@@ -7,6 +7,7 @@ would wait for the resources forever.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -63,29 +64,29 @@ def start_ray(address: str | None = None, worker_logs: bool = True) -> None:
         ) from exc
 
 
-def plan_workers(cfg: ScalingSection, force_cpu: bool = False, concurrent: int = 1) -> WorkerLayout:
-    """The layout of one run when `concurrent` runs share the cluster side by side.
+def plan_workers(cfg: ScalingSection, force_cpu: bool = False, concurrent: int = 0) -> WorkerLayout:
+    """The layout of one run; `concurrent` > 0 when it is one of that many Tune trials.
 
     Default CPUs per worker: the cluster's CPUs split evenly over all workers of all
-    concurrent runs (at least 1), so one local run gets every core.
+    concurrent runs, so one local run gets every core. Inside Tune each trial's driver
+    holds TRIAL_CPU, which is left out of the split so that the last worker still fits.
     """
     total = ray.cluster_resources()
     cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
     use_gpu = _want_gpu(cfg, gpus, force_cpu)
-    workers = cfg.num_workers * concurrent
+    workers = cfg.num_workers * max(1, concurrent)
     if use_gpu and cfg.num_workers * cfg.gpus_per_worker > gpus:
         raise UserError(
             f"scaling.num_workers={cfg.num_workers} x {cfg.gpus_per_worker:g} GPU needs "
             f"{cfg.num_workers * cfg.gpus_per_worker:g} GPUs but the cluster has {gpus:g}; "
             "lower --workers or --gpus-per-worker, or add GPU nodes"
         )
-    # Leave each concurrent trial's driver its sliver (TRIAL_CPU) so the last worker fits.
-    spare = cpus - (TRIAL_CPU * concurrent if concurrent > 1 else 0.0)
+    spare = cpus - TRIAL_CPU * concurrent
     per_worker = cfg.cpus_per_worker or _even_share(spare, workers)
-    if cfg.num_workers * per_worker > cpus:
+    if cfg.num_workers * per_worker > spare + 1e-9:
         raise UserError(
             f"scaling.num_workers={cfg.num_workers} x {per_worker:g} CPU needs "
-            f"{cfg.num_workers * per_worker:g} CPUs but the cluster has {cpus:g}; "
+            f"{cfg.num_workers * per_worker:g} CPUs but the cluster has {spare:g} free; "
             "lower --workers or scaling.cpus_per_worker"
         )
     return WorkerLayout(
@@ -118,7 +119,9 @@ def concurrency_limit(
 def _even_share(cpus: float, workers: int) -> float:
     """CPUs per worker: whole CPUs where they divide evenly enough, else an exact fraction."""
     whole = cpus // workers
-    return whole if whole >= 1 and cpus - whole * workers < 1 else round(cpus / workers, 2)
+    if whole >= 1 and cpus - whole * workers < 1:
+        return whole
+    return math.floor(cpus / workers * 100) / 100  # round down: the shares must fit
 
 
 def _want_gpu(cfg: ScalingSection, gpus: float, force_cpu: bool) -> bool:

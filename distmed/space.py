@@ -8,6 +8,7 @@ Ray Tune sampling domains.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,10 +56,20 @@ class Distribution(_Strict):
     args: tuple[Any, ...]
 
     def probe_values(self) -> list[Any]:
-        """Values the config must accept: the bounds, or every choice."""
+        """Values the config must accept: every choice, or the bounds plus an interior value.
+
+        The interior value is deliberately not a whole number for continuous distributions
+        (and one q step in for quantized ones), so a float distribution on an integer field
+        is caught here rather than failing every trial.
+        """
         if self.kind == "choice":
             return list(self.args)
-        return [self.args[0], self.args[1]]
+        low, high = self.args[0], self.args[1]
+        if self.kind == "randint":
+            return [low, high]
+        if self.kind.startswith("q"):
+            return [low, high, low + self.args[2]]
+        return [low, high, low + (high - low) * 0.3719]
 
 
 class SearchSpaceFile(_Strict):
@@ -134,8 +145,13 @@ def _check_args(where: str, kind: str, args: list[Any]) -> None:
         raise UserError(f"{where}: {kind} low {low} must be below high {high}")
     if "log" in kind and low <= 0:
         raise UserError(f"{where}: {kind} bounds must be > 0 (got low {low})")
-    if expected == 3 and args[2] <= 0:
-        raise UserError(f"{where}: {kind} step q must be > 0 (got {args[2]})")
+    if expected == 3:
+        q = args[2]
+        if q <= 0:
+            raise UserError(f"{where}: {kind} step q must be > 0 (got {q})")
+        off_grid = [b for b in (low, high) if not math.isclose(b / q, round(b / q))]
+        if off_grid:
+            raise UserError(f"{where}: {kind} bounds must be multiples of q={q} (got {off_grid})")
 
 
 def _is_number(value: Any) -> bool:
@@ -151,7 +167,7 @@ def _check_values_fit(path: Path, base: ExperimentConfig, key: str, dist: Distri
         except ValidationError as exc:
             raise UserError(
                 f"{path}: space.{key} can produce {value!r}, which the config rejects "
-                f"({format_validation_error(exc)})"
+                f"({format_validation_error(exc)}); for whole numbers use randint or choice"
             ) from exc
 
 

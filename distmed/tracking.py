@@ -8,18 +8,24 @@ The API key stays in the environment: it is never put into configs, logs or resu
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from distmed.config import WandbConfig
 from distmed.errors import UserError
 
 
-def wandb_callbacks(cfg: WandbConfig, group: str) -> list[Any]:
-    """`[WandbLoggerCallback]` for `cfg.project`, grouped by experiment; `[]` when unset."""
+def wandb_callbacks(cfg: WandbConfig, group: str, run_dir: Path) -> list[Any]:
+    """`[WandbLoggerCallback]` for `cfg.project`, grouped by experiment; `[]` when unset.
+
+    W&B's files (offline runs included) go under `run_dir`, beside the search results.
+    """
     if not cfg.project:
         return []
-    if cfg.mode:
-        os.environ["WANDB_MODE"] = cfg.mode  # read by the logging actors Tune starts
+    # Tune's logging actors may have been started with another environment (an existing
+    # cluster), so the mode travels explicitly rather than through WANDB_MODE.
+    mode = cfg.mode or os.environ.get("WANDB_MODE") or "online"
+    os.environ["WANDB_MODE"] = mode  # the callback's API-key lookup is skipped when offline
     try:
         import wandb  # noqa: F401  (the callback imports it lazily; fail here, clearly)
         from ray.air.integrations.wandb import WandbLoggerCallback
@@ -36,5 +42,7 @@ def wandb_callbacks(cfg: WandbConfig, group: str) -> list[Any]:
             # but keep Ray's bookkeeping keys out of the W&B config panel.
             excludes=["time_this_iter_s", "checkpoint_path"],
             upload_checkpoints=False,
+            mode=mode,
+            dir=str(run_dir),
         )
     ]

@@ -184,7 +184,8 @@ def _search(args, spec: SearchSpaceFile, prepared: PreparedData, name: str, exp_
     )
     if args.resume:
         return restore_tuner(exp_uri, context).fit()
-    callbacks = wandb_callbacks(spec.base.tracking.wandb, group=name)
+    run_dir = _local_results_dir(args.storage, name)
+    callbacks = wandb_callbacks(spec.base.tracking.wandb, group=name, run_dir=run_dir)
     storage = storage_uri(args.storage)
     return build_tuner(spec, context, name, storage, concurrent, callbacks, args.verbose).fit()
 

@@ -1,0 +1,621 @@
+"""distmed.results and the Ray-free parts of distmed.search: rows, files, Optuna states, ASHA.
+
+Nothing here starts Ray: result grids are plain stand-ins, and CVOptunaSearch is driven
+directly through the Searcher interface that Tune's controller calls.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+import ray
+import yaml
+from optuna.trial import TrialState
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from distmed.config import load_config
+from distmed.results import (
+    TrialRow,
+    best_config,
+    best_row,
+    collect_rows,
+    format_table,
+    status_counts,
+    write_best_config,
+    write_trials_csv,
+)
+from distmed.search import CVOptunaSearch, build_scheduler, max_epochs
+from distmed.space import apply_params, load_space, to_tune_domains
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "search_spaces" / "demo.yaml"
+KEYS = ["optim.lr", "optim.name"]
+NAN = float("nan")
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def row(
+    trial_id: str,
+    status: str = "completed",
+    auc: float = 0.8,
+    *,
+    std: float = 0.02,
+    lr: float = 1e-3,
+    name: str = "adam",
+    folds: list[float] | None = None,
+    epochs: int = 8,
+    time_s: float = 12.34,
+    error: str = "",
+) -> TrialRow:
+    folds = [auc - 0.01, auc + 0.01] if folds is None else folds
+    return TrialRow(
+        trial_id=trial_id,
+        params={"optim.lr": lr, "optim.name": name},
+        status=status,
+        cv_roc_auc=auc,
+        cv_roc_auc_std=std,
+        fold_aucs=folds,
+        fold_epochs=[epochs] * len(folds),
+        epochs_reported=epochs,
+        time_s=time_s,
+        error=error,
+    )
+
+
+def mixed_rows() -> list[TrialRow]:
+    return [
+        row("t_00000", "completed", 0.81, lr=1e-3, name="adam"),
+        row("t_00001", "stopped", 0.95, lr=2e-3, name="sgd", epochs=2),
+        row("t_00002", "completed", 0.88, lr=5e-4, name="adamw"),
+        row("t_00003", "errored", 0.99, folds=[], epochs=0, error="RuntimeError: boom"),
+        row("t_00004", "completed", NAN, std=NAN, folds=[NAN, NAN]),
+    ]
+
+
+# --------------------------------------------------------------------------- best_row
+
+
+def test_best_row_is_the_best_completed_trial():
+    best = best_row(mixed_rows())
+    assert best is not None
+    assert (
+        best.trial_id == "t_00002"
+    )  # 0.88 beats 0.81; stopped 0.95, errored 0.99 and NaN never win
+
+
+def test_best_row_order_does_not_matter():
+    rows = mixed_rows()
+    assert best_row(list(reversed(rows))).trial_id == "t_00002"
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [],
+        [row("a", "stopped", 0.9), row("b", "errored", 0.95)],
+        [row("a", "completed", NAN), row("b", "stopped", 0.9)],
+        [row("a", "completed", math.inf), row("b", "completed", -math.inf)],
+    ],
+    ids=["empty", "none-completed", "only-nan-completed", "only-infinite"],
+)
+def test_best_row_none_without_a_finite_completed_trial(rows):
+    assert best_row(rows) is None
+
+
+# --------------------------------------------------------------------------- trials.csv
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def test_trials_csv_header_and_one_row_per_trial(tmp_path):
+    path = tmp_path / "trials.csv"
+    rows = mixed_rows()
+    write_trials_csv(path, rows, KEYS)
+    header, records = read_csv(path)
+    assert header == [
+        "trial_id",
+        "optim.lr",
+        "optim.name",
+        "cv_roc_auc",
+        "cv_roc_auc_std",
+        "fold0_roc_auc",
+        "fold1_roc_auc",
+        "status",
+        "epochs",
+        "time_s",
+        "error",
+    ]
+    assert [r["trial_id"] for r in records] == [r.trial_id for r in rows]
+    first = records[0]
+    assert float(first["optim.lr"]) == pytest.approx(1e-3)
+    assert first["optim.name"] == "adam"
+    assert float(first["cv_roc_auc"]) == pytest.approx(0.81)
+    assert float(first["cv_roc_auc_std"]) == pytest.approx(0.02)
+    assert float(first["fold0_roc_auc"]) == pytest.approx(0.80)
+    assert float(first["fold1_roc_auc"]) == pytest.approx(0.82)
+    assert first["status"] == "completed"
+    assert int(first["epochs"]) == 8
+    assert float(first["time_s"]) == pytest.approx(12.3)  # rounded to 0.1 s
+    assert first["error"] == ""
+    stopped = records[1]
+    assert (stopped["status"], stopped["optim.name"], int(stopped["epochs"])) == (
+        "stopped",
+        "sgd",
+        2,
+    )
+    errored = records[3]
+    assert errored["status"] == "errored"
+    assert errored["error"] == "RuntimeError: boom"
+    # No fold scores for the errored trial: its fold columns are padded with NaN.
+    assert math.isnan(float(errored["fold0_roc_auc"]))
+    assert math.isnan(float(errored["fold1_roc_auc"]))
+    assert math.isnan(float(records[4]["cv_roc_auc"]))
+
+
+def test_trials_csv_fold_columns_follow_the_most_folds(tmp_path):
+    path = tmp_path / "trials.csv"
+    rows = [row("a", folds=[0.7, 0.8, 0.9]), row("b", "stopped", folds=[0.6])]
+    write_trials_csv(path, rows, KEYS)
+    header, records = read_csv(path)
+    assert [h for h in header if h.startswith("fold")] == [
+        "fold0_roc_auc",
+        "fold1_roc_auc",
+        "fold2_roc_auc",
+    ]
+    assert [float(records[0][f"fold{k}_roc_auc"]) for k in range(3)] == [0.7, 0.8, 0.9]
+    assert float(records[1]["fold0_roc_auc"]) == 0.6
+    assert math.isnan(float(records[1]["fold2_roc_auc"]))
+
+
+def test_trials_csv_quotes_errors_with_commas_and_quotes(tmp_path):
+    path = tmp_path / "trials.csv"
+    message = 'ValueError: bad value "x", expected 1, 2 or 3'
+    write_trials_csv(path, [row("a", "errored", NAN, folds=[], error=message)], KEYS)
+    _, records = read_csv(path)
+    assert len(records) == 1
+    assert records[0]["error"] == message
+    assert records[0]["status"] == "errored"
+
+
+def test_trials_csv_without_trials_is_just_the_header(tmp_path):
+    path = tmp_path / "trials.csv"
+    write_trials_csv(path, [], KEYS)
+    header, records = read_csv(path)
+    assert records == []
+    assert header == [
+        "trial_id",
+        "optim.lr",
+        "optim.name",
+        "cv_roc_auc",
+        "cv_roc_auc_std",
+        "status",
+        "epochs",
+        "time_s",
+        "error",
+    ]
+
+
+# --------------------------------------------------------------------------- counts + table
+
+
+def test_status_counts():
+    assert status_counts(mixed_rows()) == {"completed": 3, "stopped": 1, "errored": 1}
+    assert status_counts([]) == {"completed": 0, "stopped": 0, "errored": 0}
+
+
+def test_format_table_best_completed_first():
+    lines = format_table(mixed_rows(), KEYS).splitlines()
+    assert len(lines) == 1 + 5
+    header = lines[0].split()
+    assert header[:2] == ["trial", "status"]
+    assert "lr" in header and "name" in header
+    assert "optim.lr" not in lines[0]  # leaf names only
+    order = [line.split()[0] for line in lines[1:]]
+    # Finite completed trials by AUC, then the NaN completed one, then stopped/errored.
+    assert order[:3] == ["t_00002", "t_00000", "t_00004"]
+    assert set(order[3:]) == {"t_00001", "t_00003"}
+    assert "0.8800 ± 0.0200" in lines[1]
+    assert "adamw" in lines[1]
+    assert "0.0005" in lines[1]  # lr 5e-4 shown with 3 significant digits
+
+
+def test_format_table_limit_and_long_ids():
+    rows = [row(f"run_trial_{i:05d}", "completed", 0.5 + i / 100) for i in range(12)]
+    lines = format_table(rows, KEYS, limit=3).splitlines()
+    assert len(lines) == 4
+    assert lines[1].split()[0] == "un_trial_00011"  # the last 14 characters of the id
+    assert "0.6100" in lines[1]
+    assert "0.6000" in lines[2]
+    assert "0.5900" in lines[3]
+
+
+# --------------------------------------------------------------------------- best_config.yaml
+
+
+def test_best_config_round_trips_through_load_config(tmp_path):
+    base = load_space(DEMO).base
+    params = {
+        "optim.lr": np.float64(0.0042),
+        "train.batch_size": np.int64(16),
+        "optim.name": "sgd",
+        "optim.weight_decay": np.float64(3e-5),
+        "model.unfreeze": np.int64(4),
+    }
+    winner = TrialRow(
+        trial_id="t_00007",
+        params=params,
+        status="completed",
+        cv_roc_auc=0.9,
+        cv_roc_auc_std=0.01,
+        fold_aucs=[0.9] * 5,
+        fold_epochs=[8] * 5,
+        epochs_reported=8,
+        time_s=60.0,
+    )
+    cfg = best_config(base, winner)
+    assert cfg == apply_params(base, params)
+    path = tmp_path / "best_config.yaml"
+    write_best_config(path, cfg)
+    loaded = load_config(path)
+    assert loaded == cfg
+    assert loaded.optim.lr == pytest.approx(0.0042)
+    assert loaded.optim.name == "sgd"
+    assert loaded.optim.weight_decay == pytest.approx(3e-5)
+    assert loaded.train.batch_size == 16
+    assert loaded.model.unfreeze == 4
+    # Unsearched values come from the base.
+    assert loaded.data.root == "demo"
+    assert loaded.train.epochs == 8
+    assert loaded != base
+    # A complete, plain config file (no search sections, no Python tags).
+    raw = yaml.safe_load(path.read_text())
+    assert set(raw) == {"data", "model", "optim", "train", "cv", "scaling", "tracking"}
+
+
+def test_best_config_file_accepts_set_overrides(tmp_path):
+    base = load_space(DEMO).base
+    cfg = best_config(base, row("t", lr=0.003, name="adamw"))
+    path = tmp_path / "best_config.yaml"
+    write_best_config(path, cfg)
+    loaded = load_config(path, ["train.epochs=2"])
+    assert loaded.train.epochs == 2
+    assert loaded.optim.lr == pytest.approx(0.003)
+
+
+# --------------------------------------------------------------------------- collect_rows
+
+
+@dataclass
+class FakeResult:
+    """The attributes of a ray.tune.Result that collect_rows reads."""
+
+    metrics: dict[str, Any] | None
+    config: dict[str, Any]
+    error: BaseException | None = None
+    path: str = "/tmp/exp/run_trial_x"
+
+
+def metrics(trial_id: str, aucs: list[float], complete: bool, iteration: int) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "trial_id": trial_id,
+        "cv_roc_auc": float(np.mean(aucs)),
+        "cv_roc_auc_std": float(np.std(aucs)),
+        "cv_complete": int(complete),
+        "training_iteration": iteration,
+        "time_total_s": 42.26,
+        "epoch": iteration,
+        "train_loss": 0.3,
+    }
+    # Reverse insertion order, so a correct result cannot come from dict order.
+    for k in reversed(range(len(aucs))):
+        out[f"fold{k}_roc_auc"] = aucs[k]
+        out[f"fold{k}_epoch"] = iteration - k % 2
+    return out
+
+
+def fake_grid() -> list[FakeResult]:
+    config = {"optim.lr": 0.001, "optim.name": "adam", "train.epochs": 8}
+    return [
+        FakeResult(metrics("a_00002", [0.7, 0.6], complete=False, iteration=2), dict(config)),
+        FakeResult(
+            metrics("a_00000", [0.8, 0.9], complete=True, iteration=8),
+            {**config, "optim.lr": 0.004, "optim.name": "sgd"},
+        ),
+        FakeResult(
+            {"trial_id": "a_00001", "training_iteration": 1, "time_total_s": 3.0},
+            dict(config),
+            error=RuntimeError("worker died\nTraceback (most recent call last): ..."),
+        ),
+        FakeResult(
+            metrics("a_00003", [0.9, 0.95], complete=True, iteration=8),
+            dict(config),
+            error=ValueError("failed after the last report"),
+        ),
+    ]
+
+
+def test_collect_rows_status_mapping_and_values():
+    rows = {r.trial_id: r for r in collect_rows(fake_grid(), KEYS)}
+    assert set(rows) == {"a_00000", "a_00001", "a_00002", "a_00003"}
+
+    done = rows["a_00000"]
+    assert done.status == "completed"
+    assert done.params == {"optim.lr": 0.004, "optim.name": "sgd"}  # only the space keys
+    assert done.cv_roc_auc == pytest.approx(0.85)
+    assert done.cv_roc_auc_std == pytest.approx(0.05)
+    assert done.fold_aucs == [0.8, 0.9]
+    assert done.fold_epochs == [8, 7]
+    assert done.epochs_reported == 8
+    assert done.time_s == pytest.approx(42.26)
+    assert done.error == ""
+
+    stopped = rows["a_00002"]
+    assert stopped.status == "stopped"
+    assert stopped.fold_aucs == [0.7, 0.6]
+    assert stopped.epochs_reported == 2
+
+    errored = rows["a_00001"]
+    assert errored.status == "errored"
+    assert errored.error == "RuntimeError: worker died"  # first line only
+    assert math.isnan(errored.cv_roc_auc)
+    assert math.isnan(errored.cv_roc_auc_std)
+    assert errored.fold_aucs == [] and errored.fold_epochs == []
+    assert errored.time_s == 3.0
+
+    # An error wins over cv_complete: the trial did not finish cleanly.
+    assert rows["a_00003"].status == "errored"
+    assert rows["a_00003"].error == "ValueError: failed after the last report"
+
+    assert best_row(list(rows.values())).trial_id == "a_00000"
+
+
+def test_collect_rows_in_trial_order():
+    assert [r.trial_id for r in collect_rows(fake_grid(), KEYS)] == [
+        "a_00000",
+        "a_00001",
+        "a_00002",
+        "a_00003",
+    ]
+
+
+def test_collect_rows_folds_in_numeric_order():
+    aucs = [0.5 + k / 100 for k in range(12)]  # fold10, fold11 must not sort before fold2
+    grid = [FakeResult(metrics("b_00000", aucs, complete=True, iteration=12), {})]
+    (only,) = collect_rows(grid, KEYS)
+    assert only.fold_aucs == aucs
+    assert only.fold_epochs == [12 - k % 2 for k in range(12)]
+    assert only.params == {"optim.lr": None, "optim.name": None}
+
+
+def test_collect_rows_without_metrics_names_the_trial_from_its_path():
+    grid = [
+        FakeResult(
+            None,
+            {"optim.lr": 0.01, "optim.name": "adam"},
+            error=MemoryError(),
+            path="/results/exp/run_trial_c_00009",
+        )
+    ]
+    (only,) = collect_rows(grid, KEYS)
+    assert only.trial_id == "run_trial_c_00009"
+    assert only.status == "errored"
+    assert only.error == "MemoryError: "
+    assert only.epochs_reported == 0
+    assert math.isnan(only.cv_roc_auc) and math.isnan(only.time_s)
+
+
+def test_collect_rows_feed_the_csv(tmp_path):
+    path = tmp_path / "trials.csv"
+    write_trials_csv(path, collect_rows(fake_grid(), KEYS), KEYS)
+    header, records = read_csv(path)
+    assert "fold1_roc_auc" in header and "fold2_roc_auc" not in header
+    by_id = {r["trial_id"]: r for r in records}
+    assert by_id["a_00000"]["optim.name"] == "sgd"
+    assert float(by_id["a_00000"]["fold1_roc_auc"]) == 0.9
+    assert by_id["a_00001"]["error"] == "RuntimeError: worker died"
+    assert math.isnan(float(by_id["a_00001"]["fold0_roc_auc"]))
+    assert [r["status"] for r in records] == ["completed", "errored", "stopped", "errored"]
+
+
+# --------------------------------------------------------------------------- CVOptunaSearch
+
+
+def make_searcher(space: dict[str, Any] | None = None) -> CVOptunaSearch:
+    space = space or {
+        "optim.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+        "optim.name": optuna.distributions.CategoricalDistribution(["adam", "sgd"]),
+    }
+    return CVOptunaSearch(
+        space=space,
+        metric="cv_roc_auc",
+        mode="max",
+        sampler=optuna.samplers.TPESampler(seed=0),
+    )
+
+
+def run(
+    searcher: CVOptunaSearch, trial_id: str, aucs: list[float], last: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What Tune's controller does: suggest, one result per epoch, then complete."""
+    params = searcher.suggest(trial_id)
+    for epoch, auc in enumerate(aucs, start=1):
+        searcher.on_trial_result(trial_id, {"cv_roc_auc": auc, "training_iteration": epoch})
+    if last is not None:
+        searcher.on_trial_complete(trial_id, result=last)
+    return params
+
+
+def states(searcher: CVOptunaSearch) -> list[TrialState]:
+    return [t.state for t in searcher._ot_study.trials]
+
+
+def test_searcher_suggests_from_its_space():
+    searcher = make_searcher()
+    params = searcher.suggest("t0")
+    assert set(params) == {"optim.lr", "optim.name"}
+    assert 1e-4 <= params["optim.lr"] <= 1e-2
+    assert params["optim.name"] in {"adam", "sgd"}
+    assert states(searcher) == [TrialState.RUNNING]
+    assert not ray.is_initialized()
+
+
+def test_fully_cross_validated_trial_is_complete_with_its_score():
+    searcher = make_searcher()
+    last = {"cv_roc_auc": 0.83, "cv_complete": 1, "training_iteration": 3}
+    run(searcher, "t0", [0.7, 0.8, 0.83], last)
+    (trial,) = searcher._ot_study.trials
+    assert trial.state == TrialState.COMPLETE
+    assert trial.value == pytest.approx(0.83)
+    assert trial.intermediate_values == {1: 0.7, 2: 0.8, 3: 0.83}
+    assert searcher._ot_study.best_value == pytest.approx(0.83)
+
+
+@pytest.mark.parametrize(
+    "last",
+    [
+        {"cv_roc_auc": 0.9, "training_iteration": 2},
+        {"cv_roc_auc": 0.9, "cv_complete": 0, "training_iteration": 2},
+    ],
+    ids=["no-cv_complete", "cv_complete-0"],
+)
+def test_trial_stopped_by_asha_is_pruned_not_complete(last):
+    searcher = make_searcher()
+    run(searcher, "t0", [0.85, 0.9], last)
+    (trial,) = searcher._ot_study.trials
+    assert trial.state == TrialState.PRUNED
+    # Optuna keeps the last intermediate value for TPE's ranking of pruned trials.
+    assert trial.value == pytest.approx(0.9)
+    assert trial.intermediate_values == {1: 0.85, 2: 0.9}
+    # A pruned trial never becomes the study's best.
+    assert not [t for t in searcher._ot_study.trials if t.state == TrialState.COMPLETE]
+
+
+@pytest.mark.parametrize("score", [NAN, math.inf, None], ids=["nan", "inf", "missing"])
+def test_non_finite_or_missing_score_is_pruned_not_complete(score):
+    searcher = make_searcher()
+    last = {"cv_complete": 1, "training_iteration": 2}
+    if score is not None:
+        last["cv_roc_auc"] = score
+    run(searcher, "t0", [0.6, NAN], last)
+    (trial,) = searcher._ot_study.trials
+    assert trial.state == TrialState.PRUNED
+    assert trial.state != TrialState.COMPLETE
+    assert trial.value is None  # the last intermediate value is NaN: nothing to rank by
+
+
+def test_errored_trial_is_fail():
+    searcher = make_searcher()
+    run(searcher, "t0", [0.7], last=None)
+    searcher.on_trial_complete("t0", error=True)  # how Tune's controller reports an error
+    (trial,) = searcher._ot_study.trials
+    assert trial.state == TrialState.FAIL
+    assert trial.value is None
+
+
+def test_mixed_outcomes_and_only_complete_trials_can_be_best():
+    searcher = make_searcher()
+    run(
+        searcher, "ok", [0.7, 0.75], {"cv_roc_auc": 0.75, "cv_complete": 1, "training_iteration": 2}
+    )
+    run(searcher, "asha", [0.95], {"cv_roc_auc": 0.95, "training_iteration": 1})
+    run(searcher, "nan", [NAN], {"cv_roc_auc": NAN, "cv_complete": 1, "training_iteration": 1})
+    run(searcher, "err", [0.99], last=None)
+    searcher.on_trial_complete("err", error=True)
+    assert states(searcher) == [
+        TrialState.COMPLETE,
+        TrialState.PRUNED,
+        TrialState.PRUNED,
+        TrialState.FAIL,
+    ]
+    assert searcher._ot_study.best_trial.number == 0
+    assert searcher._ot_study.best_value == pytest.approx(0.75)
+    # The searcher keeps going after every kind of ending.
+    assert set(searcher.suggest("next")) == {"optim.lr", "optim.name"}
+
+
+def test_searcher_over_the_shipped_space_suggests_valid_trial_configs():
+    spec = load_space(DEMO)
+    searcher = make_searcher(to_tune_domains(spec.space))
+    unfreeze = set()
+    for i in range(30):
+        params = searcher.suggest(f"t{i}")
+        assert set(params) == set(spec.space)
+        cfg = apply_params(spec.base, params)  # every suggestion is a valid config
+        assert 3.0e-4 <= cfg.optim.lr <= 1.0e-2
+        assert cfg.train.batch_size in {16, 32}
+        unfreeze.add(cfg.model.unfreeze)
+    assert unfreeze == {3, 4, 5}  # randint [3, 5]: the upper bound reaches Optuna too
+
+
+# --------------------------------------------------------------------------- epochs + ASHA
+
+
+def epochs_space(tmp_path: Path, line: str | None, overrides: tuple[str, ...] = ()):
+    space = "  optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
+    if line:
+        space += f"  {line}\n"
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "base:\n  train:\n    epochs: 6\n"
+        "search:\n  scheduler:\n    grace_period: 2\n    reduction_factor: 2\n"
+        f"space:\n{space}"
+    )
+    return load_space(path, list(overrides))
+
+
+def test_max_epochs_is_the_base_epochs_when_not_searched(tmp_path):
+    assert max_epochs(epochs_space(tmp_path, None)) == 6
+    assert max_epochs(epochs_space(tmp_path, None, ("train.epochs=3",))) == 3
+    assert max_epochs(load_space(DEMO)) == 8
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("train.epochs: {randint: [2, 7]}", 7),  # randint high is inclusive
+        ("train.epochs: {choice: [3, 9, 5]}", 9),
+        ("train.epochs: {quniform: [2, 10, 2]}", 10),
+    ],
+    ids=["randint", "choice", "quniform"],
+)
+def test_max_epochs_is_the_space_upper_bound_when_searched(tmp_path, line, expected):
+    spec = epochs_space(tmp_path, line)
+    assert spec.base.train.epochs == 6
+    result = max_epochs(spec)
+    assert result == expected
+    assert type(result) is int
+
+
+def test_asha_runs_to_max_epochs_from_the_grace_period(tmp_path):
+    sched = build_scheduler(epochs_space(tmp_path, "train.epochs: {randint: [2, 8]}"))
+    assert isinstance(sched, ASHAScheduler)
+    assert sched._max_t == 8
+    assert sched._time_attr == "training_iteration"
+    assert sorted(m for m, _ in sched._brackets[0]._rungs) == [2, 4, 8]  # grace 2, factor 2
+
+
+def test_asha_grace_period_capped_at_max_epochs(tmp_path):
+    sched = build_scheduler(epochs_space(tmp_path, None, ("train.epochs=1",)))
+    assert isinstance(sched, ASHAScheduler)
+    assert sched._max_t == 1
+    assert [m for m, _ in sched._brackets[0]._rungs] == [1]  # grace 2 from the file, capped
+
+
+def test_scheduler_none_is_fifo(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "search:\n  scheduler:\n    type: none\nspace:\n  optim.lr: {uniform: [0.001, 0.01]}\n"
+    )
+    assert isinstance(build_scheduler(load_space(path)), FIFOScheduler)

@@ -1,0 +1,479 @@
+"""distmed.space: search-space files, distributions, Ray Tune domains, trial configs, errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from distmed.config import ExperimentConfig
+from distmed.errors import UserError
+from distmed.space import apply_params, load_space, to_tune_domains
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = [REPO / "search_spaces" / "demo.yaml", REPO / "search_spaces" / "resnet.yaml"]
+FIVE_KEYS = {"optim.lr", "train.batch_size", "optim.name", "optim.weight_decay", "model.unfreeze"}
+
+
+def space_file(tmp_path: Path, space: str, top: str = "", name: str = "space.yaml") -> Path:
+    """A search-space file: `top` (raw top-level YAML) then `space:` with `space` indented."""
+    body = "".join(f"  {line}\n" for line in space.strip().splitlines())
+    path = tmp_path / name
+    path.write_text(f"{top}space:\n{body}" if space.strip() else f"{top}space: {{}}\n")
+    return path
+
+
+def draws(domain, n: int = 200, seed: int = 0) -> list:
+    return list(domain.sample(size=n, random_state=np.random.default_rng(seed)))
+
+
+# --------------------------------------------------------------------------- shipped files
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_space_loads_with_the_five_keys(path: Path):
+    spec = load_space(path)
+    assert set(spec.space) == FIVE_KEYS
+    assert spec.space["optim.lr"].kind == "loguniform"
+    assert spec.space["optim.weight_decay"].kind == "loguniform"
+    assert spec.space["train.batch_size"].kind == "choice"
+    assert spec.space["optim.name"].kind == "choice"
+    assert set(spec.space["optim.name"].args) == {"adam", "adamw", "sgd"}
+    assert spec.space["model.unfreeze"].kind == "randint"
+    assert spec.search.metric == "cv_roc_auc"
+    assert spec.search.mode == "max"
+    assert spec.search.scheduler.type == "asha"
+    assert spec.base.model.weights == "none"  # both run offline
+
+
+def test_shipped_files_differ_where_documented():
+    demo, resnet = (load_space(p) for p in SHIPPED)
+    assert demo.base.data.root == "demo"
+    assert demo.base.data.image_size == 32
+    assert demo.search.num_samples == 6
+    assert demo.space["model.unfreeze"].args == (3, 5)
+    assert resnet.base.data.root is None
+    assert resnet.base.data.image_size == 64
+    assert resnet.base.train.patience == 4
+    assert resnet.search.num_samples == 30
+    assert resnet.space["model.unfreeze"].args == (0, 5)
+    assert resnet.space["train.batch_size"].args == (32, 64, 128)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_sample_of_a_shipped_space_is_a_valid_trial_config(path: Path):
+    spec = load_space(path)
+    domains = to_tune_domains(spec.space)
+    assert set(domains) == FIVE_KEYS
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        params = {key: domain.sample(random_state=rng) for key, domain in domains.items()}
+        cfg = apply_params(spec.base, params)
+        assert cfg.optim.lr == pytest.approx(float(params["optim.lr"]))
+        assert cfg.model.unfreeze == int(params["model.unfreeze"])
+        assert cfg.optim.name == params["optim.name"]
+        assert cfg.train.epochs == spec.base.train.epochs  # not searched: from the base
+
+
+# --------------------------------------------------------------------------- distributions
+
+
+def test_loguniform_parses_and_samples_log_spaced_within_bounds(tmp_path):
+    spec = load_space(space_file(tmp_path, "optim.lr: {loguniform: [1.0e-5, 1.0e-1]}"))
+    dist = spec.space["optim.lr"]
+    assert (dist.kind, dist.args) == ("loguniform", (1e-5, 1e-1))
+    values = draws(to_tune_domains(spec.space)["optim.lr"])
+    assert all(1e-5 <= v <= 1e-1 and v > 0 for v in values)
+    # Log-uniform: about half below the geometric midpoint 1e-3 (uniform would give ~1 %).
+    below = sum(v < 1e-3 for v in values) / len(values)
+    assert 0.35 < below < 0.65
+
+
+def test_uniform_parses_and_samples_within_bounds(tmp_path):
+    spec = load_space(space_file(tmp_path, "model.head_dropout: {uniform: [0.1, 0.5]}"))
+    assert spec.space["model.head_dropout"].kind == "uniform"
+    values = draws(to_tune_domains(spec.space)["model.head_dropout"])
+    assert all(0.1 <= v <= 0.5 for v in values)
+    below = sum(v < 0.3 for v in values) / len(values)
+    assert 0.35 < below < 0.65
+    assert len(set(values)) > 150  # continuous, not quantized
+
+
+def test_quniform_samples_multiples_of_q_within_bounds_both_ends_reachable(tmp_path):
+    spec = load_space(space_file(tmp_path, "model.head_dropout: {quniform: [0.0, 0.5, 0.125]}"))
+    assert spec.space["model.head_dropout"].args == (0.0, 0.5, 0.125)
+    values = draws(to_tune_domains(spec.space)["model.head_dropout"])
+    assert set(values) == {0.0, 0.125, 0.25, 0.375, 0.5}
+
+
+def test_qloguniform_samples_positive_multiples_of_q_and_fit_an_int_field(tmp_path):
+    spec = load_space(space_file(tmp_path, "train.batch_size: {qloguniform: [8, 256, 8]}"))
+    dist = spec.space["train.batch_size"]
+    assert (dist.kind, dist.args) == ("qloguniform", (8, 256, 8))
+    values = draws(to_tune_domains(spec.space)["train.batch_size"])
+    assert all(v > 0 and 8 <= v <= 256 for v in values)
+    assert all(math.isclose(v / 8, round(v / 8)) for v in values)
+    assert len(set(values)) > 5
+    cfg = apply_params(spec.base, {"train.batch_size": values[0]})
+    assert cfg.train.batch_size == round(values[0])
+    assert type(cfg.train.batch_size) is int
+
+
+def test_randint_high_is_inclusive_and_never_exceeded(tmp_path):
+    spec = load_space(space_file(tmp_path, "model.unfreeze: {randint: [1, 4]}"))
+    assert spec.space["model.unfreeze"].args == (1, 4)
+    values = draws(to_tune_domains(spec.space)["model.unfreeze"])
+    assert set(int(v) for v in values) == {1, 2, 3, 4}  # 4 reachable, 0 and 5 never
+
+
+def test_randint_up_to_the_config_maximum_is_accepted(tmp_path):
+    # unfreeze allows 0..5: randint [0, 5] must load (5 is produced) and samples reach 5.
+    spec = load_space(space_file(tmp_path, "model.unfreeze: {randint: [0, 5]}"))
+    values = {int(v) for v in draws(to_tune_domains(spec.space)["model.unfreeze"])}
+    assert values == {0, 1, 2, 3, 4, 5}
+
+
+def test_choice_samples_only_and_all_listed_values(tmp_path):
+    spec = load_space(
+        space_file(
+            tmp_path,
+            "optim.name: {choice: [adam, sgd]}\ntrain.batch_size: {choice: [16, 32, 64]}",
+        )
+    )
+    assert spec.space["optim.name"].args == ("adam", "sgd")
+    domains = to_tune_domains(spec.space)
+    assert set(draws(domains["optim.name"])) == {"adam", "sgd"}
+    assert {int(v) for v in draws(domains["train.batch_size"])} == {16, 32, 64}
+
+
+def test_float_bounds_that_are_whole_numbers_are_fine_for_randint(tmp_path):
+    spec = load_space(space_file(tmp_path, "model.unfreeze: {randint: [1.0, 3.0]}"))
+    values = {int(v) for v in draws(to_tune_domains(spec.space)["model.unfreeze"])}
+    assert values == {1, 2, 3}
+
+
+# --------------------------------------------------------------------------- errors: the space
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        pytest.param(
+            "optim.learning_rate: {loguniform: [1.0e-4, 1.0e-2]}",
+            ["optim.learning_rate", "not a config field"],
+            id="unknown-key",
+        ),
+        pytest.param(
+            "optim.lr: {lognormal: [1.0e-4, 1.0e-2]}",
+            ["space.optim.lr", "unknown distribution 'lognormal'"],
+            id="unknown-distribution",
+        ),
+        pytest.param(
+            "optim.name: {choice: []}", ["space.optim.name", "choice is empty"], id="empty-choice"
+        ),
+        pytest.param(
+            "optim.lr: {loguniform: [0, 1.0e-2]}",
+            ["space.optim.lr", "must be > 0"],
+            id="loguniform-low-zero",
+        ),
+        pytest.param(
+            "optim.lr: {loguniform: [-1.0, 1.0e-2]}",
+            ["space.optim.lr", "must be > 0"],
+            id="loguniform-low-negative",
+        ),
+        pytest.param(
+            "model.head_dropout: {qloguniform: [0.0, 0.5, 0.1]}",
+            ["space.model.head_dropout", "must be > 0"],
+            id="qloguniform-low-zero",
+        ),
+        pytest.param(
+            "optim.lr: {uniform: [1.0e-2, 1.0e-3]}",
+            ["space.optim.lr", "must be below high"],
+            id="low-above-high",
+        ),
+        pytest.param(
+            "optim.lr: {loguniform: [1.0e-3, 1.0e-3]}",
+            ["space.optim.lr", "must be below high"],
+            id="low-equals-high",
+        ),
+        pytest.param(
+            "model.unfreeze: {randint: [4, 2]}",
+            ["space.model.unfreeze", "must be below high"],
+            id="randint-low-above-high",
+        ),
+        pytest.param(
+            "optim.lr: {uniform: [0.1]}",
+            ["space.optim.lr", "uniform needs [low, high]"],
+            id="uniform-one-arg",
+        ),
+        pytest.param(
+            "optim.lr: {uniform: [0.1, 0.2, 0.3]}",
+            ["space.optim.lr", "uniform needs [low, high]"],
+            id="uniform-three-args",
+        ),
+        pytest.param(
+            "model.head_dropout: {quniform: [0.0, 0.5]}",
+            ["space.model.head_dropout", "[low, high, q]"],
+            id="quniform-two-args",
+        ),
+        pytest.param(
+            "model.unfreeze: {randint: [1, 2, 3]}",
+            ["space.model.unfreeze", "randint needs [low, high]"],
+            id="randint-three-args",
+        ),
+        pytest.param(
+            "optim.lr: {uniform: [a, 0.5]}", ["space.optim.lr", "numbers"], id="non-numeric-bound"
+        ),
+        pytest.param(
+            "optim.lr: {uniform: [true, 0.5]}", ["space.optim.lr", "numbers"], id="bool-bound"
+        ),
+        pytest.param(
+            "model.unfreeze: {randint: [0.5, 3]}",
+            ["space.model.unfreeze", "must be integers"],
+            id="randint-non-integer",
+        ),
+        pytest.param(
+            "model.head_dropout: {quniform: [0.0, 0.5, 0]}",
+            ["space.model.head_dropout", "q must be > 0"],
+            id="q-zero",
+        ),
+        pytest.param(
+            "model.head_dropout: {quniform: [0.0, 0.5, -0.1]}",
+            ["space.model.head_dropout", "q must be > 0"],
+            id="q-negative",
+        ),
+        pytest.param("optim.lr: 0.01", ["space.optim.lr", "expected one of"], id="not-a-mapping"),
+        pytest.param(
+            "optim.lr: {loguniform: [1.0e-4, 1.0e-2], uniform: [0.1, 0.2]}",
+            ["space.optim.lr", "expected one of"],
+            id="two-distributions",
+        ),
+        pytest.param(
+            "optim.lr: {loguniform: 0.01}", ["space.optim.lr", "needs a list"], id="args-not-a-list"
+        ),
+    ],
+)
+def test_bad_distribution_is_a_user_error_naming_the_key(tmp_path, line, expected):
+    with pytest.raises(UserError) as info:
+        load_space(space_file(tmp_path, line))
+    message = str(info.value)
+    assert "space.yaml" in message
+    for part in expected:
+        assert part in message
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("model.unfreeze: {randint: [0, 9]}", ["space.model.unfreeze", "can produce 9"]),
+        ("train.batch_size: {choice: [0, 32]}", ["space.train.batch_size", "can produce 0"]),
+        ("optim.name: {choice: [adam, lion]}", ["space.optim.name", "can produce 'lion'"]),
+        ("optim.lr: {loguniform: [1.0e-4, 20.0]}", ["space.optim.lr", "can produce 20.0"]),
+        (
+            "model.head_dropout: {uniform: [0.5, 1.0]}",
+            ["space.model.head_dropout", "can produce 1.0"],
+        ),
+    ],
+    ids=["randint-high", "choice-zero-batch", "choice-unknown-optimiser", "lr-too-big", "lt-bound"],
+)
+def test_value_the_config_rejects_is_a_user_error(tmp_path, line, expected):
+    with pytest.raises(UserError) as info:
+        load_space(space_file(tmp_path, line))
+    message = str(info.value)
+    for part in expected:
+        assert part in message
+    assert "config rejects" in message
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "model.head_dropout: {quniform: [0.0, 0.5, 0.2]}",  # 0.5 is not a multiple of 0.2
+        "train.batch_size: {qloguniform: [10, 256, 8]}",  # 10 is not a multiple of 8
+    ],
+    ids=["quniform-high", "qloguniform-low"],
+)
+def test_quantized_bounds_off_the_q_grid_are_a_user_error_at_load(tmp_path, line):
+    # Ray Tune's quniform/qloguniform raise a bare ValueError for bounds that are not
+    # multiples of q, in to_tune_domains (build_tuner, after Ray has started). load_space
+    # promises every space problem as a UserError before Ray starts.
+    key = line.split(":")[0]
+    with pytest.raises(UserError) as info:
+        load_space(space_file(tmp_path, line))
+    assert f"space.{key}" in str(info.value)
+
+
+def test_continuous_distribution_on_an_integer_field_is_a_user_error(tmp_path):
+    # uniform [0, 5] on model.unfreeze (an int) passes the bound probes (0 and 5), but almost
+    # every sample (e.g. 2.7) fails the config, so every trial would error at apply_params.
+    path = space_file(tmp_path, "model.unfreeze: {uniform: [0, 5]}")
+    with pytest.raises(UserError) as info:
+        load_space(path)
+    assert "space.model.unfreeze" in str(info.value)
+
+
+def test_randint_high_inclusive_is_what_the_fit_check_probes(tmp_path):
+    # [0, 5] fits model.unfreeze (max 5); [0, 6] must not, even though Tune's exclusive
+    # upper bound would be 6 for the first.
+    load_space(space_file(tmp_path, "model.unfreeze: {randint: [0, 5]}"))
+    with pytest.raises(UserError, match="can produce 6"):
+        load_space(space_file(tmp_path, "model.unfreeze: {randint: [0, 6]}"))
+
+
+def test_fit_check_uses_the_files_base(tmp_path):
+    # A choice that is valid on its own but clashes with the base: group_csv vs group_regex.
+    top = "base:\n  data:\n    group_regex: '^(p\\d+)_'\n"
+    path = space_file(tmp_path, "data.group_csv: {choice: [groups.csv]}", top=top)
+    with pytest.raises(UserError, match="space.data.group_csv"):
+        load_space(path)
+
+
+# --------------------------------------------------------------------------- errors: the file
+
+
+def test_unknown_top_level_key(tmp_path):
+    path = space_file(tmp_path, "optim.lr: {loguniform: [1.0e-4, 1.0e-2]}", top="serach: {}\n")
+    with pytest.raises(UserError, match="unknown top-level key") as info:
+        load_space(path)
+    assert "serach" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("search", "expected"),
+    [
+        ("search:\n  num_sample: 5\n", "search.num_sample"),
+        ("search:\n  num_samples: 0\n", "search.num_samples"),
+        ("search:\n  metric: accuracy\n", "search.metric"),
+        ("search:\n  scheduler:\n    type: hyperband\n", "search.scheduler.type"),
+        ("search:\n  scheduler:\n    reduction_factor: 1\n", "search.scheduler.reduction_factor"),
+    ],
+    ids=["unknown-key", "zero-samples", "metric", "scheduler-type", "reduction-factor"],
+)
+def test_bad_search_settings_name_the_key(tmp_path, search, expected):
+    path = space_file(tmp_path, "optim.lr: {loguniform: [1.0e-4, 1.0e-2]}", top=search)
+    with pytest.raises(UserError) as info:
+        load_space(path)
+    assert expected in str(info.value)
+
+
+def test_bad_base_names_the_key(tmp_path):
+    top = "base:\n  train:\n    epoch: 3\n"
+    with pytest.raises(UserError) as info:
+        load_space(space_file(tmp_path, "optim.lr: {loguniform: [1.0e-4, 1.0e-2]}", top=top))
+    assert "base" in str(info.value)
+    assert "train.epoch" in str(info.value)
+
+
+def test_search_defaults_when_the_section_is_missing(tmp_path):
+    spec = load_space(space_file(tmp_path, "optim.lr: {loguniform: [1.0e-4, 1.0e-2]}"))
+    assert spec.search.num_samples == 20
+    assert spec.search.scheduler.type == "asha"
+    assert spec.base == ExperimentConfig()
+
+
+@pytest.mark.parametrize("text", ["space: {}\n", "space:\n", "search: {num_samples: 2}\n"])
+def test_empty_space(tmp_path, text):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match="'space' is empty"):
+        load_space(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="not found") as info:
+        load_space(tmp_path / "nope.yaml")
+    assert "nope.yaml" in str(info.value)
+
+
+def test_invalid_yaml_and_non_mapping(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("space: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_space(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- optim.lr\n- train.batch_size\n")
+    with pytest.raises(UserError, match="top level"):
+        load_space(listing)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def test_overrides_apply_to_the_base(tmp_path):
+    spec = load_space(SHIPPED[1], ["train.epochs=3", "data.root=demo"])
+    assert spec.base.train.epochs == 3
+    assert spec.base.data.root == "demo"
+    assert spec.base.data.image_size == 64  # untouched: from the file
+    assert set(spec.space) == FIVE_KEYS
+    assert load_space(SHIPPED[1]).base.train.epochs == 12  # the file itself is unchanged
+
+
+def test_bad_override_names_the_key():
+    with pytest.raises(UserError, match="train.epochs"):
+        load_space(SHIPPED[0], ["train.epochs=0"])
+
+
+def test_override_feeds_the_fit_check(tmp_path):
+    # With group_csv set by --set, a space that searches group_regex cannot fit.
+    path = space_file(tmp_path, "data.group_regex: {choice: ['^(p\\d+)_']}")
+    load_space(path)
+    with pytest.raises(UserError, match="space.data.group_regex"):
+        load_space(path, ["data.group_csv=groups.csv"])
+
+
+# --------------------------------------------------------------------------- apply_params
+
+
+def test_apply_params_sets_dotted_keys_and_makes_plain_python_types():
+    base = load_space(SHIPPED[0]).base
+    params = {
+        "optim.lr": np.float64(0.005),
+        "train.batch_size": np.int64(16),
+        "optim.name": np.str_("sgd"),
+        "optim.weight_decay": np.float32(0.25),
+        "model.unfreeze": np.int64(3),
+    }
+    cfg = apply_params(base, params)
+    assert cfg.optim.lr == 0.005
+    assert cfg.train.batch_size == 16
+    assert cfg.optim.name == "sgd"
+    assert cfg.optim.weight_decay == 0.25
+    assert cfg.model.unfreeze == 3
+    assert type(cfg.optim.lr) is float
+    assert type(cfg.train.batch_size) is int
+    assert type(cfg.model.unfreeze) is int
+    assert type(cfg.optim.name) is str
+    # Plain types all the way down: a safe YAML dump (what best_config.yaml uses) works.
+    assert yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json")))["optim"]["lr"] == 0.005
+    # Everything else comes from the base, which is itself unchanged.
+    assert cfg.data == base.data
+    assert cfg.train.epochs == base.train.epochs
+    assert cfg.optim.warmup_epochs == base.optim.warmup_epochs
+    assert base.optim.lr == 0.002
+    assert base.optim.name == "adamw"
+
+
+def test_apply_params_with_no_params_is_the_base():
+    base = load_space(SHIPPED[0]).base
+    assert apply_params(base, {}) == base
+
+
+@pytest.mark.parametrize(
+    ("params", "key"),
+    [
+        ({"model.unfreeze": np.int64(9)}, "model.unfreeze"),
+        ({"optim.name": "lion"}, "optim.name"),
+        ({"train.batch_size": 2.5}, "train.batch_size"),
+        ({"optim.lr": np.float64(-1.0)}, "optim.lr"),
+    ],
+    ids=["unfreeze-9", "unknown-optimiser", "fractional-batch", "negative-lr"],
+)
+def test_apply_params_rejects_an_invalid_sample(params, key):
+    base = load_space(SHIPPED[0]).base
+    with pytest.raises(UserError) as info:
+        apply_params(base, params)
+    assert key in str(info.value)
+    assert "trial config" in str(info.value)

@@ -1,0 +1,115 @@
+"""End to end through Ray Tune: the real `distmed.tune` CLI on tiny images."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import write_image_folder
+
+from distmed import train, tune
+
+pytestmark = pytest.mark.ray
+FAKE_KEY = "0123456789abcdef0123456789abcdef0123fake"
+
+
+def _split_folder(root: Path) -> Path:
+    for split, count in (("train", 14), ("val", 6), ("test", 8)):
+        write_image_folder(root / split, {"neg": count, "pos": count}, size=16, seed=len(split))
+    return root
+
+
+def _space(tmp_path: Path, data: Path, search: dict) -> Path:
+    spec = {
+        "base": {
+            "data": {"root": str(data), "image_size": 16},
+            "model": {"weights": "none"},
+            "train": {"epochs": 2, "batch_size": 8, "amp": "off"},
+            "cv": {"folds": 2},
+            "scaling": {"max_failures": 0},
+        },
+        "search": search,
+        "space": {
+            "optim.lr": {"loguniform": [1.0e-4, 1.0e-2]},
+            "train.batch_size": {"choice": [4, 8]},
+            "optim.name": {"choice": ["adam", "adamw", "sgd"]},
+            "optim.weight_decay": {"loguniform": [1.0e-6, 1.0e-2]},
+            "model.unfreeze": {"randint": [3, 5]},
+        },
+    }
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_search_writes_results_logs_wandb_offline_and_hides_the_key(
+    ray_session, tmp_path: Path, monkeypatch, capsys
+):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    data = _split_folder(tmp_path / "data")
+    space = _space(tmp_path, data, {"num_samples": 2, "seed": 1, "scheduler": {"type": "none"}})
+    argv = ["--space", str(space), "--storage", str(tmp_path / "runs"), "--name", "exp"]
+    argv += ["--workers", "2", "--wandb-project", "distmed-test"]
+    assert tune.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "best CV ROC-AUC" in printed and "test split" in printed
+
+    out = tmp_path / "runs" / "exp"
+    with (out / "trials.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}
+    assert all(0.0 <= float(r["fold0_roc_auc"]) <= 1.0 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_trials"] == 2
+    assert summary["trials_by_status"] == {"completed": 2, "stopped": 0, "errored": 0}
+    assert summary["best_cv_roc_auc"] == max(float(r["cv_roc_auc"]) for r in rows)
+    assert 0.0 <= summary["test_metrics"]["roc_auc"] <= 1.0
+    assert summary["test_metrics"]["num_samples"] == 16  # the test split, evaluated once
+
+    payload = torch.load(out / "best_model.pt", weights_only=True)
+    assert payload["class_names"] == ["neg", "pos"]
+    assert payload["preprocessing"]["image_size"] == 16
+    kept = [p for p in (out / "trials").glob("*/checkpoint_*") if p.is_dir()]
+    assert kept == [], "finished trials keep no checkpoints"
+
+    # W&B: one offline run per trial, holding the trial's per-epoch metrics.
+    runs = [p for p in out.rglob("offline-run-*") if p.is_dir()]
+    assert len(runs) == 2, runs
+    for run in runs:
+        [log_file] = run.glob("*.wandb")
+        assert b"cv_roc_auc" in log_file.read_bytes()
+    # The planted API key reaches no file under the results folder.
+    leaks = [p for p in out.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
+    assert leaks == []
+
+    # The best config is a complete experiment config for distmed.train.
+    best = out / "best_config.yaml"
+    argv = ["--config", str(best), "--output", str(tmp_path / "again")]
+    assert train.main([*argv, "--set", "train.epochs=1"]) == 0
+    assert json.loads((tmp_path / "again" / "cv_result.json").read_text())["folds"]
+
+
+def test_asha_stops_poor_trials_and_they_are_pruned(ray_session, tmp_path: Path):
+    data = write_image_folder(tmp_path / "data", {"neg": 12, "pos": 12}, size=16)
+    search = {
+        "num_samples": 4,
+        "seed": 3,
+        "max_concurrent": 1,  # sequential: each trial meets the rungs of the ones before
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+    }
+    space = _space(tmp_path, data, search)
+    argv = ["--space", str(space), "--storage", str(tmp_path / "runs"), "--name", "asha"]
+    assert tune.main([*argv, "--set", "train.epochs=3"]) == 0
+    with (tmp_path / "runs" / "asha" / "trials.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    stopped = [r for r in rows if r["status"] == "stopped"]
+    assert stopped, rows
+    assert all(int(r["epochs"]) < 3 for r in stopped)
+    summary = json.loads((tmp_path / "runs" / "asha" / "summary.json").read_text())
+    assert summary["trials_by_status"]["stopped"] == len(stopped)
+    assert "test_metrics" not in summary  # a flat folder has no test split
