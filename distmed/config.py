@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from distmed.artifacts import write_text_atomic
 from distmed.errors import UserError
 
 # The five ResNet stages that `model.unfreeze` counts, from the head backwards.
@@ -230,7 +231,7 @@ def _leaf_paths(model: type[BaseModel], prefix: str):
 
 def dump_config(cfg: ExperimentConfig, path: Path) -> None:
     """Write the resolved config as YAML that `load_config` reads back unchanged."""
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 def _read_yaml_mapping(path: Path) -> dict[str, Any]:

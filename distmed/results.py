@@ -13,10 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from distmed.artifacts import write_json_atomic, write_text_atomic
-from distmed.config import ExperimentConfig
+from distmed.config import ExperimentConfig, dump_config
 from distmed.space import apply_params
 
 STATUSES = ("completed", "stopped", "errored")
@@ -99,7 +97,7 @@ def best_config(base: ExperimentConfig, row: TrialRow) -> ExperimentConfig:
 
 
 def write_best_config(path: Path, cfg: ExperimentConfig) -> None:
-    write_text_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    dump_config(cfg, path)
 
 
 def status_counts(rows: list[TrialRow]) -> dict[str, int]:

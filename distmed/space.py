@@ -77,6 +77,18 @@ class SearchSpaceFile(_Strict):
     search: SearchSettings
     space: dict[str, Distribution]
 
+    def space_as_dict(self) -> dict[str, dict[str, list[Any]]]:
+        """The space in its file form, `{key: {kind: [args]}}` (for summaries and --dry-run)."""
+        return {key: {dist.kind: list(dist.args)} for key, dist in self.space.items()}
+
+    def with_search(self, **updates: Any) -> SearchSpaceFile:
+        """A copy with search settings replaced (CLI flags), validated like the file."""
+        try:
+            search = SearchSettings.model_validate(self.search.model_dump() | updates)
+        except ValidationError as exc:
+            raise UserError(f"search: {format_validation_error(exc)}") from exc
+        return self.model_copy(update={"search": search})
+
 
 def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SearchSpaceFile:
     """Read and validate a search-space file; `overrides` apply to its base config."""

@@ -196,7 +196,7 @@ def _summary_head(name: str, spec: SearchSpaceFile, index: DataIndex, rows) -> d
         "num_trials": len(rows),
         "trials_by_status": status_counts(rows),
         "search": spec.search.model_dump(mode="json"),
-        "space": {k: {d.kind: list(d.args)} for k, d in spec.space.items()},
+        "space": spec.space_as_dict(),
         "data": {"name": index.name, "classes": index.class_names, "num_images": len(index.pool)},
         "versions": _versions(),
     }
@@ -255,10 +255,7 @@ def _load_spec(args: argparse.Namespace) -> SearchSpaceFile:
         updates["num_samples"] = args.num_samples
     if args.max_concurrent is not None:
         updates["max_concurrent"] = args.max_concurrent
-    if updates:
-        data = spec.search.model_dump() | updates
-        spec = spec.model_copy(update={"search": type(spec.search).model_validate(data)})
-    return spec
+    return spec.with_search(**updates) if updates else spec
 
 
 def _describe(spec: SearchSpaceFile) -> str:
@@ -266,7 +263,7 @@ def _describe(spec: SearchSpaceFile) -> str:
         {
             "base": spec.base.model_dump(mode="json"),
             "search": spec.search.model_dump(mode="json"),
-            "space": {k: {d.kind: list(d.args)} for k, d in spec.space.items()},
+            "space": spec.space_as_dict(),
         },
         sort_keys=False,
     )
