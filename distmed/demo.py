@@ -1,7 +1,8 @@
 """The embedded demo data set: SYNTHETIC grey-scale "scans", generated deterministically.
 
-Not medical data. Two classes, `lesion` and `normal`: every image has a smooth textured
-background and a few large soft blobs; a `lesion` image adds one small bright spot whose
+Not medical data. A split folder: `train/` (the cross-validation pool, 100 patients) and
+`test/` (25 other patients, held back). Two classes, `lesion` and `normal`: every image has a
+smooth textured background and a few large soft blobs; a `lesion` image adds one small bright spot whose
 contrast is drawn from a range that starts near zero, so some lesions are invisible and the
 task is learnable but not trivially separable. Images come in patients (file names
 `pNNN_kK.png`) that share brightness and texture, so `data.group_regex: '^(p\\d+)_'` keeps a
@@ -16,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 DEMO_PATIENTS = 100
+DEMO_TEST_PATIENTS = 25
 DEMO_IMAGES_PER_PATIENT = 4
 DEMO_SIZE = 64
 DEMO_SEED = 20261122
@@ -42,9 +44,10 @@ def ensure_demo_folder(root: Path) -> Path:
 
 def write_demo_images(folder: Path) -> None:
     rng = np.random.default_rng(DEMO_SEED)
-    for patient in range(DEMO_PATIENTS):
+    for patient in range(DEMO_PATIENTS + DEMO_TEST_PATIENTS):
         label = "lesion" if patient % 2 else "normal"
-        class_dir = folder / label
+        split = "train" if patient < DEMO_PATIENTS else "test"
+        class_dir = folder / split / label
         class_dir.mkdir(parents=True, exist_ok=True)
         brightness = rng.uniform(0.3, 0.6)
         texture = rng.uniform(0.04, 0.10)

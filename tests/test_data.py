@@ -583,11 +583,13 @@ def test_demo_source_has_two_classes():
     assert index.class_names == ["lesion", "normal"]
     assert len(index.pool) == 400
     assert np.bincount(index.pool.labels).tolist() == [200, 200]
-    assert index.test is None
+    # 25 held-back patients (odd numbers have lesions): 12 x 4 lesion, 13 x 4 normal images
+    assert index.test is not None and np.bincount(index.test.labels).tolist() == [48, 52]
     # the demo is written into the session's private cache, not ~/.cache
     assert str(index.pool.paths[0]).startswith(str(data_mod.default_cache_root()))
     grouped = scan_source(DataConfig(root="demo", group_regex=r"^(p\d+)_"))
     assert len(set(grouped.pool.groups)) == 100
+    assert not set(grouped.pool.groups) & set(grouped.test.groups)  # test patients are new
 
 
 def test_demo_is_deterministic(tmp_path):
@@ -595,7 +597,7 @@ def test_demo_is_deterministic(tmp_path):
     write_demo_images(tmp_path / "two")
     first = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png"))
     second = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.png"))
-    assert first == second and len(first) == 400
+    assert first == second and len(first) == 500
 
     def digest(folder: Path) -> str:
         hasher = hashlib.sha256()
