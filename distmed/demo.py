@@ -1,10 +1,10 @@
 """The embedded demo data set: SYNTHETIC grey-scale "scans", generated deterministically.
 
 Not medical data. A split folder: `train/` (the cross-validation pool, 100 patients) and
-`test/` (25 other patients, held back). Two classes, `lesion` and `normal`: every image has a
-smooth textured background and a few large soft blobs; a `lesion` image adds one small bright spot whose
-contrast is drawn from a range that starts near zero, so some lesions are invisible and the
-task is learnable but not trivially separable. Images come in patients (file names
+`test/` (25 other patients, held back). Two classes, `lesion` and `normal`: every image has
+a smooth textured background and a few large soft blobs; a `lesion` image adds one small
+bright spot whose contrast is drawn from a range that starts near zero, so some lesions are
+invisible and the task is learnable but not trivially separable. Images come in patients (file names
 `pNNN_kK.png`) that share brightness and texture, so `data.group_regex: '^(p\\d+)_'` keeps a
 patient's images in one fold, as real data needs.
 """

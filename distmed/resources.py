@@ -117,11 +117,8 @@ def concurrency_limit(
 
 
 def _even_share(cpus: float, workers: int) -> float:
-    """CPUs per worker: whole CPUs where they divide evenly enough, else an exact fraction."""
-    whole = cpus // workers
-    if whole >= 1 and cpus - whole * workers < 1:
-        return whole
-    return math.floor(cpus / workers * 100) / 100  # round down: the shares must fit
+    """CPUs per worker, rounded down to 0.01 so that all the shares always fit."""
+    return math.floor(cpus / workers * 100) / 100
 
 
 def _want_gpu(cfg: ScalingSection, gpus: float, force_cpu: bool) -> bool:
