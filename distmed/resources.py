@@ -81,6 +81,11 @@ def plan_workers(cfg: ScalingSection, force_cpu: bool = False, concurrent: int =
             f"{cfg.num_workers * cfg.gpus_per_worker:g} GPUs but the cluster has {gpus:g}; "
             "lower --workers or --gpus-per-worker, or add GPU nodes"
         )
+    if cfg.cpus_per_worker is None and not use_gpu and workers > cpus:
+        raise UserError(
+            f"scaling.num_workers={cfg.num_workers} CPU workers need {workers} CPUs but the "
+            f"cluster has {cpus:g}; lower --workers (or set scaling.cpus_per_worker to share)"
+        )
     spare = cpus - TRIAL_CPU * concurrent
     per_worker = cfg.cpus_per_worker or _even_share(spare, workers)
     if cfg.num_workers * per_worker > spare + 1e-9:
