@@ -61,11 +61,16 @@ def save_model(
     class_names: list[str],
     channels: int,
     positive: int | None,
+    source: str,
 ) -> None:
-    """Write `best_model.pt` atomically: weights plus what rebuilding and predicting need."""
+    """Write `best_model.pt` atomically: weights plus what rebuilding and predicting need.
+
+    `source` names the refit run that produced it, so a resumed search can reuse the file.
+    """
     payload = {
         "format": MODEL_FORMAT,
         "distmed_version": __version__,
+        "source": source,
         "model_state": state,
         "config": cfg.model_dump(mode="json"),
         "class_names": list(class_names),
@@ -82,6 +87,13 @@ def save_model(
     tmp = path.with_suffix(".pt.tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
+
+
+def saved_source(path: Path) -> str | None:
+    """The refit run a saved `best_model.pt` came from (None when there is no such file)."""
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True).get("source")
 
 
 def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:

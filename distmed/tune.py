@@ -27,7 +27,14 @@ from distmed.cv import FoldPlan, check_batch_fits, make_folds, plan_folds, stora
 from distmed.data import CachedData, DataIndex, build_cache, scan_source
 from distmed.errors import UserError
 from distmed.model import build_model
-from distmed.refit import evaluate_test, load_model, refit, refit_epochs, save_model
+from distmed.refit import (
+    evaluate_test,
+    load_model,
+    refit,
+    refit_epochs,
+    save_model,
+    saved_source,
+)
 from distmed.resources import concurrency_limit, plan_workers, start_ray
 from distmed.results import (
     best_config,
@@ -206,17 +213,21 @@ def _refit_and_test(args, chosen, best, prepared: PreparedData, exp_uri: str, lo
     """Refit the best config on the whole CV pool; evaluate the test split once."""
     epochs = refit_epochs(best.fold_epochs)
     index, cache, plan = prepared.index, prepared.cache, prepared.plan
-    print(
-        f"refitting trial {best.trial_id}'s config on all {len(index.pool)} training images "
-        f"for {epochs} epochs",
-        flush=True,
-    )
     run_name = f"refit-{best.trial_id}"
-    layout = plan_workers(chosen.scaling, force_cpu=args.cpu)
-    state = refit(chosen, plan, layout, f"{exp_uri}/refit", run_name, epochs)
     model_path = local / "best_model.pt"
-    save_model(model_path, state, chosen, index.class_names, cache.channels, plan.positive)
-    delete_checkpoints(f"{exp_uri}/refit/{run_name}")
+    if saved_source(model_path) == run_name:  # a resumed search whose refit had finished
+        print(f"reusing {model_path} (refit of trial {best.trial_id})", flush=True)
+    else:
+        print(
+            f"refitting trial {best.trial_id}'s config on all {len(index.pool)} training "
+            f"images for {epochs} epochs",
+            flush=True,
+        )
+        layout = plan_workers(chosen.scaling, force_cpu=args.cpu)
+        state = refit(chosen, plan, layout, f"{exp_uri}/refit", run_name, epochs)
+        channels, positive = cache.channels, plan.positive
+        save_model(model_path, state, chosen, index.class_names, channels, positive, run_name)
+        delete_checkpoints(f"{exp_uri}/refit/{run_name}")
     out: dict[str, Any] = {"refit_epochs": epochs}
     if cache.test_path is not None:
         model, _ = load_model(model_path)

@@ -93,6 +93,16 @@ def test_search_writes_results_logs_wandb_offline_and_hides_the_key(
     assert train.main([*argv, "--set", "train.epochs=1"]) == 0
     assert json.loads((tmp_path / "again" / "cv_result.json").read_text())["folds"]
 
+    # --resume on the finished search: nothing re-runs, the refit model is reused.
+    capsys.readouterr()
+    resume = ["--space", str(space), "--storage", str(tmp_path / "runs"), "--name", "exp"]
+    assert tune.main([*resume, "--resume"]) == 0
+    assert "reusing" in capsys.readouterr().out
+    with (out / "trials.csv").open() as handle:
+        assert sorted(r["trial_id"] for r in csv.DictReader(handle)) == sorted(
+            r["trial_id"] for r in rows
+        )
+
 
 def test_asha_stops_poor_trials_and_they_are_pruned(ray_session, tmp_path: Path):
     data = write_image_folder(tmp_path / "data", {"neg": 12, "pos": 12}, size=16)
