@@ -251,13 +251,14 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
         _build_fold(i, spec, cfg, images, labels, loop_config["num_classes"], device, precision)
         for i, spec in enumerate(loop_config["folds"])
     ]
+    positive = loop_config["positive"]
     start_epoch = _restore(folds)
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(cfg.train.seed * 1000 + rank + start_epoch)  # augmentation stream
     for epoch in range(start_epoch, cfg.train.epochs):
         for fold in folds:
             if not fold.stopped:
-                _run_fold_epoch(fold, epoch, cfg, device, precision, channels_last, loop_config)
+                _run_fold_epoch(fold, epoch, cfg, device, precision, channels_last, positive)
         _report(folds, epoch, cfg.train.epochs)
         if all(f.stopped for f in folds):
             break
@@ -316,7 +317,7 @@ def _loader(dataset: CachedImageDataset, batch_size: int, train: bool) -> DataLo
     return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
 
 
-def _run_fold_epoch(fold, epoch, cfg, device, precision, channels_last, loop_config) -> None:
+def _run_fold_epoch(fold, epoch, cfg, device, precision, channels_last, positive) -> None:
     sampler = getattr(fold.train_loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
@@ -325,7 +326,7 @@ def _run_fold_epoch(fold, epoch, cfg, device, precision, channels_last, loop_con
         "train_loss": train_one_epoch(fold, device, precision, channels_last),
     }
     if fold.val_loader is not None:
-        val = evaluate(fold, device, precision, channels_last, loop_config.get("positive"))
+        val = evaluate(fold, device, precision, channels_last, positive)
         record.update({f"val_{k}": v for k, v in val.items()})
         fold.update_stopping(val["roc_auc"], cfg.train.patience)
     if not math.isfinite(record["train_loss"]):
