@@ -254,8 +254,10 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
     positive = loop_config["positive"]
     start_epoch = _restore(folds)
     rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(cfg.train.seed * 1000 + rank + start_epoch)  # augmentation stream
     for epoch in range(start_epoch, cfg.train.epochs):
+        # Shuffling and augmentation are seeded per epoch, so a run resumed from the
+        # checkpoint of epoch e draws exactly what an uninterrupted run draws.
+        torch.manual_seed(epoch_seed(cfg.train.seed, rank, epoch))
         for fold in folds:
             if not fold.stopped:
                 _run_fold_epoch(fold, epoch, cfg, device, precision, channels_last, positive)
@@ -269,6 +271,11 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
         "world_size": ray.train.get_context().get_world_size(),
         "folds": [{"history": f.history} for f in folds],
     }
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The RNG seed of one rank's epoch: distinct per rank and epoch, fixed by `train.seed`."""
+    return (seed * 100_003 + epoch) * 1_009 + rank
 
 
 def resolve_channels_last(cfg: ExperimentConfig, device: torch.device) -> bool:
