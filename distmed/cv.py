@@ -51,6 +51,11 @@ class CVResult:
         return [f.metrics["roc_auc"] for f in self.folds]
 
     @property
+    def diverged_folds(self) -> list[int]:
+        """Folds whose loss became NaN/inf (their metrics are NaN)."""
+        return [f.fold for f in self.folds if f.history and f.history[-1].get("diverged")]
+
+    @property
     def mean_roc_auc(self) -> float:
         return float(np.mean(self.fold_aucs))
 

@@ -21,6 +21,7 @@ from distmed.cli import add_common_options, overrides_from_args, parse, run_entr
 from distmed.config import ExperimentConfig, dump_config, load_config
 from distmed.cv import CVResult, cross_validate, prepare_data
 from distmed.data import DataIndex, describe_index, scan_source
+from distmed.errors import UserError
 from distmed.metrics import METRIC_NAMES
 from distmed.model import check_weights
 from distmed.resources import plan_workers, start_ray
@@ -75,6 +76,12 @@ def _run(args: argparse.Namespace) -> int:
     write_cv_result(output / "cv_result.json", cfg, index, assignment, result, wall)
     print(format_fold_table(result))
     print(f"precision: {result.precision} on {result.device}; wall time {wall:.0f} s")
+    if result.diverged_folds:
+        folds = ", ".join(str(k + 1) for k in result.diverged_folds)
+        raise UserError(
+            f"training diverged (loss NaN/inf) in fold(s) {folds}, so there is no CV score; "
+            f"lower optim.lr or use train.amp=off (history: {output / 'cv_result.json'})"
+        )
     print(
         f"CV ROC-AUC {result.mean_roc_auc:.4f} ± {result.std_roc_auc:.4f}  "
         f"-> {output / 'cv_result.json'}"

@@ -229,7 +229,8 @@ def _print_results(rows, keys, best, summary: dict[str, Any], local: Path) -> No
     counts = summary["trials_by_status"]
     print(
         f"{counts['completed']} completed, {counts['stopped']} stopped early, "
-        f"{counts['errored']} errored; best CV ROC-AUC {best.cv_roc_auc:.4f} "
+        f"{counts['diverged']} diverged, {counts['errored']} errored; "
+        f"best CV ROC-AUC {best.cv_roc_auc:.4f} "
         f"± {best.cv_roc_auc_std:.4f} (trial {best.trial_id})"
     )
     if "test_metrics" in summary:
