@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from distmed import __version__
+from distmed.artifacts import atomic_path
 from distmed.config import ExperimentConfig
 from distmed.cv import FoldPlan, fit_folds
 from distmed.data import IMAGENET_MEAN, IMAGENET_STD, CachedImageDataset, load_cached
@@ -84,9 +85,8 @@ def save_model(
             "std": list(IMAGENET_STD),
         },
     }
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def saved_source(path: Path) -> str | None:
