@@ -178,3 +178,14 @@ def test_bad_search_space_through_the_tune_cli(tmp_path: Path, capsys) -> None:
     assert tune.main(["--space", str(space)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(space) in err and "space.optim.lr" in err
+
+
+def test_ray_address_from_the_environment_is_checked_too(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    # `ray job submit` sets RAY_ADDRESS for the driver; a dead one must not hang either.
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    root = write_image_folder(tmp_path / "data", {"a": 6, "b": 6})
+    argv = ["--data", str(root), "--set", "cv.folds=2", "--set", "model.weights=none"]
+    err = _fail([*argv, "--set", "train.batch_size=4"], capsys)
+    assert "127.0.0.1:1" in err and "Connection refused" in err
