@@ -218,11 +218,15 @@ def _autoscaler_maximum() -> dict[str, float]:
 
 
 def node_shapes() -> list[dict[str, float]]:
-    """Resources of each live node and of each node type the autoscaler may launch."""
-    shapes = [
+    """Resources of every node the cluster has, or of every node an autoscaler may run."""
+    launchable = [
+        shape for shape, count in _autoscaled_node_types() for _ in range(min(count, 1000))
+    ]
+    if launchable:  # the `ray up` config describes the whole cluster, head included
+        return launchable
+    return [
         {k: float(v) for k, v in node["Resources"].items()} for node in ray.nodes() if node["Alive"]
     ]
-    return shapes + [shape for shape, count in _autoscaled_node_types() if count > 0]
 
 
 def _autoscaled_node_types() -> list[tuple[dict[str, float], int]]:
@@ -268,20 +272,32 @@ def _check_gpus(cfg: ScalingSection, gpus: float) -> None:
 
 
 def _default_cpus(spare: float, workers: int, use_gpu: bool, cfg: ScalingSection) -> float:
-    """An even share of the cluster's CPUs, cut to what one node can give a worker.
+    """An even share of the cluster's CPUs, cut so that the workers fit on its nodes.
 
-    A worker must fit on one node: a CPU worker gets at most the largest node's CPUs, and a
-    GPU worker at most its GPU share of the CPUs of the leanest GPU node type, so that every
-    GPU of every node can be used.
+    A GPU worker gets at most its GPU share of the CPUs of the leanest GPU node, so every
+    GPU of every node can be used. CPU workers get the largest share at which all of them
+    can be placed, each on one node (one worker on a 2 + 1 CPU cluster: 2; two: 1 each).
     """
     share = _even_share(spare, workers)
     shapes = node_shapes()
     if use_gpu:
         per_gpu = [s.get("CPU", 0.0) / s["GPU"] for s in shapes if s.get("GPU", 0.0) > 0]
         limit = min(per_gpu) * cfg.gpus_per_worker if per_gpu else share
-    else:
-        limit = max((s.get("CPU", 0.0) for s in shapes), default=share)
-    return max(0.01, min(share, math.floor(limit * 100) / 100))
+        return max(0.01, min(share, math.floor(limit * 100) / 100))
+    return _fitting_share(share, workers, [s.get("CPU", 0.0) for s in shapes])
+
+
+def _fitting_share(share: float, workers: int, node_cpus: list[float]) -> float:
+    """The largest CPUs per worker, at most `share`, at which `workers` fit on the nodes."""
+    candidates = {share} | {
+        math.floor(cpus / count * 100) / 100
+        for cpus in node_cpus
+        for count in range(1, workers + 1)
+    }
+    for each in sorted((c for c in candidates if 0 < c <= share), reverse=True):
+        if sum(math.floor(cpus / each + 1e-9) for cpus in node_cpus) >= workers:
+            return each
+    return share  # nothing fits: the checks that follow report it
 
 
 def _even_share(cpus: float, workers: int) -> float:

@@ -162,3 +162,11 @@ def test_a_default_cpu_worker_fits_on_one_node(fake_cluster):
 def test_one_node_keeps_every_core_for_one_worker(fake_cluster):
     fake_cluster([{"CPU": 2}])
     assert plan_workers(ScalingSection(num_workers=1)).cpus_per_worker == 2.0
+
+
+def test_two_cpu_workers_on_a_two_plus_one_cpu_cluster_get_one_cpu_each(fake_cluster):
+    fake_cluster([{"CPU": 2}, {"CPU": 1}])
+    assert plan_workers(ScalingSection(num_workers=1)).cpus_per_worker == 2.0
+    # An even share (1.49) would leave the 1-CPU node unusable: two workers could not start.
+    assert plan_workers(ScalingSection(num_workers=2)).cpus_per_worker == 1.0
+    assert plan_workers(ScalingSection(num_workers=3)).cpus_per_worker == 1.0
