@@ -12,6 +12,7 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -44,6 +45,10 @@ def second_node(ray_session):
     ray = ray_session
     address = ray.get_runtime_context().gcs_address
     before = len(_alive_nodes(ray))
+    # `ray start` records its cluster here, and a later plain `ray.init()` on this host would
+    # try to join that (by then dead) cluster: put the file back as it was afterwards.
+    address_file = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    previous = address_file.read_text() if address_file.is_file() else None
     command = [str(Path(sys.executable).with_name("ray")), "start", "--block"]
     command += ["--address", address, "--num-cpus", "1", "--num-gpus", "0"]
     node = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -58,6 +63,10 @@ def second_node(ray_session):
             node.wait(timeout=30)
         except subprocess.TimeoutExpired:
             node.kill()
+        if previous is None:
+            address_file.unlink(missing_ok=True)
+        else:
+            address_file.write_text(previous)
         _wait_for(lambda: len(_alive_nodes(ray)) == before, 60, "the second node to leave")
 
 
