@@ -170,3 +170,17 @@ def test_two_cpu_workers_on_a_two_plus_one_cpu_cluster_get_one_cpu_each(fake_clu
     # An even share (1.49) would leave the 1-CPU node unusable: two workers could not start.
     assert plan_workers(ScalingSection(num_workers=2)).cpus_per_worker == 1.0
     assert plan_workers(ScalingSection(num_workers=3)).cpus_per_worker == 1.0
+
+
+def test_capacity_of_the_shipped_aws_cluster_as_ray_up_writes_it(fake_cluster):
+    """cluster/gpu.yaml, prepared as `ray up` does, read back as the head's bootstrap file."""
+    from ray.autoscaler._private.util import prepare_config
+
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "cluster" / "gpu.yaml").read_text())
+    prepared = prepare_config(shipped)
+    fake_cluster([{"CPU": 8}], prepared["available_node_types"])
+    capacity = cluster_capacity()
+    assert capacity["GPU"] == 4 * 1 + 1 * 4  # gpu_1x x 4 and gpu_4x x 1
+    assert capacity["CPU"] == 8 + 4 * 8 + 48
+    layout = plan_workers(ScalingSection(num_workers=1), concurrent=8)
+    assert layout.use_gpu and layout.cpus_per_worker == 8.0
