@@ -85,6 +85,8 @@ def test_launcher_gpu_workers_scale_from_zero_and_head_has_no_gpu(name):
     gpu_types = [t for t in types.values() if t["resources"].get("GPU", 0) > 0]
     assert gpu_types
     assert all(t["min_workers"] == 0 for t in gpu_types)
+    # distmed counts each type at its own maximum; the global cap must not be lower.
+    assert config["max_workers"] >= sum(t["max_workers"] for t in gpu_types)
     assert config["idle_timeout_minutes"] > 0
 
 
