@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
@@ -145,6 +146,8 @@ class FoldPlan:
     """What the workers train on: decoded images, labels, and train/val indices per fold.
 
     Plain data so it crosses process boundaries (Ray `train_loop_config`, Tune parameters).
+    `images_ref` is set on a cluster (`share_images`): workers on nodes that lack the cache
+    file at `images_path` read the decoded images from Ray's object store instead.
     """
 
     images_path: str
@@ -152,6 +155,7 @@ class FoldPlan:
     num_classes: int
     positive: int | None
     folds: list[dict[str, list[int]]]
+    images_ref: Any = None
 
     def smallest_train_fold(self) -> int:
         return min(len(f["train"]) for f in self.folds)
@@ -206,6 +210,16 @@ def prepare_data(
     return PreparedData(index, cache, assignment, plan)
 
 
+def share_images(plan: FoldPlan) -> FoldPlan:
+    """The plan with its decoded images in Ray's object store, for workers on other nodes.
+
+    The cache file exists only on the node that built it (the driver's); Ray copies the
+    object to each node that reads it, once per node.
+    """
+    images = np.load(plan.images_path)  # a plain array: a memory map would be copied anyway
+    return replace(plan, images_ref=ray.put(images))
+
+
 def cross_validate(
     cfg: ExperimentConfig,
     plan: FoldPlan,
@@ -238,6 +252,7 @@ def fit_folds(
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
             "images_path": plan.images_path,
+            "images_ref": plan.images_ref,
             "labels": plan.labels,
             "num_classes": plan.num_classes,
             "positive": plan.positive,

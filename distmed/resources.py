@@ -1,7 +1,8 @@
 """The Ray session and the worker layout: start or join Ray, decide CPUs/GPUs per worker.
 
 A request that cannot fit the cluster is refused here with a clear message; Ray itself
-would wait for the resources forever.
+would wait for the resources forever. "The cluster" includes the nodes an autoscaler may
+still add (GPU nodes that scale from zero show no GPU until a trial asks for one).
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import ray
+import yaml
 
 from distmed.config import ScalingSection
 from distmed.errors import UserError
@@ -22,6 +26,8 @@ from distmed.errors import UserError
 log = logging.getLogger(__name__)
 # CPU reserved by each Tune trial's own driver function: it only waits on its Train workers.
 TRIAL_CPU = 0.01
+# Written by `ray up` on the head node: the node types the autoscaler may launch.
+BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
 
 
 @dataclass(frozen=True)
@@ -141,23 +147,19 @@ def plan_workers(cfg: ScalingSection, force_cpu: bool = False, concurrent: int =
     concurrent runs, so one local run gets every core. Inside Tune each trial's driver
     holds TRIAL_CPU, which is left out of the split so that the last worker still fits.
     """
-    total = ray.cluster_resources()
+    total = cluster_capacity()
     cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
     use_gpu = _want_gpu(cfg, gpus, force_cpu)
     workers = cfg.num_workers * max(1, concurrent)
-    if use_gpu and cfg.num_workers * cfg.gpus_per_worker > gpus:
-        raise UserError(
-            f"scaling.num_workers={cfg.num_workers} x {cfg.gpus_per_worker:g} GPU needs "
-            f"{cfg.num_workers * cfg.gpus_per_worker:g} GPUs but the cluster has {gpus:g}; "
-            "lower --workers or --gpus-per-worker, or add GPU nodes"
-        )
+    if use_gpu:
+        _check_gpus(cfg, gpus)
     if cfg.cpus_per_worker is None and not use_gpu and workers > cpus:
         raise UserError(
             f"scaling.num_workers={cfg.num_workers} CPU workers need {workers} CPUs but the "
             f"cluster has {cpus:g}; lower --workers (or set scaling.cpus_per_worker to share)"
         )
     spare = cpus - TRIAL_CPU * concurrent
-    per_worker = cfg.cpus_per_worker or _even_share(spare, workers)
+    per_worker = cfg.cpus_per_worker or _default_cpus(spare, workers, use_gpu, cfg)
     if cfg.num_workers * per_worker > spare + 1e-9:
         raise UserError(
             f"scaling.num_workers={cfg.num_workers} x {per_worker:g} CPU needs "
@@ -182,13 +184,122 @@ def concurrency_limit(
     Each trial's workers need their CPUs (and GPUs); the trial's own driver is idle while
     its workers train and reserves only a sliver of a CPU, so it never blocks them.
     """
-    total = ray.cluster_resources()
+    total = cluster_capacity()
     cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
     per_trial_cpus = cfg.num_workers * (cfg.cpus_per_worker or 1.0) + TRIAL_CPU
     fits = int(cpus // per_trial_cpus) if cfg.cpus_per_worker else int(cpus // cfg.num_workers)
     if _want_gpu(cfg, gpus, force_cpu):
         fits = min(fits, int(gpus // (cfg.num_workers * cfg.gpus_per_worker)))
     return max(1, min(requested, num_samples, fits))
+
+
+def cluster_capacity() -> dict[str, float]:
+    """The cluster's resources now, raised to the autoscaler's maximum where one is known."""
+    total = {key: float(value) for key, value in ray.cluster_resources().items()}
+    for key, value in _autoscaler_maximum().items():
+        total[key] = max(total.get(key, 0.0), value)
+    return total
+
+
+def _autoscaler_maximum() -> dict[str, float]:
+    """What the autoscaler could grow the cluster to; empty when nothing says so."""
+    grown: dict[str, float] = {}
+    for shape, count in _autoscaled_node_types():
+        for key, value in shape.items():
+            grown[key] = grown.get(key, 0.0) + value * count
+    try:  # the same private source Ray Train's own start-up check reads (KubeRay, v2)
+        from ray._private.state import state
+
+        reported = state.get_max_resources_from_cluster_config() or {}
+    except Exception as exc:  # a private API: never let it break a run
+        log.debug("no autoscaler maximum from the GCS: %s", exc)
+        reported = {}
+    for key, value in reported.items():
+        grown[key] = max(grown.get(key, 0.0), float(value))
+    return grown
+
+
+def node_shapes() -> list[dict[str, float]]:
+    """Resources of every node the cluster has, or of every node an autoscaler may run."""
+    launchable = [
+        shape for shape, count in _autoscaled_node_types() for _ in range(min(count, 1000))
+    ]
+    if launchable:  # the `ray up` config describes the whole cluster, head included
+        return launchable
+    return [
+        {k: float(v) for k, v in node["Resources"].items()} for node in ray.nodes() if node["Alive"]
+    ]
+
+
+def _autoscaled_node_types() -> list[tuple[dict[str, float], int]]:
+    """(resources, max count) of every node type of a `ray up` cluster, head included.
+
+    Read from the head's bootstrap config (the driver of `ray job submit` runs on the head);
+    an empty list where there is none, e.g. a local Ray or a manual `ray start` cluster.
+    """
+    path = BOOTSTRAP_CONFIG.expanduser()
+    if not path.is_file():
+        return []
+    try:
+        config: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
+        head = config.get("head_node_type")
+        types = config.get("available_node_types") or {}
+        return [
+            (
+                {k: float(v) for k, v in (spec.get("resources") or {}).items()},
+                1 if name == head else int(spec.get("max_workers", 0)),
+            )
+            for name, spec in types.items()
+        ]
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return []
+
+
+def _check_gpus(cfg: ScalingSection, gpus: float) -> None:
+    """Refuse GPU layouts that cannot run: too few GPUs, or DDP ranks sharing one GPU."""
+    if cfg.num_workers * cfg.gpus_per_worker > gpus:
+        raise UserError(
+            f"scaling.num_workers={cfg.num_workers} x {cfg.gpus_per_worker:g} GPU needs "
+            f"{cfg.num_workers * cfg.gpus_per_worker:g} GPUs but the cluster has {gpus:g}; "
+            "lower --workers or --gpus-per-worker, or add GPU nodes"
+        )
+    if cfg.num_workers > 1 and cfg.gpus_per_worker < 1:
+        # Two ranks of one run on the same GPU: NCCL aborts ("Duplicate GPU detected").
+        raise UserError(
+            f"scaling.gpus_per_worker={cfg.gpus_per_worker:g} with {cfg.num_workers} workers "
+            "would put two DDP ranks on one GPU, which NCCL refuses; use whole GPUs per "
+            "worker, or one worker per trial to pack trials onto a GPU"
+        )
+
+
+def _default_cpus(spare: float, workers: int, use_gpu: bool, cfg: ScalingSection) -> float:
+    """An even share of the cluster's CPUs, cut so that the workers fit on its nodes.
+
+    A GPU worker gets at most its GPU share of the CPUs of the leanest GPU node, so every
+    GPU of every node can be used. CPU workers get the largest share at which all of them
+    can be placed, each on one node (one worker on a 2 + 1 CPU cluster: 2; two: 1 each).
+    """
+    share = _even_share(spare, workers)
+    shapes = node_shapes()
+    if use_gpu:
+        per_gpu = [s.get("CPU", 0.0) / s["GPU"] for s in shapes if s.get("GPU", 0.0) > 0]
+        limit = min(per_gpu) * cfg.gpus_per_worker if per_gpu else share
+        return max(0.01, min(share, math.floor(limit * 100) / 100))
+    return _fitting_share(share, workers, [s.get("CPU", 0.0) for s in shapes])
+
+
+def _fitting_share(share: float, workers: int, node_cpus: list[float]) -> float:
+    """The largest CPUs per worker, at most `share`, at which `workers` fit on the nodes."""
+    candidates = {share} | {
+        math.floor(cpus / count * 100) / 100
+        for cpus in node_cpus
+        for count in range(1, workers + 1)
+    }
+    for each in sorted((c for c in candidates if 0 < c <= share), reverse=True):
+        if sum(math.floor(cpus / each + 1e-9) for cpus in node_cpus) >= workers:
+            return each
+    return share  # nothing fits: the checks that follow report it
 
 
 def _even_share(cpus: float, workers: int) -> float:

@@ -19,7 +19,7 @@ from distmed import __version__
 from distmed.artifacts import write_json_atomic
 from distmed.cli import add_common_options, overrides_from_args, parse, run_entry_point
 from distmed.config import ExperimentConfig, dump_config, load_config
-from distmed.cv import CVResult, cross_validate, prepare_data
+from distmed.cv import CVResult, cross_validate, prepare_data, share_images
 from distmed.data import DataIndex, describe_index, scan_source
 from distmed.errors import UserError
 from distmed.metrics import METRIC_NAMES
@@ -71,6 +71,8 @@ def _run(args: argparse.Namespace) -> int:
         f"{' + GPU' if layout.use_gpu else ''}",
         flush=True,
     )
+    if args.address:  # workers may run on nodes without this node's decoded-image cache
+        plan = share_images(plan)
     result = cross_validate(cfg, plan, layout, output / "ray", run_name(cfg, index))
     wall = time.perf_counter() - started
     write_cv_result(output / "cv_result.json", cfg, index, assignment, result, wall)

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import yaml
 from distmed import __version__
 from distmed.artifacts import delete_checkpoints, upload_dir
 from distmed.cli import add_common_options, overrides_from_args, parse, run_entry_point
-from distmed.cv import PreparedData, prepare_data, storage_uri
+from distmed.cv import PreparedData, prepare_data, share_images, storage_uri
 from distmed.data import DataIndex, describe_index, scan_source
 from distmed.errors import UserError
 from distmed.model import check_weights
@@ -126,6 +127,8 @@ def _run(args: argparse.Namespace) -> int:
     # killed driver loses (trials that ended since the last snapshot run again).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
     start_ray(args.address, worker_logs=args.verbose)
+    if args.address:  # workers may run on nodes without this node's decoded-image cache
+        prepared = replace(prepared, plan=share_images(prepared.plan))
     grid = _search(args, spec, prepared, name, exp_uri)
     local = _local_results_dir(args.storage, name)
     keys = list(spec.space)

@@ -248,7 +248,7 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick kernels once
     precision = resolve_amp(cfg.train.amp, device)
     channels_last = resolve_channels_last(cfg, device)
-    images = load_cached(Path(loop_config["images_path"]))
+    images = load_images(loop_config["images_path"], loop_config["images_ref"])
     labels = np.asarray(loop_config["labels"], dtype=np.int64)
     folds = [
         _build_fold(i, spec, cfg, images, labels, loop_config["num_classes"], device, precision)
@@ -282,6 +282,18 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     """The RNG seed of one rank's epoch: distinct per rank and epoch, fixed by `train.seed`."""
     return (seed * 100_003 + epoch) * 1_009 + rank
+
+
+def load_images(path: str, ref: Any) -> np.ndarray:
+    """The decoded images: the cache file where this node has it, else the object store copy."""
+    if Path(path).is_file():
+        return load_cached(Path(path))
+    if ref is None:
+        raise FileNotFoundError(
+            f"decoded image cache {path} is not on this node and the driver did not share it; "
+            "run with --address, or put data.cache_dir on storage every node mounts"
+        )
+    return ray.get(ref)
 
 
 def resolve_channels_last(cfg: ExperimentConfig, device: torch.device) -> bool:
