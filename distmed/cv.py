@@ -35,6 +35,10 @@ class FoldResult:
     stop_epoch: int
     metrics: dict[str, float]  # validation metrics at the epoch the training rule stopped at
     history: list[dict[str, float]]
+    # Out-of-fold predictions at the stopping epoch: CV-pool positions, labels, probabilities.
+    val_indices: list[int] = field(default_factory=list)
+    val_labels: list[int] = field(default_factory=list)
+    val_probs: list[list[float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -235,7 +239,17 @@ def _to_cv_result(value: dict[str, Any], checkpoint) -> CVResult:
         metrics = {name: last[f"val_{name}"] for name in METRIC_NAMES}
         metrics["loss"] = last["val_loss"]
         metrics["num_samples"] = int(last["val_num_samples"])
-        folds.append(FoldResult(number, int(last["epoch"]), metrics, fold["history"]))
+        folds.append(
+            FoldResult(
+                number,
+                int(last["epoch"]),
+                metrics,
+                fold["history"],
+                val_indices=fold.get("val_indices", []),
+                val_labels=fold.get("val_labels", []),
+                val_probs=fold.get("val_probs", []),
+            )
+        )
     aucs = [f.metrics["roc_auc"] for f in folds]
     if not all(math.isfinite(a) for a in aucs):
         log.warning("some folds have no finite ROC-AUC: %s", aucs)
