@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from distmed.artifacts import write_json_atomic, write_text_atomic
+from distmed.artifacts import read_text_uri, write_json_atomic, write_text_atomic, write_text_uri
 from distmed.config import ExperimentConfig, dump_config
 from distmed.space import apply_params
 
+if TYPE_CHECKING:  # cv imports Ray Train; the report reads results without it
+    from distmed.cv import CVResult
+
 STATUSES = ("completed", "stopped", "errored")
+# Per-fold epoch histories and out-of-fold predictions of one trial, in its Train run folder.
+TRIAL_DETAIL = "cv_detail.json"
 
 
 @dataclass(frozen=True)
@@ -134,3 +140,29 @@ def _short(value: Any) -> str:
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def write_trial_detail(run_uri: str, result: CVResult) -> None:
+    """Save a trial's per-fold histories and out-of-fold predictions next to its Train run.
+
+    Tune keeps only the last reported metrics; the report needs every epoch of every fold
+    and the validation scores that pick the operating threshold.
+    """
+    folds = [
+        {
+            "fold": f.fold,
+            "stop_epoch": f.stop_epoch,
+            "history": f.history,
+            "val_indices": f.val_indices,
+            "val_labels": f.val_labels,
+            "val_probs": f.val_probs,
+        }
+        for f in result.folds
+    ]
+    write_text_uri(f"{run_uri}/{TRIAL_DETAIL}", json.dumps({"folds": folds}, allow_nan=True))
+
+
+def read_trial_detail(run_uri: str) -> dict[str, Any] | None:
+    """What `write_trial_detail` saved, or None when the trial has no such file."""
+    text = read_text_uri(f"{run_uri}/{TRIAL_DETAIL}")
+    return None if text is None else json.loads(text)

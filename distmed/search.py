@@ -27,6 +27,7 @@ from distmed.artifacts import delete_checkpoints
 from distmed.config import ExperimentConfig
 from distmed.cv import FoldPlan, cross_validate
 from distmed.resources import TRIAL_CPU, WorkerLayout
+from distmed.results import write_trial_detail
 from distmed.space import SearchSpaceFile, apply_params, to_tune_domains
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     """One Tune trial: the base config with `params` applied, cross-validated by Ray Train."""
     cfg = apply_params(ExperimentConfig.model_validate(context.base), params)
     trial_id = ray.tune.get_context().get_trial_id()
-    cross_validate(
+    result = cross_validate(
         cfg,
         context.plan,
         context.layout,
@@ -54,6 +55,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
         run_name=trial_run_name(trial_id),
         callbacks=[TuneReportCallback()],
     )
+    write_trial_detail(f"{context.train_storage}/{trial_run_name(trial_id)}", result)
 
 
 class CVOptunaSearch(OptunaSearch):
