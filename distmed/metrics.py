@@ -90,3 +90,71 @@ def _auc(truth: np.ndarray, score: np.ndarray) -> float:
 
 def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator / denominator) if denominator else 0.0
+
+
+# --------------------------------------------------------------------------- operating point
+
+
+def binary_metrics_at(
+    labels: np.ndarray, probs: np.ndarray, positive: int, threshold: float
+) -> dict[str, float]:
+    """`METRIC_NAMES` for a binary task deciding "positive" when its score >= `threshold`."""
+    labels = np.asarray(labels)
+    score = np.asarray(probs, dtype=np.float64)[:, positive]
+    return _binary_metrics(labels == positive, score, score >= threshold)
+
+
+def youden_threshold(truth: np.ndarray, score: np.ndarray) -> float:
+    """The score threshold maximising sensitivity + specificity - 1 (Youden's J)."""
+    fpr, tpr, thresholds = skm.roc_curve(truth, score)
+    finite = np.isfinite(thresholds)  # sklearn's first threshold is +inf (nothing positive)
+    best = np.argmax((tpr - fpr)[finite])
+    return float(thresholds[finite][best])
+
+
+def sensitivity_threshold(truth: np.ndarray, score: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity reaches `target` (best specificity there)."""
+    _, tpr, thresholds = skm.roc_curve(truth, score)
+    reaching = np.flatnonzero((tpr >= target) & np.isfinite(thresholds))
+    return float(thresholds[reaching[0]]) if len(reaching) else float(np.min(score))
+
+
+# --------------------------------------------------------------------------- uncertainty
+
+CI_METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity", "f1")
+
+
+def bootstrap_ci(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    positive: int | None = None,
+    threshold: float | None = None,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap confidence intervals of `CI_METRICS`, resampling cases.
+
+    Binary tasks decide at `threshold` when given (else by argmax). Resamples holding a
+    single class have no ROC-AUC and are left out of its interval only.
+    """
+    labels = np.asarray(labels)
+    probs = np.asarray(probs, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    draws = np.full((resamples, len(CI_METRICS)), np.nan)
+    for i in range(resamples):
+        pick = rng.integers(0, len(labels), len(labels))
+        values = _metrics_at(labels[pick], probs[pick], positive, threshold)
+        draws[i] = [values[name] for name in CI_METRICS]
+    tail = (1 - level) / 2 * 100
+    low = np.nanpercentile(draws, tail, axis=0)
+    high = np.nanpercentile(draws, 100 - tail, axis=0)
+    return {name: (float(a), float(b)) for name, a, b in zip(CI_METRICS, low, high, strict=True)}
+
+
+def _metrics_at(
+    labels: np.ndarray, probs: np.ndarray, positive: int | None, threshold: float | None
+) -> dict[str, float]:
+    if threshold is not None and probs.shape[1] == 2:
+        return binary_metrics_at(labels, probs, 1 if positive is None else positive, threshold)
+    return classification_metrics(labels, probs, positive)
