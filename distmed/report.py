@@ -229,14 +229,22 @@ def search_section(run: RunData, figures: Path) -> str:
     aucs = [_float(t["cv_roc_auc"]) for t in trials]
     statuses = [t["status"] for t in trials]
     best = next(i for i, t in enumerate(trials) if t["trial_id"] == summary["best_trial"])
+    data = summary.get("data", {})
+    counts = summary.get("trials_by_status", {})
     parts = [
         "<h2>Search</h2>",
         _table(
             ["", ""],
             [
                 ["experiment", html.escape(str(summary.get("name")))],
-                ["data", html.escape(json.dumps(summary.get("data", {})))],
-                ["trials", html.escape(json.dumps(summary.get("trials_by_status", {})))],
+                [
+                    "data",
+                    html.escape(
+                        f"{data.get('name')}: {data.get('num_images')} training images, "
+                        f"classes {', '.join(run.class_names)}"
+                    ),
+                ],
+                ["trials", html.escape(", ".join(f"{n} {state}" for state, n in counts.items()))],
                 ["best trial", html.escape(summary["best_trial"])],
                 [
                     "best CV ROC-AUC (mean ± std over folds)",
@@ -336,8 +344,8 @@ def _metrics_table(labels, probs, positive, cut, resamples) -> str:
             cells[name] += [_num(f"{key}.{name}", point[name]), f"{low:.4f} – {high:.4f}"]
     note = (
         f"<p>{len(labels)} test images; 95% percentile bootstrap intervals over "
-        f"{resamples} case resamples (seed 0). Multi-class sensitivity, specificity and F1 "
-        "are macro averages.</p>"
+        f"{resamples} case resamples (seed 0). ROC-AUC does not depend on the threshold. "
+        "Multi-class sensitivity, specificity and F1 are macro averages.</p>"
     )
     return note + _table(header, list(cells.values()))
 
