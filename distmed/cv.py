@@ -176,14 +176,17 @@ def cross_validate(
     storage: str | Path,
     run_name: str,
     callbacks: Sequence[Any] = (),
+    detail_uri: str | None = None,
 ) -> CVResult:
     """Train every fold of `plan` with one Ray Train fit; collect each fold's final metrics.
 
     Reusing `run_name` under the same `storage` resumes that run from its last checkpoint.
     `callbacks` are Ray Train callbacks (Tune's report callback inside a trial).
+    `detail_uri`: a folder where rank 0 keeps the per-fold histories and out-of-fold
+    predictions up to date every epoch (see `distmed.results.write_trial_detail`).
     """
     check_batch_fits(cfg.train.batch_size, plan.smallest_train_fold())
-    result = fit_folds(cfg, plan, layout, storage, run_name, callbacks)
+    result = fit_folds(cfg, plan, layout, storage, run_name, callbacks, detail_uri)
     return _to_cv_result(result.return_value, result.checkpoint)
 
 
@@ -194,6 +197,7 @@ def fit_folds(
     storage: str | Path,
     run_name: str,
     callbacks: Sequence[Any] = (),
+    detail_uri: str | None = None,
 ):
     """One `TorchTrainer` fit of `distmed.worker.train_folds` over the plan's folds."""
     trainer = TorchTrainer(
@@ -206,6 +210,7 @@ def fit_folds(
             "positive": plan.positive,
             "folds": plan.folds,
             "threads": layout.threads,
+            "detail_uri": detail_uri,
         },
         scaling_config=ScalingConfig(
             num_workers=layout.num_workers,

@@ -12,14 +12,11 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from distmed.artifacts import read_text_uri, write_json_atomic, write_text_atomic, write_text_uri
 from distmed.config import ExperimentConfig, dump_config
 from distmed.space import apply_params
-
-if TYPE_CHECKING:  # cv imports Ray Train; the report reads results without it
-    from distmed.cv import CVResult
 
 STATUSES = ("completed", "stopped", "errored")
 # Per-fold epoch histories and out-of-fold predictions of one trial, in its Train run folder.
@@ -142,24 +139,16 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
-def write_trial_detail(run_uri: str, result: CVResult) -> None:
+def write_trial_detail(run_uri: str, folds: list[dict[str, Any]]) -> None:
     """Save a trial's per-fold histories and out-of-fold predictions next to its Train run.
 
-    Tune keeps only the last reported metrics; the report needs every epoch of every fold
-    and the validation scores that pick the operating threshold.
+    `folds`: per fold, `history` (one record per epoch) and `val_indices`, `val_labels`,
+    `val_probs` (the latest validation pass). Tune keeps only the last reported metrics;
+    the report needs every epoch of every fold and the validation scores that pick the
+    operating threshold.
     """
-    folds = [
-        {
-            "fold": f.fold,
-            "stop_epoch": f.stop_epoch,
-            "history": f.history,
-            "val_indices": f.val_indices,
-            "val_labels": f.val_labels,
-            "val_probs": f.val_probs,
-        }
-        for f in result.folds
-    ]
-    write_text_uri(f"{run_uri}/{TRIAL_DETAIL}", json.dumps({"folds": folds}, allow_nan=True))
+    payload = {"folds": [{"fold": k, **fold} for k, fold in enumerate(folds)]}
+    write_text_uri(f"{run_uri}/{TRIAL_DETAIL}", json.dumps(payload, allow_nan=True))
 
 
 def read_trial_detail(run_uri: str) -> dict[str, Any] | None:

@@ -27,7 +27,6 @@ from distmed.artifacts import delete_checkpoints
 from distmed.config import ExperimentConfig
 from distmed.cv import FoldPlan, cross_validate
 from distmed.resources import TRIAL_CPU, WorkerLayout
-from distmed.results import write_trial_detail
 from distmed.space import SearchSpaceFile, apply_params, to_tune_domains
 
 log = logging.getLogger(__name__)
@@ -47,15 +46,16 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     """One Tune trial: the base config with `params` applied, cross-validated by Ray Train."""
     cfg = apply_params(ExperimentConfig.model_validate(context.base), params)
     trial_id = ray.tune.get_context().get_trial_id()
-    result = cross_validate(
+    run_name = trial_run_name(trial_id)
+    cross_validate(
         cfg,
         context.plan,
         context.layout,
         context.train_storage,
-        run_name=trial_run_name(trial_id),
+        run_name=run_name,
         callbacks=[TuneReportCallback()],
+        detail_uri=f"{context.train_storage}/{run_name}",  # histories for the report
     )
-    write_trial_detail(f"{context.train_storage}/{trial_run_name(trial_id)}", result)
 
 
 class CVOptunaSearch(OptunaSearch):

@@ -30,6 +30,7 @@ from distmed.config import ExperimentConfig, OptimConfig, TrainConfig
 from distmed.data import CachedImageDataset, load_cached, to_model_input
 from distmed.metrics import classification_metrics
 from distmed.model import build_model, set_train_mode
+from distmed.results import write_trial_detail
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
@@ -305,7 +306,7 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
         for fold in folds:
             if not fold.stopped:
                 _run_fold_epoch(fold, epoch, cfg, device, precision, channels_last, positive)
-        _report(folds, epoch, cfg.train.epochs)
+        _report(folds, epoch, cfg.train.epochs, loop_config.get("detail_uri"))
         if all(f.stopped for f in folds):
             break
     return {
@@ -394,8 +395,13 @@ def _quiet_worker_logs() -> None:
         log.propagate = False
 
 
-def _report(folds: list[FoldRun], epoch: int, epochs: int) -> None:
-    """One report per epoch on every rank; rank 0 attaches the checkpoint of all folds."""
+def _report(folds: list[FoldRun], epoch: int, epochs: int, detail_uri: str | None) -> None:
+    """One report per epoch on every rank; rank 0 attaches the checkpoint of all folds.
+
+    Rank 0 also rewrites the folds' histories and out-of-fold predictions at `detail_uri`
+    before reporting: a scheduler may stop the trial at any report (ASHA does at max_t,
+    even when every fold has finished), so nothing after the last report is sure to run.
+    """
     latest = [f.history[-1] for f in folds if f.history]
     aucs = [r["val_roc_auc"] for r in latest if "val_roc_auc" in r]
     metrics = {
@@ -426,6 +432,8 @@ def _report(folds: list[FoldRun], epoch: int, epochs: int) -> None:
         metrics["folds_active"],
         len(folds),
     )
+    if detail_uri:
+        write_trial_detail(detail_uri, [{"history": f.history, **f.predictions()} for f in folds])
     with tempfile.TemporaryDirectory() as tmp:
         state = {"epoch": epoch + 1, "folds": [f.state_dict() for f in folds]}
         torch.save(state, Path(tmp) / STATE_FILE)

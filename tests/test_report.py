@@ -17,7 +17,12 @@ from distmed import export, predict, report
 from distmed.config import ExperimentConfig
 from distmed.cv import CVResult, FoldResult
 from distmed.data import decode_split, scan_folder, to_model_input
-from distmed.metrics import bootstrap_ci, classification_metrics
+from distmed.metrics import (
+    binary_metrics_at,
+    bootstrap_ci,
+    classification_metrics,
+    resample_indices,
+)
 from distmed.model import build_model
 from distmed.refit import TEST_PREDICTIONS, evaluate_test, load_model, save_model
 from distmed.results import TrialRow, write_summary, write_trial_detail, write_trials_csv
@@ -82,7 +87,12 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     folds = [_fold(rng, k, 30) for k in range(3)]
     result = CVResult(folds=folds, precision="off", device="cpu", world_size=1)
-    write_trial_detail(str(run / "trials" / "cv-t1"), result)
+    detail = [
+        {"history": f.history, "val_indices": f.val_indices, "val_labels": f.val_labels,
+         "val_probs": f.val_probs}
+        for f in folds
+    ]  # fmt: skip
+    write_trial_detail(str(run / "trials" / "cv-t1"), detail)
     rows = [
         TrialRow("t1", {"optim.lr": 1e-3, "optim.name": "adam"}, "completed",
                  result.mean_roc_auc, result.std_roc_auc, result.fold_aucs, [4, 4, 4], 4, 9.0),
@@ -174,6 +184,26 @@ def test_bootstrap_intervals_hold_the_estimate_and_narrow_with_more_samples():
         assert widths[1500][name] < widths[60][name] / 2, name  # ~ 1/sqrt(n): 5x narrower
 
 
+@pytest.mark.parametrize("threshold", [None, 0.3])
+def test_vectorised_binary_bootstrap_equals_sklearn_per_resample(threshold):
+    labels, probs = _scores(25, seed=2)
+    labels[:] = 0
+    labels[:3] = 1  # 3 positives in 25: about 4% of resamples hold none (AUC undefined)
+    picks = resample_indices(25, 200, seed=5)
+    assert (labels[picks].sum(axis=1) == 0).any()
+    rows = [
+        binary_metrics_at(labels[p], probs[p], 1, threshold)
+        if threshold is not None
+        else classification_metrics(labels[p], probs[p], 1)
+        for p in picks
+    ]
+    intervals = bootstrap_ci(labels, probs, 1, threshold, resamples=200, seed=5)
+    for name in intervals:
+        values = np.array([r[name] for r in rows])
+        expected = np.nanpercentile(values, [2.5, 97.5])
+        assert intervals[name] == pytest.approx(tuple(expected), abs=1e-12), name
+
+
 def test_bootstrap_is_seeded():
     labels, probs = _scores(80, seed=1)
     assert bootstrap_ci(labels, probs, 1, resamples=50, seed=3) == bootstrap_ci(
@@ -253,3 +283,27 @@ def test_export_refuses_an_unknown_format(finished_run: Path, tmp_path: Path, ca
     argv = ["--model", str(finished_run / "best_model.pt"), "--format", "tflite"]
     assert export.main([*argv, "--output", str(tmp_path / "m")]) == 2
     assert "torchscript, onnx" in capsys.readouterr().err
+
+
+def test_multiclass_test_section_has_per_class_and_macro_curves(tmp_path: Path):
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1, 2], 30)
+    logits = rng.normal(0, 1, (90, 3)) + 1.5 * np.eye(3)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    run = report.RunData(
+        run_dir=tmp_path,
+        summary={},
+        trials=[],
+        space_keys=[],
+        model_path=tmp_path / "unused.pt",
+        class_names=["a", "b", "c"],
+        positive=None,
+        detail=None,
+        test={"labels": labels, "probs": probs, "images_path": np.asarray("none")},
+    )
+    html = report.test_section(run, tmp_path, None, resamples=50)
+    assert "argmax" in html and "at threshold" not in html
+    shown = dict(re.findall(r"data-key='([^']+)' data-value='([^']+)'", html))
+    macro = classification_metrics(labels, probs)["roc_auc"]
+    assert float(shown["test_metrics.roc_auc"]) == pytest.approx(macro)
+    assert {p.stem for p in tmp_path.glob("*.png")} == {"roc", "confusion", "pr", "calib"}
