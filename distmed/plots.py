@@ -51,7 +51,7 @@ def plot_search_progress(aucs: Sequence[float], statuses: Sequence[str], path: P
     ax.set_title("Search progress")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     return save(fig, path)
 
 
@@ -106,7 +106,7 @@ def plot_fold_aucs(aucs: Sequence[float], path: Path) -> Path:
     ax.set_xticks(range(len(values)), [f"fold {k}" for k in range(len(values))])
     ax.set(ylabel="validation ROC-AUC", ylim=(max(0.0, values.min() - 0.1), 1.0))
     ax.set_title("Best trial: ROC-AUC per fold")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     return save(fig, path)
 
 
