@@ -52,6 +52,10 @@ class DataConfig(_Section):
     cache_dir: str | None = Field(
         None, description="decoded-image cache (default ~/.cache/distmed)"
     )
+    skip_invalid: bool = Field(
+        False,
+        description="skip unreadable image files (counted in the results) instead of stopping",
+    )
     augment: AugmentConfig = AugmentConfig()
 
 

@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from distmed.config import CVConfig, ExperimentConfig
-from distmed.data import CachedData, DataIndex, Split
+from distmed.data import CachedData, DataIndex, Split, build_cache, drop_samples
 from distmed.errors import UserError
 from distmed.metrics import METRIC_NAMES
 from distmed.resources import WorkerLayout
@@ -53,6 +53,11 @@ class CVResult:
     @property
     def fold_aucs(self) -> list[float]:
         return [f.metrics["roc_auc"] for f in self.folds]
+
+    @property
+    def diverged_folds(self) -> list[int]:
+        """Folds whose loss became NaN/inf (their metrics are NaN)."""
+        return [f.fold for f in self.folds if f.history and f.history[-1].get("diverged")]
 
     @property
     def mean_roc_auc(self) -> float:
@@ -167,6 +172,42 @@ def plan_folds(
         positive=positive_index(cfg, index.class_names),
         folds=fold_specs(assignment, cfg.cv.folds),
     )
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A source made ready for training: index, decoded cache, fold assignment and plan."""
+
+    index: DataIndex
+    cache: CachedData
+    assignment: np.ndarray
+    plan: FoldPlan
+
+
+def prepare_data(
+    cfg: ExperimentConfig, scanned: DataIndex, batch_sizes: Sequence[int] = ()
+) -> PreparedData:
+    """Folds and the decoded cache of a scanned source; unreadable files left out if asked.
+
+    Every data problem surfaces here, before Ray starts; fold problems before the (slow)
+    first decode. `batch_sizes` are all the batch sizes a run or search will try.
+    """
+    assignment = make_folds(scanned.pool, cfg.cv, scanned.class_names)
+    cache = build_cache(scanned, cfg.data)
+    index = drop_samples(scanned, cache.skipped)
+    if index.skipped:
+        names = ", ".join(list(index.skipped)[:5])
+        log.warning(
+            "data.skip_invalid: left out %d unreadable image file(s): %s%s",
+            len(index.skipped),
+            names,
+            " ..." if len(index.skipped) > 5 else "",
+        )
+        assignment = make_folds(index.pool, cfg.cv, index.class_names)
+    plan = plan_folds(cfg, index, cache, assignment)
+    for size in batch_sizes or [cfg.train.batch_size]:
+        check_batch_fits(size, plan.smallest_train_fold())
+    return PreparedData(index, cache, assignment, plan)
 
 
 def cross_validate(

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,40 @@ class DataIndex:
     pool: Split
     test: Split | None
     fingerprint: str  # changes when any file, size or label changes
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable file id -> reason
+
+
+def describe_index(index: DataIndex) -> dict:
+    """What results files say about the data: name, classes, sizes, files left out."""
+    return {
+        "name": index.name,
+        "classes": index.class_names,
+        "num_images": len(index.pool),
+        "num_test_images": len(index.test) if index.test is not None else 0,
+        "skipped_invalid": len(index.skipped),
+        "skipped_files": index.skipped,
+    }
+
+
+def drop_samples(index: DataIndex, skipped: dict[str, str]) -> DataIndex:
+    """The index without the samples in `skipped` (files the cache could not decode)."""
+    if not skipped:
+        return index
+    test = _drop_from_split(index.test, skipped) if index.test is not None else None
+    return replace(index, pool=_drop_from_split(index.pool, skipped), test=test, skipped=skipped)
+
+
+def _drop_from_split(split: Split, skipped: dict[str, str]) -> Split:
+    keep = np.array([sample_id not in skipped for sample_id in split.ids], dtype=bool)
+    return Split(
+        ids=[sample_id for sample_id, kept in zip(split.ids, keep, strict=True) if kept],
+        labels=split.labels[keep],
+        groups=split.groups[keep] if split.groups is not None else None,
+        paths=[p for p, kept in zip(split.paths, keep, strict=True) if kept]
+        if split.paths is not None
+        else None,
+        images=split.images[keep] if split.images is not None else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -74,6 +108,7 @@ class CachedData:
     pool_path: Path
     test_path: Path | None
     channels: int
+    skipped: dict[str, str] = field(default_factory=dict)  # files left out: id -> reason
 
 
 def default_cache_root() -> Path:
@@ -335,7 +370,11 @@ def fetch_medmnist(name: str, root: Path) -> Path:
 
 
 def build_cache(index: DataIndex, cfg: DataConfig) -> CachedData:
-    """Decode + resize every image once per (source, image size); reuse it when present."""
+    """Decode + resize every image once per (source, image size); reuse it when present.
+
+    Unreadable files stop the run with their names, or with `data.skip_invalid` are left
+    out of the cache and listed in `CachedData.skipped` (see `drop_samples`).
+    """
     key = hashlib.sha256(
         f"v{CACHE_VERSION}|{index.fingerprint}|{cfg.image_size}".encode()
     ).hexdigest()[:16]
@@ -345,41 +384,84 @@ def build_cache(index: DataIndex, cfg: DataConfig) -> CachedData:
         meta = json.loads(meta_path.read_text())
         log.info("reusing decoded images in %s", folder)
     else:
-        folder.mkdir(parents=True, exist_ok=True)
-        channels = []
-        for part, split in (("pool", index.pool), ("test", index.test)):
-            if split is None:
-                continue
-            array = decode_split(split, cfg.image_size)
-            channels.append(array.shape[1])
-            _save_atomic(folder / f"{part}.npy", array)
-        meta = {"channels": max(channels), "num_pool": len(index.pool)}
+        meta = _decode_into(folder, index, cfg.image_size)
         write_text_atomic(meta_path, json.dumps(meta))
-        log.info("decoded %d images into %s", len(index.pool), folder)
+        log.info("decoded %d images into %s", meta["num_pool"], folder)
+    skipped = meta.get("skipped", {})
+    if skipped and not cfg.skip_invalid:
+        raise UserError(unreadable_message(skipped))
     test_path = folder / "test.npy" if index.test is not None else None
-    return CachedData(pool_path=folder / "pool.npy", test_path=test_path, channels=meta["channels"])
+    return CachedData(
+        pool_path=folder / "pool.npy",
+        test_path=test_path,
+        channels=meta["channels"],
+        skipped=skipped,
+    )
 
 
-def decode_split(split: Split, size: int) -> np.ndarray:
-    """All images of a split as uint8 (N, C, size, size), C = 1 when every image is grey."""
+def _decode_into(folder: Path, index: DataIndex, size: int) -> dict:
+    """Decode the pool and test splits into `folder`; returns the cache's metadata."""
+    folder.mkdir(parents=True, exist_ok=True)
+    channels, skipped = [], {}
+    for part, split in (("pool", index.pool), ("test", index.test)):
+        if split is None:
+            continue
+        array, bad = decode_split(split, size)
+        skipped.update(bad)
+        if array is None:
+            raise UserError(
+                f"{index.name}: none of the {len(split)} {part} image files can be read "
+                f"({unreadable_message(bad)})"
+            )
+        channels.append(array.shape[1])
+        _save_atomic(folder / f"{part}.npy", array)
+    return {
+        "channels": max(channels),
+        "num_pool": len(index.pool) - len(skipped),
+        "skipped": skipped,
+    }
+
+
+def unreadable_message(bad: dict[str, str]) -> str:
+    """One line naming the unreadable files (the first five) and the two ways on."""
+    items = [f"{sample_id} ({reason})" for sample_id, reason in bad.items()]
+    shown = ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+    return (
+        f"{len(items)} unreadable image file(s): {shown}; fix or remove them, "
+        "or set data.skip_invalid=true to leave them out"
+    )
+
+
+def decode_split(split: Split, size: int) -> tuple[np.ndarray | None, dict[str, str]]:
+    """The readable images of a split as uint8 (N, C, size, size), and the unreadable ones.
+
+    C = 1 when every image is grey. Returns (None, bad) when no image can be read.
+    """
     if split.images is not None:
-        return resize_array(split.images, size)
-    decoded, bad = [], []
+        return resize_array(split.images, size), {}
+    decoded, bad = [], {}
     for sample_id, path in zip(split.ids, split.paths or [], strict=True):
         try:
             decoded.append(decode_image(path, size))
         except (OSError, UnidentifiedImageError, ValueError) as exc:
-            bad.append(f"{sample_id} ({type(exc).__name__})")
-    if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise UserError(f"{len(bad)} unreadable image file(s): {shown}; fix or remove them")
+            bad[sample_id] = _reason(path, exc)
+    if not decoded:
+        return None, bad
     colour = any(img.ndim == 3 for img in decoded)
     if colour:
         decoded = [
             np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img for img in decoded
         ]
-        return np.stack(decoded).transpose(0, 3, 1, 2).copy()
-    return np.stack(decoded)[:, None]
+        return np.stack(decoded).transpose(0, 3, 1, 2).copy(), bad
+    return np.stack(decoded)[:, None], bad
+
+
+def _reason(path: Path, exc: Exception) -> str:
+    if path.stat().st_size == 0:
+        return "empty file"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image"
+    return f"truncated or corrupt: {type(exc).__name__}"
 
 
 def decode_image(path: Path, size: int) -> np.ndarray:

@@ -30,6 +30,11 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     return model
 
 
+def check_weights(cfg: ModelConfig) -> None:
+    """Load the configured weights once, so a bad file fails before data work or Ray starts."""
+    load_backbone_weights(models.get_model(cfg.arch, weights=None), cfg)
+
+
 def build_head(cfg: ModelConfig, in_features: int, num_classes: int) -> nn.Module:
     if cfg.head == "linear":
         return nn.Linear(in_features, num_classes)

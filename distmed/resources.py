@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import ray
@@ -50,11 +53,15 @@ def start_ray(address: str | None = None, worker_logs: bool = True) -> None:
         return
     # Quiet, fast start-up for the common local case; a user's own settings win.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    if address:
+        check_reachable(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=worker_logs)
         else:
-            ray.init(log_to_driver=worker_logs, include_dashboard=True)
+            # "local": always a fresh instance of our own; without it Ray would join whatever
+            # cluster last registered on this host, even a dead one. --address auto joins.
+            ray.init(address="local", log_to_driver=worker_logs, include_dashboard=True)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         target = f"the cluster at {address}" if address else "a local Ray instance"
         raise UserError(
@@ -62,6 +69,67 @@ def start_ray(address: str | None = None, worker_logs: bool = True) -> None:
             f"({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             "check --address, or run 'ray status'"
         ) from exc
+
+
+def check_reachable(address: str) -> None:
+    """Fail within seconds, in one line, when no Ray cluster answers at `address`.
+
+    Left alone, `ray.init` retries an unreachable or silent address for minutes. A refused
+    port fails at once; anything else is tried by a throw-away driver process that is
+    stopped after $DISTMED_RAY_CONNECT_TIMEOUT_S (default 20) seconds.
+    """
+    target = _resolve_address(address)
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(
+            f"--address {address}: expected auto, HOST:PORT or ray://HOST:PORT (e.g. 10.0.0.5:6379)"
+        )
+    hint = "start one with 'ray start --head' or 'ray up', or check the address and any tunnel"
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UserError(
+            f"--address {address}: no Ray cluster at {target} ({reason}); {hint}"
+        ) from exc
+    timeout = float(os.environ.get("DISTMED_RAY_CONNECT_TIMEOUT_S", "20"))
+    probe = [sys.executable, "-c", _PROBE, address]
+    try:
+        subprocess.run(probe, timeout=timeout, capture_output=True, text=True, check=True)
+    except subprocess.TimeoutExpired:
+        raise UserError(
+            f"--address {address}: {target} accepts connections but did not answer as a Ray "
+            f"cluster within {timeout:g} s; {hint}"
+        ) from None
+    except subprocess.CalledProcessError as exc:
+        lines = [line for line in exc.stderr.splitlines() if line.strip()]
+        raise UserError(
+            f"--address {address}: could not join ({lines[-1][:200] if lines else 'no output'})"
+            f"; {hint}"
+        ) from None
+
+
+# Joins and leaves the cluster at argv[1]; run in a child process so it can be timed out.
+_PROBE = "import sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR'); ray.shutdown()"
+
+
+def _resolve_address(address: str) -> str:
+    if address.startswith("ray://"):
+        return address.removeprefix("ray://").split("/", 1)[0]
+    if address != "auto":
+        return address
+    from ray._private.services import get_ray_address_from_environment  # Ray's own lookup
+
+    try:
+        found = get_ray_address_from_environment("auto", None)
+    except ConnectionError:
+        found = None
+    if not found:
+        raise UserError(
+            "--address auto: no Ray cluster is running on this host; start one with "
+            "'ray start --head', or leave out --address for a local run"
+        )
+    return found
 
 
 def plan_workers(cfg: ScalingSection, force_cpu: bool = False, concurrent: int = 0) -> WorkerLayout:

@@ -18,7 +18,7 @@ from distmed.artifacts import read_text_uri, write_json_atomic, write_text_atomi
 from distmed.config import ExperimentConfig, dump_config
 from distmed.space import apply_params
 
-STATUSES = ("completed", "stopped", "errored")
+STATUSES = ("completed", "stopped", "diverged", "errored")
 # Per-fold epoch histories and out-of-fold predictions of one trial, in its Train run folder.
 TRIAL_DETAIL = "cv_detail.json"
 
@@ -48,8 +48,15 @@ def collect_rows(result_grid, space_keys: list[str]) -> list[TrialRow]:
             for k in metrics
             if k.startswith("fold") and k.endswith("_roc_auc")
         )
+        error = _one_line(result.error) if result.error is not None else ""
         if result.error is not None:
             status = "errored"
+        elif metrics.get("folds_diverged"):
+            status = "diverged"
+            error = (
+                f"loss became NaN/inf by epoch {metrics.get('epoch')} in "
+                f"{metrics['folds_diverged']} fold(s); lower optim.lr or use train.amp=off"
+            )
         elif metrics.get("cv_complete"):
             status = "completed"
         else:
@@ -65,7 +72,7 @@ def collect_rows(result_grid, space_keys: list[str]) -> list[TrialRow]:
                 fold_epochs=[int(metrics[f"fold{k}_epoch"]) for k in folds],
                 epochs_reported=int(metrics.get("training_iteration", 0)),
                 time_s=float(metrics.get("time_total_s", math.nan)),
-                error=_one_line(result.error) if result.error is not None else "",
+                error=error,
             )
         )
     return sorted(rows, key=lambda r: r.trial_id)

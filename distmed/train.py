@@ -19,10 +19,11 @@ from distmed import __version__
 from distmed.artifacts import write_json_atomic
 from distmed.cli import add_common_options, overrides_from_args, parse, run_entry_point
 from distmed.config import ExperimentConfig, dump_config, load_config
-from distmed.cv import CVResult, cross_validate, make_folds, plan_folds
-from distmed.data import DataIndex, build_cache, scan_source
+from distmed.cv import CVResult, cross_validate, prepare_data
+from distmed.data import DataIndex, describe_index, scan_source
+from distmed.errors import UserError
 from distmed.metrics import METRIC_NAMES
-from distmed.model import build_model
+from distmed.model import check_weights
 from distmed.resources import plan_workers, start_ray
 
 
@@ -54,10 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     cfg = load_config(args.config, overrides_from_args(args))
-    index = scan_source(cfg.data)
-    assignment = make_folds(index.pool, cfg.cv, index.class_names)
-    build_model(cfg.model, len(index.class_names))  # fail on bad weights before Ray starts
-    cache = build_cache(index, cfg.data)
+    scanned = scan_source(cfg.data)
+    check_weights(cfg.model)  # a bad weights file fails before the (slow) first decode
+    prepared = prepare_data(cfg, scanned)
+    index, assignment, plan = prepared.index, prepared.assignment, prepared.plan
     output = Path(args.output or _default_output(index)).resolve()
     output.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, output / "config.yaml")
@@ -70,12 +71,17 @@ def _run(args: argparse.Namespace) -> int:
         f"{' + GPU' if layout.use_gpu else ''}",
         flush=True,
     )
-    plan = plan_folds(cfg, index, cache, assignment)
     result = cross_validate(cfg, plan, layout, output / "ray", run_name(cfg, index))
     wall = time.perf_counter() - started
     write_cv_result(output / "cv_result.json", cfg, index, assignment, result, wall)
     print(format_fold_table(result))
     print(f"precision: {result.precision} on {result.device}; wall time {wall:.0f} s")
+    if result.diverged_folds:
+        folds = ", ".join(str(k + 1) for k in result.diverged_folds)
+        raise UserError(
+            f"training diverged (loss NaN/inf) in fold(s) {folds}, so there is no CV score; "
+            f"lower optim.lr or use train.amp=off (history: {output / 'cv_result.json'})"
+        )
     print(
         f"CV ROC-AUC {result.mean_roc_auc:.4f} ± {result.std_roc_auc:.4f}  "
         f"-> {output / 'cv_result.json'}"
@@ -128,7 +134,7 @@ def write_cv_result(
         "precision": result.precision,
         "device": result.device,
         "world_size": result.world_size,
-        "data": {"name": index.name, "classes": index.class_names, "num_images": len(index.pool)},
+        "data": describe_index(index),
         "config": cfg.model_dump(mode="json"),
         "fold_assignment": [
             {"id": sample_id, "label": int(label), "fold": int(fold)}

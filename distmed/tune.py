@@ -13,7 +13,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,10 @@ import yaml
 from distmed import __version__
 from distmed.artifacts import delete_checkpoints, upload_dir
 from distmed.cli import add_common_options, overrides_from_args, parse, run_entry_point
-from distmed.cv import FoldPlan, check_batch_fits, make_folds, plan_folds, storage_uri
-from distmed.data import CachedData, DataIndex, build_cache, scan_source
+from distmed.cv import PreparedData, prepare_data, storage_uri
+from distmed.data import DataIndex, describe_index, scan_source
 from distmed.errors import UserError
-from distmed.model import build_model
+from distmed.model import check_weights
 from distmed.refit import (
     TEST_PREDICTIONS,
     evaluate_test,
@@ -156,23 +155,11 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class PreparedData:
-    index: DataIndex
-    cache: CachedData
-    plan: FoldPlan
-
-
 def _prepare_data(spec: SearchSpaceFile) -> PreparedData:
     """Index, folds and decoded cache, once for every trial; every input error before Ray."""
-    index = scan_source(spec.base.data)
-    assignment = make_folds(index.pool, spec.base.cv, index.class_names)
-    build_model(spec.base.model, len(index.class_names))  # bad weights fail before Ray starts
-    cache = build_cache(index, spec.base.data)
-    plan = plan_folds(spec.base, index, cache, assignment)
-    for size in _batch_sizes(spec):
-        check_batch_fits(size, plan.smallest_train_fold())
-    return PreparedData(index, cache, plan)
+    scanned = scan_source(spec.base.data)
+    check_weights(spec.base.model)  # a bad weights file fails before the (slow) first decode
+    return prepare_data(spec.base, scanned, _batch_sizes(spec))
 
 
 def _search(args, spec: SearchSpaceFile, prepared: PreparedData, name: str, exp_uri: str):
@@ -207,7 +194,7 @@ def _summary_head(name: str, spec: SearchSpaceFile, index: DataIndex, rows) -> d
         "trials_by_status": status_counts(rows),
         "search": spec.search.model_dump(mode="json"),
         "space": spec.space_as_dict(),
-        "data": {"name": index.name, "classes": index.class_names, "num_images": len(index.pool)},
+        "data": describe_index(index),
         "versions": _versions(),
     }
 
@@ -249,7 +236,8 @@ def _print_results(rows, keys, best, summary: dict[str, Any], local: Path) -> No
     counts = summary["trials_by_status"]
     print(
         f"{counts['completed']} completed, {counts['stopped']} stopped early, "
-        f"{counts['errored']} errored; best CV ROC-AUC {best.cv_roc_auc:.4f} "
+        f"{counts['diverged']} diverged, {counts['errored']} errored; "
+        f"best CV ROC-AUC {best.cv_roc_auc:.4f} "
         f"± {best.cv_roc_auc_std:.4f} (trial {best.trial_id})"
     )
     if "test_metrics" in summary:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from distmed.config import ExperimentConfig, OptimConfig, TrainConfig
 from distmed.data import CachedImageDataset, load_cached, to_model_input
-from distmed.metrics import classification_metrics
+from distmed.metrics import METRIC_NAMES, classification_metrics
 from distmed.model import build_model, set_train_mode
 from distmed.results import write_trial_detail
 
@@ -206,7 +206,9 @@ def train_one_epoch(
     if dist.is_initialized():
         dist.all_reduce(sums)
     labels_all, probs_all = _gather_arrays(torch.cat(seen_labels), torch.cat(seen_probs))
-    scores = classification_metrics(labels_all, probs_all, positive)
+    scores = {"accuracy": math.nan, "roc_auc": math.nan}  # diverged outputs have no score
+    if np.isfinite(probs_all).all():
+        scores = classification_metrics(labels_all, probs_all, positive)
     return {
         "loss": float(sums[0] / sums[1]),
         "accuracy": scores["accuracy"],
@@ -257,8 +259,11 @@ def predict(
 
 def evaluate(
     fold: FoldRun, device, precision: str, channels_last: bool, positive: int | None
-) -> dict:
+) -> dict | None:
+    """Validation metrics of the fold's model; None when its outputs are not finite."""
     indices, labels, probs = predict(fold.model, fold.val_loader, device, precision, channels_last)
+    if not np.isfinite(probs).all():
+        return None
     # The latest epoch's predictions are the fold's out-of-fold scores once it stops.
     fold.val_indices, fold.val_labels, fold.val_probs = (
         torch.from_numpy(a) for a in (indices, labels, probs)
@@ -301,11 +306,16 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
     positive = loop_config["positive"]
     start_epoch = _restore(folds)
     rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(cfg.train.seed * 1000 + rank + start_epoch)  # augmentation stream
     for epoch in range(start_epoch, cfg.train.epochs):
+        # Shuffling and augmentation are seeded per epoch, so a run resumed from the
+        # checkpoint of epoch e draws exactly what an uninterrupted run draws.
+        torch.manual_seed(epoch_seed(cfg.train.seed, rank, epoch))
         for fold in folds:
             if not fold.stopped:
                 _run_fold_epoch(fold, epoch, cfg, device, precision, channels_last, positive)
+        if any(diverged(f) for f in folds):
+            for fold in folds:  # one fold without a score leaves the trial without one
+                fold.stopped = True
         _report(folds, epoch, cfg.train.epochs, loop_config.get("detail_uri"))
         if all(f.stopped for f in folds):
             break
@@ -316,6 +326,11 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
         "world_size": ray.train.get_context().get_world_size(),
         "folds": [{"history": f.history, **f.predictions()} for f in folds],
     }
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The RNG seed of one rank's epoch: distinct per rank and epoch, fixed by `train.seed`."""
+    return (seed * 100_003 + epoch) * 1_009 + rank
 
 
 def resolve_channels_last(cfg: ExperimentConfig, device: torch.device) -> bool:
@@ -370,14 +385,23 @@ def _run_fold_epoch(fold, epoch, cfg, device, precision, channels_last, positive
         sampler.set_epoch(epoch)
     train = train_one_epoch(fold, device, precision, channels_last, positive)
     record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()}}
-    if fold.val_loader is not None:
+    val = None
+    if math.isfinite(record["train_loss"]) and fold.val_loader is not None:
         val = evaluate(fold, device, precision, channels_last, positive)
-        record.update({f"val_{k}": v for k, v in val.items()})
-        fold.update_stopping(val["roc_auc"], cfg.train.patience)
-    if not math.isfinite(record["train_loss"]):
-        fold.stopped = True  # diverged: keep what was measured, train no further
+        if val is not None:
+            record.update({f"val_{k}": v for k, v in val.items()})
+            fold.update_stopping(val["roc_auc"], cfg.train.patience)
+    if not math.isfinite(record["train_loss"]) or (fold.val_loader is not None and val is None):
+        # Diverged (NaN/inf): the fold has no score. Its metrics are NaN, so the CV mean
+        # is NaN too and a search never ranks the trial by its surviving folds.
+        fold.stopped = True
         record["diverged"] = 1.0
+        record.update({f"val_{k}": math.nan for k in (*METRIC_NAMES, "loss")})
     fold.history.append(record)
+
+
+def diverged(fold: FoldRun) -> bool:
+    return bool(fold.history and fold.history[-1].get("diverged"))
 
 
 def _quiet_worker_logs() -> None:
@@ -395,19 +419,15 @@ def _quiet_worker_logs() -> None:
         log.propagate = False
 
 
-def _report(folds: list[FoldRun], epoch: int, epochs: int, detail_uri: str | None) -> None:
-    """One report per epoch on every rank; rank 0 attaches the checkpoint of all folds.
-
-    Rank 0 also rewrites the folds' histories and out-of-fold predictions at `detail_uri`
-    before reporting: a scheduler may stop the trial at any report (ASHA does at max_t,
-    even when every fold has finished), so nothing after the last report is sure to run.
-    """
+def epoch_metrics(folds: list[FoldRun], epoch: int, epochs: int) -> dict[str, float]:
+    """What every rank reports after an epoch: fold-averaged validation AUC and progress."""
     latest = [f.history[-1] for f in folds if f.history]
     aucs = [r["val_roc_auc"] for r in latest if "val_roc_auc" in r]
     metrics = {
         "epoch": epoch + 1,
         "train_loss": float(np.mean([r["train_loss"] for r in latest])),
         "folds_active": sum(not f.stopped for f in folds),
+        "folds_diverged": sum(diverged(f) for f in folds),
         # 1 on the run's last report: every fold reached its stopping rule. A search tells
         # Optuna a trial's score only when this is set (see distmed.search).
         "cv_complete": int(epoch + 1 == epochs or all(f.stopped for f in folds)),
@@ -417,12 +437,25 @@ def _report(folds: list[FoldRun], epoch: int, epochs: int, detail_uri: str | Non
         for fold, record in zip(folds, latest, strict=True):
             metrics[f"fold{fold.index}_roc_auc"] = record["val_roc_auc"]
             metrics[f"fold{fold.index}_epoch"] = record["epoch"]
+    return metrics
+
+
+def _report(folds: list[FoldRun], epoch: int, epochs: int, detail_uri: str | None) -> None:
+    """One report per epoch on every rank; rank 0 attaches the checkpoint of all folds.
+
+    Rank 0 also rewrites the folds' histories and out-of-fold predictions at `detail_uri`
+    before reporting: a scheduler may stop the trial at any report (ASHA does at max_t,
+    even when every fold has finished), so nothing after the last report is sure to run.
+    """
+    metrics = epoch_metrics(folds, epoch, epochs)
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics, checkpoint=None)
         return
-    auc_text = (
-        f"val ROC-AUC {metrics['cv_roc_auc']:.4f} ± {metrics['cv_roc_auc_std']:.4f}" if aucs else ""
-    )
+    auc_text = ""
+    if "cv_roc_auc" in metrics:
+        auc_text = f"val ROC-AUC {metrics['cv_roc_auc']:.4f} ± {metrics['cv_roc_auc_std']:.4f}"
+    if metrics["folds_diverged"]:
+        auc_text += f"; {metrics['folds_diverged']} fold(s) diverged (loss NaN/inf)"
     log.info(
         "epoch %d/%d: train loss %.4f, %s (%d of %d folds still training)",
         epoch + 1,

@@ -29,7 +29,8 @@ def ray_session():
     """The one Ray instance of the test run (a second cluster on a host confuses Train)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    # address="local": a new instance even if a stale or foreign cluster is registered here.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -21,10 +21,12 @@ from distmed.data import (
     build_cache,
     decode_image,
     decode_split,
+    drop_samples,
     load_cached,
     scan_folder,
     scan_source,
     to_model_input,
+    unreadable_message,
 )
 from distmed.demo import write_demo_images
 from distmed.errors import UserError
@@ -301,7 +303,8 @@ def test_decode_split_all_formats_in_one_set_is_colour(tmp_path):
     path16 = tmp_path / "deep.png"
     Image.fromarray(grey.astype(np.uint16) * 16).save(path16)
     paths.append(path16)
-    out = decode_split(files_split(paths), 16)
+    out, bad = decode_split(files_split(paths), 16)
+    assert bad == {}
     assert out.dtype == np.uint8
     assert out.shape == (7, 3, 16, 16)
     # grey images are replicated into equal channels
@@ -318,7 +321,7 @@ def test_decode_split_grey_only_has_one_channel(tmp_path):
     path16 = tmp_path / "deep.png"
     Image.fromarray(rng.integers(0, 4096, (16, 16)).astype(np.uint16)).save(path16)
     paths.append(path16)
-    out = decode_split(files_split(paths), 16)
+    out, _ = decode_split(files_split(paths), 16)
     assert out.shape == (5, 1, 16, 16)
     assert out.dtype == np.uint8
 
@@ -329,46 +332,94 @@ def test_mixed_sizes_are_resized(tmp_path):
         path = tmp_path / f"s{i}.png"
         Image.new("L", (w, h), 100 + i).save(path)
         paths.append(path)
-    out = decode_split(files_split(paths), 16)
+    out, _ = decode_split(files_split(paths), 16)
     assert out.shape == (4, 1, 16, 16)
     for i in range(4):
         assert (out[i] == 100 + i).all()  # a flat image stays flat under resizing
 
 
 @pytest.mark.parametrize(
-    "content", [b"", np.random.default_rng(0).bytes(300)], ids=["empty", "random"]
+    ("content", "reason"),
+    [(b"", "empty file"), (np.random.default_rng(0).bytes(300), "not an image")],
+    ids=["empty", "random"],
 )
-def test_corrupt_file_is_listed(tmp_path, content):
+def test_unreadable_file_is_reported_with_its_reason(tmp_path, content, reason):
     good = tmp_path / "good.png"
     Image.new("L", (8, 8), 3).save(good)
     bad = tmp_path / "broken_scan.png"
     bad.write_bytes(content)
-    with pytest.raises(UserError) as info:
-        decode_split(files_split([good, bad]), 8)
-    assert "broken_scan.png" in str(info.value)
-    assert "good.png" not in str(info.value)
+    out, unreadable = decode_split(files_split([good, bad]), 8)
+    assert out.shape == (1, 1, 8, 8) and (out == 3).all()  # the readable file is kept
+    assert unreadable == {"broken_scan.png": reason}
 
 
-def test_truncated_png_is_listed(tmp_path):
+def test_truncated_png_is_reported(tmp_path):
     good = tmp_path / "good.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)).save(good)
     bad = tmp_path / "cut.png"
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(UserError, match="cut.png"):
-        decode_split(files_split([good, bad]), 8)
+    _, unreadable = decode_split(files_split([good, bad]), 8)
+    assert list(unreadable) == ["cut.png"]
+    assert unreadable["cut.png"].startswith("truncated or corrupt")
 
 
-def test_many_corrupt_files_are_summarised(tmp_path):
-    paths = []
-    for i in range(7):
-        path = tmp_path / f"bad{i}.png"
-        path.write_bytes(b"")
-        paths.append(path)
-    with pytest.raises(UserError) as info:
-        decode_split(files_split(paths), 8)
-    message = str(info.value)
+def test_many_unreadable_files_are_summarised_in_one_line():
+    message = unreadable_message({f"bad{i}.png": "empty file" for i in range(7)})
     assert message.startswith("7 unreadable")
-    assert "bad0.png" in message and "2 more" in message
+    assert "bad0.png (empty file)" in message and "2 more" in message
+    assert "bad6.png" not in message and "\n" not in message
+    assert "data.skip_invalid=true" in message
+
+
+def _folder_with_broken_files(root: Path) -> Path:
+    write_image_folder(root / "train", {"a": 4, "b": 4}, size=12)
+    write_image_folder(root / "test", {"a": 2, "b": 2}, size=12, seed=1)
+    (root / "train" / "a" / "zero.png").write_bytes(b"")
+    (root / "train" / "b" / "notes.jpg").write_text("not a picture")
+    (root / "test" / "b" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    return root
+
+
+def test_unreadable_files_stop_the_run_by_default_naming_them(tmp_path):
+    root = _folder_with_broken_files(tmp_path / "d")
+    config = cfg(root=str(root), image_size=8, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(UserError) as info:
+        build_cache(scan_source(config), config)
+    message = str(info.value)
+    assert message.startswith("3 unreadable image file(s)")
+    for name in ("train/a/zero.png", "train/b/notes.jpg", "test/b/cut.png"):
+        assert name in message
+
+
+def test_skip_invalid_leaves_unreadable_files_out_and_counts_them(tmp_path):
+    root = _folder_with_broken_files(tmp_path / "d")
+    config = cfg(root=str(root), image_size=8, cache_dir=str(tmp_path / "cache"))
+    config = config.model_copy(update={"skip_invalid": True})
+    index = scan_source(config)
+    cached = build_cache(index, config)
+    kept = drop_samples(index, cached.skipped)
+    assert sorted(kept.skipped) == ["test/b/cut.png", "train/a/zero.png", "train/b/notes.jpg"]
+    assert len(kept.pool) == 8 and len(kept.test) == 4  # 10 - 2 and 5 - 1
+    assert load_cached(cached.pool_path).shape[0] == len(kept.pool)
+    assert load_cached(cached.test_path).shape[0] == len(kept.test)
+    assert all("zero" not in i and "notes" not in i for i in kept.pool.ids)
+    assert kept.pool.labels.tolist() == [0] * 4 + [1] * 4
+    # Reusing that cache without skip_invalid still names the files: nothing is hidden.
+    strict = config.model_copy(update={"skip_invalid": False})
+    with pytest.raises(UserError, match="train/a/zero.png"):
+        build_cache(scan_source(strict), strict)
+
+
+def test_a_split_with_no_readable_file_is_an_error(tmp_path):
+    root = tmp_path / "d"
+    write_image_folder(root / "train", {"a": 3, "b": 3}, size=12)
+    for name in ("a", "b"):
+        (root / "test" / name).mkdir(parents=True)
+        (root / "test" / name / "x.png").write_bytes(b"")
+    config = cfg(root=str(root), image_size=8, cache_dir=str(tmp_path / "cache"))
+    config = config.model_copy(update={"skip_invalid": True})
+    with pytest.raises(UserError, match="none of the 2 test image files can be read"):
+        build_cache(scan_source(config), config)
 
 
 # --------------------------------------------------------------------------- npz sources
@@ -389,7 +440,7 @@ def test_synthetic_npz_pool_and_test(tmp_path):
     index = scan_source(cfg(root=str(write_npz(tmp_path / "tiny.npz"))))
     assert len(index.pool) == 8 and len(index.test) == 3
     assert index.pool.labels.dtype == np.int64
-    decoded = decode_split(index.pool, 16)
+    decoded, _ = decode_split(index.pool, 16)
     assert decoded.shape == (8, 1, 16, 16) and decoded.dtype == np.uint8
 
 
@@ -402,7 +453,7 @@ def test_npz_rgb_images(tmp_path):
         test_images=rng.integers(0, 256, (3, 10, 10, 3), dtype=np.uint8),
     )
     index = scan_source(cfg(root=str(path)))
-    decoded = decode_split(index.pool, 10)
+    decoded, _ = decode_split(index.pool, 10)
     assert decoded.shape == (8, 3, 10, 10)
     assert (decoded[0] == index.pool.images[0].transpose(2, 0, 1)).all()
 

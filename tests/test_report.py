@@ -238,7 +238,9 @@ def test_predict_folder_with_an_unreadable_file(finished_run: Path, tmp_path: Pa
     readable = [p for p in index.pool.paths if p.name != "broken.png"]
     split = type(index.pool)(ids=[p.name for p in readable], labels=np.zeros(6), paths=readable)
     with torch.no_grad():
-        batch = to_model_input(torch.from_numpy(decode_split(split, SIZE)))
+        decoded, bad = decode_split(split, SIZE)
+        assert bad == {}
+        batch = to_model_input(torch.from_numpy(decoded))
         expected = torch.softmax(model(batch), dim=1).numpy()
     by_path = {Path(r["path"]).resolve(): r for r in good}
     for path, probs in zip(readable, expected, strict=True):

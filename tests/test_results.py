@@ -210,8 +210,13 @@ def test_trials_csv_without_trials_is_just_the_header(tmp_path):
 
 
 def test_status_counts():
-    assert status_counts(mixed_rows()) == {"completed": 3, "stopped": 1, "errored": 1}
-    assert status_counts([]) == {"completed": 0, "stopped": 0, "errored": 0}
+    assert status_counts(mixed_rows()) == {
+        "completed": 3,
+        "stopped": 1,
+        "diverged": 0,
+        "errored": 1,
+    }
+    assert status_counts([]) == {"completed": 0, "stopped": 0, "diverged": 0, "errored": 0}
 
 
 def test_format_table_best_completed_first():
@@ -617,3 +622,18 @@ def test_scheduler_none_is_fifo(tmp_path):
         "search:\n  scheduler:\n    type: none\nspace:\n  optim.lr: {uniform: [0.001, 0.01]}\n"
     )
     assert isinstance(build_scheduler(load_space(path)), FIFOScheduler)
+
+
+def test_diverged_trial_is_its_own_status_with_the_reason_and_never_best():
+    diverged = metrics("d_00000", [0.9, float("nan")], complete=True, iteration=3)
+    diverged["folds_diverged"] = 1
+    grid = [
+        FakeResult(diverged, {"optim.lr": 9.0, "optim.name": "sgd"}),
+        FakeResult(metrics("d_00001", [0.6, 0.7], complete=True, iteration=8), {}),
+    ]
+    rows = {r.trial_id: r for r in collect_rows(grid, KEYS)}
+    assert rows["d_00000"].status == "diverged"
+    assert "NaN/inf by epoch 3 in 1 fold(s)" in rows["d_00000"].error
+    assert "optim.lr" in rows["d_00000"].error
+    assert best_row(list(rows.values())).trial_id == "d_00001"
+    assert status_counts(list(rows.values()))["diverged"] == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -57,7 +59,7 @@ def test_corrupt_image(tmp_path: Path, capsys) -> None:
 
 def test_class_with_fewer_images_than_folds(tmp_path: Path, capsys) -> None:
     root = write_image_folder(tmp_path / "data", {"a": 6, "b": 3})
-    err = _fail(["--data", str(root), "--set", "cv.folds=5"], capsys)
+    err = _fail(["--data", str(root), "--set", "cv.folds=5", "--set", "model.weights=none"], capsys)
     assert "'b'" in err and "cv.folds=5" in err
 
 
@@ -73,3 +75,32 @@ def test_more_workers_than_cpus_is_refused(ray_session, tmp_path: Path, capsys) 
     argv = ["--data", str(root), "--workers", "3", "--set", "cv.folds=2"]
     err = _fail([*argv, "--set", "model.weights=none", "--set", "data.image_size=16"], capsys)
     assert "scaling.num_workers=3" in err and "lower --workers" in err
+
+
+def test_refused_cluster_address_fails_at_once(tmp_path: Path, capsys) -> None:
+    root = write_image_folder(tmp_path / "data", {"a": 6, "b": 6})
+    argv = ["--data", str(root), "--set", "cv.folds=2", "--set", "model.weights=none"]
+    argv += ["--set", "train.batch_size=4"]
+    err = _fail([*argv, "--address", "127.0.0.1:1"], capsys)
+    assert "127.0.0.1:1" in err and "Connection refused" in err and "ray start" in err
+
+
+def test_silent_cluster_address_fails_within_seconds(tmp_path: Path, capsys, monkeypatch) -> None:
+    # A port that accepts connections and never answers: a firewall, a proxy, a wrong service.
+    monkeypatch.setenv("DISTMED_RAY_CONNECT_TIMEOUT_S", "6")
+    root = write_image_folder(tmp_path / "data", {"a": 6, "b": 6})
+    argv = ["--data", str(root), "--set", "cv.folds=2", "--set", "model.weights=none"]
+    argv += ["--set", "train.batch_size=4"]
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        err = _fail([*argv, "--address", address], capsys)
+    assert time.monotonic() - started < 30
+    assert address in err and "did not answer as a Ray cluster within 6 s" in err
+
+
+def test_malformed_cluster_address(tmp_path: Path, capsys) -> None:
+    root = write_image_folder(tmp_path / "data", {"a": 6, "b": 6})
+    argv = ["--data", str(root), "--set", "cv.folds=2", "--set", "model.weights=none"]
+    argv += ["--set", "train.batch_size=4"]
+    assert "expected auto, HOST:PORT" in _fail([*argv, "--address", "headnode"], capsys)

@@ -67,7 +67,12 @@ def test_search_writes_results_logs_wandb_offline_and_hides_the_key(
     assert all(0.0 <= float(r["fold0_roc_auc"]) <= 1.0 for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_trials"] == 2
-    assert summary["trials_by_status"] == {"completed": 2, "stopped": 0, "errored": 0}
+    assert summary["trials_by_status"] == {
+        "completed": 2,
+        "stopped": 0,
+        "diverged": 0,
+        "errored": 0,
+    }
     assert summary["best_cv_roc_auc"] == max(float(r["cv_roc_auc"]) for r in rows)
     assert 0.0 <= summary["test_metrics"]["roc_auc"] <= 1.0
     assert summary["test_metrics"]["num_samples"] == 16  # the test split, evaluated once

@@ -10,16 +10,18 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from distmed.config import ModelConfig, OptimConfig, TrainConfig
+from distmed.config import ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
 from distmed.data import CachedImageDataset, to_model_input
 from distmed.metrics import classification_metrics
 from distmed.model import build_model, set_train_mode
 from distmed.worker import (
     FoldRun,
+    _run_fold_epoch,
     build_loss,
     build_optimizer,
     build_scheduler,
     cpu_has_native_bf16,
+    epoch_metrics,
     predict,
     resolve_amp,
     train_one_epoch,
@@ -264,6 +266,59 @@ def test_predict_puts_model_in_eval_mode(tiny_data):
     second = predict(model, loader, torch.device("cpu"), "off", False)[2]
     assert not model.training
     assert np.array_equal(first, second)  # no dropout / batch statistics in play
+
+
+# --------------------------------------------------------------------------- divergence
+
+
+def _real_fold(index: int, lr: float, images, labels) -> FoldRun:
+    torch.manual_seed(index)
+    model = build_model(ModelConfig(weights="none"), num_classes=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    train_set = CachedImageDataset(images, labels, np.arange(0, 16))
+    val_set = CachedImageDataset(images, labels, np.arange(16, 24))
+    return FoldRun(
+        index=index,
+        model=model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        loss_fn=torch.nn.CrossEntropyLoss(),
+        train_loader=DataLoader(train_set, batch_size=4, shuffle=True, drop_last=True),
+        val_loader=DataLoader(val_set, batch_size=8),
+    )
+
+
+def test_absurd_learning_rate_diverges_and_leaves_the_cv_score_undefined():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (24, 1, 16, 16), dtype=np.uint8)
+    labels = np.tile([0, 1], 12)
+    cfg = ExperimentConfig()
+    sane, absurd = _real_fold(0, 1e-3, images, labels), _real_fold(1, 1e12, images, labels)
+    for fold in (sane, absurd):
+        _run_fold_epoch(fold, 0, cfg, torch.device("cpu"), "off", False, positive=1)
+    assert not sane.stopped and "diverged" not in sane.history[-1]
+    assert math.isfinite(sane.history[-1]["val_roc_auc"])
+    assert absurd.stopped and absurd.history[-1]["diverged"] == 1.0
+    assert math.isnan(absurd.history[-1]["val_roc_auc"])
+
+    reported = epoch_metrics([sane, absurd], epoch=0, epochs=5)
+    assert reported["folds_diverged"] == 1
+    assert math.isnan(reported["cv_roc_auc"])  # never the mean of the surviving folds
+    assert reported["folds_active"] == 1 and reported["cv_complete"] == 0
+
+
+def test_epoch_metrics_average_the_folds_and_mark_the_last_epoch():
+    folds = [bare_fold(), bare_fold()]
+    for k, (fold, auc) in enumerate(zip(folds, (0.6, 0.8), strict=True)):
+        fold.index = k
+        fold.history.append({"epoch": 2, "train_loss": 0.5 + k, "val_roc_auc": auc})
+    reported = epoch_metrics(folds, epoch=1, epochs=2)
+    assert reported["cv_roc_auc"] == pytest.approx(0.7)
+    assert reported["cv_roc_auc_std"] == pytest.approx(0.1)
+    assert reported["fold1_roc_auc"] == 0.8 and reported["fold0_epoch"] == 2
+    assert reported["train_loss"] == pytest.approx(1.0)
+    assert reported["cv_complete"] == 1 and reported["folds_diverged"] == 0
 
 
 def test_train_one_epoch_scores_the_logits_of_its_own_steps(tiny_data):
