@@ -34,8 +34,10 @@ def save(fig: plt.Figure, path: Path) -> Path:
 # --------------------------------------------------------------------------- the search
 
 
-def plot_search_progress(aucs: Sequence[float], statuses: Sequence[str], path: Path) -> Path:
-    """CV ROC-AUC of each trial in creation order, and the best completed one so far."""
+def plot_search_progress(
+    aucs: Sequence[float], statuses: Sequence[str], path: Path, x_label: str
+) -> Path:
+    """CV ROC-AUC of each trial in the given order, and the best completed one so far."""
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     order = np.arange(1, len(aucs) + 1)
     values = np.asarray(aucs, dtype=float)
@@ -47,7 +49,7 @@ def plot_search_progress(aucs: Sequence[float], statuses: Sequence[str], path: P
     running = np.fmax.accumulate(np.nan_to_num(completed, nan=-np.inf))
     running[np.isinf(running)] = np.nan
     ax.step(order, running, where="post", color="black", label="best completed so far")
-    ax.set(xlabel="trial (in order started)", ylabel="CV ROC-AUC (mean over folds)")
+    ax.set(xlabel=x_label, ylabel="CV ROC-AUC (mean over folds)")
     ax.set_title("Search progress")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
