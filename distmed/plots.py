@@ -253,7 +253,9 @@ def plot_calibration(
     return save(fig, path)
 
 
-def plot_gradcam_grid(tiles: Sequence[tuple[np.ndarray, str]], columns: int, path: Path) -> Path:
+def plot_gradcam_grid(
+    tiles: Sequence[tuple[np.ndarray, str]], columns: int, layer: str, path: Path
+) -> Path:
     """Grad-CAM overlays (uint8 RGB) with a caption each, `columns` per row."""
     rows = math.ceil(len(tiles) / columns)
     fig, axes = plt.subplots(
@@ -264,7 +266,7 @@ def plot_gradcam_grid(tiles: Sequence[tuple[np.ndarray, str]], columns: int, pat
     for ax, (picture, caption) in zip(axes.flat, tiles, strict=False):
         ax.imshow(picture, interpolation="bilinear")
         ax.set_title(caption, fontsize=8)
-    fig.suptitle("Test split: Grad-CAM (layer4) for the predicted class")
+    fig.suptitle(f"Test split: Grad-CAM ({layer}) for the predicted class")
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path

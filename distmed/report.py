@@ -395,7 +395,7 @@ def gradcam_section(run: RunData, figures: Path, threshold: dict[str, Any] | Non
             f"{title}<p>Decoded test images not found at {html.escape(str(images_path))} "
             "(cache cleared?); Grad-CAM skipped.</p>"
         )
-    from distmed.gradcam import gradcam_maps, overlay
+    from distmed.gradcam import cam_layer, gradcam_maps, overlay
 
     labels, probs = run.test["labels"], run.test["probs"]
     decision = _decide(probs, run.positive, threshold["value"] if threshold else None)
@@ -412,10 +412,13 @@ def gradcam_section(run: RunData, figures: Path, threshold: dict[str, Any] | Non
         )
         for i, image, heat in zip(chosen, images, maps, strict=True)
     ]
-    path = plots.plot_gradcam_grid(tiles, 2 * GRADCAM_PER_GROUP, figures / "gradcam.png")
+    layer = cam_layer(images.shape[-1])
+    path = plots.plot_gradcam_grid(tiles, 2 * GRADCAM_PER_GROUP, layer, figures / "gradcam.png")
     note = (
         "<p>Per true class: the most confident correct and the most confident wrong "
-        "predictions; the heat map explains the predicted class.</p>"
+        f"predictions; the heat map explains the predicted class. Maps from {layer}: the "
+        "deepest ResNet stage whose feature map is at least 4 pixels wide at this image "
+        "size (layer4 from 128 px up).</p>"
     )
     return title + note + _figure(path)
 

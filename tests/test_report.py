@@ -316,3 +316,15 @@ def test_start_order_comes_from_tunes_trial_folders(tmp_path: Path):
         (tmp_path / name).mkdir()
     assert report.start_order(tmp_path, ["aa", "bb", "cc"]) == [2, 1, 0]
     assert report.start_order(tmp_path, ["aa", "bb", "dd"]) is None  # unknown: keep id order
+
+
+def test_gradcam_uses_a_spatially_resolved_stage_at_small_sizes():
+    from distmed.gradcam import cam_layer, gradcam_maps
+
+    assert [cam_layer(s) for s in (28, 32, 64, 224)] == ["layer2", "layer2", "layer3", "layer4"]
+    torch.manual_seed(0)
+    model = build_model(ExperimentConfig().model.model_copy(update={"weights": "none"}), 2)
+    images = np.random.default_rng(0).integers(0, 255, (2, 1, 32, 32), dtype=np.uint8)
+    maps = gradcam_maps(model, images, [0, 1])
+    assert maps.shape == (2, 32, 32)
+    assert (maps.reshape(2, -1).std(axis=1) > 0.01).all()  # layer4 (1x1 here) would be flat
