@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from distmed.artifacts import write_text_atomic
+from distmed.artifacts import atomic_path, write_text_atomic
 from distmed.config import AugmentConfig, DataConfig
 from distmed.errors import UserError
 
@@ -509,9 +509,8 @@ def resize_array(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array)  # a file object: np.save would append .npy to a bare name
 
 
 def load_cached(path: Path) -> np.ndarray:

@@ -93,7 +93,11 @@ def read_state_dict(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe pickles
-        raise UserError(f"model.weights {path}: not a loadable state dict ({exc})") from exc
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"model.weights {path}: not a loadable state dict ({first}); "
+            "give a file of plain tensors saved with torch.save(model.state_dict(), path)"
+        ) from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

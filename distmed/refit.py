@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from distmed import __version__
+from distmed.artifacts import atomic_path
 from distmed.config import ExperimentConfig
 from distmed.cv import FoldPlan, fit_folds
 from distmed.data import IMAGENET_MEAN, IMAGENET_STD, CachedImageDataset, load_cached
@@ -86,9 +87,8 @@ def save_model(
             "std": list(IMAGENET_STD),
         },
     }
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def saved_source(path: Path) -> str | None:
@@ -127,9 +127,8 @@ def evaluate_test(
     loader = DataLoader(dataset, batch_size=256)
     _, truth, probs = predict(model.to(device), loader, device, "off", False)
     if save_to is not None:
-        tmp = save_to.with_suffix(".tmp.npz")
-        np.savez(tmp, labels=truth, probs=probs, images_path=str(test_images_path))
-        tmp.replace(save_to)
+        with atomic_path(save_to) as tmp, tmp.open("wb") as handle:  # a name gets .npz added
+            np.savez(handle, labels=truth, probs=probs, images_path=str(test_images_path))
     metrics = classification_metrics(truth, probs, positive)
     metrics["num_samples"] = len(truth)
     return metrics
@@ -142,6 +141,5 @@ def save_threshold(path: Path, threshold: dict[str, Any]) -> None:
     """
     payload = torch.load(path, map_location="cpu", weights_only=True)
     payload["threshold"] = threshold
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)

@@ -44,17 +44,19 @@ class WorkerLayout:
 
 
 def start_ray(address: str | None = None, worker_logs: bool = True) -> None:
-    """Join the cluster at `address`, or start a local one sized to this machine.
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local one of our own.
 
     `worker_logs=False` keeps Ray's worker output off the console (the search prints its
     own per-epoch lines from the driver instead).
     """
-    if ray.is_initialized():
+    # `ray job submit` runs us with RAY_ADDRESS set: that cluster is the one to join.
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        check_reachable(address)
+    if ray.is_initialized():  # an embedding program (or a test) has connected already
         return
     # Quiet, fast start-up for the common local case; a user's own settings win.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    if address:
-        check_reachable(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=worker_logs)

@@ -89,7 +89,8 @@ class EpochLines(ray.tune.Callback):
         print(f"  trial {trial.trial_id} {state}: CV ROC-AUC {auc:.4f}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"  trial {trial.trial_id} errored (see trials.csv)", file=sys.stderr, flush=True)
+        where = trial.error_file or "trials.csv"
+        print(f"  trial {trial.trial_id} errored (details: {where})", file=sys.stderr, flush=True)
 
 
 class DropTrialCheckpoints(ray.tune.Callback):

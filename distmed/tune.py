@@ -9,6 +9,7 @@ summary.json and a results table.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -123,6 +124,9 @@ def _run(args: argparse.Namespace) -> int:
     name = args.name or f"{Path(args.space).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     exp_uri = experiment_path(storage_uri(args.storage), name)
     prepared = _prepare_data(spec)
+    # Tune snapshots the search state every 10+ s by default; every 5 s bounds what a
+    # killed driver loses (trials that ended since the last snapshot run again).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
     start_ray(args.address, worker_logs=args.verbose)
     grid = _search(args, spec, prepared, name, exp_uri)
     local = _local_results_dir(args.storage, name)

@@ -6,16 +6,23 @@ checks that what was finished is kept and the rest resumes.
 
 from __future__ import annotations
 
+import csv
+import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import write_image_folder
 
+from distmed import tune
 from distmed.config import ExperimentConfig
 from distmed.cv import cross_validate, prepare_data
 from distmed.data import scan_source
@@ -92,3 +99,79 @@ def test_killed_worker_resumes_from_its_checkpoint_and_matches_a_clean_run(
     for ours, theirs in zip(resumed.folds, clean.folds, strict=True):
         losses = [r["train_loss"] for r in ours.history]
         assert losses == pytest.approx([r["train_loss"] for r in theirs.history], rel=1e-4)
+
+
+def test_search_survives_a_killed_trial_and_a_killed_driver(ray_session, tmp_path: Path):
+    """Trial 1 finishes; trial 2's worker is killed (no retries: the trial errors); the
+    driver is SIGKILLed during trial 3; --resume keeps 1 and 2 and finishes 3."""
+    data = write_image_folder(tmp_path / "data", {"neg": 12, "pos": 12}, size=16)
+    space = _search_space(tmp_path, data)
+    address = ray_session.get_runtime_context().gcs_address
+    argv = ["--space", str(space), "--storage", str(tmp_path / "runs"), "--name", "exp"]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "distmed.tune", *argv, "--address", address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines: list[str] = []
+    try:
+        first = _read_until(driver, lines, r"trial (\S+) completed: CV ROC-AUC (\S+)")
+        second = _read_until(driver, lines, r"trial (\S+) epoch 1:")
+        [victim] = _wait_for(_train_workers, "trial 2's worker").values()
+        os.kill(victim, signal.SIGKILL)
+        _read_until(driver, lines, rf"trial {second[1]} errored")
+        third = _read_until(driver, lines, r"trial (\S+) epoch 1:")
+        assert len({first[1], second[1], third[1]}) == 3
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        driver.kill()
+        driver.stdout.close()
+
+    started = time.monotonic()
+    assert tune.main([*argv, "--resume"]) == 0
+    resume_s = time.monotonic() - started
+    rows = {r["trial_id"]: r for r in _read_csv(tmp_path / "runs" / "exp" / "trials.csv")}
+    assert sorted(rows) == sorted([first[1], second[1], third[1]])  # each trial once
+    assert rows[first[1]]["status"] == "completed"
+    assert float(rows[first[1]]["cv_roc_auc"]) == pytest.approx(float(first[2]), abs=1e-4)
+    assert rows[second[1]]["status"] == "errored" and rows[second[1]]["error"]
+    assert rows[third[1]]["status"] == "completed"
+    summary = json.loads((tmp_path / "runs" / "exp" / "summary.json").read_text())
+    assert summary["trials_by_status"]["errored"] == 1
+    assert summary["trials_by_status"]["completed"] == 2
+    print(f"resume took {resume_s:.1f} s")
+
+
+def _search_space(tmp_path: Path, data: Path) -> Path:
+    spec = {
+        "base": {
+            "data": {"root": str(data), "image_size": 16},
+            "model": {"weights": "none"},
+            "train": {"epochs": 3, "batch_size": 8, "amp": "off"},
+            "cv": {"folds": 2},
+            "scaling": {"max_failures": 0},  # a killed worker ends its trial
+        },
+        "search": {"num_samples": 3, "max_concurrent": 1, "seed": 0, "scheduler": {"type": "none"}},
+        "space": {"optim.lr": {"loguniform": [1.0e-3, 1.0e-2]}},
+    }
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _read_until(process: subprocess.Popen, lines: list[str], pattern: str) -> re.Match:
+    """Read the driver's output until a line matches; fail with what it printed."""
+    for line in process.stdout:
+        lines.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match
+    pytest.fail(f"driver ended before printing {pattern!r}:\n{''.join(lines[-40:])}")
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))

@@ -6,9 +6,11 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import write_image_folder
 
+from distmed import tune
 from distmed.train import main
 
 
@@ -104,3 +106,86 @@ def test_malformed_cluster_address(tmp_path: Path, capsys) -> None:
     argv = ["--data", str(root), "--set", "cv.folds=2", "--set", "model.weights=none"]
     argv += ["--set", "train.batch_size=4"]
     assert "expected auto, HOST:PORT" in _fail([*argv, "--address", "headnode"], capsys)
+
+
+# --------------------------------------------------------------------------- the bad-input table
+# Each case: what the user gives -> the words the one-line error must contain. docs/reliability.md
+# lists the same cases.
+
+
+def _npz(path: Path, drop: str | None = None, short_labels: bool = False) -> Path:
+    arrays = {}
+    for split in ("train", "val", "test"):
+        arrays[f"{split}_images"] = np.zeros((6, 8, 8), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(6) % 2).reshape(6, 1)
+    if short_labels:
+        arrays["val_labels"] = arrays["val_labels"][:4]
+    if drop:
+        del arrays[drop]
+    np.savez(path, **arrays)
+    return path
+
+
+def _split_with_extra_class(root: Path) -> Path:
+    write_image_folder(root / "train", {"a": 4, "b": 4})
+    write_image_folder(root / "test", {"a": 2, "b": 2, "c": 2})
+    return root
+
+
+def _file_not_folder(root: Path) -> Path:
+    write_image_folder(root, {"a": 2, "b": 2})
+    return root / "a" / "p00_img00.png"
+
+
+BAD_DATA = {
+    "file-not-folder": (_file_not_folder, [], ["must be a MedMNIST .npz", "give a folder"]),
+    "classes-differ": (_split_with_extra_class, [], ["test/", "differ from train/"]),
+    "npz-missing-key": (
+        lambda p: _npz(p.with_suffix(".npz"), drop="val_labels"),
+        [],
+        ["val_labels"],
+    ),
+    "npz-lengths": (
+        lambda p: _npz(p.with_suffix(".npz"), short_labels=True),
+        [],
+        ["val_images has 6 rows but val_labels 4"],
+    ),
+    "batch-too-large": (
+        lambda p: write_image_folder(p, {"a": 6, "b": 6}),
+        ["--set", "cv.folds=2", "--set", "train.batch_size=64"],
+        ["train.batch_size=64", "smallest fold", "lower train.batch_size"],
+    ),
+    "wrong-type": (
+        lambda p: write_image_folder(p, {"a": 6, "b": 6}),
+        ["--set", "train.epochs=many"],
+        ["train.epochs", "'many'"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_input_is_one_line_naming_the_problem(case: str, tmp_path: Path, capsys) -> None:
+    build, extra, words = BAD_DATA[case]
+    data = build(tmp_path / "data")
+    err = _fail(["--data", str(data), "--set", "model.weights=none", *extra], capsys)
+    for word in words:
+        assert word in err, err
+
+
+def test_bad_search_space_through_the_tune_cli(tmp_path: Path, capsys) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text("space:\n  optim.lr: {loguniform: [0, 0.1]}\n")
+    assert tune.main(["--space", str(space)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(space) in err and "space.optim.lr" in err
+
+
+def test_ray_address_from_the_environment_is_checked_too(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    # `ray job submit` sets RAY_ADDRESS for the driver; a dead one must not hang either.
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    root = write_image_folder(tmp_path / "data", {"a": 6, "b": 6})
+    argv = ["--data", str(root), "--set", "cv.folds=2", "--set", "model.weights=none"]
+    err = _fail([*argv, "--set", "train.batch_size=4"], capsys)
+    assert "127.0.0.1:1" in err and "Connection refused" in err

@@ -16,6 +16,7 @@ from distmed import train, tune
 
 pytestmark = pytest.mark.ray
 FAKE_KEY = "0123456789abcdef0123456789abcdef0123fake"
+FAKE_AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYFAKEKEYdistmed"
 
 
 def _split_folder(root: Path) -> Path:
@@ -52,6 +53,7 @@ def test_search_writes_results_logs_wandb_offline_and_hides_the_key(
 ):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_AWS_SECRET)
     data = _split_folder(tmp_path / "data")
     space = _space(tmp_path, data, {"num_samples": 2, "seed": 1, "scheduler": {"type": "none"}})
     argv = ["--space", str(space), "--storage", str(tmp_path / "runs"), "--name", "exp"]
@@ -90,9 +92,11 @@ def test_search_writes_results_logs_wandb_offline_and_hides_the_key(
     for run in runs:
         [log_file] = run.glob("*.wandb")
         assert b"cv_roc_auc" in log_file.read_bytes()
-    # The planted API key reaches no file under the results folder.
-    leaks = [p for p in out.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
-    assert leaks == []
+    # The planted secrets reach no file under the results folder, nor the console.
+    secrets = (FAKE_KEY.encode(), FAKE_AWS_SECRET.encode())
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert [p for p in files if any(s in p.read_bytes() for s in secrets)] == []
+    assert FAKE_KEY not in printed and FAKE_AWS_SECRET not in printed
 
     # The best config is a complete experiment config for distmed.train.
     best = out / "best_config.yaml"

@@ -1,0 +1,85 @@
+"""Result files are written atomically: a process SIGKILLed mid-write never leaves a torn file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distmed.artifacts import atomic_path, write_json_atomic, write_text_atomic
+
+# Rewrites the three kinds of result file (JSON, CSV text, a torch checkpoint) in a loop,
+# each version internally consistent and large enough that a write takes a while.
+WRITER = """
+import sys
+from pathlib import Path
+import torch
+from distmed.artifacts import atomic_path, write_json_atomic, write_text_atomic
+out = Path(sys.argv[1])
+version = 0
+while True:
+    version += 1
+    write_json_atomic(out / "summary.json", {"version": version, "values": [version] * 200_000})
+    write_text_atomic(out / "trials.csv", "".join(f"{version},row{i}\\n" for i in range(50_000)))
+    with atomic_path(out / "best_model.pt") as tmp:
+        torch.save({"version": version, "weights": torch.full((300_000,), version)}, tmp)
+    (out / "progress").write_text(str(version))
+"""
+
+
+def _check_complete(folder: Path) -> int:
+    """Every file present parses and holds one version throughout; returns the JSON's."""
+    summary = json.loads((folder / "summary.json").read_text())
+    assert set(summary["values"]) == {summary["version"]}
+    rows = (folder / "trials.csv").read_text().splitlines()
+    assert len(rows) == 50_000 and len({r.split(",")[0] for r in rows}) == 1
+    model = torch.load(folder / "best_model.pt", weights_only=True)
+    assert (model["weights"] == model["version"]).all()
+    return summary["version"]
+
+
+def test_sigkill_at_random_moments_never_leaves_a_torn_file(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    versions = []
+    for attempt in range(5):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)])
+        try:
+            deadline = time.monotonic() + 60
+            while not (tmp_path / "progress").exists():  # at least one full version exists
+                assert time.monotonic() < deadline, "the writer never finished a version"
+                time.sleep(0.05)
+            time.sleep(float(rng.uniform(0.0, 0.8)))
+            os.kill(writer.pid, signal.SIGKILL)
+        finally:
+            writer.kill()
+            writer.wait()
+        versions.append(_check_complete(tmp_path))
+        if attempt % 2:  # some runs start over, so early kills land in first writes too
+            for name in ("summary.json", "trials.csv", "best_model.pt", "progress"):
+                (tmp_path / name).unlink(missing_ok=True)
+    assert max(versions) > 1  # kills landed after rewrites, not only after first writes
+
+
+def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path: Path):
+    target = tmp_path / "best_config.yaml"
+    write_text_atomic(target, "train:\n  epochs: 3\n")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("train:\n  ep")
+        raise RuntimeError("disk full")
+    assert target.read_text() == "train:\n  epochs: 3\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_config.yaml"]
+
+
+def test_json_keeps_nan_and_odd_values(tmp_path: Path):
+    target = tmp_path / "summary.json"
+    write_json_atomic(target, {"auc": float("nan"), "path": tmp_path})
+    text = target.read_text()
+    assert "NaN" in text and str(tmp_path) in text
