@@ -75,6 +75,7 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
 def test_more_workers_than_cpus_is_refused(ray_session, tmp_path: Path, capsys) -> None:
     root = write_image_folder(tmp_path / "data", {"a": 6, "b": 6})
     argv = ["--data", str(root), "--workers", "3", "--set", "cv.folds=2"]
+    argv += ["--set", "train.batch_size=4"]
     err = _fail([*argv, "--set", "model.weights=none", "--set", "data.image_size=16"], capsys)
     assert "scaling.num_workers=3" in err and "lower --workers" in err
 
