@@ -39,6 +39,27 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     write_text_atomic(path, json.dumps(payload, indent=1, allow_nan=True, default=str))
 
 
+def write_text_uri(uri: str, text: str) -> None:
+    """Write a small text file to a local path or a URI (s3://, gs://) via pyarrow."""
+    import pyarrow.fs
+
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(text.encode())
+
+
+def read_text_uri(uri: str) -> str | None:
+    """The text of a file at a local path or URI; None when it does not exist."""
+    import pyarrow.fs
+
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
+    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read().decode()
+
+
 def upload_dir(local: Path, uri: str) -> None:
     """Copy a local results folder to `uri` (s3://, gs://, ...) through pyarrow's filesystems."""
     import pyarrow.fs

@@ -36,6 +36,10 @@ class FoldResult:
     stop_epoch: int
     metrics: dict[str, float]  # validation metrics at the epoch the training rule stopped at
     history: list[dict[str, float]]
+    # Out-of-fold predictions at the stopping epoch: CV-pool positions, labels, probabilities.
+    val_indices: list[int] = field(default_factory=list)
+    val_labels: list[int] = field(default_factory=list)
+    val_probs: list[list[float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -227,14 +231,17 @@ def cross_validate(
     storage: str | Path,
     run_name: str,
     callbacks: Sequence[Any] = (),
+    detail_uri: str | None = None,
 ) -> CVResult:
     """Train every fold of `plan` with one Ray Train fit; collect each fold's final metrics.
 
     Reusing `run_name` under the same `storage` resumes that run from its last checkpoint.
     `callbacks` are Ray Train callbacks (Tune's report callback inside a trial).
+    `detail_uri`: a folder where rank 0 keeps the per-fold histories and out-of-fold
+    predictions up to date every epoch (see `distmed.results.write_trial_detail`).
     """
     check_batch_fits(cfg.train.batch_size, plan.smallest_train_fold())
-    result = fit_folds(cfg, plan, layout, storage, run_name, callbacks)
+    result = fit_folds(cfg, plan, layout, storage, run_name, callbacks, detail_uri)
     return _to_cv_result(result.return_value, result.checkpoint)
 
 
@@ -245,6 +252,7 @@ def fit_folds(
     storage: str | Path,
     run_name: str,
     callbacks: Sequence[Any] = (),
+    detail_uri: str | None = None,
 ):
     """One `TorchTrainer` fit of `distmed.worker.train_folds` over the plan's folds."""
     trainer = TorchTrainer(
@@ -258,6 +266,7 @@ def fit_folds(
             "positive": plan.positive,
             "folds": plan.folds,
             "threads": layout.threads,
+            "detail_uri": detail_uri,
         },
         scaling_config=ScalingConfig(
             num_workers=layout.num_workers,
@@ -291,7 +300,17 @@ def _to_cv_result(value: dict[str, Any], checkpoint) -> CVResult:
         metrics = {name: last[f"val_{name}"] for name in METRIC_NAMES}
         metrics["loss"] = last["val_loss"]
         metrics["num_samples"] = int(last["val_num_samples"])
-        folds.append(FoldResult(number, int(last["epoch"]), metrics, fold["history"]))
+        folds.append(
+            FoldResult(
+                number,
+                int(last["epoch"]),
+                metrics,
+                fold["history"],
+                val_indices=fold.get("val_indices", []),
+                val_labels=fold.get("val_labels", []),
+                val_probs=fold.get("val_probs", []),
+            )
+        )
     aucs = [f.metrics["roc_auc"] for f in folds]
     if not all(math.isfinite(a) for a in aucs):
         log.warning("some folds have no finite ROC-AUC: %s", aucs)

@@ -8,6 +8,7 @@ averaged over batches.
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn import metrics as skm
 
 METRIC_NAMES = (
@@ -90,3 +91,103 @@ def _auc(truth: np.ndarray, score: np.ndarray) -> float:
 
 def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator / denominator) if denominator else 0.0
+
+
+# --------------------------------------------------------------------------- operating point
+
+
+def binary_metrics_at(
+    labels: np.ndarray, probs: np.ndarray, positive: int, threshold: float
+) -> dict[str, float]:
+    """`METRIC_NAMES` for a binary task deciding "positive" when its score >= `threshold`."""
+    labels = np.asarray(labels)
+    score = np.asarray(probs, dtype=np.float64)[:, positive]
+    return _binary_metrics(labels == positive, score, score >= threshold)
+
+
+def youden_threshold(truth: np.ndarray, score: np.ndarray) -> float:
+    """The score threshold maximising sensitivity + specificity - 1 (Youden's J)."""
+    fpr, tpr, thresholds = skm.roc_curve(truth, score)
+    finite = np.isfinite(thresholds)  # sklearn's first threshold is +inf (nothing positive)
+    best = np.argmax((tpr - fpr)[finite])
+    return float(thresholds[finite][best])
+
+
+def sensitivity_threshold(truth: np.ndarray, score: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity reaches `target` (best specificity there)."""
+    _, tpr, thresholds = skm.roc_curve(truth, score)
+    reaching = np.flatnonzero((tpr >= target) & np.isfinite(thresholds))
+    return float(thresholds[reaching[0]]) if len(reaching) else float(np.min(score))
+
+
+# --------------------------------------------------------------------------- uncertainty
+
+CI_METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity", "f1")
+
+
+def bootstrap_ci(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    positive: int | None = None,
+    threshold: float | None = None,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap confidence intervals of `CI_METRICS`, resampling cases.
+
+    Binary tasks decide at `threshold` when given (else by argmax). Resamples holding a
+    single class have no ROC-AUC and are left out of its interval only.
+    """
+    labels = np.asarray(labels)
+    probs = np.asarray(probs, dtype=np.float64)
+    picks = resample_indices(len(labels), resamples, seed)
+    if probs.shape[1] == 2:
+        pos = 1 if positive is None else positive
+        cut = threshold if threshold is not None else None
+        draws = _binary_draws(labels == pos, probs[:, pos], probs.argmax(axis=1) == pos, cut, picks)
+    else:
+        draws = np.array(
+            [[classification_metrics(labels[p], probs[p])[m] for m in CI_METRICS] for p in picks]
+        )
+    tail = (1 - level) / 2 * 100
+    low = np.nanpercentile(draws, tail, axis=0)
+    high = np.nanpercentile(draws, 100 - tail, axis=0)
+    return {name: (float(a), float(b)) for name, a, b in zip(CI_METRICS, low, high, strict=True)}
+
+
+def resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n) case indices drawn with replacement, reproducible from `seed`."""
+    return np.random.default_rng(seed).integers(0, n, (resamples, n))
+
+
+def _binary_draws(
+    truth: np.ndarray,
+    score: np.ndarray,
+    argmax_positive: np.ndarray,
+    threshold: float | None,
+    picks: np.ndarray,
+) -> np.ndarray:
+    """`CI_METRICS` of every resample at once (numpy; a loop over sklearn calls is ~100x
+    slower); the same definitions as `_binary_metrics`."""
+    t, s = truth[picks], score[picks]
+    said = s >= threshold if threshold is not None else argmax_positive[picks]
+    tp, fp = (t & said).sum(1), (~t & said).sum(1)
+    fn, tn = (t & ~said).sum(1), (~t & ~said).sum(1)
+    n_pos, n_neg = t.sum(1), (~t).sum(1)
+    # Mann-Whitney U with average ranks for ties equals the ROC-AUC sklearn computes.
+    ranks = rankdata(s, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        auc = ((ranks * t).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+        columns = {
+            "roc_auc": np.where((n_pos > 0) & (n_neg > 0), auc, np.nan),
+            "accuracy": (tp + tn) / t.shape[1],
+            "sensitivity": _safe_ratio(tp, tp + fn),
+            "specificity": _safe_ratio(tn, tn + fp),
+            "f1": _safe_ratio(2 * tp, 2 * tp + fp + fn),
+        }
+    return np.stack([columns[name] for name in CI_METRICS], axis=1)
+
+
+def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    return np.where(denominator > 0, numerator / np.maximum(denominator, 1), 0.0)

@@ -28,6 +28,8 @@ from distmed.worker import STATE_FILE, predict
 
 log = logging.getLogger(__name__)
 MODEL_FORMAT = 1
+# The refit model's test-split predictions, saved once so the report never re-evaluates.
+TEST_PREDICTIONS = "test_predictions.npz"
 
 
 def refit_epochs(stop_epochs: list[int]) -> int:
@@ -108,14 +110,36 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 
 
 def evaluate_test(
-    model: torch.nn.Module, test_images_path: Path, labels: np.ndarray, positive: int | None
+    model: torch.nn.Module,
+    test_images_path: Path,
+    labels: np.ndarray,
+    positive: int | None,
+    save_to: Path | None = None,
 ) -> dict[str, float]:
-    """Metrics on the held-back test split, computed once, in this process."""
+    """Metrics on the held-back test split, computed once, in this process.
+
+    `save_to` also keeps the predictions (labels, probabilities, decoded-image file) in an
+    .npz, so the report plots them without touching the test split again.
+    """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images = load_cached(test_images_path)
     dataset = CachedImageDataset(images, labels, np.arange(len(labels)))
     loader = DataLoader(dataset, batch_size=256)
     _, truth, probs = predict(model.to(device), loader, device, "off", False)
+    if save_to is not None:
+        with atomic_path(save_to) as tmp, tmp.open("wb") as handle:  # a name gets .npz added
+            np.savez(handle, labels=truth, probs=probs, images_path=str(test_images_path))
     metrics = classification_metrics(truth, probs, positive)
     metrics["num_samples"] = len(truth)
     return metrics
+
+
+def save_threshold(path: Path, threshold: dict[str, Any]) -> None:
+    """Record the binary operating threshold (chosen on validation data) in `best_model.pt`.
+
+    `predict` then labels new images at that threshold with the checkpoint alone.
+    """
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload["threshold"] = threshold
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distmed.artifacts import write_json_atomic, write_text_atomic
+from distmed.artifacts import read_text_uri, write_json_atomic, write_text_atomic, write_text_uri
 from distmed.config import ExperimentConfig, dump_config
 from distmed.space import apply_params
 
 STATUSES = ("completed", "stopped", "diverged", "errored")
+# Per-fold epoch histories and out-of-fold predictions of one trial, in its Train run folder.
+TRIAL_DETAIL = "cv_detail.json"
 
 
 @dataclass(frozen=True)
@@ -141,3 +144,21 @@ def _short(value: Any) -> str:
 def _one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def write_trial_detail(run_uri: str, folds: list[dict[str, Any]]) -> None:
+    """Save a trial's per-fold histories and out-of-fold predictions next to its Train run.
+
+    `folds`: per fold, `history` (one record per epoch) and `val_indices`, `val_labels`,
+    `val_probs` (the latest validation pass). Tune keeps only the last reported metrics;
+    the report needs every epoch of every fold and the validation scores that pick the
+    operating threshold.
+    """
+    payload = {"folds": [{"fold": k, **fold} for k, fold in enumerate(folds)]}
+    write_text_uri(f"{run_uri}/{TRIAL_DETAIL}", json.dumps(payload, allow_nan=True))
+
+
+def read_trial_detail(run_uri: str) -> dict[str, Any] | None:
+    """What `write_trial_detail` saved, or None when the trial has no such file."""
+    text = read_text_uri(f"{run_uri}/{TRIAL_DETAIL}")
+    return None if text is None else json.loads(text)

@@ -46,13 +46,15 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     """One Tune trial: the base config with `params` applied, cross-validated by Ray Train."""
     cfg = apply_params(ExperimentConfig.model_validate(context.base), params)
     trial_id = ray.tune.get_context().get_trial_id()
+    run_name = trial_run_name(trial_id)
     cross_validate(
         cfg,
         context.plan,
         context.layout,
         context.train_storage,
-        run_name=trial_run_name(trial_id),
+        run_name=run_name,
         callbacks=[TuneReportCallback()],
+        detail_uri=f"{context.train_storage}/{run_name}",  # histories for the report
     )
 
 

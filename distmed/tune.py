@@ -29,6 +29,7 @@ from distmed.data import DataIndex, describe_index, scan_source
 from distmed.errors import UserError
 from distmed.model import check_weights
 from distmed.refit import (
+    TEST_PREDICTIONS,
     evaluate_test,
     load_model,
     refit,
@@ -36,6 +37,7 @@ from distmed.refit import (
     save_model,
     saved_source,
 )
+from distmed.report import report_after_search
 from distmed.resources import concurrency_limit, plan_workers, start_ray
 from distmed.results import (
     best_config,
@@ -154,6 +156,7 @@ def _run(args: argparse.Namespace) -> int:
     summary.update(_refit_and_test(args, chosen, best, prepared, exp_uri, local))
     summary["wall_time_s"] = time.perf_counter() - started
     write_summary(local / "summary.json", summary)
+    report_after_search(local, exp_uri)
     _publish(local, args.storage, name)
     _print_results(rows, keys, best, summary, local)
     return 0
@@ -226,7 +229,11 @@ def _refit_and_test(args, chosen, best, prepared: PreparedData, exp_uri: str, lo
     if cache.test_path is not None:
         model, _ = load_model(model_path)
         out["test_metrics"] = evaluate_test(
-            model, cache.test_path, index.test.labels, plan.positive
+            model,
+            cache.test_path,
+            index.test.labels,
+            plan.positive,
+            save_to=local / TEST_PREDICTIONS,
         )
     return out
 

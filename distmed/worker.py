@@ -30,6 +30,7 @@ from distmed.config import ExperimentConfig, OptimConfig, TrainConfig
 from distmed.data import CachedImageDataset, load_cached, to_model_input
 from distmed.metrics import METRIC_NAMES, classification_metrics
 from distmed.model import build_model, set_train_mode
+from distmed.results import write_trial_detail
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
@@ -83,6 +84,10 @@ class FoldRun:
     epochs_since_best: int = 0
     stopped: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
+    # The latest validation pass: sample positions, true labels and class probabilities.
+    val_indices: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
+    val_probs: torch.Tensor | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -94,6 +99,9 @@ class FoldRun:
             "epochs_since_best": self.epochs_since_best,
             "stopped": self.stopped,
             "history": self.history,
+            "val_indices": self.val_indices,
+            "val_labels": self.val_labels,
+            "val_probs": self.val_probs,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -105,6 +113,15 @@ class FoldRun:
         self.epochs_since_best = state["epochs_since_best"]
         self.stopped = state["stopped"]
         self.history = state["history"]
+        self.val_indices = state.get("val_indices")
+        self.val_labels = state.get("val_labels")
+        self.val_probs = state.get("val_probs")
+
+    def predictions(self) -> dict[str, list]:
+        """The fold's out-of-fold validation predictions (empty before any validation)."""
+        names = ("val_indices", "val_labels", "val_probs")
+        values = (self.val_indices, self.val_labels, self.val_probs)
+        return {n: [] if v is None else v.tolist() for n, v in zip(names, values, strict=True)}
 
     def update_stopping(self, auc: float, patience: int | None) -> None:
         """Early stopping on validation ROC-AUC; the fold is scored where it stops."""
@@ -158,16 +175,24 @@ def build_loss(cfg: TrainConfig, train_labels: np.ndarray, num_classes: int, dev
 
 
 def train_one_epoch(
-    fold: FoldRun, device: torch.device, precision: str, channels_last: bool
-) -> float:
-    """One pass over the fold's training data; returns the mean loss over all ranks."""
+    fold: FoldRun, device: torch.device, precision: str, channels_last: bool, positive: int | None
+) -> dict[str, float]:
+    """One pass over the fold's training data; loss, accuracy and ROC-AUC over all ranks.
+
+    Accuracy and ROC-AUC come from the logits of the training steps themselves (model in
+    training mode, augmented images, weights moving): a cheap, slightly pessimistic train
+    curve, not a second pass. Probabilities stay on the device until the epoch ends, so
+    there is no host sync per step.
+    """
     set_train_mode(fold.model)
     total, count = torch.zeros(2, device=device, dtype=torch.float64)
+    seen_probs, seen_labels = [], []
     for images, labels, _ in fold.train_loader:
         inputs = _inputs(images, device, channels_last)
         labels = labels.to(device, non_blocking=True)
         with autocast(device, precision):
-            loss = fold.loss_fn(fold.model(inputs), labels)
+            logits = fold.model(inputs)
+            loss = fold.loss_fn(logits, labels)
         fold.optimizer.zero_grad(set_to_none=True)
         fold.scaler.scale(loss).backward()
         fold.scaler.step(fold.optimizer)
@@ -175,10 +200,30 @@ def train_one_epoch(
         fold.scheduler.step()
         total += loss.detach().double() * len(labels)
         count += len(labels)
+        seen_probs.append(torch.softmax(logits.detach().float(), dim=1))
+        seen_labels.append(labels)
     sums = torch.stack([total, count])
     if dist.is_initialized():
         dist.all_reduce(sums)
-    return float(sums[0] / sums[1])
+    labels_all, probs_all = _gather_arrays(torch.cat(seen_labels), torch.cat(seen_probs))
+    scores = {"accuracy": math.nan, "roc_auc": math.nan}  # diverged outputs have no score
+    if np.isfinite(probs_all).all():
+        scores = classification_metrics(labels_all, probs_all, positive)
+    return {
+        "loss": float(sums[0] / sums[1]),
+        "accuracy": scores["accuracy"],
+        "roc_auc": scores["roc_auc"],
+    }
+
+
+def _gather_arrays(labels: torch.Tensor, probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate every rank's (labels, probabilities) on every rank, as numpy arrays."""
+    local = (labels.cpu().numpy(), probs.cpu().numpy())
+    if not dist.is_initialized():
+        return local
+    shards = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, local)
+    return np.concatenate([s[0] for s in shards]), np.concatenate([s[1] for s in shards])
 
 
 @torch.no_grad()
@@ -216,9 +261,13 @@ def evaluate(
     fold: FoldRun, device, precision: str, channels_last: bool, positive: int | None
 ) -> dict | None:
     """Validation metrics of the fold's model; None when its outputs are not finite."""
-    _, labels, probs = predict(fold.model, fold.val_loader, device, precision, channels_last)
+    indices, labels, probs = predict(fold.model, fold.val_loader, device, precision, channels_last)
     if not np.isfinite(probs).all():
         return None
+    # The latest epoch's predictions are the fold's out-of-fold scores once it stops.
+    fold.val_indices, fold.val_labels, fold.val_probs = (
+        torch.from_numpy(a) for a in (indices, labels, probs)
+    )
     picked = probs[np.arange(len(labels)), labels]
     result = classification_metrics(labels, probs, positive)
     result["loss"] = float(-np.log(np.clip(picked, 1e-12, None)).mean())
@@ -267,7 +316,7 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
         if any(diverged(f) for f in folds):
             for fold in folds:  # one fold without a score leaves the trial without one
                 fold.stopped = True
-        _report(folds, epoch, cfg.train.epochs)
+        _report(folds, epoch, cfg.train.epochs, loop_config.get("detail_uri"))
         if all(f.stopped for f in folds):
             break
     return {
@@ -275,7 +324,7 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
         "device": device.type,
         "channels_last": channels_last,
         "world_size": ray.train.get_context().get_world_size(),
-        "folds": [{"history": f.history} for f in folds],
+        "folds": [{"history": f.history, **f.predictions()} for f in folds],
     }
 
 
@@ -346,10 +395,8 @@ def _run_fold_epoch(fold, epoch, cfg, device, precision, channels_last, positive
     sampler = getattr(fold.train_loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
-    record = {
-        "epoch": epoch + 1,
-        "train_loss": train_one_epoch(fold, device, precision, channels_last),
-    }
+    train = train_one_epoch(fold, device, precision, channels_last, positive)
+    record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()}}
     val = None
     if math.isfinite(record["train_loss"]) and fold.val_loader is not None:
         val = evaluate(fold, device, precision, channels_last, positive)
@@ -405,8 +452,13 @@ def epoch_metrics(folds: list[FoldRun], epoch: int, epochs: int) -> dict[str, fl
     return metrics
 
 
-def _report(folds: list[FoldRun], epoch: int, epochs: int) -> None:
-    """One report per epoch on every rank; rank 0 attaches the checkpoint of all folds."""
+def _report(folds: list[FoldRun], epoch: int, epochs: int, detail_uri: str | None) -> None:
+    """One report per epoch on every rank; rank 0 attaches the checkpoint of all folds.
+
+    Rank 0 also rewrites the folds' histories and out-of-fold predictions at `detail_uri`
+    before reporting: a scheduler may stop the trial at any report (ASHA does at max_t,
+    even when every fold has finished), so nothing after the last report is sure to run.
+    """
     metrics = epoch_metrics(folds, epoch, epochs)
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics, checkpoint=None)
@@ -425,6 +477,8 @@ def _report(folds: list[FoldRun], epoch: int, epochs: int) -> None:
         metrics["folds_active"],
         len(folds),
     )
+    if detail_uri:
+        write_trial_detail(detail_uri, [{"history": f.history, **f.predictions()} for f in folds])
     with tempfile.TemporaryDirectory() as tmp:
         state = {"epoch": epoch + 1, "folds": [f.state_dict() for f in folds]}
         torch.save(state, Path(tmp) / STATE_FILE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,7 @@ def test_search_writes_results_logs_wandb_offline_and_hides_the_key(
     assert payload["preprocessing"]["image_size"] == 16
     kept = [p for p in (out / "trials").glob("*/checkpoint_*") if p.is_dir()]
     assert kept == [], "finished trials keep no checkpoints"
+    _check_report(out, summary)
 
     # W&B: one offline run per trial, holding the trial's per-epoch metrics.
     runs = [p for p in out.rglob("offline-run-*") if p.is_dir()]
@@ -132,3 +134,27 @@ def test_asha_stops_poor_trials_and_they_are_pruned(ray_session, tmp_path: Path)
     summary = json.loads((tmp_path / "runs" / "asha" / "summary.json").read_text())
     assert summary["trials_by_status"]["stopped"] == len(stopped)
     assert "test_metrics" not in summary  # a flat folder has no test split
+    page = (tmp_path / "runs" / "asha" / "report.html").read_text()
+    assert "no test split" in page and "training_curves.png" in page
+
+
+def _check_report(out: Path, summary: dict) -> None:
+    """The report written at the end of the search: figures, and the summary's numbers."""
+    detail = json.loads(
+        (out / "trials" / f"cv-{summary['best_trial']}" / "cv_detail.json").read_text()
+    )
+    for fold in detail["folds"]:
+        assert {"train_accuracy", "train_roc_auc", "val_roc_auc"} <= set(fold["history"][-1])
+        assert len(fold["val_labels"]) == len(fold["val_probs"])
+    positions = sorted(i for fold in detail["folds"] for i in fold["val_indices"])
+    assert positions == list(range(40))  # every CV-pool image once, out of fold
+    page = (out / "report.html").read_text()
+    pngs = sorted((out / "report").glob("*.png"))
+    assert {"roc", "gradcam", "training_curves", "search_progress"} <= {p.stem for p in pngs}
+    assert all(f"report/{p.name}" in page for p in pngs)
+    shown = dict(re.findall(r"data-key='([^']+)' data-value='([^']+)'", page))
+    assert float(shown["best_cv_roc_auc"]) == summary["best_cv_roc_auc"]
+    for name in ("roc_auc", "accuracy", "sensitivity", "specificity", "f1"):
+        assert float(shown[f"test_metrics.{name}"]) == summary["test_metrics"][name], name
+    threshold = torch.load(out / "best_model.pt", weights_only=True)["threshold"]
+    assert float(shown["threshold"]) == threshold["value"]

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 
 from distmed.config import ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
 from distmed.data import CachedImageDataset, to_model_input
-from distmed.model import build_model
+from distmed.metrics import classification_metrics
+from distmed.model import build_model, set_train_mode
 from distmed.worker import (
     FoldRun,
     _run_fold_epoch,
@@ -23,6 +24,7 @@ from distmed.worker import (
     epoch_metrics,
     predict,
     resolve_amp,
+    train_one_epoch,
 )
 
 
@@ -317,3 +319,34 @@ def test_epoch_metrics_average_the_folds_and_mark_the_last_epoch():
     assert reported["fold1_roc_auc"] == 0.8 and reported["fold0_epoch"] == 2
     assert reported["train_loss"] == pytest.approx(1.0)
     assert reported["cv_complete"] == 1 and reported["folds_diverged"] == 0
+
+
+def test_train_one_epoch_scores_the_logits_of_its_own_steps(tiny_data):
+    images, labels = tiny_data
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(weights="none", unfreeze=5), num_classes=3)
+    # lr 0: weights stay put, so each step's logits can be recomputed here afterwards
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    loader = DataLoader(CachedImageDataset(images, labels, np.arange(12)), batch_size=4)
+    fold = FoldRun(
+        index=0,
+        model=model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        loss_fn=torch.nn.CrossEntropyLoss(),
+        train_loader=loader,
+        val_loader=None,
+    )
+    got = train_one_epoch(fold, torch.device("cpu"), "off", False, None)
+
+    set_train_mode(model)  # batch statistics, as during the steps
+    with torch.no_grad():
+        logits = torch.cat([model(to_model_input(x)) for x, _, _ in loader])
+    probs = torch.softmax(logits, dim=1).numpy()
+    expected = classification_metrics(labels, probs)
+    assert set(got) == {"loss", "accuracy", "roc_auc"}
+    assert got["accuracy"] == pytest.approx(expected["accuracy"])
+    assert got["roc_auc"] == pytest.approx(expected["roc_auc"], abs=1e-6)
+    loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels)).item()
+    assert got["loss"] == pytest.approx(loss, rel=1e-5)

@@ -1,0 +1,136 @@
+"""`python -m distmed.export --model best_model.pt --format torchscript|onnx --output FILE`.
+
+Exports the network alone (normalised float (B, 3, S, S) in, logits (B, K) out) and writes
+FILE.json beside it: the preprocessing that must come first, the class names, the positive
+class and the operating threshold, so the file can be used without distmed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distmed import __version__
+from distmed.artifacts import write_json_atomic
+from distmed.cli import run_entry_point
+from distmed.errors import UserError
+from distmed.refit import load_model
+
+FORMATS = ("torchscript", "onnx")
+ONNX_OPSET = 18
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m distmed.export",
+        description="Export best_model.pt to TorchScript or ONNX, with a preprocessing sidecar "
+        "JSON (FILE.json).",
+    )
+    parser.add_argument("--model", required=True, help="best_model.pt written by distmed.tune")
+    parser.add_argument("--format", required=True, help="torchscript or onnx")
+    parser.add_argument("--output", required=True, help="file to write, e.g. model.onnx")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_entry_point(_run, build_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.format not in FORMATS:
+        raise UserError(f"--format {args.format}: choose one of {', '.join(FORMATS)}")
+    model_path = Path(args.model)
+    if not model_path.is_file():
+        raise UserError(f"--model {model_path}: no such file (a best_model.pt from distmed.tune)")
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    model, payload = load_model(model_path)
+    example = example_input(payload)
+    if args.format == "torchscript":
+        export_torchscript(model, example, output)
+    else:
+        export_onnx(model, example, output)
+    write_json_atomic(sidecar_path(output), sidecar(payload, args.format))
+    print(f"{args.format}: {output}; preprocessing: {sidecar_path(output)}")
+    return 0
+
+
+def example_input(payload: dict[str, Any]) -> torch.Tensor:
+    size = int(payload["preprocessing"]["image_size"])
+    return torch.zeros(2, 3, size, size)
+
+
+def export_torchscript(model: torch.nn.Module, example: torch.Tensor, output: Path) -> None:
+    # Tracing is exact for ResNets (no data-dependent control flow).
+    with torch.no_grad():
+        traced = torch.jit.trace(model.eval(), example)
+    traced.save(str(output))
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, output: Path) -> None:
+    """ONNX through torch.export (the exporter torch recommends; the TorchScript-based one is
+    deprecated), with a dynamic batch dimension. Needs `onnx` and `onnxscript`."""
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    try:
+        torch.onnx.export(
+            model.eval(),
+            (example,),
+            str(output),
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch},),
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            verbose=False,
+        )
+    except ImportError as exc:
+        raise UserError(
+            f"ONNX export needs {exc.name}: pip install 'distmed[onnx]' (onnx, onnxscript)"
+        ) from exc
+
+
+def sidecar_path(output: Path) -> Path:
+    return output.with_name(output.name + ".json")
+
+
+def sidecar(payload: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """How to feed the exported model and read its output, without distmed."""
+    prep = payload["preprocessing"]
+    names = payload["class_names"]
+    positive = payload["positive_index"]
+    threshold = payload.get("threshold")
+    return {
+        "format": fmt,
+        "distmed_version": __version__,
+        "source": payload.get("source"),
+        "architecture": payload["config"]["model"]["arch"],
+        "input": {
+            "name": "image",
+            "shape": ["batch", 3, prep["image_size"], prep["image_size"]],
+            "dtype": "float32",
+            "layout": "NCHW, RGB; grey images repeated to 3 channels",
+        },
+        "preprocessing": {
+            "image_size": prep["image_size"],
+            "resize": prep["resize"],
+            "scale": prep["scale"],
+            "mean": prep["mean"],
+            "std": prep["std"],
+            "formula": "(pixel / 255 - mean[c]) / std[c] per channel c",
+            "channels_in_training_cache": prep["channels_in_cache"],
+        },
+        "output": {"name": "logits", "shape": ["batch", len(names)], "apply": "softmax"},
+        "class_names": names,
+        "positive_class": names[positive] if positive is not None else None,
+        "threshold": threshold,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Grad-CAM heat maps of a torchvision ResNet, via the maintained `grad-cam` package.
+
+Takes decoded uint8 images (what the cache and `decode_image` produce), applies the
+training normalisation, and returns heat maps plus coloured overlays for people to look at.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from distmed.data import to_model_input
+
+MIN_CAM_SIDE = 4  # a 1x1 or 2x2 map cannot say where in the image the evidence is
+
+
+def cam_layer(image_size: int) -> str:
+    """The deepest residual stage whose feature map is at least MIN_CAM_SIDE pixels wide.
+
+    layer4 for 128 px and up (the usual Grad-CAM choice); at 28-32 px layer4 is 1x1, so
+    a shallower, coarser-meaning but spatially resolved stage is used instead. A ResNet
+    halves the side five times before layer4: stage k (1..4) sees ceil(size / 2**(k+1)).
+    """
+    for stage in (4, 3, 2):
+        if math.ceil(image_size / 2 ** (stage + 1)) >= MIN_CAM_SIDE:
+            return f"layer{stage}"
+    return "layer1"
+
+
+def gradcam_maps(model: torch.nn.Module, images: np.ndarray, targets: list[int]) -> np.ndarray:
+    """Heat maps in [0, 1], shape (N, S, S), for uint8 `images` (N, C, S, S) and classes."""
+    device = next(model.parameters()).device
+    inputs = to_model_input(torch.from_numpy(np.ascontiguousarray(images)).to(device))
+    stage = getattr(model, cam_layer(images.shape[-1]))
+    with GradCAM(model=model.eval(), target_layers=[stage[-1]]) as cam:
+        maps = cam(input_tensor=inputs, targets=[ClassifierOutputTarget(t) for t in targets])
+    return np.asarray(maps, dtype=np.float32)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """A uint8 (S, S, 3) picture: the image (C, S, S) with its heat map (S, S) on top."""
+    rgb = np.repeat(image, 3, axis=0) if image.shape[0] == 1 else image
+    base = rgb.transpose(1, 2, 0).astype(np.float32) / 255.0
+    return show_cam_on_image(base, heat, use_rgb=True, image_weight=0.6)

@@ -1,0 +1,272 @@
+"""The report's figures: each function draws one PNG from plain arrays and returns its path.
+
+Matplotlib with the Agg backend (no display needed); every axis is labelled, and each
+figure is closed once saved so a long report does not accumulate memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 (the backend must be chosen first)
+import numpy as np  # noqa: E402
+from sklearn import metrics as skm  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+
+DPI = 110
+TRAIN_STYLE = {"linestyle": "-", "marker": "o", "markersize": 3}
+VAL_STYLE = {"linestyle": "--", "marker": "s", "markersize": 3}
+
+
+def save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- the search
+
+
+def plot_search_progress(
+    aucs: Sequence[float], statuses: Sequence[str], path: Path, x_label: str
+) -> Path:
+    """CV ROC-AUC of each trial in the given order, and the best completed one so far."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    order = np.arange(1, len(aucs) + 1)
+    values = np.asarray(aucs, dtype=float)
+    for status, marker in (("completed", "o"), ("stopped", "x"), ("errored", "v")):
+        pick = np.asarray([s == status for s in statuses])
+        if pick.any():
+            ax.scatter(order[pick], values[pick], marker=marker, label=status, zorder=3)
+    completed = np.where([s == "completed" for s in statuses], values, np.nan)
+    running = np.fmax.accumulate(np.nan_to_num(completed, nan=-np.inf))
+    running[np.isinf(running)] = np.nan
+    ax.step(order, running, where="post", color="black", label="best completed so far")
+    ax.set(xlabel=x_label, ylabel="CV ROC-AUC (mean over folds)")
+    ax.set_title("Search progress")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return save(fig, path)
+
+
+def plot_params(
+    params: dict[str, Sequence[Any]], aucs: Sequence[float], best: int, path: Path
+) -> Path:
+    """One panel per searched hyperparameter against CV ROC-AUC; the best trial is a star."""
+    names = list(params)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.2 * rows), squeeze=False)
+    values = np.asarray(aucs, dtype=float)
+    for ax, name in zip(axes.flat, names, strict=False):
+        x, ticks = _axis_values(params[name])
+        ax.scatter(x, values, alpha=0.8)
+        ax.scatter([x[best]], [values[best]], marker="*", s=180, color="red", label="best")
+        if ticks is not None:
+            ax.set_xticks(range(len(ticks)), ticks)
+        elif _spans_decades(x):
+            ax.set_xscale("log")
+        ax.set(xlabel=name, ylabel="CV ROC-AUC")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("Hyperparameters against CV ROC-AUC (stopped trials: last value)")
+    return save(fig, path)
+
+
+def _axis_values(raw: Sequence[Any]) -> tuple[np.ndarray, list[str] | None]:
+    """Numbers stay numbers; anything else becomes category positions with tick labels."""
+    try:
+        return np.asarray([float(v) for v in raw]), None
+    except (TypeError, ValueError):
+        labels = sorted({str(v) for v in raw})
+        return np.asarray([labels.index(str(v)) for v in raw], dtype=float), labels
+
+
+def _spans_decades(x: np.ndarray) -> bool:
+    finite = x[np.isfinite(x)]
+    return bool(len(finite) and finite.min() > 0 and finite.max() / finite.min() >= 20)
+
+
+def plot_fold_aucs(aucs: Sequence[float], path: Path) -> Path:
+    """The best trial's validation ROC-AUC per fold, with the mean and ± one std."""
+    fig, ax = plt.subplots(figsize=(5.0, 3.6))
+    values = np.asarray(aucs, dtype=float)
+    mean, std = float(np.mean(values)), float(np.std(values))
+    ax.bar(np.arange(len(values)), values, color="tab:blue", alpha=0.8)
+    ax.axhline(mean, color="black", label=f"mean {mean:.4f}")
+    ax.axhspan(mean - std, mean + std, color="grey", alpha=0.25, label=f"± std {std:.4f}")
+    ax.set_xticks(range(len(values)), [f"fold {k}" for k in range(len(values))])
+    ax.set(ylabel="validation ROC-AUC", ylim=(max(0.0, values.min() - 0.1), 1.0))
+    ax.set_title("Best trial: ROC-AUC per fold")
+    ax.legend(fontsize=8, loc="best")
+    return save(fig, path)
+
+
+# --------------------------------------------------------------------------- training curves
+
+
+def plot_training_curves(histories: Sequence[Sequence[dict[str, float]]], path: Path) -> Path:
+    """Loss, accuracy and ROC-AUC per epoch; one colour per fold, train solid, val dashed."""
+    panels = (("loss", "loss (cross-entropy)"), ("accuracy", "accuracy"), ("roc_auc", "ROC-AUC"))
+    fig, axes = plt.subplots(1, 3, figsize=(13.0, 3.8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for fold, history in enumerate(histories):
+        epochs = [r["epoch"] for r in history]
+        colour = colours[fold % len(colours)]
+        for ax, (key, _) in zip(axes, panels, strict=True):
+            for prefix, style in (("train", TRAIN_STYLE), ("val", VAL_STYLE)):
+                values = [r.get(f"{prefix}_{key}", np.nan) for r in history]
+                ax.plot(epochs, values, color=colour, **style)
+    for ax, (_, label) in zip(axes, panels, strict=True):
+        ax.set(xlabel="epoch", ylabel=label)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    handles = [
+        plt.Line2D([], [], color=colours[k % len(colours)], label=f"fold {k}")
+        for k in range(len(histories))
+    ]
+    handles += [
+        plt.Line2D([], [], color="black", label="train", **TRAIN_STYLE),
+        plt.Line2D([], [], color="black", label="validation", **VAL_STYLE),
+    ]
+    fig.legend(handles=handles, loc="outside right center", fontsize=8)
+    fig.suptitle("Best trial: training curves per fold")
+    fig.set_layout_engine("constrained")
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- the test split
+
+
+def plot_roc(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    positive: int | None,
+    path: Path,
+    operating_point: tuple[float, float] | None = None,
+) -> Path:
+    """ROC curve of the positive class (binary) or one-vs-rest per class plus macro."""
+    fig, ax = plt.subplots(figsize=(5.0, 4.6))
+    for k, name, truth, score in _one_vs_rest(labels, probs, class_names, positive):
+        fpr, tpr, _ = skm.roc_curve(truth, score)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {skm.auc(fpr, tpr):.3f})", zorder=3 + k)
+    if positive is None:
+        macro = skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+        grid, mean_tpr = _macro_roc(labels, probs)
+        ax.plot(grid, mean_tpr, color="black", linestyle=":", label=f"macro (AUC {macro:.3f})")
+    if operating_point is not None:
+        fpr_op, tpr_op = operating_point
+        ax.scatter([fpr_op], [tpr_op], color="red", zorder=10, label="operating threshold")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8)
+    ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate")
+    ax.set_title("Test split: ROC curve")
+    ax.legend(fontsize=8, loc="lower right")
+    return save(fig, path)
+
+
+def _one_vs_rest(labels, probs, class_names, positive):
+    """(k, name, truth, score) per curve: the positive class only for binary tasks."""
+    classes = [positive] if positive is not None else range(probs.shape[1])
+    return [(k, class_names[k], labels == k, probs[:, k]) for k in classes]
+
+
+def _macro_roc(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    grid = np.linspace(0, 1, 201)
+    curves = []
+    for k in range(probs.shape[1]):
+        fpr, tpr, _ = skm.roc_curve(labels == k, probs[:, k])
+        curves.append(np.interp(grid, fpr, tpr))
+    return grid, np.mean(curves, axis=0)
+
+
+def plot_confusion(
+    matrix: np.ndarray, class_names: Sequence[str], decision: str, path: Path
+) -> Path:
+    """Counts and row-normalised (share of each true class) confusion matrices."""
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.4))
+    rates = matrix / np.clip(matrix.sum(axis=1, keepdims=True), 1, None)
+    for ax, data, title, fmt in (
+        (axes[0], matrix, "counts", "{:d}"),
+        (axes[1], rates, "row-normalised", "{:.2f}"),
+    ):
+        image = ax.imshow(data, cmap="Blues", vmin=0, vmax=1 if fmt == "{:.2f}" else None)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+        for (i, j), value in np.ndenumerate(data):
+            colour = "white" if value > data.max() / 2 else "black"
+            ax.text(j, i, fmt.format(value), ha="center", va="center", color=colour)
+        ticks = range(len(class_names))
+        ax.set_xticks(ticks, class_names, rotation=45 if len(class_names) > 4 else 0)
+        ax.set_yticks(ticks, class_names)
+        ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    fig.suptitle(f"Test split: confusion matrix ({decision})")
+    return save(fig, path)
+
+
+def plot_precision_recall(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    positive: int | None,
+    path: Path,
+) -> Path:
+    fig, ax = plt.subplots(figsize=(5.0, 4.6))
+    for _, name, truth, score in _one_vs_rest(labels, probs, class_names, positive):
+        precision, recall, _ = skm.precision_recall_curve(truth, score)
+        ap = skm.average_precision_score(truth, score)
+        ax.plot(recall, precision, label=f"{name} (AP {ap:.3f}, prevalence {truth.mean():.2f})")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+    ax.set_title("Test split: precision-recall curve")
+    ax.legend(fontsize=8, loc="lower left")
+    return save(fig, path)
+
+
+def plot_calibration(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    positive: int | None,
+    path: Path,
+    bins: int = 10,
+) -> Path:
+    """Reliability diagram: observed frequency per bin of predicted probability."""
+    fig, ax = plt.subplots(figsize=(5.0, 4.6))
+    for _, name, truth, score in _one_vs_rest(labels, probs, class_names, positive):
+        observed, predicted = calibration_curve(truth, score, n_bins=bins, strategy="quantile")
+        ax.plot(predicted, observed, marker="o", label=name)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8, label="perfect")
+    ax.set(xlabel="predicted probability", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1))
+    ax.set_title("Test split: calibration (quantile bins)")
+    ax.legend(fontsize=8, loc="upper left")
+    return save(fig, path)
+
+
+def plot_gradcam_grid(
+    tiles: Sequence[tuple[np.ndarray, str]], columns: int, layer: str, path: Path
+) -> Path:
+    """Grad-CAM overlays (uint8 RGB) with a caption each, `columns` per row."""
+    rows = math.ceil(len(tiles) / columns)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(2.3 * columns, 2.8 * rows), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (picture, caption) in zip(axes.flat, tiles, strict=False):
+        ax.imshow(picture, interpolation="bilinear")
+        ax.set_title(caption, fontsize=8)
+    fig.suptitle(f"Test split: Grad-CAM ({layer}) for the predicted class")
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path

@@ -1,0 +1,226 @@
+"""`python -m distmed.predict --model best_model.pt IMAGES_OR_FOLDER... --output preds.csv`.
+
+Rebuilds the model from the checkpoint alone, decodes each file exactly as training did
+(`decode_image` + `to_model_input`), predicts in batches (on the GPU when there is one) and
+writes one CSV row per file. Files that cannot be read are named on stderr and in the CSV's
+`error` column; every other file is still predicted.
+
+Exit status: 0 every file predicted; 3 some files unreadable (the rest predicted, CSV
+written); 2 bad input (no model file, no images, bad option).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from distmed.artifacts import write_text_atomic
+from distmed.cli import run_entry_point
+from distmed.data import IMAGE_EXTENSIONS, decode_image, to_model_input
+from distmed.errors import UserError
+from distmed.refit import load_model
+
+EXIT_SOME_UNREADABLE = 3
+GRADCAM_MIN_SIZE = 224  # overlays of 28 px images are upscaled so people can see them
+
+EPILOG = """exit status: 0 all files predicted; 3 some files unreadable (named on stderr and
+in the CSV's error column, the rest predicted); 2 bad input.
+
+examples:
+  python -m distmed.predict --model runs/demo/best_model.pt scans/ --output preds.csv
+  python -m distmed.predict --model best_model.pt a.png b.png --output p.csv --gradcam cams/
+"""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: Path
+    probs: np.ndarray | None  # class probabilities; None when the file could not be read
+    error: str = ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m distmed.predict",
+        description="Predict image files or folders with a saved best_model.pt.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched deeply)")
+    parser.add_argument("--model", required=True, help="best_model.pt written by distmed.tune")
+    parser.add_argument("--output", required=True, help="CSV to write, e.g. preds.csv")
+    parser.add_argument("--gradcam", help="also write a Grad-CAM overlay per image here")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="binary tasks: positive-class threshold (default: the one saved in the model)",
+    )
+    parser.add_argument("--cpu", action="store_true", help="stay on CPU even with a GPU")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_entry_point(_run, build_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
+    model_path = Path(args.model)
+    if not model_path.is_file():
+        raise UserError(f"--model {model_path}: no such file (a best_model.pt from distmed.tune)")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    paths = collect_images(args.inputs)
+    model, payload = load_model(model_path)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    model.to(device)
+    size = int(payload["preprocessing"]["image_size"])
+    cam_dir = Path(args.gradcam) if args.gradcam else None
+    if cam_dir is not None:
+        cam_dir.mkdir(parents=True, exist_ok=True)
+    threshold = _threshold(args.threshold, payload)
+    results = []
+    for batch in predict_batches(model, paths, size, args.batch_size, device):
+        results += batch
+        if cam_dir is not None:
+            write_gradcams(model, batch, size, cam_dir, offset=len(results) - len(batch))
+    write_csv(Path(args.output), results, payload, threshold)
+    bad = [r for r in results if r.probs is None]
+    for r in bad:
+        print(f"unreadable: {r.path} ({r.error})", file=sys.stderr)
+    print(
+        f"{len(results) - len(bad)} of {len(results)} images predicted on {device} -> {args.output}"
+    )
+    return EXIT_SOME_UNREADABLE if bad else 0
+
+
+def collect_images(inputs: Sequence[str]) -> list[Path]:
+    """Files as given (any name: unreadable ones are reported later); folders searched."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            paths += sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in IMAGE_EXTENSIONS
+                and not p.name.startswith(".")
+            )
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise UserError(f"{item}: no such file or folder")
+    if not paths:
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(inputs)}")
+    return paths
+
+
+def predict_batches(
+    model: torch.nn.Module, paths: list[Path], size: int, batch_size: int, device: torch.device
+) -> Iterator[list[Prediction]]:
+    """Per batch of files: decoded as in training, class probabilities or the read error."""
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        decoded = [_decode(p, size) for p in chunk]
+        good = [d for d in decoded if isinstance(d, np.ndarray)]
+        probs = iter(_probabilities(model, np.stack(good), device)) if good else iter(())
+        yield [
+            Prediction(p, next(probs)) if isinstance(d, np.ndarray) else Prediction(p, None, d)
+            for p, d in zip(chunk, decoded, strict=True)
+        ]
+
+
+def _decode(path: Path, size: int) -> np.ndarray | str:
+    """uint8 (3, S, S) as the training cache holds it (grey repeated), or the error text."""
+    try:
+        image = decode_image(path, size)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return image.transpose(2, 0, 1)
+
+
+@torch.no_grad()
+def _probabilities(model: torch.nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
+    inputs = to_model_input(torch.from_numpy(images).to(device))
+    return torch.softmax(model(inputs).float(), dim=1).cpu().numpy()
+
+
+def _threshold(override: float | None, payload: dict[str, Any]) -> float | None:
+    if len(payload["class_names"]) != 2:
+        if override is not None:
+            raise UserError("--threshold applies to binary models only")
+        return None
+    if override is not None:
+        return override
+    saved = payload.get("threshold")
+    if saved is None:
+        print(
+            "note: the model holds no operating threshold (run distmed.report on its run "
+            "folder, or pass --threshold); label_at_threshold is left empty",
+            file=sys.stderr,
+        )
+        return None
+    return float(saved["value"])
+
+
+def write_csv(
+    path: Path, results: list[Prediction], payload: dict[str, Any], threshold: float | None
+) -> None:
+    """path, predicted_class, prob_<class>..., [label_at_threshold,] error."""
+    names = payload["class_names"]
+    binary = len(names) == 2
+    positive = payload["positive_index"] if binary else None
+    header = ["path", "predicted_class", *(f"prob_{n}" for n in names)]
+    header += ["label_at_threshold"] if binary else []
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([*header, "error"])
+    for r in results:
+        if r.probs is None:
+            writer.writerow([str(r.path)] + [""] * (len(header) - 1) + [r.error])
+            continue
+        row = [str(r.path), names[int(r.probs.argmax())], *(f"{p:.6f}" for p in r.probs)]
+        if binary:
+            label = ""
+            if threshold is not None:
+                label = names[positive] if r.probs[positive] >= threshold else names[1 - positive]
+            row.append(label)
+        writer.writerow([*row, ""])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, buffer.getvalue())
+
+
+def write_gradcams(
+    model: torch.nn.Module, batch: list[Prediction], size: int, folder: Path, offset: int
+) -> None:
+    """One overlay PNG per readable file, for its predicted class: NNNN_<name>.png."""
+    from distmed.gradcam import gradcam_maps, overlay
+
+    readable = [(offset + i, r) for i, r in enumerate(batch) if r.probs is not None]
+    if not readable:
+        return
+    images = np.stack([_decode(r.path, size) for _, r in readable])
+    targets = [int(r.probs.argmax()) for _, r in readable]
+    maps = gradcam_maps(model, images, targets)
+    side = max(size, GRADCAM_MIN_SIZE)
+    for (number, r), image, heat in zip(readable, images, maps, strict=True):
+        picture = Image.fromarray(overlay(image, heat)).resize((side, side), Image.BILINEAR)
+        picture.save(folder / f"{number:04d}_{r.path.stem}.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

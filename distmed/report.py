@@ -1,0 +1,500 @@
+"""`python -m distmed.report RUN_DIR`: a search's results as one readable `report.html`.
+
+Reads what `distmed.tune` left in RUN_DIR (summary.json, trials.csv, best_model.pt, the test
+predictions saved once after the refit, the best trial's per-fold histories and
+out-of-fold predictions); trains nothing and never re-scores the test split. Chooses the
+binary operating threshold on the out-of-fold validation predictions and records it in
+best_model.pt for `distmed.predict`. Figures are PNGs in RUN_DIR/report/, also embedded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import html
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn import metrics as skm
+
+from distmed import plots
+from distmed.artifacts import write_text_atomic
+from distmed.cli import run_entry_point
+from distmed.errors import UserError
+from distmed.metrics import (
+    CI_METRICS,
+    binary_metrics_at,
+    bootstrap_ci,
+    classification_metrics,
+    sensitivity_threshold,
+    youden_threshold,
+)
+from distmed.refit import TEST_PREDICTIONS, load_model, save_threshold
+from distmed.results import read_trial_detail
+
+log = logging.getLogger(__name__)
+REPORT = "report.html"
+FIGURES = "report"
+GRADCAM_PER_GROUP = 2  # images per (class, correct/wrong)
+
+
+@dataclass(frozen=True)
+class RunData:
+    """Everything the report reads from a finished search, loaded once."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+    trials: list[dict[str, str]]
+    space_keys: list[str]
+    model_path: Path
+    class_names: list[str]
+    positive: int | None
+    detail: dict[str, Any] | None  # the best trial's folds (histories, OOF predictions)
+    test: dict[str, np.ndarray] | None  # labels, probs, images_path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m distmed.report",
+        description="Write RUN_DIR/report.html (search, training curves, test split with "
+        "bootstrap CIs, Grad-CAM) from a finished distmed.tune run.",
+    )
+    parser.add_argument("run_dir", help="a search's results folder, e.g. runs/demo")
+    parser.add_argument(
+        "--target-sensitivity",
+        type=float,
+        help="binary tasks: choose the threshold reaching this validation sensitivity, "
+        "e.g. 0.95 (default: Youden's J)",
+    )
+    parser.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)"
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_entry_point(_run, build_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
+    target = args.target_sensitivity
+    if target is not None and not 0.0 < target <= 1.0:
+        raise UserError(f"--target-sensitivity {target}: must be in (0, 1], e.g. 0.95")
+    if args.bootstrap < 10:
+        raise UserError(f"--bootstrap {args.bootstrap}: use at least 10 resamples, e.g. 1000")
+    path = build_report(Path(args.run_dir), target_sensitivity=target, resamples=args.bootstrap)
+    print(f"report: {path}")
+    return 0
+
+
+def report_after_search(run_dir: Path, experiment_uri: str) -> None:
+    """The report at the end of `distmed.tune`; its failure never loses the search."""
+    try:
+        path = build_report(run_dir, experiment_uri)
+    except Exception as exc:  # the results are already saved; say how to retry
+        log.warning(
+            "report failed (%s: %s); rerun: python -m distmed.report %s",
+            type(exc).__name__,
+            exc,
+            run_dir,
+        )
+        return
+    print(f"report: {path}", flush=True)
+
+
+def build_report(
+    run_dir: Path,
+    experiment_uri: str | None = None,
+    target_sensitivity: float | None = None,
+    resamples: int = 1000,
+) -> Path:
+    """Write `run_dir/report.html` and its PNGs; returns the HTML path.
+
+    `experiment_uri` is where Train runs of the trials live when it is not `run_dir`
+    itself (a search with s3:// storage reports from its local staging folder).
+    """
+    run = load_run(run_dir, experiment_uri)
+    figures = run_dir / FIGURES
+    figures.mkdir(exist_ok=True)
+    threshold = choose_threshold(run, target_sensitivity)
+    if threshold is not None:
+        save_threshold(run.model_path, threshold)
+    sections = [
+        search_section(run, figures),
+        training_section(run, figures),
+        test_section(run, figures, threshold, resamples),
+        gradcam_section(run, figures, threshold),
+    ]
+    page = render_page(run.summary.get("name", run_dir.name), sections)
+    write_text_atomic(run_dir / REPORT, page)
+    return run_dir / REPORT
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_run(run_dir: Path, experiment_uri: str | None = None) -> RunData:
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such folder; pass a search's results folder (runs/NAME)")
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise UserError(f"{run_dir}: no summary.json; is this a distmed.tune results folder?")
+    summary = json.loads(summary_path.read_text())
+    model_path = run_dir / "best_model.pt"
+    if "best_trial" not in summary or not model_path.is_file():
+        raise UserError(
+            f"{run_dir}: no best_model.pt (no trial completed, or the refit did not finish); "
+            "nothing to report"
+        )
+    payload = torch.load(model_path, map_location="cpu", weights_only=True)
+    with (run_dir / "trials.csv").open(newline="") as handle:
+        trials = list(csv.DictReader(handle))
+    base = experiment_uri or str(run_dir.resolve())
+    detail = read_trial_detail(f"{base}/trials/cv-{summary['best_trial']}")
+    return RunData(
+        run_dir=run_dir,
+        summary=summary,
+        trials=trials,
+        space_keys=list(summary.get("space", {})),
+        model_path=model_path,
+        class_names=list(payload["class_names"]),
+        positive=payload["positive_index"],
+        detail=detail,
+        test=_load_test(run_dir / TEST_PREDICTIONS),
+    )
+
+
+def _load_test(path: Path) -> dict[str, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as saved:
+        return {key: saved[key] for key in saved.files}
+
+
+def oof_predictions(detail: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The best trial's out-of-fold validation (labels, probabilities), all folds pooled."""
+    if not detail or not all(f.get("val_labels") for f in detail["folds"]):
+        return None
+    labels = np.concatenate([np.asarray(f["val_labels"]) for f in detail["folds"]])
+    probs = np.concatenate([np.asarray(f["val_probs"]) for f in detail["folds"]])
+    return labels, probs
+
+
+# --------------------------------------------------------------------------- threshold
+
+
+def choose_threshold(run: RunData, target_sensitivity: float | None) -> dict[str, Any] | None:
+    """Binary tasks: the positive-class score threshold, picked on out-of-fold validation.
+
+    Youden's J by default, or the highest threshold that reaches `target_sensitivity`.
+    The test split plays no part in the choice.
+    """
+    oof = oof_predictions(run.detail)
+    if run.positive is None or oof is None:
+        return None
+    labels, probs = oof
+    truth, score = labels == run.positive, probs[:, run.positive]
+    if target_sensitivity is None:
+        value, method = youden_threshold(truth, score), "youden"
+    else:
+        value = sensitivity_threshold(truth, score, target_sensitivity)
+        method = f"sensitivity>={target_sensitivity:g}"
+    at = binary_metrics_at(labels, probs, run.positive, value)
+    return {
+        "value": value,
+        "method": method,
+        "positive_class": run.class_names[run.positive],
+        "chosen_on": f"out-of-fold validation predictions of trial {run.summary['best_trial']}",
+        "num_samples": len(labels),
+        "validation_sensitivity": at["sensitivity"],
+        "validation_specificity": at["specificity"],
+    }
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def search_section(run: RunData, figures: Path) -> str:
+    summary, trials = run.summary, run.trials
+    started = start_order(run.run_dir, [t["trial_id"] for t in trials])
+    if started is not None:
+        trials = [trials[i] for i in started]
+    aucs = [_float(t["cv_roc_auc"]) for t in trials]
+    statuses = [t["status"] for t in trials]
+    best = next(i for i, t in enumerate(trials) if t["trial_id"] == summary["best_trial"])
+    x_label = "trial (in order started)" if started is not None else "trial (by id)"
+    data = summary.get("data", {})
+    counts = summary.get("trials_by_status", {})
+    parts = [
+        "<h2>Search</h2>",
+        _table(
+            ["", ""],
+            [
+                ["experiment", html.escape(str(summary.get("name")))],
+                [
+                    "data",
+                    html.escape(
+                        f"{data.get('name')}: {data.get('num_images')} training images, "
+                        f"classes {', '.join(run.class_names)}"
+                    ),
+                ],
+                ["trials", html.escape(", ".join(f"{n} {state}" for state, n in counts.items()))],
+                ["best trial", html.escape(summary["best_trial"])],
+                [
+                    "best CV ROC-AUC (mean ± std over folds)",
+                    f"{_num('best_cv_roc_auc', summary['best_cv_roc_auc'])} ± "
+                    f"{_num('best_cv_roc_auc_std', summary['best_cv_roc_auc_std'])}",
+                ],
+                ["refit epochs", _num("refit_epochs", summary.get("refit_epochs"), "{}")],
+            ],
+        ),
+        _figure(
+            plots.plot_search_progress(aucs, statuses, figures / "search_progress.png", x_label)
+        ),
+    ]
+    if run.space_keys:
+        params = {k: [_param(t[k]) for t in trials] for k in run.space_keys}
+        parts.append(_figure(plots.plot_params(params, aucs, best, figures / "params.png")))
+        best_params = [[html.escape(k), html.escape(trials[best][k])] for k in run.space_keys]
+        parts.append(
+            "<h3>Best trial's hyperparameters</h3>" + _table(["key", "value"], best_params)
+        )
+    fold_aucs = summary["best_fold_roc_auc"]
+    parts.append(_figure(plots.plot_fold_aucs(fold_aucs, figures / "fold_aucs.png")))
+    parts.append(
+        _table(
+            ["fold", "validation ROC-AUC"],
+            [[str(k), _num(f"best_fold_roc_auc.{k}", v)] for k, v in enumerate(fold_aucs)],
+        )
+    )
+    return "\n".join(parts)
+
+
+def start_order(run_dir: Path, trial_ids: list[str]) -> list[int] | None:
+    """Positions of `trial_ids` in the order Tune created them, or None when unknown.
+
+    trials.csv is sorted by id, and ids are random; Tune's own trial folders
+    (`<trainable>_<id>_<number>_<params>_<time>`, local storage only) carry the number.
+    """
+    number = {}
+    for folder in run_dir.glob("*_*_*"):
+        parts = folder.name.split("_")
+        for i, part in enumerate(parts[:-1]):
+            if part in trial_ids and parts[i + 1].isdigit():
+                number[part] = int(parts[i + 1])
+    if set(number) != set(trial_ids):
+        return None
+    return sorted(range(len(trial_ids)), key=lambda i: number[trial_ids[i]])
+
+
+def training_section(run: RunData, figures: Path) -> str:
+    if not run.detail:
+        return "<h2>Training</h2><p>No per-epoch history saved for the best trial.</p>"
+    histories = [f["history"] for f in run.detail["folds"]]
+    path = plots.plot_training_curves(histories, figures / "training_curves.png")
+    note = (
+        "<p>Train accuracy and ROC-AUC come from the training steps themselves (augmented "
+        "images, model in training mode), so they lag the weights at the epoch's end.</p>"
+    )
+    return "<h2>Training (best trial, per fold)</h2>" + note + _figure(path)
+
+
+def test_section(
+    run: RunData, figures: Path, threshold: dict[str, Any] | None, resamples: int
+) -> str:
+    if run.test is None:
+        return "<h2>Test split</h2><p>This data source has no test split.</p>"
+    labels, probs = run.test["labels"], run.test["probs"]
+    names, positive = run.class_names, run.positive
+    cut = threshold["value"] if threshold else None
+    decision = _decide(probs, positive, cut)
+    operating = _operating_point(labels, decision, positive) if cut is not None else None
+    matrix = skm.confusion_matrix(labels, decision, labels=np.arange(len(names)))
+    how = f"threshold {cut:.4f}" if cut is not None else "argmax"
+    parts = [
+        "<h2>Test split (refit model, evaluated once)</h2>",
+        _threshold_text(threshold),
+        _metrics_table(labels, probs, positive, cut, resamples),
+        _figure(plots.plot_roc(labels, probs, names, positive, figures / "roc.png", operating)),
+        _figure(plots.plot_confusion(matrix, names, how, figures / "confusion.png")),
+        _figure(plots.plot_precision_recall(labels, probs, names, positive, figures / "pr.png")),
+        _figure(plots.plot_calibration(labels, probs, names, positive, figures / "calib.png")),
+    ]
+    return "\n".join(p for p in parts if p)
+
+
+def _threshold_text(threshold: dict[str, Any] | None) -> str:
+    if threshold is None:
+        return "<p>Decisions by the most probable class (no binary threshold).</p>"
+    return (
+        f"<p>Operating threshold on the score of class "
+        f"<b>{html.escape(threshold['positive_class'])}</b>: "
+        f"{_num('threshold', threshold['value'])} ({html.escape(threshold['method'])}, chosen "
+        f"on {html.escape(threshold['chosen_on'])}, {threshold['num_samples']} images; there "
+        f"sensitivity {threshold['validation_sensitivity']:.4f}, specificity "
+        f"{threshold['validation_specificity']:.4f}). Saved in best_model.pt for "
+        "distmed.predict.</p>"
+    )
+
+
+def _metrics_table(labels, probs, positive, cut, resamples) -> str:
+    """Point estimates (argmax, as in summary.json; and at the threshold) with 95% CIs."""
+    columns = [("argmax", "test_metrics", None)]
+    if cut is not None:
+        columns.append((f"at threshold {cut:.4f}", "test_at_threshold", cut))
+    header = ["metric"]
+    cells: dict[str, list[str]] = {name: [name] for name in CI_METRICS}
+    for title, key, at in columns:
+        header += [title, "95% CI"]
+        point = (
+            classification_metrics(labels, probs, positive)
+            if at is None
+            else binary_metrics_at(labels, probs, positive, at)
+        )
+        intervals = bootstrap_ci(labels, probs, positive, at, resamples=resamples)
+        for name in CI_METRICS:
+            low, high = intervals[name]
+            cells[name] += [_num(f"{key}.{name}", point[name]), f"{low:.4f} – {high:.4f}"]
+    note = (
+        f"<p>{len(labels)} test images; 95% percentile bootstrap intervals over "
+        f"{resamples} case resamples (seed 0). ROC-AUC does not depend on the threshold. "
+        "Multi-class sensitivity, specificity and F1 are macro averages.</p>"
+    )
+    return note + _table(header, list(cells.values()))
+
+
+def _decide(probs: np.ndarray, positive: int | None, cut: float | None) -> np.ndarray:
+    if cut is None or positive is None:
+        return probs.argmax(axis=1)
+    other = 1 - positive
+    return np.where(probs[:, positive] >= cut, positive, other)
+
+
+def _operating_point(labels, decision, positive) -> tuple[float, float]:
+    truth, said = labels == positive, decision == positive
+    return float(said[~truth].mean()), float(said[truth].mean())
+
+
+def gradcam_section(run: RunData, figures: Path, threshold: dict[str, Any] | None) -> str:
+    title = "<h2>Grad-CAM (test split)</h2>"
+    if run.test is None:
+        return ""
+    images_path = Path(str(run.test["images_path"]))
+    if not images_path.is_file():
+        return (
+            f"{title}<p>Decoded test images not found at {html.escape(str(images_path))} "
+            "(cache cleared?); Grad-CAM skipped.</p>"
+        )
+    from distmed.gradcam import cam_layer, gradcam_maps, overlay
+
+    labels, probs = run.test["labels"], run.test["probs"]
+    decision = _decide(probs, run.positive, threshold["value"] if threshold else None)
+    chosen = pick_examples(labels, decision, probs, GRADCAM_PER_GROUP)
+    images = np.load(images_path, mmap_mode="r")[chosen]
+    model, _ = load_model(run.model_path)
+    maps = gradcam_maps(model, images, [int(decision[i]) for i in chosen])
+    names = run.class_names
+    tiles = [
+        (
+            overlay(image, heat),
+            f"true {names[labels[i]]}, pred {names[decision[i]]}\n"
+            f"p={probs[i, decision[i]]:.2f} ({'right' if labels[i] == decision[i] else 'WRONG'})",
+        )
+        for i, image, heat in zip(chosen, images, maps, strict=True)
+    ]
+    layer = cam_layer(images.shape[-1])
+    path = plots.plot_gradcam_grid(tiles, 2 * GRADCAM_PER_GROUP, layer, figures / "gradcam.png")
+    note = (
+        "<p>Per true class: the most confident correct and the most confident wrong "
+        f"predictions; the heat map explains the predicted class. Maps from {layer}: the "
+        "deepest ResNet stage whose feature map is at least 4 pixels wide at this image "
+        "size (layer4 from 128 px up).</p>"
+    )
+    return title + note + _figure(path)
+
+
+def pick_examples(
+    labels: np.ndarray, decision: np.ndarray, probs: np.ndarray, per_group: int
+) -> list[int]:
+    """Indices: per true class, the `per_group` most confident right and wrong predictions."""
+    confidence = probs[np.arange(len(labels)), decision]
+    picked: list[int] = []
+    for cls in np.unique(labels):
+        for right in (True, False):
+            group = np.flatnonzero((labels == cls) & ((decision == labels) == right))
+            picked += group[np.argsort(-confidence[group], kind="stable")][:per_group].tolist()
+    return picked
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+table { border-collapse: collapse; margin: 0.8em 0; }
+td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+figure { margin: 1em 0; } img { max-width: 100%; }
+figcaption { font-size: 0.8em; color: #666; }
+"""
+
+
+def render_page(name: str, sections: list[str]) -> str:
+    body = "\n".join(s for s in sections if s)
+    return (
+        f"<!doctype html>\n<html><head><meta charset='utf-8'>"
+        f"<title>distmed report: {html.escape(name)}</title><style>{STYLE}</style></head>\n"
+        f"<body><h1>distmed report: {html.escape(name)}</h1>\n{body}\n</body></html>\n"
+    )
+
+
+def _figure(path: Path) -> str:
+    """The PNG embedded (opens offline, one file to share) plus a link to the file itself."""
+    data = base64.b64encode(path.read_bytes()).decode()
+    link = f"{FIGURES}/{path.name}"
+    return (
+        f"<figure><img src='data:image/png;base64,{data}' alt='{link}'>"
+        f"<figcaption><a href='{link}'>{link}</a></figcaption></figure>"
+    )
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _num(key: str, value: Any, fmt: str = "{:.4f}") -> str:
+    """A number shown rounded, its exact value kept in `data-value` (tests compare those)."""
+    if value is None:
+        return "–"
+    if isinstance(value, np.floating | float):
+        value = float(value)  # repr of numpy scalars would read np.float64(...)
+    return f"<span data-key='{key}' data-value='{value!r}'>{fmt.format(value)}</span>"
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def _param(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())
