@@ -133,7 +133,7 @@ def predict_batches(
     """Per batch of files: decoded as in training, class probabilities or the read error."""
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        decoded = [_decode(p, size) for p in chunk]
+        decoded = [decode_file(p, size) for p in chunk]
         good = [d for d in decoded if isinstance(d, np.ndarray)]
         probs = iter(_probabilities(model, np.stack(good), device)) if good else iter(())
         yield [
@@ -142,7 +142,7 @@ def predict_batches(
         ]
 
 
-def _decode(path: Path, size: int) -> np.ndarray | str:
+def decode_file(path: Path, size: int) -> np.ndarray | str:
     """uint8 (3, S, S) as the training cache holds it (grey repeated), or the error text."""
     try:
         image = decode_image(path, size)
@@ -166,15 +166,26 @@ def _threshold(override: float | None, payload: dict[str, Any]) -> float | None:
         return None
     if override is not None:
         return override
-    saved = payload.get("threshold")
+    saved = saved_threshold(payload)
     if saved is None:
         print(
             "note: the model holds no operating threshold (run distmed.report on its run "
             "folder, or pass --threshold); label_at_threshold is left empty",
             file=sys.stderr,
         )
-        return None
-    return float(saved["value"])
+    return saved
+
+
+def saved_threshold(payload: dict[str, Any]) -> float | None:
+    """The binary operating threshold distmed.report saved in the model, if any."""
+    saved = payload.get("threshold")
+    return None if saved is None else float(saved["value"])
+
+
+def label_at_threshold(probs: np.ndarray, payload: dict[str, Any], threshold: float) -> str:
+    """Binary decision: the positive class when its probability reaches `threshold`."""
+    names, positive = payload["class_names"], payload["positive_index"]
+    return names[positive] if probs[positive] >= threshold else names[1 - positive]
 
 
 def write_csv(
@@ -183,7 +194,6 @@ def write_csv(
     """path, predicted_class, prob_<class>..., [label_at_threshold,] error."""
     names = payload["class_names"]
     binary = len(names) == 2
-    positive = payload["positive_index"] if binary else None
     header = ["path", "predicted_class", *(f"prob_{n}" for n in names)]
     header += ["label_at_threshold"] if binary else []
     buffer = io.StringIO()
@@ -195,10 +205,7 @@ def write_csv(
             continue
         row = [str(r.path), names[int(r.probs.argmax())], *(f"{p:.6f}" for p in r.probs)]
         if binary:
-            label = ""
-            if threshold is not None:
-                label = names[positive] if r.probs[positive] >= threshold else names[1 - positive]
-            row.append(label)
+            row.append("" if threshold is None else label_at_threshold(r.probs, payload, threshold))
         writer.writerow([*row, ""])
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, buffer.getvalue())
@@ -208,18 +215,28 @@ def write_gradcams(
     model: torch.nn.Module, batch: list[Prediction], size: int, folder: Path, offset: int
 ) -> None:
     """One overlay PNG per readable file, for its predicted class: NNNN_<name>.png."""
-    from distmed.gradcam import gradcam_maps, overlay
-
     readable = [(offset + i, r) for i, r in enumerate(batch) if r.probs is not None]
     if not readable:
         return
-    images = np.stack([_decode(r.path, size) for _, r in readable])
-    targets = [int(r.probs.argmax()) for _, r in readable]
+    pictures = gradcam_pictures(model, [r for _, r in readable], size)
+    for (number, r), picture in zip(readable, pictures, strict=True):
+        picture.save(folder / f"{number:04d}_{r.path.stem}.png")
+
+
+def gradcam_pictures(
+    model: torch.nn.Module, readable: list[Prediction], size: int
+) -> list[Image.Image]:
+    """Grad-CAM overlays for the predicted class of each readable file, at least 224 px."""
+    from distmed.gradcam import gradcam_maps, overlay
+
+    images = np.stack([decode_file(r.path, size) for r in readable])
+    targets = [int(r.probs.argmax()) for r in readable]
     maps = gradcam_maps(model, images, targets)
     side = max(size, GRADCAM_MIN_SIZE)
-    for (number, r), image, heat in zip(readable, images, maps, strict=True):
-        picture = Image.fromarray(overlay(image, heat)).resize((side, side), Image.BILINEAR)
-        picture.save(folder / f"{number:04d}_{r.path.stem}.png")
+    return [
+        Image.fromarray(overlay(image, heat)).resize((side, side), Image.BILINEAR)
+        for image, heat in zip(images, maps, strict=True)
+    ]
 
 
 if __name__ == "__main__":
