@@ -1,0 +1,236 @@
+"""`python -m distmed.app --model best_model.pt`: a local web page that predicts uploaded images.
+
+Per image: the predicted class, every class's probability as bars, the decision at the saved
+threshold (binary) and a Grad-CAM overlay, beside the model card. Predictions go through
+`distmed.predict`'s own functions, so the page and the CSV agree. Needs `distmed[app]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from distmed.cli import run_entry_point
+from distmed.errors import UserError
+from distmed.modelcard import NOTICE, model_card
+from distmed.predict import (
+    Prediction,
+    gradcam_pictures,
+    label_at_threshold,
+    predict_batches,
+    saved_threshold,
+)
+from distmed.refit import load_model
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+UPLOAD_TYPES = [".png", ".jpg", ".jpeg"]
+BATCH_SIZE = 16
+CSS = """
+.distmed-result { border: 1px solid #ccc; border-radius: 8px; padding: 12px; margin: 8px 0; }
+.distmed-result .bar { background: #eee; width: 220px; height: 14px; display: inline-block; }
+.distmed-result .bar span { background: #3b82f6; height: 14px; display: block; }
+.distmed-result img { max-width: 320px; }
+.distmed-error { color: #b91c1c; }
+.notice { color: #b45309; }
+"""
+
+EPILOG = """The page has no login: keep the default --host 127.0.0.1 unless the network is trusted.
+
+example:
+  python -m distmed.app --model runs/pneu/best_model.pt     # then open http://127.0.0.1:7860
+"""
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """The loaded model and what turning an upload into a displayed result needs."""
+
+    model: torch.nn.Module
+    payload: dict[str, Any]
+    threshold: float | None
+
+    @property
+    def size(self) -> int:
+        return int(self.payload["preprocessing"]["image_size"])
+
+    def predict(self, paths: list[Path]) -> list[tuple[Prediction, Image.Image | None]]:
+        """Each file's prediction (as `distmed.predict` makes it) and its Grad-CAM overlay."""
+        results = []
+        for batch in predict_batches(self.model, paths, self.size, BATCH_SIZE, _device()):
+            readable = [r for r in batch if r.probs is not None]
+            pictures = iter(gradcam_pictures(self.model, readable, self.size) if readable else [])
+            results += [(r, next(pictures) if r.probs is not None else None) for r in batch]
+        return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m distmed.app",
+        description="Serve a local web page that predicts uploaded images with a best_model.pt.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="best_model.pt written by distmed.tune")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on (7860)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_entry_point(_run, build_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
+    serve(args).block_thread()  # until Ctrl-C
+    return 0
+
+
+def serve(args: argparse.Namespace) -> Any:
+    """Load the model, build the page and start serving it; returns the running Blocks."""
+    model_path = Path(args.model)
+    if not model_path.is_file():
+        raise UserError(f"--model {model_path}: no such file (a best_model.pt from distmed.tune)")
+    gr = _import_gradio()
+    model, payload = load_model(model_path)
+    predictor = Predictor(model.to(_device()), payload, saved_threshold(payload))
+    page = build_page(gr, predictor, model_card(model_path, payload))
+    if args.host not in LOCAL_HOSTS:
+        print(
+            f"warning: serving on {args.host}: anyone who can reach this address can upload "
+            "images and see predictions (there is no login)",
+            file=sys.stderr,
+        )
+    # A system font stack: the default theme would fetch web fonts from the internet.
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"])
+    page.launch(
+        server_name=args.host,
+        server_port=args.port,
+        theme=theme,
+        css=CSS,
+        share=False,
+        prevent_thread_lock=True,
+    )
+    return page
+
+
+def _import_gradio() -> Any:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a clinic
+    try:
+        import gradio
+    except ImportError as exc:
+        raise UserError("the web page needs gradio: pip install 'distmed[app]'") from exc
+    return gradio
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_page(gr: Any, predictor: Predictor, card: str) -> Any:
+    """The Blocks page: uploads and results on the left, the model card on the right."""
+    with gr.Blocks(title="distmed", analytics_enabled=False) as page:
+        gr.Markdown(f"## distmed: predict medical images\n**{NOTICE}**")
+        with gr.Row():
+            with gr.Column(scale=3):
+                files = gr.File(
+                    label="Images (PNG or JPEG; several at once)",
+                    file_count="multiple",
+                    file_types=UPLOAD_TYPES,
+                    elem_id="uploads",
+                )
+                results = gr.HTML(elem_id="results")
+            with gr.Column(scale=2):
+                gr.HTML(card, elem_id="model-card")
+        # One at a time: Grad-CAM hooks the shared model, and 2 requests would cross them.
+        files.upload(
+            lambda paths: render_results(predictor, predictor.predict(_paths(paths))),
+            inputs=files,
+            outputs=results,
+            concurrency_limit=1,
+        )
+        files.clear(lambda: "", outputs=results)
+    return page
+
+
+def _paths(uploaded: Sequence[Any] | None) -> list[Path]:
+    """Gradio hands over file paths (str) or objects with a `.name` path, by version."""
+    return [Path(getattr(item, "name", item)) for item in uploaded or []]
+
+
+def render_results(
+    predictor: Predictor, results: list[tuple[Prediction, Image.Image | None]]
+) -> str:
+    return "".join(
+        _error_html(r) if r.probs is None else _result_html(predictor, r, picture)
+        for r, picture in results
+    )
+
+
+def _error_html(result: Prediction) -> str:
+    name = html.escape(result.path.name)
+    # The upload's temporary path means nothing to the person who dropped the file.
+    reason = html.escape(result.error.replace(str(result.path), result.path.name))
+    return (
+        f"<div class='distmed-result distmed-error' data-file='{name}'>"
+        f"<b>{name}</b>: could not read this file as an image ({reason})</div>"
+    )
+
+
+def _result_html(predictor: Predictor, result: Prediction, picture: Image.Image | None) -> str:
+    names = predictor.payload["class_names"]
+    probs = result.probs
+    assert probs is not None
+    rows = "".join(
+        f"<tr class='prob' data-class='{html.escape(n)}'><td>{html.escape(n)}</td>"
+        f"<td><div class='bar'><span style='width:{100 * p:.1f}%'></span></div></td>"
+        f"<td class='value'>{p:.4f}</td></tr>"
+        for n, p in zip(names, probs, strict=True)
+    )
+    name = html.escape(result.path.name)
+    predicted = html.escape(names[int(probs.argmax())])
+    return (
+        f"<div class='distmed-result' data-file='{name}'><b>{name}</b>"
+        f"<p>Predicted class: <b class='predicted'>{predicted}</b></p>"
+        f"<table>{rows}</table>{_decision_html(predictor, probs)}"
+        f"<p>Grad-CAM (predicted class):</p>{_image_html(picture)}</div>"
+    )
+
+
+def _decision_html(predictor: Predictor, probs: np.ndarray) -> str:
+    payload = predictor.payload
+    if len(payload["class_names"]) != 2:
+        return ""
+    if predictor.threshold is None:
+        return "<p>No operating threshold saved with the model (run distmed.report).</p>"
+    positive = payload["class_names"][payload["positive_index"]]
+    label = label_at_threshold(probs, payload, predictor.threshold)
+    return (
+        f"<p>At the saved threshold {predictor.threshold:.4f} on P({html.escape(positive)}): "
+        f"<b class='decision'>{html.escape(label)}</b></p>"
+    )
+
+
+def _image_html(picture: Image.Image | None) -> str:
+    if picture is None:
+        return ""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return f"<img class='gradcam' alt='Grad-CAM overlay' src='data:image/png;base64,{data}'>"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

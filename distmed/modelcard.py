@@ -1,0 +1,107 @@
+"""The model card the web page shows beside its predictions, as HTML.
+
+Built from `best_model.pt` (architecture, classes, threshold) and, when present next to it,
+the run's `summary.json` (CV ROC-AUC, test metrics, training data) and the saved test
+predictions (bootstrap CIs computed exactly as `distmed.report` does).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distmed.metrics import CI_METRICS, bootstrap_ci
+from distmed.refit import TEST_PREDICTIONS
+
+NOTICE = "Research tool, not for clinical use."
+CI_RESAMPLES = 1000  # as report.html's intervals, so the two pages quote the same numbers
+
+
+def model_card(model_path: Path, payload: dict[str, Any]) -> str:
+    """The card's HTML; sections whose source file is missing say so instead."""
+    summary = _read_summary(model_path.parent / "summary.json")
+    parts = [
+        f"<h3>Model card</h3><p class='notice'><b>{NOTICE}</b></p>",
+        _model_table(payload),
+        _data_text(summary),
+        _cv_text(summary),
+        _test_table(summary, model_path.parent / TEST_PREDICTIONS, payload["positive_index"]),
+    ]
+    return f"<div class='distmed-card'>{''.join(parts)}</div>"
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _model_table(payload: dict[str, Any]) -> str:
+    model = payload["config"]["model"]
+    names = payload["class_names"]
+    rows = [
+        ("architecture", f"{model['arch']} ({model['head']} head)"),
+        ("input", f"{payload['preprocessing']['image_size']} px square, resized bilinearly"),
+        ("classes", ", ".join(names)),
+    ]
+    if len(names) == 2 and payload["positive_index"] is not None:
+        rows.append(("positive class", names[payload["positive_index"]]))
+        rows.append(("threshold", _threshold_text(payload.get("threshold"))))
+    return _table([], [[html.escape(k), html.escape(v)] for k, v in rows])
+
+
+def _threshold_text(threshold: dict[str, Any] | None) -> str:
+    if threshold is None:
+        return "none saved (run distmed.report on the run folder)"
+    return f"{threshold['value']:.4f} ({threshold['method']}, on {threshold['chosen_on']})"
+
+
+def _data_text(summary: dict[str, Any] | None) -> str:
+    if summary is None:
+        return "<p>No summary.json next to the model: training data and scores unknown.</p>"
+    data = summary["data"]
+    return (
+        f"<p>Trained on <b>{html.escape(str(data['name']))}</b>: "
+        f"{data['num_images']} images in the cross-validation pool.</p>"
+    )
+
+
+def _cv_text(summary: dict[str, Any] | None) -> str:
+    if summary is None or "best_cv_roc_auc" not in summary:
+        return ""
+    return (
+        f"<p>CV ROC-AUC (mean ± std over folds): <span class='cv-auc'>"
+        f"{summary['best_cv_roc_auc']:.4f} ± {summary['best_cv_roc_auc_std']:.4f}</span></p>"
+    )
+
+
+def _test_table(summary: dict[str, Any] | None, predictions: Path, positive: int | None) -> str:
+    if summary is None or "test_metrics" not in summary:
+        return "<p>No test-split metrics in summary.json.</p>"
+    test = summary["test_metrics"]
+    intervals = _intervals(predictions, positive)
+    rows = []
+    for name in CI_METRICS:
+        ci = "not saved" if intervals is None else "{:.4f} – {:.4f}".format(*intervals[name])
+        rows.append([name, f"{test[name]:.4f}", ci])
+    caption = (
+        f"<p>Test split, {test.get('num_samples', '?')} images, evaluated once "
+        f"(argmax decisions; 95% bootstrap CI, {CI_RESAMPLES} resamples):</p>"
+    )
+    return caption + _table(["metric", "value", "95% CI"], rows)
+
+
+def _intervals(path: Path, positive: int | None) -> dict[str, tuple[float, float]] | None:
+    """CIs from the saved test predictions (absent for runs made before they were saved)."""
+    if not path.is_file():
+        return None
+    with np.load(path) as saved:
+        return bootstrap_ci(saved["labels"], saved["probs"], positive, resamples=CI_RESAMPLES)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = f"<tr>{''.join(f'<th>{h}</th>' for h in header)}</tr>" if header else ""
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table>{head}{body}</table>"
