@@ -1,0 +1,133 @@
+"""The web page end to end: served in-process from a small trained model, driven by chromium."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_image_folder
+
+from distmed import app, predict
+from distmed.config import ExperimentConfig
+from distmed.data import to_model_input
+from distmed.metrics import classification_metrics
+from distmed.model import build_model
+from distmed.modelcard import NOTICE
+from distmed.refit import TEST_PREDICTIONS, save_model, save_threshold
+from distmed.results import write_summary
+
+SIZE = 28
+CLASSES = ["normal", "pneumonia"]
+
+
+def _train_tiny_run(root: Path) -> Path:
+    """A ResNet-18 whose head is fitted a few steps on dark-vs-bright images, saved as tune does.
+
+    Only the head trains: full backward passes cost seconds on a busy 2-core CI machine.
+    """
+    images_dir = write_image_folder(root / "images", {c: 8 for c in CLASSES}, size=SIZE)
+    paths = sorted(images_dir.rglob("*.png"))
+    images = np.stack([predict.decode_file(p, SIZE) for p in paths])
+    labels = torch.tensor([CLASSES.index(p.parent.name) for p in paths])
+    cfg = ExperimentConfig.model_validate(
+        {"data": {"root": "x", "image_size": SIZE}, "model": {"weights": "none"}}
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg.model, len(CLASSES)).eval()
+    with torch.no_grad():
+        features = torch.nn.Sequential(*list(model.children())[:-1])(
+            to_model_input(torch.from_numpy(images))
+        ).flatten(1)
+    optimizer = torch.optim.SGD(model.fc.parameters(), lr=0.5)
+    for _ in range(20):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model.fc(features), labels).backward()
+        optimizer.step()
+    with torch.no_grad():
+        probs = torch.softmax(model.fc(features), dim=1).numpy()
+
+    run = root / "run"
+    run.mkdir()
+    save_model(run / "best_model.pt", model.state_dict(), cfg, CLASSES, 1, 1, "refit-t1")
+    save_threshold(
+        run / "best_model.pt",
+        {"value": 0.4, "method": "youden", "chosen_on": "out-of-fold predictions",
+         "positive_class": CLASSES[1], "num_samples": 16},
+    )  # fmt: skip
+    np.savez(run / TEST_PREDICTIONS, labels=labels.numpy(), probs=probs)
+    test_metrics = classification_metrics(labels.numpy(), probs, 1)
+    summary = {
+        "data": {"name": "tiny-synthetic", "classes": CLASSES, "num_images": 16},
+        "best_cv_roc_auc": 0.9123,
+        "best_cv_roc_auc_std": 0.0456,
+        "test_metrics": {**test_metrics, "num_samples": 16},
+    }
+    write_summary(run / "summary.json", summary)
+    return run
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _predict_csv(model: Path, image: Path, out: Path) -> dict[str, str]:
+    assert predict.main(["--model", str(model), str(image), "--output", str(out)]) == 0
+    with out.open(newline="") as handle:
+        return next(csv.DictReader(handle))
+
+
+def test_page_predicts_like_the_cli_and_survives_a_broken_upload(tmp_path: Path):
+    chromium = shutil.which("chromium")
+    if chromium is None:  # CI installs it (.ci/run); a silent skip would hide the page
+        pytest.fail("no chromium on PATH: apt-get install -y chromium")
+    from playwright.sync_api import expect, sync_playwright
+
+    run = _train_tiny_run(tmp_path)
+    good = sorted((tmp_path / "images" / "pneumonia").glob("*.png"))[0]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    args = app.build_parser().parse_args(
+        ["--model", str(run / "best_model.pt"), "--port", str(_free_port())]
+    )
+    server = app.serve(args)  # what `python -m distmed.app` runs, minus blocking
+    try:
+        expected = _predict_csv(run / "best_model.pt", good, tmp_path / "preds.csv")
+        with sync_playwright() as driver:
+            browser = driver.chromium.launch(executable_path=chromium, headless=True)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(server.local_url)
+            expect(page.locator("#model-card")).to_contain_text(NOTICE)
+            expect(page.locator("#model-card .cv-auc")).to_have_text("0.9123 ± 0.0456")
+
+            uploads = page.locator("#uploads input[type=file]")
+            uploads.set_input_files(str(good))
+            result = page.locator(f".distmed-result[data-file='{good.name}']")
+            expect(result).to_be_visible(timeout=30_000)
+            assert result.locator(".predicted").inner_text() == expected["predicted_class"]
+            assert result.locator(".decision").inner_text() == expected["label_at_threshold"]
+            for name in CLASSES:
+                shown = float(result.locator(f"tr[data-class='{name}'] .value").inner_text())
+                assert shown == pytest.approx(float(expected[f"prob_{name}"]), abs=5.1e-5)
+            expect(result.locator("img.gradcam")).to_be_visible()
+
+            uploads.set_input_files(str(broken))
+            error = page.locator(".distmed-error[data-file='broken.png']")
+            expect(error).to_contain_text("could not read this file as an image", timeout=30_000)
+            expect(result).to_be_visible()  # still serving: the good image was predicted again
+            page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+            browser.close()
+        assert (tmp_path / "app.png").stat().st_size > 10_000
+    finally:
+        server.close()
+
+
+def test_app_without_a_model_is_one_line(tmp_path: Path, capsys):
+    assert app.main(["--model", str(tmp_path / "no.pt")]) == 2
+    assert capsys.readouterr().err.startswith("error: --model")
