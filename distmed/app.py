@@ -154,14 +154,14 @@ def build_page(gr: Any, predictor: Predictor, card: str) -> Any:
                 results = gr.HTML(elem_id="results")
             with gr.Column(scale=2):
                 gr.HTML(card, elem_id="model-card")
+        # On every change (upload, removal, clear), so results always match the listed files.
         # One at a time: Grad-CAM hooks the shared model, and 2 requests would cross them.
-        files.upload(
+        files.change(
             lambda paths: render_results(predictor, predictor.predict(_paths(paths))),
             inputs=files,
             outputs=results,
             concurrency_limit=1,
         )
-        files.clear(lambda: "", outputs=results)
     return page
 
 
