@@ -65,6 +65,10 @@ class ModelConfig(_Section):
         "imagenet", description="'imagenet' (torchvision), 'none' (random init) or a .pt/.pth path"
     )
     weights_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{8,64}$")
+    stem: Literal["imagenet", "small"] = Field(
+        "imagenet",
+        description="small: 3x3 stride-1 first conv and no max-pool, for 28-64 px images",
+    )
     head: Literal["linear", "mlp"] = "linear"
     head_hidden: int = Field(256, ge=1)
     head_dropout: float = Field(0.2, ge=0, lt=1)

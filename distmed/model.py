@@ -2,7 +2,8 @@
 
 Weights come from torchvision's own registry and cache (`imagenet`), from a local
 state-dict file (strict load, optional sha256), or nowhere (`none`). `unfreeze` counts
-stages from the head backwards; frozen stages keep BatchNorm in eval mode.
+stages from the head backwards; frozen stages keep BatchNorm in eval mode. `stem: small`
+swaps the 7x7/2 convolution and max-pool for a 3x3/1 convolution, as for CIFAR-sized inputs.
 """
 
 from __future__ import annotations
@@ -25,9 +26,25 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """A ResNet with pretrained (or no) weights, a `num_classes` head and frozen stages."""
     model = models.get_model(cfg.arch, weights=None)
     load_backbone_weights(model, cfg)
+    if cfg.stem == "small":
+        use_small_stem(model)
     model.fc = build_head(cfg, model.fc.in_features, num_classes)
-    apply_freeze(model, cfg.unfreeze)
+    apply_freeze(model, cfg.unfreeze, new_stem=cfg.stem == "small")
     return model
+
+
+def use_small_stem(model: nn.Module) -> None:
+    """A 3x3 stride-1 first convolution and no max-pool.
+
+    The ImageNet stem divides a 28 px image by 4 before layer1, leaving layer4 a 1x1 map;
+    this stem keeps 4x more resolution through every stage (at ~10x the compute of the
+    ImageNet stem at the same input size). The pretrained 7x7 kernel does not fit, so the
+    new convolution and its BatchNorm start fresh, like the head.
+    """
+    out_channels = model.conv1.out_channels
+    model.conv1 = nn.Conv2d(3, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    model.bn1 = nn.BatchNorm2d(out_channels)
+    model.maxpool = nn.Identity()
 
 
 def check_weights(cfg: ModelConfig) -> None:
@@ -118,9 +135,13 @@ def stage_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
     }
 
 
-def apply_freeze(model: nn.Module, unfreeze: int) -> None:
-    """Train the head plus the last `unfreeze` stages; everything else is frozen."""
-    trainable = set(RESNET_STAGES[:unfreeze])
+def apply_freeze(model: nn.Module, unfreeze: int, new_stem: bool = False) -> None:
+    """Train the head plus the last `unfreeze` stages; everything else is frozen.
+
+    A freshly initialised stem (`new_stem`) always trains: frozen random filters would
+    feed noise to every later stage.
+    """
+    trainable = set(RESNET_STAGES[:unfreeze]) | ({"stem"} if new_stem else set())
     for name, modules in stage_modules(model).items():
         for module in modules:
             module.requires_grad_(name in trainable)

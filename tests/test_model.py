@@ -198,3 +198,20 @@ def test_imagenet_weights_offline_is_a_user_error(tmp_path, monkeypatch):
         build_model(ModelConfig(weights="imagenet"), 2)
     assert "model.weights" in str(info.value)
     assert time.monotonic() - start < 30
+
+
+def test_small_stem_keeps_resolution_and_loads_the_rest_of_the_weights(resnet18_file):
+    path, state = resnet18_file
+    model = build_model(model_cfg(weights=str(path), stem="small", unfreeze=1), 2).eval()
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, nn.Identity)
+    # layer1 sees the full 28x28 input instead of 7x7 through the ImageNet stem.
+    shapes = []
+    model.layer1.register_forward_hook(lambda m, i, o: shapes.append(o.shape) and None)
+    assert model(torch.rand(2, 3, 28, 28)).shape == (2, 2)
+    assert shapes[0][-2:] == (28, 28)
+    assert torch.equal(model.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+    # The new stem trains even though unfreeze=1 freezes layer1..layer3.
+    names = trainable_names(model)
+    assert {"conv1.weight", "bn1.weight"} <= names
+    assert not any(n.startswith(("layer1.", "layer3.")) for n in names)
