@@ -136,6 +136,7 @@ def write_cv_result(
         "precision": result.precision,
         "device": result.device,
         "world_size": result.world_size,
+        **result.extra,  # channels_last, the worker's peak memory
         "data": describe_index(index),
         "config": cfg.model_dump(mode="json"),
         "fold_assignment": [

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import resource
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,6 +187,7 @@ def train_one_epoch(
     there is no host sync per step.
     """
     set_train_mode(fold.model)
+    started = time.perf_counter()
     total, count = torch.zeros(2, device=device, dtype=torch.float64)
     seen_probs, seen_labels = [], []
     for images, labels, _ in fold.train_loader:
@@ -205,6 +208,8 @@ def train_one_epoch(
     sums = torch.stack([total, count])
     if dist.is_initialized():
         dist.all_reduce(sums)
+    # float() waits for the device, so the time covers every step of every rank.
+    images_per_s = float(sums[1]) / (time.perf_counter() - started)
     labels_all, probs_all = _gather_arrays(torch.cat(seen_labels), torch.cat(seen_probs))
     scores = {"accuracy": math.nan, "roc_auc": math.nan}  # diverged outputs have no score
     if np.isfinite(probs_all).all():
@@ -213,6 +218,7 @@ def train_one_epoch(
         "loss": float(sums[0] / sums[1]),
         "accuracy": scores["accuracy"],
         "roc_auc": scores["roc_auc"],
+        "images_per_s": images_per_s,
     }
 
 
@@ -324,6 +330,7 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
         "device": device.type,
         "channels_last": channels_last,
         "world_size": ray.train.get_context().get_world_size(),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
         "folds": [{"history": f.history, **f.predictions()} for f in folds],
     }
 

@@ -345,7 +345,8 @@ def test_train_one_epoch_scores_the_logits_of_its_own_steps(tiny_data):
         logits = torch.cat([model(to_model_input(x)) for x, _, _ in loader])
     probs = torch.softmax(logits, dim=1).numpy()
     expected = classification_metrics(labels, probs)
-    assert set(got) == {"loss", "accuracy", "roc_auc"}
+    assert set(got) == {"loss", "accuracy", "roc_auc", "images_per_s"}
+    assert got["images_per_s"] > 0
     assert got["accuracy"] == pytest.approx(expected["accuracy"])
     assert got["roc_auc"] == pytest.approx(expected["roc_auc"], abs=1e-6)
     loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels)).item()
