@@ -105,6 +105,12 @@ class DropTrialCheckpoints(ray.tune.Callback):
     on_trial_error = on_trial_complete
 
 
+def build_sampler(algorithm: str, seed: int) -> optuna.samplers.BaseSampler:
+    if algorithm == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
 def trial_run_name(trial_id: str) -> str:
     """The Ray Train run of a trial, named from its id so a restored trial finds it."""
     return f"cv-{trial_id}"
@@ -119,9 +125,9 @@ def build_tuner(
     callbacks: list[Any],
     verbose: bool,
 ) -> ray.tune.Tuner:
-    """A Tuner over `spec.space`, with TPE (seeded), a concurrency cap and ASHA (or FIFO)."""
+    """A Tuner over `spec.space`: a seeded Optuna sampler, a concurrency cap, ASHA (or FIFO)."""
     settings = spec.search
-    searcher = CVOptunaSearch(sampler=optuna.samplers.TPESampler(seed=settings.seed))
+    searcher = CVOptunaSearch(sampler=build_sampler(settings.algorithm, settings.seed))
     return ray.tune.Tuner(
         ray.tune.with_resources(
             ray.tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_CPU}

@@ -45,6 +45,9 @@ class SearchSettings(_Strict):
     num_samples: int = Field(20, ge=1)
     seed: int = 0
     max_concurrent: int = Field(4, ge=1)
+    algorithm: Literal["tpe", "random"] = Field(
+        "tpe", description="Optuna's sampler: TPE, or random search as a baseline"
+    )
     scheduler: SchedulerSettings = SchedulerSettings()
 
 

@@ -6,11 +6,13 @@ import math
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import yaml
 
 from distmed.config import ExperimentConfig
 from distmed.errors import UserError
+from distmed.search import build_sampler
 from distmed.space import apply_params, load_space, to_tune_domains
 
 REPO = Path(__file__).resolve().parents[1]
@@ -349,8 +351,16 @@ def test_unknown_top_level_key(tmp_path):
         ("search:\n  metric: accuracy\n", "search.metric"),
         ("search:\n  scheduler:\n    type: hyperband\n", "search.scheduler.type"),
         ("search:\n  scheduler:\n    reduction_factor: 1\n", "search.scheduler.reduction_factor"),
+        ("search:\n  algorithm: grid\n", "search.algorithm"),
     ],
-    ids=["unknown-key", "zero-samples", "metric", "scheduler-type", "reduction-factor"],
+    ids=[
+        "unknown-key",
+        "zero-samples",
+        "metric",
+        "scheduler-type",
+        "reduction-factor",
+        "algorithm",
+    ],
 )
 def test_bad_search_settings_name_the_key(tmp_path, search, expected):
     path = space_file(tmp_path, "optim.lr: {loguniform: [1.0e-4, 1.0e-2]}", top=search)
@@ -371,7 +381,23 @@ def test_search_defaults_when_the_section_is_missing(tmp_path):
     spec = load_space(space_file(tmp_path, "optim.lr: {loguniform: [1.0e-4, 1.0e-2]}"))
     assert spec.search.num_samples == 20
     assert spec.search.scheduler.type == "asha"
+    assert spec.search.algorithm == "tpe"
     assert spec.base == ExperimentConfig()
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "sampler"), [("tpe", "TPESampler"), ("random", "RandomSampler")]
+)
+def test_algorithm_picks_a_seeded_optuna_sampler(tmp_path, algorithm, sampler):
+    top = f"search:\n  algorithm: {algorithm}\n  seed: 7\n"
+    spec = load_space(space_file(tmp_path, "optim.lr: {loguniform: [1.0e-4, 1.0e-2]}", top=top))
+    draws = []
+    for _ in range(2):  # the same seed draws the same learning rates
+        built = build_sampler(spec.search.algorithm, spec.search.seed)
+        assert type(built).__name__ == sampler
+        study = optuna.create_study(sampler=built)
+        draws.append([study.ask().suggest_float("lr", 1e-4, 1e-2, log=True) for _ in range(3)])
+    assert draws[0] == draws[1]
 
 
 @pytest.mark.parametrize("text", ["space: {}\n", "space:\n", "search: {num_samples: 2}\n"])
