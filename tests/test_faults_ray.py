@@ -150,7 +150,7 @@ def _search_space(tmp_path: Path, data: Path) -> Path:
         "base": {
             "data": {"root": str(data), "image_size": 16},
             "model": {"weights": "none"},
-            "train": {"epochs": 3, "batch_size": 8, "amp": "off"},
+            "train": {"epochs": 2, "batch_size": 8, "amp": "off"},
             "cv": {"folds": 2},
             "scaling": {"max_failures": 0},  # a killed worker ends its trial
         },
