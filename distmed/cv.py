@@ -320,5 +320,5 @@ def _to_cv_result(value: dict[str, Any], checkpoint) -> CVResult:
         device=value["device"],
         world_size=value["world_size"],
         checkpoint_path=str(Path(checkpoint.path) / STATE_FILE) if checkpoint else None,
-        extra={"channels_last": value["channels_last"], "peak_rss_mb": value["peak_rss_mb"]},
+        extra={"channels_last": value["channels_last"], "peak_rss_mib": value["peak_rss_mib"]},
     )

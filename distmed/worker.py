@@ -330,7 +330,7 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
         "device": device.type,
         "channels_last": channels_last,
         "world_size": ray.train.get_context().get_world_size(),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
         "folds": [{"history": f.history, **f.predictions()} for f in folds],
     }
 
