@@ -28,8 +28,8 @@ case "${1:-}" in
     test)
         ensure_env
         shift
-        "$VENV/bin/python" -m ruff check distmed tests
-        "$VENV/bin/python" -m ruff format --check --quiet distmed tests
+        "$VENV/bin/python" -m ruff check distmed tests benchmarks
+        "$VENV/bin/python" -m ruff format --check --quiet distmed tests benchmarks
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     *)

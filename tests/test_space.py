@@ -17,6 +17,7 @@ from distmed.space import apply_params, load_space, to_tune_domains
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = [REPO / "search_spaces" / "demo.yaml", REPO / "search_spaces" / "resnet.yaml"]
+EVERY_SHIPPED = sorted((REPO / "search_spaces").glob("*.yaml"))
 FIVE_KEYS = {"optim.lr", "train.batch_size", "optim.name", "optim.weight_decay", "model.unfreeze"}
 
 
@@ -35,7 +36,7 @@ def draws(domain, n: int = 200, seed: int = 0) -> list:
 # --------------------------------------------------------------------------- shipped files
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", EVERY_SHIPPED, ids=lambda p: p.name)
 def test_shipped_space_loads_with_the_five_keys(path: Path):
     spec = load_space(path)
     assert set(spec.space) == FIVE_KEYS
@@ -65,7 +66,7 @@ def test_shipped_files_differ_where_documented():
     assert resnet.space["train.batch_size"].args == (32, 64, 128)
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", EVERY_SHIPPED, ids=lambda p: p.name)
 def test_every_sample_of_a_shipped_space_is_a_valid_trial_config(path: Path):
     spec = load_space(path)
     domains = to_tune_domains(spec.space)

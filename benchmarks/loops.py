@@ -1,0 +1,249 @@
+"""The training loops that the throughput benchmark sets beside distmed's Ray Train path.
+
+`plain`: distmed's own model, precision, memory format, optimiser and input conversion over
+its cached tensors (`CachedImageDataset` with the default augmentation), with no Ray.
+`imagefolder`: the usual hand-written baseline: `ImageFolder` + PIL decoding + Resize,
+ToTensor, Normalize every epoch, a torchvision ResNet, fp32, NCHW.
+Each runs in a process of its own (`python -m benchmarks.loops ...`, started by
+`benchmarks.throughput`), so the peak resident memory it reports is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from benchmarks.common import CpuSnapshot, median, peak_rss_mib
+from distmed.config import ExperimentConfig, validate_config
+
+Step = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class LoopBudget:
+    """How long one loop is timed: steps per repeat and repeats are fitted to these seconds.
+
+    A repeat is `steps` consecutive training steps timed together (data loading included);
+    both counts are sized from the warm-up step, which is slower than the steady state, so
+    the real time spent stays under the targets except where the minimums force more.
+    """
+
+    repeat_seconds: float = 2.0  # target length of one timed repeat
+    cell_seconds: float = 6.0  # target timed seconds of all repeats together
+    min_steps: int = 2
+    max_repeats: int = 3
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    arch: str
+    image_size: int
+    batch_size: int
+    threads: int
+
+
+# --------------------------------------------------------------------------- (b) plain loop
+
+
+def experiment_config(spec: LoopSpec, data: Path, cache_dir: Path) -> ExperimentConfig:
+    """The config the Ray path runs with (`--set` overrides of the throughput benchmark)."""
+    return validate_config(
+        {
+            "data": {"root": str(data), "image_size": spec.image_size, "cache_dir": str(cache_dir)},
+            "model": {"arch": spec.arch, "weights": "none"},
+            "train": {"batch_size": spec.batch_size, "epochs": 2, "amp": "auto"},
+            "cv": {"folds": 2},
+        },
+        "benchmark",
+    )
+
+
+def build_plain_step(spec: LoopSpec, data: Path, cache_dir: Path) -> tuple[Step, dict[str, Any]]:
+    """One training step of distmed's worker loop, minus Ray, over distmed's cached tensors.
+
+    Mirrors `distmed.worker._build_fold` and `train_one_epoch`: same model factory, memory
+    format, precision, optimiser, schedule, loss, augmentation and loader settings; left out
+    is only the epoch's metric bookkeeping (a softmax over batch x classes per step).
+    """
+    from distmed.data import CachedImageDataset, build_cache, load_cached, scan_source
+    from distmed.model import build_model, set_train_mode
+    from distmed.worker import (
+        _inputs,
+        autocast,
+        build_loss,
+        build_optimizer,
+        build_scheduler,
+        resolve_amp,
+        resolve_channels_last,
+    )
+
+    cfg = experiment_config(spec, data, cache_dir)
+    index = scan_source(cfg.data)
+    images = load_cached(build_cache(index, cfg.data).pool_path)
+    labels = index.pool.labels
+    device = torch.device("cpu")
+    precision = resolve_amp(cfg.train.amp, device)
+    channels_last = resolve_channels_last(cfg, device)
+    dataset = CachedImageDataset(images, labels, np.arange(len(labels)), cfg.data.augment)
+    # The worker's loader: shuffled, ragged last batch dropped, no pinning on CPU.
+    loader = DataLoader(dataset, batch_size=spec.batch_size, shuffle=True, drop_last=True)
+    torch.manual_seed(cfg.train.seed)
+    num_classes = len(index.class_names)
+    model = build_model(cfg.model, num_classes)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.epochs, len(loader))
+    loss_fn = build_loss(cfg.train, labels, num_classes, device)
+    set_train_mode(model)
+    batches = cycle(loader)
+
+    def step() -> None:
+        batch_images, batch_labels, _ = next(batches)
+        inputs = _inputs(batch_images, device, channels_last)  # the worker's own conversion
+        with autocast(device, precision):
+            loss = loss_fn(model(inputs), batch_labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # GradScaler is a no-op unless fp16, which CPUs never pick
+        optimizer.step()
+        scheduler.step()
+
+    facts = {"precision": precision, "channels_last": channels_last, "pool_images": len(labels)}
+    return step, facts
+
+
+# --------------------------------------------------------------------------- (c) ImageFolder
+
+
+def build_imagefolder_step(spec: LoopSpec, png_root: Path) -> tuple[Step, dict[str, Any]]:
+    """One step of the hand-written baseline: PNG decode + transforms per image, fp32, NCHW."""
+    import torchvision
+    from torchvision import transforms
+
+    from distmed.data import IMAGENET_MEAN, IMAGENET_STD
+
+    transform = transforms.Compose(
+        [
+            transforms.Resize(spec.image_size),  # the 28 px PNG up to the model's size
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    dataset = torchvision.datasets.ImageFolder(str(png_root), transform=transform)
+    # num_workers=0: on this 2-core machine loader processes only compete with the model.
+    loader = DataLoader(dataset, batch_size=spec.batch_size, shuffle=True, drop_last=True)
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(spec.arch, weights=None, num_classes=len(dataset.classes))
+    # distmed's default optimiser settings, so only the data path and precision differ.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    batches = cycle(loader)
+
+    def step() -> None:
+        inputs, labels = next(batches)
+        loss = loss_fn(model(inputs), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    facts = {"precision": "off", "channels_last": False, "pool_images": len(dataset)}
+    return step, facts
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def cycle(loader: Iterable) -> Iterator:
+    """Batches forever: a new epoch (new shuffle) whenever the loader runs out."""
+    while True:
+        yield from loader
+
+
+def measure(step: Step, batch_size: int, budget: LoopBudget) -> dict[str, Any]:
+    """One warm-up step, then repeats of timed steps; images/s is the median over repeats."""
+    started = time.perf_counter()
+    step()  # first step: oneDNN kernel selection, optimiser state allocation
+    warmup_s = time.perf_counter() - started
+    steps = max(budget.min_steps, math.ceil(budget.repeat_seconds / warmup_s))
+    affordable = math.floor(budget.cell_seconds / (steps * warmup_s))
+    repeats = max(1, min(budget.max_repeats, affordable))
+    rates = []
+    before = CpuSnapshot.take()
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        rates.append(steps * batch_size / (time.perf_counter() - started))
+    return {
+        **CpuSnapshot.take().others_since(before),
+        "images_per_s": median(rates),
+        "repeat_images_per_s": rates,
+        "steps_per_repeat": steps,
+        "repeats": repeats,
+        "timed_images": steps * repeats * batch_size,
+        "warmup_step_s": warmup_s,
+    }
+
+
+def run_loop(
+    kind: str, spec: LoopSpec, data: Path, cache_dir: Path, budget: LoopBudget
+) -> dict[str, Any]:
+    torch.set_num_threads(spec.threads)
+    if kind == "plain":
+        step, facts = build_plain_step(spec, data, cache_dir)
+    else:
+        step, facts = build_imagefolder_step(spec, data)
+    result = measure(step, spec.batch_size, budget)
+    return {
+        "kind": kind,
+        **asdict(spec),
+        **facts,
+        **result,
+        "torch_threads": torch.get_num_threads(),
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.loops",
+        description="Time one in-process training loop; started by benchmarks.throughput.",
+    )
+    parser.add_argument("kind", choices=("plain", "imagefolder"))
+    parser.add_argument("--arch", required=True)
+    parser.add_argument("--image-size", type=int, required=True)
+    parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument(
+        "--data", type=Path, required=True, help="plain: a .npz; imagefolder: a PNG folder"
+    )
+    parser.add_argument("--cache-dir", type=Path, help="distmed's decoded-image cache (plain)")
+    parser.add_argument("--budget", default="{}", help="LoopBudget fields as JSON")
+    parser.add_argument("--out", type=Path, required=True, help="result JSON file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    spec = LoopSpec(args.arch, args.image_size, args.batch_size, args.threads)
+    budget = LoopBudget(**json.loads(args.budget))
+    cache_dir = args.cache_dir or args.out.parent / "cache"
+    result = run_loop(args.kind, spec, args.data, cache_dir, budget)
+    args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,359 @@
+"""Search efficiency and quality on real MedMNIST data, through the real `distmed.tune` CLI.
+
+    python -m benchmarks.medmnist                      # both parts (about 35 min on 2 cores)
+    python -m benchmarks.medmnist --only search        # PneumoniaMNIST: TPE + ASHA vs random
+    python -m benchmarks.medmnist --only quality       # the tuned BreastMNIST run
+
+Search efficiency: on PneumoniaMNIST, `search_spaces/medmnist28.yaml` (TPE + ASHA) against
+random search with the same trial budget and seed (`search.algorithm=random`, no early
+stopping): best CV ROC-AUC against trials and against cumulative trial time, trials per hour
+and the fraction stopped early. Quality: the refit best model of the TPE + ASHA search on
+each data set, scored once on the official test split, next to the MedMNIST v2 numbers.
+Results: `benchmarks/results/search_efficiency.json`, `quality.json` and a PNG of the curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    REPO,
+    RESULTS,
+    CpuSnapshot,
+    machine_info,
+    machine_line,
+    markdown_table,
+    write_result,
+)
+
+SHARED = REPO.parent / "shared" / "data"
+SPACE = REPO / "search_spaces" / "medmnist28.yaml"
+# MedMNIST v2 (Yang et al., Scientific Data 2023), Table 3: test ROC-AUC / accuracy.
+PUBLISHED = {
+    "pneumoniamnist": {
+        "ResNet-18 (28)": (0.944, 0.854),
+        "Google AutoML Vision": (0.991, 0.946),
+    },
+    "breastmnist": {
+        "ResNet-18 (28)": (0.901, 0.863),
+        "Google AutoML Vision": (0.919, 0.861),
+    },
+}
+
+
+# BreastMNIST has 624 training images (PneumoniaMNIST 5,232): it affords 3 folds and 15
+# epochs, and ASHA waits 3 epochs before judging, as one epoch on 416 images is noise.
+DATASET_SETTINGS: dict[str, dict[str, Any]] = {
+    "breastmnist": {
+        "base": {"train": {"epochs": 15}, "cv": {"folds": 3}},
+        "search": {"scheduler": {"grace_period": 3}},
+    },
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    machine = machine_info()
+    runs: dict[str, dict[str, Any]] = {}
+    if args.only in (None, "search"):
+        for method in ("tpe_asha", "random"):
+            runs[f"pneumoniamnist/{method}"] = run_search("pneumoniamnist", method, args)
+        report_search(runs, machine)
+    if args.only in (None, "quality"):
+        if "pneumoniamnist/tpe_asha" not in runs:
+            runs["pneumoniamnist/tpe_asha"] = load_run(args.workdir, "pneumoniamnist", "tpe_asha")
+        runs["breastmnist/tpe_asha"] = run_search("breastmnist", "tpe_asha", args)
+        report_quality(runs, machine)
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    parser.add_argument("--only", choices=["search", "quality"])
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(os.environ.get("TMPDIR", "/tmp")) / "distmed-bench",
+        help="where the searches write their runs (outside the repository)",
+    )
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def space_for(dataset: str, method: str, workdir: Path) -> Path:
+    """The shipped space, with the data set's and the method's settings, as a file to run."""
+    import yaml
+
+    spec = merged(yaml.safe_load(SPACE.read_text()), DATASET_SETTINGS.get(dataset, {}))
+    if method == "random":
+        spec["search"]["algorithm"] = "random"
+        spec["search"]["scheduler"] = {"type": "none"}
+    path = workdir / f"space-{dataset}-{method}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` applied key by key, nested mappings merged."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) else value
+    return out
+
+
+def run_search(dataset: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One `python -m distmed.tune` run; its wall time, CPU use, trials and summary."""
+    name = f"{dataset}-{method}"
+    storage = args.workdir / "runs"
+    space = space_for(dataset, method, args.workdir)
+    command = [
+        sys.executable,
+        "-m",
+        "distmed.tune",
+        "--space",
+        str(space),
+        "--data",
+        str(SHARED / f"{dataset}.npz"),
+        "--storage",
+        str(storage),
+        "--name",
+        name,
+    ]
+    print(f"[medmnist] {name}: {' '.join(command[2:])}", flush=True)
+    log_path = args.workdir / f"{name}.log"
+    start, started = CpuSnapshot.take(children=True), time.perf_counter()
+    with log_path.open("w") as log:
+        done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed (exit {done.returncode}); see {log_path}")
+    # Ray's worker processes are not this process's children: count the machine's busy
+    # CPU seconds instead (the machine was otherwise idle, which others_since checks).
+    end = CpuSnapshot.take(children=True)
+    run = load_run(args.workdir, dataset, method)
+    run.update(
+        wall_s=round(wall, 1),
+        machine_cpu_s=round(end.busy - start.busy, 1),
+        disturbance=end.others_since(start),
+        space_used=space.read_text(),  # the exact file, to rerun it
+    )
+    print(f"[medmnist] {name}: {wall:.0f} s, best CV {run['best_cv_roc_auc']:.4f}", flush=True)
+    return run
+
+
+def load_run(workdir: Path, dataset: str, method: str) -> dict[str, Any]:
+    """Trials (in order) and the summary of a finished search under `workdir`."""
+    out = workdir / "runs" / f"{dataset}-{method}"
+    summary = json.loads((out / "summary.json").read_text())
+    with (out / "trials.csv").open() as handle:
+        trials = [
+            {
+                "trial_id": row["trial_id"],
+                "status": row["status"],
+                "epochs": int(row["epochs"] or 0),
+                "time_s": float(row["time_s"] or "nan"),
+                "cv_roc_auc": float(row["cv_roc_auc"] or "nan"),
+            }
+            for row in csv.DictReader(handle)
+        ]
+    return {
+        "dataset": dataset,
+        "method": method,
+        "run_dir": str(out),
+        "trials": trials,
+        "best_cv_roc_auc": summary["best_cv_roc_auc"],
+        "best_cv_roc_auc_std": summary.get("best_cv_roc_auc_std"),
+        "best_config": summary["best_config"],
+        "search_wall_time_s": summary["wall_time_s"],
+        "refit_epochs": summary.get("refit_epochs"),
+        "test_metrics": summary.get("test_metrics"),
+        "test_ci95": test_intervals(out),
+    }
+
+
+def test_intervals(out: Path) -> dict[str, list[float]] | None:
+    """95% bootstrap intervals of the test metrics, as in the run's report (seed 0)."""
+    import numpy as np
+    import torch
+
+    from distmed.metrics import bootstrap_ci
+    from distmed.refit import TEST_PREDICTIONS
+
+    if not (out / TEST_PREDICTIONS).is_file():
+        return None
+    payload = torch.load(out / "best_model.pt", map_location="cpu", weights_only=True)
+    with np.load(out / TEST_PREDICTIONS, allow_pickle=False) as saved:
+        intervals = bootstrap_ci(saved["labels"], saved["probs"], payload["positive_index"])
+    return {name: [round(low, 4), round(high, 4)] for name, (low, high) in intervals.items()}
+
+
+# --------------------------------------------------------------------------- search efficiency
+
+
+def best_so_far(trials: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """After each trial: cumulative trial seconds and the best completed CV ROC-AUC so far.
+
+    Only completed trials count as a result: a trial ASHA stopped has a score measured after
+    fewer epochs, which is not comparable (the same rule `distmed.tune` picks the best by).
+    """
+    points, best, elapsed = [], -math.inf, 0.0
+    for number, trial in enumerate(trials, start=1):
+        elapsed += trial["time_s"]
+        if trial["status"] == "completed" and math.isfinite(trial["cv_roc_auc"]):
+            best = max(best, trial["cv_roc_auc"])
+        points.append({"trials": number, "time_s": round(elapsed, 1), "best": best})
+    return points
+
+
+def search_stats(run: dict[str, Any]) -> dict[str, Any]:
+    trials = run["trials"]
+    trial_s = sum(t["time_s"] for t in trials)
+    stopped = sum(t["status"] == "stopped" for t in trials)
+    return {
+        "num_trials": len(trials),
+        "trial_time_s": round(trial_s, 1),
+        "trials_per_hour": round(len(trials) / (trial_s / 3600), 1),
+        "fraction_stopped_early": round(stopped / len(trials), 3),
+        "epochs_trained": sum(t["epochs"] for t in trials),
+        "best_cv_roc_auc": run["best_cv_roc_auc"],
+        "curve": best_so_far(trials),
+    }
+
+
+def report_search(runs: dict[str, dict[str, Any]], machine: dict[str, Any]) -> None:
+    stats = {key.split("/")[1]: search_stats(run) for key, run in runs.items()}
+    plot = plot_curves(stats, RESULTS / "search_efficiency.png")
+    write_result(
+        "search_efficiency",
+        {
+            "machine": machine,
+            "dataset": "pneumoniamnist",
+            "space": str(SPACE.relative_to(REPO)),
+            "repeats": 1,
+            "methods": {m: {**s, "run": runs[f"pneumoniamnist/{m}"]} for m, s in stats.items()},
+            "plot": plot.name,
+        },
+    )
+    print(machine_line(machine))
+    print(search_table(stats))
+
+
+def search_table(stats: dict[str, dict[str, Any]]) -> str:
+    rows = []
+    for method, s in stats.items():
+        halfway = s["curve"][len(s["curve"]) // 2 - 1]
+        rows.append(
+            [
+                method.replace("_", " + ").upper().replace("RANDOM", "random"),
+                f"{s['best_cv_roc_auc']:.4f}",
+                f"{halfway['best']:.4f} after {halfway['trials']}",
+                f"{s['trial_time_s'] / 60:.1f}",
+                f"{s['trials_per_hour']:.0f}",
+                f"{s['epochs_trained']}",
+                f"{100 * s['fraction_stopped_early']:.0f}%",
+            ]
+        )
+    headers = [
+        "search",
+        "best CV ROC-AUC",
+        "best at half budget",
+        "trial time (min)",
+        "trials/hour",
+        "epochs trained",
+        "stopped early",
+    ]
+    return markdown_table(headers, rows)
+
+
+def plot_curves(stats: dict[str, dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+    for method, s in stats.items():
+        curve = [p for p in s["curve"] if math.isfinite(p["best"])]
+        label = {"tpe_asha": "TPE + ASHA", "random": "random search"}[method]
+        axes[0].step([p["trials"] for p in curve], [p["best"] for p in curve], where="post")
+        axes[1].step([p["time_s"] / 60 for p in curve], [p["best"] for p in curve], where="post")
+        axes[0].lines[-1].set_label(label)
+    axes[0].set_xlabel("trials")
+    axes[1].set_xlabel("cumulative trial time (min, 2 CPU cores)")
+    for ax in axes:
+        ax.set_ylabel("best CV ROC-AUC so far")
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc="lower right")
+    fig.suptitle("PneumoniaMNIST 28 px: best completed trial, same budget and seed")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- quality
+
+
+def report_quality(runs: dict[str, dict[str, Any]], machine: dict[str, Any]) -> None:
+    rows = {}
+    for dataset in ("pneumoniamnist", "breastmnist"):
+        run = runs[f"{dataset}/tpe_asha"]
+        test = run["test_metrics"]
+        rows[dataset] = {
+            "test_roc_auc": test["roc_auc"],
+            "test_accuracy": test["accuracy"],
+            "test_ci95": run["test_ci95"],
+            "test_samples": test["num_samples"],
+            "best_cv_roc_auc": run["best_cv_roc_auc"],
+            "best_config": run["best_config"],
+            "wall_s": run.get("wall_s"),
+            "machine_cpu_s": run.get("machine_cpu_s"),
+            "published": PUBLISHED[dataset],
+            "run_dir": run["run_dir"],
+        }
+    write_result("quality", {"machine": machine, "space": str(SPACE.relative_to(REPO)), **rows})
+    print(machine_line(machine))
+    print(quality_table(rows))
+
+
+def quality_table(rows: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for dataset, row in rows.items():
+        wall = f"{row['wall_s'] / 60:.0f} min" if row.get("wall_s") else "-"
+        cpu = f"{row['machine_cpu_s'] / 60:.0f} CPU-min" if row.get("machine_cpu_s") else ""
+        lines.append(
+            [
+                dataset,
+                "distmed (TPE + ASHA, refit, random init, CPU)",
+                with_ci(row["test_roc_auc"], row["test_ci95"], "roc_auc"),
+                with_ci(row["test_accuracy"], row["test_ci95"], "accuracy"),
+                f"{wall} ({cpu})" if cpu else wall,
+            ]
+        )
+        for name, (auc, acc) in row["published"].items():
+            lines.append([dataset, f"MedMNIST v2: {name}", f"{auc:.3f}", f"{acc:.3f}", ""])
+    headers = ["data set", "model", "test ROC-AUC (95% CI)", "test accuracy (95% CI)", "time"]
+    return markdown_table(headers, lines)
+
+
+def with_ci(value: float, intervals: dict[str, list[float]] | None, name: str) -> str:
+    if not intervals:
+        return f"{value:.3f}"
+    low, high = intervals[name]
+    return f"{value:.3f} ({low:.3f}–{high:.3f})"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
