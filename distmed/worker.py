@@ -305,8 +305,9 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
     channels_last = resolve_channels_last(cfg, device)
     images = load_images(loop_config["images_path"], loop_config["images_ref"])
     labels = np.asarray(loop_config["labels"], dtype=np.int64)
+    workers = loader_workers(device, int(loop_config["threads"]))
     folds = [
-        _build_fold(i, spec, cfg, images, labels, loop_config["num_classes"], device, precision)
+        _build_fold(i, spec, cfg, images, labels, loop_config["num_classes"], device, workers)
         for i, spec in enumerate(loop_config["folds"])
     ]
     positive = loop_config["positive"]
@@ -353,11 +354,26 @@ def load_images(path: str, ref: Any) -> np.ndarray:
 
 
 def resolve_channels_last(cfg: ExperimentConfig, device: torch.device) -> bool:
-    # Measured on CPU: channels_last costs ~40% at 32 px and gains 10-25% from 64 px up.
+    # Measured on CPU: channels_last costs ~40% at 32 px and gains up to ~15% from 64 px up
+    # (more on CPUs with AVX-512; see benchmarks/BENCHMARKS.md).
     return device.type == "cuda" or cfg.data.image_size >= 64
 
 
-def _build_fold(index, spec, cfg, images, labels, num_classes, device, precision) -> FoldRun:
+def loader_workers(device: torch.device, threads: int) -> int:
+    """DataLoader processes per fold loader, from the CPUs this Ray worker owns.
+
+    None on CPU: the model needs every core, and on 2 cores loader processes were measured
+    slower (benchmarks/datapath.py). On a GPU, one process's per-image augmentation (~300
+    img/s at 224 px here) would starve the device, so the worker's spare CPUs decode in
+    parallel (at most 8: more only costs memory).
+    """
+    if device.type != "cuda":
+        return 0
+    return max(0, min(8, threads - 1))
+
+
+def _build_fold(index, spec, cfg, images, labels, num_classes, device, workers) -> FoldRun:
+    precision = resolve_amp(cfg.train.amp, device)
     torch.manual_seed(cfg.train.seed + index)  # same initial weights on every rank
     model = build_model(cfg.model, num_classes)
     if resolve_channels_last(cfg, device):
@@ -366,13 +382,12 @@ def _build_fold(index, spec, cfg, images, labels, num_classes, device, precision
     world = ray.train.get_context().get_world_size()
     train_idx = np.asarray(spec["train"], dtype=np.int64)
     per_rank_batch = max(1, cfg.train.batch_size // world)
-    train_loader = _loader(
-        CachedImageDataset(images, labels, train_idx, cfg.data.augment), per_rank_batch, True
-    )
+    train_set = CachedImageDataset(images, labels, train_idx, cfg.data.augment)
+    train_loader = _loader(train_set, per_rank_batch, True, workers)
     val_loader = None
     if spec.get("val"):
         val_set = CachedImageDataset(images, labels, np.asarray(spec["val"], dtype=np.int64))
-        val_loader = _loader(val_set, per_rank_batch, False)
+        val_loader = _loader(val_set, per_rank_batch, False, workers)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     return FoldRun(
         index=index,
@@ -386,13 +401,15 @@ def _build_fold(index, spec, cfg, images, labels, num_classes, device, precision
     )
 
 
-def _loader(dataset: CachedImageDataset, batch_size: int, train: bool) -> DataLoader:
+def _loader(dataset: CachedImageDataset, batch_size: int, train: bool, workers: int) -> DataLoader:
     # Training drops the ragged last batch: a batch of one breaks BatchNorm.
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=train,
         drop_last=train,
+        num_workers=workers,
+        persistent_workers=workers > 0,  # not re-forked every epoch
         pin_memory=torch.cuda.is_available(),
     )
     return ray.train.torch.prepare_data_loader(loader, move_to_device=False)

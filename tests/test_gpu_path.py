@@ -16,7 +16,7 @@ from distmed import resources
 from distmed.config import ExperimentConfig, ScalingSection
 from distmed.errors import UserError
 from distmed.resources import cluster_capacity, concurrency_limit, plan_workers
-from distmed.worker import resolve_amp, resolve_channels_last
+from distmed.worker import loader_workers, resolve_amp, resolve_channels_last
 
 CUDA = torch.device("cuda")  # a device object only: nothing is allocated on it
 
@@ -62,6 +62,13 @@ def test_channels_last_always_on_cuda_but_not_at_32px_on_cpu():
     small = ExperimentConfig.model_validate({"data": {"image_size": 32}})
     assert resolve_channels_last(small, CUDA) is True
     assert resolve_channels_last(small, torch.device("cpu")) is False
+
+
+def test_loader_processes_only_on_a_gpu_from_the_workers_spare_cpus():
+    assert loader_workers(torch.device("cpu"), 16) == 0  # the model needs every core
+    assert loader_workers(CUDA, 1) == 0
+    assert loader_workers(CUDA, 4) == 3  # one CPU drives the GPU
+    assert loader_workers(CUDA, 32) == 8
 
 
 def test_fp16_grad_scaler_scales_and_bf16_does_not():
