@@ -172,7 +172,7 @@ def load_run(workdir: Path, dataset: str, method: str) -> dict[str, Any]:
         "dataset": dataset,
         "method": method,
         "run_dir": str(out),
-        "trials": trials,
+        "trials": sorted(trials, key=lambda t: start_order(out, t["trial_id"])),
         "best_cv_roc_auc": summary["best_cv_roc_auc"],
         "best_cv_roc_auc_std": summary.get("best_cv_roc_auc_std"),
         "best_config": summary["best_config"],
@@ -181,6 +181,12 @@ def load_run(workdir: Path, dataset: str, method: str) -> dict[str, Any]:
         "test_metrics": summary.get("test_metrics"),
         "test_ci95": test_intervals(out),
     }
+
+
+def start_order(out: Path, trial_id: str) -> int:
+    """The trial's start position: trials.csv is sorted by id, Tune numbers its folders."""
+    [folder] = out.glob(f"run_trial_{trial_id}_*")
+    return int(folder.name.split("_")[3])
 
 
 def test_intervals(out: Path) -> dict[str, list[float]] | None:
