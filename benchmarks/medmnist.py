@@ -35,6 +35,7 @@ from benchmarks.common import (
     write_result,
 )
 
+LABELS = {"tpe_asha": "TPE + ASHA", "random": "random search"}
 SHARED = REPO.parent / "shared" / "data"
 SPACE = REPO / "search_spaces" / "medmnist28.yaml"
 # MedMNIST v2 (Yang et al., Scientific Data 2023), Table 3: test ROC-AUC / accuracy.
@@ -179,7 +180,7 @@ def load_run(workdir: Path, dataset: str, method: str) -> dict[str, Any]:
         "search_wall_time_s": summary["wall_time_s"],
         "refit_epochs": summary.get("refit_epochs"),
         "test_metrics": summary.get("test_metrics"),
-        "test_ci95": test_intervals(out),
+        "test_ci95": bootstrap_intervals(out),
     }
 
 
@@ -189,7 +190,7 @@ def start_order(out: Path, trial_id: str) -> int:
     return int(folder.name.split("_")[3])
 
 
-def test_intervals(out: Path) -> dict[str, list[float]] | None:
+def bootstrap_intervals(out: Path) -> dict[str, list[float]] | None:
     """95% bootstrap intervals of the test metrics, as in the run's report (seed 0)."""
     import numpy as np
     import torch
@@ -262,7 +263,7 @@ def search_table(stats: dict[str, dict[str, Any]]) -> str:
         halfway = s["curve"][len(s["curve"]) // 2 - 1]
         rows.append(
             [
-                method.replace("_", " + ").upper().replace("RANDOM", "random"),
+                LABELS[method],
                 f"{s['best_cv_roc_auc']:.4f}",
                 f"{halfway['best']:.4f} after {halfway['trials']}",
                 f"{s['trial_time_s'] / 60:.1f}",
@@ -292,7 +293,7 @@ def plot_curves(stats: dict[str, dict[str, Any]], path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
     for method, s in stats.items():
         curve = [p for p in s["curve"] if math.isfinite(p["best"])]
-        label = {"tpe_asha": "TPE + ASHA", "random": "random search"}[method]
+        label = LABELS[method]
         axes[0].step([p["trials"] for p in curve], [p["best"] for p in curve], where="post")
         axes[1].step([p["time_s"] / 60 for p in curve], [p["best"] for p in curve], where="post")
         axes[0].lines[-1].set_label(label)

@@ -307,7 +307,9 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
     labels = np.asarray(loop_config["labels"], dtype=np.int64)
     workers = loader_workers(device, int(loop_config["threads"]))
     folds = [
-        _build_fold(i, spec, cfg, images, labels, loop_config["num_classes"], device, workers)
+        _build_fold(
+            i, spec, cfg, images, labels, loop_config["num_classes"], device, precision, workers
+        )
         for i, spec in enumerate(loop_config["folds"])
     ]
     positive = loop_config["positive"]
@@ -372,8 +374,9 @@ def loader_workers(device: torch.device, threads: int) -> int:
     return max(0, min(8, threads - 1))
 
 
-def _build_fold(index, spec, cfg, images, labels, num_classes, device, workers) -> FoldRun:
-    precision = resolve_amp(cfg.train.amp, device)
+def _build_fold(
+    index, spec, cfg, images, labels, num_classes, device, precision, workers
+) -> FoldRun:
     torch.manual_seed(cfg.train.seed + index)  # same initial weights on every rank
     model = build_model(cfg.model, num_classes)
     if resolve_channels_last(cfg, device):
