@@ -6,6 +6,7 @@ import base64
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,19 @@ def test_report_embeds_every_png_and_shows_summary_numbers(finished_run: Path):
     flat.update({f"test_metrics.{k}": summary["test_metrics"][k] for k in report.CI_METRICS})
     for key, value in flat.items():
         assert float(shown[key]) == pytest.approx(value, rel=1e-12, abs=1e-12), key
+
+
+def test_report_without_a_test_split_says_so(finished_run: Path, tmp_path: Path):
+    # A flat folder (no test split): the refit model exists but no test predictions do.
+    run = tmp_path / "exp"
+    shutil.copytree(finished_run, run)
+    (run / TEST_PREDICTIONS).unlink()
+    shutil.rmtree(run / report.FIGURES)
+    report.build_report(run, resamples=50)
+    page = (run / report.REPORT).read_text()
+    assert "no test split" in page
+    pngs = {p.stem for p in (run / report.FIGURES).glob("*.png")}
+    assert pngs == {"search_progress", "params", "fold_aucs", "training_curves"}
 
 
 def test_threshold_is_chosen_on_validation_and_saved_in_the_model(finished_run: Path):
