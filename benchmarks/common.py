@@ -268,6 +268,22 @@ def write_png_folder(images: np.ndarray, labels: np.ndarray, root: Path) -> Path
     return root
 
 
+def imagefolder_transform(size: int, augment: bool) -> Any:
+    """The hand-written baseline's per-image PIL pipeline; `augment` adds distmed's default
+    training augmentation (horizontal flip, rotation up to 10 degrees) the usual way."""
+    from torchvision import transforms
+
+    from distmed.config import AugmentConfig
+    from distmed.data import IMAGENET_MEAN, IMAGENET_STD
+
+    steps: list[Any] = [transforms.Resize(size)]  # the 28 px PNG up to the model's size
+    if augment:
+        default = AugmentConfig()
+        steps += [transforms.RandomHorizontalFlip(), transforms.RandomRotation(default.rotation)]
+    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return transforms.Compose(steps)
+
+
 def folder_bytes(folder: Path) -> int:
     """Total size of the files under `folder`."""
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

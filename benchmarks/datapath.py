@@ -1,11 +1,12 @@
 """Data path: images/s delivered to the model (no model), and what distmed's cache costs.
 
 Loaders compared at 28 -> 224 px and 28 -> 64 px, each iterated and converted to model input:
-  distmed cached   `CachedImageDataset` over the decoded uint8 cache + `to_model_input`
-                   (+ channels_last, as the worker does), with the default training
-                   augmentation and without it (the validation path);
+  distmed cached   `CachedImageDataset` over the decoded uint8 cache + the worker's
+                   conversion (`to_model_input`, channels_last from 64 px), with the default
+                   training augmentation done in batch and without it (the validation path);
   ImageFolder      PIL decoding + Resize + ToTensor + Normalize per image, per epoch, with
-                   0 loader processes and with the `--loader-workers` counts.
+                   0 loader processes and with the `--loader-workers` counts; and once with
+                   the same augmentation per image in PIL (0 loader processes).
 Cache: `distmed.data.build_cache` time (decode, resize, fsync'd write) and size on disk.
 Run from the repository root:
   flock /tmp/distmed-ray.lock .venv/bin/python -m benchmarks.datapath [--quick]
@@ -34,6 +35,7 @@ from benchmarks.common import (
     CpuSnapshot,
     fmt,
     folder_bytes,
+    imagefolder_transform,
     machine_info,
     machine_line,
     markdown_table,
@@ -46,8 +48,6 @@ from benchmarks.common import (
 )
 from distmed.config import AugmentConfig, DataConfig, validate_config
 from distmed.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     CachedData,
     CachedImageDataset,
     build_cache,
@@ -103,22 +103,21 @@ def measure_cache_build(
 # --------------------------------------------------------------------------- loaders
 
 
-def distmed_loader(pool_path: Path, labels: np.ndarray, batch: int, augment: bool) -> DataLoader:
-    images = load_cached(pool_path)
-    dataset = CachedImageDataset(
-        images, labels, np.arange(len(labels)), AugmentConfig() if augment else None
-    )
+def distmed_loader(pool_path: Path, labels: np.ndarray, batch: int) -> DataLoader:
+    dataset = CachedImageDataset(load_cached(pool_path), labels, np.arange(len(labels)))
     return DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True)
 
 
-def distmed_convert(size: int) -> Convert:
-    """The worker's own conversion: uint8 -> normalised float, in its memory format."""
+def distmed_convert(size: int, augment: bool) -> Convert:
+    """The worker's own conversion: uint8 -> (augmented in batch) normalised float, in its
+    memory format."""
     from distmed.worker import _inputs, resolve_channels_last
 
     device = torch.device("cpu")
     cfg = validate_config({"data": {"image_size": size}}, "benchmark")
     channels_last = resolve_channels_last(cfg, device)
-    return lambda images: _inputs(images, device, channels_last)
+    augmentation = AugmentConfig() if augment else None
+    return lambda images: _inputs(images, device, channels_last, augmentation)
 
 
 def as_is(images: torch.Tensor) -> torch.Tensor:
@@ -126,17 +125,12 @@ def as_is(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
-def imagefolder_loader(png_root: Path, size: int, batch: int, workers: int) -> DataLoader:
+def imagefolder_loader(
+    png_root: Path, size: int, batch: int, workers: int, augment: bool
+) -> DataLoader:
     import torchvision
-    from torchvision import transforms
 
-    transform = transforms.Compose(
-        [
-            transforms.Resize(size),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+    transform = imagefolder_transform(size, augment)
     dataset = torchvision.datasets.ImageFolder(str(png_root), transform=transform)
     return DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers)
 
@@ -190,18 +184,15 @@ def run_loaders(
     args: argparse.Namespace,
 ) -> list[dict[str, Any]]:
     """Every pipeline at one image size, as result rows."""
+    distmed = distmed_loader(pool_path, labels, args.batch_size)
     pipelines: list[tuple[str, int, DataLoader, Convert]] = [
+        ("distmed cached, training augmentation", 0, distmed, distmed_convert(size, True)),
+        ("distmed cached, no augmentation", 0, distmed, distmed_convert(size, False)),
         (
-            "distmed cached, training augmentation",
+            "ImageFolder + PIL + transforms, training augmentation",
             0,
-            distmed_loader(pool_path, labels, args.batch_size, augment=True),
-            distmed_convert(size),
-        ),
-        (
-            "distmed cached, no augmentation",
-            0,
-            distmed_loader(pool_path, labels, args.batch_size, augment=False),
-            distmed_convert(size),
+            imagefolder_loader(png_root, size, args.batch_size, 0, augment=True),
+            as_is,
         ),
     ]
     for workers in sorted({0, *args.loader_workers}):
@@ -209,7 +200,7 @@ def run_loaders(
             (
                 "ImageFolder + PIL + transforms",
                 workers,
-                imagefolder_loader(png_root, size, args.batch_size, workers),
+                imagefolder_loader(png_root, size, args.batch_size, workers, augment=False),
                 as_is,
             )
         )
@@ -229,7 +220,7 @@ def format_tables(payload: dict[str, Any]) -> str:
     baseline = {
         row["image_size"]: row["images_per_s"]
         for row in loaders
-        if row["pipeline"].startswith("ImageFolder") and row["loader_workers"] == 0
+        if row["pipeline"] == "ImageFolder + PIL + transforms" and row["loader_workers"] == 0
     }
     loader_rows = [
         [

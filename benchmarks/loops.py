@@ -1,9 +1,10 @@
 """The training loops that the throughput benchmark sets beside distmed's Ray Train path.
 
 `plain`: distmed's own model, precision, memory format, optimiser and input conversion over
-its cached tensors (`CachedImageDataset` with the default augmentation), with no Ray.
+its cached tensors (`CachedImageDataset`; the default augmentation in batch), with no Ray.
 `imagefolder`: the usual hand-written baseline: `ImageFolder` + PIL decoding + Resize,
-ToTensor, Normalize every epoch, a torchvision ResNet, fp32, NCHW.
+RandomHorizontalFlip, RandomRotation, ToTensor, Normalize per image every epoch (the same
+augmentation as distmed's), a torchvision ResNet, fp32, NCHW.
 Each runs in a process of its own (`python -m benchmarks.loops ...`, started by
 `benchmarks.throughput`), so the peak resident memory it reports is its own.
 """
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from benchmarks.common import CpuSnapshot, median, peak_rss_mib
+from benchmarks.common import CpuSnapshot, imagefolder_transform, median, peak_rss_mib
 from distmed.config import ExperimentConfig, validate_config
 
 Step = Callable[[], None]
@@ -95,7 +96,7 @@ def build_plain_step(spec: LoopSpec, data: Path, cache_dir: Path) -> tuple[Step,
     device = torch.device("cpu")
     precision = resolve_amp(cfg.train.amp, device)
     channels_last = resolve_channels_last(cfg, device)
-    dataset = CachedImageDataset(images, labels, np.arange(len(labels)), cfg.data.augment)
+    dataset = CachedImageDataset(images, labels, np.arange(len(labels)))
     # The worker's loader: shuffled, ragged last batch dropped, no pinning on CPU.
     loader = DataLoader(dataset, batch_size=spec.batch_size, shuffle=True, drop_last=True)
     torch.manual_seed(cfg.train.seed)
@@ -111,7 +112,8 @@ def build_plain_step(spec: LoopSpec, data: Path, cache_dir: Path) -> tuple[Step,
 
     def step() -> None:
         batch_images, batch_labels, _ = next(batches)
-        inputs = _inputs(batch_images, device, channels_last)  # the worker's own conversion
+        # The worker's own conversion, with its augmentation of training batches.
+        inputs = _inputs(batch_images, device, channels_last, cfg.data.augment)
         with autocast(device, precision):
             loss = loss_fn(model(inputs), batch_labels)
         optimizer.zero_grad(set_to_none=True)
@@ -127,19 +129,11 @@ def build_plain_step(spec: LoopSpec, data: Path, cache_dir: Path) -> tuple[Step,
 
 
 def build_imagefolder_step(spec: LoopSpec, png_root: Path) -> tuple[Step, dict[str, Any]]:
-    """One step of the hand-written baseline: PNG decode + transforms per image, fp32, NCHW."""
+    """One step of the hand-written baseline: PNG decode + transforms per image, fp32, NCHW,
+    with the same flips and rotation as distmed's training batches (the same recipe)."""
     import torchvision
-    from torchvision import transforms
 
-    from distmed.data import IMAGENET_MEAN, IMAGENET_STD
-
-    transform = transforms.Compose(
-        [
-            transforms.Resize(spec.image_size),  # the 28 px PNG up to the model's size
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+    transform = imagefolder_transform(spec.image_size, augment=True)
     dataset = torchvision.datasets.ImageFolder(str(png_root), transform=transform)
     # num_workers=0: on this 2-core machine loader processes only compete with the model.
     loader = DataLoader(dataset, batch_size=spec.batch_size, shuffle=True, drop_last=True)

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable
@@ -20,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
 from distmed.artifacts import atomic_path, write_text_atomic
 from distmed.config import AugmentConfig, DataConfig
@@ -528,45 +529,59 @@ class CachedImageDataset(Dataset):
     duplicates that `DistributedSampler` pads with.
     """
 
-    def __init__(
-        self,
-        images: np.ndarray,
-        labels: np.ndarray,
-        indices: np.ndarray,
-        augment: AugmentConfig | None = None,
-    ) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
         self.images = images
         self.labels = labels
         self.indices = np.asarray(indices, dtype=np.int64)
-        self.transform = build_augmentation(augment) if augment else None
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, int, int]:
         index = int(self.indices[position])
-        image = torch.from_numpy(np.array(self.images[index]))
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.labels[index]), index
+        return torch.from_numpy(np.array(self.images[index])), int(self.labels[index]), index
 
 
-def build_augmentation(cfg: AugmentConfig) -> v2.Compose | None:
-    """Random flips and rotation on uint8 tensors (training folds only)."""
-    steps: list[v2.Transform] = []
+def augment_batch(batch: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:
+    """Random flips and rotation, drawn per image, of a float (B, C, H, W) batch on its device.
+
+    One vectorised pass per batch rather than a transform per image in the loader: several
+    times faster on a CPU, and on a GPU the GPU does it instead of the host (issue #7). The
+    draws come from torch's RNG on the batch's device, which the worker seeds per epoch.
+    Rotation resamples bilinearly about the centre and fills the corners with black.
+    """
+    count, device = batch.shape[0], batch.device
     if cfg.hflip:
-        steps.append(v2.RandomHorizontalFlip())
+        batch = torch.where(_coin(count, device), batch.flip(-1), batch)
     if cfg.vflip:
-        steps.append(v2.RandomVerticalFlip())
+        batch = torch.where(_coin(count, device), batch.flip(-2), batch)
     if cfg.rotation > 0:
-        steps.append(v2.RandomRotation(cfg.rotation))
-    return v2.Compose(steps) if steps else None
+        angles = (torch.rand(count, device=device) * 2 - 1) * math.radians(cfg.rotation)
+        cos, sin, zero = angles.cos(), angles.sin(), torch.zeros_like(angles)
+        theta = torch.stack(
+            [torch.stack([cos, -sin, zero], dim=1), torch.stack([sin, cos, zero], dim=1)], dim=1
+        )
+        grid = F.affine_grid(theta.to(batch.dtype), list(batch.shape), align_corners=False)
+        batch = F.grid_sample(batch, grid, mode="bilinear", align_corners=False)
+    return batch
 
 
-def to_model_input(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) on any device -> ImageNet-normalised float (B, 3, H, W)."""
-    if batch.shape[1] == 1:
-        batch = batch.expand(-1, 3, -1, -1)
+def _coin(count: int, device: torch.device) -> torch.Tensor:
+    """A fair coin per image, shaped to pick whole images with `torch.where`."""
+    return (torch.rand(count, device=device) < 0.5).view(count, 1, 1, 1)
+
+
+def to_model_input(batch: torch.Tensor, augment: AugmentConfig | None = None) -> torch.Tensor:
+    """uint8 (B, C, H, W) on any device -> ImageNet-normalised float (B, 3, H, W).
+
+    `augment` (training batches only) applies `augment_batch` first, on the batch's device
+    and before grey images are expanded to 3 channels (a third of the work).
+    """
+    inputs = batch.float() / 255.0
+    if augment is not None:
+        inputs = augment_batch(inputs, augment)
+    if inputs.shape[1] == 1:
+        inputs = inputs.expand(-1, 3, -1, -1)
     mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1)
-    return (batch.float() / 255.0 - mean) / std
+    return (inputs - mean) / std

@@ -28,7 +28,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from torch.utils.data import DataLoader
 
-from distmed.config import ExperimentConfig, OptimConfig, TrainConfig
+from distmed.config import AugmentConfig, ExperimentConfig, OptimConfig, TrainConfig
 from distmed.data import CachedImageDataset, load_cached, to_model_input
 from distmed.metrics import METRIC_NAMES, classification_metrics
 from distmed.model import build_model, set_train_mode
@@ -82,6 +82,7 @@ class FoldRun:
     loss_fn: nn.Module
     train_loader: DataLoader
     val_loader: DataLoader | None
+    augment: AugmentConfig | None = None  # training batches only, applied on the device
     best_auc: float = -math.inf
     epochs_since_best: int = 0
     stopped: bool = False
@@ -191,7 +192,7 @@ def train_one_epoch(
     total, count = torch.zeros(2, device=device, dtype=torch.float64)
     seen_probs, seen_labels = [], []
     for images, labels, _ in fold.train_loader:
-        inputs = _inputs(images, device, channels_last)
+        inputs = _inputs(images, device, channels_last, fold.augment)
         labels = labels.to(device, non_blocking=True)
         with autocast(device, precision):
             logits = fold.model(inputs)
@@ -281,8 +282,13 @@ def evaluate(
     return result
 
 
-def _inputs(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    inputs = to_model_input(images.to(device, non_blocking=True))
+def _inputs(
+    images: torch.Tensor,
+    device: torch.device,
+    channels_last: bool,
+    augment: AugmentConfig | None = None,
+) -> torch.Tensor:
+    inputs = to_model_input(images.to(device, non_blocking=True), augment)
     return inputs.contiguous(memory_format=torch.channels_last) if channels_last else inputs
 
 
@@ -365,9 +371,9 @@ def loader_workers(device: torch.device, threads: int) -> int:
     """DataLoader processes per fold loader, from the CPUs this Ray worker owns.
 
     None on CPU: the model needs every core, and on 2 cores loader processes were measured
-    slower (benchmarks/datapath.py). On a GPU, one process's per-image augmentation (~300
-    img/s at 224 px here) would starve the device, so the worker's spare CPUs decode in
-    parallel (at most 8: more only costs memory).
+    slower (benchmarks/datapath.py). On a GPU (augmentation runs there, `augment_batch`) the
+    worker's spare CPUs gather and pin the next uint8 batches while the GPU computes (at
+    most 8: more only costs memory).
     """
     if device.type != "cuda":
         return 0
@@ -385,7 +391,7 @@ def _build_fold(
     world = ray.train.get_context().get_world_size()
     train_idx = np.asarray(spec["train"], dtype=np.int64)
     per_rank_batch = max(1, cfg.train.batch_size // world)
-    train_set = CachedImageDataset(images, labels, train_idx, cfg.data.augment)
+    train_set = CachedImageDataset(images, labels, train_idx)
     train_loader = _loader(train_set, per_rank_batch, True, workers)
     val_loader = None
     if spec.get("val"):
@@ -401,6 +407,7 @@ def _build_fold(
         loss_fn=build_loss(cfg.train, labels[train_idx], num_classes, device),
         train_loader=train_loader,
         val_loader=val_loader,
+        augment=cfg.data.augment,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from distmed.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CachedImageDataset,
+    augment_batch,
     build_cache,
     decode_image,
     decode_split,
@@ -575,16 +577,54 @@ def test_cached_image_dataset_items():
     assert dataset[2][1:] == (1, 3)
 
 
-def test_cached_image_dataset_augmentation_keeps_type_and_shape():
-    images = np.random.default_rng(0).integers(0, 256, (4, 3, 8, 8), dtype=np.uint8)
-    labels = np.array([0, 1, 0, 1])
-    augment = AugmentConfig(hflip=True, vflip=True, rotation=30)
-    dataset = CachedImageDataset(images, labels, np.arange(4), augment)
+def test_augment_batch_flips_each_image_on_its_own_coin():
     torch.manual_seed(0)
-    for position in range(4):
-        image, label, index = dataset[position]
-        assert image.dtype == torch.uint8 and image.shape == (3, 8, 8)
-        assert (label, index) == (int(labels[position]), position)
+    batch = torch.rand(64, 1, 6, 6)
+    out = augment_batch(batch, AugmentConfig(hflip=True, vflip=False, rotation=0))
+    assert out.shape == batch.shape and out.dtype == batch.dtype
+    flipped = [torch.equal(o, b.flip(-1)) for o, b in zip(out, batch, strict=True)]
+    kept = [torch.equal(o, b) for o, b in zip(out, batch, strict=True)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True))
+    assert 16 < sum(flipped) < 48  # per image, not one coin for the whole batch
+
+
+def _line_angle_degrees(image: torch.Tensor) -> float:
+    """Orientation of the bright structure from its intensity-weighted second moments."""
+    rows, cols = torch.meshgrid(
+        torch.arange(image.shape[0]), torch.arange(image.shape[1]), indexing="ij"
+    )
+    weight = image / image.sum()
+    mean_r, mean_c = (weight * rows).sum(), (weight * cols).sum()
+    mu_rr = (weight * (rows - mean_r) ** 2).sum()
+    mu_cc = (weight * (cols - mean_c) ** 2).sum()
+    mu_rc = (weight * (rows - mean_r) * (cols - mean_c)).sum()
+    return math.degrees(0.5 * math.atan2(2 * mu_rc, mu_cc - mu_rr))
+
+
+def test_augment_batch_rotates_each_image_by_its_own_angle_within_the_limit():
+    line = torch.zeros(1, 33, 33)
+    line[0, 16, 4:29] = 1.0  # a horizontal line through the centre
+    batch = line.expand(64, -1, -1, -1).clone()
+    torch.manual_seed(1)
+    out = augment_batch(batch, AugmentConfig(hflip=False, vflip=False, rotation=10))
+    angles = [_line_angle_degrees(image[0]) for image in out]
+    assert max(abs(a) for a in angles) <= 10.5
+    assert min(angles) < -4 and max(angles) > 4  # both directions, spread over the range
+    assert len({round(a, 3) for a in angles}) > 50  # one angle per image
+    assert out[:, 0, 16, 16].min() > 0.9  # the centre stays put
+    assert out.min() >= 0 and out.max() <= 1.0 + 1e-6
+
+
+def test_augment_batch_is_seeded_and_a_no_op_when_off():
+    batch = torch.rand(8, 3, 16, 16)
+    torch.manual_seed(5)
+    first = augment_batch(batch, AugmentConfig(vflip=True))
+    torch.manual_seed(5)
+    assert torch.equal(first, augment_batch(batch, AugmentConfig(vflip=True)))
+    off = AugmentConfig(hflip=False, vflip=False, rotation=0)
+    assert torch.equal(augment_batch(batch, off), batch)
+    uint8 = (batch * 255).to(torch.uint8)
+    assert torch.equal(to_model_input(uint8, off), to_model_input(uint8))
 
 
 def test_cached_image_dataset_reads_memmap(tmp_path):
