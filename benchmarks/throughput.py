@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -382,9 +382,10 @@ def format_tables(payload: dict[str, Any]) -> str:
 NOTES = (
     "img/s: medians. Ray: per-epoch training rate timed inside the Ray worker, median over "
     "the fold-epochs after the first (warm-up) one. plain / ImageFolder: median over repeats "
-    "of consecutive timed steps after one warm-up step, data loading included. distmed paths "
-    "apply its default training augmentation (hflip, rotation 10); the ImageFolder baseline "
-    "none. Peak RSS: the Ray worker holds both folds' models and optimisers (folds train in "
+    "of consecutive timed steps after one warm-up step, data loading included. Every path "
+    "applies the default training augmentation (hflip, rotation up to 10 degrees): distmed in "
+    "batch on tensors, ImageFolder per image in PIL. Peak RSS: the Ray worker holds both "
+    "folds' models and optimisers (folds train in "
     "lockstep), the in-process loops one. others / steal: average cores that other processes "
     "/ the hypervisor took while the path was timed (for Ray: over the whole CLI run, Ray's "
     "own processes not counted); well above 0 means a disturbed number."
@@ -461,6 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads of the in-process loops (default: usable CPUs, which is what "
         "distmed gives its one Ray worker on a local cluster)",
     )
+    parser.add_argument(
+        "--ray-epoch-seconds",
+        type=float,
+        help=f"target length of one Ray fold-epoch (default {RayBudget.epoch_seconds:g}); "
+        "longer ones time more steps per fold-epoch for big cells",
+    )
     parser.add_argument("--name", help="result file name (default throughput[-quick])")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark process")
     parser.add_argument(
@@ -476,6 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--paths: unknown {sorted(unknown)}; choose from {PATHS}")
     cells = select_cells(QUICK_CELLS if args.quick else FULL_CELLS, args.only)
     budget = QUICK_BUDGET if args.quick else FULL_BUDGET
+    if args.ray_epoch_seconds is not None:
+        budget = (budget[0], replace(budget[1], epoch_seconds=args.ray_epoch_seconds))
     threads = args.threads or usable_cpus()
     name = args.name or ("throughput-quick" if args.quick else "throughput")
     payload: dict[str, Any] = {

@@ -36,6 +36,9 @@ def gradcam_maps(model: torch.nn.Module, images: np.ndarray, targets: list[int])
     """Heat maps in [0, 1], shape (N, S, S), for uint8 `images` (N, C, S, S) and classes."""
     device = next(model.parameters()).device
     inputs = to_model_input(torch.from_numpy(np.ascontiguousarray(images)).to(device))
+    # A fine-tuned model may have its early stages frozen (`model.unfreeze`); with an input
+    # that asks for no gradient either, nothing would flow back to a frozen CAM stage.
+    inputs.requires_grad_(True)
     stage = getattr(model, cam_layer(images.shape[-1]))
     with GradCAM(model=model.eval(), target_layers=[stage[-1]]) as cam:
         maps = cam(input_tensor=inputs, targets=[ClassifierOutputTarget(t) for t in targets])

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from distmed.space import apply_params
 STATUSES = ("completed", "stopped", "diverged", "errored")
 # Per-fold epoch histories and out-of-fold predictions of one trial, in its Train run folder.
 TRIAL_DETAIL = "cv_detail.json"
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,9 @@ def collect_rows(result_grid, space_keys: list[str]) -> list[TrialRow]:
                 cv_roc_auc_std=float(metrics.get("cv_roc_auc_std", math.nan)),
                 fold_aucs=[float(metrics[f"fold{k}_roc_auc"]) for k in folds],
                 fold_epochs=[int(metrics[f"fold{k}_epoch"]) for k in folds],
-                epochs_reported=int(metrics.get("training_iteration", 0)),
+                # The worker's own epoch count: Tune's training_iteration restarts when a
+                # killed search is resumed, so it would undercount a resumed trial.
+                epochs_reported=int(metrics.get("epoch", metrics.get("training_iteration", 0))),
                 time_s=float(metrics.get("time_total_s", math.nan)),
                 error=error,
             )
@@ -142,7 +146,8 @@ def _short(value: Any) -> str:
 
 
 def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
+    # Ray colours actor names in its error texts; a CSV cell wants none of the escape codes.
+    text = ANSI_ESCAPE.sub("", str(error)).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 

@@ -1,7 +1,14 @@
-"""Injected faults through Ray: a killed Train worker, a killed trial, a killed search driver.
+"""Injected faults on a two-node Ray cluster, through the real `distmed.tune` CLI.
 
-Each test really kills a process (SIGKILL, as the OOM killer or a lost spot node would) and
-checks that what was finished is kept and the rest resumes.
+One search carries every Ray-level fault (each Ray fit costs ~20 s of start-up on 2 cores):
+a Train worker SIGKILLed once (the fit resumes from its epoch checkpoint), a trial whose
+workers are killed past its retries (errored, the search goes on), and a SIGKILLed search
+driver (`--resume` continues). Every trial runs the same configuration with the same seeds,
+so the first, undisturbed trial is the clean run the resumed ones must equal.
+
+The search joins the test session's Ray instance with `--address`, and a second Ray node
+(`ray start --block`) joins it first: every fit has two workers that only fit one per node,
+so every fit, resumed ones and the refit included, spans both nodes.
 """
 
 from __future__ import annotations
@@ -13,8 +20,9 @@ import re
 import signal
 import subprocess
 import sys
-import threading
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,93 +31,95 @@ import yaml
 from conftest import write_image_folder
 
 from distmed import tune
-from distmed.config import ExperimentConfig
-from distmed.cv import cross_validate, prepare_data
-from distmed.data import scan_source
-from distmed.resources import plan_workers
 
 pytestmark = pytest.mark.ray
+EPOCHS = 4
 
 
-def _train_workers() -> dict[str, int]:
-    """Live Ray Train worker actors: actor id -> process id."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    return {a.actor_id: a.pid for a in actors}
-
-
-def _wait_for(condition: Callable[[], object], what: str, timeout: float = 60.0):
+def _wait_for(condition: Callable[[], object], what: str, timeout: float = 90.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
+    pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
 
 
-def _config(data: Path, max_failures: int) -> ExperimentConfig:
-    return ExperimentConfig.model_validate(
-        {
-            "data": {"root": str(data), "image_size": 32},
-            "model": {"weights": "none"},
-            "train": {"epochs": 4, "batch_size": 8, "amp": "off", "seed": 3},
-            "cv": {"folds": 2},
-            "scaling": {"max_failures": max_failures},
-        }
-    )
+def _alive_nodes(ray) -> list[dict]:
+    return [node for node in ray.nodes() if node["Alive"]]
 
 
-def test_killed_worker_resumes_from_its_checkpoint_and_matches_a_clean_run(
-    ray_session, tmp_path: Path
-):
-    data = write_image_folder(tmp_path / "data", {"neg": 24, "pos": 24}, size=32)
-    cfg = _config(data, max_failures=1)
-    prepared = prepare_data(cfg, scan_source(cfg.data))
-    layout = plan_workers(cfg.scaling)
-    clean = cross_validate(cfg, prepared.plan, layout, tmp_path / "clean", "run")
-
-    outcome: dict[str, object] = {}
-
-    def faulty_run() -> None:
+@pytest.fixture(scope="module")
+def second_node(ray_session):
+    """Join a 2-CPU node to the session's Ray (`ray start --block`); yields the GCS address."""
+    ray = ray_session
+    address = ray.get_runtime_context().gcs_address
+    before = len(_alive_nodes(ray))
+    # `ray start` records its cluster here, and a later plain `ray.init()` on this host would
+    # try to join that (by then dead) cluster: put the file back as it was afterwards.
+    address_file = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    previous = address_file.read_text() if address_file.is_file() else None
+    command = [str(Path(sys.executable).with_name("ray")), "start", "--block"]
+    command += ["--address", address, "--num-cpus", "2", "--num-gpus", "0"]
+    node = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: len(_alive_nodes(ray)) == before + 1, "the second node", 60)
+        yield address
+    finally:
+        # SIGINT: `ray start --block` exits through its clean-up, which stops the node's
+        # processes gracefully, so the head marks the node dead at once.
+        node.send_signal(signal.SIGINT)
         try:
-            outcome["result"] = cross_validate(cfg, prepared.plan, layout, tmp_path / "f", "run")
-        except Exception as exc:  # surfaced by the assertions below
-            outcome["error"] = exc
+            node.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            node.kill()
+        if previous is None:
+            address_file.unlink(missing_ok=True)
+        else:
+            address_file.write_text(previous)
+        _wait_for(lambda: len(_alive_nodes(ray)) == before, "the second node to leave", 60)
 
-    thread = threading.Thread(target=faulty_run)
-    thread.start()
-    first = _wait_for(_train_workers, "the Train worker to start")
-    _wait_for(lambda: list((tmp_path / "f").rglob("state.pt")), "the epoch-1 checkpoint")
-    [victim] = first.values()
-    os.kill(victim, signal.SIGKILL)  # mid-run: after epoch 1's checkpoint, before the end
-    replacement = _wait_for(
-        lambda: {k: v for k, v in _train_workers().items() if k not in first},
-        "a replacement worker",
+
+def _train_workers(alive_only: bool = True) -> dict[str, tuple[int, str]]:
+    """Ray Train worker actors: actor id -> (process id, node id)."""
+    from ray.util.state import list_actors
+
+    filters = [("class_name", "=", "RayTrainWorker")]
+    if alive_only:
+        filters.append(("state", "=", "ALIVE"))
+    actors = list_actors(filters=filters, limit=10_000, raise_on_missing_output=False)
+    return {a.actor_id: (a.pid, a.node_id) for a in actors}
+
+
+def _kill_a_worker() -> dict[str, tuple[int, str]]:
+    """SIGKILL one worker of the running 2-worker fit; returns that fit's workers."""
+    group = _wait_for(lambda: (w := _train_workers()) and len(w) == 2 and w, "2 live workers")
+    os.kill(next(iter(group.values()))[0], signal.SIGKILL)
+    return group
+
+
+def _await_replacements(group: dict[str, tuple[int, str]]) -> None:
+    _wait_for(
+        lambda: len([a for a in _train_workers() if a not in group]) == 2,
+        "Ray Train to start a replacement worker group",
     )
-    thread.join(timeout=180)
-    assert not thread.is_alive()
-    assert "error" not in outcome, outcome.get("error")
-    assert victim not in replacement.values()
-
-    resumed = outcome["result"]
-    assert [f.stop_epoch for f in resumed.folds] == [4, 4]
-    assert resumed.fold_aucs == pytest.approx(clean.fold_aucs, abs=1e-6)
-    for ours, theirs in zip(resumed.folds, clean.folds, strict=True):
-        losses = [r["train_loss"] for r in ours.history]
-        assert losses == pytest.approx([r["train_loss"] for r in theirs.history], rel=1e-4)
 
 
-def test_search_survives_a_killed_trial_and_a_killed_driver(ray_session, tmp_path: Path):
-    """Trial 1 finishes; trial 2's worker is killed (no retries: the trial errors); the
-    driver is SIGKILLed during trial 3; --resume keeps 1 and 2 and finishes 3."""
-    data = write_image_folder(tmp_path / "data", {"neg": 12, "pos": 12}, size=16)
+def test_search_on_two_nodes_survives_killed_workers_and_a_killed_driver(
+    second_node: str, ray_session, tmp_path: Path
+):
+    """T1 runs clean. T2's worker is killed once: the fit resumes and equals T1. T3's
+    workers are killed past `max_failures: 1`: errored, the search goes on. The driver is
+    SIGKILLed during T4: --resume keeps T1-T3, continues T4 from its checkpoint (equal to
+    T1 again), refits, and `trials.csv` has each trial once."""
+    data = write_image_folder(tmp_path / "data", {"neg": 16, "pos": 16}, size=32)
     space = _search_space(tmp_path, data)
-    address = ray_session.get_runtime_context().gcs_address
-    argv = ["--space", str(space), "--storage", str(tmp_path / "runs"), "--name", "exp"]
+    storage = tmp_path / "shared-storage"
+    argv = ["--space", str(space), "--storage", str(storage), "--name", "exp"]
+    earlier = set(_train_workers(alive_only=False))
     driver = subprocess.Popen(
-        [sys.executable, "-m", "distmed.tune", *argv, "--address", address],
+        [sys.executable, "-m", "distmed.tune", *argv, "--address", second_node],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -117,49 +127,86 @@ def test_search_survives_a_killed_trial_and_a_killed_driver(ray_session, tmp_pat
     )
     lines: list[str] = []
     try:
-        first = _read_until(driver, lines, r"trial (\S+) completed: CV ROC-AUC (\S+)")
-        second = _read_until(driver, lines, r"trial (\S+) epoch 1:")
-        [victim] = _wait_for(_train_workers, "trial 2's worker").values()
-        os.kill(victim, signal.SIGKILL)
-        _read_until(driver, lines, rf"trial {second[1]} errored")
-        third = _read_until(driver, lines, r"trial (\S+) epoch 1:")
-        assert len({first[1], second[1], third[1]}) == 3
+        clean = _read_until(driver, lines, r"trial (\S+) completed: CV ROC-AUC (\S+)")[1]
+        resumed = _read_until(driver, lines, r"trial (\S+) epoch 1:")[1]
+        _await_replacements(_kill_a_worker())
+        _read_until(driver, lines, rf"trial {resumed} completed")
+        errored = _read_until(driver, lines, r"trial (\S+) epoch 1:")[1]
+        _await_replacements(_kill_a_worker())
+        # Once the retry trains (a death while a group starts is retried apart, not
+        # counted), it dies too: past max_failures, the trial errors.
+        _read_until(driver, lines, rf"trial {errored} epoch 2:")
+        _kill_a_worker()
+        _read_until(driver, lines, rf"trial {errored} errored")
+        interrupted = _read_until(driver, lines, r"trial (\S+) epoch 1:")[1]
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
         driver.kill()
         driver.stdout.close()
+    assert len({clean, resumed, errored, interrupted}) == 4
 
     started = time.monotonic()
-    assert tune.main([*argv, "--resume"]) == 0
-    resume_s = time.monotonic() - started
-    rows = {r["trial_id"]: r for r in _read_csv(tmp_path / "runs" / "exp" / "trials.csv")}
-    assert sorted(rows) == sorted([first[1], second[1], third[1]])  # each trial once
-    assert rows[first[1]]["status"] == "completed"
-    assert float(rows[first[1]]["cv_roc_auc"]) == pytest.approx(float(first[2]), abs=1e-4)
-    assert rows[second[1]]["status"] == "errored" and rows[second[1]]["error"]
-    assert rows[third[1]]["status"] == "completed"
-    summary = json.loads((tmp_path / "runs" / "exp" / "summary.json").read_text())
+    assert tune.main([*argv, "--address", second_node, "--resume"]) == 0
+    print(f"resume took {time.monotonic() - started:.1f} s")
+    out = storage / "exp"
+    rows = {r["trial_id"]: r for r in _read_csv(out / "trials.csv")}
+    assert sorted(rows) == sorted([clean, resumed, errored, interrupted])  # each trial once
+    statuses = {t: rows[t]["status"] for t in (clean, resumed, errored, interrupted)}
+    assert statuses == {
+        clean: "completed",
+        resumed: "completed",
+        errored: "errored",
+        interrupted: "completed",
+    }
+    assert rows[errored]["error"]
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["trials_by_status"]["errored"] == 1
-    assert summary["trials_by_status"]["completed"] == 2
-    print(f"resume took {resume_s:.1f} s")
+    assert summary["trials_by_status"]["completed"] == 3
+    assert (out / "best_model.pt").is_file()
+
+    # The resumed trials are the clean run: same fold AUCs and per-epoch losses.
+    reference = _fold_histories(out, clean)
+    for trial in (resumed, interrupted):
+        assert int(rows[trial]["epochs"]) == EPOCHS
+        for name in ("fold0_roc_auc", "fold1_roc_auc"):
+            assert float(rows[trial][name]) == pytest.approx(float(rows[clean][name]), abs=1e-6)
+        for ours, theirs in zip(_fold_histories(out, trial), reference, strict=True):
+            assert [e["train_loss"] for e in ours] == pytest.approx(
+                [e["train_loss"] for e in theirs], rel=1e-4
+            )
+
+    # Every fit ran one worker per node: T1, T2 twice, T3 twice, T4 twice, the refit.
+    placed = Counter(
+        n for a, (_, n) in _train_workers(alive_only=False).items() if a not in earlier
+    )
+    alive = {node["NodeID"] for node in _alive_nodes(ray_session)}
+    assert set(placed) == alive and list(placed.values()) == [8, 8], placed
+    assert (out / "refit" / f"refit-{summary['best_trial']}").is_dir()
 
 
 def _search_space(tmp_path: Path, data: Path) -> Path:
     spec = {
         "base": {
-            "data": {"root": str(data), "image_size": 16},
+            "data": {"root": str(data), "image_size": 32},
             "model": {"weights": "none"},
-            "train": {"epochs": 2, "batch_size": 8, "amp": "off"},
+            "train": {"epochs": EPOCHS, "batch_size": 8, "amp": "off", "seed": 3},
             "cv": {"folds": 2},
-            "scaling": {"max_failures": 0},  # a killed worker ends its trial
+            # Two workers of 1.2 CPUs: one per 2-CPU node, so every fit spans both nodes.
+            "scaling": {"num_workers": 2, "cpus_per_worker": 1.2, "max_failures": 1},
         },
-        "search": {"num_samples": 3, "max_concurrent": 1, "seed": 0, "scheduler": {"type": "none"}},
-        "space": {"optim.lr": {"loguniform": [1.0e-3, 1.0e-2]}},
+        # One configuration: every trial is the same run, so the first one is the reference.
+        "search": {"num_samples": 4, "max_concurrent": 1, "seed": 0, "scheduler": {"type": "none"}},
+        "space": {"optim.lr": {"choice": [0.003]}},
     }
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def _fold_histories(out: Path, trial: str) -> list[list[dict]]:
+    detail = json.loads((out / "trials" / f"cv-{trial}" / "cv_detail.json").read_text())
+    return [fold["history"] for fold in detail["folds"]]
 
 
 def _read_until(process: subprocess.Popen, lines: list[str], pattern: str) -> re.Match:

@@ -342,3 +342,15 @@ def test_gradcam_uses_a_spatially_resolved_stage_at_small_sizes():
     maps = gradcam_maps(model, images, [0, 1])
     assert maps.shape == (2, 32, 32)
     assert (maps.reshape(2, -1).std(axis=1) > 0.01).all()  # layer4 (1x1 here) would be flat
+
+
+def test_gradcam_works_on_a_model_whose_cam_stage_is_frozen():
+    from distmed.gradcam import gradcam_maps
+
+    torch.manual_seed(0)
+    cfg = ExperimentConfig().model.model_copy(update={"weights": "none", "unfreeze": 1})
+    model = build_model(cfg, 2)  # only layer4 and the head train; layer2 (the CAM) is frozen
+    assert not any(p.requires_grad for p in model.layer2.parameters())
+    images = np.random.default_rng(0).integers(0, 255, (2, 1, 32, 32), dtype=np.uint8)
+    maps = gradcam_maps(model, images, [0, 1])
+    assert maps.shape == (2, 32, 32) and (maps.reshape(2, -1).std(axis=1) > 0.01).all()

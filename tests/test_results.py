@@ -385,6 +385,18 @@ def test_collect_rows_status_mapping_and_values():
     assert best_row(list(rows.values())).trial_id == "a_00000"
 
 
+def test_collect_rows_resumed_trial_counts_its_epochs_not_tunes_iterations():
+    # A trial resumed after the driver was killed: Tune's iteration count restarted at its
+    # checkpoint (epoch 1), the worker reports the true epoch.
+    resumed = metrics("r_00000", [0.8, 0.9], complete=True, iteration=3)
+    resumed["epoch"] = 4
+    error = RuntimeError("\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1) died")
+    grid = [FakeResult(resumed, {}), FakeResult({"trial_id": "r_00001"}, {}, error=error)]
+    done, errored = collect_rows(grid, KEYS)
+    assert done.epochs_reported == 4
+    assert errored.error == "RuntimeError: ray::ImplicitFunc.train() (pid=1) died"
+
+
 def test_collect_rows_in_trial_order():
     assert [r.trial_id for r in collect_rows(fake_grid(), KEYS)] == [
         "a_00000",
