@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision import models
 
 from distmed.config import RESNET_STAGES, ModelConfig
 from distmed.errors import UserError
@@ -22,9 +21,18 @@ from distmed.errors import UserError
 log = logging.getLogger(__name__)
 
 
+def _torchvision_models():
+    # Imported on first use: every Ray process that unpickles the training function imports
+    # this module (trial, controller and worker actors), only the workers build models, and
+    # torchvision drags in torch._dynamo (~1.7 s of CPU per process on 2 cores).
+    from torchvision import models
+
+    return models
+
+
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """A ResNet with pretrained (or no) weights, a `num_classes` head and frozen stages."""
-    model = models.get_model(cfg.arch, weights=None)
+    model = _torchvision_models().get_model(cfg.arch, weights=None)
     load_backbone_weights(model, cfg)
     if cfg.stem == "small":
         use_small_stem(model)
@@ -49,7 +57,7 @@ def use_small_stem(model: nn.Module) -> None:
 
 def check_weights(cfg: ModelConfig) -> None:
     """Load the configured weights once, so a bad file fails before data work or Ray starts."""
-    load_backbone_weights(models.get_model(cfg.arch, weights=None), cfg)
+    load_backbone_weights(_torchvision_models().get_model(cfg.arch, weights=None), cfg)
 
 
 def build_head(cfg: ModelConfig, in_features: int, num_classes: int) -> nn.Module:
@@ -83,7 +91,7 @@ def load_backbone_weights(model: nn.Module, cfg: ModelConfig) -> None:
 
 
 def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
-    weights = models.get_model_weights(arch).DEFAULT
+    weights = _torchvision_models().get_model_weights(arch).DEFAULT
     try:
         # torchvision downloads once into its own cache (TORCH_HOME) and checks the hash.
         return weights.get_state_dict(progress=False, check_hash=True)

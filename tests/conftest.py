@@ -10,11 +10,14 @@ import pytest
 from PIL import Image
 
 # Before Ray or distmed start: fast health checks, fail fast on unschedulable workers,
-# no W&B network, and a decoded-image cache private to this test session.
+# no preemption watcher, no W&B network, and a decoded-image cache private to this test session.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# No node is ever preempted here, and the watcher is one more actor process (Python + Ray
+# imports, ~2.5 s of CPU) for every Ray Train fit on a 2-core machine.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
