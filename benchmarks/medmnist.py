@@ -176,7 +176,7 @@ def load_run(workdir: Path, dataset: str, method: str) -> dict[str, Any]:
         "dataset": dataset,
         "method": method,
         "run_dir": str(out),
-        "trials": sorted(trials, key=lambda t: start_order(out, t["trial_id"])),
+        "trials": trials,  # trials.csv lists them in start order
         "best_cv_roc_auc": summary["best_cv_roc_auc"],
         "best_cv_roc_auc_std": summary.get("best_cv_roc_auc_std"),
         "best_config": summary["best_config"],
@@ -185,12 +185,6 @@ def load_run(workdir: Path, dataset: str, method: str) -> dict[str, Any]:
         "test_metrics": summary.get("test_metrics"),
         "test_ci95": bootstrap_intervals(out),
     }
-
-
-def start_order(out: Path, trial_id: str) -> int:
-    """The trial's start position: trials.csv is sorted by id, Tune numbers its folders."""
-    [folder] = out.glob(f"run_trial_{trial_id}_*")
-    return int(folder.name.split("_")[3])
 
 
 def bootstrap_intervals(out: Path) -> dict[str, list[float]] | None:

@@ -225,14 +225,11 @@ def choose_threshold(run: RunData, target_sensitivity: float | None) -> dict[str
 
 
 def search_section(run: RunData, figures: Path) -> str:
-    summary, trials = run.summary, run.trials
-    started = start_order(run.run_dir, [t["trial_id"] for t in trials])
-    if started is not None:
-        trials = [trials[i] for i in started]
+    summary, trials = run.summary, run.trials  # trials.csv lists them in start order
     aucs = [_float(t["cv_roc_auc"]) for t in trials]
     statuses = [t["status"] for t in trials]
     best = next(i for i, t in enumerate(trials) if t["trial_id"] == summary["best_trial"])
-    x_label = "trial (in order started)" if started is not None else "trial (by id)"
+    x_label = "trial (in order started)"
     data = summary.get("data", {})
     counts = summary.get("trials_by_status", {})
     parts = [
@@ -278,23 +275,6 @@ def search_section(run: RunData, figures: Path) -> str:
         )
     )
     return "\n".join(parts)
-
-
-def start_order(run_dir: Path, trial_ids: list[str]) -> list[int] | None:
-    """Positions of `trial_ids` in the order Tune created them, or None when unknown.
-
-    trials.csv is sorted by id, and ids are random; Tune's own trial folders
-    (`<trainable>_<id>_<number>_<params>_<time>`, local storage only) carry the number.
-    """
-    number = {}
-    for folder in run_dir.glob("*_*_*"):
-        parts = folder.name.split("_")
-        for i, part in enumerate(parts[:-1]):
-            if part in trial_ids and parts[i + 1].isdigit():
-                number[part] = int(parts[i + 1])
-    if set(number) != set(trial_ids):
-        return None
-    return sorted(range(len(trial_ids)), key=lambda i: number[trial_ids[i]])
 
 
 def training_section(run: RunData, figures: Path) -> str:

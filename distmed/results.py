@@ -40,10 +40,24 @@ class TrialRow:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# Tune names a trial's folder <trainable>_<trial id>_<n>_<params>_<date>: the ids are random
+# hex, n counts the trials from 1 in creation order (a resumed search keeps its folders).
+_TRIAL_FOLDER = re.compile(r"_([0-9a-f]{8})_(\d+)_")
+
+
+def _trial_identity(result) -> tuple[str, float]:
+    """(trial id, creation position) from the trial's metrics and folder name."""
+    name = Path(result.path).name
+    match = _TRIAL_FOLDER.search(name)
+    trial_id = (result.metrics or {}).get("trial_id") or (match[1] if match else name)
+    return str(trial_id), int(match[2]) if match else math.inf
+
+
 def collect_rows(result_grid, space_keys: list[str]) -> list[TrialRow]:
     """One `TrialRow` per Tune trial, in trial-creation order."""
-    rows = []
+    rows, positions = [], {}
     for result in result_grid:
+        trial_id, positions[trial_id] = _trial_identity(result)
         metrics = result.metrics or {}
         folds = sorted(
             int(k[len("fold") : -len("_roc_auc")])
@@ -65,7 +79,7 @@ def collect_rows(result_grid, space_keys: list[str]) -> list[TrialRow]:
             status = "stopped"
         rows.append(
             TrialRow(
-                trial_id=str(metrics.get("trial_id") or Path(result.path).name),
+                trial_id=trial_id,
                 params={k: result.config.get(k) for k in space_keys},
                 status=status,
                 cv_roc_auc=float(metrics.get("cv_roc_auc", math.nan)),
@@ -79,7 +93,7 @@ def collect_rows(result_grid, space_keys: list[str]) -> list[TrialRow]:
                 error=error,
             )
         )
-    return sorted(rows, key=lambda r: r.trial_id)
+    return sorted(rows, key=lambda r: (positions[r.trial_id], r.trial_id))
 
 
 def best_row(rows: list[TrialRow]) -> TrialRow | None:

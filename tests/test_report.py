@@ -325,13 +325,6 @@ def test_multiclass_test_section_has_per_class_and_macro_curves(tmp_path: Path):
     assert {p.stem for p in tmp_path.glob("*.png")} == {"roc", "confusion", "pr", "calib"}
 
 
-def test_start_order_comes_from_tunes_trial_folders(tmp_path: Path):
-    for name in ("run_trial_bb_2_lr=0.1_2026", "run_trial_aa_3_lr=0.2_2026", "run_trial_cc_1_x"):
-        (tmp_path / name).mkdir()
-    assert report.start_order(tmp_path, ["aa", "bb", "cc"]) == [2, 1, 0]
-    assert report.start_order(tmp_path, ["aa", "bb", "dd"]) is None  # unknown: keep id order
-
-
 def test_gradcam_uses_a_spatially_resolved_stage_at_small_sizes():
     from distmed.gradcam import cam_layer, gradcam_maps
 

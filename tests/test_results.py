@@ -406,6 +406,20 @@ def test_collect_rows_in_trial_order():
     ]
 
 
+def test_collect_rows_in_creation_order_not_id_order():
+    # Tune's trial ids are random hex; the folder's counter is the order trials were made in.
+    made = ["f3a1c9e2", "0b4e4ca7", "9d2e406d"]
+    grid = [
+        FakeResult(
+            metrics(trial_id, [0.8, 0.9], complete=True, iteration=2),
+            {},
+            path=f"/runs/exp/run_trial_{trial_id}_{n}_optim_lr=0.0012_2026-11-29_13-36-55",
+        )
+        for n, trial_id in reversed(list(enumerate(made, start=1)))
+    ]
+    assert [r.trial_id for r in collect_rows(grid, KEYS)] == made
+
+
 def test_collect_rows_folds_in_numeric_order():
     aucs = [0.5 + k / 100 for k in range(12)]  # fold10, fold11 must not sort before fold2
     grid = [FakeResult(metrics("b_00000", aucs, complete=True, iteration=12), {})]
@@ -426,6 +440,8 @@ def test_collect_rows_without_metrics_names_the_trial_from_its_path():
     ]
     (only,) = collect_rows(grid, KEYS)
     assert only.trial_id == "run_trial_c_00009"
+    named = FakeResult(None, {}, error=MemoryError(), path="/r/run_trial_0c9e4f1a_3_x=1_2026")
+    assert collect_rows([named], KEYS)[0].trial_id == "0c9e4f1a"
     assert only.status == "errored"
     assert only.error == "MemoryError: "
     assert only.epochs_reported == 0

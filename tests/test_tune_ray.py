@@ -59,8 +59,10 @@ def test_search_stops_poor_trials_writes_results_and_hides_the_key(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_AWS_SECRET)
     data = _split_folder(tmp_path / "data")
     search = {
-        "num_samples": 4,
-        "seed": 3,
+        # Seed 0's first two configs score 1.0 and 0.76 after epoch 1 (mean of both folds'
+        # ROC-AUC): the second is below the rung's median (the first), so ASHA stops it.
+        "num_samples": 2,
+        "seed": 0,
         "max_concurrent": 1,  # sequential: each trial meets the rungs of the ones before
         "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
     }
@@ -73,21 +75,18 @@ def test_search_stops_poor_trials_writes_results_and_hides_the_key(
     out = tmp_path / "runs" / "exp"
     with (out / "trials.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 4 and {r["status"] for r in rows} <= {"completed", "stopped"}
-    stopped = [r for r in rows if r["status"] == "stopped"]
-    assert stopped, rows
-    assert all(int(r["epochs"]) < 2 for r in stopped)
+    assert [r["status"] for r in rows] == ["completed", "stopped"], rows  # in start order
+    assert int(rows[1]["epochs"]) == 1  # stopped at rung 1
     assert all(0.0 <= float(r["fold0_roc_auc"]) <= 1.0 for r in rows)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["num_trials"] == 4
+    assert summary["num_trials"] == 2
     assert summary["trials_by_status"] == {
-        "completed": 4 - len(stopped),
-        "stopped": len(stopped),
+        "completed": 1,
+        "stopped": 1,
         "diverged": 0,
         "errored": 0,
     }
-    completed = [float(r["cv_roc_auc"]) for r in rows if r["status"] == "completed"]
-    assert summary["best_cv_roc_auc"] == max(completed)
+    assert summary["best_cv_roc_auc"] == float(rows[0]["cv_roc_auc"])  # the completed one
     assert 0.0 <= summary["test_metrics"]["roc_auc"] <= 1.0
     assert summary["test_metrics"]["num_samples"] == 16  # the test split, evaluated once
 
@@ -100,7 +99,7 @@ def test_search_stops_poor_trials_writes_results_and_hides_the_key(
 
     # W&B: one offline run per trial (stopped ones too), holding its per-epoch metrics.
     runs = [p for p in out.rglob("offline-run-*") if p.is_dir()]
-    assert len(runs) == 4, runs
+    assert len(runs) == 2, runs
     for run in runs:
         [log_file] = run.glob("*.wandb")
         assert b"cv_roc_auc" in log_file.read_bytes()
