@@ -468,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"target length of one Ray fold-epoch (default {RayBudget.epoch_seconds:g}); "
         "longer ones time more steps per fold-epoch for big cells",
     )
+    parser.add_argument(
+        "--loop-seconds",
+        type=float,
+        help=f"timed seconds per cell of each in-process loop (default "
+        f"{LoopBudget.cell_seconds:g}), in up to {LoopBudget.max_repeats} repeats",
+    )
     parser.add_argument("--name", help="result file name (default throughput[-quick])")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark process")
     parser.add_argument(
@@ -485,6 +491,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = QUICK_BUDGET if args.quick else FULL_BUDGET
     if args.ray_epoch_seconds is not None:
         budget = (budget[0], replace(budget[1], epoch_seconds=args.ray_epoch_seconds))
+    if args.loop_seconds is not None:
+        loop = replace(budget[0], cell_seconds=args.loop_seconds)
+        budget = (replace(loop, repeat_seconds=loop.cell_seconds / loop.max_repeats), budget[1])
     threads = args.threads or usable_cpus()
     name = args.name or ("throughput-quick" if args.quick else "throughput")
     payload: dict[str, Any] = {
