@@ -129,7 +129,7 @@ def test_search_on_two_nodes_survives_killed_workers_and_a_killed_driver(
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
 
-    started = time.monotonic()
+    started, resumed_from = time.monotonic(), len(lines)
     with _driver([*argv, "--resume"]) as driver:
         _read_until(driver, lines, rf"trial {resumed} completed")
         print(f"resume continued the killed trial to its end in {time.monotonic() - started:.1f} s")
@@ -143,6 +143,7 @@ def test_search_on_two_nodes_survives_killed_workers_and_a_killed_driver(
         lines += driver.stdout.readlines()
         assert driver.wait(timeout=120) == 0, "".join(lines[-40:])
     assert len({clean, resumed, errored}) == 3
+    assert not [line for line in lines[resumed_from:] if f"trial {clean} epoch" in line]
     assert "2 completed, 0 stopped early, 0 diverged, 1 errored" in "".join(lines[-40:])
 
     out = storage / "exp"
