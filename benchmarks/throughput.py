@@ -385,10 +385,10 @@ NOTES = (
     "of consecutive timed steps after one warm-up step, data loading included. Every path "
     "applies the default training augmentation (hflip, rotation up to 10 degrees): distmed in "
     "batch on tensors, ImageFolder per image in PIL. Peak RSS: the Ray worker holds both "
-    "folds' models and optimisers (folds train in "
-    "lockstep), the in-process loops one. others / steal: average cores that other processes "
-    "/ the hypervisor took while the path was timed (for Ray: over the whole CLI run, Ray's "
-    "own processes not counted); well above 0 means a disturbed number."
+    "folds' models and optimisers (folds train in lockstep), the in-process loops one. "
+    "others / steal: average cores that other processes / the hypervisor took while the path "
+    "was timed (for Ray: over the whole CLI run, Ray's own processes not counted); well above "
+    "0 means a disturbed number."
 )
 
 

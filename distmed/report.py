@@ -229,7 +229,6 @@ def search_section(run: RunData, figures: Path) -> str:
     aucs = [_float(t["cv_roc_auc"]) for t in trials]
     statuses = [t["status"] for t in trials]
     best = next(i for i, t in enumerate(trials) if t["trial_id"] == summary["best_trial"])
-    x_label = "trial (in order started)"
     data = summary.get("data", {})
     counts = summary.get("trials_by_status", {})
     parts = [
@@ -256,7 +255,9 @@ def search_section(run: RunData, figures: Path) -> str:
             ],
         ),
         _figure(
-            plots.plot_search_progress(aucs, statuses, figures / "search_progress.png", x_label)
+            plots.plot_search_progress(
+                aucs, statuses, figures / "search_progress.png", "trial (in order started)"
+            )
         ),
     ]
     if run.space_keys:

@@ -440,12 +440,13 @@ def test_collect_rows_without_metrics_names_the_trial_from_its_path():
     ]
     (only,) = collect_rows(grid, KEYS)
     assert only.trial_id == "run_trial_c_00009"
-    named = FakeResult(None, {}, error=MemoryError(), path="/r/run_trial_0c9e4f1a_3_x=1_2026")
-    assert collect_rows([named], KEYS)[0].trial_id == "0c9e4f1a"
     assert only.status == "errored"
     assert only.error == "MemoryError: "
     assert only.epochs_reported == 0
     assert math.isnan(only.cv_roc_auc) and math.isnan(only.time_s)
+    # A folder named the way Tune names them gives the short id, as the metrics would.
+    named = FakeResult(None, {}, error=MemoryError(), path="/r/run_trial_0c9e4f1a_3_x=1_2026")
+    assert collect_rows([named], KEYS)[0].trial_id == "0c9e4f1a"
 
 
 def test_collect_rows_feed_the_csv(tmp_path):
