@@ -13,7 +13,7 @@ import resource
 import statistics
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +32,8 @@ CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
 # Images kept in the val and test splits of a subset .npz: the format needs all three splits.
 SUBSET_VAL = 4
 SUBSET_TEST = 4
+# The Ray Train worker's command name as /proc shows it (truncated to 15 characters).
+TRAIN_WORKER = "ray::RayTrainWorker"[:15]
 
 
 # --------------------------------------------------------------------------- machine
@@ -171,23 +173,57 @@ class SessionCpu:
     process it starts joins (Ray's daemons and workers too); those are not our children, so
     `getrusage` never sees them. What a member uses after its last sample (Ray shutting
     down) is missed, and so counted as someone else's: the error errs towards "disturbed".
+
+    It also tells apart, in the sampling intervals where the Ray Train worker kept at least
+    one core busy (it was training), the CPU that every other process of the session took
+    meanwhile, the leader (the driver) included: on a 2-core machine that is CPU the
+    training threads do not get.
     """
 
-    def __init__(self, leader: int) -> None:
+    def __init__(self, leader: int, worker: str = TRAIN_WORKER) -> None:
         self.leader = leader
-        self.seen: dict[int, float] = {}
+        self.worker = worker
+        self.seen: dict[int, tuple[str, float]] = {}
         self.total = 0.0
+        self.last_wall: float | None = None
+        self.training_wall = 0.0
+        self.training_cpu: dict[str, float] = {}  # by command name, while the worker trained
 
     def sample(self) -> None:
-        now = _session_cpu_seconds(self.leader)
-        now.pop(self.leader, None)  # the leader is counted exactly once reaped (RUSAGE_CHILDREN)
-        for pid, seconds in now.items():
-            self.total += seconds - self.seen.get(pid, 0.0)
-        self.seen = now
+        wall, now = time.perf_counter(), _session_cpu_seconds(self.leader)
+        used = {
+            pid: (name, seconds - self.seen.get(pid, (name, 0.0))[1])
+            for pid, (name, seconds) in now.items()
+        }
+        # The leader is counted exactly once reaped (RUSAGE_CHILDREN), so not in `total`.
+        self.total += sum(cpu for pid, (_, cpu) in used.items() if pid != self.leader)
+        if self.last_wall is not None:
+            self._add_training(wall - self.last_wall, used.values())
+        self.last_wall, self.seen = wall, now
+
+    def _add_training(self, interval: float, used: Iterable[tuple[str, float]]) -> None:
+        used = list(used)
+        if sum(cpu for name, cpu in used if name == self.worker) < interval:
+            return  # starting, validating, checkpointing or done: not a training interval
+        self.training_wall += interval
+        for name, cpu in used:
+            self.training_cpu[name] = self.training_cpu.get(name, 0.0) + cpu
+
+    def training_summary(self, top: int = 6) -> dict[str, Any]:
+        """Cores used by the worker and by everything else of the session while it trained."""
+        wall = max(self.training_wall, 1e-9)
+        others = {n: s for n, s in self.training_cpu.items() if n != self.worker}
+        busiest = sorted(others.items(), key=lambda item: -item[1])[:top]
+        return {
+            "training_wall_s": round(self.training_wall, 1),
+            "worker_cores": round(self.training_cpu.get(self.worker, 0.0) / wall, 3),
+            "others_cores": round(sum(others.values()) / wall, 3),
+            "busiest_others": {name: round(s / wall, 3) for name, s in busiest},
+        }
 
 
-def _session_cpu_seconds(session: int) -> dict[int, float]:
-    """User + system seconds of every live process in `session`, by pid."""
+def _session_cpu_seconds(session: int) -> dict[int, tuple[str, float]]:
+    """(command name, user + system seconds) of every live process in `session`, by pid."""
     tick = os.sysconf("SC_CLK_TCK")
     found = {}
     for entry in os.scandir("/proc"):
@@ -197,11 +233,13 @@ def _session_cpu_seconds(session: int) -> dict[int, float]:
             text = Path(entry.path, "stat").read_text()
         except OSError:  # ended meanwhile
             continue
-        # Fields after "(command)", which may itself hold spaces: state, ppid, pgrp, session,
-        # ..., utime and stime at positions 11 and 12.
-        fields = text.rsplit(")", 1)[1].split()
+        # "pid (command) state ppid pgrp session ... utime stime ...": the command may itself
+        # hold spaces and parentheses, so split at its last ")".
+        head, tail = text.rsplit(")", 1)
+        fields = tail.split()
         if int(fields[3]) == session:
-            found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+            name = head.split("(", 1)[1]
+            found[int(entry.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)
     return found
 
 

@@ -3,6 +3,7 @@
     python -m benchmarks.medmnist                      # both parts (about 35 min on 2 cores)
     python -m benchmarks.medmnist --only search        # PneumoniaMNIST: TPE + ASHA vs random
     python -m benchmarks.medmnist --only quality       # the tuned BreastMNIST run
+    python -m benchmarks.medmnist --only quality --resume   # continue an interrupted one
 
 Search efficiency: on PneumoniaMNIST, `search_spaces/medmnist28.yaml` (TPE + ASHA) against
 random search with the same trial budget and seed (`search.algorithm=random`, no early
@@ -89,6 +90,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=Path(os.environ.get("TMPDIR", "/tmp")) / "distmed-bench",
         help="where the searches write their runs (outside the repository)",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue interrupted searches in --workdir (`distmed.tune --resume`) instead of "
+        "starting them again; finished trials are not rerun",
+    )
     return parser.parse_args(argv)
 
 
@@ -134,11 +141,13 @@ def run_search(dataset: str, method: str, args: argparse.Namespace) -> dict[str,
         str(storage),
         "--name",
         name,
+        *(["--resume"] if args.resume else []),
     ]
     print(f"[medmnist] {name}: {' '.join(command[2:])}", flush=True)
     log_path = args.workdir / f"{name}.log"
     start, started = CpuSnapshot.take(children=True), time.perf_counter()
-    with log_path.open("w") as log:
+    # A resumed search appends: the log then holds the interrupted part too.
+    with log_path.open("a" if args.resume else "w") as log:
         done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - started
     if done.returncode != 0:
@@ -148,6 +157,7 @@ def run_search(dataset: str, method: str, args: argparse.Namespace) -> dict[str,
     end = CpuSnapshot.take(children=True)
     run = load_run(args.workdir, dataset, method)
     run.update(
+        resumed=args.resume,  # then wall_s and machine_cpu_s cover only this part
         wall_s=round(wall, 1),
         machine_cpu_s=round(end.busy - start.busy, 1),
         disturbance=end.others_since(start),

@@ -51,6 +51,8 @@ from benchmarks.common import (
 from benchmarks.loops import LoopBudget
 
 PATHS = ("ray", "plain", "imagefolder")
+# The order they run in: the Ray run is sized from the plain loop's step time.
+RUN_ORDER = ("plain", "imagefolder", "ray")
 # Images in the pool that the in-process loops cycle through (they reshuffle per pass).
 LOOP_POOL = 1024
 FOLDS = 2
@@ -128,9 +130,18 @@ class Workspace:
 
 
 def run_cell(
-    cell: Cell, work: Workspace, budget: tuple[LoopBudget, RayBudget], paths: Sequence[str]
+    cell: Cell,
+    work: Workspace,
+    budget: tuple[LoopBudget, RayBudget],
+    paths: Sequence[str],
+    rounds: int = 1,
 ) -> dict[str, Any]:
-    """All selected paths of one cell, back to back, so their ratios share the conditions."""
+    """All selected paths of one cell, back to back, so their ratios share the conditions.
+
+    With `rounds` > 1 every path runs that many times, the order reversed every other round
+    (plain, ray, ray, plain, ...), so a drift of this shared machine during the cell falls
+    on both paths alike; each path's rate is then its median over the rounds.
+    """
     loop_budget, ray_budget = budget
     started = time.perf_counter()
     result: dict[str, Any] = {
@@ -138,16 +149,39 @@ def run_cell(
         **asdict(cell),
         "load_average_at_start": list(os.getloadavg()),
     }
-    if "plain" in paths:
-        result["plain"] = run_loop_process("plain", cell, work, loop_budget)
-    if "imagefolder" in paths:
-        result["imagefolder"] = run_loop_process("imagefolder", cell, work, loop_budget)
-    if "ray" in paths:
-        steps = ray_steps(cell, result.get("plain"), ray_budget, work.source)
-        result["ray"] = run_ray_cli(cell, work, steps)
+    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in RUN_ORDER if p in paths}
+    steps = None
+    for number in range(rounds):
+        for path in list(runs)[:: 1 if number % 2 == 0 else -1]:
+            if path != "ray":
+                runs[path].append(run_loop_process(path, cell, work, loop_budget))
+                continue
+            if steps is None:  # sized once, from the first plain run, so every round matches
+                plain = runs.get("plain", [None])[0]
+                steps = ray_steps(cell, plain, ray_budget, work.source)
+            runs[path].append(run_ray_cli(cell, work, steps))
+    result.update({path: combine_rounds(done) for path, done in runs.items()})
     result["ratios"] = ratios(result)
+    if rounds > 1:
+        result["round_ratios"] = [ratios({p: d[i] for p, d in runs.items()}) for i in range(rounds)]
     result["cell_wall_s"] = time.perf_counter() - started
     return result
+
+
+def combine_rounds(done: list[dict[str, Any]]) -> dict[str, Any]:
+    """One path's runs of a cell as one entry: the median rate, the worst disturbance."""
+    measured = [r for r in done if "images_per_s" in r]
+    if len(done) == 1 or not measured:
+        return done[0]
+    worst = {k: max(r[k] for r in measured) for k in ("other_cores", "steal_cores")}
+    return {
+        **measured[0],  # settings and counts, which every round shares
+        **worst,
+        "images_per_s": median([r["images_per_s"] for r in measured]),
+        "round_images_per_s": [r.get("images_per_s") for r in done],
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in measured),
+        "rounds": done,
+    }
 
 
 def run_loop_process(kind: str, cell: Cell, work: Workspace, budget: LoopBudget) -> dict[str, Any]:
@@ -221,6 +255,7 @@ def run_ray_cli(cell: Cell, work: Workspace, steps: int) -> dict[str, Any]:
         "cli_wall_s": outcome["wall_s"],
         "other_cores": outcome["other_cores"],
         "steal_cores": outcome["steal_cores"],
+        "while_training": outcome.get("while_training"),
         "command": " ".join(command[1:]),
     }
 
@@ -276,7 +311,10 @@ def run_logged(command: list[str], log: Path, timeout_s: float) -> dict[str, Any
     if returncode != 0:
         return {"error": f"exit status {returncode}; log tail:\n{log_tail(log)}"}
     after = CpuSnapshot.take()
-    return {"wall_s": after.wall - before.wall, **after.others_since(before, session.total)}
+    outcome = {"wall_s": after.wall - before.wall, **after.others_since(before, session.total)}
+    if session.training_wall:  # a Ray run: what Ray's other processes took while it trained
+        outcome["while_training"] = session.training_summary()
+    return outcome
 
 
 def _wait(process: subprocess.Popen, seconds: float) -> int | None:
@@ -374,6 +412,8 @@ def format_tables(payload: dict[str, Any]) -> str:
         "",
         NOTES,
     ]
+    if rounds := _rounds_table(cells):
+        parts += ["", rounds, "", ROUNDS_NOTES]
     if errors:
         parts += ["", "Failed:", *errors]
     return "\n".join(parts)
@@ -390,6 +430,47 @@ NOTES = (
     "was timed (for Ray: over the whole CLI run, Ray's own processes not counted); well above "
     "0 means a disturbed number."
 )
+
+
+ROUNDS_NOTES = (
+    "By round: each path's rate in every round (the order reversed every other round), the "
+    "Ray / plain ratio of each round, and the cores that Ray's other processes (the driver, "
+    "controller, helper actors, raylet, GCS, dashboard) used in the sampling intervals where "
+    "the Ray Train worker kept at least one core busy, with the busiest of them."
+)
+
+
+def _rounds_table(cells: Sequence[dict[str, Any]]) -> str | None:
+    rows = []
+    for c in cells:
+        if "round_ratios" not in c:
+            continue
+        by_round = [
+            ", ".join(fmt(rate) for rate in c.get(p, {}).get("round_images_per_s", []))
+            for p in ("ray", "plain")
+        ]
+        ray_over_plain = ", ".join(fmt(r.get("ray_over_plain"), 2) for r in c["round_ratios"])
+        rows.append([c["cell"], *by_round, ray_over_plain, _background(c.get("ray", {}))])
+    if not rows:
+        return None
+    headers = (
+        "cell",
+        "Ray img/s by round",
+        "plain img/s by round",
+        "Ray / plain by round",
+        "Ray's other processes while training: cores (busiest)",
+    )
+    return markdown_table(headers, rows)
+
+
+def _background(ray: dict[str, Any]) -> str:
+    runs = ray.get("rounds", [ray])
+    seen = [r["while_training"] for r in runs if r.get("while_training")]
+    if not seen:
+        return "-"
+    cores = ", ".join(f"{s['others_cores']:.2f}" for s in seen)
+    busiest = max(seen[0]["busiest_others"].items(), key=lambda item: item[1], default=None)
+    return cores + (f" ({busiest[0]} {busiest[1]:.2f})" if busiest else "")
 
 
 def _precision(cell: dict[str, Any]) -> str:
@@ -413,12 +494,13 @@ def _count(cell: dict[str, Any], path: str) -> str:
     if not entry or "error" in entry:
         return "-"
     others = f"; others {entry['other_cores']:.2f} cores, steal {entry['steal_cores']:.2f}"
+    rounds = f" x {len(entry['rounds'])} rounds" if "rounds" in entry else ""
     if path == "ray":
         return (
             f"{entry['steps_per_fold_epoch']} steps x {entry['measured_fold_epochs']} "
-            f"fold-epochs (pool {entry['pool_images']}){others}"
+            f"fold-epochs{rounds} (pool {entry['pool_images']}){others}"
         )
-    return f"{entry['steps_per_repeat']} steps x {entry['repeats']} repeats{others}"
+    return f"{entry['steps_per_repeat']} steps x {entry['repeats']} repeats{rounds}{others}"
 
 
 # --------------------------------------------------------------------------- entry point
@@ -474,6 +556,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"timed seconds per cell of each in-process loop (default "
         f"{LoopBudget.cell_seconds:g}), in up to {LoopBudget.max_repeats} repeats",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="runs of every path per cell, in alternating order; rates are medians over them",
+    )
     parser.add_argument("--name", help="result file name (default throughput[-quick])")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark process")
     parser.add_argument(
@@ -494,6 +582,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.loop_seconds is not None:
         loop = replace(budget[0], cell_seconds=args.loop_seconds)
         budget = (replace(loop, repeat_seconds=loop.cell_seconds / loop.max_repeats), budget[1])
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: give 1 or more")
     threads = args.threads or usable_cpus()
     name = args.name or ("throughput-quick" if args.quick else "throughput")
     payload: dict[str, Any] = {
@@ -509,6 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ray_folds": FOLDS,
             "ray_epochs": EPOCHS,
             "quick": args.quick,
+            "rounds": args.rounds,
         },
         "cells": [],
     }
@@ -518,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Workspace.create(tmp, args.source, threads, args.timeout)
         for number, cell in enumerate(cells, 1):
             print(f"[{number}/{len(cells)}] {cell.id} ...", flush=True)
-            payload["cells"].append(run_cell(cell, work, budget, paths))
+            payload["cells"].append(run_cell(cell, work, budget, paths, args.rounds))
             print(_progress(payload["cells"][-1], time.perf_counter() - started), flush=True)
             write_result(name, payload)  # after every cell: a killed run keeps what it measured
     finally:

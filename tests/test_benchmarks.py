@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 
+from benchmarks import throughput
+from benchmarks.common import TRAIN_WORKER, SessionCpu
 from benchmarks.medmnist import best_so_far, merged, search_stats
 from benchmarks.throughput import ratios, summarise_cv_result
 
@@ -57,3 +60,55 @@ def test_ray_rate_leaves_out_the_first_fold_epoch_and_ratios_use_one_cell():
     got = ratios(cell)
     assert got["distmed_over_imagefolder"] == pytest.approx(2.0)
     assert got["ray_overhead"] == pytest.approx(0.2)
+
+
+def test_rounds_alternate_the_order_and_report_medians(monkeypatch, tmp_path):
+    calls = []
+    rates = {"plain": iter([50.0, 40.0, 60.0]), "ray": iter([45.0, 30.0, 44.0])}
+
+    def fake_loop(kind, cell, work, budget):
+        calls.append(kind)
+        return {
+            "images_per_s": next(rates[kind]),
+            "other_cores": 0.01,
+            "steal_cores": 0.0,
+            "peak_rss_mib": 100.0,
+        }
+
+    def fake_ray(cell, work, steps):
+        calls.append(("ray", steps))
+        return {
+            "images_per_s": next(rates["ray"]),
+            "other_cores": 0.0,
+            "steal_cores": 0.2,
+            "peak_rss_mib": 300.0,
+        }
+
+    monkeypatch.setattr(throughput, "run_loop_process", fake_loop)
+    monkeypatch.setattr(throughput, "run_ray_cli", fake_ray)
+    monkeypatch.setattr(throughput, "ray_steps", lambda cell, plain, budget, source: 7)
+    cell = throughput.Cell("resnet18", 64, 32)
+    work = SimpleNamespace(source=tmp_path / "unused.npz")
+    result = throughput.run_cell(cell, work, throughput.FULL_BUDGET, ["ray", "plain"], rounds=3)
+    # Plain first (it sizes the Ray run), then the order flips every round.
+    assert calls == ["plain", ("ray", 7), ("ray", 7), "plain", "plain", ("ray", 7)]
+    assert result["plain"]["images_per_s"] == 50.0
+    assert result["ray"]["images_per_s"] == 44.0
+    assert result["ray"]["round_images_per_s"] == [45.0, 30.0, 44.0]
+    assert result["ray"]["steal_cores"] == 0.2
+    assert result["ratios"]["ray_over_plain"] == pytest.approx(44.0 / 50.0)
+    per_round = [r["ray_over_plain"] for r in result["round_ratios"]]
+    assert per_round == pytest.approx([0.9, 0.75, 44.0 / 60.0])
+
+
+def test_background_cpu_counts_only_intervals_where_the_worker_trains():
+    session = SessionCpu(leader=1)
+    worker = TRAIN_WORKER
+    session._add_training(1.0, [(worker, 1.8), ("raylet", 0.05), ("python", 0.1)])
+    session._add_training(2.0, [(worker, 0.4), ("raylet", 1.0)])  # start-up: not training
+    session._add_training(1.0, [(worker, 1.9), ("raylet", 0.03)])
+    summary = session.training_summary()
+    assert summary["training_wall_s"] == 2.0
+    assert summary["worker_cores"] == pytest.approx(1.85)
+    assert summary["others_cores"] == pytest.approx(0.09)
+    assert list(summary["busiest_others"]) == ["python", "raylet"]
