@@ -9,7 +9,13 @@ import pytest
 
 from benchmarks import throughput
 from benchmarks.common import TRAIN_WORKER, SessionCpu
-from benchmarks.medmnist import best_so_far, merged, search_stats
+from benchmarks.medmnist import (
+    best_so_far,
+    mark_selected_by_cv,
+    merged,
+    search_stats,
+    with_small_stem,
+)
 from benchmarks.throughput import ratios, summarise_cv_result
 
 
@@ -112,3 +118,35 @@ def test_background_cpu_counts_only_intervals_where_the_worker_trains():
     assert summary["worker_cores"] == pytest.approx(1.85)
     assert summary["others_cores"] == pytest.approx(0.09)
     assert list(summary["busiest_others"]) == ["python", "raylet"]
+
+
+def test_small_stem_run_fixes_the_best_config_and_changes_only_the_stem():
+    spec = {
+        "base": {
+            "model": {"arch": "resnet18", "stem": "imagenet", "unfreeze": 5},
+            "optim": {"name": "adamw", "lr": 1e-3},
+            "train": {"batch_size": 32, "epochs": 30},
+        },
+        "search": {"num_samples": 6, "scheduler": {"type": "asha", "grace_period": 5}},
+        "space": {"optim.lr": {"loguniform": [3e-4, 3e-2]}, "train.batch_size": {"choice": [16]}},
+    }
+    best = {"optim": {"name": "adamw", "lr": 5e-4}, "train": {"batch_size": 16, "epochs": 30}}
+    out = with_small_stem(spec, best)
+    assert out["base"]["optim"]["lr"] == 5e-4 and out["base"]["train"]["batch_size"] == 16
+    assert out["base"]["model"] == {"arch": "resnet18", "stem": "small", "unfreeze": 5}
+    assert out["space"] == {"model.stem": {"choice": ["small"]}}
+    assert out["search"] == {"num_samples": 1, "scheduler": {"type": "none"}}
+    assert spec["base"]["model"]["stem"] == "imagenet"  # the search's own spec is untouched
+
+
+def test_quality_selects_by_cv_not_by_test():
+    rows = {
+        "breast/a": {"dataset": "breast", "best_cv_roc_auc": 0.88, "test_roc_auc": 0.87},
+        "breast/b": {"dataset": "breast", "best_cv_roc_auc": 0.86, "test_roc_auc": 0.93},
+        "pneumonia/a": {"dataset": "pneumonia", "best_cv_roc_auc": 0.99, "test_roc_auc": 0.95},
+    }
+    mark_selected_by_cv(rows)
+    assert [key for key, row in rows.items() if row["selected_by_cv"]] == [
+        "breast/a",
+        "pneumonia/a",
+    ]
