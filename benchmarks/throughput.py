@@ -8,6 +8,8 @@ For each cell (ResNet, image size, batch) three paths run back to back on the sa
   imagefolder  ImageFolder + PIL + transforms every epoch, fp32, NCHW, on PNGs of the same data.
 Run from the repository root, one Ray cluster per host (hence the lock):
   flock /tmp/distmed-ray.lock .venv/bin/python -m benchmarks.throughput [--quick] [--only ...]
+`--rounds N` runs every path N times per cell in alternating order (medians over the rounds):
+on a shared VM whose speed drifts between runs, that is what a Ray-vs-plain ratio needs.
 Writes benchmarks/results/throughput.json (after every cell) and prints markdown tables.
 """
 
