@@ -1,6 +1,6 @@
 """Search efficiency and quality on real MedMNIST data, through the real `distmed.tune` CLI.
 
-    python -m benchmarks.medmnist                      # both parts (about 35 min on 2 cores)
+    python -m benchmarks.medmnist                      # all parts (~2.2 h on 2 cores)
     python -m benchmarks.medmnist --only search        # PneumoniaMNIST: TPE + ASHA vs random
     python -m benchmarks.medmnist --only quality       # the tuned BreastMNIST run
     python -m benchmarks.medmnist --only quality --resume   # continue an interrupted one
