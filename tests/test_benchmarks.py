@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks import throughput
+from benchmarks import hosting, throughput
 from benchmarks.common import TRAIN_WORKER, SessionCpu
 from benchmarks.medmnist import (
     best_so_far,
@@ -150,3 +150,23 @@ def test_quality_selects_by_cv_not_by_test():
         "breast/a",
         "pneumonia/a",
     ]
+
+
+def test_hosting_compares_each_host_by_its_median_round_without_the_warmup_fold_epoch():
+    def run(*rates: float, niceness: int = 0) -> dict:
+        return {"fold_epoch_images_per_s": list(rates), "niceness": niceness, "peak_rss_mib": 1.0}
+
+    runs = {
+        "process": [run(5.0, 90.0, 100.0, 80.0), run(7.0, 80.0, 80.0, 80.0)],
+        "ray-train": [run(1.0, 70.0, 72.0, 74.0, niceness=15), run(2.0, 60.0, 64.0, 68.0)],
+    }
+    rows = {row["host"]: row for row in hosting.summarise(runs)}
+    assert rows["process"]["round_images_per_s"] == [90.0, 80.0]  # the first is warm-up
+    assert rows["process"]["images_per_s"] == 85.0
+    assert rows["ray-train"]["images_per_s"] == 68.0
+    assert rows["ray-train"]["vs_process"] == pytest.approx(68.0 / 85.0)
+    assert rows["ray-train"]["niceness"] == 15
+    assert hosting.round_order(hosting.HOSTS, 0) == list(hosting.HOSTS)
+    assert hosting.round_order(hosting.HOSTS, 1) == list(reversed(hosting.HOSTS))
+    with pytest.raises(ValueError, match="warm-up"):
+        hosting.host_rate([50.0])

@@ -1,0 +1,328 @@
+"""The same training code in three kinds of process: a plain one, a Ray actor, a Ray Train worker.
+
+The throughput benchmark measured distmed's Ray Train path 10-33% below the plain loop at
+most cells on an AVX-512 BF16 host. This benchmark holds the code fixed, distmed's own
+`train_one_epoch` and `evaluate` over two folds in lockstep, as `distmed.worker.train_folds`
+runs them, and changes only where it runs:
+  process    a plain Python process, no Ray
+  ray-actor  a Ray actor holding the CPUs, on a local cluster started as distmed starts one
+  ray-train  the one worker of a Ray Train `TorchTrainer` (the process `distmed.train` trains in)
+Every host runs in a process of its own, their order reversed every other round. A host's
+rate is the median of its fold-epochs' images/s after the first (warm-up) fold-epoch.
+Run from the repository root, one Ray cluster per host (hence the lock):
+  flock /tmp/distmed-ray.lock .venv/bin/python -m benchmarks.hosting [--rounds 2]
+Writes benchmarks/results/hosting.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import (
+    DEFAULT_SOURCE,
+    REPO,
+    fmt,
+    machine_info,
+    machine_line,
+    markdown_table,
+    median,
+    peak_rss_mib,
+    usable_cpus,
+    write_result,
+)
+
+HOSTS = ("process", "ray-actor", "ray-train")
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """One fold loop: the model, the images per fold-epoch and where its result goes."""
+
+    arch: str
+    image_size: int
+    batch_size: int
+    steps: int  # training steps per fold-epoch; validation holds as many images
+    epochs: int
+    threads: int
+    source: str
+    cache_dir: str
+    out: str
+    dashboard: bool = True
+
+
+# --------------------------------------------------------------------------- the measured code
+
+
+def fold_loop(spec: HostSpec) -> None:
+    """Two folds trained in lockstep with validation after each fold-epoch; writes `spec.out`.
+
+    The folds are built as `distmed.worker._build_fold` builds them, without Ray's
+    `prepare_model` / `prepare_data_loader`, which change nothing for one worker on a CPU.
+    """
+    import torch
+
+    from benchmarks.loops import LoopSpec, experiment_config
+    from distmed.cv import positive_index
+    from distmed.data import build_cache, load_cached, scan_source
+    from distmed.worker import evaluate, resolve_amp, resolve_channels_last, train_one_epoch
+
+    torch.set_num_threads(spec.threads)
+    loop_spec = LoopSpec(spec.arch, spec.image_size, spec.batch_size, spec.threads)
+    cfg = experiment_config(loop_spec, Path(spec.source), Path(spec.cache_dir))
+    index = scan_source(cfg.data)
+    images = load_cached(build_cache(index, cfg.data).pool_path)
+    labels = np.asarray(index.pool.labels, dtype=np.int64)
+    device = torch.device("cpu")
+    precision = resolve_amp(cfg.train.amp, device)
+    channels_last = resolve_channels_last(cfg, device)
+    classes = len(index.class_names)
+    folds = [_fold(i, spec, cfg, images, labels, classes, channels_last) for i in range(2)]
+    positive = positive_index(cfg, index.class_names)
+    rates = []
+    for epoch in range(spec.epochs):
+        torch.manual_seed(epoch)
+        for fold in folds:
+            rates.append(
+                train_one_epoch(fold, device, precision, channels_last, positive)["images_per_s"]
+            )
+            evaluate(fold, device, precision, channels_last, positive)
+    result = {
+        "fold_epoch_images_per_s": rates,
+        "precision": precision,
+        "channels_last": channels_last,
+        "torch_threads": torch.get_num_threads(),
+        "niceness": os.nice(0),
+        "peak_rss_mib": peak_rss_mib(),
+    }
+    Path(spec.out).write_text(json.dumps(result))
+
+
+def _fold(index, spec: HostSpec, cfg, images, labels, classes: int, channels_last: bool):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from distmed.data import CachedImageDataset
+    from distmed.model import build_model
+    from distmed.worker import FoldRun, build_loss, build_optimizer, build_scheduler
+
+    per_epoch = spec.steps * spec.batch_size
+    if 3 * per_epoch > len(labels):
+        raise SystemExit(f"{spec.source}: {len(labels)} images; need {3 * per_epoch}")
+    order = np.random.default_rng(0).permutation(len(labels))
+    train_idx = order[index * per_epoch : (index + 1) * per_epoch]
+    val_idx = order[2 * per_epoch : 3 * per_epoch]  # both folds validate on the same images
+    torch.manual_seed(cfg.train.seed + index)
+    model = build_model(cfg.model, classes)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train = DataLoader(
+        CachedImageDataset(images, labels, train_idx),
+        batch_size=spec.batch_size,
+        shuffle=True,
+        drop_last=True,
+    )
+    val = DataLoader(CachedImageDataset(images, labels, val_idx), batch_size=spec.batch_size)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+    return FoldRun(
+        index=index,
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, cfg.optim, spec.epochs, len(train)),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        loss_fn=build_loss(cfg.train, labels[train_idx], classes, "cpu"),
+        train_loader=train,
+        val_loader=val,
+        augment=cfg.data.augment,
+    )
+
+
+# --------------------------------------------------------------------------- the hosts
+
+
+class _Actor:
+    def run(self, spec: HostSpec) -> None:
+        fold_loop(spec)
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    fold_loop(HostSpec(**config))
+
+
+def run_host(host: str, spec: HostSpec) -> None:
+    """Run `fold_loop` in this process, in a Ray actor, or in a Ray Train worker."""
+    if host == "process":
+        fold_loop(spec)
+        return
+    import ray
+
+    # As distmed.resources.start_ray starts a local cluster (dashboard included: Ray Train's
+    # cleanup of stopped Tune trials needs it; `--no-dashboard` measures what it costs),
+    # plus the repository on the workers' path for `benchmarks`.
+    ray.init(
+        address="local",
+        include_dashboard=spec.dashboard,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+    )
+    try:
+        if host == "ray-actor":
+            actor = ray.remote(num_cpus=spec.threads)(_Actor).remote()
+            ray.get(actor.run.remote(spec))
+            return
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        TorchTrainer(
+            _train_worker,
+            train_loop_config=asdict(spec),
+            # 1 CPU reserved, `spec.threads` used: the controller needs a sliver of a CPU too.
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(storage_path=str(Path(spec.out).parent / "ray-train")),
+        ).fit()
+    finally:
+        ray.shutdown()
+
+
+# --------------------------------------------------------------------------- rounds and results
+
+
+def host_rate(rates: Sequence[float]) -> float:
+    """A run's images/s: the median over its fold-epochs after the first (the warm-up)."""
+    if len(rates) < 2:
+        raise ValueError("one fold-epoch is all warm-up; run 2 epochs or more")
+    return median(rates[1:])
+
+
+def round_order(hosts: Sequence[str], number: int) -> list[str]:
+    """Hosts in order for round `number`: reversed every other round, so drift hits all."""
+    return list(hosts) if number % 2 == 0 else list(reversed(hosts))
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per host: each round's rate, their median, and that median over the process host's."""
+    rates = {h: [host_rate(r["fold_epoch_images_per_s"]) for r in done] for h, done in runs.items()}
+    baseline = median(rates["process"]) if rates.get("process") else None
+    return [
+        {
+            "host": host,
+            "round_images_per_s": values,
+            "images_per_s": median(values),
+            "vs_process": median(values) / baseline if baseline else None,
+            "niceness": runs[host][0]["niceness"],
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in runs[host]),
+        }
+        for host, values in rates.items()
+    ]
+
+
+def run_in_subprocess(host: str, spec: HostSpec, log: Path, timeout_s: float) -> dict[str, Any]:
+    from benchmarks.throughput import run_logged
+
+    command = [sys.executable, "-m", "benchmarks.hosting", "--host", host]
+    command += ["--spec", json.dumps(asdict(spec))]
+    outcome = run_logged(command, log, timeout_s)
+    if "error" in outcome:
+        raise SystemExit(f"{host}: {outcome['error']}")
+    return {**json.loads(Path(spec.out).read_text()), "wall_s": outcome["wall_s"]}
+
+
+def format_table(payload: dict[str, Any]) -> str:
+    rows = [
+        [
+            row["host"],
+            ", ".join(fmt(v) for v in row["round_images_per_s"]),
+            fmt(row["images_per_s"]),
+            fmt(row["vs_process"], 2, "x"),
+            str(row["niceness"]),
+            fmt(row["peak_rss_mib"], 0),
+        ]
+        for row in payload["hosts"]
+    ]
+    headers = ["host", "img/s by round", "img/s (median)", "vs process", "niceness", "peak MiB"]
+    return "\n".join([machine_line(payload["machine"]), "", markdown_table(headers, rows)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.hosting",
+        description="distmed's fold loop in a plain process, a Ray actor and a Ray Train worker.",
+    )
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=8, help="training steps per fold-epoch")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--hosts", default=",".join(HOSTS), help=f"comma-separated subset of {','.join(HOSTS)}"
+    )
+    parser.add_argument(
+        "--no-dashboard", action="store_true", help="start the Ray hosts' cluster without it"
+    )
+    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="MedMNIST .npz")
+    parser.add_argument("--name", default="hosting", help="result file name")
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds per host run")
+    parser.add_argument("--host", choices=HOSTS, help=argparse.SUPPRESS)  # one run, internal
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.host:
+        run_host(args.host, HostSpec(**json.loads(args.spec)))
+        return 0
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: give 1 or more")
+    hosts = [h for h in HOSTS if h in args.hosts.split(",")]
+    if unknown := set(args.hosts.split(",")) - set(HOSTS):
+        raise SystemExit(f"--hosts: unknown {sorted(unknown)}; choose from {HOSTS}")
+    started = time.perf_counter()
+    runs: dict[str, list[dict[str, Any]]] = {h: [] for h in hosts}
+    with tempfile.TemporaryDirectory(prefix="distmed-hosting-") as tmp:
+        for number in range(args.rounds):
+            for host in round_order(hosts, number):
+                spec = HostSpec(
+                    args.arch,
+                    args.image_size,
+                    args.batch_size,
+                    args.steps,
+                    args.epochs,
+                    usable_cpus(),
+                    str(args.source),
+                    str(Path(tmp) / "cache"),
+                    str(Path(tmp) / f"{host}-{number}.json"),
+                    dashboard=not args.no_dashboard,
+                )
+                runs[host].append(
+                    run_in_subprocess(host, spec, Path(tmp) / f"{host}.log", args.timeout)
+                )
+                rate = host_rate(runs[host][-1]["fold_epoch_images_per_s"])
+                print(f"round {number + 1} {host}: {rate:.1f} img/s", flush=True)
+    payload = {
+        "benchmark": "hosting",
+        "machine": machine_info(),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "hosts": summarise(runs),
+        "runs": runs,
+        "total_wall_s": time.perf_counter() - started,
+    }
+    path = write_result(args.name, payload)
+    print()
+    print(format_table(payload))
+    print(f"\n{path.relative_to(REPO)}; total {payload['total_wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
