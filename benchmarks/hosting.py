@@ -118,7 +118,10 @@ def _fold(index, spec: HostSpec, cfg, images, labels, classes: int, channels_las
 
     per_epoch = spec.steps * spec.batch_size
     if 3 * per_epoch > len(labels):
-        raise SystemExit(f"{spec.source}: {len(labels)} images; need {3 * per_epoch}")
+        raise SystemExit(
+            f"{spec.source}: {len(labels)} pool images, {3 * per_epoch} needed (2 folds' "
+            "training + validation); lower --steps or --batch-size"
+        )
     order = np.random.default_rng(0).permutation(len(labels))
     train_idx = order[index * per_epoch : (index + 1) * per_epoch]
     val_idx = order[2 * per_epoch : 3 * per_epoch]  # both folds validate on the same images
