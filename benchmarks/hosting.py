@@ -41,6 +41,7 @@ from benchmarks.common import (
     usable_cpus,
     write_result,
 )
+from benchmarks.throughput import run_logged
 
 HOSTS = ("process", "ray-actor", "ray-train")
 
@@ -229,8 +230,6 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def run_in_subprocess(host: str, spec: HostSpec, log: Path, timeout_s: float) -> dict[str, Any]:
-    from benchmarks.throughput import run_logged
-
     command = [sys.executable, "-m", "benchmarks.hosting", "--host", host]
     command += ["--spec", json.dumps(asdict(spec))]
     outcome = run_logged(command, log, timeout_s)
