@@ -68,7 +68,7 @@ class HostSpec:
 def fold_loop(spec: HostSpec) -> None:
     """Two folds trained in lockstep with validation after each fold-epoch; writes `spec.out`.
 
-    The folds are built as `distmed.worker._build_fold` builds them, without Ray's
+    The folds come from `distmed.worker.build_fold`, as in the worker, without Ray's
     `prepare_model` / `prepare_data_loader`, which change nothing for one worker on a CPU.
     """
     import torch
@@ -88,7 +88,7 @@ def fold_loop(spec: HostSpec) -> None:
     precision = resolve_amp(cfg.train.amp, device)
     channels_last = resolve_channels_last(cfg, device)
     classes = len(index.class_names)
-    folds = [_fold(i, spec, cfg, images, labels, classes, channels_last) for i in range(2)]
+    folds = [_fold(i, spec, cfg, images, labels, classes, precision) for i in range(2)]
     positive = positive_index(cfg, index.class_names)
     rates = []
     for epoch in range(spec.epochs):
@@ -109,13 +109,11 @@ def fold_loop(spec: HostSpec) -> None:
     Path(spec.out).write_text(json.dumps(result))
 
 
-def _fold(index, spec: HostSpec, cfg, images, labels, classes: int, channels_last: bool):
+def _fold(index: int, spec: HostSpec, cfg, images, labels, classes: int, precision: str):
+    """Fold `index` of two, built by distmed's own `build_fold`, without Ray's wrappers."""
     import torch
-    from torch.utils.data import DataLoader
 
-    from distmed.data import CachedImageDataset
-    from distmed.model import build_model
-    from distmed.worker import FoldRun, build_loss, build_optimizer, build_scheduler
+    from distmed.worker import FoldData, build_fold
 
     per_epoch = spec.steps * spec.batch_size
     if 3 * per_epoch > len(labels):
@@ -124,31 +122,12 @@ def _fold(index, spec: HostSpec, cfg, images, labels, classes: int, channels_las
             "training + validation); lower --steps or --batch-size"
         )
     order = np.random.default_rng(0).permutation(len(labels))
-    train_idx = order[index * per_epoch : (index + 1) * per_epoch]
-    val_idx = order[2 * per_epoch : 3 * per_epoch]  # both folds validate on the same images
-    torch.manual_seed(cfg.train.seed + index)
-    model = build_model(cfg.model, classes)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    train = DataLoader(
-        CachedImageDataset(images, labels, train_idx),
-        batch_size=spec.batch_size,
-        shuffle=True,
-        drop_last=True,
-    )
-    val = DataLoader(CachedImageDataset(images, labels, val_idx), batch_size=spec.batch_size)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
-    return FoldRun(
-        index=index,
-        model=model,
-        optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, cfg.optim, spec.epochs, len(train)),
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        loss_fn=build_loss(cfg.train, labels[train_idx], classes, "cpu"),
-        train_loader=train,
-        val_loader=val,
-        augment=cfg.data.augment,
-    )
+    train = order[index * per_epoch : (index + 1) * per_epoch]
+    val = order[2 * per_epoch : 3 * per_epoch]  # both folds validate on the same images
+    # cfg.train.epochs sizes the learning-rate schedule, as in the worker.
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": spec.epochs})})
+    data = FoldData(index, train, val, images, labels, classes)
+    return build_fold(data, cfg, torch.device("cpu"), precision, batch_size=spec.batch_size)
 
 
 # --------------------------------------------------------------------------- the hosts

@@ -15,6 +15,7 @@ import math
 import resource
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -383,28 +384,69 @@ def loader_workers(device: torch.device, threads: int) -> int:
 def _build_fold(
     index, spec, cfg, images, labels, num_classes, device, precision, workers
 ) -> FoldRun:
-    torch.manual_seed(cfg.train.seed + index)  # same initial weights on every rank
-    model = build_model(cfg.model, num_classes)
+    """A fold on this rank: its share of each batch, Ray's DDP wrap and distributed sampler."""
+    world = ray.train.get_context().get_world_size()
+    return build_fold(
+        FoldData(index, spec["train"], spec.get("val"), images, labels, num_classes),
+        cfg,
+        device,
+        precision,
+        batch_size=max(1, cfg.train.batch_size // world),
+        workers=workers,
+        prepare_model=ray.train.torch.prepare_model,
+        prepare_loader=lambda loader: ray.train.torch.prepare_data_loader(
+            loader, move_to_device=False
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class FoldData:
+    """A fold's sample positions in the decoded images, and the images and labels themselves."""
+
+    index: int
+    train: Sequence[int]
+    val: Sequence[int] | None
+    images: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+
+
+def build_fold(
+    data: FoldData,
+    cfg: ExperimentConfig,
+    device: torch.device,
+    precision: str,
+    batch_size: int,
+    workers: int = 0,
+    prepare_model: Callable[[nn.Module], nn.Module] = lambda model: model,
+    prepare_loader: Callable[[DataLoader], DataLoader] = lambda loader: loader,
+) -> FoldRun:
+    """A fold's model, optimiser, schedule, loss and loaders, without Ray.
+
+    The Ray Train loop passes Ray's `prepare_*` functions; `benchmarks.hosting` passes none,
+    so that it times this same fold in processes of any kind.
+    """
+    torch.manual_seed(cfg.train.seed + data.index)  # same initial weights on every rank
+    model = build_model(cfg.model, data.num_classes)
     if resolve_channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    world = ray.train.get_context().get_world_size()
-    train_idx = np.asarray(spec["train"], dtype=np.int64)
-    per_rank_batch = max(1, cfg.train.batch_size // world)
-    train_set = CachedImageDataset(images, labels, train_idx)
-    train_loader = _loader(train_set, per_rank_batch, True, workers)
+    model = prepare_model(model)
+    train_idx = np.asarray(data.train, dtype=np.int64)
+    train_set = CachedImageDataset(data.images, data.labels, train_idx)
+    train_loader = prepare_loader(_loader(train_set, batch_size, True, workers))
     val_loader = None
-    if spec.get("val"):
-        val_set = CachedImageDataset(images, labels, np.asarray(spec["val"], dtype=np.int64))
-        val_loader = _loader(val_set, per_rank_batch, False, workers)
+    if data.val is not None and len(data.val) > 0:
+        val_set = CachedImageDataset(data.images, data.labels, np.asarray(data.val, dtype=np.int64))
+        val_loader = prepare_loader(_loader(val_set, batch_size, False, workers))
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     return FoldRun(
-        index=index,
+        index=data.index,
         model=model,
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg.optim, cfg.train.epochs, len(train_loader)),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-        loss_fn=build_loss(cfg.train, labels[train_idx], num_classes, device),
+        loss_fn=build_loss(cfg.train, data.labels[train_idx], data.num_classes, device),
         train_loader=train_loader,
         val_loader=val_loader,
         augment=cfg.data.augment,
@@ -413,7 +455,7 @@ def _build_fold(
 
 def _loader(dataset: CachedImageDataset, batch_size: int, train: bool, workers: int) -> DataLoader:
     # Training drops the ragged last batch: a batch of one breaks BatchNorm.
-    loader = DataLoader(
+    return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=train,
@@ -422,7 +464,6 @@ def _loader(dataset: CachedImageDataset, batch_size: int, train: bool, workers: 
         persistent_workers=workers > 0,  # not re-forked every epoch
         pin_memory=torch.cuda.is_available(),
     )
-    return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
 
 
 def _run_fold_epoch(fold, epoch, cfg, device, precision, channels_last, positive) -> None:
