@@ -73,18 +73,18 @@ def experiment_config(spec: LoopSpec, data: Path, cache_dir: Path) -> Experiment
 def build_plain_step(spec: LoopSpec, data: Path, cache_dir: Path) -> tuple[Step, dict[str, Any]]:
     """One training step of distmed's worker loop, minus Ray, over distmed's cached tensors.
 
-    Mirrors `distmed.worker._build_fold` and `train_one_epoch`: same model factory, memory
-    format, precision, optimiser, schedule, loss, augmentation and loader settings; left out
-    is only the epoch's metric bookkeeping (a softmax over batch x classes per step).
+    The fold comes from `distmed.worker.build_fold` (the worker's model factory, memory format,
+    optimiser, schedule, loss and loader, without Ray's wrappers) over the whole pool, and the
+    step is `train_one_epoch`'s: same conversion, augmentation and precision; left out is
+    only the epoch's metric bookkeeping (a softmax over batch x classes per step).
     """
-    from distmed.data import CachedImageDataset, build_cache, load_cached, scan_source
-    from distmed.model import build_model, set_train_mode
+    from distmed.data import build_cache, load_cached, scan_source
+    from distmed.model import set_train_mode
     from distmed.worker import (
+        FoldData,
         _inputs,
         autocast,
-        build_loss,
-        build_optimizer,
-        build_scheduler,
+        build_fold,
         resolve_amp,
         resolve_channels_last,
     )
@@ -96,19 +96,11 @@ def build_plain_step(spec: LoopSpec, data: Path, cache_dir: Path) -> tuple[Step,
     device = torch.device("cpu")
     precision = resolve_amp(cfg.train.amp, device)
     channels_last = resolve_channels_last(cfg, device)
-    dataset = CachedImageDataset(images, labels, np.arange(len(labels)))
-    # The worker's loader: shuffled, ragged last batch dropped, no pinning on CPU.
-    loader = DataLoader(dataset, batch_size=spec.batch_size, shuffle=True, drop_last=True)
-    torch.manual_seed(cfg.train.seed)
-    num_classes = len(index.class_names)
-    model = build_model(cfg.model, num_classes)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.epochs, len(loader))
-    loss_fn = build_loss(cfg.train, labels, num_classes, device)
+    pool = FoldData(0, np.arange(len(labels)), None, images, labels, len(index.class_names))
+    fold = build_fold(pool, cfg, device, precision, batch_size=spec.batch_size)
+    model, optimizer, scheduler, loss_fn = fold.model, fold.optimizer, fold.scheduler, fold.loss_fn
     set_train_mode(model)
-    batches = cycle(loader)
+    batches = cycle(fold.train_loader)
 
     def step() -> None:
         batch_images, batch_labels, _ = next(batches)
