@@ -334,6 +334,12 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+def round_order(items: Sequence[str], number: int) -> list[str]:
+    """`items` in order for round `number`: reversed every other round, so a drift of the
+    machine during a comparison falls on every item alike."""
+    return list(items) if number % 2 == 0 else list(reversed(items))
+
+
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     """`benchmarks/results/NAME.json`, replaced atomically (a killed run leaves the old file)."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ from benchmarks.common import (
     markdown_table,
     median,
     peak_rss_mib,
+    round_order,
     usable_cpus,
     write_result,
 )
@@ -184,11 +185,6 @@ def host_rate(rates: Sequence[float]) -> float:
     if len(rates) < 2:
         raise ValueError("one fold-epoch is all warm-up; run 2 epochs or more")
     return median(rates[1:])
-
-
-def round_order(hosts: Sequence[str], number: int) -> list[str]:
-    """Hosts in order for round `number`: reversed every other round, so drift hits all."""
-    return list(hosts) if number % 2 == 0 else list(reversed(hosts))
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -45,6 +45,7 @@ from benchmarks.common import (
     median,
     pool_of,
     read_npz,
+    round_order,
     usable_cpus,
     write_png_folder,
     write_result,
@@ -154,7 +155,7 @@ def run_cell(
     runs: dict[str, list[dict[str, Any]]] = {p: [] for p in RUN_ORDER if p in paths}
     steps = None
     for number in range(rounds):
-        for path in list(runs)[:: 1 if number % 2 == 0 else -1]:
+        for path in round_order(list(runs), number):
             if path != "ray":
                 runs[path].append(run_loop_process(path, cell, work, loop_budget))
                 continue

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from benchmarks import hosting, throughput
-from benchmarks.common import TRAIN_WORKER, SessionCpu
+from benchmarks.common import TRAIN_WORKER, SessionCpu, round_order
 from benchmarks.medmnist import (
     best_so_far,
     mark_selected_by_cv,
@@ -166,7 +166,7 @@ def test_hosting_compares_each_host_by_its_median_round_without_the_warmup_fold_
     assert rows["ray-train"]["images_per_s"] == 68.0
     assert rows["ray-train"]["vs_process"] == pytest.approx(68.0 / 85.0)
     assert rows["ray-train"]["niceness"] == 15
-    assert hosting.round_order(hosting.HOSTS, 0) == list(hosting.HOSTS)
-    assert hosting.round_order(hosting.HOSTS, 1) == list(reversed(hosting.HOSTS))
+    assert round_order(hosting.HOSTS, 0) == list(hosting.HOSTS)
+    assert round_order(hosting.HOSTS, 1) == list(reversed(hosting.HOSTS))
     with pytest.raises(ValueError, match="warm-up"):
         hosting.host_rate([50.0])
