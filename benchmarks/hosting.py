@@ -77,19 +77,50 @@ def fold_loop(spec: HostSpec) -> None:
     from benchmarks.loops import LoopSpec, experiment_config
     from distmed.cv import positive_index
     from distmed.data import build_cache, load_cached, scan_source
-    from distmed.worker import evaluate, resolve_amp, resolve_channels_last, train_one_epoch
+    from distmed.worker import (
+        FoldData,
+        build_fold,
+        evaluate,
+        resolve_amp,
+        resolve_channels_last,
+        train_one_epoch,
+    )
 
     torch.set_num_threads(spec.threads)
     loop_spec = LoopSpec(spec.arch, spec.image_size, spec.batch_size, spec.threads)
-    cfg = experiment_config(loop_spec, Path(spec.source), Path(spec.cache_dir))
+    # cfg.train.epochs sizes the learning-rate schedule, as in the worker.
+    cfg = experiment_config(loop_spec, Path(spec.source), Path(spec.cache_dir), spec.epochs)
     index = scan_source(cfg.data)
     images = load_cached(build_cache(index, cfg.data).pool_path)
     labels = np.asarray(index.pool.labels, dtype=np.int64)
+    per_epoch = spec.steps * spec.batch_size
+    if 3 * per_epoch > len(labels):
+        raise SystemExit(
+            f"{spec.source}: {len(labels)} pool images, {3 * per_epoch} needed (2 folds' "
+            "training + validation); lower --steps or --batch-size"
+        )
     device = torch.device("cpu")
     precision = resolve_amp(cfg.train.amp, device)
     channels_last = resolve_channels_last(cfg, device)
-    classes = len(index.class_names)
-    folds = [_fold(i, spec, cfg, images, labels, classes, precision) for i in range(2)]
+    order = np.random.default_rng(0).permutation(len(labels))
+    val = order[2 * per_epoch : 3 * per_epoch]  # both folds validate on the same images
+    folds = [
+        build_fold(
+            FoldData(
+                i,
+                order[i * per_epoch : (i + 1) * per_epoch],
+                val,
+                images,
+                labels,
+                len(index.class_names),
+            ),
+            cfg,
+            device,
+            precision,
+            batch_size=spec.batch_size,
+        )
+        for i in range(2)
+    ]
     positive = positive_index(cfg, index.class_names)
     rates = []
     for epoch in range(spec.epochs):
@@ -108,27 +139,6 @@ def fold_loop(spec: HostSpec) -> None:
         "peak_rss_mib": peak_rss_mib(),
     }
     Path(spec.out).write_text(json.dumps(result))
-
-
-def _fold(index: int, spec: HostSpec, cfg, images, labels, classes: int, precision: str):
-    """Fold `index` of two, built by distmed's own `build_fold`, without Ray's wrappers."""
-    import torch
-
-    from distmed.worker import FoldData, build_fold
-
-    per_epoch = spec.steps * spec.batch_size
-    if 3 * per_epoch > len(labels):
-        raise SystemExit(
-            f"{spec.source}: {len(labels)} pool images, {3 * per_epoch} needed (2 folds' "
-            "training + validation); lower --steps or --batch-size"
-        )
-    order = np.random.default_rng(0).permutation(len(labels))
-    train = order[index * per_epoch : (index + 1) * per_epoch]
-    val = order[2 * per_epoch : 3 * per_epoch]  # both folds validate on the same images
-    # cfg.train.epochs sizes the learning-rate schedule, as in the worker.
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": spec.epochs})})
-    data = FoldData(index, train, val, images, labels, classes)
-    return build_fold(data, cfg, torch.device("cpu"), precision, batch_size=spec.batch_size)
 
 
 # --------------------------------------------------------------------------- the hosts
@@ -261,9 +271,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.rounds < 1:
         raise SystemExit(f"--rounds {args.rounds}: give 1 or more")
-    hosts = [h for h in HOSTS if h in args.hosts.split(",")]
-    if unknown := set(args.hosts.split(",")) - set(HOSTS):
+    asked = set(args.hosts.split(","))
+    if unknown := asked - set(HOSTS):
         raise SystemExit(f"--hosts: unknown {sorted(unknown)}; choose from {HOSTS}")
+    hosts = [h for h in HOSTS if h in asked]
     started = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {h: [] for h in hosts}
     with tempfile.TemporaryDirectory(prefix="distmed-hosting-") as tmp:

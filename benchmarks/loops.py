@@ -57,13 +57,15 @@ class LoopSpec:
 # --------------------------------------------------------------------------- (b) plain loop
 
 
-def experiment_config(spec: LoopSpec, data: Path, cache_dir: Path) -> ExperimentConfig:
+def experiment_config(
+    spec: LoopSpec, data: Path, cache_dir: Path, epochs: int = 2
+) -> ExperimentConfig:
     """The config the Ray path runs with (`--set` overrides of the throughput benchmark)."""
     return validate_config(
         {
             "data": {"root": str(data), "image_size": spec.image_size, "cache_dir": str(cache_dir)},
             "model": {"arch": spec.arch, "weights": "none"},
-            "train": {"batch_size": spec.batch_size, "epochs": 2, "amp": "auto"},
+            "train": {"batch_size": spec.batch_size, "epochs": epochs, "amp": "auto"},
             "cv": {"folds": 2},
         },
         "benchmark",
