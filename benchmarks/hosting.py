@@ -1,4 +1,4 @@
-"""The same training code in three kinds of process: a plain one, a Ray actor, a Ray Train worker.
+"""The same training code in a plain process, a Ray actor, a Ray Train worker, and beside Ray.
 
 The throughput benchmark measured distmed's Ray Train path 10-33% below the plain loop at
 most cells on an AVX-512 BF16 host. This benchmark holds the code fixed, distmed's own
@@ -7,6 +7,9 @@ runs them, and changes only where it runs:
   process    a plain Python process, no Ray
   ray-actor  a Ray actor holding the CPUs, on a local cluster started as distmed starts one
   ray-train  the one worker of a Ray Train `TorchTrainer` (the process `distmed.train` trains in)
+  beside-ray a plain process again, while an idle Ray Train run (the same local cluster, its
+             helper actors and one waiting worker) is up next to it: what Ray's background
+             costs a loop that is not in Ray at all
 Every host runs in a process of its own, their order reversed every other round. A host's
 rate is the median of its fold-epochs' images/s after the first (warm-up) fold-epoch.
 Run from the repository root, one Ray cluster per host (hence the lock):
@@ -19,10 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +49,7 @@ from benchmarks.common import (
 )
 from benchmarks.throughput import run_logged
 
-HOSTS = ("process", "ray-actor", "ray-train")
+HOSTS = ("process", "ray-actor", "ray-train", "beside-ray")
 
 
 @dataclass(frozen=True)
@@ -153,10 +158,21 @@ def _train_worker(config: dict[str, Any]) -> None:
     fold_loop(HostSpec(**config))
 
 
+def _idle_worker(config: dict[str, Any]) -> None:
+    """Say the worker is up, then wait for the stop file (a 1 s poll: 1 wake-up a second)."""
+    Path(config["ready"]).touch()
+    while not Path(config["stop"]).exists():
+        time.sleep(1)
+
+
 def run_host(host: str, spec: HostSpec) -> None:
     """Run `fold_loop` in this process, in a Ray actor, or in a Ray Train worker."""
     if host == "process":
         fold_loop(spec)
+        return
+    if host == "beside-ray":
+        with idle_ray_train(spec):
+            fold_loop(spec)
         return
     import ray
 
@@ -172,19 +188,52 @@ def run_host(host: str, spec: HostSpec) -> None:
         if host == "ray-actor":
             actor = ray.remote(num_cpus=spec.threads)(_Actor).remote()
             ray.get(actor.run.remote(spec))
-            return
-        from ray.train import RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-
-        TorchTrainer(
-            _train_worker,
-            train_loop_config=asdict(spec),
-            # 1 CPU reserved, `spec.threads` used: the controller needs a sliver of a CPU too.
-            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-            run_config=RunConfig(storage_path=str(Path(spec.out).parent / "ray-train")),
-        ).fit()
+        elif host == "ray-train":
+            fit_one_worker(_train_worker, asdict(spec), spec)
+        else:  # "idle-ray", the neighbour `idle_ray_train` starts
+            stop = Path(spec.out).with_suffix(".stop")
+            ready = Path(spec.out).with_suffix(".ready")
+            fit_one_worker(_idle_worker, {"ready": str(ready), "stop": str(stop)}, spec)
     finally:
         ray.shutdown()
+
+
+def fit_one_worker(train_fn: Any, config: dict[str, Any], spec: HostSpec) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    TorchTrainer(
+        train_fn,
+        train_loop_config=config,
+        # 1 CPU reserved, `spec.threads` used: the controller needs a sliver of a CPU too.
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(storage_path=str(Path(spec.out).parent / "ray-train")),
+    ).fit()
+
+
+@contextmanager
+def idle_ray_train(spec: HostSpec, start_timeout_s: float = 180) -> Iterator[None]:
+    """An idle Ray Train run in a process of its own, up (worker started) while the block runs."""
+    out = Path(spec.out)
+    ready, stop = out.with_suffix(".ready"), out.with_suffix(".stop")
+    command = [sys.executable, "-m", "benchmarks.hosting", "--host", "idle-ray"]
+    command += ["--spec", json.dumps(asdict(spec))]
+    with out.with_suffix(".idle-ray.log").open("w") as log:
+        neighbour = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while not ready.exists():
+            if neighbour.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the idle Ray Train run did not start; see {log.name}")
+            time.sleep(1)
+        time.sleep(5)  # the run's helper actors start with or just after its worker
+        yield
+    finally:
+        stop.touch()
+        try:
+            neighbour.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            neighbour.kill()
 
 
 # --------------------------------------------------------------------------- rounds and results
@@ -242,7 +291,8 @@ def format_table(payload: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.hosting",
-        description="distmed's fold loop in a plain process, a Ray actor and a Ray Train worker.",
+        description="distmed's fold loop in a plain process, a Ray actor, a Ray Train worker, "
+        "and a plain process beside an idle Ray Train run.",
     )
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--image-size", type=int, default=128)
@@ -259,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="MedMNIST .npz")
     parser.add_argument("--name", default="hosting", help="result file name")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per host run")
-    parser.add_argument("--host", choices=HOSTS, help=argparse.SUPPRESS)  # one run, internal
+    # internal: one run of a host, or the idle Ray Train run `beside-ray` starts
+    parser.add_argument("--host", choices=(*HOSTS, "idle-ray"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     return parser
 
