@@ -166,7 +166,7 @@ def _idle_worker(config: dict[str, Any]) -> None:
 
 
 def run_host(host: str, spec: HostSpec) -> None:
-    """Run `fold_loop` in this process, in a Ray actor, or in a Ray Train worker."""
+    """Run `fold_loop` in this process (alone or beside Ray), a Ray actor or a Ray Train worker."""
     if host == "process":
         fold_loop(spec)
         return
@@ -326,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown := asked - set(HOSTS):
         raise SystemExit(f"--hosts: unknown {sorted(unknown)}; choose from {HOSTS}")
     hosts = [h for h in HOSTS if h in asked]
+    machine = machine_info()  # before the rounds: its load average is the one they start at
     started = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {h: [] for h in hosts}
     with tempfile.TemporaryDirectory(prefix="distmed-hosting-") as tmp:
@@ -350,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"round {number + 1} {host}: {rate:.1f} img/s", flush=True)
     payload = {
         "benchmark": "hosting",
-        "machine": machine_info(),
+        "machine": machine,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "hosts": summarise(runs),
         "runs": runs,
