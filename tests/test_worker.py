@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from distmed import worker
 from distmed.config import ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
 from distmed.data import CachedImageDataset, to_model_input
 from distmed.metrics import classification_metrics
@@ -101,6 +102,30 @@ def test_build_optimizer_adam():
     assert type(optimizer) is torch.optim.Adam
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.003)
     assert optimizer.param_groups[0]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
+def test_build_optimizer_fuses_the_update_and_it_matches_the_per_tensor_one(name, monkeypatch):
+    cfg = OptimConfig(name=name, lr=0.05, momentum=0.9, weight_decay=0.01)
+    torch.manual_seed(0)
+    start = [torch.randn(4, 3), torch.randn(5)]
+    grads = [[torch.randn_like(t) for t in start] for _ in range(3)]
+    fused_params = [torch.nn.Parameter(t.clone()) for t in start]
+    loop_params = [torch.nn.Parameter(t.clone()) for t in start]
+    fused = build_optimizer(fused_params, cfg)
+    assert fused.defaults["fused"] is True  # CPU tensors: the fused kernel
+    # With no fused device, the same call leaves torch its default: a loop over the tensors.
+    monkeypatch.setattr(worker, "_FUSED_DEVICES", ())
+    loop = build_optimizer(loop_params, cfg)
+    assert not loop.defaults["fused"]
+    for step_grads in grads:
+        for optimizer, tensors in ((fused, fused_params), (loop, loop_params)):
+            for param, grad in zip(tensors, step_grads, strict=True):
+                param.grad = grad.clone()
+            optimizer.step()
+    for a, b in zip(fused_params, loop_params, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.equal(fused_params[0], start[0])  # it did update
 
 
 def test_build_optimizer_sgd():
