@@ -1,8 +1,8 @@
 """Who used the CPUs while a model trained: a per-process census from a `perf sched` recording.
 
 Part 1e of BENCHMARKS.md asks where a Ray Train worker's lost images/s go. Record the
-scheduler for a few seconds while a run trains (root, or perf_event_paranoid <= 1), then sum
-it up here:
+scheduler for a few seconds while a run trains (as root, or with CAP_PERFMON and tracefs
+access), then sum it up here:
   perf sched record -a -o /tmp/sched.data sleep 8        # while e.g. benchmarks.hosting runs
   .venv/bin/python -m benchmarks.census /tmp/sched.data --process ray::RayTrainWo --name NAME
 Prints, and writes to benchmarks/results/NAME.json: each process's share of a core, and for
@@ -56,8 +56,8 @@ class Census:
         return self.name_of.get(pid) or threads.most_common(1)[0][0]
 
 
-def read(lines: Iterable[str], process_prefix: str) -> Census:
-    """Fold `perf script` lines into a Census; `process_prefix` names the training process."""
+def read(lines: Iterable[str], process: str) -> Census:
+    """Fold `perf script` lines into a Census; `process` (pid or name prefix) is the trainer."""
     census = Census()
     off_since: dict[str, float] = {}
     first = last = None
@@ -76,7 +76,7 @@ def read(lines: Iterable[str], process_prefix: str) -> Census:
             census.thread_ns[(thread, name)] += int(ns)
         elif event == "sched:sched_switch":
             prev, state, next_comm, next_tid = _SWITCH.search(rest).groups()
-            if state.startswith("R") and _is_training(census, prev, process_prefix):
+            if state.startswith("R") and _is_training(census, prev, process):
                 census.preempted[prev] += 1
                 census.ran_instead[(next_comm, next_tid)] += 1
                 off_since[prev] = now
@@ -96,13 +96,13 @@ def _matches(pid: str, name: str, process: str) -> bool:
     return pid == process if process.isdigit() else name.startswith(process)
 
 
-def summarise(census: Census, process_prefix: str, top: int = 25) -> dict[str, Any]:
+def summarise(census: Census, process: str, top: int = 25) -> dict[str, Any]:
     if census.seconds <= 0:
         raise SystemExit("the recording holds no scheduler events; record with perf sched")
     per_s = 1 / census.seconds
     cpu_ns, threads = census.by_process()
     names = {pid: census.process_name(pid, threads[pid]) for pid in cpu_ns}
-    training = {pid for pid in cpu_ns if _matches(pid, names[pid], process_prefix)}
+    training = {pid for pid in cpu_ns if _matches(pid, names[pid], process)}
     processes = [
         {
             "pid": pid,
@@ -119,7 +119,7 @@ def summarise(census: Census, process_prefix: str, top: int = 25) -> dict[str, A
     others = sum(ns for pid, ns in cpu_ns.items() if pid not in training and pid != "0")
     return {
         "seconds": census.seconds,
-        "training_process": process_prefix,
+        "training_process": process,
         "training_cores": sum(cpu_ns[pid] for pid in training) / 1e9 * per_s,
         "other_cores": others / 1e9 * per_s,  # pid 0 is the idle task
         "processes": [p for p in processes if p["pid"] != "0"],
