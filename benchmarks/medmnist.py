@@ -198,6 +198,13 @@ def run_search(dataset: str, method: str, args: argparse.Namespace) -> dict[str,
 def load_run(workdir: Path, dataset: str, method: str) -> dict[str, Any]:
     """Trials (in order) and the summary of a finished search under `workdir`."""
     out = workdir / "runs" / f"{dataset}-{method}"
+    if not (out / "summary.json").is_file():
+        # `--only quality` / `--only stem` build on searches run before, maybe on another host.
+        raise SystemExit(
+            f"{out}: no finished {dataset} search ({method}) here; run the part that makes it "
+            "first (`--only search` for PneumoniaMNIST, `--only quality` for BreastMNIST), or "
+            "give --workdir where it ran"
+        )
     summary = json.loads((out / "summary.json").read_text())
     with (out / "trials.csv").open() as handle:
         trials = [

@@ -11,6 +11,7 @@ from benchmarks import census, hosting, throughput
 from benchmarks.common import TRAIN_WORKER, SessionCpu, round_order
 from benchmarks.medmnist import (
     best_so_far,
+    load_run,
     mark_selected_by_cv,
     merged,
     search_stats,
@@ -215,3 +216,8 @@ def test_census_shares_cpu_by_process_and_times_the_training_threads_switch_outs
     assert by_pid["training_cores"] == summary["training_cores"]
     with pytest.raises(SystemExit, match="no scheduler events"):
         census.summarise(census.read(["nothing"], "x"), "x")
+
+
+def test_medmnist_names_the_missing_search_a_later_part_builds_on(tmp_path):
+    with pytest.raises(SystemExit, match=r"breastmnist-tpe_asha: no finished breastmnist search"):
+        load_run(tmp_path, "breastmnist", "tpe_asha")
