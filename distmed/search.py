@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,15 +48,42 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     cfg = apply_params(ExperimentConfig.model_validate(context.base), params)
     trial_id = ray.tune.get_context().get_trial_id()
     run_name = trial_run_name(trial_id)
+    to_tune = TuneReportCallback()
     cross_validate(
         cfg,
         context.plan,
         context.layout,
         context.train_storage,
         run_name=run_name,
-        callbacks=[TuneReportCallback()],
+        callbacks=[to_tune],
         detail_uri=f"{context.train_storage}/{run_name}",  # histories for the report
     )
+    wait_until_tune_took_every_report(to_tune)
+
+
+def wait_until_tune_took_every_report(
+    to_tune: TuneReportCallback, timeout_s: float = 60.0, settle_s: float = 0.5
+) -> None:
+    """Return only once the trial's main thread has taken the last epoch report from Train.
+
+    Ray 2.60 race (a CI run hung on it): the callback hands reports to the trial through a
+    queue that the trial's main thread empties only when Tune asks for its next result. Were
+    this function to return first, Tune's end-of-trial marker would take the trial's one-slot
+    result queue, and the main thread, forwarding the last report after it, would wait on that
+    slot forever. The queue is the callback's own (no public handle); on a Ray without it this
+    waits for nothing. A trial Tune stops meanwhile is ended by Tune, so the wait is bounded.
+    """
+    reports = getattr(to_tune, "_training_actor_item_queue", None)
+    if reports is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while not reports.empty():
+        if time.monotonic() > deadline:
+            log.warning("Tune has not taken the last report after %.0f s; ending anyway", timeout_s)
+            return
+        time.sleep(0.1)
+    # Taken off the queue, the report reaches the result slot within milliseconds.
+    time.sleep(settle_s)
 
 
 class CVOptunaSearch(OptunaSearch):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import optuna
@@ -12,7 +14,7 @@ import yaml
 
 from distmed.config import ExperimentConfig
 from distmed.errors import UserError
-from distmed.search import build_sampler
+from distmed.search import build_sampler, wait_until_tune_took_every_report
 from distmed.space import apply_params, load_space, to_tune_domains
 
 REPO = Path(__file__).resolve().parents[1]
@@ -504,3 +506,32 @@ def test_apply_params_rejects_an_invalid_sample(params, key):
         apply_params(base, params)
     assert key in str(info.value)
     assert "trial config" in str(info.value)
+
+
+class _Reports:
+    """A stand-in for the callback's queue: not empty for the first `pending` checks."""
+
+    def __init__(self, pending: int):
+        self.pending, self.checks = pending, 0
+
+    def empty(self) -> bool:
+        self.checks += 1
+        return self.checks > self.pending
+
+
+def test_a_trial_returns_only_after_tune_took_its_last_report():
+    reports = _Reports(pending=2)
+    to_tune = SimpleNamespace(_training_actor_item_queue=reports)
+    wait_until_tune_took_every_report(to_tune, timeout_s=5, settle_s=0)
+    assert reports.checks == 3  # polled until the queue was empty, then returned
+    # A Ray whose callback has no such queue: nothing to wait for.
+    wait_until_tune_took_every_report(SimpleNamespace(), timeout_s=5, settle_s=0)
+
+
+def test_the_wait_for_tune_is_bounded_and_says_so(caplog):
+    reports = _Reports(pending=10**9)  # never taken, e.g. Tune is stopping the trial
+    to_tune = SimpleNamespace(_training_actor_item_queue=reports)
+    with caplog.at_level(logging.WARNING, logger="distmed.search"):
+        wait_until_tune_took_every_report(to_tune, timeout_s=0.3, settle_s=0)
+    assert reports.checks >= 2
+    assert "has not taken the last report after 0 s" in caplog.text
