@@ -191,8 +191,7 @@ def run_host(host: str, spec: HostSpec) -> None:
         elif host == "ray-train":
             fit_one_worker(_train_worker, asdict(spec), spec)
         else:  # "idle-ray", the neighbour `idle_ray_train` starts
-            stop = Path(spec.out).with_suffix(".stop")
-            ready = Path(spec.out).with_suffix(".ready")
+            ready, stop = idle_run_files(spec)
             fit_one_worker(_idle_worker, {"ready": str(ready), "stop": str(stop)}, spec)
     finally:
         ray.shutdown()
@@ -211,15 +210,33 @@ def fit_one_worker(train_fn: Any, config: dict[str, Any], spec: HostSpec) -> Non
     ).fit()
 
 
+def host_command(host: str, spec: HostSpec) -> list[str]:
+    """This module run as one host (or as the idle Ray Train run) in a process of its own."""
+    return [
+        sys.executable,
+        "-m",
+        "benchmarks.hosting",
+        "--host",
+        host,
+        "--spec",
+        json.dumps(asdict(spec)),
+    ]
+
+
+def idle_run_files(spec: HostSpec) -> tuple[Path, Path]:
+    """The idle run's worker touches the first once up; it ends once the second exists."""
+    out = Path(spec.out)
+    return out.with_suffix(".ready"), out.with_suffix(".stop")
+
+
 @contextmanager
 def idle_ray_train(spec: HostSpec, start_timeout_s: float = 180) -> Iterator[None]:
     """An idle Ray Train run in a process of its own, up (worker started) while the block runs."""
-    out = Path(spec.out)
-    ready, stop = out.with_suffix(".ready"), out.with_suffix(".stop")
-    command = [sys.executable, "-m", "benchmarks.hosting", "--host", "idle-ray"]
-    command += ["--spec", json.dumps(asdict(spec))]
-    with out.with_suffix(".idle-ray.log").open("w") as log:
-        neighbour = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    ready, stop = idle_run_files(spec)
+    with Path(spec.out).with_suffix(".idle-ray.log").open("w") as log:
+        neighbour = subprocess.Popen(
+            host_command("idle-ray", spec), stdout=log, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.monotonic() + start_timeout_s
         while not ready.exists():
@@ -264,9 +281,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def run_in_subprocess(host: str, spec: HostSpec, log: Path, timeout_s: float) -> dict[str, Any]:
-    command = [sys.executable, "-m", "benchmarks.hosting", "--host", host]
-    command += ["--spec", json.dumps(asdict(spec))]
-    outcome = run_logged(command, log, timeout_s)
+    outcome = run_logged(host_command(host, spec), log, timeout_s)
     if "error" in outcome:
         raise SystemExit(f"{host}: {outcome['error']}")
     return {**json.loads(Path(spec.out).read_text()), "wall_s": outcome["wall_s"]}
