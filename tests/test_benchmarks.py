@@ -15,6 +15,7 @@ from benchmarks.medmnist import (
     mark_selected_by_cv,
     merged,
     search_stats,
+    space_for,
     with_small_stem,
 )
 from benchmarks.throughput import ratios, summarise_cv_result
@@ -138,6 +139,16 @@ def test_small_stem_run_fixes_the_best_config_and_changes_only_the_stem():
     assert out["space"] == {"model.stem": {"choice": ["small"]}}
     assert out["search"] == {"num_samples": 1, "scheduler": {"type": "none"}}
     assert spec["base"]["model"]["stem"] == "imagenet"  # the search's own spec is untouched
+
+
+def test_stem_search_adds_the_stem_to_breastmnists_own_search(tmp_path):
+    import yaml
+
+    first = yaml.safe_load(space_for("breastmnist", "tpe_asha", tmp_path).read_text())
+    second = yaml.safe_load(space_for("breastmnist", "stem_search", tmp_path).read_text())
+    assert second["space"].pop("model.stem") == {"choice": ["imagenet", "small"]}
+    assert second == first  # the same data-set settings, epochs, folds, seed and budget
+    assert first["base"]["cv"]["folds"] == 3 and first["base"]["train"]["epochs"] == 30
 
 
 def test_quality_selects_by_cv_not_by_test():
