@@ -150,6 +150,11 @@ def test_stem_search_adds_the_stem_to_breastmnists_own_search(tmp_path):
     assert second == first  # the same data-set settings, epochs, folds, seed and budget
     assert first["base"]["cv"]["folds"] == 3 and first["base"]["train"]["epochs"] == 30
 
+    third = yaml.safe_load(space_for("breastmnist", "long_search", tmp_path).read_text())
+    assert "model.unfreeze" not in third["space"] and third["base"]["model"]["unfreeze"] == 5
+    assert third["space"]["model.stem"] == {"choice": ["imagenet", "small"]}
+    assert third["search"]["num_samples"] == 20
+
 
 def test_quality_selects_by_cv_not_by_test():
     rows = {
