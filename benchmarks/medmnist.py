@@ -452,7 +452,7 @@ def quality_row(run: dict[str, Any]) -> dict[str, Any]:
 
 def quality_table(rows: dict[str, dict[str, Any]]) -> str:
     lines = []
-    for dataset in PUBLISHED:
+    for dataset in sorted({row["dataset"] for row in rows.values()}, key=list(PUBLISHED).index):
         for row in (r for r in rows.values() if r["dataset"] == dataset):
             chosen = " **selected by CV**" if row.get("selected_by_cv") else ""
             lines.append(
