@@ -84,9 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         for method in ("tpe_asha", "random"):
             runs[f"pneumoniamnist/{method}"] = run_search("pneumoniamnist", method, args)
         report_search(runs, machine)
-    if args.only in ("stem-search", "long-search"):  # own result files: no part above reruns
-        method = args.only.replace("-", "_")
-        report_later_search(run_search("breastmnist", method, args), machine)
+    if args.only in LATER_PARTS:  # own result files: no part above reruns
+        report_later_search(run_search("breastmnist", LATER_PARTS[args.only], args), machine)
         return 0
     if args.only in (None, "quality", "stem"):
         if "pneumoniamnist/tpe_asha" not in runs:
@@ -103,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
-    parser.add_argument(
-        "--only", choices=["search", "quality", "stem", "stem-search", "long-search"]
-    )
+    parser.add_argument("--only", choices=["search", "quality", "stem", *LATER_PARTS])
     parser.add_argument(
         "--workdir",
         type=Path,
@@ -153,6 +150,7 @@ LATER_SEARCHES: dict[str, dict[str, Any]] = {
     "stem_search": {"space": _STEM},
     "long_search": {"space": {**_STEM, "model.unfreeze": None}, "search": {"num_samples": 20}},
 }
+LATER_PARTS = {method.replace("_", "-"): method for method in LATER_SEARCHES}  # --only NAME
 
 
 def with_small_stem(spec: dict[str, Any], best_config: dict[str, Any]) -> dict[str, Any]:
@@ -409,7 +407,7 @@ def report_later_search(run: dict[str, Any], machine: dict[str, Any]) -> None:
     row = quality_row(run)
     row["selected_by_cv"] = True  # the best trial of its own search
     write_result(
-        f"quality-{run['method'].replace('_', '-')}",
+        f"quality-{run['method'].replace('_', '-')}",  # quality-stem-search.json, ...
         {"machine": machine, "space_used": run["space_used"], key: row},
     )
     print(machine_line(machine))
