@@ -7,6 +7,7 @@
     python -m benchmarks.medmnist --only stem          # BreastMNIST's best config, small stem
     python -m benchmarks.medmnist --only stem-search   # BreastMNIST again, the stem searched too
     python -m benchmarks.medmnist --only long-search   # ... 20 trials, every stage trained
+    python -m benchmarks.medmnist --only long-search-seed1  # ... the same, every seed 1
 
 Search efficiency: on PneumoniaMNIST, `search_spaces/medmnist28.yaml` (TPE + ASHA) against
 random search with the same trial budget and seed (`search.algorithm=random`, no early
@@ -18,7 +19,8 @@ small`, as in MedMNIST's own 28 px ResNets), scored by the same cross-validation
 the one with the higher CV ROC-AUC is the one the quality table selects (never the test).
 Later BreastMNIST searches (`LATER_SEARCHES`), each separate, its refit best model scored once
 on the test split: `stem-search` puts `model.stem` into the space, otherwise the same settings;
-`long-search` also trains every stage (random init: no frozen stages) and runs 20 trials.
+`long-search` also trains every stage (random init: no frozen stages) and runs 20 trials;
+`long-search-seed1` is `long-search` with every seed changed, a replicate.
 Results: `benchmarks/results/search_efficiency.json`, `quality.json`, `quality-<search>.json`
 and a PNG of the curves.
 """
@@ -145,10 +147,18 @@ def space_for(dataset: str, method: str, workdir: Path) -> Path:
 # `model.unfreeze` from the space: from random init a frozen stage keeps random weights, so
 # trials with unfreeze < 5 were handicapped, not searched; and 20 trials let TPE model the
 # space after Optuna's 10 random start-up trials (6 trials are random search).
+# `long_search_seed1` is `long_search` again with every seed changed (sampler, folds, weights
+# and batches): how much of its test score is that one draw.
 _STEM = {"model.stem": {"choice": ["imagenet", "small"]}}
+_LONG_SPACE = {**_STEM, "model.unfreeze": None}
 LATER_SEARCHES: dict[str, dict[str, Any]] = {
     "stem_search": {"space": _STEM},
-    "long_search": {"space": {**_STEM, "model.unfreeze": None}, "search": {"num_samples": 20}},
+    "long_search": {"space": _LONG_SPACE, "search": {"num_samples": 20}},
+    "long_search_seed1": {
+        "space": _LONG_SPACE,
+        "search": {"num_samples": 20, "seed": 1},
+        "base": {"cv": {"seed": 1}, "train": {"seed": 1}},
+    },
 }
 LATER_PARTS = {method.replace("_", "-"): method for method in LATER_SEARCHES}  # --only NAME
 
@@ -388,6 +398,8 @@ MODEL_LABELS = {
     "small_stem": "distmed (that best config + small stem, refit, random init, CPU)",
     "stem_search": "distmed (TPE + ASHA, stem in the space, refit, random init, CPU)",
     "long_search": "distmed (TPE + ASHA, 20 trials, stem in the space, all stages trained, "
+    "refit, random init, CPU)",
+    "long_search_seed1": "distmed (the same as the row above, every seed 1 instead of 0, "
     "refit, random init, CPU)",
 }
 

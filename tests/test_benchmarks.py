@@ -155,6 +155,13 @@ def test_stem_search_adds_the_stem_to_breastmnists_own_search(tmp_path):
     assert third["space"]["model.stem"] == {"choice": ["imagenet", "small"]}
     assert third["search"]["num_samples"] == 20
 
+    replicate = yaml.safe_load(space_for("breastmnist", "long_search_seed1", tmp_path).read_text())
+    seeds = (replicate["search"], replicate["base"]["cv"], replicate["base"]["train"])
+    assert [section.pop("seed") for section in seeds] == [1, 1, 1]
+    third["base"]["train"].pop("seed", None)  # unset there: the default 0
+    assert [third["search"].pop("seed"), third["base"]["cv"].pop("seed")] == [0, 0]
+    assert replicate == third  # every other setting as in the long search
+
 
 def test_quality_selects_by_cv_not_by_test():
     rows = {
