@@ -149,10 +149,43 @@ def apply_freeze(model: nn.Module, unfreeze: int, new_stem: bool = False) -> Non
     A freshly initialised stem (`new_stem`) always trains: frozen random filters would
     feed noise to every later stage.
     """
-    trainable = set(RESNET_STAGES[:unfreeze]) | ({"stem"} if new_stem else set())
+    frozen = frozen_stages(unfreeze, new_stem)
     for name, modules in stage_modules(model).items():
         for module in modules:
-            module.requires_grad_(name in trainable)
+            module.requires_grad_(name not in frozen)
+
+
+def frozen_stages(unfreeze: int, new_stem: bool = False) -> list[str]:
+    """The stages `apply_freeze` freezes, head end first (a new stem always trains)."""
+    trainable = set(RESNET_STAGES[:unfreeze]) | ({"stem"} if new_stem else set())
+    return [stage for stage in RESNET_STAGES if stage not in trainable]
+
+
+def warn_frozen_random_stages(cfg: ModelConfig, lowest_unfreeze: int | None = None) -> None:
+    """Log a warning when `weights: none` meets an `unfreeze` that freezes stages.
+
+    Freezing keeps pretrained features; without pretrained weights a frozen stage keeps its
+    random init for the whole run, which handicaps the model instead of choosing a
+    transfer-learning depth. Not an error: it is a valid (if rarely wanted) experiment.
+    `lowest_unfreeze` is the smallest value a search can draw, when it searches `unfreeze`.
+    """
+    if cfg.weights != "none":
+        return
+    unfreeze = cfg.unfreeze if lowest_unfreeze is None else lowest_unfreeze
+    frozen = frozen_stages(unfreeze, new_stem=cfg.stem == "small")
+    if not frozen:
+        return
+    if lowest_unfreeze is None:
+        where, fix = f"model.unfreeze={unfreeze}", "set model.unfreeze=5"
+    else:
+        where, fix = f"model.unfreeze searched down to {unfreeze}", "take it out of the space"
+    log.warning(
+        "model.weights=none with %s freezes %s at random init for the whole run; %s to "
+        "train every stage, or give pretrained weights (model.weights=imagenet or a .pt file)",
+        where,
+        ", ".join(frozen),
+        fix,
+    )
 
 
 def set_train_mode(model: nn.Module) -> None:

@@ -23,7 +23,7 @@ from distmed.cv import CVResult, cross_validate, prepare_data, share_images
 from distmed.data import DataIndex, describe_index, scan_source
 from distmed.errors import UserError
 from distmed.metrics import METRIC_NAMES
-from distmed.model import check_weights
+from distmed.model import check_weights, warn_frozen_random_stages
 from distmed.resources import plan_workers, start_ray
 
 
@@ -55,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     cfg = load_config(args.config, overrides_from_args(args))
+    warn_frozen_random_stages(cfg.model)
     scanned = scan_source(cfg.data)
     check_weights(cfg.model)  # a bad weights file fails before the (slow) first decode
     prepared = prepare_data(cfg, scanned)

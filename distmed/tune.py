@@ -27,7 +27,7 @@ from distmed.cli import add_common_options, overrides_from_args, parse, run_entr
 from distmed.cv import PreparedData, prepare_data, share_images, storage_uri
 from distmed.data import DataIndex, describe_index, scan_source
 from distmed.errors import UserError
-from distmed.model import check_weights
+from distmed.model import check_weights, warn_frozen_random_stages
 from distmed.refit import (
     TEST_PREDICTIONS,
     evaluate_test,
@@ -117,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     spec = _load_spec(args)
+    _warn_frozen_random_stages(spec)
     if args.dry_run:
         print(_describe(spec))
         return 0
@@ -269,6 +270,18 @@ def _load_spec(args: argparse.Namespace) -> SearchSpaceFile:
     if args.max_concurrent is not None:
         updates["max_concurrent"] = args.max_concurrent
     return spec.with_search(**updates) if updates else spec
+
+
+def _warn_frozen_random_stages(spec: SearchSpaceFile) -> None:
+    """`warn_frozen_random_stages` for the trials the space can draw at its lowest unfreeze."""
+    space = spec.space
+    if "model.weights" in space:  # some trials may have pretrained weights: no single answer
+        return
+    model = spec.base.model
+    if "model.stem" in space and "imagenet" in space["model.stem"].probe_values():
+        model = model.model_copy(update={"stem": "imagenet"})  # a stem that can be frozen
+    unfreeze = space.get("model.unfreeze")
+    warn_frozen_random_stages(model, min(unfreeze.probe_values()) if unfreeze else None)
 
 
 def _describe(spec: SearchSpaceFile) -> str:

@@ -12,7 +12,7 @@ from torchvision import models
 
 from distmed.config import RESNET_STAGES, ModelConfig
 from distmed.errors import UserError
-from distmed.model import build_model, set_train_mode
+from distmed.model import build_model, set_train_mode, warn_frozen_random_stages
 
 STAGE_PREFIXES = {
     "layer4": ("layer4.",),
@@ -119,6 +119,38 @@ def test_set_train_mode_extremes(unfreeze):
     set_train_mode(model)
     bn_modes = {m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
     assert bn_modes == {unfreeze == 5}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "lowest", "frozen"),
+    [
+        ({"unfreeze": 3}, None, "layer1, stem"),
+        ({"unfreeze": 4, "stem": "small"}, None, None),  # the new stem trains anyway
+        ({"unfreeze": 3, "stem": "small"}, None, "layer1"),
+        ({"unfreeze": 5}, None, None),
+        ({"unfreeze": 5}, 2, "layer2, layer1, stem"),  # a search that can draw 2
+        ({"unfreeze": 0, "weights": "frozen.pt"}, None, None),  # pretrained: freezing is the point
+    ],
+)
+def test_frozen_stages_at_random_init_are_warned_by_name(caplog, kwargs, lowest, frozen):
+    cfg = model_cfg(**kwargs)
+    with caplog.at_level("WARNING", logger="distmed.model"):
+        warn_frozen_random_stages(cfg, lowest)
+    if frozen is None:
+        assert caplog.records == []
+        return
+    [record] = caplog.records
+    message = record.getMessage()
+    assert f"freezes {frozen} at random init" in message
+    fix = "set model.unfreeze=5" if lowest is None else "take it out of the space"
+    assert f"; {fix} to train every stage" in message
+    # The warning names exactly what build_model freezes.
+    built = build_model(cfg.model_copy(update={"unfreeze": lowest or cfg.unfreeze}), 2)
+    frozen_params = {name.split(".")[0] for name in dict(built.named_parameters())} - {
+        name.split(".")[0] for name in trainable_names(built)
+    }
+    expected = {p.rstrip(".") for stage in frozen.split(", ") for p in STAGE_PREFIXES[stage]}
+    assert frozen_params == expected
 
 
 def test_local_weights_are_loaded(resnet18_file):

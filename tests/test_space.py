@@ -83,6 +83,48 @@ def test_every_sample_of_a_shipped_space_is_a_valid_trial_config(path: Path):
         assert cfg.train.epochs == spec.base.train.epochs  # not searched: from the base
 
 
+RANDOM_INIT = "base:\n model:\n  weights: none\n"  # the default is imagenet
+
+
+@pytest.mark.parametrize(
+    ("space", "top", "frozen"),
+    [
+        ("model.unfreeze: {randint: [3, 5]}", RANDOM_INIT, "layer1, stem"),
+        ("model.unfreeze: {choice: [5, 4]}", RANDOM_INIT, "stem"),
+        ("model.unfreeze: {randint: [0, 5]}", "", None),  # pretrained: freezing is the point
+        ("optim.lr: {loguniform: [1.0e-4, 1.0e-2]}", RANDOM_INIT, None),  # every stage trains
+        # a small stem trains anyway; the ImageNet one, which the space can also draw, not
+        (
+            "model.unfreeze: {randint: [4, 5]}\nmodel.stem: {choice: [small, imagenet]}",
+            RANDOM_INIT + "  stem: small\n",
+            "stem",
+        ),
+        ("model.unfreeze: {randint: [4, 5]}", RANDOM_INIT + "  stem: small\n", None),
+        # trials may draw pretrained weights: no warning for the space as a whole
+        (
+            "model.unfreeze: {randint: [0, 5]}\nmodel.weights: {choice: [none, w.pt]}",
+            RANDOM_INIT,
+            None,
+        ),
+    ],
+)
+def test_search_warns_when_trials_can_freeze_random_init_stages(
+    tmp_path, caplog, space, top, frozen
+):
+    from distmed.tune import main
+
+    path = space_file(tmp_path, space, top)
+    with caplog.at_level("WARNING", logger="distmed.model"):
+        assert main(["--space", str(path), "--dry-run"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.name == "distmed.model"]
+    if frozen is None:
+        assert warnings == []
+    else:
+        [message] = warnings
+        assert "model.unfreeze searched down to" in message
+        assert f"freezes {frozen} at random init" in message
+
+
 # --------------------------------------------------------------------------- distributions
 
 

@@ -28,6 +28,15 @@ def test_missing_data_path(tmp_path: Path, capsys) -> None:
     assert "nowhere" in err and "no such file" in err
 
 
+def test_frozen_random_init_stages_are_warned_before_any_work(tmp_path, capsys, caplog) -> None:
+    argv = ["--data", str(tmp_path / "nowhere"), "--set", "model.weights=none"]
+    with caplog.at_level("WARNING", logger="distmed.model"):
+        _fail([*argv, "--set", "model.unfreeze=2"], capsys)  # the data error comes after it
+        _fail(argv, capsys)  # the default unfreeze trains every stage
+    [record] = [r for r in caplog.records if r.name == "distmed.model"]
+    assert "model.unfreeze=2 freezes layer2, layer1, stem at random init" in record.getMessage()
+
+
 def test_empty_class_folder(tmp_path: Path, capsys) -> None:
     root = write_image_folder(tmp_path / "data", {"a": 6, "b": 6})
     (root / "c").mkdir()
