@@ -145,7 +145,8 @@ def test_frozen_stages_at_random_init_are_warned_by_name(caplog, kwargs, lowest,
     fix = "set model.unfreeze=5" if lowest is None else "take it out of the space"
     assert f"; {fix} to train every stage" in message
     # The warning names exactly what build_model freezes.
-    built = build_model(cfg.model_copy(update={"unfreeze": lowest or cfg.unfreeze}), 2)
+    unfreeze = cfg.unfreeze if lowest is None else lowest
+    built = build_model(cfg.model_copy(update={"unfreeze": unfreeze}), 2)
     frozen_params = {name.split(".")[0] for name in dict(built.named_parameters())} - {
         name.split(".")[0] for name in trainable_names(built)
     }

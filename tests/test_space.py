@@ -93,7 +93,7 @@ RANDOM_INIT = "base:\n model:\n  weights: none\n"  # the default is imagenet
         ("model.unfreeze: {choice: [5, 4]}", RANDOM_INIT, "stem"),
         ("model.unfreeze: {randint: [0, 5]}", "", None),  # pretrained: freezing is the point
         ("optim.lr: {loguniform: [1.0e-4, 1.0e-2]}", RANDOM_INIT, None),  # every stage trains
-        # a small stem trains anyway; the ImageNet one, which the space can also draw, not
+        # a small stem always trains, but this space can also draw the ImageNet stem
         (
             "model.unfreeze: {randint: [4, 5]}\nmodel.stem: {choice: [small, imagenet]}",
             RANDOM_INIT + "  stem: small\n",
