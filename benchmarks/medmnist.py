@@ -399,8 +399,8 @@ MODEL_LABELS = {
     "stem_search": "distmed (TPE + ASHA, stem in the space, refit, random init, CPU)",
     "long_search": "distmed (TPE + ASHA, 20 trials, stem in the space, all stages trained, "
     "refit, random init, CPU)",
-    "long_search_seed1": "distmed (the same as the row above, every seed 1 instead of 0, "
-    "refit, random init, CPU)",
+    "long_search_seed1": "distmed (TPE + ASHA, 20 trials, stem in the space, all stages "
+    "trained, every seed 1, refit, random init, CPU)",
 }
 
 
