@@ -491,6 +491,8 @@ def _run_fold_epoch(fold, epoch, cfg, device, precision, channels_last, positive
         fold.stopped = True
         record["diverged"] = 1.0
         record.update({f"val_{k}": math.nan for k in (*METRIC_NAMES, "loss")})
+        if fold.val_loader is not None:  # how many images the fold would have been scored on
+            record["val_num_samples"] = len(fold.val_loader.dataset)
     fold.history.append(record)
 
 
