@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,6 +29,9 @@ from distmed.resources import WorkerLayout
 from distmed.worker import STATE_FILE, train_folds
 
 log = logging.getLogger(__name__)
+# Retries of a worker group that did not start in time (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
+# see resources.bound_ray_waits); Ray Train's default is to retry without end.
+START_RETRIES = 2
 
 
 @dataclass(frozen=True)
@@ -277,14 +281,38 @@ def fit_folds(
             name=run_name,
             storage_path=storage_uri(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=1),  # k models + optimisers each
-            failure_config=FailureConfig(max_failures=layout.max_failures),
+            failure_config=FailureConfig(
+                max_failures=layout.max_failures,
+                # A worker group that cannot start is retried this often, not forever.
+                controller_failure_limit=START_RETRIES,
+            ),
             callbacks=list(callbacks),
         ),
     )
     result = trainer.fit()
     if result.error is not None:
-        raise result.error
+        raise explain_fit_error(result.error, layout) from result.error
     return result
+
+
+def explain_fit_error(error: BaseException, layout: WorkerLayout) -> BaseException:
+    """A one-line `UserError` for a worker group that never started; other errors as they are.
+
+    Ray Train's own text ("The worker group startup timed out ...") says neither what was
+    waited for nor what to do.
+    """
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    if not isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError):
+        return error
+    timeout = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+    wanted = " + ".join(f"{v:g} {k}" for k, v in layout.resources_per_worker.items())
+    return UserError(
+        f"Ray Train could not start {layout.num_workers} worker(s) of {wanted} each within "
+        f"{timeout} s, {START_RETRIES + 1} times: other Ray work holds the cluster's CPUs/GPUs "
+        "or the machine is overloaded ('ray status' shows who holds them); stop it, or lower "
+        "--max-concurrent / --workers, then run again (a search: add --resume)"
+    )
 
 
 def storage_uri(storage: str | Path) -> str:

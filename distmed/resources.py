@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,17 +50,22 @@ class WorkerLayout:
         return resources
 
 
-def start_ray(address: str | None = None, worker_logs: bool = True) -> None:
+def start_ray(
+    address: str | None = None, worker_logs: bool = True, num_cpus: int | None = None
+) -> None:
     """Join the cluster at `address` (or $RAY_ADDRESS), else start a local one of our own.
 
     `worker_logs=False` keeps Ray's worker output off the console (the search prints its
-    own per-epoch lines from the driver instead).
+    own per-epoch lines from the driver instead). `num_cpus` caps a local instance.
     """
+    bound_ray_waits()
     # `ray job submit` runs us with RAY_ADDRESS set: that cluster is the one to join.
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if ray.is_initialized() and address in (None, ray.get_runtime_context().gcs_address):
+        return  # connected already (an embedding program, a test, our own local start)
     if address:
         check_reachable(address)
-    if ray.is_initialized():  # an embedding program (or a test) has connected already
+    if ray.is_initialized():
         return
     # Ray Train's health check stays at Ray's 2 s: polling every 0.5 s cost ~10% of the
     # training rate on 2 cores (benchmarks/throughput.py); tests set it lower for short fits.
@@ -67,9 +73,7 @@ def start_ray(address: str | None = None, worker_logs: bool = True) -> None:
         if address:
             ray.init(address=address, log_to_driver=worker_logs)
         else:
-            # "local": always a fresh instance of our own; without it Ray would join whatever
-            # cluster last registered on this host, even a dead one. --address auto joins.
-            ray.init(address="local", log_to_driver=worker_logs, include_dashboard=True)
+            start_local_ray(worker_logs=worker_logs, num_cpus=num_cpus)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         target = f"the cluster at {address}" if address else "a local Ray instance"
         raise UserError(
@@ -77,6 +81,56 @@ def start_ray(address: str | None = None, worker_logs: bool = True) -> None:
             f"({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             "check --address, or run 'ray status'"
         ) from exc
+
+
+def start_local_ray(worker_logs: bool = True, num_cpus: int | None = None) -> str:
+    """Start a new local Ray instance whose every process knows its address; returns it.
+
+    Ray code that looks for "the" cluster without being given an address (the state API,
+    and Ray Train's placement-group cleaner, which runs in an actor) fails with "Found
+    multiple active Ray instances" when another instance runs on this host (a colleague's
+    job, a second search), or finds the other one. The cleaner's failure leaks a finished
+    trial's CPUs, and the refit then waits for them forever. Ray's processes inherit the
+    environment of the node that starts them, so the GCS port is chosen first
+    (RAY_GCS_SERVER_PORT, read by Ray's head node) and RAY_ADDRESS names it before the
+    node starts. "local": never join whatever cluster last registered on this host.
+    """
+    host = ray.util.get_node_ip_address()
+    previous = os.environ.get("RAY_ADDRESS")
+    port = _free_port()
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"{host}:{port}"
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            log_to_driver=worker_logs,
+            include_dashboard=True,
+            _node_ip_address=host,
+        )
+    except BaseException:
+        _restore_env("RAY_ADDRESS", previous)
+        raise
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    started = ray.get_runtime_context().gcs_address
+    if started != os.environ["RAY_ADDRESS"]:  # never expected; the workers' copy is stale
+        log.warning("Ray started at %s, not %s", started, os.environ["RAY_ADDRESS"])
+        os.environ["RAY_ADDRESS"] = started
+    return started
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def check_reachable(address: str) -> None:
@@ -315,3 +369,106 @@ def _want_gpu(cfg: ScalingSection, gpus: float, force_cpu: bool) -> bool:
             "scaling.use_gpu=true but Ray sees no GPU; use --cpu or scaling.use_gpu=auto"
         )
     return gpus > 0
+
+
+def bound_ray_waits() -> None:
+    """Bounds for the waits inside Ray that have none (or 10 minutes) by default.
+
+    Set in the driver's environment before Ray Train or Tune start; Ray Train forwards its
+    own variables to its controller. A value the user set is kept.
+    - Ray Train gives a worker group 60 s to start, then retries without end: on a loaded
+      2-core machine a worker can need longer, and a group that cannot get its CPUs never
+      starts. 180 s per try, and `CONTROLLER_RETRIES` tries (`cv.fit_folds`), then an error.
+    - Tune waits up to 600 s for a stopped trial to end before killing it.
+    """
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "20")
+
+
+def wait_for_free_resources(layout: WorkerLayout, purpose: str) -> None:
+    """Return once the cluster has `layout`'s CPUs and GPUs free, within a bound.
+
+    Ray Train frees a finished or stopped run's placement group from a helper actor, which
+    can lag or fail; a new fit (the refit after a search) would then wait for CPUs forever.
+    Called when none of this driver's runs is active, so this job's placement groups that
+    are still held are leftovers and are removed first. Other jobs' groups are never
+    touched: if they hold the resources, this waits $DISTMED_RESOURCE_WAIT_S (default 120)
+    seconds and then stops with one line saying what is missing.
+
+    Raises:
+        UserError: the resources did not become free in time.
+    """
+    removed = remove_leftover_placement_groups()
+    if removed:
+        log.info("removed %d placement group(s) left by finished trials", removed)
+    need = {"CPU": layout.num_workers * layout.cpus_per_worker}
+    if layout.use_gpu:
+        need["GPU"] = layout.num_workers * layout.gpus_per_worker
+    # Beyond what the cluster has now only an autoscaler can help: Ray Train asks it.
+    total = ray.cluster_resources()
+    need = {k: v for k, v in need.items() if v <= total.get(k, 0.0) + 1e-9}
+    timeout = float(os.environ.get("DISTMED_RESOURCE_WAIT_S", "120"))
+    deadline = time.monotonic() + timeout
+    while True:
+        free = ray.available_resources()
+        missing = {k: v for k, v in need.items() if free.get(k, 0.0) + 1e-9 < v}
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            held = ", ".join(f"{free.get(k, 0.0):g} of {v:g} {k}" for k, v in missing.items())
+            raise UserError(
+                f"{purpose} needs {held} free after waiting {timeout:g} s: other Ray work on "
+                "this cluster holds them ('ray status' shows it); stop it, then run again "
+                "(a search: the same command with --resume keeps every finished trial)"
+            )
+        time.sleep(0.5)
+
+
+def remove_leftover_placement_groups() -> int:
+    """Remove the placement groups this driver's job still holds; returns how many.
+
+    Only for when none of the job's runs is active. A placement group id ends with the id
+    of the job that created it (`PlacementGroupID.of(job_id)` in Ray's ids), and actors
+    (Tune trials, Train controllers) create theirs under their driver's job.
+    """
+    from ray.util.placement_group import PlacementGroup
+
+    job = ray.get_runtime_context().get_job_id()
+    removed = 0
+    for pg_id, info in ray.util.placement_group_table().items():
+        if info.get("state") == "REMOVED" or not pg_id.endswith(job):
+            continue
+        group = PlacementGroup(ray.PlacementGroupID.from_hex(pg_id))
+        try:
+            ray.util.remove_placement_group(group)
+            removed += 1
+        except Exception as exc:  # removed meanwhile by its owner: nothing left to free
+            log.debug("placement group %s: %s", pg_id, exc)
+    return removed
+
+
+def keep_secrets_out_of_ray() -> None:
+    """Stop Ray Tune from copying cloud credentials into its trial actors' runtime env.
+
+    Ray Tune puts AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN /
+    AWS_SECURITY_TOKEN into the `runtime_env` of every trial actor
+    (`ray.tune.execution.class_cache`), and Ray's runtime-env agent writes every runtime env
+    it creates, values included, into the session's `logs/runtime_env_agent.log`, which
+    any user of the machine can read. Workers get credentials the way the rest of the node
+    does instead: a local instance inherits this process's environment when it starts,
+    and a cluster's nodes have their own (instance roles, their environment, `aws
+    configure`). Ray keeps the names in a module-level set that it reads for every trial.
+    """
+    from ray.tune.execution import class_cache
+
+    forwarded = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if isinstance(forwarded, set):
+        forwarded.difference_update(name for name in list(forwarded) if is_secret_name(name))
+
+
+def is_secret_name(name: str) -> bool:
+    """True for environment variables that hold credentials (keys, tokens, passwords)."""
+    upper = name.upper()
+    return upper.startswith("AWS_") or any(
+        word in upper for word in ("SECRET", "TOKEN", "PASSWORD", "API_KEY", "CREDENTIAL")
+    )

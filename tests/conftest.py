@@ -29,13 +29,21 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """The one Ray instance of the test run (a second cluster on a host confuses Train)."""
+    """The test run's own Ray instance, started the way distmed starts one: every process
+    of it knows its address, so other Ray instances on this host (a user's, or the searches
+    some tests run in subprocesses) never confuse Ray Train or the state API."""
     import ray
 
-    # address="local": a new instance even if a stale or foreign cluster is registered here.
-    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
+    from distmed.resources import start_local_ray
+
+    previous = os.environ.get("RAY_ADDRESS")
+    start_local_ray(worker_logs=False, num_cpus=2)
     yield ray
     ray.shutdown()
+    if previous is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = previous
 
 
 def shared_npz(name: str) -> Path:
