@@ -19,7 +19,9 @@ from distmed.artifacts import read_text_uri, write_json_atomic, write_text_atomi
 from distmed.config import ExperimentConfig, dump_config
 from distmed.space import apply_params
 
-STATUSES = ("completed", "stopped", "diverged", "errored")
+# "stopped": the scheduler (ASHA) stopped it; "interrupted": a Ctrl-C ended the search while
+# it was pending or training (`--resume` continues it).
+STATUSES = ("completed", "stopped", "diverged", "errored", "interrupted")
 # Per-fold epoch histories and out-of-fold predictions of one trial, in its Train run folder.
 TRIAL_DETAIL = "cv_detail.json"
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
@@ -53,8 +55,14 @@ def _trial_identity(result) -> tuple[str, float]:
     return str(trial_id), int(match[2]) if match else math.inf
 
 
-def collect_rows(result_grid, space_keys: list[str]) -> list[TrialRow]:
-    """One `TrialRow` per Tune trial, in trial-creation order."""
+def collect_rows(
+    result_grid, space_keys: list[str], interrupted: set[str] | None = None
+) -> list[TrialRow]:
+    """One `TrialRow` per Tune trial, in trial-creation order.
+
+    `interrupted`: ids of trials that a Ctrl-C stopped before they ended; their status is
+    `interrupted` unless they had already completed, diverged or errored.
+    """
     rows, positions = [], {}
     for result in result_grid:
         trial_id, positions[trial_id] = _trial_identity(result)
@@ -75,6 +83,8 @@ def collect_rows(result_grid, space_keys: list[str]) -> list[TrialRow]:
             )
         elif metrics.get("cv_complete"):
             status = "completed"
+        elif trial_id in (interrupted or ()):
+            status = "interrupted"
         else:
             status = "stopped"
         rows.append(

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import optuna
 import ray.tune
@@ -121,6 +123,65 @@ class EpochLines(ray.tune.Callback):
         print(f"  trial {trial.trial_id} errored (details: {where})", file=sys.stderr, flush=True)
 
 
+class EndedTrials(ray.tune.Callback):
+    """Records which trials ended (finished, stopped by the scheduler, errored) in this process.
+
+    When a Ctrl-C ends the search, Tune stops the other trials too and marks them TERMINATED
+    like the rest; they are the ones not recorded here. A resumed search unpickles its
+    callbacks from the saved experiment, so the record lives on the class, per process.
+    """
+
+    ended: ClassVar[set[str]] = set()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        EndedTrials.ended.add(trial.trial_id)
+
+    on_trial_error = on_trial_complete
+
+
+class StopOnCtrlC:
+    """Ctrl-C during `Tuner.fit()`: the first stops the search, a second exits at once.
+
+    The first Ctrl-C asks Tune to stop the way its own handler would (SIGUSR1: Tune saves
+    the experiment state, then stops the trials) and sets `interrupted`, which Tune's
+    handler would not tell anyone. The second prints `on_exit` and ends the process with
+    status 130 without waiting for anything (the Ray instance's reaper stops its processes).
+    """
+
+    def __init__(self, on_exit: str) -> None:
+        self.on_exit = on_exit
+        self.interrupted = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StopOnCtrlC:
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours instead, installed here
+        # Tune's own hint names its Python API (Tuner.restore); we print the CLI command.
+        logging.getLogger("ray.tune.tune").addFilter(_drop_restore_hint)
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.interrupted:
+            print(f"\ninterrupted again: exiting now. {self.on_exit}", file=sys.stderr, flush=True)
+            os._exit(130)
+        self.interrupted = True
+        print(
+            "\nCtrl-C: stopping the search and saving its state (Ctrl-C again to exit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise KeyboardInterrupt  # Tune has not started (or has finished) its loop
+        os.kill(os.getpid(), signal.SIGUSR1)  # Tune's own stop request (ray.tune.tune)
+
+
+def _drop_restore_hint(record: logging.LogRecord) -> bool:
+    return "Tuner.restore" not in record.getMessage()
+
+
 class DropTrialCheckpoints(ray.tune.Callback):
     """Delete a trial's Train checkpoints once it has ended: its score is recorded."""
 
@@ -171,7 +232,12 @@ def build_tuner(
         run_config=ray.tune.RunConfig(
             name=name,
             storage_path=storage,
-            callbacks=[EpochLines(), DropTrialCheckpoints(context.train_storage), *callbacks],
+            callbacks=[
+                EpochLines(),
+                EndedTrials(),
+                DropTrialCheckpoints(context.train_storage),
+                *callbacks,
+            ],
             verbose=2 if verbose else 1,
             failure_config=ray.tune.FailureConfig(max_failures=0),
         ),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -38,7 +39,13 @@ from distmed.refit import (
     saved_source,
 )
 from distmed.report import report_after_search
-from distmed.resources import concurrency_limit, plan_workers, start_ray
+from distmed.resources import (
+    concurrency_limit,
+    keep_secrets_out_of_ray,
+    plan_workers,
+    start_ray,
+    wait_for_free_resources,
+)
 from distmed.results import (
     best_config,
     best_row,
@@ -49,9 +56,19 @@ from distmed.results import (
     write_summary,
     write_trials_csv,
 )
-from distmed.search import TrialContext, build_tuner, experiment_path, restore_tuner
+from distmed.search import (
+    EndedTrials,
+    StopOnCtrlC,
+    TrialContext,
+    build_tuner,
+    experiment_path,
+    restore_tuner,
+)
 from distmed.space import SearchSpaceFile, load_space
 from distmed.tracking import wandb_callbacks
+
+# Exit status of a search stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 130
 
 EXAMPLES = """examples:
   python -m distmed.tune --space search_spaces/demo.yaml
@@ -111,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_entry_point(_run, parse(build_parser(), argv))
+    args = parse(build_parser(), argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # for the --resume hint
+    return run_entry_point(_run, args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -132,12 +151,27 @@ def _run(args: argparse.Namespace) -> int:
     start_ray(args.address, worker_logs=args.verbose)
     if args.address:  # workers may run on nodes without this node's decoded-image cache
         prepared = replace(prepared, plan=share_images(prepared.plan))
-    grid = _search(args, spec, prepared, name, exp_uri)
+    resume = resume_command(args.argv, name)
+    with StopOnCtrlC(on_exit=f"continue the search with: {resume}") as ctrl_c:
+        grid = _search(args, spec, prepared, name, exp_uri)
     local = _local_results_dir(args.storage, name)
     keys = list(spec.space)
-    rows = collect_rows(grid, keys)
+    unfinished = {r.trial_id for r in collect_rows(grid, [])} - EndedTrials.ended
+    rows = collect_rows(grid, keys, interrupted=unfinished if ctrl_c.interrupted else None)
     write_trials_csv(local / "trials.csv", rows, keys)
     summary = _summary_head(name, spec, prepared.index, rows)
+    if ctrl_c.interrupted:  # no refit: the search has not finished
+        summary.update(interrupted=True, wall_time_s=time.perf_counter() - started)
+        write_summary(local / "summary.json", summary)
+        _publish(local, args.storage, name)
+        counts = summary["trials_by_status"]
+        print(
+            f"search interrupted: {counts['completed']} trial(s) completed, "
+            f"{counts['interrupted']} interrupted (results so far: {local})\n"
+            f"continue it with: {resume}",
+            flush=True,
+        )
+        return EXIT_INTERRUPTED
     best = best_row(rows)
     if best is None:
         summary["wall_time_s"] = time.perf_counter() - started
@@ -187,6 +221,8 @@ def _search(args, spec: SearchSpaceFile, prepared: PreparedData, name: str, exp_
         f"-> {exp_uri}",
         flush=True,
     )
+    keep_secrets_out_of_ray()
+    EndedTrials.ended.clear()
     if args.resume:
         return restore_tuner(exp_uri, context).fit()
     run_dir = _local_results_dir(args.storage, name)
@@ -222,6 +258,7 @@ def _refit_and_test(args, chosen, best, prepared: PreparedData, exp_uri: str, lo
             flush=True,
         )
         layout = plan_workers(chosen.scaling, force_cpu=args.cpu)
+        wait_for_free_resources(layout, "the refit")
         state = refit(chosen, plan, layout, f"{exp_uri}/refit", run_name, epochs)
         channels, positive = cache.channels, plan.positive
         save_model(model_path, state, chosen, index.class_names, channels, positive, run_name)
@@ -255,6 +292,16 @@ def _print_results(rows, keys, best, summary: dict[str, Any], local: Path) -> No
             f"accuracy {test['accuracy']:.4f}"
         )
     print(f"results: {local}  ({summary['wall_time_s']:.0f} s)")
+
+
+def resume_command(argv: list[str], name: str) -> str:
+    """The command that continues this search: the same arguments, `--name`, `--resume`."""
+    args = list(argv)
+    if "--name" not in args and not any(a.startswith("--name=") for a in args):
+        args += ["--name", name]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join([sys.executable, "-m", "distmed.tune", *args])
 
 
 def _load_spec(args: argparse.Namespace) -> SearchSpaceFile:

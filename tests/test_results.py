@@ -215,8 +215,15 @@ def test_status_counts():
         "stopped": 1,
         "diverged": 0,
         "errored": 1,
+        "interrupted": 0,
     }
-    assert status_counts([]) == {"completed": 0, "stopped": 0, "diverged": 0, "errored": 0}
+    assert status_counts([]) == {
+        "completed": 0,
+        "stopped": 0,
+        "diverged": 0,
+        "errored": 0,
+        "interrupted": 0,
+    }
 
 
 def test_format_table_best_completed_first():
@@ -383,6 +390,20 @@ def test_collect_rows_status_mapping_and_values():
     assert rows["a_00003"].error == "ValueError: failed after the last report"
 
     assert best_row(list(rows.values())).trial_id == "a_00000"
+
+
+def test_a_ctrl_c_marks_unfinished_trials_interrupted_not_stopped():
+    # a_00002 was training when the Ctrl-C came: "stopped" would say ASHA stopped it, and a
+    # resumed search continues it. Trials that had ended keep their own status.
+    ids = {"a_00000", "a_00001", "a_00002", "a_00003"}
+    rows = {r.trial_id: r for r in collect_rows(fake_grid(), KEYS, interrupted=ids)}
+    assert rows["a_00002"].status == "interrupted"
+    assert rows["a_00000"].status == "completed"
+    assert rows["a_00001"].status == rows["a_00003"].status == "errored"
+    assert status_counts(list(rows.values()))["interrupted"] == 1
+    assert best_row(list(rows.values())).trial_id == "a_00000"
+    # Without a Ctrl-C, an unfinished trial is one that the scheduler stopped.
+    assert {r.trial_id: r.status for r in collect_rows(fake_grid(), KEYS)}["a_00002"] == "stopped"
 
 
 def test_collect_rows_resumed_trial_counts_its_epochs_not_tunes_iterations():
