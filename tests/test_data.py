@@ -524,7 +524,7 @@ def test_build_cache_writes_and_reuses(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("the cache should have been reused")
 
-    monkeypatch.setattr(data_mod, "decode_split", no_decoding)
+    monkeypatch.setattr(data_mod.cache, "decode_split", no_decoding)  # where build_cache looks
     again = build_cache(scan_source(config), config)
     assert again == cached
 
