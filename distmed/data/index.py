@@ -18,6 +18,8 @@ class Split:
     """One split of a source: sample ids, integer labels, optional patient groups.
 
     Exactly one of `paths` (image files) and `images` (in-memory arrays from an .npz) is set.
+    `origins` names the split each sample came from (`train`, `val`, `test`; `all` for a
+    folder without split folders).
     """
 
     ids: list[str]
@@ -25,6 +27,7 @@ class Split:
     groups: np.ndarray | None = None
     paths: list[Path] | None = None
     images: np.ndarray | None = None
+    origins: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -40,6 +43,8 @@ class DataIndex:
     test: Split | None
     fingerprint: str  # changes when any file, size or label changes
     skipped: dict[str, str] = field(default_factory=dict)  # unreadable file id -> reason
+    layout: str = ""  # how the source was read, e.g. "split folders train/, valid/ (val)"
+    ignored: dict[str, str] = field(default_factory=dict)  # clutter, non-images -> reason
 
 
 def describe_index(index: DataIndex) -> dict:
@@ -72,4 +77,5 @@ def _drop_from_split(split: Split, skipped: dict[str, str]) -> Split:
         if split.paths is not None
         else None,
         images=split.images[keep] if split.images is not None else None,
+        origins=split.origins[keep] if split.origins is not None else None,
     )

@@ -15,8 +15,8 @@ import numpy as np
 
 from distmed.config import DataConfig
 from distmed.data.cache import cache_root
-from distmed.data.decode import IMAGE_EXTENSIONS
 from distmed.data.index import SPLITS, DataIndex, Split
+from distmed.data.layout import ALL, FolderLayout, read_layout
 from distmed.errors import UserError
 
 NPZ_KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
@@ -44,60 +44,21 @@ def scan_source(cfg: DataConfig) -> DataIndex:
 def scan_folder(root: Path, cfg: DataConfig, name: str | None = None) -> DataIndex:
     """Index `ROOT/<class>/*` or `ROOT/train|val|test/<class>/*`, sorted and deterministic."""
     root = root.resolve()
-    subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not subdirs:
-        raise UserError(
-            f"data.root {root}: no class folders; expected ROOT/<class>/*.png "
-            "or ROOT/train|val|test/<class>/*.png"
-        )
-    if "train" in subdirs and set(subdirs) <= set(SPLITS):
-        splits = {s: _scan_class_folders(root / s) for s in SPLITS if s in subdirs}
-        names = {s: sorted(classes) for s, classes in splits.items()}
-        for split, classes in names.items():
-            if classes != names["train"]:
-                raise UserError(
-                    f"data.root {root}: class folders of {split}/ {classes} differ from "
-                    f"train/ {names['train']}; every split needs the same classes"
-                )
-        class_names = names["train"]
-        pool_parts = [splits[s] for s in ("train", "val") if s in splits]
-        test_files = splits.get("test")
-    else:
-        class_names = sorted(_scan_class_folders(root))
-        pool_parts = [_scan_class_folders(root)]
-        test_files = None
-    _require_two_classes(class_names, str(root))
-    group_of = _group_lookup(cfg)
-    pool = _files_split(root, class_names, pool_parts, group_of)
-    test = _files_split(root, class_names, [test_files], group_of) if test_files else None
+    layout = read_layout(root)
+    _require_two_classes(layout.class_names, str(layout.data_root))
+    group_of = _group_lookup(cfg, layout)
+    pool_splits = [s for s in (ALL, "train", "val") if s in layout.files]
+    pool = _files_split(layout, pool_splits, group_of)
+    test = _files_split(layout, ["test"], group_of) if "test" in layout.files else None
     return DataIndex(
         name=name or root.name,
-        class_names=class_names,
+        class_names=layout.class_names,
         pool=pool,
         test=test,
         fingerprint=_fingerprint_files(pool, test),
+        layout=layout.describe(),
+        ignored=layout.ignored,
     )
-
-
-def _scan_class_folders(folder: Path) -> dict[str, list[Path]]:
-    classes: dict[str, list[Path]] = {}
-    for class_dir in sorted(
-        p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
-    ):
-        files = sorted(
-            p
-            for p in class_dir.rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-        )
-        if not files:
-            raise UserError(
-                f"class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                "add images or remove the folder"
-            )
-        classes[class_dir.name] = files
-    if not classes:
-        raise UserError(f"{folder}: no class folders inside; expected {folder}/<class>/*.png")
-    return classes
 
 
 def _require_two_classes(class_names: list[str], where: str) -> None:
@@ -109,30 +70,34 @@ def _require_two_classes(class_names: list[str], where: str) -> None:
 
 
 def _files_split(
-    root: Path,
-    class_names: list[str],
-    parts: list[dict[str, list[Path]] | None],
-    group_of: Callable[[str, Path], str] | None,
+    layout: FolderLayout, splits: list[str], group_of: Callable[[str, Path], str] | None
 ) -> Split:
+    """The files of `splits` in order, class by class; ids are paths relative to the root."""
     paths: list[Path] = []
     labels: list[int] = []
-    for part in parts:
-        for label, name in enumerate(class_names):
-            for path in (part or {}).get(name, []):
+    origins: list[str] = []
+    for split in splits:
+        for label, name in enumerate(layout.class_names):
+            for path in layout.files[split][name]:
                 paths.append(path)
                 labels.append(label)
-    ids = [p.relative_to(root).as_posix() for p in paths]
+                origins.append(split)
+    ids = [p.relative_to(layout.root).as_posix() for p in paths]
     group_array = None
     if group_of is not None:
         group_array = np.array(
             [group_of(i, p) for i, p in zip(ids, paths, strict=True)], dtype=object
         )
     return Split(
-        ids=ids, labels=np.asarray(labels, dtype=np.int64), groups=group_array, paths=paths
+        ids=ids,
+        labels=np.asarray(labels, dtype=np.int64),
+        groups=group_array,
+        paths=paths,
+        origins=np.array(origins, dtype=object),
     )
 
 
-def _group_lookup(cfg: DataConfig) -> Callable[[str, Path], str] | None:
+def _group_lookup(cfg: DataConfig, layout: FolderLayout) -> Callable[[str, Path], str] | None:
     """Patient ids: a CSV mapping path -> group, or a regex on the file name."""
     if cfg.group_regex:
         try:
@@ -142,7 +107,14 @@ def _group_lookup(cfg: DataConfig) -> Callable[[str, Path], str] | None:
         return lambda _sample_id, path: _group_from_regex(pattern, path)
     if cfg.group_csv:
         table = _read_group_csv(Path(cfg.group_csv).expanduser())
-        return lambda sample_id, path: _group_from_table(table, sample_id, path)
+
+        def group_of(sample_id: str, path: Path) -> str:
+            # A row may name the file relative to the root, to the folder inside a wrapper
+            # level, or by its bare name.
+            inner = path.relative_to(layout.data_root).as_posix()
+            return _group_from_table(table, sample_id, (sample_id, inner, path.name))
+
+        return group_of
     return None
 
 
@@ -159,15 +131,25 @@ def _group_from_regex(pattern: re.Pattern[str], path: Path) -> str:
 def _read_group_csv(csv_path: Path) -> dict[str, str]:
     if not csv_path.is_file():
         raise UserError(f"data.group_csv {csv_path}: file not found")
-    with csv_path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or not {"path", "group"} <= set(reader.fieldnames):
-            raise UserError(f"data.group_csv {csv_path}: needs columns 'path' and 'group'")
-        return {row["path"].strip(): row["group"].strip() for row in reader}
+    # utf-8-sig: spreadsheets save "UTF-8 CSV" with a byte-order mark before the first column.
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            reader.fieldnames = [name.strip().lower() for name in reader.fieldnames or []]
+            if not {"path", "group"} <= set(reader.fieldnames):
+                raise UserError(
+                    f"data.group_csv {csv_path}: needs columns 'path' and 'group' "
+                    f"(found {reader.fieldnames[:5]})"
+                )
+            return {row["path"].strip(): row["group"].strip() for row in reader}
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"data.group_csv {csv_path}: not UTF-8 text ({exc.reason}); save it as UTF-8 CSV"
+        ) from exc
 
 
-def _group_from_table(table: dict[str, str], sample_id: str, path: Path) -> str:
-    for key in (sample_id, path.name):
+def _group_from_table(table: dict[str, str], sample_id: str, keys: tuple[str, ...]) -> str:
+    for key in keys:
         if key in table:
             return table[key]
     raise UserError(f"data.group_csv has no row for {sample_id}; add one (columns path, group)")
@@ -218,11 +200,14 @@ def scan_npz(path: Path, cfg: DataConfig) -> DataIndex:
             ids=[f"{split}/{i}" for i in range(len(images))],
             labels=labels[:, 0].astype(np.int64),
             images=images,
+            origins=np.full(len(images), split, dtype=object),
         )
+    train, val = splits["train"], splits["val"]
     pool = Split(
-        ids=splits["train"].ids + splits["val"].ids,
-        labels=np.concatenate([splits["train"].labels, splits["val"].labels]),
-        images=np.concatenate([splits["train"].images, splits["val"].images]),
+        ids=train.ids + val.ids,
+        labels=np.concatenate([train.labels, val.labels]),
+        images=np.concatenate([train.images, val.images]),
+        origins=np.concatenate([train.origins, val.origins]),
     )
     num_classes = int(max(pool.labels.max(), splits["test"].labels.max())) + 1
     class_names = [str(c) for c in range(num_classes)]
@@ -236,6 +221,7 @@ def scan_npz(path: Path, cfg: DataConfig) -> DataIndex:
         fingerprint=hashlib.sha256(
             f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
         ).hexdigest(),
+        layout="MedMNIST .npz (train, val, test arrays)",
     )
 
 
