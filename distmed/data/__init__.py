@@ -24,6 +24,12 @@ from distmed.data.decode import (
     unreadable_message,
 )
 from distmed.data.index import SPLITS, DataIndex, Split, describe_index, drop_samples
+from distmed.data.inspection import (
+    check_duplicates,
+    duplicate_problem,
+    format_summary,
+    inspect_index,
+)
 from distmed.data.sources import NPZ_KEYS, fetch_medmnist, scan_folder, scan_npz, scan_source
 from distmed.data.transforms import IMAGENET_MEAN, IMAGENET_STD, augment_batch, to_model_input
 
@@ -40,6 +46,10 @@ __all__ = [
     "Split",
     "augment_batch",
     "build_cache",
+    "check_duplicates",
+    "duplicate_problem",
+    "format_summary",
+    "inspect_index",
     "cache_root",
     "decode_image",
     "decode_split",

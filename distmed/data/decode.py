@@ -65,18 +65,22 @@ def decode_image(path: Path, size: int) -> np.ndarray:
     leave them nearly black.
     """
     with Image.open(path) as img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            values = np.asarray(img, dtype=np.float32)
-            low, high = float(values.min()), float(values.max())
-            scaled = (values - low) / (high - low) * 255 if high > low else values * 0
-            img = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
-        elif img.mode in ("1", "L", "LA", "P") and _is_grey(img):
-            img = img.convert("L")
-        else:
-            img = img.convert("RGB")
+        img = to_grey_or_rgb(img)
         img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
         return np.asarray(img, dtype=np.uint8)
+
+
+def to_grey_or_rgb(img: Image.Image) -> Image.Image:
+    """A loaded image as 8-bit `L` (grey, 16-bit/float min-max scaled) or `RGB`, full size."""
+    img.load()
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(img, dtype=np.float32)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) / (high - low) * 255 if high > low else values * 0
+        return Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    if img.mode in ("1", "L", "LA", "P") and _is_grey(img):
+        return img.convert("L")
+    return img.convert("RGB")
 
 
 def _is_grey(img: Image.Image) -> bool:

@@ -47,16 +47,25 @@ class DataIndex:
     ignored: dict[str, str] = field(default_factory=dict)  # clutter, non-images -> reason
 
 
-def describe_index(index: DataIndex) -> dict:
-    """What results files say about the data: name, classes, sizes, files left out."""
-    return {
+def describe_index(index: DataIndex, inspection: dict | None = None) -> dict:
+    """What results files say about the data: name, layout, classes, sizes, files left out.
+
+    `inspection` (from `distmed.data.inspection.inspect_index`) adds the full summary:
+    counts per split, formats, skipped files, patients and duplicates.
+    """
+    described = {
         "name": index.name,
+        "layout": index.layout,
         "classes": index.class_names,
         "num_images": len(index.pool),
         "num_test_images": len(index.test) if index.test is not None else 0,
         "skipped_invalid": len(index.skipped),
         "skipped_files": index.skipped,
+        "ignored_files": len(index.ignored),
     }
+    if inspection is not None:
+        described["inspection"] = inspection
+    return described
 
 
 def drop_samples(index: DataIndex, skipped: dict[str, str]) -> DataIndex:
