@@ -5,10 +5,13 @@ into uint8 `.npy` files that every epoch, fold, trial and worker memory-maps, an
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # Bump when the decoded representation changes, so stale caches are not reused.
 CACHE_VERSION = 1
+# A temporary file untouched this long belongs to no live writer, whatever host wrote it.
+STALE_AFTER_S = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -61,8 +66,12 @@ def build_cache(index: DataIndex, cfg: DataConfig) -> CachedData:
         meta = json.loads(meta_path.read_text())
         log.info("reusing decoded images in %s", folder)
     else:
-        meta = _decode_into(folder, index, cfg.image_size)
-        write_text_atomic(meta_path, json.dumps(meta))
+        remove_stale_temporaries(cache_root(cfg))
+        try:
+            meta = _decode_into(folder, index, cfg.image_size)
+            write_text_atomic(meta_path, json.dumps(meta))
+        except OSError as exc:  # image files are read inside decode_split; this is writing
+            raise UserError(cache_write_error(cache_root(cfg), exc)) from exc
         log.info("decoded %d images into %s", meta["num_pool"], folder)
     skipped = meta.get("skipped", {})
     if skipped and not cfg.skip_invalid:
@@ -97,6 +106,56 @@ def _decode_into(folder: Path, index: DataIndex, size: int) -> dict:
         "num_pool": len(index.pool) - len(skipped),
         "skipped": skipped,
     }
+
+
+def cache_write_error(root: Path, exc: OSError) -> str:
+    """One line for a failed cache write: the folder, the cause, and what to do."""
+    text = str(exc).lower()
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "free space" in text or "no space" in text:
+        # numpy's tofile says "Not enough free space to write N bytes" without an errno
+        return (
+            f"data.cache_dir {root}: the disk is full (writing the decoded images failed: "
+            f"{exc.strerror or exc}); free space there, or set data.cache_dir (or "
+            "$DISTMED_CACHE) to a folder on a disk with room"
+        )
+    return (
+        f"data.cache_dir {root}: cannot write the decoded images ({exc.strerror or exc}); "
+        "set data.cache_dir (or $DISTMED_CACHE) to a writable folder"
+    )
+
+
+def remove_stale_temporaries(root: Path) -> int:
+    """Delete temporary files that killed writers left in the cache; returns how many.
+
+    `atomic_path` names them `.<file>.tmp<pid>`. One is stale when its process is gone
+    from this host, or when it has not changed for a day (a writer on another host).
+    """
+    removed = 0
+    candidates = [*root.glob("decoded/*/.*.tmp*"), *root.glob("inspect/.*.tmp*")]
+    for tmp in candidates:
+        match = re.fullmatch(r"\..+\.tmp(\d+)", tmp.name)
+        if match is None:
+            continue
+        try:
+            old = time.time() - tmp.stat().st_mtime > STALE_AFTER_S
+            if old or not _process_alive(int(match.group(1))):
+                tmp.unlink()
+                removed += 1
+        except OSError:
+            continue  # removed by someone else meanwhile, or not ours to remove
+    if removed:
+        log.info("removed %d temporary file(s) left by killed runs in %s", removed, root)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
