@@ -10,7 +10,11 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
+from distmed.config import DataConfig
+from distmed.data.index import DataIndex
+from distmed.data.inspection import check_duplicates, format_summary, inspect_index
 from distmed.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -74,6 +78,20 @@ def run_entry_point(body: Callable[[argparse.Namespace], int], args: argparse.Na
             return 1
         print(f"error: {cause}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def inspect_data(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
+    """Print the short data summary (and a duplicate warning); the full one for results.
+
+    Raises:
+        UserError: duplicates across splits or classes with `data.on_duplicates: error`.
+    """
+    inspection = inspect_index(index, cfg)
+    print(format_summary(inspection, short=True), flush=True)
+    warning = check_duplicates(inspection, cfg)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return inspection
 
 
 def user_error_cause(exc: BaseException) -> UserError | None:

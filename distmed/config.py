@@ -7,6 +7,10 @@ that names its dotted path before any work starts. Dicts exist only at process b
 
 from __future__ import annotations
 
+import types
+import typing
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,6 +59,10 @@ class DataConfig(_Section):
     skip_invalid: bool = Field(
         False,
         description="skip unreadable image files (counted in the results) instead of stopping",
+    )
+    on_duplicates: Literal["warn", "error"] = Field(
+        "warn",
+        description="identical images across splits or classes: warn at start, or stop",
     )
     augment: AugmentConfig = AugmentConfig()
 
@@ -199,28 +207,122 @@ def format_validation_error(exc: ValidationError) -> str:
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Set `section.key=value` in a nested dict; the value is parsed as YAML (`3`, `true`)."""
+    """Set `section.key=value` in a nested dict.
+
+    The value of a string-typed field is kept as typed (`yes`, `01`, a path with `#` or `: `);
+    any other value is parsed as YAML (`3`, `true`, `[a, b]`).
+    """
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {item!r}: expected section.key=value, e.g. train.epochs=3")
-    *parents, leaf = key.strip().split(".")
+    dotted = key.strip()
+    set_value(raw, dotted, _parse_value(text, keep_text=dotted in text_fields()), item)
+
+
+def set_value(raw: dict[str, Any], dotted: str, value: Any, item: str | None = None) -> None:
+    """Put `value` at a dotted path of a nested dict, creating sections as needed."""
+    *parents, leaf = dotted.split(".")
     node = raw
     for part in parents:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise UserError(f"--set {item!r}: {part} is not a section")
+            raise UserError(f"--set {item or dotted!r}: {part} is not a section")
         node = child
-    node[leaf] = _parse_value(text)
+    node[leaf] = value
 
 
-def _parse_value(text: str) -> Any:
-    """`3` -> int, `true` -> bool, `[a, b]` -> list; anything that is not YAML stays text."""
+def _parse_value(text: str, keep_text: bool = False) -> Any:
+    """`3` -> int, `true` -> bool, `[a, b]` -> list; anything that is not YAML stays text.
+
+    With `keep_text` the text itself is the value; only a fully quoted value is unquoted
+    (`"01"` -> `01`), so quoting as in YAML still works.
+    """
     if not text.strip():
         return None
+    if keep_text and not _is_quoted(text):
+        return text
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text  # e.g. a regex such as [A-Z]+_
+
+
+def _is_quoted(text: str) -> bool:
+    return len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+
+
+@cache
+def text_fields() -> frozenset[str]:
+    """Dotted names of the string-typed config fields (str, optional str, string literals).
+
+    Their YAML scalars and `--set` values are taken as text: `yes`, `no`, `on`, `01`, `1e3`
+    or a date-like folder name stay what the user typed.
+    """
+    return frozenset(
+        name
+        for name, annotation in _leaf_annotations(ExperimentConfig, "")
+        if _is_text_annotation(annotation)
+    )
+
+
+def _leaf_annotations(model: type[BaseModel], prefix: str):
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _leaf_annotations(annotation, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", annotation
+
+
+def _is_text_annotation(annotation: Any) -> bool:
+    if annotation is str:
+        return True
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        return all(isinstance(a, str) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [a for a in args if a is not type(None)]
+        return bool(kinds) and all(_is_text_annotation(a) for a in kinds)
+    return False
+
+
+def load_yaml(text: str, keeps_text: Callable[[tuple[str, ...]], bool]) -> Any:
+    """Safe-load YAML; scalars at key paths where `keeps_text(path)` keep their source text.
+
+    YAML 1.1 resolves plain `yes`/`no`/`on`/`off` to booleans, `01` to an octal int and
+    `2024-01-01` to a date; for a string-typed field that is never what the user meant. A
+    path is the tuple of mapping keys down to the value (`"*"` for a list item); a plain
+    `null`, `~` or empty value stays None.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        return None if node is None else _construct(loader, node, (), keeps_text)
+    finally:
+        loader.dispose()
+
+
+def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: tuple[str, ...], keeps_text):
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)  # resolve `<<` merge keys as safe_load does
+        out = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            out[key] = _construct(loader, value_node, (*path, str(key)), keeps_text)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(loader, item, (*path, "*"), keeps_text) for item in node.value]
+    if keeps_text(path) and node.tag != "tag:yaml.org,2002:null":
+        return node.value
+    return loader.construct_object(node, deep=True)
+
+
+def config_keeps_text(path: tuple[str, ...]) -> bool:
+    """For `load_yaml` on an experiment config (also a space file's `base`)."""
+    if path and path[0] == "base":
+        path = path[1:]
+    return ".".join(path) in text_fields()
 
 
 def config_fields() -> set[str]:
@@ -246,7 +348,7 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} not found: check the path given to --config")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text(), config_keeps_text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

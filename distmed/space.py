@@ -19,7 +19,11 @@ from distmed.config import (
     ExperimentConfig,
     apply_override,
     config_fields,
+    config_keeps_text,
     format_validation_error,
+    load_yaml,
+    set_value,
+    text_fields,
     validate_config,
 )
 from distmed.errors import UserError
@@ -99,7 +103,7 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if not path.is_file():
         raise UserError(f"search space {path} not found: check --space")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text(), _space_keeps_text) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
     if not isinstance(raw, dict):
@@ -125,6 +129,13 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     for key, dist in space.items():
         _check_values_fit(path, base, key, dist)
     return SearchSpaceFile(base=base, search=search, space=space)
+
+
+def _space_keeps_text(path: tuple[str, ...]) -> bool:
+    """String-typed fields keep their text in `base` and as `choice` values in `space`."""
+    if path[:1] == ("space",) and len(path) == 4 and path[2:] == ("choice", "*"):
+        return path[1] in text_fields()
+    return path[:1] == ("base",) and config_keeps_text(path)
 
 
 def parse_distribution(path: Path, key: str, spec: Any) -> Distribution:
@@ -176,7 +187,7 @@ def _is_number(value: Any) -> bool:
 def _check_values_fit(path: Path, base: ExperimentConfig, key: str, dist: Distribution) -> None:
     for value in dist.probe_values():
         raw = base.model_dump(mode="json")
-        apply_override(raw, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
+        set_value(raw, key, value)
         try:
             ExperimentConfig.model_validate(raw)
         except ValidationError as exc:

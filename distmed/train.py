@@ -17,7 +17,13 @@ from pathlib import Path
 
 from distmed import __version__
 from distmed.artifacts import write_json_atomic
-from distmed.cli import add_common_options, overrides_from_args, parse, run_entry_point
+from distmed.cli import (
+    add_common_options,
+    inspect_data,
+    overrides_from_args,
+    parse,
+    run_entry_point,
+)
 from distmed.config import ExperimentConfig, dump_config, load_config
 from distmed.cv import CVResult, cross_validate, prepare_data, share_images
 from distmed.data import DataIndex, describe_index, scan_source
@@ -57,6 +63,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides_from_args(args))
     warn_frozen_random_stages(cfg.model)
     scanned = scan_source(cfg.data)
+    inspection = inspect_data(scanned, cfg.data)
     check_weights(cfg.model)  # a bad weights file fails before the (slow) first decode
     prepared = prepare_data(cfg, scanned)
     index, assignment, plan = prepared.index, prepared.assignment, prepared.plan
@@ -76,7 +83,7 @@ def _run(args: argparse.Namespace) -> int:
         plan = share_images(plan)
     result = cross_validate(cfg, plan, layout, output / "ray", run_name(cfg, index))
     wall = time.perf_counter() - started
-    write_cv_result(output / "cv_result.json", cfg, index, assignment, result, wall)
+    write_cv_result(output / "cv_result.json", cfg, index, assignment, result, wall, inspection)
     print(format_fold_table(result))
     print(f"precision: {result.precision} on {result.device}; wall time {wall:.0f} s")
     if result.diverged_folds:
@@ -125,6 +132,7 @@ def write_cv_result(
     assignment,
     result: CVResult,
     wall_time_s: float,
+    inspection: dict | None = None,
 ) -> None:
     payload = {
         "mean_roc_auc": result.mean_roc_auc,
@@ -138,7 +146,7 @@ def write_cv_result(
         "device": result.device,
         "world_size": result.world_size,
         **result.extra,  # channels_last, the worker's peak memory
-        "data": describe_index(index),
+        "data": describe_index(index, inspection),
         "config": cfg.model_dump(mode="json"),
         "fold_assignment": [
             {"id": sample_id, "label": int(label), "fold": int(fold)}

@@ -24,7 +24,13 @@ import yaml
 
 from distmed import __version__
 from distmed.artifacts import delete_checkpoints, upload_dir
-from distmed.cli import add_common_options, overrides_from_args, parse, run_entry_point
+from distmed.cli import (
+    add_common_options,
+    inspect_data,
+    overrides_from_args,
+    parse,
+    run_entry_point,
+)
 from distmed.cv import PreparedData, prepare_data, share_images, storage_uri
 from distmed.data import DataIndex, describe_index, scan_source
 from distmed.errors import UserError
@@ -144,7 +150,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError("--resume needs --name: the experiment to continue (a folder in --storage)")
     name = args.name or f"{Path(args.space).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     exp_uri = experiment_path(storage_uri(args.storage), name)
-    prepared = _prepare_data(spec)
+    prepared, inspection = _prepare_data(spec)
     # Tune snapshots the search state every 10+ s by default; every 5 s bounds what a
     # killed driver loses (trials that ended since the last snapshot run again).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
@@ -159,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     unfinished = {r.trial_id for r in collect_rows(grid, [])} - EndedTrials.ended
     rows = collect_rows(grid, keys, interrupted=unfinished if ctrl_c.interrupted else None)
     write_trials_csv(local / "trials.csv", rows, keys)
-    summary = _summary_head(name, spec, prepared.index, rows)
+    summary = _summary_head(name, spec, prepared.index, rows, inspection)
     if ctrl_c.interrupted:  # no refit: the search has not finished
         summary.update(interrupted=True, wall_time_s=time.perf_counter() - started)
         write_summary(local / "summary.json", summary)
@@ -197,11 +203,13 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare_data(spec: SearchSpaceFile) -> PreparedData:
-    """Index, folds and decoded cache, once for every trial; every input error before Ray."""
+def _prepare_data(spec: SearchSpaceFile) -> tuple[PreparedData, dict[str, Any]]:
+    """Index, data summary, folds and decoded cache, once for every trial; input errors
+    (duplicates too, with `data.on_duplicates: error`) before Ray."""
     scanned = scan_source(spec.base.data)
+    inspection = inspect_data(scanned, spec.base.data)
     check_weights(spec.base.model)  # a bad weights file fails before the (slow) first decode
-    return prepare_data(spec.base, scanned, _batch_sizes(spec))
+    return prepare_data(spec.base, scanned, _batch_sizes(spec)), inspection
 
 
 def _search(args, spec: SearchSpaceFile, prepared: PreparedData, name: str, exp_uri: str):
@@ -231,14 +239,16 @@ def _search(args, spec: SearchSpaceFile, prepared: PreparedData, name: str, exp_
     return build_tuner(spec, context, name, storage, concurrent, callbacks, args.verbose).fit()
 
 
-def _summary_head(name: str, spec: SearchSpaceFile, index: DataIndex, rows) -> dict[str, Any]:
+def _summary_head(
+    name: str, spec: SearchSpaceFile, index: DataIndex, rows, inspection: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "name": name,
         "num_trials": len(rows),
         "trials_by_status": status_counts(rows),
         "search": spec.search.model_dump(mode="json"),
         "space": spec.space_as_dict(),
-        "data": describe_index(index),
+        "data": describe_index(index, inspection),
         "versions": _versions(),
     }
 

@@ -359,3 +359,158 @@ def test_config_fields_lists_public_names():
     # every listed name is settable with an override
     for name in ("data.augment.rotation", "scaling.max_failures", "optim.warmup_epochs"):
         assert name in fields
+
+
+# --------------------------------------------------------------------------- values as typed
+
+# Plain YAML 1.1 turns these into booleans, octal or sexagesimal ints, floats or dates.
+TRICKY_TEXT = ["yes", "no", "on", "off", "01", "1e3", "1.0e3", "00000000", "01234567"]
+TRICKY_TEXT += ["2024-01-01", "1:30", "0x1f", "y", "True", "12_34"]
+
+
+def _string_typed_fields(model=ExperimentConfig, prefix=""):
+    """Every leaf field whose annotation admits only text (and None): found from the model."""
+    import types
+    import typing
+
+    from pydantic import BaseModel
+
+    def is_text(annotation) -> bool:
+        args = typing.get_args(annotation)
+        if annotation is str:
+            return True
+        if typing.get_origin(annotation) is typing.Literal:
+            return all(isinstance(a, str) for a in args)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            rest = [a for a in args if a is not type(None)]
+            return bool(rest) and all(is_text(a) for a in rest)
+        return False
+
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _string_typed_fields(annotation, f"{prefix}{name}.")
+        elif is_text(annotation):
+            literals = [a for a in typing.get_args(annotation) if isinstance(a, str)]
+            for arg in typing.get_args(annotation):  # Literal inside Optional
+                literals += [a for a in typing.get_args(arg) if isinstance(a, str)]
+            yield f"{prefix}{name}", literals
+
+
+def _accepts(dotted: str, value: str) -> bool:
+    from distmed.config import set_value, validate_config
+
+    raw: dict = {}
+    set_value(raw, dotted, value)
+    try:
+        validate_config(raw)
+    except UserError:
+        return False
+    return True
+
+
+def _value_at(cfg: ExperimentConfig, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+STRING_FIELDS = dict(_string_typed_fields())
+
+
+def test_string_typed_fields_are_found_from_the_model():
+    from distmed.config import text_fields
+
+    assert set(STRING_FIELDS) == set(text_fields())
+    assert {"data.root", "data.positive_class", "data.group_regex", "model.weights"} <= set(
+        STRING_FIELDS
+    )
+    assert "scaling.use_gpu" not in STRING_FIELDS  # bool | "auto": YAML's booleans apply
+
+
+@pytest.mark.parametrize("dotted", sorted(STRING_FIELDS))
+def test_every_string_field_keeps_its_text_in_yaml_files_and_set(tmp_path, dotted):
+    values = [v for v in TRICKY_TEXT + STRING_FIELDS[dotted] if _accepts(dotted, v)]
+    assert values, f"no test value fits {dotted}; add one to TRICKY_TEXT"
+    section, _, key = dotted.rpartition(".")
+    for value in values:
+        # YAML: the field nested as in a config file
+        lines, indent = [], ""
+        for part in section.split("."):
+            lines.append(f"{indent}{part}:")
+            indent += "  "
+        lines.append(f"{indent}{key}: {value}")
+        path = write(tmp_path / "exp.yaml", "\n".join(lines) + "\n")
+        assert _value_at(load_config(path), dotted) == value, (dotted, value, "yaml")
+        # the same field as a space file's base
+        base = "base:\n" + "".join(f"  {line}\n" for line in lines)
+        space = write(tmp_path / "space.yaml", base + "space:\n  train.epochs: {choice: [1]}\n")
+        from distmed.space import load_space
+
+        assert _value_at(load_space(space).base, dotted) == value, (dotted, value, "space")
+        # --set
+        assert _value_at(load_config(None, [f"{dotted}={value}"]), dotted) == value
+
+
+def test_string_fields_still_take_null_and_quotes(tmp_path):
+    path = write(tmp_path / "exp.yaml", "data:\n  positive_class: ~\n  group_regex: '01'\n")
+    cfg = load_config(path)
+    assert cfg.data.positive_class is None and cfg.data.group_regex == "01"
+    cfg = load_config(None, ["data.positive_class='yes'", 'data.root="no"'])
+    assert (cfg.data.positive_class, cfg.data.root) == ("yes", "no")
+
+
+def test_other_fields_are_still_parsed_as_yaml(tmp_path):
+    cfg = load_config(None, ["train.epochs=3", "scaling.use_gpu=false", "optim.lr=1.0e-2"])
+    assert (cfg.train.epochs, cfg.scaling.use_gpu, cfg.optim.lr) == (3, False, 0.01)
+    path = write(tmp_path / "exp.yaml", "train:\n  amp: off\n  epochs: 2\n")
+    assert load_config(path).train.amp == "off"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "/data/x-rays #2",
+        "scans: 2024",
+        "/data/Röntgen bilder",
+        "yes",
+        "01",
+        "[a, b]",
+        "{x: 1}",
+        "/data/a=b",
+        "2024-01-01",
+        "~",
+        "& *",
+    ],
+)
+def test_data_path_is_never_parsed_as_yaml(text):
+    from distmed.cli import overrides_from_args
+    from distmed.train import build_parser
+
+    args = build_parser().parse_args(["--data", text])
+    assert load_config(None, overrides_from_args(args)).data.root == text
+
+
+@pytest.mark.parametrize(
+    ("classes", "typed"), [(["no", "yes"], "yes"), (["00", "01"], "01"), (["no", "yes"], "no")]
+)
+def test_case_14_positive_class_as_typed(tmp_path, classes, typed):
+    from distmed.cv import positive_index
+
+    cfg = load_config(None, [f"data.positive_class={typed}"])
+    assert positive_index(cfg, classes) == classes.index(typed)
+    path = write(tmp_path / "exp.yaml", f"data:\n  positive_class: {typed}\n")
+    assert positive_index(load_config(path), classes) == classes.index(typed)
+
+
+def test_space_choice_of_class_names_keeps_text(tmp_path):
+    from distmed.space import load_space
+
+    path = write(
+        tmp_path / "space.yaml",
+        "base:\n  data: {root: 01}\nspace:\n  data.positive_class: {choice: [yes, no, 01]}\n",
+    )
+    spec = load_space(path)
+    assert spec.base.data.root == "01"
+    assert spec.space["data.positive_class"].args == ("yes", "no", "01")

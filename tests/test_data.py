@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -524,7 +526,7 @@ def test_build_cache_writes_and_reuses(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("the cache should have been reused")
 
-    monkeypatch.setattr(data_mod, "decode_split", no_decoding)
+    monkeypatch.setattr(data_mod.cache, "decode_split", no_decoding)  # where build_cache looks
     again = build_cache(scan_source(config), config)
     assert again == cached
 
@@ -699,3 +701,123 @@ def test_demo_is_deterministic(tmp_path):
     assert digest(tmp_path / "one") == digest(tmp_path / "two")
     with Image.open(tmp_path / "one" / first[0]) as image:
         assert image.mode == "L" and image.size == (64, 64)
+
+
+# --------------------------------------------------------------------------- cache failures
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError("Not enough free space to write 12345 bytes"),  # numpy's tofile: no errno
+        OSError(errno.ENOSPC, "No space left on device"),
+    ],
+    ids=["numpy-message", "ENOSPC"],
+)
+def test_full_disk_as_cache_dir_is_one_line_naming_it(tmp_path, monkeypatch, error):
+    root = write_image_folder(tmp_path / "flat", {"a": 2, "b": 2})
+    cache = tmp_path / "full-disk"
+    config = cfg(root=str(root), image_size=8, cache_dir=str(cache))
+
+    def disk_full(handle, array, *args, **kwargs):
+        handle.write(b"\x93NUMPY partial")  # a torn write, then the disk is full
+        raise error
+
+    monkeypatch.setattr(data_mod.cache.np, "save", disk_full)
+    with pytest.raises(UserError) as info:
+        build_cache(scan_source(config), config)
+    message = str(info.value)
+    assert message.startswith(f"data.cache_dir {cache}: the disk is full")
+    assert "free space there, or set data.cache_dir" in message and "\n" not in message
+    assert not [p for p in cache.rglob("*") if ".tmp" in p.name]  # no partial file left
+
+
+def test_unwritable_cache_dir_is_one_line(tmp_path, monkeypatch):
+    root = write_image_folder(tmp_path / "flat", {"a": 2, "b": 2})
+    config = cfg(root=str(root), image_size=8, cache_dir=str(tmp_path / "ro"))
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(data_mod.cache.np, "save", read_only)
+    with pytest.raises(UserError, match="cannot write the decoded images .Permission denied"):
+        build_cache(scan_source(config), config)
+
+
+def test_full_disk_through_the_train_cli(tmp_path, monkeypatch, capsys):
+    import distmed.train
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray must not start")
+
+    def disk_full(*args, **kwargs):
+        raise OSError("Not enough free space to write 4096 bytes")
+
+    monkeypatch.setattr(distmed.train, "start_ray", no_ray)
+    monkeypatch.setattr(data_mod.cache.np, "save", disk_full)
+    root = write_image_folder(tmp_path / "flat", {"a": 6, "b": 6})
+    argv = ["--data", str(root), "--output", str(tmp_path / "out"), "--set", "cv.folds=2"]
+    argv += ["--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "model.weights=none"]
+    argv += ["--set", "train.batch_size=2", "--set", "data.image_size=8"]
+    assert distmed.train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: data.cache_dir {tmp_path / 'cache'}: the disk is full")
+    assert "\n" not in err
+
+
+def test_a_killed_decode_leaves_no_temporary_file_after_the_next_run(tmp_path):
+    """A writer SIGKILLed mid-write leaves `.pool.npy.tmp<pid>`; the next build removes it."""
+    import subprocess
+
+    cache = tmp_path / "cache"
+    victim = cache / "decoded" / "killed-8px-0123" / "pool.npy"
+    victim.parent.mkdir(parents=True)
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from distmed.artifacts import atomic_path\n"
+        "with atomic_path(Path(sys.argv[1])) as tmp:\n"
+        "    tmp.write_bytes(b'x' * 100000)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(victim)], check=False)
+    assert done.returncode == -9
+    (left,) = victim.parent.glob(".pool.npy.tmp*")  # what the kill left behind
+    live = victim.parent / f".test.npy.tmp{os.getpid()}"  # a writer still at work
+    live.write_bytes(b"in progress")
+    root = write_image_folder(tmp_path / "flat", {"a": 2, "b": 2})
+    config = cfg(root=str(root), image_size=8, cache_dir=str(cache))
+    build_cache(scan_source(config), config)
+    assert not left.exists()
+    assert live.exists()  # never another live process's file
+
+
+def test_very_old_temporary_files_are_removed(tmp_path):
+    folder = tmp_path / "decoded" / "x"
+    folder.mkdir(parents=True)
+    old = folder / f".pool.npy.tmp{os.getpid()}"  # e.g. written from another host long ago
+    old.write_bytes(b"x")
+    os.utime(old, (1, 1))
+    (folder / "pool.npy").write_bytes(b"kept")
+    assert data_mod.cache.remove_stale_temporaries(tmp_path) == 1
+    assert not old.exists() and (folder / "pool.npy").exists()
+
+
+def test_group_csv_with_a_byte_order_mark(tmp_path):
+    """Spreadsheets save "CSV UTF-8" with a BOM before the first column name."""
+    root = write_image_folder(tmp_path / "flat", {"a": 2, "b": 2})
+    table = tmp_path / "groups.csv"
+    rows = "path,group\na/p00_img00.png,P1\na/p00_img01.png,P1\nb/p00_img00.png,Ö2\n"
+    rows += "b/p00_img01.png,Ö2\n"
+    table.write_bytes(rows.encode("utf-8-sig"))
+    assert table.read_bytes().startswith(b"\xef\xbb\xbf")
+    index = scan_folder(root, cfg(group_csv=str(table)))
+    assert index.pool.groups.tolist() == ["P1", "P1", "Ö2", "Ö2"]
+
+
+def test_group_csv_in_another_encoding_is_one_line(tmp_path):
+    root = write_image_folder(tmp_path / "flat", {"a": 2, "b": 2})
+    table = tmp_path / "groups.csv"
+    table.write_bytes("path,group\na/p00_img00.png,Jürgen\n".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8 text.*save it as UTF-8 CSV"):
+        scan_folder(root, cfg(group_csv=str(table)))

@@ -1,0 +1,64 @@
+"""`python -m distmed.data ROOT [--json FILE]`: inspect a data source before training.
+
+Prints what distmed will use (layout, splits, classes and counts, formats, skipped files,
+patients, duplicates) without training or starting Ray; `--json` writes the same as a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from distmed.artifacts import write_json_atomic
+from distmed.cli import parse, run_entry_point
+from distmed.config import load_config
+from distmed.data.inspection import duplicate_problem, format_summary, inspect_index
+from distmed.data.sources import scan_source
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m distmed.data",
+        description="Inspect a data source (image folder, MedMNIST .npz, medmnist:NAME, demo) "
+        "without training: layout, classes and counts per split, formats, skipped files, "
+        "patients and duplicates.",
+        epilog="example: python -m distmed.data ~/data/chest_xray --json chest_xray.json",
+    )
+    parser.add_argument("root", help="the data source, as given to --data")
+    parser.add_argument("--json", help="also write the full summary to this JSON file")
+    parser.add_argument(
+        "--config", help="experiment YAML: its data section (groups, cache_dir) applies"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override, e.g. --set data.group_regex='^(p\\d+)_'",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_entry_point(_run, parse(build_parser(), argv))
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, [*args.overrides, f"data.root={args.root}"]).data
+    summary = inspect_index(scan_source(cfg), cfg)
+    print(format_summary(summary))
+    problem = duplicate_problem(summary)
+    if problem:
+        print(f"warning: {problem}")
+    if args.json:
+        write_json_atomic(Path(args.json), summary)
+        print(f"-> {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

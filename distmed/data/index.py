@@ -1,0 +1,90 @@
+"""What a source holds once scanned: `Split` (ids, labels, groups, files or arrays) and
+`DataIndex` (classes, the CV pool, the held-back test split), plus the results' description
+of it. Index, split, load and transform stay separate steps; folds are index arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a source: sample ids, integer labels, optional patient groups.
+
+    Exactly one of `paths` (image files) and `images` (in-memory arrays from an .npz) is set.
+    `origins` names the split each sample came from (`train`, `val`, `test`; `all` for a
+    folder without split folders).
+    """
+
+    ids: list[str]
+    labels: np.ndarray
+    groups: np.ndarray | None = None
+    paths: list[Path] | None = None
+    images: np.ndarray | None = None
+    origins: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class DataIndex:
+    """What a source holds: the CV pool (train + val) and the held-back test split."""
+
+    name: str
+    class_names: list[str]
+    pool: Split
+    test: Split | None
+    fingerprint: str  # changes when any file, size or label changes
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable file id -> reason
+    layout: str = ""  # how the source was read, e.g. "split folders train/, valid/ (val)"
+    ignored: dict[str, str] = field(default_factory=dict)  # clutter, non-images -> reason
+
+
+def describe_index(index: DataIndex, inspection: dict | None = None) -> dict:
+    """What results files say about the data: name, layout, classes, sizes, files left out.
+
+    `inspection` (from `distmed.data.inspection.inspect_index`) adds the full summary:
+    counts per split, formats, skipped files, patients and duplicates.
+    """
+    described = {
+        "name": index.name,
+        "layout": index.layout,
+        "classes": index.class_names,
+        "num_images": len(index.pool),
+        "num_test_images": len(index.test) if index.test is not None else 0,
+        "skipped_invalid": len(index.skipped),
+        "skipped_files": index.skipped,
+        "ignored_files": len(index.ignored),
+    }
+    if inspection is not None:
+        described["inspection"] = inspection
+    return described
+
+
+def drop_samples(index: DataIndex, skipped: dict[str, str]) -> DataIndex:
+    """The index without the samples in `skipped` (files the cache could not decode)."""
+    if not skipped:
+        return index
+    test = _drop_from_split(index.test, skipped) if index.test is not None else None
+    return replace(index, pool=_drop_from_split(index.pool, skipped), test=test, skipped=skipped)
+
+
+def _drop_from_split(split: Split, skipped: dict[str, str]) -> Split:
+    keep = np.array([sample_id not in skipped for sample_id in split.ids], dtype=bool)
+    return Split(
+        ids=[sample_id for sample_id, kept in zip(split.ids, keep, strict=True) if kept],
+        labels=split.labels[keep],
+        groups=split.groups[keep] if split.groups is not None else None,
+        paths=[p for p, kept in zip(split.paths, keep, strict=True) if kept]
+        if split.paths is not None
+        else None,
+        images=split.images[keep] if split.images is not None else None,
+        origins=split.origins[keep] if split.origins is not None else None,
+    )

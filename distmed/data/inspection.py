@@ -1,0 +1,256 @@
+"""What a source holds, before any training: layout, splits, classes with counts, image
+formats/modes/sizes/bit depths, skipped files, patients per split, and duplicates (byte- or
+pixel-identical) within a split, across splits (test leakage) and across classes (label
+conflicts). The per-file part is cached per source fingerprint; entry points print it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from distmed.artifacts import write_text_atomic
+from distmed.config import DataConfig
+from distmed.data.cache import cache_root
+from distmed.data.decode import to_grey_or_rgb
+from distmed.data.index import DataIndex, Split
+from distmed.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Bump when the per-file part changes, so cached inspections are not reused.
+INSPECTION_VERSION = 1
+SHOWN = 5  # paths shown per list in the printed summary
+KEPT = 50  # duplicate groups kept per kind in the results (the counts are always complete)
+DUPLICATE_KINDS = ("within_split", "across_splits", "across_classes")
+BITS = {"1": 1, "L": 8, "P": 8, "LA": 8, "RGB": 8, "RGBA": 8, "CMYK": 8, "YCbCr": 8}
+BITS |= {"I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}
+
+
+def inspect_index(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
+    """The full summary of a scanned source (reads every file once; cached per fingerprint)."""
+    per_file = _cached_file_survey(index, cfg)
+    return {
+        "source": index.name,
+        "root": cfg.root,
+        "layout": index.layout,
+        "classes": index.class_names,
+        "splits": _split_counts(index),
+        "patients": _patients(index),
+        "images": per_file["images"],
+        "skipped": _listing(index.ignored),
+        "unreadable": _listing(per_file["unreadable"]),
+        "duplicates": per_file["duplicates"],
+    }
+
+
+def duplicate_problem(summary: dict[str, Any]) -> str | None:
+    """One line about duplicates across splits or classes, or None when there are none."""
+    dup = summary["duplicates"]
+    parts = []
+    for kind, what in (("across_splits", "split"), ("across_classes", "class")):
+        if dup[kind]["count"]:
+            example = " = ".join(dup[kind]["groups"][0]["files"][:2])
+            parts.append(f"{dup[kind]['count']} in more than one {what} (e.g. {example})")
+    if not parts:
+        return None
+    return (
+        "identical images: " + "; ".join(parts) + "; remove the copies (python -m distmed.data "
+        f"{summary['root']} lists them all)"
+    )
+
+
+def check_duplicates(summary: dict[str, Any], cfg: DataConfig) -> str | None:
+    """The duplicate warning to print, or a `UserError` with `data.on_duplicates: error`."""
+    problem = duplicate_problem(summary)
+    if problem and cfg.on_duplicates == "error":
+        raise UserError(f"{problem}, or set data.on_duplicates=warn to train anyway")
+    return problem
+
+
+def format_summary(summary: dict[str, Any], short: bool = False) -> str:
+    """The summary as text: a few lines (`short`, printed at the start of a run) or all."""
+    lines = [f"data: {summary['source']}: {summary['layout']}"]
+    lines.append(f"  classes: {', '.join(summary['classes'])}")
+    for split, info in summary["splits"].items():
+        per_class = ", ".join(f"{name} {n}" for name, n in info["per_class"].items())
+        patients = (summary["patients"] or {}).get(split)
+        extra = f", {patients} patients" if patients is not None else ""
+        lines.append(f"  {split}: {info['images']} images ({per_class}){extra}")
+    shared = (summary["patients"] or {}).get("in_pool_and_test")
+    if shared and shared["count"]:
+        lines.append(
+            f"  patients in both the CV pool and test: {shared['count']} "
+            f"({', '.join(shared['first'])})"
+        )
+    images = summary["images"]
+    if not short:
+        for key in ("formats", "modes", "sizes", "bit_depths"):
+            lines.append(f"  {key.replace('_', ' ')}: {_counts(images[key])}")
+    for key, title in (("skipped", "skipped"), ("unreadable", "unreadable")):
+        listing = summary[key]
+        if listing["count"]:
+            lines.append(f"  {title}: {listing['count']} ({_counts(listing['reasons'])})")
+            if not short:
+                lines.extend(f"    {path}" for path in listing["first"])
+    dup = summary["duplicates"]
+    lines.append(
+        "  duplicates: "
+        + ", ".join(f"{dup[k]['count']} {k.replace('_', ' ')}" for k in DUPLICATE_KINDS)
+    )
+    if not short:
+        for kind in DUPLICATE_KINDS:
+            for group in dup[kind]["groups"][:SHOWN]:
+                lines.append(f"    {kind.replace('_', ' ')}, {group['kind']}:")
+                lines.extend(f"      {f}" for f in group["files"])
+    return "\n".join(lines)
+
+
+def _counts(table: dict[str, int]) -> str:
+    return ", ".join(f"{key} {n}" for key, n in table.items()) or "-"
+
+
+def _listing(entries: dict[str, str]) -> dict[str, Any]:
+    return {
+        "count": len(entries),
+        "reasons": dict(Counter(entries.values()).most_common()),
+        "first": [f"{path} ({reason})" for path, reason in list(entries.items())[:SHOWN]],
+    }
+
+
+def _samples(index: DataIndex) -> Iterator[tuple[str, Split, int]]:
+    for split in (index.pool, index.test):
+        if split is None:
+            continue
+        for position in range(len(split)):
+            yield _origin(split, position), split, position
+
+
+def _origin(split: Split, position: int) -> str:
+    return str(split.origins[position]) if split.origins is not None else "all"
+
+
+def _split_counts(index: DataIndex) -> dict[str, Any]:
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for origin, split, position in _samples(index):
+        counts[origin][index.class_names[int(split.labels[position])]] += 1
+    order = [s for s in ("all", "train", "val", "test") if s in counts]
+    return {
+        s: {
+            "images": sum(counts[s].values()),
+            "per_class": {name: counts[s][name] for name in index.class_names},
+        }
+        for s in order
+    }
+
+
+def _patients(index: DataIndex) -> dict[str, Any] | None:
+    if index.pool.groups is None:
+        return None
+    by_split: dict[str, set[str]] = defaultdict(set)
+    for origin, split, position in _samples(index):
+        by_split[origin].add(str(split.groups[position]))
+    out: dict[str, Any] = {s: len(g) for s, g in by_split.items()}
+    pool = by_split.get("all", set()) | by_split.get("train", set()) | by_split.get("val", set())
+    shared = sorted(pool & by_split.get("test", set()))
+    out["in_pool_and_test"] = {"count": len(shared), "first": shared[:SHOWN]}
+    return out
+
+
+# --------------------------------------------------------------------------- per-file survey
+
+
+def _cached_file_survey(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
+    key = f"v{INSPECTION_VERSION}-{index.fingerprint[:24]}"
+    path = cache_root(cfg) / "inspect" / f"{index.name}-{key}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass  # a damaged cache entry is recomputed
+    survey = _file_survey(index)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(survey))
+    except OSError as exc:  # only a speed-up; the decoded cache reports a full disk itself
+        log.warning("could not cache the data inspection in %s (%s)", path.parent, exc)
+    return survey
+
+
+def _file_survey(index: DataIndex) -> dict[str, Any]:
+    """Formats, modes, sizes, bit depths, unreadable files and duplicate groups."""
+    formats, modes, sizes, bits = Counter(), Counter(), Counter(), Counter()
+    unreadable: dict[str, str] = {}
+    groups: dict[str, list[tuple[str, str, str, str]]] = defaultdict(list)
+    for origin, split, position in _samples(index):
+        sample_id = split.ids[position]
+        label = index.class_names[int(split.labels[position])]
+        if split.images is not None:
+            array = np.ascontiguousarray(split.images[position])
+            fmt, mode = "npz array", "L" if array.ndim == 2 else "RGB"
+            size, depth, byte_key = f"{array.shape[1]}x{array.shape[0]}", array.itemsize * 8, None
+        else:
+            path = split.paths[position]
+            try:
+                byte_key = hashlib.sha256(path.read_bytes()).hexdigest()
+                with Image.open(path) as img:
+                    fmt, mode, size = img.format or "?", img.mode, "x".join(map(str, img.size))
+                    depth = BITS.get(img.mode, 8)
+                    array = np.asarray(to_grey_or_rgb(img))
+            except Exception as exc:  # any decoder failure: named, never fatal here
+                unreadable[sample_id] = f"{type(exc).__name__}: {str(exc)[:60]}"
+                continue
+        formats[fmt] += 1
+        modes[mode] += 1
+        sizes[size] += 1
+        bits[f"{depth}-bit"] += 1
+        digest = hashlib.sha256(f"{array.shape}|{array.dtype}|".encode())
+        digest.update(array.tobytes())
+        groups[digest.hexdigest()].append((origin, sample_id, label, byte_key or ""))
+    return {
+        "images": {
+            "formats": dict(formats.most_common()),
+            "modes": dict(modes.most_common()),
+            "sizes": _top(sizes),
+            "bit_depths": dict(bits.most_common()),
+        },
+        "unreadable": unreadable,
+        "duplicates": _duplicates(groups.values()),
+    }
+
+
+def _top(counter: Counter, shown: int = 8) -> dict[str, int]:
+    top = dict(counter.most_common(shown))
+    rest = sum(counter.values()) - sum(top.values())
+    return top | ({"other": rest} if rest else {})
+
+
+def _duplicates(groups) -> dict[str, Any]:
+    out: dict[str, Any] = {kind: {"count": 0, "groups": []} for kind in DUPLICATE_KINDS}
+    for members in groups:
+        if len(members) < 2:
+            continue
+        byte_keys = {m[3] for m in members}
+        entry = {
+            "kind": "byte-identical"
+            if len(byte_keys) == 1 and "" not in byte_keys
+            else "same pixels",
+            "files": [f"{sample_id} ({label})" for _, sample_id, label, _ in members],
+        }
+        kinds = []
+        if len({m[2] for m in members}) > 1:
+            kinds.append("across_classes")
+        if len({m[0] for m in members}) > 1:
+            kinds.append("across_splits")
+        for kind in kinds or ["within_split"]:
+            out[kind]["count"] += len(members)
+            if len(out[kind]["groups"]) < KEPT:
+                out[kind]["groups"].append(entry)
+    return out
