@@ -14,7 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from distmed.artifacts import write_text_atomic
-from distmed.errors import UserError
+from distmed.errors import UserError, shorten
+from distmed.yamlfile import NotYaml, load_yaml, read_yaml_file
 
 # The five ResNet stages that `model.unfreeze` counts, from the head backwards.
 RESNET_STAGES = ("layer4", "layer3", "layer2", "layer1", "stem")
@@ -187,14 +188,18 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> ExperimentCo
 
 
 def format_validation_error(exc: ValidationError) -> str:
-    """Flatten pydantic's errors into `dotted.key: problem (got value)` parts."""
+    """Flatten pydantic's errors into `dotted.key: problem (got value)` parts.
+
+    The rejected value is quoted cut short (`errors.shorten`): it may be a huge string or
+    list from a hostile file, and an error must stay one readable line.
+    """
     parts = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
         if err["type"] == "extra_forbidden":
             parts.append(f"{key}: unknown key (check the spelling; see README 'Config')")
         else:
-            parts.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+            parts.append(f"{key}: {err['msg']} (got {shorten(err.get('input'))})")
     return "; ".join(parts)
 
 
@@ -202,24 +207,29 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     """Set `section.key=value` in a nested dict; the value is parsed as YAML (`3`, `true`)."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
-        raise UserError(f"--set {item!r}: expected section.key=value, e.g. train.epochs=3")
+        raise UserError(f"--set {shorten(item)}: expected section.key=value, e.g. train.epochs=3")
     *parents, leaf = key.strip().split(".")
     node = raw
     for part in parents:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise UserError(f"--set {item!r}: {part} is not a section")
+            raise UserError(f"--set {shorten(item)}: {shorten(part)} is not a section")
         node = child
-    node[leaf] = _parse_value(text)
+    name = key.strip()
+    node[leaf] = _parse_value(text, f"--set {name if len(name) <= 80 else shorten(name)}")
 
 
-def _parse_value(text: str) -> Any:
-    """`3` -> int, `true` -> bool, `[a, b]` -> list; anything that is not YAML stays text."""
+def _parse_value(text: str, source: str) -> Any:
+    """`3` -> int, `true` -> bool, `[a, b]` -> list; anything that is not YAML stays text.
+
+    Raises:
+        UserError: the value is YAML but too large or alias-heavy (`yamlfile.load_yaml`).
+    """
     if not text.strip():
         return None
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return load_yaml(text, source)
+    except NotYaml:
         return text  # e.g. a regex such as [A-Z]+_
 
 
@@ -245,12 +255,7 @@ def dump_config(cfg: ExperimentConfig, path: Path) -> None:
 def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} not found: check the path given to --config")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    raw = read_yaml_file(path, "config")
     if raw is None:
         return {}
     if not isinstance(raw, dict):
