@@ -8,7 +8,7 @@ that names its dotted path before any work starts. Dicts exist only at process b
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -20,6 +20,9 @@ from distmed.yamlfile import NotYaml, load_yaml, read_yaml_file
 # The five ResNet stages that `model.unfreeze` counts, from the head backwards.
 RESNET_STAGES = ("layer4", "layer3", "layer2", "layer1", "stem")
 RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# Square side in pixels that images are resized to. A type of its own so that a saved model's
+# preprocessing (`savedmodel.Preprocessing`) is held to the very same bounds as the config.
+ImageSize = Annotated[int, Field(ge=8, le=1024)]
 
 
 class _Section(BaseModel):
@@ -40,7 +43,7 @@ class DataConfig(_Section):
         None,
         description="image folder, MedMNIST .npz, 'medmnist:NAME', or 'demo' (built-in data)",
     )
-    image_size: int = Field(224, ge=8, le=1024)
+    image_size: ImageSize = 224
     positive_class: str | None = Field(
         None, description="binary tasks: class whose score is the ROC-AUC score (default: 2nd)"
     )
@@ -198,6 +201,8 @@ def format_validation_error(exc: ValidationError) -> str:
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
         if err["type"] == "extra_forbidden":
             parts.append(f"{key}: unknown key (check the spelling; see README 'Config')")
+        elif err["type"] == "missing":  # the input is the whole enclosing mapping: not useful
+            parts.append(f"{key}: required, missing")
         else:
             parts.append(f"{key}: {err['msg']} (got {shorten(err.get('input'))})")
     return "; ".join(parts)
