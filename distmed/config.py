@@ -201,8 +201,9 @@ def format_validation_error(exc: ValidationError) -> str:
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
         if err["type"] == "extra_forbidden":
             parts.append(f"{key}: unknown key (check the spelling; see README 'Config')")
-        elif err["type"] == "missing":  # the input is the whole enclosing mapping: not useful
-            parts.append(f"{key}: required, missing")
+        elif err["type"] == "missing" or not err["loc"]:
+            # The input here is the whole enclosing mapping: quoting it helps nobody.
+            parts.append(f"{key}: required, missing" if err["loc"] else err["msg"])
         else:
             parts.append(f"{key}: {err['msg']} (got {shorten(err.get('input'))})")
     return "; ".join(parts)

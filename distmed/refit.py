@@ -101,9 +101,12 @@ def load_model(path: Path) -> tuple[torch.nn.Module, SavedModel]:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:  # missing/unexpected keys or shapes: torch lists them all
+        # Its first line only says "Error(s) in loading state_dict"; the next names the key.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else first_line(exc)
         raise UserError(
             f"--model {path}: its weights do not fit a {saved.config.model.arch} with "
-            f"{len(saved.class_names)} classes ({first_line(exc)[:120]})"
+            f"{len(saved.class_names)} classes ({detail[:160]})"
         ) from exc
     model.eval()
     return model, saved

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from distmed.artifacts import atomic_path, read_torch_file
 from distmed.config import ExperimentConfig, ImageSize, format_validation_error
@@ -71,10 +78,15 @@ class SavedModel(_Record):
     preprocessing: Preprocessing
     threshold: Threshold | None = None
 
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: int) -> int:
+        if value > MODEL_FORMAT:
+            raise ValueError(f"{value} is newer than this distmed reads ({MODEL_FORMAT}); upgrade")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> SavedModel:
-        if self.format > MODEL_FORMAT:
-            raise ValueError(f"format {self.format} is newer than this distmed reads; upgrade")
         if len(set(self.class_names)) != len(self.class_names):
             raise ValueError("class_names repeat a name")
         if (self.positive_index is not None) != self.binary:  # as cv.positive_index sets it
