@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import json
 import math
 import os
 import subprocess
@@ -243,7 +242,9 @@ def load_run(workdir: Path, dataset: str, method: str) -> dict[str, Any]:
             "first (`--only search` for PneumoniaMNIST, `--only quality` for BreastMNIST), or "
             "give --workdir where it ran"
         )
-    summary = json.loads((out / "summary.json").read_text())
+    from distmed.summary import RunSummary
+
+    summary = RunSummary.load(out / "summary.json")
     with (out / "trials.csv").open() as handle:
         trials = [
             {
@@ -260,12 +261,12 @@ def load_run(workdir: Path, dataset: str, method: str) -> dict[str, Any]:
         "method": method,
         "run_dir": str(out),
         "trials": trials,  # trials.csv lists them in start order
-        "best_cv_roc_auc": summary["best_cv_roc_auc"],
-        "best_cv_roc_auc_std": summary.get("best_cv_roc_auc_std"),
-        "best_config": summary["best_config"],
-        "search_wall_time_s": summary["wall_time_s"],
-        "refit_epochs": summary.get("refit_epochs"),
-        "test_metrics": summary.get("test_metrics"),
+        "best_cv_roc_auc": summary.best_cv_roc_auc,
+        "best_cv_roc_auc_std": summary.best_cv_roc_auc_std,
+        "best_config": summary.best_config.model_dump(mode="json") if summary.best_config else None,
+        "search_wall_time_s": summary.wall_time_s,
+        "refit_epochs": summary.refit_epochs,
+        "test_metrics": summary.test_metrics,
         "test_ci95": bootstrap_intervals(out),
     }
 
@@ -273,16 +274,16 @@ def load_run(workdir: Path, dataset: str, method: str) -> dict[str, Any]:
 def bootstrap_intervals(out: Path) -> dict[str, list[float]] | None:
     """95% bootstrap intervals of the test metrics, as in the run's report (seed 0)."""
     import numpy as np
-    import torch
 
     from distmed.metrics import bootstrap_ci
     from distmed.refit import TEST_PREDICTIONS
+    from distmed.savedmodel import SavedModel
 
     if not (out / TEST_PREDICTIONS).is_file():
         return None
-    payload = torch.load(out / "best_model.pt", map_location="cpu", weights_only=True)
+    positive = SavedModel.load(out / "best_model.pt").positive_index
     with np.load(out / TEST_PREDICTIONS, allow_pickle=False) as saved:
-        intervals = bootstrap_ci(saved["labels"], saved["probs"], payload["positive_index"])
+        intervals = bootstrap_ci(saved["labels"], saved["probs"], positive)
     return {name: [round(low, 4), round(high, 4)] for name, (low, high) in intervals.items()}
 
 

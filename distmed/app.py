@@ -33,6 +33,7 @@ from distmed.predict import (
     saved_threshold,
 )
 from distmed.refit import load_model
+from distmed.savedmodel import SavedModel
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 UPLOAD_TYPES = [".png", ".jpg", ".jpeg"]
@@ -58,12 +59,12 @@ class Predictor:
     """The loaded model and what turning an upload into a displayed result needs."""
 
     model: torch.nn.Module
-    payload: dict[str, Any]
+    saved: SavedModel
     threshold: float | None
 
     @property
     def size(self) -> int:
-        return int(self.payload["preprocessing"]["image_size"])
+        return self.saved.preprocessing.image_size
 
     def predict(self, paths: list[Path]) -> list[tuple[Prediction, Image.Image | None]]:
         """Each file's prediction (as `distmed.predict` makes it) and its Grad-CAM overlay."""
@@ -104,9 +105,9 @@ def serve(args: argparse.Namespace) -> Any:
     if not model_path.is_file():
         raise UserError(f"--model {model_path}: no such file (a best_model.pt from distmed.tune)")
     gr = _import_gradio()
-    model, payload = load_model(model_path)
-    predictor = Predictor(model.to(_device()), payload, saved_threshold(payload))
-    page = build_page(gr, predictor, model_card(model_path, payload))
+    model, saved = load_model(model_path)
+    predictor = Predictor(model.to(_device()), saved, saved_threshold(saved))
+    page = build_page(gr, predictor, model_card(model_path, saved))
     if args.host not in LOCAL_HOSTS:
         print(
             f"warning: serving on {args.host}: anyone who can reach this address can upload "
@@ -190,7 +191,7 @@ def _error_html(result: Prediction) -> str:
 
 
 def _result_html(predictor: Predictor, result: Prediction, picture: Image.Image | None) -> str:
-    names = predictor.payload["class_names"]
+    names = predictor.saved.class_names
     probs = result.probs
     assert probs is not None
     rows = "".join(
@@ -210,13 +211,13 @@ def _result_html(predictor: Predictor, result: Prediction, picture: Image.Image 
 
 
 def _decision_html(predictor: Predictor, probs: np.ndarray) -> str:
-    payload = predictor.payload
-    if len(payload["class_names"]) != 2:
+    saved = predictor.saved
+    if saved.positive_class is None:  # multi-class: decisions are the argmax shown above
         return ""
     if predictor.threshold is None:
         return "<p>No operating threshold saved with the model (run distmed.report).</p>"
-    positive = payload["class_names"][payload["positive_index"]]
-    label = label_at_threshold(probs, payload, predictor.threshold)
+    positive = saved.positive_class
+    label = label_at_threshold(probs, saved, predictor.threshold)
     return (
         f"<p>At the saved threshold {predictor.threshold:.4f} on P({html.escape(positive)}): "
         f"<b class='decision'>{html.escape(label)}</b></p>"

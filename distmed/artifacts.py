@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from distmed.errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
@@ -87,3 +89,34 @@ def delete_checkpoints(run_uri: str) -> None:
         ):
             with contextlib.suppress(OSError):  # already gone, or still being torn down by Ray
                 filesystem.delete_dir(entry.path)
+
+
+def read_torch_file(path: Path, what: str) -> Any:
+    """`torch.load(path, weights_only=True)` on CPU, every failure as one `UserError` line.
+
+    Args:
+        path: an existing file.
+        what: how messages name it, e.g. "--model" or "model.weights".
+
+    Raises:
+        UserError: empty, truncated, random bytes, or pickled objects beyond tensors. The
+            message is ours, never torch's: torch's text for these cases advises retrying
+            with `weights_only=False`, which would run whatever code the file carries.
+    """
+    import torch
+
+    if path.stat().st_size == 0:
+        raise UserError(f"{what} {path}: empty file (0 bytes); copy or save it again")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types, by where the bytes stop making sense
+        raise UserError(f"{what} {path}: {_torch_load_problem(exc)}") from exc
+
+
+def _torch_load_problem(exc: Exception) -> str:
+    # Matched by name: this package never imports pickle (tests/test_security.py).
+    if type(exc).__name__ == "UnpicklingError":
+        if "Unsupported global" in str(exc):  # the file names Python classes to rebuild
+            return "holds pickled Python objects besides tensors, refused as unsafe to load"
+        return "corrupt: not a file written by torch.save"
+    return f"truncated or corrupt ({type(exc).__name__} while reading it); copy or save it again"

@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import types
 import typing
-from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from distmed.artifacts import write_text_atomic
-from distmed.errors import UserError
+from distmed.errors import UserError, shorten
+from distmed.yamlfile import NotYaml, load_yaml, read_yaml_file
 
 # The five ResNet stages that `model.unfreeze` counts, from the head backwards.
 RESNET_STAGES = ("layer4", "layer3", "layer2", "layer1", "stem")
 RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# Square side in pixels that images are resized to. A type of its own so that a saved model's
+# preprocessing (`savedmodel.Preprocessing`) is held to the very same bounds as the config.
+ImageSize = Annotated[int, Field(ge=8, le=1024)]
 
 
 class _Section(BaseModel):
@@ -43,7 +46,7 @@ class DataConfig(_Section):
         None,
         description="image folder, MedMNIST .npz, 'medmnist:NAME', or 'demo' (built-in data)",
     )
-    image_size: int = Field(224, ge=8, le=1024)
+    image_size: ImageSize = 224
     positive_class: str | None = Field(
         None, description="binary tasks: class whose score is the ROC-AUC score (default: 2nd)"
     )
@@ -195,14 +198,21 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> ExperimentCo
 
 
 def format_validation_error(exc: ValidationError) -> str:
-    """Flatten pydantic's errors into `dotted.key: problem (got value)` parts."""
+    """Flatten pydantic's errors into `dotted.key: problem (got value)` parts.
+
+    The rejected value is quoted cut short (`errors.shorten`): it may be a huge string or
+    list from a hostile file, and an error must stay one readable line.
+    """
     parts = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
         if err["type"] == "extra_forbidden":
             parts.append(f"{key}: unknown key (check the spelling; see README 'Config')")
+        elif err["type"] == "missing" or not err["loc"]:
+            # The input here is the whole enclosing mapping: quoting it helps nobody.
+            parts.append(f"{key}: required, missing" if err["loc"] else err["msg"])
         else:
-            parts.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+            parts.append(f"{key}: {err['msg']} (got {shorten(err.get('input'))})")
     return "; ".join(parts)
 
 
@@ -214,9 +224,10 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     """
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
-        raise UserError(f"--set {item!r}: expected section.key=value, e.g. train.epochs=3")
+        raise UserError(f"--set {shorten(item)}: expected section.key=value, e.g. train.epochs=3")
     dotted = key.strip()
-    set_value(raw, dotted, _parse_value(text, keep_text=dotted in text_fields()), item)
+    source = f"--set {dotted if len(dotted) <= 80 else shorten(dotted)}"
+    set_value(raw, dotted, _parse_value(text, source, keep_text=dotted in text_fields()), item)
 
 
 def set_value(raw: dict[str, Any], dotted: str, value: Any, item: str | None = None) -> None:
@@ -226,24 +237,27 @@ def set_value(raw: dict[str, Any], dotted: str, value: Any, item: str | None = N
     for part in parents:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise UserError(f"--set {item or dotted!r}: {part} is not a section")
+            raise UserError(f"--set {shorten(item or dotted)}: {shorten(part)} is not a section")
         node = child
     node[leaf] = value
 
 
-def _parse_value(text: str, keep_text: bool = False) -> Any:
+def _parse_value(text: str, source: str, keep_text: bool = False) -> Any:
     """`3` -> int, `true` -> bool, `[a, b]` -> list; anything that is not YAML stays text.
 
     With `keep_text` the text itself is the value; only a fully quoted value is unquoted
     (`"01"` -> `01`), so quoting as in YAML still works.
+
+    Raises:
+        UserError: the value is YAML but too large or alias-heavy (`yamlfile.load_yaml`).
     """
     if not text.strip():
         return None
     if keep_text and not _is_quoted(text):
         return text
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return load_yaml(text, source)
+    except NotYaml:
         return text  # e.g. a regex such as [A-Z]+_
 
 
@@ -287,37 +301,6 @@ def _is_text_annotation(annotation: Any) -> bool:
     return False
 
 
-def load_yaml(text: str, keeps_text: Callable[[tuple[str, ...]], bool]) -> Any:
-    """Safe-load YAML; scalars at key paths where `keeps_text(path)` keep their source text.
-
-    YAML 1.1 resolves plain `yes`/`no`/`on`/`off` to booleans, `01` to an octal int and
-    `2024-01-01` to a date; for a string-typed field that is never what the user meant. A
-    path is the tuple of mapping keys down to the value (`"*"` for a list item); a plain
-    `null`, `~` or empty value stays None.
-    """
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        return None if node is None else _construct(loader, node, (), keeps_text)
-    finally:
-        loader.dispose()
-
-
-def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: tuple[str, ...], keeps_text):
-    if isinstance(node, yaml.MappingNode):
-        loader.flatten_mapping(node)  # resolve `<<` merge keys as safe_load does
-        out = {}
-        for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
-            out[key] = _construct(loader, value_node, (*path, str(key)), keeps_text)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(loader, item, (*path, "*"), keeps_text) for item in node.value]
-    if keeps_text(path) and node.tag != "tag:yaml.org,2002:null":
-        return node.value
-    return loader.construct_object(node, deep=True)
-
-
 def config_keeps_text(path: tuple[str, ...]) -> bool:
     """For `load_yaml` on an experiment config (also a space file's `base`)."""
     if path and path[0] == "base":
@@ -347,12 +330,7 @@ def dump_config(cfg: ExperimentConfig, path: Path) -> None:
 def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} not found: check the path given to --config")
-    try:
-        raw = load_yaml(path.read_text(), config_keeps_text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    raw = read_yaml_file(path, "config", keeps_text=config_keeps_text)
     if raw is None:
         return {}
     if not isinstance(raw, dict):

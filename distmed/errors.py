@@ -6,6 +6,30 @@ points print it without a traceback (unless `--debug`) and exit non-zero.
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
+# Long enough to recognise a value, short enough that a hostile or huge one (a 1 MB string,
+# a list of a million items) never floods the terminal or the log.
+SHORT_VALUE_CHARS = 48
+
+# reprlib bounds the *work* too, not only the text: it never walks past a few items or
+# levels, so quoting a huge nested value costs nothing.
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = SHORT_VALUE_CHARS
+_REPR.maxother = SHORT_VALUE_CHARS
+for _attr in ("maxlist", "maxtuple", "maxdict", "maxset", "maxfrozenset", "maxdeque"):
+    setattr(_REPR, _attr, 6)
+
 
 class UserError(Exception):
     """Bad input, reported as one line; never a bug in distmed itself."""
+
+
+def shorten(value: Any) -> str:
+    """`repr(value)` on one line, cut to about `SHORT_VALUE_CHARS` characters (`…` marks a cut)."""
+    text = _REPR.repr(value).replace("\n", "\\n")
+    if len(text) > SHORT_VALUE_CHARS + 8:
+        text = text[:SHORT_VALUE_CHARS] + "…"
+    return text

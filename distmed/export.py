@@ -20,6 +20,7 @@ from distmed.artifacts import write_json_atomic
 from distmed.cli import run_entry_point
 from distmed.errors import UserError
 from distmed.refit import load_model
+from distmed.savedmodel import SavedModel
 
 FORMATS = ("torchscript", "onnx")
 ONNX_OPSET = 18
@@ -50,19 +51,20 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"--model {model_path}: no such file (a best_model.pt from distmed.tune)")
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    model, payload = load_model(model_path)
-    example = example_input(payload)
+    model, saved = load_model(model_path)
+    example = example_input(saved)
     if args.format == "torchscript":
         export_torchscript(model, example, output)
     else:
         export_onnx(model, example, output)
-    write_json_atomic(sidecar_path(output), sidecar(payload, args.format))
+    write_json_atomic(sidecar_path(output), sidecar(saved, args.format))
     print(f"{args.format}: {output}; preprocessing: {sidecar_path(output)}")
     return 0
 
 
-def example_input(payload: dict[str, Any]) -> torch.Tensor:
-    size = int(payload["preprocessing"]["image_size"])
+def example_input(saved: SavedModel) -> torch.Tensor:
+    """A zero batch (2, 3, S, S) to trace with; S is the model's image size in pixels."""
+    size = saved.preprocessing.image_size
     return torch.zeros(2, 3, size, size)
 
 
@@ -99,36 +101,34 @@ def sidecar_path(output: Path) -> Path:
     return output.with_name(output.name + ".json")
 
 
-def sidecar(payload: dict[str, Any], fmt: str) -> dict[str, Any]:
-    """How to feed the exported model and read its output, without distmed."""
-    prep = payload["preprocessing"]
-    names = payload["class_names"]
-    positive = payload["positive_index"]
-    threshold = payload.get("threshold")
+def sidecar(saved: SavedModel, fmt: str) -> dict[str, Any]:
+    """How to feed the exported model and read its output, without distmed (a JSON dict)."""
+    prep = saved.preprocessing
+    names = saved.class_names
     return {
         "format": fmt,
         "distmed_version": __version__,
-        "source": payload.get("source"),
-        "architecture": payload["config"]["model"]["arch"],
+        "source": saved.source,
+        "architecture": saved.config.model.arch,
         "input": {
             "name": "image",
-            "shape": ["batch", 3, prep["image_size"], prep["image_size"]],
+            "shape": ["batch", 3, prep.image_size, prep.image_size],
             "dtype": "float32",
             "layout": "NCHW, RGB; grey images repeated to 3 channels",
         },
         "preprocessing": {
-            "image_size": prep["image_size"],
-            "resize": prep["resize"],
-            "scale": prep["scale"],
-            "mean": prep["mean"],
-            "std": prep["std"],
+            "image_size": prep.image_size,
+            "resize": prep.resize,
+            "scale": prep.scale,
+            "mean": list(prep.mean),
+            "std": list(prep.std),
             "formula": "(pixel / 255 - mean[c]) / std[c] per channel c",
-            "channels_in_training_cache": prep["channels_in_cache"],
+            "channels_in_training_cache": prep.channels_in_cache,
         },
         "output": {"name": "logits", "shape": ["batch", len(names)], "apply": "softmax"},
         "class_names": names,
-        "positive_class": names[positive] if positive is not None else None,
-        "threshold": threshold,
+        "positive_class": saved.positive_class,
+        "threshold": saved.threshold.model_dump(mode="json") if saved.threshold else None,
     }
 
 

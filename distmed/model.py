@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from distmed.artifacts import read_torch_file
 from distmed.config import RESNET_STAGES, ModelConfig
 from distmed.errors import UserError
 
@@ -116,12 +117,10 @@ def read_state_dict(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
                 f"{sha256[:16]}…; the file is corrupt or not the one intended"
             )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or unsafe pickles
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        state = read_torch_file(path, "model.weights")
+    except UserError as exc:
         raise UserError(
-            f"model.weights {path}: not a loadable state dict ({first}); "
-            "give a file of plain tensors saved with torch.save(model.state_dict(), path)"
+            f"{exc}; give a file of plain tensors saved with torch.save(model.state_dict(), path)"
         ) from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

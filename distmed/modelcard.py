@@ -8,79 +8,86 @@ predictions (bootstrap CIs computed exactly as `distmed.report` does).
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from distmed.errors import UserError
 from distmed.metrics import CI_METRICS, bootstrap_ci
 from distmed.refit import TEST_PREDICTIONS
+from distmed.savedmodel import SavedModel, Threshold
+from distmed.summary import RunSummary
 
 NOTICE = "Research tool, not for clinical use."
 CI_RESAMPLES = 1000  # as report.html's intervals, so the two pages quote the same numbers
 
 
-def model_card(model_path: Path, payload: dict[str, Any]) -> str:
-    """The card's HTML; sections whose source file is missing say so instead."""
-    summary = _read_summary(model_path.parent / "summary.json")
+def model_card(model_path: Path, saved: SavedModel) -> str:
+    """The card's HTML; sections whose source file is missing (or unreadable) say so instead."""
+    summary, problem = _read_summary(model_path.parent / "summary.json")
     parts = [
         f"<h3>Model card</h3><p class='notice'><b>{NOTICE}</b></p>",
-        _model_table(payload),
-        _data_text(summary),
+        _model_table(saved),
+        _data_text(summary, problem),
         _cv_text(summary),
-        _test_table(summary, model_path.parent / TEST_PREDICTIONS, payload["positive_index"]),
+        _test_table(summary, model_path.parent / TEST_PREDICTIONS, saved.positive_index),
     ]
     return f"<div class='distmed-card'>{''.join(parts)}</div>"
 
 
-def _read_summary(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def _read_summary(path: Path) -> tuple[RunSummary | None, str]:
+    """The summary, or None and why; a bad summary.json does not stop the page serving."""
+    if not path.is_file():
+        return None, "No summary.json next to the model"
+    try:
+        return RunSummary.load(path), ""
+    except UserError as exc:
+        return None, f"summary.json unreadable ({exc})"
 
 
-def _model_table(payload: dict[str, Any]) -> str:
-    model = payload["config"]["model"]
-    names = payload["class_names"]
+def _model_table(saved: SavedModel) -> str:
+    model = saved.config.model
     rows = [
-        ("architecture", f"{model['arch']} ({model['head']} head)"),
-        ("input", f"{payload['preprocessing']['image_size']} px square, resized bilinearly"),
-        ("classes", ", ".join(names)),
+        ("architecture", f"{model.arch} ({model.head} head)"),
+        ("input", f"{saved.preprocessing.image_size} px square, resized bilinearly"),
+        ("classes", ", ".join(saved.class_names)),
     ]
-    if len(names) == 2 and payload["positive_index"] is not None:
-        rows.append(("positive class", names[payload["positive_index"]]))
-        rows.append(("threshold", _threshold_text(payload.get("threshold"))))
+    if saved.positive_class is not None:
+        rows.append(("positive class", saved.positive_class))
+        rows.append(("threshold", _threshold_text(saved.threshold)))
     return _table([], [[html.escape(k), html.escape(v)] for k, v in rows])
 
 
-def _threshold_text(threshold: dict[str, Any] | None) -> str:
+def _threshold_text(threshold: Threshold | None) -> str:
     if threshold is None:
         return "none saved (run distmed.report on the run folder)"
-    return f"{threshold['value']:.4f} ({threshold['method']}, on {threshold['chosen_on']})"
+    return f"{threshold.value:.4f} ({threshold.method}, on {threshold.chosen_on})"
 
 
-def _data_text(summary: dict[str, Any] | None) -> str:
+def _data_text(summary: RunSummary | None, problem: str) -> str:
     if summary is None:
-        return "<p>No summary.json next to the model: training data and scores unknown.</p>"
-    data = summary["data"]
+        return f"<p>{html.escape(problem)}: training data and scores unknown.</p>"
     return (
-        f"<p>Trained on <b>{html.escape(str(data['name']))}</b>: "
-        f"{data['num_images']} images in the cross-validation pool.</p>"
+        f"<p>Trained on <b>{html.escape(summary.data.name)}</b>: "
+        f"{summary.data.num_images} images in the cross-validation pool.</p>"
     )
 
 
-def _cv_text(summary: dict[str, Any] | None) -> str:
-    if summary is None or "best_cv_roc_auc" not in summary:
+def _cv_text(summary: RunSummary | None) -> str:
+    if summary is None or summary.best_cv_roc_auc is None:
         return ""
+    std = summary.best_cv_roc_auc_std
     return (
         f"<p>CV ROC-AUC (mean ± std over folds): <span class='cv-auc'>"
-        f"{summary['best_cv_roc_auc']:.4f} ± {summary['best_cv_roc_auc_std']:.4f}</span></p>"
+        f"{summary.best_cv_roc_auc:.4f} ± {std if std is not None else float('nan'):.4f}"
+        "</span></p>"
     )
 
 
-def _test_table(summary: dict[str, Any] | None, predictions: Path, positive: int | None) -> str:
-    if summary is None or "test_metrics" not in summary:
+def _test_table(summary: RunSummary | None, predictions: Path, positive: int | None) -> str:
+    if summary is None or summary.test_metrics is None:
         return "<p>No test-split metrics in summary.json.</p>"
-    test = summary["test_metrics"]
+    test = summary.test_metrics
     intervals = _intervals(predictions, positive)
     rows = []
     for name in CI_METRICS:

@@ -18,7 +18,6 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from distmed.cli import run_entry_point
 from distmed.data import IMAGE_EXTENSIONS, decode_image, to_model_input
 from distmed.errors import UserError
 from distmed.refit import load_model
+from distmed.savedmodel import SavedModel
 
 EXIT_SOME_UNREADABLE = 3
 GRADCAM_MIN_SIZE = 224  # overlays of 28 px images are upscaled so people can see them
@@ -82,20 +82,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     paths = collect_images(args.inputs)
-    model, payload = load_model(model_path)
+    model, saved = load_model(model_path)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     model.to(device)
-    size = int(payload["preprocessing"]["image_size"])
+    size = saved.preprocessing.image_size
     cam_dir = Path(args.gradcam) if args.gradcam else None
     if cam_dir is not None:
         cam_dir.mkdir(parents=True, exist_ok=True)
-    threshold = _threshold(args.threshold, payload)
+    threshold = _threshold(args.threshold, saved)
     results = []
     for batch in predict_batches(model, paths, size, args.batch_size, device):
         results += batch
         if cam_dir is not None:
             write_gradcams(model, batch, size, cam_dir, offset=len(results) - len(batch))
-    write_csv(Path(args.output), results, payload, threshold)
+    write_csv(Path(args.output), results, saved, threshold)
     bad = [r for r in results if r.probs is None]
     for r in bad:
         print(f"unreadable: {r.path} ({r.error})", file=sys.stderr)
@@ -159,41 +159,45 @@ def _probabilities(model: torch.nn.Module, images: np.ndarray, device: torch.dev
     return torch.softmax(model(inputs).float(), dim=1).cpu().numpy()
 
 
-def _threshold(override: float | None, payload: dict[str, Any]) -> float | None:
-    if len(payload["class_names"]) != 2:
+def _threshold(override: float | None, saved: SavedModel) -> float | None:
+    if not saved.binary:
         if override is not None:
             raise UserError("--threshold applies to binary models only")
         return None
     if override is not None:
         return override
-    saved = saved_threshold(payload)
-    if saved is None:
+    value = saved_threshold(saved)
+    if value is None:
         print(
             "note: the model holds no operating threshold (run distmed.report on its run "
             "folder, or pass --threshold); label_at_threshold is left empty",
             file=sys.stderr,
         )
-    return saved
+    return value
 
 
-def saved_threshold(payload: dict[str, Any]) -> float | None:
+def saved_threshold(saved: SavedModel) -> float | None:
     """The binary operating threshold distmed.report saved in the model, if any."""
-    saved = payload.get("threshold")
-    return None if saved is None else float(saved["value"])
+    return None if saved.threshold is None else saved.threshold.value
 
 
-def label_at_threshold(probs: np.ndarray, payload: dict[str, Any], threshold: float) -> str:
-    """Binary decision: the positive class when its probability reaches `threshold`."""
-    names, positive = payload["class_names"], payload["positive_index"]
+def label_at_threshold(probs: np.ndarray, saved: SavedModel, threshold: float) -> str:
+    """Binary decision: the positive class when its probability reaches `threshold`.
+
+    Args:
+        probs: (2,) class probabilities of one image.
+    """
+    names, positive = saved.class_names, saved.positive_index
+    assert positive is not None  # SavedModel holds one exactly when there are two classes
     return names[positive] if probs[positive] >= threshold else names[1 - positive]
 
 
 def write_csv(
-    path: Path, results: list[Prediction], payload: dict[str, Any], threshold: float | None
+    path: Path, results: list[Prediction], saved: SavedModel, threshold: float | None
 ) -> None:
     """path, predicted_class, prob_<class>..., [label_at_threshold,] error."""
-    names = payload["class_names"]
-    binary = len(names) == 2
+    names = saved.class_names
+    binary = saved.binary
     header = ["path", "predicted_class", *(f"prob_{n}" for n in names)]
     header += ["label_at_threshold"] if binary else []
     buffer = io.StringIO()
@@ -205,7 +209,7 @@ def write_csv(
             continue
         row = [str(r.path), names[int(r.probs.argmax())], *(f"{p:.6f}" for p in r.probs)]
         if binary:
-            row.append("" if threshold is None else label_at_threshold(r.probs, payload, threshold))
+            row.append("" if threshold is None else label_at_threshold(r.probs, saved, threshold))
         writer.writerow([*row, ""])
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, buffer.getvalue())

@@ -1,8 +1,8 @@
 """After the search: refit the chosen config on all training data, save it, test it once.
 
-`best_model.pt` holds weights, config, class names and preprocessing: enough to rebuild the
-model and predict with nothing else (`load_model`). The test split is evaluated here and
-nowhere else.
+`best_model.pt` holds weights, config, class names and preprocessing (`savedmodel.SavedModel`):
+enough to rebuild the model and predict with nothing else (`load_model`). The test split is
+evaluated here and nowhere else.
 """
 
 from __future__ import annotations
@@ -18,16 +18,18 @@ from torch.utils.data import DataLoader
 
 from distmed import __version__
 from distmed.artifacts import atomic_path
+from distmed.cli import first_line
 from distmed.config import ExperimentConfig
 from distmed.cv import FoldPlan, fit_folds
-from distmed.data import IMAGENET_MEAN, IMAGENET_STD, CachedImageDataset, load_cached
+from distmed.data import CachedImageDataset, load_cached
+from distmed.errors import UserError
 from distmed.metrics import classification_metrics
 from distmed.model import build_model
 from distmed.resources import WorkerLayout
+from distmed.savedmodel import SavedModel, Threshold, preprocessing_for
 from distmed.worker import STATE_FILE, predict
 
 log = logging.getLogger(__name__)
-MODEL_FORMAT = 1
 # The refit model's test-split predictions, saved once so the report never re-evaluates.
 TEST_PREDICTIONS = "test_predictions.npz"
 
@@ -70,43 +72,44 @@ def save_model(
 
     `source` names the refit run that produced it, so a resumed search can reuse the file.
     """
-    payload = {
-        "format": MODEL_FORMAT,
-        "distmed_version": __version__,
-        "source": source,
-        "model_state": state,
-        "config": cfg.model_dump(mode="json"),
-        "class_names": list(class_names),
-        "positive_index": positive,
-        "preprocessing": {
-            "image_size": cfg.data.image_size,
-            "resize": "bilinear, to a square image_size x image_size",
-            "channels_in_cache": channels,
-            "scale": "uint8 / 255; 16-bit and float images min-max scaled per image",
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-        },
-    }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    saved = SavedModel(
+        distmed_version=__version__,
+        source=source,
+        config=cfg,
+        class_names=list(class_names),
+        positive_index=positive,
+        preprocessing=preprocessing_for(cfg.data.image_size, channels),
+    )
+    saved.save(path, state)
 
 
 def saved_source(path: Path) -> str | None:
     """The refit run a saved `best_model.pt` came from (None when there is no such file)."""
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=True).get("source")
+    return SavedModel.load(path).source if path.is_file() else None
 
 
-def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model from `best_model.pt` alone (safe load: `weights_only=True`)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = ExperimentConfig.model_validate(payload["config"])
-    no_download = cfg.model.model_copy(update={"weights": "none"})
-    model = build_model(no_download, len(payload["class_names"]))
-    model.load_state_dict(payload["model_state"])
+def load_model(path: Path) -> tuple[torch.nn.Module, SavedModel]:
+    """Rebuild the model from `best_model.pt` alone (safe load: `weights_only=True`).
+
+    Raises:
+        UserError: the file is not a valid best_model.pt, or its weights do not fit the
+            network its config describes; one line naming the file.
+    """
+    saved, state = SavedModel.load_with_weights(path)
+    no_download = saved.config.model.model_copy(update={"weights": "none"})
+    model = build_model(no_download, len(saved.class_names))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # missing/unexpected keys or shapes: torch lists them all
+        # Its first line only says "Error(s) in loading state_dict"; the next names the key.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else first_line(exc)
+        raise UserError(
+            f"--model {path}: its weights do not fit a {saved.config.model.arch} with "
+            f"{len(saved.class_names)} classes ({detail[:160]})"
+        ) from exc
     model.eval()
-    return model, payload
+    return model, saved
 
 
 def evaluate_test(
@@ -134,12 +137,11 @@ def evaluate_test(
     return metrics
 
 
-def save_threshold(path: Path, threshold: dict[str, Any]) -> None:
+def save_threshold(path: Path, threshold: Threshold | dict[str, Any]) -> None:
     """Record the binary operating threshold (chosen on validation data) in `best_model.pt`.
 
     `predict` then labels new images at that threshold with the checkpoint alone.
     """
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    payload["threshold"] = threshold
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    saved, state = SavedModel.load_with_weights(path)
+    chosen = Threshold.model_validate(threshold)
+    saved.model_copy(update={"threshold": chosen}).save(path, state)

@@ -13,7 +13,6 @@ import argparse
 import base64
 import csv
 import html
-import json
 import logging
 import math
 import sys
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from sklearn import metrics as skm
 
 from distmed import plots
@@ -40,6 +38,8 @@ from distmed.metrics import (
 )
 from distmed.refit import TEST_PREDICTIONS, load_model, save_threshold
 from distmed.results import read_trial_detail
+from distmed.savedmodel import SavedModel, Threshold
+from distmed.summary import RunSummary
 
 log = logging.getLogger(__name__)
 REPORT = "report.html"
@@ -52,7 +52,7 @@ class RunData:
     """Everything the report reads from a finished search, loaded once."""
 
     run_dir: Path
-    summary: dict[str, Any]
+    summary: RunSummary
     trials: list[dict[str, str]]
     space_keys: list[str]
     model_path: Path
@@ -135,7 +135,7 @@ def build_report(
         test_section(run, figures, threshold, resamples),
         gradcam_section(run, figures, threshold),
     ]
-    page = render_page(run.summary.get("name", run_dir.name), sections)
+    page = render_page(run.summary.name, sections)
     write_text_atomic(run_dir / REPORT, page)
     return run_dir / REPORT
 
@@ -149,26 +149,29 @@ def load_run(run_dir: Path, experiment_uri: str | None = None) -> RunData:
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         raise UserError(f"{run_dir}: no summary.json; is this a distmed.tune results folder?")
-    summary = json.loads(summary_path.read_text())
     model_path = run_dir / "best_model.pt"
-    if "best_trial" not in summary or not model_path.is_file():
-        raise UserError(
-            f"{run_dir}: no best_model.pt (no trial completed, or the refit did not finish); "
-            "nothing to report"
-        )
-    payload = torch.load(model_path, map_location="cpu", weights_only=True)
+    nothing = (
+        f"{run_dir}: no best_model.pt (no trial completed, or the refit did not finish); "
+        "nothing to report"
+    )
+    if not model_path.is_file():
+        raise UserError(nothing)
+    summary = RunSummary.load(summary_path)
+    if summary.best_trial is None:
+        raise UserError(nothing)
+    saved = SavedModel.load(model_path)
     with (run_dir / "trials.csv").open(newline="") as handle:
         trials = list(csv.DictReader(handle))
     base = experiment_uri or str(run_dir.resolve())
-    detail = read_trial_detail(f"{base}/trials/cv-{summary['best_trial']}")
+    detail = read_trial_detail(f"{base}/trials/cv-{summary.best_trial}")
     return RunData(
         run_dir=run_dir,
         summary=summary,
         trials=trials,
-        space_keys=list(summary.get("space", {})),
+        space_keys=list(summary.space),
         model_path=model_path,
-        class_names=list(payload["class_names"]),
-        positive=payload["positive_index"],
+        class_names=list(saved.class_names),
+        positive=saved.positive_index,
         detail=detail,
         test=_load_test(run_dir / TEST_PREDICTIONS),
     )
@@ -193,7 +196,7 @@ def oof_predictions(detail: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarr
 # --------------------------------------------------------------------------- threshold
 
 
-def choose_threshold(run: RunData, target_sensitivity: float | None) -> dict[str, Any] | None:
+def choose_threshold(run: RunData, target_sensitivity: float | None) -> Threshold | None:
     """Binary tasks: the positive-class score threshold, picked on out-of-fold validation.
 
     Youden's J by default, or the highest threshold that reaches `target_sensitivity`.
@@ -210,15 +213,15 @@ def choose_threshold(run: RunData, target_sensitivity: float | None) -> dict[str
         value = sensitivity_threshold(truth, score, target_sensitivity)
         method = f"sensitivity>={target_sensitivity:g}"
     at = binary_metrics_at(labels, probs, run.positive, value)
-    return {
-        "value": value,
-        "method": method,
-        "positive_class": run.class_names[run.positive],
-        "chosen_on": f"out-of-fold validation predictions of trial {run.summary['best_trial']}",
-        "num_samples": len(labels),
-        "validation_sensitivity": at["sensitivity"],
-        "validation_specificity": at["specificity"],
-    }
+    return Threshold(
+        value=value,
+        method=method,
+        positive_class=run.class_names[run.positive],
+        chosen_on=f"out-of-fold validation predictions of trial {run.summary.best_trial}",
+        num_samples=len(labels),
+        validation_sensitivity=at["sensitivity"],
+        validation_specificity=at["specificity"],
+    )
 
 
 # --------------------------------------------------------------------------- sections
@@ -228,30 +231,30 @@ def search_section(run: RunData, figures: Path) -> str:
     summary, trials = run.summary, run.trials  # trials.csv lists them in start order
     aucs = [_float(t["cv_roc_auc"]) for t in trials]
     statuses = [t["status"] for t in trials]
-    best = next(i for i, t in enumerate(trials) if t["trial_id"] == summary["best_trial"])
-    data = summary.get("data", {})
-    counts = summary.get("trials_by_status", {})
+    best = next(i for i, t in enumerate(trials) if t["trial_id"] == summary.best_trial)
+    data = summary.data
+    counts = summary.trials_by_status
     parts = [
         "<h2>Search</h2>",
         _table(
             ["", ""],
             [
-                ["experiment", html.escape(str(summary.get("name")))],
+                ["experiment", html.escape(summary.name)],
                 [
                     "data",
                     html.escape(
-                        f"{data.get('name')}: {data.get('num_images')} training images, "
+                        f"{data.name}: {data.num_images} training images, "
                         f"classes {', '.join(run.class_names)}"
                     ),
                 ],
                 ["trials", html.escape(", ".join(f"{n} {state}" for state, n in counts.items()))],
-                ["best trial", html.escape(summary["best_trial"])],
+                ["best trial", html.escape(str(summary.best_trial))],
                 [
                     "best CV ROC-AUC (mean ± std over folds)",
-                    f"{_num('best_cv_roc_auc', summary['best_cv_roc_auc'])} ± "
-                    f"{_num('best_cv_roc_auc_std', summary['best_cv_roc_auc_std'])}",
+                    f"{_num('best_cv_roc_auc', summary.best_cv_roc_auc)} ± "
+                    f"{_num('best_cv_roc_auc_std', summary.best_cv_roc_auc_std)}",
                 ],
-                ["refit epochs", _num("refit_epochs", summary.get("refit_epochs"), "{}")],
+                ["refit epochs", _num("refit_epochs", summary.refit_epochs, "{}")],
             ],
         ),
         _figure(
@@ -267,7 +270,7 @@ def search_section(run: RunData, figures: Path) -> str:
         parts.append(
             "<h3>Best trial's hyperparameters</h3>" + _table(["key", "value"], best_params)
         )
-    fold_aucs = summary["best_fold_roc_auc"]
+    fold_aucs = summary.best_fold_roc_auc
     parts.append(_figure(plots.plot_fold_aucs(fold_aucs, figures / "fold_aucs.png")))
     parts.append(
         _table(
@@ -290,14 +293,12 @@ def training_section(run: RunData, figures: Path) -> str:
     return "<h2>Training (best trial, per fold)</h2>" + note + _figure(path)
 
 
-def test_section(
-    run: RunData, figures: Path, threshold: dict[str, Any] | None, resamples: int
-) -> str:
+def test_section(run: RunData, figures: Path, threshold: Threshold | None, resamples: int) -> str:
     if run.test is None:
         return "<h2>Test split</h2><p>This data source has no test split.</p>"
     labels, probs = run.test["labels"], run.test["probs"]
     names, positive = run.class_names, run.positive
-    cut = threshold["value"] if threshold else None
+    cut = threshold.value if threshold else None
     decision = _decide(probs, positive, cut)
     operating = _operating_point(labels, decision, positive) if cut is not None else None
     matrix = skm.confusion_matrix(labels, decision, labels=np.arange(len(names)))
@@ -314,18 +315,22 @@ def test_section(
     return "\n".join(p for p in parts if p)
 
 
-def _threshold_text(threshold: dict[str, Any] | None) -> str:
+def _threshold_text(threshold: Threshold | None) -> str:
     if threshold is None:
         return "<p>Decisions by the most probable class (no binary threshold).</p>"
     return (
         f"<p>Operating threshold on the score of class "
-        f"<b>{html.escape(threshold['positive_class'])}</b>: "
-        f"{_num('threshold', threshold['value'])} ({html.escape(threshold['method'])}, chosen "
-        f"on {html.escape(threshold['chosen_on'])}, {threshold['num_samples']} images; there "
-        f"sensitivity {threshold['validation_sensitivity']:.4f}, specificity "
-        f"{threshold['validation_specificity']:.4f}). Saved in best_model.pt for "
+        f"<b>{html.escape(threshold.positive_class)}</b>: "
+        f"{_num('threshold', threshold.value)} ({html.escape(threshold.method)}, chosen "
+        f"on {html.escape(threshold.chosen_on)}, {threshold.num_samples} images; there "
+        f"sensitivity {_fixed(threshold.validation_sensitivity)}, specificity "
+        f"{_fixed(threshold.validation_specificity)}). Saved in best_model.pt for "
         "distmed.predict.</p>"
     )
+
+
+def _fixed(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
 
 
 def _metrics_table(labels, probs, positive, cut, resamples) -> str:
@@ -366,7 +371,7 @@ def _operating_point(labels, decision, positive) -> tuple[float, float]:
     return float(said[~truth].mean()), float(said[truth].mean())
 
 
-def gradcam_section(run: RunData, figures: Path, threshold: dict[str, Any] | None) -> str:
+def gradcam_section(run: RunData, figures: Path, threshold: Threshold | None) -> str:
     title = "<h2>Grad-CAM (test split)</h2>"
     if run.test is None:
         return ""
@@ -379,7 +384,7 @@ def gradcam_section(run: RunData, figures: Path, threshold: dict[str, Any] | Non
     from distmed.gradcam import cam_layer, gradcam_maps, overlay
 
     labels, probs = run.test["labels"], run.test["probs"]
-    decision = _decide(probs, run.positive, threshold["value"] if threshold else None)
+    decision = _decide(probs, run.positive, threshold.value if threshold else None)
     chosen = pick_examples(labels, decision, probs, GRADCAM_PER_GROUP)
     images = np.load(images_path, mmap_mode="r")[chosen]
     model, _ = load_model(run.model_path)

@@ -1,7 +1,8 @@
 """Search results: one row per trial, the best trial, and the files written from them.
 
 `trials.csv` (config, CV ROC-AUC mean/std, per-fold AUCs, status, time), `best_config.yaml`
-(a complete experiment config for `distmed.train --config`) and `summary.json`.
+(a complete experiment config for `distmed.train --config`); `summary.json` is
+`summary.RunSummary`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distmed.artifacts import read_text_uri, write_json_atomic, write_text_atomic, write_text_uri
+from distmed.artifacts import read_text_uri, write_text_atomic, write_text_uri
 from distmed.config import ExperimentConfig, dump_config
 from distmed.space import apply_params
 
@@ -140,10 +141,6 @@ def write_best_config(path: Path, cfg: ExperimentConfig) -> None:
 
 def status_counts(rows: list[TrialRow]) -> dict[str, int]:
     return {status: sum(r.status == status for r in rows) for status in STATUSES}
-
-
-def write_summary(path: Path, payload: dict[str, Any]) -> None:
-    write_json_atomic(path, payload)
 
 
 def format_table(rows: list[TrialRow], space_keys: list[str], limit: int = 10) -> str:

@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from distmed.config import (
@@ -21,12 +20,12 @@ from distmed.config import (
     config_fields,
     config_keeps_text,
     format_validation_error,
-    load_yaml,
     set_value,
     text_fields,
     validate_config,
 )
-from distmed.errors import UserError
+from distmed.errors import UserError, shorten
+from distmed.yamlfile import read_yaml_file
 
 DISTRIBUTIONS = ("loguniform", "uniform", "quniform", "qloguniform", "randint", "choice")
 
@@ -102,16 +101,14 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     path = Path(path)
     if not path.is_file():
         raise UserError(f"search space {path} not found: check --space")
-    try:
-        raw = load_yaml(path.read_text(), _space_keeps_text) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({getattr(exc, 'problem', exc)})") from exc
+    raw = read_yaml_file(path, "search space", keeps_text=_space_keeps_text) or {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected keys base, search, space at the top level")
     unknown = set(raw) - {"base", "search", "space"}
     if unknown:
         raise UserError(
-            f"{path}: unknown top-level key(s) {sorted(unknown)}; use base, search, space"
+            f"{path}: unknown top-level key(s) {shorten(sorted(map(str, unknown)))}; "
+            "use base, search, space"
         )
     base_raw = raw.get("base") or {}
     for item in overrides:
@@ -139,7 +136,7 @@ def _space_keeps_text(path: tuple[str, ...]) -> bool:
 
 
 def parse_distribution(path: Path, key: str, spec: Any) -> Distribution:
-    where = f"{path}: space.{key}"
+    where = f"{path}: space.{key if len(str(key)) <= 80 else shorten(key)}"
     if key not in config_fields():
         raise UserError(f"{where}: not a config field; see README 'Config' for the dotted names")
     if not isinstance(spec, dict) or len(spec) != 1:
@@ -147,7 +144,7 @@ def parse_distribution(path: Path, key: str, spec: Any) -> Distribution:
     ((kind, args),) = spec.items()
     if kind not in DISTRIBUTIONS:
         raise UserError(
-            f"{where}: unknown distribution {kind!r}; use one of {', '.join(DISTRIBUTIONS)}"
+            f"{where}: unknown distribution {shorten(kind)}; use one of {', '.join(DISTRIBUTIONS)}"
         )
     if not isinstance(args, list):
         raise UserError(f"{where}: {kind} needs a list, e.g. {kind}: [1.0e-4, 1.0e-2]")
@@ -163,10 +160,10 @@ def _check_args(where: str, kind: str, args: list[Any]) -> None:
     expected = 3 if kind.startswith("q") else 2
     if len(args) != expected or not all(_is_number(a) for a in args):
         shape = "[low, high, q]" if expected == 3 else "[low, high]"
-        raise UserError(f"{where}: {kind} needs {shape} numbers, got {args}")
+        raise UserError(f"{where}: {kind} needs {shape} numbers, got {shorten(args)}")
     low, high = args[0], args[1]
     if kind == "randint" and not all(float(a).is_integer() for a in args):
-        raise UserError(f"{where}: randint bounds must be integers, got {args}")
+        raise UserError(f"{where}: randint bounds must be integers, got {shorten(args)}")
     if low >= high:
         raise UserError(f"{where}: {kind} low {low} must be below high {high}")
     if "log" in kind and low <= 0:
@@ -192,7 +189,7 @@ def _check_values_fit(path: Path, base: ExperimentConfig, key: str, dist: Distri
             ExperimentConfig.model_validate(raw)
         except ValidationError as exc:
             raise UserError(
-                f"{path}: space.{key} can produce {value!r}, which the config rejects "
+                f"{path}: space.{key} can produce {shorten(value)}, which the config rejects "
                 f"({format_validation_error(exc)}); for whole numbers use randint or choice"
             ) from exc
 

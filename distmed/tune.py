@@ -59,7 +59,6 @@ from distmed.results import (
     format_table,
     status_counts,
     write_best_config,
-    write_summary,
     write_trials_csv,
 )
 from distmed.search import (
@@ -71,6 +70,7 @@ from distmed.search import (
     restore_tuner,
 )
 from distmed.space import SearchSpaceFile, load_space
+from distmed.summary import DataSummary, RunSummary
 from distmed.tracking import wandb_callbacks
 
 # Exit status of a search stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
@@ -167,10 +167,11 @@ def _run(args: argparse.Namespace) -> int:
     write_trials_csv(local / "trials.csv", rows, keys)
     summary = _summary_head(name, spec, prepared.index, rows, inspection)
     if ctrl_c.interrupted:  # no refit: the search has not finished
-        summary.update(interrupted=True, wall_time_s=time.perf_counter() - started)
-        write_summary(local / "summary.json", summary)
+        wall = time.perf_counter() - started
+        summary = summary.model_copy(update={"interrupted": True, "wall_time_s": wall})
+        summary.save(local / "summary.json")
         _publish(local, args.storage, name)
-        counts = summary["trials_by_status"]
+        counts = summary.trials_by_status
         print(
             f"search interrupted: {counts['completed']} trial(s) completed, "
             f"{counts['interrupted']} interrupted (results so far: {local})\n"
@@ -180,23 +181,26 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     best = best_row(rows)
     if best is None:
-        summary["wall_time_s"] = time.perf_counter() - started
-        write_summary(local / "summary.json", summary)
+        summary = summary.model_copy(update={"wall_time_s": time.perf_counter() - started})
+        summary.save(local / "summary.json")
         _publish(local, args.storage, name)
         raise UserError(f"no trial completed (see {local / 'trials.csv'}); nothing to refit")
     chosen = best_config(spec.base, best)
     write_best_config(local / "best_config.yaml", chosen)
-    summary.update(
-        best_trial=best.trial_id,
-        best_cv_roc_auc=best.cv_roc_auc,
-        best_cv_roc_auc_std=best.cv_roc_auc_std,
-        best_fold_roc_auc=best.fold_aucs,
-        best_config=chosen.model_dump(mode="json"),
+    summary = summary.model_copy(
+        update={
+            "best_trial": best.trial_id,
+            "best_cv_roc_auc": best.cv_roc_auc,
+            "best_cv_roc_auc_std": best.cv_roc_auc_std,
+            "best_fold_roc_auc": list(best.fold_aucs),
+            "best_config": chosen,
+        }
     )
-    write_summary(local / "summary.json", summary)  # the search result is safe before the refit
-    summary.update(_refit_and_test(args, chosen, best, prepared, exp_uri, local))
-    summary["wall_time_s"] = time.perf_counter() - started
-    write_summary(local / "summary.json", summary)
+    summary.save(local / "summary.json")  # the search result is safe before the refit
+    update = _refit_and_test(args, chosen, best, prepared, exp_uri, local)
+    update["wall_time_s"] = time.perf_counter() - started
+    summary = summary.model_copy(update=update)
+    summary.save(local / "summary.json")
     report_after_search(local, exp_uri)
     _publish(local, args.storage, name)
     _print_results(rows, keys, best, summary, local)
@@ -241,16 +245,16 @@ def _search(args, spec: SearchSpaceFile, prepared: PreparedData, name: str, exp_
 
 def _summary_head(
     name: str, spec: SearchSpaceFile, index: DataIndex, rows, inspection: dict[str, Any]
-) -> dict[str, Any]:
-    return {
-        "name": name,
-        "num_trials": len(rows),
-        "trials_by_status": status_counts(rows),
-        "search": spec.search.model_dump(mode="json"),
-        "space": spec.space_as_dict(),
-        "data": describe_index(index, inspection),
-        "versions": _versions(),
-    }
+) -> RunSummary:
+    return RunSummary(
+        name=name,
+        num_trials=len(rows),
+        trials_by_status=status_counts(rows),
+        search=spec.search.model_dump(mode="json"),
+        space=spec.space_as_dict(),
+        data=DataSummary.model_validate(describe_index(index, inspection)),
+        versions=_versions(),
+    )
 
 
 def _refit_and_test(args, chosen, best, prepared: PreparedData, exp_uri: str, local: Path):
@@ -286,22 +290,22 @@ def _refit_and_test(args, chosen, best, prepared: PreparedData, exp_uri: str, lo
     return out
 
 
-def _print_results(rows, keys, best, summary: dict[str, Any], local: Path) -> None:
+def _print_results(rows, keys, best, summary: RunSummary, local: Path) -> None:
     print(format_table(rows, keys))
-    counts = summary["trials_by_status"]
+    counts = summary.trials_by_status
     print(
         f"{counts['completed']} completed, {counts['stopped']} stopped early, "
         f"{counts['diverged']} diverged, {counts['errored']} errored; "
         f"best CV ROC-AUC {best.cv_roc_auc:.4f} "
         f"± {best.cv_roc_auc_std:.4f} (trial {best.trial_id})"
     )
-    if "test_metrics" in summary:
-        test = summary["test_metrics"]
+    if summary.test_metrics is not None:
+        test = summary.test_metrics
         print(
             f"test split (used once, refit model): ROC-AUC {test['roc_auc']:.4f}, "
             f"accuracy {test['accuracy']:.4f}"
         )
-    print(f"results: {local}  ({summary['wall_time_s']:.0f} s)")
+    print(f"results: {local}  ({summary.wall_time_s or 0:.0f} s)")
 
 
 def resume_command(argv: list[str], name: str) -> str:

@@ -19,7 +19,7 @@ from distmed.metrics import classification_metrics
 from distmed.model import build_model
 from distmed.modelcard import NOTICE
 from distmed.refit import TEST_PREDICTIONS, save_model, save_threshold
-from distmed.results import write_summary
+from distmed.summary import DataSummary, RunSummary
 
 SIZE = 28
 CLASSES = ["normal", "pneumonia"]
@@ -61,13 +61,16 @@ def _train_tiny_run(root: Path) -> Path:
     )  # fmt: skip
     np.savez(run / TEST_PREDICTIONS, labels=labels.numpy(), probs=probs)
     test_metrics = classification_metrics(labels.numpy(), probs, 1)
-    summary = {
-        "data": {"name": "tiny-synthetic", "classes": CLASSES, "num_images": 16},
-        "best_cv_roc_auc": 0.9123,
-        "best_cv_roc_auc_std": 0.0456,
-        "test_metrics": {**test_metrics, "num_samples": 16},
-    }
-    write_summary(run / "summary.json", summary)
+    summary = RunSummary(
+        name="tiny",
+        num_trials=1,
+        trials_by_status={"completed": 1},
+        data=DataSummary(name="tiny-synthetic", classes=CLASSES, num_images=16),
+        best_cv_roc_auc=0.9123,
+        best_cv_roc_auc_std=0.0456,
+        test_metrics={**test_metrics, "num_samples": 16},
+    )
+    summary.save(run / "summary.json")
     return run
 
 

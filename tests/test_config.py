@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from distmed.config import (
     load_config,
 )
 from distmed.errors import UserError
+from distmed.space import load_space
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -468,6 +471,94 @@ def test_other_fields_are_still_parsed_as_yaml(tmp_path):
     assert load_config(path).train.amp == "off"
 
 
+# --------------------------------------------------------------------------- hostile YAML
+
+
+def alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """`levels` lists of `width` aliases of the list before: a few hundred bytes, width**levels
+    values once expanded (the "billion laughs" document; 9**9 is 387 million)."""
+    lines = [f"a0: &a0 [{', '.join(['lol'] * width)}]"]
+    for k in range(1, levels):
+        lines.append(f"a{k}: &a{k} [{', '.join([f'*a{k - 1}'] * width)}]")
+    return "\n".join(lines) + f"\ndata:\n  root: *a{levels - 1}\n"
+
+
+def _refused_fast(call, match: str) -> str:
+    """`call()` raises a UserError matching `match` in well under a second, in little memory."""
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(UserError, match=match) as info:
+            call()
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 0.5
+    assert peak < 20 * 2**20, peak  # bytes; expanding the bomb would need gigabytes
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and len(message) < 300, message
+    return message
+
+
+def test_alias_bomb_in_a_config_file_is_refused_before_validation(tmp_path):
+    path = write(tmp_path / "bomb.yaml", alias_bomb())
+    assert path.stat().st_size < 1000
+    message = _refused_fast(lambda: load_config(path), "expands to more than")
+    assert "bomb.yaml" in message
+
+
+def test_alias_bomb_in_a_set_value_is_refused():
+    small = "[" + ", ".join(["&a [lol, lol, lol]"] + ["*a"] * 8) + "]"
+    # A non-text field (a text field such as data.root keeps what was typed, unparsed).
+    with pytest.raises(UserError, match="train.epochs: Input should be a valid integer"):
+        load_config(None, [f"train.epochs={small}"])  # a few aliases reach validation as usual
+    deep = "&a0 [x, x, x, x, x, x, x, x, x]"
+    for k in range(1, 9):
+        deep = f"&a{k} [{deep}, " + ", ".join([f"*a{k - 1}"] * 8) + "]"
+    message = _refused_fast(lambda: load_config(None, [f"train.epochs={deep}"]), "expands to more")
+    assert message.startswith("--set train.epochs: refused")
+
+
+def test_alias_bomb_in_a_search_space_is_refused(tmp_path):
+    path = write(tmp_path / "space.yaml", alias_bomb().replace("data:\n  root:", "space:\n  x:"))
+    message = _refused_fast(lambda: load_space(path), "expands to more than")
+    assert "space.yaml" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("a: &x 1\nb: [" + ", ".join(["*x"] * 101) + "]\n", "more than 100 aliases"),
+        ("a: &x [*x]\n", "cycle"),
+        ("data:\n  root: " + "[" * 200 + "]" * 200 + "\n", "nested more than"),
+    ],
+    ids=["alias-heavy", "self-referencing", "deeply-nested"],
+)
+def test_alias_heavy_cyclic_or_deep_yaml_is_refused(tmp_path, text, match):
+    path = write(tmp_path / "odd.yaml", text)
+    assert "odd.yaml" in _refused_fast(lambda: load_config(path), match)
+
+
+def test_oversized_config_file_is_refused_unread(tmp_path):
+    path = write(tmp_path / "huge.yaml", "# padding\n" * 200_000)  # 2 MB of comments
+    message = _refused_fast(lambda: load_config(path), "too large")
+    assert "huge.yaml" in message
+
+
+def test_binary_config_file_is_one_line(tmp_path):
+    path = tmp_path / "noise.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    assert "noise.yaml" in _refused_fast(lambda: load_config(path), "not a UTF-8 text file")
+
+
+def test_a_few_anchors_still_load(tmp_path):
+    path = write(
+        tmp_path / "anchors.yaml", "train:\n  seed: &s 7\ncv:\n  seed: *s\n  folds: &f 3\n"
+    )
+    cfg = load_config(path)
+    assert (cfg.train.seed, cfg.cv.seed, cfg.cv.folds) == (7, 7, 3)
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -514,3 +605,20 @@ def test_space_choice_of_class_names_keeps_text(tmp_path):
     spec = load_space(path)
     assert spec.base.data.root == "01"
     assert spec.space["data.positive_class"].args == ("yes", "no", "01")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "data:\n  image_size: '" + "9" * 100_000 + "x'\n",
+        "train:\n  epochs: [" + ", ".join(["many"] * 20_000) + "]\n",
+        "model:\n  arch: " + "resnet" * 20_000 + "\n",
+    ],
+    ids=["long-string", "long-list", "long-literal"],
+)
+def test_a_rejected_value_is_quoted_cut_short(tmp_path, text):
+    with pytest.raises(UserError) as info:
+        load_config(write(tmp_path / "long.yaml", text))
+    message = str(info.value)
+    assert "long.yaml" in message and "(got " in message
+    assert len(message) < 400 and len(message.splitlines()) == 1, message[:500]

@@ -26,7 +26,9 @@ from distmed.metrics import (
 )
 from distmed.model import build_model
 from distmed.refit import TEST_PREDICTIONS, evaluate_test, load_model, save_model
-from distmed.results import TrialRow, write_summary, write_trial_detail, write_trials_csv
+from distmed.results import TrialRow, write_trial_detail, write_trials_csv
+from distmed.savedmodel import SavedModel
+from distmed.summary import DataSummary, RunSummary
 
 SIZE = 32
 CLASSES = ["neg", "pos"]
@@ -103,20 +105,21 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
                  0.35, 0.05, [0.3, 0.35, 0.4], [2, 2, 2], 2, 4.0),
     ]  # fmt: skip
     write_trials_csv(run / "trials.csv", rows, KEYS)
-    summary = {
-        "name": "exp",
-        "num_trials": 3,
-        "trials_by_status": {"completed": 2, "stopped": 1, "errored": 0},
-        "space": {k: {} for k in KEYS},
-        "data": {"name": "tiny", "classes": CLASSES, "num_images": 90},
-        "best_trial": "t1",
-        "best_cv_roc_auc": result.mean_roc_auc,
-        "best_cv_roc_auc_std": result.std_roc_auc,
-        "best_fold_roc_auc": result.fold_aucs,
-        "refit_epochs": 4,
-        "test_metrics": test_metrics,
-    }
-    write_summary(run / "summary.json", summary)
+    summary = RunSummary(
+        name="exp",
+        num_trials=3,
+        trials_by_status={"completed": 2, "stopped": 1, "errored": 0},
+        space={k: {} for k in KEYS},
+        data=DataSummary(name="tiny", classes=CLASSES, num_images=90),
+        best_trial="t1",
+        best_cv_roc_auc=result.mean_roc_auc,
+        best_cv_roc_auc_std=result.std_roc_auc,
+        best_fold_roc_auc=result.fold_aucs,
+        best_config=cfg,
+        refit_epochs=4,
+        test_metrics=test_metrics,
+    )
+    summary.save(run / "summary.json")
     report.build_report(run, resamples=200)
     return run
 
@@ -134,12 +137,13 @@ def test_report_embeds_every_png_and_shows_summary_numbers(finished_run: Path):
         assert f"{report.FIGURES}/{png.name}" in page
         assert base64.b64encode(png.read_bytes()).decode() in page  # opens offline
 
-    summary = json.loads((finished_run / "summary.json").read_text())
+    summary = RunSummary.load(finished_run / "summary.json")
     shown = dict(re.findall(r"data-key='([^']+)' data-value='([^']+)'", page))
-    flat = {"best_cv_roc_auc": summary["best_cv_roc_auc"]}
-    flat["best_cv_roc_auc_std"] = summary["best_cv_roc_auc_std"]
-    flat.update({f"best_fold_roc_auc.{k}": v for k, v in enumerate(summary["best_fold_roc_auc"])})
-    flat.update({f"test_metrics.{k}": summary["test_metrics"][k] for k in report.CI_METRICS})
+    flat = {"best_cv_roc_auc": summary.best_cv_roc_auc}
+    flat["best_cv_roc_auc_std"] = summary.best_cv_roc_auc_std
+    flat.update({f"best_fold_roc_auc.{k}": v for k, v in enumerate(summary.best_fold_roc_auc)})
+    assert summary.test_metrics is not None
+    flat.update({f"test_metrics.{k}": summary.test_metrics[k] for k in report.CI_METRICS})
     for key, value in flat.items():
         assert float(shown[key]) == pytest.approx(value, rel=1e-12, abs=1e-12), key
 
@@ -158,13 +162,13 @@ def test_report_without_a_test_split_says_so(finished_run: Path, tmp_path: Path)
 
 
 def test_threshold_is_chosen_on_validation_and_saved_in_the_model(finished_run: Path):
-    payload = torch.load(finished_run / "best_model.pt", weights_only=True)
-    threshold = payload["threshold"]
-    assert threshold["method"] == "youden" and "trial t1" in threshold["chosen_on"]
-    assert threshold["num_samples"] == 90  # every out-of-fold prediction, no test image
-    assert 0.0 < threshold["value"] < 1.0
+    threshold = SavedModel.load(finished_run / "best_model.pt").threshold
+    assert threshold is not None
+    assert threshold.method == "youden" and "trial t1" in threshold.chosen_on
+    assert threshold.num_samples == 90  # every out-of-fold prediction, no test image
+    assert 0.0 < threshold.value < 1.0
     page = (finished_run / report.REPORT).read_text()
-    assert f"data-value='{threshold['value']!r}'" in page
+    assert f"data-value='{threshold.value!r}'" in page
 
 
 def test_report_refuses_a_folder_without_results(tmp_path: Path, capsys):
@@ -246,8 +250,9 @@ def test_predict_folder_with_an_unreadable_file(finished_run: Path, tmp_path: Pa
     assert len(good) == 6 and len(list((tmp_path / "cams").glob("*.png"))) == 6
 
     # Same probabilities as the training pipeline's decode (the cache) + normalisation.
-    model, payload = load_model(finished_run / "best_model.pt")
-    threshold = payload["threshold"]["value"]
+    model, saved = load_model(finished_run / "best_model.pt")
+    assert saved.threshold is not None
+    threshold = saved.threshold.value
     index = scan_folder(images, ExperimentConfig().data)
     readable = [p for p in index.pool.paths if p.name != "broken.png"]
     split = type(index.pool)(ids=[p.name for p in readable], labels=np.zeros(6), paths=readable)

@@ -49,6 +49,15 @@ def test_untrusted_files_are_loaded_safely(path: Path):
     assert "pickle" not in imported, path.name
 
 
+def test_user_yaml_is_read_only_through_the_bounded_loader():
+    # yaml.safe_load has no bound on alias expansion; distmed.yamlfile does. The one other
+    # reader is resources.py, of Ray's own cluster bootstrap file on the head node.
+    for path in SOURCES:
+        for call, name in _calls(ast.parse(path.read_text())):
+            if name in {"yaml.safe_load", "yaml.load_all", "yaml.safe_load_all"}:
+                assert path.name == "resources.py", f"{path.name}:{call.lineno} {name}"
+
+
 class Payload:
     """Stands for what a malicious checkpoint carries instead of tensors."""
 

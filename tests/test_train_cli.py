@@ -199,3 +199,20 @@ def test_ray_address_from_the_environment_is_checked_too(
     argv = ["--data", str(root), "--set", "cv.folds=2", "--set", "model.weights=none"]
     err = _fail([*argv, "--set", "train.batch_size=4"], capsys)
     assert "127.0.0.1:1" in err and "Connection refused" in err
+
+
+def test_alias_bomb_config_fails_at_once_through_both_clis(tmp_path: Path, capsys) -> None:
+    # Issue 24 item 5: nine lists of nine aliases grew distmed.train past 3 GB.
+    from test_config import alias_bomb
+
+    config = tmp_path / "bomb.yaml"
+    config.write_text(alias_bomb())
+    started = time.perf_counter()
+    err = _fail(["--config", str(config)], capsys)
+    assert str(config) in err and "expands to more than" in err
+    space = tmp_path / "space.yaml"
+    space.write_text(alias_bomb().replace("data:\n  root:", "base:\n  data:\n    root:"))
+    assert tune.main(["--space", str(space)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(space) in err and "expands to more than" in err
+    assert time.perf_counter() - started < 2.0

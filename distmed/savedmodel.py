@@ -1,0 +1,167 @@
+"""`best_model.pt` as a type: `SavedModel` (what rebuilding and predicting need) plus weights.
+
+The file is a `torch.save`d dict: this model's fields (JSON types only) and `model_state`.
+Loading validates every field against the experiment config's own bounds (the config is an
+`ExperimentConfig`; `preprocessing.image_size` is the config's `ImageSize`), so a tampered or
+damaged file is one `UserError` line naming it, never a 22 GB allocation or a KeyError.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from distmed.artifacts import atomic_path, read_torch_file
+from distmed.config import ExperimentConfig, ImageSize, format_validation_error
+from distmed.data import IMAGENET_MEAN, IMAGENET_STD
+from distmed.errors import UserError
+
+MODEL_FORMAT = 1
+WEIGHTS_KEY = "model_state"
+MAX_CLASSES = 10_000  # the head is built before the weights load: bound what it allocates
+ClassName = Annotated[str, Field(min_length=1, max_length=256)]
+UnitFloat = Annotated[float, Field(ge=0, le=1)]
+
+
+class _Record(BaseModel):
+    # Unknown keys are refused like a config typo; a newer format is caught by `format`.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Preprocessing(_Record):
+    """How training fed the network: decoded uint8 -> resized -> /255 -> normalised per channel."""
+
+    image_size: ImageSize
+    resize: str = "bilinear, to a square image_size x image_size"
+    channels_in_cache: Literal[1, 3]
+    scale: str = "uint8 / 255; 16-bit and float images min-max scaled per image"
+    mean: tuple[UnitFloat, UnitFloat, UnitFloat]
+    std: tuple[
+        Annotated[float, Field(gt=0, le=1)],
+        Annotated[float, Field(gt=0, le=1)],
+        Annotated[float, Field(gt=0, le=1)],
+    ]
+
+
+class Threshold(_Record):
+    """The binary operating point `distmed.report` chose on out-of-fold validation scores."""
+
+    value: UnitFloat = Field(description="positive-class probability at or above: positive")
+    method: str = Field(max_length=200)
+    positive_class: ClassName
+    chosen_on: str = Field(max_length=500)
+    num_samples: int = Field(ge=0)
+    # Written since the report shows them; older files lack them.
+    validation_sensitivity: UnitFloat | None = None
+    validation_specificity: UnitFloat | None = None
+
+
+class SavedModel(_Record):
+    """Everything in `best_model.pt` except the weights."""
+
+    format: int = Field(MODEL_FORMAT, ge=1)
+    distmed_version: str | None = Field(None, max_length=100)
+    source: str | None = Field(None, max_length=300, description="refit run that made it")
+    config: ExperimentConfig
+    class_names: list[ClassName] = Field(min_length=2, max_length=MAX_CLASSES)
+    positive_index: int | None = Field(None, ge=0, description="binary tasks: the scored class")
+    preprocessing: Preprocessing
+    threshold: Threshold | None = None
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: int) -> int:
+        if value > MODEL_FORMAT:
+            raise ValueError(f"{value} is newer than this distmed reads ({MODEL_FORMAT}); upgrade")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SavedModel:
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError("class_names repeat a name")
+        if (self.positive_index is not None) != self.binary:  # as cv.positive_index sets it
+            raise ValueError("positive_index must be set for two classes, and only then")
+        if self.positive_index is not None and self.positive_index >= len(self.class_names):
+            raise ValueError(f"positive_index {self.positive_index} is not a class")
+        if self.preprocessing.image_size != self.config.data.image_size:
+            raise ValueError("preprocessing.image_size differs from config.data.image_size")
+        return self
+
+    @property
+    def binary(self) -> bool:
+        return len(self.class_names) == 2
+
+    @property
+    def positive_class(self) -> str | None:
+        return None if self.positive_index is None else self.class_names[self.positive_index]
+
+    def save(self, path: Path, state: dict[str, torch.Tensor]) -> None:
+        """Write `best_model.pt` atomically (a kill leaves the old file or the new one)."""
+        with atomic_path(path) as tmp:
+            torch.save({**self.model_dump(mode="json"), WEIGHTS_KEY: state}, tmp)
+
+    @classmethod
+    def load(cls, path: Path) -> SavedModel:
+        """The validated fields of `path` (weights read and checked, then dropped)."""
+        return cls.load_with_weights(path)[0]
+
+    @classmethod
+    def load_with_weights(cls, path: Path) -> tuple[SavedModel, dict[str, torch.Tensor]]:
+        """Read and validate `best_model.pt` safely (`weights_only=True`).
+
+        Returns:
+            The fields, and the state dict (parameter name -> tensor).
+
+        Raises:
+            UserError: no such file, empty, truncated, random bytes, pickled objects, a
+                missing or out-of-bounds field, weights that are not a state dict; one
+                line naming `path`.
+        """
+        if not path.is_file():
+            raise UserError(f"--model {path}: no such file (a best_model.pt from distmed.tune)")
+        payload = read_torch_file(path, "--model")
+        if not isinstance(payload, dict):
+            kind = type(payload).__name__
+            raise UserError(f"--model {path}: holds a {kind}, not a best_model.pt")
+        fields = {k: v for k, v in payload.items() if k != WEIGHTS_KEY}
+        if fields and all(isinstance(v, torch.Tensor) for v in payload.values()):
+            raise UserError(
+                f"--model {path}: a bare state dict (weights only), not a best_model.pt; "
+                "give it to training as model.weights instead"
+            )
+        state = payload.get(WEIGHTS_KEY)
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
+            raise UserError(f"--model {path}: '{WEIGHTS_KEY}' is missing or not a state dict")
+        try:
+            return cls.model_validate(fields), state
+        except ValidationError as exc:
+            raise UserError(f"--model {path}: {_problems(exc)}") from exc
+
+
+def _problems(exc: ValidationError) -> str:
+    text = format_validation_error(exc)
+    if any(e["type"] == "missing" for e in exc.errors()):  # say what the file is, too
+        text += "; not a best_model.pt written by distmed.tune, or a damaged one"
+    return text
+
+
+def preprocessing_for(image_size: int, channels: int) -> Preprocessing:
+    """What a model trained at `image_size` px from a cache of `channels` (1 or 3) expects."""
+    return Preprocessing(
+        image_size=image_size,
+        channels_in_cache=channels,  # type: ignore[arg-type]
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )

@@ -1,0 +1,93 @@
+"""`summary.json` as a type: `RunSummary`, what a search found, written by `distmed.tune`.
+
+Written in stages (the trials; then the best trial, before the refit; then the refit and
+the test split), so everything after the data is optional. Readers (report, model card,
+benchmarks) use attributes; `load` names the file in one line when it is not a summary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from distmed.artifacts import write_json_atomic
+from distmed.config import ExperimentConfig, format_validation_error
+from distmed.errors import UserError
+
+MAX_BYTES = 64 << 20  # a summary is a few kB (skipped-file lists can grow); refuse a huge one
+
+
+class DataSummary(BaseModel):
+    """The training data as `data.describe_index` describes it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    layout: str | None = Field(None, description="how the source was read, e.g. split folder")
+    classes: list[str]
+    num_images: int = Field(ge=0, description="images in the cross-validation pool")
+    num_test_images: int = Field(0, ge=0)
+    skipped_invalid: int = Field(0, ge=0)
+    skipped_files: dict[str, str] = Field(default_factory=dict, description="id -> reason")
+    ignored_files: int = Field(0, ge=0, description="clutter and non-image files left out")
+    inspection: dict[str, Any] | None = Field(
+        None, description="`python -m distmed.data`'s summary: counts, formats, duplicates"
+    )
+
+
+class RunSummary(BaseModel):
+    """One search's result. Scores are ROC-AUC in [0, 1] (NaN where undefined); times in s."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    num_trials: int = Field(ge=0)
+    trials_by_status: dict[str, int]
+    search: dict[str, Any] = Field(default_factory=dict, description="the search settings")
+    space: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
+    data: DataSummary
+    versions: dict[str, str] = Field(default_factory=dict)
+    # A Ctrl-C ended the search: no refit yet; `--resume` continues it.
+    interrupted: bool = False
+    # Once a trial completed:
+    best_trial: str | None = None
+    best_cv_roc_auc: float | None = None
+    best_cv_roc_auc_std: float | None = None
+    best_fold_roc_auc: list[float] = Field(default_factory=list)
+    best_config: ExperimentConfig | None = None
+    # After the refit (test metrics only where the data has a test split):
+    refit_epochs: int | None = Field(None, ge=1)
+    test_metrics: dict[str, int | float] | None = None  # num_samples is an int
+    wall_time_s: float | None = Field(None, ge=0)
+
+    def save(self, path: Path) -> None:
+        """Write atomically as JSON (NaN kept as NaN, as Python's json reads it back)."""
+        write_json_atomic(path, self.model_dump(mode="json"))  # unset fields as null
+
+    @classmethod
+    def load(cls, path: Path) -> RunSummary:
+        """Read and validate `path`.
+
+        Raises:
+            UserError: missing, too large, not JSON, or a field missing or of the wrong
+                type; one line naming `path`.
+        """
+        if not path.is_file():
+            raise UserError(f"{path}: no such file; is this a distmed.tune results folder?")
+        if path.stat().st_size > MAX_BYTES:
+            raise UserError(f"{path}: over {MAX_BYTES >> 20} MiB, not a distmed summary.json")
+        try:
+            raw = json.loads(path.read_bytes())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: not valid JSON ({type(exc).__name__}); damaged?") from exc
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            missing = any(e["type"] == "missing" for e in exc.errors())
+            hint = "; not a summary.json written by distmed.tune, or a damaged one"
+            raise UserError(
+                f"{path}: {format_validation_error(exc)}{hint if missing else ''}"
+            ) from exc
