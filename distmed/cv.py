@@ -289,14 +289,20 @@ def fit_folds(
             callbacks=list(callbacks),
         ),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise explain_fit_error(result.error, layout) from result.error
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except ray.train.TrainingFailedError as exc:  # Train V2 raises it from fit()
+        explained = explain_fit_error(exc, layout)
+        if explained is exc:
+            raise
+        raise explained from exc
     return result
 
 
 def explain_fit_error(error: BaseException, layout: WorkerLayout) -> BaseException:
-    """A one-line `UserError` for a worker group that never started; other errors as they are.
+    """A one-line `UserError` for a worker group that never started; `error` itself otherwise.
 
     Ray Train's own text ("The worker group startup timed out ...") says neither what was
     waited for nor what to do.

@@ -1,0 +1,142 @@
+"""Every wait on Ray resources is bounded and ends in one line saying what was waited for.
+
+Run on the test session's real Ray instance: resources are really held (a placement group
+left behind, an actor holding the CPUs), and a real Ray Train fit is refused its workers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from conftest import write_image_folder
+from ray.util.placement_group import placement_group, placement_group_table
+
+from distmed import train
+from distmed.errors import UserError
+from distmed.resources import WorkerLayout, wait_for_free_resources
+
+pytestmark = pytest.mark.ray
+TWO_CPU_WORKER = WorkerLayout(
+    num_workers=1, use_gpu=False, cpus_per_worker=2.0, gpus_per_worker=0.0, threads=2
+)
+
+
+@ray.remote(num_cpus=2)
+class CpuHolder:
+    """Someone else's work on the cluster: it holds both CPUs until killed."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def test_a_placement_group_left_by_a_finished_run_is_removed_before_the_refit(ray_session):
+    # What Ray Train's cleaner fails to remove when it cannot find its cluster.
+    left = placement_group([{"CPU": 2.0}])
+    ray.get(left.ready(), timeout=60)
+    started = time.monotonic()
+    wait_for_free_resources(TWO_CPU_WORKER, "the refit")
+    assert time.monotonic() - started < 10
+    assert placement_group_table(left)["state"] == "REMOVED"
+    assert ray.available_resources().get("CPU", 0) >= 2
+
+
+def test_resources_held_by_other_work_are_awaited_within_a_bound(ray_session, monkeypatch):
+    monkeypatch.setenv("DISTMED_RESOURCE_WAIT_S", "2")
+    holder = CpuHolder.remote()
+    ray.get(holder.ready.remote(), timeout=60)
+    try:
+        started = time.monotonic()
+        with pytest.raises(UserError) as info:
+            wait_for_free_resources(TWO_CPU_WORKER, "the refit")
+        assert time.monotonic() - started < 10
+    finally:
+        ray.kill(holder)
+    message = str(info.value)
+    assert "the refit needs 0 of 2 CPU free after waiting 2 s" in message
+    assert "--resume" in message and len(message.splitlines()) == 1
+
+
+def test_workers_that_cannot_start_end_in_one_line_not_endless_retries(
+    ray_session, tmp_path: Path, monkeypatch, capsys
+):
+    """Ray Train retries a worker group that did not start without end by default; here
+    the CPUs are held by other work, so each try times out: bounded tries, then one line."""
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3")  # forwarded by Ray Train
+    root = write_image_folder(tmp_path / "data", {"a": 6, "b": 6})
+    holder = CpuHolder.remote()
+    ray.get(holder.ready.remote(), timeout=60)
+    try:
+        started = time.monotonic()
+        code = train.main(
+            [
+                "--data",
+                str(root),
+                "--output",
+                str(tmp_path / "out"),
+                "--set",
+                "cv.folds=2",
+                "--set",
+                "model.weights=none",
+                "--set",
+                "data.image_size=16",
+                "--set",
+                "train.batch_size=4",
+                "--set",
+                "train.epochs=1",
+            ]
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        ray.kill(holder)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "could not start 1 worker(s) of 2 CPU each within 3 s, 3 times" in err
+    assert len(err.splitlines()[-1]) and err.splitlines()[-1].startswith("error:")
+    assert elapsed < 120
+
+
+def test_a_diverging_run_writes_its_results_and_says_so(ray_session, tmp_path: Path, capsys):
+    """SGD at lr 10 with no warm-up: the loss becomes NaN. The run is marked diverged, its
+    cv_result.json is written, and the CLI exits 2 with the reason (it used to end in
+    KeyError: 'val_num_samples', with no results: the unit test never reached the step
+    that turns the workers' histories into results)."""
+    root = write_image_folder(tmp_path / "data", {"a": 8, "b": 8})
+    out = tmp_path / "out"
+    code = train.main(
+        [
+            "--data",
+            str(root),
+            "--output",
+            str(out),
+            "--set",
+            "cv.folds=2",
+            "--set",
+            "model.weights=none",
+            "--set",
+            "data.image_size=16",
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            "train.epochs=3",
+            "--set",
+            "train.amp=off",
+            "--set",
+            "optim.name=sgd",
+            "--set",
+            "optim.lr=10",
+            "--set",
+            "optim.warmup_epochs=0",
+            "--set",
+            "optim.schedule=constant",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "training diverged (loss NaN/inf)" in err and "KeyError" not in err
+    result = json.loads((out / "cv_result.json").read_text())
+    assert any(fold["history"][-1].get("diverged") for fold in result["folds"])
+    assert all(fold["num_samples"] == 8 for fold in result["folds"])  # each fold's val set
