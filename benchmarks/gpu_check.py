@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
+    if not stages:
+        raise SystemExit(f"--stages: name at least one of {','.join(STAGES)}")
     if unknown := set(stages) - set(STAGES):
         raise SystemExit(f"--stages: unknown {sorted(unknown)}; choose from {STAGES}")
     if not torch.cuda.is_available():
@@ -108,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     print(f"gpu-check on {summary['machine']['gpu_name']}; {machine_line(summary['machine'])}")
     print(f"stages: {', '.join(stages)}", flush=True)
-    written = []
+    written: dict[str, Path] = {}
     try:
         for stage in stages:
             began = time.perf_counter()
@@ -118,24 +120,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Exception as exc:  # a stage that breaks must not hide the others' results
                 result = {"ok": False, "problems": [f"{type(exc).__name__}: {exc}"]}
             result["wall_s"] = round(time.perf_counter() - began, 1)
-            written.append(write_result(f"gpu-{stage}", {"machine": summary["machine"], **result}))
+            written[stage] = write_result(f"gpu-{stage}", {"machine": summary["machine"], **result})
             summary["stages"][stage] = {
                 k: result[k] for k in ("ok", "problems", "wall_s") if k in result
             }
             print(stage_line(stage, result), flush=True)
             if not result["ok"] and stage in ("tests", "train", "tune"):
                 print(log_tail(work / f"{stage}.log", 25), flush=True)
-        summary["ok"] = all(s["ok"] for s in summary["stages"].values())
-        summary["total_wall_s"] = round(time.perf_counter() - started, 1)
-        written.insert(0, write_result("gpu-check", summary))
-        stages_log = collect_logs(work, stages, REPO / "runs" / STAGES_LOG)
-        if os.environ.get("OUT"):
-            copied = copy_out([*written, stages_log], Path(os.environ["OUT"]))
-            print(f"copied to $OUT: {', '.join(p.name for p in copied)}")
+            # After every stage, so that a run stopped from outside keeps what it measured.
+            summary["ok"] = all(s["ok"] for s in summary["stages"].values())
+            summary["total_wall_s"] = round(time.perf_counter() - started, 1)
+            written["check"] = write_result("gpu-check", summary)
+            stages_log = collect_logs(work, stages, REPO / "runs" / STAGES_LOG)
+            if os.environ.get("OUT"):
+                copy_out([*written.values(), stages_log], Path(os.environ["OUT"]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"gpu-check {'passed' if summary['ok'] else 'FAILED'} in {summary['total_wall_s']:.0f} s")
-    print("results: " + ", ".join(str(p.relative_to(REPO)) for p in written))
+    print("results: " + ", ".join(str(p.relative_to(REPO)) for p in written.values()))
+    if os.environ.get("OUT"):
+        print(f"copied there and to $OUT, with {STAGES_LOG}")
     return 0 if summary["ok"] else 1
 
 

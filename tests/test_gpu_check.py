@@ -202,3 +202,40 @@ def test_measure_waits_for_the_device_before_each_clock_reading():
     assert events[:6] == head
     assert events[6:] == (["step"] * 3 + ["sync"]) * result["repeats"]
     assert result["warmup_steps"] == 4 and result["steps_per_repeat"] == 3
+
+
+def test_a_broken_stage_is_recorded_and_the_others_still_run(monkeypatch, tmp_path, capsys):
+    """The orchestration with the stages stubbed: results per stage, a summary, $OUT copies."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check, "gpu_info", lambda: {"gpu_name": "Fake GPU"})
+    monkeypatch.setattr(gpu_check, "REPO", tmp_path)
+    written = {}
+
+    def write_result(name, payload):
+        written[name] = payload
+        path = tmp_path / f"{name}.json"
+        path.write_text("{}")
+        return path
+
+    def broken(work, env):
+        raise RuntimeError("no GPU after all")
+
+    def fine(work, env):
+        (work / "train.log").write_text("trained\n")
+        assert env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path)  # the checkout
+        return {"ok": True, "problems": []}
+
+    monkeypatch.setattr(gpu_check, "write_result", write_result)
+    monkeypatch.setattr(gpu_check, "run_tests_stage", broken)
+    monkeypatch.setattr(gpu_check, "run_train_stage", fine)
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    assert gpu_check.main(["--stages", "tests,train"]) == 1
+    assert set(written) == {"gpu-tests", "gpu-train", "gpu-check"}
+    stages = written["gpu-check"]["stages"]
+    assert stages["tests"]["ok"] is False
+    assert stages["tests"]["problems"] == ["RuntimeError: no GPU after all"]
+    assert stages["train"]["ok"] is True and written["gpu-check"]["ok"] is False
+    out = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert out == ["gpu-check-stages.log", "gpu-check.json", "gpu-tests.json", "gpu-train.json"]
+    assert "trained" in (tmp_path / "out" / "gpu-check-stages.log").read_text()
+    assert "gpu-check FAILED" in capsys.readouterr().out
