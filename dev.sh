@@ -2,6 +2,8 @@
 # Set-up and everyday commands; each installs what it needs into .venv and is safe to repeat.
 #   bash dev.sh demo   cross-validate on the built-in synthetic demo data, print the result
 #   bash dev.sh test   run the test suite (what CI runs)
+#   bash dev.sh gpu-check   on a CUDA machine: gpu tests, train, packed search, throughput
+#     (PYTHON=python3 or DISTMED_PYTHON=...: use that interpreter as it is, make no .venv)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=.venv
@@ -32,8 +34,19 @@ case "${1:-}" in
         "$VENV/bin/python" -m ruff format --check --quiet distmed tests benchmarks
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
+    gpu-check)
+        shift
+        # A GPU machine may have no network: an interpreter that already holds torch and
+        # distmed's dependencies is used as it is.
+        python="${DISTMED_PYTHON:-${PYTHON:-}}"
+        if [ -z "$python" ]; then
+            ensure_env
+            python="$VENV/bin/python"
+        fi
+        exec "$python" -m benchmarks.gpu_check "$@"
+        ;;
     *)
-        echo "usage: bash dev.sh demo|test [extra arguments]" >&2
+        echo "usage: bash dev.sh demo|test|gpu-check [extra arguments]" >&2
         exit 2
         ;;
 esac

@@ -44,6 +44,9 @@ class LoopBudget:
     cell_seconds: float = 6.0  # target timed seconds of all repeats together
     min_steps: int = 2
     max_repeats: int = 3
+    # Untimed steps first; the last one sizes the repeats. One on a CPU; a GPU needs a few
+    # (cuDNN's kernel search, the caching allocator, loader processes starting).
+    warmup_steps: int = 1
 
 
 @dataclass(frozen=True)
@@ -72,48 +75,46 @@ def experiment_config(
     )
 
 
-def build_plain_step(spec: LoopSpec, data: Path, cache_dir: Path) -> tuple[Step, dict[str, Any]]:
+def build_plain_step(
+    spec: LoopSpec,
+    data: Path,
+    cache_dir: Path,
+    device: torch.device | None = None,
+    workers: int = 0,
+) -> tuple[Step, dict[str, Any]]:
     """One training step of distmed's worker loop, minus Ray, over distmed's cached tensors.
 
     The fold comes from `distmed.worker.build_fold` (the worker's model factory, memory format,
     optimiser, schedule, loss and loader, without Ray's wrappers) over the whole pool, and the
-    step is `train_one_epoch`'s: same conversion, augmentation and precision; left out is
-    only the epoch's metric bookkeeping (a softmax over batch x classes per step).
+    step is the worker's own `train_step`: same conversion, augmentation, precision and
+    GradScaler; left out is only the epoch's metric bookkeeping (a softmax per step).
+    `device` defaults to the CPU; `workers` are the fold loaders' processes.
     """
     from distmed.data import build_cache, load_cached, scan_source
     from distmed.model import set_train_mode
     from distmed.worker import (
         FoldData,
-        _inputs,
-        autocast,
         build_fold,
         resolve_amp,
         resolve_channels_last,
+        train_step,
     )
 
+    device = device or torch.device("cpu")
     cfg = experiment_config(spec, data, cache_dir)
     index = scan_source(cfg.data)
     images = load_cached(build_cache(index, cfg.data).pool_path)
     labels = index.pool.labels
-    device = torch.device("cpu")
     precision = resolve_amp(cfg.train.amp, device)
     channels_last = resolve_channels_last(cfg, device)
     pool = FoldData(0, np.arange(len(labels)), None, images, labels, len(index.class_names))
-    fold = build_fold(pool, cfg, device, precision, batch_size=spec.batch_size)
-    model, optimizer, scheduler, loss_fn = fold.model, fold.optimizer, fold.scheduler, fold.loss_fn
-    set_train_mode(model)
+    fold = build_fold(pool, cfg, device, precision, batch_size=spec.batch_size, workers=workers)
+    set_train_mode(fold.model)
     batches = cycle(fold.train_loader)
 
     def step() -> None:
         batch_images, batch_labels, _ = next(batches)
-        # The worker's own conversion, with its augmentation of training batches.
-        inputs = _inputs(batch_images, device, channels_last, cfg.data.augment)
-        with autocast(device, precision):
-            loss = loss_fn(model(inputs), batch_labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # GradScaler is a no-op unless fp16, which CPUs never pick
-        optimizer.step()
-        scheduler.step()
+        train_step(fold, batch_images, batch_labels, device, precision, channels_last)
 
     facts = {"precision": precision, "channels_last": channels_last, "pool_images": len(labels)}
     return step, facts
@@ -159,10 +160,21 @@ def cycle(loader: Iterable) -> Iterator:
         yield from loader
 
 
-def measure(step: Step, batch_size: int, budget: LoopBudget) -> dict[str, Any]:
-    """One warm-up step, then repeats of timed steps; images/s is the median over repeats."""
+def measure(
+    step: Step, batch_size: int, budget: LoopBudget, sync: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """Warm-up steps, then repeats of timed steps; images/s is the median over repeats.
+
+    `sync` waits for the device (`torch.cuda.synchronize`) before every clock reading:
+    GPU work is queued, and without it only the queueing would be timed.
+    """
+    wait = sync or (lambda: None)
+    for _ in range(budget.warmup_steps - 1):
+        step()
+    wait()
     started = time.perf_counter()
-    step()  # first step: oneDNN kernel selection, optimiser state allocation
+    step()  # the last warm-up step (on a CPU the only one): oneDNN kernels, optimiser state
+    wait()
     warmup_s = time.perf_counter() - started
     steps = max(budget.min_steps, math.ceil(budget.repeat_seconds / warmup_s))
     affordable = math.floor(budget.cell_seconds / (steps * warmup_s))
@@ -173,6 +185,7 @@ def measure(step: Step, batch_size: int, budget: LoopBudget) -> dict[str, Any]:
         started = time.perf_counter()
         for _ in range(steps):
             step()
+        wait()
         rates.append(steps * batch_size / (time.perf_counter() - started))
     return {
         **CpuSnapshot.take().others_since(before),
@@ -181,6 +194,7 @@ def measure(step: Step, batch_size: int, budget: LoopBudget) -> dict[str, Any]:
         "steps_per_repeat": steps,
         "repeats": repeats,
         "timed_images": steps * repeats * batch_size,
+        "warmup_steps": budget.warmup_steps,
         "warmup_step_s": warmup_s,
     }
 

@@ -288,17 +288,25 @@ def summarise_cv_result(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_logged(command: list[str], log: Path, timeout_s: float) -> dict[str, Any]:
+def run_logged(
+    command: list[str], log: Path, timeout_s: float, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run a benchmark process with its output in `log`; {'wall_s', ...} or {'error'}.
 
     The process leads a session of its own: a timeout or Ctrl-C stops it together with the
     Ray processes it started (a stray cluster would disturb every later cell), and the
-    CPU that those use is told apart from other people's (see `SessionCpu`).
+    CPU that those use is told apart from other people's (see `SessionCpu`). `env`: the
+    process's environment (default: this one's).
     """
     before = CpuSnapshot.take()
     with log.open("w") as handle:
         process = subprocess.Popen(
-            command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     session = SessionCpu(process.pid)
     deadline = before.wall + timeout_s

@@ -199,20 +199,13 @@ def train_one_epoch(
     started = time.perf_counter()
     total, count = torch.zeros(2, device=device, dtype=torch.float64)
     seen_probs, seen_labels = [], []
-    for images, labels, _ in fold.train_loader:
-        inputs = _inputs(images, device, channels_last, fold.augment)
-        labels = labels.to(device, non_blocking=True)
-        with autocast(device, precision):
-            logits = fold.model(inputs)
-            loss = fold.loss_fn(logits, labels)
-        fold.optimizer.zero_grad(set_to_none=True)
-        fold.scaler.scale(loss).backward()
-        fold.scaler.step(fold.optimizer)
-        fold.scaler.update()
-        fold.scheduler.step()
-        total += loss.detach().double() * len(labels)
+    for images, batch_labels, _ in fold.train_loader:
+        loss, logits, labels = train_step(
+            fold, images, batch_labels, device, precision, channels_last
+        )
+        total += loss.double() * len(labels)
         count += len(labels)
-        seen_probs.append(torch.softmax(logits.detach().float(), dim=1))
+        seen_probs.append(torch.softmax(logits.float(), dim=1))
         seen_labels.append(labels)
     sums = torch.stack([total, count])
     if dist.is_initialized():
@@ -229,6 +222,33 @@ def train_one_epoch(
         "roc_auc": scores["roc_auc"],
         "images_per_s": images_per_s,
     }
+
+
+def train_step(
+    fold: FoldRun,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimiser step on a uint8 batch; (loss, logits, labels), detached, on the device.
+
+    The batch moves to the device, is augmented and normalised there (`to_model_input`), runs
+    under the fold's precision (the GradScaler scales only for fp16) and steps the schedule.
+    Nothing waits for the device: the caller decides when to read the results.
+    """
+    inputs = _inputs(images, device, channels_last, fold.augment)
+    labels = labels.to(device, non_blocking=True)
+    with autocast(device, precision):
+        logits = fold.model(inputs)
+        loss = fold.loss_fn(logits, labels)
+    fold.optimizer.zero_grad(set_to_none=True)
+    fold.scaler.scale(loss).backward()
+    fold.scaler.step(fold.optimizer)
+    fold.scaler.update()
+    fold.scheduler.step()
+    return loss.detach(), logits.detach(), labels
 
 
 def _gather_arrays(labels: torch.Tensor, probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
