@@ -455,7 +455,9 @@ def build_fold(
     so that it times this same fold in processes of any kind.
     """
     torch.manual_seed(cfg.train.seed + data.index)  # same initial weights on every rank
-    model = build_model(cfg.model, data.num_classes)
+    # On the device here, not only in Ray's prepare_model: the fold also runs without Ray
+    # (benchmarks, the GPU tests), and Ray's move is then a no-op.
+    model = build_model(cfg.model, data.num_classes).to(device)
     if resolve_channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
     model = prepare_model(model)
