@@ -17,10 +17,15 @@ from distmed.data.cache import (
     load_cached,
 )
 from distmed.data.decode import (
+    FILE_EXTENSIONS,
     IMAGE_EXTENSIONS,
+    DecodeOptions,
+    UnreadableImage,
     decode_image,
     decode_split,
+    is_image_file,
     resize_array,
+    try_decode,
     unreadable_message,
 )
 from distmed.data.index import SPLITS, DataIndex, Split, describe_index, drop_samples
@@ -30,19 +35,29 @@ from distmed.data.inspection import (
     format_summary,
     inspect_index,
 )
-from distmed.data.sources import NPZ_KEYS, fetch_medmnist, scan_folder, scan_npz, scan_source
+from distmed.data.sources import (
+    NPZ_KEYS,
+    fetch_medmnist,
+    scan_folder,
+    scan_manifest,
+    scan_npz,
+    scan_source,
+)
 from distmed.data.transforms import IMAGENET_MEAN, IMAGENET_STD, augment_batch, to_model_input
 
 __all__ = [
     "CACHE_VERSION",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "FILE_EXTENSIONS",
     "IMAGE_EXTENSIONS",
     "NPZ_KEYS",
     "SPLITS",
     "CachedData",
     "CachedImageDataset",
     "DataIndex",
+    "DecodeOptions",
+    "UnreadableImage",
     "Split",
     "augment_batch",
     "build_cache",
@@ -57,11 +72,14 @@ __all__ = [
     "drop_samples",
     "default_cache_root",
     "fetch_medmnist",
+    "is_image_file",
     "load_cached",
     "resize_array",
     "scan_folder",
+    "scan_manifest",
     "scan_npz",
     "scan_source",
     "to_model_input",
+    "try_decode",
     "unreadable_message",
 ]
