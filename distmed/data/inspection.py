@@ -18,7 +18,7 @@ import numpy as np
 from distmed.artifacts import write_text_atomic
 from distmed.config import DataConfig
 from distmed.data.cache import cache_root
-from distmed.data.decode import DecodeOptions, describe_file
+from distmed.data.decode import DecodeOptions, UnreadableImage, describe_file
 from distmed.data.index import DataIndex, Split
 from distmed.errors import UserError
 
@@ -200,6 +200,9 @@ def _file_survey(index: DataIndex, options: DecodeOptions) -> dict[str, Any]:
             try:
                 byte_key = hashlib.sha256(path.read_bytes()).hexdigest()
                 fmt, mode, size, depth, array = describe_file(path, options)
+            except UnreadableImage as exc:  # too large, multi-frame, no finite pixel, ...
+                unreadable[sample_id] = str(exc)
+                continue
             except Exception as exc:  # any decoder failure: named, never fatal here
                 unreadable[sample_id] = f"{type(exc).__name__}: {str(exc)[:60]}"
                 continue
