@@ -488,7 +488,7 @@ def test_an_interrupted_decode_leaves_no_cache_a_later_run_trusts(tmp_path, monk
             raise KeyboardInterrupt
         return try_decode(path, options)
 
-    monkeypatch.setattr(data_mod.cache, "try_decode", interrupted)
+    monkeypatch.setattr(data_mod.decode, "try_decode", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_cache(scan_source(config), config)
     left = [p.name for p in (tmp_path / "c").rglob("*") if p.is_file()]

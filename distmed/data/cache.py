@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from distmed.artifacts import atomic_path, write_text_atomic
 from distmed.config import DataConfig
-from distmed.data.decode import DecodeOptions, decode_split, try_decode, unreadable_message
+from distmed.data.decode import DecodeOptions, decode_rows, decode_split, unreadable_message
 from distmed.data.index import DataIndex, Split
 from distmed.errors import UserError
 
@@ -188,13 +188,13 @@ def _run_chunks(
         jobs = [[(i, paths[i]) for i in chunk] for chunk in chunks]
         if workers <= 1 or len(chunks) <= 1:
             for job in jobs:
-                yield _decode_chunk(stage, job, options)
+                yield decode_rows(stage, job, options)
                 bar.update(len(job))
         else:
             # spawn: the caller may hold threads (Ray, torch) that a fork would copy half-way.
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
-                futures = {pool.submit(_decode_chunk, stage, job, options): job for job in jobs}
+                futures = {pool.submit(decode_rows, stage, job, options): job for job in jobs}
                 for future in as_completed(futures):
                     yield future.result()
                     bar.update(len(futures[future]))
@@ -209,29 +209,6 @@ def _run_chunks(
         len(paths) / max(elapsed, 1e-9),
         max(1, workers),
     )
-
-
-def _decode_chunk(
-    stage: Path, job: list[tuple[int, str]], options: DecodeOptions
-) -> list[tuple[int, bool, str]]:
-    """Decode files into their rows of the staging array: (position, colour, reason)."""
-    array = np.load(stage, mmap_mode="r+")
-    out = []
-    try:
-        for position, path in job:
-            image, reason = try_decode(Path(path), options)
-            if image is None:
-                out.append((position, False, reason))
-            elif image.ndim == 2:
-                array[position, 0] = image  # grey: one channel; the compaction repeats it
-                out.append((position, False, ""))
-            else:
-                array[position] = image.transpose(2, 0, 1)
-                out.append((position, True, ""))
-        array.flush()
-    finally:
-        del array  # unmap: the written pages leave this process's memory
-    return out
 
 
 def _compact(

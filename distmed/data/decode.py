@@ -163,6 +163,33 @@ def _reason(path: Path, exc: Exception) -> str:
     return f"truncated or corrupt: {type(exc).__name__}"
 
 
+def decode_rows(
+    stage: Path, job: list[tuple[int, str]], options: DecodeOptions
+) -> list[tuple[int, bool, str]]:
+    """Decode files into their rows of a (N, 3, S, S) uint8 .npy: (position, colour, reason).
+
+    The cache's worker function (it runs in spawned processes: this module imports no torch).
+    Grey images fill channel 0 only; the cache repeats it when the set is colour.
+    """
+    array = np.load(stage, mmap_mode="r+")
+    out = []
+    try:
+        for position, path in job:
+            image, reason = try_decode(Path(path), options)
+            if image is None:
+                out.append((position, False, reason))
+            elif image.ndim == 2:
+                array[position, 0] = image
+                out.append((position, False, ""))
+            else:
+                array[position] = image.transpose(2, 0, 1)
+                out.append((position, True, ""))
+        array.flush()
+    finally:
+        del array  # unmap: the written pages leave this process's memory
+    return out
+
+
 # --------------------------------------------------------------------------- one file
 
 
