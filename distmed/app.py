@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from distmed.cli import run_entry_point
+from distmed.data import DecodeOptions
 from distmed.errors import UserError
 from distmed.modelcard import NOTICE, model_card
 from distmed.predict import (
@@ -36,7 +37,7 @@ from distmed.refit import load_model
 from distmed.savedmodel import SavedModel
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-UPLOAD_TYPES = [".png", ".jpg", ".jpeg"]
+UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"]
 BATCH_SIZE = 16
 CSS = """
 .distmed-result { border: 1px solid #ccc; border-radius: 8px; padding: 12px; margin: 8px 0; }
@@ -63,15 +64,17 @@ class Predictor:
     threshold: float | None
 
     @property
-    def size(self) -> int:
-        return self.saved.preprocessing.image_size
+    def options(self) -> DecodeOptions:
+        """The decoding the model was trained with (intensity, resize mode, size)."""
+        return self.saved.preprocessing.decode_options()
 
     def predict(self, paths: list[Path]) -> list[tuple[Prediction, Image.Image | None]]:
         """Each file's prediction (as `distmed.predict` makes it) and its Grad-CAM overlay."""
         results = []
-        for batch in predict_batches(self.model, paths, self.size, BATCH_SIZE, _device()):
+        options = self.options
+        for batch in predict_batches(self.model, paths, options, BATCH_SIZE, _device()):
             readable = [r for r in batch if r.probs is not None]
-            pictures = iter(gradcam_pictures(self.model, readable, self.size) if readable else [])
+            pictures = iter(gradcam_pictures(self.model, readable, options) if readable else [])
             results += [(r, next(pictures) if r.probs is not None else None) for r in batch]
         return results
 
@@ -147,7 +150,7 @@ def build_page(gr: Any, predictor: Predictor, card: str) -> Any:
         with gr.Row():
             with gr.Column(scale=3):
                 files = gr.File(
-                    label="Images (PNG or JPEG; several at once)",
+                    label="Images (PNG, JPEG, TIFF, BMP or DICOM; several at once)",
                     file_count="multiple",
                     file_types=UPLOAD_TYPES,
                     elem_id="uploads",

@@ -31,7 +31,8 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         "e.g. --set train.epochs=3 --set optim.lr=3e-4",
     )
     parser.add_argument(
-        "--data", help="data source: image folder, MedMNIST .npz, medmnist:NAME or demo"
+        "--data",
+        help="data source: image folder, labels .csv, MedMNIST .npz, medmnist:NAME or demo",
     )
     parser.add_argument(
         "--cpu", action="store_true", help="train on CPU even when GPUs are visible"

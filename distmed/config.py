@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from distmed.artifacts import write_text_atomic
 from distmed.errors import UserError, shorten
@@ -67,7 +74,53 @@ class DataConfig(_Section):
         "warn",
         description="identical images across splits or classes: warn at start, or stop",
     )
+    manifest: str | None = Field(
+        None,
+        description="CSV of labels: columns path,label and optional group, split "
+        "(train/val/test); paths relative to the CSV (data.root may be the CSV instead)",
+    )
+    group_from: Literal["PatientID"] | None = Field(
+        None, description="PatientID: the patient id from each DICOM file's header"
+    )
+    intensity: Literal["minmax", "percentile", "window"] = Field(
+        "percentile",
+        description="16-bit, float and DICOM pixels -> 8 bit: per-image min-max, per-image "
+        "percentiles (data.percentiles), or data.window; a DICOM file's own window is used "
+        "unless this is 'window'",
+    )
+    percentiles: tuple[
+        Annotated[float, Field(ge=0, le=100)], Annotated[float, Field(ge=0, le=100)]
+    ] = Field((0.5, 99.5), description="intensity=percentile: the low and high percentile")
+    window: tuple[float, Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="intensity=window: [center, width] in the pixel (DICOM: modality) units"
+    )
+    resize: Literal["stretch", "pad", "center_crop"] = Field(
+        "stretch",
+        description="to image_size square: stretch, or keep the aspect ratio by padding with "
+        "black (pad) or by cutting the long side (center_crop)",
+    )
+    max_pixels: int = Field(
+        100_000_000,
+        ge=1,
+        le=2**31,
+        description="larger images are decoded reduced (JPEG) or reported unreadable by name",
+    )
+    decode_workers: int | None = Field(
+        None, ge=1, le=1024, description="processes decoding the cache (default: every CPU)"
+    )
     augment: AugmentConfig = AugmentConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        if self.intensity == "window" and self.window is None:
+            raise ValueError("intensity=window needs data.window: [center, width]")
+        if self.window is not None and self.intensity != "window":
+            raise ValueError("data.window is set but data.intensity is not 'window'")
+        if not self.percentiles[0] < self.percentiles[1]:
+            raise ValueError("data.percentiles: the low one must be below the high one")
+        if sum(bool(x) for x in (self.group_csv, self.group_regex, self.group_from)) > 1:
+            raise ValueError("set at most one of group_csv, group_regex and group_from")
+        return self
 
 
 class ModelConfig(_Section):
@@ -156,13 +209,6 @@ class ExperimentConfig(_Section):
     cv: CVConfig = CVConfig()
     scaling: ScalingSection = ScalingSection()
     tracking: TrackingConfig = TrackingConfig()
-
-    @field_validator("data")
-    @classmethod
-    def _group_sources_exclusive(cls, data: DataConfig) -> DataConfig:
-        if data.group_csv and data.group_regex:
-            raise ValueError("set at most one of group_csv and group_regex")
-        return data
 
 
 def load_config(

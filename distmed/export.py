@@ -124,6 +124,14 @@ def sidecar(saved: SavedModel, fmt: str) -> dict[str, Any]:
             "std": list(prep.std),
             "formula": "(pixel / 255 - mean[c]) / std[c] per channel c",
             "channels_in_training_cache": prep.channels_in_cache,
+            "resize_mode": prep.resize_mode,
+            "intensity": prep.intensity,
+            "percentiles": list(prep.percentiles),
+            "window": list(prep.window) if prep.window else None,
+            "max_pixels": prep.max_pixels,
+            "decoding": "EXIF orientation applied; DICOM: modality LUT, then the file's VOI "
+            "LUT/window unless intensity is window, MONOCHROME1 inverted; non-finite pixels "
+            "set to 0 after scaling",
         },
         "output": {"name": "logits", "shape": ["batch", len(names)], "apply": "softmax"},
         "class_names": names,

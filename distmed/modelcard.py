@@ -45,11 +45,18 @@ def _read_summary(path: Path) -> tuple[RunSummary | None, str]:
         return None, f"summary.json unreadable ({exc})"
 
 
+def _input_text(saved: SavedModel) -> str:
+    prep = saved.preprocessing
+    shape = {"stretch": "stretched", "pad": "padded", "center_crop": "centre-cropped"}
+    text = f"{prep.image_size} px square, resized bilinearly ({shape[prep.resize_mode]})"
+    return f"{text}; 16-bit/DICOM intensity: {prep.intensity}"
+
+
 def _model_table(saved: SavedModel) -> str:
     model = saved.config.model
     rows = [
         ("architecture", f"{model.arch} ({model.head} head)"),
-        ("input", f"{saved.preprocessing.image_size} px square, resized bilinearly"),
+        ("input", _input_text(saved)),
         ("classes", ", ".join(saved.class_names)),
     ]
     if saved.positive_class is not None:

@@ -1,9 +1,10 @@
 """`python -m distmed.predict --model best_model.pt IMAGES_OR_FOLDER... --output preds.csv`.
 
 Rebuilds the model from the checkpoint alone, decodes each file exactly as training did
-(`decode_image` + `to_model_input`), predicts in batches (on the GPU when there is one) and
-writes one CSV row per file. Files that cannot be read are named on stderr and in the CSV's
-`error` column; every other file is still predicted.
+(`decode_image` with the decoding settings saved in the model, then `to_model_input`),
+predicts in batches (on the GPU when there is one) and writes one CSV row per file. Files
+that cannot be read are named on stderr and in the CSV's `error` column; every other file is
+still predicted.
 
 Exit status: 0 every file predicted; 3 some files unreadable (the rest predicted, CSV
 written); 2 bad input (no model file, no images, bad option).
@@ -21,11 +22,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from distmed.artifacts import write_text_atomic
 from distmed.cli import run_entry_point
-from distmed.data import IMAGE_EXTENSIONS, decode_image, to_model_input
+from distmed.data import (
+    FILE_EXTENSIONS,
+    DecodeOptions,
+    is_image_file,
+    to_model_input,
+    try_decode,
+)
 from distmed.errors import UserError
 from distmed.refit import load_model
 from distmed.savedmodel import SavedModel
@@ -85,16 +92,16 @@ def _run(args: argparse.Namespace) -> int:
     model, saved = load_model(model_path)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     model.to(device)
-    size = saved.preprocessing.image_size
+    options = saved.preprocessing.decode_options()
     cam_dir = Path(args.gradcam) if args.gradcam else None
     if cam_dir is not None:
         cam_dir.mkdir(parents=True, exist_ok=True)
     threshold = _threshold(args.threshold, saved)
     results = []
-    for batch in predict_batches(model, paths, size, args.batch_size, device):
+    for batch in predict_batches(model, paths, options, args.batch_size, device):
         results += batch
         if cam_dir is not None:
-            write_gradcams(model, batch, size, cam_dir, offset=len(results) - len(batch))
+            write_gradcams(model, batch, options, cam_dir, offset=len(results) - len(batch))
     write_csv(Path(args.output), results, saved, threshold)
     bad = [r for r in results if r.probs is None]
     for r in bad:
@@ -114,26 +121,28 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
             paths += sorted(
                 p
                 for p in path.rglob("*")
-                if p.is_file()
-                and p.suffix.lower() in IMAGE_EXTENSIONS
-                and not p.name.startswith(".")
+                if p.is_file() and not p.name.startswith(".") and is_image_file(p)
             )
         elif path.is_file():
             paths.append(path)
         else:
             raise UserError(f"{item}: no such file or folder")
     if not paths:
-        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(inputs)}")
+        raise UserError(f"no images ({', '.join(FILE_EXTENSIONS)}, DICOM) in {', '.join(inputs)}")
     return paths
 
 
 def predict_batches(
-    model: torch.nn.Module, paths: list[Path], size: int, batch_size: int, device: torch.device
+    model: torch.nn.Module,
+    paths: list[Path],
+    options: DecodeOptions,
+    batch_size: int,
+    device: torch.device,
 ) -> Iterator[list[Prediction]]:
     """Per batch of files: decoded as in training, class probabilities or the read error."""
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
-        decoded = [decode_file(p, size) for p in chunk]
+        decoded = [decode_file(p, options) for p in chunk]
         good = [d for d in decoded if isinstance(d, np.ndarray)]
         probs = iter(_probabilities(model, np.stack(good), device)) if good else iter(())
         yield [
@@ -142,12 +151,15 @@ def predict_batches(
         ]
 
 
-def decode_file(path: Path, size: int) -> np.ndarray | str:
-    """uint8 (3, S, S) as the training cache holds it (grey repeated), or the error text."""
-    try:
-        image = decode_image(path, size)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+def decode_file(path: Path, options: DecodeOptions | int) -> np.ndarray | str:
+    """uint8 (3, S, S) as the training cache holds it (grey repeated), or why it is unreadable.
+
+    The same decoder and reasons as the training cache (`try_decode`): an oversized,
+    multi-frame or corrupt file is one line, and every other file is still predicted.
+    """
+    image, reason = try_decode(path, options)
+    if image is None:
+        return reason[:200]
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
     return image.transpose(2, 0, 1)
@@ -216,24 +228,29 @@ def write_csv(
 
 
 def write_gradcams(
-    model: torch.nn.Module, batch: list[Prediction], size: int, folder: Path, offset: int
+    model: torch.nn.Module,
+    batch: list[Prediction],
+    options: DecodeOptions,
+    folder: Path,
+    offset: int,
 ) -> None:
     """One overlay PNG per readable file, for its predicted class: NNNN_<name>.png."""
     readable = [(offset + i, r) for i, r in enumerate(batch) if r.probs is not None]
     if not readable:
         return
-    pictures = gradcam_pictures(model, [r for _, r in readable], size)
+    pictures = gradcam_pictures(model, [r for _, r in readable], options)
     for (number, r), picture in zip(readable, pictures, strict=True):
         picture.save(folder / f"{number:04d}_{r.path.stem}.png")
 
 
 def gradcam_pictures(
-    model: torch.nn.Module, readable: list[Prediction], size: int
+    model: torch.nn.Module, readable: list[Prediction], options: DecodeOptions
 ) -> list[Image.Image]:
     """Grad-CAM overlays for the predicted class of each readable file, at least 224 px."""
     from distmed.gradcam import gradcam_maps, overlay
 
-    images = np.stack([decode_file(r.path, size) for r in readable])
+    size = options.size
+    images = np.stack([decode_file(r.path, options) for r in readable])
     targets = [int(r.probs.argmax()) for r in readable]
     maps = gradcam_maps(model, images, targets)
     side = max(size, GRADCAM_MIN_SIZE)

@@ -78,7 +78,7 @@ def save_model(
         config=cfg,
         class_names=list(class_names),
         positive_index=positive,
-        preprocessing=preprocessing_for(cfg.data.image_size, channels),
+        preprocessing=preprocessing_for(cfg.data.image_size, channels, cfg.data),
     )
     saved.save(path, state)
 

@@ -22,8 +22,8 @@ from pydantic import (
 )
 
 from distmed.artifacts import atomic_path, read_torch_file
-from distmed.config import ExperimentConfig, ImageSize, format_validation_error
-from distmed.data import IMAGENET_MEAN, IMAGENET_STD
+from distmed.config import DataConfig, ExperimentConfig, ImageSize, format_validation_error
+from distmed.data import IMAGENET_MEAN, IMAGENET_STD, DecodeOptions
 from distmed.errors import UserError
 
 MODEL_FORMAT = 1
@@ -39,7 +39,12 @@ class _Record(BaseModel):
 
 
 class Preprocessing(_Record):
-    """How training fed the network: decoded uint8 -> resized -> /255 -> normalised per channel."""
+    """How training fed the network: decoded uint8 -> resized -> /255 -> normalised per channel.
+
+    `intensity`, `percentiles`, `window`, `resize_mode` and `max_pixels` are what the one
+    decoder needs (`decode_options`); a file written before they existed has none of them
+    and decoded 16-bit images min-max, stretched: those are their defaults here.
+    """
 
     image_size: ImageSize
     resize: str = "bilinear, to a square image_size x image_size"
@@ -51,6 +56,30 @@ class Preprocessing(_Record):
         Annotated[float, Field(gt=0, le=1)],
         Annotated[float, Field(gt=0, le=1)],
     ]
+    intensity: Literal["minmax", "percentile", "window"] = "minmax"
+    percentiles: tuple[
+        Annotated[float, Field(ge=0, le=100)], Annotated[float, Field(ge=0, le=100)]
+    ] = (0.5, 99.5)
+    window: tuple[float, Annotated[float, Field(gt=0)]] | None = None
+    resize_mode: Literal["stretch", "pad", "center_crop"] = "stretch"
+    max_pixels: int = Field(DataConfig().max_pixels, ge=1, le=2**31)
+
+    @model_validator(mode="after")
+    def _window_when_windowed(self) -> Preprocessing:
+        if (self.intensity == "window") != (self.window is not None):
+            raise ValueError("window is set exactly when intensity is 'window'")
+        return self
+
+    def decode_options(self) -> DecodeOptions:
+        """The decoder settings training used: predict, the app and Grad-CAM decode alike."""
+        return DecodeOptions(
+            size=self.image_size,
+            intensity=self.intensity,
+            window=self.window,
+            percentiles=self.percentiles,
+            resize=self.resize_mode,
+            max_pixels=self.max_pixels,
+        )
 
 
 class Threshold(_Record):
@@ -157,11 +186,39 @@ def _problems(exc: ValidationError) -> str:
     return text
 
 
-def preprocessing_for(image_size: int, channels: int) -> Preprocessing:
-    """What a model trained at `image_size` px from a cache of `channels` (1 or 3) expects."""
+RESIZE_TEXT = {
+    "stretch": "bilinear, stretched to a square image_size x image_size",
+    "pad": "bilinear, the long side to image_size, centred on black (aspect ratio kept)",
+    "center_crop": "bilinear, the short side to image_size, the middle kept (aspect ratio kept)",
+}
+
+
+def preprocessing_for(
+    image_size: int, channels: int, data: DataConfig | None = None
+) -> Preprocessing:
+    """What a model trained at `image_size` px from a cache of `channels` (1 or 3) expects.
+
+    `data` (the training config's data section) adds its decoding settings; without it the
+    settings are the config's defaults.
+    """
+    data = data or DataConfig()
+    scale = {
+        "minmax": "min-max scaled per image",
+        "percentile": f"scaled per image between percentiles {list(data.percentiles)}",
+        "window": f"scaled by the window [center, width] {list(data.window or [])}",
+    }[data.intensity]
     return Preprocessing(
         image_size=image_size,
         channels_in_cache=channels,  # type: ignore[arg-type]
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
+        resize=RESIZE_TEXT[data.resize],
+        scale=f"uint8 / 255; 16-bit, float and DICOM pixels {scale} (a DICOM file's own "
+        "window first unless intensity is window); EXIF orientation applied; "
+        "MONOCHROME1 inverted",
+        intensity=data.intensity,
+        percentiles=tuple(data.percentiles),  # type: ignore[arg-type]
+        window=tuple(data.window) if data.window else None,  # type: ignore[arg-type]
+        resize_mode=data.resize,
+        max_pixels=data.max_pixels,
     )

@@ -723,7 +723,7 @@ def test_full_disk_as_cache_dir_is_one_line_naming_it(tmp_path, monkeypatch, err
         handle.write(b"\x93NUMPY partial")  # a torn write, then the disk is full
         raise error
 
-    monkeypatch.setattr(data_mod.cache.np, "save", disk_full)
+    monkeypatch.setattr(data_mod.cache, "write_block", disk_full)  # where the cache writes
     with pytest.raises(UserError) as info:
         build_cache(scan_source(config), config)
     message = str(info.value)
@@ -739,7 +739,7 @@ def test_unwritable_cache_dir_is_one_line(tmp_path, monkeypatch):
     def read_only(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(data_mod.cache.np, "save", read_only)
+    monkeypatch.setattr(data_mod.cache, "write_block", read_only)
     with pytest.raises(UserError, match="cannot write the decoded images .Permission denied"):
         build_cache(scan_source(config), config)
 
@@ -754,7 +754,7 @@ def test_full_disk_through_the_train_cli(tmp_path, monkeypatch, capsys):
         raise OSError("Not enough free space to write 4096 bytes")
 
     monkeypatch.setattr(distmed.train, "start_ray", no_ray)
-    monkeypatch.setattr(data_mod.cache.np, "save", disk_full)
+    monkeypatch.setattr(data_mod.cache, "write_block", disk_full)
     root = write_image_folder(tmp_path / "flat", {"a": 6, "b": 6})
     argv = ["--data", str(root), "--output", str(tmp_path / "out"), "--set", "cv.folds=2"]
     argv += ["--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "model.weights=none"]

@@ -7,61 +7,95 @@ arrays of files, `cache` stores them once for every consumer, `transforms` feeds
 
 from __future__ import annotations
 
-from distmed.data.cache import (
-    CACHE_VERSION,
-    CachedData,
-    CachedImageDataset,
-    build_cache,
-    cache_root,
-    default_cache_root,
-    load_cached,
-)
-from distmed.data.decode import (
-    IMAGE_EXTENSIONS,
-    decode_image,
-    decode_split,
-    resize_array,
-    unreadable_message,
-)
-from distmed.data.index import SPLITS, DataIndex, Split, describe_index, drop_samples
-from distmed.data.inspection import (
-    check_duplicates,
-    duplicate_problem,
-    format_summary,
-    inspect_index,
-)
-from distmed.data.sources import NPZ_KEYS, fetch_medmnist, scan_folder, scan_npz, scan_source
-from distmed.data.transforms import IMAGENET_MEAN, IMAGENET_STD, augment_batch, to_model_input
+import importlib
+from typing import Any
 
+# Name -> the submodule that defines it. Loaded on first use, so that a decoding worker process
+# (`decode.decode_rows`) imports PIL and numpy, not torch with the cache and transforms.
+_EXPORTS = {
+    "CACHE_VERSION": "cache",
+    "CachedData": "cache",
+    "CachedImageDataset": "cache",
+    "DataIndex": "index",
+    "DecodeOptions": "decode",
+    "FILE_EXTENSIONS": "decode",
+    "IMAGENET_MEAN": "transforms",
+    "IMAGENET_STD": "transforms",
+    "IMAGE_EXTENSIONS": "decode",
+    "NPZ_KEYS": "sources",
+    "SPLITS": "index",
+    "Split": "index",
+    "UnreadableImage": "decode",
+    "augment_batch": "transforms",
+    "build_cache": "cache",
+    "cache_root": "cache",
+    "check_duplicates": "inspection",
+    "decode_image": "decode",
+    "decode_split": "decode",
+    "default_cache_root": "cache",
+    "describe_index": "index",
+    "drop_samples": "index",
+    "duplicate_problem": "inspection",
+    "fetch_medmnist": "sources",
+    "format_summary": "inspection",
+    "inspect_index": "inspection",
+    "is_image_file": "decode",
+    "load_cached": "cache",
+    "resize_array": "decode",
+    "scan_folder": "sources",
+    "scan_manifest": "sources",
+    "scan_npz": "sources",
+    "scan_source": "sources",
+    "to_model_input": "transforms",
+    "try_decode": "decode",
+    "unreadable_message": "decode",
+}
+_SUBMODULES = ("cache", "decode", "index", "inspection", "layout", "sources", "transforms")
 __all__ = [
     "CACHE_VERSION",
+    "CachedData",
+    "CachedImageDataset",
+    "DataIndex",
+    "DecodeOptions",
+    "FILE_EXTENSIONS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "NPZ_KEYS",
     "SPLITS",
-    "CachedData",
-    "CachedImageDataset",
-    "DataIndex",
     "Split",
+    "UnreadableImage",
     "augment_batch",
     "build_cache",
-    "check_duplicates",
-    "duplicate_problem",
-    "format_summary",
-    "inspect_index",
     "cache_root",
+    "check_duplicates",
     "decode_image",
     "decode_split",
+    "default_cache_root",
     "describe_index",
     "drop_samples",
-    "default_cache_root",
+    "duplicate_problem",
     "fetch_medmnist",
+    "format_summary",
+    "inspect_index",
+    "is_image_file",
     "load_cached",
     "resize_array",
     "scan_folder",
+    "scan_manifest",
     "scan_npz",
     "scan_source",
     "to_model_input",
+    "try_decode",
     "unreadable_message",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

@@ -21,8 +21,9 @@ from distmed.data.sources import scan_source
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m distmed.data",
-        description="Inspect a data source (image folder, MedMNIST .npz, medmnist:NAME, demo) "
-        "without training: layout, classes and counts per split, formats, skipped files, "
+        description="Inspect a data source (image folder, labels .csv, MedMNIST .npz, "
+        "medmnist:NAME, demo) without training: layout, classes and counts per split, "
+        "formats, skipped files, "
         "patients and duplicates.",
         epilog="example: python -m distmed.data ~/data/chest_xray --json chest_xray.json",
     )

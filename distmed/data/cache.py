@@ -1,6 +1,7 @@
-"""The decoded-image cache: every image decoded and resized once per (source, image size)
-into uint8 `.npy` files that every epoch, fold, trial and worker memory-maps, and the torch
-`Dataset` that reads them.
+"""The decoded-image cache: every image decoded and resized once per (source, decoding
+options) into uint8 `.npy` files that every epoch, fold, trial and worker memory-maps, and the
+torch `Dataset` that reads them. Files are decoded in parallel by a process pool straight into
+a preallocated memory-mapped file, so memory stays flat however many images there are.
 """
 
 from __future__ import annotations
@@ -9,26 +10,34 @@ import errno
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import re
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from distmed.artifacts import atomic_path, write_text_atomic
 from distmed.config import DataConfig
-from distmed.data.decode import decode_split, unreadable_message
-from distmed.data.index import DataIndex
+from distmed.data.decode import DecodeOptions, decode_rows, decode_split, unreadable_message
+from distmed.data.index import DataIndex, Split
 from distmed.errors import UserError
 
 log = logging.getLogger(__name__)
 
 # Bump when the decoded representation changes, so stale caches are not reused.
-CACHE_VERSION = 1
+# 2: EXIF orientation, DICOM, intensity policies, resize modes, JPEG draft decoding.
+CACHE_VERSION = 2
+# Files per task of the decoding pool: small enough to balance, large enough to amortise.
+CHUNK = 32
+# Rows copied at a time when the staged array is compacted into the cache file.
+COPY_ROWS = 256
 # A temporary file untouched this long belongs to no live writer, whatever host wrote it.
 STALE_AFTER_S = 24 * 3600
 
@@ -57,8 +66,9 @@ def build_cache(index: DataIndex, cfg: DataConfig) -> CachedData:
     Unreadable files stop the run with their names, or with `data.skip_invalid` are left
     out of the cache and listed in `CachedData.skipped` (see `drop_samples`).
     """
+    options = DecodeOptions.from_config(cfg)
     key = hashlib.sha256(
-        f"v{CACHE_VERSION}|{index.fingerprint}|{cfg.image_size}".encode()
+        f"v{CACHE_VERSION}|{index.fingerprint}|{options.key()}".encode()
     ).hexdigest()[:16]
     folder = cache_root(cfg) / "decoded" / f"{index.name}-{cfg.image_size}px-{key}"
     meta_path = folder / "meta.json"
@@ -68,9 +78,9 @@ def build_cache(index: DataIndex, cfg: DataConfig) -> CachedData:
     else:
         remove_stale_temporaries(cache_root(cfg))
         try:
-            meta = _decode_into(folder, index, cfg.image_size)
+            meta = _decode_into(folder, index, options, decode_workers(cfg))
             write_text_atomic(meta_path, json.dumps(meta))
-        except OSError as exc:  # image files are read inside decode_split; this is writing
+        except OSError as exc:  # image files are read inside decode_files; this is writing
             raise UserError(cache_write_error(cache_root(cfg), exc)) from exc
         log.info("decoded %d images into %s", meta["num_pool"], folder)
     skipped = meta.get("skipped", {})
@@ -85,27 +95,162 @@ def build_cache(index: DataIndex, cfg: DataConfig) -> CachedData:
     )
 
 
-def _decode_into(folder: Path, index: DataIndex, size: int) -> dict:
+def decode_workers(cfg: DataConfig) -> int:
+    """`data.decode_workers`, or every CPU this process may use."""
+    if cfg.decode_workers:
+        return cfg.decode_workers
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _decode_into(folder: Path, index: DataIndex, options: DecodeOptions, workers: int) -> dict:
     """Decode the pool and test splits into `folder`; returns the cache's metadata."""
     folder.mkdir(parents=True, exist_ok=True)
     channels, skipped = [], {}
     for part, split in (("pool", index.pool), ("test", index.test)):
         if split is None:
             continue
-        array, bad = decode_split(split, size)
+        target = folder / f"{part}.npy"
+        if split.images is not None:  # in memory already: resized in batches
+            array, _ = decode_split(split, options)
+            _save_atomic(target, array)
+            channels.append(array.shape[1])
+            continue
+        count, bad = decode_files(split, options, target, workers, part)
         skipped.update(bad)
-        if array is None:
+        if count is None:
             raise UserError(
                 f"{index.name}: none of the {len(split)} {part} image files can be read "
                 f"({unreadable_message(bad)})"
             )
-        channels.append(array.shape[1])
-        _save_atomic(folder / f"{part}.npy", array)
+        channels.append(count)
     return {
         "channels": max(channels),
         "num_pool": len(index.pool) - len(skipped),
         "skipped": skipped,
     }
+
+
+def decode_files(
+    split: Split, options: DecodeOptions, target: Path, workers: int, part: str = "images"
+) -> tuple[int | None, dict[str, str]]:
+    """Decode a split's files into `target` (.npy, uint8 (N, C, S, S)); returns (C, bad).
+
+    Every image is written, as it is decoded, into a preallocated memory-mapped staging
+    file (N, 3, S, S) beside `target` by `workers` processes; then the readable rows are
+    copied into `target` (one channel when every image is grey) in bounded chunks. Peak
+    memory is a few chunks of images, whatever N is. The staging file and an unfinished
+    `target` are temporary files (`.NAME.tmpPID`): a killed decode leaves nothing that a
+    later run would trust, and `remove_stale_temporaries` clears them. Returns (None, bad)
+    when no file is readable.
+    """
+    paths = [str(p) for p in split.paths or []]
+    size = options.size
+    stage = target.with_name(f".{target.stem}.stage.tmp{os.getpid()}")
+    try:
+        np.lib.format.open_memmap(
+            stage, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size)
+        )
+        chunks = [list(range(i, min(i + CHUNK, len(paths)))) for i in range(0, len(paths), CHUNK)]
+        colour = np.zeros(len(paths), dtype=bool)
+        readable = np.zeros(len(paths), dtype=bool)
+        bad: dict[str, str] = {}
+        for results in _run_chunks(chunks, paths, stage, options, workers, part):
+            for position, is_colour, reason in results:
+                if reason:
+                    bad[split.ids[position]] = reason
+                else:
+                    readable[position], colour[position] = True, is_colour
+        if not readable.any():
+            return None, bad
+        channels = 3 if colour.any() else 1
+        with atomic_path(target) as tmp:
+            _compact(stage, tmp, np.flatnonzero(readable), colour, channels)
+        return channels, bad
+    finally:
+        stage.unlink(missing_ok=True)
+
+
+def _run_chunks(
+    chunks: list[list[int]],
+    paths: list[str],
+    stage: Path,
+    options: DecodeOptions,
+    workers: int,
+    part: str,
+):
+    """Yield each chunk's results, decoded here (one worker, few files) or by a pool."""
+    bar = tqdm(total=len(paths), desc=f"decoding {part}", unit="img", disable=None, leave=False)
+    started = time.perf_counter()
+    try:
+        jobs = [[(i, paths[i]) for i in chunk] for chunk in chunks]
+        if workers <= 1 or len(chunks) <= 1:
+            for job in jobs:
+                yield decode_rows(stage, job, options)
+                bar.update(len(job))
+        else:
+            # spawn: the caller may hold threads (Ray, torch) that a fork would copy half-way.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+                futures = {pool.submit(decode_rows, stage, job, options): job for job in jobs}
+                for future in as_completed(futures):
+                    yield future.result()
+                    bar.update(len(futures[future]))
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - started
+    log.info(
+        "decoded %d %s images in %.1f s (%.0f images/s, %d process(es))",
+        len(paths),
+        part,
+        elapsed,
+        len(paths) / max(elapsed, 1e-9),
+        max(1, workers),
+    )
+
+
+def _compact(
+    stage: Path, target: Path, rows: np.ndarray, colour: np.ndarray, channels: int
+) -> None:
+    """Copy the readable `rows` of the staging array into a (len(rows), channels, S, S) .npy.
+
+    Plain file reads and writes in chunks of `COPY_ROWS`: mapping both files would count
+    every page touched in this process's resident memory.
+    """
+    source = np.load(stage, mmap_mode="r")
+    shape, offset = source.shape, source.offset
+    del source
+    size = shape[-1]
+    row_bytes = 3 * size * size
+    out = np.lib.format.open_memmap(
+        target, mode="w+", dtype=np.uint8, shape=(len(rows), channels, size, size)
+    )
+    out_offset = out.offset
+    del out
+    with open(stage, "rb") as reader, open(target, "r+b") as writer:
+        writer.seek(out_offset)
+        for start in range(0, len(rows), COPY_ROWS):
+            batch = rows[start : start + COPY_ROWS]
+            block = np.empty((len(batch), 3, size, size), dtype=np.uint8)
+            for k, row in enumerate(batch):
+                reader.seek(offset + int(row) * row_bytes)
+                block[k] = np.frombuffer(reader.read(row_bytes), dtype=np.uint8).reshape(
+                    3, size, size
+                )
+            grey = ~colour[batch]
+            if channels == 1:
+                write_block(writer, np.ascontiguousarray(block[:, :1]))
+                continue
+            block[grey, 1] = block[grey, 0]
+            block[grey, 2] = block[grey, 0]
+            write_block(writer, block)
+
+
+def write_block(handle, block: np.ndarray) -> None:
+    """Append decoded rows to an open cache file (every decoded file's bytes pass here)."""
+    handle.write(block.tobytes())
 
 
 def cache_write_error(root: Path, exc: OSError) -> str:

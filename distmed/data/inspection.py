@@ -14,24 +14,21 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from distmed.artifacts import write_text_atomic
 from distmed.config import DataConfig
 from distmed.data.cache import cache_root
-from distmed.data.decode import to_grey_or_rgb
+from distmed.data.decode import DecodeOptions, UnreadableImage, describe_file
 from distmed.data.index import DataIndex, Split
 from distmed.errors import UserError
 
 log = logging.getLogger(__name__)
 
 # Bump when the per-file part changes, so cached inspections are not reused.
-INSPECTION_VERSION = 1
+INSPECTION_VERSION = 2
 SHOWN = 5  # paths shown per list in the printed summary
 KEPT = 50  # duplicate groups kept per kind in the results (the counts are always complete)
 DUPLICATE_KINDS = ("within_split", "across_splits", "across_classes")
-BITS = {"1": 1, "L": 8, "P": 8, "LA": 8, "RGB": 8, "RGBA": 8, "CMYK": 8, "YCbCr": 8}
-BITS |= {"I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}
 
 
 def inspect_index(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
@@ -168,14 +165,16 @@ def _patients(index: DataIndex) -> dict[str, Any] | None:
 
 
 def _cached_file_survey(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
-    key = f"v{INSPECTION_VERSION}-{index.fingerprint[:24]}"
+    options = DecodeOptions.from_config(cfg)
+    decoding = hashlib.sha256(options.key().encode()).hexdigest()[:8]
+    key = f"v{INSPECTION_VERSION}-{index.fingerprint[:24]}-{decoding}"
     path = cache_root(cfg) / "inspect" / f"{index.name}-{key}.json"
     if path.is_file():
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError):
             pass  # a damaged cache entry is recomputed
-    survey = _file_survey(index)
+    survey = _file_survey(index, options)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(survey))
@@ -184,7 +183,7 @@ def _cached_file_survey(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
     return survey
 
 
-def _file_survey(index: DataIndex) -> dict[str, Any]:
+def _file_survey(index: DataIndex, options: DecodeOptions) -> dict[str, Any]:
     """Formats, modes, sizes, bit depths, unreadable files and duplicate groups."""
     formats, modes, sizes, bits = Counter(), Counter(), Counter(), Counter()
     unreadable: dict[str, str] = {}
@@ -200,10 +199,10 @@ def _file_survey(index: DataIndex) -> dict[str, Any]:
             path = split.paths[position]
             try:
                 byte_key = hashlib.sha256(path.read_bytes()).hexdigest()
-                with Image.open(path) as img:
-                    fmt, mode, size = img.format or "?", img.mode, "x".join(map(str, img.size))
-                    depth = BITS.get(img.mode, 8)
-                    array = np.asarray(to_grey_or_rgb(img))
+                fmt, mode, size, depth, array = describe_file(path, options)
+            except UnreadableImage as exc:  # too large, multi-frame, no finite pixel, ...
+                unreadable[sample_id] = str(exc)
+                continue
             except Exception as exc:  # any decoder failure: named, never fatal here
                 unreadable[sample_id] = f"{type(exc).__name__}: {str(exc)[:60]}"
                 continue

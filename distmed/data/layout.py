@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distmed.data.decode import IMAGE_EXTENSIONS
+from distmed.data.decode import FILE_EXTENSIONS, is_image_file
 from distmed.errors import UserError
 
 # Folder name (lower case) -> the split it is. Anything else at the top level is a class.
@@ -218,7 +218,8 @@ class _Walker:
             images = sorted(self.images(class_dir, ancestors))
             if not images:
                 raise UserError(
-                    f"class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                    f"class folder {class_dir} has no images ({', '.join(FILE_EXTENSIONS)}, "
+                    "DICOM); "
                     "add images or remove the folder"
                 )
             classes[class_dir.name] = images
@@ -261,7 +262,8 @@ class _Walker:
 
 
 def _images(files: list[Path]) -> bool:
-    return any(p.suffix.lower() in IMAGE_EXTENSIONS for p in files)
+    """Any image file: by suffix, or DICOM by content (`DICM` after the preamble)."""
+    return any(is_image_file(p) for p in files)
 
 
 def _not_image(path: Path) -> str:

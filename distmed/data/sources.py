@@ -1,6 +1,7 @@
-"""Sources -> a `DataIndex`: image folders (via `layout`), MedMNIST `.npz`, `medmnist:NAME`
-and `demo`; patient groups from `data.group_regex` / `data.group_csv`; the fingerprint that
-keys the decoded cache. Every problem is a one-line `UserError` naming the path.
+"""Sources -> a `DataIndex`: image folders (via `layout`), label manifests (CSV), MedMNIST
+`.npz`, `medmnist:NAME` and `demo`; patient groups from `data.group_regex`, `data.group_csv`,
+`data.group_from: PatientID` or a manifest's group column; the fingerprint that keys the
+decoded cache. Every problem is a one-line `UserError` naming the path (and the CSV row).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import numpy as np
 
 from distmed.config import DataConfig
 from distmed.data.cache import cache_root
+from distmed.data.decode import patient_id
 from distmed.data.index import SPLITS, DataIndex, Split
-from distmed.data.layout import ALL, FolderLayout, read_layout
+from distmed.data.layout import ALL, FolderLayout, read_layout, split_of
 from distmed.errors import UserError
 
 NPZ_KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
@@ -24,8 +26,18 @@ NPZ_KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "l
 
 def scan_source(cfg: DataConfig) -> DataIndex:
     """Resolve `data.root` into an index; every problem is a `UserError` naming the path."""
+    if cfg.manifest:
+        manifest = Path(cfg.manifest).expanduser()
+        if cfg.root and Path(cfg.root).expanduser().resolve() != manifest.resolve():
+            raise UserError(
+                f"data.manifest {cfg.manifest} and data.root {cfg.root}: set one of them (the "
+                "manifest's paths are relative to the CSV itself)"
+            )
+        return scan_manifest(manifest, cfg)
     if not cfg.root:
-        raise UserError("data.root is not set: pass --data PATH (folder, .npz) or --data demo")
+        raise UserError(
+            "data.root is not set: pass --data PATH (folder, .npz, labels .csv) or --data demo"
+        )
     root = cfg.root
     if root == "demo":
         from distmed.demo import ensure_demo_folder
@@ -37,7 +49,10 @@ def scan_source(cfg: DataConfig) -> DataIndex:
         path = Path(root).expanduser()
         if not path.exists():
             raise UserError(f"data.root {root}: no such file or folder; check --data")
-        index = scan_npz(path, cfg) if path.is_file() else scan_folder(path, cfg)
+        if path.is_file() and path.suffix.lower() == ".csv":
+            index = scan_manifest(path, cfg)
+        else:
+            index = scan_npz(path, cfg) if path.is_file() else scan_folder(path, cfg)
     return index
 
 
@@ -46,7 +61,7 @@ def scan_folder(root: Path, cfg: DataConfig, name: str | None = None) -> DataInd
     root = root.resolve()
     layout = read_layout(root)
     _require_two_classes(layout.class_names, str(layout.data_root))
-    group_of = _group_lookup(cfg, layout)
+    group_of = _group_lookup(cfg, layout.data_root)
     pool_splits = [s for s in (ALL, "train", "val") if s in layout.files]
     pool = _files_split(layout, pool_splits, group_of)
     test = _files_split(layout, ["test"], group_of) if "test" in layout.files else None
@@ -97,8 +112,10 @@ def _files_split(
     )
 
 
-def _group_lookup(cfg: DataConfig, layout: FolderLayout) -> Callable[[str, Path], str] | None:
-    """Patient ids: a CSV mapping path -> group, or a regex on the file name."""
+def _group_lookup(cfg: DataConfig, data_root: Path) -> Callable[[str, Path], str] | None:
+    """Patient ids: a CSV mapping path -> group, a regex on the file name, or DICOM headers."""
+    if cfg.group_from == "PatientID":
+        return lambda _sample_id, path: patient_id(path)
     if cfg.group_regex:
         try:
             pattern = re.compile(cfg.group_regex)
@@ -111,7 +128,10 @@ def _group_lookup(cfg: DataConfig, layout: FolderLayout) -> Callable[[str, Path]
         def group_of(sample_id: str, path: Path) -> str:
             # A row may name the file relative to the root, to the folder inside a wrapper
             # level, or by its bare name.
-            inner = path.relative_to(layout.data_root).as_posix()
+            try:
+                inner = path.relative_to(data_root).as_posix()
+            except ValueError:  # a manifest may name files outside its folder
+                inner = path.as_posix()
             return _group_from_table(table, sample_id, (sample_id, inner, path.name))
 
         return group_of
@@ -168,7 +188,7 @@ def _fingerprint_files(pool: Split, test: Split | None) -> str:
 
 def scan_npz(path: Path, cfg: DataConfig) -> DataIndex:
     """Index a MedMNIST-style `.npz` with its official train/val/test split."""
-    if cfg.group_csv or cfg.group_regex:
+    if cfg.group_csv or cfg.group_regex or cfg.group_from:
         raise UserError(f"{path}: grouped folds need an image folder; unset data.group_*")
     if path.suffix.lower() != ".npz":
         raise UserError(
@@ -196,6 +216,7 @@ def scan_npz(path: Path, cfg: DataConfig) -> DataIndex:
             raise UserError(
                 f"{path}: {split}_images has {len(images)} rows but {split}_labels {len(labels)}"
             )
+        _require_2d(path, f"{split}_images", images)
         splits[split] = Split(
             ids=[f"{split}/{i}" for i in range(len(images))],
             labels=labels[:, 0].astype(np.int64),
@@ -222,6 +243,162 @@ def scan_npz(path: Path, cfg: DataConfig) -> DataIndex:
             f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
         ).hexdigest(),
         layout="MedMNIST .npz (train, val, test arrays)",
+    )
+
+
+def _require_2d(path: Path, key: str, images: np.ndarray) -> None:
+    """(N, H, W) grey or (N, H, W, 1|3) colour; a 3-D volume per sample is refused."""
+    if images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3)):
+        return
+    raise UserError(
+        f"{path}: {key} has shape {tuple(images.shape)}, a 3-D volume (or more) per sample "
+        "(MedMNIST 3-D?); distmed classifies 2-D images: use a 2-D data set"
+    )
+
+
+# --------------------------------------------------------------------------- manifests
+
+MANIFEST_COLUMNS = ("path", "label", "group", "split")
+
+
+def scan_manifest(csv_path: Path, cfg: DataConfig) -> DataIndex:
+    """Index a labels CSV: columns `path,label` and optional `group`, `split`.
+
+    Paths are relative to the CSV's folder (absolute ones are kept). `split` takes
+    train/val/test and the folder names `layout` knows (valid, holdout, ...); rows of
+    train and val form the CV pool, test is held back. Classes are the sorted labels.
+
+    Raises:
+        UserError: no such file, missing columns, a missing file, an unknown split, a
+            duplicate path, an empty label or a label column with one value; one line
+            naming the CSV and the row (as a spreadsheet numbers it: the header is row 1).
+    """
+    rows = _read_manifest(csv_path)
+    has_group = any(row.get("group") is not None for _, row in rows)
+    if has_group and (cfg.group_csv or cfg.group_regex or cfg.group_from):
+        raise UserError(
+            f"data.manifest {csv_path}: has a group column and data.group_* is set too; "
+            "keep one source of patient ids"
+        )
+    base = csv_path.resolve().parent
+    entries: list[tuple[int, str, Path, str, str | None, str]] = []
+    seen: dict[Path, int] = {}
+    for number, row in rows:
+        where = f"data.manifest {csv_path} row {number}"
+        text = (row.get("path") or "").strip()
+        label = (row.get("label") or "").strip()
+        if not text:
+            raise UserError(f"{where}: empty path; every row names an image file")
+        if not label:
+            raise UserError(f"{where}: {text} has an empty label; fill it in or drop the row")
+        path = (base / text).resolve()
+        if not path.is_file():
+            raise UserError(
+                f"{where}: no such file {text} (paths are relative to the CSV's folder {base})"
+            )
+        if path in seen:
+            raise UserError(
+                f"{where}: {text} is listed again (first in row {seen[path]}); list each file once"
+            )
+        seen[path] = number
+        split = _manifest_split(row.get("split"), where)
+        group = (row.get("group") or "").strip() if has_group else None
+        if has_group and not group:
+            raise UserError(f"{where}: {text} has an empty group; every row needs its patient")
+        entries.append((number, text, path, label, group, split))
+    class_names = sorted({label for *_, label, _, _ in entries})
+    if len(class_names) < 2:
+        raise UserError(
+            f"data.manifest {csv_path}: column 'label' has one value ({class_names[0]!r}) in "
+            f"all {len(entries)} rows; a classifier needs at least two classes"
+        )
+    group_of = _group_lookup(cfg, base)
+    pool = _manifest_split_of(entries, class_names, ("train", "val"), group_of)
+    test_entries = [e for e in entries if e[5] == "test"]
+    test = _manifest_split_of(entries, class_names, ("test",), group_of) if test_entries else None
+    if len(pool) == 0:
+        raise UserError(
+            f"data.manifest {csv_path}: every row is in the test split; mark the rows to "
+            "cross-validate as train (or val)"
+        )
+    splits = sorted({e[5] for e in entries})
+    return DataIndex(
+        name=csv_path.stem,
+        class_names=class_names,
+        pool=pool,
+        test=test,
+        fingerprint=_fingerprint_files(pool, test),
+        layout=f"manifest {csv_path.name} (splits: {', '.join(splits)})",
+    )
+
+
+def _read_manifest(csv_path: Path) -> list[tuple[int, dict[str, str | None]]]:
+    """(row number, {column: value}) per non-blank row; column names lower-cased."""
+    if not csv_path.is_file():
+        raise UserError(f"data.manifest {csv_path}: file not found")
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = [name.strip().lower() for name in next(reader, [])]
+            missing = [c for c in ("path", "label") if c not in header]
+            if missing:
+                raise UserError(
+                    f"data.manifest {csv_path}: needs columns 'path' and 'label' (optional "
+                    f"'group', 'split'); missing {missing}, found {header[:6]}"
+                )
+            index = {name: header.index(name) for name in MANIFEST_COLUMNS if name in header}
+            rows = []
+            for number, values in enumerate(reader, start=2):
+                if not any(v.strip() for v in values):
+                    continue
+                rows.append(
+                    (number, {n: values[i] if i < len(values) else "" for n, i in index.items()})
+                )
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"data.manifest {csv_path}: not UTF-8 text ({exc.reason}); save it as UTF-8 CSV"
+        ) from exc
+    except csv.Error as exc:
+        raise UserError(f"data.manifest {csv_path}: not a readable CSV ({exc})") from exc
+    if not rows:
+        raise UserError(f"data.manifest {csv_path}: no rows below the header")
+    return rows
+
+
+def _manifest_split(value: str | None, where: str) -> str:
+    """`train`/`val`/`test` (or a known alias); no split column: train (the CV pool)."""
+    if value is None:
+        return "train"
+    split = split_of(value.strip())
+    if split is None:
+        raise UserError(
+            f"{where}: split {value.strip()!r} is not train, val or test (or valid, "
+            "validation, holdout, ...); fix the value"
+        )
+    return split
+
+
+def _manifest_split_of(
+    entries: list[tuple[int, str, Path, str, str | None, str]],
+    class_names: list[str],
+    splits: tuple[str, ...],
+    group_of: Callable[[str, Path], str] | None,
+) -> Split:
+    chosen = [e for e in entries if e[5] in splits]
+    ids = [text for _, text, *_ in chosen]
+    paths = [path for _, _, path, *_ in chosen]
+    if chosen and chosen[0][4] is not None:
+        groups = np.array([e[4] for e in chosen], dtype=object)
+    elif group_of is not None:
+        groups = np.array([group_of(i, p) for i, p in zip(ids, paths, strict=True)], dtype=object)
+    else:
+        groups = None
+    return Split(
+        ids=ids,
+        labels=np.array([class_names.index(e[3]) for e in chosen], dtype=np.int64),
+        groups=groups,
+        paths=paths,
+        origins=np.array([e[5] for e in chosen], dtype=object),
     )
 
 
