@@ -97,10 +97,10 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def report_after_search(run_dir: Path, experiment_uri: str) -> None:
-    """The report at the end of `distmed.tune`; its failure never loses the search."""
+def report_after_search(run_dir: Path, experiment_uri: str) -> Path | None:
+    """The report at the end of `distmed.tune` (None if it failed; the search is not lost)."""
     try:
-        path = build_report(run_dir, experiment_uri)
+        return build_report(run_dir, experiment_uri)
     except Exception as exc:  # the results are already saved; say how to retry
         log.warning(
             "report failed (%s: %s); rerun: python -m distmed.report %s",
@@ -108,8 +108,7 @@ def report_after_search(run_dir: Path, experiment_uri: str) -> None:
             exc,
             run_dir,
         )
-        return
-    print(f"report: {path}", flush=True)
+        return None
 
 
 def build_report(

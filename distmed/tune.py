@@ -201,9 +201,9 @@ def _run(args: argparse.Namespace) -> int:
     update["wall_time_s"] = time.perf_counter() - started
     summary = summary.model_copy(update=update)
     summary.save(local / "summary.json")
-    report_after_search(local, exp_uri)
+    report = report_after_search(local, exp_uri)
     _publish(local, args.storage, name)
-    _print_results(rows, keys, best, summary, local)
+    _print_results(rows, keys, best, summary, local, report)
     return 0
 
 
@@ -290,7 +290,7 @@ def _refit_and_test(args, chosen, best, prepared: PreparedData, exp_uri: str, lo
     return out
 
 
-def _print_results(rows, keys, best, summary: RunSummary, local: Path) -> None:
+def _print_results(rows, keys, best, summary: RunSummary, local: Path, report: Path | None) -> None:
     print(format_table(rows, keys))
     counts = summary.trials_by_status
     print(
@@ -299,13 +299,19 @@ def _print_results(rows, keys, best, summary: RunSummary, local: Path) -> None:
         f"best CV ROC-AUC {best.cv_roc_auc:.4f} "
         f"± {best.cv_roc_auc_std:.4f} (trial {best.trial_id})"
     )
+    print("best configuration (best_config.yaml):")
+    for key, value in best.params.items():
+        print(f"  {key}: {value}")
     if summary.test_metrics is not None:
         test = summary.test_metrics
         print(
             f"test split (used once, refit model): ROC-AUC {test['roc_auc']:.4f}, "
-            f"accuracy {test['accuracy']:.4f}"
+            f"accuracy {test['accuracy']:.4f}, sensitivity {test['sensitivity']:.4f}, "
+            f"specificity {test['specificity']:.4f}"
         )
     print(f"results: {local}  ({summary.wall_time_s or 0:.0f} s)")
+    if report is not None:
+        print(f"report: {report}")
 
 
 def resume_command(argv: list[str], name: str) -> str:
