@@ -109,6 +109,12 @@ class TrainConfig(_Section):
         None, ge=1, description="stop a fold after this many epochs without val ROC-AUC gain"
     )
     seed: int = 0
+    checkpoint_every: int = Field(
+        1,
+        ge=1,
+        description="checkpoint all folds every this many epochs (the last epoch always); "
+        "a restarted or resumed run repeats the epochs since the last checkpoint",
+    )
 
     @field_validator("amp", mode="before")
     @classmethod
