@@ -150,8 +150,20 @@ class WandbConfig(_Section):
     )
 
 
+class MlflowConfig(_Section):
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI, e.g. http://mlflow.lab:5000; unset: no MLflow code "
+        "runs. Credentials belong in MLFLOW_TRACKING_TOKEN (or _USERNAME/_PASSWORD), not here",
+    )
+    experiment: str | None = Field(
+        None, description="MLflow experiment the trials' runs go to (default: the search's --name)"
+    )
+
+
 class TrackingConfig(_Section):
     wandb: WandbConfig = WandbConfig()
+    mlflow: MlflowConfig = MlflowConfig()
 
 
 class ExperimentConfig(_Section):
