@@ -295,9 +295,23 @@ def test_export_round_trip(finished_run: Path, tmp_path: Path, fmt: str):
     else:
         import onnxruntime
 
-        session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+        # One self-contained file: it loads copied alone, with no model.onnx.data beside it.
+        assert not list(tmp_path.glob("*.data"))
+        alone = tmp_path / "copied" / "alone.onnx"
+        alone.parent.mkdir()
+        alone.write_bytes(output.read_bytes())
+        session = onnxruntime.InferenceSession(str(alone), providers=["CPUExecutionProvider"])
         [got] = session.run(None, {"image": inputs.numpy()})
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_export_defaults_its_output_beside_the_model(finished_run: Path, tmp_path: Path):
+    model = tmp_path / "run" / "best_model.pt"
+    model.parent.mkdir()
+    model.write_bytes((finished_run / "best_model.pt").read_bytes())
+    assert export.main(["--model", str(model), "--format", "torchscript"]) == 0
+    assert (model.parent / "model.torchscript.pt").is_file()
+    assert (model.parent / "model.torchscript.pt.json").is_file()
 
 
 def test_export_refuses_an_unknown_format(finished_run: Path, tmp_path: Path, capsys):
@@ -352,3 +366,13 @@ def test_gradcam_works_on_a_model_whose_cam_stage_is_frozen():
     images = np.random.default_rng(0).integers(0, 255, (2, 1, 32, 32), dtype=np.uint8)
     maps = gradcam_maps(model, images, [0, 1])
     assert maps.shape == (2, 32, 32) and (maps.reshape(2, -1).std(axis=1) > 0.01).all()
+
+
+def test_predict_writes_a_timestamped_csv_here_without_output(
+    finished_run: Path, tmp_path: Path, monkeypatch
+):
+    images = write_image_folder(tmp_path / "images", {"a": 1, "b": 1}, size=20, mode="RGB")
+    monkeypatch.chdir(tmp_path)
+    assert predict.main(["--model", str(finished_run / "best_model.pt"), str(images)]) == 0
+    [written] = tmp_path.glob("predictions-*.csv")
+    assert len(written.read_text().splitlines()) == 3  # header + 2 images
