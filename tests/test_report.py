@@ -376,3 +376,38 @@ def test_predict_writes_a_timestamped_csv_here_without_output(
     assert predict.main(["--model", str(finished_run / "best_model.pt"), str(images)]) == 0
     [written] = tmp_path.glob("predictions-*.csv")
     assert len(written.read_text().splitlines()) == 3  # header + 2 images
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def test_search_plot_of_one_stopped_trial_has_whole_ticks_no_auc_past_one_no_empty_legend(
+    tmp_path: Path, monkeypatch
+):
+    import matplotlib.pyplot as plt
+
+    from distmed import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "save", lambda fig, path, tight=True: drawn.setdefault("fig", fig))
+    plots.plot_search_progress([1.0], ["stopped"], tmp_path / "s.png", "trial")
+    ax = drawn.pop("fig").axes[0]
+    assert [t for t in ax.get_xticks()] == [1]
+    assert ax.get_ylim()[1] <= 1.02
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["stopped"]
+
+    plots.plot_params({"train.batch_size": [16, 32, 32]}, [0.7, 0.8, 0.9], 2, tmp_path / "p.png")
+    ax = drawn.pop("fig").axes[0]
+    assert list(ax.get_xticks()) == [16, 32]
+    plt.close("all")
+
+
+def test_figures_come_at_300_dpi_with_vector_copies(tmp_path: Path):
+    from PIL import Image
+
+    from distmed import plots
+
+    path = plots.plot_fold_aucs([0.8, 0.9], tmp_path / "folds.png")
+    assert Image.open(path).size[0] == 5 * plots.DPI  # 5 inches wide
+    assert (tmp_path / "folds.svg").read_text().lstrip().startswith("<?xml")
+    assert (tmp_path / "folds.pdf").read_bytes().startswith(b"%PDF")
