@@ -67,6 +67,11 @@ class DataConfig(_Section):
         "warn",
         description="identical images across splits or classes: warn at start, or stop",
     )
+    class_names: list[str] | None = Field(
+        None,
+        description="MedMNIST .npz sources: a name per label 0, 1, ... (saved with the model); "
+        "folder sources are named by their class folders",
+    )
     augment: AugmentConfig = AugmentConfig()
 
 
