@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set-up and everyday commands; each installs what it needs into .venv and is safe to repeat.
-#   bash dev.sh demo   cross-validate on the built-in synthetic demo data, print the result
-#   bash dev.sh test   run the test suite (what CI runs)
+#   bash dev.sh demo   the demo search (Tune + Optuna over 5-fold CV on the built-in data)
+#   bash dev.sh cv     one configuration, 5-fold cross-validated on the built-in demo data
+#   bash dev.sh test   install the tests' browser if missing, run ruff and pytest (what CI runs)
 #   bash dev.sh gpu-check   on a CUDA machine: gpu tests, train, packed search, throughput
 #     (PYTHON=python3 or DISTMED_PYTHON=...: use that interpreter as it is, make no .venv)
 set -euo pipefail
@@ -21,14 +22,39 @@ ensure_env() {
     echo "$want" > "$stamp"
 }
 
+# The web page's browser test drives Debian's chromium (Playwright downloads none): install it
+# with apt when missing, as root or through sudo; without either, say what to run.
+ensure_browser() {
+    command -v chromium >/dev/null 2>&1 && return
+    local sudo=""
+    if [ "$(id -u)" != 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+            sudo="sudo"
+        else
+            echo "dev.sh: the browser test needs chromium: run 'sudo apt-get install -y chromium'" >&2
+            exit 1
+        fi
+    fi
+    echo "dev.sh: installing chromium with apt (the web page's browser test)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y chromium >/dev/null 2>&1 \
+        || { $sudo apt-get update -qq && $sudo apt-get install -y chromium >/dev/null; }
+}
+
 case "${1:-}" in
     demo)
+        ensure_env
+        shift
+        exec "$VENV/bin/python" -m distmed.tune --space search_spaces/demo.yaml "$@"
+        ;;
+    cv)
         ensure_env
         shift
         exec "$VENV/bin/python" -m distmed.train --config search_spaces/demo.yaml "$@"
         ;;
     test)
         ensure_env
+        ensure_browser
         shift
         "$VENV/bin/python" -m ruff check distmed tests benchmarks
         "$VENV/bin/python" -m ruff format --check --quiet distmed tests benchmarks
@@ -46,7 +72,7 @@ case "${1:-}" in
         exec "$python" -m benchmarks.gpu_check "$@"
         ;;
     *)
-        echo "usage: bash dev.sh demo|test|gpu-check [extra arguments]" >&2
+        echo "usage: bash dev.sh demo|cv|test|gpu-check [extra arguments]" >&2
         exit 2
         ;;
 esac

@@ -108,6 +108,11 @@ class DataConfig(_Section):
     decode_workers: int | None = Field(
         None, ge=1, le=1024, description="processes decoding the cache (default: every CPU)"
     )
+    class_names: list[str] | None = Field(
+        None,
+        description="MedMNIST .npz sources: a name per label 0, 1, ... (saved with the model); "
+        "folder sources are named by their class folders",
+    )
     augment: AugmentConfig = AugmentConfig()
 
     @model_validator(mode="after")
@@ -162,6 +167,12 @@ class TrainConfig(_Section):
         None, ge=1, description="stop a fold after this many epochs without val ROC-AUC gain"
     )
     seed: int = 0
+    checkpoint_every: int = Field(
+        1,
+        ge=1,
+        description="checkpoint all folds every this many epochs (the last epoch always); "
+        "a restarted or resumed run repeats the epochs since the last checkpoint",
+    )
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -197,8 +208,20 @@ class WandbConfig(_Section):
     )
 
 
+class MlflowConfig(_Section):
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI, e.g. http://mlflow.lab:5000; unset: no MLflow code "
+        "runs. Credentials belong in MLFLOW_TRACKING_TOKEN (or _USERNAME/_PASSWORD), not here",
+    )
+    experiment: str | None = Field(
+        None, description="MLflow experiment the trials' runs go to (default: the search's --name)"
+    )
+
+
 class TrackingConfig(_Section):
     wandb: WandbConfig = WandbConfig()
+    mlflow: MlflowConfig = MlflowConfig()
 
 
 class ExperimentConfig(_Section):

@@ -1,4 +1,4 @@
-"""`python -m distmed.export --model best_model.pt --format torchscript|onnx --output FILE`.
+"""`python -m distmed.export --model best_model.pt --format torchscript|onnx [--output FILE]`.
 
 Exports the network alone (normalised float (B, 3, S, S) in, logits (B, K) out) and writes
 FILE.json beside it: the preprocessing that must come first, the class names, the positive
@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="best_model.pt written by distmed.tune")
     parser.add_argument("--format", required=True, help="torchscript or onnx")
-    parser.add_argument("--output", required=True, help="file to write, e.g. model.onnx")
+    parser.add_argument(
+        "--output",
+        help="file to write (default: beside --model, model.onnx or model.torchscript.pt)",
+    )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser
 
@@ -49,17 +52,24 @@ def _run(args: argparse.Namespace) -> int:
     model_path = Path(args.model)
     if not model_path.is_file():
         raise UserError(f"--model {model_path}: no such file (a best_model.pt from distmed.tune)")
-    output = Path(args.output)
+    output = Path(args.output) if args.output else default_output(model_path, args.format)
     output.parent.mkdir(parents=True, exist_ok=True)
     model, saved = load_model(model_path)
     example = example_input(saved)
     if args.format == "torchscript":
         export_torchscript(model, example, output)
-    else:
-        export_onnx(model, example, output)
+    elif not export_onnx(model, example, output):
+        print(
+            f"note: the model is too large for one ONNX file (2 GB protobuf limit): its weights "
+            f"are in {output.name}.data, which must stay beside {output.name}"
+        )
     write_json_atomic(sidecar_path(output), sidecar(saved, args.format))
     print(f"{args.format}: {output}; preprocessing: {sidecar_path(output)}")
     return 0
+
+
+def default_output(model_path: Path, fmt: str) -> Path:
+    return model_path.with_name("model.onnx" if fmt == "onnx" else "model.torchscript.pt")
 
 
 def example_input(saved: SavedModel) -> torch.Tensor:
@@ -75,9 +85,19 @@ def export_torchscript(model: torch.nn.Module, example: torch.Tensor, output: Pa
     traced.save(str(output))
 
 
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, output: Path) -> None:
+# ONNX files are protobufs, which cannot exceed 2 GB; leave room for the graph.
+ONNX_INLINE_LIMIT_BYTES = 1_800_000_000
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, output: Path) -> bool:
     """ONNX through torch.export (the exporter torch recommends; the TorchScript-based one is
-    deprecated), with a dynamic batch dimension. Needs `onnx` and `onnxscript`."""
+    deprecated), with a dynamic batch dimension. Needs `onnx` and `onnxscript`.
+
+    Returns True when `output` is one self-contained file (weights inside: every ResNet
+    fits); False when the weights had to go to `output`.data beside it.
+    """
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    inline = weights < ONNX_INLINE_LIMIT_BYTES
     batch = torch.export.Dim("batch", min=1, max=65536)
     try:
         torch.onnx.export(
@@ -89,12 +109,14 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, output: Path) -> 
             dynamic_shapes=({0: batch},),
             opset_version=ONNX_OPSET,
             dynamo=True,
+            external_data=not inline,
             verbose=False,
         )
     except ImportError as exc:
         raise UserError(
             f"ONNX export needs {exc.name}: pip install 'distmed[onnx]' (onnx, onnxscript)"
         ) from exc
+    return inline
 
 
 def sidecar_path(output: Path) -> Path:

@@ -1,4 +1,5 @@
-"""The report's figures: each function draws one PNG from plain arrays and returns its path.
+"""The report's figures: each function draws one figure from plain arrays and returns the
+path of its PNG (300 dpi); vector copies (SVG and PDF, for papers) are written beside it.
 
 Matplotlib with the Agg backend (no display needed); every axis is labelled, and each
 figure is closed once saved so a long report does not accumulate memory.
@@ -19,16 +20,25 @@ import numpy as np  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 
-DPI = 110
+DPI = 300  # print resolution for the PNGs
+VECTOR_FORMATS = ("svg", "pdf")
 TRAIN_STYLE = {"linestyle": "-", "marker": "o", "markersize": 3}
 VAL_STYLE = {"linestyle": "--", "marker": "s", "markersize": 3}
 
 
-def save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
+def save(fig: plt.Figure, path: Path, tight: bool = True) -> Path:
+    """`path` (PNG at DPI) and its vector copies `path`.svg/.pdf; the figure is closed."""
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=DPI)
+    for fmt in VECTOR_FORMATS:
+        fig.savefig(path.with_suffix(f".{fmt}"))
     plt.close(fig)
     return path
+
+
+def vector_copies(path: Path) -> list[Path]:
+    return [path.with_suffix(f".{fmt}") for fmt in VECTOR_FORMATS]
 
 
 # --------------------------------------------------------------------------- the search
@@ -46,12 +56,15 @@ def plot_search_progress(
         if pick.any():
             ax.scatter(order[pick], values[pick], marker=marker, label=status, zorder=3)
     completed = np.where([s == "completed" for s in statuses], values, np.nan)
-    running = np.fmax.accumulate(np.nan_to_num(completed, nan=-np.inf))
-    running[np.isinf(running)] = np.nan
-    ax.step(order, running, where="post", color="black", label="best completed so far")
+    if np.isfinite(completed).any():  # no legend entry for a line that is not drawn
+        running = np.fmax.accumulate(np.nan_to_num(completed, nan=-np.inf))
+        running[np.isinf(running)] = np.nan
+        ax.step(order, running, where="post", color="black", label="best completed so far")
     ax.set(xlabel=x_label, ylabel="CV ROC-AUC (mean over folds)")
     ax.set_title("Search progress")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xticks(_integer_ticks(order))
+    ax.set_xlim(0.5, len(order) + 0.5)
+    cap_auc_axis(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return save(fig, path)
@@ -74,7 +87,10 @@ def plot_params(
             ax.set_xticks(range(len(ticks)), ticks)
         elif _spans_decades(x):
             ax.set_xscale("log")
+        elif _all_integers(x):  # batch size, unfreeze: no 31/32/33 ticks between choices
+            ax.set_xticks(_integer_ticks(np.unique(x[np.isfinite(x)])))
         ax.set(xlabel=name, ylabel="CV ROC-AUC")
+        cap_auc_axis(ax)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
@@ -90,6 +106,24 @@ def _axis_values(raw: Sequence[Any]) -> tuple[np.ndarray, list[str] | None]:
     except (TypeError, ValueError):
         labels = sorted({str(v) for v in raw})
         return np.asarray([labels.index(str(v)) for v in raw], dtype=float), labels
+
+
+def _all_integers(x: np.ndarray) -> bool:
+    finite = x[np.isfinite(x)]
+    return bool(len(finite)) and bool(np.all(finite == np.round(finite)))
+
+
+def _integer_ticks(values: np.ndarray, most: int = 12) -> list[int]:
+    """Whole-number ticks at the given values, thinned to at most `most`."""
+    ticks = sorted({int(v) for v in values})
+    step = max(1, math.ceil(len(ticks) / most))
+    return ticks[::step]
+
+
+def cap_auc_axis(ax: plt.Axes) -> None:
+    """ROC-AUC never exceeds 1: the axis stops just above it (room for markers at 1.0)."""
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, min(high, 1.02))
 
 
 def _spans_decades(x: np.ndarray) -> bool:
@@ -142,9 +176,7 @@ def plot_training_curves(histories: Sequence[Sequence[dict[str, float]]], path: 
     fig.legend(handles=handles, loc="outside right center", fontsize=8)
     fig.suptitle("Best trial: training curves per fold")
     fig.set_layout_engine("constrained")
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return save(fig, path, tight=False)
 
 
 # --------------------------------------------------------------------------- the test split
@@ -267,6 +299,4 @@ def plot_gradcam_grid(
         ax.imshow(picture, interpolation="bilinear")
         ax.set_title(caption, fontsize=8)
     fig.suptitle(f"Test split: Grad-CAM ({layer}) for the predicted class")
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return save(fig, path, tight=False)

@@ -18,6 +18,7 @@ import io
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched deeply)")
     parser.add_argument("--model", required=True, help="best_model.pt written by distmed.tune")
-    parser.add_argument("--output", required=True, help="CSV to write, e.g. preds.csv")
+    parser.add_argument(
+        "--output", help="CSV to write (default: predictions-<time>.csv in the current folder)"
+    )
     parser.add_argument("--gradcam", help="also write a Grad-CAM overlay per image here")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
     parser.add_argument(
@@ -102,13 +105,12 @@ def _run(args: argparse.Namespace) -> int:
         results += batch
         if cam_dir is not None:
             write_gradcams(model, batch, options, cam_dir, offset=len(results) - len(batch))
-    write_csv(Path(args.output), results, saved, threshold)
+    output = Path(args.output or f"predictions-{datetime.now():%Y%m%d-%H%M%S}.csv")
+    write_csv(output, results, saved, threshold)
     bad = [r for r in results if r.probs is None]
     for r in bad:
         print(f"unreadable: {r.path} ({r.error})", file=sys.stderr)
-    print(
-        f"{len(results) - len(bad)} of {len(results)} images predicted on {device} -> {args.output}"
-    )
+    print(f"{len(results) - len(bad)} of {len(results)} images predicted on {device} -> {output}")
     return EXIT_SOME_UNREADABLE if bad else 0
 
 

@@ -4,7 +4,8 @@ Reads what `distmed.tune` left in RUN_DIR (summary.json, trials.csv, best_model.
 predictions saved once after the refit, the best trial's per-fold histories and
 out-of-fold predictions); trains nothing and never re-scores the test split. Chooses the
 binary operating threshold on the out-of-fold validation predictions and records it in
-best_model.pt for `distmed.predict`. Figures are PNGs in RUN_DIR/report/, also embedded.
+best_model.pt for `distmed.predict`. Figures are PNGs (300 dpi, embedded) with SVG and PDF
+copies in RUN_DIR/report/.
 """
 
 from __future__ import annotations
@@ -97,10 +98,10 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def report_after_search(run_dir: Path, experiment_uri: str) -> None:
-    """The report at the end of `distmed.tune`; its failure never loses the search."""
+def report_after_search(run_dir: Path, experiment_uri: str) -> Path | None:
+    """The report at the end of `distmed.tune` (None if it failed; the search is not lost)."""
     try:
-        path = build_report(run_dir, experiment_uri)
+        return build_report(run_dir, experiment_uri)
     except Exception as exc:  # the results are already saved; say how to retry
         log.warning(
             "report failed (%s: %s); rerun: python -m distmed.report %s",
@@ -108,8 +109,7 @@ def report_after_search(run_dir: Path, experiment_uri: str) -> None:
             exc,
             run_dir,
         )
-        return
-    print(f"report: {path}", flush=True)
+        return None
 
 
 def build_report(
@@ -447,9 +447,14 @@ def _figure(path: Path) -> str:
     """The PNG embedded (opens offline, one file to share) plus a link to the file itself."""
     data = base64.b64encode(path.read_bytes()).decode()
     link = f"{FIGURES}/{path.name}"
+    vectors = " ".join(
+        f"<a href='{FIGURES}/{v.name}'>{v.suffix[1:].upper()}</a>"
+        for v in plots.vector_copies(path)
+        if v.is_file()
+    )
     return (
         f"<figure><img src='data:image/png;base64,{data}' alt='{link}'>"
-        f"<figcaption><a href='{link}'>{link}</a></figcaption></figure>"
+        f"<figcaption><a href='{link}'>{link}</a> {vectors}</figcaption></figure>"
     )
 
 

@@ -132,7 +132,22 @@ def write_trials_csv(path: Path, rows: list[TrialRow], space_keys: list[str]) ->
 
 
 def best_config(base: ExperimentConfig, row: TrialRow) -> ExperimentConfig:
-    return apply_params(base, row.params)
+    """The base config with the trial's parameters, its data paths made absolute so that
+    `best_config.yaml` works from any folder."""
+    return resolve_data_paths(apply_params(base, row.params))
+
+
+def resolve_data_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`data.root` and `data.group_csv` as absolute paths where they name existing files or
+    folders; a source such as `demo` or `medmnist:NAME` stays as it is."""
+    updates = {}
+    for key in ("root", "group_csv"):
+        value = getattr(cfg.data, key)
+        if value and Path(value).expanduser().exists():
+            updates[key] = str(Path(value).expanduser().resolve())
+    if not updates:
+        return cfg
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update=updates)})
 
 
 def write_best_config(path: Path, cfg: ExperimentConfig) -> None:

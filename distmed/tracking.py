@@ -1,4 +1,5 @@
-"""Weights & Biases: one W&B run per trial, from the Tune driver, only when asked for.
+"""Experiment trackers, from the Tune driver, only when asked for: Weights & Biases, MLflow,
+and TensorBoard event files for every trial.
 
 Tune's `WandbLoggerCallback` receives each trial's results on the driver (rank 0's metrics,
 forwarded by Ray Train), so no worker talks to W&B. Without a project no W&B code runs.
@@ -10,12 +11,23 @@ on a cluster, set WANDB_API_KEY on the head node or run `wandb login` there).
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from distmed.config import WandbConfig
+from distmed.config import MlflowConfig, WandbConfig
 from distmed.errors import UserError
+
+log = logging.getLogger(__name__)
+# Files of a finished search logged to MLflow's summary run (those that exist).
+MLFLOW_ARTIFACTS = (
+    "best_model.pt",
+    "report.html",
+    "summary.json",
+    "trials.csv",
+    "best_config.yaml",
+)
 
 
 def wandb_callbacks(cfg: WandbConfig, group: str, run_dir: Path) -> list[Any]:
@@ -71,3 +83,128 @@ def _callback_class() -> type:
             super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
 
     return NodeKeyWandbLoggerCallback
+
+
+def tensorboard_callbacks() -> list[Any]:
+    """Tune's TensorBoard logger: event files in every trial's folder of the experiment.
+
+    Tune adds it by itself unless TUNE_DISABLE_AUTO_CALLBACK_LOGGERS is set; named here so
+    the files are there either way (tensorboardX comes with Ray Tune).
+    """
+    from ray.tune.logger import TBXLoggerCallback
+
+    return [TBXLoggerCallback()]
+
+
+def tensorboard_command(experiment_uri: str) -> str:
+    return f"tensorboard --logdir {experiment_uri}"
+
+
+def mlflow_callbacks(cfg: MlflowConfig, experiment: str) -> list[Any]:
+    """`[MLflowLoggerCallback]`: one MLflow run per trial (its sampled parameters, per-epoch
+    metrics, final CV score) in the MLflow experiment `cfg.experiment` or `experiment`;
+    `[]` when no URI is set.
+
+    No token is handed to the callback: Tune pickles its callbacks into the search state it
+    saves beside the results, so a `tracking_token` would land in a file. MLflow's client
+    reads MLFLOW_TRACKING_TOKEN (or _USERNAME/_PASSWORD) from the driver's environment, and
+    the callback runs in the driver, so no Ray runtime environment carries it either.
+    """
+    if not cfg.uri:
+        return []
+    check_mlflow_uri(cfg.uri)
+    try:
+        import mlflow  # noqa: F401  (the callback imports it lazily; fail here, clearly)
+    except ImportError as exc:
+        raise UserError(
+            "tracking.mlflow.uri is set but mlflow is not installed: pip install mlflow"
+        ) from exc
+    return [
+        _mlflow_callback_class()(
+            tracking_uri=cfg.uri,
+            experiment_name=cfg.experiment or experiment,
+            tags={"distmed.experiment": experiment},
+        )
+    ]
+
+
+def check_mlflow_uri(uri: str) -> None:
+    """Refuse a URI with credentials in it: the config is saved with every result."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        # The message does not repeat the URI: it holds the secret.
+        raise UserError(
+            "tracking.mlflow.uri / --mlflow-uri holds credentials (user:password@), and the "
+            "config is saved with the results: give the URI without them and set "
+            "MLFLOW_TRACKING_TOKEN (or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)"
+        )
+
+
+def _mlflow_callback_class() -> type:
+    """Tune's `MLflowLoggerCallback` plus the trial's final CV score and status."""
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    class CVMLflowLoggerCallback(MLflowLoggerCallback):
+        def log_trial_end(self, trial, failed: bool = False):
+            run_id = self._trial_runs.get(trial)
+            last = trial.last_result or {}
+            if run_id is not None:
+                score = last.get("cv_roc_auc")
+                if last.get("cv_complete") and score is not None:
+                    self.mlflow_util.log_metrics(
+                        run_id=run_id, metrics_to_log={"final_cv_roc_auc": score}, step=0
+                    )
+                state = "completed" if last.get("cv_complete") else "stopped"
+                self.mlflow_util._get_client().set_tag(run_id, "distmed.status", state)
+            super().log_trial_end(trial, failed)
+
+    return CVMLflowLoggerCallback
+
+
+def log_search_to_mlflow(
+    cfg: MlflowConfig, experiment: str, run_dir: Path, summary: dict[str, Any]
+) -> str | None:
+    """One MLflow run `best-of-<experiment>` holding the best configuration, its CV and test
+    scores, and the best model, report (with its figures) and result files as artefacts.
+    Returns the run id; None when MLflow is not asked for or the upload failed (the search's
+    results are saved already; a warning says so)."""
+    if not cfg.uri:
+        return None
+    try:
+        return _log_search(cfg, experiment, run_dir, summary)
+    except Exception as exc:  # a tracker outage must not lose a finished search
+        log.warning("MLflow: logging the search's results failed (%s: %s)", type(exc).__name__, exc)
+        return None
+
+
+def _log_search(cfg: MlflowConfig, experiment: str, run_dir: Path, summary: dict) -> str:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.uri)
+    name = cfg.experiment or experiment
+    found = client.get_experiment_by_name(name)
+    experiment_id = found.experiment_id if found else client.create_experiment(name)
+    run = client.create_run(
+        experiment_id,
+        run_name=f"best-of-{experiment}",
+        tags={"distmed.experiment": experiment, "distmed.role": "best"},
+    )
+    run_id = run.info.run_id
+    for key, value in summary.get("best_params", {}).items():
+        client.log_param(run_id, key, value)
+    if summary.get("best_trial"):
+        client.set_tag(run_id, "distmed.best_trial", summary["best_trial"])
+    scores = {"best_cv_roc_auc": summary.get("best_cv_roc_auc")}
+    scores.update({f"test_{k}": v for k, v in (summary.get("test_metrics") or {}).items()})
+    for key, value in scores.items():
+        if isinstance(value, int | float):
+            client.log_metric(run_id, key, float(value))
+    for file in MLFLOW_ARTIFACTS:
+        if (run_dir / file).is_file():
+            client.log_artifact(run_id, str(run_dir / file))
+    if (run_dir / "report").is_dir():
+        client.log_artifacts(run_id, str(run_dir / "report"), artifact_path="report")
+    client.set_terminated(run_id)
+    return run_id

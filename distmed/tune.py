@@ -71,7 +71,13 @@ from distmed.search import (
 )
 from distmed.space import SearchSpaceFile, load_space
 from distmed.summary import DataSummary, RunSummary
-from distmed.tracking import wandb_callbacks
+from distmed.tracking import (
+    log_search_to_mlflow,
+    mlflow_callbacks,
+    tensorboard_callbacks,
+    tensorboard_command,
+    wandb_callbacks,
+)
 
 # Exit status of a search stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
 EXIT_INTERRUPTED = 130
@@ -83,6 +89,7 @@ EXAMPLES = """examples:
   python -m distmed.tune --space search_spaces/resnet.yaml --data /data/xray --address auto \\
       --storage s3://bucket/distmed --workers 2 --wandb-project xray
   python -m distmed.tune --space search_spaces/demo.yaml --name demo-1 --resume
+  python -m distmed.tune --space search_spaces/demo.yaml --mlflow-uri http://127.0.0.1:5000
 """
 
 
@@ -120,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", help="join a running Ray cluster, e.g. auto or ray://head:10001"
     )
     parser.add_argument("--wandb-project", help="log one W&B run per trial to this project")
+    parser.add_argument(
+        "--mlflow-uri",
+        help="log one MLflow run per trial, and the best model and report, to this tracking "
+        "server, e.g. http://mlflow.lab:5000 (token: MLFLOW_TRACKING_TOKEN)",
+    )
     parser.add_argument(
         "--resume", action="store_true", help="continue the experiment --name in --storage"
     )
@@ -201,9 +213,24 @@ def _run(args: argparse.Namespace) -> int:
     update["wall_time_s"] = time.perf_counter() - started
     summary = summary.model_copy(update=update)
     summary.save(local / "summary.json")
-    report_after_search(local, exp_uri)
+    report = report_after_search(local, exp_uri)
     _publish(local, args.storage, name)
-    _print_results(rows, keys, best, summary, local)
+    mlflow_run = log_search_to_mlflow(
+        spec.base.tracking.mlflow,
+        name,
+        local,
+        {
+            "best_trial": best.trial_id,
+            "best_params": best.params,
+            "best_cv_roc_auc": best.cv_roc_auc,
+            "test_metrics": summary.test_metrics,
+        },
+    )
+    _print_results(rows, keys, best, summary, local, report)
+    print(f"TensorBoard (every trial's curves): {tensorboard_command(exp_uri)}")
+    if mlflow_run is not None:
+        uri = spec.base.tracking.mlflow.uri
+        print(f"MLflow: best model and report in run {mlflow_run} at {uri}")
     return 0
 
 
@@ -238,7 +265,12 @@ def _search(args, spec: SearchSpaceFile, prepared: PreparedData, name: str, exp_
     if args.resume:
         return restore_tuner(exp_uri, context).fit()
     run_dir = _local_results_dir(args.storage, name)
-    callbacks = wandb_callbacks(spec.base.tracking.wandb, group=name, run_dir=run_dir)
+    tracking = spec.base.tracking
+    callbacks = [
+        *wandb_callbacks(tracking.wandb, group=name, run_dir=run_dir),
+        *mlflow_callbacks(tracking.mlflow, experiment=name),
+        *tensorboard_callbacks(),
+    ]
     storage = storage_uri(args.storage)
     return build_tuner(spec, context, name, storage, concurrent, callbacks, args.verbose).fit()
 
@@ -290,7 +322,7 @@ def _refit_and_test(args, chosen, best, prepared: PreparedData, exp_uri: str, lo
     return out
 
 
-def _print_results(rows, keys, best, summary: RunSummary, local: Path) -> None:
+def _print_results(rows, keys, best, summary: RunSummary, local: Path, report: Path | None) -> None:
     print(format_table(rows, keys))
     counts = summary.trials_by_status
     print(
@@ -299,13 +331,19 @@ def _print_results(rows, keys, best, summary: RunSummary, local: Path) -> None:
         f"best CV ROC-AUC {best.cv_roc_auc:.4f} "
         f"± {best.cv_roc_auc_std:.4f} (trial {best.trial_id})"
     )
+    print("best configuration (best_config.yaml):")
+    for key, value in best.params.items():
+        print(f"  {key}: {value}")
     if summary.test_metrics is not None:
         test = summary.test_metrics
         print(
             f"test split (used once, refit model): ROC-AUC {test['roc_auc']:.4f}, "
-            f"accuracy {test['accuracy']:.4f}"
+            f"accuracy {test['accuracy']:.4f}, sensitivity {test['sensitivity']:.4f}, "
+            f"specificity {test['specificity']:.4f}"
         )
     print(f"results: {local}  ({summary.wall_time_s or 0:.0f} s)")
+    if report is not None:
+        print(f"report: {report}")
 
 
 def resume_command(argv: list[str], name: str) -> str:
@@ -324,6 +362,8 @@ def _load_spec(args: argparse.Namespace) -> SearchSpaceFile:
         overrides.append(f"scaling.gpus_per_worker={args.gpus_per_worker}")
     if args.wandb_project:
         overrides.append(f"tracking.wandb.project={args.wandb_project}")
+    if args.mlflow_uri:
+        overrides.append(f"tracking.mlflow.uri={args.mlflow_uri}")
     spec = load_space(args.space, overrides)
     updates = {}
     if args.num_samples is not None:

@@ -359,7 +359,7 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
         if any(diverged(f) for f in folds):
             for fold in folds:  # one fold without a score leaves the trial without one
                 fold.stopped = True
-        _report(folds, epoch, cfg.train.epochs, loop_config.get("detail_uri"))
+        _report(folds, epoch, cfg.train, loop_config.get("detail_uri"))
         if all(f.stopped for f in folds):
             break
     return {
@@ -558,13 +558,22 @@ def epoch_metrics(folds: list[FoldRun], epoch: int, epochs: int) -> dict[str, fl
     return metrics
 
 
-def _report(folds: list[FoldRun], epoch: int, epochs: int, detail_uri: str | None) -> None:
-    """One report per epoch on every rank; rank 0 attaches the checkpoint of all folds.
+def checkpoint_due(epoch: int, train: TrainConfig, last: bool) -> bool:
+    """Whether the report after 0-based `epoch` carries a checkpoint: every
+    `train.checkpoint_every` epochs, and always on the run's last report (what a refit or
+    `cross_validate` reads back)."""
+    return last or (epoch + 1) % train.checkpoint_every == 0
+
+
+def _report(folds: list[FoldRun], epoch: int, train: TrainConfig, detail_uri: str | None) -> None:
+    """One report per epoch on every rank; rank 0 attaches the checkpoint of all folds when
+    one is due (`checkpoint_due`).
 
     Rank 0 also rewrites the folds' histories and out-of-fold predictions at `detail_uri`
     before reporting: a scheduler may stop the trial at any report (ASHA does at max_t,
     even when every fold has finished), so nothing after the last report is sure to run.
     """
+    epochs = train.epochs
     metrics = epoch_metrics(folds, epoch, epochs)
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics, checkpoint=None)
@@ -585,6 +594,11 @@ def _report(folds: list[FoldRun], epoch: int, epochs: int, detail_uri: str | Non
     )
     if detail_uri:
         write_trial_detail(detail_uri, [{"history": f.history, **f.predictions()} for f in folds])
+    if not checkpoint_due(epoch, train, last=bool(metrics["cv_complete"])):
+        # A k-fold checkpoint is k models and optimisers (~0.13 GB per ResNet-18 fold);
+        # on remote storage every one is an upload.
+        ray.train.report(metrics, checkpoint=None)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         state = {"epoch": epoch + 1, "folds": [f.state_dict() for f in folds]}
         torch.save(state, Path(tmp) / STATE_FILE)

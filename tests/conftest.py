@@ -27,6 +27,17 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["DISTMED_CACHE"] = str(tmp_path_factory.mktemp("distmed-cache"))
 
 
+@pytest.fixture(autouse=True)
+def _default_train_output_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`distmed.train` without --output writes to runs/train-<data>-<time> in the working
+    directory; a test's run goes to its own tmp_path instead of the checkout."""
+    import distmed.train
+
+    monkeypatch.setattr(
+        distmed.train, "_default_output", lambda index: tmp_path / f"runs-train-{index.name}"
+    )
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """The test run's own Ray instance, started the way distmed starts one: every process

@@ -88,7 +88,7 @@ def _predict_csv(model: Path, image: Path, out: Path) -> dict[str, str]:
 
 def test_page_predicts_like_the_cli_and_survives_a_broken_upload(tmp_path: Path):
     chromium = shutil.which("chromium")
-    if chromium is None:  # CI installs it (.ci/run); a silent skip would hide the page
+    if chromium is None:  # dev.sh test installs it; a silent skip would hide the page
         pytest.fail("no chromium on PATH: apt-get install -y chromium")
     from playwright.sync_api import expect, sync_playwright
 

@@ -821,3 +821,17 @@ def test_group_csv_in_another_encoding_is_one_line(tmp_path):
     table.write_bytes("path,group\na/p00_img00.png,Jürgen\n".encode("latin-1"))
     with pytest.raises(UserError, match="not UTF-8 text.*save it as UTF-8 CSV"):
         scan_folder(root, cfg(group_csv=str(table)))
+
+
+def test_npz_classes_are_named_by_data_class_names(tmp_path):
+    npz = str(write_npz(tmp_path / "tiny.npz"))
+    assert scan_source(cfg(root=npz)).class_names == ["0", "1"]
+    named = scan_source(cfg(root=npz, class_names=["normal", "malignant"]))
+    assert named.class_names == ["normal", "malignant"]
+    with pytest.raises(UserError, match="give 2 distinct names, got 3"):
+        scan_source(cfg(root=npz, class_names=["a", "b", "c"]))
+    with pytest.raises(UserError, match="with repeats"):
+        scan_source(cfg(root=npz, class_names=["a", "a"]))
+    folder = write_image_folder(tmp_path / "f", {"a": 2, "b": 2})
+    with pytest.raises(UserError, match="named by its folders"):
+        scan_source(cfg(root=str(folder), class_names=["x", "y"]))

@@ -295,9 +295,23 @@ def test_export_round_trip(finished_run: Path, tmp_path: Path, fmt: str):
     else:
         import onnxruntime
 
-        session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+        # One self-contained file: it loads copied alone, with no model.onnx.data beside it.
+        assert not list(tmp_path.glob("*.data"))
+        alone = tmp_path / "copied" / "alone.onnx"
+        alone.parent.mkdir()
+        alone.write_bytes(output.read_bytes())
+        session = onnxruntime.InferenceSession(str(alone), providers=["CPUExecutionProvider"])
         [got] = session.run(None, {"image": inputs.numpy()})
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_export_defaults_its_output_beside_the_model(finished_run: Path, tmp_path: Path):
+    model = tmp_path / "run" / "best_model.pt"
+    model.parent.mkdir()
+    model.write_bytes((finished_run / "best_model.pt").read_bytes())
+    assert export.main(["--model", str(model), "--format", "torchscript"]) == 0
+    assert (model.parent / "model.torchscript.pt").is_file()
+    assert (model.parent / "model.torchscript.pt.json").is_file()
 
 
 def test_export_refuses_an_unknown_format(finished_run: Path, tmp_path: Path, capsys):
@@ -352,3 +366,48 @@ def test_gradcam_works_on_a_model_whose_cam_stage_is_frozen():
     images = np.random.default_rng(0).integers(0, 255, (2, 1, 32, 32), dtype=np.uint8)
     maps = gradcam_maps(model, images, [0, 1])
     assert maps.shape == (2, 32, 32) and (maps.reshape(2, -1).std(axis=1) > 0.01).all()
+
+
+def test_predict_writes_a_timestamped_csv_here_without_output(
+    finished_run: Path, tmp_path: Path, monkeypatch
+):
+    images = write_image_folder(tmp_path / "images", {"a": 1, "b": 1}, size=20, mode="RGB")
+    monkeypatch.chdir(tmp_path)
+    assert predict.main(["--model", str(finished_run / "best_model.pt"), str(images)]) == 0
+    [written] = tmp_path.glob("predictions-*.csv")
+    assert len(written.read_text().splitlines()) == 3  # header + 2 images
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def test_search_plot_of_one_stopped_trial_has_whole_ticks_no_auc_past_one_no_empty_legend(
+    tmp_path: Path, monkeypatch
+):
+    import matplotlib.pyplot as plt
+
+    from distmed import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "save", lambda fig, path, tight=True: drawn.setdefault("fig", fig))
+    plots.plot_search_progress([1.0], ["stopped"], tmp_path / "s.png", "trial")
+    ax = drawn.pop("fig").axes[0]
+    assert [t for t in ax.get_xticks()] == [1]
+    assert ax.get_ylim()[1] <= 1.02
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["stopped"]
+
+    plots.plot_params({"train.batch_size": [16, 32, 32]}, [0.7, 0.8, 0.9], 2, tmp_path / "p.png")
+    ax = drawn.pop("fig").axes[0]
+    assert list(ax.get_xticks()) == [16, 32]
+    plt.close("all")
+
+
+def test_figures_come_at_300_dpi_with_vector_copies(tmp_path: Path):
+    from PIL import Image
+
+    from distmed import plots
+
+    path = plots.plot_fold_aucs([0.8, 0.9], tmp_path / "folds.png")
+    assert Image.open(path).size[0] == 5 * plots.DPI  # 5 inches wide
+    assert (tmp_path / "folds.svg").read_text().lstrip().startswith("<?xml")
+    assert (tmp_path / "folds.pdf").read_bytes().startswith(b"%PDF")

@@ -687,3 +687,14 @@ def test_diverged_trial_is_its_own_status_with_the_reason_and_never_best():
     assert "optim.lr" in rows["d_00000"].error
     assert best_row(list(rows.values())).trial_id == "d_00001"
     assert status_counts(list(rows.values()))["diverged"] == 1
+
+
+def test_best_config_stores_the_data_folder_as_an_absolute_path(tmp_path, monkeypatch):
+    (tmp_path / "images").mkdir()
+    monkeypatch.chdir(tmp_path)
+    base = load_space(DEMO).base.model_copy(
+        update={"data": load_space(DEMO).base.data.model_copy(update={"root": "images"})}
+    )
+    cfg = best_config(base, row("t", lr=0.003, name="adamw"))
+    assert cfg.data.root == str(tmp_path / "images")
+    assert best_config(load_space(DEMO).base, row("t", lr=0.003, name="adamw")).data.root == "demo"

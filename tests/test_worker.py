@@ -376,3 +376,69 @@ def test_train_one_epoch_scores_the_logits_of_its_own_steps(tiny_data):
     assert got["roc_auc"] == pytest.approx(expected["roc_auc"], abs=1e-6)
     loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels)).item()
     assert got["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_due_every_n_epochs_and_always_on_the_last_report():
+    every2 = TrainConfig(epochs=5, checkpoint_every=2)
+    due = [worker.checkpoint_due(e, every2, last=e == 4) for e in range(5)]
+    assert due == [False, True, False, True, True]  # epochs 2, 4 and the last (5)
+    assert all(worker.checkpoint_due(e, TrainConfig(epochs=3), last=False) for e in range(3))
+    # A run that ends early (every fold stopped, or diverged) keeps its last epoch too.
+    assert worker.checkpoint_due(0, TrainConfig(epochs=9, checkpoint_every=4), last=True)
+
+
+def _loop(fold: FoldRun, cfg: ExperimentConfig, epochs: range) -> None:
+    """The epochs of `worker.train_folds` for one fold on rank 0, without Ray."""
+    for epoch in epochs:
+        torch.manual_seed(worker.epoch_seed(cfg.train.seed, 0, epoch))
+        _run_fold_epoch(fold, epoch, cfg, torch.device("cpu"), "off", False, positive=1)
+
+
+def test_a_run_resumed_from_an_older_checkpoint_repeats_the_same_epochs():
+    """checkpoint_every=2 and a kill after epoch 3: the resumed run restarts from epoch 2's
+    checkpoint and ends with the very weights and history of a run never interrupted
+    (shuffling and augmentation are seeded per epoch)."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (24, 1, 16, 16), dtype=np.uint8)
+    labels = np.tile([0, 1], 12)
+    cfg = ExperimentConfig.model_validate(
+        {
+            "model": {"weights": "none"},
+            "train": {"epochs": 4, "batch_size": 4, "amp": "off", "checkpoint_every": 2},
+            "data": {"image_size": 16, "augment": {"hflip": True, "rotation": 20}},
+        }
+    )
+    data = worker.FoldData(0, list(range(8)), list(range(16, 24)), images, labels, 2)
+
+    def fresh() -> FoldRun:
+        return worker.build_fold(data, cfg, torch.device("cpu"), "off", batch_size=4)
+
+    straight = fresh()
+    _loop(straight, cfg, range(4))
+
+    killed = fresh()
+    kept = None
+    for epoch in range(3):  # killed during epoch 4; the last checkpoint is epoch 2's
+        _loop(killed, cfg, range(epoch, epoch + 1))
+        if worker.checkpoint_due(epoch, cfg.train, last=False):
+            kept = {k: _clone(v) for k, v in killed.state_dict().items()}
+    resumed = fresh()
+    resumed.load_state_dict(kept)
+    assert len(resumed.history) == 2
+    _loop(resumed, cfg, range(2, 4))
+
+    def scores(history):  # all but the timing
+        return [{k: v for k, v in r.items() if k != "train_images_per_s"} for r in history]
+
+    assert scores(resumed.history) == scores(straight.history)
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], tensor), name
+
+
+def _clone(value):
+    import copy
+
+    return copy.deepcopy(value)

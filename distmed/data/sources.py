@@ -58,6 +58,11 @@ def scan_source(cfg: DataConfig) -> DataIndex:
 
 def scan_folder(root: Path, cfg: DataConfig, name: str | None = None) -> DataIndex:
     """Index `ROOT/<class>/*` or `ROOT/train|val|test/<class>/*`, sorted and deterministic."""
+    if cfg.class_names is not None:
+        raise UserError(
+            f"data.class_names is for .npz sources; {root}'s classes are named by its folders "
+            "(rename the folders instead)"
+        )
     root = root.resolve()
     layout = read_layout(root)
     _require_two_classes(layout.class_names, str(layout.data_root))
@@ -231,7 +236,7 @@ def scan_npz(path: Path, cfg: DataConfig) -> DataIndex:
         origins=np.concatenate([train.origins, val.origins]),
     )
     num_classes = int(max(pool.labels.max(), splits["test"].labels.max())) + 1
-    class_names = [str(c) for c in range(num_classes)]
+    class_names = _npz_class_names(cfg, num_classes, path)
     _require_two_classes(class_names, str(path))
     stat = path.stat()
     return DataIndex(
@@ -427,3 +432,17 @@ def fetch_medmnist(name: str, root: Path) -> Path:
             f"fetch {name.lower()}.npz elsewhere and pass its path with --data"
         ) from exc
     return target / f"{name.lower()}.npz"
+
+
+def _npz_class_names(cfg: DataConfig, num_classes: int, path: Path) -> list[str]:
+    """`data.class_names` for labels 0..n-1; the label numbers as text when unset."""
+    if cfg.class_names is None:
+        return [str(c) for c in range(num_classes)]
+    names = [str(n) for n in cfg.class_names]
+    if len(names) != num_classes or len(set(names)) != len(names):
+        raise UserError(
+            f"data.class_names: {path.name} has {num_classes} classes (labels 0-"
+            f"{num_classes - 1}); give {num_classes} distinct names, got {len(names)}"
+            f"{'' if len(set(names)) == len(names) else ' with repeats'}"
+        )
+    return names
