@@ -379,10 +379,10 @@ def bound_ray_waits() -> None:
     - Ray Train gives a worker group 60 s to start, then retries without end: on a loaded
       2-core machine a worker can need longer, and a group that cannot get its CPUs never
       starts. 180 s per try, and `CONTROLLER_RETRIES` tries (`cv.fit_folds`), then an error.
-    - Tune waits up to 600 s for a stopped trial to end before killing it.
+    - Tune waits up to 600 s for a stopped trial to end before killing it: 10 s.
     """
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
-    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "20")
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "10")
 
 
 def wait_for_free_resources(layout: WorkerLayout, purpose: str) -> None:

@@ -58,9 +58,9 @@ def wandb_callbacks(cfg: WandbConfig, group: str, run_dir: Path) -> list[Any]:
             upload_checkpoints=False,
             mode=mode,
             dir=str(run_dir),
-            # At the end (or a Ctrl-C) Tune waits this long for uploads, not 30 minutes;
+            # At the end (or a Ctrl-C) Tune waits this long (s) for uploads, not 30 minutes;
             # what is not uploaded by then stays in run_dir for `wandb sync`.
-            upload_timeout=int(os.environ.get("DISTMED_WANDB_UPLOAD_TIMEOUT_S", "30")),
+            upload_timeout=int(os.environ.get("DISTMED_WANDB_UPLOAD_TIMEOUT_S", "10")),
         )
     ]
 

@@ -348,6 +348,12 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
     ]
     positive = loop_config["positive"]
     start_epoch = _restore(folds)
+    if start_epoch >= cfg.train.epochs or (start_epoch and all(f.stopped for f in folds)):
+        # The run had ended before it was interrupted (a killed or Ctrl-C'd search): its
+        # last report may never have reached Tune, so report it again rather than nothing,
+        # which would leave a finished trial without a score.
+        _report(folds, start_epoch - 1, cfg.train, loop_config.get("detail_uri"))
+        start_epoch = cfg.train.epochs
     rank = ray.train.get_context().get_world_rank()
     for epoch in range(start_epoch, cfg.train.epochs):
         # Shuffling and augmentation are seeded per epoch, so a run resumed from the

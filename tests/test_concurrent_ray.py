@@ -1,15 +1,20 @@
-"""Searches beside other Ray instances, Ctrl-C and --resume: real `distmed.tune` processes.
+"""Searches beside other Ray instances, Ctrl-C, a killed driver, --resume, S3 storage.
 
-Each search runs as its own process with its own local Ray instance, the way two users (or
-one user twice) run them on one machine; the test session's Ray instance is a third when
-other Ray tests have started it. Nothing is mocked: signals are real, and so are the Ray
-session folders that are searched for planted secrets.
+Each search runs as its own `python -m distmed.tune` process with its own local Ray
+instance, the way two users (or one user twice) run them on one machine; the test session's
+Ray instance is a third when other Ray tests have started it. Nothing is mocked: signals
+are real, the S3 storage is a real S3 protocol server (moto in server mode on 127.0.0.1,
+reached the way users reach MinIO or Ceph: AWS_ENDPOINT_URL, honoured by pyarrow's S3
+filesystem, which Ray Train and Tune use for every storage path), and the Ray session
+folders are searched for planted secrets. One test runs it all at once: every search
+process costs ~30 s of start-up on 2 cores.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
 import queue
@@ -17,11 +22,14 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -30,7 +38,8 @@ from conftest import write_image_folder
 
 pytestmark = pytest.mark.ray
 FAKE_WANDB_KEY = "c0ffee0123456789abcdef0123456789abcdfake"
-FAKE_AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYsecretDISTMED"
+FAKE_AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYsecretDISTMED"  # also moto's key
+BUCKET = "distmed-test"
 # Generous bounds for 2 loaded cores; a hang (the fault these tests guard) blows through them.
 SEARCH_TIMEOUT_S = 300
 STOP_TIMEOUT_S = 90
@@ -136,63 +145,202 @@ def ray_tmp():
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_two_searches_at_once_finish_and_ctrl_c_stops_one_for_resume(tmp_path: Path, ray_tmp: Path):
-    """Two searches, each with its own Ray instance, on one machine (the issue: the refit
-    of each hung for good). B is interrupted by Ctrl-C while its second trial trains: it
-    stops within seconds, skips the refit, marks that trial `interrupted`, prints the
-    --resume command; that command continues the trial from its checkpoint. Secrets set
-    before the searches start reach no file under either Ray instance's session folder."""
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server(tmp_path: Path):
+    """A moto S3 server on 127.0.0.1 with an empty bucket; yields the environment that
+    points AWS clients (boto3, pyarrow, so Ray) at it."""
+    pytest.importorskip("moto.server", reason="pip install 'moto[server]' (in .[dev])")
+    boto3 = pytest.importorskip("boto3")
+    port = _free_port()
+    log = (tmp_path / "moto.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "distmed-test",
+        "AWS_SECRET_ACCESS_KEY": FAKE_AWS_SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    client = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=FAKE_AWS_SECRET,
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client.create_bucket(Bucket=BUCKET)
+            break
+        except Exception:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail(f"moto server did not start: {(tmp_path / 'moto.log').read_text()}")
+            time.sleep(0.3)
+    try:
+        yield client, env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def _objects(client, prefix: str) -> dict[str, int]:
+    """Every object under `prefix` in the bucket: key -> size in bytes."""
+    found = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        found.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
+    return found
+
+
+def _read(client, key: str) -> bytes:
+    return client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+
+def test_searches_beside_each_other_survive_ctrl_c_a_kill_and_resume_on_s3(
+    s3_server, tmp_path: Path, ray_tmp: Path
+):
+    """Two searches at once, each with its own Ray instance (the issue: the refit of each
+    hung for good).
+    A stores on S3 and its driver is SIGKILLed once trial 2 has checkpointed epoch 1 to the
+    bucket; `--resume` keeps trial 1, continues trial 2 from that checkpoint, refits, and
+    writes every result file to the bucket, where the report read the trials' histories.
+    B (W&B offline on) gets a Ctrl-C while its second trial trains: it stops within seconds,
+    skips the refit, marks that trial `interrupted` and prints the --resume command, which
+    continues the trial from its checkpoint. Both resumes run at once too. The W&B key and
+    the AWS secret, set before any search starts, reach no file under the Ray session
+    folders and no object in the bucket."""
+    client, aws_env = s3_server
     data = _split_folder(tmp_path / "data")
-    space_a = _space(tmp_path / "a.yaml", data, num_samples=1, epochs=1)
-    space_b = _space(tmp_path / "b.yaml", data, num_samples=2, epochs=2)
+    space_a = _space(tmp_path / "a.yaml", data, num_samples=2, epochs=3)
+    space_b = _space(tmp_path / "b.yaml", data, num_samples=2, epochs=3)
     storage = tmp_path / "runs"
     env = {
         **os.environ,
+        **aws_env,
         "PYTHONUNBUFFERED": "1",
         "RAY_TMPDIR": str(ray_tmp),
         "WANDB_MODE": "offline",
         "WANDB_API_KEY": FAKE_WANDB_KEY,
-        "AWS_SECRET_ACCESS_KEY": FAKE_AWS_SECRET,
     }
     env.pop("RAY_ADDRESS", None)  # each search starts its own instance
-    tune = [sys.executable, "-m", "distmed.tune", "--storage", str(storage)]
-    b = Search(
-        [*tune, "--space", str(space_b), "--name", "b", "--wandb-project", "p"], env, tmp_path
-    )
-    a = Search([*tune, "--space", str(space_a), "--name", "a"], env, tmp_path)
+    name_a = f"s3-{uuid.uuid4().hex[:8]}"  # its local staging folder is under the shared /tmp
+    prefix = f"exp/{name_a}/"
+    tune = [sys.executable, "-m", "distmed.tune"]
+    argv_a = [*tune, "--space", str(space_a), "--storage", f"s3://{BUCKET}/exp", "--name", name_a]
+    argv_b = [*tune, "--space", str(space_b), "--storage", str(storage), "--name", "b"]
+    try:
+        a = Search(argv_a, env, tmp_path)
+        b = Search([*argv_b, "--wandb-project", "p"], env, tmp_path)
 
-    # B: once its first trial has completed and the second has reported an epoch, Ctrl-C.
-    done = b.wait_for(r"trial \w+ completed", SEARCH_TIMEOUT_S)
-    first = re.search(r"trial (\w+) completed", done)[1]
-    second = b.wait_for(rf"trial (?!{first})\w+ epoch 1:", SEARCH_TIMEOUT_S)
-    b.proc.send_signal(signal.SIGINT)
+        # Each is stopped once its first trial has completed and its second has reported
+        # epoch 1: B by Ctrl-C, A by SIGKILL once that epoch's checkpoint is in the bucket.
+        with ThreadPoolExecutor(2) as pool:
+            stop_a = pool.submit(_kill_in_trial_2, a, client, prefix)
+            stop_b = pool.submit(_ctrl_c_in_trial_2, b)
+            a_done, a_killed = stop_a.result()
+            b_done, b_interrupted, stop_s = stop_b.result()
+        assert f"trial {a_killed} completed" not in a.output()
+        resume_line = b.wait_for(r"continue it with: ", 1)
+        assert "refitting" not in b.output() and "Traceback" not in b.output()
+        assert _statuses(storage / "b") == ["completed", "interrupted"]
+        assert json.loads((storage / "b" / "summary.json").read_text())["interrupted"] is True
+        assert not (storage / "b" / "best_model.pt").exists()
+
+        # Both resumed at once; B by the command it printed.
+        b_resume = shlex.split(resume_line.split("continue it with: ", 1)[1])
+        assert b_resume[-1] == "--resume" and "b" in b_resume
+        a2 = Search([*argv_a, "--resume"], env, tmp_path)
+        b2 = Search(b_resume, env, tmp_path)
+        assert a2.finish(SEARCH_TIMEOUT_S) == 0, a2.output()[-3000:]
+        assert b2.finish(SEARCH_TIMEOUT_S) == 0, b2.output()[-3000:]
+        for resumed, done, again, last in (
+            (a2, a_done, a_killed, 3),
+            (b2, b_done, b_interrupted, 3),
+        ):
+            out = resumed.output()
+            assert "Traceback" not in out, out[-3000:]
+            assert f"trial {done} epoch" not in out  # a finished trial is not run again
+            # Never from scratch: from its checkpoint (or, had it just finished, its last
+            # report again).
+            epochs = [int(m[1]) for m in re.finditer(rf"trial {again} epoch (\d+):", out)]
+            assert epochs and 1 not in epochs and epochs[-1] == last, out[-3000:]
+            assert "report: " in out and "best configuration" in out
+        assert _statuses(storage / "b") == ["completed", "completed"]
+        assert (storage / "b" / "best_model.pt").is_file()
+        _check_bucket(client, prefix, [a_done, a_killed], epochs=3)
+
+        sessions = list(ray_tmp.glob("ray/session_2*"))
+        assert len(sessions) == 4, sessions  # A, B and both resumes, each its own instance
+        assert _files_containing(ray_tmp, [FAKE_WANDB_KEY, FAKE_AWS_SECRET]) == []
+        objects = _objects(client, prefix)
+        assert [k for k in objects if FAKE_AWS_SECRET.encode() in _read(client, k)] == []
+        print(f"B stopped {stop_s:.1f} s after its Ctrl-C")
+    finally:
+        shutil.rmtree(Path(tempfile.gettempdir()) / "distmed-results" / name_a, ignore_errors=True)
+
+
+def _second_trial_trains(search: Search) -> tuple[str, str]:
+    """(first trial, second trial) once the first completed and the second reported epoch 1."""
+    done = re.search(r"trial (\w+) completed", search.wait_for(r"trial \w+ completed", 300))[1]
+    line = search.wait_for(rf"trial (?!{done})\w+ epoch 1:", SEARCH_TIMEOUT_S)
+    return done, re.search(r"trial (\w+) epoch", line)[1]
+
+
+def _ctrl_c_in_trial_2(search: Search) -> tuple[str, str, float]:
+    done, training = _second_trial_trains(search)
+    search.proc.send_signal(signal.SIGINT)
     interrupted_at = time.monotonic()
-    assert b.finish(STOP_TIMEOUT_S) == 130, b.output()[-3000:]
-    stop_s = time.monotonic() - interrupted_at
-    resume_line = b.wait_for(r"continue it with: ", 1)
-    assert "refitting" not in b.output() and "Traceback" not in b.output()
-    assert _statuses(storage / "b") == ["completed", "interrupted"]
-    assert json.loads((storage / "b" / "summary.json").read_text())["interrupted"] is True
-    assert not (storage / "b" / "best_model.pt").exists()
+    assert search.finish(STOP_TIMEOUT_S) == 130, search.output()[-3000:]
+    return done, training, time.monotonic() - interrupted_at
 
-    # A ran beside B (and beside the test session's instance): it finishes, refit included.
-    assert a.finish(SEARCH_TIMEOUT_S) == 0, a.output()[-3000:]
-    summary_a = json.loads((storage / "a" / "summary.json").read_text())
-    assert "test_metrics" in summary_a and (storage / "a" / "best_model.pt").is_file()
-    assert "Traceback" not in a.output()
 
-    # The printed command continues B: the interrupted trial resumes after its last epoch.
-    trial = re.search(r"trial (\w+) epoch", second)[1]
-    resume = shlex.split(resume_line.split("continue it with: ", 1)[1])
-    assert resume[-1] == "--resume" and "b" in resume
-    resumed = Search(resume, env, tmp_path)
-    assert resumed.finish(SEARCH_TIMEOUT_S) == 0, resumed.output()[-3000:]
-    epochs = [int(m[1]) for m in re.finditer(rf"trial {trial} epoch (\d+):", resumed.output())]
-    assert epochs == [2], resumed.output()[-3000:]  # epoch 1 came from its checkpoint
-    assert _statuses(storage / "b") == ["completed", "completed"]
-    assert (storage / "b" / "best_model.pt").is_file()
+def _kill_in_trial_2(search: Search, client, prefix: str) -> tuple[str, str]:
+    done, training = _second_trial_trains(search)
+    # Ray Train registers the checkpoint before the report reaches Tune's console line.
+    pattern = re.compile(rf"{prefix}trials/cv-{training}/checkpoint_[^/]+/state.pt$")
+    assert any(pattern.match(k) for k in _objects(client, prefix)), _objects(client, prefix)
+    search.proc.send_signal(signal.SIGKILL)
+    search.finish(60)
+    return done, training
 
-    sessions = list(ray_tmp.glob("ray/session_2*"))
-    assert len(sessions) >= 3, sessions  # A, B and B resumed, each its own instance
-    assert _files_containing(ray_tmp, [FAKE_WANDB_KEY, FAKE_AWS_SECRET]) == []
-    print(f"B stopped {stop_s:.1f} s after its Ctrl-C")
+
+def _check_bucket(client, prefix: str, trials: list[str], epochs: int) -> None:
+    """Every result file of a finished search is in the bucket; no checkpoint is left."""
+    objects = _objects(client, prefix)
+    for result in (
+        "trials.csv",
+        "summary.json",
+        "best_config.yaml",
+        "best_model.pt",
+        "test_predictions.npz",
+        "report.html",
+    ):
+        assert objects.get(prefix + result, 0) > 0, (result, sorted(objects))
+    figures = {k.rsplit("/", 1)[1] for k in objects if k.startswith(prefix + "report/")}
+    assert {"roc.png", "training_curves.png", "search_progress.png"} <= figures
+    rows = list(csv.DictReader(io.StringIO(_read(client, prefix + "trials.csv").decode())))
+    assert sorted(r["trial_id"] for r in rows) == sorted(trials)
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    summary = json.loads(_read(client, prefix + "summary.json"))
+    assert summary["trials_by_status"]["completed"] == 2 and "test_metrics" in summary
+    for trial in trials:
+        detail = json.loads(_read(client, f"{prefix}trials/cv-{trial}/cv_detail.json"))
+        assert [len(f["history"]) for f in detail["folds"]] == [epochs, epochs]
+    # Tune's own search state, what --resume read.
+    assert any(re.match(rf"{prefix}experiment_state-.*\.json$", k) for k in objects)
+    assert prefix + "tuner.pkl" in objects
+    # Finished trials and the refit keep no checkpoint in the bucket.
+    # (Ray's `checkpoint_manager_snapshot.json` files are run metadata, not checkpoints.)
+    assert [k for k in objects if re.search(r"/checkpoint_[^/]+/", k)] == []

@@ -85,6 +85,7 @@ def test_search_stops_poor_trials_writes_results_and_hides_the_key(
         "stopped": 1,
         "diverged": 0,
         "errored": 0,
+        "interrupted": 0,
     }
     assert summary["best_cv_roc_auc"] == float(rows[0]["cv_roc_auc"])  # the completed one
     assert 0.0 <= summary["test_metrics"]["roc_auc"] <= 1.0
