@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +23,68 @@ from distmed.config import load_config
 pytestmark = pytest.mark.ray
 FAKE_KEY = "0123456789abcdef0123456789abcdef0123fake"
 FAKE_AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYFAKEKEYdistmed"
+FAKE_TOKEN = "mlflow-token-0123456789abcdef-DISTMEDFAKE"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """`mlflow server` with a SQLite backend and a local artefact folder; yields its URI."""
+    pytest.importorskip("mlflow", reason="pip install mlflow (in .[dev])")
+    port = _free_port()
+    folder = tmp_path / "mlflow"
+    folder.mkdir()
+    log = (folder / "server.log").open("w")
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    import urllib.request
+
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            server.kill()
+            pytest.fail("mlflow server did not start:\n" + (folder / "server.log").read_text())
+        time.sleep(0.5)
+    try:
+        yield uri, folder
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
 
 
 def _split_folder(root: Path) -> Path:
@@ -50,10 +117,13 @@ def _space(tmp_path: Path, data: Path, search: dict) -> Path:
 
 
 def test_search_stops_poor_trials_writes_results_and_hides_the_key(
-    ray_session, tmp_path: Path, monkeypatch, capsys
+    ray_session, mlflow_server, tmp_path: Path, monkeypatch, capsys
 ):
     """One search covers it all (each Ray fit costs seconds of start-up on 2 cores): ASHA,
-    results files, refit + test split, report, W&B offline, secrets, --resume."""
+    results files, refit + test split, report, W&B offline, MLflow (a real server) and
+    TensorBoard, secrets (also in Ray's session logs), --resume."""
+    uri, mlflow_folder = mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", FAKE_TOKEN)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_AWS_SECRET)
@@ -68,7 +138,9 @@ def test_search_stops_poor_trials_writes_results_and_hides_the_key(
     }
     space = _space(tmp_path, data, search)
     argv = ["--space", str(space), "--storage", str(tmp_path / "runs"), "--name", "exp"]
-    assert tune.main([*argv, "--wandb-project", "distmed-test"]) == 0  # 2 epochs: rung 1 decides
+    tracking = ["--wandb-project", "distmed-test", "--mlflow-uri", uri]
+    tracking += ["--set", "tracking.mlflow.experiment=distmed-mlflow-test"]
+    assert tune.main([*argv, *tracking]) == 0  # 2 epochs: rung 1 decides
     printed = capsys.readouterr().out
     assert "best CV ROC-AUC" in printed and "test split" in printed
 
@@ -104,11 +176,20 @@ def test_search_stops_poor_trials_writes_results_and_hides_the_key(
     for run in runs:
         [log_file] = run.glob("*.wandb")
         assert b"cv_roc_auc" in log_file.read_bytes()
-    # The planted secrets reach no file under the results folder, nor the console.
-    secrets = (FAKE_KEY.encode(), FAKE_AWS_SECRET.encode())
-    files = [p for p in out.rglob("*") if p.is_file()]
-    assert [p for p in files if any(s in p.read_bytes() for s in secrets)] == []
+    _check_mlflow_and_tensorboard(uri, out, printed, tmp_path)
+    # The planted secrets reach no file under the results folder, MLflow's store or this
+    # Ray instance's session folder (its runtime-env agent log), nor the console.
+    secrets = (FAKE_KEY.encode(), FAKE_AWS_SECRET.encode(), FAKE_TOKEN.encode())
+    session = Path(ray_session._private.worker._global_node.get_session_dir_path())
+    files = [
+        p
+        for root in (out, mlflow_folder, session)
+        for p in root.rglob("*")
+        if p.is_file() and not p.is_symlink()
+    ]
+    assert [p for p in files if any(s in _bytes(p) for s in secrets)] == []
     assert FAKE_KEY not in printed and FAKE_AWS_SECRET not in printed
+    assert FAKE_TOKEN not in printed
 
     # The best config is the complete experiment config that distmed.train --config reads
     # (training from it is covered in test_results; here: the file is the chosen config).
@@ -144,3 +225,49 @@ def _check_report(out: Path, summary: dict) -> None:
         assert float(shown[f"test_metrics.{name}"]) == summary["test_metrics"][name], name
     threshold = torch.load(out / "best_model.pt", weights_only=True)["threshold"]
     assert float(shown["threshold"]) == threshold["value"]
+
+
+def _check_mlflow_and_tensorboard(uri: str, out: Path, printed: str, tmp_path: Path) -> None:
+    """Each trial's MLflow run holds its sampled parameters, every epoch's CV ROC-AUC and its
+    final score; a `best-of-` run holds best_model.pt and report.html; every trial folder has
+    TensorBoard event files and the command is printed."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("distmed-mlflow-test")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert all(r.data.tags["distmed.experiment"] == "exp" for r in runs)  # grouped
+    [best] = [r for r in runs if r.data.tags.get("distmed.role") == "best"]
+    trials = [r for r in runs if r.data.tags.get("distmed.role") != "best"]
+    assert sorted(r.data.tags["distmed.status"] for r in trials) == ["completed", "stopped"]
+    [trial] = [r for r in trials if r.data.tags["distmed.status"] == "completed"]
+    assert trial.info.status == "FINISHED"
+    assert "optim.lr" in trial.data.params
+    history = client.get_metric_history(trial.info.run_id, "cv_roc_auc")
+    assert sorted(m.step for m in history) == list(range(1, 2 + 1))  # one per epoch
+    assert trial.data.metrics["final_cv_roc_auc"] == history[-1].value
+
+    assert best.data.params["optim.lr"] == trial.data.params["optim.lr"]
+    assert best.data.metrics["best_cv_roc_auc"] == pytest.approx(history[-1].value)
+    assert 0.0 <= best.data.metrics["test_roc_auc"] <= 1.0
+    logged = {a.path for a in client.list_artifacts(best.info.run_id)}
+    assert {"best_model.pt", "report.html", "summary.json", "report"} <= logged
+    figures = {a.path for a in client.list_artifacts(best.info.run_id, "report")}
+    assert "report/roc.png" in figures
+    stored = client.download_artifacts(best.info.run_id, "best_model.pt", str(tmp_path))
+    assert Path(stored).read_bytes() == (out / "best_model.pt").read_bytes()
+    assert f"MLflow: best model and report in run {best.info.run_id}" in printed
+
+    # TensorBoard: event files in every trial's folder, and the command to read them.
+    trial_folders = [p for p in out.glob("run_trial_*") if p.is_dir()]
+    assert len(trial_folders) == 2
+    assert all(list(p.glob("events.out.tfevents.*")) for p in trial_folders)
+    assert f"tensorboard --logdir {out}" in printed
+
+
+def _bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # a socket or a file removed meanwhile
+        return b""
