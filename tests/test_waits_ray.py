@@ -7,6 +7,7 @@ left behind, an actor holding the CPUs), and a real Ray Train fit is refused its
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -140,3 +141,46 @@ def test_a_diverging_run_writes_its_results_and_says_so(ray_session, tmp_path: P
     result = json.loads((out / "cv_result.json").read_text())
     assert any(fold["history"][-1].get("diverged") for fold in result["folds"])
     assert all(fold["num_samples"] == 8 for fold in result["folds"])  # each fold's val set
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    """A 3 MB tmpfs: room for the run's small files, none for a checkpoint (root only)."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)], capture_output=True
+    )
+    assert mounted.returncode == 0, f"the test needs root to mount a tmpfs: {mounted.stderr!r}"
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_output_disk_is_one_line_naming_it(ray_session, full_disk: Path, capsys, tmp_path):
+    """It used to end in `WorkerGroupError: Training failed due to worker errors:` with the
+    cause only in Ray's log."""
+    root = write_image_folder(tmp_path / "data", {"a": 6, "b": 6})
+    code = train.main(
+        [
+            "--data",
+            str(root),
+            "--output",
+            str(full_disk / "out"),
+            "--set",
+            "cv.folds=2",
+            "--set",
+            "model.weights=none",
+            "--set",
+            "data.image_size=16",
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "scaling.max_failures=0",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert err[-1].startswith("error: no space left on the device holding "), err[-3:]
+    assert str(full_disk) in err[-1] and "--output" in err[-1]
