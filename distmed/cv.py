@@ -1,8 +1,8 @@
 """Folds and the cross-validated run: make_folds (stratified / grouped, seeded), cross_validate.
 
 Folds are index arithmetic over the CV pool, identical for every trial with the same
-`cv.seed`. `cross_validate` runs one `TorchTrainer` fit that trains all folds (see
-`distmed.worker`) and turns rank 0's return value into a `CVResult`.
+`cv.seed`. `cross_validate` runs one `TorchTrainer` fit that trains all folds (`distmed.worker`
+hosts `distmed.loop` in Ray Train) and turns rank 0's return value into a `CVResult`.
 """
 
 from __future__ import annotations

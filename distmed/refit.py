@@ -23,11 +23,12 @@ from distmed.config import ExperimentConfig
 from distmed.cv import FoldPlan, fit_folds
 from distmed.data import CachedImageDataset, load_cached
 from distmed.errors import UserError
+from distmed.loop import Runtime, predict
 from distmed.metrics import classification_metrics
 from distmed.model import build_model
 from distmed.resources import WorkerLayout
 from distmed.savedmodel import SavedModel, Threshold, preprocessing_for
-from distmed.worker import STATE_FILE, predict
+from distmed.worker import STATE_FILE
 
 log = logging.getLogger(__name__)
 # The refit model's test-split predictions, saved once so the report never re-evaluates.
@@ -128,7 +129,7 @@ def evaluate_test(
     images = load_cached(test_images_path)
     dataset = CachedImageDataset(images, labels, np.arange(len(labels)))
     loader = DataLoader(dataset, batch_size=256)
-    _, truth, probs = predict(model.to(device), loader, device, "off", False)
+    _, truth, probs = predict(model.to(device), loader, Runtime(device))
     if save_to is not None:
         with atomic_path(save_to) as tmp, tmp.open("wb") as handle:  # a name gets .npz added
             np.savez(handle, labels=truth, probs=probs, images_path=str(test_images_path))
