@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from distmed import __version__
 from distmed.artifacts import atomic_path
-from distmed.cli import first_line
+from distmed.cli import choose_device, first_line
 from distmed.config import ExperimentConfig
 from distmed.cv import FoldPlan, fit_folds
 from distmed.data import CachedImageDataset, load_cached
@@ -125,7 +125,7 @@ def evaluate_test(
     `save_to` also keeps the predictions (labels, probabilities, decoded-image file) in an
     .npz, so the report plots them without touching the test split again.
     """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = choose_device()
     images = load_cached(test_images_path)
     dataset = CachedImageDataset(images, labels, np.arange(len(labels)))
     loader = DataLoader(dataset, batch_size=256)
