@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -408,9 +408,10 @@ def run_fold_epoch(
     fold: FoldRun, epoch: int, cfg: ExperimentConfig, runtime: Runtime, positive: int | None
 ) -> None:
     """Train and validate one fold for one epoch; append its record to `fold.history`."""
-    sampler = getattr(fold.train_loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
+    # Ray's prepare_data_loader puts a DistributedSampler there: reshuffle per epoch.
+    set_epoch = getattr(getattr(fold.train_loader, "sampler", None), "set_epoch", None)
+    if set_epoch is not None:
+        set_epoch(epoch)
     train = train_one_epoch(fold, runtime, positive)
     record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()}}
     val = None
@@ -426,7 +427,7 @@ def run_fold_epoch(
         record["diverged"] = 1.0
         record.update({f"val_{k}": math.nan for k in (*METRIC_NAMES, "loss")})
         if fold.val_loader is not None:  # how many images the fold would have been scored on
-            record["val_num_samples"] = len(fold.val_loader.dataset)
+            record["val_num_samples"] = len(cast(Sized, fold.val_loader.dataset))
     fold.history.append(record)
 
 

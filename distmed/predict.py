@@ -257,11 +257,14 @@ def gradcam_pictures(
 
     size = options.size
     images = np.stack([decode_file(r.path, options) for r in readable])
-    targets = [int(r.probs.argmax()) for r in readable]
+    targets = []
+    for r in readable:
+        assert r.probs is not None  # readable files have probabilities
+        targets.append(int(r.probs.argmax()))
     maps = gradcam_maps(model, images, targets)
     side = max(size, GRADCAM_MIN_SIZE)
     return [
-        Image.fromarray(overlay(image, heat)).resize((side, side), Image.BILINEAR)
+        Image.fromarray(overlay(image, heat)).resize((side, side), Image.Resampling.BILINEAR)
         for image, heat in zip(images, maps, strict=True)
     ]
 
