@@ -2,7 +2,7 @@
 # Set-up and everyday commands; each installs what it needs into .venv and is safe to repeat.
 #   bash dev.sh demo   the demo search (Tune + Optuna over 5-fold CV on the built-in data)
 #   bash dev.sh cv     one configuration, 5-fold cross-validated on the built-in demo data
-#   bash dev.sh test   install the tests' browser if missing, run ruff and pytest (what CI runs)
+#   bash dev.sh test   install the tests' browser if missing, run ruff, mypy and pytest (what CI runs)
 #   bash dev.sh gpu-check   on a CUDA machine: gpu tests, train, packed search, throughput
 #     (PYTHON=python3 or DISTMED_PYTHON=...: use that interpreter as it is, make no .venv)
 set -euo pipefail
@@ -58,6 +58,7 @@ case "${1:-}" in
         shift
         "$VENV/bin/python" -m ruff check distmed tests benchmarks
         "$VENV/bin/python" -m ruff format --check --quiet distmed tests benchmarks
+        "$VENV/bin/python" -m mypy  # over distmed/, configured in pyproject.toml
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     gpu-check)

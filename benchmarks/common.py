@@ -46,7 +46,7 @@ def machine_info() -> dict[str, Any]:
     import torchvision
     from PIL import __version__ as pillow_version
 
-    from distmed.worker import cpu_has_native_bf16
+    from distmed.loop import cpu_has_native_bf16
 
     flags = _cpu_flags()
     commit, dirty = git_commit()

@@ -111,13 +111,14 @@ def distmed_loader(pool_path: Path, labels: np.ndarray, batch: int) -> DataLoade
 def distmed_convert(size: int, augment: bool) -> Convert:
     """The worker's own conversion: uint8 -> (augmented in batch) normalised float, in its
     memory format."""
-    from distmed.worker import _inputs, resolve_channels_last
+    from distmed.loop import Runtime, model_inputs, resolve_channels_last
 
     device = torch.device("cpu")
     cfg = validate_config({"data": {"image_size": size}}, "benchmark")
     channels_last = resolve_channels_last(cfg, device)
     augmentation = AugmentConfig() if augment else None
-    return lambda images: _inputs(images, device, channels_last, augmentation)
+    runtime = Runtime(device, channels_last=channels_last)
+    return lambda images: model_inputs(images, runtime, augmentation)
 
 
 def as_is(images: torch.Tensor) -> torch.Tensor:

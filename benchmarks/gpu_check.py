@@ -222,7 +222,7 @@ def train_command(output: Path) -> list[str]:
 def run_train_stage(work: Path, env: dict[str, str]) -> dict[str, Any]:
     """`distmed.train` with 2 folds: it must have trained on cuda, in the expected precision."""
     from benchmarks.throughput import run_logged
-    from distmed.worker import resolve_amp
+    from distmed.loop import resolve_amp
 
     output = work / "train"
     command = train_command(output)
@@ -337,7 +337,7 @@ def run_throughput_stage(work: Path, env: dict[str, str]) -> dict[str, Any]:
     worker processes and pinned memory; cuDNN picks its kernels once (`benchmark`), as
     the Ray Train worker sets it on CUDA.
     """
-    from distmed.worker import loader_workers
+    from distmed.loop import loader_workers
 
     os.environ["DISTMED_CACHE"] = env["DISTMED_CACHE"]  # the demo folder, in this process
     torch.backends.cudnn.benchmark = True
@@ -410,7 +410,7 @@ def build_torch_step(
         load_cached,
         scan_source,
     )
-    from distmed.worker import autocast, resolve_amp
+    from distmed.loop import autocast, resolve_amp
 
     cfg = experiment_config(spec, Path("demo"), cache_dir)
     index = scan_source(cfg.data)

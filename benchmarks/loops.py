@@ -84,39 +84,36 @@ def build_plain_step(
 ) -> tuple[Step, dict[str, Any]]:
     """One training step of distmed's worker loop, minus Ray, over distmed's cached tensors.
 
-    The fold comes from `distmed.worker.build_fold` (the worker's model factory, memory format,
+    The fold comes from `distmed.loop.build_fold` (the worker's model factory, memory format,
     optimiser, schedule, loss and loader, without Ray's wrappers) over the whole pool, and the
     step is the worker's own `train_step`: same conversion, augmentation, precision and
     GradScaler; left out is only the epoch's metric bookkeeping (a softmax per step).
     `device` defaults to the CPU; `workers` are the fold loaders' processes.
     """
     from distmed.data import build_cache, load_cached, scan_source
+    from distmed.loop import FoldData, Runtime, build_fold, train_step
     from distmed.model import set_train_mode
-    from distmed.worker import (
-        FoldData,
-        build_fold,
-        resolve_amp,
-        resolve_channels_last,
-        train_step,
-    )
 
     device = device or torch.device("cpu")
     cfg = experiment_config(spec, data, cache_dir)
     index = scan_source(cfg.data)
     images = load_cached(build_cache(index, cfg.data).pool_path)
     labels = index.pool.labels
-    precision = resolve_amp(cfg.train.amp, device)
-    channels_last = resolve_channels_last(cfg, device)
+    runtime = Runtime.resolve(cfg, device)
     pool = FoldData(0, np.arange(len(labels)), None, images, labels, len(index.class_names))
-    fold = build_fold(pool, cfg, device, precision, batch_size=spec.batch_size, workers=workers)
+    fold = build_fold(pool, cfg, runtime, batch_size=spec.batch_size, workers=workers)
     set_train_mode(fold.model)
     batches = cycle(fold.train_loader)
 
     def step() -> None:
         batch_images, batch_labels, _ = next(batches)
-        train_step(fold, batch_images, batch_labels, device, precision, channels_last)
+        train_step(fold, batch_images, batch_labels, runtime)
 
-    facts = {"precision": precision, "channels_last": channels_last, "pool_images": len(labels)}
+    facts = {
+        "precision": runtime.precision,
+        "channels_last": runtime.channels_last,
+        "pool_images": len(labels),
+    }
     return step, facts
 
 

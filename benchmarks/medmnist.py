@@ -141,7 +141,7 @@ def space_for(dataset: str, method: str, workdir: Path) -> Path:
 
 
 # The first BreastMNIST search fixed the ImageNet stem and missed the target; the small stem
-# then scored higher on the test split with a lower CV score (BENCHMARKS.md part 4). Putting
+# then scored higher on the test split with a lower CV score (BENCHMARKS.md part 6). Putting
 # the stem into the space lets CV, not the test split, choose it. `long_search` also drops
 # `model.unfreeze` from the space: from random init a frozen stage keeps random weights, so
 # trials with unfreeze < 5 were handicapped, not searched; and 20 trials let TPE model the

@@ -22,7 +22,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from distmed.cli import run_entry_point
+from distmed.cli import (
+    add_debug_option,
+    add_model_option,
+    choose_device,
+    model_path,
+    run_entry_point,
+)
 from distmed.data import DecodeOptions
 from distmed.errors import UserError
 from distmed.modelcard import NOTICE, model_card
@@ -72,7 +78,7 @@ class Predictor:
         """Each file's prediction (as `distmed.predict` makes it) and its Grad-CAM overlay."""
         results = []
         options = self.options
-        for batch in predict_batches(self.model, paths, options, BATCH_SIZE, _device()):
+        for batch in predict_batches(self.model, paths, options, BATCH_SIZE, choose_device()):
             readable = [r for r in batch if r.probs is not None]
             pictures = iter(gradcam_pictures(self.model, readable, options) if readable else [])
             results += [(r, next(pictures) if r.probs is not None else None) for r in batch]
@@ -86,10 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="best_model.pt written by distmed.tune")
+    add_model_option(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port to serve on (7860)")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    add_debug_option(parser)
     return parser
 
 
@@ -104,13 +110,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def serve(args: argparse.Namespace) -> Any:
     """Load the model, build the page and start serving it; returns the running Blocks."""
-    model_path = Path(args.model)
-    if not model_path.is_file():
-        raise UserError(f"--model {model_path}: no such file (a best_model.pt from distmed.tune)")
+    path = model_path(args)
     gr = _import_gradio()
-    model, saved = load_model(model_path)
-    predictor = Predictor(model.to(_device()), saved, saved_threshold(saved))
-    page = build_page(gr, predictor, model_card(model_path, saved))
+    model, saved = load_model(path)
+    predictor = Predictor(model.to(choose_device()), saved, saved_threshold(saved))
+    page = build_page(gr, predictor, model_card(path, saved))
     if args.host not in LOCAL_HOSTS:
         print(
             f"warning: serving on {args.host}: anyone who can reach this address can upload "
@@ -137,10 +141,6 @@ def _import_gradio() -> Any:
     except ImportError as exc:
         raise UserError("the web page needs gradio: pip install 'distmed[app]'") from exc
     return gradio
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def build_page(gr: Any, predictor: Predictor, card: str) -> Any:

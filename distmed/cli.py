@@ -1,4 +1,5 @@
-"""What every entry point shares: common options, logging set-up, one-line user errors.
+"""What every entry point shares: common options, `--model` checking, the device, logging
+set-up, one-line user errors.
 
 A `UserError` (or a training failure caused by one) is printed as a single `error:` line
 and the process exits with status 2; `--debug` shows the full traceback instead.
@@ -12,12 +13,15 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distmed.config import DataConfig
 from distmed.data.index import DataIndex
 from distmed.data.inspection import check_duplicates, format_summary, inspect_index
 from distmed.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 EXIT_USER_ERROR = 2
 
@@ -40,7 +44,34 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         "--cpu", action="store_true", help="train on CPU even when GPUs are visible"
     )
     parser.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks) per run, e.g. 2")
+    add_debug_option(parser)
+
+
+def add_debug_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="best_model.pt written by distmed.tune")
+
+
+def model_path(args: argparse.Namespace) -> Path:
+    """The `--model` file, checked to exist.
+
+    Raises:
+        UserError: there is no such file.
+    """
+    path = Path(args.model)
+    if not path.is_file():
+        raise UserError(f"--model {path}: no such file (a best_model.pt from distmed.tune)")
+    return path
+
+
+def choose_device(cpu: bool = False) -> torch.device:
+    """The first CUDA GPU when there is one (and `cpu` is not asked for), else the CPU."""
+    import torch  # here: the data inspector and --help need no torch
+
+    return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[str]:

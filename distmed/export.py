@@ -17,7 +17,7 @@ import torch
 
 from distmed import __version__
 from distmed.artifacts import write_json_atomic
-from distmed.cli import run_entry_point
+from distmed.cli import add_debug_option, add_model_option, model_path, run_entry_point
 from distmed.errors import UserError
 from distmed.refit import load_model
 from distmed.savedmodel import SavedModel
@@ -32,13 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export best_model.pt to TorchScript or ONNX, with a preprocessing sidecar "
         "JSON (FILE.json).",
     )
-    parser.add_argument("--model", required=True, help="best_model.pt written by distmed.tune")
+    add_model_option(parser)
     parser.add_argument("--format", required=True, help="torchscript or onnx")
     parser.add_argument(
         "--output",
         help="file to write (default: beside --model, model.onnx or model.torchscript.pt)",
     )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    add_debug_option(parser)
     return parser
 
 
@@ -49,12 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise UserError(f"--format {args.format}: choose one of {', '.join(FORMATS)}")
-    model_path = Path(args.model)
-    if not model_path.is_file():
-        raise UserError(f"--model {model_path}: no such file (a best_model.pt from distmed.tune)")
-    output = Path(args.output) if args.output else default_output(model_path, args.format)
+    path = model_path(args)
+    output = Path(args.output) if args.output else default_output(path, args.format)
     output.parent.mkdir(parents=True, exist_ok=True)
-    model, saved = load_model(model_path)
+    model, saved = load_model(path)
     example = example_input(saved)
     if args.format == "torchscript":
         export_torchscript(model, example, output)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -50,7 +51,7 @@ def use_small_stem(model: nn.Module) -> None:
     ImageNet stem at the same input size). The pretrained 7x7 kernel does not fit, so the
     new convolution and its BatchNorm start fresh, like the head.
     """
-    out_channels = model.conv1.out_channels
+    out_channels = cast(nn.Conv2d, model.conv1).out_channels
     model.conv1 = nn.Conv2d(3, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
     model.bn1 = nn.BatchNorm2d(out_channels)
     model.maxpool = nn.Identity()
@@ -133,12 +134,16 @@ def read_state_dict(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
 
 def stage_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
     """The five trainable stages of a ResNet, named as in `RESNET_STAGES`."""
+
+    def part(name: str) -> nn.Module:
+        return model.get_submodule(name)
+
     return {
-        "layer4": [model.layer4],
-        "layer3": [model.layer3],
-        "layer2": [model.layer2],
-        "layer1": [model.layer1],
-        "stem": [model.conv1, model.bn1],
+        "layer4": [part("layer4")],
+        "layer3": [part("layer3")],
+        "layer2": [part("layer2")],
+        "layer1": [part("layer1")],
+        "stem": [part("conv1"), part("bn1")],
     }
 
 

@@ -8,7 +8,7 @@ figure is closed once saved so a long report does not accumulate memory.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,8 @@ from sklearn.calibration import calibration_curve  # noqa: E402
 
 DPI = 300  # print resolution for the PNGs
 VECTOR_FORMATS = ("svg", "pdf")
-TRAIN_STYLE = {"linestyle": "-", "marker": "o", "markersize": 3}
-VAL_STYLE = {"linestyle": "--", "marker": "s", "markersize": 3}
+TRAIN_STYLE: dict[str, Any] = {"linestyle": "-", "marker": "o", "markersize": 3}
+VAL_STYLE: dict[str, Any] = {"linestyle": "--", "marker": "s", "markersize": 3}
 
 
 def save(fig: plt.Figure, path: Path, tight: bool = True) -> Path:
@@ -71,7 +71,7 @@ def plot_search_progress(
 
 
 def plot_params(
-    params: dict[str, Sequence[Any]], aucs: Sequence[float], best: int, path: Path
+    params: Mapping[str, Sequence[Any]], aucs: Sequence[float], best: int, path: Path
 ) -> Path:
     """One panel per searched hyperparameter against CV ROC-AUC; the best trial is a star."""
     names = list(params)

@@ -26,7 +26,13 @@ import torch
 from PIL import Image
 
 from distmed.artifacts import write_text_atomic
-from distmed.cli import run_entry_point
+from distmed.cli import (
+    add_debug_option,
+    add_model_option,
+    choose_device,
+    model_path,
+    run_entry_point,
+)
 from distmed.data import (
     FILE_EXTENSIONS,
     DecodeOptions,
@@ -65,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched deeply)")
-    parser.add_argument("--model", required=True, help="best_model.pt written by distmed.tune")
+    add_model_option(parser)
     parser.add_argument(
         "--output", help="CSV to write (default: predictions-<time>.csv in the current folder)"
     )
@@ -77,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="binary tasks: positive-class threshold (default: the one saved in the model)",
     )
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even with a GPU")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    add_debug_option(parser)
     return parser
 
 
@@ -86,14 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    model_path = Path(args.model)
-    if not model_path.is_file():
-        raise UserError(f"--model {model_path}: no such file (a best_model.pt from distmed.tune)")
+    path = model_path(args)
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     paths = collect_images(args.inputs)
-    model, saved = load_model(model_path)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    model, saved = load_model(path)
+    device = choose_device(args.cpu)
     model.to(device)
     options = saved.preprocessing.decode_options()
     cam_dir = Path(args.gradcam) if args.gradcam else None
@@ -253,11 +257,14 @@ def gradcam_pictures(
 
     size = options.size
     images = np.stack([decode_file(r.path, options) for r in readable])
-    targets = [int(r.probs.argmax()) for r in readable]
+    targets = []
+    for r in readable:
+        assert r.probs is not None  # readable files have probabilities
+        targets.append(int(r.probs.argmax()))
     maps = gradcam_maps(model, images, targets)
     side = max(size, GRADCAM_MIN_SIZE)
     return [
-        Image.fromarray(overlay(image, heat)).resize((side, side), Image.BILINEAR)
+        Image.fromarray(overlay(image, heat)).resize((side, side), Image.Resampling.BILINEAR)
         for image, heat in zip(images, maps, strict=True)
     ]
 

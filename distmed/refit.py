@@ -18,16 +18,17 @@ from torch.utils.data import DataLoader
 
 from distmed import __version__
 from distmed.artifacts import atomic_path
-from distmed.cli import first_line
+from distmed.cli import choose_device, first_line
 from distmed.config import ExperimentConfig
 from distmed.cv import FoldPlan, fit_folds
 from distmed.data import CachedImageDataset, load_cached
 from distmed.errors import UserError
+from distmed.loop import Runtime, predict
 from distmed.metrics import classification_metrics
 from distmed.model import build_model
 from distmed.resources import WorkerLayout
 from distmed.savedmodel import SavedModel, Threshold, preprocessing_for
-from distmed.worker import STATE_FILE, predict
+from distmed.worker import STATE_FILE
 
 log = logging.getLogger(__name__)
 # The refit model's test-split predictions, saved once so the report never re-evaluates.
@@ -124,11 +125,11 @@ def evaluate_test(
     `save_to` also keeps the predictions (labels, probabilities, decoded-image file) in an
     .npz, so the report plots them without touching the test split again.
     """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = choose_device()
     images = load_cached(test_images_path)
     dataset = CachedImageDataset(images, labels, np.arange(len(labels)))
     loader = DataLoader(dataset, batch_size=256)
-    _, truth, probs = predict(model.to(device), loader, device, "off", False)
+    _, truth, probs = predict(model.to(device), loader, Runtime(device))
     if save_to is not None:
         with atomic_path(save_to) as tmp, tmp.open("wb") as handle:  # a name gets .npz added
             np.savez(handle, labels=truth, probs=probs, images_path=str(test_images_path))

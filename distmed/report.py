@@ -27,7 +27,7 @@ from sklearn import metrics as skm
 
 from distmed import plots
 from distmed.artifacts import write_text_atomic
-from distmed.cli import run_entry_point
+from distmed.cli import add_debug_option, run_entry_point
 from distmed.errors import UserError
 from distmed.metrics import (
     CI_METRICS,
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)"
     )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    add_debug_option(parser)
     return parser
 
 

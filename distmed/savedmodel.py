@@ -209,7 +209,7 @@ def preprocessing_for(
     }[data.intensity]
     return Preprocessing(
         image_size=image_size,
-        channels_in_cache=channels,  # type: ignore[arg-type]
+        channels_in_cache=channels,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         resize=RESIZE_TEXT[data.resize],
@@ -217,8 +217,8 @@ def preprocessing_for(
         "window first unless intensity is window); EXIF orientation applied; "
         "MONOCHROME1 inverted",
         intensity=data.intensity,
-        percentiles=tuple(data.percentiles),  # type: ignore[arg-type]
-        window=tuple(data.window) if data.window else None,  # type: ignore[arg-type]
+        percentiles=tuple(data.percentiles),
+        window=tuple(data.window) if data.window else None,
         resize_mode=data.resize,
         max_pixels=data.max_pixels,
     )

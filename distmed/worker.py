@@ -1,22 +1,16 @@
-"""The Ray Train worker loop: every fold of one configuration, trained in lockstep.
+"""The Ray Train side of a cross-validated run: every fold of one configuration in lockstep.
 
 This is the only module that calls `ray.train.*`. One `TorchTrainer` fit trains all k folds
-side by side, epoch by epoch, so each report carries a fold-averaged signal (what a
-scheduler such as ASHA should compare) and a restarted worker group resumes every fold
-from one checkpoint. Validation predictions are gathered from all ranks and the samples
-that `DistributedSampler` pads with are dropped before any metric is computed.
+side by side, epoch by epoch (the loop itself is `distmed.loop`), so each report carries a
+fold-averaged signal (what a scheduler such as ASHA should compare) and a restarted worker
+group resumes every fold from one checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import resource
 import tempfile
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,303 +18,25 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
-from sklearn.utils.class_weight import compute_class_weight
-from torch import nn
-from torch.utils.data import DataLoader
 
-from distmed.config import AugmentConfig, ExperimentConfig, OptimConfig, TrainConfig
-from distmed.data import CachedImageDataset, load_cached, to_model_input
-from distmed.metrics import METRIC_NAMES, classification_metrics
-from distmed.model import build_model, set_train_mode
+from distmed.config import ExperimentConfig, TrainConfig
+from distmed.data import load_cached
+from distmed.loop import (
+    FoldData,
+    FoldRun,
+    Runtime,
+    build_fold,
+    checkpoint_due,
+    diverged,
+    epoch_metrics,
+    epoch_seed,
+    loader_workers,
+    run_fold_epoch,
+)
 from distmed.results import write_trial_detail
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
-
-
-# --------------------------------------------------------------------------- precision
-
-
-def resolve_amp(setting: str, device: torch.device) -> str:
-    """`train.amp` -> the precision actually used: 'bf16', 'fp16' or 'off'.
-
-    auto: bf16 on CUDA GPUs that support it, else fp16; bf16 on CPUs with native bf16
-    (AVX-512 BF16 / AMX, where it roughly doubles the step rate), else fp32.
-    """
-    if setting != "auto":
-        return setting
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "off"
-
-
-def cpu_has_native_bf16() -> bool:
-    # Private helpers, but the only public signal torch offers; absent ones mean "no".
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "off":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# --------------------------------------------------------------------------- one fold
-
-
-@dataclass
-class FoldRun:
-    """A fold's model, optimiser, loaders and early-stopping state on this rank."""
-
-    index: int
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    loss_fn: nn.Module
-    train_loader: DataLoader
-    val_loader: DataLoader | None
-    augment: AugmentConfig | None = None  # training batches only, applied on the device
-    best_auc: float = -math.inf
-    epochs_since_best: int = 0
-    stopped: bool = False
-    history: list[dict[str, float]] = field(default_factory=list)
-    # The latest validation pass: sample positions, true labels and class probabilities.
-    val_indices: torch.Tensor | None = None
-    val_labels: torch.Tensor | None = None
-    val_probs: torch.Tensor | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "best_auc": self.best_auc,
-            "epochs_since_best": self.epochs_since_best,
-            "stopped": self.stopped,
-            "history": self.history,
-            "val_indices": self.val_indices,
-            "val_labels": self.val_labels,
-            "val_probs": self.val_probs,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.best_auc = state["best_auc"]
-        self.epochs_since_best = state["epochs_since_best"]
-        self.stopped = state["stopped"]
-        self.history = state["history"]
-        self.val_indices = state.get("val_indices")
-        self.val_labels = state.get("val_labels")
-        self.val_probs = state.get("val_probs")
-
-    def predictions(self) -> dict[str, list]:
-        """The fold's out-of-fold validation predictions (empty before any validation)."""
-        names = ("val_indices", "val_labels", "val_probs")
-        values = (self.val_indices, self.val_labels, self.val_probs)
-        return {n: [] if v is None else v.tolist() for n, v in zip(names, values, strict=True)}
-
-    def update_stopping(self, auc: float, patience: int | None) -> None:
-        """Early stopping on validation ROC-AUC; the fold is scored where it stops."""
-        if auc > self.best_auc:
-            self.best_auc, self.epochs_since_best = auc, 0
-        else:
-            self.epochs_since_best += 1
-        if patience is not None and self.epochs_since_best >= patience:
-            self.stopped = True
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-# Devices with fused optimizer kernels: the whole update of every tensor in one kernel instead
-# of a Python loop over them. On a 2-core CPU a ResNet-18's AdamW step took 7.5 ms fused
-# against 25.6 ms (and 24.8 ms with foreach), a share that grows as batches shrink.
-_FUSED_DEVICES = ("cpu", "cuda")
-
-
-def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    fused = all(p.device.type in _FUSED_DEVICES for p in params) or None  # None: torch's pick
-    if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused
-        )
-    optimizer_class = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return optimizer_class(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step schedule: linear warm-up, then cosine decay to zero (or constant)."""
-    total = max(1, epochs * steps_per_epoch)
-    warmup = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
-    if cfg.schedule == "constant":
-        main = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    else:
-        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
-    if warmup == 0:
-        return main
-    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
-
-
-def build_loss(cfg: TrainConfig, train_labels: np.ndarray, num_classes: int, device) -> nn.Module:
-    if cfg.class_weights == "none":
-        return nn.CrossEntropyLoss()
-    present = np.unique(train_labels)
-    weights = np.ones(num_classes, dtype=np.float32)
-    weights[present] = compute_class_weight("balanced", classes=present, y=train_labels)
-    return nn.CrossEntropyLoss(weight=torch.tensor(weights, device=device))
-
-
-# --------------------------------------------------------------------------- epochs
-
-
-def train_one_epoch(
-    fold: FoldRun, device: torch.device, precision: str, channels_last: bool, positive: int | None
-) -> dict[str, float]:
-    """One pass over the fold's training data; loss, accuracy and ROC-AUC over all ranks.
-
-    Accuracy and ROC-AUC come from the logits of the training steps themselves (model in
-    training mode, augmented images, weights moving): a cheap, slightly pessimistic train
-    curve, not a second pass. Probabilities stay on the device until the epoch ends, so
-    there is no host sync per step.
-    """
-    set_train_mode(fold.model)
-    started = time.perf_counter()
-    total, count = torch.zeros(2, device=device, dtype=torch.float64)
-    seen_probs, seen_labels = [], []
-    for images, batch_labels, _ in fold.train_loader:
-        loss, logits, labels = train_step(
-            fold, images, batch_labels, device, precision, channels_last
-        )
-        total += loss.double() * len(labels)
-        count += len(labels)
-        seen_probs.append(torch.softmax(logits.float(), dim=1))
-        seen_labels.append(labels)
-    sums = torch.stack([total, count])
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    # float() waits for the device, so the time covers every step of every rank.
-    images_per_s = float(sums[1]) / (time.perf_counter() - started)
-    labels_all, probs_all = _gather_arrays(torch.cat(seen_labels), torch.cat(seen_probs))
-    scores = {"accuracy": math.nan, "roc_auc": math.nan}  # diverged outputs have no score
-    if np.isfinite(probs_all).all():
-        scores = classification_metrics(labels_all, probs_all, positive)
-    return {
-        "loss": float(sums[0] / sums[1]),
-        "accuracy": scores["accuracy"],
-        "roc_auc": scores["roc_auc"],
-        "images_per_s": images_per_s,
-    }
-
-
-def train_step(
-    fold: FoldRun,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    device: torch.device,
-    precision: str,
-    channels_last: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimiser step on a uint8 batch; (loss, logits, labels), detached, on the device.
-
-    The batch moves to the device, is augmented and normalised there (`to_model_input`), runs
-    under the fold's precision (the GradScaler scales only for fp16) and steps the schedule.
-    Nothing waits for the device: the caller decides when to read the results.
-    """
-    inputs = _inputs(images, device, channels_last, fold.augment)
-    labels = labels.to(device, non_blocking=True)
-    with autocast(device, precision):
-        logits = fold.model(inputs)
-        loss = fold.loss_fn(logits, labels)
-    fold.optimizer.zero_grad(set_to_none=True)
-    fold.scaler.scale(loss).backward()
-    fold.scaler.step(fold.optimizer)
-    fold.scaler.update()
-    fold.scheduler.step()
-    return loss.detach(), logits.detach(), labels
-
-
-def _gather_arrays(labels: torch.Tensor, probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate every rank's (labels, probabilities) on every rank, as numpy arrays."""
-    local = (labels.cpu().numpy(), probs.cpu().numpy())
-    if not dist.is_initialized():
-        return local
-    shards = [None] * dist.get_world_size()
-    dist.all_gather_object(shards, local)
-    return np.concatenate([s[0] for s in shards]), np.concatenate([s[1] for s in shards])
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module, loader: DataLoader, device: torch.device, precision: str, channels_last: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sample indices, labels, class probabilities) over the whole loader, from every rank.
-
-    `DistributedSampler` pads the last shard by repeating samples; duplicates are dropped by
-    sample index, so the result covers each validation sample exactly once.
-    """
-    model.eval()
-    indices, labels, probs = [], [], []
-    for images, batch_labels, batch_indices in loader:
-        with autocast(device, precision):
-            logits = model(_inputs(images, device, channels_last))
-        probs.append(torch.softmax(logits.float(), dim=1).cpu())
-        labels.append(batch_labels)
-        indices.append(batch_indices)
-    local = (torch.cat(indices).numpy(), torch.cat(labels).numpy(), torch.cat(probs).numpy())
-    shards = [local]
-    if dist.is_initialized():
-        shards = [None] * dist.get_world_size()
-        dist.all_gather_object(shards, local)
-    all_indices = np.concatenate([s[0] for s in shards])
-    unique, first = np.unique(all_indices, return_index=True)
-    return (
-        unique,
-        np.concatenate([s[1] for s in shards])[first],
-        np.concatenate([s[2] for s in shards])[first],
-    )
-
-
-def evaluate(
-    fold: FoldRun, device, precision: str, channels_last: bool, positive: int | None
-) -> dict | None:
-    """Validation metrics of the fold's model; None when its outputs are not finite."""
-    indices, labels, probs = predict(fold.model, fold.val_loader, device, precision, channels_last)
-    if not np.isfinite(probs).all():
-        return None
-    # The latest epoch's predictions are the fold's out-of-fold scores once it stops.
-    fold.val_indices, fold.val_labels, fold.val_probs = (
-        torch.from_numpy(a) for a in (indices, labels, probs)
-    )
-    picked = probs[np.arange(len(labels)), labels]
-    result = classification_metrics(labels, probs, positive)
-    result["loss"] = float(-np.log(np.clip(picked, 1e-12, None)).mean())
-    result["num_samples"] = len(labels)
-    return result
-
-
-def _inputs(
-    images: torch.Tensor,
-    device: torch.device,
-    channels_last: bool,
-    augment: AugmentConfig | None = None,
-) -> torch.Tensor:
-    inputs = to_model_input(images.to(device, non_blocking=True), augment)
-    return inputs.contiguous(memory_format=torch.channels_last) if channels_last else inputs
-
-
-# --------------------------------------------------------------------------- the Ray Train loop
 
 
 def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
@@ -331,22 +47,30 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
     """
     cfg = ExperimentConfig.model_validate(loop_config["config"])
     _quiet_worker_logs()
-    torch.set_num_threads(int(loop_config["threads"]))
+    threads = int(loop_config["threads"])
+    torch.set_num_threads(threads)
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick kernels once
-    precision = resolve_amp(cfg.train.amp, device)
-    channels_last = resolve_channels_last(cfg, device)
+    runtime = Runtime.resolve(cfg, device)
     images = load_images(loop_config["images_path"], loop_config["images_ref"])
     labels = np.asarray(loop_config["labels"], dtype=np.int64)
-    workers = loader_workers(device, int(loop_config["threads"]))
+    context = ray.train.get_context()
     folds = [
-        _build_fold(
-            i, spec, cfg, images, labels, loop_config["num_classes"], device, precision, workers
+        build_fold(
+            FoldData(i, spec["train"], spec.get("val"), images, labels, loop_config["num_classes"]),
+            cfg,
+            runtime,
+            batch_size=max(1, cfg.train.batch_size // context.get_world_size()),  # rank's share
+            workers=loader_workers(device, threads),
+            prepare_model=ray.train.torch.prepare_model,  # DDP
+            # DistributedSampler; the batches move to the device in the loop.
+            prepare_loader=lambda loader: ray.train.torch.prepare_data_loader(
+                loader, move_to_device=False
+            ),
         )
         for i, spec in enumerate(loop_config["folds"])
     ]
-    positive = loop_config["positive"]
     start_epoch = _restore(folds)
     if start_epoch >= cfg.train.epochs or (start_epoch and all(f.stopped for f in folds)):
         # The run had ended before it was interrupted (a killed or Ctrl-C'd search): its
@@ -354,14 +78,13 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
         # which would leave a finished trial without a score.
         _report(folds, start_epoch - 1, cfg.train, loop_config.get("detail_uri"))
         start_epoch = cfg.train.epochs
-    rank = ray.train.get_context().get_world_rank()
     for epoch in range(start_epoch, cfg.train.epochs):
         # Shuffling and augmentation are seeded per epoch, so a run resumed from the
         # checkpoint of epoch e draws exactly what an uninterrupted run draws.
-        torch.manual_seed(epoch_seed(cfg.train.seed, rank, epoch))
+        torch.manual_seed(epoch_seed(cfg.train.seed, context.get_world_rank(), epoch))
         for fold in folds:
             if not fold.stopped:
-                _run_fold_epoch(fold, epoch, cfg, device, precision, channels_last, positive)
+                run_fold_epoch(fold, epoch, cfg, runtime, loop_config["positive"])
         if any(diverged(f) for f in folds):
             for fold in folds:  # one fold without a score leaves the trial without one
                 fold.stopped = True
@@ -369,18 +92,13 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
         if all(f.stopped for f in folds):
             break
     return {
-        "precision": precision,
+        "precision": runtime.precision,
         "device": device.type,
-        "channels_last": channels_last,
-        "world_size": ray.train.get_context().get_world_size(),
+        "channels_last": runtime.channels_last,
+        "world_size": context.get_world_size(),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
         "folds": [{"history": f.history, **f.predictions()} for f in folds],
     }
-
-
-def epoch_seed(seed: int, rank: int, epoch: int) -> int:
-    """The RNG seed of one rank's epoch: distinct per rank and epoch, fixed by `train.seed`."""
-    return (seed * 100_003 + epoch) * 1_009 + rank
 
 
 def load_images(path: str, ref: Any) -> np.ndarray:
@@ -393,182 +111,6 @@ def load_images(path: str, ref: Any) -> np.ndarray:
             "run with --address, or put data.cache_dir on storage every node mounts"
         )
     return ray.get(ref)
-
-
-def resolve_channels_last(cfg: ExperimentConfig, device: torch.device) -> bool:
-    # Measured on CPU: channels_last costs ~40% at 32 px and gains up to ~15% from 64 px up
-    # (more on CPUs with AVX-512; see benchmarks/BENCHMARKS.md).
-    return device.type == "cuda" or cfg.data.image_size >= 64
-
-
-def loader_workers(device: torch.device, threads: int) -> int:
-    """DataLoader processes per fold loader, from the CPUs this Ray worker owns.
-
-    None on CPU: the model needs every core, and on 2 cores loader processes were measured
-    slower (benchmarks/datapath.py). On a GPU (augmentation runs there, `augment_batch`) the
-    worker's spare CPUs gather and pin the next uint8 batches while the GPU computes (at
-    most 8: more only costs memory).
-    """
-    if device.type != "cuda":
-        return 0
-    return max(0, min(8, threads - 1))
-
-
-def _build_fold(
-    index, spec, cfg, images, labels, num_classes, device, precision, workers
-) -> FoldRun:
-    """A fold on this rank: its share of each batch, Ray's DDP wrap and distributed sampler."""
-    world = ray.train.get_context().get_world_size()
-    return build_fold(
-        FoldData(index, spec["train"], spec.get("val"), images, labels, num_classes),
-        cfg,
-        device,
-        precision,
-        batch_size=max(1, cfg.train.batch_size // world),
-        workers=workers,
-        prepare_model=ray.train.torch.prepare_model,
-        prepare_loader=lambda loader: ray.train.torch.prepare_data_loader(
-            loader, move_to_device=False
-        ),
-    )
-
-
-@dataclass(frozen=True)
-class FoldData:
-    """A fold's sample positions in the decoded images, and the images and labels themselves."""
-
-    index: int
-    train: Sequence[int]
-    val: Sequence[int] | None
-    images: np.ndarray
-    labels: np.ndarray
-    num_classes: int
-
-
-def build_fold(
-    data: FoldData,
-    cfg: ExperimentConfig,
-    device: torch.device,
-    precision: str,
-    batch_size: int,
-    workers: int = 0,
-    prepare_model: Callable[[nn.Module], nn.Module] = lambda model: model,
-    prepare_loader: Callable[[DataLoader], DataLoader] = lambda loader: loader,
-) -> FoldRun:
-    """A fold's model, optimiser, schedule, loss and loaders, without Ray.
-
-    The Ray Train loop passes Ray's `prepare_*` functions; `benchmarks.hosting` passes none,
-    so that it times this same fold in processes of any kind.
-    """
-    torch.manual_seed(cfg.train.seed + data.index)  # same initial weights on every rank
-    # On the device here, not only in Ray's prepare_model: the fold also runs without Ray
-    # (benchmarks, the GPU tests), and Ray's move is then a no-op.
-    model = build_model(cfg.model, data.num_classes).to(device)
-    if resolve_channels_last(cfg, device):
-        model = model.to(memory_format=torch.channels_last)
-    model = prepare_model(model)
-    train_idx = np.asarray(data.train, dtype=np.int64)
-    train_set = CachedImageDataset(data.images, data.labels, train_idx)
-    train_loader = prepare_loader(_loader(train_set, batch_size, True, workers))
-    val_loader = None
-    if data.val is not None and len(data.val) > 0:
-        val_set = CachedImageDataset(data.images, data.labels, np.asarray(data.val, dtype=np.int64))
-        val_loader = prepare_loader(_loader(val_set, batch_size, False, workers))
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
-    return FoldRun(
-        index=data.index,
-        model=model,
-        optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, cfg.optim, cfg.train.epochs, len(train_loader)),
-        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-        loss_fn=build_loss(cfg.train, data.labels[train_idx], data.num_classes, device),
-        train_loader=train_loader,
-        val_loader=val_loader,
-        augment=cfg.data.augment,
-    )
-
-
-def _loader(dataset: CachedImageDataset, batch_size: int, train: bool, workers: int) -> DataLoader:
-    # Training drops the ragged last batch: a batch of one breaks BatchNorm.
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=train,
-        drop_last=train,
-        num_workers=workers,
-        persistent_workers=workers > 0,  # not re-forked every epoch
-        pin_memory=torch.cuda.is_available(),
-    )
-
-
-def _run_fold_epoch(fold, epoch, cfg, device, precision, channels_last, positive) -> None:
-    sampler = getattr(fold.train_loader, "sampler", None)
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-    train = train_one_epoch(fold, device, precision, channels_last, positive)
-    record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()}}
-    val = None
-    if math.isfinite(record["train_loss"]) and fold.val_loader is not None:
-        val = evaluate(fold, device, precision, channels_last, positive)
-        if val is not None:
-            record.update({f"val_{k}": v for k, v in val.items()})
-            fold.update_stopping(val["roc_auc"], cfg.train.patience)
-    if not math.isfinite(record["train_loss"]) or (fold.val_loader is not None and val is None):
-        # Diverged (NaN/inf): the fold has no score. Its metrics are NaN, so the CV mean
-        # is NaN too and a search never ranks the trial by its surviving folds.
-        fold.stopped = True
-        record["diverged"] = 1.0
-        record.update({f"val_{k}": math.nan for k in (*METRIC_NAMES, "loss")})
-        if fold.val_loader is not None:  # how many images the fold would have been scored on
-            record["val_num_samples"] = len(fold.val_loader.dataset)
-    fold.history.append(record)
-
-
-def diverged(fold: FoldRun) -> bool:
-    return bool(fold.history and fold.history[-1].get("diverged"))
-
-
-def _quiet_worker_logs() -> None:
-    """Our one progress line per epoch instead of Ray Train's per-report INFO messages."""
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    # Ray 2.60 logs every report at INFO under a logger named by its file path.
-    from ray.train.v2._internal.execution import context as train_context
-
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-
-
-def epoch_metrics(folds: list[FoldRun], epoch: int, epochs: int) -> dict[str, float]:
-    """What every rank reports after an epoch: fold-averaged validation AUC and progress."""
-    latest = [f.history[-1] for f in folds if f.history]
-    aucs = [r["val_roc_auc"] for r in latest if "val_roc_auc" in r]
-    metrics = {
-        "epoch": epoch + 1,
-        "train_loss": float(np.mean([r["train_loss"] for r in latest])),
-        "folds_active": sum(not f.stopped for f in folds),
-        "folds_diverged": sum(diverged(f) for f in folds),
-        # 1 on the run's last report: every fold reached its stopping rule. A search tells
-        # Optuna a trial's score only when this is set (see distmed.search).
-        "cv_complete": int(epoch + 1 == epochs or all(f.stopped for f in folds)),
-    }
-    if aucs:
-        metrics.update(cv_roc_auc=float(np.mean(aucs)), cv_roc_auc_std=float(np.std(aucs)))
-        for fold, record in zip(folds, latest, strict=True):
-            metrics[f"fold{fold.index}_roc_auc"] = record["val_roc_auc"]
-            metrics[f"fold{fold.index}_epoch"] = record["epoch"]
-    return metrics
-
-
-def checkpoint_due(epoch: int, train: TrainConfig, last: bool) -> bool:
-    """Whether the report after 0-based `epoch` carries a checkpoint: every
-    `train.checkpoint_every` epochs, and always on the run's last report (what a refit or
-    `cross_validate` reads back)."""
-    return last or (epoch + 1) % train.checkpoint_every == 0
 
 
 def _report(folds: list[FoldRun], epoch: int, train: TrainConfig, detail_uri: str | None) -> None:
@@ -622,3 +164,18 @@ def _restore(folds: list[FoldRun]) -> int:
         fold.load_state_dict(fold_state)
     log.info("resumed %d folds at epoch %d", len(folds), state["epoch"])
     return int(state["epoch"])
+
+
+def _quiet_worker_logs() -> None:
+    """Our one progress line per epoch instead of Ray Train's per-report INFO messages."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # Ray 2.60 logs every report at INFO under a logger named by its file path.
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False

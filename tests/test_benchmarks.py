@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks import census, hosting, throughput
-from benchmarks.common import TRAIN_WORKER, SessionCpu, round_order
+from benchmarks import throughput
+from benchmarks.common import TRAIN_WORKER, SessionCpu
 from benchmarks.medmnist import (
     best_so_far,
     load_run,
@@ -174,71 +174,6 @@ def test_quality_selects_by_cv_not_by_test():
         "breast/a",
         "pneumonia/a",
     ]
-
-
-def test_hosting_compares_each_host_by_its_median_round_without_the_warmup_fold_epoch():
-    def run(*rates: float, niceness: int = 0) -> dict:
-        return {"fold_epoch_images_per_s": list(rates), "niceness": niceness, "peak_rss_mib": 1.0}
-
-    runs = {
-        "process": [run(5.0, 90.0, 100.0, 80.0), run(7.0, 80.0, 80.0, 80.0)],
-        "ray-train": [run(1.0, 70.0, 72.0, 74.0, niceness=15), run(2.0, 60.0, 64.0, 68.0)],
-    }
-    rows = {row["host"]: row for row in hosting.summarise(runs)}
-    assert rows["process"]["round_images_per_s"] == [90.0, 80.0]  # the first is warm-up
-    assert rows["process"]["images_per_s"] == 85.0
-    assert rows["ray-train"]["images_per_s"] == 68.0
-    assert rows["ray-train"]["vs_process"] == pytest.approx(68.0 / 85.0)
-    assert rows["ray-train"]["niceness"] == 15
-    assert round_order(hosting.HOSTS, 0) == list(hosting.HOSTS)
-    assert round_order(hosting.HOSTS, 1) == list(reversed(hosting.HOSTS))
-    with pytest.raises(ValueError, match="warm-up"):
-        hosting.host_rate([50.0])
-
-
-W = "ray::RayTrainWo"  # the training process's main-thread name, as perf shows it
-
-
-def _ran(comm: str, pid: int, tid: int, at: float, ns: int) -> str:
-    """A `perf script` sched_stat_runtime line: thread `tid` of `pid` ran `ns` nanoseconds."""
-    fields = f"comm={comm} pid={tid} runtime={ns} [ns]"
-    return f"  {comm} {pid}/{tid} [000] {at:.6f}: sched:sched_stat_runtime: {fields}"
-
-
-def _out(comm: str, pid: int, tid: int, at: float, state: str, nxt: str, next_tid: int) -> str:
-    """A sched_switch line: `tid` leaves the CPU in `state` (R: still runnable) for `nxt`."""
-    return (
-        f"  {comm} {pid}/{tid} [000] {at:.6f}: sched:sched_switch: prev_comm={comm} "
-        f"prev_pid={tid} prev_prio=120 prev_state={state} ==> next_comm={nxt} "
-        f"next_pid={next_tid} next_prio=120"
-    )
-
-
-def test_census_shares_cpu_by_process_and_times_the_training_threads_switch_outs():
-    lines = [
-        # the worker (pid 10: main thread 10, compute thread 11) and a helper actor (pid 20)
-        _ran(W, 10, 10, 0.0, 1000),
-        _ran(W, 10, 11, 0.5, 300_000_000),
-        # the compute thread is switched out still runnable, the helper runs 20 ms, it is back
-        _out(W, 10, 11, 1.0, "R", "ray::Sync", 20),
-        _ran("ray::Sync", 20, 20, 1.0, 20_000_000),
-        _out("ray::Sync", 20, 20, 1.02, "S", W, 11),
-        # a voluntary sleep (S) of the worker's main thread is not a switch-out
-        _out(W, 10, 10, 1.5, "S", "swapper/0", 0),
-        "a line perf prints that is not an event",
-        _ran(W, 10, 11, 2.0, 500_000_000),
-    ]
-    summary = census.summarise(census.read(lines, W), W)
-    assert summary["seconds"] == pytest.approx(2.0)
-    assert summary["training_cores"] == pytest.approx((1000 + 8e8) / 1e9 / 2)
-    assert summary["other_cores"] == pytest.approx(0.02 / 2)
-    assert summary["training_threads_switched_out_per_s"] == {f"{W} (11)": 0.5}
-    assert summary["training_threads_waiting_ms_per_s"] == pytest.approx(20 / 2)
-    assert summary["ran_instead_per_s"] == [{"name": "ray::Sync", "pid": "20", "per_s": 0.5}]
-    by_pid = census.summarise(census.read(lines, "10"), "10")  # a pid names it too
-    assert by_pid["training_cores"] == summary["training_cores"]
-    with pytest.raises(SystemExit, match="no scheduler events"):
-        census.summarise(census.read(["nothing"], "x"), "x")
 
 
 def test_medmnist_names_the_missing_search_a_later_part_builds_on(tmp_path):

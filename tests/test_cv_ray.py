@@ -13,10 +13,11 @@ from torch.utils.data import DataLoader
 
 from distmed.config import ExperimentConfig
 from distmed.data import CachedImageDataset, build_cache, scan_source
+from distmed.loop import Runtime, predict
 from distmed.metrics import classification_metrics
 from distmed.model import build_model
 from distmed.train import main
-from distmed.worker import STATE_FILE, predict
+from distmed.worker import STATE_FILE
 
 pytestmark = pytest.mark.ray
 
@@ -57,7 +58,7 @@ def test_two_workers_match_one_process_on_odd_validation_sets(ray_session, tmp_p
         model.load_state_dict(state["folds"][k]["model"])
         val_idx = np.flatnonzero(folds == k)
         loader = DataLoader(CachedImageDataset(images, index.pool.labels, val_idx), batch_size=5)
-        indices, labels, probs = predict(model, loader, torch.device("cpu"), "off", False)
+        indices, labels, probs = predict(model, loader, Runtime(torch.device("cpu")))
         assert indices.tolist() == val_idx.tolist()
         expected = classification_metrics(labels, probs, positive=1)
         assert fold_result["num_samples"] == len(val_idx)

@@ -13,8 +13,8 @@ import torch
 
 from distmed.config import AugmentConfig, ExperimentConfig
 from distmed.data import augment_batch, to_model_input
+from distmed.loop import FoldData, Runtime, build_fold, model_inputs, train_step
 from distmed.model import set_train_mode
-from distmed.worker import FoldData, _inputs, build_fold, train_step
 
 pytestmark = [
     pytest.mark.gpu,
@@ -42,7 +42,7 @@ def fold_on_cuda(amp: str, workers: int = 0, count: int = 24, channels: int = 1)
         }
     )
     data = FoldData(0, np.arange(count - 8), np.arange(count - 8, count), images, labels, 2)
-    fold = build_fold(data, cfg, CUDA, amp, batch_size=8, workers=workers)
+    fold = build_fold(data, cfg, Runtime(CUDA, amp, True), batch_size=8, workers=workers)
     return fold, images, labels
 
 
@@ -62,7 +62,7 @@ def test_amp_training_steps_on_cuda_move_the_weights_with_finite_losses(amp, dty
     losses = []
     for _ in range(2):  # 2 epochs of 2 steps of 8 images
         for images, labels, _ in fold.train_loader:
-            loss, logits, on_device = train_step(fold, images, labels, CUDA, amp, True)
+            loss, logits, on_device = train_step(fold, images, labels, Runtime(CUDA, amp, True))
             assert logits.dtype == dtype  # the forward pass really ran under autocast
             assert on_device.device.type == "cuda"
             losses.append(float(loss))
@@ -83,8 +83,8 @@ def test_channels_last_gives_the_logits_of_contiguous_memory():
     model = fold.model.eval()  # build_fold made it channels_last (always, on CUDA)
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     batch = torch.from_numpy(images[:8])
-    last = _inputs(batch, CUDA, channels_last=True)
-    plain = _inputs(batch, CUDA, channels_last=False)
+    last = model_inputs(batch, Runtime(CUDA, channels_last=True))
+    plain = model_inputs(batch, Runtime(CUDA, channels_last=False))
     assert last.is_contiguous(memory_format=torch.channels_last) and plain.is_contiguous()
     # fp32 convolutions without TF32, so that both layouts' kernels agree to float rounding.
     with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):

@@ -15,8 +15,8 @@ import yaml
 from distmed import resources
 from distmed.config import ExperimentConfig, ScalingSection
 from distmed.errors import UserError
+from distmed.loop import loader_workers, resolve_amp, resolve_channels_last
 from distmed.resources import cluster_capacity, concurrency_limit, plan_workers
-from distmed.worker import loader_workers, resolve_amp, resolve_channels_last
 
 CUDA = torch.device("cuda")  # a device object only: nothing is allocated on it
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from distmed.artifacts import write_json_atomic
-from distmed.cli import parse, run_entry_point
+from distmed.cli import add_debug_option, parse, run_entry_point
 from distmed.config import load_config
 from distmed.data.inspection import duplicate_problem, format_summary, inspect_index
 from distmed.data.sources import scan_source
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a config override, e.g. --set data.group_regex='^(p\\d+)_'",
     )
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    add_debug_option(parser)
     return parser
 
 

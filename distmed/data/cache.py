@@ -115,6 +115,7 @@ def _decode_into(folder: Path, index: DataIndex, options: DecodeOptions, workers
         target = folder / f"{part}.npy"
         if split.images is not None:  # in memory already: resized in batches
             array, _ = decode_split(split, options)
+            assert array is not None  # arrays in memory always decode
             _save_atomic(target, array)
             channels.append(array.shape[1])
             continue

@@ -60,8 +60,8 @@ class DecodeOptions:
         return cls(
             size=cfg.image_size,
             intensity=cfg.intensity,
-            window=tuple(cfg.window) if cfg.window else None,
-            percentiles=tuple(cfg.percentiles),
+            window=cfg.window,
+            percentiles=cfg.percentiles,
             resize=cfg.resize,
             max_pixels=cfg.max_pixels,
         )

@@ -153,7 +153,9 @@ def _patients(index: DataIndex) -> dict[str, Any] | None:
         return None
     by_split: dict[str, set[str]] = defaultdict(set)
     for origin, split, position in _samples(index):
-        by_split[origin].add(str(split.groups[position]))
+        groups = split.groups
+        assert groups is not None  # a grouped pool comes with a grouped test split
+        by_split[origin].add(str(groups[position]))
     out: dict[str, Any] = {s: len(g) for s, g in by_split.items()}
     pool = by_split.get("all", set()) | by_split.get("train", set()) | by_split.get("val", set())
     shared = sorted(pool & by_split.get("test", set()))
@@ -185,7 +187,10 @@ def _cached_file_survey(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
 
 def _file_survey(index: DataIndex, options: DecodeOptions) -> dict[str, Any]:
     """Formats, modes, sizes, bit depths, unreadable files and duplicate groups."""
-    formats, modes, sizes, bits = Counter(), Counter(), Counter(), Counter()
+    formats: Counter[str] = Counter()
+    modes: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
+    bits: Counter[str] = Counter()
     unreadable: dict[str, str] = {}
     groups: dict[str, list[tuple[str, str, str, str]]] = defaultdict(list)
     for origin, split, position in _samples(index):
@@ -196,6 +201,7 @@ def _file_survey(index: DataIndex, options: DecodeOptions) -> dict[str, Any]:
             fmt, mode = "npz array", "L" if array.ndim == 2 else "RGB"
             size, depth, byte_key = f"{array.shape[1]}x{array.shape[0]}", array.itemsize * 8, None
         else:
+            assert split.paths is not None  # a split holds arrays or files
             path = split.paths[position]
             try:
                 byte_key = hashlib.sha256(path.read_bytes()).hexdigest()

@@ -119,6 +119,7 @@ def read_layout(root: Path) -> FolderLayout:
     by_split: dict[str, Path] = {}
     for folder in split_dirs:
         split = split_of(folder.name)
+        assert split is not None  # split_dirs holds only folders named for a split
         if split in by_split:
             raise UserError(
                 f"data.root {data_root}: {by_split[split].name}/ and {folder.name}/ are both "
@@ -130,8 +131,8 @@ def read_layout(root: Path) -> FolderLayout:
             f"data.root {data_root}: split folder(s) {_names(split_dirs)} but no training "
             "split; add train/ (or training/) with the class folders to cross-validate"
         )
-    ordered = {s: by_split[s] for s in ("train", "val", "test") if s in by_split}
-    files_by_split = {
+    ordered: dict[str, Path] = {s: by_split[s] for s in ("train", "val", "test") if s in by_split}
+    files_by_split: dict[str, dict[str, list[Path]]] = {
         split: walker.classes(folder, walker.entries(folder)[0], loose=True)
         for split, folder in ordered.items()
     }

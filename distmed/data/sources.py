@@ -352,7 +352,7 @@ def _read_manifest(csv_path: Path) -> list[tuple[int, dict[str, str | None]]]:
                     f"'group', 'split'); missing {missing}, found {header[:6]}"
                 )
             index = {name: header.index(name) for name in MANIFEST_COLUMNS if name in header}
-            rows = []
+            rows: list[tuple[int, dict[str, str | None]]] = []
             for number, values in enumerate(reader, start=2):
                 if not any(v.strip() for v in values):
                     continue

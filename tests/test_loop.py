@@ -1,23 +1,23 @@
-"""Pure parts of distmed.worker (no Ray started): precision, optimiser, schedule, stopping,
-and prediction outside torch.distributed."""
+"""distmed.loop (no Ray): precision, optimiser, schedule, stopping, prediction outside
+torch.distributed, and that the module imports no Ray at all."""
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from distmed import worker
+from distmed import loop as fold_loop
 from distmed.config import ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
 from distmed.data import CachedImageDataset, to_model_input
-from distmed.metrics import classification_metrics
-from distmed.model import build_model, set_train_mode
-from distmed.worker import (
+from distmed.loop import (
     FoldRun,
-    _run_fold_epoch,
+    Runtime,
     build_loss,
     build_optimizer,
     build_scheduler,
@@ -25,8 +25,14 @@ from distmed.worker import (
     epoch_metrics,
     predict,
     resolve_amp,
+    run_fold_epoch,
     train_one_epoch,
 )
+from distmed.metrics import classification_metrics
+from distmed.model import build_model, set_train_mode
+
+CPU = Runtime(torch.device("cpu"))
+CPU_CHANNELS_LAST = Runtime(torch.device("cpu"), channels_last=True)
 
 
 def params(n: int = 3) -> list[torch.nn.Parameter]:
@@ -58,6 +64,12 @@ def bare_fold() -> FoldRun:
     )
 
 
+def test_the_loop_imports_no_ray():
+    code = "import sys, distmed.loop; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 # --------------------------------------------------------------------------- precision
 
 
@@ -73,11 +85,9 @@ def test_resolve_amp_explicit_passes_through(setting):
 
 
 def test_resolve_amp_auto_follows_cpu_capability(monkeypatch):
-    import distmed.worker as worker
-
-    monkeypatch.setattr(worker, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(fold_loop, "cpu_has_native_bf16", lambda: True)
     assert resolve_amp("auto", torch.device("cpu")) == "bf16"
-    monkeypatch.setattr(worker, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(fold_loop, "cpu_has_native_bf16", lambda: False)
     assert resolve_amp("auto", torch.device("cpu")) == "off"
 
 
@@ -115,7 +125,7 @@ def test_build_optimizer_fuses_the_update_and_it_matches_the_per_tensor_one(name
     fused = build_optimizer(fused_params, cfg)
     assert fused.defaults["fused"] is True  # CPU tensors: the fused kernel
     # With no fused device, the same call leaves torch its default: a loop over the tensors.
-    monkeypatch.setattr(worker, "_FUSED_DEVICES", ())
+    monkeypatch.setattr(fold_loop, "_FUSED_DEVICES", ())
     loop = build_optimizer(loop_params, cfg)
     assert not loop.defaults["fused"]
     for step_grads in grads:
@@ -261,7 +271,7 @@ def test_predict_returns_each_sample_once_sorted(tiny_model, tiny_data):
     subset = np.array([9, 2, 7, 0, 5, 11, 3])
     loader = DataLoader(CachedImageDataset(images, labels, subset), batch_size=3, shuffle=True)
     torch.manual_seed(1)
-    indices, got_labels, probs = predict(tiny_model, loader, torch.device("cpu"), "off", False)
+    indices, got_labels, probs = predict(tiny_model, loader, CPU)
     assert indices.tolist() == sorted(subset.tolist())
     assert got_labels.tolist() == labels[indices].tolist()
     assert probs.shape == (len(subset), 3)
@@ -276,7 +286,7 @@ def test_predict_drops_padding_duplicates(tiny_model, tiny_data):
     # what DistributedSampler padding looks like: samples repeated at the end
     padded = np.array([4, 1, 6, 4, 1])
     loader = DataLoader(CachedImageDataset(images, labels, padded), batch_size=2)
-    indices, got_labels, probs = predict(tiny_model, loader, torch.device("cpu"), "off", True)
+    indices, got_labels, probs = predict(tiny_model, loader, CPU_CHANNELS_LAST)
     assert indices.tolist() == [1, 4, 6]
     assert got_labels.tolist() == labels[[1, 4, 6]].tolist()
     assert probs.shape == (3, 3)
@@ -287,8 +297,8 @@ def test_predict_puts_model_in_eval_mode(tiny_data):
     model = build_model(ModelConfig(weights="none"), num_classes=2)
     model.train()
     loader = DataLoader(CachedImageDataset(images, labels, np.arange(4)), batch_size=4)
-    first = predict(model, loader, torch.device("cpu"), "off", False)[2]
-    second = predict(model, loader, torch.device("cpu"), "off", False)[2]
+    first = predict(model, loader, CPU)[2]
+    second = predict(model, loader, CPU)[2]
     assert not model.training
     assert np.array_equal(first, second)  # no dropout / batch statistics in play
 
@@ -321,7 +331,7 @@ def test_absurd_learning_rate_diverges_and_leaves_the_cv_score_undefined():
     cfg = ExperimentConfig()
     sane, absurd = _real_fold(0, 1e-3, images, labels), _real_fold(1, 1e12, images, labels)
     for fold in (sane, absurd):
-        _run_fold_epoch(fold, 0, cfg, torch.device("cpu"), "off", False, positive=1)
+        run_fold_epoch(fold, 0, cfg, CPU, positive=1)
     assert not sane.stopped and "diverged" not in sane.history[-1]
     assert math.isfinite(sane.history[-1]["val_roc_auc"])
     assert absurd.stopped and absurd.history[-1]["diverged"] == 1.0
@@ -363,7 +373,7 @@ def test_train_one_epoch_scores_the_logits_of_its_own_steps(tiny_data):
         train_loader=loader,
         val_loader=None,
     )
-    got = train_one_epoch(fold, torch.device("cpu"), "off", False, None)
+    got = train_one_epoch(fold, CPU, None)
 
     set_train_mode(model)  # batch statistics, as during the steps
     with torch.no_grad():
@@ -383,18 +393,18 @@ def test_train_one_epoch_scores_the_logits_of_its_own_steps(tiny_data):
 
 def test_checkpoint_due_every_n_epochs_and_always_on_the_last_report():
     every2 = TrainConfig(epochs=5, checkpoint_every=2)
-    due = [worker.checkpoint_due(e, every2, last=e == 4) for e in range(5)]
+    due = [fold_loop.checkpoint_due(e, every2, last=e == 4) for e in range(5)]
     assert due == [False, True, False, True, True]  # epochs 2, 4 and the last (5)
-    assert all(worker.checkpoint_due(e, TrainConfig(epochs=3), last=False) for e in range(3))
+    assert all(fold_loop.checkpoint_due(e, TrainConfig(epochs=3), last=False) for e in range(3))
     # A run that ends early (every fold stopped, or diverged) keeps its last epoch too.
-    assert worker.checkpoint_due(0, TrainConfig(epochs=9, checkpoint_every=4), last=True)
+    assert fold_loop.checkpoint_due(0, TrainConfig(epochs=9, checkpoint_every=4), last=True)
 
 
-def _loop(fold: FoldRun, cfg: ExperimentConfig, epochs: range) -> None:
+def _epochs(fold: FoldRun, cfg: ExperimentConfig, epochs: range) -> None:
     """The epochs of `worker.train_folds` for one fold on rank 0, without Ray."""
     for epoch in epochs:
-        torch.manual_seed(worker.epoch_seed(cfg.train.seed, 0, epoch))
-        _run_fold_epoch(fold, epoch, cfg, torch.device("cpu"), "off", False, positive=1)
+        torch.manual_seed(fold_loop.epoch_seed(cfg.train.seed, 0, epoch))
+        run_fold_epoch(fold, epoch, cfg, CPU, positive=1)
 
 
 def test_a_run_resumed_from_an_older_checkpoint_repeats_the_same_epochs():
@@ -411,24 +421,24 @@ def test_a_run_resumed_from_an_older_checkpoint_repeats_the_same_epochs():
             "data": {"image_size": 16, "augment": {"hflip": True, "rotation": 20}},
         }
     )
-    data = worker.FoldData(0, list(range(8)), list(range(16, 24)), images, labels, 2)
+    data = fold_loop.FoldData(0, list(range(8)), list(range(16, 24)), images, labels, 2)
 
     def fresh() -> FoldRun:
-        return worker.build_fold(data, cfg, torch.device("cpu"), "off", batch_size=4)
+        return fold_loop.build_fold(data, cfg, CPU, batch_size=4)
 
     straight = fresh()
-    _loop(straight, cfg, range(4))
+    _epochs(straight, cfg, range(4))
 
     killed = fresh()
     kept = None
     for epoch in range(3):  # killed during epoch 4; the last checkpoint is epoch 2's
-        _loop(killed, cfg, range(epoch, epoch + 1))
-        if worker.checkpoint_due(epoch, cfg.train, last=False):
+        _epochs(killed, cfg, range(epoch, epoch + 1))
+        if fold_loop.checkpoint_due(epoch, cfg.train, last=False):
             kept = {k: _clone(v) for k, v in killed.state_dict().items()}
     resumed = fresh()
     resumed.load_state_dict(kept)
     assert len(resumed.history) == 2
-    _loop(resumed, cfg, range(2, 4))
+    _epochs(resumed, cfg, range(2, 4))
 
     def scores(history):  # all but the timing
         return [{k: v for k, v in r.items() if k != "train_images_per_s"} for r in history]
