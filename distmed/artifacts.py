@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,36 @@ def delete_checkpoints(run_uri: str) -> None:
         ):
             with contextlib.suppress(OSError):  # already gone, or still being torn down by Ray
                 filesystem.delete_dir(entry.path)
+
+
+# Ray Train's record of the checkpoints it registered, in every run folder (Ray 2.60).
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def delete_partial_checkpoints(run_dir: Path) -> list[str]:
+    """Remove `checkpoint_*` folders of a local Ray Train run that Ray never registered.
+
+    A write that failed (a full disk, a killed worker) leaves a half-written checkpoint
+    folder that no resume reads (Ray resumes from the checkpoints its snapshot lists) and
+    that keeps its disk full. Called before a run starts or resumes in `run_dir`, when
+    nothing writes there. Returns the names removed.
+    """
+    if not run_dir.is_dir():
+        return []
+    registered: set[str] = set()
+    with contextlib.suppress(OSError, ValueError):
+        snapshot = json.loads((run_dir / CHECKPOINT_SNAPSHOT).read_text())
+        results = [
+            *snapshot.get("checkpoint_results", []),
+            snapshot.get("latest_checkpoint_result"),
+        ]
+        registered = {r["checkpoint_dir_name"] for r in results if isinstance(r, dict)}
+    removed = []
+    for folder in sorted(run_dir.glob("checkpoint_*")):
+        if folder.is_dir() and folder.name not in registered:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    return removed
 
 
 def read_torch_file(path: Path, what: str) -> Any:

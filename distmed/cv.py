@@ -21,6 +21,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+from distmed.artifacts import delete_partial_checkpoints
 from distmed.config import CVConfig, ExperimentConfig
 from distmed.data import CachedData, DataIndex, Split, build_cache, drop_samples
 from distmed.errors import UserError
@@ -291,6 +292,10 @@ def fit_folds(
             callbacks=list(callbacks),
         ),
     )
+    uri = storage_uri(storage)
+    if "://" not in uri:  # what an earlier, failed write of this run left half-written
+        for name in delete_partial_checkpoints(Path(uri) / run_name):
+            log.warning("removed the unfinished checkpoint %s of an earlier attempt", name)
     try:
         result = trainer.fit()
         if result.error is not None:

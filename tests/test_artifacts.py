@@ -83,3 +83,20 @@ def test_json_keeps_nan_and_odd_values(tmp_path: Path):
     write_json_atomic(target, {"auc": float("nan"), "path": tmp_path})
     text = target.read_text()
     assert "NaN" in text and str(tmp_path) in text
+
+
+def test_only_checkpoints_ray_registered_survive_the_next_run(tmp_path: Path):
+    from distmed.artifacts import CHECKPOINT_SNAPSHOT, delete_partial_checkpoints
+
+    run = tmp_path / "cv-abc"
+    for name in ("checkpoint_1", "checkpoint_2", "checkpoint_3"):
+        (run / name).mkdir(parents=True)
+        (run / name / "state.pt").write_bytes(b"x" * 10)
+    listed = {"checkpoint_dir_name": "checkpoint_2"}
+    snapshot = {"checkpoint_results": [listed], "latest_checkpoint_result": listed}
+    (run / CHECKPOINT_SNAPSHOT).write_text(json.dumps(snapshot))
+    assert delete_partial_checkpoints(run) == ["checkpoint_1", "checkpoint_3"]
+    assert sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir()) == ["checkpoint_2"]
+    (run / CHECKPOINT_SNAPSHOT).unlink()  # a run that never registered one: all are partial
+    assert delete_partial_checkpoints(run) == ["checkpoint_2"]
+    assert delete_partial_checkpoints(tmp_path / "nowhere") == []

@@ -17,6 +17,7 @@ from conftest import write_image_folder
 from ray.util.placement_group import placement_group, placement_group_table
 
 from distmed import train
+from distmed.artifacts import delete_partial_checkpoints
 from distmed.errors import UserError
 from distmed.resources import WorkerLayout, wait_for_free_resources
 
@@ -184,3 +185,8 @@ def test_a_full_output_disk_is_one_line_naming_it(ray_session, full_disk: Path, 
     assert code == 2, err
     assert err[-1].startswith("error: no space left on the device holding "), err[-3:]
     assert str(full_disk) in err[-1] and "--output" in err[-1]
+    # The failed write left a half-written checkpoint that filled the disk; the next run of
+    # the same command removes it before it starts (Ray never registered it).
+    [run_dir] = (full_disk / "out" / "ray").glob("cv-*")
+    assert list(run_dir.glob("checkpoint_*/state.pt"))
+    assert delete_partial_checkpoints(run_dir) and not list(run_dir.glob("checkpoint_*/"))
