@@ -122,6 +122,27 @@ def delete_partial_checkpoints(run_dir: Path) -> list[str]:
     return removed
 
 
+def check_free_space(folder: Path, need: int, what: str) -> None:
+    """Refuse at once when the disk holding `folder` cannot take `need` bytes.
+
+    A run whose first checkpoint cannot be written fails only after its first epoch, and
+    Ray Train restarts it first; this says so before anything is trained.
+
+    Raises:
+        UserError: less than `need` bytes free; names the folder and both sizes in MB.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise UserError(
+            f"{what} {folder}: {free / 1e6:.0f} MB free on its disk, but one checkpoint of "
+            f"this run needs about {need / 1e6:.0f} MB (every fold's model and optimiser "
+            "state); free space there or choose a folder on a bigger disk"
+        )
+
+
 def read_torch_file(path: Path, what: str) -> Any:
     """`torch.load(path, weights_only=True)` on CPU, every failure as one `UserError` line.
 

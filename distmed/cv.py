@@ -21,10 +21,11 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from distmed.artifacts import delete_partial_checkpoints
+from distmed.artifacts import check_free_space, delete_partial_checkpoints
 from distmed.config import CVConfig, ExperimentConfig
 from distmed.data import CachedData, DataIndex, Split, build_cache, drop_samples
 from distmed.errors import UserError
+from distmed.loop import checkpoint_bytes
 from distmed.metrics import METRIC_NAMES
 from distmed.resources import WorkerLayout
 from distmed.worker import STATE_FILE, train_folds
@@ -296,6 +297,8 @@ def fit_folds(
     if "://" not in uri:  # what an earlier, failed write of this run left half-written
         for name in delete_partial_checkpoints(Path(uri) / run_name):
             log.warning("removed the unfinished checkpoint %s of an earlier attempt", name)
+        need = checkpoint_bytes(cfg, plan.num_classes, len(plan.folds))
+        check_free_space(Path(uri), need, "the results folder")
     try:
         result = trainer.fit()
         if result.error is not None:

@@ -157,30 +157,51 @@ def full_disk(tmp_path: Path):
     subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
-def test_a_full_output_disk_is_one_line_naming_it(ray_session, full_disk: Path, capsys, tmp_path):
-    """It used to end in `WorkerGroupError: Training failed due to worker errors:` with the
-    cause only in Ray's log."""
+def _small_run(root: Path, output: Path) -> list[str]:
+    return [
+        "--data",
+        str(root),
+        "--output",
+        str(output),
+        "--set",
+        "cv.folds=2",
+        "--set",
+        "model.weights=none",
+        "--set",
+        "data.image_size=16",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "scaling.max_failures=0",
+    ]
+
+
+def test_an_output_disk_without_room_for_one_checkpoint_is_refused_before_training(
+    ray_session, full_disk: Path, capsys, tmp_path
+):
     root = write_image_folder(tmp_path / "data", {"a": 6, "b": 6})
-    code = train.main(
-        [
-            "--data",
-            str(root),
-            "--output",
-            str(full_disk / "out"),
-            "--set",
-            "cv.folds=2",
-            "--set",
-            "model.weights=none",
-            "--set",
-            "data.image_size=16",
-            "--set",
-            "train.batch_size=4",
-            "--set",
-            "train.epochs=1",
-            "--set",
-            "scaling.max_failures=0",
-        ]
-    )
+    started = time.monotonic()
+    assert train.main(_small_run(root, full_disk / "out")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: the results folder {full_disk / 'out' / 'ray'}: "), err
+    # 2 folds of ResNet-18 with AdamW's two moments: 2 x (44.8 + 2 x 44.7) MB.
+    assert "MB free on its disk, but one checkpoint of this run needs about 268 MB" in err
+    assert time.monotonic() - started < 20  # no Ray Train fit was started
+
+
+def test_a_full_output_disk_is_one_line_naming_it(
+    ray_session, full_disk: Path, capsys, tmp_path, monkeypatch
+):
+    """A disk that fills up during the run (here: the up-front room check is switched off,
+    so the first checkpoint meets the full disk). It used to end in `WorkerGroupError:
+    Training failed due to worker errors:` with the cause only in Ray's log."""
+    from distmed import cv
+
+    monkeypatch.setattr(cv, "check_free_space", lambda *args: None)
+    root = write_image_folder(tmp_path / "data", {"a": 6, "b": 6})
+    code = train.main(_small_run(root, full_disk / "out"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, err
     assert err[-1].startswith("error: no space left on the device holding "), err[-3:]
