@@ -203,6 +203,7 @@ def prepare_data(
     first decode. `batch_sizes` are all the batch sizes a run or search will try.
     """
     assignment = make_folds(scanned.pool, cfg.cv, scanned.class_names)
+    positive_index(cfg, scanned.class_names)  # a mistyped positive class, before the decode
     cache = build_cache(scanned, cfg.data)
     index = drop_samples(scanned, cache.skipped)
     if index.skipped:

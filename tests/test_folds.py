@@ -185,3 +185,19 @@ def test_positive_index_unknown_name():
 
 def test_positive_index_multiclass_is_none():
     assert positive_index(load_config(None), ["a", "b", "c"]) is None
+
+
+def test_a_mistyped_positive_class_stops_before_the_decode(tmp_path, monkeypatch):
+    """It used to surface only after the whole data set was decoded (long, for a typo)."""
+    from conftest import write_image_folder
+
+    from distmed import cv
+    from distmed.data import scan_source
+
+    root = write_image_folder(tmp_path / "data", {"no": 6, "yes": 6})
+    cfg = load_config(None, [f"data.root={root}", "data.positive_class=maybe", "cv.folds=2"])
+    decoded = []
+    monkeypatch.setattr(cv, "build_cache", lambda *a, **k: decoded.append(1))
+    with pytest.raises(UserError, match="data.positive_class 'maybe' is not a class"):
+        cv.prepare_data(cfg, scan_source(cfg.data))
+    assert decoded == []
