@@ -194,3 +194,15 @@ def test_results_store_the_inspection(tmp_path):
     assert described["layout"] == index.layout and described["num_test_images"] == 7
     assert described["inspection"]["duplicates"]["across_splits"]["count"] == 2
     json.dumps(described)  # it goes into cv_result.json / summary.json as it is
+
+
+def test_the_inspect_command_prints_every_duplicate_group(tmp_path, capsys):
+    # Eight images each copied into the other class: more groups than the short lists show.
+    root = write_image_folder(tmp_path / "data", {"a": 8, "b": 8})
+    for image in sorted((root / "a").glob("*.png")):
+        shutil.copy(image, root / "b" / f"copy_{image.name}")
+    assert inspect_main([str(root)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("across classes, ") == 8, printed
+    for image in sorted((root / "a").glob("*.png")):
+        assert f"copy_{image.name}" in printed

@@ -103,8 +103,8 @@ def format_summary(summary: dict[str, Any], short: bool = False) -> str:
         + ", ".join(f"{dup[k]['count']} {k.replace('_', ' ')}" for k in DUPLICATE_KINDS)
     )
     if not short:
-        for kind in DUPLICATE_KINDS:
-            for group in dup[kind]["groups"][:SHOWN]:
+        for kind in DUPLICATE_KINDS:  # every group: each one is a possible leak or conflict
+            for group in dup[kind]["groups"]:
                 lines.append(f"    {kind.replace('_', ' ')}, {group['kind']}:")
                 lines.extend(f"      {f}" for f in group["files"])
     return "\n".join(lines)
