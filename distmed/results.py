@@ -57,12 +57,12 @@ def _trial_identity(result) -> tuple[str, float]:
 
 
 def collect_rows(
-    result_grid, space_keys: list[str], interrupted: set[str] | None = None
+    result_grid, space_keys: list[str], ended: set[str] | None = None
 ) -> list[TrialRow]:
     """One `TrialRow` per Tune trial, in trial-creation order.
 
-    `interrupted`: ids of trials that a Ctrl-C stopped before they ended; their status is
-    `interrupted` unless they had already completed, diverged or errored.
+    `ended`: after a Ctrl-C, the ids of the trials that had ended before it; every other
+    trial is `interrupted` unless it had already completed, diverged or errored.
     """
     rows, positions = [], {}
     for result in result_grid:
@@ -84,7 +84,7 @@ def collect_rows(
             )
         elif metrics.get("cv_complete"):
             status = "completed"
-        elif trial_id in (interrupted or ()):
+        elif ended is not None and trial_id not in ended:
             status = "interrupted"
         else:
             status = "stopped"

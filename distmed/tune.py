@@ -174,8 +174,7 @@ def _run(args: argparse.Namespace) -> int:
         grid = _search(args, spec, prepared, name, exp_uri)
     local = _local_results_dir(args.storage, name)
     keys = list(spec.space)
-    unfinished = {r.trial_id for r in collect_rows(grid, [])} - EndedTrials.ended
-    rows = collect_rows(grid, keys, interrupted=unfinished if ctrl_c.interrupted else None)
+    rows = collect_rows(grid, keys, ended=EndedTrials.ended if ctrl_c.interrupted else None)
     write_trials_csv(local / "trials.csv", rows, keys)
     summary = _summary_head(name, spec, prepared.index, rows, inspection)
     if ctrl_c.interrupted:  # no refit: the search has not finished

@@ -395,13 +395,15 @@ def test_collect_rows_status_mapping_and_values():
 def test_a_ctrl_c_marks_unfinished_trials_interrupted_not_stopped():
     # a_00002 was training when the Ctrl-C came: "stopped" would say ASHA stopped it, and a
     # resumed search continues it. Trials that had ended keep their own status.
-    ids = {"a_00000", "a_00001", "a_00002", "a_00003"}
-    rows = {r.trial_id: r for r in collect_rows(fake_grid(), KEYS, interrupted=ids)}
+    rows = {r.trial_id: r for r in collect_rows(fake_grid(), KEYS, ended=set())}
     assert rows["a_00002"].status == "interrupted"
     assert rows["a_00000"].status == "completed"
     assert rows["a_00001"].status == rows["a_00003"].status == "errored"
     assert status_counts(list(rows.values()))["interrupted"] == 1
     assert best_row(list(rows.values())).trial_id == "a_00000"
+    # A trial that ended (ASHA stopped it) before the Ctrl-C stays stopped.
+    after = collect_rows(fake_grid(), KEYS, ended={"a_00002"})
+    assert {r.trial_id: r.status for r in after}["a_00002"] == "stopped"
     # Without a Ctrl-C, an unfinished trial is one that the scheduler stopped.
     assert {r.trial_id: r.status for r in collect_rows(fake_grid(), KEYS)}["a_00002"] == "stopped"
 
