@@ -26,16 +26,20 @@ if TYPE_CHECKING:
 EXIT_USER_ERROR = 2
 
 
-def add_common_options(parser: argparse.ArgumentParser) -> None:
+def add_set_option(parser: argparse.ArgumentParser, example: str) -> None:
+    """`--set KEY=VALUE` (repeatable) into `args.overrides`; `example` ends its help."""
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one config value, validated like the file (repeatable), "
-        "e.g. --set train.epochs=3 --set optim.lr=3e-4",
+        help=f"override one config value, validated like the file (repeatable), e.g. {example}",
     )
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    add_set_option(parser, "--set train.epochs=3 --set optim.lr=3e-4")
     parser.add_argument(
         "--data",
         help="data source: image folder, labels .csv, MedMNIST .npz, medmnist:NAME or demo",

@@ -35,6 +35,13 @@ class CpuHolder:
         return True
 
 
+def _small_run(root: Path, output: Path, *settings: str) -> list[str]:
+    """`distmed.train` arguments for a 2-fold, 1-epoch run at 16 px; `settings` override."""
+    base = ("cv.folds=2", "model.weights=none", "data.image_size=16", "train.batch_size=4")
+    items = [*base, "train.epochs=1", *settings]  # a later --set wins
+    return ["--data", str(root), "--output", str(output), *(f for i in items for f in ("--set", i))]
+
+
 def test_a_placement_group_left_by_a_finished_run_is_removed_before_the_refit(ray_session):
     # What Ray Train's cleaner fails to remove when it cannot find its cluster.
     left = placement_group([{"CPU": 2.0}])
@@ -73,24 +80,7 @@ def test_workers_that_cannot_start_end_in_one_line_not_endless_retries(
     ray.get(holder.ready.remote(), timeout=60)
     try:
         started = time.monotonic()
-        code = train.main(
-            [
-                "--data",
-                str(root),
-                "--output",
-                str(tmp_path / "out"),
-                "--set",
-                "cv.folds=2",
-                "--set",
-                "model.weights=none",
-                "--set",
-                "data.image_size=16",
-                "--set",
-                "train.batch_size=4",
-                "--set",
-                "train.epochs=1",
-            ]
-        )
+        code = train.main(_small_run(root, tmp_path / "out"))
         elapsed = time.monotonic() - started
     finally:
         ray.kill(holder)
@@ -109,32 +99,16 @@ def test_a_diverging_run_writes_its_results_and_says_so(ray_session, tmp_path: P
     root = write_image_folder(tmp_path / "data", {"a": 8, "b": 8})
     out = tmp_path / "out"
     code = train.main(
-        [
-            "--data",
-            str(root),
-            "--output",
-            str(out),
-            "--set",
-            "cv.folds=2",
-            "--set",
-            "model.weights=none",
-            "--set",
-            "data.image_size=16",
-            "--set",
-            "train.batch_size=4",
-            "--set",
+        _small_run(
+            root,
+            out,
             "train.epochs=3",
-            "--set",
             "train.amp=off",
-            "--set",
             "optim.name=sgd",
-            "--set",
             "optim.lr=10",
-            "--set",
             "optim.warmup_epochs=0",
-            "--set",
             "optim.schedule=constant",
-        ]
+        )
     )
     err = capsys.readouterr().err
     assert code == 2, err
@@ -157,33 +131,12 @@ def full_disk(tmp_path: Path):
     subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
-def _small_run(root: Path, output: Path) -> list[str]:
-    return [
-        "--data",
-        str(root),
-        "--output",
-        str(output),
-        "--set",
-        "cv.folds=2",
-        "--set",
-        "model.weights=none",
-        "--set",
-        "data.image_size=16",
-        "--set",
-        "train.batch_size=4",
-        "--set",
-        "train.epochs=1",
-        "--set",
-        "scaling.max_failures=0",
-    ]
-
-
 def test_an_output_disk_without_room_for_one_checkpoint_is_refused_before_training(
     ray_session, full_disk: Path, capsys, tmp_path
 ):
     root = write_image_folder(tmp_path / "data", {"a": 6, "b": 6})
     started = time.monotonic()
-    assert train.main(_small_run(root, full_disk / "out")) == 2
+    assert train.main(_small_run(root, full_disk / "out", "scaling.max_failures=0")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: the results folder {full_disk / 'out' / 'ray'}: "), err
     # 2 folds of ResNet-18 with AdamW's two moments: 2 x (44.8 + 2 x 44.7) MB.
@@ -201,7 +154,7 @@ def test_a_full_output_disk_is_one_line_naming_it(
 
     monkeypatch.setattr(cv, "check_free_space", lambda *args: None)
     root = write_image_folder(tmp_path / "data", {"a": 6, "b": 6})
-    code = train.main(_small_run(root, full_disk / "out"))
+    code = train.main(_small_run(root, full_disk / "out", "scaling.max_failures=0"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, err
     assert err[-1].startswith("error: no space left on the device holding "), err[-3:]

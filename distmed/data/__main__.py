@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from distmed.artifacts import write_json_atomic
-from distmed.cli import add_debug_option, parse, run_entry_point
+from distmed.cli import add_debug_option, add_set_option, parse, run_entry_point
 from distmed.config import load_config
 from distmed.data.inspection import duplicate_problem, format_summary, inspect_index
 from distmed.data.sources import scan_source
@@ -32,14 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", help="experiment YAML: its data section (groups, cache_dir) applies"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a config override, e.g. --set data.group_regex='^(p\\d+)_'",
-    )
+    add_set_option(parser, "--set data.group_regex='^(p\\d+)_'")
     add_debug_option(parser)
     return parser
 
