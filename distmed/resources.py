@@ -378,7 +378,7 @@ def bound_ray_waits() -> None:
     own variables to its controller. A value the user set is kept.
     - Ray Train gives a worker group 60 s to start, then retries without end: on a loaded
       2-core machine a worker can need longer, and a group that cannot get its CPUs never
-      starts. 180 s per try, and `CONTROLLER_RETRIES` tries (`cv.fit_folds`), then an error.
+      starts. 180 s per try, `cv.START_RETRIES` retries (`cv.fit_folds`), then an error.
     - Tune waits up to 600 s for a stopped trial to end before killing it: 10 s.
     """
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import csv
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_image_folder
+from conftest import free_port, write_image_folder
 
 from distmed import app, predict
 from distmed.config import ExperimentConfig
@@ -74,12 +73,6 @@ def _train_tiny_run(root: Path) -> Path:
     return run
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _predict_csv(model: Path, image: Path, out: Path) -> dict[str, str]:
     assert predict.main(["--model", str(model), str(image), "--output", str(out)]) == 0
     with out.open(newline="") as handle:
@@ -97,7 +90,7 @@ def test_page_predicts_like_the_cli_and_survives_a_broken_upload(tmp_path: Path)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image at all")
     args = app.build_parser().parse_args(
-        ["--model", str(run / "best_model.pt"), "--port", str(_free_port())]
+        ["--model", str(run / "best_model.pt"), "--port", str(free_port())]
     )
     server = app.serve(args)  # what `python -m distmed.app` runs, minus blocking
     try:

@@ -22,7 +22,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_image_folder
+from conftest import free_port, write_image_folder
 
 pytestmark = pytest.mark.ray
 FAKE_WANDB_KEY = "c0ffee0123456789abcdef0123456789abcdfake"
@@ -142,19 +141,13 @@ def ray_tmp():
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def s3_server(tmp_path: Path):
     """A moto S3 server on 127.0.0.1 with an empty bucket; yields the environment that
     points AWS clients (boto3, pyarrow, so Ray) at it."""
     pytest.importorskip("moto.server", reason="pip install 'moto[server]' (in .[dev])")
     boto3 = pytest.importorskip("boto3")
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "moto.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

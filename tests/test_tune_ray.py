@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import write_image_folder
+from conftest import free_port, write_image_folder
 
 from distmed import tune
 from distmed.config import load_config
@@ -26,17 +25,11 @@ FAKE_AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYFAKEKEYdistmed"
 FAKE_TOKEN = "mlflow-token-0123456789abcdef-DISTMEDFAKE"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path: Path):
     """`mlflow server` with a SQLite backend and a local artefact folder; yields its URI."""
     pytest.importorskip("mlflow", reason="pip install mlflow (in .[dev])")
-    port = _free_port()
+    port = free_port()
     folder = tmp_path / "mlflow"
     folder.mkdir()
     log = (folder / "server.log").open("w")
