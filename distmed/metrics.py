@@ -2,7 +2,8 @@
 
 Binary tasks score the configured positive class; multi-class tasks use macro one-vs-rest
 ROC-AUC and macro averages. AUC is computed once over a whole set of predictions, never
-averaged over batches.
+averaged over batches. Calibration (`brier`, `ece`) is lower-is-better; every other metric is
+higher-is-better.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ METRIC_NAMES = (
     "specificity",
     "precision",
     "f1",
+    "brier",
+    "ece",
 )
+LOWER_IS_BETTER = frozenset({"brier", "ece"})
+ECE_BINS = 15  # Guo et al. 2017 use 15 equal-width confidence bins
 
 
 def classification_metrics(
@@ -31,6 +36,8 @@ def classification_metrics(
         labels: true class index per sample.
         probs: predicted class probabilities; rows sum to 1.
         positive: binary tasks only, the class whose score ranks samples (default 1).
+
+    `brier` and `ece` are defined in `brier_score` and `calibration_error`.
     """
     labels = np.asarray(labels)
     probs = np.asarray(probs, dtype=np.float64)
@@ -52,6 +59,9 @@ def _binary_metrics(truth: np.ndarray, score: np.ndarray, decision: np.ndarray) 
         "specificity": _ratio(tn, tn + fp),
         "precision": _ratio(tp, tp + fp),
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        # Calibration looks at the score alone, not at the decision (nor its threshold).
+        "brier": float(skm.brier_score_loss(truth, score)),
+        "ece": _ece(score, truth),
     }
 
 
@@ -74,6 +84,8 @@ def _multiclass_metrics(
             skm.precision_score(labels, predicted, average="macro", zero_division=0)
         ),
         "f1": float(skm.f1_score(labels, predicted, average="macro", zero_division=0)),
+        "brier": _multiclass_brier(labels, probs),
+        "ece": _ece(probs.max(axis=1), predicted == labels),
     }
 
 
@@ -91,6 +103,65 @@ def _auc(truth: np.ndarray, score: np.ndarray) -> float:
 
 def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator / denominator) if denominator else 0.0
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def brier_score(labels: np.ndarray, probs: np.ndarray, positive: int | None = None) -> float:
+    """Brier score of `probs` (N, K) against `labels` (N,); lower is better.
+
+    Binary: mean (p_positive - [label == positive])^2, in [0, 1] (scikit-learn's
+    `brier_score_loss`). Multi-class: mean over samples of the sum over classes of
+    (p_k - onehot_k)^2, in [0, 2] (Brier 1950, "Verification of forecasts expressed in terms
+    of probability", Monthly Weather Review 78(1)); a binary task scored that way gives twice
+    the binary value.
+    """
+    labels = np.asarray(labels)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.shape[1] == 2:
+        pos = 1 if positive is None else positive
+        return float(skm.brier_score_loss(labels == pos, probs[:, pos]))
+    return _multiclass_brier(labels, probs)
+
+
+def calibration_error(labels: np.ndarray, probs: np.ndarray, positive: int | None = None) -> float:
+    """Expected calibration error of `probs` (N, K) against `labels` (N,), in [0, 1].
+
+    ECE = sum over 15 equal-width bins b of |B_b| / N * |accuracy(B_b) - confidence(B_b)|
+    (Naeini et al. 2015; Guo et al. 2017, "On Calibration of Modern Neural Networks").
+    Binary tasks bin the positive-class probability against "label is positive"; multi-class
+    tasks bin the top-label confidence against "argmax is right". The same definitions as
+    torchmetrics' `binary_calibration_error` / `multiclass_calibration_error` with
+    n_bins=15, norm="l1": bins are [lower, upper), the last one also holding 1.0.
+    """
+    labels = np.asarray(labels)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.shape[1] == 2:
+        pos = 1 if positive is None else positive
+        return _ece(probs[:, pos], labels == pos)
+    return _ece(probs.max(axis=1), probs.argmax(axis=1) == labels)
+
+
+def _multiclass_brier(labels: np.ndarray, probs: np.ndarray) -> float:
+    # float32 softmax rows miss 1 by ~1e-7, past scikit-learn's sqrt(eps) check, which would
+    # warn on every validation epoch; renormalising in float64 changes nothing else.
+    rows = probs / probs.sum(axis=1, keepdims=True)
+    classes = np.arange(probs.shape[1])  # a class missing from `labels` still has a column
+    return float(skm.brier_score_loss(labels, rows, labels=classes, scale_by_half=False))
+
+
+def calibration_bins(confidence: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
+    """The equal-width bin (0..bins-1) of each confidence in [0, 1]; 1.0 joins the last."""
+    return np.digitize(confidence, np.linspace(0.0, 1.0, bins + 1)[1:-1])
+
+
+def _ece(confidence: np.ndarray, correct: np.ndarray) -> float:
+    # |B|/N * |mean(correct) - mean(confidence)| over B is |sum(confidence - correct)| / N.
+    gaps = np.bincount(
+        calibration_bins(confidence), weights=confidence - correct, minlength=ECE_BINS
+    )
+    return float(np.abs(gaps).sum() / len(confidence))
 
 
 # --------------------------------------------------------------------------- operating point

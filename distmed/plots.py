@@ -20,6 +20,8 @@ import numpy as np  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 
+from distmed.metrics import calibration_error  # noqa: E402
+
 DPI = 300  # print resolution for the PNGs
 VECTOR_FORMATS = ("svg", "pdf")
 TRAIN_STYLE: dict[str, Any] = {"linestyle": "-", "marker": "o", "markersize": 3}
@@ -272,17 +274,43 @@ def plot_calibration(
     positive: int | None,
     path: Path,
     bins: int = 10,
+    after_probs: np.ndarray | None = None,
 ) -> Path:
-    """Reliability diagram: observed frequency per bin of predicted probability."""
+    """Reliability diagram: observed frequency per quantile bin of predicted probability.
+
+    With `after_probs` (N, K), the same predictions after temperature scaling are drawn over
+    `probs` (N, K), dashed, in the same colour per class; the legend gives the ECE of each
+    (`distmed.metrics.calibration_error`: 15 equal-width bins).
+    """
     fig, ax = plt.subplots(figsize=(5.0, 4.6))
-    for _, name, truth, score in _one_vs_rest(labels, probs, class_names, positive):
-        observed, predicted = calibration_curve(truth, score, n_bins=bins, strategy="quantile")
-        ax.plot(predicted, observed, marker="o", label=name)
+    if after_probs is None:
+        for _, name, truth, score in _one_vs_rest(labels, probs, class_names, positive):
+            observed, predicted = calibration_curve(truth, score, n_bins=bins, strategy="quantile")
+            ax.plot(predicted, observed, marker="o", label=name)
+        title = "Test split: calibration (quantile bins)"
+    else:
+        _draw_before_after(ax, labels, (probs, after_probs), class_names, positive, bins)
+        title = "Test split: calibration before and after\ntemperature scaling (quantile bins)"
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8, label="perfect")
     ax.set(xlabel="predicted probability", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1))
-    ax.set_title("Test split: calibration (quantile bins)")
+    ax.set_title(title)
     ax.legend(fontsize=8, loc="upper left")
     return save(fig, path)
+
+
+def _draw_before_after(ax, labels, versions, class_names, positive, bins) -> None:
+    """One colour per class, one line style per version; style entries name each ECE."""
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    states = ("uncalibrated", "temperature-scaled")
+    styles = ({"linestyle": "-", "marker": "o"}, {"linestyle": "--", "marker": "s"})
+    for state, style, scores in zip(states, styles, versions, strict=True):
+        for k, name, truth, score in _one_vs_rest(labels, scores, class_names, positive):
+            observed, predicted = calibration_curve(truth, score, n_bins=bins, strategy="quantile")
+            # Classes are named once (by colour); the styles get entries of their own below.
+            label = name if state == states[0] else None
+            ax.plot(predicted, observed, color=colours[k % len(colours)], label=label, **style)
+        ece = calibration_error(labels, scores, positive)
+        ax.plot([], [], color="black", label=f"{state} (ECE {ece:.3f})", **style)
 
 
 def plot_gradcam_grid(

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from distmed.metrics import METRIC_NAMES, classification_metrics
+from distmed.metrics import (
+    METRIC_NAMES,
+    binary_metrics_at,
+    brier_score,
+    calibration_bins,
+    calibration_error,
+    classification_metrics,
+)
 
 
 def binary_probs(p1) -> np.ndarray:
@@ -216,3 +223,83 @@ def test_multiclass_agrees_with_sklearn_on_random_data(num_classes):
         [skm.recall_score(labels != c, predicted != c) for c in range(num_classes)]
     )
     assert result["specificity"] == pytest.approx(specificity)
+
+
+# --------------------------------------------------------------------------- calibration
+
+# P(class 1) and labels sharing three of the 15 equal-width bins [k/15, (k+1)/15):
+#   bin 14: 0.94 0.96 0.98, labels 1 1 0 -> |2.88 - 2| = 0.88
+#   bin 0:  0.02 0.05,      labels 0 1   -> |0.07 - 1| = 0.93
+#   bin 8:  0.55 0.58,      labels 1 0   -> |1.13 - 1| = 0.13
+# ECE = sum |sum(p - y)| / N; Brier = mean (p - y)^2.
+CALIBRATION_LABELS = [1, 1, 0, 0, 1, 1, 0]
+CALIBRATION_P1 = [0.94, 0.96, 0.98, 0.02, 0.05, 0.55, 0.58]
+CALIBRATION_ECE = (0.88 + 0.93 + 0.13) / 7
+CALIBRATION_BRIER = (0.06**2 + 0.04**2 + 0.98**2 + 0.02**2 + 0.95**2 + 0.45**2 + 0.58**2) / 7
+
+
+@pytest.mark.parametrize("positive", [0, 1])
+def test_binary_brier_and_ece_by_hand(positive):
+    # Both are symmetric in the two classes: scoring class 0 gives the same values.
+    labels, probs = np.array(CALIBRATION_LABELS), binary_probs(CALIBRATION_P1)
+    result = classification_metrics(labels, probs, positive=positive)
+    assert result["ece"] == pytest.approx(CALIBRATION_ECE, abs=1e-12)
+    assert result["brier"] == pytest.approx(CALIBRATION_BRIER, abs=1e-12)
+    assert brier_score(labels, probs, positive) == result["brier"]
+    assert calibration_error(labels, probs, positive) == result["ece"]
+
+
+def test_binary_calibration_ignores_the_threshold():
+    labels, probs = np.array(CALIBRATION_LABELS), binary_probs(CALIBRATION_P1)
+    at = binary_metrics_at(labels, probs, 1, threshold=0.03)
+    assert at["brier"] == pytest.approx(CALIBRATION_BRIER)
+    assert at["ece"] == pytest.approx(CALIBRATION_ECE)
+
+
+def test_multiclass_brier_and_ece_by_hand():
+    # Top-label confidence (argmax right?): bin 11 .75 (yes) .77 (no) -> |1.52 - 1| = 0.52;
+    # bin 6 .42 (yes) .45 (no) -> 0.13; bin 13 .90 (yes) -> 0.10; bin 9 .62 (yes) -> 0.38.
+    labels = np.array([0, 2, 0, 2, 2, 1])
+    probs = np.array(
+        [
+            [0.75, 0.15, 0.10],
+            [0.10, 0.77, 0.13],
+            [0.42, 0.33, 0.25],
+            [0.30, 0.45, 0.25],
+            [0.05, 0.05, 0.90],
+            [0.20, 0.62, 0.18],
+        ]
+    )
+    result = classification_metrics(labels, probs)
+    assert result["ece"] == pytest.approx((0.52 + 0.13 + 0.10 + 0.38) / 6, abs=1e-12)
+    # Sum over classes of (p - onehot)^2 per sample, then the mean (Brier 1950; in [0, 2]).
+    per_sample = [0.095, 1.3598, 0.5078, 0.855, 0.015, 0.2168]
+    assert result["brier"] == pytest.approx(np.mean(per_sample), abs=1e-12)
+
+
+@pytest.mark.parametrize("num_classes", [2, 3, 5])
+def test_brier_agrees_with_its_definition_on_float32_softmax(num_classes, recwarn):
+    rng = np.random.default_rng(num_classes)
+    labels = rng.integers(0, num_classes, 300)
+    logits = rng.normal(0, 2, (300, num_classes)).astype(np.float32)
+    probs = (np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)).astype(np.float32)
+    squared = ((probs.astype(np.float64) - np.eye(num_classes)[labels]) ** 2).sum(axis=1)
+    expected = squared.mean() / (2 if num_classes == 2 else 1)  # binary: positive class only
+    assert classification_metrics(labels, probs)["brier"] == pytest.approx(expected, rel=1e-6)
+    # float32 rows that miss 1 by ~1e-7 must not warn on every validation epoch.
+    assert not [w for w in recwarn if "sum to one" in str(w.message)]
+
+
+def test_ece_is_zero_when_confidence_matches_accuracy_per_bin():
+    # bin 11: 0.75 on four samples, three positive; bin 3: 0.25 on eight, two positive.
+    p1 = [0.75] * 4 + [0.25] * 8
+    labels = [1, 1, 1, 0] + [1, 1] + [0] * 6
+    result = classification_metrics(np.array(labels), binary_probs(p1))
+    assert result["ece"] == pytest.approx(0.0, abs=1e-12)
+    # Yet the Brier score still charges the spread: 3/4 * 1/16 + 1/4 * 9/16 in each bin.
+    assert result["brier"] == pytest.approx(3 / 16)
+
+
+def test_calibration_bins_are_half_open_with_one_in_the_last():
+    bins = calibration_bins(np.array([0.0, 1 / 30, 0.5, 0.999, 1.0]))
+    np.testing.assert_array_equal(bins, [0, 0, 7, 14, 14])

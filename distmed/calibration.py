@@ -1,0 +1,141 @@
+"""Post-hoc calibration by temperature scaling (Guo et al. 2017, "On Calibration of Modern
+Neural Networks", ICML): fit one temperature on held-out predictions, apply it to new ones.
+
+Pure functions of saved class probabilities; a fit is a small frozen record that can be stored
+(as JSON) beside the model it calibrates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax, softmax
+
+from distmed.errors import UserError
+from distmed.metrics import calibration_error
+
+MIN_SAMPLES = 20  # fewer held-out predictions than this cannot pin a temperature down
+TEMPERATURE_BOUNDS = (0.05, 20.0)  # sharpen at most 20x, flatten at most 20x
+# Saved probabilities can underflow to exactly 0; their log must stay finite.
+PROB_EPSILON = 1e-12
+
+
+class TemperatureFit(BaseModel):
+    """One fitted temperature and what it did on the data it was fitted to.
+
+    NLL is the mean negative log-likelihood in nats per sample; ECE is
+    `distmed.metrics.calibration_error` (15 equal-width bins).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temperature: float = Field(gt=0)
+    nll_before: float
+    nll_after: float
+    ece_before: float
+    ece_after: float
+    num_samples: int = Field(ge=MIN_SAMPLES)
+
+
+def fit_temperature(
+    labels: np.ndarray, probs: np.ndarray, positive: int | None = None
+) -> TemperatureFit:
+    """The temperature T minimising the NLL of softmax(log(probs) / T) on (labels, probs).
+
+    log(probs) equals the model's logits up to a per-row constant, which softmax ignores, so
+    fitting on saved probabilities is the same as fitting on the logits (Guo et al. 2017,
+    section 4.2). T is searched on a log scale within `TEMPERATURE_BOUNDS`; T > 1 softens an
+    over-confident model, T < 1 sharpens an under-confident one.
+
+    Args:
+        labels: (N,) true class index per sample, held out from training.
+        probs: (N, K) predicted class probabilities; rows sum to 1.
+        positive: binary tasks, the class whose probability the ECE bins (default 1), as in
+            `distmed.metrics.classification_metrics`.
+
+    Raises:
+        UserError: fewer than `MIN_SAMPLES` samples, a single class, mismatched shapes,
+            labels outside 0..K-1 or non-finite probabilities.
+    """
+    labels, probs = _checked(labels, probs)
+    log_probs = np.log(np.clip(probs, PROB_EPSILON, None))
+
+    def nll_of_log_t(log_t: float) -> float:
+        return _nll(labels, log_probs / math.exp(log_t))
+
+    low, high = TEMPERATURE_BOUNDS
+    found = minimize_scalar(nll_of_log_t, bounds=(math.log(low), math.log(high)), method="bounded")
+    temperature = math.exp(float(found.x))
+    calibrated = apply_temperature(probs, temperature)
+    return TemperatureFit(
+        temperature=temperature,
+        nll_before=_nll(labels, log_probs),
+        nll_after=float(found.fun),
+        ece_before=calibration_error(labels, probs, positive),
+        ece_after=calibration_error(labels, calibrated, positive),
+        num_samples=len(labels),
+    )
+
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log(probs) / T): `probs` (N, K) recalibrated, same shape, same argmax.
+
+    Raises:
+        UserError: a temperature that is not a positive finite number.
+    """
+    _check_temperature(temperature)
+    log_probs = np.log(np.clip(np.asarray(probs, dtype=np.float64), PROB_EPSILON, None))
+    return softmax(log_probs / temperature, axis=1)
+
+
+def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`logits` (N, K) / T, for torch callers that apply softmax themselves.
+
+    Raises:
+        UserError: a temperature that is not a positive finite number.
+    """
+    _check_temperature(temperature)
+    return logits / temperature
+
+
+def _nll(labels: np.ndarray, logits: np.ndarray) -> float:
+    """Mean cross-entropy (nats) of softmax(`logits`) at the true classes."""
+    picked = log_softmax(logits, axis=1)[np.arange(len(labels)), labels]
+    return float(-picked.mean())
+
+
+def _checked(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels).astype(np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or labels.shape != (len(probs),):
+        raise UserError(
+            f"temperature scaling: labels {labels.shape} and probabilities {probs.shape} do "
+            "not match; pass (N,) labels and (N, K) probabilities"
+        )
+    if len(labels) < MIN_SAMPLES:
+        raise UserError(
+            f"temperature scaling needs at least {MIN_SAMPLES} held-out predictions, got "
+            f"{len(labels)}; use a larger validation set"
+        )
+    if labels.min() < 0 or labels.max() >= probs.shape[1]:
+        raise UserError(
+            f"temperature scaling: labels must lie in 0..{probs.shape[1] - 1}, got "
+            f"{labels.min()}..{labels.max()}"
+        )
+    if len(np.unique(labels)) < 2:
+        raise UserError(
+            f"temperature scaling: all {len(labels)} held-out predictions are of class "
+            f"{labels[0]}; it needs at least two classes to fit"
+        )
+    if not np.isfinite(probs).all():
+        raise UserError("temperature scaling: the probabilities hold NaN or inf; nothing to fit")
+    return labels, probs
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise UserError(f"temperature must be a positive finite number, got {temperature!r}")
