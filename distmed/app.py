@@ -31,6 +31,7 @@ from distmed.cli import (
 )
 from distmed.data import DecodeOptions
 from distmed.errors import UserError
+from distmed.inference import load_inference_model
 from distmed.modelcard import NOTICE, model_card
 from distmed.predict import (
     Prediction,
@@ -39,7 +40,6 @@ from distmed.predict import (
     predict_batches,
     saved_threshold,
 )
-from distmed.refit import load_model
 from distmed.savedmodel import SavedModel
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -112,7 +112,7 @@ def serve(args: argparse.Namespace) -> Any:
     """Load the model, build the page and start serving it; returns the running Blocks."""
     path = model_path(args)
     gr = _import_gradio()
-    model, saved = load_model(path)
+    model, saved = load_inference_model(path, args.ensemble)
     predictor = Predictor(model.to(choose_device()), saved, saved_threshold(saved))
     page = build_page(gr, predictor, model_card(path, saved))
     if args.host not in LOCAL_HOSTS:

@@ -92,6 +92,26 @@ def delete_checkpoints(run_uri: str) -> None:
                 filesystem.delete_dir(entry.path)
 
 
+def latest_checkpoint(run_uri: str) -> str | None:
+    """The newest `checkpoint_*` folder of a Ray Train run (local path or URI), if any.
+
+    Ray Train names them `checkpoint_<date>_<time>`, so the newest sorts last.
+    """
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(run_uri)
+    try:
+        entries = filesystem.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return None
+    names = sorted(
+        e.base_name
+        for e in entries
+        if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith("checkpoint_")
+    )
+    return f"{run_uri.rstrip('/')}/{names[-1]}" if names else None
+
+
 # Ray Train's record of the checkpoints it registered, in every run folder (Ray 2.60).
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 

@@ -56,7 +56,15 @@ def add_debug_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_option(parser: argparse.ArgumentParser) -> None:
+    """`--model` and `--ensemble`: which saved model, and which of its networks predicts."""
     parser.add_argument("--model", required=True, help="best_model.pt written by distmed.tune")
+    parser.add_argument(
+        "--ensemble",
+        choices=("refit", "folds"),  # distmed.inference.ENSEMBLES (imports torch models)
+        default="refit",
+        help="refit: the model refitted on all training data (default); folds: the best "
+        "trial's k fold models, their probabilities averaged",
+    )
 
 
 def model_path(args: argparse.Namespace) -> Path:

@@ -1,7 +1,9 @@
 """`python -m distmed.export --model best_model.pt --format torchscript|onnx [--output FILE]`.
 
-Exports the network alone (normalised float (B, 3, S, S) in, logits (B, K) out) and writes
-FILE.json beside it: the preprocessing that must come first, the class names, the positive
+Exports the network (normalised float (B, 3, S, S) in, logits (B, K) out; the saved
+temperature and, with `--ensemble folds`, the averaging of the fold models are inside the
+graph, so a softmax of the output is what `distmed.predict` reports) and writes FILE.json
+beside it: the preprocessing that must come first, the class names, the positive
 class and the operating threshold, so the file can be used without distmed.
 """
 
@@ -19,7 +21,7 @@ from distmed import __version__
 from distmed.artifacts import write_json_atomic
 from distmed.cli import add_debug_option, add_model_option, model_path, run_entry_point
 from distmed.errors import UserError
-from distmed.refit import load_model
+from distmed.inference import load_inference_model
 from distmed.savedmodel import SavedModel
 
 FORMATS = ("torchscript", "onnx")
@@ -52,7 +54,7 @@ def _run(args: argparse.Namespace) -> int:
     path = model_path(args)
     output = Path(args.output) if args.output else default_output(path, args.format)
     output.parent.mkdir(parents=True, exist_ok=True)
-    model, saved = load_model(path)
+    model, saved = load_inference_model(path, args.ensemble)
     example = example_input(saved)
     if args.format == "torchscript":
         export_torchscript(model, example, output)
@@ -61,7 +63,7 @@ def _run(args: argparse.Namespace) -> int:
             f"note: the model is too large for one ONNX file (2 GB protobuf limit): its weights "
             f"are in {output.name}.data, which must stay beside {output.name}"
         )
-    write_json_atomic(sidecar_path(output), sidecar(saved, args.format))
+    write_json_atomic(sidecar_path(output), sidecar(saved, args.format, args.ensemble))
     print(f"{args.format}: {output}; preprocessing: {sidecar_path(output)}")
     return 0
 
@@ -121,10 +123,12 @@ def sidecar_path(output: Path) -> Path:
     return output.with_name(output.name + ".json")
 
 
-def sidecar(saved: SavedModel, fmt: str) -> dict[str, Any]:
+def sidecar(saved: SavedModel, fmt: str, ensemble: str = "refit") -> dict[str, Any]:
     """How to feed the exported model and read its output, without distmed (a JSON dict)."""
     prep = saved.preprocessing
     names = saved.class_names
+    temperature = saved.calibration.temperature if saved.calibration else None
+    members = saved.fold_models.num_models if ensemble == "folds" and saved.fold_models else 1
     return {
         "format": fmt,
         "distmed_version": __version__,
@@ -153,7 +157,15 @@ def sidecar(saved: SavedModel, fmt: str) -> dict[str, Any]:
             "LUT/window unless intensity is window, MONOCHROME1 inverted; non-finite pixels "
             "set to 0 after scaling",
         },
-        "output": {"name": "logits", "shape": ["batch", len(names)], "apply": "softmax"},
+        "output": {
+            "name": "logits",
+            "shape": ["batch", len(names)],
+            "apply": "softmax",
+            "models": members,
+            "combined": "log of the mean of the models' probabilities" if members > 1 else None,
+            "temperature": temperature,
+            "calibrated": "logits already divided by the temperature" if temperature else None,
+        },
         "class_names": names,
         "positive_class": saved.positive_class,
         "threshold": saved.threshold.model_dump(mode="json") if saved.threshold else None,

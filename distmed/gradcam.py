@@ -15,6 +15,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from distmed.data import to_model_input
+from distmed.inference import members
 
 MIN_CAM_SIDE = 4  # a 1x1 or 2x2 map cannot say where in the image the evidence is
 
@@ -33,7 +34,16 @@ def cam_layer(image_size: int) -> str:
 
 
 def gradcam_maps(model: torch.nn.Module, images: np.ndarray, targets: list[int]) -> np.ndarray:
-    """Heat maps in [0, 1], shape (N, S, S), for uint8 `images` (N, C, S, S) and classes."""
+    """Heat maps in [0, 1], shape (N, S, S), for uint8 `images` (N, C, S, S) and classes.
+
+    `model` is a ResNet or a `distmed.inference.InferenceModel`; for a fold ensemble the
+    members' maps are averaged (each member explains the same target class).
+    """
+    networks = members(model)
+    return np.mean([_one_network(net, images, targets) for net in networks], axis=0)
+
+
+def _one_network(model: torch.nn.Module, images: np.ndarray, targets: list[int]) -> np.ndarray:
     device = next(model.parameters()).device
     inputs = to_model_input(torch.from_numpy(np.ascontiguousarray(images)).to(device))
     # A fine-tuned model may have its early stages frozen (`model.unfreeze`); with an input

@@ -41,7 +41,7 @@ from distmed.data import (
     try_decode,
 )
 from distmed.errors import UserError
-from distmed.refit import load_model
+from distmed.inference import load_inference_model
 from distmed.savedmodel import SavedModel
 
 EXIT_SOME_UNREADABLE = 3
@@ -96,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     paths = collect_images(args.inputs)
-    model, saved = load_model(path)
+    model, saved = load_inference_model(path, args.ensemble)
     device = choose_device(args.cpu)
     model.to(device)
     options = saved.preprocessing.decode_options()

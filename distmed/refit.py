@@ -1,38 +1,41 @@
 """After the search: refit the chosen config on all training data, save it, test it once.
 
 `best_model.pt` holds weights, config, class names and preprocessing (`savedmodel.SavedModel`):
-enough to rebuild the model and predict with nothing else (`load_model`). The test split is
+enough to rebuild the model and predict with nothing else (`distmed.inference`). The test split is
 evaluated here and nowhere else.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray.train
 import torch
 from torch.utils.data import DataLoader
 
 from distmed import __version__
-from distmed.artifacts import atomic_path
-from distmed.cli import choose_device, first_line
+from distmed.artifacts import atomic_path, latest_checkpoint
+from distmed.calibration import TemperatureFit
+from distmed.cli import choose_device
 from distmed.config import ExperimentConfig
 from distmed.cv import FoldPlan, fit_folds
 from distmed.data import CachedImageDataset, load_cached
-from distmed.errors import UserError
 from distmed.loop import Runtime, predict
 from distmed.metrics import classification_metrics
-from distmed.model import build_model
 from distmed.resources import WorkerLayout
-from distmed.savedmodel import SavedModel, Threshold, preprocessing_for
+from distmed.savedmodel import FoldModels, SavedModel, Threshold, preprocessing_for
 from distmed.worker import STATE_FILE
 
 log = logging.getLogger(__name__)
-# The refit model's test-split predictions, saved once so the report never re-evaluates.
+# The refit model's test-split predictions, saved once so the report never re-evaluates;
+# the fold ensemble's beside them when the model keeps its fold models.
 TEST_PREDICTIONS = "test_predictions.npz"
+TEST_PREDICTIONS_FOLDS = "test_predictions_folds.npz"
 
 
 def refit_epochs(stop_epochs: list[int]) -> int:
@@ -48,11 +51,14 @@ def refit(
     run_name: str,
     epochs: int,
 ) -> dict[str, torch.Tensor]:
-    """Train `cfg` on every CV-pool image for `epochs` epochs; returns the model state."""
+    """Train `cfg` on every image the plan's folds use for `epochs` epochs; returns the
+    model state. That is the whole CV pool, or, inside a nested search, the outer fold's
+    training part (its folds never touch the outer validation images)."""
     final_cfg = cfg.model_copy(
         update={"train": cfg.train.model_copy(update={"epochs": epochs, "patience": None})}
     )
-    everything = list(range(len(plan.labels)))
+    first = plan.folds[0]
+    everything = sorted(set(first["train"]) | set(first["val"]))
     single = replace(plan, folds=[{"train": everything, "val": []}])
     result = fit_folds(final_cfg, single, layout, storage, run_name)
     with result.checkpoint.as_directory() as folder:
@@ -68,10 +74,15 @@ def save_model(
     channels: int,
     positive: int | None,
     source: str,
+    folds: FoldModels | None = None,
+    fold_states: Sequence[dict[str, torch.Tensor]] = (),
+    calibration: TemperatureFit | None = None,
 ) -> None:
     """Write `best_model.pt` atomically: weights plus what rebuilding and predicting need.
 
     `source` names the refit run that produced it, so a resumed search can reuse the file.
+    `folds`/`fold_states`: the best trial's fold models (for `--ensemble folds`);
+    `calibration`: the temperature fitted on that trial's out-of-fold predictions.
     """
     saved = SavedModel(
         distmed_version=__version__,
@@ -80,37 +91,38 @@ def save_model(
         class_names=list(class_names),
         positive_index=positive,
         preprocessing=preprocessing_for(cfg.data.image_size, channels, cfg.data),
+        fold_models=folds,
+        calibration=calibration,
     )
-    saved.save(path, state)
+    saved.save(path, state, fold_states)
+
+
+def final_fold_states(run_uri: str, epochs_done: int) -> list[dict[str, torch.Tensor]]:
+    """The fold models (weights only) in the final checkpoint of a trial's Train run.
+
+    Empty when the checkpoint is gone (a search from before fold models were kept) or is
+    not the one of the trial's last epoch (`epochs_done`), so stale weights never pass for
+    the models that produced the CV score.
+    """
+    folder = latest_checkpoint(run_uri)
+    if folder is None:
+        return []
+    with ray.train.Checkpoint(folder).as_directory() as local:
+        state = torch.load(Path(local) / STATE_FILE, map_location="cpu", weights_only=True)
+    if int(state["epoch"]) != epochs_done:
+        log.warning(
+            "the last checkpoint of %s is from epoch %s, not %d: fold models not kept",
+            run_uri,
+            state["epoch"],
+            epochs_done,
+        )
+        return []
+    return [fold["model"] for fold in state["folds"]]
 
 
 def saved_source(path: Path) -> str | None:
     """The refit run a saved `best_model.pt` came from (None when there is no such file)."""
     return SavedModel.load(path).source if path.is_file() else None
-
-
-def load_model(path: Path) -> tuple[torch.nn.Module, SavedModel]:
-    """Rebuild the model from `best_model.pt` alone (safe load: `weights_only=True`).
-
-    Raises:
-        UserError: the file is not a valid best_model.pt, or its weights do not fit the
-            network its config describes; one line naming the file.
-    """
-    saved, state = SavedModel.load_with_weights(path)
-    no_download = saved.config.model.model_copy(update={"weights": "none"})
-    model = build_model(no_download, len(saved.class_names))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:  # missing/unexpected keys or shapes: torch lists them all
-        # Its first line only says "Error(s) in loading state_dict"; the next names the key.
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else first_line(exc)
-        raise UserError(
-            f"--model {path}: its weights do not fit a {saved.config.model.arch} with "
-            f"{len(saved.class_names)} classes ({detail[:160]})"
-        ) from exc
-    model.eval()
-    return model, saved
 
 
 def evaluate_test(
@@ -119,15 +131,19 @@ def evaluate_test(
     labels: np.ndarray,
     positive: int | None,
     save_to: Path | None = None,
+    indices: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Metrics on the held-back test split, computed once, in this process.
 
     `save_to` also keeps the predictions (labels, probabilities, decoded-image file) in an
-    .npz, so the report plots them without touching the test split again.
+    .npz, so the report plots them without touching the test split again. `indices`: score
+    only these positions of the decoded images (a nested search's outer validation part of
+    the pool cache); `labels` are then the labels of every cached image.
     """
     device = choose_device()
     images = load_cached(test_images_path)
-    dataset = CachedImageDataset(images, labels, np.arange(len(labels)))
+    positions = np.arange(len(labels)) if indices is None else np.asarray(indices)
+    dataset = CachedImageDataset(images, labels, positions)
     loader = DataLoader(dataset, batch_size=256)
     _, truth, probs = predict(model.to(device), loader, Runtime(device))
     if save_to is not None:
@@ -143,6 +159,6 @@ def save_threshold(path: Path, threshold: Threshold | dict[str, Any]) -> None:
 
     `predict` then labels new images at that threshold with the checkpoint alone.
     """
-    saved, state = SavedModel.load_with_weights(path)
+    saved, state, fold_states = SavedModel.load_all(path)
     chosen = Threshold.model_validate(threshold)
-    saved.model_copy(update={"threshold": chosen}).save(path, state)
+    saved.model_copy(update={"threshold": chosen}).save(path, state, fold_states)

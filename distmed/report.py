@@ -29,6 +29,7 @@ from distmed import plots
 from distmed.artifacts import write_text_atomic
 from distmed.cli import add_debug_option, run_entry_point
 from distmed.errors import UserError
+from distmed.inference import load_inference_model
 from distmed.metrics import (
     CI_METRICS,
     binary_metrics_at,
@@ -37,8 +38,8 @@ from distmed.metrics import (
     sensitivity_threshold,
     youden_threshold,
 )
-from distmed.refit import TEST_PREDICTIONS, load_model, save_threshold
-from distmed.results import read_trial_detail
+from distmed.refit import TEST_PREDICTIONS, save_threshold
+from distmed.results import oof_predictions, read_trial_detail
 from distmed.savedmodel import SavedModel, Threshold
 from distmed.summary import RunSummary
 
@@ -182,15 +183,6 @@ def _load_test(path: Path) -> dict[str, np.ndarray] | None:
         return None
     with np.load(path, allow_pickle=False) as saved:
         return {key: saved[key] for key in saved.files}
-
-
-def oof_predictions(detail: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """The best trial's out-of-fold validation (labels, probabilities), all folds pooled."""
-    if not detail or not all(f.get("val_labels") for f in detail["folds"]):
-        return None
-    labels = np.concatenate([np.asarray(f["val_labels"]) for f in detail["folds"]])
-    probs = np.concatenate([np.asarray(f["val_probs"]) for f in detail["folds"]])
-    return labels, probs
 
 
 # --------------------------------------------------------------------------- threshold
@@ -387,7 +379,7 @@ def gradcam_section(run: RunData, figures: Path, threshold: Threshold | None) ->
     decision = _decide(probs, run.positive, threshold.value if threshold else None)
     chosen = pick_examples(labels, decision, probs, GRADCAM_PER_GROUP)
     images = np.load(images_path, mmap_mode="r")[chosen]
-    model, _ = load_model(run.model_path)
+    model, _ = load_inference_model(run.model_path)
     maps = gradcam_maps(model, images, [int(decision[i]) for i in chosen])
     names = run.class_names
     tiles = [

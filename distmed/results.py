@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from distmed.artifacts import read_text_uri, write_text_atomic, write_text_uri
 from distmed.config import ExperimentConfig, dump_config
 from distmed.space import apply_params
@@ -105,6 +107,16 @@ def collect_rows(
             )
         )
     return sorted(rows, key=lambda r: (positions[r.trial_id], r.trial_id))
+
+
+def completed_score(metrics: dict[str, Any] | None) -> float | None:
+    """The CV ROC-AUC of a last report that ended its CV cleanly (a trial `best_row` can
+    pick), else None. Errors are not in the metrics: the caller knows them."""
+    metrics = metrics or {}
+    if not metrics.get("cv_complete") or metrics.get("folds_diverged"):
+        return None
+    score = float(metrics.get("cv_roc_auc", math.nan))
+    return score if math.isfinite(score) else None
 
 
 def best_row(rows: list[TrialRow]) -> TrialRow | None:
@@ -203,3 +215,15 @@ def read_trial_detail(run_uri: str) -> dict[str, Any] | None:
     """What `write_trial_detail` saved, or None when the trial has no such file."""
     text = read_text_uri(f"{run_uri}/{TRIAL_DETAIL}")
     return None if text is None else json.loads(text)
+
+
+def oof_predictions(detail: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """A trial's out-of-fold validation (labels (N,), probabilities (N, K)), folds pooled.
+
+    None when the trial saved no detail or a fold has no predictions.
+    """
+    if not detail or not all(f.get("val_labels") for f in detail["folds"]):
+        return None
+    labels = np.concatenate([np.asarray(f["val_labels"]) for f in detail["folds"]])
+    probs = np.concatenate([np.asarray(f["val_probs"]) for f in detail["folds"]])
+    return labels, probs

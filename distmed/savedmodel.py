@@ -8,8 +8,9 @@ damaged file is one `UserError` line naming it, never a 22 GB allocation or a Ke
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeGuard
 
 import torch
 from pydantic import (
@@ -22,12 +23,17 @@ from pydantic import (
 )
 
 from distmed.artifacts import atomic_path, read_torch_file
+from distmed.calibration import TemperatureFit
 from distmed.config import DataConfig, ExperimentConfig, ImageSize, format_validation_error
 from distmed.data import IMAGENET_MEAN, IMAGENET_STD, DecodeOptions
 from distmed.errors import UserError
 
 MODEL_FORMAT = 1
 WEIGHTS_KEY = "model_state"
+# The best trial's fold models (weights only): the CV estimate's own models, for
+# `--ensemble folds`. Absent from files written before they were kept.
+FOLD_WEIGHTS_KEY = "fold_states"
+MAX_FOLD_MODELS = 1_000  # cv.folds (50) x cv.repeats (20) at most
 MAX_CLASSES = 10_000  # the head is built before the weights load: bound what it allocates
 ClassName = Annotated[str, Field(min_length=1, max_length=256)]
 UnitFloat = Annotated[float, Field(ge=0, le=1)]
@@ -95,6 +101,14 @@ class Threshold(_Record):
     validation_specificity: UnitFloat | None = None
 
 
+class FoldModels(_Record):
+    """Where the fold models in `best_model.pt` came from (their weights sit beside it)."""
+
+    trial: str = Field(max_length=100, description="the search trial whose folds they are")
+    num_models: int = Field(ge=2, le=MAX_FOLD_MODELS)
+    stop_epochs: list[Annotated[int, Field(ge=1)]] = Field(max_length=MAX_FOLD_MODELS)
+
+
 class SavedModel(_Record):
     """Everything in `best_model.pt` except the weights."""
 
@@ -106,6 +120,10 @@ class SavedModel(_Record):
     positive_index: int | None = Field(None, ge=0, description="binary tasks: the scored class")
     preprocessing: Preprocessing
     threshold: Threshold | None = None
+    fold_models: FoldModels | None = None
+    # Temperature scaling fitted on the best trial's out-of-fold predictions; predict, the
+    # app, evaluate and export divide the logits by it (`distmed.inference`).
+    calibration: TemperatureFit | None = None
 
     @field_validator("format")
     @classmethod
@@ -134,10 +152,24 @@ class SavedModel(_Record):
     def positive_class(self) -> str | None:
         return None if self.positive_index is None else self.class_names[self.positive_index]
 
-    def save(self, path: Path, state: dict[str, torch.Tensor]) -> None:
-        """Write `best_model.pt` atomically (a kill leaves the old file or the new one)."""
+    def save(
+        self,
+        path: Path,
+        state: dict[str, torch.Tensor],
+        fold_states: Sequence[dict[str, torch.Tensor]] = (),
+    ) -> None:
+        """Write `best_model.pt` atomically (a kill leaves the old file or the new one).
+
+        `fold_states` (as many as `fold_models.num_models`) are the fold models' weights.
+        """
+        expected = self.fold_models.num_models if self.fold_models else 0
+        if len(fold_states) != expected:
+            raise ValueError(f"{len(fold_states)} fold states for {expected} fold models")
+        payload = {**self.model_dump(mode="json"), WEIGHTS_KEY: state}
+        if fold_states:
+            payload[FOLD_WEIGHTS_KEY] = list(fold_states)
         with atomic_path(path) as tmp:
-            torch.save({**self.model_dump(mode="json"), WEIGHTS_KEY: state}, tmp)
+            torch.save(payload, tmp)
 
     @classmethod
     def load(cls, path: Path) -> SavedModel:
@@ -146,15 +178,24 @@ class SavedModel(_Record):
 
     @classmethod
     def load_with_weights(cls, path: Path) -> tuple[SavedModel, dict[str, torch.Tensor]]:
+        """The fields and the refit model's state dict (parameter name -> tensor)."""
+        saved, state, _ = cls.load_all(path)
+        return saved, state
+
+    @classmethod
+    def load_all(
+        cls, path: Path
+    ) -> tuple[SavedModel, dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
         """Read and validate `best_model.pt` safely (`weights_only=True`).
 
         Returns:
-            The fields, and the state dict (parameter name -> tensor).
+            The fields, the refit model's state dict (parameter name -> tensor), and the
+            fold models' state dicts (empty when the file keeps none).
 
         Raises:
             UserError: no such file, empty, truncated, random bytes, pickled objects, a
-                missing or out-of-bounds field, weights that are not a state dict; one
-                line naming `path`.
+                missing or out-of-bounds field, weights that are not a state dict, fold
+                weights that do not match `fold_models`; one line naming `path`.
         """
         if not path.is_file():
             raise UserError(f"--model {path}: no such file (a best_model.pt from distmed.tune)")
@@ -162,21 +203,35 @@ class SavedModel(_Record):
         if not isinstance(payload, dict):
             kind = type(payload).__name__
             raise UserError(f"--model {path}: holds a {kind}, not a best_model.pt")
-        fields = {k: v for k, v in payload.items() if k != WEIGHTS_KEY}
+        fields = {k: v for k, v in payload.items() if k not in (WEIGHTS_KEY, FOLD_WEIGHTS_KEY)}
         if fields and all(isinstance(v, torch.Tensor) for v in payload.values()):
             raise UserError(
                 f"--model {path}: a bare state dict (weights only), not a best_model.pt; "
                 "give it to training as model.weights instead"
             )
         state = payload.get(WEIGHTS_KEY)
-        if not isinstance(state, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-        ):
+        if not _is_state_dict(state):
             raise UserError(f"--model {path}: '{WEIGHTS_KEY}' is missing or not a state dict")
         try:
-            return cls.model_validate(fields), state
+            saved = cls.model_validate(fields)
         except ValidationError as exc:
             raise UserError(f"--model {path}: {_problems(exc)}") from exc
+        folds = payload.get(FOLD_WEIGHTS_KEY, [])
+        expected = saved.fold_models.num_models if saved.fold_models else 0
+        if not isinstance(folds, list) or len(folds) != expected:
+            raise UserError(
+                f"--model {path}: '{FOLD_WEIGHTS_KEY}' does not hold the {expected} fold "
+                "models its fold_models field announces; a damaged file?"
+            )
+        if not all(_is_state_dict(fold) for fold in folds):
+            raise UserError(f"--model {path}: '{FOLD_WEIGHTS_KEY}' holds a non-state dict")
+        return saved, state, folds
+
+
+def _is_state_dict(value: object) -> TypeGuard[dict[str, torch.Tensor]]:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
+    )
 
 
 def _problems(exc: ValidationError) -> str:

@@ -30,6 +30,7 @@ from distmed.artifacts import delete_checkpoints
 from distmed.config import ExperimentConfig
 from distmed.cv import FoldPlan, cross_validate
 from distmed.resources import TRIAL_CPU, WorkerLayout
+from distmed.results import completed_score
 from distmed.space import SearchSpaceFile, apply_params, to_tune_domains
 
 log = logging.getLogger(__name__)
@@ -182,16 +183,34 @@ def _drop_restore_hint(record: logging.LogRecord) -> bool:
     return "Tuner.restore" not in record.getMessage()
 
 
-class DropTrialCheckpoints(ray.tune.Callback):
-    """Delete a trial's Train checkpoints once it has ended: its score is recorded."""
+class KeepBestCheckpoints(ray.tune.Callback):
+    """Delete a trial's Train checkpoints once it has ended, unless it is the best so far.
+
+    The best completed trial's last checkpoint holds its fold models, which `best_model.pt`
+    keeps (weights only) for `--ensemble folds`; a trial that overtakes it frees the old
+    best's. Decided from every trial's last report, so a resumed search needs no state.
+    After the refit `distmed.tune` deletes what is left.
+    """
 
     def __init__(self, train_storage: str) -> None:
         self.train_storage = train_storage
+        self.deleted: set[str] = set()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        delete_checkpoints(f"{self.train_storage}/{trial_run_name(trial.trial_id)}")
+        scores = {t.trial_id: completed_score(t.last_result) for t in trials}
+        best = max((s for s in scores.values() if s is not None), default=None)
+        ended = [t for t in trials if t.is_finished() or t is trial]
+        for t in ended:
+            score = scores[t.trial_id]
+            if t.trial_id not in self.deleted and (score is None or best is None or score < best):
+                self._delete(t.trial_id)
 
-    on_trial_error = on_trial_complete
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._delete(trial.trial_id)
+
+    def _delete(self, trial_id: str) -> None:
+        delete_checkpoints(f"{self.train_storage}/{trial_run_name(trial_id)}")
+        self.deleted.add(trial_id)
 
 
 def build_sampler(algorithm: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -235,7 +254,7 @@ def build_tuner(
             callbacks=[
                 EpochLines(),
                 EndedTrials(),
-                DropTrialCheckpoints(context.train_storage),
+                KeepBestCheckpoints(context.train_storage),
                 *callbacks,
             ],
             verbose=2 if verbose else 1,

@@ -61,6 +61,8 @@ class RunSummary(BaseModel):
     # After the refit (test metrics only where the data has a test split):
     refit_epochs: int | None = Field(None, ge=1)
     test_metrics: dict[str, int | float] | None = None  # num_samples is an int
+    # The best trial's fold models averaged (`--ensemble folds`), on the same test split.
+    test_metrics_folds: dict[str, int | float] | None = None
     wall_time_s: float | None = Field(None, ge=0)
 
     def save(self, path: Path) -> None:

@@ -24,6 +24,7 @@ import yaml
 
 from distmed import __version__
 from distmed.artifacts import delete_checkpoints, upload_dir
+from distmed.calibration import TemperatureFit, fit_temperature
 from distmed.cli import (
     add_common_options,
     inspect_data,
@@ -34,11 +35,14 @@ from distmed.cli import (
 from distmed.cv import PreparedData, prepare_data, share_images, storage_uri
 from distmed.data import DataIndex, describe_index, scan_source
 from distmed.errors import UserError
+from distmed.inference import Ensemble, load_inference_model
 from distmed.model import check_weights, warn_frozen_random_stages
+from distmed.nested import NestedRun, run_nested
 from distmed.refit import (
     TEST_PREDICTIONS,
+    TEST_PREDICTIONS_FOLDS,
     evaluate_test,
-    load_model,
+    final_fold_states,
     refit,
     refit_epochs,
     save_model,
@@ -57,10 +61,13 @@ from distmed.results import (
     best_row,
     collect_rows,
     format_table,
+    oof_predictions,
+    read_trial_detail,
     status_counts,
     write_best_config,
     write_trials_csv,
 )
+from distmed.savedmodel import FoldModels, SavedModel
 from distmed.search import (
     EndedTrials,
     StopOnCtrlC,
@@ -68,6 +75,7 @@ from distmed.search import (
     build_tuner,
     experiment_path,
     restore_tuner,
+    trial_run_name,
 )
 from distmed.space import SearchSpaceFile, load_space
 from distmed.summary import DataSummary, RunSummary
@@ -136,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the experiment --name in --storage"
     )
     parser.add_argument(
+        "--nested",
+        type=int,
+        metavar="K",
+        help="nested cross-validation: K outer folds, each with its own search on the rest; "
+        "the mean outer score estimates the whole procedure (K x the cost; no model kept)",
+    )
+    parser.add_argument(
         "--dry-run", action="store_true", help="print the resolved base config and space, then exit"
     )
     parser.add_argument(
@@ -160,6 +175,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.resume and not args.name:
         raise UserError("--resume needs --name: the experiment to continue (a folder in --storage)")
+    if args.nested is not None and not 2 <= args.nested <= 20:
+        raise UserError(f"--nested {args.nested}: use 2 to 20 outer folds, e.g. --nested 3")
     name = args.name or f"{Path(args.space).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     exp_uri = experiment_path(storage_uri(args.storage), name)
     prepared, inspection = _prepare_data(spec)
@@ -170,9 +187,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.address:  # workers may run on nodes without this node's decoded-image cache
         prepared = replace(prepared, plan=share_images(prepared.plan))
     resume = resume_command(args.argv, name)
-    with StopOnCtrlC(on_exit=f"continue the search with: {resume}") as ctrl_c:
-        grid = _search(args, spec, prepared, name, exp_uri)
     local = _local_results_dir(args.storage, name)
+    if args.nested:
+        return run_nested(
+            NestedRun(args, spec, prepared, name, storage_uri(args.storage), local, resume),
+            search=_search,
+            publish=lambda: _publish(local, args.storage, name),
+        )
+    with StopOnCtrlC(on_exit=f"continue the search with: {resume}") as ctrl_c:
+        grid = _search(args, spec, prepared, name, storage_uri(args.storage), args.resume, local)
     keys = list(spec.space)
     rows = collect_rows(grid, keys, ended=EndedTrials.ended if ctrl_c.interrupted else None)
     write_trials_csv(local / "trials.csv", rows, keys)
@@ -209,6 +232,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     summary.save(local / "summary.json")  # the search result is safe before the refit
     update = _refit_and_test(args, chosen, best, prepared, exp_uri, local)
+    for row in rows:  # the best trial's fold models are in best_model.pt now; ties kept theirs
+        delete_checkpoints(f"{exp_uri}/trials/{trial_run_name(row.trial_id)}")
     update["wall_time_s"] = time.perf_counter() - started
     summary = summary.model_copy(update=update)
     summary.save(local / "summary.json")
@@ -242,7 +267,20 @@ def _prepare_data(spec: SearchSpaceFile) -> tuple[PreparedData, dict[str, Any]]:
     return prepare_data(spec.base, scanned, _batch_sizes(spec)), inspection
 
 
-def _search(args, spec: SearchSpaceFile, prepared: PreparedData, name: str, exp_uri: str):
+def _search(
+    args,
+    spec: SearchSpaceFile,
+    prepared: PreparedData,
+    name: str,
+    storage: str,
+    resume: bool,
+    run_dir: Path,
+):
+    """Run (or, with `resume`, continue) the search `name` under `storage`; its ResultGrid.
+
+    `run_dir` is the local results folder (W&B keeps its files there).
+    """
+    exp_uri = experiment_path(storage, name)
     search = spec.search
     concurrent = concurrency_limit(
         search.max_concurrent, search.num_samples, spec.base.scaling, args.cpu
@@ -252,25 +290,24 @@ def _search(args, spec: SearchSpaceFile, prepared: PreparedData, name: str, exp_
         spec.base.model_dump(mode="json"), prepared.plan, layout, f"{exp_uri}/trials"
     )
     gpu = f" + {layout.gpus_per_worker:g} GPU" if layout.use_gpu else ""
+    images = len(prepared.plan.folds[0]["train"]) + len(prepared.plan.folds[0]["val"])
     print(
         f"distmed {__version__}: {search.num_samples} trials on {prepared.index.name} "
-        f"({len(prepared.index.pool)} images, {spec.base.cv.folds} folds), {concurrent} at a "
+        f"({images} images, {len(prepared.plan.folds)} folds), {concurrent} at a "
         f"time, {layout.num_workers} worker(s) x {layout.cpus_per_worker:g} CPU{gpu} each "
         f"-> {exp_uri}",
         flush=True,
     )
     keep_secrets_out_of_ray()
     EndedTrials.ended.clear()
-    if args.resume:
+    if resume:
         return restore_tuner(exp_uri, context).fit()
-    run_dir = _local_results_dir(args.storage, name)
     tracking = spec.base.tracking
     callbacks = [
         *wandb_callbacks(tracking.wandb, group=name, run_dir=run_dir),
         *mlflow_callbacks(tracking.mlflow, experiment=name),
         *tensorboard_callbacks(),
     ]
-    storage = storage_uri(args.storage)
     return build_tuner(spec, context, name, storage, concurrent, callbacks, args.verbose).fit()
 
 
@@ -289,7 +326,9 @@ def _summary_head(
 
 
 def _refit_and_test(args, chosen, best, prepared: PreparedData, exp_uri: str, local: Path):
-    """Refit the best config on the whole CV pool; evaluate the test split once."""
+    """Refit the best config on the whole CV pool, keep the best trial's fold models and
+    fit the temperature on its out-of-fold predictions; evaluate the test split once with
+    the refit model and with the fold ensemble."""
     epochs = refit_epochs(best.fold_epochs)
     index, cache, plan = prepared.index, prepared.cache, prepared.plan
     run_name = f"refit-{best.trial_id}"
@@ -305,20 +344,68 @@ def _refit_and_test(args, chosen, best, prepared: PreparedData, exp_uri: str, lo
         layout = plan_workers(chosen.scaling, force_cpu=args.cpu)
         wait_for_free_resources(layout, "the refit")
         state = refit(chosen, plan, layout, f"{exp_uri}/refit", run_name, epochs)
-        channels, positive = cache.channels, plan.positive
-        save_model(model_path, state, chosen, index.class_names, channels, positive, run_name)
+        trials = f"{exp_uri}/trials"
+        fold_states = final_fold_states(
+            f"{trials}/{trial_run_name(best.trial_id)}", best.epochs_reported
+        )
+        folds = (
+            FoldModels(
+                trial=best.trial_id, num_models=len(fold_states), stop_epochs=best.fold_epochs
+            )
+            if fold_states
+            else None
+        )
+        detail = read_trial_detail(f"{trials}/cv-{best.trial_id}")
+        calibration = fit_oof_temperature(detail, plan.positive)
+        save_model(
+            model_path,
+            state,
+            chosen,
+            index.class_names,
+            cache.channels,
+            plan.positive,
+            run_name,
+            folds=folds,
+            fold_states=fold_states,
+            calibration=calibration,
+        )
         delete_checkpoints(f"{exp_uri}/refit/{run_name}")
     out: dict[str, Any] = {"refit_epochs": epochs}
     if cache.test_path is not None:
-        model, _ = load_model(model_path)
-        out["test_metrics"] = evaluate_test(
-            model,
-            cache.test_path,
-            index.test.labels,
-            plan.positive,
-            save_to=local / TEST_PREDICTIONS,
-        )
+        choices: list[tuple[Ensemble, str, str]] = [
+            ("refit", "test_metrics", TEST_PREDICTIONS),
+            ("folds", "test_metrics_folds", TEST_PREDICTIONS_FOLDS),
+        ]
+        for ensemble, key, file in choices:
+            if ensemble == "folds" and SavedModel.load(model_path).fold_models is None:
+                continue
+            model, _ = load_inference_model(model_path, ensemble)
+            out[key] = evaluate_test(
+                model, cache.test_path, index.test.labels, plan.positive, save_to=local / file
+            )
     return out
+
+
+def fit_oof_temperature(
+    detail: dict[str, Any] | None, positive: int | None
+) -> TemperatureFit | None:
+    """The temperature fitted on the best trial's out-of-fold predictions (never the test
+    split); None, with one line saying why, when they are missing or too few."""
+    oof = oof_predictions(detail)
+    if oof is None:
+        print("calibration: the best trial saved no out-of-fold predictions; none fitted")
+        return None
+    try:
+        fit = fit_temperature(*oof, positive=positive)
+    except UserError as exc:
+        print(f"calibration: not fitted ({exc})")
+        return None
+    print(
+        f"calibration: temperature {fit.temperature:.3f} on {fit.num_samples} out-of-fold "
+        f"predictions (ECE {fit.ece_before:.4f} -> {fit.ece_after:.4f})",
+        flush=True,
+    )
+    return fit
 
 
 def _print_results(rows, keys, best, summary: RunSummary, local: Path, report: Path | None) -> None:
@@ -333,13 +420,16 @@ def _print_results(rows, keys, best, summary: RunSummary, local: Path, report: P
     print("best configuration (best_config.yaml):")
     for key, value in best.params.items():
         print(f"  {key}: {value}")
-    if summary.test_metrics is not None:
-        test = summary.test_metrics
-        print(
-            f"test split (used once, refit model): ROC-AUC {test['roc_auc']:.4f}, "
-            f"accuracy {test['accuracy']:.4f}, sensitivity {test['sensitivity']:.4f}, "
-            f"specificity {test['specificity']:.4f}"
-        )
+    for title, test in (
+        ("refit model", summary.test_metrics),
+        ("fold ensemble", summary.test_metrics_folds),
+    ):
+        if test is not None:
+            print(
+                f"test split ({title}, scored once): ROC-AUC {test['roc_auc']:.4f}, "
+                f"accuracy {test['accuracy']:.4f}, sensitivity {test['sensitivity']:.4f}, "
+                f"specificity {test['specificity']:.4f}"
+            )
     print(f"results: {local}  ({summary.wall_time_s or 0:.0f} s)")
     if report is not None:
         print(f"report: {report}")

@@ -159,6 +159,14 @@ def test_search_stops_poor_trials_writes_results_and_hides_the_key(
     payload = torch.load(out / "best_model.pt", weights_only=True)
     assert payload["class_names"] == ["neg", "pos"]
     assert payload["preprocessing"]["image_size"] == 16
+    # The best trial's fold models (weights only), its stop epochs, and the temperature
+    # fitted on its out-of-fold predictions travel in the model file.
+    assert payload["fold_models"]["trial"] == summary["best_trial"]
+    assert len(payload["fold_states"]) == 2 and "optimizer" not in payload["fold_states"][0]
+    assert payload["fold_models"]["stop_epochs"] == [2, 2]
+    assert payload["calibration"]["num_samples"] == 40 and payload["calibration"]["temperature"] > 0
+    assert summary["test_metrics_folds"]["num_samples"] == 16
+    assert "fold ensemble" in printed
     kept = [p for p in (out / "trials").glob("*/checkpoint_*") if p.is_dir()]
     assert kept == [], "finished trials keep no checkpoints"
     _check_report(out, summary)
@@ -196,6 +204,33 @@ def test_search_stops_poor_trials_writes_results_and_hides_the_key(
         assert sorted(r["trial_id"] for r in csv.DictReader(handle)) == sorted(
             r["trial_id"] for r in rows
         )
+
+
+def test_nested_search_scores_each_outer_fold_once(ray_session, tmp_path: Path, capsys):
+    """--nested 2 with 2 inner folds: two inner searches, each refit on its outer training
+    part and scored on its outer validation part; nested.json holds both and their mean."""
+    data = _split_folder(tmp_path / "data")
+    search = {"num_samples": 1, "seed": 0, "scheduler": {"type": "none"}}
+    space = _space(tmp_path, data, search)
+    argv = ["--space", str(space), "--storage", str(tmp_path / "runs"), "--name", "nest"]
+    argv += ["--nested", "2", "--set", "train.epochs=1"]
+    assert tune.main(argv) == 0
+    printed = capsys.readouterr().out
+    out = tmp_path / "runs" / "nest"
+    nested = json.loads((out / "nested.json").read_text())
+    assert [f["fold"] for f in nested["folds"]] == [0, 1]
+    assert [f["num_val"] for f in nested["folds"]] == [20, 20]  # 40 pool images, halves
+    assert all(f["num_train"] == 20 for f in nested["folds"])
+    outer = [f["outer_metrics"]["roc_auc"] for f in nested["folds"]]
+    assert nested["mean_outer_roc_auc"] == pytest.approx(sum(outer) / 2)
+    assert "nested CV estimate" in printed
+    for k in (0, 1):
+        assert (out / f"outer-{k}" / "trials.csv").is_file()
+        assert (out / f"outer-{k}" / "best_config.yaml").is_file()
+    assert not (out / "best_model.pt").exists()  # nested CV estimates; it keeps no model
+    # --resume of a finished nested search skips both outer folds.
+    assert tune.main([*argv, "--resume"]) == 0
+    assert capsys.readouterr().out.count("done before, skipped") == 2
 
 
 def _check_report(out: Path, summary: dict) -> None:

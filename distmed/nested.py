@@ -1,0 +1,299 @@
+"""`distmed.tune --nested K`: nested cross-validation of the whole search procedure.
+
+The CV pool is split into K outer folds (stratified, patient-grouped like every fold). For
+each outer fold an ordinary search (the same space, sampler, scheduler and inner k-fold CV)
+runs on the outer training part only; its best configuration is refit there and scored
+once on the outer validation part. The mean outer score estimates how well "search, then
+refit" does on new data, the search's own selection included, which the best trial's CV
+score overstates (Varma & Simon 2006, BMC Bioinformatics 7:91; Cawley & Talbot 2010, JMLR
+11:2079). The test split is not used. A finished outer fold is recorded in `nested.json`
+and skipped by `--resume`; an unfinished one continues its own search.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from distmed.artifacts import delete_checkpoints, write_json_atomic
+from distmed.cv import FoldPlan, PreparedData, fold_specs, make_folds
+from distmed.data import Split
+from distmed.errors import UserError
+from distmed.inference import InferenceModel
+from distmed.metrics import METRIC_NAMES
+from distmed.model import build_model
+from distmed.refit import evaluate_test, refit, refit_epochs
+from distmed.resources import plan_workers, wait_for_free_resources
+from distmed.results import (
+    best_config,
+    best_row,
+    collect_rows,
+    write_best_config,
+    write_trials_csv,
+)
+from distmed.search import EndedTrials, StopOnCtrlC, experiment_path, trial_run_name
+from distmed.space import SearchSpaceFile
+
+NESTED_FILE = "nested.json"
+EXIT_INTERRUPTED = 130  # as distmed.tune
+
+
+class OuterFold(BaseModel):
+    """One outer fold's result: what its inner search chose and how that scored outside."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fold: int = Field(ge=0)
+    num_train: int = Field(ge=1, description="outer training images (the inner search's pool)")
+    num_val: int = Field(ge=1, description="outer validation images (scored once)")
+    best_trial: str
+    inner_cv_roc_auc: float = Field(description="the chosen trial's inner CV ROC-AUC")
+    params: dict[str, Any]
+    refit_epochs: int = Field(ge=1)
+    outer_metrics: dict[str, float]
+
+
+class NestedSummary(BaseModel):
+    """`nested.json`: every finished outer fold and, once all are, their mean."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    outer_folds: int = Field(ge=2)
+    inner_folds: int = Field(ge=2)
+    trials_per_search: int = Field(ge=1)
+    folds: list[OuterFold] = Field(default_factory=list)
+    mean_outer_roc_auc: float | None = None
+    std_outer_roc_auc: float | None = None
+    mean_inner_cv_roc_auc: float | None = None
+    outer_metrics_mean: dict[str, float] | None = None
+    wall_time_s: float | None = None
+
+    def finished(self, fold: int) -> OuterFold | None:
+        return next((f for f in self.folds if f.fold == fold), None)
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(path, self.model_dump(mode="json"))
+
+
+@dataclass(frozen=True)
+class NestedRun:
+    """What `distmed.tune` hands over: its arguments, the prepared data and where to write."""
+
+    args: Any  # the parsed command line (`--nested K`, `--cpu`, `--resume`, ...)
+    spec: SearchSpaceFile
+    prepared: PreparedData
+    name: str
+    storage: str  # the results root as a URI or absolute path
+    local: Path  # this experiment's local results folder
+    resume_command: str
+
+
+Search = Callable[..., Any]  # distmed.tune._search
+
+
+def run_nested(run: NestedRun, search: Search, publish: Callable[[], None]) -> int:
+    """All outer folds in turn; writes `nested.json` after each. Returns the exit status."""
+    started = time.perf_counter()
+    outer_k = run.args.nested
+    spec, prepared = run.spec, run.prepared
+    plan = prepared.plan
+    outer = outer_assignment(prepared, outer_k, spec)
+    path = run.local / NESTED_FILE
+    summary = _load_or_start(path, run, outer_k)
+    exp_uri = experiment_path(run.storage, run.name)
+    for k in range(outer_k):
+        if summary.finished(k) is not None:
+            print(f"outer fold {k + 1}/{outer_k}: done before, skipped", flush=True)
+            continue
+        train_idx, val_idx = np.flatnonzero(outer != k), np.flatnonzero(outer == k)
+        inner = replace(prepared, plan=inner_plan(plan, train_idx, prepared, spec))
+        print(
+            f"outer fold {k + 1}/{outer_k}: searching on {len(train_idx)} images, "
+            f"scoring on {len(val_idx)}",
+            flush=True,
+        )
+        fold_name = f"outer-{k}"
+        fold_dir = run.local / fold_name
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        resume = _can_restore(f"{exp_uri}/{fold_name}")
+        with StopOnCtrlC(on_exit=f"continue with: {run.resume_command}") as ctrl_c:
+            grid = search(run.args, spec, inner, fold_name, exp_uri, resume, fold_dir)
+        keys = list(spec.space)
+        rows = collect_rows(grid, keys, ended=EndedTrials.ended if ctrl_c.interrupted else None)
+        write_trials_csv(fold_dir / "trials.csv", rows, keys)
+        if ctrl_c.interrupted:
+            summary.model_copy(update={"wall_time_s": time.perf_counter() - started}).save(path)
+            publish()
+            print(f"nested search interrupted; continue it with: {run.resume_command}")
+            return EXIT_INTERRUPTED
+        result = score_outer_fold(run, inner.plan, rows, k, val_idx, f"{exp_uri}/{fold_name}")
+        write_best_config(fold_dir / "best_config.yaml", best_config(spec.base, _best(rows, k)))
+        summary = summary.model_copy(update={"folds": [*summary.folds, result]})
+        summary.save(path)
+        publish()
+        print(
+            f"outer fold {k + 1}/{outer_k}: inner CV ROC-AUC {result.inner_cv_roc_auc:.4f}, "
+            f"outer ROC-AUC {result.outer_metrics['roc_auc']:.4f}",
+            flush=True,
+        )
+    summary = finish(summary, time.perf_counter() - started)
+    summary.save(path)
+    publish()
+    print(format_nested(summary, path))
+    return 0
+
+
+def outer_assignment(prepared: PreparedData, outer_k: int, spec: SearchSpaceFile) -> np.ndarray:
+    """Outer fold (0..K-1) of every pool image: stratified and grouped like the inner folds."""
+    cv = spec.base.cv.model_copy(update={"folds": outer_k})
+    try:
+        return make_folds(prepared.index.pool, cv, prepared.index.class_names)
+    except UserError as exc:  # its text speaks of cv.folds; here the K is --nested's
+        raise UserError(f"--nested {outer_k} (outer folds): {exc}") from exc
+
+
+def inner_plan(
+    plan: FoldPlan, train_idx: np.ndarray, prepared: PreparedData, spec: SearchSpaceFile
+) -> FoldPlan:
+    """The inner k-fold plan over the outer training part, in pool positions.
+
+    The images and labels stay the whole pool's (one decoded cache); only the fold index
+    lists change, and none of them holds an outer validation image.
+    """
+    pool = prepared.index.pool
+    part = Split(
+        ids=[pool.ids[i] for i in train_idx],
+        labels=pool.labels[train_idx],
+        groups=None if pool.groups is None else pool.groups[train_idx],
+    )
+    assignment = make_folds(part, spec.base.cv, prepared.index.class_names)
+    specs = fold_specs(assignment, spec.base.cv.folds)
+    return replace(
+        plan,
+        folds=[
+            {"train": train_idx[s["train"]].tolist(), "val": train_idx[s["val"]].tolist()}
+            for s in specs
+        ],
+    )
+
+
+def score_outer_fold(
+    run: NestedRun,
+    inner: FoldPlan,
+    rows: list,
+    k: int,
+    val_idx: np.ndarray,
+    fold_uri: str,
+) -> OuterFold:
+    """Refit the inner search's best configuration on the outer training part; score it
+    once on the outer validation part."""
+    best = _best(rows, k)
+    chosen = best_config(run.spec.base, best)
+    epochs = refit_epochs(best.fold_epochs)
+    layout = plan_workers(chosen.scaling, force_cpu=run.args.cpu)
+    wait_for_free_resources(layout, f"outer fold {k}'s refit")
+    run_name = f"refit-{best.trial_id}"
+    print(f"outer fold {k + 1}: refitting trial {best.trial_id} for {epochs} epochs", flush=True)
+    state = refit(chosen, inner, layout, f"{fold_uri}/refit", run_name, epochs)
+    delete_checkpoints(f"{fold_uri}/refit/{run_name}")
+    for row in rows:
+        delete_checkpoints(f"{fold_uri}/trials/{trial_run_name(row.trial_id)}")
+    network = build_model(chosen.model.model_copy(update={"weights": "none"}), inner.num_classes)
+    network.load_state_dict(state)
+    labels = np.asarray(inner.labels)
+    metrics = evaluate_test(
+        InferenceModel([network]).eval(),
+        Path(inner.images_path),
+        labels,
+        inner.positive,
+        indices=val_idx,
+    )
+    return OuterFold(
+        fold=k,
+        num_train=len(labels) - len(val_idx),
+        num_val=len(val_idx),
+        best_trial=best.trial_id,
+        inner_cv_roc_auc=best.cv_roc_auc,
+        params=best.params,
+        refit_epochs=epochs,
+        outer_metrics={key: float(value) for key, value in metrics.items()},
+    )
+
+
+def finish(summary: NestedSummary, wall_s: float) -> NestedSummary:
+    """The summary with the outer folds' means (the nested estimate) filled in."""
+    outer = [f.outer_metrics["roc_auc"] for f in summary.folds]
+    return summary.model_copy(
+        update={
+            "mean_outer_roc_auc": float(np.mean(outer)),
+            "std_outer_roc_auc": float(np.std(outer)),
+            "mean_inner_cv_roc_auc": float(np.mean([f.inner_cv_roc_auc for f in summary.folds])),
+            "outer_metrics_mean": {
+                name: float(np.mean([f.outer_metrics[name] for f in summary.folds]))
+                for name in METRIC_NAMES
+            },
+            "wall_time_s": (summary.wall_time_s or 0) + wall_s,
+        }
+    )
+
+
+def format_nested(summary: NestedSummary, path: Path) -> str:
+    lines = ["outer fold  best trial  inner CV ROC-AUC  outer ROC-AUC  outer accuracy"]
+    for f in summary.folds:
+        lines.append(
+            f"{f.fold:>10}  {f.best_trial:>10}  {f.inner_cv_roc_auc:>16.4f}  "
+            f"{f.outer_metrics['roc_auc']:>13.4f}  {f.outer_metrics['accuracy']:>14.4f}"
+        )
+    lines.append(
+        f"nested CV estimate (mean of {summary.outer_folds} outer folds): ROC-AUC "
+        f"{summary.mean_outer_roc_auc:.4f} ± {summary.std_outer_roc_auc:.4f}; the inner "
+        f"searches' best CV ROC-AUC averaged {summary.mean_inner_cv_roc_auc:.4f} (the "
+        "optimism of picking the best trial on its own score)"
+    )
+    lines.append(
+        f"results: {path}  ({summary.wall_time_s or 0:.0f} s). For the model itself, run the "
+        "same search without --nested."
+    )
+    return "\n".join(lines)
+
+
+def _best(rows: list, k: int):
+    best = best_row(rows)
+    if best is None:
+        raise UserError(f"outer fold {k}: no trial of its inner search completed; nothing to refit")
+    return best
+
+
+def _load_or_start(path: Path, run: NestedRun, outer_k: int) -> NestedSummary:
+    fresh = NestedSummary(
+        name=run.name,
+        outer_folds=outer_k,
+        inner_folds=run.spec.base.cv.folds,
+        trials_per_search=run.spec.search.num_samples,
+    )
+    if not path.is_file():
+        return fresh
+    if not run.args.resume:
+        raise UserError(
+            f"{path} exists: pass --resume to continue that nested search, or a new --name"
+        )
+    old = NestedSummary.model_validate_json(path.read_text())
+    if (old.outer_folds, old.inner_folds) != (outer_k, fresh.inner_folds):
+        raise UserError(
+            f"{path} was a --nested {old.outer_folds} run with {old.inner_folds} inner folds; "
+            f"resume it with the same --nested and cv.folds, or use a new --name"
+        )
+    return old
+
+
+def _can_restore(uri: str) -> bool:
+    import ray.tune
+
+    return bool(ray.tune.Tuner.can_restore(uri))
