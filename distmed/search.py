@@ -29,6 +29,7 @@ from ray.tune.search.optuna import OptunaSearch
 from distmed.artifacts import delete_checkpoints
 from distmed.config import ExperimentConfig
 from distmed.cv import FoldPlan, cross_validate
+from distmed.loop import format_epoch
 from distmed.resources import TRIAL_CPU, WorkerLayout
 from distmed.space import SearchSpaceFile, apply_params, to_tune_domains
 
@@ -104,13 +105,9 @@ class EpochLines(ray.tune.Callback):
     """One line per trial per epoch, and one when a trial ends (stdout, driver side)."""
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        auc = result.get("cv_roc_auc", float("nan"))
-        print(
-            f"  trial {trial.trial_id} epoch {result.get('epoch')}: CV ROC-AUC {auc:.4f}"
-            f" ± {result.get('cv_roc_auc_std', float('nan')):.4f}, train loss "
-            f"{result.get('train_loss', float('nan')):.4f}",
-            flush=True,
-        )
+        # Tune times each report itself: the seconds since the trial's previous one.
+        line = format_epoch(result, seconds=result.get("time_this_iter_s"))
+        print(f"  trial {trial.trial_id} {line}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}

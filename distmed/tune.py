@@ -304,7 +304,7 @@ def _refit_and_test(args, chosen, best, prepared: PreparedData, exp_uri: str, lo
         )
         layout = plan_workers(chosen.scaling, force_cpu=args.cpu)
         wait_for_free_resources(layout, "the refit")
-        state = refit(chosen, plan, layout, f"{exp_uri}/refit", run_name, epochs)
+        state = refit(chosen, plan, layout, f"{exp_uri}/refit", run_name, epochs, _show)
         channels, positive = cache.channels, plan.positive
         save_model(model_path, state, chosen, index.class_names, channels, positive, run_name)
         delete_checkpoints(f"{exp_uri}/refit/{run_name}")
@@ -408,6 +408,10 @@ def _local_results_dir(storage: str, name: str) -> Path:
         folder = Path(storage).expanduser().resolve() / name
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def _show(line: str) -> None:
+    print(f"  {line}", flush=True)  # indented like the trials' epoch lines
 
 
 def _publish(local: Path, storage: str, name: str) -> None:
