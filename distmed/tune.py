@@ -67,6 +67,7 @@ from distmed.search import (
     TrialContext,
     build_tuner,
     experiment_path,
+    hidden_status_lines,
     restore_tuner,
 )
 from distmed.space import SearchSpaceFile, load_space
@@ -170,7 +171,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.address:  # workers may run on nodes without this node's decoded-image cache
         prepared = replace(prepared, plan=share_images(prepared.plan))
     resume = resume_command(args.argv, name)
-    with StopOnCtrlC(on_exit=f"continue the search with: {resume}") as ctrl_c:
+    with (
+        StopOnCtrlC(on_exit=f"continue the search with: {resume}") as ctrl_c,
+        hidden_status_lines(hide=not args.verbose),
+    ):
         grid = _search(args, spec, prepared, name, exp_uri)
     local = _local_results_dir(args.storage, name)
     keys = list(spec.space)
