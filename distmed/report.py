@@ -381,7 +381,7 @@ def gradcam_section(run: RunData, figures: Path, threshold: Threshold | None) ->
             f"{title}<p>Decoded test images not found at {html.escape(str(images_path))} "
             "(cache cleared?); Grad-CAM skipped.</p>"
         )
-    from distmed.gradcam import cam_layer, gradcam_maps, overlay
+    from distmed.gradcam import FLAT_MAP_NOTE, cam_layer, gradcam_maps, is_flat, overlay
 
     labels, probs = run.test["labels"], run.test["probs"]
     decision = _decide(probs, run.positive, threshold.value if threshold else None)
@@ -394,7 +394,8 @@ def gradcam_section(run: RunData, figures: Path, threshold: Threshold | None) ->
         (
             overlay(image, heat),
             f"true {names[labels[i]]}, pred {names[decision[i]]}\n"
-            f"p={probs[i, decision[i]]:.2f} ({'right' if labels[i] == decision[i] else 'WRONG'})",
+            f"p={probs[i, decision[i]]:.2f} ({'right' if labels[i] == decision[i] else 'WRONG'})"
+            + (f"\n{FLAT_MAP_NOTE}" if is_flat(heat) else ""),
         )
         for i, image, heat in zip(chosen, images, maps, strict=True)
     ]
@@ -406,6 +407,13 @@ def gradcam_section(run: RunData, figures: Path, threshold: Threshold | None) ->
         "deepest ResNet stage whose feature map is at least 4 pixels wide at this image "
         "size (layer4 from 128 px up).</p>"
     )
+    flat = sum(is_flat(heat) for heat in maps)
+    if flat:
+        note += (
+            f"<p>{flat} of {len(maps)} maps are flat (marked): at {layer} the predicted "
+            "class's score had no positive gradient-weighted evidence, so their uniform "
+            "colour says nothing about where the model looked.</p>"
+        )
     return title + note + _figure(path)
 
 
