@@ -81,7 +81,7 @@ class Predictor:
         for batch in predict_batches(self.model, paths, options, BATCH_SIZE, choose_device()):
             readable = [r for r in batch if r.probs is not None]
             pictures = iter(gradcam_pictures(self.model, readable, options) if readable else [])
-            results += [(r, next(pictures) if r.probs is not None else None) for r in batch]
+            results += [(r, next(pictures).picture if r.probs is not None else None) for r in batch]
         return results
 
 

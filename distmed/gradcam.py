@@ -18,6 +18,10 @@ from distmed.data import to_model_input
 from distmed.inference import members
 
 MIN_CAM_SIDE = 4  # a 1x1 or 2x2 map cannot say where in the image the evidence is
+# A map whose values span less than this says nothing about where: pytorch-grad-cam scales
+# each map to [0, 1] by its own range, and returns all zeros when that range is zero.
+FLAT_MAP_RANGE = 1e-6
+FLAT_MAP_NOTE = "flat map: no gradient toward this class"
 
 
 def cam_layer(image_size: int) -> str:
@@ -53,6 +57,16 @@ def _one_network(model: torch.nn.Module, images: np.ndarray, targets: list[int])
     with GradCAM(model=model.eval(), target_layers=[stage[-1]]) as cam:
         maps = cam(input_tensor=inputs, targets=[ClassifierOutputTarget(t) for t in targets])
     return np.asarray(maps, dtype=np.float32)
+
+
+def is_flat(heat: np.ndarray) -> bool:
+    """Whether a heat map (any shape) is (near) constant: max - min < FLAT_MAP_RANGE.
+
+    pytorch-grad-cam gives such a map when the class score's gradients at the CAM stage
+    are all zero, or when the ReLU of the weighted activations is zero everywhere (the
+    stage's evidence all points away from the class); its overlay is a uniform wash.
+    """
+    return bool(np.ptp(heat) < FLAT_MAP_RANGE) if heat.size else True
 
 
 def overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:

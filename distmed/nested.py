@@ -28,7 +28,7 @@ from distmed.errors import UserError
 from distmed.inference import InferenceModel
 from distmed.metrics import METRIC_NAMES
 from distmed.model import build_model
-from distmed.refit import evaluate_test, refit, refit_epochs
+from distmed.refit import evaluate_test, refit, refit_epochs, show_line
 from distmed.resources import plan_workers, wait_for_free_resources
 from distmed.results import (
     best_config,
@@ -201,7 +201,7 @@ def score_outer_fold(
     wait_for_free_resources(layout, f"outer fold {k}'s refit")
     run_name = f"refit-{best.trial_id}"
     print(f"outer fold {k + 1}: refitting trial {best.trial_id} for {epochs} epochs", flush=True)
-    state = refit(chosen, inner, layout, f"{fold_uri}/refit", run_name, epochs)
+    state = refit(chosen, inner, layout, f"{fold_uri}/refit", run_name, epochs, show_line)
     delete_checkpoints(f"{fold_uri}/refit/{run_name}")
     for row in rows:
         delete_checkpoints(f"{fold_uri}/trials/{trial_run_name(row.trial_id)}")

@@ -26,6 +26,7 @@ DPI = 300  # print resolution for the PNGs
 VECTOR_FORMATS = ("svg", "pdf")
 TRAIN_STYLE: dict[str, Any] = {"linestyle": "-", "marker": "o", "markersize": 3}
 VAL_STYLE: dict[str, Any] = {"linestyle": "--", "marker": "s", "markersize": 3}
+UNIT_MARGIN = 0.02  # room around rate axes (ROC, PR) so curves at 0 or 1 stay visible
 
 
 def save(fig: plt.Figure, path: Path, tight: bool = True) -> Path:
@@ -206,9 +207,17 @@ def plot_roc(
         ax.scatter([fpr_op], [tpr_op], color="red", zorder=10, label="operating threshold")
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8)
     ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate")
+    frame_unit_square(ax)
     ax.set_title("Test split: ROC curve")
     ax.legend(fontsize=8, loc="lower right")
     return save(fig, path)
+
+
+def frame_unit_square(ax: plt.Axes) -> None:
+    """Both axes over [0, 1] plus UNIT_MARGIN each side: a curve along 0 or 1 (a perfect
+    recall or precision, the ROC's corners) is drawn inside the frame, not hidden by it."""
+    ax.set_xlim(-UNIT_MARGIN, 1 + UNIT_MARGIN)
+    ax.set_ylim(-UNIT_MARGIN, 1 + UNIT_MARGIN)
 
 
 def _one_vs_rest(labels, probs, class_names, positive):
@@ -256,12 +265,14 @@ def plot_precision_recall(
     positive: int | None,
     path: Path,
 ) -> Path:
+    """Precision against recall of the positive class (binary) or each class one-vs-rest."""
     fig, ax = plt.subplots(figsize=(5.0, 4.6))
     for _, name, truth, score in _one_vs_rest(labels, probs, class_names, positive):
         precision, recall, _ = skm.precision_recall_curve(truth, score)
         ap = skm.average_precision_score(truth, score)
         ax.plot(recall, precision, label=f"{name} (AP {ap:.3f}, prevalence {truth.mean():.2f})")
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision")
+    frame_unit_square(ax)
     ax.set_title("Test split: precision-recall curve")
     ax.legend(fontsize=8, loc="lower left")
     return save(fig, path)

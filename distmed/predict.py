@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -104,16 +105,18 @@ def _run(args: argparse.Namespace) -> int:
     if cam_dir is not None:
         cam_dir.mkdir(parents=True, exist_ok=True)
     threshold = _threshold(args.threshold, saved)
-    results = []
+    results, flat = [], []
     for batch in predict_batches(model, paths, options, args.batch_size, device):
         results += batch
         if cam_dir is not None:
-            write_gradcams(model, batch, options, cam_dir, offset=len(results) - len(batch))
+            flat += write_gradcams(model, batch, options, cam_dir, offset=len(results) - len(batch))
     output = Path(args.output or f"predictions-{datetime.now():%Y%m%d-%H%M%S}.csv")
     write_csv(output, results, saved, threshold)
     bad = [r for r in results if r.probs is None]
     for r in bad:
         print(f"unreadable: {r.path} ({r.error})", file=sys.stderr)
+    if flat:
+        print(flat_note(flat, cam_dir), file=sys.stderr)
     print(f"{len(results) - len(bad)} of {len(results)} images predicted on {device} -> {output}")
     return EXIT_SOME_UNREADABLE if bad else 0
 
@@ -239,21 +242,44 @@ def write_gradcams(
     options: DecodeOptions,
     folder: Path,
     offset: int,
-) -> None:
-    """One overlay PNG per readable file, for its predicted class: NNNN_<name>.png."""
+) -> list[str]:
+    """One overlay PNG per readable file, for its predicted class: NNNN_<name>.png.
+
+    Returns the names of the PNGs whose heat map is flat (`gradcam.is_flat`).
+    """
     readable = [(offset + i, r) for i, r in enumerate(batch) if r.probs is not None]
     if not readable:
-        return
+        return []
     pictures = gradcam_pictures(model, [r for _, r in readable], options)
-    for (number, r), picture in zip(readable, pictures, strict=True):
-        picture.save(folder / f"{number:04d}_{r.path.stem}.png")
+    flat = []
+    for (number, r), cam in zip(readable, pictures, strict=True):
+        name = f"{number:04d}_{r.path.stem}.png"
+        cam.picture.save(folder / name)
+        if cam.flat:
+            flat.append(name)
+    return flat
+
+
+def flat_note(names: list[str], folder: Path | None, most: int = 10) -> str:
+    """One stderr line naming the overlays whose heat map is flat (the first `most`)."""
+    shown = ", ".join(str(folder / n if folder else n) for n in names[:most])
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return (
+        f"note: {len(names)} Grad-CAM map(s) flat, no gradient toward the predicted class "
+        f"(the overlay shows no evidence either way): {shown}{more}"
+    )
+
+
+class GradcamPicture(NamedTuple):
+    picture: Image.Image  # the overlay, RGB
+    flat: bool  # the heat map is (near) constant: the overlay shows no evidence either way
 
 
 def gradcam_pictures(
     model: torch.nn.Module, readable: list[Prediction], options: DecodeOptions
-) -> list[Image.Image]:
+) -> list[GradcamPicture]:
     """Grad-CAM overlays for the predicted class of each readable file, at least 224 px."""
-    from distmed.gradcam import gradcam_maps, overlay
+    from distmed.gradcam import gradcam_maps, is_flat, overlay
 
     size = options.size
     images = np.stack([decode_file(r.path, options) for r in readable])
@@ -264,7 +290,10 @@ def gradcam_pictures(
     maps = gradcam_maps(model, images, targets)
     side = max(size, GRADCAM_MIN_SIZE)
     return [
-        Image.fromarray(overlay(image, heat)).resize((side, side), Image.Resampling.BILINEAR)
+        GradcamPicture(
+            Image.fromarray(overlay(image, heat)).resize((side, side), Image.Resampling.BILINEAR),
+            is_flat(heat),
+        )
         for image, heat in zip(images, maps, strict=True)
     ]
 

@@ -7,15 +7,21 @@ evaluated here and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+import ray.exceptions
 import ray.train
+import ray.util.queue
 import torch
+from ray.train.v2.api.callback import UserCallback
 from torch.utils.data import DataLoader
 
 from distmed import __version__
@@ -25,7 +31,7 @@ from distmed.cli import choose_device
 from distmed.config import ExperimentConfig
 from distmed.cv import FoldPlan, fit_folds
 from distmed.data import CachedImageDataset, load_cached
-from distmed.loop import Runtime, predict
+from distmed.loop import Runtime, format_epoch, predict
 from distmed.metrics import classification_metrics
 from distmed.resources import WorkerLayout
 from distmed.savedmodel import FoldModels, SavedModel, Threshold, preprocessing_for
@@ -36,6 +42,19 @@ log = logging.getLogger(__name__)
 # the fold ensemble's beside them when the model keeps its fold models.
 TEST_PREDICTIONS = "test_predictions.npz"
 TEST_PREDICTIONS_FOLDS = "test_predictions_folds.npz"
+
+
+class LineQueue(Protocol):
+    """A `ray.util.queue.Queue` as `relay_lines` uses it (a `queue.Queue` in tests)."""
+
+    def get(self) -> str | None: ...
+
+    def put(self, item: str | None) -> None: ...
+
+
+def show_line(line: str) -> None:
+    """Print a refit epoch line, indented like the trials' epoch lines."""
+    print(f"  {line}", flush=True)
 
 
 def refit_epochs(stop_epochs: list[int]) -> int:
@@ -50,20 +69,91 @@ def refit(
     storage: str,
     run_name: str,
     epochs: int,
+    show: Callable[[str], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Train `cfg` on every image the plan's folds use for `epochs` epochs; returns the
     model state. That is the whole CV pool, or, inside a nested search, the outer fold's
-    training part (its folds never touch the outer validation images)."""
+    training part (its folds never touch the outer validation images).
+
+    `show` gets one line per epoch ("refit epoch 3/10: train loss 0.4100, 12 s") as the
+    fit goes, in this process (see `RefitEpochLines`).
+    """
     final_cfg = cfg.model_copy(
         update={"train": cfg.train.model_copy(update={"epochs": epochs, "patience": None})}
     )
     first = plan.folds[0]
     everything = sorted(set(first["train"]) | set(first["val"]))
     single = replace(plan, folds=[{"train": everything, "val": []}])
-    result = fit_folds(final_cfg, single, layout, storage, run_name)
+    if show is None:
+        result = fit_folds(final_cfg, single, layout, storage, run_name)
+    else:
+        # Lines cross from Ray Train's controller (an actor) to this process in a Ray
+        # queue; an actor that asks for no CPU never waits behind the refit's workers.
+        lines = ray.util.queue.Queue(actor_options={"num_cpus": 0})
+        try:
+            with relay_lines(lines, show):
+                callbacks = [RefitEpochLines(epochs, lines.put)]
+                result = fit_folds(final_cfg, single, layout, storage, run_name, callbacks)
+        finally:
+            with contextlib.suppress(Exception):  # never hide the fit's own error behind this
+                lines.shutdown(force=True)  # the fit is over: nothing more will be sent
     with result.checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
     return state["folds"][0]["model"]
+
+
+class RefitEpochLines(UserCallback):
+    """One line per refit epoch for the console: "refit epoch 3/10: train loss 0.4100, 12 s".
+
+    During the search, Tune brings each epoch to the driver (`search.EpochLines`); the
+    refit runs outside Tune, and Ray Train calls this on its controller, an actor whose
+    output reaches the console only with --verbose (`log_to_driver`). So each line goes to
+    `send` (a Ray queue's `put`; `relay_lines` prints it in the driver). The seconds are
+    those since the previous report; the first also covers starting the workers.
+    """
+
+    def __init__(
+        self, epochs: int, send: Callable[[str], Any], clock: Callable[[], float] = time.time
+    ) -> None:
+        self.epochs = epochs
+        self.send = send
+        self.clock = clock  # wall time: set here, read on the controller (same node)
+        self._last = clock()
+
+    def after_report(
+        self,
+        run_context: Any,
+        metrics: list[dict[str, Any]],
+        checkpoint: ray.train.Checkpoint | None,
+    ) -> None:
+        """`metrics[i]`: what rank i reported (`loop.epoch_metrics`); rank 0's is shown."""
+        now = self.clock()
+        self.send(f"refit {format_epoch(metrics[0], self.epochs, now - self._last)}")
+        self._last = now
+
+
+@contextlib.contextmanager
+def relay_lines(lines: LineQueue, show: Callable[[str], None]) -> Iterator[None]:
+    """While open, `show` every line put on `lines` (by any process), in order.
+
+    On leaving, everything sent before is shown first: the end marker queues behind it.
+    """
+
+    def pump() -> None:
+        try:
+            while (line := lines.get()) is not None:
+                show(line)
+        except ray.exceptions.RayError:  # the queue's actor went away (Ray shut down)
+            return
+
+    thread = threading.Thread(target=pump, name="refit-lines", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ray.exceptions.RayError):  # Ray is gone: so is the pump
+            lines.put(None)
+        thread.join(timeout=30)
 
 
 def save_model(

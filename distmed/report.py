@@ -17,15 +17,16 @@ import html
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn import metrics as skm
 
-from distmed import plots
+from distmed import __version__, plots
 from distmed.artifacts import write_text_atomic
 from distmed.cli import add_debug_option, run_entry_point
 from distmed.errors import UserError
@@ -136,7 +137,7 @@ def build_report(
         test_section(run, figures, threshold, resamples),
         gradcam_section(run, figures, threshold),
     ]
-    page = render_page(run.summary.name, sections)
+    page = render_page(run.summary.name, sections, run.summary.versions)
     write_text_atomic(run_dir / REPORT, page)
     return run_dir / REPORT
 
@@ -373,7 +374,7 @@ def gradcam_section(run: RunData, figures: Path, threshold: Threshold | None) ->
             f"{title}<p>Decoded test images not found at {html.escape(str(images_path))} "
             "(cache cleared?); Grad-CAM skipped.</p>"
         )
-    from distmed.gradcam import cam_layer, gradcam_maps, overlay
+    from distmed.gradcam import FLAT_MAP_NOTE, cam_layer, gradcam_maps, is_flat, overlay
 
     labels, probs = run.test["labels"], run.test["probs"]
     decision = _decide(probs, run.positive, threshold.value if threshold else None)
@@ -386,7 +387,8 @@ def gradcam_section(run: RunData, figures: Path, threshold: Threshold | None) ->
         (
             overlay(image, heat),
             f"true {names[labels[i]]}, pred {names[decision[i]]}\n"
-            f"p={probs[i, decision[i]]:.2f} ({'right' if labels[i] == decision[i] else 'WRONG'})",
+            f"p={probs[i, decision[i]]:.2f} ({'right' if labels[i] == decision[i] else 'WRONG'})"
+            + (f"\n{FLAT_MAP_NOTE}" if is_flat(heat) else ""),
         )
         for i, image, heat in zip(chosen, images, maps, strict=True)
     ]
@@ -398,6 +400,13 @@ def gradcam_section(run: RunData, figures: Path, threshold: Threshold | None) ->
         "deepest ResNet stage whose feature map is at least 4 pixels wide at this image "
         "size (layer4 from 128 px up).</p>"
     )
+    flat = sum(is_flat(heat) for heat in maps)
+    if flat:
+        note += (
+            f"<p>{flat} of {len(maps)} maps are flat (marked): at {layer} the predicted "
+            "class's score had no positive gradient-weighted evidence, so their uniform "
+            "colour says nothing about where the model looked.</p>"
+        )
     return title + note + _figure(path)
 
 
@@ -423,16 +432,36 @@ table { border-collapse: collapse; margin: 0.8em 0; }
 td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
 figure { margin: 1em 0; } img { max-width: 100%; }
 figcaption { font-size: 0.8em; color: #666; }
+footer { font-size: 0.8em; color: #666; border-top: 1px solid #ccc; margin-top: 2em; }
 """
 
 
-def render_page(name: str, sections: list[str]) -> str:
+def render_page(
+    name: str,
+    sections: list[str],
+    versions: Mapping[str, str] | None = None,
+    generated: datetime | None = None,
+) -> str:
+    """The whole HTML page: the sections, then a footer with when and with what it was made.
+
+    `versions`: the run's software versions (`RunSummary.versions`: distmed, python, torch,
+    ...), as recorded by the search; `generated`: the report's time (default: now), shown
+    in UTC as ISO 8601.
+    """
     body = "\n".join(s for s in sections if s)
     return (
         f"<!doctype html>\n<html><head><meta charset='utf-8'>"
         f"<title>distmed report: {html.escape(name)}</title><style>{STYLE}</style></head>\n"
-        f"<body><h1>distmed report: {html.escape(name)}</h1>\n{body}\n</body></html>\n"
+        f"<body><h1>distmed report: {html.escape(name)}</h1>\n{body}\n"
+        f"{_footer(versions or {}, generated or datetime.now(timezone.utc))}\n</body></html>\n"
     )
+
+
+def _footer(versions: Mapping[str, str], generated: datetime) -> str:
+    when = generated.astimezone(timezone.utc).isoformat(timespec="seconds")
+    made_with = ", ".join(f"{html.escape(k)} {html.escape(v)}" for k, v in versions.items())
+    run = f"; search run with {made_with}" if made_with else ""
+    return f"<footer><p>Report generated {when} by distmed {__version__}{run}.</p></footer>"
 
 
 def _figure(path: Path) -> str:

@@ -9,15 +9,18 @@ trial) rather than as COMPLETE with a score from fewer epochs than the others ha
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TextIO, cast
 
 import optuna
 import ray.tune
@@ -29,6 +32,7 @@ from ray.tune.search.optuna import OptunaSearch
 from distmed.artifacts import delete_checkpoints
 from distmed.config import ExperimentConfig
 from distmed.cv import FoldPlan, cross_validate
+from distmed.loop import format_epoch
 from distmed.resources import TRIAL_CPU, WorkerLayout
 from distmed.results import completed_score
 from distmed.space import SearchSpaceFile, apply_params, to_tune_domains
@@ -105,13 +109,9 @@ class EpochLines(ray.tune.Callback):
     """One line per trial per epoch, and one when a trial ends (stdout, driver side)."""
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        auc = result.get("cv_roc_auc", float("nan"))
-        print(
-            f"  trial {trial.trial_id} epoch {result.get('epoch')}: CV ROC-AUC {auc:.4f}"
-            f" ± {result.get('cv_roc_auc_std', float('nan')):.4f}, train loss "
-            f"{result.get('train_loss', float('nan')):.4f}",
-            flush=True,
-        )
+        # Tune times each report itself: the seconds since the trial's previous one.
+        line = format_epoch(result, seconds=result.get("time_this_iter_s"))
+        print(f"  trial {trial.trial_id} {line}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
@@ -181,6 +181,83 @@ class StopOnCtrlC:
 
 def _drop_restore_hint(record: logging.LogRecord) -> bool:
     return "Tuner.restore" not in record.getMessage()
+
+
+# Tune's status block (every 30 s at verbose=1) prints Ray's logical CPU bookkeeping, e.g.
+# "Logical resource usage: 0.01/2 CPUs": the trials' tiny driver reservations, which reads
+# as an idle machine while the workers keep every core busy.
+HIDDEN_STATUS_LINES = ("Logical resource usage:",)
+
+
+class DropLines:
+    """A text stream passing everything to `stream` except lines that start with `prefixes`.
+
+    Tune prints its status block with `print` and offers no setting for single lines of it
+    (its new output engine ignores `progress_reporter`), so the lines are dropped on their
+    way to stdout. An unfinished line is held back only while it could still become a
+    hidden one; everything else goes through at once.
+    """
+
+    def __init__(self, stream: TextIO, prefixes: tuple[str, ...]) -> None:
+        self.stream = stream
+        self.prefixes = prefixes
+        self._pending = ""  # the start of a line that may still turn out hidden
+        self._mid_line = False  # the current line's start has gone through already
+        # Prints may come from several threads; and a signal handler that prints runs on
+        # the thread that may hold the lock already (hence re-entrant).
+        self._lock = threading.RLock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self.stream.write(self._filter(text))
+        return len(text)
+
+    def _filter(self, text: str) -> str:
+        self._pending += text
+        out = []
+        while self._pending:
+            head, newline, rest = self._pending.partition("\n")
+            if self._mid_line or newline:
+                if self._mid_line or not head.startswith(self.prefixes):
+                    out.append(head + newline)
+                self._pending, self._mid_line = rest, self._mid_line and not newline
+            elif any(p.startswith(head) or head.startswith(p) for p in self.prefixes):
+                break  # unfinished, and it may be (or is) a hidden line: wait for its end
+            else:
+                out.append(head)
+                self._pending, self._mid_line = "", True
+        return "".join(out)
+
+    def release(self) -> None:
+        """Write out a held, unfinished line unless it is a hidden one."""
+        with self._lock:
+            if self._pending and not self._pending.startswith(self.prefixes):
+                self.stream.write(self._pending)
+            self._pending = ""
+            self.stream.flush()
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        # encoding, isatty, fileno, ...: whatever callers ask of stdout, from the real one.
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def hidden_status_lines(hide: bool = True) -> Iterator[None]:
+    """While open, stdout drops Tune's HIDDEN_STATUS_LINES (`hide=False`: shows all)."""
+    if not hide:
+        yield
+        return
+    previous = sys.stdout
+    filtered = DropLines(previous, HIDDEN_STATUS_LINES)
+    sys.stdout = cast(TextIO, filtered)
+    try:
+        yield
+    finally:
+        sys.stdout = previous
+        filtered.release()
 
 
 class KeepBestCheckpoints(ray.tune.Callback):

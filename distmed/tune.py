@@ -47,6 +47,7 @@ from distmed.refit import (
     refit_epochs,
     save_model,
     saved_source,
+    show_line,
 )
 from distmed.report import report_after_search
 from distmed.resources import (
@@ -74,6 +75,7 @@ from distmed.search import (
     TrialContext,
     build_tuner,
     experiment_path,
+    hidden_status_lines,
     restore_tuner,
     trial_run_name,
 )
@@ -301,14 +303,17 @@ def _search(
     keep_secrets_out_of_ray()
     EndedTrials.ended.clear()
     if resume:
-        return restore_tuner(exp_uri, context).fit()
-    tracking = spec.base.tracking
-    callbacks = [
-        *wandb_callbacks(tracking.wandb, group=name, run_dir=run_dir),
-        *mlflow_callbacks(tracking.mlflow, experiment=name),
-        *tensorboard_callbacks(),
-    ]
-    return build_tuner(spec, context, name, storage, concurrent, callbacks, args.verbose).fit()
+        tuner = restore_tuner(exp_uri, context)
+    else:
+        tracking = spec.base.tracking
+        callbacks = [
+            *wandb_callbacks(tracking.wandb, group=name, run_dir=run_dir),
+            *mlflow_callbacks(tracking.mlflow, experiment=name),
+            *tensorboard_callbacks(),
+        ]
+        tuner = build_tuner(spec, context, name, storage, concurrent, callbacks, args.verbose)
+    with hidden_status_lines(hide=not args.verbose):
+        return tuner.fit()
 
 
 def _summary_head(
@@ -343,7 +348,7 @@ def _refit_and_test(args, chosen, best, prepared: PreparedData, exp_uri: str, lo
         )
         layout = plan_workers(chosen.scaling, force_cpu=args.cpu)
         wait_for_free_resources(layout, "the refit")
-        state = refit(chosen, plan, layout, f"{exp_uri}/refit", run_name, epochs)
+        state = refit(chosen, plan, layout, f"{exp_uri}/refit", run_name, epochs, show_line)
         trials = f"{exp_uri}/trials"
         fold_states = final_fold_states(
             f"{trials}/{trial_run_name(best.trial_id)}", best.epochs_reported
