@@ -18,6 +18,7 @@ from distmed import export, predict, report
 from distmed.config import ExperimentConfig
 from distmed.cv import CVResult, FoldResult
 from distmed.data import decode_split, scan_folder, to_model_input
+from distmed.inference import load_model
 from distmed.metrics import (
     binary_metrics_at,
     bootstrap_ci,
@@ -25,7 +26,7 @@ from distmed.metrics import (
     resample_indices,
 )
 from distmed.model import build_model
-from distmed.refit import TEST_PREDICTIONS, evaluate_test, load_model, save_model
+from distmed.refit import TEST_PREDICTIONS, evaluate_test, save_model
 from distmed.results import TrialRow, write_trial_detail, write_trials_csv
 from distmed.savedmodel import SavedModel
 from distmed.summary import DataSummary, RunSummary
