@@ -72,10 +72,8 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
         for i, spec in enumerate(loop_config["folds"])
     ]
     start_epoch = _restore(folds)
-    detail_uri, folds_per_repeat = (
-        loop_config.get("detail_uri"),
-        loop_config.get("folds_per_repeat"),
-    )
+    detail_uri = loop_config.get("detail_uri")
+    folds_per_repeat = loop_config.get("folds_per_repeat")  # k of the R x k folds
     if start_epoch >= cfg.train.epochs or (start_epoch and all(f.stopped for f in folds)):
         # The run had ended before it was interrupted (a killed or Ctrl-C'd search): its
         # last report may never have reached Tune, so report it again rather than nothing,
