@@ -71,13 +71,9 @@ def test_overlapping_intervals_are_flagged_naming_both_trials(tmp_path: Path):
     assert "0.8804 – 0.9196" in text and "0.8604 – 0.8996" in text
 
 
-def test_intervals_far_apart_are_not_flagged(tmp_path: Path):
+def test_intervals_far_apart_are_not_flagged_and_the_se_is_shown(tmp_path: Path):
     page = report.search_section(fake_run(tmp_path, 0.80), tmp_path)  # [0.7804, 0.8196]
     assert FLAG not in page
-
-
-def test_the_search_section_shows_the_best_trials_standard_error(tmp_path: Path):
-    page = report.search_section(fake_run(tmp_path, 0.80), tmp_path)
     shown = dict(re.findall(r"data-key='([^']+)' data-value='([^']+)'", page))
     assert float(shown["best_cv_roc_auc_se"]) == pytest.approx(0.01)
     assert "Nadeau & Bengio" in page
