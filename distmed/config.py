@@ -184,6 +184,13 @@ class TrainConfig(_Section):
 class CVConfig(_Section):
     folds: int = Field(5, ge=2, le=50)
     seed: int = 0
+    repeats: int = Field(
+        1,
+        ge=1,
+        le=20,
+        description="repeated k-fold for small data: repeat r reshuffles with seed cv.seed + r; "
+        "every trial trains repeats x folds models (repeats times the compute)",
+    )
 
 
 class ScalingSection(_Section):

@@ -1,7 +1,8 @@
 """Folds and the cross-validated run: make_folds (stratified / grouped, seeded), cross_validate.
 
 Folds are index arithmetic over the CV pool, identical for every trial with the same
-`cv.seed`. `cross_validate` runs one `TorchTrainer` fit that trains all folds (`distmed.worker`
+`cv.seed`; `cv.repeats` > 1 repeats the k-fold split with seeds `cv.seed + r`.
+`cross_validate` runs one `TorchTrainer` fit that trains all folds (`distmed.worker`
 hosts `distmed.loop` in Ray Train) and turns rank 0's return value into a `CVResult`.
 """
 
@@ -23,6 +24,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from distmed.artifacts import check_free_space, delete_partial_checkpoints
 from distmed.config import CVConfig, ExperimentConfig
+from distmed.cvstats import corrected_standard_error
 from distmed.data import CachedData, DataIndex, Split, build_cache, drop_samples
 from distmed.errors import UserError
 from distmed.loop import checkpoint_bytes
@@ -38,7 +40,7 @@ START_RETRIES = 2
 
 @dataclass(frozen=True)
 class FoldResult:
-    fold: int
+    fold: int  # 0..R*k-1, repeat-major: repeat fold // k, fold fold % k of that repeat
     stop_epoch: int
     metrics: dict[str, float]  # validation metrics at the epoch the training rule stopped at
     history: list[dict[str, float]]
@@ -56,6 +58,11 @@ class CVResult:
     world_size: int
     checkpoint_path: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    folds_per_repeat: int | None = None  # k of `cv.repeats` x k folds; None: one repeat
+
+    @property
+    def repeats(self) -> int:
+        return len(self.folds) // (self.folds_per_repeat or len(self.folds))
 
     @property
     def fold_aucs(self) -> list[float]:
@@ -74,6 +81,11 @@ class CVResult:
     def std_roc_auc(self) -> float:
         return float(np.std(self.fold_aucs))
 
+    @property
+    def se_roc_auc(self) -> float:
+        """Standard error of `mean_roc_auc` (`cvstats.corrected_standard_error`)."""
+        return corrected_standard_error(self.fold_aucs, self.folds_per_repeat or len(self.folds))
+
     def mean_metrics(self) -> dict[str, float]:
         return {
             name: float(np.mean([f.metrics[name] for f in self.folds])) for name in METRIC_NAMES
@@ -81,7 +93,15 @@ class CVResult:
 
 
 def make_folds(split: Split, cfg: CVConfig, class_names: list[str]) -> np.ndarray:
-    """Fold number (0..k-1) of every sample; stratified, and grouped when groups exist."""
+    """Fold numbers, shape (cv.repeats, N): row r gives each sample's fold (0..k-1) in repeat r.
+
+    Stratified, and grouped (a patient's images share a fold) when groups exist. Repeat r
+    shuffles with seed `cv.seed + r`, so row 0 is the single-repeat assignment.
+
+    Raises:
+        UserError: a class has fewer images (or patients) than cv.folds, or some repeat's
+            fold has no validation image of a class.
+    """
     counts = np.bincount(split.labels, minlength=len(class_names))
     for name, count in zip(class_names, counts, strict=True):
         if count < cfg.folds:
@@ -89,13 +109,20 @@ def make_folds(split: Split, cfg: CVConfig, class_names: list[str]) -> np.ndarra
                 f"class {name!r} has {count} image(s), fewer than cv.folds={cfg.folds}; "
                 "add images or lower cv.folds"
             )
-    assignment = np.full(len(split), -1, dtype=np.int64)
     if split.groups is not None:
         _check_groups(split, cfg, class_names)
-        splitter = StratifiedGroupKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
+    return np.stack([_one_repeat(split, cfg, class_names, repeat) for repeat in range(cfg.repeats)])
+
+
+def _one_repeat(split: Split, cfg: CVConfig, class_names: list[str], repeat: int) -> np.ndarray:
+    """Fold number per sample of one k-fold split, shuffled with seed `cv.seed + repeat`."""
+    seed = cfg.seed + repeat
+    assignment = np.full(len(split), -1, dtype=np.int64)
+    if split.groups is not None:
+        splitter = StratifiedGroupKFold(n_splits=cfg.folds, shuffle=True, random_state=seed)
         pieces = splitter.split(np.zeros(len(split)), split.labels, split.groups)
     else:
-        splitter = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
+        splitter = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=seed)
         pieces = splitter.split(np.zeros(len(split)), split.labels)
     for fold, (_, val_idx) in enumerate(pieces):
         assignment[val_idx] = fold
@@ -103,8 +130,9 @@ def make_folds(split: Split, cfg: CVConfig, class_names: list[str]) -> np.ndarra
         missing = set(range(len(class_names))) - set(split.labels[assignment == fold])
         if missing:
             names = ", ".join(class_names[c] for c in sorted(missing))
+            where = f"cv fold {fold}" + (f" of repeat {repeat}" if cfg.repeats > 1 else "")
             raise UserError(
-                f"cv fold {fold} has no validation image of class {names} (too few patients "
+                f"{where} has no validation image of class {names} (too few patients "
                 "per class for the grouping); lower cv.folds"
             )
     return assignment
@@ -121,10 +149,16 @@ def _check_groups(split: Split, cfg: CVConfig, class_names: list[str]) -> None:
 
 
 def fold_specs(assignment: np.ndarray, folds: int) -> list[dict[str, list[int]]]:
-    """Train/validation index lists per fold (what the worker loop consumes)."""
-    positions = np.arange(len(assignment))
+    """Train/validation index lists per fold (what the worker loop consumes).
+
+    `assignment`: `make_folds`' (R, N) fold numbers, or one repeat's (N,). Returns R * k
+    specs in repeat-major order: spec r * k + f is fold f of repeat r.
+    """
+    rows = np.atleast_2d(assignment)
+    positions = np.arange(rows.shape[1])
     return [
-        {"train": positions[assignment != k].tolist(), "val": positions[assignment == k].tolist()}
+        {"train": positions[row != k].tolist(), "val": positions[row == k].tolist()}
+        for row in rows
         for k in range(folds)
     ]
 
@@ -164,8 +198,9 @@ class FoldPlan:
     labels: list[int]
     num_classes: int
     positive: int | None
-    folds: list[dict[str, list[int]]]
+    folds: list[dict[str, list[int]]]  # cv.repeats x k of them, repeat-major (`fold_specs`)
     images_ref: Any = None
+    folds_per_repeat: int | None = None  # k; None: `folds` are one repeat
 
     def smallest_train_fold(self) -> int:
         return min(len(f["train"]) for f in self.folds)
@@ -174,13 +209,14 @@ class FoldPlan:
 def plan_folds(
     cfg: ExperimentConfig, index: DataIndex, cache: CachedData, assignment: np.ndarray
 ) -> FoldPlan:
-    """The k-fold plan over the CV pool (the test split never enters it)."""
+    """The (repeated) k-fold plan over the CV pool (the test split never enters it)."""
     return FoldPlan(
         images_path=str(cache.pool_path),
         labels=index.pool.labels.tolist(),
         num_classes=len(index.class_names),
         positive=positive_index(cfg, index.class_names),
         folds=fold_specs(assignment, cfg.cv.folds),
+        folds_per_repeat=cfg.cv.folds,
     )
 
 
@@ -190,7 +226,7 @@ class PreparedData:
 
     index: DataIndex
     cache: CachedData
-    assignment: np.ndarray
+    assignment: np.ndarray  # (cv.repeats, N) fold numbers, `make_folds`
     plan: FoldPlan
 
 
@@ -218,6 +254,13 @@ def prepare_data(
     plan = plan_folds(cfg, index, cache, assignment)
     for size in batch_sizes or [cfg.train.batch_size]:
         check_batch_fits(size, plan.smallest_train_fold())
+    if cfg.cv.repeats > 1:
+        repeats, k = cfg.cv.repeats, cfg.cv.folds
+        log.info(
+            "cv.repeats=%d: every run trains %d x %d = %d folds, %d times the compute of "
+            "one %d-fold CV",
+            *(repeats, repeats, k, repeats * k, repeats, k),
+        )
     return PreparedData(index, cache, assignment, plan)
 
 
@@ -249,7 +292,7 @@ def cross_validate(
     """
     check_batch_fits(cfg.train.batch_size, plan.smallest_train_fold())
     result = fit_folds(cfg, plan, layout, storage, run_name, callbacks, detail_uri)
-    return _to_cv_result(result.return_value, result.checkpoint)
+    return _to_cv_result(result.return_value, result.checkpoint, plan.folds_per_repeat)
 
 
 def fit_folds(
@@ -273,6 +316,7 @@ def fit_folds(
             "num_classes": plan.num_classes,
             "positive": plan.positive,
             "folds": plan.folds,
+            "folds_per_repeat": plan.folds_per_repeat,
             "threads": layout.threads,
             "detail_uri": detail_uri,
         },
@@ -338,7 +382,7 @@ def storage_uri(storage: str | Path) -> str:
     return text if "://" in text else str(Path(text).expanduser().resolve())
 
 
-def _to_cv_result(value: dict[str, Any], checkpoint) -> CVResult:
+def _to_cv_result(value: dict[str, Any], checkpoint, folds_per_repeat: int | None) -> CVResult:
     folds = []
     for number, fold in enumerate(value["folds"]):
         last = fold["history"][-1]
@@ -366,4 +410,5 @@ def _to_cv_result(value: dict[str, Any], checkpoint) -> CVResult:
         world_size=value["world_size"],
         checkpoint_path=str(Path(checkpoint.path) / STATE_FILE) if checkpoint else None,
         extra={"channels_last": value["channels_last"], "peak_rss_mib": value["peak_rss_mib"]},
+        folds_per_repeat=folds_per_repeat,
     )

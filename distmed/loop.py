@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from distmed.config import AugmentConfig, ExperimentConfig, OptimConfig, TrainConfig
+from distmed.cvstats import corrected_standard_error
 from distmed.data import CachedImageDataset, to_model_input
 from distmed.metrics import METRIC_NAMES, classification_metrics
 from distmed.model import build_model, set_train_mode
@@ -440,8 +441,15 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return (seed * 100_003 + epoch) * 1_009 + rank
 
 
-def epoch_metrics(folds: list[FoldRun], epoch: int, epochs: int) -> dict[str, float]:
-    """What every rank reports after an epoch: fold-averaged validation AUC and progress."""
+def epoch_metrics(
+    folds: list[FoldRun], epoch: int, epochs: int, folds_per_repeat: int | None = None
+) -> dict[str, float]:
+    """What every rank reports after an epoch: fold-averaged validation AUC and progress.
+
+    `cv_roc_auc` is the mean over all R x k folds, `cv_roc_auc_std` their (population)
+    standard deviation, `cv_roc_auc_se` the mean's corrected standard error, which needs
+    k = `folds_per_repeat` (None: the folds are one repeat).
+    """
     latest = [f.history[-1] for f in folds if f.history]
     aucs = [r["val_roc_auc"] for r in latest if "val_roc_auc" in r]
     metrics: dict[str, float] = {
@@ -455,6 +463,9 @@ def epoch_metrics(folds: list[FoldRun], epoch: int, epochs: int) -> dict[str, fl
     }
     if aucs:
         metrics.update(cv_roc_auc=float(np.mean(aucs)), cv_roc_auc_std=float(np.std(aucs)))
+        if len(aucs) > 1:
+            k = folds_per_repeat or len(aucs)
+            metrics["cv_roc_auc_se"] = corrected_standard_error(aucs, k)
         for fold, record in zip(folds, latest, strict=True):
             metrics[f"fold{fold.index}_roc_auc"] = record["val_roc_auc"]
             metrics[f"fold{fold.index}_epoch"] = record["epoch"]

@@ -152,9 +152,9 @@ def run_nested(run: NestedRun, search: Search, publish: Callable[[], None]) -> i
 
 def outer_assignment(prepared: PreparedData, outer_k: int, spec: SearchSpaceFile) -> np.ndarray:
     """Outer fold (0..K-1) of every pool image: stratified and grouped like the inner folds."""
-    cv = spec.base.cv.model_copy(update={"folds": outer_k})
+    cv = spec.base.cv.model_copy(update={"folds": outer_k, "repeats": 1})  # one outer split
     try:
-        return make_folds(prepared.index.pool, cv, prepared.index.class_names)
+        return make_folds(prepared.index.pool, cv, prepared.index.class_names)[0]
     except UserError as exc:  # its text speaks of cv.folds; here the K is --nested's
         raise UserError(f"--nested {outer_k} (outer folds): {exc}") from exc
 

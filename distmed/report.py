@@ -29,6 +29,7 @@ from sklearn import metrics as skm
 from distmed import __version__, plots
 from distmed.artifacts import write_text_atomic
 from distmed.cli import add_debug_option, run_entry_point
+from distmed.cvstats import interval, separable
 from distmed.errors import UserError
 from distmed.inference import load_inference_model
 from distmed.metrics import (
@@ -247,9 +248,15 @@ def search_section(run: RunData, figures: Path) -> str:
                     f"{_num('best_cv_roc_auc', summary.best_cv_roc_auc)} ± "
                     f"{_num('best_cv_roc_auc_std', summary.best_cv_roc_auc_std)}",
                 ],
+                [
+                    "best CV ROC-AUC (mean ± corrected standard error, Nadeau & Bengio 2003)",
+                    f"{_num('best_cv_roc_auc', summary.best_cv_roc_auc)} ± "
+                    f"{_num('best_cv_roc_auc_se', summary.best_cv_roc_auc_se)}",
+                ],
                 ["refit epochs", _num("refit_epochs", summary.refit_epochs, "{}")],
             ],
         ),
+        separation_text(run),
         _figure(
             plots.plot_search_progress(
                 aucs, statuses, figures / "search_progress.png", "trial (in order started)"
@@ -272,6 +279,33 @@ def search_section(run: RunData, figures: Path) -> str:
         )
     )
     return "\n".join(parts)
+
+
+def separation_text(run: RunData) -> str:
+    """A visible sentence when the best trial is not separable from the runner-up; else "".
+
+    Both trials' means and standard errors come from trials.csv, the runner-up's name from
+    summary.json (`runner_up_trial`); not separable: their 95% intervals overlap
+    (`cvstats.separable`).
+    """
+    rows = {t["trial_id"]: t for t in run.trials}
+    best = rows.get(run.summary.best_trial or "")
+    other = rows.get(run.summary.runner_up_trial or "")
+    if best is None or other is None:
+        return ""
+    # trials.csv from before standard errors has no cv_roc_auc_se column: no verdict.
+    scores = [(_float(t["cv_roc_auc"]), _float(t.get("cv_roc_auc_se", ""))) for t in (best, other)]
+    if separable(*scores) is not False:
+        return ""
+    (best_low, best_high), (other_low, other_high) = (interval(*s) for s in scores)
+    return (
+        "<p><b>The best trial is not separable from the runner-up:</b> trial "
+        f"{html.escape(best['trial_id'])} scored CV ROC-AUC {scores[0][0]:.4f} (95% interval "
+        f"{best_low:.4f} – {best_high:.4f}) and trial {html.escape(other['trial_id'])} "
+        f"{scores[1][0]:.4f} ({other_low:.4f} – {other_high:.4f}); the intervals (mean ± "
+        "1.96 corrected standard errors) overlap, so this data cannot tell the two "
+        "configurations apart.</p>"
+    )
 
 
 def training_section(run: RunData, figures: Path) -> str:

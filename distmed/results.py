@@ -1,8 +1,8 @@
 """Search results: one row per trial, the best trial, and the files written from them.
 
-`trials.csv` (config, CV ROC-AUC mean/std, per-fold AUCs, status, time), `best_config.yaml`
-(a complete experiment config for `distmed.train --config`); `summary.json` is
-`summary.RunSummary`.
+`trials.csv` (config, CV ROC-AUC mean/std/standard error, per-fold AUCs, status, time),
+`best_config.yaml` (a complete experiment config for `distmed.train --config`);
+`summary.json` is `summary.RunSummary`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 
 from distmed.artifacts import read_text_uri, write_text_atomic, write_text_uri
 from distmed.config import ExperimentConfig, dump_config
+from distmed.cvstats import separable
 from distmed.space import apply_params
 
 # "stopped": the scheduler (ASHA) stopped it; "interrupted": a Ctrl-C ended the search while
@@ -41,6 +42,9 @@ class TrialRow:
     fold_epochs: list[int]
     epochs_reported: int
     time_s: float
+    # The mean's corrected standard error (`cvstats.corrected_standard_error`): after the
+    # required fields so that rows built by position stay valid.
+    cv_roc_auc_se: float = math.nan
     error: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -97,6 +101,7 @@ def collect_rows(
                 status=status,
                 cv_roc_auc=float(metrics.get("cv_roc_auc", math.nan)),
                 cv_roc_auc_std=float(metrics.get("cv_roc_auc_std", math.nan)),
+                cv_roc_auc_se=float(metrics.get("cv_roc_auc_se", math.nan)),
                 fold_aucs=[float(metrics[f"fold{k}_roc_auc"]) for k in folds],
                 fold_epochs=[int(metrics[f"fold{k}_epoch"]) for k in folds],
                 # The worker's own epoch count: Tune's training_iteration restarts when a
@@ -125,9 +130,26 @@ def best_row(rows: list[TrialRow]) -> TrialRow | None:
     return max(finished, key=lambda r: r.cv_roc_auc, default=None)
 
 
+def runner_up_row(rows: list[TrialRow], best: TrialRow) -> TrialRow | None:
+    """The best completed trial other than `best` (None when it is the only one)."""
+    return best_row([r for r in rows if r.trial_id != best.trial_id])
+
+
+def best_is_separable(best: TrialRow, runner_up: TrialRow | None) -> bool | None:
+    """Whether the best trial's 95% interval (mean ± 1.96 SE) clears the runner-up's.
+
+    None without a runner-up or without finite scores and standard errors.
+    """
+    if runner_up is None:
+        return None
+    return separable(
+        (best.cv_roc_auc, best.cv_roc_auc_se), (runner_up.cv_roc_auc, runner_up.cv_roc_auc_se)
+    )
+
+
 def write_trials_csv(path: Path, rows: list[TrialRow], space_keys: list[str]) -> None:
     num_folds = max((len(r.fold_aucs) for r in rows), default=0)
-    header = ["trial_id", *space_keys, "cv_roc_auc", "cv_roc_auc_std"]
+    header = ["trial_id", *space_keys, "cv_roc_auc", "cv_roc_auc_std", "cv_roc_auc_se"]
     header += [f"fold{k}_roc_auc" for k in range(num_folds)]
     header += ["status", "epochs", "time_s", "error"]
     buffer = io.StringIO()
@@ -136,7 +158,8 @@ def write_trials_csv(path: Path, rows: list[TrialRow], space_keys: list[str]) ->
     for r in rows:
         folds = r.fold_aucs + [math.nan] * (num_folds - len(r.fold_aucs))
         writer.writerow(
-            [r.trial_id, *(r.params[k] for k in space_keys), r.cv_roc_auc, r.cv_roc_auc_std]
+            [r.trial_id, *(r.params[k] for k in space_keys)]
+            + [r.cv_roc_auc, r.cv_roc_auc_std, r.cv_roc_auc_se]
             + folds
             + [r.status, r.epochs_reported, round(r.time_s, 1), r.error]
         )
@@ -171,14 +194,18 @@ def status_counts(rows: list[TrialRow]) -> dict[str, int]:
 
 
 def format_table(rows: list[TrialRow], space_keys: list[str], limit: int = 10) -> str:
-    """The best `limit` trials, best first, as a fixed-width text table."""
+    """The best `limit` trials, best first, as a fixed-width text table.
+
+    Each score is the mean CV ROC-AUC ± its corrected standard error (not the fold std).
+    """
     ranked = sorted(rows, key=lambda r: (r.status != "completed", -_sortable(r.cv_roc_auc)))
     keys = [k.split(".")[-1] for k in space_keys]
-    header = f"{'trial':<14} {'status':<9} {'CV ROC-AUC':>16} " + " ".join(f"{k:>12}" for k in keys)
+    score = "CV ROC-AUC ± SE"
+    header = f"{'trial':<14} {'status':<9} {score:>16} " + " ".join(f"{k:>12}" for k in keys)
     lines = [header]
     for r in ranked[:limit]:
         values = " ".join(f"{_short(r.params[k]):>12}" for k in space_keys)
-        auc = f"{r.cv_roc_auc:.4f} ± {r.cv_roc_auc_std:.4f}"
+        auc = f"{r.cv_roc_auc:.4f} ± {r.cv_roc_auc_se:.4f}"
         lines.append(f"{r.trial_id[-14:]:<14} {r.status:<9} {auc:>16} {values}")
     return "\n".join(lines)
 
@@ -203,9 +230,10 @@ def write_trial_detail(run_uri: str, folds: list[dict[str, Any]]) -> None:
     """Save a trial's per-fold histories and out-of-fold predictions next to its Train run.
 
     `folds`: per fold, `history` (one record per epoch) and `val_indices`, `val_labels`,
-    `val_probs` (the latest validation pass). Tune keeps only the last reported metrics;
-    the report needs every epoch of every fold and the validation scores that pick the
-    operating threshold.
+    `val_probs` (the latest validation pass). With `cv.repeats` R > 1 there are R x k folds
+    (repeat-major) and each pool index is in R folds' `val_indices`, once per repeat.
+    Tune keeps only the last reported metrics; the report needs every epoch of every fold
+    and the validation scores that pick the operating threshold.
     """
     payload = {"folds": [{"fold": k, **fold} for k, fold in enumerate(folds)]}
     write_text_uri(f"{run_uri}/{TRIAL_DETAIL}", json.dumps(payload, allow_nan=True))
@@ -220,7 +248,10 @@ def read_trial_detail(run_uri: str) -> dict[str, Any] | None:
 def oof_predictions(detail: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray] | None:
     """A trial's out-of-fold validation (labels (N,), probabilities (N, K)), folds pooled.
 
-    None when the trial saved no detail or a fold has no predictions.
+    None when the trial saved no detail or a fold has no predictions. With `cv.repeats`
+    R > 1 every image is here R times, once per repeat (scored by a different fold model
+    each time). Fine for choosing a threshold or fitting a temperature: each image weighs
+    the same, and its R scores spread it the way fold models differ.
     """
     if not detail or not all(f.get("val_labels") for f in detail["folds"]):
         return None

@@ -56,6 +56,15 @@ class RunSummary(BaseModel):
     best_trial: str | None = None
     best_cv_roc_auc: float | None = None
     best_cv_roc_auc_std: float | None = None
+    best_cv_roc_auc_se: float | None = Field(
+        None, description="corrected standard error of best_cv_roc_auc (Nadeau & Bengio)"
+    )
+    runner_up_trial: str | None = Field(None, description="the best other completed trial")
+    best_separable_from_runner_up: bool | None = Field(
+        None,
+        description="the 95% intervals (mean ± 1.96 SE) of best and runner-up do not overlap; "
+        "null without a runner-up or a finite SE",
+    )
     best_fold_roc_auc: list[float] = Field(default_factory=list)
     best_config: ExperimentConfig | None = None
     # After the refit (test metrics only where the data has a test split):

@@ -2,6 +2,7 @@
 
 Stages: config -> data index -> folds -> decoded cache -> Ray -> one fit over all folds
 -> a per-fold table and `cv_result.json` (with the resolved config and fold assignment).
+`cv.repeats` R > 1 repeats the k-fold split with other seeds: R x k folds, one score.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+
+import numpy as np
 
 from distmed import __version__
 from distmed.artifacts import write_json_atomic
@@ -36,8 +39,8 @@ from distmed.resources import plan_workers, start_ray
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m distmed.train",
-        description="Cross-validate one configuration (k folds, Ray Train); "
-        "print mean ± std ROC-AUC.",
+        description="Cross-validate one configuration (k folds, or cv.repeats x k; Ray "
+        "Train); print mean ROC-AUC ± its standard error.",
         epilog="example: python -m distmed.train --config search_spaces/demo.yaml "
         "--output runs/demo",
     )
@@ -75,7 +78,7 @@ def _run(args: argparse.Namespace) -> int:
     print(
         f"distmed {__version__}: {index.name}, {len(index.pool)} images, "
         f"{len(index.class_names)} classes, "
-        f"{cfg.cv.folds}-fold CV, {layout.num_workers} worker(s) x {layout.cpus_per_worker:g} CPU"
+        f"{_cv_text(cfg)}, {layout.num_workers} worker(s) x {layout.cpus_per_worker:g} CPU"
         f"{' + GPU' if layout.use_gpu else ''}",
         flush=True,
     )
@@ -93,10 +96,17 @@ def _run(args: argparse.Namespace) -> int:
             f"lower optim.lr or use train.amp=off (history: {output / 'cv_result.json'})"
         )
     print(
-        f"CV ROC-AUC {result.mean_roc_auc:.4f} ± {result.std_roc_auc:.4f}  "
+        f"CV ROC-AUC {result.mean_roc_auc:.4f} ± {result.se_roc_auc:.4f} SE "
+        f"(fold std {result.std_roc_auc:.4f}, {len(result.folds)} folds)  "
         f"-> {output / 'cv_result.json'}"
     )
     return 0
+
+
+def _cv_text(cfg: ExperimentConfig) -> str:
+    if cfg.cv.repeats == 1:
+        return f"{cfg.cv.folds}-fold CV"
+    return f"{cfg.cv.repeats} x {cfg.cv.folds}-fold CV (repeated)"
 
 
 def run_name(cfg: ExperimentConfig, index: DataIndex) -> str:
@@ -114,14 +124,19 @@ def _default_output(index: DataIndex) -> Path:
 
 
 def format_fold_table(result: CVResult) -> str:
+    """Metrics per fold (numbered from 1; `repeat.fold` with repeats) and their means."""
     columns = ("roc_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "f1")
-    header = f"{'fold':>4} {'epoch':>5} " + " ".join(f"{c:>17}" for c in columns)
+    header = f"{'fold':>5} {'epoch':>5} " + " ".join(f"{c:>17}" for c in columns)
     lines = [header]
+    k = len(result.folds) // result.repeats
     for fold in result.folds:
         values = " ".join(f"{fold.metrics[c]:>17.4f}" for c in columns)
-        lines.append(f"{fold.fold + 1:>4} {fold.stop_epoch:>5} {values}")
+        label = str(fold.fold + 1)
+        if result.repeats > 1:
+            label = f"{fold.fold // k + 1}.{fold.fold % k + 1}"
+        lines.append(f"{label:>5} {fold.stop_epoch:>5} {values}")
     means = result.mean_metrics()
-    lines.append(f"{'mean':>4} {'':>5} " + " ".join(f"{means[c]:>17.4f}" for c in columns))
+    lines.append(f"{'mean':>5} {'':>5} " + " ".join(f"{means[c]:>17.4f}" for c in columns))
     return "\n".join(lines)
 
 
@@ -129,17 +144,32 @@ def write_cv_result(
     path: Path,
     cfg: ExperimentConfig,
     index: DataIndex,
-    assignment,
+    assignment: np.ndarray,
     result: CVResult,
     wall_time_s: float,
     inspection: dict | None = None,
 ) -> None:
+    """`cv_result.json`: scores, per-fold metrics and histories, config, data, assignment.
+
+    `assignment` is `make_folds`' (R, N): each sample's `fold` is its fold in repeat 0
+    (the whole assignment when R = 1); with R > 1 `folds_by_repeat` lists all R.
+    """
+    rows = np.atleast_2d(assignment)
+    k = len(result.folds) // result.repeats
     payload = {
         "mean_roc_auc": result.mean_roc_auc,
         "std_roc_auc": result.std_roc_auc,
+        "se_roc_auc": result.se_roc_auc,  # cvstats.corrected_standard_error
+        "repeats": result.repeats,
         "mean_metrics": result.mean_metrics(),
         "folds": [
-            {"fold": f.fold, "stop_epoch": f.stop_epoch, **f.metrics, "history": f.history}
+            {
+                "fold": f.fold,
+                "repeat": f.fold // k,
+                "stop_epoch": f.stop_epoch,
+                **f.metrics,
+                "history": f.history,
+            }
             for f in result.folds
         ],
         "precision": result.precision,
@@ -149,9 +179,10 @@ def write_cv_result(
         "data": describe_index(index, inspection),
         "config": cfg.model_dump(mode="json"),
         "fold_assignment": [
-            {"id": sample_id, "label": int(label), "fold": int(fold)}
-            for sample_id, label, fold in zip(
-                index.pool.ids, index.pool.labels, assignment, strict=True
+            {"id": sample_id, "label": int(label), "fold": int(folds[0])}
+            | ({"folds_by_repeat": folds.tolist()} if len(folds) > 1 else {})
+            for sample_id, label, folds in zip(
+                index.pool.ids, index.pool.labels, rows.T, strict=True
             )
         ],
         "wall_time_s": wall_time_s,

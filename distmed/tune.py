@@ -32,6 +32,7 @@ from distmed.cli import (
     parse,
     run_entry_point,
 )
+from distmed.config import CVConfig
 from distmed.cv import PreparedData, prepare_data, share_images, storage_uri
 from distmed.data import DataIndex, describe_index, scan_source
 from distmed.errors import UserError
@@ -59,11 +60,13 @@ from distmed.resources import (
 )
 from distmed.results import (
     best_config,
+    best_is_separable,
     best_row,
     collect_rows,
     format_table,
     oof_predictions,
     read_trial_detail,
+    runner_up_row,
     status_counts,
     write_best_config,
     write_trials_csv,
@@ -222,12 +225,16 @@ def _run(args: argparse.Namespace) -> int:
         _publish(local, args.storage, name)
         raise UserError(f"no trial completed (see {local / 'trials.csv'}); nothing to refit")
     chosen = best_config(spec.base, best)
+    runner_up = runner_up_row(rows, best)
     write_best_config(local / "best_config.yaml", chosen)
     summary = summary.model_copy(
         update={
             "best_trial": best.trial_id,
             "best_cv_roc_auc": best.cv_roc_auc,
             "best_cv_roc_auc_std": best.cv_roc_auc_std,
+            "best_cv_roc_auc_se": best.cv_roc_auc_se,
+            "runner_up_trial": runner_up.trial_id if runner_up else None,
+            "best_separable_from_runner_up": best_is_separable(best, runner_up),
             "best_fold_roc_auc": list(best.fold_aucs),
             "best_config": chosen,
         }
@@ -295,7 +302,7 @@ def _search(
     images = len(prepared.plan.folds[0]["train"]) + len(prepared.plan.folds[0]["val"])
     print(
         f"distmed {__version__}: {search.num_samples} trials on {prepared.index.name} "
-        f"({images} images, {len(prepared.plan.folds)} folds), {concurrent} at a "
+        f"({images} images, {_folds_text(spec.base.cv)}), {concurrent} at a "
         f"time, {layout.num_workers} worker(s) x {layout.cpus_per_worker:g} CPU{gpu} each "
         f"-> {exp_uri}",
         flush=True,
@@ -419,9 +426,14 @@ def _print_results(rows, keys, best, summary: RunSummary, local: Path, report: P
     print(
         f"{counts['completed']} completed, {counts['stopped']} stopped early, "
         f"{counts['diverged']} diverged, {counts['errored']} errored; "
-        f"best CV ROC-AUC {best.cv_roc_auc:.4f} "
-        f"± {best.cv_roc_auc_std:.4f} (trial {best.trial_id})"
+        f"best CV ROC-AUC {best.cv_roc_auc:.4f} ± {best.cv_roc_auc_se:.4f} SE "
+        f"(fold std {best.cv_roc_auc_std:.4f}; trial {best.trial_id})"
     )
+    if summary.best_separable_from_runner_up is False:
+        print(
+            f"  not separable from the runner-up, trial {summary.runner_up_trial}: their 95% "
+            "intervals (mean ± 1.96 SE) overlap (see the report)"
+        )
     print("best configuration (best_config.yaml):")
     for key, value in best.params.items():
         print(f"  {key}: {value}")
@@ -488,6 +500,12 @@ def _describe(spec: SearchSpaceFile) -> str:
         },
         sort_keys=False,
     )
+
+
+def _folds_text(cv: CVConfig) -> str:
+    if cv.repeats == 1:
+        return f"{cv.folds} folds"
+    return f"{cv.repeats} x {cv.folds} folds"
 
 
 def _batch_sizes(spec: SearchSpaceFile) -> list[int]:

@@ -72,11 +72,13 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
         for i, spec in enumerate(loop_config["folds"])
     ]
     start_epoch = _restore(folds)
+    detail_uri = loop_config.get("detail_uri")
+    folds_per_repeat = loop_config.get("folds_per_repeat")  # k of the R x k folds
     if start_epoch >= cfg.train.epochs or (start_epoch and all(f.stopped for f in folds)):
         # The run had ended before it was interrupted (a killed or Ctrl-C'd search): its
         # last report may never have reached Tune, so report it again rather than nothing,
         # which would leave a finished trial without a score.
-        _report(folds, start_epoch - 1, cfg.train, loop_config.get("detail_uri"))
+        _report(folds, start_epoch - 1, cfg.train, detail_uri, folds_per_repeat)
         start_epoch = cfg.train.epochs
     for epoch in range(start_epoch, cfg.train.epochs):
         # Shuffling and augmentation are seeded per epoch, so a run resumed from the
@@ -88,7 +90,7 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
         if any(diverged(f) for f in folds):
             for fold in folds:  # one fold without a score leaves the trial without one
                 fold.stopped = True
-        _report(folds, epoch, cfg.train, loop_config.get("detail_uri"))
+        _report(folds, epoch, cfg.train, detail_uri, folds_per_repeat)
         if all(f.stopped for f in folds):
             break
     return {
@@ -113,22 +115,31 @@ def load_images(path: str, ref: Any) -> np.ndarray:
     return ray.get(ref)
 
 
-def _report(folds: list[FoldRun], epoch: int, train: TrainConfig, detail_uri: str | None) -> None:
+def _report(
+    folds: list[FoldRun],
+    epoch: int,
+    train: TrainConfig,
+    detail_uri: str | None,
+    folds_per_repeat: int | None,
+) -> None:
     """One report per epoch on every rank; rank 0 attaches the checkpoint of all folds when
     one is due (`checkpoint_due`).
 
     Rank 0 also rewrites the folds' histories and out-of-fold predictions at `detail_uri`
     before reporting: a scheduler may stop the trial at any report (ASHA does at max_t,
     even when every fold has finished), so nothing after the last report is sure to run.
+    `folds_per_repeat` is k of the repeated k-fold plan, for the standard error.
     """
     epochs = train.epochs
-    metrics = epoch_metrics(folds, epoch, epochs)
+    metrics = epoch_metrics(folds, epoch, epochs, folds_per_repeat)
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics, checkpoint=None)
         return
     auc_text = ""
     if "cv_roc_auc" in metrics:
         auc_text = f"val ROC-AUC {metrics['cv_roc_auc']:.4f} ± {metrics['cv_roc_auc_std']:.4f}"
+        if "cv_roc_auc_se" in metrics:
+            auc_text += f" (SE {metrics['cv_roc_auc_se']:.4f})"
     if metrics["folds_diverged"]:
         auc_text += f"; {metrics['folds_diverged']} fold(s) diverged (loss NaN/inf)"
     log.info(

@@ -43,9 +43,10 @@ NAMES3 = ["a", "b", "c"]
 
 def test_folds_are_disjoint_and_cover_every_sample():
     split = imbalanced_split()
-    assignment = make_folds(split, CVConfig(folds=5, seed=0), NAMES3)
-    assert assignment.shape == (len(split),)
-    assert assignment.dtype == np.int64
+    folds = make_folds(split, CVConfig(folds=5, seed=0), NAMES3)
+    assert folds.shape == (1, len(split))  # one repeat
+    assert folds.dtype == np.int64
+    assignment = folds[0]
     # every sample is in exactly one fold: one fold number each, all in 0..k-1
     assert set(assignment.tolist()) == set(range(5))
     assert assignment.min() >= 0
@@ -61,7 +62,7 @@ def test_folds_are_disjoint_and_cover_every_sample():
 def test_folds_are_stratified():
     split = imbalanced_split()
     folds = 5
-    assignment = make_folds(split, CVConfig(folds=folds, seed=1), NAMES3)
+    assignment = make_folds(split, CVConfig(folds=folds, seed=1), NAMES3)[0]
     totals = np.bincount(split.labels)
     for fold in range(folds):
         counts = np.bincount(split.labels[assignment == fold], minlength=3)
@@ -72,21 +73,21 @@ def test_folds_are_stratified():
 
 def test_folds_are_reproducible_with_same_seed():
     split = imbalanced_split()
-    first = make_folds(split, CVConfig(folds=4, seed=5), NAMES3)
-    second = make_folds(split, CVConfig(folds=4, seed=5), NAMES3)
+    first = make_folds(split, CVConfig(folds=4, seed=5), NAMES3)[0]
+    second = make_folds(split, CVConfig(folds=4, seed=5), NAMES3)[0]
     assert np.array_equal(first, second)
 
 
 def test_folds_differ_with_another_seed():
     split = imbalanced_split()
-    first = make_folds(split, CVConfig(folds=4, seed=5), NAMES3)
-    other = make_folds(split, CVConfig(folds=4, seed=6), NAMES3)
+    first = make_folds(split, CVConfig(folds=4, seed=5), NAMES3)[0]
+    other = make_folds(split, CVConfig(folds=4, seed=6), NAMES3)[0]
     assert not np.array_equal(first, other)
 
 
 def test_grouped_folds_keep_patients_together():
     split, groups = grouped_split()
-    assignment = make_folds(split, CVConfig(folds=5, seed=0), ["neg", "pos"])
+    assignment = make_folds(split, CVConfig(folds=5, seed=0), ["neg", "pos"])[0]
     assert set(assignment.tolist()) == set(range(5))
     for patient in set(groups.tolist()):
         assert len(set(assignment[groups == patient].tolist())) == 1, patient
@@ -97,8 +98,8 @@ def test_grouped_folds_keep_patients_together():
 
 def test_grouped_folds_are_reproducible():
     split, _ = grouped_split()
-    first = make_folds(split, CVConfig(folds=3, seed=2), ["neg", "pos"])
-    second = make_folds(split, CVConfig(folds=3, seed=2), ["neg", "pos"])
+    first = make_folds(split, CVConfig(folds=3, seed=2), ["neg", "pos"])[0]
+    second = make_folds(split, CVConfig(folds=3, seed=2), ["neg", "pos"])[0]
     assert np.array_equal(first, second)
 
 
@@ -110,7 +111,7 @@ def test_class_smaller_than_folds():
     assert "cv.folds" in message
     assert "'rare'" in message
     # exactly enough images works
-    assert set(make_folds(split, CVConfig(folds=3), ["common", "rare"]).tolist()) == {0, 1, 2}
+    assert set(make_folds(split, CVConfig(folds=3), ["common", "rare"])[0].tolist()) == {0, 1, 2}
 
 
 def test_too_few_patient_groups_for_folds():
@@ -124,7 +125,7 @@ def test_too_few_patient_groups_for_folds():
 
 def test_fold_specs_train_and_val_are_disjoint_complements():
     split = imbalanced_split()
-    assignment = make_folds(split, CVConfig(folds=3, seed=0), NAMES3)
+    assignment = make_folds(split, CVConfig(folds=3, seed=0), NAMES3)[0]
     specs = fold_specs(assignment, 3)
     assert len(specs) == 3
     for k, spec in enumerate(specs):
@@ -201,3 +202,82 @@ def test_a_mistyped_positive_class_stops_before_the_decode(tmp_path, monkeypatch
     with pytest.raises(UserError, match="data.positive_class 'maybe' is not a class"):
         cv.prepare_data(cfg, scan_source(cfg.data))
     assert decoded == []
+
+
+# --------------------------------------------------------------------------- cv.repeats
+
+
+def test_repeated_folds_give_r_times_k_specs_in_repeat_major_order():
+    split = imbalanced_split()
+    folds = make_folds(split, CVConfig(folds=3, seed=0, repeats=2), NAMES3)
+    assert folds.shape == (2, len(split))
+    specs = fold_specs(folds, 3)
+    assert len(specs) == 6
+    for repeat in range(2):
+        vals = [specs[repeat * 3 + f]["val"] for f in range(3)]
+        # every sample is validated exactly once per repeat
+        assert sorted(i for val in vals for i in val) == list(range(len(split)))
+        for f, val in enumerate(vals):
+            assert val == np.flatnonzero(folds[repeat] == f).tolist()
+    assert not np.array_equal(folds[0], folds[1])  # another shuffle, not a copy
+
+
+def test_repeat_zero_is_the_single_repeat_split_and_repeat_r_uses_seed_plus_r():
+    from sklearn.model_selection import StratifiedKFold
+
+    split = imbalanced_split()
+    single = make_folds(split, CVConfig(folds=4, seed=5), NAMES3)
+    repeated = make_folds(split, CVConfig(folds=4, seed=5, repeats=3), NAMES3)
+    assert np.array_equal(repeated[0], single[0])
+    assert fold_specs(repeated, 4)[:4] == fold_specs(single, 4)  # R=1 runs are unchanged
+    for r in (1, 2):
+        alone = make_folds(split, CVConfig(folds=4, seed=5 + r), NAMES3)[0]
+        assert np.array_equal(repeated[r], alone)
+    # ... and one repeat is exactly scikit-learn's shuffled StratifiedKFold with cv.seed
+    pieces = StratifiedKFold(4, shuffle=True, random_state=5).split(split.labels, split.labels)
+    for fold, (_, val) in enumerate(pieces):
+        assert np.flatnonzero(single[0] == fold).tolist() == sorted(val.tolist())
+
+
+def test_grouped_repeats_never_split_a_patient_across_train_and_val():
+    split, groups = grouped_split()
+    folds = make_folds(split, CVConfig(folds=4, seed=0, repeats=3), ["neg", "pos"])
+    assert len({tuple(row) for row in folds.tolist()}) == 3  # the repeats differ
+    for spec in fold_specs(folds, 4):
+        train, val = set(groups[spec["train"]]), set(groups[spec["val"]])
+        assert not train & val
+        assert set(split.labels[spec["val"]].tolist()) == {0, 1}
+
+
+def test_a_fold_without_a_class_in_a_later_repeat_names_the_repeat(monkeypatch):
+    """The class check holds per repeat: repeat 1 here gets an unstratified split."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    from distmed import cv
+
+    class UnstratifiedForSeed1:
+        def __init__(self, n_splits: int, shuffle: bool, random_state: int):
+            self.n_splits, self.seed = n_splits, random_state
+
+        def split(self, x, y):
+            if self.seed == 1:  # sorted labels, unshuffled: fold 0 holds only class 0
+                return KFold(self.n_splits).split(x)
+            return StratifiedKFold(self.n_splits, shuffle=True, random_state=self.seed).split(x, y)
+
+    monkeypatch.setattr(cv, "StratifiedKFold", UnstratifiedForSeed1)
+    split = split_of([0] * 6 + [1] * 6)
+    assert make_folds(split, CVConfig(folds=3, seed=0), ["neg", "pos"]).shape == (1, 12)
+    with pytest.raises(
+        UserError, match="cv fold 0 of repeat 1 has no validation image of class pos"
+    ):
+        make_folds(split, CVConfig(folds=3, seed=0, repeats=2), ["neg", "pos"])
+
+
+@pytest.mark.parametrize("value", [0, 21])
+def test_cv_repeats_out_of_range_names_the_key(value):
+    with pytest.raises(UserError, match=r"cv\.repeats"):
+        load_config(None, [f"cv.repeats={value}"])
+
+
+def test_cv_repeats_default_is_one():
+    assert load_config(None).cv.repeats == 1

@@ -356,6 +356,23 @@ def test_epoch_metrics_average_the_folds_and_mark_the_last_epoch():
     assert reported["cv_complete"] == 1 and reported["folds_diverged"] == 0
 
 
+def test_epoch_metrics_report_every_repeated_fold_and_the_corrected_se():
+    aucs = [0.6, 0.8, 0.7, 0.9]  # 2 repeats x 2 folds, repeat-major
+    folds = [bare_fold() for _ in aucs]
+    for k, (fold, auc) in enumerate(zip(folds, aucs, strict=True)):
+        fold.index = k
+        fold.history.append({"epoch": 3, "train_loss": 0.5, "val_roc_auc": auc})
+    reported = epoch_metrics(folds, epoch=2, epochs=3, folds_per_repeat=2)
+    assert reported["cv_roc_auc"] == pytest.approx(0.75)  # the mean over all R*k folds
+    assert [reported[f"fold{k}_roc_auc"] for k in range(4)] == aucs
+    assert reported["fold3_epoch"] == 3
+    # sqrt((1/4 + 1/(2-1)) * s^2), s^2 = 0.05/3 (ddof 1)
+    assert reported["cv_roc_auc_se"] == pytest.approx(math.sqrt(1.25 * 0.05 / 3))
+    # without k the folds count as one repeat of 4: (1/4 + 1/3) * s^2
+    one_repeat = epoch_metrics(folds, epoch=2, epochs=3)
+    assert one_repeat["cv_roc_auc_se"] == pytest.approx(math.sqrt((1 / 4 + 1 / 3) * 0.05 / 3))
+
+
 def test_train_one_epoch_scores_the_logits_of_its_own_steps(tiny_data):
     images, labels = tiny_data
     torch.manual_seed(0)

@@ -23,9 +23,11 @@ from distmed.config import load_config
 from distmed.results import (
     TrialRow,
     best_config,
+    best_is_separable,
     best_row,
     collect_rows,
     format_table,
+    runner_up_row,
     status_counts,
     write_best_config,
     write_trials_csv,
@@ -47,6 +49,7 @@ def row(
     auc: float = 0.8,
     *,
     std: float = 0.02,
+    se: float = 0.03,
     lr: float = 1e-3,
     name: str = "adam",
     folds: list[float] | None = None,
@@ -61,6 +64,7 @@ def row(
         status=status,
         cv_roc_auc=auc,
         cv_roc_auc_std=std,
+        cv_roc_auc_se=se,
         fold_aucs=folds,
         fold_epochs=[epochs] * len(folds),
         epochs_reported=epochs,
@@ -129,6 +133,7 @@ def test_trials_csv_header_and_one_row_per_trial(tmp_path):
         "optim.name",
         "cv_roc_auc",
         "cv_roc_auc_std",
+        "cv_roc_auc_se",
         "fold0_roc_auc",
         "fold1_roc_auc",
         "status",
@@ -142,6 +147,7 @@ def test_trials_csv_header_and_one_row_per_trial(tmp_path):
     assert first["optim.name"] == "adam"
     assert float(first["cv_roc_auc"]) == pytest.approx(0.81)
     assert float(first["cv_roc_auc_std"]) == pytest.approx(0.02)
+    assert float(first["cv_roc_auc_se"]) == pytest.approx(0.03)
     assert float(first["fold0_roc_auc"]) == pytest.approx(0.80)
     assert float(first["fold1_roc_auc"]) == pytest.approx(0.82)
     assert first["status"] == "completed"
@@ -199,6 +205,7 @@ def test_trials_csv_without_trials_is_just_the_header(tmp_path):
         "optim.name",
         "cv_roc_auc",
         "cv_roc_auc_std",
+        "cv_roc_auc_se",
         "status",
         "epochs",
         "time_s",
@@ -237,7 +244,8 @@ def test_format_table_best_completed_first():
     # Finite completed trials by AUC, then the NaN completed one, then stopped/errored.
     assert order[:3] == ["t_00002", "t_00000", "t_00004"]
     assert set(order[3:]) == {"t_00001", "t_00003"}
-    assert "0.8800 ± 0.0200" in lines[1]
+    assert "0.8800 ± 0.0300" in lines[1]  # mean ± standard error, not ± std
+    assert "SE" in lines[0]
     assert "adamw" in lines[1]
     assert "0.0005" in lines[1]  # lr 5e-4 shown with 3 significant digits
 
@@ -250,6 +258,31 @@ def test_format_table_limit_and_long_ids():
     assert "0.6100" in lines[1]
     assert "0.6000" in lines[2]
     assert "0.5900" in lines[3]
+
+
+def test_runner_up_is_the_best_other_completed_trial():
+    rows = mixed_rows()
+    best = best_row(rows)
+    assert best is not None
+    runner_up = runner_up_row(rows, best)
+    assert runner_up is not None and runner_up.trial_id == "t_00000"  # stopped 0.95 never
+    assert runner_up_row([best], best) is None
+
+
+@pytest.mark.parametrize(
+    ("runner_up", "expected"),
+    [
+        # 0.88 ± 1.96*0.01 = [0.8604, 0.8996]; 0.81 ± 0.0196 = [0.7904, 0.8296]: apart
+        (row("b", auc=0.81, se=0.01), True),
+        # 0.86 ± 0.0196 reaches 0.8796: the intervals overlap
+        (row("b", auc=0.86, se=0.01), False),
+        (row("b", auc=0.81, se=NAN), None),
+        (None, None),
+    ],
+    ids=["far-apart", "overlapping", "no-se", "no-runner-up"],
+)
+def test_best_is_separable(runner_up, expected):
+    assert best_is_separable(row("a", auc=0.88, se=0.01), runner_up) is expected
 
 
 # --------------------------------------------------------------------------- best_config.yaml
@@ -323,6 +356,7 @@ def metrics(trial_id: str, aucs: list[float], complete: bool, iteration: int) ->
         "trial_id": trial_id,
         "cv_roc_auc": float(np.mean(aucs)),
         "cv_roc_auc_std": float(np.std(aucs)),
+        "cv_roc_auc_se": 0.01 * len(aucs),
         "cv_complete": int(complete),
         "training_iteration": iteration,
         "time_total_s": 42.26,
@@ -366,6 +400,7 @@ def test_collect_rows_status_mapping_and_values():
     assert done.params == {"optim.lr": 0.004, "optim.name": "sgd"}  # only the space keys
     assert done.cv_roc_auc == pytest.approx(0.85)
     assert done.cv_roc_auc_std == pytest.approx(0.05)
+    assert done.cv_roc_auc_se == pytest.approx(0.02)
     assert done.fold_aucs == [0.8, 0.9]
     assert done.fold_epochs == [8, 7]
     assert done.epochs_reported == 8
@@ -382,6 +417,7 @@ def test_collect_rows_status_mapping_and_values():
     assert errored.error == "RuntimeError: worker died"  # first line only
     assert math.isnan(errored.cv_roc_auc)
     assert math.isnan(errored.cv_roc_auc_std)
+    assert math.isnan(errored.cv_roc_auc_se)
     assert errored.fold_aucs == [] and errored.fold_epochs == []
     assert errored.time_s == 3.0
 
