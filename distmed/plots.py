@@ -192,8 +192,12 @@ def plot_roc(
     positive: int | None,
     path: Path,
     operating_point: tuple[float, float] | None = None,
+    title: str = "Test split",
 ) -> Path:
-    """ROC curve of the positive class (binary) or one-vs-rest per class plus macro."""
+    """ROC curve of the positive class (binary) or one-vs-rest per class plus macro.
+
+    `title` names the scored set (the report's test split, an external site's images).
+    """
     fig, ax = plt.subplots(figsize=(5.0, 4.6))
     for k, name, truth, score in _one_vs_rest(labels, probs, class_names, positive):
         fpr, tpr, _ = skm.roc_curve(truth, score)
@@ -208,7 +212,7 @@ def plot_roc(
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8)
     ax.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate")
     frame_unit_square(ax)
-    ax.set_title("Test split: ROC curve")
+    ax.set_title(f"{title}: ROC curve")
     ax.legend(fontsize=8, loc="lower right")
     return save(fig, path)
 
@@ -236,12 +240,16 @@ def _macro_roc(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def plot_confusion(
-    matrix: np.ndarray, class_names: Sequence[str], decision: str, path: Path
+    matrix: np.ndarray,
+    class_names: Sequence[str],
+    decision: str,
+    path: Path,
+    title: str = "Test split",
 ) -> Path:
     """Counts and row-normalised (share of each true class) confusion matrices."""
     fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.4))
     rates = matrix / np.clip(matrix.sum(axis=1, keepdims=True), 1, None)
-    for ax, data, title, fmt in (
+    for ax, data, panel, fmt in (
         (axes[0], matrix, "counts", "{:d}"),
         (axes[1], rates, "row-normalised", "{:.2f}"),
     ):
@@ -253,8 +261,8 @@ def plot_confusion(
         ticks = range(len(class_names))
         ax.set_xticks(ticks, class_names, rotation=45 if len(class_names) > 4 else 0)
         ax.set_yticks(ticks, class_names)
-        ax.set(xlabel="predicted class", ylabel="true class", title=title)
-    fig.suptitle(f"Test split: confusion matrix ({decision})")
+        ax.set(xlabel="predicted class", ylabel="true class", title=panel)
+    fig.suptitle(f"{title}: confusion matrix ({decision})")
     return save(fig, path)
 
 
@@ -264,6 +272,7 @@ def plot_precision_recall(
     class_names: Sequence[str],
     positive: int | None,
     path: Path,
+    title: str = "Test split",
 ) -> Path:
     """Precision against recall of the positive class (binary) or each class one-vs-rest."""
     fig, ax = plt.subplots(figsize=(5.0, 4.6))
@@ -273,7 +282,7 @@ def plot_precision_recall(
         ax.plot(recall, precision, label=f"{name} (AP {ap:.3f}, prevalence {truth.mean():.2f})")
     ax.set(xlabel="recall (sensitivity)", ylabel="precision")
     frame_unit_square(ax)
-    ax.set_title("Test split: precision-recall curve")
+    ax.set_title(f"{title}: precision-recall curve")
     ax.legend(fontsize=8, loc="lower left")
     return save(fig, path)
 
@@ -286,6 +295,7 @@ def plot_calibration(
     path: Path,
     bins: int = 10,
     after_probs: np.ndarray | None = None,
+    title: str = "Test split",
 ) -> Path:
     """Reliability diagram: observed frequency per quantile bin of predicted probability.
 
@@ -298,13 +308,13 @@ def plot_calibration(
         for _, name, truth, score in _one_vs_rest(labels, probs, class_names, positive):
             observed, predicted = calibration_curve(truth, score, n_bins=bins, strategy="quantile")
             ax.plot(predicted, observed, marker="o", label=name)
-        title = "Test split: calibration (quantile bins)"
+        heading = f"{title}: calibration (quantile bins)"
     else:
         _draw_before_after(ax, labels, (probs, after_probs), class_names, positive, bins)
-        title = "Test split: calibration before and after\ntemperature scaling (quantile bins)"
+        heading = f"{title}: calibration before and after\ntemperature scaling (quantile bins)"
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8, label="perfect")
     ax.set(xlabel="predicted probability", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1))
-    ax.set_title(title)
+    ax.set_title(heading)
     ax.legend(fontsize=8, loc="upper left")
     return save(fig, path)
 

@@ -11,7 +11,6 @@ copies in RUN_DIR/report/.
 from __future__ import annotations
 
 import argparse
-import base64
 import csv
 import html
 import logging
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn import metrics as skm
 
 from distmed import __version__, plots
 from distmed.artifacts import write_text_atomic
@@ -32,17 +30,17 @@ from distmed.cli import add_debug_option, run_entry_point
 from distmed.cvstats import interval, separable
 from distmed.errors import UserError
 from distmed.inference import load_inference_model
-from distmed.metrics import (
-    CI_METRICS,
-    binary_metrics_at,
-    bootstrap_ci,
-    classification_metrics,
-    sensitivity_threshold,
-    youden_threshold,
-)
+from distmed.metrics import binary_metrics_at, sensitivity_threshold, youden_threshold
 from distmed.refit import TEST_PREDICTIONS, save_threshold
 from distmed.results import oof_predictions, read_trial_detail
 from distmed.savedmodel import SavedModel, Threshold
+from distmed.scorecard import Scores, score, scores_section
+
+# Under the private names the sections below have always called them by.
+from distmed.scorecard import decide as _decide
+from distmed.scorecard import figure as _figure
+from distmed.scorecard import num as _num
+from distmed.scorecard import table as _table
 from distmed.summary import RunSummary
 
 log = logging.getLogger(__name__)
@@ -323,23 +321,15 @@ def training_section(run: RunData, figures: Path) -> str:
 def test_section(run: RunData, figures: Path, threshold: Threshold | None, resamples: int) -> str:
     if run.test is None:
         return "<h2>Test split</h2><p>This data source has no test split.</p>"
-    labels, probs = run.test["labels"], run.test["probs"]
-    names, positive = run.class_names, run.positive
-    cut = threshold.value if threshold else None
-    decision = _decide(probs, positive, cut)
-    operating = _operating_point(labels, decision, positive) if cut is not None else None
-    matrix = skm.confusion_matrix(labels, decision, labels=np.arange(len(names)))
-    how = f"threshold {cut:.4f}" if cut is not None else "argmax"
-    parts = [
-        "<h2>Test split (refit model, evaluated once)</h2>",
-        _threshold_text(threshold),
-        _metrics_table(labels, probs, positive, cut, resamples),
-        _figure(plots.plot_roc(labels, probs, names, positive, figures / "roc.png", operating)),
-        _figure(plots.plot_confusion(matrix, names, how, figures / "confusion.png")),
-        _figure(plots.plot_precision_recall(labels, probs, names, positive, figures / "pr.png")),
-        _figure(plots.plot_calibration(labels, probs, names, positive, figures / "calib.png")),
-    ]
-    return "\n".join(p for p in parts if p)
+    scores = Scores(run.test["labels"], run.test["probs"], run.class_names, run.positive)
+    card = score(scores, threshold.value if threshold else None, resamples)
+    return "\n".join(
+        [
+            "<h2>Test split (refit model, evaluated once)</h2>",
+            _threshold_text(threshold),
+            scores_section(scores, card, figures),
+        ]
+    )
 
 
 def _threshold_text(threshold: Threshold | None) -> str:
@@ -358,44 +348,6 @@ def _threshold_text(threshold: Threshold | None) -> str:
 
 def _fixed(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
-
-
-def _metrics_table(labels, probs, positive, cut, resamples) -> str:
-    """Point estimates (argmax, as in summary.json; and at the threshold) with 95% CIs."""
-    columns = [("argmax", "test_metrics", None)]
-    if cut is not None:
-        columns.append((f"at threshold {cut:.4f}", "test_at_threshold", cut))
-    header = ["metric"]
-    cells: dict[str, list[str]] = {name: [name] for name in CI_METRICS}
-    for title, key, at in columns:
-        header += [title, "95% CI"]
-        point = (
-            classification_metrics(labels, probs, positive)
-            if at is None
-            else binary_metrics_at(labels, probs, positive, at)
-        )
-        intervals = bootstrap_ci(labels, probs, positive, at, resamples=resamples)
-        for name in CI_METRICS:
-            low, high = intervals[name]
-            cells[name] += [_num(f"{key}.{name}", point[name]), f"{low:.4f} – {high:.4f}"]
-    note = (
-        f"<p>{len(labels)} test images; 95% percentile bootstrap intervals over "
-        f"{resamples} case resamples (seed 0). ROC-AUC does not depend on the threshold. "
-        "Multi-class sensitivity, specificity and F1 are macro averages.</p>"
-    )
-    return note + _table(header, list(cells.values()))
-
-
-def _decide(probs: np.ndarray, positive: int | None, cut: float | None) -> np.ndarray:
-    if cut is None or positive is None:
-        return probs.argmax(axis=1)
-    other = 1 - positive
-    return np.where(probs[:, positive] >= cut, positive, other)
-
-
-def _operating_point(labels, decision, positive) -> tuple[float, float]:
-    truth, said = labels == positive, decision == positive
-    return float(said[~truth].mean()), float(said[truth].mean())
 
 
 def gradcam_section(run: RunData, figures: Path, threshold: Threshold | None) -> str:
@@ -496,36 +448,6 @@ def _footer(versions: Mapping[str, str], generated: datetime) -> str:
     made_with = ", ".join(f"{html.escape(k)} {html.escape(v)}" for k, v in versions.items())
     run = f"; search run with {made_with}" if made_with else ""
     return f"<footer><p>Report generated {when} by distmed {__version__}{run}.</p></footer>"
-
-
-def _figure(path: Path) -> str:
-    """The PNG embedded (opens offline, one file to share) plus a link to the file itself."""
-    data = base64.b64encode(path.read_bytes()).decode()
-    link = f"{FIGURES}/{path.name}"
-    vectors = " ".join(
-        f"<a href='{FIGURES}/{v.name}'>{v.suffix[1:].upper()}</a>"
-        for v in plots.vector_copies(path)
-        if v.is_file()
-    )
-    return (
-        f"<figure><img src='data:image/png;base64,{data}' alt='{link}'>"
-        f"<figcaption><a href='{link}'>{link}</a> {vectors}</figcaption></figure>"
-    )
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{h}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _num(key: str, value: Any, fmt: str = "{:.4f}") -> str:
-    """A number shown rounded, its exact value kept in `data-value` (tests compare those)."""
-    if value is None:
-        return "–"
-    if isinstance(value, np.floating | float):
-        value = float(value)  # repr of numpy scalars would read np.float64(...)
-    return f"<span data-key='{key}' data-value='{value!r}'>{fmt.format(value)}</span>"
 
 
 def _float(text: str) -> float:

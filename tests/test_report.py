@@ -20,6 +20,7 @@ from distmed.cv import CVResult, FoldResult
 from distmed.data import decode_split, scan_folder, to_model_input
 from distmed.inference import load_model
 from distmed.metrics import (
+    CI_METRICS,
     binary_metrics_at,
     bootstrap_ci,
     classification_metrics,
@@ -144,7 +145,7 @@ def test_report_embeds_every_png_and_shows_summary_numbers(finished_run: Path):
     flat["best_cv_roc_auc_std"] = summary.best_cv_roc_auc_std
     flat.update({f"best_fold_roc_auc.{k}": v for k, v in enumerate(summary.best_fold_roc_auc)})
     assert summary.test_metrics is not None
-    flat.update({f"test_metrics.{k}": summary.test_metrics[k] for k in report.CI_METRICS})
+    flat.update({f"test_metrics.{k}": summary.test_metrics[k] for k in CI_METRICS})
     for key, value in flat.items():
         assert float(shown[key]) == pytest.approx(value, rel=1e-12, abs=1e-12), key
 

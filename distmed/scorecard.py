@@ -1,0 +1,238 @@
+"""Scored predictions -> metrics with bootstrap intervals -> HTML (a table and the figures).
+
+One place for what the report shows of a search's test split and what `distmed.evaluate`
+shows of another site's images, so both read alike: `score` computes the numbers once (for
+the page and for JSON), `scores_section` renders them with the ROC, confusion,
+precision-recall and calibration figures; `figure`, `table` and `num` are the page's pieces.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn import metrics as skm
+
+from distmed import plots
+from distmed.metrics import CI_METRICS, binary_metrics_at, bootstrap_ci, classification_metrics
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One scored set: true labels (N,), class probabilities (N, K), K class names.
+
+    `positive` is the binary task's scored class (None for multi-class tasks).
+    """
+
+    labels: np.ndarray
+    probs: np.ndarray
+    class_names: list[str]
+    positive: int | None
+
+    def absent_classes(self) -> list[str]:
+        """Names of the classes without a single true example in this set."""
+        present = set(np.unique(self.labels).tolist())
+        return [name for k, name in enumerate(self.class_names) if k not in present]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Point estimates of `METRIC_NAMES` and 95% intervals of `CI_METRICS` (low, high)."""
+
+    point: dict[str, float]
+    ci: dict[str, tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class Scorecard:
+    """The metrics of one set at argmax and, for binary tasks given one, at `threshold`."""
+
+    argmax: Estimate
+    at_threshold: Estimate | None
+    threshold: float | None
+    resamples: int
+    num_samples: int
+
+
+def score(scores: Scores, threshold: float | None, resamples: int) -> Scorecard:
+    """Metrics by argmax (and at `threshold`), with percentile bootstrap intervals.
+
+    Intervals resample cases (`metrics.bootstrap_ci`, seed 0). A metric undefined on the
+    set (ROC-AUC with a class absent) is NaN, and so are its interval's ends.
+    """
+    labels, probs, positive = scores.labels, scores.probs, scores.positive
+    with warnings.catch_warnings():
+        # Every resample lacks an absent class: numpy warns of the all-NaN AUC column.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        argmax = Estimate(
+            classification_metrics(labels, probs, positive),
+            bootstrap_ci(labels, probs, positive, None, resamples=resamples),
+        )
+        at = None
+        if threshold is not None and positive is not None:
+            at = Estimate(
+                binary_metrics_at(labels, probs, positive, threshold),
+                bootstrap_ci(labels, probs, positive, threshold, resamples=resamples),
+            )
+    return Scorecard(argmax, at, threshold if at else None, resamples, len(labels))
+
+
+def scorecard_json(card: Scorecard) -> dict[str, Any]:
+    """The scorecard as JSON types; NaN (undefined) becomes null."""
+
+    def estimate(e: Estimate | None) -> dict[str, Any] | None:
+        if e is None:
+            return None
+        return {
+            "metrics": {k: _finite(v) for k, v in e.point.items()},
+            "ci95": {k: [_finite(a), _finite(b)] for k, (a, b) in e.ci.items()},
+        }
+
+    return {
+        "num_samples": card.num_samples,
+        "bootstrap_resamples": card.resamples,
+        "threshold": card.threshold,
+        "argmax": estimate(card.argmax),
+        "at_threshold": estimate(card.at_threshold),
+    }
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+def scores_section(
+    scores: Scores,
+    card: Scorecard,
+    figures: Path,
+    title: str = "Test split",
+    keys: tuple[str, str] = ("test_metrics", "test_at_threshold"),
+) -> str:
+    """The metrics table and the ROC, confusion, PR and calibration figures (in `figures`).
+
+    `title` names the set on the figures ("Test split"); `keys` prefix the table cells'
+    `data-key` for the argmax and the threshold column. Curves need examples of every
+    class: with one absent only the confusion matrix is drawn, and the page says why.
+    """
+    names, positive, cut = scores.class_names, scores.positive, card.threshold
+    decision = decide(scores.probs, positive, cut)
+    matrix = skm.confusion_matrix(scores.labels, decision, labels=np.arange(len(names)))
+    how = f"threshold {cut:.4f}" if cut is not None else "argmax"
+    parts = [
+        metrics_table(card, keys),
+        figure(plots.plot_confusion(matrix, names, how, figures / "confusion.png", title)),
+    ]
+    absent = scores.absent_classes()
+    if absent:
+        parts.insert(1, _absent_text(absent, positive is not None))
+        return "\n".join(parts)
+    labels, probs, out = scores.labels, scores.probs, figures
+    operating = operating_point(labels, decision, positive) if cut is not None else None
+    roc = plots.plot_roc(labels, probs, names, positive, out / "roc.png", operating, title)
+    pr = plots.plot_precision_recall(labels, probs, names, positive, out / "pr.png", title)
+    calib = plots.plot_calibration(labels, probs, names, positive, out / "calib.png", title=title)
+    parts.insert(1, figure(roc))
+    parts += [figure(pr), figure(calib)]
+    return "\n".join(parts)
+
+
+def _absent_text(absent: list[str], binary: bool) -> str:
+    names = ", ".join(html.escape(n) for n in absent)
+    auc = (
+        "ROC-AUC needs images of both classes, so it is undefined here (–), and "
+        "sensitivity or specificity (whichever counts the absent class) is 0 by convention"
+        if binary
+        else "macro ROC-AUC needs images of every class, so it is undefined here (–)"
+    )
+    return (
+        f"<p><b>No image of class {names} in this set.</b> {auc}; the ROC, "
+        "precision-recall and calibration curves are left out.</p>"
+    )
+
+
+def metrics_table(card: Scorecard, keys: tuple[str, str]) -> str:
+    """Point estimates (argmax; and at the threshold) with their 95% intervals."""
+    columns = [("argmax", keys[0], card.argmax)]
+    if card.at_threshold is not None:
+        assert card.threshold is not None  # set together by `score`
+        columns.append((f"at threshold {card.threshold:.4f}", keys[1], card.at_threshold))
+    header = ["metric"]
+    cells: dict[str, list[str]] = {name: [name] for name in CI_METRICS}
+    for title, key, estimate in columns:
+        header += [title, "95% CI"]
+        for name in CI_METRICS:
+            low, high = estimate.ci[name]
+            interval = f"{low:.4f} – {high:.4f}" if math.isfinite(low + high) else "–"
+            cells[name] += [num(f"{key}.{name}", estimate.point[name]), interval]
+    note = (
+        f"<p>{card.num_samples} images; 95% percentile bootstrap intervals over "
+        f"{card.resamples} case resamples (seed 0). ROC-AUC does not depend on the threshold. "
+        "Multi-class sensitivity, specificity and F1 are macro averages.</p>"
+    )
+    return note + table(header, list(cells.values()))
+
+
+def decide(probs: np.ndarray, positive: int | None, cut: float | None) -> np.ndarray:
+    """Predicted class per row of `probs` (N, K): the positive class at or above `cut`
+    (binary tasks given one), else the most probable."""
+    if cut is None or positive is None:
+        return probs.argmax(axis=1)
+    other = 1 - positive
+    return np.where(probs[:, positive] >= cut, positive, other)
+
+
+def operating_point(
+    labels: np.ndarray, decision: np.ndarray, positive: int | None
+) -> tuple[float, float]:
+    """(false positive rate, true positive rate) of binary decisions."""
+    truth, said = labels == positive, decision == positive
+    return float(said[~truth].mean()), float(said[truth].mean())
+
+
+def figure(path: Path) -> str:
+    """The PNG embedded (opens offline, one file to share) plus links to it and its copies.
+
+    Links are relative to the page, which sits beside the figures' folder.
+    """
+    data = base64.b64encode(path.read_bytes()).decode()
+    folder = path.parent.name
+    link = f"{folder}/{path.name}"
+    vectors = " ".join(
+        f"<a href='{folder}/{v.name}'>{v.suffix[1:].upper()}</a>"
+        for v in plots.vector_copies(path)
+        if v.is_file()
+    )
+    return (
+        f"<figure><img src='data:image/png;base64,{data}' alt='{link}'>"
+        f"<figcaption><a href='{link}'>{link}</a> {vectors}</figcaption></figure>"
+    )
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """An HTML table; cells are HTML already (escape text before)."""
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def num(key: str, value: Any, fmt: str = "{:.4f}") -> str:
+    """A number shown rounded, its exact value kept in `data-value` (tests compare those).
+
+    None and NaN (undefined) show as a dash.
+    """
+    if value is None:
+        return "–"
+    if isinstance(value, np.floating | float):
+        value = float(value)  # repr of numpy scalars would read np.float64(...)
+        if math.isnan(value):
+            return f"<span data-key='{key}' data-value='nan'>–</span>"
+    return f"<span data-key='{key}' data-value='{value!r}'>{fmt.format(value)}</span>"
