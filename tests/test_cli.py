@@ -22,6 +22,7 @@ COMMANDS = {
     "distmed-train": "distmed.train",
     "distmed-tune": "distmed.tune",
     "distmed-predict": "distmed.predict",
+    "distmed-evaluate": "distmed.evaluate",
     "distmed-report": "distmed.report",
     "distmed-export": "distmed.export",
     "distmed-app": "distmed.app",
