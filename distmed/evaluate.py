@@ -49,9 +49,9 @@ from distmed.data import (
     scan_source,
 )
 from distmed.errors import UserError
+from distmed.inference import load_inference_model
 from distmed.loop import Runtime, predict
 from distmed.predict import EXIT_SOME_UNREADABLE
-from distmed.refit import load_model
 from distmed.report import render_page
 from distmed.savedmodel import SavedModel
 from distmed.scorecard import Scorecard, Scores, score, scorecard_json, scores_section, table
@@ -168,8 +168,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def load_for_evaluation(path: Path) -> tuple[torch.nn.Module, SavedModel]:
-    """The model that scores the images, in eval mode, and its saved fields."""
-    return load_model(path)
+    """The model that scores the images (the refit model, with the saved temperature when
+    there is one, as `distmed.predict` scores), in eval mode, and its saved fields."""
+    return load_inference_model(path)
 
 
 # --------------------------------------------------------------------------- options
@@ -408,7 +409,7 @@ def write_evaluation(output: Path, record: dict[str, Any], scores: Scores, card:
     figures = output / FIGURES
     figures.mkdir(parents=True, exist_ok=True)
     title = f"{record['data_name']} ({record['split']})"
-    section = scores_section(scores, card, figures, title, keys=("argmax", "at_threshold"))
+    section = scores_section(scores, card, figures, FIGURES, title, ("argmax", "at_threshold"))
     page = render_page(
         f"evaluation of {Path(record['model']).name} on {title}",
         ["<h2>External evaluation</h2>", about_table(record), section],

@@ -34,11 +34,10 @@ from distmed.metrics import binary_metrics_at, sensitivity_threshold, youden_thr
 from distmed.refit import TEST_PREDICTIONS, save_threshold
 from distmed.results import oof_predictions, read_trial_detail
 from distmed.savedmodel import SavedModel, Threshold
-from distmed.scorecard import Scores, score, scores_section
+from distmed.scorecard import Scores, figure, score, scores_section
 
 # Under the private names the sections below have always called them by.
 from distmed.scorecard import decide as _decide
-from distmed.scorecard import figure as _figure
 from distmed.scorecard import num as _num
 from distmed.scorecard import table as _table
 from distmed.summary import RunSummary
@@ -327,7 +326,7 @@ def test_section(run: RunData, figures: Path, threshold: Threshold | None, resam
         [
             "<h2>Test split (refit model, evaluated once)</h2>",
             _threshold_text(threshold),
-            scores_section(scores, card, figures),
+            scores_section(scores, card, figures, FIGURES),
         ]
     )
 
@@ -448,6 +447,11 @@ def _footer(versions: Mapping[str, str], generated: datetime) -> str:
     made_with = ", ".join(f"{html.escape(k)} {html.escape(v)}" for k, v in versions.items())
     run = f"; search run with {made_with}" if made_with else ""
     return f"<footer><p>Report generated {when} by distmed {__version__}{run}.</p></footer>"
+
+
+def _figure(path: Path) -> str:
+    """A figure of RUN_DIR/report/ embedded, with links to its files."""
+    return figure(path, FIGURES)
 
 
 def _float(text: str) -> float:

@@ -114,13 +114,15 @@ def scores_section(
     scores: Scores,
     card: Scorecard,
     figures: Path,
+    link: str,
     title: str = "Test split",
     keys: tuple[str, str] = ("test_metrics", "test_at_threshold"),
 ) -> str:
     """The metrics table and the ROC, confusion, PR and calibration figures (in `figures`).
 
-    `title` names the set on the figures ("Test split"); `keys` prefix the table cells'
-    `data-key` for the argmax and the threshold column. Curves need examples of every
+    `link` is the figures folder as the page links to it; `title` names the set on the
+    figures ("Test split"); `keys` prefix the table cells' `data-key` for the argmax and
+    the threshold column. Curves need examples of every
     class: with one absent only the confusion matrix is drawn, and the page says why.
     """
     names, positive, cut = scores.class_names, scores.positive, card.threshold
@@ -129,7 +131,7 @@ def scores_section(
     how = f"threshold {cut:.4f}" if cut is not None else "argmax"
     parts = [
         metrics_table(card, keys),
-        figure(plots.plot_confusion(matrix, names, how, figures / "confusion.png", title)),
+        figure(plots.plot_confusion(matrix, names, how, figures / "confusion.png", title), link),
     ]
     absent = scores.absent_classes()
     if absent:
@@ -140,8 +142,8 @@ def scores_section(
     roc = plots.plot_roc(labels, probs, names, positive, out / "roc.png", operating, title)
     pr = plots.plot_precision_recall(labels, probs, names, positive, out / "pr.png", title)
     calib = plots.plot_calibration(labels, probs, names, positive, out / "calib.png", title=title)
-    parts.insert(1, figure(roc))
-    parts += [figure(pr), figure(calib)]
+    parts.insert(1, figure(roc, link))
+    parts += [figure(pr, link), figure(calib, link)]
     return "\n".join(parts)
 
 
@@ -198,13 +200,12 @@ def operating_point(
     return float(said[~truth].mean()), float(said[truth].mean())
 
 
-def figure(path: Path) -> str:
+def figure(path: Path, folder: str) -> str:
     """The PNG embedded (opens offline, one file to share) plus links to it and its copies.
 
-    Links are relative to the page, which sits beside the figures' folder.
+    `folder`: where the page finds the figure files, relative to the page itself.
     """
     data = base64.b64encode(path.read_bytes()).decode()
-    folder = path.parent.name
     link = f"{folder}/{path.name}"
     vectors = " ".join(
         f"<a href='{folder}/{v.name}'>{v.suffix[1:].upper()}</a>"

@@ -15,10 +15,12 @@ from conftest import write_image_folder
 from distmed import evaluate, plots
 from distmed.config import DataConfig, ExperimentConfig
 from distmed.data import scan_source, to_model_input
+from distmed.inference import load_model
 from distmed.metrics import binary_metrics_at, classification_metrics
 from distmed.model import build_model
 from distmed.predict import decode_file
-from distmed.refit import load_model, save_model, save_threshold
+from distmed.refit import save_model, save_threshold
+from distmed.savedmodel import SavedModel
 
 SIZE = 28
 CLASSES = ["NORMAL", "PNEUMONIA"]
@@ -64,7 +66,8 @@ def figure_titles(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def _probs(model_path: Path, images: np.ndarray) -> np.ndarray:
-    """The model's class probabilities of uint8 (N, C, S, S) images, computed directly."""
+    """Class probabilities of uint8 (N, C, S, S) images from the bare network (the file
+    holds no temperature), computed directly."""
     model, _ = load_model(model_path)
     with torch.no_grad():
         return torch.softmax(model(to_model_input(torch.from_numpy(images))), dim=1).numpy()
@@ -80,8 +83,7 @@ def test_a_folder_scores_exactly_the_metrics_computed_by_hand(
     monkeypatch.setattr(plots, "save", REAL_SAVE)
     monkeypatch.setattr(plots, "DPI", 30)  # still a PNG; 300 dpi takes seconds here
     site = write_image_folder(tmp_path / "site_b", {"NORMAL": 6, "PNEUMONIA": 5}, size=40)
-    model, saved = load_model(model_file)
-    options = saved.preprocessing.decode_options()
+    options = SavedModel.load(model_file).preprocessing.decode_options()
     files = [(p, label) for label, c in enumerate(CLASSES) for p in sorted((site / c).iterdir())]
     probs = _probs(model_file, np.stack([decode_file(p, options) for p, _ in files]))
     labels = np.array([label for _, label in files])
