@@ -49,7 +49,7 @@ from distmed.data import (
     scan_source,
 )
 from distmed.errors import UserError
-from distmed.inference import load_inference_model
+from distmed.inference import Ensemble, load_inference_model
 from distmed.loop import Runtime, predict
 from distmed.predict import EXIT_SOME_UNREADABLE
 from distmed.report import render_page
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m distmed.evaluate",
         description="Score a saved best_model.pt on another site's labelled images (no "
-        "training): metrics with 95%% bootstrap intervals, ROC/PR/calibration/confusion "
+        "training): metrics with 95% bootstrap intervals, ROC/PR/calibration/confusion "
         "figures, in DIR/evaluation.json and DIR/evaluation.html.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -140,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.bootstrap < MIN_RESAMPLES:
         raise UserError(f"--bootstrap {args.bootstrap}: use at least 10 resamples, e.g. 1000")
     class_map = parse_class_map(args.class_map)
-    model, saved = load_for_evaluation(path)
+    model, saved = load_for_evaluation(path, args.ensemble)
     threshold = operating_threshold(args.threshold, saved)
     cfg = evaluation_data_config(saved.config.data, args.data, args.skip_invalid)
     source = scan_source(cfg)
@@ -157,6 +157,8 @@ def _run(args: argparse.Namespace) -> int:
     card = score(scores, threshold.value if threshold else None, args.bootstrap)
     output = Path(args.output) if args.output else path.parent / f"evaluation-{source.name}"
     record = evaluation_record(path, args.data, source, split, scores, class_map, threshold)
+    temperature = saved.calibration.temperature if saved.calibration else None
+    record.update(ensemble=args.ensemble, temperature=temperature)
     record.update(scorecard_json(card), skipped_files=kept.skipped)
     write_evaluation(output, record, scores, card)
     for sample_id, reason in kept.skipped.items():
@@ -167,10 +169,10 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_SOME_UNREADABLE if kept.skipped else 0
 
 
-def load_for_evaluation(path: Path) -> tuple[torch.nn.Module, SavedModel]:
-    """The model that scores the images (the refit model, with the saved temperature when
-    there is one, as `distmed.predict` scores), in eval mode, and its saved fields."""
-    return load_inference_model(path)
+def load_for_evaluation(path: Path, ensemble: Ensemble) -> tuple[torch.nn.Module, SavedModel]:
+    """The model that scores the images, as `distmed.predict` scores (`--ensemble`, the
+    saved temperature when there is one), in eval mode, and its saved fields."""
+    return load_inference_model(path, ensemble)
 
 
 # --------------------------------------------------------------------------- options

@@ -108,6 +108,7 @@ def test_a_folder_scores_exactly_the_metrics_computed_by_hand(
     for low, high in record["argmax"]["ci95"].values():
         assert low <= high
     assert record["skipped_files"] == {} and record["distmed_version"]
+    assert (record["ensemble"], record["temperature"]) == ("refit", None)
     assert record["model"] == str(model_file.resolve()) and record["data"] == str(site)
 
     page = (out / evaluate.EVALUATION_HTML).read_text()
@@ -145,6 +146,9 @@ def test_classes_are_matched_by_name_and_a_mismatch_is_one_line(
 
     assert evaluate.main([*base, "--split", "test"]) == 2
     assert "--split all" in capsys.readouterr().err
+
+    assert evaluate.main([*base, "--ensemble", "folds"]) == 2  # never the refit model instead
+    assert "holds no fold models" in capsys.readouterr().err
 
     mapped = [*base, "--class-map", "a_pneumonia=PNEUMONIA", "--class-map", "b_normal=NORMAL"]
     assert evaluate.main(mapped) == 2  # the broken file stops it, as in training
