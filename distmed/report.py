@@ -26,6 +26,7 @@ import numpy as np
 
 from distmed import __version__, plots
 from distmed.artifacts import write_text_atomic
+from distmed.calibration import apply_temperature
 from distmed.cli import add_debug_option, run_entry_point
 from distmed.cvstats import interval, separable
 from distmed.errors import UserError
@@ -191,12 +192,17 @@ def choose_threshold(run: RunData, target_sensitivity: float | None) -> Threshol
     """Binary tasks: the positive-class score threshold, picked on out-of-fold validation.
 
     Youden's J by default, or the highest threshold that reaches `target_sensitivity`.
-    The test split plays no part in the choice.
+    The test split plays no part in the choice. When the model holds a temperature, the
+    out-of-fold probabilities are scaled by it first: predict, the app and the saved test
+    predictions apply it, so the threshold must live on the same (calibrated) scale.
     """
     oof = oof_predictions(run.detail)
     if run.positive is None or oof is None:
         return None
     labels, probs = oof
+    calibration = SavedModel.load(run.model_path).calibration
+    if calibration is not None:
+        probs = apply_temperature(probs, calibration.temperature)
     truth, score = labels == run.positive, probs[:, run.positive]
     if target_sensitivity is None:
         value, method = youden_threshold(truth, score), "youden"

@@ -214,3 +214,31 @@ def test_latest_checkpoint_is_the_newest_folder(tmp_path: Path):
     (tmp_path / "cv_detail.json").write_text("{}")
     newest = latest_checkpoint(str(tmp_path))
     assert newest is not None and newest.endswith("checkpoint_2026-01-02_00-00-00.000000")
+
+
+def test_the_threshold_is_chosen_on_the_calibrated_scale_predict_uses(ensemble_model: Path):
+    """The model divides logits by T = 2 at predict time, so the report's out-of-fold
+    threshold must be chosen on temperature-scaled probabilities, not raw ones."""
+    import numpy as np
+
+    from distmed.calibration import apply_temperature
+    from distmed.metrics import youden_threshold
+    from distmed.report import choose_threshold
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 60)
+    score = np.clip(0.35 * labels + rng.uniform(0, 0.65, 60), 0.01, 0.99)
+    probs = np.stack([1 - score, score], axis=1)
+    detail = {"folds": [{"val_labels": labels.tolist(), "val_probs": probs.tolist()}]}
+    run = SimpleNamespace(
+        detail=detail,
+        positive=1,
+        model_path=ensemble_model,
+        class_names=CLASSES,
+        summary=SimpleNamespace(best_trial="t1"),
+    )
+    chosen = choose_threshold(run, None)  # type: ignore[arg-type]
+    calibrated = apply_temperature(probs, 2.0)[:, 1]
+    assert chosen is not None
+    assert chosen.value == pytest.approx(youden_threshold(labels == 1, calibrated))
+    assert chosen.value != pytest.approx(youden_threshold(labels == 1, score))
