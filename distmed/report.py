@@ -31,8 +31,14 @@ from distmed.cli import add_debug_option, run_entry_point
 from distmed.cvstats import interval, separable
 from distmed.errors import UserError
 from distmed.inference import load_inference_model
-from distmed.metrics import binary_metrics_at, sensitivity_threshold, youden_threshold
-from distmed.refit import TEST_PREDICTIONS, save_threshold
+from distmed.metrics import (
+    binary_metrics_at,
+    bootstrap_ci,
+    classification_metrics,
+    sensitivity_threshold,
+    youden_threshold,
+)
+from distmed.refit import TEST_PREDICTIONS, TEST_PREDICTIONS_FOLDS, save_threshold
 from distmed.results import oof_predictions, read_trial_detail
 from distmed.savedmodel import SavedModel, Threshold
 from distmed.scorecard import Scores, figure, score, scores_section
@@ -134,6 +140,7 @@ def build_report(
         search_section(run, figures),
         training_section(run, figures),
         test_section(run, figures, threshold, resamples),
+        ensemble_section(run, figures, resamples),
         gradcam_section(run, figures, threshold),
     ]
     page = render_page(run.summary.name, sections, run.summary.versions)
@@ -335,6 +342,62 @@ def test_section(run: RunData, figures: Path, threshold: Threshold | None, resam
             scores_section(scores, card, figures, FIGURES),
         ]
     )
+
+
+COMPARED = ("roc_auc", "accuracy", "sensitivity", "specificity", "brier", "ece")
+
+
+def ensemble_section(run: RunData, figures: Path, resamples: int) -> str:
+    """Refit model vs the best trial's fold ensemble on the test split (argmax decisions),
+    and the reliability of the refit model's test predictions before and after the
+    temperature fitted on out-of-fold predictions. Empty without a test split."""
+    if run.test is None:
+        return ""
+    parts = ["<h2>Refit model, fold ensemble and calibration (test split)</h2>"]
+    labels, refit_probs = run.test["labels"], run.test["probs"]
+    folds = _load_test(run.run_dir / TEST_PREDICTIONS_FOLDS)
+    columns = [("refit model", refit_probs)]
+    if folds is not None:
+        columns.append(("fold ensemble", folds["probs"]))
+    rows = []
+    for name in COMPARED:
+        row = [name]
+        for title, probs in columns:
+            value = classification_metrics(labels, probs, run.positive)[name]
+            row.append(_num(f"{title.replace(' ', '_')}.{name}", value))
+        rows.append(row)
+    auc_ci = [
+        "{:.4f} – {:.4f}".format(
+            *bootstrap_ci(labels, probs, run.positive, resamples=resamples)["roc_auc"]
+        )
+        for _, probs in columns
+    ]
+    rows.append(["ROC-AUC 95% CI", *auc_ci])
+    parts.append(
+        "<p>Both scored once on the test split; neither was chosen by it. Brier and ECE: "
+        "lower is better.</p>" + _table(["metric", *(t for t, _ in columns)], rows)
+    )
+    calibration = SavedModel.load(run.model_path).calibration
+    if calibration is not None:
+        temperature = calibration.temperature
+        raw = apply_temperature(refit_probs, 1.0 / temperature)  # the saved ones are scaled
+        path = plots.plot_calibration(
+            labels,
+            raw,
+            run.class_names,
+            run.positive,
+            figures / "calibration_before_after.png",
+            after_probs=refit_probs,
+            title="Test split, refit model",
+        )
+        parts.append(
+            f"<p>Temperature {_num('temperature', temperature, '{:.3f}')} fitted on "
+            f"{calibration.num_samples} out-of-fold predictions of the best trial (ECE there "
+            f"{calibration.ece_before:.4f} → {calibration.ece_after:.4f}); predict, evaluate, "
+            "the app and export apply it. Below: the test split before and after.</p>"
+            + _figure(path)
+        )
+    return "\n".join(parts)
 
 
 def _threshold_text(threshold: Threshold | None) -> str:

@@ -242,3 +242,40 @@ def test_the_threshold_is_chosen_on_the_calibrated_scale_predict_uses(ensemble_m
     assert chosen is not None
     assert chosen.value == pytest.approx(youden_threshold(labels == 1, calibrated))
     assert chosen.value != pytest.approx(youden_threshold(labels == 1, score))
+
+
+def test_report_shows_refit_and_fold_ensemble_side_by_side(ensemble_model: Path, tmp_path):
+    """The test metrics of both models from their saved predictions, and the reliability
+    diagram before/after the model's temperature."""
+    import re
+
+    import numpy as np
+
+    from distmed.metrics import classification_metrics
+    from distmed.refit import TEST_PREDICTIONS_FOLDS
+    from distmed.report import ensemble_section
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 40)
+    refit_pos = np.clip(0.4 * labels + rng.uniform(0, 0.6, 40), 0.01, 0.99)
+    folds_pos = np.clip(0.3 * labels + rng.uniform(0, 0.7, 40), 0.01, 0.99)
+    refit = np.stack([1 - refit_pos, refit_pos], axis=1)
+    folds = np.stack([1 - folds_pos, folds_pos], axis=1)
+    np.savez(tmp_path / TEST_PREDICTIONS_FOLDS, labels=labels, probs=folds)
+    run = SimpleNamespace(
+        test={"labels": labels, "probs": refit},
+        run_dir=tmp_path,
+        positive=1,
+        class_names=CLASSES,
+        model_path=ensemble_model,
+    )
+    figures = tmp_path / "report"
+    figures.mkdir()
+    page = ensemble_section(run, figures, resamples=50)  # type: ignore[arg-type]
+    shown = dict(re.findall(r"data-key='([^']+)' data-value='([^']+)'", page))
+    for key, probs in (("refit_model", refit), ("fold_ensemble", folds)):
+        expected = classification_metrics(labels, probs, 1)
+        for name in ("roc_auc", "brier", "ece"):
+            assert float(shown[f"{key}.{name}"]) == pytest.approx(expected[name]), (key, name)
+    assert float(shown["temperature"]) == 2.0
+    assert (figures / "calibration_before_after.png").is_file()
