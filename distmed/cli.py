@@ -67,6 +67,14 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_threshold_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="binary tasks: positive-class threshold (default: the one saved in the model)",
+    )
+
+
 def model_path(args: argparse.Namespace) -> Path:
     """The `--model` file, checked to exist.
 

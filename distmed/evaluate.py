@@ -34,6 +34,7 @@ from distmed.artifacts import write_text_atomic
 from distmed.cli import (
     add_debug_option,
     add_model_option,
+    add_threshold_option,
     choose_device,
     model_path,
     run_entry_point,
@@ -116,11 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)"
     )
-    parser.add_argument(
-        "--threshold",
-        type=float,
-        help="binary tasks: positive-class threshold (default: the one saved in the model)",
-    )
+    add_threshold_option(parser)
     parser.add_argument(
         "--skip-invalid",
         action="store_true",

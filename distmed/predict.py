@@ -30,6 +30,7 @@ from distmed.artifacts import write_text_atomic
 from distmed.cli import (
     add_debug_option,
     add_model_option,
+    add_threshold_option,
     choose_device,
     model_path,
     run_entry_point,
@@ -78,11 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--gradcam", help="also write a Grad-CAM overlay per image here")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
-    parser.add_argument(
-        "--threshold",
-        type=float,
-        help="binary tasks: positive-class threshold (default: the one saved in the model)",
-    )
+    add_threshold_option(parser)
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even with a GPU")
     add_debug_option(parser)
     return parser

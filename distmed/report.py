@@ -26,7 +26,7 @@ import numpy as np
 
 from distmed import __version__, plots
 from distmed.artifacts import write_text_atomic
-from distmed.calibration import apply_temperature
+from distmed.calibration import TemperatureFit, apply_temperature
 from distmed.cli import add_debug_option, run_entry_point
 from distmed.cvstats import interval, separable
 from distmed.errors import UserError
@@ -68,6 +68,7 @@ class RunData:
     positive: int | None
     detail: dict[str, Any] | None  # the best trial's folds (histories, OOF predictions)
     test: dict[str, np.ndarray] | None  # labels, probs, images_path
+    calibration: TemperatureFit | None = None  # the temperature saved with the model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +183,7 @@ def load_run(run_dir: Path, experiment_uri: str | None = None) -> RunData:
         positive=saved.positive_index,
         detail=detail,
         test=_load_test(run_dir / TEST_PREDICTIONS),
+        calibration=saved.calibration,
     )
 
 
@@ -207,9 +209,8 @@ def choose_threshold(run: RunData, target_sensitivity: float | None) -> Threshol
     if run.positive is None or oof is None:
         return None
     labels, probs = oof
-    calibration = SavedModel.load(run.model_path).calibration
-    if calibration is not None:
-        probs = apply_temperature(probs, calibration.temperature)
+    if run.calibration is not None:
+        probs = apply_temperature(probs, run.calibration.temperature)
     truth, score = labels == run.positive, probs[:, run.positive]
     if target_sensitivity is None:
         value, method = youden_threshold(truth, score), "youden"
@@ -377,7 +378,7 @@ def ensemble_section(run: RunData, figures: Path, resamples: int) -> str:
         "<p>Both scored once on the test split; neither was chosen by it. Brier and ECE: "
         "lower is better.</p>" + _table(["metric", *(t for t, _ in columns)], rows)
     )
-    calibration = SavedModel.load(run.model_path).calibration
+    calibration = run.calibration
     if calibration is not None:
         temperature = calibration.temperature
         raw = apply_temperature(refit_probs, 1.0 / temperature)  # the saved ones are scaled

@@ -388,8 +388,9 @@ def _refit_and_test(args, chosen, best, prepared: PreparedData, exp_uri: str, lo
             ("refit", "test_metrics", TEST_PREDICTIONS),
             ("folds", "test_metrics_folds", TEST_PREDICTIONS_FOLDS),
         ]
+        has_folds = SavedModel.load(model_path).fold_models is not None  # read once
         for ensemble, key, file in choices:
-            if ensemble == "folds" and SavedModel.load(model_path).fold_models is None:
+            if ensemble == "folds" and not has_folds:
                 continue
             model, _ = load_inference_model(model_path, ensemble)
             out[key] = evaluate_test(

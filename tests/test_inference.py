@@ -236,6 +236,7 @@ def test_the_threshold_is_chosen_on_the_calibrated_scale_predict_uses(ensemble_m
         model_path=ensemble_model,
         class_names=CLASSES,
         summary=SimpleNamespace(best_trial="t1"),
+        calibration=SavedModel.load(ensemble_model).calibration,
     )
     chosen = choose_threshold(run, None)  # type: ignore[arg-type]
     calibrated = apply_temperature(probs, 2.0)[:, 1]
@@ -268,6 +269,7 @@ def test_report_shows_refit_and_fold_ensemble_side_by_side(ensemble_model: Path,
         positive=1,
         class_names=CLASSES,
         model_path=ensemble_model,
+        calibration=SavedModel.load(ensemble_model).calibration,
     )
     figures = tmp_path / "report"
     figures.mkdir()
