@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -93,3 +94,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def saved_record(size: int, class_names: list[str], **changes: Any) -> Any:
+    """A valid `SavedModel` (a 2-class random-init ResNet-18 at `size` px) with `changes`."""
+    from distmed.config import ExperimentConfig
+    from distmed.savedmodel import SavedModel, preprocessing_for
+
+    cfg = ExperimentConfig.model_validate(
+        {"data": {"root": "x", "image_size": size}, "model": {"weights": "none"}}
+    )
+    fields = {
+        "config": cfg,
+        "class_names": class_names,
+        "positive_index": 1,
+        "preprocessing": preprocessing_for(size, 1),
+        "source": "refit-t1",
+    }
+    return SavedModel(**(fields | changes))

@@ -11,18 +11,17 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import write_image_folder
+from conftest import saved_record, write_image_folder
 
 from distmed import export, predict
 from distmed.artifacts import latest_checkpoint
 from distmed.calibration import TemperatureFit
-from distmed.config import ExperimentConfig
 from distmed.data import to_model_input
 from distmed.errors import UserError
 from distmed.inference import InferenceModel, load_inference_model
 from distmed.model import build_model
 from distmed.results import completed_score
-from distmed.savedmodel import FOLD_WEIGHTS_KEY, FoldModels, SavedModel, preprocessing_for
+from distmed.savedmodel import FOLD_WEIGHTS_KEY, FoldModels, SavedModel
 from distmed.search import KeepBestCheckpoints
 
 SIZE = 16
@@ -30,17 +29,7 @@ CLASSES = ["neg", "pos"]
 
 
 def _saved(**changes: Any) -> SavedModel:
-    cfg = ExperimentConfig.model_validate(
-        {"data": {"root": "x", "image_size": SIZE}, "model": {"weights": "none"}}
-    )
-    fields = {
-        "config": cfg,
-        "class_names": CLASSES,
-        "positive_index": 1,
-        "preprocessing": preprocessing_for(SIZE, 1),
-        "source": "refit-t1",
-    }
-    return SavedModel(**(fields | changes))
+    return saved_record(SIZE, CLASSES, **changes)
 
 
 def _networks(saved: SavedModel, count: int) -> list[torch.nn.Module]:

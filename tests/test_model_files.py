@@ -18,12 +18,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import write_image_folder
+from conftest import saved_record, write_image_folder
 
 from distmed import export, predict, report
-from distmed.config import ExperimentConfig
 from distmed.model import build_model
-from distmed.savedmodel import WEIGHTS_KEY, SavedModel, Threshold, preprocessing_for
+from distmed.savedmodel import WEIGHTS_KEY, SavedModel, Threshold
 from distmed.summary import DataSummary, RunSummary
 
 SIZE = 16
@@ -31,17 +30,7 @@ CLASSES = ["neg", "pos"]
 
 
 def _saved(**changes: Any) -> SavedModel:
-    cfg = ExperimentConfig.model_validate(
-        {"data": {"root": "x", "image_size": SIZE}, "model": {"weights": "none"}}
-    )
-    fields = {
-        "config": cfg,
-        "class_names": CLASSES,
-        "positive_index": 1,
-        "preprocessing": preprocessing_for(SIZE, 1),
-        "source": "refit-t1",
-    }
-    return SavedModel(**(fields | changes))
+    return saved_record(SIZE, CLASSES, **changes)
 
 
 @pytest.fixture(scope="module")
