@@ -192,8 +192,20 @@ def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
 def run_search(dataset: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
     """One `python -m distmed.tune` run; its wall time, CPU use, trials and summary."""
     name = f"{dataset}-{method}"
-    storage = args.workdir / "runs"
     space = space_for(dataset, method, args.workdir)
+    timing = run_tune(name, space, dataset, args.workdir, args.resume)
+    run = load_run(args.workdir, dataset, method)
+    run.update(timing, space_used=space.read_text())  # the exact file, to rerun it
+    best = run["best_cv_roc_auc"]
+    print(f"[medmnist] {name}: {timing['wall_s']:.0f} s, best CV {best:.4f}", flush=True)
+    return run
+
+
+def run_tune(
+    name: str, space: Path, dataset: str, workdir: Path, resume: bool, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """`python -m distmed.tune` on a MedMNIST file into `workdir/runs/NAME`, its output in
+    `workdir/NAME.log`: wall seconds, the machine's busy CPU seconds and the disturbance."""
     command = [
         sys.executable,
         "-m",
@@ -203,16 +215,17 @@ def run_search(dataset: str, method: str, args: argparse.Namespace) -> dict[str,
         "--data",
         str(SHARED / f"{dataset}.npz"),
         "--storage",
-        str(storage),
+        str(workdir / "runs"),
         "--name",
         name,
-        *(["--resume"] if args.resume else []),
+        *extra,
+        *(["--resume"] if resume else []),
     ]
     print(f"[medmnist] {name}: {' '.join(command[2:])}", flush=True)
-    log_path = args.workdir / f"{name}.log"
+    log_path = workdir / f"{name}.log"
     start, started = CpuSnapshot.take(children=True), time.perf_counter()
     # A resumed search appends: the log then holds the interrupted part too.
-    with log_path.open("a" if args.resume else "w") as log:
+    with log_path.open("a" if resume else "w") as log:
         done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - started
     if done.returncode != 0:
@@ -220,16 +233,12 @@ def run_search(dataset: str, method: str, args: argparse.Namespace) -> dict[str,
     # Ray's worker processes are not this process's children: count the machine's busy
     # CPU seconds instead (the machine was otherwise idle, which others_since checks).
     end = CpuSnapshot.take(children=True)
-    run = load_run(args.workdir, dataset, method)
-    run.update(
-        resumed=args.resume,  # then wall_s and machine_cpu_s cover only this part
-        wall_s=round(wall, 1),
-        machine_cpu_s=round(end.busy - start.busy, 1),
-        disturbance=end.others_since(start),
-        space_used=space.read_text(),  # the exact file, to rerun it
-    )
-    print(f"[medmnist] {name}: {wall:.0f} s, best CV {run['best_cv_roc_auc']:.4f}", flush=True)
-    return run
+    return {
+        "resumed": resume,  # then wall_s and machine_cpu_s cover only this part
+        "wall_s": round(wall, 1),
+        "machine_cpu_s": round(end.busy - start.busy, 1),
+        "disturbance": end.others_since(start),
+    }
 
 
 def load_run(workdir: Path, dataset: str, method: str) -> dict[str, Any]:
@@ -271,18 +280,20 @@ def load_run(workdir: Path, dataset: str, method: str) -> dict[str, Any]:
     }
 
 
-def bootstrap_intervals(out: Path) -> dict[str, list[float]] | None:
-    """95% bootstrap intervals of the test metrics, as in the run's report (seed 0)."""
+def bootstrap_intervals(out: Path, predictions: str = "") -> dict[str, list[float]] | None:
+    """95% bootstrap intervals of the test metrics, as in the run's report (seed 0), from
+    the run's saved test predictions (`predictions`: that file's name, the refit's if "")."""
     import numpy as np
 
     from distmed.metrics import bootstrap_ci
     from distmed.refit import TEST_PREDICTIONS
     from distmed.savedmodel import SavedModel
 
-    if not (out / TEST_PREDICTIONS).is_file():
+    path = out / (predictions or TEST_PREDICTIONS)
+    if not path.is_file():
         return None
     positive = SavedModel.load(out / "best_model.pt").positive_index
-    with np.load(out / TEST_PREDICTIONS, allow_pickle=False) as saved:
+    with np.load(path, allow_pickle=False) as saved:
         intervals = bootstrap_ci(saved["labels"], saved["probs"], positive)
     return {name: [round(low, 4), round(high, 4)] for name, (low, high) in intervals.items()}
 
