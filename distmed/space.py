@@ -139,6 +139,11 @@ def parse_distribution(path: Path, key: str, spec: Any) -> Distribution:
     where = f"{path}: space.{key if len(str(key)) <= 80 else shorten(key)}"
     if key not in config_fields():
         raise UserError(f"{where}: not a config field; see README 'Config' for the dotted names")
+    if fixed_for_the_search(key):
+        raise UserError(
+            f"{where}: fixed for the whole search (the images are decoded and the folds drawn "
+            "once, before the first trial); set it under base, or run one search per value"
+        )
     if not isinstance(spec, dict) or len(spec) != 1:
         raise UserError(f"{where}: expected one of {{{', '.join(DISTRIBUTIONS)}: [...]}}")
     ((kind, args),) = spec.items()
@@ -150,6 +155,15 @@ def parse_distribution(path: Path, key: str, spec: Any) -> Distribution:
         raise UserError(f"{where}: {kind} needs a list, e.g. {kind}: [1.0e-4, 1.0e-2]")
     _check_args(where, kind, args)
     return Distribution(kind=kind, args=tuple(args))
+
+
+def fixed_for_the_search(key: str) -> bool:
+    """Whether a dotted config key is read once per search, not per trial: `cv.*` and
+    `data.*` but `data.augment.*`. A trial's own value would be ignored, or worse, the image
+    size recorded in the saved model while training used the base one."""
+    return key.startswith("cv.") or (
+        key.startswith("data.") and not key.startswith("data.augment.")
+    )
 
 
 def _check_args(where: str, kind: str, args: list[Any]) -> None:

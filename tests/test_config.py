@@ -595,16 +595,16 @@ def test_case_14_positive_class_as_typed(tmp_path, classes, typed):
     assert positive_index(load_config(path), classes) == classes.index(typed)
 
 
-def test_space_choice_of_class_names_keeps_text(tmp_path):
+def test_space_choice_of_text_values_keeps_text(tmp_path):
     from distmed.space import load_space
 
     path = write(
         tmp_path / "space.yaml",
-        "base:\n  data: {root: 01}\nspace:\n  data.positive_class: {choice: [yes, no, 01]}\n",
+        "base:\n  data: {root: 01}\nspace:\n  model.weights: {choice: [yes, no, 01]}\n",
     )
     spec = load_space(path)
     assert spec.base.data.root == "01"
-    assert spec.space["data.positive_class"].args == ("yes", "no", "01")
+    assert spec.space["model.weights"].args == ("yes", "no", "01")
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,10 @@ import optuna
 import pytest
 import yaml
 
-from distmed.config import ExperimentConfig
+from distmed.config import ExperimentConfig, config_fields
 from distmed.errors import UserError
 from distmed.search import build_sampler, wait_until_tune_took_every_report
-from distmed.space import apply_params, load_space, to_tune_domains
+from distmed.space import apply_params, fixed_for_the_search, load_space, to_tune_domains
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = [REPO / "search_spaces" / "demo.yaml", REPO / "search_spaces" / "resnet.yaml"]
@@ -196,6 +196,14 @@ def test_choice_samples_only_and_all_listed_values(tmp_path):
     assert {int(v) for v in draws(domains["train.batch_size"])} == {16, 32, 64}
 
 
+def test_augmentation_is_searched_per_trial_while_other_data_keys_are_fixed(tmp_path):
+    spec = load_space(space_file(tmp_path, "data.augment.rotation: {choice: [0, 15]}"))
+    assert set(draws(to_tune_domains(spec.space)["data.augment.rotation"])) == {0, 15}
+    fixed = [k for k in config_fields() if fixed_for_the_search(k)]
+    assert "data.image_size" in fixed and "cv.seed" in fixed and "data.augment.hflip" not in fixed
+    assert not [k for k in fixed if not k.startswith(("data.", "cv."))]
+
+
 def test_float_bounds_that_are_whole_numbers_are_fine_for_randint(tmp_path):
     spec = load_space(space_file(tmp_path, "model.unfreeze: {randint: [1.0, 3.0]}"))
     values = {int(v) for v in draws(to_tune_domains(spec.space)["model.unfreeze"])}
@@ -212,6 +220,16 @@ def test_float_bounds_that_are_whole_numbers_are_fine_for_randint(tmp_path):
             "optim.learning_rate: {loguniform: [1.0e-4, 1.0e-2]}",
             ["optim.learning_rate", "not a config field"],
             id="unknown-key",
+        ),
+        pytest.param(
+            "data.image_size: {choice: [28, 64]}",
+            ["space.data.image_size", "fixed for the whole search", "base"],
+            id="data-fixed-per-search",
+        ),
+        pytest.param(
+            "cv.folds: {randint: [3, 5]}",
+            ["space.cv.folds", "fixed for the whole search"],
+            id="cv-fixed-per-search",
         ),
         pytest.param(
             "optim.lr: {lognormal: [1.0e-4, 1.0e-2]}",
@@ -485,14 +503,6 @@ def test_overrides_apply_to_the_base(tmp_path):
 def test_bad_override_names_the_key():
     with pytest.raises(UserError, match="train.epochs"):
         load_space(SHIPPED[0], ["train.epochs=0"])
-
-
-def test_override_feeds_the_fit_check(tmp_path):
-    # With group_csv set by --set, a space that searches group_regex cannot fit.
-    path = space_file(tmp_path, "data.group_regex: {choice: ['^(p\\d+)_']}")
-    load_space(path)
-    with pytest.raises(UserError, match="space.data.group_regex"):
-        load_space(path, ["data.group_csv=groups.csv"])
 
 
 # --------------------------------------------------------------------------- apply_params
