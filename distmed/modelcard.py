@@ -84,11 +84,17 @@ def _cv_text(summary: RunSummary | None) -> str:
     if summary is None or summary.best_cv_roc_auc is None:
         return ""
     std = summary.best_cv_roc_auc_std
-    return (
+    text = (
         f"<p>CV ROC-AUC (mean ± std over folds): <span class='cv-auc'>"
         f"{summary.best_cv_roc_auc:.4f} ± {std if std is not None else float('nan'):.4f}"
-        "</span></p>"
+        "</span>"
     )
+    if summary.best_cv_roc_auc_se is not None:  # absent from summaries before cv.repeats
+        text += (
+            "; standard error of the mean, corrected for overlapping training sets (Nadeau "
+            f"& Bengio 2003): <span class='cv-se'>{summary.best_cv_roc_auc_se:.4f}</span>"
+        )
+    return text + "</p>"
 
 
 def _test_table(summary: RunSummary | None, predictions: Path, positive: int | None) -> str:

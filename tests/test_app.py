@@ -67,6 +67,7 @@ def _train_tiny_run(root: Path) -> Path:
         data=DataSummary(name="tiny-synthetic", classes=CLASSES, num_images=16),
         best_cv_roc_auc=0.9123,
         best_cv_roc_auc_std=0.0456,
+        best_cv_roc_auc_se=0.0789,
         test_metrics={**test_metrics, "num_samples": 16},
     )
     summary.save(run / "summary.json")
@@ -101,6 +102,7 @@ def test_page_predicts_like_the_cli_and_survives_a_broken_upload(tmp_path: Path)
             page.goto(server.local_url)
             expect(page.locator("#model-card")).to_contain_text(NOTICE)
             expect(page.locator("#model-card .cv-auc")).to_have_text("0.9123 ± 0.0456")
+            expect(page.locator("#model-card .cv-se")).to_have_text("0.0789")
 
             uploads = page.locator("#uploads input[type=file]")
             uploads.set_input_files(str(good))
