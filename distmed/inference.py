@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from distmed.cli import first_line
+from distmed.config import ModelConfig
 from distmed.errors import UserError
 from distmed.model import build_model
 from distmed.savedmodel import SavedModel
@@ -90,10 +91,8 @@ def network(saved: SavedModel, state: dict[str, torch.Tensor], path: Path) -> nn
     Raises:
         UserError: the weights do not fit that network; names `path` and the first key.
     """
-    no_download = saved.config.model.model_copy(update={"weights": "none"})
-    model = build_model(no_download, len(saved.class_names))
     try:
-        model.load_state_dict(state)
+        return build_network(saved.config.model, len(saved.class_names), state)
     except RuntimeError as exc:  # missing/unexpected keys or shapes: torch lists them all
         # Its first line only says "Error(s) in loading state_dict"; the next names the key.
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -102,6 +101,18 @@ def network(saved: SavedModel, state: dict[str, torch.Tensor], path: Path) -> nn
             f"--model {path}: its weights do not fit a {saved.config.model.arch} with "
             f"{len(saved.class_names)} classes ({detail[:160]})"
         ) from exc
+
+
+def build_network(
+    model_cfg: ModelConfig, num_classes: int, state: dict[str, torch.Tensor]
+) -> nn.Module:
+    """The ResNet `model_cfg` describes with `state` loaded; never downloads weights.
+
+    Raises:
+        RuntimeError: `state` does not fit it (torch's message lists the keys).
+    """
+    model = build_model(model_cfg.model_copy(update={"weights": "none"}), num_classes)
+    model.load_state_dict(state)
     return model
 
 

@@ -25,9 +25,8 @@ from distmed.artifacts import delete_checkpoints, write_json_atomic
 from distmed.cv import FoldPlan, PreparedData, fold_specs, make_folds
 from distmed.data import Split
 from distmed.errors import UserError
-from distmed.inference import InferenceModel
+from distmed.inference import InferenceModel, build_network
 from distmed.metrics import METRIC_NAMES
-from distmed.model import build_model
 from distmed.refit import evaluate_test, refit, refit_epochs, show_line
 from distmed.resources import plan_workers, wait_for_free_resources
 from distmed.results import (
@@ -205,8 +204,7 @@ def score_outer_fold(
     delete_checkpoints(f"{fold_uri}/refit/{run_name}")
     for row in rows:
         delete_checkpoints(f"{fold_uri}/trials/{trial_run_name(row.trial_id)}")
-    network = build_model(chosen.model.model_copy(update={"weights": "none"}), inner.num_classes)
-    network.load_state_dict(state)
+    network = build_network(chosen.model, inner.num_classes, state)
     labels = np.asarray(inner.labels)
     metrics = evaluate_test(
         InferenceModel([network]).eval(),
