@@ -84,7 +84,7 @@ def unreadable_message(bad: dict[str, str]) -> str:
     shown = ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
     return (
         f"{len(items)} unreadable image file(s): {shown}; fix or remove them, "
-        "or set data.skip_invalid=true to leave them out"
+        "or leave them out: data.skip_invalid=true (distmed.evaluate: --skip-invalid)"
     )
 
 
