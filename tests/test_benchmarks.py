@@ -179,3 +179,26 @@ def test_quality_selects_by_cv_not_by_test():
 def test_medmnist_names_the_missing_search_a_later_part_builds_on(tmp_path):
     with pytest.raises(SystemExit, match=r"breastmnist-tpe_asha: no finished breastmnist search"):
         load_run(tmp_path, "breastmnist", "tpe_asha")
+
+
+def test_paired_auc_difference_is_the_difference_with_an_interval_around_it(tmp_path):
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from benchmarks.evaluation import paired_auc_difference
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    good = np.clip(labels * 0.6 + rng.random(300) * 0.5, 0, 1)  # separates the classes well
+    poor = rng.random(300)  # chance
+    for name, positive in (("good", good), ("poor", poor)):
+        np.savez(tmp_path / f"{name}.npz", labels=labels, probs=np.c_[1 - positive, positive])
+    diff = paired_auc_difference(tmp_path / "good.npz", tmp_path / "poor.npz", 1, resamples=200)
+    expected = roc_auc_score(labels, good) - roc_auc_score(labels, poor)
+    assert diff["value"] == pytest.approx(expected)
+    assert 0 < diff["ci95"][0] < expected < diff["ci95"][1]
+    same = paired_auc_difference(tmp_path / "good.npz", tmp_path / "good.npz", 1, resamples=50)
+    assert same["value"] == 0 and same["ci95"] == [0.0, 0.0]  # paired: no spread
+    np.savez(tmp_path / "other.npz", labels=1 - labels, probs=np.c_[1 - good, good])
+    with pytest.raises(SystemExit, match="not predictions of the same images"):
+        paired_auc_difference(tmp_path / "good.npz", tmp_path / "other.npz", positive=1)
