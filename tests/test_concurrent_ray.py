@@ -202,13 +202,14 @@ def test_searches_beside_each_other_survive_ctrl_c_and_resume_on_s3(
     s3_server, tmp_path: Path, ray_tmp: Path
 ):
     """Two searches at once, each with its own Ray instance (the issue: the refit of each
-    hung for good): A, local, finishes with its refit. B stores on S3 with W&B (offline) on
-    and gets a Ctrl-C while its second trial trains: it stops within seconds, skips the
-    refit, marks that trial `interrupted` in the bucket and prints the --resume command,
-    which continues the trial from its checkpoint in the bucket, refits and writes every
-    result file there (the report read the trials' histories from there). The W&B key and
-    the AWS secret, set before any search starts, reach no file under the Ray session
-    folders and no object in the bucket. (A SIGKILLed driver and its --resume:
+    hung for good): A, local, finishes with its refit. B stores on S3 and gets a Ctrl-C
+    while its second trial trains: it stops within seconds, skips the refit, marks that
+    trial `interrupted` in the bucket and prints the --resume command, which continues the
+    trial from its checkpoint in the bucket, refits and writes every result file there (the
+    report read the trials' histories from there). The W&B key and the AWS secret, set
+    before any search starts (so every Ray process inherits them), reach no file under the
+    Ray session folders and no object in the bucket. (W&B runs and the key's way through
+    Ray: tests/test_tune_ray.py; a SIGKILLed driver and its --resume:
     tests/test_faults_ray.py.)"""
     client, aws_env = s3_server
     data = _split_folder(tmp_path / "data")
@@ -229,7 +230,7 @@ def test_searches_beside_each_other_survive_ctrl_c_and_resume_on_s3(
     storage_a = tmp_path / "runs"
     argv_a = [*tune, "--space", str(space_a), "--storage", str(storage_a), "--name", "a"]
     argv_b = [*tune, "--space", str(space_b), "--storage", f"s3://{BUCKET}/exp"]
-    argv_b += ["--name", name_b, "--wandb-project", "p"]
+    argv_b += ["--name", name_b]
     try:
         b = Search(argv_b, env, tmp_path)
         a = Search(argv_a, env, tmp_path)

@@ -1,11 +1,12 @@
 """Injected faults on a two-node Ray cluster, through the real `distmed.tune` CLI.
 
-One search carries every Ray-level fault (each Ray fit costs ~20 s of start-up on 2 cores):
-a Train worker SIGKILLed once (the fit resumes from its epoch checkpoint), a trial whose
-workers are killed past its retries (errored, the search goes on), and a SIGKILLed search
-driver (`--resume` continues). Every trial runs the same configuration with the same seeds,
-so the first, undisturbed trial is the clean run the resumed one must equal. Both the search
-and its `--resume` run as `python -m distmed.tune` processes whose output the test follows.
+One search carries every Ray-level fault (each Ray fit costs ~15-20 s of start-up on 2
+cores): a SIGKILLed search driver (`--resume` continues the trial from its checkpoint), and a
+trial whose Train worker is SIGKILLed once (the retried fit resumes from its epoch checkpoint)
+and then again, past its retries (errored, the search goes on). Every trial runs the same
+configuration with the same seeds, so the first, undisturbed trial is the clean run the resumed
+one must equal. Both the search and its `--resume` run as `python -m distmed.tune` processes
+whose output the test follows.
 
 The search joins the test session's Ray instance with `--address`, and a second Ray node
 (`ray start --block`) joins it first: every fit has two workers that only fit one per node,
@@ -28,9 +29,18 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import write_image_folder
+from torch.utils.data import DataLoader
+
+from distmed.config import ExperimentConfig
+from distmed.data import CachedImageDataset, build_cache, scan_source
+from distmed.inference import build_network
+from distmed.loop import Runtime, predict
+from distmed.savedmodel import SavedModel
 
 pytestmark = pytest.mark.ray
 EPOCHS = 4
@@ -109,11 +119,12 @@ def _await_replacements(group: dict[str, tuple[int, str]]) -> None:
 def test_search_on_two_nodes_survives_killed_workers_and_a_killed_driver(
     second_node: str, ray_session, tmp_path: Path
 ):
-    """T1 runs clean. T2's worker is killed once and the fit resumes from its checkpoint;
-    then the driver is SIGKILLed during T2: --resume keeps T1, continues T2 from its
-    checkpoint (it equals T1). T3's workers are killed past `max_failures: 1`: errored, the
+    """T1 runs clean. The driver is SIGKILLed during T2: --resume keeps T1, continues T2
+    from its checkpoint (it equals T1). T3's worker is killed once: the retried fit resumes
+    from its epoch-1 checkpoint; killed again, past `max_failures: 1`, T3 errors and the
     search goes on and refits. `trials.csv` has each trial once."""
-    data = write_image_folder(tmp_path / "data", {"neg": 16, "pos": 16}, size=32)
+    # 33 images: a fold of 17 validation images, which 2 workers split 9 + 9 (one padded).
+    data = write_image_folder(tmp_path / "data", {"neg": 16, "pos": 17}, size=32)
     space = _search_space(tmp_path, data)
     storage = tmp_path / "shared-storage"
     argv = ["--space", str(space), "--storage", str(storage), "--name", "exp"]
@@ -123,21 +134,24 @@ def test_search_on_two_nodes_survives_killed_workers_and_a_killed_driver(
     with _driver(argv) as driver:
         clean = _read_until(driver, lines, r"trial (\S+) completed: CV ROC-AUC (\S+)")[1]
         resumed = _read_until(driver, lines, r"trial (\S+) epoch 1:")[1]
-        _await_replacements(_kill_a_worker())
-        # The replacement group trained on from the epoch-1 checkpoint: now kill the search.
-        _read_until(driver, lines, rf"trial {resumed} epoch 2:")
+        _read_until(driver, lines, rf"trial {resumed} epoch 2:")  # checkpoints of 1 and 2
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
 
     started, resumed_from = time.monotonic(), len(lines)
     with _driver([*argv, "--resume"]) as driver:
+        continued = _read_until(driver, lines, rf"trial {resumed} epoch (\d+):")[1]
+        assert continued in ("2", "3"), f"resumed at epoch {continued}, not from its checkpoint"
         _read_until(driver, lines, rf"trial {resumed} completed")
         print(f"resume continued the killed trial to its end in {time.monotonic() - started:.1f} s")
         errored = _read_until(driver, lines, r"trial (\S+) epoch 1:")[1]
         _await_replacements(_kill_a_worker())
-        # Once the retry trains (a death while a group starts is retried apart, not
-        # counted), it dies too: past max_failures, the trial errors.
-        _read_until(driver, lines, rf"trial {errored} epoch 2:")
+        # The retry resumes from the epoch-1 checkpoint: its first report is epoch 2. Once it
+        # trains (a death while a group starts is retried apart, not counted), it dies too:
+        # past max_failures, the trial errors.
+        retry_from = len(lines)
+        after_retry = _read_until(driver, lines, rf"trial {errored} epoch (\d+):")
+        assert after_retry[1] == "2", "".join(lines[retry_from:])
         _kill_a_worker()
         _read_until(driver, lines, rf"trial {errored} errored")
         lines += driver.stdout.readlines()
@@ -167,13 +181,35 @@ def test_search_on_two_nodes_survives_killed_workers_and_a_killed_driver(
             [e["train_loss"] for e in theirs], rel=1e-4
         )
 
-    # Every fit ran one worker per node: T1, T2 three times, T3 twice, the refit.
+    # Every fit ran one worker per node: T1, T2 twice, T3 twice, the refit.
     placed = Counter(
         n for a, (_, n) in _train_workers(alive_only=False).items() if a not in earlier
     )
     alive = {node["NodeID"] for node in _alive_nodes(ray_session)}
-    assert set(placed) == alive and list(placed.values()) == [7, 7], placed
+    assert set(placed) == alive and list(placed.values()) == [6, 6], placed
     assert (out / "refit" / f"refit-{summary['best_trial']}").is_dir()
+    _check_validation_is_exact_despite_padding(out, summary)
+
+
+def _check_validation_is_exact_despite_padding(out: Path, summary: dict) -> None:
+    """The best trial's saved out-of-fold scores are one per validation image, in order, each
+    what its fold model (kept in best_model.pt) gives in one process: the padded duplicate
+    DistributedSampler adds for the second worker is dropped, not scored twice."""
+    cfg = ExperimentConfig.model_validate(summary["best_config"])
+    index = scan_source(cfg.data)
+    images = np.load(build_cache(index, cfg.data).pool_path)
+    _, _, fold_states = SavedModel.load_all(out / "best_model.pt")
+    detail_file = out / "trials" / f"cv-{summary['best_trial']}" / "cv_detail.json"
+    folds = json.loads(detail_file.read_text())["folds"]
+    assert sorted(len(f["val_indices"]) for f in folds) == [16, 17]
+    for fold, state in zip(folds, fold_states, strict=True):
+        model = build_network(cfg.model, 2, state)
+        dataset = CachedImageDataset(images, index.pool.labels, np.asarray(fold["val_indices"]))
+        loader = DataLoader(dataset, batch_size=5)
+        indices, labels, probs = predict(model, loader, Runtime(torch.device("cpu")))
+        assert indices.tolist() == fold["val_indices"]
+        assert labels.tolist() == fold["val_labels"]
+        np.testing.assert_allclose(probs, np.asarray(fold["val_probs"]), atol=1e-5)
 
 
 @contextlib.contextmanager
