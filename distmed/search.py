@@ -187,6 +187,7 @@ def _drop_restore_hint(record: logging.LogRecord) -> bool:
 # "Logical resource usage: 0.01/2 CPUs": the trials' tiny driver reservations, which reads
 # as an idle machine while the workers keep every core busy.
 HIDDEN_STATUS_LINES = ("Logical resource usage:",)
+PRINT_TRIAL_ERRORS = "TUNE_PRINT_ALL_TRIAL_ERRORS"
 
 
 class DropLines:
@@ -246,18 +247,28 @@ class DropLines:
 
 @contextlib.contextmanager
 def hidden_status_lines(hide: bool = True) -> Iterator[None]:
-    """While open, stdout drops Tune's HIDDEN_STATUS_LINES (`hide=False`: shows all)."""
+    """While open, stdout drops Tune's HIDDEN_STATUS_LINES and Tune logs no traceback for an
+    errored trial (`hide=False`: shows all). The trial's error is one line from `EpochLines`
+    naming Tune's error file, and its first line is in trials.csv."""
     if not hide:
         yield
         return
     previous = sys.stdout
     filtered = DropLines(previous, HIDDEN_STATUS_LINES)
     sys.stdout = cast(TextIO, filtered)
+    # Read when Tune's controller starts (inside Tuner.fit); Ray's own switch for the
+    # "Trial task failed" log record with its 60-line traceback.
+    errors_before = os.environ.get(PRINT_TRIAL_ERRORS)
+    os.environ[PRINT_TRIAL_ERRORS] = "0"
     try:
         yield
     finally:
         sys.stdout = previous
         filtered.release()
+        if errors_before is None:
+            os.environ.pop(PRINT_TRIAL_ERRORS, None)
+        else:
+            os.environ[PRINT_TRIAL_ERRORS] = errors_before
 
 
 class KeepBestCheckpoints(ray.tune.Callback):

@@ -6,6 +6,7 @@ Everything here runs without Ray: callbacks and stream filters are called direct
 from __future__ import annotations
 
 import io
+import os
 import queue
 import re
 import threading
@@ -24,7 +25,13 @@ from distmed.gradcam import FLAT_MAP_NOTE, gradcam_maps, is_flat
 from distmed.loop import format_epoch
 from distmed.model import build_model
 from distmed.refit import RefitEpochLines, relay_lines, save_model
-from distmed.search import HIDDEN_STATUS_LINES, DropLines, EpochLines, hidden_status_lines
+from distmed.search import (
+    HIDDEN_STATUS_LINES,
+    PRINT_TRIAL_ERRORS,
+    DropLines,
+    EpochLines,
+    hidden_status_lines,
+)
 from distmed.summary import DataSummary, RunSummary
 
 SIZE = 32
@@ -91,6 +98,25 @@ def test_tune_status_block_loses_only_the_resource_line(capsys):
     with hidden_status_lines(hide=False):  # --verbose
         reporter.print_heartbeat([], usage, force=True)
     assert "Logical resource usage" in capsys.readouterr().out
+
+
+def test_an_errored_trial_is_not_a_traceback_from_tune_unless_verbose(monkeypatch):
+    import inspect
+
+    from ray.tune.execution import tune_controller
+
+    # Ray's own switch, read when its controller starts (inside Tuner.fit).
+    assert f'"{PRINT_TRIAL_ERRORS}"' in inspect.getsource(tune_controller.TuneController)
+    monkeypatch.setenv(PRINT_TRIAL_ERRORS, "1")
+    with hidden_status_lines():
+        assert os.environ[PRINT_TRIAL_ERRORS] == "0"
+    assert os.environ[PRINT_TRIAL_ERRORS] == "1"  # as it was
+    with hidden_status_lines(hide=False):  # --verbose
+        assert os.environ[PRINT_TRIAL_ERRORS] == "1"
+    monkeypatch.delenv(PRINT_TRIAL_ERRORS)
+    with hidden_status_lines():
+        pass
+    assert PRINT_TRIAL_ERRORS not in os.environ
 
 
 def test_drop_lines_survives_any_split_of_the_writes():
