@@ -141,8 +141,8 @@ def parse_distribution(path: Path, key: str, spec: Any) -> Distribution:
         raise UserError(f"{where}: not a config field; see README 'Config' for the dotted names")
     if fixed_for_the_search(key):
         raise UserError(
-            f"{where}: fixed for the whole search (the images are decoded and the folds drawn "
-            "once, before the first trial); set it under base, or run one search per value"
+            f"{where}: fixed for the whole search (data, folds, workers and loggers are set "
+            "up once, before the first trial); set it under base, or run one search per value"
         )
     if not isinstance(spec, dict) or len(spec) != 1:
         raise UserError(f"{where}: expected one of {{{', '.join(DISTRIBUTIONS)}: [...]}}")
@@ -157,13 +157,16 @@ def parse_distribution(path: Path, key: str, spec: Any) -> Distribution:
     return Distribution(kind=kind, args=tuple(args))
 
 
+# Read once per search, before the first trial: the decoded cache and the folds (data, cv),
+# every trial's workers and resources (scaling), the loggers (tracking).
+FIXED_FOR_THE_SEARCH = ("cv.", "data.", "scaling.", "tracking.")
+
+
 def fixed_for_the_search(key: str) -> bool:
-    """Whether a dotted config key is read once per search, not per trial: `cv.*` and
-    `data.*` but `data.augment.*`. A trial's own value would be ignored, or worse, the image
-    size recorded in the saved model while training used the base one."""
-    return key.startswith("cv.") or (
-        key.startswith("data.") and not key.startswith("data.augment.")
-    )
+    """Whether a dotted config key is read once per search, not per trial: FIXED_FOR_THE_SEARCH
+    but `data.augment.*`. A trial's own value would be ignored, or worse, the image size or
+    worker layout recorded for the refit unlike what the trials used."""
+    return key.startswith(FIXED_FOR_THE_SEARCH) and not key.startswith("data.augment.")
 
 
 def _check_args(where: str, kind: str, args: list[Any]) -> None:

@@ -201,7 +201,9 @@ def test_augmentation_is_searched_per_trial_while_other_data_keys_are_fixed(tmp_
     assert set(draws(to_tune_domains(spec.space)["data.augment.rotation"])) == {0, 15}
     fixed = [k for k in config_fields() if fixed_for_the_search(k)]
     assert "data.image_size" in fixed and "cv.seed" in fixed and "data.augment.hflip" not in fixed
-    assert not [k for k in fixed if not k.startswith(("data.", "cv."))]
+    assert "scaling.num_workers" in fixed and "tracking.wandb.project" in fixed
+    assert not [k for k in fixed if not k.startswith(("data.", "cv.", "scaling.", "tracking."))]
+    assert "optim.lr" not in fixed and "train.batch_size" not in fixed
 
 
 def test_float_bounds_that_are_whole_numbers_are_fine_for_randint(tmp_path):
