@@ -1,6 +1,6 @@
 """Evaluation on real MedMNIST data: fold ensemble vs refit, and nested cross-validation.
 
-    python -m benchmarks.evaluation                   # both parts (~45 min on 2 cores)
+    python -m benchmarks.evaluation                   # both parts (~30 min on 2 cores)
     python -m benchmarks.evaluation --only ensemble   # PneumoniaMNIST: refit vs fold ensemble
     python -m benchmarks.evaluation --only nested     # BreastMNIST: --nested 3
     python -m benchmarks.evaluation --only nested --resume   # continue an interrupted one
