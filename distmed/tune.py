@@ -82,6 +82,7 @@ from distmed.search import (
     restore_tuner,
     trial_run_name,
 )
+from distmed.searchfile import check_new_search, check_same_search, record_search
 from distmed.space import SearchSpaceFile, load_space
 from distmed.summary import DataSummary, RunSummary
 from distmed.tracking import (
@@ -184,6 +185,10 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"--nested {args.nested}: use 2 to 20 outer folds, e.g. --nested 3")
     name = args.name or f"{Path(args.space).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     exp_uri = experiment_path(storage_uri(args.storage), name)
+    if args.resume:
+        check_same_search(exp_uri, spec)
+    else:
+        check_new_search(exp_uri)
     prepared, inspection = _prepare_data(spec)
     # Tune snapshots the search state every 10+ s by default; every 5 s bounds what a
     # killed driver loses (trials that ended since the last snapshot run again).
@@ -193,6 +198,8 @@ def _run(args: argparse.Namespace) -> int:
         prepared = replace(prepared, plan=share_images(prepared.plan))
     resume = resume_command(args.argv, name)
     local = _local_results_dir(args.storage, name)
+    if not args.resume:
+        record_search(exp_uri, spec)
     if args.nested:
         return run_nested(
             NestedRun(args, spec, prepared, name, storage_uri(args.storage), local, resume),

@@ -1,0 +1,59 @@
+"""--resume continues the search a name was started with, or refuses (no Ray needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distmed import tune
+from distmed.errors import UserError
+from distmed.searchfile import SEARCH_FILE, check_new_search, check_same_search, record_search
+from distmed.space import load_space
+
+DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
+
+
+def test_a_resume_with_other_trial_settings_is_refused_naming_them(tmp_path):
+    exp = str(tmp_path / "exp")
+    record_search(exp, load_space(DEMO))
+    check_same_search(exp, load_space(DEMO))  # the same file: fine
+    # Where the images sit, how many workers, which loggers: may change on resume.
+    moved = ["data.root=/elsewhere", "scaling.num_workers=2", "tracking.wandb.project=p"]
+    check_same_search(exp, load_space(DEMO, moved))
+    with pytest.raises(UserError) as info:
+        check_same_search(exp, load_space(DEMO, ["train.epochs=40"]))
+    message = str(info.value)
+    assert "base.train.epochs was 8, now 40" in message and "new --name" in message
+    assert len(message.splitlines()) == 1
+
+
+def test_an_edited_range_or_trial_count_is_a_different_search(tmp_path):
+    exp = str(tmp_path / "exp")
+    spec = load_space(DEMO)
+    record_search(exp, spec)
+    with pytest.raises(UserError, match="search.num_samples"):
+        check_same_search(exp, spec.with_search(num_samples=spec.search.num_samples + 1))
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(DEMO.read_text().replace("loguniform: [3.0e-4", "loguniform: [2.0e-4"))
+    with pytest.raises(UserError, match="space.optim.lr"):
+        check_same_search(exp, load_space(edited))
+
+
+def test_a_new_search_under_a_used_name_is_refused_and_an_old_run_resumes_unchecked(tmp_path):
+    exp = str(tmp_path / "exp")
+    check_new_search(exp)  # nothing there yet
+    check_same_search(exp, load_space(DEMO))  # a run from before the record: unchecked
+    record_search(exp, load_space(DEMO))
+    with pytest.raises(UserError, match="exists; continue it with --resume"):
+        check_new_search(exp)
+    assert (tmp_path / "exp" / SEARCH_FILE).is_file()
+
+
+def test_the_cli_refuses_before_any_work(tmp_path, capsys):
+    record_search(str(tmp_path / "runs" / "demo-1"), load_space(DEMO))
+    argv = ["--space", str(DEMO), "--storage", str(tmp_path / "runs"), "--name", "demo-1"]
+    assert tune.main([*argv, "--resume", "--set", "optim.weight_decay=0.5"]) == 2
+    assert "base.optim.weight_decay was" in capsys.readouterr().err
+    assert tune.main(argv) == 2
+    assert "exists; continue it with --resume" in capsys.readouterr().err
