@@ -75,6 +75,21 @@ def add_threshold_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def checked_threshold(value: float | None, binary: bool) -> float | None:
+    """`--threshold` as given (None when not), checked for the model it applies to.
+
+    Raises:
+        UserError: given for a multi-class model, or not a probability in [0, 1].
+    """
+    if value is None:
+        return None
+    if not binary:
+        raise UserError("--threshold applies to binary models only")
+    if not 0.0 <= value <= 1.0:  # NaN fails this too
+        raise UserError(f"--threshold {value}: a probability in [0, 1], e.g. 0.5")
+    return value
+
+
 def model_path(args: argparse.Namespace) -> Path:
     """The `--model` file, checked to exist.
 

@@ -35,6 +35,7 @@ from distmed.cli import (
     add_debug_option,
     add_model_option,
     add_threshold_option,
+    checked_threshold,
     choose_device,
     model_path,
     run_entry_point,
@@ -201,12 +202,9 @@ def operating_threshold(override: float | None, saved: SavedModel) -> OperatingT
     Raises:
         UserError: `--threshold` outside [0, 1], or given for a multi-class model.
     """
-    if override is not None:
-        if not saved.binary:
-            raise UserError("--threshold applies to binary models only")
-        if not 0.0 <= override <= 1.0:
-            raise UserError(f"--threshold {override}: a probability in [0, 1], e.g. 0.5")
-        return OperatingThreshold(override, "--threshold")
+    given = checked_threshold(override, saved.binary)
+    if given is not None:
+        return OperatingThreshold(given, "--threshold")
     if saved.threshold is None:
         return None
     t = saved.threshold

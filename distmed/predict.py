@@ -31,6 +31,7 @@ from distmed.cli import (
     add_debug_option,
     add_model_option,
     add_threshold_option,
+    checked_threshold,
     choose_device,
     model_path,
     run_entry_point,
@@ -178,12 +179,11 @@ def _probabilities(model: torch.nn.Module, images: np.ndarray, device: torch.dev
 
 
 def _threshold(override: float | None, saved: SavedModel) -> float | None:
+    given = checked_threshold(override, saved.binary)
+    if given is not None:
+        return given
     if not saved.binary:
-        if override is not None:
-            raise UserError("--threshold applies to binary models only")
         return None
-    if override is not None:
-        return override
     value = saved_threshold(saved)
     if value is None:
         print(

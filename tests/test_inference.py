@@ -270,3 +270,18 @@ def test_report_shows_refit_and_fold_ensemble_side_by_side(ensemble_model: Path,
             assert float(shown[f"{key}.{name}"]) == pytest.approx(expected[name]), (key, name)
     assert float(shown["temperature"]) == 2.0
     assert (figures / "calibration_before_after.png").is_file()
+
+
+@pytest.mark.parametrize("value", ["1.5", "-3", "nan"])
+def test_a_threshold_that_is_not_a_probability_is_refused_by_predict_and_evaluate(
+    ensemble_model: Path, tmp_path: Path, capsys, value: str
+):
+    from distmed import evaluate
+
+    images = write_image_folder(tmp_path / "images", {"a": 2, "b": 2}, size=SIZE)
+    argv = ["--model", str(ensemble_model), "--threshold", value]
+    assert predict.main([*argv, str(images), "--output", str(tmp_path / "p.csv")]) == 2
+    assert f"--threshold {float(value)}: a probability in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()
+    assert evaluate.main([*argv, "--data", str(images), "--output", str(tmp_path / "e")]) == 2
+    assert f"--threshold {float(value)}: a probability in [0, 1]" in capsys.readouterr().err
