@@ -153,18 +153,38 @@ def _run(args: argparse.Namespace) -> int:
     probs = predict_cached(model, cache.pool_path, device)
     scores = Scores(lookup[kept.pool.labels], probs, saved.class_names, saved.positive_index)
     card = score(scores, threshold.value if threshold else None, args.bootstrap)
-    output = Path(args.output) if args.output else path.parent / f"evaluation-{source.name}"
+    output = Path(args.output) if args.output else default_output(path, source.name, args.ensemble)
     record = evaluation_record(path, args.data, source, split, scores, class_map, threshold)
     temperature = saved.calibration.temperature if saved.calibration else None
-    record.update(ensemble=args.ensemble, temperature=temperature)
+    own_data = is_training_data(args.data, saved.config.data.root)
+    record.update(ensemble=args.ensemble, temperature=temperature, training_data=own_data)
     record.update(scorecard_json(card), skipped_files=kept.skipped)
     write_evaluation(output, record, scores, card)
     for sample_id, reason in kept.skipped.items():
         print(f"unreadable: {sample_id} ({reason})", file=sys.stderr)
-    for note in absent_notes(scores):
+    notes = absent_notes(scores) + ([TRAINING_DATA_NOTE] if own_data else [])
+    for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(summary_line(record, card, device) + f" -> {output / EVALUATION_HTML}")
     return EXIT_SOME_UNREADABLE if kept.skipped else 0
+
+
+TRAINING_DATA_NOTE = (
+    "--data is the data the model was trained on (its data.root): these scores are not an "
+    "external validation"
+)
+
+
+def default_output(model: Path, data_name: str, ensemble: Ensemble) -> Path:
+    """`evaluation-<data>` beside the model (`-folds` for the fold ensemble: one per model)."""
+    return model.parent / f"evaluation-{data_name}{'-folds' if ensemble == 'folds' else ''}"
+
+
+def is_training_data(data: str, training_root: str | None) -> bool:
+    """Whether `--data` is the folder or file the model was trained on."""
+    if training_root is None or "://" in data or data.startswith(("demo", "medmnist:")):
+        return False
+    return Path(data).expanduser().resolve() == Path(training_root).expanduser().resolve()
 
 
 def load_for_evaluation(path: Path, ensemble: Ensemble) -> tuple[torch.nn.Module, SavedModel]:
@@ -425,7 +445,7 @@ def about_table(record: dict[str, Any]) -> str:
         else "none (decisions by the most probable class)"
     )
     rows = [
-        ["model", record["model"]],
+        ["model", f"{record['model']} ({model_text(record)})"],
         ["data", f"{record['data']} ({record['data_layout'] or 'layout not described'})"],
         ["split scored", record["split"]],
         ["images", f"{record['num_images']} ({counts})"],
@@ -437,19 +457,33 @@ def about_table(record: dict[str, Any]) -> str:
     ]
     note = (
         "<p>Images decoded exactly as in training (the model's own data settings); "
-        "classes matched to the model's by name. Nothing was trained on them.</p>"
+        "classes matched to the model's by name. "
+        + (
+            f"<b>Note: {html.escape(TRAINING_DATA_NOTE)}.</b></p>"
+            if record["training_data"]
+            else "Nothing was trained on them.</p>"
+        )
     )
     return note + table(["", ""], [[html.escape(a), html.escape(b)] for a, b in rows])
 
 
+def model_text(record: dict[str, Any]) -> str:
+    """Which model scored: "refit model" or "fold ensemble", and its temperature."""
+    which = "fold ensemble" if record["ensemble"] == "folds" else "refit model"
+    t = record["temperature"]
+    return f"{which}, {'no temperature' if t is None else f'temperature {t:.3f}'}"
+
+
 def summary_line(record: dict[str, Any], card: Scorecard, device: torch.device) -> str:
-    """One line for the terminal: how many images, where, and the argmax ROC-AUC with CI."""
+    """One line for the terminal: how many images, where, by which model, and the argmax
+    ROC-AUC with CI."""
     auc = card.argmax.point["roc_auc"]
     low, high = card.argmax.ci["roc_auc"]
     shown = "undefined" if np.isnan(auc) else f"{auc:.4f} (95% CI {low:.4f}-{high:.4f})"
     return (
         f"{record['num_images']} images of {record['data_name']} ({record['split']}) scored "
-        f"on {device}: ROC-AUC {shown}, accuracy {card.argmax.point['accuracy']:.4f}"
+        f"by the {model_text(record)} on {device}: ROC-AUC {shown}, accuracy "
+        f"{card.argmax.point['accuracy']:.4f}"
     )
 
 

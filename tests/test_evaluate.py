@@ -214,3 +214,25 @@ def test_a_class_absent_from_the_data_is_stated(
     page = (tmp_path / "out" / evaluate.EVALUATION_HTML).read_text()
     assert "No image of class PNEUMONIA" in page and "figures/roc.png" not in page
     assert figure_titles == ["site_e (test): confusion matrix (threshold 0.5000)"]
+
+
+def test_the_output_names_the_model_and_warns_on_the_training_data(tmp_path: Path, capsys):
+    site = write_image_folder(tmp_path / "site", {"NORMAL": 3, "PNEUMONIA": 3}, size=SIZE)
+    cfg = ExperimentConfig.model_validate(
+        {"data": {"root": str(site), "image_size": SIZE}, "model": {"weights": "none"}}
+    )
+    path = tmp_path / "run" / "best_model.pt"
+    path.parent.mkdir()
+    save_model(path, build_model(cfg.model, 2).state_dict(), cfg, CLASSES, 1, 1, "refit-t1")
+    argv = ["--model", str(path), "--data", str(site), "--bootstrap", "20", "--cpu"]
+    assert evaluate.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "scored by the refit model, no temperature on cpu" in captured.out
+    assert evaluate.TRAINING_DATA_NOTE in captured.err  # its own training images
+    out = path.parent / "evaluation-site"
+    assert json.loads((out / evaluate.EVALUATION_JSON).read_text())["training_data"] is True
+    page = (out / evaluate.EVALUATION_HTML).read_text()
+    assert "refit model, no temperature" in page and "not an external validation" in page
+    # One folder per model: the fold ensemble's results never overwrite the refit's.
+    assert evaluate.default_output(path, "site", "folds") == path.parent / "evaluation-site-folds"
+    assert not evaluate.is_training_data(str(tmp_path / "elsewhere"), str(site))
