@@ -155,7 +155,8 @@ def outer_assignment(prepared: PreparedData, outer_k: int, spec: SearchSpaceFile
     try:
         return make_folds(prepared.index.pool, cv, prepared.index.class_names)[0]
     except UserError as exc:  # its text speaks of cv.folds; here the K is --nested's
-        raise UserError(f"--nested {outer_k} (outer folds): {exc}") from exc
+        text = str(exc).replace("cv.folds=", "--nested ").replace("cv.folds", "--nested")
+        raise UserError(f"--nested {outer_k} (outer folds): {text}") from exc
 
 
 def inner_plan(
@@ -246,14 +247,20 @@ def format_nested(summary: NestedSummary, path: Path) -> str:
     lines = ["outer fold  best trial  inner CV ROC-AUC  outer ROC-AUC  outer accuracy"]
     for f in summary.folds:
         lines.append(
-            f"{f.fold:>10}  {f.best_trial:>10}  {f.inner_cv_roc_auc:>16.4f}  "
+            f"{f.fold + 1:>10}  {f.best_trial:>10}  {f.inner_cv_roc_auc:>16.4f}  "
             f"{f.outer_metrics['roc_auc']:>13.4f}  {f.outer_metrics['accuracy']:>14.4f}"
         )
+    inner, outer = summary.mean_inner_cv_roc_auc or 0.0, summary.mean_outer_roc_auc or 0.0
+    gap = (
+        "above the outer score: the optimism of picking the best trial on its own score"
+        if inner > outer
+        else "not above the outer score: here the refit's extra training data outweighed "
+        "the optimism of picking the best trial"
+    )
     lines.append(
         f"nested CV estimate (mean of {summary.outer_folds} outer folds): ROC-AUC "
-        f"{summary.mean_outer_roc_auc:.4f} ± {summary.std_outer_roc_auc:.4f}; the inner "
-        f"searches' best CV ROC-AUC averaged {summary.mean_inner_cv_roc_auc:.4f} (the "
-        "optimism of picking the best trial on its own score)"
+        f"{outer:.4f} ± {summary.std_outer_roc_auc:.4f} (std over outer folds); the inner "
+        f"searches' best CV ROC-AUC averaged {inner:.4f}, {gap}"
     )
     lines.append(
         f"results: {path}  ({summary.wall_time_s or 0:.0f} s). For the model itself, run the "

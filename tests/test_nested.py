@@ -13,7 +13,14 @@ from distmed.cv import FoldPlan, PreparedData
 from distmed.data import DataIndex, Split
 from distmed.errors import UserError
 from distmed.metrics import METRIC_NAMES
-from distmed.nested import NestedSummary, OuterFold, finish, inner_plan, outer_assignment
+from distmed.nested import (
+    NestedSummary,
+    OuterFold,
+    finish,
+    format_nested,
+    inner_plan,
+    outer_assignment,
+)
 from distmed.space import SearchSpaceFile, load_space
 
 
@@ -55,8 +62,9 @@ def test_inner_folds_never_see_the_outer_validation_part(groups: bool, tmp_path:
 
 def test_too_many_outer_folds_for_the_data_name_the_option(tmp_path: Path):
     prepared, spec = _prepared(True, tmp_path)
-    with pytest.raises(UserError, match="--nested 25"):
+    with pytest.raises(UserError, match="--nested 25") as info:
         outer_assignment(prepared, 25, spec)
+    assert "cv.folds" not in str(info.value)  # the option to lower is --nested
 
 
 def test_the_nested_estimate_is_the_mean_of_the_outer_scores():
@@ -82,6 +90,11 @@ def test_the_nested_estimate_is_the_mean_of_the_outer_scores():
     assert summary.mean_inner_cv_roc_auc == pytest.approx(0.9)
     assert summary.outer_metrics_mean is not None
     assert summary.outer_metrics_mean["accuracy"] == pytest.approx(0.75)
+    table = format_nested(summary, Path("nested.json"))
+    assert [line.split()[0] for line in table.splitlines()[1:3]] == ["1", "2"]  # as printed
+    assert "above the outer score: the optimism" in table  # inner 0.9 > outer 0.75
+    below = summary.model_copy(update={"mean_inner_cv_roc_auc": 0.7})
+    assert "not above the outer score" in format_nested(below, Path("nested.json"))
 
 
 @pytest.mark.parametrize("value", ["1", "21"])
