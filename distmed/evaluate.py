@@ -343,11 +343,14 @@ def _example_mapping(
     class_map: dict[str, str],
 ) -> str:
     """A `DATA=MODEL` suggestion: the model class spelled alike (case aside), else one the
-    data does not cover yet."""
+    data does not cover yet; when the data covers them all, no merge is suggested (an extra
+    class is more likely other images than more of a known class)."""
     old = next(d for d, r in zip(data_classes, renamed, strict=True) if r == unknown)
     alike = [m for m in model_classes if m.casefold() == unknown.casefold()]
-    uncovered = [m for m in model_classes if m not in renamed] or model_classes
-    return f"{old}={(alike or uncovered)[0]}"
+    uncovered = [m for m in model_classes if m not in renamed]
+    if alike or uncovered:
+        return f"{old}={(alike or uncovered)[0]}"
+    return f"{old}=MODEL_CLASS only if its images are of that class; else leave {old} out"
 
 
 # --------------------------------------------------------------------------- scoring

@@ -140,6 +140,11 @@ def test_classes_are_matched_by_name_and_a_mismatch_is_one_line(
 
     assert evaluate.main([*base, "--class-map", "a_pneumonia=PNEUMONIA"]) == 2  # half mapped
     assert "--class-map b_normal=NORMAL" in capsys.readouterr().err  # the suggestion
+    extra = write_image_folder(tmp_path / "site_d", {"NORMAL": 2, "PNEUMONIA": 2, "Other": 2})
+    assert evaluate.main(["--model", str(model_file), "--data", str(extra)]) == 2
+    err = capsys.readouterr().err  # every model class is covered: no merge suggested
+    assert "Other unknown to the model" in err and "leave Other out" in err
+    assert "Other=NORMAL" not in err and "Other=PNEUMONIA" not in err
 
     assert evaluate.main([*base, "--class-map", "nope=NORMAL"]) == 2
     assert "has no class 'nope'" in capsys.readouterr().err
