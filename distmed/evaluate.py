@@ -181,10 +181,13 @@ def default_output(model: Path, data_name: str, ensemble: Ensemble) -> Path:
 
 
 def is_training_data(data: str, training_root: str | None) -> bool:
-    """Whether `--data` is the folder or file the model was trained on."""
+    """Whether `--data` is the folder or file the model was trained on, a folder inside it
+    (its train/ split) or one holding it (links resolved). A copy elsewhere is not seen."""
     if training_root is None or "://" in data or data.startswith(("demo", "medmnist:")):
         return False
-    return Path(data).expanduser().resolve() == Path(training_root).expanduser().resolve()
+    given = Path(data).expanduser().resolve()
+    trained = Path(training_root).expanduser().resolve()
+    return given.is_relative_to(trained) or trained.is_relative_to(given)
 
 
 def load_for_evaluation(path: Path, ensemble: Ensemble) -> tuple[torch.nn.Module, SavedModel]:

@@ -241,3 +241,7 @@ def test_the_output_names_the_model_and_warns_on_the_training_data(tmp_path: Pat
     # One folder per model: the fold ensemble's results never overwrite the refit's.
     assert evaluate.default_output(path, "site", "folds") == path.parent / "evaluation-site-folds"
     assert not evaluate.is_training_data(str(tmp_path / "elsewhere"), str(site))
+    assert evaluate.is_training_data(str(site / "NORMAL"), str(site))  # a part of it
+    assert evaluate.is_training_data(str(tmp_path), str(site))  # a folder holding it
+    (tmp_path / "link").symlink_to(site)
+    assert evaluate.is_training_data(str(tmp_path / "link"), str(site))
