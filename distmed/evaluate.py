@@ -345,15 +345,21 @@ def _example_mapping(
     model_classes: list[str],
     class_map: dict[str, str],
 ) -> str:
-    """A `DATA=MODEL` suggestion: the model class spelled alike (case aside), else one the
-    data does not cover yet; when the data covers them all, no merge is suggested (an extra
-    class is more likely other images than more of a known class)."""
+    """A `DATA=MODEL` suggestion only where it is safe: the model class spelled alike (case
+    aside), or the one model class left for the one data class left. Otherwise the form, as
+    a pairing by position would put images under another class's name."""
     old = next(d for d, r in zip(data_classes, renamed, strict=True) if r == unknown)
     alike = [m for m in model_classes if m.casefold() == unknown.casefold()]
+    if alike:
+        return f"{old}={alike[0]}"
+    unknown_all = [r for r in renamed if r not in model_classes]
     uncovered = [m for m in model_classes if m not in renamed]
-    if alike or uncovered:
-        return f"{old}={(alike or uncovered)[0]}"
-    return f"{old}=MODEL_CLASS only if its images are of that class; else leave {old} out"
+    if len(unknown_all) == 1 and len(uncovered) == 1:
+        return f"{old}={uncovered[0]}"
+    return (
+        f"DATA=MODEL for each data class whose images are of that model class; leave out any "
+        f"other folder (such as {old})"
+    )
 
 
 # --------------------------------------------------------------------------- scoring

@@ -143,8 +143,13 @@ def test_classes_are_matched_by_name_and_a_mismatch_is_one_line(
     extra = write_image_folder(tmp_path / "site_d", {"NORMAL": 2, "PNEUMONIA": 2, "Other": 2})
     assert evaluate.main(["--model", str(model_file), "--data", str(extra)]) == 2
     err = capsys.readouterr().err  # every model class is covered: no merge suggested
-    assert "Other unknown to the model" in err and "leave Other out" in err
+    assert "Other unknown to the model" in err and "(such as Other)" in err
     assert "Other=NORMAL" not in err and "Other=PNEUMONIA" not in err
+    names = write_image_folder(tmp_path / "site_e", {"healthy": 2, "sick": 2, "Other": 2})
+    argv = ["--model", str(model_file), "--data", str(names)]
+    assert evaluate.main([*argv, "--class-map", "healthy=NORMAL"]) == 2
+    err = capsys.readouterr().err  # 2 data classes left for 1 model class: no pairing guessed
+    assert "=PNEUMONIA" not in err.split("e.g.")[-1] and "DATA=MODEL for each" in err
 
     assert evaluate.main([*base, "--class-map", "nope=NORMAL"]) == 2
     assert "has no class 'nope'" in capsys.readouterr().err
