@@ -6,19 +6,23 @@ silently mix two searches in one results table, and, with `--nested`, two proced
 estimate. So the first run records what decides the trials, and a resume with anything else
 is refused. Where a run may differ on resume: `data.root`, `data.cache_dir` and
 `data.decode_workers` (the same images, moved or decoded elsewhere), `scaling.*` (another
-machine) and `tracking.*` (loggers).
+machine) and `tracking.*` (loggers). That the images are the same is checked apart: their
+ids (paths below `data.root`), labels, file sizes and class names, hashed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
 from distmed.artifacts import read_text_uri, write_text_uri
+from distmed.data import DataIndex
 from distmed.errors import UserError, shorten
 from distmed.space import SearchSpaceFile
 
 SEARCH_FILE = "search_space.json"
+IMAGES_KEY = "images"  # the record's hash of the data's ids and labels
 MAY_DIFFER_ON_RESUME = (
     "base.data.root",
     "base.data.cache_dir",
@@ -52,10 +56,44 @@ def check_new_search(exp_uri: str) -> None:
         )
 
 
-def record_search(exp_uri: str, spec: SearchSpaceFile) -> None:
+def images_hash(index: DataIndex) -> str:
+    """sha256 of the class names and every pool and test sample's id, label and size in
+    bytes (the pixels themselves for in-memory arrays). Moving or copying the files keeps
+    it; other files, labels or pixels change it."""
+    digest = hashlib.sha256(json.dumps(index.class_names).encode())
+    for split in (index.pool, index.test):
+        if split is None:
+            continue
+        for sample_id, label in zip(split.ids, split.labels.tolist(), strict=True):
+            digest.update(f"{sample_id}|{label}\n".encode())
+        if split.paths is not None:
+            digest.update(" ".join(str(p.stat().st_size) for p in split.paths).encode())
+        if split.images is not None:
+            digest.update(split.images.tobytes())
+    return digest.hexdigest()
+
+
+def record_search(exp_uri: str, spec: SearchSpaceFile, index: DataIndex) -> None:
     """Keep a new search's record beside its results (just before its first trial)."""
-    text = json.dumps(search_record(spec), indent=1, sort_keys=True)
-    write_text_uri(f"{exp_uri}/{SEARCH_FILE}", text)
+    record = {**search_record(spec), IMAGES_KEY: images_hash(index)}
+    write_text_uri(f"{exp_uri}/{SEARCH_FILE}", json.dumps(record, indent=1, sort_keys=True))
+
+
+def check_same_images(exp_uri: str, index: DataIndex) -> None:
+    """Refuse to resume `exp_uri` on other images than it started with (a moved folder with
+    the same files is fine). Unchecked for a record without the hash.
+
+    Raises:
+        UserError: the ids, labels or class names differ.
+    """
+    text = read_text_uri(f"{exp_uri}/{SEARCH_FILE}")
+    before = None if text is None else json.loads(text).get(IMAGES_KEY)
+    if before is not None and before != images_hash(index):
+        raise UserError(
+            f"--resume: {exp_uri} was started on other images (file names, labels, sizes or "
+            f"classes differ from --data {index.name}'s now); resume on the same data, or start "
+            "a new --name"
+        )
 
 
 def check_same_search(exp_uri: str, spec: SearchSpaceFile) -> None:
@@ -70,6 +108,7 @@ def check_same_search(exp_uri: str, spec: SearchSpaceFile) -> None:
     if text is None:
         return
     before, now = json.loads(text), search_record(spec)
+    before.pop(IMAGES_KEY, None)  # check_same_images compares those
     differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if differ:
         first = differ[0]

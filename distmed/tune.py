@@ -82,7 +82,12 @@ from distmed.search import (
     restore_tuner,
     trial_run_name,
 )
-from distmed.searchfile import check_new_search, check_same_search, record_search
+from distmed.searchfile import (
+    check_new_search,
+    check_same_images,
+    check_same_search,
+    record_search,
+)
 from distmed.space import SearchSpaceFile, load_space
 from distmed.summary import DataSummary, RunSummary
 from distmed.tracking import (
@@ -190,6 +195,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         check_new_search(exp_uri)
     prepared, inspection = _prepare_data(spec)
+    if args.resume:
+        check_same_images(exp_uri, prepared.index)
     # Tune snapshots the search state every 10+ s by default; every 5 s bounds what a
     # killed driver loses (trials that ended since the last snapshot run again).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
@@ -199,7 +206,7 @@ def _run(args: argparse.Namespace) -> int:
     resume = resume_command(args.argv, name)
     local = _local_results_dir(args.storage, name)
     if not args.resume:
-        record_search(exp_uri, spec)
+        record_search(exp_uri, spec, prepared.index)
     if args.nested:
         return run_nested(
             NestedRun(args, spec, prepared, name, storage_uri(args.storage), local, resume),

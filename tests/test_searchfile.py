@@ -5,18 +5,31 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import write_image_folder
 
 from distmed import tune
+from distmed.data import scan_source
 from distmed.errors import UserError
-from distmed.searchfile import SEARCH_FILE, check_new_search, check_same_search, record_search
+from distmed.searchfile import (
+    SEARCH_FILE,
+    check_new_search,
+    check_same_images,
+    check_same_search,
+    record_search,
+)
 from distmed.space import load_space
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
 
 
+def _record(exp: str, overrides: tuple[str, ...] = ()) -> None:
+    spec = load_space(DEMO, list(overrides))
+    record_search(exp, spec, scan_source(spec.base.data))
+
+
 def test_a_resume_with_other_trial_settings_is_refused_naming_them(tmp_path):
     exp = str(tmp_path / "exp")
-    record_search(exp, load_space(DEMO))
+    _record(exp)
     check_same_search(exp, load_space(DEMO))  # the same file: fine
     # Where the images sit, how many workers, which loggers: may change on resume.
     moved = ["data.root=/elsewhere", "scaling.num_workers=2", "tracking.wandb.project=p"]
@@ -31,7 +44,7 @@ def test_a_resume_with_other_trial_settings_is_refused_naming_them(tmp_path):
 def test_an_edited_range_or_trial_count_is_a_different_search(tmp_path):
     exp = str(tmp_path / "exp")
     spec = load_space(DEMO)
-    record_search(exp, spec)
+    _record(exp)
     with pytest.raises(UserError, match="search.num_samples"):
         check_same_search(exp, spec.with_search(num_samples=spec.search.num_samples + 1))
     edited = tmp_path / "edited.yaml"
@@ -44,16 +57,33 @@ def test_a_new_search_under_a_used_name_is_refused_and_an_old_run_resumes_unchec
     exp = str(tmp_path / "exp")
     check_new_search(exp)  # nothing there yet
     check_same_search(exp, load_space(DEMO))  # a run from before the record: unchecked
-    record_search(exp, load_space(DEMO))
+    _record(exp)
     with pytest.raises(UserError, match="exists; continue it with --resume"):
         check_new_search(exp)
     assert (tmp_path / "exp" / SEARCH_FILE).is_file()
 
 
 def test_the_cli_refuses_before_any_work(tmp_path, capsys):
-    record_search(str(tmp_path / "runs" / "demo-1"), load_space(DEMO))
+    _record(str(tmp_path / "runs" / "demo-1"))
     argv = ["--space", str(DEMO), "--storage", str(tmp_path / "runs"), "--name", "demo-1"]
     assert tune.main([*argv, "--resume", "--set", "optim.weight_decay=0.5"]) == 2
     assert "base.optim.weight_decay was" in capsys.readouterr().err
     assert tune.main(argv) == 2
     assert "exists; continue it with --resume" in capsys.readouterr().err
+
+
+def test_a_resume_on_other_images_is_refused_and_a_moved_folder_is_not(tmp_path):
+
+    first = write_image_folder(tmp_path / "a", {"neg": 4, "pos": 4})
+    exp = str(tmp_path / "exp")
+    _record(exp, (f"data.root={first}",))
+    moved = tmp_path / "moved"
+    first.rename(moved)  # the same files elsewhere: data.root may change on resume
+    check_same_images(exp, scan_source(load_space(DEMO, [f"data.root={moved}"]).base.data))
+    # The same file names and labels, other images; then one image more.
+    other = write_image_folder(tmp_path / "other", {"neg": 4, "pos": 4}, size=20)
+    with pytest.raises(UserError, match="was started on other images"):
+        check_same_images(exp, scan_source(load_space(DEMO, [f"data.root={other}"]).base.data))
+    grown = write_image_folder(tmp_path / "grown", {"neg": 4, "pos": 5})
+    with pytest.raises(UserError, match="was started on other images"):
+        check_same_images(exp, scan_source(load_space(DEMO, [f"data.root={grown}"]).base.data))
