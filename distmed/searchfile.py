@@ -32,9 +32,10 @@ MAY_DIFFER_ON_RESUME = (
 )
 
 
-def search_record(spec: SearchSpaceFile) -> dict[str, Any]:
-    """What decides the trials, as dotted keys -> JSON values."""
+def search_record(spec: SearchSpaceFile, nested: int | None = None) -> dict[str, Any]:
+    """What decides the trials, as dotted keys -> JSON values (`nested`: --nested's K)."""
     whole = {
+        "nested": nested,
         "base": spec.base.model_dump(mode="json"),
         "search": spec.search.model_dump(mode="json"),
         "space": spec.space_as_dict(),
@@ -73,9 +74,11 @@ def images_hash(index: DataIndex) -> str:
     return digest.hexdigest()
 
 
-def record_search(exp_uri: str, spec: SearchSpaceFile, index: DataIndex) -> None:
+def record_search(
+    exp_uri: str, spec: SearchSpaceFile, index: DataIndex, nested: int | None = None
+) -> None:
     """Keep a new search's record beside its results (just before its first trial)."""
-    record = {**search_record(spec), IMAGES_KEY: images_hash(index)}
+    record = {**search_record(spec, nested), IMAGES_KEY: images_hash(index)}
     write_text_uri(f"{exp_uri}/{SEARCH_FILE}", json.dumps(record, indent=1, sort_keys=True))
 
 
@@ -96,18 +99,25 @@ def check_same_images(exp_uri: str, index: DataIndex) -> None:
         )
 
 
-def check_same_search(exp_uri: str, spec: SearchSpaceFile) -> None:
-    """Refuse to resume `exp_uri` with settings other than those it started with.
+def check_same_search(exp_uri: str, spec: SearchSpaceFile, nested: int | None = None) -> None:
+    """Refuse to resume `exp_uri` with settings other than those it started with, `--nested`
+    included (a plain search is not continued as a nested one, nor the other way).
 
-    A search recorded before this file existed is resumed unchecked.
+    A search recorded before this file existed is resumed unchecked, if Tune can restore it.
 
     Raises:
-        UserError: one line naming the keys that differ, with both values of the first.
+        UserError: nothing to resume there; or one line naming the keys that differ, with
+            both values of the first.
     """
     text = read_text_uri(f"{exp_uri}/{SEARCH_FILE}")
     if text is None:
+        if not _tune_can_restore(exp_uri, nested):
+            raise UserError(
+                f"--resume: no search to continue at {exp_uri}; check --name and --storage"
+            )
         return
-    before, now = json.loads(text), search_record(spec)
+    before, now = json.loads(text), search_record(spec, nested)
+    before.setdefault("nested", None)  # a record from before --nested was in it
     before.pop(IMAGES_KEY, None)  # check_same_images compares those
     differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if differ:
@@ -127,3 +137,10 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(item, f"{prefix}{key}."))
         return out
     return {prefix.rstrip("."): value}
+
+
+def _tune_can_restore(exp_uri: str, nested: int | None) -> bool:
+    import ray.tune
+
+    # A nested search keeps one Tune experiment per outer fold; the first is there first.
+    return bool(ray.tune.Tuner.can_restore(f"{exp_uri}/outer-0" if nested else exp_uri))

@@ -38,7 +38,7 @@ from distmed.data import DataIndex, describe_index, scan_source
 from distmed.errors import UserError
 from distmed.inference import Ensemble, load_inference_model
 from distmed.model import check_weights, warn_frozen_random_stages
-from distmed.nested import NestedRun, run_nested
+from distmed.nested import NestedRun, outer_assignment, run_nested
 from distmed.refit import (
     TEST_PREDICTIONS,
     TEST_PREDICTIONS_FOLDS,
@@ -191,12 +191,14 @@ def _run(args: argparse.Namespace) -> int:
     name = args.name or f"{Path(args.space).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     exp_uri = experiment_path(storage_uri(args.storage), name)
     if args.resume:
-        check_same_search(exp_uri, spec)
+        check_same_search(exp_uri, spec, args.nested)
     else:
         check_new_search(exp_uri)
     prepared, inspection = _prepare_data(spec)
     if args.resume:
         check_same_images(exp_uri, prepared.index)
+    if args.nested:  # an impossible K is refused before Ray starts or the name is taken
+        outer_assignment(prepared, args.nested, spec)
     # Tune snapshots the search state every 10+ s by default; every 5 s bounds what a
     # killed driver loses (trials that ended since the last snapshot run again).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
@@ -206,7 +208,7 @@ def _run(args: argparse.Namespace) -> int:
     resume = resume_command(args.argv, name)
     local = _local_results_dir(args.storage, name)
     if not args.resume:
-        record_search(exp_uri, spec, prepared.index)
+        record_search(exp_uri, spec, prepared.index, args.nested)
     if args.nested:
         return run_nested(
             NestedRun(args, spec, prepared, name, storage_uri(args.storage), local, resume),

@@ -106,3 +106,21 @@ def test_nested_outside_2_to_20_is_one_line(value: str, tmp_path: Path, capsys):
     )
     assert tune.main(["--space", str(space), "--nested", value]) == 2
     assert f"--nested {value}: use 2 to 20" in capsys.readouterr().err
+
+
+def test_too_many_outer_folds_leave_the_name_free(tmp_path: Path, capsys):
+    from conftest import write_image_folder
+
+    from distmed.searchfile import SEARCH_FILE
+
+    data = write_image_folder(tmp_path / "data", {"neg": 4, "pos": 4})
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        f"base: {{data: {{root: '{data}'}}, model: {{weights: none}}, cv: {{folds: 2}},\n"
+        "  train: {batch_size: 2}}\n"
+        "search: {num_samples: 1}\nspace: {optim.lr: {loguniform: [0.0001, 0.01]}}\n"
+    )
+    argv = ["--space", str(space), "--storage", str(tmp_path / "runs"), "--name", "n"]
+    assert tune.main([*argv, "--nested", "10"]) == 2
+    assert "lower --nested" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "n" / SEARCH_FILE).exists()  # refused before any record

@@ -53,14 +53,29 @@ def test_an_edited_range_or_trial_count_is_a_different_search(tmp_path):
         check_same_search(exp, load_space(edited))
 
 
-def test_a_new_search_under_a_used_name_is_refused_and_an_old_run_resumes_unchecked(tmp_path):
+def test_a_new_search_under_a_used_name_is_refused_and_nothing_is_not_resumed(tmp_path):
     exp = str(tmp_path / "exp")
     check_new_search(exp)  # nothing there yet
-    check_same_search(exp, load_space(DEMO))  # a run from before the record: unchecked
+    with pytest.raises(UserError, match="no search to continue at"):
+        check_same_search(exp, load_space(DEMO))
     _record(exp)
     with pytest.raises(UserError, match="exists; continue it with --resume"):
         check_new_search(exp)
     assert (tmp_path / "exp" / SEARCH_FILE).is_file()
+
+
+def test_a_plain_search_is_not_resumed_as_a_nested_one_nor_back(tmp_path):
+    plain, nested = str(tmp_path / "plain"), str(tmp_path / "nested")
+    _record(plain)
+    spec = load_space(DEMO)
+    record_search(nested, spec, scan_source(spec.base.data), nested=3)
+    with pytest.raises(UserError, match="nested was None, now 2"):
+        check_same_search(plain, spec, nested=2)
+    with pytest.raises(UserError, match="nested was 3, now None"):
+        check_same_search(nested, spec)
+    with pytest.raises(UserError, match="nested was 3, now 2"):
+        check_same_search(nested, spec, nested=2)
+    check_same_search(nested, spec, nested=3)
 
 
 def test_the_cli_refuses_before_any_work(tmp_path, capsys):
