@@ -22,7 +22,7 @@ from distmed.errors import UserError, shorten
 from distmed.space import SearchSpaceFile
 
 SEARCH_FILE = "search_space.json"
-IMAGES_KEY = "images"  # the record's hash of the data's ids and labels
+IMAGES_KEY = "images"  # the record's images_hash
 MAY_DIFFER_ON_RESUME = (
     "base.data.root",
     "base.data.cache_dir",
