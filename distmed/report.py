@@ -360,13 +360,15 @@ def ensemble_section(run: RunData, figures: Path, resamples: int) -> str:
     columns = [("refit model", refit_probs)]
     if folds is not None:
         columns.append(("fold ensemble", folds["probs"]))
-    rows = []
-    for name in COMPARED:
-        row = [name]
-        for title, probs in columns:
-            value = classification_metrics(labels, probs, run.positive)[name]
-            row.append(_num(f"{title.replace(' ', '_')}.{name}", value))
-        rows.append(row)
+    metrics = [classification_metrics(labels, probs, run.positive) for _, probs in columns]
+    rows = [
+        [name]
+        + [
+            _num(f"{title.replace(' ', '_')}.{name}", m[name])
+            for (title, _), m in zip(columns, metrics, strict=True)
+        ]
+        for name in COMPARED
+    ]
     auc_ci = [
         "{:.4f} – {:.4f}".format(
             *bootstrap_ci(labels, probs, run.positive, resamples=resamples)["roc_auc"]
