@@ -183,7 +183,7 @@ def default_output(model: Path, data_name: str, ensemble: Ensemble) -> Path:
 def is_training_data(data: str, training_root: str | None) -> bool:
     """Whether `--data` is the folder or file the model was trained on, a folder inside it
     (its train/ split) or one holding it (links resolved). A copy elsewhere is not seen."""
-    if training_root is None or "://" in data or data.startswith(("demo", "medmnist:")):
+    if training_root is None or "://" in data or data == "demo" or data.startswith("medmnist:"):
         return False
     given = Path(data).expanduser().resolve()
     trained = Path(training_root).expanduser().resolve()
@@ -333,28 +333,23 @@ def class_lookup(
             f"--data {data}: classes {', '.join(data_classes)}{mapped} do not match the "
             f"model's {', '.join(model_classes)}: {', '.join(unknown)} unknown to the model; "
             f"rename with --class-map DATA=MODEL, e.g. --class-map "
-            f"{_example_mapping(unknown[0], data_classes, renamed, model_classes, class_map)}"
+            f"{_example_mapping(unknown, data_classes, renamed, model_classes)}"
         )
     return np.array([model_classes.index(name) for name in renamed], dtype=np.int64)
 
 
 def _example_mapping(
-    unknown: str,
-    data_classes: list[str],
-    renamed: list[str],
-    model_classes: list[str],
-    class_map: dict[str, str],
+    unknown: list[str], data_classes: list[str], renamed: list[str], model_classes: list[str]
 ) -> str:
     """A `DATA=MODEL` suggestion only where it is safe: the model class spelled alike (case
     aside), or the one model class left for the one data class left. Otherwise the form, as
     a pairing by position would put images under another class's name."""
-    old = next(d for d, r in zip(data_classes, renamed, strict=True) if r == unknown)
-    alike = [m for m in model_classes if m.casefold() == unknown.casefold()]
+    old = next(d for d, r in zip(data_classes, renamed, strict=True) if r == unknown[0])
+    alike = [m for m in model_classes if m.casefold() == unknown[0].casefold()]
     if alike:
         return f"{old}={alike[0]}"
-    unknown_all = [r for r in renamed if r not in model_classes]
     uncovered = [m for m in model_classes if m not in renamed]
-    if len(unknown_all) == 1 and len(uncovered) == 1:
+    if len(unknown) == 1 and len(uncovered) == 1:
         return f"{old}={uncovered[0]}"
     return (
         f"DATA=MODEL for each data class whose images are of that model class; leave out any "
