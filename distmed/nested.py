@@ -36,7 +36,13 @@ from distmed.results import (
     write_best_config,
     write_trials_csv,
 )
-from distmed.search import EndedTrials, StopOnCtrlC, experiment_path, trial_run_name
+from distmed.search import (
+    EndedTrials,
+    StopOnCtrlC,
+    can_restore,
+    experiment_path,
+    trial_run_name,
+)
 from distmed.space import SearchSpaceFile
 
 NESTED_FILE = "nested.json"
@@ -92,6 +98,7 @@ class NestedRun:
     storage: str  # the results root as a URI or absolute path
     local: Path  # this experiment's local results folder
     resume_command: str
+    outer: np.ndarray  # outer fold (0..K-1) of every pool image: `outer_assignment`
 
 
 Search = Callable[..., Any]  # distmed.tune._search
@@ -103,7 +110,7 @@ def run_nested(run: NestedRun, search: Search, publish: Callable[[], None]) -> i
     outer_k = run.args.nested
     spec, prepared = run.spec, run.prepared
     plan = prepared.plan
-    outer = outer_assignment(prepared, outer_k, spec)
+    outer = run.outer
     path = run.local / NESTED_FILE
     summary = _load_or_start(path, run, outer_k)
     exp_uri = experiment_path(run.storage, run.name)
@@ -121,7 +128,7 @@ def run_nested(run: NestedRun, search: Search, publish: Callable[[], None]) -> i
         fold_name = f"outer-{k}"
         fold_dir = run.local / fold_name
         fold_dir.mkdir(parents=True, exist_ok=True)
-        resume = _can_restore(f"{exp_uri}/{fold_name}")
+        resume = can_restore(f"{exp_uri}/{fold_name}")
         with StopOnCtrlC(on_exit=f"continue with: {run.resume_command}") as ctrl_c:
             grid = search(run.args, spec, inner, fold_name, exp_uri, resume, fold_dir)
         keys = list(spec.space)
@@ -296,9 +303,3 @@ def _load_or_start(path: Path, run: NestedRun, outer_k: int) -> NestedSummary:
             f"resume it with the same --nested and cv.folds, or use a new --name"
         )
     return old
-
-
-def _can_restore(uri: str) -> bool:
-    import ray.tune
-
-    return bool(ray.tune.Tuner.can_restore(uri))

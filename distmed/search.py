@@ -383,5 +383,10 @@ def restore_tuner(path: str, context: TrialContext) -> ray.tune.Tuner:
     )
 
 
+def can_restore(uri: str) -> bool:
+    """Whether Tune has a search to continue at `uri` (its tuner.pkl is there)."""
+    return bool(ray.tune.Tuner.can_restore(uri))
+
+
 def experiment_path(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}" if "://" in storage else str(Path(storage) / name)

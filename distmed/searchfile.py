@@ -19,6 +19,7 @@ from typing import Any
 from distmed.artifacts import read_text_uri, write_text_uri
 from distmed.data import DataIndex
 from distmed.errors import UserError, shorten
+from distmed.search import can_restore
 from distmed.space import SearchSpaceFile
 
 SEARCH_FILE = "search_space.json"
@@ -82,15 +83,15 @@ def record_search(
     write_text_uri(f"{exp_uri}/{SEARCH_FILE}", json.dumps(record, indent=1, sort_keys=True))
 
 
-def check_same_images(exp_uri: str, index: DataIndex) -> None:
+def check_same_images(exp_uri: str, record: dict[str, Any] | None, index: DataIndex) -> None:
     """Refuse to resume `exp_uri` on other images than it started with (a moved folder with
-    the same files is fine). Unchecked for a record without the hash.
+    the same files is fine). `record`: what `check_same_search` read; unchecked without one
+    or without the hash.
 
     Raises:
-        UserError: the ids, labels or class names differ.
+        UserError: the ids, labels, sizes or class names differ.
     """
-    text = read_text_uri(f"{exp_uri}/{SEARCH_FILE}")
-    before = None if text is None else json.loads(text).get(IMAGES_KEY)
+    before = None if record is None else record.get(IMAGES_KEY)
     if before is not None and before != images_hash(index):
         raise UserError(
             f"--resume: {exp_uri} was started on other images (file names, labels, sizes or "
@@ -99,11 +100,14 @@ def check_same_images(exp_uri: str, index: DataIndex) -> None:
         )
 
 
-def check_same_search(exp_uri: str, spec: SearchSpaceFile, nested: int | None = None) -> None:
+def check_same_search(
+    exp_uri: str, spec: SearchSpaceFile, nested: int | None = None
+) -> dict[str, Any] | None:
     """Refuse to resume `exp_uri` with settings other than those it started with, `--nested`
     included (a plain search is not continued as a nested one, nor the other way).
 
     A search recorded before this file existed is resumed unchecked, if Tune can restore it.
+    Returns the record (None for such a search), for `check_same_images`.
 
     Raises:
         UserError: nothing to resume there; or one line naming the keys that differ, with
@@ -111,12 +115,14 @@ def check_same_search(exp_uri: str, spec: SearchSpaceFile, nested: int | None = 
     """
     text = read_text_uri(f"{exp_uri}/{SEARCH_FILE}")
     if text is None:
-        if not _tune_can_restore(exp_uri, nested):
+        # A nested search keeps one Tune experiment per outer fold; the first is there first.
+        if not can_restore(f"{exp_uri}/outer-0" if nested else exp_uri):
             raise UserError(
                 f"--resume: no search to continue at {exp_uri}; check --name and --storage"
             )
-        return
-    before, now = json.loads(text), search_record(spec, nested)
+        return None
+    record = json.loads(text)
+    before, now = dict(record), search_record(spec, nested)
     before.setdefault("nested", None)  # a record from before --nested was in it
     before.pop(IMAGES_KEY, None)  # check_same_images compares those
     differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
@@ -128,6 +134,7 @@ def check_same_search(exp_uri: str, spec: SearchSpaceFile, nested: int | None = 
             f"{shorten(now.get(first))}); resume with the same space file and --set values, "
             "or start a new --name"
         )
+    return record
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -137,10 +144,3 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(item, f"{prefix}{key}."))
         return out
     return {prefix.rstrip("."): value}
-
-
-def _tune_can_restore(exp_uri: str, nested: int | None) -> bool:
-    import ray.tune
-
-    # A nested search keeps one Tune experiment per outer fold; the first is there first.
-    return bool(ray.tune.Tuner.can_restore(f"{exp_uri}/outer-0" if nested else exp_uri))

@@ -190,15 +190,16 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"--nested {args.nested}: use 2 to 20 outer folds, e.g. --nested 3")
     name = args.name or f"{Path(args.space).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     exp_uri = experiment_path(storage_uri(args.storage), name)
+    record = None  # what the search to resume was started with
     if args.resume:
-        check_same_search(exp_uri, spec, args.nested)
+        record = check_same_search(exp_uri, spec, args.nested)
     else:
         check_new_search(exp_uri)
     prepared, inspection = _prepare_data(spec)
     if args.resume:
-        check_same_images(exp_uri, prepared.index)
-    if args.nested:  # an impossible K is refused before Ray starts or the name is taken
-        outer_assignment(prepared, args.nested, spec)
+        check_same_images(exp_uri, record, prepared.index)
+    # An impossible K is refused before Ray starts or the name is taken.
+    outer = outer_assignment(prepared, args.nested, spec) if args.nested else None
     # Tune snapshots the search state every 10+ s by default; every 5 s bounds what a
     # killed driver loses (trials that ended since the last snapshot run again).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
@@ -209,9 +210,9 @@ def _run(args: argparse.Namespace) -> int:
     local = _local_results_dir(args.storage, name)
     if not args.resume:
         record_search(exp_uri, spec, prepared.index, args.nested)
-    if args.nested:
+    if outer is not None:  # --nested K
         return run_nested(
-            NestedRun(args, spec, prepared, name, storage_uri(args.storage), local, resume),
+            NestedRun(args, spec, prepared, name, storage_uri(args.storage), local, resume, outer),
             search=_search,
             publish=lambda: _publish(local, args.storage, name),
         )

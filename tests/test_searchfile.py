@@ -88,17 +88,21 @@ def test_the_cli_refuses_before_any_work(tmp_path, capsys):
 
 
 def test_a_resume_on_other_images_is_refused_and_a_moved_folder_is_not(tmp_path):
-
     first = write_image_folder(tmp_path / "a", {"neg": 4, "pos": 4})
     exp = str(tmp_path / "exp")
     _record(exp, (f"data.root={first}",))
+
+    def resume_on(root: Path) -> None:  # as distmed.tune does: the settings, then the images
+        spec = load_space(DEMO, [f"data.root={root}"])
+        check_same_images(exp, check_same_search(exp, spec), scan_source(spec.base.data))
+
     moved = tmp_path / "moved"
     first.rename(moved)  # the same files elsewhere: data.root may change on resume
-    check_same_images(exp, scan_source(load_space(DEMO, [f"data.root={moved}"]).base.data))
+    resume_on(moved)
     # The same file names and labels, other images; then one image more.
     other = write_image_folder(tmp_path / "other", {"neg": 4, "pos": 4}, size=20)
     with pytest.raises(UserError, match="was started on other images"):
-        check_same_images(exp, scan_source(load_space(DEMO, [f"data.root={other}"]).base.data))
+        resume_on(other)
     grown = write_image_folder(tmp_path / "grown", {"neg": 4, "pos": 5})
     with pytest.raises(UserError, match="was started on other images"):
-        check_same_images(exp, scan_source(load_space(DEMO, [f"data.root={grown}"]).base.data))
+        resume_on(grown)
