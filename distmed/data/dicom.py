@@ -352,12 +352,13 @@ def _voi(values: np.ndarray, ds: Any) -> tuple[np.ndarray, tuple[float, float]] 
     lut_items = ds.get("VOILUTSequence")
     item = lut_items[0] if lut_items else None
     if item is not None and "LUTDescriptor" in item and "LUTData" in item:
-        nr_entries, first, bits = item.LUTDescriptor[0] or 1 << 16, *item.LUTDescriptor[1:3]
+        entries, first, bits = (int(v) for v in item.LUTDescriptor)
+        nr_entries = entries or 1 << 16
         if bits == 8:
             # pydicom indexes an 8-bit LUT with uint8 indices, so entries past 255 wrap. It
             # reads the LUT Data as 16-bit values whatever the descriptor says; the bit count
             # only picks the array type, so 16 gives the same values, indexed right.
-            item.LUTDescriptor = [item.LUTDescriptor[0], first, 16]
+            item.LUTDescriptor = [entries, first, 16]
         shown = apply_voi_lut(_lut_input(values, item.LUTDescriptor), ds, index=0)
         lut = apply_voi_lut(np.arange(first, first + nr_entries, dtype=np.int64), ds, index=0)
         return shown.astype(np.float64), (float(lut.min()), float(lut.max()))
