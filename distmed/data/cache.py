@@ -125,7 +125,7 @@ def _decode_into(folder: Path, index: DataIndex, options: DecodeOptions, workers
         if count is None:
             raise UserError(
                 f"{index.name}: none of the {len(split)} {part} image files can be read "
-                f"({unreadable_message(bad)})"
+                f"({unreadable_message(bad, can_skip=False)})"
             )
         channels.append(count)
     return {

@@ -42,9 +42,11 @@ IMAGE_EXTENSIONS = (
     ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".avif", ".heic", ".heif",
     ".jp2", ".j2k",
 )  # fmt: skip
-# Every suffix that marks a file to index: images, DICOM (files without a suffix are found by
-# their preamble), and volumes, which are indexed to be refused by name, not skipped unseen.
-FILE_EXTENSIONS = IMAGE_EXTENSIONS + DICOM_EXTENSIONS + VOLUME_EXTENSIONS
+# The suffixes of image files (what messages list); DICOM files without one are found by their
+# preamble.
+FILE_EXTENSIONS = IMAGE_EXTENSIONS + DICOM_EXTENSIONS
+# Every suffix that marks a file to index: volumes too, to be refused by name, not skipped unseen.
+INDEXED_EXTENSIONS = FILE_EXTENSIONS + VOLUME_EXTENSIONS
 PIL_DEEP_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 # Formats whose extra frames are the same picture (MPO: a phone's preview or depth map).
 FIRST_FRAME_FORMATS = ("MPO",)
@@ -112,10 +114,13 @@ def as_options(options: DecodeOptions | int) -> DecodeOptions:
     return DecodeOptions(size=options) if isinstance(options, int) else options
 
 
-def unreadable_message(bad: dict[str, str]) -> str:
-    """One line naming the unreadable files (the first five) and the two ways on."""
+def unreadable_message(bad: dict[str, str], can_skip: bool = True) -> str:
+    """One line naming the unreadable files (the first five) and the ways on (leaving them
+    out only when `can_skip`: something readable is left)."""
     items = [f"{sample_id} ({reason})" for sample_id, reason in bad.items()]
     shown = ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+    if not can_skip:
+        return f"{len(items)} unreadable image file(s): {shown}"
     return (
         f"{len(items)} unreadable image file(s): {shown}; fix or remove them, "
         "or leave them out: data.skip_invalid=true (distmed.evaluate: --skip-invalid)"
@@ -128,7 +133,7 @@ def unreadable_message(bad: dict[str, str]) -> str:
 def is_image_file(path: Path) -> bool:
     """A file to index: an image or volume by its suffix, or DICOM by its content (PACS
     exports have no suffix). Volumes are indexed so that decoding refuses them by name."""
-    return suffix_of(path) in FILE_EXTENSIONS or has_dicom_preamble(path)
+    return suffix_of(path) in INDEXED_EXTENSIONS or has_dicom_preamble(path)
 
 
 # --------------------------------------------------------------------------- splits
