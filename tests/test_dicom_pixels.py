@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +45,6 @@ from pydicom.uid import (  # noqa: E402
     SecondaryCaptureImageStorage,
     generate_uid,
 )
-
-MINMAX = DecodeOptions(size=16, intensity="minmax")
 
 
 def real_file(name: str) -> Path:
@@ -340,11 +339,28 @@ def test_colour_with_16_bits_per_sample_is_scaled_like_16_bit_grey(tmp_path, suf
     rgb[:, :4, 0], rgb[:, 4:, 1], rgb[4:, :, 2] = 4000, 2000, 1000
     path = tmp_path / f"rgb48{suffix}"
     assert cv2.imwrite(str(path), rgb[..., ::-1])  # OpenCV writes BGR
-    out = decode_image(path, MINMAX.__class__(size=8, intensity="minmax")).astype(int)
+    out = decode_image(path, DecodeOptions(size=8, intensity="minmax")).astype(int)
     want = np.round(rgb / 4000 * 255)  # one range for all channels: min 0, max 4000
     assert np.abs(out - want).max() <= 1  # Pillow alone gives 4000 >> 8 = 15: nearly black
     fmt, mode, _, bits, _ = describe_file(path, DecodeOptions())
     assert (fmt, mode, bits) == ({".png": "PNG", ".tif": "TIFF"}[suffix], "RGB", 16)
+
+
+def test_16_bit_colour_is_turned_upright_by_its_exif_orientation(tmp_path):
+    rgb = np.zeros((8, 12, 3), dtype=np.uint16)
+    rgb[:2, :, 0], rgb[..., 2] = 4000, 1000  # a red strip along the top
+    png = cv2.imencode(".png", rgb[..., ::-1])[1].tobytes()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: the top strip on the right
+    payload = exif.tobytes().removeprefix(b"Exif\0\0")
+    chunk = b"eXIf" + payload
+    chunk = struct.pack(">I", len(payload)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    at = png.index(b"IDAT") - 4
+    path = tmp_path / "rotated48.png"
+    path.write_bytes(png[:at] + chunk + png[at:])
+    red = full_size(path, DecodeOptions(intensity="minmax"))[..., 0]
+    assert red.shape == (12, 8)  # upright: 8 wide, 12 high, rotated once (not twice)
+    assert (red[:, 6:] == 255).all() and (red[:, :6] == 0).all()
 
 
 # --------------------------------------------------------------------------- not 2-D images
