@@ -21,15 +21,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# `patient_id`, `read_dicom` and `UnreadableImage` are re-exported: callers know them from here.
 from distmed.data.dicom import (
     DICOM_EXTENSIONS,
     DicomPixels,
     has_dicom_preamble,
     is_dicom,
-    patient_id,
-    read_dicom,
     read_pixels,
 )
+from distmed.data.dicom import patient_id as patient_id
+from distmed.data.dicom import read_dicom as read_dicom
 from distmed.data.index import Split
 from distmed.data.volumes import VOLUME_EXTENSIONS, suffix_of, volume_reason
 from distmed.errors import UnreadableImage, UserError
@@ -66,13 +67,6 @@ _OPEN_LOCK = threading.Lock()
 PERCENTILE_SAMPLE = 262_144
 
 log = logging.getLogger(__name__)
-__all__ = [  # re-exported: callers import the DICOM helpers from the one decoder
-    "DICOM_EXTENSIONS",
-    "UnreadableImage",
-    "is_dicom",
-    "patient_id",
-    "read_dicom",
-]
 
 
 @dataclass(frozen=True)
