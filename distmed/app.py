@@ -30,6 +30,7 @@ from distmed.cli import (
     run_entry_point,
 )
 from distmed.data import DecodeOptions
+from distmed.data.decode import DICOM_EXTENSIONS, IMAGE_EXTENSIONS
 from distmed.errors import UserError
 from distmed.inference import load_inference_model
 from distmed.modelcard import NOTICE, model_card
@@ -43,7 +44,7 @@ from distmed.predict import (
 from distmed.savedmodel import SavedModel
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"]
+UPLOAD_TYPES = [*IMAGE_EXTENSIONS, *DICOM_EXTENSIONS]  # what the decoder reads
 BATCH_SIZE = 16
 CSS = """
 .distmed-result { border: 1px solid #ccc; border-radius: 8px; padding: 12px; margin: 8px 0; }

@@ -27,6 +27,14 @@ class UserError(Exception):
     """Bad input, reported as one line; never a bug in distmed itself."""
 
 
+class UnreadableImage(ValueError):
+    """One file that cannot be used as a 2-D image; the message is the reason, one line.
+
+    Not a `UserError`: the caller names the file and follows `data.skip_invalid` (training) or
+    reports it and goes on (predict).
+    """
+
+
 def shorten(value: Any) -> str:
     """`repr(value)` on one line, cut to about `SHORT_VALUE_CHARS` characters (`…` marks a cut)."""
     text = _REPR.repr(value).replace("\n", "\\n")

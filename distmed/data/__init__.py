@@ -1,8 +1,9 @@
 """Data sources -> an index (ids, labels, groups) -> a decoded-image cache -> torch datasets.
 
 `layout` reads image folders, `sources` turns any source into a `DataIndex`, `decode` makes
-arrays of files, `cache` stores them once for every consumer, `transforms` feeds the model and
-`inspection` reports what a source holds (`python -m distmed.data ROOT`).
+arrays of files (`dicom` and `volumes` own those formats), `cache` stores them once for every
+consumer, `transforms` feeds the model and `inspection` reports what a source holds
+(`python -m distmed.data ROOT`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,17 @@ _EXPORTS = {
     "try_decode": "decode",
     "unreadable_message": "decode",
 }
-_SUBMODULES = ("cache", "decode", "index", "inspection", "layout", "sources", "transforms")
+_SUBMODULES = (
+    "cache",
+    "decode",
+    "dicom",
+    "index",
+    "inspection",
+    "layout",
+    "sources",
+    "transforms",
+    "volumes",
+)
 __all__ = [
     "CACHE_VERSION",
     "CachedData",

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 # Bump when the decoded representation changes, so stale caches are not reused.
 # 2: EXIF orientation, DICOM, intensity policies, resize modes, JPEG draft decoding.
-CACHE_VERSION = 2
+# 3: DICOM VOI/modality LUT sequences, palette colour, legacy files; 16-bit colour.
+CACHE_VERSION = 3
 # Files per task of the decoding pool: small enough to balance, large enough to amortise.
 CHUNK = 32
 # Rows copied at a time when the staged array is compacted into the cache file.
@@ -124,7 +125,7 @@ def _decode_into(folder: Path, index: DataIndex, options: DecodeOptions, workers
         if count is None:
             raise UserError(
                 f"{index.name}: none of the {len(split)} {part} image files can be read "
-                f"({unreadable_message(bad)})"
+                f"({unreadable_message(bad, can_skip=False)})"
             )
         channels.append(count)
     return {
