@@ -20,6 +20,7 @@ from distmed.config import DataConfig
 from distmed.data.cache import cache_root
 from distmed.data.decode import DecodeOptions, UnreadableImage, describe_file
 from distmed.data.index import DataIndex, Split
+from distmed.data.labels import format_merges
 from distmed.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ def inspect_index(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
         "root": cfg.root,
         "layout": index.layout,
         "classes": index.class_names,
+        # data.normalize_labels: class -> {label as written: images}; {} when nothing merged
+        "merged_labels": index.merged_labels,
         "splits": _split_counts(index),
         "patients": _patients(index),
         "images": per_file["images"],
@@ -76,6 +79,10 @@ def format_summary(summary: dict[str, Any], short: bool = False) -> str:
     """The summary as text: a few lines (`short`, printed at the start of a run) or all."""
     lines = [f"data: {summary['source']}: {summary['layout']}"]
     lines.append(f"  classes: {', '.join(summary['classes'])}")
+    if summary.get("merged_labels"):  # absent from summaries written before it existed
+        lines.append(
+            f"  labels merged (data.normalize_labels): {format_merges(summary['merged_labels'])}"
+        )
     for split, info in summary["splits"].items():
         per_class = ", ".join(f"{name} {n}" for name, n in info["per_class"].items())
         patients = (summary["patients"] or {}).get(split)
