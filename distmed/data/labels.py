@@ -197,7 +197,7 @@ def _refuse_unknown_numbers(counts: Counter[str], first: dict[str, str], what: s
         raise UserError(
             f"{what}: labels {_counted(shown)} are not class numbers (first in "
             f"{first[example]}; {sum(bad.values())} of {sum(counts.values())} rows); "
-            f"{_advice(bad)}: drop or relabel those rows"
+            f"{_advice(bad)}; drop or relabel those rows"
         )
 
 
@@ -248,8 +248,11 @@ def check_class_numbers(
         limit, reason = num_named, f"data.class_names names {num_named} classes (0-{num_named - 1})"
     else:
         limit = _first_absent(present)
-        reason = f"no image is labelled {limit}: classes are numbered 0..K-1 without gaps" + (
-            " (1-based labels? subtract 1)" if limit == 0 else ""
+        reason = (
+            "no image is labelled 0: classes are numbered from 0 (1-based labels? subtract 1)"
+            if limit == 0
+            else f"no image is labelled {limit}, so the classes are 0-{limit - 1} (numbered "
+            "without gaps)"
         )
     for key, values in numbers.items():
         if (values >= limit).any():
@@ -281,7 +284,7 @@ def _class_numbers_message(
     why = reason or _advice(merged)
     return (
         f"{what}: labels that are not class numbers: {where} ({wrong} of {total} labels); "
-        f"{why}: drop or relabel those rows"
+        f"{why}; drop or relabel those rows"
     )
 
 

@@ -151,7 +151,7 @@ def _separator(
     if len(found) == 1:
         raise UserError(
             f"{_needs(what, required, optional)}; its header is one column "
-            f"{cell_text(found[0])}: separate the columns with ',', ';' or tab"
+            f"'{cell_text(found[0])}': separate the columns with ',', ';' or tab"
         )
     raise UserError(
         _missing_columns(what, required, optional, found, f"{SEPARATOR_NAMES[likely]}-separated")
