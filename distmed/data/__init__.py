@@ -2,7 +2,8 @@
 
 `layout` reads image folders, `sources` turns any source into a `DataIndex`, `decode` makes
 arrays of files, `cache` stores them once for every consumer, `transforms` feeds the model and
-`inspection` reports what a source holds (`python -m distmed.data ROOT`).
+`inspection` reports what a source holds (`python -m distmed.data ROOT`); `sheets` reads labels
+spreadsheets in their dialects and `labels` checks label values, for every source.
 """
 
 from __future__ import annotations
@@ -50,7 +51,17 @@ _EXPORTS = {
     "try_decode": "decode",
     "unreadable_message": "decode",
 }
-_SUBMODULES = ("cache", "decode", "index", "inspection", "layout", "sources", "transforms")
+_SUBMODULES = (
+    "cache",
+    "decode",
+    "index",
+    "inspection",
+    "labels",
+    "layout",
+    "sheets",
+    "sources",
+    "transforms",
+)
 __all__ = [
     "CACHE_VERSION",
     "CachedData",
