@@ -159,7 +159,7 @@ def _refuse_label_sets(counts: Counter[str], first: dict[str, str], what: str) -
             example = evidence[0]
             raise UserError(
                 f"{what}: labels such as {_quote(example)} ({first[example]}) join labels "
-                f"seen alone with {separator!r} ({len(joined)} such labels, {rows} of "
+                f"seen alone with {separator!r} ({len(joined)} such values, {rows} of "
                 f"{sum(counts.values())} rows): {MULTILABEL}"
             )
 

@@ -139,7 +139,7 @@ def _separator(
 ) -> str:
     """The separator under which the header holds every required column."""
     for separator in SEPARATORS:
-        if set(required) <= set(_header_names(header_line, separator)):
+        if set(required) <= set(_names(_header_cells(header_line, separator))):
             return separator
     # No separator fits: say what the header is under the likeliest one, so that the cause
     # (another separator, or columns named otherwise) is plain.
@@ -147,7 +147,7 @@ def _separator(
         likely = csv.Sniffer().sniff(header_line, delimiters="".join(SEPARATORS)).delimiter
     except csv.Error:
         likely = ","
-    found = _header_names(header_line, likely)
+    found = [cell.strip() for cell in _header_cells(header_line, likely)]
     if len(found) == 1:
         raise UserError(
             f"{_needs(what, required, optional)}; its header is one column "
@@ -168,15 +168,15 @@ def _needs(what: str, required: tuple[str, ...], optional: tuple[str, ...]) -> s
 def _missing_columns(
     what: str, required: tuple[str, ...], optional: tuple[str, ...], found: list[str], how: str
 ) -> str:
-    missing = [c for c in required if c not in found]
+    missing = [c for c in required if c not in _names(found)]
     shown = ", ".join(cell_text(name) for name in found[:8]) + (", ..." if len(found) > 8 else "")
     return (
         f"{_needs(what, required, optional)}; missing {', '.join(missing)}; found {shown} ({how})"
     )
 
 
-def _header_names(header_line: str, separator: str) -> list[str]:
-    return _names(next(csv.reader([header_line], delimiter=separator), []))
+def _header_cells(header_line: str, separator: str) -> list[str]:
+    return next(csv.reader([header_line], delimiter=separator), [])
 
 
 def _names(header: list[str]) -> list[str]:
@@ -206,7 +206,11 @@ def _column_positions(
         how = SEPARATOR_NAMES.get(separator, repr(separator))
         raise UserError(
             _missing_columns(
-                what, required, optional, names, f"{how}-separated, as its 'sep=' line says"
+                what,
+                required,
+                optional,
+                [h.strip() for h in header],
+                f"{how}-separated, as its 'sep=' line says",
             )
         )
     return positions
