@@ -23,6 +23,7 @@ from distmed.errors import UserError, shorten
 SHOWN = 4  # bad values or spellings named per message; the counts are always complete
 SET_SEPARATORS = ("|", ";", ",")
 NORMALIZE_HINT = "set data.normalize_labels: true"
+_NUMBER = "\x00number "  # marks a number's spelling key; no label typed in a sheet starts so
 MULTILABEL = (
     "distmed trains one label per image; these are label sets (multi-label), which need "
     "data.task: multilabel (coming); for now give one label per image (e.g. a 0/1 column "
@@ -103,7 +104,7 @@ def spelling_key(label: str) -> str:
     text = " ".join(unicodedata.normalize("NFC", label).split()).casefold()
     number = _number(text)
     if number is not None and number.is_integer():
-        return f"#{int(number)}"
+        return f"{_NUMBER}{int(number)}"
     return text
 
 
@@ -130,7 +131,7 @@ def _variants_message(variants: list[list[str]], counts: Counter[str], what: str
     first = variants[0]
     spellings = ", ".join(f"{_quote(s)} ×{counts[s]}" for s in first[:SHOWN])
     more = f" (+{len(first) - SHOWN} more)" if len(first) > SHOWN else ""
-    how = "number format" if spelling_key(first[0]).startswith("#") else "case/spaces"
+    how = "number format" if spelling_key(first[0]).startswith(_NUMBER) else "case/spaces"
     others = ""
     if len(variants) > 1:
         shown = ", ".join(" = ".join(_quote(s) for s in v[:3]) for v in variants[1:SHOWN])

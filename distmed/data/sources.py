@@ -56,7 +56,8 @@ def scan_source(cfg: DataConfig) -> DataIndex:
         path = Path(root).expanduser()
         if not path.exists():
             raise UserError(f"data.root {root}: no such file or folder; check --data")
-        refuse_workbook(path, f"data.root {root}")
+        if path.is_file():
+            refuse_workbook(path, f"data.root {root}")
         if path.is_file() and path.suffix.lower() in SHEET_SUFFIXES:
             index = scan_manifest(path, cfg)
         else:
