@@ -266,8 +266,9 @@ def test_windows_backslash_paths_are_read_when_the_slash_form_exists(tmp_path):
             "a/" * 3000 + "b.png",
             r"row 3: the path 'a/a/a[a/]*\.\.\.[a/]*b\.png' cannot name a file",
         ),
+        ("x" * 140_000, r"row 3: not readable as CSV \(field larger than field limit"),
     ],
-    ids=["nul-byte", "long-name", "long-path"],
+    ids=["nul-byte", "long-name", "long-path", "over-csv-field-limit"],
 )
 def test_paths_that_cannot_exist_name_the_row(tmp_path, capsys, cell, message):
     sheet = write_sheet(tmp_path, ["a", "b", "a"])
