@@ -15,7 +15,7 @@ from PIL import Image
 from distmed.config import DataConfig
 from distmed.data import inspect_index, scan_source
 from distmed.data.__main__ import main as inspect_main
-from distmed.data.inspection import format_summary
+from distmed.data.inspection import duplicate_problem, format_summary
 from distmed.errors import UserError
 
 
@@ -346,3 +346,14 @@ def test_one_based_npz_labels(tmp_path):
 def test_whole_float_npz_labels_are_classes(tmp_path):
     index = scan(write_npz(tmp_path / "f.npz", np.array([0.0, 1.0, 1.0, 0.0])))
     assert index.class_names == ["0", "1"] and index.pool.labels.dtype == np.int64
+
+
+def test_one_file_in_several_class_folders_is_called_a_label_set(tmp_path):
+    root = write_image_folder(tmp_path / "d", {"Effusion": 3, "Mass": 3})
+    config = DataConfig(root=str(root), cache_dir=str(tmp_path / "c"))
+    (root / "Mass" / "copied.png").write_bytes((root / "Effusion" / "p00_img00.png").read_bytes())
+    problem = duplicate_problem(inspect_index(scan_source(config), config))
+    assert problem is not None and "label set (multi-label)" not in problem  # another name
+    (root / "Effusion" / "copied.png").write_bytes((root / "Mass" / "copied.png").read_bytes())
+    problem = duplicate_problem(inspect_index(scan_source(config), config))
+    assert problem is not None and "one file copied into several class folders" in problem

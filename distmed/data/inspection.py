@@ -11,6 +11,7 @@ import json
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from distmed.errors import UserError
 log = logging.getLogger(__name__)
 
 # Bump when the per-file part changes, so cached inspections are not reused.
-INSPECTION_VERSION = 2
+INSPECTION_VERSION = 3
 SHOWN = 5  # paths shown per list in the printed summary
 KEPT = 50  # duplicate groups kept per kind in the results (the counts are always complete)
 DUPLICATE_KINDS = ("within_split", "across_splits", "across_classes")
@@ -61,6 +62,11 @@ def duplicate_problem(summary: dict[str, Any]) -> str | None:
             parts.append(f"{dup[kind]['count']} in more than one {what} (e.g. {example})")
     if not parts:
         return None
+    if any(group.get("same_file_name") for group in dup["across_classes"]["groups"]):
+        parts.append(
+            "one file copied into several class folders is a label set (multi-label): distmed "
+            "trains one label per image"
+        )
     return (
         "identical images: " + "; ".join(parts) + "; remove the copies (python -m distmed.data "
         f"{summary['root']} lists them all)"
@@ -250,7 +256,7 @@ def _duplicates(groups) -> dict[str, Any]:
         if len(members) < 2:
             continue
         byte_keys = {m[3] for m in members}
-        entry = {
+        entry: dict[str, Any] = {
             "kind": "byte-identical"
             if len(byte_keys) == 1 and "" not in byte_keys
             else "same pixels",
@@ -259,6 +265,11 @@ def _duplicates(groups) -> dict[str, Any]:
         kinds = []
         if len({m[2] for m in members}) > 1:
             kinds.append("across_classes")
+            # `Effusion/x.png` = `Atelectasis/x.png`: one image filed under each of its labels
+            classes_of_name: dict[str, set[str]] = defaultdict(set)
+            for _, sample_id, label, _ in members:
+                classes_of_name[PurePosixPath(sample_id).name].add(label)
+            entry["same_file_name"] = any(len(c) > 1 for c in classes_of_name.values())
         if len({m[0] for m in members}) > 1:
             kinds.append("across_splits")
         for kind in kinds or ["within_split"]:
