@@ -2,8 +2,7 @@
 
 `layout` reads image folders, `sources` turns any source into a `DataIndex`, `decode` makes
 arrays of files, `cache` stores them once for every consumer, `transforms` feeds the model and
-`inspection` reports what a source holds (`python -m distmed.data ROOT`); `sheets` reads labels
-spreadsheets in their dialects and `labels` checks label values, for every source.
+`inspection` reports what a source holds (`python -m distmed.data ROOT`).
 """
 
 from __future__ import annotations
@@ -51,17 +50,7 @@ _EXPORTS = {
     "try_decode": "decode",
     "unreadable_message": "decode",
 }
-_SUBMODULES = (
-    "cache",
-    "decode",
-    "index",
-    "inspection",
-    "labels",
-    "layout",
-    "sheets",
-    "sources",
-    "transforms",
-)
+_SUBMODULES = ("cache", "decode", "index", "inspection", "layout", "sources", "transforms")
 __all__ = [
     "CACHE_VERSION",
     "CachedData",
