@@ -108,6 +108,12 @@ class DataConfig(_Section):
     decode_workers: int | None = Field(
         None, ge=1, le=1024, description="processes decoding the cache (default: every CPU)"
     )
+    normalize_labels: bool = Field(
+        False,
+        description="labels (or class folders) that differ only in case or spaces "
+        "('Normal', 'normal ', ' NORMAL') are one class, named by the most common spelling; "
+        "default: stop and list the spellings",
+    )
     class_names: list[str] | None = Field(
         None,
         description="MedMNIST .npz sources: a name per label 0, 1, ... (saved with the model); "
