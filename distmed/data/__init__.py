@@ -1,6 +1,7 @@
 """Data sources -> an index (ids, labels, groups) -> a decoded-image cache -> torch datasets.
 
-`layout` reads image folders, `sources` turns any source into a `DataIndex`, `decode` makes
+`layout` reads image folders, `sheets` reads CSV sheets in Excel's dialects, `labels` checks
+label values once for every source, `sources` turns any source into a `DataIndex`, `decode` makes
 arrays of files (`dicom` and `volumes` own those formats), `cache` stores them once for every
 consumer, `transforms` feeds the model and `inspection` reports what a source holds
 (`python -m distmed.data ROOT`).
@@ -57,7 +58,9 @@ _SUBMODULES = (
     "dicom",
     "index",
     "inspection",
+    "labels",
     "layout",
+    "sheets",
     "sources",
     "transforms",
     "volumes",

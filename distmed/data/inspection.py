@@ -27,7 +27,7 @@ from distmed.errors import UserError
 log = logging.getLogger(__name__)
 
 # Bump when the per-file part changes, so cached inspections are not reused.
-INSPECTION_VERSION = 3
+INSPECTION_VERSION = 4
 SHOWN = 5  # paths shown per list in the printed summary
 KEPT = 50  # duplicate groups kept per kind in the results (the counts are always complete)
 DUPLICATE_KINDS = ("within_split", "across_splits", "across_classes")
