@@ -22,6 +22,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+from distmed import _ray_compat
 from distmed.artifacts import check_free_space, delete_partial_checkpoints
 from distmed.config import CVConfig, ExperimentConfig
 from distmed.cvstats import corrected_standard_error
@@ -362,9 +363,8 @@ def explain_fit_error(error: BaseException, layout: WorkerLayout) -> BaseExcepti
     Ray Train's own text ("The worker group startup timed out ...") says neither what was
     waited for nor what to do.
     """
-    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
-
-    if not isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError):
+    startup_timeout = _ray_compat.worker_group_startup_timeout_error()
+    if not isinstance(getattr(error, "controller_failure", None), startup_timeout):
         return error
     timeout = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
     wanted = " + ".join(f"{v:g} {k}" for k, v in layout.resources_per_worker.items())

@@ -19,6 +19,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from distmed import _ray_compat
 from distmed.config import ExperimentConfig, TrainConfig
 from distmed.data import load_cached
 from distmed.loop import (
@@ -181,9 +182,7 @@ def _quiet_worker_logs() -> None:
     """Our one progress line per epoch instead of Ray Train's per-report INFO messages."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     # Ray 2.60 logs every report at INFO under a logger named by its file path.
-    from ray.train.v2._internal.execution import context as train_context
-
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(_ray_compat.train_report_logger_name()).setLevel(logging.WARNING)
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
