@@ -31,7 +31,7 @@ from distmed.errors import UserError
 from distmed.loop import checkpoint_bytes
 from distmed.metrics import METRIC_NAMES
 from distmed.resources import WorkerLayout
-from distmed.worker import STATE_FILE, train_folds
+from distmed.worker import STATE_FILE, FoldIndices, WorkerConfig, train_folds
 
 log = logging.getLogger(__name__)
 # Retries of a worker group that did not start in time (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
@@ -309,18 +309,18 @@ def fit_folds(
     trainer = TorchTrainer(
         # Ray's annotation wants None back; Ray Train v2 returns rank 0's value.
         train_folds,  # type: ignore[arg-type]
-        train_loop_config={
-            "config": cfg.model_dump(mode="json"),
-            "images_path": plan.images_path,
-            "images_ref": plan.images_ref,
-            "labels": plan.labels,
-            "num_classes": plan.num_classes,
-            "positive": plan.positive,
-            "folds": plan.folds,
-            "folds_per_repeat": plan.folds_per_repeat,
-            "threads": layout.threads,
-            "detail_uri": detail_uri,
-        },
+        train_loop_config=WorkerConfig(
+            config=cfg,
+            images_path=plan.images_path,
+            images_ref=plan.images_ref,
+            labels=plan.labels,
+            num_classes=plan.num_classes,
+            positive=plan.positive,
+            folds=[FoldIndices(**spec) for spec in plan.folds],
+            folds_per_repeat=plan.folds_per_repeat,
+            threads=layout.threads,
+            detail_uri=detail_uri,
+        ).to_loop_config(),
         scaling_config=ScalingConfig(
             num_workers=layout.num_workers,
             use_gpu=layout.use_gpu,
