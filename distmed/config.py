@@ -25,11 +25,11 @@ from pydantic import (
 
 from distmed.artifacts import write_text_atomic
 from distmed.errors import UserError, shorten
+from distmed.model import ARCHS
 from distmed.yamlfile import NotYaml, load_yaml, read_yaml_file
 
-# The five ResNet stages that `model.unfreeze` counts, from the head backwards.
-RESNET_STAGES = ("layer4", "layer3", "layer2", "layer1", "stem")
-RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# `model.arch`'s values, and the stages `model.unfreeze` counts, come from model.py's table.
+DEFAULT_ARCH = "resnet18"
 # Square side in pixels that images are resized to. A type of its own so that a saved model's
 # preprocessing (`savedmodel.Preprocessing`) is held to the very same bounds as the config.
 ImageSize = Annotated[int, Field(ge=8, le=1024)]
@@ -135,7 +135,7 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: Literal[RESNET_ARCHS] = "resnet18"  # type: ignore[valid-type]
+    arch: Literal[tuple(ARCHS)] = DEFAULT_ARCH  # type: ignore[valid-type]
     weights: str = Field(
         "imagenet", description="'imagenet' (torchvision), 'none' (random init) or a .pt/.pth path"
     )
@@ -148,11 +148,23 @@ class ModelConfig(_Section):
     head_hidden: int = Field(256, ge=1)
     head_dropout: float = Field(0.2, ge=0, lt=1)
     unfreeze: int = Field(
-        len(RESNET_STAGES),
+        ARCHS[DEFAULT_ARCH].depth,
         ge=0,
-        le=len(RESNET_STAGES),
-        description="0: head only; k: head + last k of layer4, layer3, layer2, layer1, stem",
+        le=max(arch.depth for arch in ARCHS.values()),
+        description="0: head only; k: head + the last k stages, head end first ("
+        + ", ".join(ARCHS[DEFAULT_ARCH].stage_names)
+        + f" for {DEFAULT_ARCH})",
     )
+
+    @model_validator(mode="after")
+    def _unfreeze_fits_arch(self) -> ModelConfig:
+        depth = ARCHS[self.arch].depth
+        if self.unfreeze > depth:
+            raise ValueError(
+                f"model.unfreeze={self.unfreeze}: {self.arch} has {depth} stages; "
+                f"set model.unfreeze to at most {depth}"
+            )
+        return self
 
 
 class OptimConfig(_Section):

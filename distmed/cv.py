@@ -22,6 +22,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+from distmed import _ray_compat
 from distmed.artifacts import check_free_space, delete_partial_checkpoints
 from distmed.config import CVConfig, ExperimentConfig
 from distmed.cvstats import corrected_standard_error
@@ -30,7 +31,7 @@ from distmed.errors import UserError
 from distmed.loop import checkpoint_bytes
 from distmed.metrics import METRIC_NAMES
 from distmed.resources import WorkerLayout
-from distmed.worker import STATE_FILE, train_folds
+from distmed.worker import STATE_FILE, FoldIndices, WorkerConfig, train_folds
 
 log = logging.getLogger(__name__)
 # Retries of a worker group that did not start in time (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
@@ -308,18 +309,18 @@ def fit_folds(
     trainer = TorchTrainer(
         # Ray's annotation wants None back; Ray Train v2 returns rank 0's value.
         train_folds,  # type: ignore[arg-type]
-        train_loop_config={
-            "config": cfg.model_dump(mode="json"),
-            "images_path": plan.images_path,
-            "images_ref": plan.images_ref,
-            "labels": plan.labels,
-            "num_classes": plan.num_classes,
-            "positive": plan.positive,
-            "folds": plan.folds,
-            "folds_per_repeat": plan.folds_per_repeat,
-            "threads": layout.threads,
-            "detail_uri": detail_uri,
-        },
+        train_loop_config=WorkerConfig(
+            config=cfg,
+            images_path=plan.images_path,
+            images_ref=plan.images_ref,
+            labels=plan.labels,
+            num_classes=plan.num_classes,
+            positive=plan.positive,
+            folds=[FoldIndices(**spec) for spec in plan.folds],
+            folds_per_repeat=plan.folds_per_repeat,
+            threads=layout.threads,
+            detail_uri=detail_uri,
+        ).to_loop_config(),
         scaling_config=ScalingConfig(
             num_workers=layout.num_workers,
             use_gpu=layout.use_gpu,
@@ -362,9 +363,8 @@ def explain_fit_error(error: BaseException, layout: WorkerLayout) -> BaseExcepti
     Ray Train's own text ("The worker group startup timed out ...") says neither what was
     waited for nor what to do.
     """
-    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
-
-    if not isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError):
+    startup_timeout = _ray_compat.worker_group_startup_timeout_error()
+    if not isinstance(getattr(error, "controller_failure", None), startup_timeout):
         return error
     timeout = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
     wanted = " + ".join(f"{v:g} {k}" for k, v in layout.resources_per_worker.items())

@@ -21,7 +21,6 @@ import ray.exceptions
 import ray.train
 import ray.util.queue
 import torch
-from ray.train.v2.api.callback import UserCallback
 from torch.utils.data import DataLoader
 
 from distmed import __version__
@@ -102,7 +101,7 @@ def refit(
     return state["folds"][0]["model"]
 
 
-class RefitEpochLines(UserCallback):
+class RefitEpochLines(ray.train.UserCallback):
     """One line per refit epoch for the console: "refit epoch 3/10: train loss 0.4100, 12 s".
 
     During the search, Tune brings each epoch to the driver (`search.EpochLines`); the

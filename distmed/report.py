@@ -437,7 +437,7 @@ def gradcam_section(run: RunData, figures: Path, threshold: Threshold | None) ->
     decision = _decide(probs, run.positive, threshold.value if threshold else None)
     chosen = pick_examples(labels, decision, probs, GRADCAM_PER_GROUP)
     images = np.load(images_path, mmap_mode="r")[chosen]
-    model, _ = load_inference_model(run.model_path)
+    model, saved = load_inference_model(run.model_path)
     maps = gradcam_maps(model, images, [int(decision[i]) for i in chosen])
     names = run.class_names
     tiles = [
@@ -449,13 +449,13 @@ def gradcam_section(run: RunData, figures: Path, threshold: Threshold | None) ->
         )
         for i, image, heat in zip(chosen, images, maps, strict=True)
     ]
-    layer = cam_layer(images.shape[-1])
+    layer = cam_layer(saved.config.model.arch, images.shape[-1])
     path = plots.plot_gradcam_grid(tiles, 2 * GRADCAM_PER_GROUP, layer, figures / "gradcam.png")
     note = (
         "<p>Per true class: the most confident correct and the most confident wrong "
         f"predictions; the heat map explains the predicted class. Maps from {layer}: the "
-        "deepest ResNet stage whose feature map is at least 4 pixels wide at this image "
-        "size (layer4 from 128 px up).</p>"
+        "deepest stage whose feature map is at least 4 pixels wide at this image size "
+        "(a ResNet's last stage from 128 px up).</p>"
     )
     flat = sum(is_flat(heat) for heat in maps)
     if flat:

@@ -21,6 +21,7 @@ from typing import Any
 import ray
 import yaml
 
+from distmed import _ray_compat
 from distmed.config import ScalingSection
 from distmed.errors import UserError
 
@@ -106,7 +107,7 @@ def start_local_ray(worker_logs: bool = True, num_cpus: int | None = None) -> st
             num_cpus=num_cpus,
             log_to_driver=worker_logs,
             include_dashboard=True,
-            _node_ip_address=host,
+            **_ray_compat.node_ip_init_kwargs(host),
         )
     except BaseException:
         _restore_env("RAY_ADDRESS", previous)
@@ -180,10 +181,8 @@ def _resolve_address(address: str) -> str:
         return address.removeprefix("ray://").split("/", 1)[0]
     if address != "auto":
         return address
-    from ray._private.services import get_ray_address_from_environment  # Ray's own lookup
-
     try:
-        found = get_ray_address_from_environment("auto", None)
+        found = _ray_compat.ray_address_from_environment("auto")  # Ray's own lookup
     except ConnectionError:
         found = None
     if not found:
@@ -262,10 +261,8 @@ def _autoscaler_maximum() -> dict[str, float]:
         for key, value in shape.items():
             grown[key] = grown.get(key, 0.0) + value * count
     try:  # the same private source Ray Train's own start-up check reads (KubeRay, v2)
-        from ray._private.state import state
-
-        reported = state.get_max_resources_from_cluster_config() or {}
-    except Exception as exc:  # a private API: never let it break a run
+        reported = _ray_compat.autoscaler_max_resources()
+    except Exception as exc:  # an optional hint: a GCS without it never breaks a run
         log.debug("no autoscaler maximum from the GCS: %s", exc)
         reported = {}
     for key, value in reported.items():
@@ -459,11 +456,8 @@ def keep_secrets_out_of_ray() -> None:
     and a cluster's nodes have their own (instance roles, their environment, `aws
     configure`). Ray keeps the names in a module-level set that it reads for every trial.
     """
-    from ray.tune.execution import class_cache
-
-    forwarded = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
-    if isinstance(forwarded, set):
-        forwarded.difference_update(name for name in list(forwarded) if is_secret_name(name))
+    forwarded = _ray_compat.forwarded_env_vars()  # raises rather than skip the scrub
+    forwarded.difference_update(name for name in list(forwarded) if is_secret_name(name))
 
 
 def is_secret_name(name: str) -> bool:

@@ -349,7 +349,8 @@ def test_multiclass_test_section_has_per_class_and_macro_curves(tmp_path: Path):
 def test_gradcam_uses_a_spatially_resolved_stage_at_small_sizes():
     from distmed.gradcam import cam_layer, gradcam_maps
 
-    assert [cam_layer(s) for s in (28, 32, 64, 224)] == ["layer2", "layer2", "layer3", "layer4"]
+    layers = [cam_layer("resnet18", s) for s in (28, 32, 64, 224)]
+    assert layers == ["layer2", "layer2", "layer3", "layer4"]
     torch.manual_seed(0)
     model = build_model(ExperimentConfig().model.model_copy(update={"weights": "none"}), 2)
     images = np.random.default_rng(0).integers(0, 255, (2, 1, 32, 32), dtype=np.uint8)
