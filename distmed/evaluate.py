@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import html
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from distmed import __version__
-from distmed.artifacts import write_text_atomic
+from distmed.artifacts import write_json_atomic, write_text_atomic
 from distmed.cli import (
     add_debug_option,
     add_model_option,
@@ -438,7 +437,7 @@ def write_evaluation(output: Path, record: dict[str, Any], scores: Scores, card:
         f"evaluation of {Path(record['model']).name} on {title}",
         ["<h2>External evaluation</h2>", about_table(record), section],
     )
-    write_text_atomic(output / EVALUATION_JSON, json.dumps(record, indent=2) + "\n")
+    write_json_atomic(output / EVALUATION_JSON, record, indent=2)
     write_text_atomic(output / EVALUATION_HTML, page)
 
 

@@ -13,8 +13,6 @@ written); 2 bad input (no model file, no images, bad option).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from distmed.artifacts import write_text_atomic
+from distmed.artifacts import write_csv_atomic
 from distmed.cli import (
     add_debug_option,
     add_model_option,
@@ -218,19 +216,17 @@ def write_csv(
     binary = saved.binary
     header = ["path", "predicted_class", *(f"prob_{n}" for n in names)]
     header += ["label_at_threshold"] if binary else []
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow([*header, "error"])
+    lines: list[list[str]] = []
     for r in results:
         if r.probs is None:
-            writer.writerow([str(r.path)] + [""] * (len(header) - 1) + [r.error])
+            lines.append([str(r.path)] + [""] * (len(header) - 1) + [r.error])
             continue
         row = [str(r.path), names[int(r.probs.argmax())], *(f"{p:.6f}" for p in r.probs)]
         if binary:
             row.append("" if threshold is None else label_at_threshold(r.probs, saved, threshold))
-        writer.writerow([*row, ""])
+        lines.append([*row, ""])
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, buffer.getvalue())
+    write_csv_atomic(path, [*header, "error"], lines)
 
 
 def write_gradcams(
