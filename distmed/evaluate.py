@@ -34,9 +34,11 @@ from distmed.cli import (
     add_debug_option,
     add_model_option,
     add_threshold_option,
+    bounded,
     checked_threshold,
     choose_device,
     model_path,
+    parse,
     run_entry_point,
 )
 from distmed.config import DataConfig
@@ -52,6 +54,7 @@ from distmed.data import (
 from distmed.errors import UserError
 from distmed.inference import Ensemble, load_inference_model
 from distmed.loop import Runtime, predict
+from distmed.metrics import MAX_RESAMPLES
 from distmed.predict import EXIT_SOME_UNREADABLE
 from distmed.report import render_page
 from distmed.savedmodel import SavedModel
@@ -115,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", help="folder for the results (default: evaluation-<data> beside the model)"
     )
     parser.add_argument(
-        "--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)"
+        "--bootstrap",
+        type=bounded(int, 10, MAX_RESAMPLES, "1000"),
+        default=1000,
+        help=f"bootstrap resamples for CIs, 10 to {MAX_RESAMPLES} (default 1000)",
     )
     add_threshold_option(parser)
     parser.add_argument(
@@ -129,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_entry_point(_run, build_parser().parse_args(argv))
+    return run_entry_point(_run, parse(build_parser(), argv))
 
 
 def _run(args: argparse.Namespace) -> int:

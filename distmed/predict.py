@@ -29,9 +29,11 @@ from distmed.cli import (
     add_debug_option,
     add_model_option,
     add_threshold_option,
+    bounded,
     checked_threshold,
     choose_device,
     model_path,
+    parse,
     run_entry_point,
 )
 from distmed.data import (
@@ -77,7 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", help="CSV to write (default: predictions-<time>.csv in the current folder)"
     )
     parser.add_argument("--gradcam", help="also write a Grad-CAM overlay per image here")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
+    parser.add_argument(
+        "--batch-size",
+        type=bounded(int, 1, 4096, "64"),
+        default=64,
+        help="images per batch, 1 to 4096 (64)",
+    )
     add_threshold_option(parser)
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even with a GPU")
     add_debug_option(parser)
@@ -85,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_entry_point(_run, build_parser().parse_args(argv))
+    return run_entry_point(_run, parse(build_parser(), argv))
 
 
 def _run(args: argparse.Namespace) -> int:

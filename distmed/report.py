@@ -27,11 +27,12 @@ import numpy as np
 from distmed import __version__, plots
 from distmed.artifacts import write_text_atomic
 from distmed.calibration import TemperatureFit, apply_temperature
-from distmed.cli import add_debug_option, run_entry_point
+from distmed.cli import add_debug_option, bounded, parse, positive_fraction, run_entry_point
 from distmed.cvstats import interval, separable
 from distmed.errors import UserError
 from distmed.inference import load_inference_model
 from distmed.metrics import (
+    MAX_RESAMPLES,
     binary_metrics_at,
     bootstrap_ci,
     classification_metrics,
@@ -80,19 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("run_dir", help="a search's results folder, e.g. runs/demo")
     parser.add_argument(
         "--target-sensitivity",
-        type=float,
+        type=positive_fraction,
         help="binary tasks: choose the threshold reaching this validation sensitivity, "
         "e.g. 0.95 (default: Youden's J)",
     )
     parser.add_argument(
-        "--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)"
+        "--bootstrap",
+        type=bounded(int, 10, MAX_RESAMPLES, "1000"),
+        default=1000,
+        help=f"bootstrap resamples for CIs, 10 to {MAX_RESAMPLES} (default 1000)",
     )
     add_debug_option(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_entry_point(_run, build_parser().parse_args(argv))
+    return run_entry_point(_run, parse(build_parser(), argv))
 
 
 def _run(args: argparse.Namespace) -> int:

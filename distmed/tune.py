@@ -27,6 +27,7 @@ from distmed.artifacts import delete_checkpoints, upload_dir
 from distmed.calibration import TemperatureFit, fit_temperature
 from distmed.cli import (
     add_common_options,
+    bounded,
     inspect_data,
     overrides_from_args,
     parse,
@@ -100,6 +101,7 @@ from distmed.tracking import (
 
 # Exit status of a search stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
 EXIT_INTERRUPTED = 130
+MAX_TRIALS = 100_000  # --num-samples, --max-concurrent: beyond any search one cluster runs
 
 EXAMPLES = """examples:
   python -m distmed.tune --space search_spaces/demo.yaml
@@ -124,15 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--space", required=True, help="search-space YAML, e.g. search_spaces/resnet.yaml"
     )
     parser.add_argument(
-        "--num-samples", type=int, help="number of trials, e.g. 20 (search.num_samples)"
+        "--num-samples",
+        type=bounded(int, 1, MAX_TRIALS, "20"),
+        help=f"number of trials, 1 to {MAX_TRIALS}, e.g. 20 (search.num_samples)",
     )
     parser.add_argument(
         "--gpus-per-worker",
-        type=float,
+        type=bounded(float, 0.01, 8, "0.5"),
         help="GPUs per Train worker, e.g. 0.5 packs 2 trials per GPU",
     )
     parser.add_argument(
-        "--max-concurrent", type=int, help="at most this many trials at once, e.g. 4"
+        "--max-concurrent",
+        type=bounded(int, 1, MAX_TRIALS, "4"),
+        help="at most this many trials at once, e.g. 4",
     )
     parser.add_argument(
         "--name", help="experiment name (default: <space>-<time>); reuse with --resume"
@@ -156,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--nested",
-        type=int,
+        type=bounded(int, 2, 20, "3"),
         metavar="K",
         help="nested cross-validation: K outer folds, each with its own search on the rest; "
         "the mean outer score estimates the whole procedure (K x the cost; no model kept)",
@@ -188,7 +194,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError("--resume needs --name: the experiment to continue (a folder in --storage)")
     if args.nested is not None and not 2 <= args.nested <= 20:
         raise UserError(f"--nested {args.nested}: use 2 to 20 outer folds, e.g. --nested 3")
-    name = args.name or f"{Path(args.space).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = args.name or f"{Path(args.space).stem[:80]}-{datetime.now():%Y%m%d-%H%M%S}"
     exp_uri = experiment_path(storage_uri(args.storage), name)
     record = None  # what the search to resume was started with
     if args.resume:
