@@ -41,6 +41,12 @@ class DataSummary(BaseModel):
     inspection: dict[str, Any] | None = Field(
         None, description="`python -m distmed.data`'s summary: counts, formats, duplicates"
     )
+    thin_validation_folds: str | None = Field(
+        None, description="warning: validation folds with fewer than 5 images of a class"
+    )
+    test_split_gaps: str | None = Field(
+        None, description="warning: the test split lacks a class or holds few images of one"
+    )
 
 
 class RunSummary(BaseModel):

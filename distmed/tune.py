@@ -34,8 +34,8 @@ from distmed.cli import (
     run_entry_point,
 )
 from distmed.config import CVConfig
-from distmed.cv import PreparedData, prepare_data, share_images, storage_uri
-from distmed.data import DataIndex, describe_index, scan_source
+from distmed.cv import PreparedData, prepare_data, score_caveat, share_images, storage_uri
+from distmed.data import describe_index, scan_source
 from distmed.errors import UserError
 from distmed.inference import Ensemble, load_inference_model
 from distmed.model import check_weights, warn_frozen_random_stages
@@ -227,7 +227,7 @@ def _run(args: argparse.Namespace) -> int:
     keys = list(spec.space)
     rows = collect_rows(grid, keys, ended=EndedTrials.ended if ctrl_c.interrupted else None)
     write_trials_csv(local / "trials.csv", rows, keys)
-    summary = _summary_head(name, spec, prepared.index, rows, inspection)
+    summary = _summary_head(name, spec, prepared, rows, inspection)
     if ctrl_c.interrupted:  # no refit: the search has not finished
         wall = time.perf_counter() - started
         summary = summary.model_copy(update={"interrupted": True, "wall_time_s": wall})
@@ -347,15 +347,17 @@ def _search(
 
 
 def _summary_head(
-    name: str, spec: SearchSpaceFile, index: DataIndex, rows, inspection: dict[str, Any]
+    name: str, spec: SearchSpaceFile, prepared: PreparedData, rows, inspection: dict[str, Any]
 ) -> RunSummary:
+    data = describe_index(prepared.index, inspection)
+    data |= {"thin_validation_folds": prepared.thin_folds, "test_split_gaps": prepared.test_gaps}
     return RunSummary(
         name=name,
         num_trials=len(rows),
         trials_by_status=status_counts(rows),
         search=spec.search.model_dump(mode="json"),
         space=spec.space_as_dict(),
-        data=DataSummary.model_validate(describe_index(index, inspection)),
+        data=DataSummary.model_validate(data),
         versions=_versions(),
     )
 
@@ -453,6 +455,9 @@ def _print_results(rows, keys, best, summary: RunSummary, local: Path, report: P
         f"best CV ROC-AUC {best.cv_roc_auc:.4f} ± {best.cv_roc_auc_se:.4f} SE "
         f"(fold std {best.cv_roc_auc_std:.4f}; trial {best.trial_id})"
     )
+    caveat = score_caveat(best.fold_aucs, summary.data.thin_validation_folds)
+    if caveat is not None:
+        print(f"  {caveat}")
     if summary.best_separable_from_runner_up is False:
         print(
             f"  not separable from the runner-up, trial {summary.runner_up_trial}: their 95% "
