@@ -48,7 +48,7 @@ from distmed.scorecard import Scores, figure, score, scores_section
 from distmed.scorecard import decide as _decide
 from distmed.scorecard import num as _num
 from distmed.scorecard import table as _table
-from distmed.summary import RunSummary
+from distmed.summary import DataSummary, RunSummary
 
 log = logging.getLogger(__name__)
 REPORT = "report.html"
@@ -272,6 +272,7 @@ def search_section(run: RunData, figures: Path) -> str:
             ],
         ),
         separation_text(run),
+        few_images_text(data),
         _figure(
             plots.plot_search_progress(
                 aucs, statuses, figures / "search_progress.png", "trial (in order started)"
@@ -294,6 +295,13 @@ def search_section(run: RunData, figures: Path) -> str:
         )
     )
     return "\n".join(parts)
+
+
+def few_images_text(data: DataSummary) -> str:
+    """The data warnings said before training (`cv.thin_validation_folds`: folds with fewer
+    than 5 images of a class; `cv.gaps_in_test_split`), as visible cautions; else ""."""
+    notes = [n for n in (data.thin_validation_folds, data.test_split_gaps) if n]
+    return "".join(f"<p><b>Caution:</b> {html.escape(note)}</p>" for note in notes)
 
 
 def separation_text(run: RunData) -> str:

@@ -163,3 +163,17 @@ def test_summary_keeps_the_warnings_and_is_strict_json(tmp_path: Path):
     loaded = RunSummary.load(tmp_path / "summary.json")
     assert math.isnan(loaded.test_metrics["roc_auc"])
     assert loaded.data.test_split_gaps == summary.data.test_split_gaps
+
+
+def test_the_report_shows_the_warnings_escaped():
+    from distmed.report import few_images_text
+
+    data = DataSummary(
+        name="d",
+        classes=["<b>neg</b>", "pos"],
+        num_images=10,
+        thin_validation_folds="validation folds: 3 of 3 hold fewer than 5 images of class '<b>'",
+    )
+    text = few_images_text(data)
+    assert "Caution:" in text and "3 of 3 hold fewer than 5" in text and "<b>'" not in text
+    assert few_images_text(DataSummary(name="d", classes=["a", "b"], num_images=10)) == ""
