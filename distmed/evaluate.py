@@ -181,8 +181,12 @@ TRAINING_DATA_NOTE = (
 
 
 def default_output(model: Path, data_name: str, ensemble: Ensemble) -> Path:
-    """`evaluation-<data>` beside the model (`-folds` for the fold ensemble: one per model)."""
-    return model.parent / f"evaluation-{data_name}{'-folds' if ensemble == 'folds' else ''}"
+    """`evaluation-<data>` beside the model (`-folds` for the fold ensemble: one per model).
+
+    The data's name is cut to 100 characters: a folder named up to the file system's limit
+    must not make a folder name past it (found only after the scoring).
+    """
+    return model.parent / f"evaluation-{data_name[:100]}{'-folds' if ensemble == 'folds' else ''}"
 
 
 def is_training_data(data: str, training_root: str | None) -> bool:

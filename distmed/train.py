@@ -126,7 +126,8 @@ def run_name(cfg: ExperimentConfig, index: DataIndex) -> str:
 
 
 def _default_output(index: DataIndex) -> Path:
-    return Path("runs") / f"train-{index.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    # The data's name cut short: a source named up to NAME_MAX must not give a longer folder.
+    return Path("runs") / f"train-{index.name[:100]}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def format_fold_table(result: CVResult) -> str:

@@ -121,3 +121,11 @@ def test_a_name_too_long_for_the_file_system_deep_inside_is_one_short_line():
         cause = user_error_cause(wrapped)
     assert cause is not None
     assert "name too long" in str(cause) and len(str(cause)) < 300
+
+
+def test_the_default_evaluation_folder_stays_within_name_max(tmp_path):
+    from distmed.evaluate import default_output
+
+    name = "d" * MAX_NAME_BYTES  # a data folder named up to the limit
+    for ensemble in ("refit", "folds"):
+        assert len(default_output(tmp_path / "m.pt", name, ensemble).name) <= MAX_NAME_BYTES
