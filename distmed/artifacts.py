@@ -55,9 +55,19 @@ def json_text(payload: Any, *, indent: int | None = 1, sort_keys: bool = False) 
     `allow_nan=False` makes any non-finite number this conversion missed raise
     `ValueError` here rather than reach a file.
     """
+    try:  # most payloads are plain and finite: the C encoder alone, no copy
+        return json.dumps(
+            payload, indent=indent, sort_keys=sort_keys, allow_nan=False, default=_not_plain
+        )
+    except (ValueError, TypeError):  # a NaN/inf, a numpy value or a Path somewhere
+        pass
     return json.dumps(
         json_safe(payload), indent=indent, sort_keys=sort_keys, allow_nan=False, default=str
     )
+
+
+def _not_plain(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} needs json_safe")
 
 
 def json_safe(value: Any) -> Any:
