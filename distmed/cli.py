@@ -287,6 +287,31 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+class BadCommandLine(SystemExit):
+    """A refused command line, already said in one line: exit status 2 (`parse`)."""
+
+    def __init__(self) -> None:
+        super().__init__(EXIT_USER_ERROR)
+
+
+def run_command(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    body: Callable[[argparse.Namespace], int],
+) -> int:
+    """A CLI's `main`: `parse` the command line, then `run_entry_point(body, args)`.
+
+    A bad command line returns 2 (its one line printed) before any work; `args.argv` holds
+    the arguments as given (a search's `--resume` hint repeats them).
+    """
+    try:
+        args = parse(parser, argv)
+    except BadCommandLine:
+        return EXIT_USER_ERROR
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    return run_entry_point(body, args)
+
+
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """`parser`'s arguments from `argv` (default `sys.argv[1:]`), checked before any work.
 
@@ -299,7 +324,7 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
 
     def one_line(message: str) -> NoReturn:
         print(f"error: {parser.prog}: {_short_message(message)}", file=sys.stderr)
-        raise SystemExit(EXIT_USER_ERROR)
+        raise BadCommandLine
 
     parser.error = one_line  # type: ignore[method-assign]
     args = parser.parse_args(list(argv) if argv is not None else None)

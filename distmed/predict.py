@@ -33,8 +33,7 @@ from distmed.cli import (
     checked_threshold,
     choose_device,
     model_path,
-    parse,
-    run_entry_point,
+    run_command,
 )
 from distmed.data import (
     FILE_EXTENSIONS,
@@ -92,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_entry_point(_run, parse(build_parser(), argv))
+    return run_command(build_parser(), argv, _run)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -27,7 +27,12 @@ import numpy as np
 from distmed import __version__, plots
 from distmed.artifacts import write_text_atomic
 from distmed.calibration import TemperatureFit, apply_temperature
-from distmed.cli import add_debug_option, bounded, parse, positive_fraction, run_entry_point
+from distmed.cli import (
+    add_debug_option,
+    bounded,
+    positive_fraction,
+    run_command,
+)
 from distmed.cvstats import interval, separable
 from distmed.errors import UserError
 from distmed.inference import load_inference_model
@@ -96,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_entry_point(_run, parse(build_parser(), argv))
+    return run_command(build_parser(), argv, _run)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -24,8 +24,7 @@ from distmed.cli import (
     add_common_options,
     inspect_data,
     overrides_from_args,
-    parse,
-    run_entry_point,
+    run_command,
 )
 from distmed.config import ExperimentConfig, dump_config, load_config
 from distmed.cv import CVResult, cross_validate, prepare_data, score_caveat, share_images
@@ -57,8 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse(build_parser(), argv)
-    return run_entry_point(_run, args)
+    return run_command(build_parser(), argv, _run)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -30,8 +30,7 @@ from distmed.cli import (
     bounded,
     inspect_data,
     overrides_from_args,
-    parse,
-    run_entry_point,
+    run_command,
 )
 from distmed.config import CVConfig
 from distmed.cv import PreparedData, prepare_data, score_caveat, share_images, storage_uri
@@ -178,9 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse(build_parser(), argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]  # for the --resume hint
-    return run_entry_point(_run, args)
+    return run_command(build_parser(), argv, _run)  # args.argv: for the --resume hint
 
 
 def _run(args: argparse.Namespace) -> int:
