@@ -25,9 +25,10 @@ from PIL import Image
 from distmed.cli import (
     add_debug_option,
     add_model_option,
+    bounded,
     choose_device,
     model_path,
-    run_entry_point,
+    run_command,
 )
 from distmed.data import DecodeOptions
 from distmed.data.decode import DICOM_EXTENSIONS, IMAGE_EXTENSIONS
@@ -95,13 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_option(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    parser.add_argument("--port", type=int, default=7860, help="port to serve on (7860)")
+    parser.add_argument(
+        "--port", type=bounded(int, 1, 65535, "7860"), default=7860, help="port to serve on (7860)"
+    )
     add_debug_option(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_entry_point(_run, build_parser().parse_args(argv))
+    return run_command(build_parser(), argv, _run)
 
 
 def _run(args: argparse.Namespace) -> int:

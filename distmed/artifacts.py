@@ -1,15 +1,22 @@
 """Result files: written atomically (temp file + rename), mirrored to remote storage.
 
 A kill at any moment leaves the previous complete version of a file, never a torn one.
+Every JSON file distmed writes goes through `json_text`: strict JSON, `null` for NaN/inf;
+every CSV file through `csv_text`: text cells that a spreadsheet would run as a formula are
+neutralised.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
+import math
 import os
+import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +45,92 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=1, allow_nan=True, default=str))
+def json_text(payload: Any, *, indent: int | None = 1, sort_keys: bool = False) -> str:
+    """`payload` as strict JSON (RFC 8259): the one encoder of every JSON file distmed writes.
+
+    NaN and +-inf (an undefined ROC-AUC, a diverged fold's loss) become `null`: Python's
+    `json` would write the bare tokens `NaN`/`Infinity`, which no other JSON reader accepts
+    (JavaScript's `JSON.parse`, jq, pandas' strict mode). numpy scalars and arrays become
+    plain numbers and lists; tuples become lists; other objects (a `Path`) their `str`.
+    `allow_nan=False` makes any non-finite number this conversion missed raise
+    `ValueError` here rather than reach a file.
+    """
+    try:  # most payloads are plain and finite: the C encoder alone, no copy
+        return json.dumps(
+            payload, indent=indent, sort_keys=sort_keys, allow_nan=False, default=_not_plain
+        )
+    except (ValueError, TypeError):  # a NaN/inf, a numpy value or a Path somewhere
+        pass
+    return json.dumps(
+        json_safe(payload), indent=indent, sort_keys=sort_keys, allow_nan=False, default=str
+    )
+
+
+def _not_plain(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} needs json_safe")
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with non-finite floats as None and numpy values as Python ones (recursively)."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    if isinstance(value, bool | str | int) or value is None:
+        return value
+    item = getattr(value, "item", None)  # a numpy scalar or 0-d array
+    if callable(item) and getattr(value, "ndim", 1) == 0:
+        value = item()
+    elif hasattr(value, "tolist"):  # a numpy array
+        return json_safe(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value
+
+
+def write_json_atomic(path: Path, payload: Any, *, indent: int | None = 1) -> None:
+    """Write `payload` to `path` atomically as strict JSON (`json_text`)."""
+    write_text_atomic(path, json_text(payload, indent=indent) + "\n")
+
+
+def write_json_uri(uri: str, payload: Any, *, sort_keys: bool = False) -> None:
+    """Write `payload` as strict JSON (`json_text`) to a local path or URI (`write_text_uri`)."""
+    write_text_uri(uri, json_text(payload, sort_keys=sort_keys) + "\n")
+
+
+# First characters that make a spreadsheet (Excel, LibreOffice, Google Sheets) read a cell
+# as a formula or command: OWASP, "CSV Injection",
+# https://owasp.org/www-community/attacks/CSV_Injection
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# A text cell that is only a number ("-0.5", "+3", "-1e-05") is read as that number, never
+# run; it stays as written so numbers written as text remain numbers.
+PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def csv_cell(value: Any) -> Any:
+    """`value` safe to open in a spreadsheet: text starting with `=`, `+`, `-`, `@`, a tab
+    or a carriage return gets a leading `'` (OWASP's advice), so `=HYPERLINK(...)` in a
+    class or file name shows as text instead of running. Numbers (int, float, a text that
+    is only a number) are left as they are."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_STARTS):
+        return value
+    if PLAIN_NUMBER.fullmatch(value):
+        return value
+    return "'" + value
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A CSV file's text (Python's `csv` dialect `excel`), every cell through `csv_cell`."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([csv_cell(cell) for cell in header])
+    writer.writerows([csv_cell(cell) for cell in row] for row in rows)
+    return buffer.getvalue()
+
+
+def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write a CSV file atomically (`write_text_atomic`) with spreadsheet-safe cells."""
+    write_text_atomic(path, csv_text(header, rows))
 
 
 def write_text_uri(uri: str, text: str) -> None:

@@ -300,6 +300,7 @@ def format_validation_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        key = key if len(key) <= 80 else shorten(key)  # a hostile --set or YAML key
         if err["type"] == "extra_forbidden":
             parts.append(f"{key}: unknown key (check the spelling; see README 'Config')")
         elif err["type"] == "missing" or not err["loc"]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import html
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -30,15 +29,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from distmed import __version__
-from distmed.artifacts import write_text_atomic
+from distmed.artifacts import write_json_atomic, write_text_atomic
 from distmed.cli import (
     add_debug_option,
     add_model_option,
     add_threshold_option,
+    bounded,
     checked_threshold,
     choose_device,
     model_path,
-    run_entry_point,
+    run_command,
 )
 from distmed.config import DataConfig
 from distmed.data import (
@@ -53,6 +53,7 @@ from distmed.data import (
 from distmed.errors import UserError
 from distmed.inference import Ensemble, load_inference_model
 from distmed.loop import Runtime, predict
+from distmed.metrics import MAX_RESAMPLES
 from distmed.predict import EXIT_SOME_UNREADABLE
 from distmed.report import render_page
 from distmed.savedmodel import SavedModel
@@ -116,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", help="folder for the results (default: evaluation-<data> beside the model)"
     )
     parser.add_argument(
-        "--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)"
+        "--bootstrap",
+        type=bounded(int, 10, MAX_RESAMPLES, "1000"),
+        default=1000,
+        help=f"bootstrap resamples for CIs, 10 to {MAX_RESAMPLES} (default 1000)",
     )
     add_threshold_option(parser)
     parser.add_argument(
@@ -130,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_entry_point(_run, build_parser().parse_args(argv))
+    return run_command(build_parser(), argv, _run)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -176,8 +180,12 @@ TRAINING_DATA_NOTE = (
 
 
 def default_output(model: Path, data_name: str, ensemble: Ensemble) -> Path:
-    """`evaluation-<data>` beside the model (`-folds` for the fold ensemble: one per model)."""
-    return model.parent / f"evaluation-{data_name}{'-folds' if ensemble == 'folds' else ''}"
+    """`evaluation-<data>` beside the model (`-folds` for the fold ensemble: one per model).
+
+    The data's name is cut to 100 characters: a folder named up to the file system's limit
+    must not make a folder name past it (found only after the scoring).
+    """
+    return model.parent / f"evaluation-{data_name[:100]}{'-folds' if ensemble == 'folds' else ''}"
 
 
 def is_training_data(data: str, training_root: str | None) -> bool:
@@ -438,7 +446,7 @@ def write_evaluation(output: Path, record: dict[str, Any], scores: Scores, card:
         f"evaluation of {Path(record['model']).name} on {title}",
         ["<h2>External evaluation</h2>", about_table(record), section],
     )
-    write_text_atomic(output / EVALUATION_JSON, json.dumps(record, indent=2) + "\n")
+    write_json_atomic(output / EVALUATION_JSON, record, indent=2)
     write_text_atomic(output / EVALUATION_HTML, page)
 
 

@@ -44,6 +44,7 @@ from distmed.search import (
     trial_run_name,
 )
 from distmed.space import SearchSpaceFile
+from distmed.summary import Score
 
 NESTED_FILE = "nested.json"
 EXIT_INTERRUPTED = 130  # as distmed.tune
@@ -58,10 +59,10 @@ class OuterFold(BaseModel):
     num_train: int = Field(ge=1, description="outer training images (the inner search's pool)")
     num_val: int = Field(ge=1, description="outer validation images (scored once)")
     best_trial: str
-    inner_cv_roc_auc: float = Field(description="the chosen trial's inner CV ROC-AUC")
+    inner_cv_roc_auc: Score = Field(description="the chosen trial's inner CV ROC-AUC")
     params: dict[str, Any]
     refit_epochs: int = Field(ge=1)
-    outer_metrics: dict[str, float]
+    outer_metrics: dict[str, Score]  # NaN (null in nested.json) where undefined
 
 
 class NestedSummary(BaseModel):
@@ -77,7 +78,7 @@ class NestedSummary(BaseModel):
     mean_outer_roc_auc: float | None = None
     std_outer_roc_auc: float | None = None
     mean_inner_cv_roc_auc: float | None = None
-    outer_metrics_mean: dict[str, float] | None = None
+    outer_metrics_mean: dict[str, Score] | None = None
     wall_time_s: float | None = None
 
     def finished(self, fold: int) -> OuterFold | None:

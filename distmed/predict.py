@@ -13,8 +13,6 @@ written); 2 bad input (no model file, no images, bad option).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,15 +24,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from distmed.artifacts import write_text_atomic
+from distmed.artifacts import write_csv_atomic
 from distmed.cli import (
     add_debug_option,
     add_model_option,
     add_threshold_option,
+    bounded,
     checked_threshold,
     choose_device,
     model_path,
-    run_entry_point,
+    run_command,
 )
 from distmed.data import (
     FILE_EXTENSIONS,
@@ -79,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", help="CSV to write (default: predictions-<time>.csv in the current folder)"
     )
     parser.add_argument("--gradcam", help="also write a Grad-CAM overlay per image here")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
+    parser.add_argument(
+        "--batch-size",
+        type=bounded(int, 1, 4096, "64"),
+        default=64,
+        help="images per batch, 1 to 4096 (64)",
+    )
     add_threshold_option(parser)
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even with a GPU")
     add_debug_option(parser)
@@ -87,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_entry_point(_run, build_parser().parse_args(argv))
+    return run_command(build_parser(), argv, _run)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -218,19 +222,17 @@ def write_csv(
     binary = saved.binary
     header = ["path", "predicted_class", *(f"prob_{n}" for n in names)]
     header += ["label_at_threshold"] if binary else []
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow([*header, "error"])
+    lines: list[list[str]] = []
     for r in results:
         if r.probs is None:
-            writer.writerow([str(r.path)] + [""] * (len(header) - 1) + [r.error])
+            lines.append([str(r.path)] + [""] * (len(header) - 1) + [r.error])
             continue
         row = [str(r.path), names[int(r.probs.argmax())], *(f"{p:.6f}" for p in r.probs)]
         if binary:
             row.append("" if threshold is None else label_at_threshold(r.probs, saved, threshold))
-        writer.writerow([*row, ""])
+        lines.append([*row, ""])
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, buffer.getvalue())
+    write_csv_atomic(path, [*header, "error"], lines)
 
 
 def write_gradcams(

@@ -27,11 +27,17 @@ import numpy as np
 from distmed import __version__, plots
 from distmed.artifacts import write_text_atomic
 from distmed.calibration import TemperatureFit, apply_temperature
-from distmed.cli import add_debug_option, run_entry_point
+from distmed.cli import (
+    add_debug_option,
+    bounded,
+    positive_fraction,
+    run_command,
+)
 from distmed.cvstats import interval, separable
 from distmed.errors import UserError
 from distmed.inference import load_inference_model
 from distmed.metrics import (
+    MAX_RESAMPLES,
     binary_metrics_at,
     bootstrap_ci,
     classification_metrics,
@@ -47,7 +53,7 @@ from distmed.scorecard import Scores, figure, score, scores_section
 from distmed.scorecard import decide as _decide
 from distmed.scorecard import num as _num
 from distmed.scorecard import table as _table
-from distmed.summary import RunSummary
+from distmed.summary import DataSummary, RunSummary
 
 log = logging.getLogger(__name__)
 REPORT = "report.html"
@@ -80,19 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("run_dir", help="a search's results folder, e.g. runs/demo")
     parser.add_argument(
         "--target-sensitivity",
-        type=float,
+        type=positive_fraction,
         help="binary tasks: choose the threshold reaching this validation sensitivity, "
         "e.g. 0.95 (default: Youden's J)",
     )
     parser.add_argument(
-        "--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)"
+        "--bootstrap",
+        type=bounded(int, 10, MAX_RESAMPLES, "1000"),
+        default=1000,
+        help=f"bootstrap resamples for CIs, 10 to {MAX_RESAMPLES} (default 1000)",
     )
     add_debug_option(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_entry_point(_run, build_parser().parse_args(argv))
+    return run_command(build_parser(), argv, _run)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -268,6 +277,7 @@ def search_section(run: RunData, figures: Path) -> str:
             ],
         ),
         separation_text(run),
+        few_images_text(data),
         _figure(
             plots.plot_search_progress(
                 aucs, statuses, figures / "search_progress.png", "trial (in order started)"
@@ -290,6 +300,13 @@ def search_section(run: RunData, figures: Path) -> str:
         )
     )
     return "\n".join(parts)
+
+
+def few_images_text(data: DataSummary) -> str:
+    """The data warnings said before training (`cv.thin_validation_folds`: folds with fewer
+    than 5 images of a class; `cv.gaps_in_test_split`), as visible cautions; else ""."""
+    notes = [n for n in (data.thin_validation_folds, data.test_split_gaps) if n]
+    return "".join(f"<p><b>Caution:</b> {html.escape(note)}</p>" for note in notes)
 
 
 def separation_text(run: RunData) -> str:

@@ -27,14 +27,14 @@ from distmed.artifacts import delete_checkpoints, upload_dir
 from distmed.calibration import TemperatureFit, fit_temperature
 from distmed.cli import (
     add_common_options,
+    bounded,
     inspect_data,
     overrides_from_args,
-    parse,
-    run_entry_point,
+    run_command,
 )
 from distmed.config import CVConfig
-from distmed.cv import PreparedData, prepare_data, share_images, storage_uri
-from distmed.data import DataIndex, describe_index, scan_source
+from distmed.cv import PreparedData, prepare_data, score_caveat, share_images, storage_uri
+from distmed.data import describe_index, scan_source
 from distmed.errors import UserError
 from distmed.inference import Ensemble, load_inference_model
 from distmed.model import check_weights, warn_frozen_random_stages
@@ -100,6 +100,7 @@ from distmed.tracking import (
 
 # Exit status of a search stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
 EXIT_INTERRUPTED = 130
+MAX_TRIALS = 100_000  # --num-samples, --max-concurrent: beyond any search one cluster runs
 
 EXAMPLES = """examples:
   python -m distmed.tune --space search_spaces/demo.yaml
@@ -124,15 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--space", required=True, help="search-space YAML, e.g. search_spaces/resnet.yaml"
     )
     parser.add_argument(
-        "--num-samples", type=int, help="number of trials, e.g. 20 (search.num_samples)"
+        "--num-samples",
+        type=bounded(int, 1, MAX_TRIALS, "20"),
+        help=f"number of trials, 1 to {MAX_TRIALS}, e.g. 20 (search.num_samples)",
     )
     parser.add_argument(
         "--gpus-per-worker",
-        type=float,
+        type=bounded(float, 0.01, 8, "0.5"),
         help="GPUs per Train worker, e.g. 0.5 packs 2 trials per GPU",
     )
     parser.add_argument(
-        "--max-concurrent", type=int, help="at most this many trials at once, e.g. 4"
+        "--max-concurrent",
+        type=bounded(int, 1, MAX_TRIALS, "4"),
+        help="at most this many trials at once, e.g. 4",
     )
     parser.add_argument(
         "--name", help="experiment name (default: <space>-<time>); reuse with --resume"
@@ -156,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--nested",
-        type=int,
+        type=bounded(int, 2, 20, "3"),
         metavar="K",
         help="nested cross-validation: K outer folds, each with its own search on the rest; "
         "the mean outer score estimates the whole procedure (K x the cost; no model kept)",
@@ -172,9 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse(build_parser(), argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]  # for the --resume hint
-    return run_entry_point(_run, args)
+    return run_command(build_parser(), argv, _run)  # args.argv: for the --resume hint
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -188,7 +191,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError("--resume needs --name: the experiment to continue (a folder in --storage)")
     if args.nested is not None and not 2 <= args.nested <= 20:
         raise UserError(f"--nested {args.nested}: use 2 to 20 outer folds, e.g. --nested 3")
-    name = args.name or f"{Path(args.space).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = args.name or f"{Path(args.space).stem[:80]}-{datetime.now():%Y%m%d-%H%M%S}"
     exp_uri = experiment_path(storage_uri(args.storage), name)
     record = None  # what the search to resume was started with
     if args.resume:
@@ -221,7 +224,7 @@ def _run(args: argparse.Namespace) -> int:
     keys = list(spec.space)
     rows = collect_rows(grid, keys, ended=EndedTrials.ended if ctrl_c.interrupted else None)
     write_trials_csv(local / "trials.csv", rows, keys)
-    summary = _summary_head(name, spec, prepared.index, rows, inspection)
+    summary = _summary_head(name, spec, prepared, rows, inspection)
     if ctrl_c.interrupted:  # no refit: the search has not finished
         wall = time.perf_counter() - started
         summary = summary.model_copy(update={"interrupted": True, "wall_time_s": wall})
@@ -341,15 +344,17 @@ def _search(
 
 
 def _summary_head(
-    name: str, spec: SearchSpaceFile, index: DataIndex, rows, inspection: dict[str, Any]
+    name: str, spec: SearchSpaceFile, prepared: PreparedData, rows, inspection: dict[str, Any]
 ) -> RunSummary:
+    data = describe_index(prepared.index, inspection)
+    data |= {"thin_validation_folds": prepared.thin_folds, "test_split_gaps": prepared.test_gaps}
     return RunSummary(
         name=name,
         num_trials=len(rows),
         trials_by_status=status_counts(rows),
         search=spec.search.model_dump(mode="json"),
         space=spec.space_as_dict(),
-        data=DataSummary.model_validate(describe_index(index, inspection)),
+        data=DataSummary.model_validate(data),
         versions=_versions(),
     )
 
@@ -447,6 +452,9 @@ def _print_results(rows, keys, best, summary: RunSummary, local: Path, report: P
         f"best CV ROC-AUC {best.cv_roc_auc:.4f} ± {best.cv_roc_auc_se:.4f} SE "
         f"(fold std {best.cv_roc_auc_std:.4f}; trial {best.trial_id})"
     )
+    caveat = score_caveat(best.fold_aucs, summary.data.thin_validation_folds)
+    if caveat is not None:
+        print(f"  {caveat}")
     if summary.best_separable_from_runner_up is False:
         print(
             f"  not separable from the runner-up, trial {summary.runner_up_trial}: their 95% "

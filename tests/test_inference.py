@@ -280,8 +280,9 @@ def test_a_threshold_that_is_not_a_probability_is_refused_by_predict_and_evaluat
 
     images = write_image_folder(tmp_path / "images", {"a": 2, "b": 2}, size=SIZE)
     argv = ["--model", str(ensemble_model), "--threshold", value]
+    refused = f"--threshold: '{value}': use a number from 0 to 1"  # while parsing
     assert predict.main([*argv, str(images), "--output", str(tmp_path / "p.csv")]) == 2
-    assert f"--threshold {float(value)}: a probability in [0, 1]" in capsys.readouterr().err
+    assert refused in capsys.readouterr().err
     assert not (tmp_path / "p.csv").exists()
     assert evaluate.main([*argv, "--data", str(images), "--output", str(tmp_path / "e")]) == 2
-    assert f"--threshold {float(value)}: a probability in [0, 1]" in capsys.readouterr().err
+    assert refused in capsys.readouterr().err

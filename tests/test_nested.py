@@ -105,7 +105,7 @@ def test_nested_outside_2_to_20_is_one_line(value: str, tmp_path: Path, capsys):
         "space: {optim.lr: {loguniform: [0.0001, 0.01]}}\n"
     )
     assert tune.main(["--space", str(space), "--nested", value]) == 2
-    assert f"--nested {value}: use 2 to 20" in capsys.readouterr().err
+    assert f"--nested: '{value}': use a whole number from 2 to 20" in capsys.readouterr().err
 
 
 def test_too_many_outer_folds_leave_the_name_free(tmp_path: Path, capsys):

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from distmed.artifacts import atomic_path, write_text_atomic
+from distmed.artifacts import atomic_path, write_json_atomic
 from distmed.config import DataConfig
 from distmed.data.decode import DecodeOptions, decode_rows, decode_split, unreadable_message
 from distmed.data.index import DataIndex, Split
@@ -80,7 +80,7 @@ def build_cache(index: DataIndex, cfg: DataConfig) -> CachedData:
         remove_stale_temporaries(cache_root(cfg))
         try:
             meta = _decode_into(folder, index, options, decode_workers(cfg))
-            write_text_atomic(meta_path, json.dumps(meta))
+            write_json_atomic(meta_path, meta, indent=None)
         except OSError as exc:  # image files are read inside decode_files; this is writing
             raise UserError(cache_write_error(cache_root(cfg), exc)) from exc
         log.info("decoded %d images into %s", meta["num_pool"], folder)

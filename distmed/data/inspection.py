@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from distmed.artifacts import write_text_atomic
+from distmed.artifacts import write_json_atomic
 from distmed.config import DataConfig
 from distmed.data.cache import cache_root
 from distmed.data.decode import DecodeOptions, UnreadableImage, describe_file
@@ -192,7 +192,7 @@ def _cached_file_survey(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
     survey = _file_survey(index, options)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(survey))
+        write_json_atomic(path, survey, indent=None)
     except OSError as exc:  # only a speed-up; the decoded cache reports a full disk itself
         log.warning("could not cache the data inspection in %s (%s)", path.parent, exc)
     return survey
