@@ -25,21 +25,21 @@ from PIL import Image
 from distmed.cli import (
     add_debug_option,
     add_model_option,
-    choose_device,
     model_path,
     run_entry_point,
 )
 from distmed.data import DecodeOptions
 from distmed.errors import UserError
-from distmed.inference import load_inference_model
-from distmed.modelcard import NOTICE, model_card
-from distmed.predict import (
+from distmed.inference import (
     Prediction,
+    choose_device,
     gradcam_pictures,
     label_at_threshold,
+    load_inference_model,
     predict_batches,
     saved_threshold,
 )
+from distmed.modelcard import NOTICE, model_card
 from distmed.savedmodel import SavedModel
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from distmed.errors import UserError
+from distmed.inference import TEST_PREDICTIONS
 from distmed.metrics import CI_METRICS, bootstrap_ci
-from distmed.refit import TEST_PREDICTIONS
 from distmed.savedmodel import SavedModel, Threshold
 from distmed.summary import RunSummary
 

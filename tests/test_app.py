@@ -14,10 +14,11 @@ from conftest import free_port, write_image_folder
 from distmed import app, predict
 from distmed.config import ExperimentConfig
 from distmed.data import to_model_input
+from distmed.inference import TEST_PREDICTIONS
 from distmed.metrics import classification_metrics
 from distmed.model import build_model
 from distmed.modelcard import NOTICE
-from distmed.refit import TEST_PREDICTIONS, save_model, save_threshold
+from distmed.savedmodel import save_model, save_threshold
 from distmed.summary import DataSummary, RunSummary
 
 SIZE = 28
