@@ -189,7 +189,7 @@ def _probabilities(model: torch.nn.Module, images: np.ndarray, device: torch.dev
 
 
 def saved_threshold(saved: SavedModel) -> float | None:
-    """The binary operating threshold distmed.report saved in the model, if any."""
+    """The binary operating threshold saved in the model when its search ended, if any."""
     return None if saved.threshold is None else saved.threshold.value
 
 

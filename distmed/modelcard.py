@@ -67,7 +67,7 @@ def _model_table(saved: SavedModel) -> str:
 
 def _threshold_text(threshold: Threshold | None) -> str:
     if threshold is None:
-        return "none saved (run distmed.report on the run folder)"
+        return "none saved (resume its search with distmed.tune --resume to choose one)"
     return f"{threshold.value:.4f} ({threshold.method}, on {threshold.chosen_on})"
 
 

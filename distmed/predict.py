@@ -135,8 +135,8 @@ def _threshold(override: float | None, saved: SavedModel) -> float | None:
     value = saved_threshold(saved)
     if value is None:
         print(
-            "note: the model holds no operating threshold (run distmed.report on its run "
-            "folder, or pass --threshold); label_at_threshold is left empty",
+            "note: the model holds no operating threshold (resume its search with "
+            "distmed.tune --resume, or pass --threshold); label_at_threshold is left empty",
             file=sys.stderr,
         )
     return value
