@@ -218,7 +218,7 @@ def _decision_html(predictor: Predictor, probs: np.ndarray) -> str:
     if saved.positive_class is None:  # multi-class: decisions are the argmax shown above
         return ""
     if predictor.threshold is None:
-        return "<p>No operating threshold saved with the model (a search chooses it as it ends).</p>"
+        return "<p>No operating threshold saved with the model (its search chose none).</p>"
     positive = saved.positive_class
     label = label_at_threshold(probs, saved, predictor.threshold)
     return (
