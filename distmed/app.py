@@ -26,22 +26,22 @@ from distmed.cli import (
     add_debug_option,
     add_model_option,
     bounded,
-    choose_device,
     model_path,
     run_command,
 )
 from distmed.data import DecodeOptions
 from distmed.data.decode import DICOM_EXTENSIONS, IMAGE_EXTENSIONS
 from distmed.errors import UserError
-from distmed.inference import load_inference_model
-from distmed.modelcard import NOTICE, model_card
-from distmed.predict import (
+from distmed.inference import (
     Prediction,
+    choose_device,
     gradcam_pictures,
     label_at_threshold,
+    load_inference_model,
     predict_batches,
     saved_threshold,
 )
+from distmed.modelcard import NOTICE, model_card
 from distmed.savedmodel import SavedModel
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -222,7 +222,7 @@ def _decision_html(predictor: Predictor, probs: np.ndarray) -> str:
     if saved.positive_class is None:  # multi-class: decisions are the argmax shown above
         return ""
     if predictor.threshold is None:
-        return "<p>No operating threshold saved with the model (run distmed.report).</p>"
+        return "<p>No operating threshold saved with the model (its search chose none).</p>"
     positive = saved.positive_class
     label = label_at_threshold(probs, saved, predictor.threshold)
     return (

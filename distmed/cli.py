@@ -1,5 +1,5 @@
-"""What every entry point shares: common options, `--model` checking, the device, logging
-set-up, one-line user errors.
+"""What every entry point shares: common options, `--model` checking, logging set-up,
+one-line user errors.
 
 A `UserError` (or a training failure caused by one) is printed as a single `error:` line
 and the process exits with status 2; `--debug` shows the full traceback instead. A bad
@@ -18,17 +18,9 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import NoReturn
 
-from distmed.config import DataConfig
-from distmed.data.index import DataIndex
-from distmed.data.inspection import check_duplicates, format_summary, inspect_index
-from distmed.errors import UserError, shorten
-
-if TYPE_CHECKING:
-    import torch
-
-EXIT_USER_ERROR = 2
+from distmed.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError, first_line, shorten
 
 # Text options: no path, name or URI distmed takes is longer than PATH_MAX (Linux: 4096
 # bytes), and no folder or file name longer than NAME_MAX (255 bytes on ext4, XFS, APFS,
@@ -160,13 +152,6 @@ def model_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def choose_device(cpu: bool = False) -> torch.device:
-    """The first CUDA GPU when there is one (and `cpu` is not asked for), else the CPU."""
-    import torch  # here: the data inspector and --help need no torch
-
-    return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
-
-
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
     """The shortcut flags, as `--set` overrides, ahead of the user's own `--set` items."""
     items = []
@@ -192,7 +177,7 @@ def run_entry_point(body: Callable[[argparse.Namespace], int], args: argparse.Na
         return body(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:
         if args.debug:
             raise
@@ -211,20 +196,6 @@ def run_entry_point(body: Callable[[argparse.Namespace], int], args: argparse.Na
             return 1
         print(f"error: {cause}", file=sys.stderr)
         return EXIT_USER_ERROR
-
-
-def inspect_data(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
-    """Print the short data summary (and a duplicate warning); the full one for results.
-
-    Raises:
-        UserError: duplicates across splits or classes with `data.on_duplicates: error`.
-    """
-    inspection = inspect_index(index, cfg)
-    print(format_summary(inspection, short=True), flush=True)
-    warning = check_duplicates(inspection, cfg)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
-    return inspection
 
 
 def user_error_cause(exc: BaseException, disk_hint: str | None = None) -> UserError | None:
@@ -280,11 +251,6 @@ def _exception_chain(exc: BaseException):
         controller_failure = getattr(current, "controller_failure", None)
         if isinstance(controller_failure, BaseException):
             stack.append(controller_failure)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class BadCommandLine(SystemExit):

@@ -13,6 +13,11 @@ from typing import Any
 # a list of a million items) never floods the terminal or the log.
 SHORT_VALUE_CHARS = 48
 
+# Exit statuses every entry point shares (documented in each one's --help epilog).
+EXIT_USER_ERROR = 2  # bad input: one `error:` line, no traceback
+EXIT_SOME_UNREADABLE = 3  # predict / evaluate: some files unreadable, the rest scored
+EXIT_INTERRUPTED = 130  # a search stopped by Ctrl-C (128 + SIGINT, as a shell reports it)
+
 # reprlib bounds the *work* too, not only the text: it never walks past a few items or
 # levels, so quoting a huge nested value costs nothing.
 _REPR = reprlib.Repr()
@@ -41,3 +46,9 @@ def shorten(value: Any) -> str:
     if len(text) > SHORT_VALUE_CHARS + 8:
         text = text[:SHORT_VALUE_CHARS] + "…"
     return text
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of `exc`'s message (its type name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -36,7 +36,6 @@ from distmed.cli import (
     add_threshold_option,
     bounded,
     checked_threshold,
-    choose_device,
     model_path,
     run_command,
 )
@@ -50,14 +49,20 @@ from distmed.data import (
     load_cached,
     scan_source,
 )
-from distmed.errors import UserError
-from distmed.inference import Ensemble, load_inference_model
+from distmed.errors import EXIT_SOME_UNREADABLE, UserError
+from distmed.inference import Ensemble, choose_device, load_inference_model
 from distmed.loop import Runtime, predict
 from distmed.metrics import MAX_RESAMPLES
-from distmed.predict import EXIT_SOME_UNREADABLE
-from distmed.report import render_page
 from distmed.savedmodel import SavedModel
-from distmed.scorecard import Scorecard, Scores, score, scorecard_json, scores_section, table
+from distmed.scorecard import (
+    Scorecard,
+    Scores,
+    render_page,
+    score,
+    scorecard_json,
+    scores_section,
+    table,
+)
 
 log = logging.getLogger(__name__)
 EVALUATION_JSON = "evaluation.json"

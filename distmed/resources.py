@@ -193,7 +193,7 @@ def _resolve_address(address: str) -> str:
     return found
 
 
-def plan_workers(cfg: ScalingSection, force_cpu: bool = False, concurrent: int = 0) -> WorkerLayout:
+def plan_workers(cfg: ScalingSection, concurrent: int = 0) -> WorkerLayout:
     """The layout of one run; `concurrent` > 0 when it is one of that many Tune trials.
 
     Default CPUs per worker: the cluster's CPUs split evenly over all workers of all
@@ -202,7 +202,7 @@ def plan_workers(cfg: ScalingSection, force_cpu: bool = False, concurrent: int =
     """
     total = cluster_capacity()
     cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
-    use_gpu = _want_gpu(cfg, gpus, force_cpu)
+    use_gpu = _want_gpu(cfg, gpus)
     workers = cfg.num_workers * max(1, concurrent)
     if use_gpu:
         _check_gpus(cfg, gpus)
@@ -229,9 +229,7 @@ def plan_workers(cfg: ScalingSection, force_cpu: bool = False, concurrent: int =
     )
 
 
-def concurrency_limit(
-    requested: int, num_samples: int, cfg: ScalingSection, force_cpu: bool
-) -> int:
+def concurrency_limit(requested: int, num_samples: int, cfg: ScalingSection) -> int:
     """How many trials can train side by side: never more than the cluster's devices hold.
 
     Each trial's workers need their CPUs (and GPUs); the trial's own driver is idle while
@@ -241,7 +239,7 @@ def concurrency_limit(
     cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
     per_trial_cpus = cfg.num_workers * (cfg.cpus_per_worker or 1.0) + TRIAL_CPU
     fits = int(cpus // per_trial_cpus) if cfg.cpus_per_worker else int(cpus // cfg.num_workers)
-    if _want_gpu(cfg, gpus, force_cpu):
+    if _want_gpu(cfg, gpus):
         fits = min(fits, int(gpus // (cfg.num_workers * cfg.gpus_per_worker)))
     return max(1, min(requested, num_samples, fits))
 
@@ -358,8 +356,9 @@ def _even_share(cpus: float, workers: int) -> float:
     return math.floor(cpus / workers * 100) / 100
 
 
-def _want_gpu(cfg: ScalingSection, gpus: float, force_cpu: bool) -> bool:
-    if force_cpu or cfg.use_gpu is False:
+def _want_gpu(cfg: ScalingSection, gpus: float) -> bool:
+    # `--cpu` arrives here as scaling.use_gpu=false (cli.overrides_from_args).
+    if cfg.use_gpu is False:
         return False
     if cfg.use_gpu is True and gpus == 0:
         raise UserError(

@@ -11,13 +11,14 @@ import pytest
 import torch
 from conftest import free_port, write_image_folder
 
-from distmed import app, predict
+from distmed import app, inference, predict
 from distmed.config import ExperimentConfig
 from distmed.data import to_model_input
+from distmed.inference import TEST_PREDICTIONS
 from distmed.metrics import classification_metrics
 from distmed.model import build_model
 from distmed.modelcard import NOTICE
-from distmed.refit import TEST_PREDICTIONS, save_model, save_threshold
+from distmed.savedmodel import save_model, save_threshold
 from distmed.summary import DataSummary, RunSummary
 
 SIZE = 28
@@ -31,7 +32,7 @@ def _train_tiny_run(root: Path) -> Path:
     """
     images_dir = write_image_folder(root / "images", {c: 8 for c in CLASSES}, size=SIZE)
     paths = sorted(images_dir.rglob("*.png"))
-    images = np.stack([predict.decode_file(p, SIZE) for p in paths])
+    images = np.stack([inference.decode_file(p, SIZE) for p in paths])
     labels = torch.tensor([CLASSES.index(p.parent.name) for p in paths])
     cfg = ExperimentConfig.model_validate(
         {"data": {"root": "x", "image_size": SIZE}, "model": {"weights": "none"}}

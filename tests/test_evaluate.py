@@ -15,12 +15,10 @@ from conftest import write_image_folder
 from distmed import evaluate, plots
 from distmed.config import DataConfig, ExperimentConfig
 from distmed.data import scan_source, to_model_input
-from distmed.inference import load_model
+from distmed.inference import decode_file, load_model
 from distmed.metrics import binary_metrics_at, classification_metrics
 from distmed.model import build_model
-from distmed.predict import decode_file
-from distmed.refit import save_model, save_threshold
-from distmed.savedmodel import SavedModel
+from distmed.savedmodel import SavedModel, save_model, save_threshold
 
 SIZE = 28
 CLASSES = ["NORMAL", "PNEUMONIA"]

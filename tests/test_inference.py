@@ -98,7 +98,7 @@ def test_refit_model_is_temperature_scaled_and_keeps_its_argmax(ensemble_model: 
 
 
 def test_fold_models_round_trip_and_threshold_rewrite_keeps_them(ensemble_model, tmp_path):
-    from distmed.refit import save_threshold
+    from distmed.savedmodel import save_threshold
 
     path = tmp_path / "best_model.pt"
     path.write_bytes(ensemble_model.read_bytes())
@@ -206,28 +206,20 @@ def test_latest_checkpoint_is_the_newest_folder(tmp_path: Path):
 
 
 def test_the_threshold_is_chosen_on_the_calibrated_scale_predict_uses(ensemble_model: Path):
-    """The model divides logits by T = 2 at predict time, so the report's out-of-fold
+    """The model divides logits by T = 2 at predict time, so the out-of-fold
     threshold must be chosen on temperature-scaled probabilities, not raw ones."""
     import numpy as np
 
-    from distmed.calibration import apply_temperature
+    from distmed.calibration import apply_temperature, oof_threshold
     from distmed.metrics import youden_threshold
-    from distmed.report import choose_threshold
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 60)
     score = np.clip(0.35 * labels + rng.uniform(0, 0.65, 60), 0.01, 0.99)
     probs = np.stack([1 - score, score], axis=1)
-    detail = {"folds": [{"val_labels": labels.tolist(), "val_probs": probs.tolist()}]}
-    run = SimpleNamespace(
-        detail=detail,
-        positive=1,
-        model_path=ensemble_model,
-        class_names=CLASSES,
-        summary=SimpleNamespace(best_trial="t1"),
-        calibration=SavedModel.load(ensemble_model).calibration,
-    )
-    chosen = choose_threshold(run, None)  # type: ignore[arg-type]
+    calibration = SavedModel.load(ensemble_model).calibration
+    assert calibration is not None
+    chosen = oof_threshold(labels, probs, 1, calibration.temperature)
     calibrated = apply_temperature(probs, 2.0)[:, 1]
     assert chosen is not None
     assert chosen.value == pytest.approx(youden_threshold(labels == 1, calibrated))
@@ -241,9 +233,9 @@ def test_report_shows_refit_and_fold_ensemble_side_by_side(ensemble_model: Path,
 
     import numpy as np
 
+    from distmed.inference import TEST_PREDICTIONS_FOLDS
     from distmed.metrics import classification_metrics
-    from distmed.refit import TEST_PREDICTIONS_FOLDS
-    from distmed.report import ensemble_section
+    from distmed.runreport import ensemble_section
 
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 2, 40)

@@ -14,11 +14,11 @@ import pytest
 import torch
 from conftest import write_image_folder
 
-from distmed import export, predict, report
+from distmed import export, predict, report, runreport
 from distmed.config import ExperimentConfig
 from distmed.cv import CVResult, FoldResult
 from distmed.data import decode_split, scan_folder, to_model_input
-from distmed.inference import load_model
+from distmed.inference import TEST_PREDICTIONS, evaluate_test, load_model
 from distmed.metrics import (
     CI_METRICS,
     binary_metrics_at,
@@ -27,9 +27,15 @@ from distmed.metrics import (
     resample_indices,
 )
 from distmed.model import build_model
-from distmed.refit import TEST_PREDICTIONS, evaluate_test, save_model
-from distmed.results import TrialRow, write_trial_detail, write_trials_csv
-from distmed.savedmodel import SavedModel
+from distmed.pipeline import operating_threshold
+from distmed.results import (
+    TrialRow,
+    oof_predictions,
+    read_trial_detail,
+    write_trial_detail,
+    write_trials_csv,
+)
+from distmed.savedmodel import SavedModel, save_model, save_threshold
 from distmed.summary import DataSummary, RunSummary
 
 SIZE = 32
@@ -98,6 +104,12 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for f in folds
     ]  # fmt: skip
     write_trial_detail(str(run / "trials" / "cv-t1"), detail)
+    # As the search's finalize stage does: the threshold on the out-of-fold predictions,
+    # saved with the model before the report reads it.
+    oof = oof_predictions(read_trial_detail(str(run / "trials" / "cv-t1")))
+    save_threshold(
+        run / "best_model.pt", operating_threshold(oof, 1, CLASSES, "t1", calibration=None)
+    )
     rows = [
         TrialRow("t1", {"optim.lr": 1e-3, "optim.name": "adam"}, "completed",
                  result.mean_roc_auc, result.std_roc_auc, result.fold_aucs, [4, 4, 4], 4, 9.0),
@@ -122,13 +134,13 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         test_metrics=test_metrics,
     )
     summary.save(run / "summary.json")
-    report.build_report(run, resamples=200)
+    runreport.build_report(run, resamples=200)
     return run
 
 
 def test_report_embeds_every_png_and_shows_summary_numbers(finished_run: Path):
-    page = (finished_run / report.REPORT).read_text()
-    pngs = sorted((finished_run / report.FIGURES).glob("*.png"))
+    page = (finished_run / runreport.REPORT).read_text()
+    pngs = sorted((finished_run / runreport.FIGURES).glob("*.png"))
     expected = {
         "search_progress", "params", "fold_aucs", "training_curves",
         "roc", "confusion", "pr", "calib", "gradcam",
@@ -136,7 +148,7 @@ def test_report_embeds_every_png_and_shows_summary_numbers(finished_run: Path):
     assert {p.stem for p in pngs} == expected
     for png in pngs:
         assert png.stat().st_size > 5000, png  # a drawn figure, not an empty canvas
-        assert f"{report.FIGURES}/{png.name}" in page
+        assert f"{runreport.FIGURES}/{png.name}" in page
         assert base64.b64encode(png.read_bytes()).decode() in page  # opens offline
 
     summary = RunSummary.load(finished_run / "summary.json")
@@ -155,11 +167,11 @@ def test_report_without_a_test_split_says_so(finished_run: Path, tmp_path: Path)
     run = tmp_path / "exp"
     shutil.copytree(finished_run, run)
     (run / TEST_PREDICTIONS).unlink()
-    shutil.rmtree(run / report.FIGURES)
-    report.build_report(run, resamples=50)
-    page = (run / report.REPORT).read_text()
+    shutil.rmtree(run / runreport.FIGURES)
+    runreport.build_report(run, resamples=50)
+    page = (run / runreport.REPORT).read_text()
     assert "no test split" in page
-    pngs = {p.stem for p in (run / report.FIGURES).glob("*.png")}
+    pngs = {p.stem for p in (run / runreport.FIGURES).glob("*.png")}
     assert pngs == {"search_progress", "params", "fold_aucs", "training_curves"}
 
 
@@ -169,7 +181,7 @@ def test_threshold_is_chosen_on_validation_and_saved_in_the_model(finished_run: 
     assert threshold.method == "youden" and "trial t1" in threshold.chosen_on
     assert threshold.num_samples == 90  # every out-of-fold prediction, no test image
     assert 0.0 < threshold.value < 1.0
-    page = (finished_run / report.REPORT).read_text()
+    page = (finished_run / runreport.REPORT).read_text()
     assert f"data-value='{threshold.value!r}'" in page
 
 
@@ -327,7 +339,7 @@ def test_multiclass_test_section_has_per_class_and_macro_curves(tmp_path: Path):
     labels = np.repeat([0, 1, 2], 30)
     logits = rng.normal(0, 1, (90, 3)) + 1.5 * np.eye(3)[labels]
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    run = report.RunData(
+    run = runreport.RunData(
         run_dir=tmp_path,
         summary={},
         trials=[],
@@ -338,7 +350,7 @@ def test_multiclass_test_section_has_per_class_and_macro_curves(tmp_path: Path):
         detail=None,
         test={"labels": labels, "probs": probs, "images_path": np.asarray("none")},
     )
-    html = report.test_section(run, tmp_path, None, resamples=50)
+    html = runreport.test_section(run, tmp_path, None, resamples=50)
     assert "argmax" in html and "at threshold" not in html
     shown = dict(re.findall(r"data-key='([^']+)' data-value='([^']+)'", html))
     macro = classification_metrics(labels, probs)["roc_auc"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from distmed import report
+from distmed import runreport as report
 from distmed.results import TrialRow, write_trials_csv
 from distmed.summary import DataSummary, RunSummary
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import PurePosixPath
@@ -50,6 +51,21 @@ def inspect_index(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
         "unreadable": _listing(per_file["unreadable"]),
         "duplicates": per_file["duplicates"],
     }
+
+
+def inspect_data(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
+    """`inspect_index`, printing the short summary (and a duplicate warning) as training
+    starts; returns the full summary for the results.
+
+    Raises:
+        UserError: duplicates across splits or classes with `data.on_duplicates: error`.
+    """
+    inspection = inspect_index(index, cfg)
+    print(format_summary(inspection, short=True), flush=True)
+    warning = check_duplicates(inspection, cfg)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return inspection
 
 
 def duplicate_problem(summary: dict[str, Any]) -> str | None:
