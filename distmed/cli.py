@@ -8,7 +8,6 @@ and the process exits with status 2; `--debug` shows the full traceback instead.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ from distmed.config import DataConfig
 from distmed.data.index import DataIndex
 from distmed.data.inspection import check_duplicates, format_summary, inspect_index
 from distmed.errors import UserError
+from distmed.failures import first_line, root_cause, user_error_cause
 
 if TYPE_CHECKING:
     import torch
@@ -144,7 +144,7 @@ def run_entry_point(body: Callable[[argparse.Namespace], int], args: argparse.Na
         cause = user_error_cause(exc, results)
         if cause is None:
             # Ray's "Training failed due to worker errors:" names no cause; the worker's does.
-            root = worker_failure(exc) or exc
+            root = root_cause(exc)
             print(
                 f"error: {type(root).__name__}: {first_line(root)} "
                 "(rerun with --debug for details)",
@@ -167,60 +167,6 @@ def inspect_data(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     return inspection
-
-
-def user_error_cause(exc: BaseException, disk_hint: str | None = None) -> UserError | None:
-    """The `UserError` behind `exc`, also when Ray wrapped it on its way from a worker.
-
-    A full disk anywhere in the chain (ENOSPC: --output, --storage, the cache, /tmp) is the
-    user's to fix too: one line naming the file that could not be written, or `disk_hint`
-    (the run's results folder) where the error names none (pyarrow's, Ray's storage).
-    """
-    chain = list(_exception_chain(exc))
-    for current in chain:
-        if isinstance(current, UserError):
-            return current
-    for current in chain:
-        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
-            where = current.filename or disk_hint or "a results or cache folder"
-            return UserError(
-                f"no space left on the device holding {where}; free space there, or point "
-                "--output / --storage / data.cache_dir at a disk with room, then run again "
-                "(a search: add --resume)"
-            )
-    return None
-
-
-def worker_failure(exc: BaseException) -> BaseException | None:
-    """The first Train worker's own exception inside Ray's wrappers, if any."""
-    for current in _exception_chain(exc):
-        failures = list(getattr(current, "worker_failures", {}).values())
-        if failures:
-            return failures[0]
-    return None
-
-
-def _exception_chain(exc: BaseException):
-    """`exc`, its causes and contexts, and the worker / controller exceptions Ray keeps."""
-    seen: set[int] = set()
-    stack: list[BaseException] = [exc]
-    while stack:
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        stack.extend(e for e in (current.__cause__, current.__context__) if e is not None)
-        # Ray Train's WorkerGroupError / ControllerError keep the workers' exceptions here.
-        stack.extend(getattr(current, "worker_failures", {}).values())
-        controller_failure = getattr(current, "controller_failure", None)
-        if isinstance(controller_failure, BaseException):
-            stack.append(controller_failure)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
