@@ -1,19 +1,33 @@
 """Result files: written atomically (temp file + rename), mirrored to remote storage.
 
 A kill at any moment leaves the previous complete version of a file, never a torn one.
+Results bound for a URI (s3://, gs://) are written to a local staging copy first and
+uploaded; the copy is removed at exit once the bucket holds all of it, and kept (and said
+where) when it does not, so nothing computed is lost.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import shutil
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from distmed.errors import UserError
+
+# $TMPDIR/distmed-results/<name>: the staging copy of a search whose --storage is a URI.
+STAGING_FOLDER = "distmed-results"
+# Staging copy -> what it held (file -> size, mtime) when its last upload succeeded.
+_uploaded: dict[Path, dict[str, tuple[int, int]]] = {}
+_upload_failed: set[Path] = set()
+_staged: set[Path] = set()
 
 
 @contextlib.contextmanager
@@ -69,6 +83,87 @@ def upload_dir(local: Path, uri: str) -> None:
 
     filesystem, root = pyarrow.fs.FileSystem.from_uri(uri)
     pyarrow.fs.copy_files(str(local), root, destination_filesystem=filesystem)
+
+
+def results_folder(storage: str, name: str) -> Path:
+    """The folder our result files for <storage>/<name> are written to, created.
+
+    A local `storage`: that folder itself. A URI: the staging copy
+    `$TMPDIR/distmed-results/<name>`, uploaded by `publish_results` and removed at exit
+    when its last upload holds every file as it is then (`finish_staging`).
+    """
+    if "://" not in storage:
+        folder = Path(storage).expanduser().resolve() / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    folder = Path(tempfile.gettempdir()) / STAGING_FOLDER / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder not in _staged:
+        _staged.add(folder)
+        atexit.register(finish_staging, folder, _destination(storage, name))
+    return folder
+
+
+def publish_results(local: Path, storage: str, name: str) -> None:
+    """Upload the staging copy `local` to <storage>/<name> when `storage` is a URI.
+
+    Raises:
+        UserError: the upload failed (network, credentials, bucket); names the staging
+            copy, which is kept.
+    """
+    if "://" not in storage:
+        return
+    uri = _destination(storage, name)
+    try:
+        upload_dir(local, uri)
+    except OSError as exc:  # pyarrow's S3/GCS errors are OSErrors
+        _upload_failed.add(local)
+        raise UserError(
+            f"could not upload the results to {_shown(uri)} ({str(exc).splitlines()[0]}); "
+            f"they are kept in {local}: copy them there yourself, or fix the storage and "
+            "run again with --resume"
+        ) from exc
+    _upload_failed.discard(local)
+    _uploaded[local] = _snapshot(local)
+
+
+def finish_staging(local: Path, uri: str) -> None:
+    """At exit: remove the staging copy `local` if its last upload to `uri` holds every
+    file as it is now; else keep it and say where (once: a failed upload said so already).
+    """
+    if not local.is_dir():
+        return
+    now = _snapshot(local)
+    if not now or _uploaded.get(local) == now:
+        shutil.rmtree(local, ignore_errors=True)
+        return
+    if local not in _upload_failed:
+        print(
+            f"warning: results not (all) uploaded to {_shown(uri)}; they are kept in {local}",
+            file=sys.stderr,
+        )
+
+
+def _destination(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def _shown(uri: str) -> str:
+    """`uri` without the user:password part a URI may carry (never printed)."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder`: relative path -> (size in bytes, mtime in ns)."""
+    found = {}
+    for path in folder.rglob("*"):
+        if path.is_file():
+            stat = path.stat()
+            found[str(path.relative_to(folder))] = (stat.st_size, stat.st_mtime_ns)
+    return found
 
 
 def delete_checkpoints(run_uri: str) -> None:

@@ -12,7 +12,6 @@ import argparse
 import os
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -23,7 +22,7 @@ from typing import Any
 import yaml
 
 from distmed import __version__
-from distmed.artifacts import delete_checkpoints, upload_dir
+from distmed.artifacts import delete_checkpoints, publish_results, results_folder
 from distmed.calibration import TemperatureFit, fit_temperature
 from distmed.cli import (
     add_common_options,
@@ -533,17 +532,11 @@ def _batch_sizes(spec: SearchSpaceFile) -> list[int]:
 
 def _local_results_dir(storage: str, name: str) -> Path:
     """Our result files go to <storage>/<name>; for a URI, a local staging copy first."""
-    if "://" in storage:
-        folder = Path(tempfile.gettempdir()) / "distmed-results" / name
-    else:
-        folder = Path(storage).expanduser().resolve() / name
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+    return results_folder(storage, name)
 
 
 def _publish(local: Path, storage: str, name: str) -> None:
-    if "://" in storage:
-        upload_dir(local, f"{storage.rstrip('/')}/{name}")
+    publish_results(local, storage, name)
 
 
 def _versions() -> dict[str, str]:
