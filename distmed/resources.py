@@ -143,10 +143,13 @@ def stop_local_ray(session: Path) -> None:
 
 
 def remove_session_folder(session: Path) -> None:
-    """Remove a Ray session folder and the `session_latest` link when it points to it."""
-    latest = session.parent / "session_latest"
-    if latest.is_symlink() and Path(os.readlink(latest)) in (session, Path(session.name)):
-        latest.unlink()
+    """Remove a Ray session folder and the links beside it into it (`session_latest`,
+    `prom_metrics_service_discovery.json`); links into another session stay."""
+    for link in session.parent.iterdir():
+        if link.is_symlink():
+            target = session.parent / os.readlink(link)  # as given, or relative to the folder
+            if target == session or session in target.parents:
+                link.unlink()
     shutil.rmtree(session, ignore_errors=True)
 
 

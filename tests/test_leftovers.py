@@ -114,8 +114,11 @@ def test_only_our_own_ray_session_folder_is_removed(tmp_path, monkeypatch):
     os.unlink(tmp_path / "session_latest")
     os.symlink(ours, tmp_path / "session_latest")
     ours = _session(tmp_path, ours.name)
+    metrics = tmp_path / "prom_metrics_service_discovery.json"
+    os.symlink(ours / "metrics.json", metrics)
     resources.stop_local_ray(ours)
-    assert not ours.exists() and not (tmp_path / "session_latest").is_symlink()
+    assert not ours.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [other.name]  # no link into ours left
 
 
 def test_the_session_folder_is_kept_when_asked(tmp_path, monkeypatch):
