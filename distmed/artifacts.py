@@ -136,6 +136,8 @@ def finish_staging(local: Path, uri: str) -> None:
     now = _snapshot(local)
     if not now or _uploaded.get(local) == now:
         shutil.rmtree(local, ignore_errors=True)
+        if now:  # the paths printed during the run named this copy: say where the files are
+            print(f"results uploaded to {_shown(uri)} (local staging copy removed)", flush=True)
         return
     if local not in _upload_failed:
         print(

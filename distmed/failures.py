@@ -46,7 +46,7 @@ GPU_MEMORY = (
     "run fewer trials at once on a GPU (--max-concurrent)"
 )
 HOST_MEMORY = (
-    "out of memory (MemoryError in a worker); lower train.batch_size or data.image_size, or "
+    "out of memory (MemoryError); lower train.batch_size or data.image_size, or "
     "run fewer at once: --max-concurrent (trials at once) or --workers (workers per trial)"
 )
 

@@ -44,7 +44,11 @@ def test_the_staging_copy_is_removed_at_exit_once_uploaded(tmp_path, staging, ca
 
     _run_exit_hooks(staging)
     assert not local.exists()
-    assert capsys.readouterr().err == ""
+    out = capsys.readouterr()
+    assert (
+        out.err == ""
+        and out.out == f"results uploaded to file://{bucket}/exp (local staging copy removed)\n"
+    )
 
 
 def test_a_staging_copy_with_files_not_uploaded_is_kept_and_said_where(tmp_path, staging, capsys):
