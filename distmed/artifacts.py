@@ -28,6 +28,10 @@ STAGING_FOLDER = "distmed-results"
 _uploaded: dict[Path, dict[str, tuple[int, int]]] = {}
 _upload_failed: set[Path] = set()
 _staged: set[Path] = set()
+# The result files a `--resume` reads back from the results folder (`nested.NESTED_FILE`:
+# a nested search's finished outer folds). A staging copy removed after its upload gets
+# them back from the bucket; nothing else is fetched (Tune's own files there are newer).
+RESUME_FILES = ("nested.json",)
 
 
 @contextlib.contextmanager
@@ -90,14 +94,17 @@ def results_folder(storage: str, name: str) -> Path:
 
     A local `storage`: that folder itself. A URI: the staging copy
     `$TMPDIR/distmed-results/<name>`, uploaded by `publish_results` and removed at exit
-    when its last upload holds every file as it is then (`finish_staging`).
+    when its last upload holds every file as it is then (`finish_staging`); when it is
+    made anew, the `RESUME_FILES` the bucket holds are fetched into it.
     """
     if "://" not in storage:
         folder = Path(storage).expanduser().resolve() / name
         folder.mkdir(parents=True, exist_ok=True)
         return folder
     folder = Path(tempfile.gettempdir()) / STAGING_FOLDER / name
-    folder.mkdir(parents=True, exist_ok=True)
+    if not folder.is_dir():  # a copy kept after a failed upload is newer than the bucket's
+        folder.mkdir(parents=True)
+        _restore(folder, _destination(storage, name))
     if folder not in _staged:
         _staged.add(folder)
         atexit.register(finish_staging, folder, _destination(storage, name))
@@ -144,6 +151,14 @@ def finish_staging(local: Path, uri: str) -> None:
             f"warning: results not (all) uploaded to {_shown(uri)}; they are kept in {local}",
             file=sys.stderr,
         )
+
+
+def _restore(folder: Path, uri: str) -> None:
+    for name in RESUME_FILES:
+        text = read_text_uri(f"{uri}/{name}")
+        if text is not None:
+            write_text_atomic(folder / name, text)
+    _uploaded[folder] = _snapshot(folder)  # what it holds now is in the bucket already
 
 
 def _destination(storage: str, name: str) -> str:

@@ -15,6 +15,7 @@ import pytest
 
 from distmed import artifacts, demo, resources
 from distmed.errors import UserError
+from distmed.nested import NESTED_FILE
 
 
 @pytest.fixture
@@ -76,6 +77,20 @@ def test_a_failed_upload_keeps_the_staging_copy_and_names_it(tmp_path, staging, 
     _run_exit_hooks(staging)
     assert (local / "best_model.pt").read_bytes() == b"weights"
     assert capsys.readouterr().err == ""  # the error said it once already
+
+
+def test_a_removed_staging_copy_gets_back_what_resume_reads_from_the_bucket(tmp_path, staging):
+    """A nested search interrupted (and uploaded) then `--resume`d: the progress file comes
+    back; files that are not ours to restore stay in the bucket only."""
+    bucket = tmp_path / "bucket"
+    (bucket / "exp").mkdir(parents=True)
+    (bucket / "exp" / NESTED_FILE).write_text('{"folds": ["done"]}')
+    (bucket / "exp" / "tuner.pkl").write_bytes(b"Tune's own state")
+    local = artifacts.results_folder(f"file://{bucket}", "exp")
+    assert sorted(p.name for p in local.iterdir()) == [NESTED_FILE]
+    assert (local / NESTED_FILE).read_text() == '{"folds": ["done"]}'
+    _run_exit_hooks(staging)  # e.g. the resumed search was refused: nothing new to keep
+    assert not local.exists()
 
 
 def test_a_staging_copy_never_written_is_removed(tmp_path, staging):
