@@ -29,9 +29,10 @@ _uploaded: dict[Path, dict[str, tuple[int, int]]] = {}
 _upload_failed: set[Path] = set()
 _staged: set[Path] = set()
 # The result files a `--resume` reads back from the results folder (`nested.NESTED_FILE`:
-# a nested search's finished outer folds). A staging copy removed after its upload gets
-# them back from the bucket; nothing else is fetched (Tune's own files there are newer).
-RESUME_FILES = ("nested.json",)
+# a nested search's finished outer folds; `best_model.pt`: a finished refit, reused). A
+# staging copy removed after its upload gets them back from the bucket; nothing else is
+# fetched (Tune's own files there are newer than any copy of them would be).
+RESUME_FILES = ("nested.json", "best_model.pt")
 
 
 @contextlib.contextmanager
@@ -154,10 +155,18 @@ def finish_staging(local: Path, uri: str) -> None:
 
 
 def _restore(folder: Path, uri: str) -> None:
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(uri)
     for name in RESUME_FILES:
-        text = read_text_uri(f"{uri}/{name}")
-        if text is not None:
-            write_text_atomic(folder / name, text)
+        if filesystem.get_file_info(f"{root}/{name}").type != pyarrow.fs.FileType.File:
+            continue
+        with (
+            atomic_path(folder / name) as tmp,
+            filesystem.open_input_stream(f"{root}/{name}") as stream,
+            tmp.open("wb") as out,
+        ):
+            shutil.copyfileobj(stream, out)
     _uploaded[folder] = _snapshot(folder)  # what it holds now is in the bucket already
 
 

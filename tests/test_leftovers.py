@@ -85,10 +85,12 @@ def test_a_removed_staging_copy_gets_back_what_resume_reads_from_the_bucket(tmp_
     bucket = tmp_path / "bucket"
     (bucket / "exp").mkdir(parents=True)
     (bucket / "exp" / NESTED_FILE).write_text('{"folds": ["done"]}')
+    (bucket / "exp" / "best_model.pt").write_bytes(b"\x80refit weights")  # a finished refit
     (bucket / "exp" / "tuner.pkl").write_bytes(b"Tune's own state")
     local = artifacts.results_folder(f"file://{bucket}", "exp")
-    assert sorted(p.name for p in local.iterdir()) == [NESTED_FILE]
+    assert sorted(p.name for p in local.iterdir()) == sorted(["best_model.pt", NESTED_FILE])
     assert (local / NESTED_FILE).read_text() == '{"folds": ["done"]}'
+    assert (local / "best_model.pt").read_bytes() == b"\x80refit weights"
     _run_exit_hooks(staging)  # e.g. the resumed search was refused: nothing new to keep
     assert not local.exists()
 
