@@ -116,6 +116,15 @@ def test_a_user_error_in_a_worker_is_its_own_message_not_rays_wrapper():
     assert describe(error) == message
 
 
+def test_a_user_error_the_trial_raised_itself_is_its_own_message(tmp_path: Path):
+    """`RayTaskError(UserError): ray::ImplicitFunc.train() (pid=...)` was the whole cell."""
+    message = "Ray Train could not start 2 worker(s) of 1 CPU each within 180 s, 3 times: ..."
+    error = _through_tune(UserError(message))
+    assert type(error).__name__ == "RayTaskError(UserError)"
+    rows = collect_rows([FakeResult({"trial_id": "t1"}, {}, error)], [])
+    assert rows[0].error == message
+
+
 def test_any_other_error_is_the_innermost_exception_and_its_first_line():
     error = _through_tune(_worker_group_error(ValueError("bad shape\nmore detail"), False))
     assert describe(error) == "ValueError: bad shape"
