@@ -113,7 +113,9 @@ def user_error_cause(exc: BaseException, disk_hint: str | None = None) -> UserEr
     """
     chain = list(exception_chain(exc))
     for current in chain:
-        if isinstance(current, UserError):
+        # Not Tune's RayTaskError(UserError): an instance of UserError too, but its text is
+        # Ray's wrapper; its `cause`, later in the chain, is the user's error itself.
+        if isinstance(current, UserError) and not _is_ray_error(current):
             return current
     memory = memory_error(exc)
     if memory is not None:
