@@ -3,11 +3,14 @@
 A kill at any moment leaves the previous complete version of a file, never a torn one.
 Every JSON file distmed writes goes through `json_text`: strict JSON, `null` for NaN/inf;
 every CSV file through `csv_text`: text cells that a spreadsheet would run as a formula are
-neutralised.
+neutralised. Results bound for a URI (s3://, gs://) are written to a local staging copy
+first and uploaded; the copy is removed at exit once the bucket holds all of it, and kept
+(and said where) when it does not, so nothing computed is lost.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
 import io
@@ -16,11 +19,26 @@ import math
 import os
 import re
 import shutil
+import sys
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from distmed.errors import UserError
+
+# $TMPDIR/distmed-results/<name>: the staging copy of a search whose --storage is a URI.
+STAGING_FOLDER = "distmed-results"
+# Staging copy -> what it held (file -> size, mtime) when its last upload succeeded.
+_uploaded: dict[Path, dict[str, tuple[int, int]]] = {}
+_upload_failed: set[Path] = set()
+_staged: set[Path] = set()
+# The result files a `--resume` reads back from the results folder (`nested.NESTED_FILE`:
+# a nested search's finished outer folds; `best_model.pt`: a finished refit, reused). A
+# staging copy removed after its upload gets them back from the bucket; nothing else is
+# fetched (Tune's own files there are newer than any copy of them would be).
+RESUME_FILES = ("nested.json", "best_model.pt")
 
 
 @contextlib.contextmanager
@@ -160,6 +178,108 @@ def upload_dir(local: Path, uri: str) -> None:
 
     filesystem, root = pyarrow.fs.FileSystem.from_uri(uri)
     pyarrow.fs.copy_files(str(local), root, destination_filesystem=filesystem)
+
+
+def results_folder(storage: str, name: str) -> Path:
+    """The folder our result files for <storage>/<name> are written to, created.
+
+    A local `storage`: that folder itself. A URI: the staging copy
+    `$TMPDIR/distmed-results/<name>`, uploaded by `publish_results` and removed at exit
+    when its last upload holds every file as it is then (`finish_staging`); when it is
+    made anew, the `RESUME_FILES` the bucket holds are fetched into it.
+    """
+    if "://" not in storage:
+        folder = Path(storage).expanduser().resolve() / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    folder = Path(tempfile.gettempdir()) / STAGING_FOLDER / name
+    if not folder.is_dir():  # a copy kept after a failed upload is newer than the bucket's
+        folder.mkdir(parents=True)
+        _restore(folder, _destination(storage, name))
+    if folder not in _staged:
+        _staged.add(folder)
+        atexit.register(finish_staging, folder, _destination(storage, name))
+    return folder
+
+
+def publish_results(local: Path, storage: str, name: str) -> None:
+    """Upload the staging copy `local` to <storage>/<name> when `storage` is a URI.
+
+    Raises:
+        UserError: the upload failed (network, credentials, bucket); names the staging
+            copy, which is kept.
+    """
+    if "://" not in storage:
+        return
+    uri = _destination(storage, name)
+    try:
+        upload_dir(local, uri)
+    except OSError as exc:  # pyarrow's S3/GCS errors are OSErrors
+        _upload_failed.add(local)
+        raise UserError(
+            f"could not upload the results to {_shown(uri)} ({str(exc).splitlines()[0]}); "
+            f"they are kept in {local}: copy them there yourself, or fix the storage and "
+            "run again with --resume"
+        ) from exc
+    _upload_failed.discard(local)
+    _uploaded[local] = _snapshot(local)
+
+
+def finish_staging(local: Path, uri: str) -> None:
+    """At exit: remove the staging copy `local` if its last upload to `uri` holds every
+    file as it is now; else keep it and say where (once: a failed upload said so already).
+    """
+    if not local.is_dir():
+        return
+    now = _snapshot(local)
+    if not now or _uploaded.get(local) == now:
+        shutil.rmtree(local, ignore_errors=True)
+        if now:  # the paths printed during the run named this copy: say where the files are
+            print(f"results uploaded to {_shown(uri)} (local staging copy removed)", flush=True)
+        return
+    if local not in _upload_failed:
+        print(
+            f"warning: results not (all) uploaded to {_shown(uri)}; they are kept in {local}",
+            file=sys.stderr,
+        )
+
+
+def _restore(folder: Path, uri: str) -> None:
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(uri)
+    for name in RESUME_FILES:
+        if filesystem.get_file_info(f"{root}/{name}").type != pyarrow.fs.FileType.File:
+            continue
+        with (
+            atomic_path(folder / name) as tmp,
+            filesystem.open_input_stream(f"{root}/{name}") as stream,
+            tmp.open("wb") as out,
+        ):
+            shutil.copyfileobj(stream, out)
+    _uploaded[folder] = _snapshot(folder)  # what it holds now is in the bucket already
+
+
+def _destination(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def _shown(uri: str) -> str:
+    """`uri` without the user:password part a URI may carry (never printed)."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder`: relative path -> (size in bytes, mtime in ns)."""
+    found = {}
+    for path in folder.rglob("*"):
+        if path.is_file():
+            stat = path.stat()
+            found[str(path.relative_to(folder))] = (stat.st_size, stat.st_mtime_ns)
+    return found
 
 
 def delete_checkpoints(run_uri: str) -> None:

@@ -10,24 +10,28 @@ has a range (`bounded`), every text option a length, every path option a compone
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import math
-import os
 import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from distmed.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError, first_line, shorten
+from distmed.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    MAX_NAME_BYTES,
+    MAX_TEXT_BYTES,
+    UserError,
+    first_line,
+    shorten,
+)
+from distmed.failures import root_cause, user_error_cause
 
-# Text options: no path, name or URI distmed takes is longer than PATH_MAX (Linux: 4096
-# bytes), and no folder or file name longer than NAME_MAX (255 bytes on ext4, XFS, APFS,
-# NTFS). Longer ones fail deep inside (`OSError: File name too long`, echoing the whole
-# value), so they are refused while parsing, each in one short line.
-MAX_TEXT_BYTES = 4096
-MAX_NAME_BYTES = 255
+# Text options longer than errors.MAX_TEXT_BYTES (or with a part over MAX_NAME_BYTES) fail
+# deep inside (`OSError: File name too long`, echoing the whole value), so they are refused
+# while parsing, each in one short line.
 # Options (argparse dests) whose values are files, folders or URIs: each `/`-separated part
 # becomes a file or folder name.
 PATH_OPTIONS = frozenset(
@@ -187,7 +191,7 @@ def run_entry_point(body: Callable[[argparse.Namespace], int], args: argparse.Na
         cause = user_error_cause(exc, results)
         if cause is None:
             # Ray's "Training failed due to worker errors:" names no cause; the worker's does.
-            root = worker_failure(exc) or exc
+            root = root_cause(exc)
             print(
                 f"error: {type(root).__name__}: {first_line(root)} "
                 "(rerun with --debug for details)",
@@ -196,61 +200,6 @@ def run_entry_point(body: Callable[[argparse.Namespace], int], args: argparse.Na
             return 1
         print(f"error: {cause}", file=sys.stderr)
         return EXIT_USER_ERROR
-
-
-def user_error_cause(exc: BaseException, disk_hint: str | None = None) -> UserError | None:
-    """The `UserError` behind `exc`, also when Ray wrapped it on its way from a worker.
-
-    A full disk anywhere in the chain (ENOSPC: --output, --storage, the cache, /tmp) is the
-    user's to fix too: one line naming the file that could not be written, or `disk_hint`
-    (the run's results folder) where the error names none (pyarrow's, Ray's storage).
-    """
-    chain = list(_exception_chain(exc))
-    for current in chain:
-        if isinstance(current, UserError):
-            return current
-    for current in chain:
-        if isinstance(current, OSError) and current.errno == errno.ENAMETOOLONG:
-            return UserError(
-                f"{shorten(os.fsdecode(current.filename or '') or 'a path')}: name too long for "
-                f"the file system ({MAX_NAME_BYTES} bytes per file or folder name, "
-                f"{MAX_TEXT_BYTES} per path); use a shorter --data, --output, --storage or --name"
-            )
-        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
-            where = current.filename or disk_hint or "a results or cache folder"
-            return UserError(
-                f"no space left on the device holding {where}; free space there, or point "
-                "--output / --storage / data.cache_dir at a disk with room, then run again "
-                "(a search: add --resume)"
-            )
-    return None
-
-
-def worker_failure(exc: BaseException) -> BaseException | None:
-    """The first Train worker's own exception inside Ray's wrappers, if any."""
-    for current in _exception_chain(exc):
-        failures = list(getattr(current, "worker_failures", {}).values())
-        if failures:
-            return failures[0]
-    return None
-
-
-def _exception_chain(exc: BaseException):
-    """`exc`, its causes and contexts, and the worker / controller exceptions Ray keeps."""
-    seen: set[int] = set()
-    stack: list[BaseException] = [exc]
-    while stack:
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        stack.extend(e for e in (current.__cause__, current.__context__) if e is not None)
-        # Ray Train's WorkerGroupError / ControllerError keep the workers' exceptions here.
-        stack.extend(getattr(current, "worker_failures", {}).values())
-        controller_failure = getattr(current, "controller_failure", None)
-        if isinstance(controller_failure, BaseException):
-            stack.append(controller_failure)
 
 
 class BadCommandLine(SystemExit):

@@ -6,12 +6,20 @@ points print it without a traceback (unless `--debug`) and exit non-zero.
 
 from __future__ import annotations
 
+import re
 import reprlib
 from typing import Any
 
 # Long enough to recognise a value, short enough that a hostile or huge one (a 1 MB string,
 # a list of a million items) never floods the terminal or the log.
 SHORT_VALUE_CHARS = 48
+
+# No path, name or URI distmed takes is longer than PATH_MAX (Linux: 4096 bytes), and no
+# folder or file name longer than NAME_MAX (255 bytes on ext4, XFS, APFS, NTFS).
+MAX_TEXT_BYTES = 4096
+MAX_NAME_BYTES = 255
+# Terminal colours Ray puts into the messages it forwards.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 # Exit statuses every entry point shares (documented in each one's --help epilog).
 EXIT_USER_ERROR = 2  # bad input: one `error:` line, no traceback
@@ -50,5 +58,5 @@ def shorten(value: Any) -> str:
 
 def first_line(exc: BaseException) -> str:
     """The first line of `exc`'s message (its type name when it has none)."""
-    text = str(exc).strip()
+    text = _ANSI_ESCAPE.sub("", str(exc)).strip()
     return text.splitlines()[0] if text else type(exc).__name__

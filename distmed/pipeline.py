@@ -30,7 +30,12 @@ import torch
 import yaml
 
 from distmed import __version__
-from distmed.artifacts import delete_checkpoints, upload_dir
+from distmed.artifacts import (
+    STAGING_FOLDER,
+    delete_checkpoints,
+    publish_results,
+    results_folder,
+)
 from distmed.calibration import TemperatureFit, fit_oof_temperature, oof_threshold
 from distmed.config import CVConfig, ExperimentConfig
 from distmed.cv import FoldPlan, PreparedData, prepare_data, score_caveat, share_images, storage_uri
@@ -118,7 +123,7 @@ class RunContext:
         """The context of search `name` under `storage` (a folder or a URI as given)."""
         root = storage_uri(storage)
         if "://" in root:  # our result files are staged locally, then uploaded
-            local = Path(tempfile.gettempdir()) / "distmed-results" / name
+            local = Path(tempfile.gettempdir()) / STAGING_FOLDER / name
         else:
             local = Path(root) / name
         return cls(name, root, experiment_path(root, name), local, resume, verbose, resume_command)
@@ -469,10 +474,15 @@ def log_to_mlflow(
     return log_search_to_mlflow(spec.base.tracking.mlflow, ctx.name, ctx.local, record)
 
 
+def open_results(ctx: RunContext) -> Path:
+    """The run's local results folder, created (`artifacts.results_folder`: for a URI, a
+    staging copy, uploaded by `publish` and removed at exit once the bucket holds it)."""
+    return results_folder(ctx.storage, ctx.name)
+
+
 def publish(ctx: RunContext) -> None:
     """Copy the local results to <storage>/<name> when the storage is a URI."""
-    if "://" in ctx.storage:
-        upload_dir(ctx.local, f"{ctx.storage.rstrip('/')}/{ctx.name}")
+    publish_results(ctx.local, ctx.storage, ctx.name)
 
 
 def versions() -> dict[str, str]:

@@ -7,16 +7,18 @@ still add (GPU nodes that scale from zero show no GPU until a trial asks for one
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import ray
 import yaml
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 TRIAL_CPU = 0.01
 # Written by `ray up` on the head node: the node types the autoscaler may launch.
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
+# Set to 1 to keep the session folder (Ray's logs) of the local instance distmed started.
+KEEP_SESSION_ENV = "DISTMED_KEEP_RAY_SESSION"
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ def start_local_ray(worker_logs: bool = True, num_cpus: int | None = None) -> st
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     os.environ["RAY_ADDRESS"] = f"{host}:{port}"
     try:
-        ray.init(
+        context = ray.init(
             address="local",
             num_cpus=num_cpus,
             log_to_driver=worker_logs,
@@ -118,7 +122,36 @@ def start_local_ray(worker_logs: bool = True, num_cpus: int | None = None) -> st
     if started != os.environ["RAY_ADDRESS"]:  # never expected; the workers' copy is stale
         log.warning("Ray started at %s, not %s", started, os.environ["RAY_ADDRESS"])
         os.environ["RAY_ADDRESS"] = started
+    # Registered after Ray's own exit hook, so it runs first: it stops the instance itself.
+    session = Path(cast(Any, context).address_info["session_dir"])  # a RayContext: local
+    atexit.register(stop_local_ray, session)
     return started
+
+
+def stop_local_ray(session: Path) -> None:
+    """Stop the local Ray instance `start_local_ray` started and remove its session folder.
+
+    Ray leaves every session folder (`<RAY_TMPDIR or /tmp>/ray/session_<time>_<pid>`: logs,
+    sockets, runtime environments; tens of MB each) behind for good. Only `session`, the
+    folder of the instance this process started, is removed, never another instance's; and
+    not when $DISTMED_KEEP_RAY_SESSION is 1 (Ray's logs wanted).
+    """
+    if ray.is_initialized():  # our instance: the process joins no other after starting it
+        ray.shutdown(wait_for_processes=True)  # its processes stop writing to the folder
+    if os.environ.get(KEEP_SESSION_ENV) == "1":
+        return
+    remove_session_folder(session)
+
+
+def remove_session_folder(session: Path) -> None:
+    """Remove a Ray session folder and the links beside it into it (`session_latest`,
+    `prom_metrics_service_discovery.json`); links into another session stay."""
+    for link in session.parent.iterdir():
+        if link.is_symlink():
+            target = session.parent / os.readlink(link)  # as given, or relative to the folder
+            if target == session or session in target.parents:
+                link.unlink()
+    shutil.rmtree(session, ignore_errors=True)
 
 
 def _free_port() -> int:

@@ -19,6 +19,7 @@ import numpy as np
 from distmed.artifacts import read_text_uri, write_csv_atomic, write_json_uri
 from distmed.config import ExperimentConfig, dump_config
 from distmed.cvstats import separable
+from distmed.failures import describe
 from distmed.space import apply_params
 
 # "stopped": the scheduler (ASHA) stopped it; "interrupted": a Ctrl-C ended the search while
@@ -26,7 +27,6 @@ from distmed.space import apply_params
 STATUSES = ("completed", "stopped", "diverged", "errored", "interrupted")
 # Per-fold epoch histories and out-of-fold predictions of one trial, in its Train run folder.
 TRIAL_DETAIL = "cv_detail.json"
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def collect_rows(
             for k in metrics
             if k.startswith("fold") and k.endswith("_roc_auc")
         )
-        error = _one_line(result.error) if result.error is not None else ""
+        error = describe(result.error) if result.error is not None else ""
         if result.error is not None:
             status = "errored"
         elif metrics.get("folds_diverged"):
@@ -214,12 +214,6 @@ def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
     return str(value)
-
-
-def _one_line(error: BaseException) -> str:
-    # Ray colours actor names in its error texts; a CSV cell wants none of the escape codes.
-    text = ANSI_ESCAPE.sub("", str(error)).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
 def write_trial_detail(run_uri: str, folds: list[dict[str, Any]]) -> None:

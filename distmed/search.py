@@ -33,6 +33,7 @@ from distmed import _ray_compat
 from distmed.artifacts import delete_checkpoints
 from distmed.config import ExperimentConfig
 from distmed.cv import FoldPlan, cross_validate
+from distmed.failures import describe
 from distmed.loop import format_epoch
 from distmed.resources import TRIAL_CPU, WorkerLayout
 from distmed.results import completed_score
@@ -121,7 +122,20 @@ class EpochLines(ray.tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         where = trial.error_file or "trials.csv"
-        print(f"  trial {trial.trial_id} errored (details: {where})", file=sys.stderr, flush=True)
+        print(
+            f"  trial {trial.trial_id} errored: {trial_error_line(trial)} (details: {where})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def trial_error_line(trial) -> str:
+    """Why `trial` errored, in one line (`failures.describe`), from the error Tune saved."""
+    try:  # read back from the trial's storage, where Tune has just written it
+        error = trial.get_pickled_error() or trial.get_error()
+    except Exception:  # noqa: BLE001 - a storage hiccup must not end the search
+        error = None
+    return describe(error) if error else "see the error file"
 
 
 class EndedTrials(ray.tune.Callback):

@@ -132,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
     # An impossible K is refused before Ray starts or the name is taken.
     outer = outer_assignment(prepared.data, args.nested, spec) if args.nested else None
     data = pipeline.connect(prepared.data, args.address, worker_logs=args.verbose)
-    ctx.local.mkdir(parents=True, exist_ok=True)
+    pipeline.open_results(ctx)
     if not ctx.resume:
         record_search(ctx.experiment_uri, spec, prepared.data.index, args.nested)
     if outer is not None:  # --nested K

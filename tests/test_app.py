@@ -1,11 +1,18 @@
-"""The web page end to end: served in-process from a small trained model, driven by chromium."""
+"""The web page end to end: served in-process from a small trained model, driven by chromium;
+its uploads (size bound, private folder removed on Ctrl-C) through `python -m distmed.app`."""
 
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -130,3 +137,65 @@ def test_page_predicts_like_the_cli_and_survives_a_broken_upload(tmp_path: Path)
 def test_app_without_a_model_is_one_line(tmp_path: Path, capsys):
     assert app.main(["--model", str(tmp_path / "no.pt")]) == 2
     assert capsys.readouterr().err.startswith("error: --model")
+
+
+def _wait_until_served(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s  # a bound, not a timing assertion
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the app exited with {proc.returncode}: {proc.stdout.read()}")
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"the app did not serve {url} within {timeout_s} s")
+
+
+def test_uploads_are_bounded_private_and_removed_on_ctrl_c(tmp_path: Path):
+    """`python -m distmed.app` as a user runs it: a file over --max-upload-mb is refused
+    (HTTP 413) and not kept; an accepted one lands in the app's own folder under $TMPDIR,
+    which is gone once Ctrl-C stopped the app (Gradio's default folder is never emptied)."""
+    run = _train_tiny_run(tmp_path)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distmed.app", "--model", str(run / "best_model.pt"),
+         "--port", str(port), "--max-upload-mb", "1"],
+        env={**os.environ, "TMPDIR": str(temp), "GRADIO_TEMP_DIR": ""},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_until_served(url, proc)
+        (folder,) = temp.glob("distmed-app-*")
+        upload = f"{url}gradio_api/upload"
+        image = sorted((tmp_path / "images" / "normal").glob("*.png"))[0]
+        small = httpx.post(upload, files={"files": (image.name, image.read_bytes())})
+        assert small.status_code == 200, small.text
+        (stored,) = small.json()
+        assert Path(stored).is_file() and folder in Path(stored).parents
+
+        big = httpx.post(upload, files={"files": ("big.dcm", b"\0" * (2 * 2**20))})
+        assert big.status_code == 413, big.text
+        assert not [p for p in folder.rglob("*") if p.is_file() and p.stat().st_size > 2**20]
+
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(timeout=120) == 0, proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert list(temp.iterdir()) == []  # the app's folder and every upload in it
+
+
+def test_max_upload_mb_must_be_a_positive_whole_number(capsys):
+    for bad in ("0", "-5", "1.5", "lots"):
+        with pytest.raises(SystemExit) as exc:
+            app.build_parser().parse_args(["--model", "m.pt", "--max-upload-mb", bad])
+        assert exc.value.code == 2
+        assert "--max-upload-mb" in capsys.readouterr().err
+    args = app.build_parser().parse_args(["--model", "m.pt"])
+    assert args.max_upload_mb == app.MAX_UPLOAD_MB == 100
