@@ -166,7 +166,7 @@ def test_summary_keeps_the_warnings_and_is_strict_json(tmp_path: Path):
 
 
 def test_the_report_shows_the_warnings_escaped():
-    from distmed.report import few_images_text
+    from distmed.runreport import few_images_text
 
     data = DataSummary(
         name="d",
