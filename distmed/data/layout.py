@@ -327,8 +327,7 @@ def image_files(root: Path) -> tuple[list[Path], dict[str, str]]:
     class folder; used by sheets that label files by their DICOM header.
     """
     walker = _Walker(root)
-    real = os.path.realpath(root)
-    found = sorted(walker.images(root, (real,)))
+    found = sorted(walker.images(root, ()))
     return found, walker.ignored
 
 

@@ -267,7 +267,8 @@ MANIFEST_COLUMNS = ("path", "label", "group", "split")
 
 
 def scan_manifest(csv_path: Path, cfg: DataConfig) -> DataIndex:
-    """Index a labels CSV: columns `path,label` and optional `group`, `split`.
+    """Index a labels CSV: columns `path,label` and optional `group`, `split`; a sheet keyed
+    by a DICOM attribute (`PatientID,label`, `data.label_key`) goes to `keyed`.
 
     Paths are relative to the CSV's folder (absolute ones are kept). `split` takes
     train/val/test and the folder names `layout` knows (valid, holdout, ...); rows of
@@ -278,6 +279,10 @@ def scan_manifest(csv_path: Path, cfg: DataConfig) -> DataIndex:
             duplicate path, an empty label or a label column with one value; one line
             naming the CSV and the row (as a spreadsheet numbers it: the header is row 1).
     """
+    from distmed.data.keyed import keyed_column, scan_keyed_sheet  # keyed imports this module
+
+    if key := keyed_column(csv_path, cfg):  # PatientID,label: labels from DICOM headers
+        return scan_keyed_sheet(csv_path, key, cfg)
     rows = _read_manifest(csv_path)
     has_group = any(row.get("group") is not None for _, row in rows)
     if has_group and (cfg.group_csv or cfg.group_regex or cfg.group_from):
