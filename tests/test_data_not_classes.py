@@ -129,7 +129,8 @@ def test_chexpert_patient_study_tree_stops_pointing_at_its_sheet(tmp_path, capsy
     assert f"{root / 'train'}: folders patient00001/, patient00002/, patient00003/" in message
     assert "patient/study tree" in message and "not classes" in message
     assert f"{root} holds `train.csv`, `valid.csv`" in message
-    assert f"--data {root / 'train.csv'}`" in message
+    assert f"--data {root / 'train.csv'}` once it has a `path`" in message
+    assert "and a `label` column (it has Path, Sex, Pneumonia)" in message
 
 
 def test_download_parts_stop_pointing_at_the_metadata(tmp_path, capsys):
@@ -140,7 +141,8 @@ def test_download_parts_stop_pointing_at_the_metadata(tmp_path, capsys):
     message = stopped(root, capsys)
     assert "HAM10000_images_part_1/, HAM10000_images_part_2/" in message
     assert "parts of one download, not classes" in message
-    assert f"--data {root / 'HAM10000_metadata.csv'}`" in message
+    assert f"--data {root / 'HAM10000_metadata.csv'}` once it has a `path`" in message
+    assert "(it has lesion_id, image_id, dx)" in message
 
 
 def test_many_tiny_folders_beside_a_sheet_stop(tmp_path, capsys):

@@ -410,13 +410,17 @@ def _labels_hint(root: Path, folder: Path, dicom: bool = False) -> str:
     if not sheets and dicom:  # a sheet beside the export labels the images below it too
         sheets = _sheets(root.parent, root.parent)
     if sheets:
-        names = ", ".join(f"`{p.name}`" for p in sheets[:3])
-        hint = (
-            f"{sheets[0].parent} holds {names}; to use its labels, give it with "
-            f"`--data {sheets[0]}`"
-        )
+        place = sheets[0].parent
+        names = ", ".join([f"`{p.name}`" for p in sheets if p.parent == place][:3])
+        hint = f"{place} holds {names}; to use its labels, give it with `--data {sheets[0]}`"
         if dicom:
-            hint += " (path,label columns, or PatientID,label / StudyInstanceUID,label)"
+            return hint + " (path,label columns, or PatientID,label / StudyInstanceUID,label)"
+        columns = _sheet_columns(sheets[0])
+        if columns is not None and not {"path", "label"} <= {c.lower() for c in columns}:
+            hint += (
+                f" once it has a `path` (file, relative to the sheet) and a `label` column "
+                f"(it has {', '.join(columns[:5])})"
+            )
         return hint
     if dicom:
         return (
@@ -424,6 +428,19 @@ def _labels_hint(root: Path, folder: Path, dicom: bool = False) -> str:
             "with `--data SHEET.csv`: it labels every DICOM image below the sheet's folder"
         )
     return f"write a path,label sheet into {root} and give it with `--data SHEET.csv`"
+
+
+def _sheet_columns(sheet: Path) -> list[str] | None:
+    """The header of a CSV/TSV sheet (comma, semicolon or tab), or None if it cannot be read."""
+    if sheet.suffix.lower() not in (".csv", ".tsv"):
+        return None
+    try:
+        with sheet.open(encoding="utf-8-sig", errors="replace") as handle:
+            first = handle.readline().strip()
+    except OSError:
+        return None
+    separator = max(",;\t", key=first.count)
+    return [name.strip() for name in first.split(separator) if name.strip()] or None
 
 
 def _sheets(root: Path, folder: Path) -> list[Path]:
