@@ -145,6 +145,23 @@ def test_download_parts_stop_pointing_at_the_metadata(tmp_path, capsys):
     assert "(it has lesion_id, image_id, dx)" in message
 
 
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("stage_2_train_images", "stage_2_test_images"),  # RSNA pneumonia (flat DICOM)
+        ("ISIC_2019_Training_Input", "ISIC_2019_Test_Input"),
+        ("dicom-images-train", "dicom-images-test"),  # SIIM pneumothorax
+    ],
+)
+def test_split_named_download_folders_stop(tmp_path, capsys, names):
+    root = write_image_folder(tmp_path / "d", dict.fromkeys(names, 3))
+    (root / "stage_2_train_labels.csv").write_text("patientId,x,y,width,height,Target\n")
+    message = stopped(root, capsys)
+    assert f"{names[0]}/" in message and f"{names[1]}/" in message
+    assert "splits of one download (their names hold train/test/val), not classes" in message
+    assert f"--data {root / 'stage_2_train_labels.csv'}`" in message
+
+
 def test_many_tiny_folders_beside_a_sheet_stop(tmp_path, capsys):
     root = write_image_folder(tmp_path / "d", {f"ISIC_{i:07d}": 2 for i in range(12)})
     (root / "labels.tsv").write_text("image\tlabel\n")

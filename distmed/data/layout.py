@@ -57,7 +57,8 @@ DICOMDIR = "DICOMDIR"
 PATIENT_FOLDER = re.compile(r"(?i)^(pt|pat|patient|subject|sub)[-_]?\d+$")
 STUDY_FOLDER = re.compile(r"(?i)^(st|std|stu|study|ses|session|visit)[-_]?\d+$")
 SERIES_FOLDER = re.compile(r"(?i)^(se|ser|series)[-_]?\d+$")
-# Parts of one download: HAM10000_images_part_1/_part_2, NIH's images_001 ... images_012.
+# Parts of one download: HAM10000_images_part_1/_part_2, NIH's images_001 ... images_012
+# (and split-named parts, `_split_in_name`: RSNA's stage_2_train_images/, stage_2_test_images/).
 PART_FOLDER = re.compile(r"(?i)^(.*?)[-_ ]?(part|batch|chunk)[-_ ]?\d+$|^(images?|imgs?)[-_ ]?\d+$")
 # Labels sheets that a folder of non-classes usually ships with (HAM10000 metadata.csv,
 # CheXpert train.csv, NIH Data_Entry_2017.csv, RSNA stage_2_train_labels.csv, ISIC's .xlsx).
@@ -351,6 +352,12 @@ def _check_folder_names(root: Path, folder: Path, class_dirs: list[Path]) -> Non
             f"{folder}: folders {_names(parts, 3)} are parts of one download, not classes; "
             + _labels_hint(root, folder)
         )
+    splits = [d for d in class_dirs if _split_in_name(d.name)]
+    if len(splits) >= 2:
+        raise UserError(
+            f"{folder}: folders {_names(splits, 3)} are the splits of one download (their "
+            "names hold train/test/val), not classes; " + _labels_hint(root, folder)
+        )
     patients = [d for d in class_dirs if PATIENT_FOLDER.match(d.name)]
     with_studies = [d for d in class_dirs[:20] if _has_sub_folder(d, STUDY_FOLDER)]
     if len(class_dirs) >= 2 and (
@@ -366,6 +373,13 @@ def _check_folder_names(root: Path, folder: Path, class_dirs: list[Path]) -> Non
             f"{folder}: folders {shown} are a patient/study tree (one folder per patient, as "
             f"CheXpert's patientNNNNN/studyN/), not classes; {_labels_hint(root, folder)}"
         )
+
+
+def _split_in_name(name: str) -> bool:
+    """A split's name as a word of a longer name: RSNA's `stage_2_train_images`, ISIC's
+    `ISIC_2019_Training_Input`, SIIM's `dicom-images-test` (exact split names are splits)."""
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
+    return len(words) > 1 and any(split_of(w) for w in words)
 
 
 def _check_not_patients(root: Path, folder: Path, classes: dict[str, list[Path]]) -> None:
