@@ -267,8 +267,7 @@ MANIFEST_COLUMNS = ("path", "label", "group", "split")
 
 
 def scan_manifest(csv_path: Path, cfg: DataConfig) -> DataIndex:
-    """Index a labels CSV: columns `path,label` and optional `group`, `split`; a sheet keyed
-    by a DICOM attribute (`PatientID,label`, `data.label_key`) goes to `keyed`.
+    """Index a labels CSV: columns `path,label` and optional `group`, `split`.
 
     Paths are relative to the CSV's folder (absolute ones are kept). `split` takes
     train/val/test and the folder names `layout` knows (valid, holdout, ...); rows of
