@@ -79,6 +79,12 @@ class DataConfig(_Section):
         description="CSV of labels: columns path,label and optional group, split "
         "(train/val/test); paths relative to the CSV (data.root may be the CSV instead)",
     )
+    label_key: str | None = Field(
+        None,
+        description="labels sheet keyed by this DICOM attribute (e.g. AccessionNumber) instead "
+        "of a path column: each row labels every DICOM image below the sheet's folder with that "
+        "value in its header (PatientID and StudyInstanceUID columns are found without it)",
+    )
     group_from: Literal["PatientID"] | None = Field(
         None, description="PatientID: the patient id from each DICOM file's header"
     )

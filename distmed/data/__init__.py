@@ -1,7 +1,8 @@
 """Data sources -> an index (ids, labels, groups) -> a decoded-image cache -> torch datasets.
 
 `layout` reads image folders, `sheets` reads CSV sheets in Excel's dialects, `labels` checks
-label values once for every source, `sources` turns any source into a `DataIndex`, `decode` makes
+label values once for every source, `keyed` labels DICOM images from a sheet keyed by
+PatientID or StudyInstanceUID, `sources` turns any source into a `DataIndex`, `decode` makes
 arrays of files (`dicom` and `volumes` own those formats), `cache` stores them once for every
 consumer, `transforms` feeds the model and `inspection` reports what a source holds
 (`python -m distmed.data ROOT`).
@@ -59,6 +60,7 @@ _SUBMODULES = (
     "dicom",
     "index",
     "inspection",
+    "keyed",
     "labels",
     "layout",
     "sheets",

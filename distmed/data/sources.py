@@ -305,6 +305,10 @@ def scan_manifest(csv_path: Path, cfg: DataConfig) -> DataIndex:
             label sets or spellings, or a label column with one value; one line naming the
             CSV and the row (as a spreadsheet numbers it: the header is row 1).
     """
+    from distmed.data.keyed import keyed_column, scan_keyed_sheet  # keyed imports this module
+
+    if key := keyed_column(csv_path, cfg):  # PatientID,label: labels from DICOM headers
+        return scan_keyed_sheet(csv_path, key, cfg)
     sheet = read_sheet(
         csv_path, f"data.manifest {csv_path}", ("path", "label"), MANIFEST_COLUMNS[2:]
     )
