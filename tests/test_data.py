@@ -745,6 +745,7 @@ def test_unwritable_cache_dir_is_one_line(tmp_path, monkeypatch):
 
 
 def test_full_disk_through_the_train_cli(tmp_path, monkeypatch, capsys):
+    import distmed.pipeline
     import distmed.train
 
     def no_ray(*args, **kwargs):
@@ -753,7 +754,7 @@ def test_full_disk_through_the_train_cli(tmp_path, monkeypatch, capsys):
     def disk_full(*args, **kwargs):
         raise OSError("Not enough free space to write 4096 bytes")
 
-    monkeypatch.setattr(distmed.train, "start_ray", no_ray)
+    monkeypatch.setattr(distmed.pipeline, "start_ray", no_ray)
     monkeypatch.setattr(data_mod.cache, "write_block", disk_full)
     root = write_image_folder(tmp_path / "flat", {"a": 6, "b": 6})
     argv = ["--data", str(root), "--output", str(tmp_path / "out"), "--set", "cv.folds=2"]
