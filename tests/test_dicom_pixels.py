@@ -27,6 +27,7 @@ from distmed.data.decode import DecodeOptions, decode_image, describe_file
 from distmed.data.dicom import read_dicom
 from distmed.data.inspection import inspect_index
 from distmed.errors import UserError
+from distmed.inference import decode_file
 
 pydicom = pytest.importorskip("pydicom")
 cv2 = pytest.importorskip("cv2")
@@ -325,7 +326,7 @@ def test_predict_reports_the_crashing_file_and_decodes_the_rest(tmp_path, monkey
     root = _folder_with_a_crashing_file(tmp_path / "d")
     _crash_on("crash.dcm", monkeypatch)
     files = predict.collect_images([str(root)])
-    decoded = {p.relative_to(root).as_posix(): predict.decode_file(p, 8) for p in files}
+    decoded = {p.relative_to(root).as_posix(): decode_file(p, 8) for p in files}
     assert decoded["b/crash.dcm"].startswith("decoder error: AttributeError")
     assert sum(isinstance(d, np.ndarray) for d in decoded.values()) == 6
 
