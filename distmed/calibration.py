@@ -16,7 +16,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 from distmed.errors import UserError
-from distmed.metrics import calibration_error
+from distmed.task import Task
 
 MIN_SAMPLES = 20  # fewer held-out predictions than this cannot pin a temperature down
 TEMPERATURE_BOUNDS = (0.05, 20.0)  # sharpen at most 20x, flatten at most 20x
@@ -28,7 +28,7 @@ class TemperatureFit(BaseModel):
     """One fitted temperature and what it did on the data it was fitted to.
 
     NLL is the mean negative log-likelihood in nats per sample; ECE is
-    `distmed.metrics.calibration_error` (15 equal-width bins).
+    `Task.calibration_error` (15 equal-width bins).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -41,9 +41,7 @@ class TemperatureFit(BaseModel):
     num_samples: int = Field(ge=MIN_SAMPLES)
 
 
-def fit_temperature(
-    labels: np.ndarray, probs: np.ndarray, positive: int | None = None
-) -> TemperatureFit:
+def fit_temperature(labels: np.ndarray, probs: np.ndarray, task: Task) -> TemperatureFit:
     """The temperature T minimising the NLL of softmax(log(probs) / T) on (labels, probs).
 
     log(probs) equals the model's logits up to a per-row constant, which softmax ignores, so
@@ -54,8 +52,7 @@ def fit_temperature(
     Args:
         labels: (N,) true class index per sample, held out from training.
         probs: (N, K) predicted class probabilities; rows sum to 1.
-        positive: binary tasks, the class whose probability the ECE bins (default 1), as in
-            `distmed.metrics.classification_metrics`.
+        task: the task, whose calibration error (`Task.calibration_error`) is reported.
 
     Raises:
         UserError: fewer than `MIN_SAMPLES` samples, a single class, mismatched shapes,
@@ -75,8 +72,8 @@ def fit_temperature(
         temperature=temperature,
         nll_before=_nll(labels, log_probs),
         nll_after=float(found.fun),
-        ece_before=calibration_error(labels, probs, positive),
-        ece_after=calibration_error(labels, calibrated, positive),
+        ece_before=task.calibration_error(labels, probs),
+        ece_after=task.calibration_error(labels, calibrated),
         num_samples=len(labels),
     )
 

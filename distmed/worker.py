@@ -43,7 +43,7 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point: train every fold in `loop_config['folds']` in lockstep.
 
     `loop_config` holds the experiment config as a dict, the decoded-image file, labels,
-    number of classes, the fold index lists and the thread count; see `cv.cross_validate`.
+    the `distmed.task.Task`, the fold index lists and the thread count; see `cv.cross_validate`.
     """
     cfg = ExperimentConfig.model_validate(loop_config["config"])
     _quiet_worker_logs()
@@ -58,7 +58,7 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
     context = ray.train.get_context()
     folds = [
         build_fold(
-            FoldData(i, spec["train"], spec.get("val"), images, labels, loop_config["num_classes"]),
+            FoldData(i, spec["train"], spec.get("val"), images, labels, loop_config["task"]),
             cfg,
             runtime,
             batch_size=max(1, cfg.train.batch_size // context.get_world_size()),  # rank's share
@@ -86,7 +86,7 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
         torch.manual_seed(epoch_seed(cfg.train.seed, context.get_world_rank(), epoch))
         for fold in folds:
             if not fold.stopped:
-                run_fold_epoch(fold, epoch, cfg, runtime, loop_config["positive"])
+                run_fold_epoch(fold, epoch, cfg, runtime)
         if any(diverged(f) for f in folds):
             for fold in folds:  # one fold without a score leaves the trial without one
                 fold.stopped = True
