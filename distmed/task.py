@@ -80,6 +80,10 @@ class Task(ABC):
         """Expected calibration error (`metrics.expected_calibration_error`), in [0, 1]."""
 
     @abstractmethod
+    def brier(self, labels: np.ndarray, probs: np.ndarray) -> float:
+        """Brier score (lower is better): binary in [0, 1], multi-class in [0, 2]."""
+
+    @abstractmethod
     def bootstrap(
         self,
         labels: np.ndarray,
