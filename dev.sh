@@ -3,6 +3,8 @@
 #   bash dev.sh demo   the demo search (Tune + Optuna over 5-fold CV on the built-in data)
 #   bash dev.sh cv     one configuration, 5-fold cross-validated on the built-in demo data
 #   bash dev.sh test   install the tests' browser if missing, run ruff, mypy and pytest (what CI runs)
+#   bash dev.sh test-fast   pytest without the Ray and GPU tests (-m "not ray and not gpu"), no
+#     ruff or mypy: the ~2-minute loop while editing; `test` before a commit still runs everything
 #   bash dev.sh gpu-check   on a CUDA machine: gpu tests, train, packed search, throughput
 #     (PYTHON=python3 or DISTMED_PYTHON=...: use that interpreter as it is, make no .venv)
 set -euo pipefail
@@ -61,6 +63,12 @@ case "${1:-}" in
         "$VENV/bin/python" -m mypy  # over distmed/, configured in pyproject.toml
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
+    test-fast)
+        ensure_env
+        ensure_browser
+        shift
+        exec "$VENV/bin/python" -m pytest -m "not ray and not gpu" "$@"
+        ;;
     gpu-check)
         shift
         # A GPU machine may have no network: an interpreter that already holds torch and
@@ -73,7 +81,7 @@ case "${1:-}" in
         exec "$python" -m benchmarks.gpu_check "$@"
         ;;
     *)
-        echo "usage: bash dev.sh demo|cv|test|gpu-check [extra arguments]" >&2
+        echo "usage: bash dev.sh demo|cv|test|test-fast|gpu-check [extra arguments]" >&2
         exit 2
         ;;
 esac

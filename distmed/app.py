@@ -3,17 +3,25 @@
 Per image: the predicted class, every class's probability as bars, the decision at the saved
 threshold (binary) and a Grad-CAM overlay, beside the model card. Predictions go through
 `distmed.predict`'s own functions, so the page and the CSV agree. Needs `distmed[app]`.
+
+Uploads are bounded (`--max-upload-mb`, per file) and kept in a private temporary folder
+that is removed when the page stops (Ctrl-C, SIGTERM): Gradio's own default,
+`$TMPDIR/gradio`, is shared and never emptied.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import html
 import io
 import os
+import shutil
+import signal
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,26 +33,32 @@ from PIL import Image
 from distmed.cli import (
     add_debug_option,
     add_model_option,
-    choose_device,
+    bounded,
     model_path,
-    run_entry_point,
+    run_command,
 )
 from distmed.data import DecodeOptions
+from distmed.data.decode import DICOM_EXTENSIONS, IMAGE_EXTENSIONS
 from distmed.errors import UserError
-from distmed.inference import load_inference_model
-from distmed.modelcard import NOTICE, model_card
-from distmed.predict import (
+from distmed.inference import (
     Prediction,
+    choose_device,
     gradcam_pictures,
     label_at_threshold,
+    load_inference_model,
     predict_batches,
     saved_threshold,
 )
+from distmed.modelcard import NOTICE, model_card
 from distmed.savedmodel import SavedModel
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"]
+UPLOAD_TYPES = [*IMAGE_EXTENSIONS, *DICOM_EXTENSIONS]  # what the decoder reads
 BATCH_SIZE = 16
+# Per uploaded file. A DICOM image is well under this (a CT slice ~0.5 MB, a mammogram
+# ~50 MB); a larger upload is refused (HTTP 413) before it fills the disk.
+MAX_UPLOAD_MB = 100
+MAX_UPLOAD_LIMIT_MB = 1_000_000  # --max-upload-mb: a terabyte, past any image
 CSS = """
 .distmed-result { border: 1px solid #ccc; border-radius: 8px; padding: 12px; margin: 8px 0; }
 .distmed-result .bar { background: #eee; width: 220px; height: 14px; display: inline-block; }
@@ -94,18 +108,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_option(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    parser.add_argument("--port", type=int, default=7860, help="port to serve on (7860)")
+    parser.add_argument(
+        "--port", type=bounded(int, 1, 65535, "7860"), default=7860, help="port to serve on (7860)"
+    )
+    parser.add_argument(
+        "--max-upload-mb",
+        type=bounded(int, 1, MAX_UPLOAD_LIMIT_MB, str(MAX_UPLOAD_MB)),
+        default=MAX_UPLOAD_MB,
+        help=f"largest file accepted, in MB (2^20 bytes) per file ({MAX_UPLOAD_MB}); a larger "
+        "upload is refused",
+    )
     add_debug_option(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_entry_point(_run, build_parser().parse_args(argv))
+    return run_command(build_parser(), argv, _run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    serve(args).block_thread()  # until Ctrl-C
+    with private_upload_folder():
+        page = serve(args)
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # stopped like Ctrl-C
+        try:
+            page.block_thread()  # until Ctrl-C (which it catches)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            page.close()
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def private_upload_folder() -> Iterator[Path]:
+    """A new temporary folder for Gradio's uploads while open (GRADIO_TEMP_DIR), removed
+    with everything uploaded into it on the way out (also on Ctrl-C or an error).
+
+    Pages built inside it keep their uploads there: Gradio reads GRADIO_TEMP_DIR when a
+    page's components are made and when it is launched.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="distmed-app-"))
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    try:
+        yield folder
+    finally:
+        if previous is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = previous
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def serve(args: argparse.Namespace) -> Any:
@@ -130,6 +185,7 @@ def serve(args: argparse.Namespace) -> Any:
         css=CSS,
         share=False,
         prevent_thread_lock=True,
+        max_file_size=args.max_upload_mb * 2**20,  # bytes; Gradio answers 413 above it
     )
     return page
 
@@ -218,7 +274,7 @@ def _decision_html(predictor: Predictor, probs: np.ndarray) -> str:
     if saved.positive_class is None:  # multi-class: decisions are the argmax shown above
         return ""
     if predictor.threshold is None:
-        return "<p>No operating threshold saved with the model (run distmed.report).</p>"
+        return "<p>No operating threshold saved with the model (its search chose none).</p>"
     positive = saved.positive_class
     label = label_at_threshold(probs, saved, predictor.threshold)
     return (

@@ -1,19 +1,44 @@
 """Result files: written atomically (temp file + rename), mirrored to remote storage.
 
 A kill at any moment leaves the previous complete version of a file, never a torn one.
+Every JSON file distmed writes goes through `json_text`: strict JSON, `null` for NaN/inf;
+every CSV file through `csv_text`: text cells that a spreadsheet would run as a formula are
+neutralised. Results bound for a URI (s3://, gs://) are written to a local staging copy
+first and uploaded; the copy is removed at exit once the bucket holds all of it, and kept
+(and said where) when it does not, so nothing computed is lost.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import csv
+import io
 import json
+import math
 import os
+import re
 import shutil
-from collections.abc import Iterator
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from distmed.errors import UserError
+
+# $TMPDIR/distmed-results/<name>: the staging copy of a search whose --storage is a URI.
+STAGING_FOLDER = "distmed-results"
+# Staging copy -> what it held (file -> size, mtime) when its last upload succeeded.
+_uploaded: dict[Path, dict[str, tuple[int, int]]] = {}
+_upload_failed: set[Path] = set()
+_staged: set[Path] = set()
+# The result files a `--resume` reads back from the results folder (`nested.NESTED_FILE`:
+# a nested search's finished outer folds; `best_model.pt`: a finished refit, reused). A
+# staging copy removed after its upload gets them back from the bucket; nothing else is
+# fetched (Tune's own files there are newer than any copy of them would be).
+RESUME_FILES = ("nested.json", "best_model.pt")
 
 
 @contextlib.contextmanager
@@ -38,8 +63,92 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=1, allow_nan=True, default=str))
+def json_text(payload: Any, *, indent: int | None = 1, sort_keys: bool = False) -> str:
+    """`payload` as strict JSON (RFC 8259): the one encoder of every JSON file distmed writes.
+
+    NaN and +-inf (an undefined ROC-AUC, a diverged fold's loss) become `null`: Python's
+    `json` would write the bare tokens `NaN`/`Infinity`, which no other JSON reader accepts
+    (JavaScript's `JSON.parse`, jq, pandas' strict mode). numpy scalars and arrays become
+    plain numbers and lists; tuples become lists; other objects (a `Path`) their `str`.
+    `allow_nan=False` makes any non-finite number this conversion missed raise
+    `ValueError` here rather than reach a file.
+    """
+    try:  # most payloads are plain and finite: the C encoder alone, no copy
+        return json.dumps(
+            payload, indent=indent, sort_keys=sort_keys, allow_nan=False, default=_not_plain
+        )
+    except (ValueError, TypeError):  # a NaN/inf, a numpy value or a Path somewhere
+        pass
+    return json.dumps(
+        json_safe(payload), indent=indent, sort_keys=sort_keys, allow_nan=False, default=str
+    )
+
+
+def _not_plain(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} needs json_safe")
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with non-finite floats as None and numpy values as Python ones (recursively)."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    if isinstance(value, bool | str | int) or value is None:
+        return value
+    item = getattr(value, "item", None)  # a numpy scalar or 0-d array
+    if callable(item) and getattr(value, "ndim", 1) == 0:
+        value = item()
+    elif hasattr(value, "tolist"):  # a numpy array
+        return json_safe(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value
+
+
+def write_json_atomic(path: Path, payload: Any, *, indent: int | None = 1) -> None:
+    """Write `payload` to `path` atomically as strict JSON (`json_text`)."""
+    write_text_atomic(path, json_text(payload, indent=indent) + "\n")
+
+
+def write_json_uri(uri: str, payload: Any, *, sort_keys: bool = False) -> None:
+    """Write `payload` as strict JSON (`json_text`) to a local path or URI (`write_text_uri`)."""
+    write_text_uri(uri, json_text(payload, sort_keys=sort_keys) + "\n")
+
+
+# First characters that make a spreadsheet (Excel, LibreOffice, Google Sheets) read a cell
+# as a formula or command: OWASP, "CSV Injection",
+# https://owasp.org/www-community/attacks/CSV_Injection
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# A text cell that is only a number ("-0.5", "+3", "-1e-05") is read as that number, never
+# run; it stays as written so numbers written as text remain numbers.
+PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def csv_cell(value: Any) -> Any:
+    """`value` safe to open in a spreadsheet: text starting with `=`, `+`, `-`, `@`, a tab
+    or a carriage return gets a leading `'` (OWASP's advice), so `=HYPERLINK(...)` in a
+    class or file name shows as text instead of running. Numbers (int, float, a text that
+    is only a number) are left as they are."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_STARTS):
+        return value
+    if PLAIN_NUMBER.fullmatch(value):
+        return value
+    return "'" + value
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A CSV file's text (Python's `csv` dialect `excel`), every cell through `csv_cell`."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([csv_cell(cell) for cell in header])
+    writer.writerows([csv_cell(cell) for cell in row] for row in rows)
+    return buffer.getvalue()
+
+
+def write_csv_atomic(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write a CSV file atomically (`write_text_atomic`) with spreadsheet-safe cells."""
+    write_text_atomic(path, csv_text(header, rows))
 
 
 def write_text_uri(uri: str, text: str) -> None:
@@ -69,6 +178,108 @@ def upload_dir(local: Path, uri: str) -> None:
 
     filesystem, root = pyarrow.fs.FileSystem.from_uri(uri)
     pyarrow.fs.copy_files(str(local), root, destination_filesystem=filesystem)
+
+
+def results_folder(storage: str, name: str) -> Path:
+    """The folder our result files for <storage>/<name> are written to, created.
+
+    A local `storage`: that folder itself. A URI: the staging copy
+    `$TMPDIR/distmed-results/<name>`, uploaded by `publish_results` and removed at exit
+    when its last upload holds every file as it is then (`finish_staging`); when it is
+    made anew, the `RESUME_FILES` the bucket holds are fetched into it.
+    """
+    if "://" not in storage:
+        folder = Path(storage).expanduser().resolve() / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    folder = Path(tempfile.gettempdir()) / STAGING_FOLDER / name
+    if not folder.is_dir():  # a copy kept after a failed upload is newer than the bucket's
+        folder.mkdir(parents=True)
+        _restore(folder, _destination(storage, name))
+    if folder not in _staged:
+        _staged.add(folder)
+        atexit.register(finish_staging, folder, _destination(storage, name))
+    return folder
+
+
+def publish_results(local: Path, storage: str, name: str) -> None:
+    """Upload the staging copy `local` to <storage>/<name> when `storage` is a URI.
+
+    Raises:
+        UserError: the upload failed (network, credentials, bucket); names the staging
+            copy, which is kept.
+    """
+    if "://" not in storage:
+        return
+    uri = _destination(storage, name)
+    try:
+        upload_dir(local, uri)
+    except OSError as exc:  # pyarrow's S3/GCS errors are OSErrors
+        _upload_failed.add(local)
+        raise UserError(
+            f"could not upload the results to {_shown(uri)} ({str(exc).splitlines()[0]}); "
+            f"they are kept in {local}: copy them there yourself, or fix the storage and "
+            "run again with --resume"
+        ) from exc
+    _upload_failed.discard(local)
+    _uploaded[local] = _snapshot(local)
+
+
+def finish_staging(local: Path, uri: str) -> None:
+    """At exit: remove the staging copy `local` if its last upload to `uri` holds every
+    file as it is now; else keep it and say where (once: a failed upload said so already).
+    """
+    if not local.is_dir():
+        return
+    now = _snapshot(local)
+    if not now or _uploaded.get(local) == now:
+        shutil.rmtree(local, ignore_errors=True)
+        if now:  # the paths printed during the run named this copy: say where the files are
+            print(f"results uploaded to {_shown(uri)} (local staging copy removed)", flush=True)
+        return
+    if local not in _upload_failed:
+        print(
+            f"warning: results not (all) uploaded to {_shown(uri)}; they are kept in {local}",
+            file=sys.stderr,
+        )
+
+
+def _restore(folder: Path, uri: str) -> None:
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(uri)
+    for name in RESUME_FILES:
+        if filesystem.get_file_info(f"{root}/{name}").type != pyarrow.fs.FileType.File:
+            continue
+        with (
+            atomic_path(folder / name) as tmp,
+            filesystem.open_input_stream(f"{root}/{name}") as stream,
+            tmp.open("wb") as out,
+        ):
+            shutil.copyfileobj(stream, out)
+    _uploaded[folder] = _snapshot(folder)  # what it holds now is in the bucket already
+
+
+def _destination(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def _shown(uri: str) -> str:
+    """`uri` without the user:password part a URI may carry (never printed)."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder`: relative path -> (size in bytes, mtime in ns)."""
+    found = {}
+    for path in folder.rglob("*"):
+        if path.is_file():
+            stat = path.stat()
+            found[str(path.relative_to(folder))] = (stat.st_size, stat.st_mtime_ns)
+    return found
 
 
 def delete_checkpoints(run_uri: str) -> None:

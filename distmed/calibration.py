@@ -1,5 +1,6 @@
 """Post-hoc calibration by temperature scaling (Guo et al. 2017, "On Calibration of Modern
-Neural Networks", ICML): fit one temperature on held-out predictions, apply it to new ones.
+Neural Networks", ICML): fit one temperature on held-out predictions, apply it to new ones;
+and the binary operating threshold chosen on the same held-out (out-of-fold) predictions.
 
 Pure functions of saved class probabilities; a fit is a small frozen record that can be stored
 (as JSON) beside the model it calibrates.
@@ -8,6 +9,7 @@ Pure functions of saved class probabilities; a fit is a small frozen record that
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,7 +18,8 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 from distmed.errors import UserError
-from distmed.task import Task
+from distmed.metrics import sensitivity_threshold, youden_threshold
+from distmed.task import BinaryTask, Task
 
 MIN_SAMPLES = 20  # fewer held-out predictions than this cannot pin a temperature down
 TEMPERATURE_BOUNDS = (0.05, 20.0)  # sharpen at most 20x, flatten at most 20x
@@ -76,6 +79,67 @@ def fit_temperature(labels: np.ndarray, probs: np.ndarray, task: Task) -> Temper
         ece_after=task.calibration_error(labels, calibrated),
         num_samples=len(labels),
     )
+
+
+def fit_oof_temperature(
+    oof: tuple[np.ndarray, np.ndarray] | None, task: Task
+) -> TemperatureFit | None:
+    """The temperature fitted on the best trial's out-of-fold (labels, probs) (never the test
+    split); None, with one line saying why, when they are missing or too few."""
+    if oof is None:
+        print("calibration: the best trial saved no out-of-fold predictions; none fitted")
+        return None
+    try:
+        fit = fit_temperature(*oof, task)
+    except UserError as exc:
+        print(f"calibration: not fitted ({exc})")
+        return None
+    print(
+        f"calibration: temperature {fit.temperature:.3f} on {fit.num_samples} out-of-fold "
+        f"predictions (ECE {fit.ece_before:.4f} -> {fit.ece_after:.4f})",
+        flush=True,
+    )
+    return fit
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """A binary operating threshold and how it did on the predictions it was chosen on."""
+
+    value: float  # on the positive class's (calibrated) probability
+    method: str  # "youden" or "sensitivity>=0.95"
+    num_samples: int
+    sensitivity: float
+    specificity: float
+
+
+def oof_threshold(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    task: BinaryTask,
+    temperature: float | None = None,
+    target_sensitivity: float | None = None,
+) -> ThresholdChoice:
+    """Binary tasks: the positive-class score threshold, picked on out-of-fold validation.
+
+    Youden's J by default, or the highest threshold that reaches `target_sensitivity`.
+    The test split plays no part in the choice. With a `temperature`, the out-of-fold
+    probabilities are scaled by it first: predict, the app and the saved test predictions
+    apply it, so the threshold must live on the same (calibrated) scale.
+
+    Args:
+        labels: (N,) true class per out-of-fold sample; probs: (N, 2) its probabilities.
+    """
+    if temperature is not None:
+        probs = apply_temperature(probs, temperature)
+    truth, score = task.truth(labels), task.score(probs)
+    if target_sensitivity is None:
+        value, method = youden_threshold(truth, score), "youden"
+    else:
+        value = sensitivity_threshold(truth, score, target_sensitivity)
+        method = f"sensitivity>={target_sensitivity:g}"
+    at = task.metrics_at(labels, probs, value)
+    return ThresholdChoice(value, method, len(labels), at["sensitivity"], at["specificity"])
 
 
 def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:

@@ -1,29 +1,79 @@
-"""What every entry point shares: common options, `--model` checking, the device, logging
-set-up, one-line user errors.
+"""What every entry point shares: common options, `--model` checking, logging set-up,
+one-line user errors.
 
 A `UserError` (or a training failure caused by one) is printed as a single `error:` line
-and the process exits with status 2; `--debug` shows the full traceback instead.
+and the process exits with status 2; `--debug` shows the full traceback instead. A bad
+command line is one such line too (`parse`), checked before any work: every numeric option
+has a range (`bounded`), every text option a length, every path option a component length.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
+import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import NoReturn
 
-from distmed.config import DataConfig
-from distmed.data.index import DataIndex
-from distmed.data.inspection import check_duplicates, format_summary, inspect_index
-from distmed.errors import UserError
+from distmed.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    MAX_NAME_BYTES,
+    MAX_TEXT_BYTES,
+    UserError,
+    first_line,
+    shorten,
+)
+from distmed.failures import root_cause, user_error_cause
 
-if TYPE_CHECKING:
-    import torch
+# Text options longer than errors.MAX_TEXT_BYTES (or with a part over MAX_NAME_BYTES) fail
+# deep inside (`OSError: File name too long`, echoing the whole value), so they are refused
+# while parsing, each in one short line.
+# Options (argparse dests) whose values are files, folders or URIs: each `/`-separated part
+# becomes a file or folder name.
+PATH_OPTIONS = frozenset(
+    {"data", "space", "config", "output", "storage", "model", "gradcam", "json", "run_dir",
+     "inputs", "root"}
+)  # fmt: skip
+# `--name`: a folder under --storage, which Ray Tune names files inside after it; kept well
+# below NAME_MAX so those longer names fit too.
+MAX_RUN_NAME_CHARS = 120
 
-EXIT_USER_ERROR = 2
+
+def bounded(kind: type[int] | type[float], low: float, high: float, example: str):
+    """An argparse `type` accepting a finite `kind` in [low, high], refusing with the range.
+
+    The refusal names the allowed range and an example (argparse prefixes the option's
+    name); the value is quoted cut short (`errors.shorten`).
+    """
+
+    def convert(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not low <= value <= high:
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(
+                f"{shorten(text)}: use {what} from {low:g} to {high:g}, e.g. {example}"
+            )
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in some messages
+    return convert
+
+
+def positive_fraction(text: str) -> float:
+    """An argparse `type`: a number in (0, 1] (a rate such as a target sensitivity)."""
+    value = bounded(float, 0.0, 1.0, "0.95")(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(
+            f"{shorten(text)}: use a number above 0 up to 1, e.g. 0.95"
+        )
+    return value
 
 
 def add_set_option(parser: argparse.ArgumentParser, example: str) -> None:
@@ -47,7 +97,11 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cpu", action="store_true", help="train on CPU even when GPUs are visible"
     )
-    parser.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks) per run, e.g. 2")
+    parser.add_argument(
+        "--workers",
+        type=bounded(int, 1, 1024, "2"),
+        help="Ray Train workers (DDP ranks) per run, 1 to 1024, e.g. 2",
+    )
     add_debug_option(parser)
 
 
@@ -70,7 +124,7 @@ def add_model_option(parser: argparse.ArgumentParser) -> None:
 def add_threshold_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threshold",
-        type=float,
+        type=bounded(float, 0.0, 1.0, "0.5"),
         help="binary tasks: positive-class threshold (default: the one saved in the model)",
     )
 
@@ -102,13 +156,6 @@ def model_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def choose_device(cpu: bool = False) -> torch.device:
-    """The first CUDA GPU when there is one (and `cpu` is not asked for), else the CPU."""
-    import torch  # here: the data inspector and --help need no torch
-
-    return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
-
-
 def overrides_from_args(args: argparse.Namespace) -> list[str]:
     """The shortcut flags, as `--set` overrides, ahead of the user's own `--set` items."""
     items = []
@@ -134,7 +181,7 @@ def run_entry_point(body: Callable[[argparse.Namespace], int], args: argparse.Na
         return body(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:
         if args.debug:
             raise
@@ -144,7 +191,7 @@ def run_entry_point(body: Callable[[argparse.Namespace], int], args: argparse.Na
         cause = user_error_cause(exc, results)
         if cause is None:
             # Ray's "Training failed due to worker errors:" names no cause; the worker's does.
-            root = worker_failure(exc) or exc
+            root = root_cause(exc)
             print(
                 f"error: {type(root).__name__}: {first_line(root)} "
                 "(rerun with --debug for details)",
@@ -155,73 +202,92 @@ def run_entry_point(body: Callable[[argparse.Namespace], int], args: argparse.Na
         return EXIT_USER_ERROR
 
 
-def inspect_data(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
-    """Print the short data summary (and a duplicate warning); the full one for results.
+class BadCommandLine(SystemExit):
+    """A refused command line, already said in one line: exit status 2 (`parse`)."""
 
-    Raises:
-        UserError: duplicates across splits or classes with `data.on_duplicates: error`.
+    def __init__(self) -> None:
+        super().__init__(EXIT_USER_ERROR)
+
+
+def run_command(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    body: Callable[[argparse.Namespace], int],
+) -> int:
+    """A CLI's `main`: `parse` the command line, then `run_entry_point(body, args)`.
+
+    A bad command line returns 2 (its one line printed) before any work; `args.argv` holds
+    the arguments as given (a search's `--resume` hint repeats them).
     """
-    inspection = inspect_index(index, cfg)
-    print(format_summary(inspection, short=True), flush=True)
-    warning = check_duplicates(inspection, cfg)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr, flush=True)
-    return inspection
-
-
-def user_error_cause(exc: BaseException, disk_hint: str | None = None) -> UserError | None:
-    """The `UserError` behind `exc`, also when Ray wrapped it on its way from a worker.
-
-    A full disk anywhere in the chain (ENOSPC: --output, --storage, the cache, /tmp) is the
-    user's to fix too: one line naming the file that could not be written, or `disk_hint`
-    (the run's results folder) where the error names none (pyarrow's, Ray's storage).
-    """
-    chain = list(_exception_chain(exc))
-    for current in chain:
-        if isinstance(current, UserError):
-            return current
-    for current in chain:
-        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
-            where = current.filename or disk_hint or "a results or cache folder"
-            return UserError(
-                f"no space left on the device holding {where}; free space there, or point "
-                "--output / --storage / data.cache_dir at a disk with room, then run again "
-                "(a search: add --resume)"
-            )
-    return None
-
-
-def worker_failure(exc: BaseException) -> BaseException | None:
-    """The first Train worker's own exception inside Ray's wrappers, if any."""
-    for current in _exception_chain(exc):
-        failures = list(getattr(current, "worker_failures", {}).values())
-        if failures:
-            return failures[0]
-    return None
-
-
-def _exception_chain(exc: BaseException):
-    """`exc`, its causes and contexts, and the worker / controller exceptions Ray keeps."""
-    seen: set[int] = set()
-    stack: list[BaseException] = [exc]
-    while stack:
-        current = stack.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        stack.extend(e for e in (current.__cause__, current.__context__) if e is not None)
-        # Ray Train's WorkerGroupError / ControllerError keep the workers' exceptions here.
-        stack.extend(getattr(current, "worker_failures", {}).values())
-        controller_failure = getattr(current, "controller_failure", None)
-        if isinstance(controller_failure, BaseException):
-            stack.append(controller_failure)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    try:
+        args = parse(parser, argv)
+    except BadCommandLine:
+        return EXIT_USER_ERROR
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    return run_entry_point(body, args)
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    return parser.parse_args(list(argv) if argv is not None else None)
+    """`parser`'s arguments from `argv` (default `sys.argv[1:]`), checked before any work.
+
+    A bad command line is one `error:` line on stderr naming the option (argparse's usage
+    text is left out; `--help` shows it) and exit status 2, as a `UserError` is: a value out
+    of its option's range (`bounded`), a text option longer than MAX_TEXT_BYTES, a path
+    option with a part longer than MAX_NAME_BYTES, a `--name` longer than
+    MAX_RUN_NAME_CHARS. Values are quoted cut short (`errors.shorten`).
+    """
+
+    def one_line(message: str) -> NoReturn:
+        print(f"error: {parser.prog}: {_short_message(message)}", file=sys.stderr)
+        raise BadCommandLine
+
+    parser.error = one_line  # type: ignore[method-assign]
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        check_text_options(args)
+    except UserError as exc:
+        one_line(str(exc))
+    return args
+
+
+def check_text_options(args: argparse.Namespace) -> None:
+    """Refuse text options too long for what they become (paths, folder names, keys).
+
+    Raises:
+        UserError: names the option, the length and the limit; the value cut short.
+    """
+    for dest, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                _check_text(dest, text)
+
+
+def _check_text(dest: str, text: str) -> None:
+    option = dest if dest in ("inputs", "run_dir", "root") else "--" + dest.replace("_", "-")
+    if dest == "overrides":
+        option = "--set"
+    size = len(text.encode(errors="surrogateescape"))
+    if size > MAX_TEXT_BYTES:
+        raise UserError(
+            f"{option} {shorten(text)}: {size} bytes, longer than any path or value distmed "
+            f"takes (at most {MAX_TEXT_BYTES}); check the command line"
+        )
+    if dest == "name" and (len(text) > MAX_RUN_NAME_CHARS or "/" in text or text in (".", "..")):
+        raise UserError(
+            f"--name {shorten(text)}: use a folder name (no '/') of at most "
+            f"{MAX_RUN_NAME_CHARS} characters, e.g. --name xray-1"
+        )
+    if dest in PATH_OPTIONS:
+        for part in text.split("/"):
+            if len(part.encode(errors="surrogateescape")) > MAX_NAME_BYTES:
+                raise UserError(
+                    f"{option} {shorten(text)}: the name {shorten(part)} is longer than a "
+                    f"file system allows ({MAX_NAME_BYTES} bytes per file or folder name)"
+                )
+
+
+def _short_message(message: str) -> str:
+    """argparse's message on one line, any long quoted value in it cut short."""
+    message = " ".join(message.split())
+    message = re.sub(r"'([^']{60,})'", lambda quoted: shorten(quoted.group(1)), message)
+    return message if len(message) <= 300 else message[:300] + "…"

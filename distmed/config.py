@@ -25,11 +25,11 @@ from pydantic import (
 
 from distmed.artifacts import write_text_atomic
 from distmed.errors import UserError, shorten
+from distmed.model import ARCHS
 from distmed.yamlfile import NotYaml, load_yaml, read_yaml_file
 
-# The five ResNet stages that `model.unfreeze` counts, from the head backwards.
-RESNET_STAGES = ("layer4", "layer3", "layer2", "layer1", "stem")
-RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# `model.arch`'s values, and the stages `model.unfreeze` counts, come from model.py's table.
+DEFAULT_ARCH = "resnet18"
 # Square side in pixels that images are resized to. A type of its own so that a saved model's
 # preprocessing (`savedmodel.Preprocessing`) is held to the very same bounds as the config.
 ImageSize = Annotated[int, Field(ge=8, le=1024)]
@@ -79,6 +79,12 @@ class DataConfig(_Section):
         description="CSV of labels: columns path,label and optional group, split "
         "(train/val/test); paths relative to the CSV (data.root may be the CSV instead)",
     )
+    label_key: str | None = Field(
+        None,
+        description="labels sheet keyed by this DICOM attribute (e.g. AccessionNumber) instead "
+        "of a path column: each row labels every DICOM image below the sheet's folder with that "
+        "value in its header (PatientID and StudyInstanceUID columns are found without it)",
+    )
     group_from: Literal["PatientID"] | None = Field(
         None, description="PatientID: the patient id from each DICOM file's header"
     )
@@ -108,6 +114,12 @@ class DataConfig(_Section):
     decode_workers: int | None = Field(
         None, ge=1, le=1024, description="processes decoding the cache (default: every CPU)"
     )
+    normalize_labels: bool = Field(
+        False,
+        description="labels (or class folders) that differ only in case or spaces "
+        "('Normal', 'normal ', ' NORMAL') are one class, named by the most common spelling; "
+        "default: stop and list the spellings",
+    )
     class_names: list[str] | None = Field(
         None,
         description="MedMNIST .npz sources: a name per label 0, 1, ... (saved with the model); "
@@ -129,7 +141,7 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: Literal[RESNET_ARCHS] = "resnet18"  # type: ignore[valid-type]
+    arch: Literal[tuple(ARCHS)] = DEFAULT_ARCH  # type: ignore[valid-type]
     weights: str = Field(
         "imagenet", description="'imagenet' (torchvision), 'none' (random init) or a .pt/.pth path"
     )
@@ -142,11 +154,23 @@ class ModelConfig(_Section):
     head_hidden: int = Field(256, ge=1)
     head_dropout: float = Field(0.2, ge=0, lt=1)
     unfreeze: int = Field(
-        len(RESNET_STAGES),
+        ARCHS[DEFAULT_ARCH].depth,
         ge=0,
-        le=len(RESNET_STAGES),
-        description="0: head only; k: head + last k of layer4, layer3, layer2, layer1, stem",
+        le=max(arch.depth for arch in ARCHS.values()),
+        description="0: head only; k: head + the last k stages, head end first ("
+        + ", ".join(ARCHS[DEFAULT_ARCH].stage_names)
+        + f" for {DEFAULT_ARCH})",
     )
+
+    @model_validator(mode="after")
+    def _unfreeze_fits_arch(self) -> ModelConfig:
+        depth = ARCHS[self.arch].depth
+        if self.unfreeze > depth:
+            raise ValueError(
+                f"model.unfreeze={self.unfreeze}: {self.arch} has {depth} stages; "
+                f"set model.unfreeze to at most {depth}"
+            )
+        return self
 
 
 class OptimConfig(_Section):
@@ -282,6 +306,7 @@ def format_validation_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        key = key if len(key) <= 80 else shorten(key)  # a hostile --set or YAML key
         if err["type"] == "extra_forbidden":
             parts.append(f"{key}: unknown key (check the spelling; see README 'Config')")
         elif err["type"] == "missing" or not err["loc"]:

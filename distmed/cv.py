@@ -22,18 +22,22 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+from distmed import _ray_compat
 from distmed.artifacts import check_free_space, delete_partial_checkpoints
 from distmed.config import CVConfig, ExperimentConfig
 from distmed.cvstats import corrected_standard_error
 from distmed.data import CachedData, DataIndex, Split, build_cache, drop_samples
-from distmed.errors import UserError
+from distmed.errors import UserError, shorten
 from distmed.loop import checkpoint_bytes
 from distmed.metrics import METRIC_NAMES
 from distmed.resources import WorkerLayout
 from distmed.task import Task, task_for
-from distmed.worker import STATE_FILE, train_folds
+from distmed.worker import STATE_FILE, FoldIndices, WorkerConfig, train_folds
 
 log = logging.getLogger(__name__)
+# Fewer validation images of a class than this in a fold make that fold's ROC-AUC close to
+# a coin toss: with one positive it is the rank of that single image among the negatives.
+MIN_VALIDATION_IMAGES = 5
 # Retries of a worker group that did not start in time (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
 # see resources.bound_ray_waits); Ray Train's default is to retry without end.
 START_RETRIES = 2
@@ -149,6 +153,77 @@ def _check_groups(split: Split, cfg: CVConfig, class_names: list[str]) -> None:
             )
 
 
+def thin_validation_folds(
+    labels: np.ndarray, assignment: np.ndarray, class_names: list[str], folds: int
+) -> str | None:
+    """A warning when some validation fold holds fewer than MIN_VALIDATION_IMAGES images of
+    a class, else None.
+
+    Such a fold's ROC-AUC rests on those few images: with one positive it is the share of
+    negatives ranked below that one image (0 or 1 when the model separates it), so the fold
+    scores, their mean and their standard error say little. `assignment`: `make_folds`'
+    (R, N) fold numbers; `labels`: the pool's (N,) class indices.
+    """
+    rows = np.atleast_2d(assignment)
+    parts = []
+    for label, name in enumerate(class_names):
+        counts = [int(np.sum(labels[row == k] == label)) for row in rows for k in range(folds)]
+        thin = sum(c < MIN_VALIDATION_IMAGES for c in counts)
+        if thin:
+            shown = ", ".join(map(str, counts[:10])) + (", ..." if len(counts) > 10 else "")
+            parts.append(f"{thin} of {len(counts)} hold fewer than {MIN_VALIDATION_IMAGES} "
+                         f"images of class {shorten(name)} ({shown})")  # fmt: skip
+    if not parts:
+        return None
+    return (
+        f"validation folds: {'; '.join(parts)}. A fold's ROC-AUC on so few images is nearly "
+        "a coin toss, so the CV score and its SE say little; add images of that class or "
+        "lower cv.folds"
+    )
+
+
+def gaps_in_test_split(index: DataIndex) -> str | None:
+    """A warning when the test split lacks a class or holds fewer than MIN_VALIDATION_IMAGES
+    of one (its test metrics for that class are then undefined or rest on a few images);
+    None when every class is there or there is no test split."""
+    if index.test is None or len(index.test) == 0:
+        return None
+    counts = np.bincount(index.test.labels, minlength=len(index.class_names))
+    missing = [shorten(n) for n, c in zip(index.class_names, counts, strict=True) if c == 0]
+    few = [
+        f"{shorten(n)} ({c})"
+        for n, c in zip(index.class_names, counts, strict=True)
+        if 0 < c < MIN_VALIDATION_IMAGES
+    ]
+    parts = []
+    if missing:
+        parts.append(
+            f"has no image of class {', '.join(missing)}: its test ROC-AUC (and that class's "
+            "sensitivity or specificity) is undefined, null in the results"
+        )
+    if few:
+        parts.append(f"holds fewer than {MIN_VALIDATION_IMAGES} images of {', '.join(few)}")
+    if not parts:
+        return None
+    return f"the test split ({len(index.test)} images) {'; '.join(parts)}"
+
+
+def score_caveat(fold_aucs: Sequence[float], thin_folds: str | None) -> str | None:
+    """What a CV score line must add to stay honest: how many folds had a defined ROC-AUC,
+    and that the folds hold too few images of a class (`thin_validation_folds`)."""
+    finite = sum(math.isfinite(a) for a in fold_aucs)
+    notes = []
+    if finite < len(fold_aucs):
+        notes.append(f"only {finite} of {len(fold_aucs)} folds have a defined ROC-AUC")
+    if thin_folds is not None:
+        notes.append(
+            f"folds hold fewer than {MIN_VALIDATION_IMAGES} images of a class (see the "
+            "warning before training): fold ROC-AUCs near 0 or 1 and a small SE there are "
+            "chance, not precision"
+        )
+    return f"caution: {'; '.join(notes)}" if notes else None
+
+
 def fold_specs(assignment: np.ndarray, folds: int) -> list[dict[str, list[int]]]:
     """Train/validation index lists per fold (what the worker loop consumes).
 
@@ -213,6 +288,8 @@ class PreparedData:
     cache: CachedData
     assignment: np.ndarray  # (cv.repeats, N) fold numbers, `make_folds`
     plan: FoldPlan
+    thin_folds: str | None = None  # `thin_validation_folds`' warning
+    test_gaps: str | None = None  # `gaps_in_test_split`' warning
 
 
 def prepare_data(
@@ -225,6 +302,7 @@ def prepare_data(
     """
     assignment = make_folds(scanned.pool, cfg.cv, scanned.class_names)
     task_for(scanned.class_names, cfg.data.positive_class)  # a mistyped one, before the decode
+    said = _warn_few_images(scanned, assignment, cfg.cv.folds)  # before the (slow) decode
     cache = build_cache(scanned, cfg.data)
     index = drop_samples(scanned, cache.skipped)
     if index.skipped:
@@ -246,7 +324,21 @@ def prepare_data(
             "one %d-fold CV",
             *(repeats, repeats, k, repeats * k, repeats, k),
         )
-    return PreparedData(index, cache, assignment, plan)
+    thin, gaps = said if index is scanned else _warn_few_images(index, assignment, cfg.cv.folds)
+    return PreparedData(index, cache, assignment, plan, thin, gaps)
+
+
+def _warn_few_images(
+    index: DataIndex, assignment: np.ndarray, folds: int
+) -> tuple[str | None, str | None]:
+    """Log `thin_validation_folds`' and `gaps_in_test_split`' warnings (once per run, before
+    training; the results keep them too) and return them."""
+    thin = thin_validation_folds(index.pool.labels, assignment, index.class_names, folds)
+    gaps = gaps_in_test_split(index)
+    for warning in (thin, gaps):
+        if warning is not None:
+            log.warning(warning)
+    return thin, gaps
 
 
 def share_images(plan: FoldPlan) -> FoldPlan:
@@ -293,17 +385,17 @@ def fit_folds(
     trainer = TorchTrainer(
         # Ray's annotation wants None back; Ray Train v2 returns rank 0's value.
         train_folds,  # type: ignore[arg-type]
-        train_loop_config={
-            "config": cfg.model_dump(mode="json"),
-            "images_path": plan.images_path,
-            "images_ref": plan.images_ref,
-            "labels": plan.labels,
-            "task": plan.task,
-            "folds": plan.folds,
-            "folds_per_repeat": plan.folds_per_repeat,
-            "threads": layout.threads,
-            "detail_uri": detail_uri,
-        },
+        train_loop_config=WorkerConfig(
+            config=cfg,
+            images_path=plan.images_path,
+            images_ref=plan.images_ref,
+            labels=plan.labels,
+            task=plan.task,
+            folds=[FoldIndices(**spec) for spec in plan.folds],
+            folds_per_repeat=plan.folds_per_repeat,
+            threads=layout.threads,
+            detail_uri=detail_uri,
+        ).to_loop_config(),
         scaling_config=ScalingConfig(
             num_workers=layout.num_workers,
             use_gpu=layout.use_gpu,
@@ -346,9 +438,8 @@ def explain_fit_error(error: BaseException, layout: WorkerLayout) -> BaseExcepti
     Ray Train's own text ("The worker group startup timed out ...") says neither what was
     waited for nor what to do.
     """
-    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
-
-    if not isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError):
+    startup_timeout = _ray_compat.worker_group_startup_timeout_error()
+    if not isinstance(getattr(error, "controller_failure", None), startup_timeout):
         return error
     timeout = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
     wanted = " + ".join(f"{v:g} {k}" for k, v in layout.resources_per_worker.items())

@@ -12,6 +12,7 @@ patient's images in one fold, as real data needs.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ DEMO_IMAGES_PER_PATIENT = 4
 DEMO_SIZE = 64
 DEMO_SEED = 20261122
 GROUP_REGEX = r"^(p\d+)_"
+# A folder being written: .demo-v<version>.tmp<pid of the writer>.
+DRAFT_PREFIX = f".demo-v{DEMO_VERSION}.tmp"
 
 
 def ensure_demo_folder(root: Path) -> Path:
@@ -31,15 +34,40 @@ def ensure_demo_folder(root: Path) -> Path:
     folder = root / f"demo-v{DEMO_VERSION}"
     if (folder / "DONE").is_file():
         return folder
-    tmp = root / f".demo-v{DEMO_VERSION}.tmp{os.getpid()}"
-    write_demo_images(tmp)
-    (tmp / "DONE").write_text("synthetic demo data written by distmed.demo\n")
+    remove_abandoned_drafts(root)
+    tmp = root / f"{DRAFT_PREFIX}{os.getpid()}"
     try:
+        write_demo_images(tmp)
+        (tmp / "DONE").write_text("synthetic demo data written by distmed.demo\n")
         os.replace(tmp, folder)
     except OSError:  # another process finished first; its copy is identical
         if not (folder / "DONE").is_file():
             raise
+    finally:  # whatever happened, our draft is not left in the cache
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def remove_abandoned_drafts(root: Path) -> list[Path]:
+    """Remove the drafts under `root` whose writer process has ended (a kill mid-write);
+    returns them. A running writer's draft is left alone."""
+    removed = []
+    for draft in root.glob(f"{DRAFT_PREFIX}*"):
+        pid = draft.name[len(DRAFT_PREFIX) :]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(draft, ignore_errors=True)
+            removed.append(draft)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def write_demo_images(folder: Path) -> None:

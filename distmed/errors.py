@@ -6,12 +6,25 @@ points print it without a traceback (unless `--debug`) and exit non-zero.
 
 from __future__ import annotations
 
+import re
 import reprlib
 from typing import Any
 
 # Long enough to recognise a value, short enough that a hostile or huge one (a 1 MB string,
 # a list of a million items) never floods the terminal or the log.
 SHORT_VALUE_CHARS = 48
+
+# No path, name or URI distmed takes is longer than PATH_MAX (Linux: 4096 bytes), and no
+# folder or file name longer than NAME_MAX (255 bytes on ext4, XFS, APFS, NTFS).
+MAX_TEXT_BYTES = 4096
+MAX_NAME_BYTES = 255
+# Terminal colours Ray puts into the messages it forwards.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+# Exit statuses every entry point shares (documented in each one's --help epilog).
+EXIT_USER_ERROR = 2  # bad input: one `error:` line, no traceback
+EXIT_SOME_UNREADABLE = 3  # predict / evaluate: some files unreadable, the rest scored
+EXIT_INTERRUPTED = 130  # a search stopped by Ctrl-C (128 + SIGINT, as a shell reports it)
 
 # reprlib bounds the *work* too, not only the text: it never walks past a few items or
 # levels, so quoting a huge nested value costs nothing.
@@ -27,9 +40,23 @@ class UserError(Exception):
     """Bad input, reported as one line; never a bug in distmed itself."""
 
 
+class UnreadableImage(ValueError):
+    """One file that cannot be used as a 2-D image; the message is the reason, one line.
+
+    Not a `UserError`: the caller names the file and follows `data.skip_invalid` (training) or
+    reports it and goes on (predict).
+    """
+
+
 def shorten(value: Any) -> str:
     """`repr(value)` on one line, cut to about `SHORT_VALUE_CHARS` characters (`…` marks a cut)."""
     text = _REPR.repr(value).replace("\n", "\\n")
     if len(text) > SHORT_VALUE_CHARS + 8:
         text = text[:SHORT_VALUE_CHARS] + "…"
     return text
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of `exc`'s message (its type name when it has none)."""
+    text = _ANSI_ESCAPE.sub("", str(exc)).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

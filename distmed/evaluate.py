@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import html
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -30,15 +29,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from distmed import __version__
-from distmed.artifacts import write_text_atomic
+from distmed.artifacts import write_json_atomic, write_text_atomic
 from distmed.cli import (
     add_debug_option,
     add_model_option,
     add_threshold_option,
+    bounded,
     checked_threshold,
-    choose_device,
     model_path,
-    run_entry_point,
+    run_command,
 )
 from distmed.config import DataConfig
 from distmed.data import (
@@ -50,13 +49,21 @@ from distmed.data import (
     load_cached,
     scan_source,
 )
-from distmed.errors import UserError
-from distmed.inference import Ensemble, load_inference_model
+from distmed.errors import EXIT_SOME_UNREADABLE, UserError
+from distmed.inference import Ensemble, choose_device, load_inference_model
 from distmed.loop import Runtime, predict
-from distmed.predict import EXIT_SOME_UNREADABLE
-from distmed.report import render_page
+from distmed.metrics import MAX_RESAMPLES
 from distmed.savedmodel import SavedModel
-from distmed.scorecard import Scorecard, Scores, score, scorecard_json, scores_section, table
+from distmed.scorecard import (
+    Scorecard,
+    Scores,
+    render_page,
+    score,
+    scorecard_json,
+    scores_section,
+    table,
+)
+from distmed.task import BinaryTask, Task
 
 log = logging.getLogger(__name__)
 EVALUATION_JSON = "evaluation.json"
@@ -116,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", help="folder for the results (default: evaluation-<data> beside the model)"
     )
     parser.add_argument(
-        "--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default 1000)"
+        "--bootstrap",
+        type=bounded(int, 10, MAX_RESAMPLES, "1000"),
+        default=1000,
+        help=f"bootstrap resamples for CIs, 10 to {MAX_RESAMPLES} (default 1000)",
     )
     add_threshold_option(parser)
     parser.add_argument(
@@ -130,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_entry_point(_run, build_parser().parse_args(argv))
+    return run_command(build_parser(), argv, _run)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -150,8 +160,8 @@ def _run(args: argparse.Namespace) -> int:
     if len(kept.pool) == 0:
         raise UserError(f"--data {args.data}: no readable image in the {split} split")
     device = choose_device(args.cpu)
-    probs = predict_cached(model, cache.pool_path, device)
-    scores = Scores(lookup[kept.pool.labels], probs, saved.class_names, saved.positive_index)
+    probs = predict_cached(model, cache.pool_path, device, saved.task)
+    scores = Scores(lookup[kept.pool.labels], probs, saved.task)
     card = score(scores, threshold.value if threshold else None, args.bootstrap)
     output = Path(args.output) if args.output else default_output(path, source.name, args.ensemble)
     record = evaluation_record(path, args.data, source, split, scores, class_map, threshold)
@@ -176,8 +186,12 @@ TRAINING_DATA_NOTE = (
 
 
 def default_output(model: Path, data_name: str, ensemble: Ensemble) -> Path:
-    """`evaluation-<data>` beside the model (`-folds` for the fold ensemble: one per model)."""
-    return model.parent / f"evaluation-{data_name}{'-folds' if ensemble == 'folds' else ''}"
+    """`evaluation-<data>` beside the model (`-folds` for the fold ensemble: one per model).
+
+    The data's name is cut to 100 characters: a folder named up to the file system's limit
+    must not make a folder name past it (found only after the scoring).
+    """
+    return model.parent / f"evaluation-{data_name[:100]}{'-folds' if ensemble == 'folds' else ''}"
 
 
 def is_training_data(data: str, training_root: str | None) -> bool:
@@ -360,14 +374,16 @@ def _example_mapping(
 # --------------------------------------------------------------------------- scoring
 
 
-def predict_cached(model: torch.nn.Module, images_path: Path, device: torch.device) -> np.ndarray:
+def predict_cached(
+    model: torch.nn.Module, images_path: Path, device: torch.device, task: Task
+) -> np.ndarray:
     """Class probabilities (N, K) of the decoded images in `images_path`, in file order."""
     images = load_cached(images_path)
     # The labels are mapped to the model's classes outside; the loader carries placeholders.
     unused_labels = np.zeros(len(images), dtype=np.int64)
     dataset = CachedImageDataset(images, unused_labels, np.arange(len(images)))
     loader = DataLoader(dataset, batch_size=BATCH_SIZE)
-    _, _, probs = predict(model.to(device), loader, Runtime(device))  # sorted by index
+    _, _, probs = predict(model.to(device), loader, Runtime(device), task)  # sorted by index
     return probs
 
 
@@ -376,7 +392,7 @@ def absent_notes(scores: Scores) -> list[str]:
     absent = scores.absent_classes()
     if not absent:
         return []
-    if scores.positive is not None:
+    if scores.task.thresholded:
         return [
             f"no image of class {absent[0]} in the scored data: ROC-AUC needs both classes "
             "and is undefined (null); only the decisions' rates are meaningful"
@@ -414,7 +430,7 @@ def evaluation_record(
         "images_per_class": dict(zip(scores.class_names, counts.tolist(), strict=True)),
         "absent_classes": scores.absent_classes(),
         "positive_class": (
-            None if scores.positive is None else scores.class_names[scores.positive]
+            scores.task.positive_class if isinstance(scores.task, BinaryTask) else None
         ),
         "threshold_source": threshold.source if threshold else None,
         "distmed_version": __version__,
@@ -438,7 +454,7 @@ def write_evaluation(output: Path, record: dict[str, Any], scores: Scores, card:
         f"evaluation of {Path(record['model']).name} on {title}",
         ["<h2>External evaluation</h2>", about_table(record), section],
     )
-    write_text_atomic(output / EVALUATION_JSON, json.dumps(record, indent=2) + "\n")
+    write_json_atomic(output / EVALUATION_JSON, record, indent=2)
     write_text_atomic(output / EVALUATION_HTML, page)
 
 

@@ -19,7 +19,12 @@ import torch
 
 from distmed import __version__
 from distmed.artifacts import write_json_atomic
-from distmed.cli import add_debug_option, add_model_option, model_path, run_entry_point
+from distmed.cli import (
+    add_debug_option,
+    add_model_option,
+    model_path,
+    run_command,
+)
 from distmed.errors import UserError
 from distmed.inference import load_inference_model
 from distmed.savedmodel import SavedModel
@@ -45,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_entry_point(_run, build_parser().parse_args(argv))
+    return run_command(build_parser(), argv, _run)
 
 
 def _run(args: argparse.Namespace) -> int:

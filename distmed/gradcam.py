@@ -1,4 +1,4 @@
-"""Grad-CAM heat maps of a torchvision ResNet, via the maintained `grad-cam` package.
+"""Grad-CAM heat maps of a distmed network, via the maintained `grad-cam` package.
 
 Takes decoded uint8 images (what the cache and `decode_image` produce), applies the
 training normalisation, and returns heat maps plus coloured overlays for people to look at.
@@ -16,6 +16,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from distmed.data import to_model_input
 from distmed.inference import members
+from distmed.model import ARCHS, arch_of
 
 MIN_CAM_SIDE = 4  # a 1x1 or 2x2 map cannot say where in the image the evidence is
 # A map whose values span less than this says nothing about where: pytorch-grad-cam scales
@@ -24,24 +25,27 @@ FLAT_MAP_RANGE = 1e-6
 FLAT_MAP_NOTE = "flat map: no gradient toward this class"
 
 
-def cam_layer(image_size: int) -> str:
-    """The deepest residual stage whose feature map is at least MIN_CAM_SIDE pixels wide.
+def cam_layer(arch: str, image_size: int) -> str:
+    """The deepest stage of `arch` whose feature map is at least MIN_CAM_SIDE pixels wide.
 
-    layer4 for 128 px and up (the usual Grad-CAM choice); at 28-32 px layer4 is 1x1, so
-    a shallower, coarser-meaning but spatially resolved stage is used instead. A ResNet
-    halves the side five times before layer4: stage k (1..4) sees ceil(size / 2**(k+1)).
+    The last stage for large inputs (the usual Grad-CAM choice: for a ResNet from 128 px up);
+    at 28-32 px that map is 1x1, so a shallower, coarser-meaning but spatially resolved
+    stage is used instead. A stage with stride r sees ceil(size / r) pixels (the table's
+    `Stage.reduction`); the shallowest stage is the last resort.
     """
-    for stage in (4, 3, 2):
-        if math.ceil(image_size / 2 ** (stage + 1)) >= MIN_CAM_SIDE:
-            return f"layer{stage}"
-    return "layer1"
+    stages = ARCHS[arch].stages
+    for stage in stages:
+        if math.ceil(image_size / stage.reduction) >= MIN_CAM_SIDE:
+            return stage.path
+    return stages[-1].path
 
 
 def gradcam_maps(model: torch.nn.Module, images: np.ndarray, targets: list[int]) -> np.ndarray:
     """Heat maps in [0, 1], shape (N, S, S), for uint8 `images` (N, C, S, S) and classes.
 
-    `model` is a ResNet or a `distmed.inference.InferenceModel`; for a fold ensemble the
-    members' maps are averaged (each member explains the same target class).
+    `model` is a network from `distmed.model.build_model` or a
+    `distmed.inference.InferenceModel`; for a fold ensemble the members' maps are averaged
+    (each member explains the same target class).
     """
     networks = members(model)
     return np.mean([_one_network(net, images, targets) for net in networks], axis=0)
@@ -53,8 +57,9 @@ def _one_network(model: torch.nn.Module, images: np.ndarray, targets: list[int])
     # A fine-tuned model may have its early stages frozen (`model.unfreeze`); with an input
     # that asks for no gradient either, nothing would flow back to a frozen CAM stage.
     inputs.requires_grad_(True)
-    stage = getattr(model, cam_layer(images.shape[-1]))
-    with GradCAM(model=model.eval(), target_layers=[stage[-1]]) as cam:
+    stage = model.get_submodule(cam_layer(arch_of(model).name, images.shape[-1]))
+    last_block = list(stage.children())[-1]  # a Sequential's or a ModuleDict's last block
+    with GradCAM(model=model.eval(), target_layers=[last_block]) as cam:
         maps = cam(input_tensor=inputs, targets=[ClassifierOutputTarget(t) for t in targets])
     return np.asarray(maps, dtype=np.float32)
 

@@ -5,27 +5,43 @@ are logits in the sense that their softmax is the final class probabilities: the
 model's logits divided by the saved temperature, or, for the fold ensemble, the log of the
 mean of the fold models' temperature-scaled probabilities. Predict, evaluate, the app,
 export and the search's test evaluation all go through it, so they agree.
+
+Also what every consumer of such a model shares: the device, file-by-file prediction
+(`predict_batches`), the decision at the saved threshold, Grad-CAM overlays, and the one
+evaluation of a decoded split (`evaluate_test`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader
 
-from distmed.cli import first_line
+from distmed.artifacts import atomic_path
 from distmed.config import ModelConfig
-from distmed.errors import UserError
+from distmed.data import CachedImageDataset, DecodeOptions, load_cached, to_model_input, try_decode
+from distmed.errors import UserError, first_line
+from distmed.loop import Runtime, predict
 from distmed.model import build_model
 from distmed.savedmodel import SavedModel
+from distmed.task import Task
 
 Ensemble = Literal["refit", "folds"]
 ENSEMBLES: tuple[Ensemble, ...] = ("refit", "folds")
 # log(0) would be -inf in an exported graph; a probability this small is 0 to any reader.
 MIN_PROBABILITY = 1e-12
+# The refit model's test-split predictions, saved once so the report never re-evaluates;
+# the fold ensemble's beside them when the model keeps its fold models.
+TEST_PREDICTIONS = "test_predictions.npz"
+TEST_PREDICTIONS_FOLDS = "test_predictions_folds.npz"
+GRADCAM_MIN_SIZE = 224  # overlays of 28 px images are upscaled so people can see them
 
 
 class InferenceModel(nn.Module):
@@ -119,3 +135,125 @@ def build_network(
 def members(model: nn.Module) -> list[nn.Module]:
     """The networks inside `model` (itself when it is a plain network): Grad-CAM's targets."""
     return list(model.members) if isinstance(model, InferenceModel) else [model]
+
+
+def choose_device(cpu: bool = False) -> torch.device:
+    """The first CUDA GPU when there is one (and `cpu` is not asked for), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: Path
+    probs: np.ndarray | None  # class probabilities; None when the file could not be read
+    error: str = ""
+
+
+def predict_batches(
+    model: torch.nn.Module,
+    paths: list[Path],
+    options: DecodeOptions,
+    batch_size: int,
+    device: torch.device,
+) -> Iterator[list[Prediction]]:
+    """Per batch of files: decoded as in training, class probabilities or the read error."""
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        decoded = [decode_file(p, options) for p in chunk]
+        good = [d for d in decoded if isinstance(d, np.ndarray)]
+        probs = iter(_probabilities(model, np.stack(good), device)) if good else iter(())
+        yield [
+            Prediction(p, next(probs)) if isinstance(d, np.ndarray) else Prediction(p, None, d)
+            for p, d in zip(chunk, decoded, strict=True)
+        ]
+
+
+def decode_file(path: Path, options: DecodeOptions | int) -> np.ndarray | str:
+    """uint8 (3, S, S) as the training cache holds it (grey repeated), or why it is unreadable.
+
+    The same decoder and reasons as the training cache (`try_decode`): an oversized,
+    multi-frame or corrupt file is one line, and every other file is still predicted.
+    """
+    image, reason = try_decode(path, options)
+    if image is None:
+        return reason[:200]
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return image.transpose(2, 0, 1)
+
+
+@torch.no_grad()
+def _probabilities(model: torch.nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
+    inputs = to_model_input(torch.from_numpy(images).to(device))
+    return torch.softmax(model(inputs).float(), dim=1).cpu().numpy()
+
+
+def saved_threshold(saved: SavedModel) -> float | None:
+    """The binary operating threshold saved in the model when its search ended, if any."""
+    return None if saved.threshold is None else saved.threshold.value
+
+
+def label_at_threshold(probs: np.ndarray, saved: SavedModel, threshold: float) -> str:
+    """Binary decision: the positive class when its probability reaches `threshold`.
+
+    Args:
+        probs: (2,) class probabilities of one image.
+    """
+    return saved.class_names[int(saved.task.decide(probs[None, :], threshold)[0])]
+
+
+class GradcamPicture(NamedTuple):
+    picture: Image.Image  # the overlay, RGB
+    flat: bool  # the heat map is (near) constant: the overlay shows no evidence either way
+
+
+def gradcam_pictures(
+    model: torch.nn.Module, readable: list[Prediction], options: DecodeOptions
+) -> list[GradcamPicture]:
+    """Grad-CAM overlays for the predicted class of each readable file, at least 224 px."""
+    from distmed.gradcam import gradcam_maps, is_flat, overlay
+
+    size = options.size
+    images = np.stack([decode_file(r.path, options) for r in readable])
+    targets = []
+    for r in readable:
+        assert r.probs is not None  # readable files have probabilities
+        targets.append(int(r.probs.argmax()))
+    maps = gradcam_maps(model, images, targets)
+    side = max(size, GRADCAM_MIN_SIZE)
+    return [
+        GradcamPicture(
+            Image.fromarray(overlay(image, heat)).resize((side, side), Image.Resampling.BILINEAR),
+            is_flat(heat),
+        )
+        for image, heat in zip(images, maps, strict=True)
+    ]
+
+
+def evaluate_test(
+    model: torch.nn.Module,
+    test_images_path: Path,
+    labels: np.ndarray,
+    task: Task,
+    save_to: Path | None = None,
+    indices: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Metrics on the held-back test split, computed once, in this process.
+
+    `save_to` also keeps the predictions (labels, probabilities, decoded-image file) in an
+    .npz, so the report plots them without touching the test split again. `indices`: score
+    only these positions of the decoded images (a nested search's outer validation part of
+    the pool cache); `labels` are then the labels of every cached image.
+    """
+    device = choose_device()
+    images = load_cached(test_images_path)
+    positions = np.arange(len(labels)) if indices is None else np.asarray(indices)
+    dataset = CachedImageDataset(images, labels, positions)
+    loader = DataLoader(dataset, batch_size=256)
+    _, truth, probs = predict(model.to(device), loader, Runtime(device), task)
+    if save_to is not None:
+        with atomic_path(save_to) as tmp, tmp.open("wb") as handle:  # a name gets .npz added
+            np.savez(handle, labels=truth, probs=probs, images_path=str(test_images_path))
+    metrics = task.metrics(truth, probs)
+    metrics["num_samples"] = len(truth)
+    return metrics

@@ -1,26 +1,152 @@
-"""build_model(cfg.model, num_classes): a torchvision ResNet, its weights, a new head, freezing.
+"""build_model(cfg.model, num_classes): a torchvision backbone, its weights, a new head, freezing.
 
-Weights come from torchvision's own registry and cache (`imagenet`), from a local
-state-dict file (strict load, optional sha256), or nowhere (`none`). `unfreeze` counts
-stages from the head backwards; frozen stages keep BatchNorm in eval mode. `stem: small`
-swaps the 7x7/2 convolution and max-pool for a 3x3/1 convolution, as for CIFAR-sized inputs.
+Each backbone's anatomy is data, one `Arch` row in `ARCHS` (after timm's `group_matcher`,
+`get_classifier` and `reset_classifier`): where its head, stem and stages are, their stride, and
+how to give it a small stem. Head replacement, `apply_freeze`, the small stem, the config's
+allowed `model.arch` values and `unfreeze` bound, and Grad-CAM's layer all read that table, so a
+new backbone is one more row. Weights come from torchvision's own registry and cache
+(`imagenet`), from a local state-dict file (strict load, optional sha256), or nowhere (`none`).
+`unfreeze` counts stages from the head backwards; frozen stages keep BatchNorm in eval mode.
+`stem: small` swaps the strided first convolution and max-pool for a 3x3/1 convolution, as for
+CIFAR-sized inputs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from distmed.artifacts import read_torch_file
-from distmed.config import RESNET_STAGES, ModelConfig
 from distmed.errors import UserError
 
+if TYPE_CHECKING:  # config.py reads ARCHS from here, so this module must not import it
+    from distmed.config import ModelConfig
+
 log = logging.getLogger(__name__)
+
+# The normalisation torchvision's ImageNet weights were trained with (every row uses them).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STEM = "stem"  # the name `unfreeze`, warnings and apply_freeze give every arch's stem
+# The attribute build_model leaves on a network: which row built it (timm leaves its
+# `pretrained_cfg` on the model the same way), for Grad-CAM on a plain nn.Module.
+ARCH_ATTRIBUTE = "distmed_arch"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One block of stages `unfreeze` counts: its module path and its stride.
+
+    `reduction` is input side / feature-map side behind this stage with the ImageNet stem
+    (timm's `feature_info` `reduction`); Grad-CAM uses it to pick a resolved stage.
+    """
+
+    path: str
+    reduction: int
+
+
+@dataclass(frozen=True)
+class SmallStem:
+    """Where the small-stem hook cuts: the strided first convolution, its norm, the pool."""
+
+    conv: str
+    norm: str
+    pool: str | None = None
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One backbone's anatomy as attribute paths (`get_submodule` paths, e.g. `classifier`
+    or `features.denseblock4`), so the code that freezes or replaces parts names none.
+
+    `stages`: the blocks in unfreeze order, head end first; the stem (`stem` paths) is the
+    last stage `unfreeze` reaches. `weights`: the torchvision weights enum's name.
+    """
+
+    name: str
+    weights: str
+    head: str
+    stem: tuple[str, ...]
+    stages: tuple[Stage, ...]
+    small_stem: SmallStem
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """What `unfreeze` counts, head end first: each stage's path, then "stem"."""
+        return (*(stage.path for stage in self.stages), STEM)
+
+    @property
+    def depth(self) -> int:
+        """The largest useful `unfreeze`: every stage and the stem train."""
+        return len(self.stage_names)
+
+    def stage_modules(self, model: nn.Module) -> dict[str, list[nn.Module]]:
+        """The modules of each stage of `model`, keyed and ordered as `stage_names`."""
+        modules = {stage.path: [model.get_submodule(stage.path)] for stage in self.stages}
+        modules[STEM] = [model.get_submodule(path) for path in self.stem]
+        return modules
+
+    def get_classifier(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.head)
+
+    def reset_classifier(self, model: nn.Module, head: nn.Module) -> None:
+        """Put `head` where the classifier is (the pretrained one is dropped)."""
+        _replace(model, self.head, head)
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, module)
+
+
+def _resnet(name: str, weights: str) -> Arch:
+    # torchvision's ResNet: conv1/bn1/relu/maxpool, layer1..layer4 (strides 4..32), avgpool, fc.
+    return Arch(
+        name=name,
+        weights=weights,
+        head="fc",
+        stem=("conv1", "bn1"),
+        stages=(
+            Stage("layer4", 32),
+            Stage("layer3", 16),
+            Stage("layer2", 8),
+            Stage("layer1", 4),
+        ),
+        small_stem=SmallStem(conv="conv1", norm="bn1", pool="maxpool"),
+    )
+
+
+# The architecture table: `model.arch`'s allowed values, in the order the config lists them.
+ARCHS: dict[str, Arch] = {
+    arch.name: arch
+    for arch in (
+        _resnet("resnet18", "ResNet18_Weights"),
+        _resnet("resnet34", "ResNet34_Weights"),
+        _resnet("resnet50", "ResNet50_Weights"),
+        _resnet("resnet101", "ResNet101_Weights"),
+        _resnet("resnet152", "ResNet152_Weights"),
+    )
+}
+
+
+def arch_of(model: nn.Module) -> Arch:
+    """The `ARCHS` row `build_model` built `model` from.
+
+    Raises:
+        ValueError: `model` was not built by `build_model` (a programming error).
+    """
+    name = getattr(model, ARCH_ATTRIBUTE, None)
+    if name not in ARCHS:
+        raise ValueError(f"{type(model).__name__} was not built by distmed.model.build_model")
+    return ARCHS[name]
 
 
 def _torchvision_models():
@@ -33,28 +159,35 @@ def _torchvision_models():
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """A ResNet with pretrained (or no) weights, a `num_classes` head and frozen stages."""
-    model = _torchvision_models().get_model(cfg.arch, weights=None)
+    """The `cfg.arch` backbone with pretrained (or no) weights, a `num_classes` head and
+    frozen stages; it carries its row's name (`arch_of`)."""
+    arch = ARCHS[cfg.arch]
+    model = _torchvision_models().get_model(arch.name, weights=None)
     load_backbone_weights(model, cfg)
     if cfg.stem == "small":
-        use_small_stem(model)
-    model.fc = build_head(cfg, model.fc.in_features, num_classes)
-    apply_freeze(model, cfg.unfreeze, new_stem=cfg.stem == "small")
+        use_small_stem(model, arch)
+    in_features = cast(nn.Linear, arch.get_classifier(model)).in_features
+    arch.reset_classifier(model, build_head(cfg, in_features, num_classes))
+    apply_freeze(model, arch, cfg.unfreeze, new_stem=cfg.stem == "small")
+    setattr(model, ARCH_ATTRIBUTE, arch.name)
     return model
 
 
-def use_small_stem(model: nn.Module) -> None:
-    """A 3x3 stride-1 first convolution and no max-pool.
+def use_small_stem(model: nn.Module, arch: Arch) -> None:
+    """A 3x3 stride-1 first convolution and no max-pool, at `arch.small_stem`'s paths.
 
-    The ImageNet stem divides a 28 px image by 4 before layer1, leaving layer4 a 1x1 map;
-    this stem keeps 4x more resolution through every stage (at ~10x the compute of the
-    ImageNet stem at the same input size). The pretrained 7x7 kernel does not fit, so the
-    new convolution and its BatchNorm start fresh, like the head.
+    The ImageNet stem of a ResNet divides a 28 px image by 4 before its first stage, leaving
+    the last stage a 1x1 map; this stem keeps 4x more resolution through every stage (at ~10x
+    the compute of the ImageNet stem at the same input size). The pretrained strided kernel
+    does not fit, so the new convolution and its BatchNorm start fresh, like the head.
     """
-    out_channels = cast(nn.Conv2d, model.conv1).out_channels
-    model.conv1 = nn.Conv2d(3, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-    model.bn1 = nn.BatchNorm2d(out_channels)
-    model.maxpool = nn.Identity()
+    cut = arch.small_stem
+    out_channels = cast(nn.Conv2d, model.get_submodule(cut.conv)).out_channels
+    conv = nn.Conv2d(3, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    _replace(model, cut.conv, conv)
+    _replace(model, cut.norm, nn.BatchNorm2d(out_channels))
+    if cut.pool is not None:
+        _replace(model, cut.pool, nn.Identity())
 
 
 def check_weights(cfg: ModelConfig) -> None:
@@ -74,11 +207,11 @@ def build_head(cfg: ModelConfig, in_features: int, num_classes: int) -> nn.Modul
 
 
 def load_backbone_weights(model: nn.Module, cfg: ModelConfig) -> None:
-    """Fill the backbone (including the ImageNet `fc`, replaced afterwards) from `cfg.weights`."""
+    """Fill the backbone (including the ImageNet head, replaced afterwards) from `cfg.weights`."""
     if cfg.weights == "none":
         return
     if cfg.weights == "imagenet":
-        model.load_state_dict(_imagenet_state_dict(cfg.arch))
+        model.load_state_dict(_imagenet_state_dict(ARCHS[cfg.arch]))
         return
     path = Path(cfg.weights).expanduser()
     try:
@@ -92,8 +225,8 @@ def load_backbone_weights(model: nn.Module, cfg: ModelConfig) -> None:
         ) from exc
 
 
-def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
-    weights = _torchvision_models().get_model_weights(arch).DEFAULT
+def _imagenet_state_dict(arch: Arch) -> dict[str, torch.Tensor]:
+    weights = getattr(_torchvision_models(), arch.weights).DEFAULT
     try:
         # torchvision downloads once into its own cache (TORCH_HOME) and checks the hash.
         return weights.get_state_dict(progress=False, check_hash=True)
@@ -132,37 +265,22 @@ def read_state_dict(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
     return state
 
 
-def stage_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
-    """The five trainable stages of a ResNet, named as in `RESNET_STAGES`."""
-
-    def part(name: str) -> nn.Module:
-        return model.get_submodule(name)
-
-    return {
-        "layer4": [part("layer4")],
-        "layer3": [part("layer3")],
-        "layer2": [part("layer2")],
-        "layer1": [part("layer1")],
-        "stem": [part("conv1"), part("bn1")],
-    }
-
-
-def apply_freeze(model: nn.Module, unfreeze: int, new_stem: bool = False) -> None:
-    """Train the head plus the last `unfreeze` stages; everything else is frozen.
+def apply_freeze(model: nn.Module, arch: Arch, unfreeze: int, new_stem: bool = False) -> None:
+    """Train the head plus the last `unfreeze` stages of `arch`; everything else is frozen.
 
     A freshly initialised stem (`new_stem`) always trains: frozen random filters would
     feed noise to every later stage.
     """
-    frozen = frozen_stages(unfreeze, new_stem)
-    for name, modules in stage_modules(model).items():
+    frozen = frozen_stages(arch, unfreeze, new_stem)
+    for name, modules in arch.stage_modules(model).items():
         for module in modules:
             module.requires_grad_(name not in frozen)
 
 
-def frozen_stages(unfreeze: int, new_stem: bool = False) -> list[str]:
+def frozen_stages(arch: Arch, unfreeze: int, new_stem: bool = False) -> list[str]:
     """The stages `apply_freeze` freezes, head end first (a new stem always trains)."""
-    trainable = set(RESNET_STAGES[:unfreeze]) | ({"stem"} if new_stem else set())
-    return [stage for stage in RESNET_STAGES if stage not in trainable]
+    trainable = set(arch.stage_names[:unfreeze]) | ({STEM} if new_stem else set())
+    return [stage for stage in arch.stage_names if stage not in trainable]
 
 
 def warn_frozen_random_stages(cfg: ModelConfig, lowest_unfreeze: int | None = None) -> None:
@@ -175,12 +293,13 @@ def warn_frozen_random_stages(cfg: ModelConfig, lowest_unfreeze: int | None = No
     """
     if cfg.weights != "none":
         return
+    arch = ARCHS[cfg.arch]
     unfreeze = cfg.unfreeze if lowest_unfreeze is None else lowest_unfreeze
-    frozen = frozen_stages(unfreeze, new_stem=cfg.stem == "small")
+    frozen = frozen_stages(arch, unfreeze, new_stem=cfg.stem == "small")
     if not frozen:
         return
     if lowest_unfreeze is None:
-        where, fix = f"model.unfreeze={unfreeze}", "set model.unfreeze=5"
+        where, fix = f"model.unfreeze={unfreeze}", f"set model.unfreeze={arch.depth}"
     else:
         where, fix = f"model.unfreeze searched down to {unfreeze}", "take it out of the space"
     log.warning(

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from distmed.errors import UserError
+from distmed.inference import TEST_PREDICTIONS
 from distmed.metrics import CI_METRICS
-from distmed.refit import TEST_PREDICTIONS
 from distmed.savedmodel import SavedModel, Threshold
 from distmed.summary import RunSummary
 from distmed.task import Task
@@ -68,7 +68,7 @@ def _model_table(saved: SavedModel) -> str:
 
 def _threshold_text(threshold: Threshold | None) -> str:
     if threshold is None:
-        return "none saved (run distmed.report on the run folder)"
+        return "none saved (resume its search with distmed.tune --resume to choose one)"
     return f"{threshold.value:.4f} ({threshold.method}, on {threshold.chosen_on})"
 
 

@@ -13,7 +13,6 @@ and skipped by `--resume`; an unfinished one continues its own search.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,32 +20,20 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from distmed import pipeline
 from distmed.artifacts import delete_checkpoints, write_json_atomic
 from distmed.cv import FoldPlan, PreparedData, fold_specs, make_folds
 from distmed.data import Split
-from distmed.errors import UserError
-from distmed.inference import InferenceModel, build_network
+from distmed.errors import EXIT_INTERRUPTED, UserError
+from distmed.inference import InferenceModel, build_network, evaluate_test
 from distmed.metrics import METRIC_NAMES
-from distmed.refit import evaluate_test, refit, refit_epochs, show_line
-from distmed.resources import plan_workers, wait_for_free_resources
-from distmed.results import (
-    best_config,
-    best_row,
-    collect_rows,
-    write_best_config,
-    write_trials_csv,
-)
-from distmed.search import (
-    EndedTrials,
-    StopOnCtrlC,
-    can_restore,
-    experiment_path,
-    trial_run_name,
-)
+from distmed.refit import refit_epochs
+from distmed.results import TrialRow, best_config, write_best_config
+from distmed.search import can_restore, trial_run_name
 from distmed.space import SearchSpaceFile
+from distmed.summary import Score
 
 NESTED_FILE = "nested.json"
-EXIT_INTERRUPTED = 130  # as distmed.tune
 
 
 class OuterFold(BaseModel):
@@ -58,10 +45,10 @@ class OuterFold(BaseModel):
     num_train: int = Field(ge=1, description="outer training images (the inner search's pool)")
     num_val: int = Field(ge=1, description="outer validation images (scored once)")
     best_trial: str
-    inner_cv_roc_auc: float = Field(description="the chosen trial's inner CV ROC-AUC")
+    inner_cv_roc_auc: Score = Field(description="the chosen trial's inner CV ROC-AUC")
     params: dict[str, Any]
     refit_epochs: int = Field(ge=1)
-    outer_metrics: dict[str, float]
+    outer_metrics: dict[str, Score]  # NaN (null in nested.json) where undefined
 
 
 class NestedSummary(BaseModel):
@@ -77,7 +64,7 @@ class NestedSummary(BaseModel):
     mean_outer_roc_auc: float | None = None
     std_outer_roc_auc: float | None = None
     mean_inner_cv_roc_auc: float | None = None
-    outer_metrics_mean: dict[str, float] | None = None
+    outer_metrics_mean: dict[str, Score] | None = None
     wall_time_s: float | None = None
 
     def finished(self, fold: int) -> OuterFold | None:
@@ -89,31 +76,24 @@ class NestedSummary(BaseModel):
 
 @dataclass(frozen=True)
 class NestedRun:
-    """What `distmed.tune` hands over: its arguments, the prepared data and where to write."""
+    """What a nested search needs: the space, the data, where it runs, the outer folds."""
 
-    args: Any  # the parsed command line (`--nested K`, `--cpu`, `--resume`, ...)
     spec: SearchSpaceFile
-    prepared: PreparedData
-    name: str
-    storage: str  # the results root as a URI or absolute path
-    local: Path  # this experiment's local results folder
-    resume_command: str
+    prepared: PreparedData  # the whole CV pool, connected to Ray (`pipeline.connect`)
+    ctx: pipeline.RunContext  # the experiment; each outer fold searches in a child of it
     outer: np.ndarray  # outer fold (0..K-1) of every pool image: `outer_assignment`
+    outer_folds: int  # K (`--nested K`)
 
 
-Search = Callable[..., Any]  # distmed.tune._search
-
-
-def run_nested(run: NestedRun, search: Search, publish: Callable[[], None]) -> int:
+def run_nested(run: NestedRun) -> int:
     """All outer folds in turn; writes `nested.json` after each. Returns the exit status."""
     started = time.perf_counter()
-    outer_k = run.args.nested
+    outer_k, ctx = run.outer_folds, run.ctx
     spec, prepared = run.spec, run.prepared
     plan = prepared.plan
     outer = run.outer
-    path = run.local / NESTED_FILE
+    path = ctx.local / NESTED_FILE
     summary = _load_or_start(path, run, outer_k)
-    exp_uri = experiment_path(run.storage, run.name)
     for k in range(outer_k):
         if summary.finished(k) is not None:
             print(f"outer fold {k + 1}/{outer_k}: done before, skipped", flush=True)
@@ -126,24 +106,20 @@ def run_nested(run: NestedRun, search: Search, publish: Callable[[], None]) -> i
             flush=True,
         )
         fold_name = f"outer-{k}"
-        fold_dir = run.local / fold_name
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        resume = can_restore(f"{exp_uri}/{fold_name}")
-        with StopOnCtrlC(on_exit=f"continue with: {run.resume_command}") as ctrl_c:
-            grid = search(run.args, spec, inner, fold_name, exp_uri, resume, fold_dir)
-        keys = list(spec.space)
-        rows = collect_rows(grid, keys, ended=EndedTrials.ended if ctrl_c.interrupted else None)
-        write_trials_csv(fold_dir / "trials.csv", rows, keys)
-        if ctrl_c.interrupted:
+        fold = ctx.child(fold_name, resume=can_restore(f"{ctx.experiment_uri}/{fold_name}"))
+        fold.local.mkdir(parents=True, exist_ok=True)
+        outcome = pipeline.run_search(spec, inner, fold)
+        if outcome.interrupted:
             summary.model_copy(update={"wall_time_s": time.perf_counter() - started}).save(path)
-            publish()
-            print(f"nested search interrupted; continue it with: {run.resume_command}")
+            pipeline.publish(ctx)
+            print(f"nested search interrupted; continue it with: {ctx.resume_command}")
             return EXIT_INTERRUPTED
-        result = score_outer_fold(run, inner.plan, rows, k, val_idx, f"{exp_uri}/{fold_name}")
-        write_best_config(fold_dir / "best_config.yaml", best_config(spec.base, _best(rows, k)))
+        best = _best(outcome.best, k)
+        result = score_outer_fold(run, inner.plan, outcome.rows, best, k, val_idx, fold)
+        write_best_config(fold.local / "best_config.yaml", best_config(spec.base, best))
         summary = summary.model_copy(update={"folds": [*summary.folds, result]})
         summary.save(path)
-        publish()
+        pipeline.publish(ctx)
         print(
             f"outer fold {k + 1}/{outer_k}: inner CV ROC-AUC {result.inner_cv_roc_auc:.4f}, "
             f"outer ROC-AUC {result.outer_metrics['roc_auc']:.4f}",
@@ -151,7 +127,7 @@ def run_nested(run: NestedRun, search: Search, publish: Callable[[], None]) -> i
         )
     summary = finish(summary, time.perf_counter() - started)
     summary.save(path)
-    publish()
+    pipeline.publish(ctx)
     print(format_nested(summary, path))
     return 0
 
@@ -194,31 +170,30 @@ def inner_plan(
 def score_outer_fold(
     run: NestedRun,
     inner: FoldPlan,
-    rows: list,
+    rows: list[TrialRow],
+    best: TrialRow,
     k: int,
     val_idx: np.ndarray,
-    fold_uri: str,
+    fold: pipeline.RunContext,
 ) -> OuterFold:
     """Refit the inner search's best configuration on the outer training part; score it
     once on the outer validation part."""
-    best = _best(rows, k)
     chosen = best_config(run.spec.base, best)
     epochs = refit_epochs(best.fold_epochs)
-    layout = plan_workers(chosen.scaling, force_cpu=run.args.cpu)
-    wait_for_free_resources(layout, f"outer fold {k}'s refit")
     run_name = f"refit-{best.trial_id}"
     print(f"outer fold {k + 1}: refitting trial {best.trial_id} for {epochs} epochs", flush=True)
-    state = refit(chosen, inner, layout, f"{fold_uri}/refit", run_name, epochs, show_line)
-    delete_checkpoints(f"{fold_uri}/refit/{run_name}")
+    uri = fold.experiment_uri
+    state = pipeline.refit_chosen(chosen, inner, epochs, uri, run_name, f"outer fold {k}'s refit")
+    delete_checkpoints(f"{uri}/refit/{run_name}")
     for row in rows:
-        delete_checkpoints(f"{fold_uri}/trials/{trial_run_name(row.trial_id)}")
-    network = build_network(chosen.model, inner.num_classes, state)
+        delete_checkpoints(f"{uri}/trials/{trial_run_name(row.trial_id)}")
+    network = build_network(chosen.model, inner.task.num_outputs, state)
     labels = np.asarray(inner.labels)
     metrics = evaluate_test(
         InferenceModel([network]).eval(),
         Path(inner.images_path),
         labels,
-        inner.positive,
+        inner.task,
         indices=val_idx,
     )
     return OuterFold(
@@ -276,8 +251,7 @@ def format_nested(summary: NestedSummary, path: Path) -> str:
     return "\n".join(lines)
 
 
-def _best(rows: list, k: int):
-    best = best_row(rows)
+def _best(best: TrialRow | None, k: int) -> TrialRow:
     if best is None:
         raise UserError(f"outer fold {k}: no trial of its inner search completed; nothing to refit")
     return best
@@ -285,14 +259,14 @@ def _best(rows: list, k: int):
 
 def _load_or_start(path: Path, run: NestedRun, outer_k: int) -> NestedSummary:
     fresh = NestedSummary(
-        name=run.name,
+        name=run.ctx.name,
         outer_folds=outer_k,
         inner_folds=run.spec.base.cv.folds,
         trials_per_search=run.spec.search.num_samples,
     )
     if not path.is_file():
         return fresh
-    if not run.args.resume:
+    if not run.ctx.resume:
         raise UserError(
             f"{path} exists: pass --resume to continue that nested search, or a new --name"
         )

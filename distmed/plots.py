@@ -2,7 +2,9 @@
 path of its PNG (300 dpi); vector copies (SVG and PDF, for papers) are written beside it.
 
 Matplotlib with the Agg backend (no display needed); every axis is labelled, and each
-figure is closed once saved so a long report does not accumulate memory.
+figure is closed once saved so a long report does not accumulate memory. Text that comes
+from the data (class, file and parameter names, titles) goes through `literal`: it is drawn
+as written, never parsed as mathtext.
 """
 
 from __future__ import annotations
@@ -27,6 +29,22 @@ VECTOR_FORMATS = ("svg", "pdf")
 TRAIN_STYLE: dict[str, Any] = {"linestyle": "-", "marker": "o", "markersize": 3}
 VAL_STYLE: dict[str, Any] = {"linestyle": "--", "marker": "s", "markersize": 3}
 UNIT_MARGIN = 0.02  # room around rate axes (ROC, PR) so curves at 0 or 1 stay visible
+
+
+def literal(text: Any) -> str:
+    """`text` as a label matplotlib draws character for character.
+
+    Matplotlib reads a string with an even number of unescaped `$` as mathtext, so a class
+    folder named `$x$` or `a$b$c` would be typeset (or, like `$\\frac$`, crash the figure).
+    Escaping every `$` as `\\$` is matplotlib's documented way to a literal dollar sign
+    (https://matplotlib.org/stable/users/explain/text/mathtext.html); the text then holds
+    no unescaped `$` and `Text` draws it with the escapes removed, i.e. exactly `text`.
+    """
+    return str(text).replace("$", r"\$")
+
+
+def _literals(texts: Sequence[Any]) -> list[str]:
+    return [literal(t) for t in texts]
 
 
 def save(fig: plt.Figure, path: Path, tight: bool = True) -> Path:
@@ -63,7 +81,7 @@ def plot_search_progress(
         running = np.fmax.accumulate(np.nan_to_num(completed, nan=-np.inf))
         running[np.isinf(running)] = np.nan
         ax.step(order, running, where="post", color="black", label="best completed so far")
-    ax.set(xlabel=x_label, ylabel="CV ROC-AUC (mean over folds)")
+    ax.set(xlabel=literal(x_label), ylabel="CV ROC-AUC (mean over folds)")
     ax.set_title("Search progress")
     ax.set_xticks(_integer_ticks(order))
     ax.set_xlim(0.5, len(order) + 0.5)
@@ -87,12 +105,12 @@ def plot_params(
         ax.scatter(x, values, alpha=0.8)
         ax.scatter([x[best]], [values[best]], marker="*", s=180, color="red", label="best")
         if ticks is not None:
-            ax.set_xticks(range(len(ticks)), ticks)
+            ax.set_xticks(range(len(ticks)), _literals(ticks))
         elif _spans_decades(x):
             ax.set_xscale("log")
         elif _all_integers(x):  # batch size, unfreeze: no 31/32/33 ticks between choices
             ax.set_xticks(_integer_ticks(np.unique(x[np.isfinite(x)])))
-        ax.set(xlabel=name, ylabel="CV ROC-AUC")
+        ax.set(xlabel=literal(name), ylabel="CV ROC-AUC")
         cap_auc_axis(ax)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names) :]:
@@ -199,10 +217,11 @@ def plot_roc(
     `title` names the scored set (the report's test split, an external site's images).
     """
     fig, ax = plt.subplots(figsize=(5.0, 4.6))
+    title = literal(title)
     curves = task.curves(labels, probs)
     for curve in curves:
         fpr, tpr, _ = skm.roc_curve(curve.truth, curve.score)
-        label = f"{curve.name} (AUC {skm.auc(fpr, tpr):.3f})"
+        label = f"{literal(curve.name)} (AUC {skm.auc(fpr, tpr):.3f})"
         ax.plot(fpr, tpr, label=label, zorder=3 + curve.index)
     if len(curves) > 1:
         # The unweighted mean of one-vs-rest AUCs: scikit-learn's multi_class="ovr" macro.
@@ -245,6 +264,7 @@ def plot_confusion(
 ) -> Path:
     """Counts and row-normalised (share of each true class) confusion matrices."""
     fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.4))
+    class_names, title, decision = _literals(class_names), literal(title), literal(decision)
     rates = matrix / np.clip(matrix.sum(axis=1, keepdims=True), 1, None)
     for ax, data, panel, fmt in (
         (axes[0], matrix, "counts", "{:d}"),
@@ -272,10 +292,12 @@ def plot_precision_recall(
 ) -> Path:
     """Precision against recall of the positive class (binary) or each class one-vs-rest."""
     fig, ax = plt.subplots(figsize=(5.0, 4.6))
+    title = literal(title)
     for c in task.curves(labels, probs):
         precision, recall, _ = skm.precision_recall_curve(c.truth, c.score)
         ap = skm.average_precision_score(c.truth, c.score)
-        ax.plot(recall, precision, label=f"{c.name} (AP {ap:.3f}, prevalence {c.truth.mean():.2f})")
+        name = literal(c.name)
+        ax.plot(recall, precision, label=f"{name} (AP {ap:.3f}, prevalence {c.truth.mean():.2f})")
     ax.set(xlabel="recall (sensitivity)", ylabel="precision")
     frame_unit_square(ax)
     ax.set_title(f"{title}: precision-recall curve")
@@ -299,12 +321,13 @@ def plot_calibration(
     (`Task.calibration_error`: 15 equal-width bins).
     """
     fig, ax = plt.subplots(figsize=(5.0, 4.6))
+    title = literal(title)
     if after_probs is None:
         for c in task.curves(labels, probs):
             observed, predicted = calibration_curve(
                 c.truth, c.score, n_bins=bins, strategy="quantile"
             )
-            ax.plot(predicted, observed, marker="o", label=c.name)
+            ax.plot(predicted, observed, marker="o", label=literal(c.name))
         heading = f"{title}: calibration (quantile bins)"
     else:
         _draw_before_after(ax, labels, (probs, after_probs), task, bins)
@@ -327,7 +350,7 @@ def _draw_before_after(ax, labels, versions, task: Task, bins: int) -> None:
                 c.truth, c.score, n_bins=bins, strategy="quantile"
             )
             # Classes are named once (by colour); the styles get entries of their own below.
-            label = c.name if state == states[0] else None
+            label = literal(c.name) if state == states[0] else None
             colour = colours[c.index % len(colours)]
             ax.plot(predicted, observed, color=colour, label=label, **style)
         ece = task.calibration_error(labels, scores)
@@ -346,6 +369,6 @@ def plot_gradcam_grid(
         ax.axis("off")
     for ax, (picture, caption) in zip(axes.flat, tiles, strict=False):
         ax.imshow(picture, interpolation="bilinear")
-        ax.set_title(caption, fontsize=8)
-    fig.suptitle(f"Test split: Grad-CAM ({layer}) for the predicted class")
+        ax.set_title(literal(caption), fontsize=8)
+    fig.suptitle(f"Test split: Grad-CAM ({literal(layer)}) for the predicted class")
     return save(fig, path, tight=False)

@@ -13,42 +13,35 @@ written); 2 bad input (no model file, no images, bad option).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import sys
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
 import torch
-from PIL import Image
 
-from distmed.artifacts import write_text_atomic
+from distmed.artifacts import write_csv_atomic
 from distmed.cli import (
     add_debug_option,
     add_model_option,
     add_threshold_option,
+    bounded,
     checked_threshold,
-    choose_device,
     model_path,
-    run_entry_point,
+    run_command,
 )
-from distmed.data import (
-    FILE_EXTENSIONS,
-    DecodeOptions,
-    is_image_file,
-    to_model_input,
-    try_decode,
+from distmed.data import FILE_EXTENSIONS, DecodeOptions, is_image_file
+from distmed.errors import EXIT_SOME_UNREADABLE, UserError
+from distmed.inference import (
+    Prediction,
+    choose_device,
+    gradcam_pictures,
+    label_at_threshold,
+    load_inference_model,
+    predict_batches,
+    saved_threshold,
 )
-from distmed.errors import UserError
-from distmed.inference import load_inference_model
 from distmed.savedmodel import SavedModel
-
-EXIT_SOME_UNREADABLE = 3
-GRADCAM_MIN_SIZE = 224  # overlays of 28 px images are upscaled so people can see them
 
 EPILOG = """exit status: 0 all files predicted; 3 some files unreadable (named on stderr and
 in the CSV's error column, the rest predicted); 2 bad input.
@@ -57,13 +50,6 @@ examples:
   python -m distmed.predict --model runs/demo/best_model.pt scans/ --output preds.csv
   python -m distmed.predict --model best_model.pt a.png b.png --output p.csv --gradcam cams/
 """
-
-
-@dataclass(frozen=True)
-class Prediction:
-    path: Path
-    probs: np.ndarray | None  # class probabilities; None when the file could not be read
-    error: str = ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", help="CSV to write (default: predictions-<time>.csv in the current folder)"
     )
     parser.add_argument("--gradcam", help="also write a Grad-CAM overlay per image here")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
+    parser.add_argument(
+        "--batch-size",
+        type=bounded(int, 1, 4096, "64"),
+        default=64,
+        help="images per batch, 1 to 4096 (64)",
+    )
     add_threshold_option(parser)
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even with a GPU")
     add_debug_option(parser)
@@ -87,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_entry_point(_run, build_parser().parse_args(argv))
+    return run_command(build_parser(), argv, _run)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -139,45 +130,6 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
     return paths
 
 
-def predict_batches(
-    model: torch.nn.Module,
-    paths: list[Path],
-    options: DecodeOptions,
-    batch_size: int,
-    device: torch.device,
-) -> Iterator[list[Prediction]]:
-    """Per batch of files: decoded as in training, class probabilities or the read error."""
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        decoded = [decode_file(p, options) for p in chunk]
-        good = [d for d in decoded if isinstance(d, np.ndarray)]
-        probs = iter(_probabilities(model, np.stack(good), device)) if good else iter(())
-        yield [
-            Prediction(p, next(probs)) if isinstance(d, np.ndarray) else Prediction(p, None, d)
-            for p, d in zip(chunk, decoded, strict=True)
-        ]
-
-
-def decode_file(path: Path, options: DecodeOptions | int) -> np.ndarray | str:
-    """uint8 (3, S, S) as the training cache holds it (grey repeated), or why it is unreadable.
-
-    The same decoder and reasons as the training cache (`try_decode`): an oversized,
-    multi-frame or corrupt file is one line, and every other file is still predicted.
-    """
-    image, reason = try_decode(path, options)
-    if image is None:
-        return reason[:200]
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    return image.transpose(2, 0, 1)
-
-
-@torch.no_grad()
-def _probabilities(model: torch.nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
-    inputs = to_model_input(torch.from_numpy(images).to(device))
-    return torch.softmax(model(inputs).float(), dim=1).cpu().numpy()
-
-
 def _threshold(override: float | None, saved: SavedModel) -> float | None:
     given = checked_threshold(override, saved.binary)
     if given is not None:
@@ -187,27 +139,11 @@ def _threshold(override: float | None, saved: SavedModel) -> float | None:
     value = saved_threshold(saved)
     if value is None:
         print(
-            "note: the model holds no operating threshold (run distmed.report on its run "
-            "folder, or pass --threshold); label_at_threshold is left empty",
+            "note: the model holds no operating threshold (resume its search with "
+            "distmed.tune --resume, or pass --threshold); label_at_threshold is left empty",
             file=sys.stderr,
         )
     return value
-
-
-def saved_threshold(saved: SavedModel) -> float | None:
-    """The binary operating threshold distmed.report saved in the model, if any."""
-    return None if saved.threshold is None else saved.threshold.value
-
-
-def label_at_threshold(probs: np.ndarray, saved: SavedModel, threshold: float) -> str:
-    """Binary decision: the positive class when its probability reaches `threshold`.
-
-    Args:
-        probs: (2,) class probabilities of one image.
-    """
-    names, positive = saved.class_names, saved.positive_index
-    assert positive is not None  # SavedModel holds one exactly when there are two classes
-    return names[positive] if probs[positive] >= threshold else names[1 - positive]
 
 
 def write_csv(
@@ -218,19 +154,17 @@ def write_csv(
     binary = saved.binary
     header = ["path", "predicted_class", *(f"prob_{n}" for n in names)]
     header += ["label_at_threshold"] if binary else []
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow([*header, "error"])
+    lines: list[list[str]] = []
     for r in results:
         if r.probs is None:
-            writer.writerow([str(r.path)] + [""] * (len(header) - 1) + [r.error])
+            lines.append([str(r.path)] + [""] * (len(header) - 1) + [r.error])
             continue
         row = [str(r.path), names[int(r.probs.argmax())], *(f"{p:.6f}" for p in r.probs)]
         if binary:
             row.append("" if threshold is None else label_at_threshold(r.probs, saved, threshold))
-        writer.writerow([*row, ""])
+        lines.append([*row, ""])
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, buffer.getvalue())
+    write_csv_atomic(path, [*header, "error"], lines)
 
 
 def write_gradcams(
@@ -265,34 +199,6 @@ def flat_note(names: list[str], folder: Path | None, most: int = 10) -> str:
         f"note: {len(names)} Grad-CAM map(s) flat, no gradient toward the predicted class "
         f"(the overlay shows no evidence either way): {shown}{more}"
     )
-
-
-class GradcamPicture(NamedTuple):
-    picture: Image.Image  # the overlay, RGB
-    flat: bool  # the heat map is (near) constant: the overlay shows no evidence either way
-
-
-def gradcam_pictures(
-    model: torch.nn.Module, readable: list[Prediction], options: DecodeOptions
-) -> list[GradcamPicture]:
-    """Grad-CAM overlays for the predicted class of each readable file, at least 224 px."""
-    from distmed.gradcam import gradcam_maps, is_flat, overlay
-
-    size = options.size
-    images = np.stack([decode_file(r.path, options) for r in readable])
-    targets = []
-    for r in readable:
-        assert r.probs is not None  # readable files have probabilities
-        targets.append(int(r.probs.argmax()))
-    maps = gradcam_maps(model, images, targets)
-    side = max(size, GRADCAM_MIN_SIZE)
-    return [
-        GradcamPicture(
-            Image.fromarray(overlay(image, heat)).resize((side, side), Image.Resampling.BILINEAR),
-            is_flat(heat),
-        )
-        for image, heat in zip(images, maps, strict=True)
-    ]
 
 
 if __name__ == "__main__":

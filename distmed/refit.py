@@ -1,8 +1,8 @@
-"""After the search: refit the chosen config on all training data, save it, test it once.
+"""After the search: refit the chosen config on all training data (one Ray Train run),
+relay its epoch lines to the console, and read the best trial's fold models back.
 
-`best_model.pt` holds weights, config, class names and preprocessing (`savedmodel.SavedModel`):
-enough to rebuild the model and predict with nothing else (`distmed.inference`). The test split is
-evaluated here and nowhere else.
+`distmed.pipeline.finalize` turns what this returns into `best_model.pt`
+(`savedmodel.save_model`) and scores the test split once (`inference.evaluate_test`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,27 +21,15 @@ import ray.exceptions
 import ray.train
 import ray.util.queue
 import torch
-from ray.train.v2.api.callback import UserCallback
-from torch.utils.data import DataLoader
 
-from distmed import __version__
-from distmed.artifacts import atomic_path, latest_checkpoint
-from distmed.calibration import TemperatureFit
-from distmed.cli import choose_device
+from distmed.artifacts import latest_checkpoint
 from distmed.config import ExperimentConfig
 from distmed.cv import FoldPlan, fit_folds
-from distmed.data import CachedImageDataset, load_cached
-from distmed.loop import Runtime, format_epoch, predict
-from distmed.metrics import classification_metrics
+from distmed.loop import format_epoch
 from distmed.resources import WorkerLayout
-from distmed.savedmodel import FoldModels, SavedModel, Threshold, preprocessing_for
 from distmed.worker import STATE_FILE
 
 log = logging.getLogger(__name__)
-# The refit model's test-split predictions, saved once so the report never re-evaluates;
-# the fold ensemble's beside them when the model keeps its fold models.
-TEST_PREDICTIONS = "test_predictions.npz"
-TEST_PREDICTIONS_FOLDS = "test_predictions_folds.npz"
 
 
 class LineQueue(Protocol):
@@ -102,7 +90,7 @@ def refit(
     return state["folds"][0]["model"]
 
 
-class RefitEpochLines(UserCallback):
+class RefitEpochLines(ray.train.UserCallback):
     """One line per refit epoch for the console: "refit epoch 3/10: train loss 0.4100, 12 s".
 
     During the search, Tune brings each epoch to the driver (`search.EpochLines`); the
@@ -156,37 +144,6 @@ def relay_lines(lines: LineQueue, show: Callable[[str], None]) -> Iterator[None]
         thread.join(timeout=30)
 
 
-def save_model(
-    path: Path,
-    state: dict[str, torch.Tensor],
-    cfg: ExperimentConfig,
-    class_names: list[str],
-    channels: int,
-    positive: int | None,
-    source: str,
-    folds: FoldModels | None = None,
-    fold_states: Sequence[dict[str, torch.Tensor]] = (),
-    calibration: TemperatureFit | None = None,
-) -> None:
-    """Write `best_model.pt` atomically: weights plus what rebuilding and predicting need.
-
-    `source` names the refit run that produced it, so a resumed search can reuse the file.
-    `folds`/`fold_states`: the best trial's fold models (for `--ensemble folds`);
-    `calibration`: the temperature fitted on that trial's out-of-fold predictions.
-    """
-    saved = SavedModel(
-        distmed_version=__version__,
-        source=source,
-        config=cfg,
-        class_names=list(class_names),
-        positive_index=positive,
-        preprocessing=preprocessing_for(cfg.data.image_size, channels, cfg.data),
-        fold_models=folds,
-        calibration=calibration,
-    )
-    saved.save(path, state, fold_states)
-
-
 def final_fold_states(run_uri: str, epochs_done: int) -> list[dict[str, torch.Tensor]]:
     """The fold models (weights only) in the final checkpoint of a trial's Train run.
 
@@ -208,47 +165,3 @@ def final_fold_states(run_uri: str, epochs_done: int) -> list[dict[str, torch.Te
         )
         return []
     return [fold["model"] for fold in state["folds"]]
-
-
-def saved_source(path: Path) -> str | None:
-    """The refit run a saved `best_model.pt` came from (None when there is no such file)."""
-    return SavedModel.load(path).source if path.is_file() else None
-
-
-def evaluate_test(
-    model: torch.nn.Module,
-    test_images_path: Path,
-    labels: np.ndarray,
-    positive: int | None,
-    save_to: Path | None = None,
-    indices: np.ndarray | None = None,
-) -> dict[str, float]:
-    """Metrics on the held-back test split, computed once, in this process.
-
-    `save_to` also keeps the predictions (labels, probabilities, decoded-image file) in an
-    .npz, so the report plots them without touching the test split again. `indices`: score
-    only these positions of the decoded images (a nested search's outer validation part of
-    the pool cache); `labels` are then the labels of every cached image.
-    """
-    device = choose_device()
-    images = load_cached(test_images_path)
-    positions = np.arange(len(labels)) if indices is None else np.asarray(indices)
-    dataset = CachedImageDataset(images, labels, positions)
-    loader = DataLoader(dataset, batch_size=256)
-    _, truth, probs = predict(model.to(device), loader, Runtime(device))
-    if save_to is not None:
-        with atomic_path(save_to) as tmp, tmp.open("wb") as handle:  # a name gets .npz added
-            np.savez(handle, labels=truth, probs=probs, images_path=str(test_images_path))
-    metrics = classification_metrics(truth, probs, positive)
-    metrics["num_samples"] = len(truth)
-    return metrics
-
-
-def save_threshold(path: Path, threshold: Threshold | dict[str, Any]) -> None:
-    """Record the binary operating threshold (chosen on validation data) in `best_model.pt`.
-
-    `predict` then labels new images at that threshold with the checkpoint alone.
-    """
-    saved, state, fold_states = SavedModel.load_all(path)
-    chosen = Threshold.model_validate(threshold)
-    saved.model_copy(update={"threshold": chosen}).save(path, state, fold_states)

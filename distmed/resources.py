@@ -7,20 +7,23 @@ still add (GPU nodes that scale from zero show no GPU until a trial asks for one
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import ray
 import yaml
 
+from distmed import _ray_compat
 from distmed.config import ScalingSection
 from distmed.errors import UserError
 
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 TRIAL_CPU = 0.01
 # Written by `ray up` on the head node: the node types the autoscaler may launch.
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
+# Set to 1 to keep the session folder (Ray's logs) of the local instance distmed started.
+KEEP_SESSION_ENV = "DISTMED_KEEP_RAY_SESSION"
 
 
 @dataclass(frozen=True)
@@ -101,12 +106,12 @@ def start_local_ray(worker_logs: bool = True, num_cpus: int | None = None) -> st
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     os.environ["RAY_ADDRESS"] = f"{host}:{port}"
     try:
-        ray.init(
+        context = ray.init(
             address="local",
             num_cpus=num_cpus,
             log_to_driver=worker_logs,
             include_dashboard=True,
-            _node_ip_address=host,
+            **_ray_compat.node_ip_init_kwargs(host),
         )
     except BaseException:
         _restore_env("RAY_ADDRESS", previous)
@@ -117,7 +122,36 @@ def start_local_ray(worker_logs: bool = True, num_cpus: int | None = None) -> st
     if started != os.environ["RAY_ADDRESS"]:  # never expected; the workers' copy is stale
         log.warning("Ray started at %s, not %s", started, os.environ["RAY_ADDRESS"])
         os.environ["RAY_ADDRESS"] = started
+    # Registered after Ray's own exit hook, so it runs first: it stops the instance itself.
+    session = Path(cast(Any, context).address_info["session_dir"])  # a RayContext: local
+    atexit.register(stop_local_ray, session)
     return started
+
+
+def stop_local_ray(session: Path) -> None:
+    """Stop the local Ray instance `start_local_ray` started and remove its session folder.
+
+    Ray leaves every session folder (`<RAY_TMPDIR or /tmp>/ray/session_<time>_<pid>`: logs,
+    sockets, runtime environments; tens of MB each) behind for good. Only `session`, the
+    folder of the instance this process started, is removed, never another instance's; and
+    not when $DISTMED_KEEP_RAY_SESSION is 1 (Ray's logs wanted).
+    """
+    if ray.is_initialized():  # our instance: the process joins no other after starting it
+        ray.shutdown(wait_for_processes=True)  # its processes stop writing to the folder
+    if os.environ.get(KEEP_SESSION_ENV) == "1":
+        return
+    remove_session_folder(session)
+
+
+def remove_session_folder(session: Path) -> None:
+    """Remove a Ray session folder and the links beside it into it (`session_latest`,
+    `prom_metrics_service_discovery.json`); links into another session stay."""
+    for link in session.parent.iterdir():
+        if link.is_symlink():
+            target = session.parent / os.readlink(link)  # as given, or relative to the folder
+            if target == session or session in target.parents:
+                link.unlink()
+    shutil.rmtree(session, ignore_errors=True)
 
 
 def _free_port() -> int:
@@ -180,10 +214,8 @@ def _resolve_address(address: str) -> str:
         return address.removeprefix("ray://").split("/", 1)[0]
     if address != "auto":
         return address
-    from ray._private.services import get_ray_address_from_environment  # Ray's own lookup
-
     try:
-        found = get_ray_address_from_environment("auto", None)
+        found = _ray_compat.ray_address_from_environment("auto")  # Ray's own lookup
     except ConnectionError:
         found = None
     if not found:
@@ -194,7 +226,7 @@ def _resolve_address(address: str) -> str:
     return found
 
 
-def plan_workers(cfg: ScalingSection, force_cpu: bool = False, concurrent: int = 0) -> WorkerLayout:
+def plan_workers(cfg: ScalingSection, concurrent: int = 0) -> WorkerLayout:
     """The layout of one run; `concurrent` > 0 when it is one of that many Tune trials.
 
     Default CPUs per worker: the cluster's CPUs split evenly over all workers of all
@@ -203,7 +235,7 @@ def plan_workers(cfg: ScalingSection, force_cpu: bool = False, concurrent: int =
     """
     total = cluster_capacity()
     cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
-    use_gpu = _want_gpu(cfg, gpus, force_cpu)
+    use_gpu = _want_gpu(cfg, gpus)
     workers = cfg.num_workers * max(1, concurrent)
     if use_gpu:
         _check_gpus(cfg, gpus)
@@ -230,9 +262,7 @@ def plan_workers(cfg: ScalingSection, force_cpu: bool = False, concurrent: int =
     )
 
 
-def concurrency_limit(
-    requested: int, num_samples: int, cfg: ScalingSection, force_cpu: bool
-) -> int:
+def concurrency_limit(requested: int, num_samples: int, cfg: ScalingSection) -> int:
     """How many trials can train side by side: never more than the cluster's devices hold.
 
     Each trial's workers need their CPUs (and GPUs); the trial's own driver is idle while
@@ -242,7 +272,7 @@ def concurrency_limit(
     cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
     per_trial_cpus = cfg.num_workers * (cfg.cpus_per_worker or 1.0) + TRIAL_CPU
     fits = int(cpus // per_trial_cpus) if cfg.cpus_per_worker else int(cpus // cfg.num_workers)
-    if _want_gpu(cfg, gpus, force_cpu):
+    if _want_gpu(cfg, gpus):
         fits = min(fits, int(gpus // (cfg.num_workers * cfg.gpus_per_worker)))
     return max(1, min(requested, num_samples, fits))
 
@@ -262,10 +292,8 @@ def _autoscaler_maximum() -> dict[str, float]:
         for key, value in shape.items():
             grown[key] = grown.get(key, 0.0) + value * count
     try:  # the same private source Ray Train's own start-up check reads (KubeRay, v2)
-        from ray._private.state import state
-
-        reported = state.get_max_resources_from_cluster_config() or {}
-    except Exception as exc:  # a private API: never let it break a run
+        reported = _ray_compat.autoscaler_max_resources()
+    except Exception as exc:  # an optional hint: a GCS without it never breaks a run
         log.debug("no autoscaler maximum from the GCS: %s", exc)
         reported = {}
     for key, value in reported.items():
@@ -361,8 +389,9 @@ def _even_share(cpus: float, workers: int) -> float:
     return math.floor(cpus / workers * 100) / 100
 
 
-def _want_gpu(cfg: ScalingSection, gpus: float, force_cpu: bool) -> bool:
-    if force_cpu or cfg.use_gpu is False:
+def _want_gpu(cfg: ScalingSection, gpus: float) -> bool:
+    # `--cpu` arrives here as scaling.use_gpu=false (cli.overrides_from_args).
+    if cfg.use_gpu is False:
         return False
     if cfg.use_gpu is True and gpus == 0:
         raise UserError(
@@ -459,11 +488,8 @@ def keep_secrets_out_of_ray() -> None:
     and a cluster's nodes have their own (instance roles, their environment, `aws
     configure`). Ray keeps the names in a module-level set that it reads for every trial.
     """
-    from ray.tune.execution import class_cache
-
-    forwarded = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
-    if isinstance(forwarded, set):
-        forwarded.difference_update(name for name in list(forwarded) if is_secret_name(name))
+    forwarded = _ray_compat.forwarded_env_vars()  # raises rather than skip the scrub
+    forwarded.difference_update(name for name in list(forwarded) if is_secret_name(name))
 
 
 def is_secret_name(name: str) -> bool:

@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import re
@@ -18,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from distmed.artifacts import read_text_uri, write_text_atomic, write_text_uri
+from distmed.artifacts import read_text_uri, write_csv_atomic, write_json_uri
 from distmed.config import ExperimentConfig, dump_config
 from distmed.cvstats import separable
+from distmed.failures import describe
 from distmed.space import apply_params
 
 # "stopped": the scheduler (ASHA) stopped it; "interrupted": a Ctrl-C ended the search while
@@ -28,7 +27,6 @@ from distmed.space import apply_params
 STATUSES = ("completed", "stopped", "diverged", "errored", "interrupted")
 # Per-fold epoch histories and out-of-fold predictions of one trial, in its Train run folder.
 TRIAL_DETAIL = "cv_detail.json"
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass(frozen=True)
@@ -79,7 +77,7 @@ def collect_rows(
             for k in metrics
             if k.startswith("fold") and k.endswith("_roc_auc")
         )
-        error = _one_line(result.error) if result.error is not None else ""
+        error = describe(result.error) if result.error is not None else ""
         if result.error is not None:
             status = "errored"
         elif metrics.get("folds_diverged"):
@@ -152,18 +150,16 @@ def write_trials_csv(path: Path, rows: list[TrialRow], space_keys: list[str]) ->
     header = ["trial_id", *space_keys, "cv_roc_auc", "cv_roc_auc_std", "cv_roc_auc_se"]
     header += [f"fold{k}_roc_auc" for k in range(num_folds)]
     header += ["status", "epochs", "time_s", "error"]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(header)
+    lines = []
     for r in rows:
         folds = r.fold_aucs + [math.nan] * (num_folds - len(r.fold_aucs))
-        writer.writerow(
+        lines.append(
             [r.trial_id, *(r.params[k] for k in space_keys)]
             + [r.cv_roc_auc, r.cv_roc_auc_std, r.cv_roc_auc_se]
             + folds
             + [r.status, r.epochs_reported, round(r.time_s, 1), r.error]
         )
-    write_text_atomic(path, buffer.getvalue())
+    write_csv_atomic(path, header, lines)
 
 
 def best_config(base: ExperimentConfig, row: TrialRow) -> ExperimentConfig:
@@ -220,12 +216,6 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def _one_line(error: BaseException) -> str:
-    # Ray colours actor names in its error texts; a CSV cell wants none of the escape codes.
-    text = ANSI_ESCAPE.sub("", str(error)).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
-
-
 def write_trial_detail(run_uri: str, folds: list[dict[str, Any]]) -> None:
     """Save a trial's per-fold histories and out-of-fold predictions next to its Train run.
 
@@ -236,13 +226,27 @@ def write_trial_detail(run_uri: str, folds: list[dict[str, Any]]) -> None:
     and the validation scores that pick the operating threshold.
     """
     payload = {"folds": [{"fold": k, **fold} for k, fold in enumerate(folds)]}
-    write_text_uri(f"{run_uri}/{TRIAL_DETAIL}", json.dumps(payload, allow_nan=True))
+    write_json_uri(f"{run_uri}/{TRIAL_DETAIL}", payload)
 
 
 def read_trial_detail(run_uri: str) -> dict[str, Any] | None:
-    """What `write_trial_detail` saved, or None when the trial has no such file."""
+    """What `write_trial_detail` saved, or None when the trial has no such file.
+
+    Undefined numbers are `null` in the file (strict JSON); they come back as NaN here, as
+    the training loop produced them.
+    """
     text = read_text_uri(f"{run_uri}/{TRIAL_DETAIL}")
-    return None if text is None else json.loads(text)
+    if text is None:
+        return None
+    detail = json.loads(text)
+    for fold in detail.get("folds", []):
+        fold["history"] = [
+            {key: math.nan if value is None else value for key, value in record.items()}
+            for record in fold.get("history", [])
+        ]
+        if fold.get("val_probs"):
+            fold["val_probs"] = np.asarray(fold["val_probs"], dtype=np.float64).tolist()
+    return detail
 
 
 def oof_predictions(detail: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray] | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal, TypeGuard
+from typing import Annotated, Any, Literal, TypeGuard
 
 import torch
 from pydantic import (
@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from distmed import __version__
 from distmed.artifacts import atomic_path, read_torch_file
 from distmed.calibration import TemperatureFit
 from distmed.config import DataConfig, ExperimentConfig, ImageSize, format_validation_error
@@ -286,3 +287,51 @@ def preprocessing_for(
         resize_mode=data.resize,
         max_pixels=data.max_pixels,
     )
+
+
+def save_model(
+    path: Path,
+    state: dict[str, torch.Tensor],
+    cfg: ExperimentConfig,
+    task: Task,
+    channels: int,
+    source: str,
+    folds: FoldModels | None = None,
+    fold_states: Sequence[dict[str, torch.Tensor]] = (),
+    calibration: TemperatureFit | None = None,
+    threshold: Threshold | None = None,
+) -> None:
+    """Write `best_model.pt` atomically: weights plus what rebuilding and predicting need.
+
+    `source` names the refit run that produced it, so a resumed search can reuse the file.
+    `folds`/`fold_states`: the best trial's fold models (for `--ensemble folds`);
+    `calibration`: the temperature fitted on that trial's out-of-fold predictions;
+    `threshold`: the binary operating threshold chosen on them (`calibration.oof_threshold`).
+    """
+    saved = SavedModel(
+        distmed_version=__version__,
+        source=source,
+        config=cfg,
+        class_names=list(task.class_names),
+        positive_index=task.positive if isinstance(task, BinaryTask) else None,
+        preprocessing=preprocessing_for(cfg.data.image_size, channels, cfg.data),
+        fold_models=folds,
+        calibration=calibration,
+        threshold=threshold,
+    )
+    saved.save(path, state, fold_states)
+
+
+def saved_source(path: Path) -> str | None:
+    """The refit run a saved `best_model.pt` came from (None when there is no such file)."""
+    return SavedModel.load(path).source if path.is_file() else None
+
+
+def save_threshold(path: Path, threshold: Threshold | dict[str, Any]) -> None:
+    """Record the binary operating threshold (chosen on validation data) in `best_model.pt`.
+
+    `predict` then labels new images at that threshold with the checkpoint alone.
+    """
+    saved, state, fold_states = SavedModel.load_all(path)
+    chosen = Threshold.model_validate(threshold)
+    saved.model_copy(update={"threshold": chosen}).save(path, state, fold_states)

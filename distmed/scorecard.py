@@ -3,7 +3,8 @@
 One place for what the report shows of a search's test split and what `distmed.evaluate`
 shows of another site's images, so both read alike: `score` computes the numbers once (for
 the page and for JSON), `scores_section` renders them with the ROC, confusion,
-precision-recall and calibration figures; `figure`, `table` and `num` are the page's pieces.
+precision-recall and calibration figures; `figure`, `table` and `num` are the page's pieces
+and `render_page` its shell (style, title, footer).
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import base64
 import html
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn import metrics as skm
 
-from distmed import plots
+from distmed import __version__, plots
 from distmed.metrics import CI_METRICS
 from distmed.task import BinaryTask, Task
 
@@ -230,3 +233,41 @@ def num(key: str, value: Any, fmt: str = "{:.4f}") -> str:
         if math.isnan(value):
             return f"<span data-key='{key}' data-value='nan'>–</span>"
     return f"<span data-key='{key}' data-value='{value!r}'>{fmt.format(value)}</span>"
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+table { border-collapse: collapse; margin: 0.8em 0; }
+td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+figure { margin: 1em 0; } img { max-width: 100%; }
+figcaption { font-size: 0.8em; color: #666; }
+footer { font-size: 0.8em; color: #666; border-top: 1px solid #ccc; margin-top: 2em; }
+"""
+
+
+def render_page(
+    name: str,
+    sections: list[str],
+    versions: Mapping[str, str] | None = None,
+    generated: datetime | None = None,
+) -> str:
+    """The whole HTML page: the sections, then a footer with when and with what it was made.
+
+    `versions`: the run's software versions (`RunSummary.versions`: distmed, python, torch,
+    ...), as recorded by the search; `generated`: the report's time (default: now), shown
+    in UTC as ISO 8601.
+    """
+    body = "\n".join(s for s in sections if s)
+    return (
+        f"<!doctype html>\n<html><head><meta charset='utf-8'>"
+        f"<title>distmed report: {html.escape(name)}</title><style>{STYLE}</style></head>\n"
+        f"<body><h1>distmed report: {html.escape(name)}</h1>\n{body}\n"
+        f"{_footer(versions or {}, generated or datetime.now(timezone.utc))}\n</body></html>\n"
+    )
+
+
+def _footer(versions: Mapping[str, str], generated: datetime) -> str:
+    when = generated.astimezone(timezone.utc).isoformat(timespec="seconds")
+    made_with = ", ".join(f"{html.escape(k)} {html.escape(v)}" for k, v in versions.items())
+    run = f"; search run with {made_with}" if made_with else ""
+    return f"<footer><p>Report generated {when} by distmed {__version__}{run}.</p></footer>"

@@ -29,9 +29,11 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from distmed import _ray_compat
 from distmed.artifacts import delete_checkpoints
 from distmed.config import ExperimentConfig
 from distmed.cv import FoldPlan, cross_validate
+from distmed.failures import describe
 from distmed.loop import format_epoch
 from distmed.resources import TRIAL_CPU, WorkerLayout
 from distmed.results import completed_score
@@ -77,12 +79,11 @@ def wait_until_tune_took_every_report(
     queue that the trial's main thread empties only when Tune asks for its next result. Were
     this function to return first, Tune's end-of-trial marker would take the trial's one-slot
     result queue, and the main thread, forwarding the last report after it, would wait on that
-    slot forever. The queue is the callback's own (no public handle); on a Ray without it this
-    waits for nothing. A trial Tune stops meanwhile is ended by Tune, so the wait is bounded.
+    slot forever. The queue is the callback's own (no public handle); a Ray without it is an
+    error (`_ray_compat.pending_reports`), not a skipped wait. A trial Tune stops meanwhile is
+    ended by Tune, so the wait is bounded.
     """
-    reports = getattr(to_tune, "_training_actor_item_queue", None)
-    if reports is None:
-        return
+    reports = _ray_compat.pending_reports(to_tune)
     deadline = time.monotonic() + timeout_s
     while not reports.empty():
         if time.monotonic() > deadline:
@@ -121,7 +122,20 @@ class EpochLines(ray.tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         where = trial.error_file or "trials.csv"
-        print(f"  trial {trial.trial_id} errored (details: {where})", file=sys.stderr, flush=True)
+        print(
+            f"  trial {trial.trial_id} errored: {trial_error_line(trial)} (details: {where})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def trial_error_line(trial) -> str:
+    """Why `trial` errored, in one line (`failures.describe`), from the error Tune saved."""
+    try:  # read back from the trial's storage, where Tune has just written it
+        error = trial.get_pickled_error() or trial.get_error()
+    except Exception:  # noqa: BLE001 - a storage hiccup must not end the search
+        error = None
+    return describe(error) if error else "see the error file"
 
 
 class EndedTrials(ray.tune.Callback):
@@ -155,7 +169,7 @@ class StopOnCtrlC:
         self._previous: Any = None
 
     def __enter__(self) -> StopOnCtrlC:
-        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours instead, installed here
+        os.environ[_ray_compat.TUNE_DISABLE_SIGINT_HANDLER] = "1"  # ours instead, installed here
         # Tune's own hint names its Python API (Tuner.restore); we print the CLI command.
         logging.getLogger("ray.tune.tune").addFilter(_drop_restore_hint)
         self._previous = signal.signal(signal.SIGINT, self._handle)
@@ -174,9 +188,10 @@ class StopOnCtrlC:
             file=sys.stderr,
             flush=True,
         )
-        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        stop = _ray_compat.TUNE_STOP_SIGNAL
+        if signal.getsignal(stop) in (signal.SIG_DFL, signal.SIG_IGN, None):
             raise KeyboardInterrupt  # Tune has not started (or has finished) its loop
-        os.kill(os.getpid(), signal.SIGUSR1)  # Tune's own stop request (ray.tune.tune)
+        os.kill(os.getpid(), stop)  # Tune's own stop request (ray.tune.tune)
 
 
 def _drop_restore_hint(record: logging.LogRecord) -> bool:

@@ -16,7 +16,7 @@ import hashlib
 import json
 from typing import Any
 
-from distmed.artifacts import read_text_uri, write_text_uri
+from distmed.artifacts import read_text_uri, write_json_uri
 from distmed.data import DataIndex
 from distmed.errors import UserError, shorten
 from distmed.search import can_restore
@@ -80,7 +80,7 @@ def record_search(
 ) -> None:
     """Keep a new search's record beside its results (just before its first trial)."""
     record = {**search_record(spec, nested), IMAGES_KEY: images_hash(index)}
-    write_text_uri(f"{exp_uri}/{SEARCH_FILE}", json.dumps(record, indent=1, sort_keys=True))
+    write_json_uri(f"{exp_uri}/{SEARCH_FILE}", record, sort_keys=True)
 
 
 def check_same_images(exp_uri: str, record: dict[str, Any] | None, index: DataIndex) -> None:

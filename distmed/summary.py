@@ -8,16 +8,21 @@ benchmarks) use attributes; `load` names the file in one line when it is not a s
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from distmed.artifacts import write_json_atomic
 from distmed.config import ExperimentConfig, format_validation_error
 from distmed.errors import UserError
 
 MAX_BYTES = 64 << 20  # a summary is a few kB (skipped-file lists can grow); refuse a huge one
+
+# A score that may be undefined: NaN in memory, `null` in the file (strict JSON has no NaN,
+# `artifacts.json_text`); a `null` read back is NaN again, so readers see one convention.
+Score = Annotated[float, BeforeValidator(lambda v: math.nan if v is None else v)]
 
 
 class DataSummary(BaseModel):
@@ -36,10 +41,20 @@ class DataSummary(BaseModel):
     inspection: dict[str, Any] | None = Field(
         None, description="`python -m distmed.data`'s summary: counts, formats, duplicates"
     )
+    thin_validation_folds: str | None = Field(
+        None, description="warning: validation folds with fewer than 5 images of a class"
+    )
+    test_split_gaps: str | None = Field(
+        None, description="warning: the test split lacks a class or holds few images of one"
+    )
 
 
 class RunSummary(BaseModel):
-    """One search's result. Scores are ROC-AUC in [0, 1] (NaN where undefined); times in s."""
+    """One search's result. Scores are ROC-AUC in [0, 1]; times in s.
+
+    An undefined score (NaN: a fold without both classes, a diverged fold) is `null` in the
+    file; in the lists and metric tables below a `null` reads back as NaN.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -65,17 +80,17 @@ class RunSummary(BaseModel):
         description="the 95% intervals (mean ± 1.96 SE) of best and runner-up do not overlap; "
         "null without a runner-up or a finite SE",
     )
-    best_fold_roc_auc: list[float] = Field(default_factory=list)
+    best_fold_roc_auc: list[Score] = Field(default_factory=list)
     best_config: ExperimentConfig | None = None
     # After the refit (test metrics only where the data has a test split):
     refit_epochs: int | None = Field(None, ge=1)
-    test_metrics: dict[str, int | float] | None = None  # num_samples is an int
+    test_metrics: dict[str, int | Score] | None = None  # num_samples is an int
     # The best trial's fold models averaged (`--ensemble folds`), on the same test split.
-    test_metrics_folds: dict[str, int | float] | None = None
+    test_metrics_folds: dict[str, int | Score] | None = None
     wall_time_s: float | None = Field(None, ge=0)
 
     def save(self, path: Path) -> None:
-        """Write atomically as JSON (NaN kept as NaN, as Python's json reads it back)."""
+        """Write atomically as strict JSON (NaN as `null`, `artifacts.json_text`)."""
         write_json_atomic(path, self.model_dump(mode="json"))  # unset fields as null
 
     @classmethod

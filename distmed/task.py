@@ -13,9 +13,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from distmed import metrics
@@ -108,6 +110,11 @@ class BinaryTask(Task):
     """Two classes; class `positive` is the one whose probability ranks and is thresholded."""
 
     positive: int = 1
+    kind: Literal["binary"] = "binary"  # which task a plain record (JSON, Ray) holds
+
+    def __post_init__(self) -> None:
+        if len(self.class_names) != 2 or self.positive not in (0, 1):
+            raise ValueError(f"a binary task has 2 classes and positive 0 or 1, not {self}")
 
     @property
     def thresholded(self) -> bool:
@@ -170,6 +177,12 @@ class BinaryTask(Task):
 class MulticlassTask(Task):
     """K > 2 exclusive classes: macro one-vs-rest ROC-AUC, argmax decisions."""
 
+    kind: Literal["multiclass"] = "multiclass"
+
+    def __post_init__(self) -> None:
+        if len(self.class_names) < 3:
+            raise ValueError(f"a multi-class task has 3 or more classes, not {self}")
+
     @property
     def thresholded(self) -> bool:
         return False
@@ -212,6 +225,10 @@ class MulticlassTask(Task):
             Curve(k, name, labels == k, np.asarray(probs, dtype=np.float64)[:, k])
             for k, name in enumerate(self.class_names)
         ]
+
+
+# A task as a typed field of a pydantic record (the worker's config): the `kind` says which.
+AnyTask = Annotated[BinaryTask | MulticlassTask, Field(discriminator="kind")]
 
 
 def task_for(class_names: Sequence[str], positive_class: str | None = None) -> Task:

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from distmed import _ray_compat
 from distmed.config import MlflowConfig, WandbConfig
 from distmed.errors import UserError
 
@@ -69,14 +70,15 @@ def _callback_class() -> type:
     """Tune's `WandbLoggerCallback`, minus the API key in its logging actor's runtime env."""
     import ray
     from ray.air.integrations.wandb import WandbLoggerCallback
-    from ray.air.util.node import _force_on_current_node
 
     class NodeKeyWandbLoggerCallback(WandbLoggerCallback):
+        # Overrides a private method, reads two private attributes (_ray_compat.PRIVATE_NAMES):
+        # Tune offers no public way to start its logging actor without the key in its env.
         def _start_logging_actor(self, trial, exclude_results, **wandb_init_kwargs):
             if not self._remote_logger_class:  # Ray's own would add env_vars={WANDB_API_KEY}
                 self._remote_logger_class = ray.remote(
                     num_cpus=0,
-                    **_force_on_current_node(),
+                    **_ray_compat.force_on_current_node(),
                     max_restarts=-1,
                     max_task_retries=-1,
                 )(self._logger_actor_cls)
@@ -148,7 +150,7 @@ def _mlflow_callback_class() -> type:
 
     class CVMLflowLoggerCallback(MLflowLoggerCallback):
         def log_trial_end(self, trial, failed: bool = False):
-            run_id = self._trial_runs.get(trial)
+            run_id = _ray_compat.mlflow_trial_run_id(self, trial)
             last = trial.last_result or {}
             if run_id is not None:
                 score = last.get("cv_roc_auc")
@@ -157,7 +159,7 @@ def _mlflow_callback_class() -> type:
                         run_id=run_id, metrics_to_log={"final_cv_roc_auc": score}, step=0
                     )
                 state = "completed" if last.get("cv_complete") else "stopped"
-                self.mlflow_util._get_client().set_tag(run_id, "distmed.status", state)
+                _ray_compat.mlflow_client(self).set_tag(run_id, "distmed.status", state)
             super().log_trial_end(trial, failed)
 
     return CVMLflowLoggerCallback

@@ -18,22 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from distmed import __version__
+from distmed import __version__, pipeline
 from distmed.artifacts import write_json_atomic
-from distmed.cli import (
-    add_common_options,
-    inspect_data,
-    overrides_from_args,
-    parse,
-    run_entry_point,
-)
+from distmed.cli import add_common_options, overrides_from_args, run_command
 from distmed.config import ExperimentConfig, dump_config, load_config
-from distmed.cv import CVResult, cross_validate, prepare_data, share_images
-from distmed.data import DataIndex, describe_index, scan_source
+from distmed.cv import CVResult, cross_validate, score_caveat
+from distmed.data import DataIndex, describe_index
 from distmed.errors import UserError
 from distmed.metrics import METRIC_NAMES
-from distmed.model import check_weights, warn_frozen_random_stages
-from distmed.resources import plan_workers, start_ray
+from distmed.model import warn_frozen_random_stages
+from distmed.resources import plan_workers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,23 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse(build_parser(), argv)
-    return run_entry_point(_run, args)
+    return run_command(build_parser(), argv, _run)
 
 
 def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     cfg = load_config(args.config, overrides_from_args(args))
     warn_frozen_random_stages(cfg.model)
-    scanned = scan_source(cfg.data)
-    inspection = inspect_data(scanned, cfg.data)
-    check_weights(cfg.model)  # a bad weights file fails before the (slow) first decode
-    prepared = prepare_data(cfg, scanned)
-    index, assignment, plan = prepared.index, prepared.assignment, prepared.plan
+    prepared = pipeline.prepare(cfg)
+    index, assignment = prepared.data.index, prepared.data.assignment
     output = Path(args.output or _default_output(index)).resolve()
     output.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, output / "config.yaml")
-    start_ray(args.address)
+    plan = pipeline.connect(prepared.data, args.address).plan
     layout = plan_workers(cfg.scaling)
     print(
         f"distmed {__version__}: {index.name}, {len(index.pool)} images, "
@@ -82,11 +72,20 @@ def _run(args: argparse.Namespace) -> int:
         f"{' + GPU' if layout.use_gpu else ''}",
         flush=True,
     )
-    if args.address:  # workers may run on nodes without this node's decoded-image cache
-        plan = share_images(plan)
     result = cross_validate(cfg, plan, layout, output / "ray", run_name(cfg, index))
     wall = time.perf_counter() - started
-    write_cv_result(output / "cv_result.json", cfg, index, assignment, result, wall, inspection)
+    data = prepared.data
+    warnings = {"thin_validation_folds": data.thin_folds, "test_split_gaps": data.test_gaps}
+    write_cv_result(
+        output / "cv_result.json",
+        cfg,
+        index,
+        assignment,
+        result,
+        wall,
+        prepared.inspection,
+        warnings,
+    )
     print(format_fold_table(result))
     print(f"precision: {result.precision} on {result.device}; wall time {wall:.0f} s")
     if result.diverged_folds:
@@ -100,6 +99,9 @@ def _run(args: argparse.Namespace) -> int:
         f"(fold std {result.std_roc_auc:.4f}, {len(result.folds)} folds)  "
         f"-> {output / 'cv_result.json'}"
     )
+    caveat = score_caveat(result.fold_aucs, prepared.data.thin_folds)
+    if caveat is not None:
+        print(f"  {caveat}")
     return 0
 
 
@@ -120,7 +122,8 @@ def run_name(cfg: ExperimentConfig, index: DataIndex) -> str:
 
 
 def _default_output(index: DataIndex) -> Path:
-    return Path("runs") / f"train-{index.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    # The data's name cut short: a source named up to NAME_MAX must not give a longer folder.
+    return Path("runs") / f"train-{index.name[:100]}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def format_fold_table(result: CVResult) -> str:
@@ -148,8 +151,12 @@ def write_cv_result(
     result: CVResult,
     wall_time_s: float,
     inspection: dict | None = None,
+    warnings: dict[str, str | None] | None = None,
 ) -> None:
     """`cv_result.json`: scores, per-fold metrics and histories, config, data, assignment.
+
+    `warnings` (`thin_validation_folds`, `test_split_gaps`: the data warnings said before
+    training) are kept under `data`, as in `summary.json`.
 
     `assignment` is `make_folds`' (R, N): each sample's `fold` is its fold in repeat 0
     (the whole assignment when R = 1); with R > 1 `folds_by_repeat` lists all R.
@@ -176,7 +183,7 @@ def write_cv_result(
         "device": result.device,
         "world_size": result.world_size,
         **result.extra,  # channels_last, the worker's peak memory
-        "data": describe_index(index, inspection),
+        "data": describe_index(index, inspection) | (warnings or {}),
         "config": cfg.model_dump(mode="json"),
         "fold_assignment": [
             {"id": sample_id, "label": int(label), "fold": int(folds[0])}

@@ -1,9 +1,13 @@
-"""The Ray Train side of a cross-validated run: every fold of one configuration in lockstep.
+"""The Ray Train worker side of a cross-validated run: every fold of one configuration in lockstep.
 
-This is the only module that calls `ray.train.*`. One `TorchTrainer` fit trains all k folds
-side by side, epoch by epoch (the loop itself is `distmed.loop`), so each report carries a
+This module is what runs inside each Train worker: `train_folds`, its report, checkpoint and
+restore (`ray.train.report`, `get_checkpoint`, `get_context`, `ray.train.torch`). The driver
+side of Ray Train is elsewhere: `cv.py` builds and fits the `TorchTrainer`, `refit.py` relays
+the refit's epoch lines through a `ray.train.UserCallback`. One fit trains all k folds side by
+side, epoch by epoch (the loop itself is `distmed.loop`), so each report carries a
 fold-averaged signal (what a scheduler such as ASHA should compare) and a restarted worker
-group resumes every fold from one checkpoint.
+group resumes every fold from one checkpoint. `WorkerConfig` is what the driver hands the
+workers: a typed model, a dict only while it crosses into Ray (`train_loop_config`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
+from distmed import _ray_compat
 from distmed.config import ExperimentConfig, TrainConfig
 from distmed.data import load_cached
 from distmed.loop import (
@@ -34,31 +40,70 @@ from distmed.loop import (
     run_fold_epoch,
 )
 from distmed.results import write_trial_detail
+from distmed.task import AnyTask
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 
 
-def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train entry point: train every fold in `loop_config['folds']` in lockstep.
+class _Plain(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    `loop_config` holds the experiment config as a dict, the decoded-image file, labels,
-    the `distmed.task.Task`, the fold index lists and the thread count; see `cv.cross_validate`.
+
+class FoldIndices(_Plain):
+    """One fold's sample positions in the decoded images (`val` None: train only, a refit)."""
+
+    train: list[int]
+    val: list[int] | None = None
+
+
+class WorkerConfig(_Plain):
+    """Everything a Train worker needs for one fit (built by `cv.fit_folds`).
+
+    It crosses into Ray as a plain dict (`to_loop_config`, Ray's `train_loop_config`) and is
+    validated again on the worker's side straight away (`from_loop_config`), as the
+    experiment config in it always was.
     """
-    cfg = ExperimentConfig.model_validate(loop_config["config"])
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    config: ExperimentConfig
+    images_path: str  # the decoded-image cache file (`distmed.data.load_cached`)
+    images_ref: Any = None  # a Ray ObjectRef of the same images, for nodes without the file
+    labels: list[int]
+    task: AnyTask  # binary or multi-class: the loss, metrics and decisions (`distmed.task`)
+    folds: list[FoldIndices]
+    folds_per_repeat: int | None = None  # k of the R x k folds; None: one repeat
+    threads: int = Field(ge=1)  # torch threads per worker
+    detail_uri: str | None = None  # where rank 0 keeps per-fold histories and predictions
+
+    def to_loop_config(self) -> dict[str, Any]:
+        """The dict Ray carries; the ObjectRef stays an object (Ray passes it through)."""
+        plain = self.model_dump(mode="json", exclude={"images_ref"})
+        return {**plain, "images_ref": self.images_ref}
+
+    @classmethod
+    def from_loop_config(cls, loop_config: dict[str, Any]) -> WorkerConfig:
+        return cls.model_validate(loop_config)
+
+
+def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train entry point: train every fold of a `WorkerConfig` (as a dict) in lockstep."""
+    plan = WorkerConfig.from_loop_config(loop_config)
+    cfg = plan.config
     _quiet_worker_logs()
-    threads = int(loop_config["threads"])
+    threads = plan.threads
     torch.set_num_threads(threads)
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick kernels once
     runtime = Runtime.resolve(cfg, device)
-    images = load_images(loop_config["images_path"], loop_config["images_ref"])
-    labels = np.asarray(loop_config["labels"], dtype=np.int64)
+    images = load_images(plan.images_path, plan.images_ref)
+    labels = np.asarray(plan.labels, dtype=np.int64)
     context = ray.train.get_context()
     folds = [
         build_fold(
-            FoldData(i, spec["train"], spec.get("val"), images, labels, loop_config["task"]),
+            FoldData(i, spec.train, spec.val, images, labels, plan.task),
             cfg,
             runtime,
             batch_size=max(1, cfg.train.batch_size // context.get_world_size()),  # rank's share
@@ -69,11 +114,10 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
                 loader, move_to_device=False
             ),
         )
-        for i, spec in enumerate(loop_config["folds"])
+        for i, spec in enumerate(plan.folds)
     ]
     start_epoch = _restore(folds)
-    detail_uri = loop_config.get("detail_uri")
-    folds_per_repeat = loop_config.get("folds_per_repeat")  # k of the R x k folds
+    detail_uri, folds_per_repeat = plan.detail_uri, plan.folds_per_repeat
     if start_epoch >= cfg.train.epochs or (start_epoch and all(f.stopped for f in folds)):
         # The run had ended before it was interrupted (a killed or Ctrl-C'd search): its
         # last report may never have reached Tune, so report it again rather than nothing,
@@ -181,9 +225,7 @@ def _quiet_worker_logs() -> None:
     """Our one progress line per epoch instead of Ray Train's per-report INFO messages."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     # Ray 2.60 logs every report at INFO under a logger named by its file path.
-    from ray.train.v2._internal.execution import context as train_context
-
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    logging.getLogger(_ray_compat.train_report_logger_name()).setLevel(logging.WARNING)
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))

@@ -40,6 +40,18 @@ def _default_train_output_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     )
 
 
+# Fixtures that start (or need) the session's Ray instance; a test that uses one, directly
+# or through another fixture, is marked `ray` here, so `-m "not ray"` (`bash dev.sh test-fast`)
+# never starts Ray even when a test forgets its own marker.
+RAY_FIXTURES = frozenset({"ray_session"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """The test run's own Ray instance, started the way distmed starts one: every process

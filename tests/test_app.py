@@ -1,24 +1,34 @@
-"""The web page end to end: served in-process from a small trained model, driven by chromium."""
+"""The web page end to end: served in-process from a small trained model, driven by chromium;
+its uploads (size bound, private folder removed on Ctrl-C) through `python -m distmed.app`."""
 
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from conftest import free_port, write_image_folder
 
-from distmed import app, predict
+from distmed import app, inference, predict
 from distmed.config import ExperimentConfig
 from distmed.data import to_model_input
-from distmed.metrics import classification_metrics
+from distmed.inference import TEST_PREDICTIONS
 from distmed.model import build_model
 from distmed.modelcard import NOTICE
-from distmed.refit import TEST_PREDICTIONS, save_model, save_threshold
+from distmed.savedmodel import save_model, save_threshold
 from distmed.summary import DataSummary, RunSummary
+from distmed.task import BinaryTask, task_for
+
+BINARY = BinaryTask(("neg", "pos"))  # class 1 scored, as the binary tests label it
 
 SIZE = 28
 CLASSES = ["normal", "pneumonia"]
@@ -31,7 +41,7 @@ def _train_tiny_run(root: Path) -> Path:
     """
     images_dir = write_image_folder(root / "images", {c: 8 for c in CLASSES}, size=SIZE)
     paths = sorted(images_dir.rglob("*.png"))
-    images = np.stack([predict.decode_file(p, SIZE) for p in paths])
+    images = np.stack([inference.decode_file(p, SIZE) for p in paths])
     labels = torch.tensor([CLASSES.index(p.parent.name) for p in paths])
     cfg = ExperimentConfig.model_validate(
         {"data": {"root": "x", "image_size": SIZE}, "model": {"weights": "none"}}
@@ -52,14 +62,14 @@ def _train_tiny_run(root: Path) -> Path:
 
     run = root / "run"
     run.mkdir()
-    save_model(run / "best_model.pt", model.state_dict(), cfg, CLASSES, 1, 1, "refit-t1")
+    save_model(run / "best_model.pt", model.state_dict(), cfg, task_for(CLASSES), 1, "refit-t1")
     save_threshold(
         run / "best_model.pt",
         {"value": 0.4, "method": "youden", "chosen_on": "out-of-fold predictions",
          "positive_class": CLASSES[1], "num_samples": 16},
     )  # fmt: skip
     np.savez(run / TEST_PREDICTIONS, labels=labels.numpy(), probs=probs)
-    test_metrics = classification_metrics(labels.numpy(), probs, 1)
+    test_metrics = BINARY.metrics(labels.numpy(), probs)
     summary = RunSummary(
         name="tiny",
         num_trials=1,
@@ -129,3 +139,65 @@ def test_page_predicts_like_the_cli_and_survives_a_broken_upload(tmp_path: Path)
 def test_app_without_a_model_is_one_line(tmp_path: Path, capsys):
     assert app.main(["--model", str(tmp_path / "no.pt")]) == 2
     assert capsys.readouterr().err.startswith("error: --model")
+
+
+def _wait_until_served(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s  # a bound, not a timing assertion
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the app exited with {proc.returncode}: {proc.stdout.read()}")
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"the app did not serve {url} within {timeout_s} s")
+
+
+def test_uploads_are_bounded_private_and_removed_on_ctrl_c(tmp_path: Path):
+    """`python -m distmed.app` as a user runs it: a file over --max-upload-mb is refused
+    (HTTP 413) and not kept; an accepted one lands in the app's own folder under $TMPDIR,
+    which is gone once Ctrl-C stopped the app (Gradio's default folder is never emptied)."""
+    run = _train_tiny_run(tmp_path)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distmed.app", "--model", str(run / "best_model.pt"),
+         "--port", str(port), "--max-upload-mb", "1"],
+        env={**os.environ, "TMPDIR": str(temp), "GRADIO_TEMP_DIR": ""},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_until_served(url, proc)
+        (folder,) = temp.glob("distmed-app-*")
+        upload = f"{url}gradio_api/upload"
+        image = sorted((tmp_path / "images" / "normal").glob("*.png"))[0]
+        small = httpx.post(upload, files={"files": (image.name, image.read_bytes())})
+        assert small.status_code == 200, small.text
+        (stored,) = small.json()
+        assert Path(stored).is_file() and folder in Path(stored).parents
+
+        big = httpx.post(upload, files={"files": ("big.dcm", b"\0" * (2 * 2**20))})
+        assert big.status_code == 413, big.text
+        assert not [p for p in folder.rglob("*") if p.is_file() and p.stat().st_size > 2**20]
+
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(timeout=120) == 0, proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert list(temp.iterdir()) == []  # the app's folder and every upload in it
+
+
+def test_max_upload_mb_must_be_a_positive_whole_number(capsys):
+    for bad in ("0", "-5", "1.5", "lots"):
+        with pytest.raises(SystemExit) as exc:
+            app.build_parser().parse_args(["--model", "m.pt", "--max-upload-mb", bad])
+        assert exc.value.code == 2
+        assert "--max-upload-mb" in capsys.readouterr().err
+    args = app.build_parser().parse_args(["--model", "m.pt"])
+    assert args.max_upload_mb == app.MAX_UPLOAD_MB == 100

@@ -78,11 +78,66 @@ def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best_config.yaml"]
 
 
-def test_json_keeps_nan_and_odd_values(tmp_path: Path):
+def strict_json(text: str):
+    """Parse as RFC 8259 JSON: the bare tokens NaN/Infinity (Python's extension) refused."""
+
+    def refuse(token: str):
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_is_strict_with_null_for_nan_inf_and_numpy_values(tmp_path: Path):
     target = tmp_path / "summary.json"
-    write_json_atomic(target, {"auc": float("nan"), "path": tmp_path})
-    text = target.read_text()
-    assert "NaN" in text and str(tmp_path) in text
+    payload = {
+        "auc": float("nan"),
+        "loss": float("inf"),
+        "low": -np.inf,
+        "np_nan": np.float64("nan"),
+        "np_float": np.float32(0.5),
+        "np_int": np.int64(3),
+        "np_bool": np.bool_(True),
+        "array": np.array([1.0, np.nan]),
+        "nested": [{"se": float("nan")}, (1, float("-inf"))],
+        "path": tmp_path,
+    }
+    write_json_atomic(target, payload)
+    loaded = strict_json(target.read_text())
+    assert loaded == {
+        "auc": None,
+        "loss": None,
+        "low": None,
+        "np_nan": None,
+        "np_float": 0.5,
+        "np_int": 3,
+        "np_bool": True,
+        "array": [1.0, None],
+        "nested": [{"se": None}, [1, None]],
+        "path": str(tmp_path),
+    }
+
+
+def test_json_writer_raises_on_a_non_finite_number_the_conversion_missed(monkeypatch):
+    import distmed.artifacts
+
+    monkeypatch.setattr(distmed.artifacts, "json_safe", lambda value: value)  # a regression
+    with pytest.raises(ValueError):
+        distmed.artifacts.json_text({"auc": float("nan")})
+
+
+def test_every_json_file_goes_through_the_one_writer():
+    """No module but `distmed.artifacts` encodes JSON for a file: `json.dump` nowhere, and
+    `json.dumps` only where it feeds a hash (a run name, the images' digest), never a file."""
+    root = Path(__file__).resolve().parents[1] / "distmed"
+    hashing = {"searchfile.py": 1, "train.py": 1}  # json.dumps -> hashlib, not a file
+    for path in root.rglob("*.py"):
+        if path.name == "artifacts.py" and path.parent == root:
+            continue
+        text = path.read_text()
+        assert "json.dump(" not in text, path
+        assert "allow_nan=True" not in text, path
+        assert "model_dump_json" not in text, path
+        assert text.count("json.dumps(") == hashing.get(path.name, 0), path
 
 
 def test_only_checkpoints_ray_registered_survive_the_next_run(tmp_path: Path):

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distmed.cli import add_debug_option, add_model_option, choose_device, model_path
+from distmed.cli import add_debug_option, add_model_option, model_path
 from distmed.errors import UserError
+from distmed.inference import choose_device
 
 try:
     import tomllib

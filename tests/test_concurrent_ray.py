@@ -231,8 +231,12 @@ def test_searches_beside_each_other_survive_ctrl_c_and_resume_on_s3(
     argv_a = [*tune, "--space", str(space_a), "--storage", str(storage_a), "--name", "a"]
     argv_b = [*tune, "--space", str(space_b), "--storage", f"s3://{BUCKET}/exp"]
     argv_b += ["--name", name_b]
+    # B keeps its Ray session folders (so the secret check below reads them); A's is removed
+    # when its search ends, as every search's is by default.
+    env_b = {**env, "DISTMED_KEEP_RAY_SESSION": "1"}
+    staging_b = Path(tempfile.gettempdir()) / "distmed-results" / name_b
     try:
-        b = Search(argv_b, env, tmp_path)
+        b = Search(argv_b, env_b, tmp_path)
         a = Search(argv_a, env, tmp_path)
 
         b_done, b_interrupted = _second_trial_trains(b)
@@ -245,6 +249,7 @@ def test_searches_beside_each_other_survive_ctrl_c_and_resume_on_s3(
         assert _bucket_statuses(client, prefix) == ["completed", "interrupted"]
         assert json.loads(_read(client, prefix + "summary.json"))["interrupted"] is True
         assert prefix + "best_model.pt" not in _objects(client, prefix)
+        assert not staging_b.exists()  # uploaded, so the local staging copy is gone
 
         # A ran beside B (and beside the test session's instance): it finishes, refit included.
         assert a.finish(SEARCH_TIMEOUT_S) == 0, a.output()[-3000:]
@@ -255,7 +260,7 @@ def test_searches_beside_each_other_survive_ctrl_c_and_resume_on_s3(
         # B, continued by the command it printed.
         b_resume = shlex.split(resume_line.split("continue it with: ", 1)[1])
         assert b_resume[-1] == "--resume" and name_b in b_resume
-        b2 = Search(b_resume, env, tmp_path)
+        b2 = Search(b_resume, env_b, tmp_path)
         assert b2.finish(SEARCH_TIMEOUT_S) == 0, b2.output()[-3000:]
         out = b2.output()
         assert "Traceback" not in out, out[-3000:]
@@ -266,9 +271,14 @@ def test_searches_beside_each_other_survive_ctrl_c_and_resume_on_s3(
         assert epochs and 1 not in epochs and epochs[-1] == 3, out[-3000:]
         assert "report: " in out and "best configuration" in out
         _check_bucket(client, prefix, [b_done, b_interrupted], epochs=3)
+        assert not staging_b.exists()
 
-        sessions = list(ray_tmp.glob("ray/session_2*"))
-        assert len(sessions) == 3, sessions  # A, B and B resumed, each its own instance
+        # B and B resumed, each its own instance (Ray names a session folder after the pid
+        # of the process that started it); A's own folder was removed when it ended.
+        sessions = sorted(ray_tmp.glob("ray/session_2*"))
+        assert sorted(int(s.name.rsplit("_", 1)[1]) for s in sessions) == sorted(
+            [b.proc.pid, b2.proc.pid]
+        ), sessions
         assert _files_containing(ray_tmp, [FAKE_WANDB_KEY, FAKE_AWS_SECRET]) == []
         objects = _objects(client, prefix)
         assert [k for k in objects if FAKE_AWS_SECRET.encode() in _read(client, k)] == []

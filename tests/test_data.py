@@ -745,6 +745,7 @@ def test_unwritable_cache_dir_is_one_line(tmp_path, monkeypatch):
 
 
 def test_full_disk_through_the_train_cli(tmp_path, monkeypatch, capsys):
+    import distmed.pipeline
     import distmed.train
 
     def no_ray(*args, **kwargs):
@@ -753,7 +754,7 @@ def test_full_disk_through_the_train_cli(tmp_path, monkeypatch, capsys):
     def disk_full(*args, **kwargs):
         raise OSError("Not enough free space to write 4096 bytes")
 
-    monkeypatch.setattr(distmed.train, "start_ray", no_ray)
+    monkeypatch.setattr(distmed.pipeline, "start_ray", no_ray)
     monkeypatch.setattr(data_mod.cache, "write_block", disk_full)
     root = write_image_folder(tmp_path / "flat", {"a": 6, "b": 6})
     argv = ["--data", str(root), "--output", str(tmp_path / "out"), "--set", "cv.folds=2"]
@@ -815,11 +816,19 @@ def test_group_csv_with_a_byte_order_mark(tmp_path):
     assert index.pool.groups.tolist() == ["P1", "P1", "Ö2", "Ö2"]
 
 
-def test_group_csv_in_another_encoding_is_one_line(tmp_path):
+def test_group_csv_in_cp1252_is_read_and_other_bytes_are_one_line(tmp_path):
+    """Excel's plain "CSV" in Western locales is Windows-1252 (and ';'-separated in Europe);
+    bytes that are not text in it either are refused naming the encoding."""
     root = write_image_folder(tmp_path / "flat", {"a": 2, "b": 2})
     table = tmp_path / "groups.csv"
-    table.write_bytes("path,group\na/p00_img00.png,Jürgen\n".encode("latin-1"))
-    with pytest.raises(UserError, match="not UTF-8 text.*save it as UTF-8 CSV"):
+    rows = [
+        f"{c}/p00_img0{i}.png;{name}" for c, name in (("a", "Jürgen"), ("b", "Zoë")) for i in (0, 1)
+    ]
+    table.write_bytes("\r\n".join(["path;group", *rows]).encode("cp1252"))
+    index = scan_folder(root, cfg(group_csv=str(table)))
+    assert index.pool.groups.tolist() == ["Jürgen", "Jürgen", "Zoë", "Zoë"]
+    table.write_bytes(b"path,group\na/p00_img00.png,J\x81rgen\n")
+    with pytest.raises(UserError, match=r"neither UTF-8 nor Windows-1252 text \(byte 0x81"):
         scan_folder(root, cfg(group_csv=str(table)))
 
 

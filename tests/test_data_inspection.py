@@ -14,6 +14,7 @@ from conftest import shared_npz, write_image_folder
 from PIL import Image
 
 import distmed.data.inspection as inspection_mod
+import distmed.pipeline
 import distmed.train
 from distmed.config import DataConfig
 from distmed.data import describe_index, scan_source
@@ -164,7 +165,7 @@ def _no_ray(*args, **kwargs):
 
 
 def test_train_prints_the_short_summary_and_warns_before_ray(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(distmed.train, "start_ray", _no_ray)
+    monkeypatch.setattr(distmed.pipeline, "start_ray", _no_ray)
     root = planted(tmp_path)
     argv = ["--data", str(root), "--output", str(tmp_path / "out"), "--cpu"]
     argv += ["--set", "cv.folds=2", "--set", "data.image_size=8", "--set", "model.weights=none"]
@@ -177,7 +178,7 @@ def test_train_prints_the_short_summary_and_warns_before_ray(tmp_path, capsys, m
 
 
 def test_train_with_on_duplicates_error_stops_in_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(distmed.train, "start_ray", _no_ray)
+    monkeypatch.setattr(distmed.pipeline, "start_ray", _no_ray)
     root = planted(tmp_path)
     argv = ["--data", str(root), "--output", str(tmp_path / "out")]
     code = distmed.train.main([*argv, "--set", "data.on_duplicates=error"])

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import write_image_folder
 
+import distmed.pipeline
 import distmed.train
 from distmed.config import DataConfig
 from distmed.data import scan_folder, scan_source
@@ -301,7 +302,7 @@ def test_ambiguous_layout_through_the_train_cli_is_one_line(tmp_path, capsys, la
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray must not start for bad input")
 
-    monkeypatch.setattr(distmed.train, "start_ray", no_ray)
+    monkeypatch.setattr(distmed.pipeline, "start_ray", no_ray)
     root = write_image_folder(tmp_path / "d", {"a": 6, "b": 6})
     if layout == "loop":
         os.symlink(root, root / "a" / "loop")

@@ -20,7 +20,7 @@ from conftest import write_image_folder
 from PIL import Image
 
 import distmed.data as data_mod
-from distmed import predict
+from distmed import inference, predict
 from distmed.config import ExperimentConfig, load_config
 from distmed.cv import prepare_data
 from distmed.data import (
@@ -357,7 +357,7 @@ def test_the_decoding_is_saved_with_the_model_and_predict_uses_it(tmp_path):
     options = saved.preprocessing.decode_options()
     assert options.resize == "pad" and options.intensity == "minmax"
     for row, path in enumerate(index.pool.paths):
-        assert (predict.decode_file(path, options)[0] == pool[row, 0]).all()
+        assert (inference.decode_file(path, options)[0] == pool[row, 0]).all()
     assert (pool[:, 0, 0] == 0).all()  # padded, not stretched
 
 

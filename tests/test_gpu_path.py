@@ -106,7 +106,7 @@ def test_two_ranks_on_one_gpu_is_refused(fake_cluster):
 def test_fractional_gpus_pack_trials_side_by_side_on_one_node(fake_cluster):
     fake_cluster([{"CPU": 4}, {"CPU": 16, "GPU": 2}])
     cfg = ScalingSection(num_workers=1, gpus_per_worker=0.5)
-    concurrent = concurrency_limit(8, 10, cfg, force_cpu=False)
+    concurrent = concurrency_limit(8, 10, cfg)
     assert concurrent == 4  # 2 GPUs / 0.5
     layout = plan_workers(cfg, concurrent=concurrent)
     assert layout.gpus_per_worker == 0.5
@@ -116,9 +116,17 @@ def test_fractional_gpus_pack_trials_side_by_side_on_one_node(fake_cluster):
 
 
 def test_cpu_flag_ignores_gpus(fake_cluster):
+    """`--cpu` reaches the planner only through the config (scaling.use_gpu=false)."""
+    from distmed.cli import overrides_from_args
+    from distmed.config import load_config
+    from distmed.train import build_parser
+
     fake_cluster([{"CPU": 16, "GPU": 2}])
-    layout = plan_workers(ScalingSection(num_workers=2), force_cpu=True)
+    args = build_parser().parse_args(["--cpu", "--workers", "2"])
+    scaling = load_config(None, overrides_from_args(args)).scaling
+    layout = plan_workers(scaling)
     assert not layout.use_gpu and "GPU" not in layout.resources_per_worker
+    assert concurrency_limit(8, 8, scaling) == 8  # by CPUs: the 2 GPUs bound nothing
 
 
 # --------------------------------------------------------------------------- autoscaling
@@ -135,7 +143,7 @@ def test_gpu_nodes_that_scale_from_zero_count_as_the_cluster(fake_cluster):
     fake_cluster([{"CPU": 8}], GPU_TYPES)  # only the head is up
     assert cluster_capacity()["GPU"] == 8  # 4 x 1 + 1 x 4
     cfg = ScalingSection(num_workers=1)
-    concurrent = concurrency_limit(16, 16, cfg, force_cpu=False)
+    concurrent = concurrency_limit(16, 16, cfg)
     assert concurrent == 8
     layout = plan_workers(cfg, concurrent=concurrent)
     assert layout.use_gpu  # `auto` sees the GPUs the autoscaler will add

@@ -23,6 +23,9 @@ from distmed.model import build_model
 from distmed.results import completed_score
 from distmed.savedmodel import FOLD_WEIGHTS_KEY, FoldModels, SavedModel
 from distmed.search import KeepBestCheckpoints
+from distmed.task import BinaryTask
+
+BINARY = BinaryTask(("neg", "pos"))  # class 1 scored, as the binary tests label it
 
 SIZE = 16
 CLASSES = ["neg", "pos"]
@@ -98,7 +101,7 @@ def test_refit_model_is_temperature_scaled_and_keeps_its_argmax(ensemble_model: 
 
 
 def test_fold_models_round_trip_and_threshold_rewrite_keeps_them(ensemble_model, tmp_path):
-    from distmed.refit import save_threshold
+    from distmed.savedmodel import save_threshold
 
     path = tmp_path / "best_model.pt"
     path.write_bytes(ensemble_model.read_bytes())
@@ -206,28 +209,20 @@ def test_latest_checkpoint_is_the_newest_folder(tmp_path: Path):
 
 
 def test_the_threshold_is_chosen_on_the_calibrated_scale_predict_uses(ensemble_model: Path):
-    """The model divides logits by T = 2 at predict time, so the report's out-of-fold
+    """The model divides logits by T = 2 at predict time, so the out-of-fold
     threshold must be chosen on temperature-scaled probabilities, not raw ones."""
     import numpy as np
 
-    from distmed.calibration import apply_temperature
+    from distmed.calibration import apply_temperature, oof_threshold
     from distmed.metrics import youden_threshold
-    from distmed.report import choose_threshold
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 60)
     score = np.clip(0.35 * labels + rng.uniform(0, 0.65, 60), 0.01, 0.99)
     probs = np.stack([1 - score, score], axis=1)
-    detail = {"folds": [{"val_labels": labels.tolist(), "val_probs": probs.tolist()}]}
-    run = SimpleNamespace(
-        detail=detail,
-        positive=1,
-        model_path=ensemble_model,
-        class_names=CLASSES,
-        summary=SimpleNamespace(best_trial="t1"),
-        calibration=SavedModel.load(ensemble_model).calibration,
-    )
-    chosen = choose_threshold(run, None)  # type: ignore[arg-type]
+    calibration = SavedModel.load(ensemble_model).calibration
+    assert calibration is not None
+    chosen = oof_threshold(labels, probs, BINARY, calibration.temperature)
     calibrated = apply_temperature(probs, 2.0)[:, 1]
     assert chosen is not None
     assert chosen.value == pytest.approx(youden_threshold(labels == 1, calibrated))
@@ -241,9 +236,8 @@ def test_report_shows_refit_and_fold_ensemble_side_by_side(ensemble_model: Path,
 
     import numpy as np
 
-    from distmed.metrics import classification_metrics
-    from distmed.refit import TEST_PREDICTIONS_FOLDS
-    from distmed.report import ensemble_section
+    from distmed.inference import TEST_PREDICTIONS_FOLDS
+    from distmed.runreport import ensemble_section
 
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 2, 40)
@@ -255,8 +249,7 @@ def test_report_shows_refit_and_fold_ensemble_side_by_side(ensemble_model: Path,
     run = SimpleNamespace(
         test={"labels": labels, "probs": refit},
         run_dir=tmp_path,
-        positive=1,
-        class_names=CLASSES,
+        task=BinaryTask(tuple(CLASSES)),
         model_path=ensemble_model,
         calibration=SavedModel.load(ensemble_model).calibration,
     )
@@ -265,7 +258,7 @@ def test_report_shows_refit_and_fold_ensemble_side_by_side(ensemble_model: Path,
     page = ensemble_section(run, figures, resamples=50)  # type: ignore[arg-type]
     shown = dict(re.findall(r"data-key='([^']+)' data-value='([^']+)'", page))
     for key, probs in (("refit_model", refit), ("fold_ensemble", folds)):
-        expected = classification_metrics(labels, probs, 1)
+        expected = BINARY.metrics(labels, probs)
         for name in ("roc_auc", "brier", "ece"):
             assert float(shown[f"{key}.{name}"]) == pytest.approx(expected[name]), (key, name)
     assert float(shown["temperature"]) == 2.0
@@ -280,8 +273,9 @@ def test_a_threshold_that_is_not_a_probability_is_refused_by_predict_and_evaluat
 
     images = write_image_folder(tmp_path / "images", {"a": 2, "b": 2}, size=SIZE)
     argv = ["--model", str(ensemble_model), "--threshold", value]
+    refused = f"--threshold: '{value}': use a number from 0 to 1"  # while parsing
     assert predict.main([*argv, str(images), "--output", str(tmp_path / "p.csv")]) == 2
-    assert f"--threshold {float(value)}: a probability in [0, 1]" in capsys.readouterr().err
+    assert refused in capsys.readouterr().err
     assert not (tmp_path / "p.csv").exists()
     assert evaluate.main([*argv, "--data", str(images), "--output", str(tmp_path / "e")]) == 2
-    assert f"--threshold {float(value)}: a probability in [0, 1]" in capsys.readouterr().err
+    assert refused in capsys.readouterr().err

@@ -10,10 +10,13 @@ import torch
 from torch import nn
 from torchvision import models
 
-from distmed.config import RESNET_STAGES, ModelConfig
+from distmed.config import ModelConfig
 from distmed.errors import UserError
 from distmed.model import build_model, set_train_mode, warn_frozen_random_stages
 
+# What `model.unfreeze` counts for a ResNet, head end first, spelled out independently of
+# the architecture table in distmed/model.py.
+RESNET_STAGES = ("layer4", "layer3", "layer2", "layer1", "stem")
 STAGE_PREFIXES = {
     "layer4": ("layer4.",),
     "layer3": ("layer3.",),

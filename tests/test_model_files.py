@@ -223,6 +223,10 @@ def test_bad_summary_is_one_line_through_report(
     assert expected in _one_line_error(capsys, code, run / "summary.json")
 
 
+def _refuse(token: str):
+    raise ValueError(f"not JSON: {token}")
+
+
 def test_summary_round_trip_keeps_nan_and_ints(tmp_path: Path):
     summary = RunSummary(
         name="exp",
@@ -234,6 +238,8 @@ def test_summary_round_trip_keeps_nan_and_ints(tmp_path: Path):
         test_metrics={"roc_auc": 0.75, "num_samples": 16},
     )
     summary.save(tmp_path / "summary.json")
+    raw = json.loads((tmp_path / "summary.json").read_text(), parse_constant=_refuse)
+    assert raw["best_fold_roc_auc"] == [0.5, None]  # strict JSON: null, never NaN
     loaded = RunSummary.load(tmp_path / "summary.json")
     assert loaded.best_fold_roc_auc[0] == 0.5 and math.isnan(loaded.best_fold_roc_auc[1])
     assert loaded.test_metrics == {"roc_auc": 0.75, "num_samples": 16}

@@ -14,23 +14,26 @@ import pytest
 import torch
 from conftest import write_image_folder
 
-from distmed import export, predict, report
+from distmed import export, predict, report, runreport
 from distmed.config import ExperimentConfig
 from distmed.cv import CVResult, FoldResult
 from distmed.data import decode_split, scan_folder, to_model_input
-from distmed.inference import load_model
-from distmed.metrics import (
-    CI_METRICS,
-    binary_metrics_at,
-    bootstrap_ci,
-    classification_metrics,
-    resample_indices,
-)
+from distmed.inference import TEST_PREDICTIONS, evaluate_test, load_model
+from distmed.metrics import CI_METRICS, resample_indices
 from distmed.model import build_model
-from distmed.refit import TEST_PREDICTIONS, evaluate_test, save_model
-from distmed.results import TrialRow, write_trial_detail, write_trials_csv
-from distmed.savedmodel import SavedModel
+from distmed.pipeline import operating_threshold
+from distmed.results import (
+    TrialRow,
+    oof_predictions,
+    read_trial_detail,
+    write_trial_detail,
+    write_trials_csv,
+)
+from distmed.savedmodel import SavedModel, save_model, save_threshold
 from distmed.summary import DataSummary, RunSummary
+from distmed.task import BinaryTask, MulticlassTask, task_for
+
+BINARY = BinaryTask(("neg", "pos"))  # class 1 scored, as the binary tests label it
 
 SIZE = 32
 CLASSES = ["neg", "pos"]
@@ -56,7 +59,7 @@ def _fold(rng: np.random.Generator, number: int, n: int) -> FoldResult:
     labels = rng.integers(0, 2, n)
     score = np.clip(0.5 + 0.3 * (labels - 0.5) + rng.normal(0, 0.2, n), 0.01, 0.99)
     probs = np.stack([1 - score, score], axis=1)
-    metrics = classification_metrics(labels, probs, 1)
+    metrics = BINARY.metrics(labels, probs)
     return FoldResult(
         fold=number,
         stop_epoch=4,
@@ -80,14 +83,14 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     state = build_model(cfg.model, 2).state_dict()
     (run / "trials" / "cv-t1").mkdir(parents=True)
-    save_model(run / "best_model.pt", state, cfg, CLASSES, 1, 1, "refit-t1")
+    save_model(run / "best_model.pt", state, cfg, task_for(CLASSES), 1, "refit-t1")
 
     test_images = rng.integers(0, 255, (40, 1, SIZE, SIZE), dtype=np.uint8)
     np.save(root / "test.npy", test_images)
     test_labels = np.repeat([0, 1], 20)
     model, _ = load_model(run / "best_model.pt")
     test_metrics = evaluate_test(
-        model, root / "test.npy", test_labels, 1, save_to=run / TEST_PREDICTIONS
+        model, root / "test.npy", test_labels, task_for(CLASSES), save_to=run / TEST_PREDICTIONS
     )
 
     folds = [_fold(rng, k, 30) for k in range(3)]
@@ -98,6 +101,12 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for f in folds
     ]  # fmt: skip
     write_trial_detail(str(run / "trials" / "cv-t1"), detail)
+    # As the search's finalize stage does: the threshold on the out-of-fold predictions,
+    # saved with the model before the report reads it.
+    oof = oof_predictions(read_trial_detail(str(run / "trials" / "cv-t1")))
+    save_threshold(
+        run / "best_model.pt", operating_threshold(oof, task_for(CLASSES), "t1", calibration=None)
+    )
     rows = [
         TrialRow("t1", {"optim.lr": 1e-3, "optim.name": "adam"}, "completed",
                  result.mean_roc_auc, result.std_roc_auc, result.fold_aucs, [4, 4, 4], 4, 9.0),
@@ -122,13 +131,13 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         test_metrics=test_metrics,
     )
     summary.save(run / "summary.json")
-    report.build_report(run, resamples=200)
+    runreport.build_report(run, resamples=200)
     return run
 
 
 def test_report_embeds_every_png_and_shows_summary_numbers(finished_run: Path):
-    page = (finished_run / report.REPORT).read_text()
-    pngs = sorted((finished_run / report.FIGURES).glob("*.png"))
+    page = (finished_run / runreport.REPORT).read_text()
+    pngs = sorted((finished_run / runreport.FIGURES).glob("*.png"))
     expected = {
         "search_progress", "params", "fold_aucs", "training_curves",
         "roc", "confusion", "pr", "calib", "gradcam",
@@ -136,7 +145,7 @@ def test_report_embeds_every_png_and_shows_summary_numbers(finished_run: Path):
     assert {p.stem for p in pngs} == expected
     for png in pngs:
         assert png.stat().st_size > 5000, png  # a drawn figure, not an empty canvas
-        assert f"{report.FIGURES}/{png.name}" in page
+        assert f"{runreport.FIGURES}/{png.name}" in page
         assert base64.b64encode(png.read_bytes()).decode() in page  # opens offline
 
     summary = RunSummary.load(finished_run / "summary.json")
@@ -155,11 +164,11 @@ def test_report_without_a_test_split_says_so(finished_run: Path, tmp_path: Path)
     run = tmp_path / "exp"
     shutil.copytree(finished_run, run)
     (run / TEST_PREDICTIONS).unlink()
-    shutil.rmtree(run / report.FIGURES)
-    report.build_report(run, resamples=50)
-    page = (run / report.REPORT).read_text()
+    shutil.rmtree(run / runreport.FIGURES)
+    runreport.build_report(run, resamples=50)
+    page = (run / runreport.REPORT).read_text()
     assert "no test split" in page
-    pngs = {p.stem for p in (run / report.FIGURES).glob("*.png")}
+    pngs = {p.stem for p in (run / runreport.FIGURES).glob("*.png")}
     assert pngs == {"search_progress", "params", "fold_aucs", "training_curves"}
 
 
@@ -169,7 +178,7 @@ def test_threshold_is_chosen_on_validation_and_saved_in_the_model(finished_run: 
     assert threshold.method == "youden" and "trial t1" in threshold.chosen_on
     assert threshold.num_samples == 90  # every out-of-fold prediction, no test image
     assert 0.0 < threshold.value < 1.0
-    page = (finished_run / report.REPORT).read_text()
+    page = (finished_run / runreport.REPORT).read_text()
     assert f"data-value='{threshold.value!r}'" in page
 
 
@@ -195,8 +204,8 @@ def test_bootstrap_intervals_hold_the_estimate_and_narrow_with_more_samples():
     widths = {}
     for n in (60, 1500):
         labels, probs = _scores(n, seed=n)
-        point = classification_metrics(labels, probs, 1)
-        intervals = bootstrap_ci(labels, probs, 1, resamples=300, seed=0)
+        point = BINARY.metrics(labels, probs)
+        intervals = BINARY.bootstrap(labels, probs, resamples=300, seed=0)
         for name, (low, high) in intervals.items():
             assert low <= point[name] <= high, (n, name, low, point[name], high)
         widths[n] = {name: high - low for name, (low, high) in intervals.items()}
@@ -212,12 +221,12 @@ def test_vectorised_binary_bootstrap_equals_sklearn_per_resample(threshold):
     picks = resample_indices(25, 200, seed=5)
     assert (labels[picks].sum(axis=1) == 0).any()
     rows = [
-        binary_metrics_at(labels[p], probs[p], 1, threshold)
+        BINARY.metrics_at(labels[p], probs[p], threshold)
         if threshold is not None
-        else classification_metrics(labels[p], probs[p], 1)
+        else BINARY.metrics(labels[p], probs[p])
         for p in picks
     ]
-    intervals = bootstrap_ci(labels, probs, 1, threshold, resamples=200, seed=5)
+    intervals = BINARY.bootstrap(labels, probs, threshold, resamples=200, seed=5)
     for name in intervals:
         values = np.array([r[name] for r in rows])
         expected = np.nanpercentile(values, [2.5, 97.5])
@@ -226,8 +235,8 @@ def test_vectorised_binary_bootstrap_equals_sklearn_per_resample(threshold):
 
 def test_bootstrap_is_seeded():
     labels, probs = _scores(80, seed=1)
-    assert bootstrap_ci(labels, probs, 1, resamples=50, seed=3) == bootstrap_ci(
-        labels, probs, 1, resamples=50, seed=3
+    assert BINARY.bootstrap(labels, probs, resamples=50, seed=3) == BINARY.bootstrap(
+        labels, probs, resamples=50, seed=3
     )
 
 
@@ -327,21 +336,20 @@ def test_multiclass_test_section_has_per_class_and_macro_curves(tmp_path: Path):
     labels = np.repeat([0, 1, 2], 30)
     logits = rng.normal(0, 1, (90, 3)) + 1.5 * np.eye(3)[labels]
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    run = report.RunData(
+    run = runreport.RunData(
         run_dir=tmp_path,
         summary={},
         trials=[],
         space_keys=[],
         model_path=tmp_path / "unused.pt",
-        class_names=["a", "b", "c"],
-        positive=None,
+        task=MulticlassTask(("a", "b", "c")),
         detail=None,
         test={"labels": labels, "probs": probs, "images_path": np.asarray("none")},
     )
-    html = report.test_section(run, tmp_path, None, resamples=50)
+    html = runreport.test_section(run, tmp_path, None, resamples=50)
     assert "argmax" in html and "at threshold" not in html
     shown = dict(re.findall(r"data-key='([^']+)' data-value='([^']+)'", html))
-    macro = classification_metrics(labels, probs)["roc_auc"]
+    macro = MulticlassTask(("a", "b", "c")).metrics(labels, probs)["roc_auc"]
     assert float(shown["test_metrics.roc_auc"]) == pytest.approx(macro)
     assert {p.stem for p in tmp_path.glob("*.png")} == {"roc", "confusion", "pr", "calib"}
 
@@ -349,7 +357,8 @@ def test_multiclass_test_section_has_per_class_and_macro_curves(tmp_path: Path):
 def test_gradcam_uses_a_spatially_resolved_stage_at_small_sizes():
     from distmed.gradcam import cam_layer, gradcam_maps
 
-    assert [cam_layer(s) for s in (28, 32, 64, 224)] == ["layer2", "layer2", "layer3", "layer4"]
+    layers = [cam_layer("resnet18", s) for s in (28, 32, 64, 224)]
+    assert layers == ["layer2", "layer2", "layer3", "layer4"]
     torch.manual_seed(0)
     model = build_model(ExperimentConfig().model.model_copy(update={"weights": "none"}), 2)
     images = np.random.default_rng(0).integers(0, 255, (2, 1, 32, 32), dtype=np.uint8)

@@ -578,8 +578,9 @@ def test_a_trial_returns_only_after_tune_took_its_last_report():
     to_tune = SimpleNamespace(_training_actor_item_queue=reports)
     wait_until_tune_took_every_report(to_tune, timeout_s=5, settle_s=0)
     assert reports.checks == 3  # polled until the queue was empty, then returned
-    # A Ray whose callback has no such queue: nothing to wait for.
-    wait_until_tune_took_every_report(SimpleNamespace(), timeout_s=5, settle_s=0)
+    # A Ray whose callback has no such queue: an error, not a silently skipped wait.
+    with pytest.raises(AttributeError, match="_training_actor_item_queue"):
+        wait_until_tune_took_every_report(SimpleNamespace(), timeout_s=5, settle_s=0)
 
 
 def test_the_wait_for_tune_is_bounded_and_says_so(caplog):

@@ -133,6 +133,7 @@ def test_search_stops_poor_trials_writes_results_and_hides_the_key(
     argv = ["--space", str(space), "--storage", str(tmp_path / "runs"), "--name", "exp"]
     tracking = ["--wandb-project", "distmed-test", "--mlflow-uri", uri]
     tracking += ["--set", "tracking.mlflow.experiment=distmed-mlflow-test"]
+    model_writes = _watch_model_writes(monkeypatch)
     assert tune.main([*argv, *tracking]) == 0  # 2 epochs: rung 1 decides
     printed = capsys.readouterr().out
     assert "best CV ROC-AUC" in printed and "test split" in printed
@@ -167,6 +168,9 @@ def test_search_stops_poor_trials_writes_results_and_hides_the_key(
     assert payload["calibration"]["num_samples"] == 40 and payload["calibration"]["temperature"] > 0
     assert summary["test_metrics_folds"]["num_samples"] == 16
     assert "fold ensemble" in printed
+    # best_model.pt is written once, complete: weights, fold models, temperature, threshold.
+    assert model_writes == [(out / "best_model.pt").resolve()]
+    assert payload["threshold"]["method"] == "youden"
     kept = [p for p in (out / "trials").glob("*/checkpoint_*") if p.is_dir()]
     assert kept == [], "finished trials keep no checkpoints"
     _check_report(out, summary)
@@ -200,6 +204,7 @@ def test_search_stops_poor_trials_writes_results_and_hides_the_key(
     # --resume on the finished search: nothing re-runs, the refit model is reused.
     assert tune.main([*argv, "--resume"]) == 0
     assert "reusing" in capsys.readouterr().out
+    assert model_writes == [(out / "best_model.pt").resolve()]  # reused, not written again
     with (out / "trials.csv").open() as handle:
         assert sorted(r["trial_id"] for r in csv.DictReader(handle)) == sorted(
             r["trial_id"] for r in rows
@@ -231,6 +236,22 @@ def test_nested_search_scores_each_outer_fold_once(ray_session, tmp_path: Path, 
     # --resume of a finished nested search skips both outer folds.
     assert tune.main([*argv, "--resume"]) == 0
     assert capsys.readouterr().out.count("done before, skipped") == 2
+
+
+def _watch_model_writes(monkeypatch) -> list[Path]:
+    """Every path `SavedModel.save` writes in this (the driver) process, in order: the
+    one function that writes best_model.pt (the refit and the report run here)."""
+    from distmed.savedmodel import SavedModel
+
+    writes: list[Path] = []
+    save = SavedModel.save
+
+    def counted(self, path, *args, **kwargs):
+        writes.append(Path(path).resolve())
+        return save(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(SavedModel, "save", counted)
+    return writes
 
 
 def _check_report(out: Path, summary: dict) -> None:

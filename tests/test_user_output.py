@@ -19,12 +19,13 @@ import pytest
 import torch
 from conftest import write_image_folder
 
-from distmed import plots, predict, report
+from distmed import plots, predict, runreport, scorecard
 from distmed.config import ExperimentConfig
 from distmed.gradcam import FLAT_MAP_NOTE, gradcam_maps, is_flat
 from distmed.loop import format_epoch
 from distmed.model import build_model
-from distmed.refit import RefitEpochLines, relay_lines, save_model
+from distmed.refit import RefitEpochLines, relay_lines
+from distmed.savedmodel import save_model
 from distmed.search import (
     HIDDEN_STATUS_LINES,
     PRINT_TRIAL_ERRORS,
@@ -33,6 +34,7 @@ from distmed.search import (
     hidden_status_lines,
 )
 from distmed.summary import DataSummary, RunSummary
+from distmed.task import task_for
 
 SIZE = 32
 CLASSES = ["neg", "pos"]
@@ -151,7 +153,7 @@ def test_rate_curves_at_one_are_drawn_inside_the_frame(draw: str, tmp_path: Path
     monkeypatch.setattr(plots, "save", lambda fig, path, tight=True: drawn.setdefault("fig", fig))
     labels = np.array([0, 0, 1, 1])
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.1, 0.9]])  # perfectly separated
-    getattr(plots, draw)(labels, probs, CLASSES, 1, tmp_path / "c.png")
+    getattr(plots, draw)(labels, probs, task_for(CLASSES), tmp_path / "c.png")
     ax = drawn["fig"].axes[0]
     for low, high in (ax.get_xlim(), ax.get_ylim()):
         assert low < 0 and high > 1
@@ -188,7 +190,7 @@ def _saved_model(folder: Path, flat: bool) -> Path:
         {"data": {"root": "x", "image_size": SIZE}, "model": {"weights": "none"}}
     )
     folder.mkdir(parents=True, exist_ok=True)
-    save_model(folder / "best_model.pt", _model(flat).state_dict(), cfg, CLASSES, 1, 1, "t")
+    save_model(folder / "best_model.pt", _model(flat).state_dict(), cfg, task_for(CLASSES), 1, "t")
     return folder / "best_model.pt"
 
 
@@ -209,7 +211,7 @@ def test_predict_names_the_overlays_whose_map_is_flat(flat: bool, tmp_path: Path
         assert notes == []
 
 
-def _run_data(tmp_path: Path, flat: bool) -> report.RunData:
+def _run_data(tmp_path: Path, flat: bool) -> runreport.RunData:
     model_path = _saved_model(tmp_path / "run", flat)
     images = np.random.default_rng(1).integers(0, 255, (8, 1, SIZE, SIZE), dtype=np.uint8)
     np.save(tmp_path / "test.npy", images)
@@ -222,14 +224,13 @@ def _run_data(tmp_path: Path, flat: bool) -> report.RunData:
         space={},
         data=DataSummary(name="tiny", classes=CLASSES, num_images=8),
     )
-    return report.RunData(
+    return runreport.RunData(
         run_dir=tmp_path / "run",
         summary=summary,
         trials=[],
         space_keys=[],
         model_path=model_path,
-        class_names=CLASSES,
-        positive=1,
+        task=task_for(CLASSES),
         detail=None,
         test={
             "labels": labels,
@@ -247,7 +248,7 @@ def test_report_marks_flat_gradcam_tiles_and_says_why(flat: bool, tmp_path: Path
         "plot_gradcam_grid",
         lambda tiles, columns, layer, path: tiles_drawn.append(list(tiles)) or _png(path),
     )
-    section = report.gradcam_section(_run_data(tmp_path, flat), tmp_path, None)
+    section = runreport.gradcam_section(_run_data(tmp_path, flat), tmp_path, None)
     [tiles] = tiles_drawn
     marked = [caption for _, caption in tiles if FLAT_MAP_NOTE in caption]
     if flat:
@@ -270,7 +271,7 @@ def _png(path: Path) -> Path:
 def test_report_footer_gives_the_time_in_utc_and_the_run_versions():
     versions = {"distmed": "0.9.1", "python": "3.11.9", "torch": "2.5.1", "ray": "2.60.0"}
     paris = timezone(timedelta(hours=1))
-    page = report.render_page(
+    page = scorecard.render_page(
         "exp", ["<p>x</p>"], versions, datetime(2026, 1, 2, 4, 5, 6, tzinfo=paris)
     )
     footer = page[page.index("<footer>") :]
@@ -281,7 +282,7 @@ def test_report_footer_gives_the_time_in_utc_and_the_run_versions():
 
 def test_report_footer_defaults_to_now_and_copes_without_versions():
     before = datetime.now(timezone.utc).replace(microsecond=0)
-    page = report.render_page("exp", [])
+    page = scorecard.render_page("exp", [])
     stamp = re.search(r"generated (\S+) by distmed", page)
     assert stamp is not None
     assert before <= datetime.fromisoformat(stamp[1]) <= datetime.now(timezone.utc)

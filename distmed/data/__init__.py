@@ -1,8 +1,11 @@
 """Data sources -> an index (ids, labels, groups) -> a decoded-image cache -> torch datasets.
 
-`layout` reads image folders, `sources` turns any source into a `DataIndex`, `decode` makes
-arrays of files, `cache` stores them once for every consumer, `transforms` feeds the model and
-`inspection` reports what a source holds (`python -m distmed.data ROOT`).
+`layout` reads image folders, `sheets` reads CSV sheets in Excel's dialects, `labels` checks
+label values once for every source, `keyed` labels DICOM images from a sheet keyed by
+PatientID or StudyInstanceUID, `sources` turns any source into a `DataIndex`, `decode` makes
+arrays of files (`dicom` and `volumes` own those formats), `cache` stores them once for every
+consumer, `transforms` feeds the model and `inspection` reports what a source holds
+(`python -m distmed.data ROOT`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ _EXPORTS = {
     "duplicate_problem": "inspection",
     "fetch_medmnist": "sources",
     "format_summary": "inspection",
+    "inspect_data": "inspection",
     "inspect_index": "inspection",
     "is_image_file": "decode",
     "load_cached": "cache",
@@ -50,7 +54,20 @@ _EXPORTS = {
     "try_decode": "decode",
     "unreadable_message": "decode",
 }
-_SUBMODULES = ("cache", "decode", "index", "inspection", "layout", "sources", "transforms")
+_SUBMODULES = (
+    "cache",
+    "decode",
+    "dicom",
+    "index",
+    "inspection",
+    "keyed",
+    "labels",
+    "layout",
+    "sheets",
+    "sources",
+    "transforms",
+    "volumes",
+)
 __all__ = [
     "CACHE_VERSION",
     "CachedData",
@@ -77,6 +94,7 @@ __all__ = [
     "duplicate_problem",
     "fetch_medmnist",
     "format_summary",
+    "inspect_data",
     "inspect_index",
     "is_image_file",
     "load_cached",

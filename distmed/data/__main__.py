@@ -12,7 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from distmed.artifacts import write_json_atomic
-from distmed.cli import add_debug_option, add_set_option, parse, run_entry_point
+from distmed.cli import (
+    add_debug_option,
+    add_set_option,
+    run_command,
+)
 from distmed.config import load_config
 from distmed.data.inspection import duplicate_problem, format_summary, inspect_index
 from distmed.data.sources import scan_source
@@ -38,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_entry_point(_run, parse(build_parser(), argv))
+    return run_command(build_parser(), argv, _run)
 
 
 def _run(args: argparse.Namespace) -> int:

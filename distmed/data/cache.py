@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from distmed.artifacts import atomic_path, write_text_atomic
+from distmed.artifacts import atomic_path, write_json_atomic
 from distmed.config import DataConfig
 from distmed.data.decode import DecodeOptions, decode_rows, decode_split, unreadable_message
 from distmed.data.index import DataIndex, Split
@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 # Bump when the decoded representation changes, so stale caches are not reused.
 # 2: EXIF orientation, DICOM, intensity policies, resize modes, JPEG draft decoding.
-CACHE_VERSION = 2
+# 3: DICOM VOI/modality LUT sequences, palette colour, legacy files; 16-bit colour.
+CACHE_VERSION = 3
 # Files per task of the decoding pool: small enough to balance, large enough to amortise.
 CHUNK = 32
 # Rows copied at a time when the staged array is compacted into the cache file.
@@ -79,7 +80,7 @@ def build_cache(index: DataIndex, cfg: DataConfig) -> CachedData:
         remove_stale_temporaries(cache_root(cfg))
         try:
             meta = _decode_into(folder, index, options, decode_workers(cfg))
-            write_text_atomic(meta_path, json.dumps(meta))
+            write_json_atomic(meta_path, meta, indent=None)
         except OSError as exc:  # image files are read inside decode_files; this is writing
             raise UserError(cache_write_error(cache_root(cfg), exc)) from exc
         log.info("decoded %d images into %s", meta["num_pool"], folder)
@@ -124,7 +125,7 @@ def _decode_into(folder: Path, index: DataIndex, options: DecodeOptions, workers
         if count is None:
             raise UserError(
                 f"{index.name}: none of the {len(split)} {part} image files can be read "
-                f"({unreadable_message(bad)})"
+                f"({unreadable_message(bad, can_skip=False)})"
             )
         channels.append(count)
     return {

@@ -1,42 +1,72 @@
-"""The one decoder: an image file (PNG/JPEG/BMP/TIFF or DICOM) -> a uint8 array (grey or RGB,
-resized) as the scanner or camera meant it, for the cache, predict, the app and Grad-CAM alike.
-Also a split's files -> one stacked array with the unreadable files named. No cache, no torch.
+"""The one decoder: an image file (what Pillow reads, or DICOM through `dicom`) -> a uint8
+array (grey or RGB, resized) as the scanner or camera meant it, for the cache, predict, the app
+and Grad-CAM alike; stacks, animations and volumes refused by name. Also a split's files -> one
+stacked array with the unreadable files named. No cache, no torch.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import struct
 import threading
 import warnings
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# `patient_id`, `read_dicom` and `UnreadableImage` are re-exported: callers know them from here.
+from distmed.data.dicom import (
+    DICOM_EXTENSIONS,
+    DicomPixels,
+    has_dicom_preamble,
+    is_dicom,
+    read_pixels,
+)
+from distmed.data.dicom import patient_id as patient_id
+from distmed.data.dicom import read_dicom as read_dicom
 from distmed.data.index import Split
-from distmed.errors import UserError
+from distmed.data.volumes import VOLUME_EXTENSIONS, suffix_of, volume_reason
+from distmed.errors import UnreadableImage, UserError
 
 if TYPE_CHECKING:
     from distmed.config import DataConfig
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-DICOM_EXTENSIONS = (".dcm", ".dicom")
-# Every suffix that marks an image file; DICOM files without one are found by their preamble.
+# Read by Pillow (WebP, AVIF: phone and web photos; AVIF/HEIC where this Pillow decodes it).
+IMAGE_EXTENSIONS = (
+    ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".avif", ".heic", ".heif",
+    ".jp2", ".j2k",
+)  # fmt: skip
+# The suffixes of image files (what messages list); DICOM files without one are found by their
+# preamble.
 FILE_EXTENSIONS = IMAGE_EXTENSIONS + DICOM_EXTENSIONS
-DICOM_MAGIC_OFFSET = 128  # a Part-10 file: 128 bytes of preamble, then b"DICM"
+# Every suffix that marks a file to index: volumes too, to be refused by name, not skipped unseen.
+INDEXED_EXTENSIONS = FILE_EXTENSIONS + VOLUME_EXTENSIONS
 PIL_DEEP_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+# Formats whose extra frames are the same picture (MPO: a phone's preview or depth map).
+FIRST_FRAME_FORMATS = ("MPO",)
+# Why Pillow may not know a file that is an image: formats it decodes only in some builds.
+NOT_DECODED_HERE = {
+    ".heic": "HEIC/HEIF photo that Pillow does not decode; convert it to JPEG or PNG",
+    ".heif": "HEIC/HEIF photo that Pillow does not decode; convert it to JPEG or PNG",
+    ".avif": "AVIF image that this Pillow does not decode (Pillow 11.2 or later does); "
+    "convert it to JPEG or PNG",
+    ".jp2": "JPEG 2000 image that this Pillow does not decode (built without OpenJPEG)",
+    ".j2k": "JPEG 2000 image that this Pillow does not decode (built without OpenJPEG)",
+}
 # PIL's own bomb check is a global; we switch it off only while opening (our limit applies).
 _OPEN_LOCK = threading.Lock()
 # Percentiles are taken on at most this many pixels (a regular subsample): exact enough for
 # 0.5-99.5 and ~20x cheaper than sorting a 3000 x 3000 image.
 PERCENTILE_SAMPLE = 262_144
 
-
-class UnreadableImage(ValueError):
-    """A file that cannot be used as a 2-D image; the message is the reason, one line."""
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,10 +108,13 @@ def as_options(options: DecodeOptions | int) -> DecodeOptions:
     return DecodeOptions(size=options) if isinstance(options, int) else options
 
 
-def unreadable_message(bad: dict[str, str]) -> str:
-    """One line naming the unreadable files (the first five) and the two ways on."""
+def unreadable_message(bad: dict[str, str], can_skip: bool = True) -> str:
+    """One line naming the unreadable files (the first five) and the ways on (leaving them
+    out only when `can_skip`: something readable is left)."""
     items = [f"{sample_id} ({reason})" for sample_id, reason in bad.items()]
     shown = ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+    if not can_skip:
+        return f"{len(items)} unreadable image file(s): {shown}"
     return (
         f"{len(items)} unreadable image file(s): {shown}; fix or remove them, "
         "or leave them out: data.skip_invalid=true (distmed.evaluate: --skip-invalid)"
@@ -91,23 +124,10 @@ def unreadable_message(bad: dict[str, str]) -> str:
 # --------------------------------------------------------------------------- which files
 
 
-def is_dicom(path: Path) -> bool:
-    """A `.dcm`/`.dicom` suffix or the `DICM` magic after the 128-byte preamble."""
-    return path.suffix.lower() in DICOM_EXTENSIONS or has_dicom_preamble(path)
-
-
-def has_dicom_preamble(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(DICOM_MAGIC_OFFSET)
-            return handle.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
 def is_image_file(path: Path) -> bool:
-    """An image by its suffix, or a DICOM file by its content (PACS exports have no suffix)."""
-    return path.suffix.lower() in FILE_EXTENSIONS or has_dicom_preamble(path)
+    """A file to index: an image or volume by its suffix, or DICOM by its content (PACS
+    exports have no suffix). Volumes are indexed so that decoding refuses them by name."""
+    return suffix_of(path) in INDEXED_EXTENSIONS or has_dicom_preamble(path)
 
 
 # --------------------------------------------------------------------------- splits
@@ -143,11 +163,23 @@ def decode_split(
 
 
 def try_decode(path: Path, options: DecodeOptions | int) -> tuple[np.ndarray | None, str]:
-    """`decode_image`, or (None, the reason) for a file that cannot be used."""
+    """`decode_image`, or (None, the reason) for a file that cannot be used.
+
+    Any exception a decoder raises on one file becomes that file's reason (the caller names
+    the file), so one bad file never stops the others; only a `UserError` (a missing
+    package, the same for every file) is raised.
+    """
     try:
         return decode_image(path, options), ""
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+    except UserError:
+        raise
+    except Exception as exc:  # Pillow, pydicom and their plugins raise many kinds
+        log.debug("cannot decode %s", path, exc_info=True)
         return None, _reason(path, exc)
+
+
+# What broken image bytes raise inside Pillow and its codecs.
+CORRUPT_ERRORS = (OSError, ValueError, EOFError, SyntaxError, struct.error, zlib.error)
 
 
 def _reason(path: Path, exc: Exception) -> str:
@@ -159,8 +191,11 @@ def _reason(path: Path, exc: Exception) -> str:
     if isinstance(exc, UnreadableImage):
         return str(exc)
     if isinstance(exc, UnidentifiedImageError):
-        return "not an image"
-    return f"truncated or corrupt: {type(exc).__name__}"
+        return NOT_DECODED_HERE.get(suffix_of(path), "not an image")
+    if isinstance(exc, CORRUPT_ERRORS):
+        return f"truncated or corrupt: {type(exc).__name__}"
+    text = " ".join(str(exc).split())[:120]
+    return f"decoder error: {type(exc).__name__}" + (f": {text}" if text else "")
 
 
 def decode_rows(
@@ -196,25 +231,30 @@ def decode_rows(
 def decode_image(path: Path, options: DecodeOptions | int) -> np.ndarray:
     """One file -> uint8 (size, size) grey or (size, size, 3) RGB.
 
-    EXIF orientation is applied; 16-bit, float and DICOM pixels are scaled by the intensity
-    policy (non-finite pixels masked first); files over `max_pixels` are decoded reduced
-    (JPEG) or refused by name.
+    EXIF orientation is applied; 16-bit, float and DICOM pixels, and colour with 16 bits per
+    sample, are scaled by the intensity policy (non-finite pixels masked first); files over
+    `max_pixels` are decoded reduced (JPEG) or refused by name, as are stacks, animations and
+    volumes.
 
     Raises:
         UnreadableImage: the file is not a usable 2-D image (the message says why).
-        OSError, UnidentifiedImageError, ValueError: PIL could not decode it.
+        OSError, UnidentifiedImageError, ValueError (and others): a decoder failed on it.
         UserError: a DICOM file and no pydicom installed.
     """
     opts = as_options(options)
+    refused = volume_reason(path)
+    if refused:
+        raise UnreadableImage(refused)
     if is_dicom(path):
         return fit_size(dicom_image(path, opts), opts)
     with open_image(path, opts) as img:
-        return fit_size(to_grey_or_rgb(img, opts), opts)
+        return fit_size(load_image(img, path, opts), opts)
 
 
 @contextmanager
 def open_image(path: Path, opts: DecodeOptions) -> Iterator[Image.Image]:
-    """An opened PIL image, size-checked against `max_pixels`, JPEG drafted, upright (EXIF)."""
+    """An opened PIL image (pixels not loaded): one frame, size-checked against `max_pixels`,
+    JPEG drafted."""
     with _OPEN_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
@@ -224,10 +264,8 @@ def open_image(path: Path, opts: DecodeOptions) -> Iterator[Image.Image]:
             Image.MAX_IMAGE_PIXELS = limit
     with img:
         frames = getattr(img, "n_frames", 1)
-        if frames > 1 and img.format == "TIFF":
-            raise UnreadableImage(
-                f"multi-page TIFF ({frames} pages): a 3-D stack; save one 2-D image per file"
-            )
+        if frames > 1 and img.format not in FIRST_FRAME_FORMATS:
+            raise UnreadableImage(_frames_message(img.format or "?", frames))
         if img.format == "JPEG":
             # DCT scaling while decoding: 1/2, 1/4 or 1/8 of the pixels, never below `size`.
             img.draft(None, (opts.size, opts.size))
@@ -238,8 +276,70 @@ def open_image(path: Path, opts: DecodeOptions) -> Iterator[Image.Image]:
                 f"data.max_pixels ({opts.max_pixels / 1e6:g} M); downscale the file or raise "
                 "data.max_pixels"
             )
-        ImageOps.exif_transpose(img, in_place=True)  # loads the pixels
         yield img
+
+
+def _frames_message(fmt: str, frames: int) -> str:
+    if fmt == "TIFF":
+        return f"multi-page TIFF ({frames} pages): a 3-D stack; save one 2-D image per file"
+    kind = {"PNG": "animated PNG", "WEBP": "animated WebP", "AVIF": "AVIF image sequence"}
+    return (
+        f"{kind.get(fmt, f'animated {fmt}')} ({frames} frames): a cine loop or stack, not one "
+        "2-D image; save one frame per file"
+    )
+
+
+def load_image(img: Image.Image, path: Path, opts: DecodeOptions) -> Image.Image:
+    """An opened image as 8-bit `L` or `RGB`, upright (EXIF orientation applied)."""
+    if img.mode in ("RGB", "RGBA", "LA") and bits_per_sample(img) > 8:
+        return deep_colour_image(img, path, opts)
+    ImageOps.exif_transpose(img, in_place=True)  # loads the pixels
+    return to_grey_or_rgb(img, opts)
+
+
+def bits_per_sample(img: Image.Image) -> int:
+    """Bits per sample as stored: from a PNG's or TIFF's raw mode (`RGB;16B`: 16, `L;4`: 4),
+    else from Pillow's mode. (Other formats' raw modes count packed pixels: BMP `BGR;16`.)"""
+    found = re.search(r";(\d+)", _raw_mode(img)) if img.format in ("PNG", "TIFF") else None
+    if found:
+        return int(found.group(1))
+    return {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}.get(img.mode, 8)
+
+
+def _raw_mode(img: Image.Image) -> str:
+    """The raw mode of the file's first tile (what its bytes hold), or "" if not known."""
+    for tile in getattr(img, "tile", []):  # an opened file's ImageFile attribute
+        args = tile.args
+        if isinstance(args, str):
+            return args
+        if isinstance(args, tuple) and args and isinstance(args[0], str):
+            return args[0]
+    return ""
+
+
+def deep_colour_image(img: Image.Image, path: Path, opts: DecodeOptions) -> Image.Image:
+    """A colour (or grey + alpha) file with 16 bits per sample, scaled like 16-bit grey.
+
+    Pillow keeps only the top 8 bits of such samples (12-bit data turns nearly black), so
+    OpenCV (a dependency of grad-cam) reads the full values; the intensity policy then scales
+    all channels with one range, as for 16-bit grey, and the EXIF orientation is applied.
+    """
+    import cv2
+
+    array = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None or array.dtype != np.uint16:
+        raise UnreadableImage(
+            f"{img.format} with {bits_per_sample(img)} bits per colour sample that OpenCV "
+            "cannot read; save it as 8-bit RGB or 16-bit grey"
+        )
+    if array.ndim == 3:
+        # OpenCV gives BGR(A); a grey + alpha file comes back as grey or BGRA.
+        array = array[..., 0] if img.mode in ("L", "LA") else array[..., 2::-1]
+    unit = scale_intensity(array.astype(np.float32), opts)
+    out = Image.fromarray((unit * 255).round().astype(np.uint8), "L" if unit.ndim == 2 else "RGB")
+    out.info["exif"] = img.getexif().tobytes()
+    ImageOps.exif_transpose(out, in_place=True)
+    return out
 
 
 def to_grey_or_rgb(img: Image.Image, opts: DecodeOptions | None = None) -> Image.Image:
@@ -266,13 +366,17 @@ def grey_image(unit: np.ndarray) -> Image.Image:
 
 
 def scale_intensity(
-    values: np.ndarray, opts: DecodeOptions, window: tuple[float, float] | None = None
+    values: np.ndarray,
+    opts: DecodeOptions,
+    window: tuple[float, float] | None = None,
+    invert: bool = False,
 ) -> np.ndarray:
     """Pixel values -> [0, 1] float32 by the policy; non-finite pixels become 0.
 
-    `window` (low, high) fixes the range (a DICOM file's own window); otherwise
+    `window` (low, high) fixes the range (a DICOM file's own VOI output range); otherwise
     `opts.intensity` picks it from the finite pixels (`minmax`, `percentile`) or takes
-    `opts.window` (center, width).
+    `opts.window` (center, width). `invert` (MONOCHROME1) mirrors the values within that
+    range before the mapping: low values white.
     """
     finite = np.isfinite(values)
     all_finite = bool(finite.all())
@@ -292,6 +396,8 @@ def scale_intensity(
         low, high = float(usable.min()), float(usable.max())
     if not high > low:
         return np.zeros(values.shape, dtype=np.float32)
+    if invert:
+        values = (low + high) - values
     with np.errstate(invalid="ignore"):
         unit = (np.clip(values, low, high) - low) / (high - low)
     return (
@@ -322,112 +428,46 @@ def fit_size(img: Image.Image, opts: DecodeOptions) -> np.ndarray:
 # --------------------------------------------------------------------------- DICOM
 
 
-def _pydicom() -> Any:
-    try:
-        import pydicom
-    except ImportError as exc:
-        raise UserError(
-            "DICOM files need pydicom: pip install 'distmed[dicom]' (pydicom, and pylibjpeg "
-            "for compressed DICOM)"
-        ) from exc
-    return pydicom
-
-
-def read_dicom(path: Path, header_only: bool = False) -> Any:
-    """The pydicom dataset of `path`; an `UnreadableImage` for a file that is not DICOM."""
-    pydicom = _pydicom()
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=header_only, force=True)
-    except (pydicom.errors.InvalidDicomError, EOFError, KeyError, AttributeError) as exc:
-        raise UnreadableImage(f"not a readable DICOM file ({type(exc).__name__})") from exc
-
-
-def patient_id(path: Path) -> str:
-    """The DICOM header's PatientID (for `data.group_from: PatientID`)."""
-    if not is_dicom(path):
-        raise UserError(
-            f"data.group_from=PatientID: {path} is not a DICOM file; give its patient in "
-            "data.group_csv or a manifest's group column instead"
-        )
-    value = str(read_dicom(path, header_only=True).get("PatientID", "") or "").strip()
-    if not value:
-        raise UserError(
-            f"data.group_from=PatientID: {path} has no PatientID in its header; give the "
-            "patients in data.group_csv instead"
-        )
-    return value
-
-
 def dicom_image(path: Path, opts: DecodeOptions) -> Image.Image:
-    """A DICOM file as a viewer shows it: modality LUT, VOI LUT/window, MONOCHROME1 inverted.
+    """A DICOM file as a viewer shows it (`dicom.read_pixels`), scaled to 8 bits.
 
-    Refuses multi-frame (3-D, cine) files, files over `max_pixels` and files with no pixel
-    data, each with an `UnreadableImage` saying so.
+    The file's own VOI LUT or window is used unless `opts.intensity` is `window`.
     """
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    return dicom_display(read_pixels(path, opts.max_pixels, opts.intensity != "window"), opts)
 
-    ds = read_dicom(path)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise UnreadableImage(
-            f"multi-frame DICOM ({frames} frames): a 3-D or cine series; distmed classifies "
-            "2-D images, export one frame per file"
-        )
-    if "PixelData" not in ds:
-        raise UnreadableImage("DICOM file without pixel data (no PixelData element)")
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-    if rows * cols > opts.max_pixels:
-        raise UnreadableImage(
-            f"{cols}x{rows} = {rows * cols / 1e6:.0f} M pixels, over data.max_pixels "
-            f"({opts.max_pixels / 1e6:g} M); raise data.max_pixels"
-        )
-    try:
-        pixels = ds.pixel_array
-    except (NotImplementedError, RuntimeError) as exc:
-        syntax = ds.file_meta.get("TransferSyntaxUID", "?")
-        name = getattr(syntax, "name", str(syntax))
-        raise UnreadableImage(
-            f"compressed DICOM ({name}) that no installed decoder reads; "
-            "pip install 'distmed[dicom]' (pylibjpeg)"
-        ) from exc
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if samples == 3:  # RGB (YBR is converted to RGB by pydicom)
-        if pixels.ndim != 3 or pixels.shape[-1] != 3:
-            raise UnreadableImage(f"DICOM colour pixels of shape {pixels.shape}: not 2-D RGB")
-        if pixels.dtype != np.uint8:
-            pixels = (scale_intensity(pixels.astype(np.float32), opts) * 255).round()
-        return Image.fromarray(pixels.astype(np.uint8), mode="RGB")
-    if pixels.ndim != 2:
-        raise UnreadableImage(f"DICOM pixels of shape {pixels.shape}: not a 2-D image")
-    values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
-    own_window = "VOILUTSequence" in ds or "WindowCenter" in ds
-    if own_window and opts.intensity != "window":
-        values = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
-        with np.errstate(all="ignore"):  # the output range: what the extremes map to
-            ends = np.asarray(apply_voi_lut(np.array([-1e15, 1e15]), ds, index=0), float)
-        unit = scale_intensity(values, opts, window=(float(ends.min()), float(ends.max())))
-    else:
-        unit = scale_intensity(values, opts)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        unit = 1.0 - unit  # low values are white in MONOCHROME1
-    return grey_image(unit)
+
+def dicom_display(pixels: DicomPixels, opts: DecodeOptions) -> Image.Image:
+    """The values' display range (the file's, or the intensity policy's) -> 8-bit L or RGB;
+    MONOCHROME1 inverted within that range."""
+    values = pixels.values
+    if values.dtype == np.uint8 and pixels.display_range == (0.0, 255.0):
+        return Image.fromarray(values, mode="RGB" if values.ndim == 3 else "L")
+    unit = scale_intensity(
+        values.astype(np.float64, copy=False), opts, pixels.display_range, pixels.inverted
+    )
+    return Image.fromarray((unit * 255).round().astype(np.uint8), "RGB" if unit.ndim == 3 else "L")
 
 
 # --------------------------------------------------------------------------- inspection
 
 
 def describe_file(path: Path, opts: DecodeOptions) -> tuple[str, str, str, int, np.ndarray]:
-    """(format, mode, WxH, bits per sample, full-size pixels) for the data summary."""
+    """(format, mode, WxH, bits per sample, full-size pixels) for the data summary.
+
+    Mode and bits are the file's as stored (a DICOM file's PhotometricInterpretation and
+    BitsStored; Pillow's mode and the raw bits per sample), not the decoded 8-bit image's.
+    """
+    refused = volume_reason(path)
+    if refused:
+        raise UnreadableImage(refused)
     if is_dicom(path):
-        ds = read_dicom(path, header_only=True)
-        mode = str(ds.get("PhotometricInterpretation", "?"))
-        size = f"{ds.get('Columns', '?')}x{ds.get('Rows', '?')}"
-        bits = int(ds.get("BitsStored", 8) or 8)
-        return "DICOM", mode, size, bits, np.asarray(dicom_image(path, opts))
+        px = read_pixels(path, opts.max_pixels, opts.intensity != "window")
+        size = f"{px.columns}x{px.rows}"
+        return "DICOM", px.photometric, size, px.bits_stored, np.asarray(dicom_display(px, opts))
     with open_image(path, opts) as img:
         fmt, mode, size = img.format or "?", img.mode, "x".join(map(str, img.size))
-        bits = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}.get(mode, 8)
-        return fmt, mode, size, bits, np.asarray(to_grey_or_rgb(img, opts))
+        bits = bits_per_sample(img)
+        return fmt, mode, size, bits, np.asarray(load_image(img, path, opts))
 
 
 # --------------------------------------------------------------------------- arrays

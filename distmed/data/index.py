@@ -45,6 +45,8 @@ class DataIndex:
     skipped: dict[str, str] = field(default_factory=dict)  # unreadable file id -> reason
     layout: str = ""  # how the source was read, e.g. "split folders train/, valid/ (val)"
     ignored: dict[str, str] = field(default_factory=dict)  # clutter, non-images -> reason
+    # data.normalize_labels: class name -> {label as written: images}, where spellings merged
+    merged_labels: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def describe_index(index: DataIndex, inspection: dict | None = None) -> dict:

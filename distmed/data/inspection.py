@@ -9,23 +9,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 
-from distmed.artifacts import write_text_atomic
+from distmed.artifacts import write_json_atomic
 from distmed.config import DataConfig
 from distmed.data.cache import cache_root
 from distmed.data.decode import DecodeOptions, UnreadableImage, describe_file
 from distmed.data.index import DataIndex, Split
+from distmed.data.labels import format_merges
 from distmed.errors import UserError
 
 log = logging.getLogger(__name__)
 
 # Bump when the per-file part changes, so cached inspections are not reused.
-INSPECTION_VERSION = 2
+INSPECTION_VERSION = 4
 SHOWN = 5  # paths shown per list in the printed summary
 KEPT = 50  # duplicate groups kept per kind in the results (the counts are always complete)
 DUPLICATE_KINDS = ("within_split", "across_splits", "across_classes")
@@ -39,6 +42,8 @@ def inspect_index(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
         "root": cfg.root,
         "layout": index.layout,
         "classes": index.class_names,
+        # data.normalize_labels: class -> {label as written: images}; {} when nothing merged
+        "merged_labels": index.merged_labels,
         "splits": _split_counts(index),
         "patients": _patients(index),
         "images": per_file["images"],
@@ -46,6 +51,21 @@ def inspect_index(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
         "unreadable": _listing(per_file["unreadable"]),
         "duplicates": per_file["duplicates"],
     }
+
+
+def inspect_data(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
+    """`inspect_index`, printing the short summary (and a duplicate warning) as training
+    starts; returns the full summary for the results.
+
+    Raises:
+        UserError: duplicates across splits or classes with `data.on_duplicates: error`.
+    """
+    inspection = inspect_index(index, cfg)
+    print(format_summary(inspection, short=True), flush=True)
+    warning = check_duplicates(inspection, cfg)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return inspection
 
 
 def duplicate_problem(summary: dict[str, Any]) -> str | None:
@@ -58,6 +78,11 @@ def duplicate_problem(summary: dict[str, Any]) -> str | None:
             parts.append(f"{dup[kind]['count']} in more than one {what} (e.g. {example})")
     if not parts:
         return None
+    if any(group.get("same_file_name") for group in dup["across_classes"]["groups"]):
+        parts.append(
+            "one file copied into several class folders is a label set (multi-label): distmed "
+            "trains one label per image"
+        )
     return (
         "identical images: " + "; ".join(parts) + "; remove the copies (python -m distmed.data "
         f"{summary['root']} lists them all)"
@@ -76,6 +101,10 @@ def format_summary(summary: dict[str, Any], short: bool = False) -> str:
     """The summary as text: a few lines (`short`, printed at the start of a run) or all."""
     lines = [f"data: {summary['source']}: {summary['layout']}"]
     lines.append(f"  classes: {', '.join(summary['classes'])}")
+    if summary.get("merged_labels"):  # absent from summaries written before it existed
+        lines.append(
+            f"  labels merged (data.normalize_labels): {format_merges(summary['merged_labels'])}"
+        )
     for split, info in summary["splits"].items():
         per_class = ", ".join(f"{name} {n}" for name, n in info["per_class"].items())
         patients = (summary["patients"] or {}).get(split)
@@ -179,7 +208,7 @@ def _cached_file_survey(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
     survey = _file_survey(index, options)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(survey))
+        write_json_atomic(path, survey, indent=None)
     except OSError as exc:  # only a speed-up; the decoded cache reports a full disk itself
         log.warning("could not cache the data inspection in %s (%s)", path.parent, exc)
     return survey
@@ -243,7 +272,7 @@ def _duplicates(groups) -> dict[str, Any]:
         if len(members) < 2:
             continue
         byte_keys = {m[3] for m in members}
-        entry = {
+        entry: dict[str, Any] = {
             "kind": "byte-identical"
             if len(byte_keys) == 1 and "" not in byte_keys
             else "same pixels",
@@ -252,6 +281,11 @@ def _duplicates(groups) -> dict[str, Any]:
         kinds = []
         if len({m[2] for m in members}) > 1:
             kinds.append("across_classes")
+            # `Effusion/x.png` = `Atelectasis/x.png`: one image filed under each of its labels
+            classes_of_name: dict[str, set[str]] = defaultdict(set)
+            for _, sample_id, label, _ in members:
+                classes_of_name[PurePosixPath(sample_id).name].add(label)
+            entry["same_file_name"] = any(len(c) > 1 for c in classes_of_name.values())
         if len({m[0] for m in members}) > 1:
             kinds.append("across_splits")
         for kind in kinds or ["within_split"]:

@@ -2,16 +2,28 @@
 
 Knows the split names people use, one wrapper level that unzipping adds, the clutter that
 operating systems and tools leave (skipped and counted), symbolic links (followed, loops
-refused), and stops with one line naming the folder whenever a layout could mean two things.
+refused), and stops with one line naming the folder whenever a layout could mean two things,
+or when its folders are not classes at all: a DICOM export (DICOMDIR, PT*/ST*/SE* levels, one
+patient per folder), a patient/study tree (CheXpert), the parts of one download (HAM10000) or
+many tiny folders beside a labels sheet. The rule and the public layouts it was decided from
+are in the README ("What counts as class folders").
 """
 
 from __future__ import annotations
 
 import os
+import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distmed.data.decode import FILE_EXTENSIONS, is_image_file
+from distmed.data.decode import (
+    FILE_EXTENSIONS,
+    UnreadableImage,
+    is_dicom,
+    is_image_file,
+    read_dicom,
+)
 from distmed.errors import UserError
 
 # Folder name (lower case) -> the split it is. Anything else at the top level is a class.
@@ -36,6 +48,30 @@ CLUTTER_NAMES = {
     "@eadir": "Synology index folder (@eaDir)",
     ".ipynb_checkpoints": "Jupyter checkpoints (.ipynb_checkpoints)",
 }
+# The index file of a DICOM export (PS3.10 media); DICOM by content, but never an image.
+DICOMDIR = "DICOMDIR"
+# Folder levels that are not classes. Decided from the layouts people download and receive:
+# pydicom's FileSet and CD writers (PT000000/ST000000/SE000000, PAT00001/STD00001/SER00001),
+# CheXpert (patient00001/study1/), BIDS (sub-01/ses-01/). A single letter with digits (P1, S2)
+# is left alone: such names can be real classes (stages, grades).
+PATIENT_FOLDER = re.compile(r"(?i)^(pt|pat|patient|subject|sub)[-_]?\d+$")
+STUDY_FOLDER = re.compile(r"(?i)^(st|std|stu|study|ses|session|visit)[-_]?\d+$")
+SERIES_FOLDER = re.compile(r"(?i)^(se|ser|series)[-_]?\d+$")
+# Parts of one download: HAM10000_images_part_1/_part_2, NIH's images_001 ... images_012
+# (and split-named parts, `_split_in_name`: RSNA's stage_2_train_images/, stage_2_test_images/).
+PART_FOLDER = re.compile(r"(?i)^(.*?)[-_ ]?(part|batch|chunk)[-_ ]?\d+$|^(images?|imgs?)[-_ ]?\d+$")
+# Labels sheets that a folder of non-classes usually ships with (HAM10000 metadata.csv,
+# CheXpert train.csv, NIH Data_Entry_2017.csv, RSNA stage_2_train_labels.csv, ISIC's .xlsx).
+SHEET_SUFFIXES = (".csv", ".tsv", ".xlsx", ".xls")
+# "Many classes with a handful of images each": at least this many folders with at most this
+# median. Public class-folder sets have 2-15 classes of a hundred images or more (Kaggle chest
+# X-ray, HAM10000 by diagnosis, ISIC 2019, Kvasir, brain-tumour MRI, MedMNIST exports); patient
+# or image-id folders hold 1-10 images each (CheXpert: 1-3 per study).
+MANY_FOLDERS = 10
+HANDFUL = 5
+# DICOM files whose PatientID is read per folder (spread over the sorted files): enough to see
+# two patients in a real class folder, few enough to keep the scan header-only and quick.
+PATIENT_SAMPLE = 6
 
 
 def split_of(name: str) -> str | None:
@@ -99,6 +135,7 @@ def read_layout(root: Path) -> FolderLayout:
         inner_dirs, inner_files = walker.entries(dirs[0])
         if inner_dirs:  # a folder of folders: the wrapper an unzip adds, not a lone class
             data_root, dirs, files = dirs[0], inner_dirs, inner_files
+    _check_not_dicom_export(root, data_root, files)
     walker.ignore_loose(files)
     if not dirs:
         raise UserError(
@@ -212,6 +249,7 @@ class _Walker:
                     "layout looks one level off: use ROOT/<split>/<class>/ with class folders "
                     "that are not split names, or rename it"
                 )
+        _check_folder_names(self.root, folder, class_dirs)
         self._check_not_one_level_off(class_dirs)
         ancestors = (self.real_root, os.path.realpath(folder.parent), os.path.realpath(folder))
         classes = {}
@@ -224,6 +262,8 @@ class _Walker:
                     "add images or remove the folder"
                 )
             classes[class_dir.name] = images
+        _check_not_patients(self.root, folder, classes)
+        _check_not_tiny_folders(self.root, folder, classes)
         return classes
 
     def images(self, folder: Path, ancestors: tuple[str, ...]) -> list[Path]:
@@ -236,7 +276,9 @@ class _Walker:
         dirs, files = self.entries(folder)
         found = []
         for path in files:
-            if _images([path]):
+            if path.name.upper() == DICOMDIR:
+                self.ignored[self.relative(path)] = "DICOMDIR (a DICOM export's index)"
+            elif _images([path]):
                 found.append(path)
             else:
                 self.ignored[self.relative(path)] = _not_image(path)
@@ -274,3 +316,192 @@ def _not_image(path: Path) -> str:
 def _names(folders: list[Path], shown: int = 5) -> str:
     names = ", ".join(f"{f.name}/" for f in folders[:shown])
     return names + (f" and {len(folders) - shown} more" if len(folders) > shown else "")
+
+
+# --------------------------------------------------------------------------- not class folders
+
+
+def image_files(root: Path) -> tuple[list[Path], dict[str, str]]:
+    """Every image file below `root` at any depth (sorted), and what was skipped and why.
+
+    Clutter is skipped, links followed (loops refused) and DICOMDIR files left out, as in a
+    class folder; used by sheets that label files by their DICOM header.
+    """
+    walker = _Walker(root)
+    found = sorted(walker.images(root, ()))
+    return found, walker.ignored
+
+
+def _check_not_dicom_export(root: Path, data_root: Path, files: list[Path]) -> None:
+    """A DICOMDIR at the top: the folders below are patients of a DICOM export."""
+    for path in files:
+        if path.name.upper() == DICOMDIR:
+            where = data_root if path.parent == data_root else root
+            raise UserError(
+                f"data.root {where} is a DICOM export ({path.name} indexes patients, studies and "
+                f"series), not class folders; {_labels_hint(root, data_root, dicom=True)}"
+            )
+
+
+def _check_folder_names(root: Path, folder: Path, class_dirs: list[Path]) -> None:
+    """Patient/study levels or download parts where class folders should be."""
+    shown = _names(class_dirs, 3)
+    parts = [d for d in class_dirs if PART_FOLDER.match(d.name)]
+    if len(parts) >= 2:
+        raise UserError(
+            f"{folder}: folders {_names(parts, 3)} are parts of one download, not classes; "
+            + _labels_hint(root, folder)
+        )
+    splits = [d for d in class_dirs if _split_in_name(d.name)]
+    if len(splits) >= 2:
+        raise UserError(
+            f"{folder}: folders {_names(splits, 3)} are the splits of one download (their "
+            "names hold train/test/val), not classes; " + _labels_hint(root, folder)
+        )
+    patients = [d for d in class_dirs if PATIENT_FOLDER.match(d.name)]
+    with_studies = [d for d in class_dirs[:20] if _has_sub_folder(d, STUDY_FOLDER)]
+    if len(class_dirs) >= 2 and (
+        len(patients) * 2 >= len(class_dirs) or len(with_studies) * 2 >= min(len(class_dirs), 20)
+    ):
+        series = any(_has_sub_folder(s, SERIES_FOLDER) for d in with_studies[:3] for s in _dirs(d))
+        if series:
+            raise UserError(
+                f"{folder}: folders {shown} are the PT*/ST*/SE* (patient/study/series) levels "
+                f"of a DICOM export, not classes; {_labels_hint(root, folder, dicom=True)}"
+            )
+        raise UserError(
+            f"{folder}: folders {shown} are a patient/study tree (one folder per patient, as "
+            f"CheXpert's patientNNNNN/studyN/), not classes; {_labels_hint(root, folder)}"
+        )
+
+
+def _split_in_name(name: str) -> bool:
+    """A split's name as a word of a longer name: RSNA's `stage_2_train_images`, ISIC's
+    `ISIC_2019_Training_Input`, SIIM's `dicom-images-test` (exact split names are splits)."""
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
+    return len(words) > 1 and any(split_of(w) for w in words)
+
+
+def _check_not_patients(root: Path, folder: Path, classes: dict[str, list[Path]]) -> None:
+    """DICOM class folders that are patients: named by their PatientID, or one patient each."""
+    if len(classes) < 2:
+        return
+    patients = {name: _sampled_patients(files) for name, files in classes.items()}
+    named = [name for name, ids in patients.items() if name in ids]
+    # One patient per folder counts only where every folder showed two DICOM files or more.
+    one_each = (
+        all(len(ids) == 1 for ids in patients.values())
+        and len({ids[0] for ids in patients.values()}) == len(classes)
+        and all(len(_dicom_files(files)) >= 2 for files in classes.values())
+    )
+    if len(named) >= 2 and len(named) * 2 >= len(classes):
+        what = f"named by the PatientID of their DICOM files ({', '.join(named[:3])})"
+    elif one_each:
+        what = "one patient each (every DICOM file in a folder has the same PatientID)"
+    else:
+        return
+    raise UserError(
+        f"{folder}: folders {_names(sorted(folder / n for n in classes), 3)} are {what}: "
+        f"patients, not classes; {_labels_hint(root, folder, dicom=True)}"
+    )
+
+
+def _check_not_tiny_folders(root: Path, folder: Path, classes: dict[str, list[Path]]) -> None:
+    """Many folders of a handful of images beside a labels sheet: ids, with labels elsewhere."""
+    if len(classes) < MANY_FOLDERS or not _sheets(root, folder):
+        return
+    median = statistics.median(len(files) for files in classes.values())
+    if median <= HANDFUL:
+        raise UserError(
+            f"{folder}: {len(classes)} folders of {median:g} image(s) each (median) are not "
+            f"classes; {_labels_hint(root, folder)}"
+        )
+
+
+def _labels_hint(root: Path, folder: Path, dicom: bool = False) -> str:
+    """The fix: the labels sheet beside the folders, or how to write one."""
+    sheets = _sheets(root, folder)
+    if not sheets and dicom:  # a sheet beside the export labels the images below it too
+        sheets = _sheets(root.parent, root.parent)
+    if sheets:
+        place = sheets[0].parent
+        names = ", ".join([f"`{p.name}`" for p in sheets if p.parent == place][:3])
+        hint = f"{place} holds {names}; to use its labels, give it with `--data {sheets[0]}`"
+        if dicom:
+            return hint + " (path,label columns, or PatientID,label / StudyInstanceUID,label)"
+        columns = _sheet_columns(sheets[0])
+        if columns is not None and not {"path", "label"} <= {c.lower() for c in columns}:
+            hint += (
+                f" once it has a `path` (file, relative to the sheet) and a `label` column "
+                f"(it has {', '.join(columns[:5])})"
+            )
+        return hint
+    if dicom:
+        return (
+            f"write a sheet PatientID,label (or StudyInstanceUID,label) into {root} and give it "
+            "with `--data SHEET.csv`: it labels every DICOM image below the sheet's folder"
+        )
+    return f"write a path,label sheet into {root} and give it with `--data SHEET.csv`"
+
+
+def _sheet_columns(sheet: Path) -> list[str] | None:
+    """The header of a CSV/TSV sheet (comma, semicolon or tab), or None if it cannot be read."""
+    if sheet.suffix.lower() not in (".csv", ".tsv"):
+        return None
+    try:
+        with sheet.open(encoding="utf-8-sig", errors="replace") as handle:
+            first = handle.readline().strip()
+    except OSError:
+        return None
+    separator = max(",;\t", key=first.count)
+    return [name.strip() for name in first.split(separator) if name.strip()] or None
+
+
+def _sheets(root: Path, folder: Path) -> list[Path]:
+    """Labels sheets in the root, in `folder`'s parent and in `folder` (nearest first)."""
+    found: list[Path] = []
+    for place in dict.fromkeys((folder, folder.parent, root)):
+        if place != root and root not in place.parents:
+            continue
+        try:
+            names = sorted(os.listdir(place))
+        except OSError:
+            continue
+        for name in names:
+            path = place / name
+            is_sheet = path.suffix.lower() in SHEET_SUFFIXES and not clutter_reason(name)
+            if is_sheet and path.is_file() and path not in found:
+                found.append(path)
+    return found
+
+
+def _dirs(folder: Path) -> list[Path]:
+    try:
+        return [Path(e.path) for e in os.scandir(folder) if e.is_dir()]
+    except OSError:
+        return []
+
+
+def _has_sub_folder(folder: Path, pattern: re.Pattern[str]) -> bool:
+    return any(pattern.match(d.name) for d in _dirs(folder))
+
+
+def _dicom_files(files: list[Path]) -> list[Path]:
+    return [p for p in files if is_dicom(p)]
+
+
+def _sampled_patients(files: list[Path]) -> list[str]:
+    """The distinct PatientIDs of up to PATIENT_SAMPLE DICOM files spread over `files`."""
+    dicom = _dicom_files(files)
+    if not dicom:
+        return []
+    step = max(1, len(dicom) // PATIENT_SAMPLE)
+    found: list[str] = []
+    for path in dicom[::step][:PATIENT_SAMPLE]:
+        try:
+            value = str(read_dicom(path, header_only=True).get("PatientID", "") or "").strip()
+        except (UnreadableImage, UserError):
+            continue  # unreadable files are named later, when decoded
+        if value and value not in found:
+            found.append(value)
+    return found

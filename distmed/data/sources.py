@@ -6,7 +6,6 @@ decoded cache. Every problem is a one-line `UserError` naming the path (and the 
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import re
 from collections.abc import Callable
@@ -18,8 +17,16 @@ from distmed.config import DataConfig
 from distmed.data.cache import cache_root
 from distmed.data.decode import patient_id
 from distmed.data.index import SPLITS, DataIndex, Split
+from distmed.data.labels import Classes, check_class_numbers, classes_of
 from distmed.data.layout import ALL, FolderLayout, read_layout, split_of
-from distmed.errors import UserError
+from distmed.data.sheets import (
+    SHEET_SUFFIXES,
+    cell_text,
+    file_of_cell,
+    read_sheet,
+    refuse_workbook,
+)
+from distmed.errors import UserError, shorten
 
 NPZ_KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels"))
 
@@ -49,7 +56,9 @@ def scan_source(cfg: DataConfig) -> DataIndex:
         path = Path(root).expanduser()
         if not path.exists():
             raise UserError(f"data.root {root}: no such file or folder; check --data")
-        if path.is_file() and path.suffix.lower() == ".csv":
+        if path.is_file():
+            refuse_workbook(path, f"data.root {root}")
+        if path.is_file() and path.suffix.lower() in SHEET_SUFFIXES:
             index = scan_manifest(path, cfg)
         else:
             index = scan_npz(path, cfg) if path.is_file() else scan_folder(path, cfg)
@@ -66,18 +75,39 @@ def scan_folder(root: Path, cfg: DataConfig, name: str | None = None) -> DataInd
     root = root.resolve()
     layout = read_layout(root)
     _require_two_classes(layout.class_names, str(layout.data_root))
+    classes = _folder_classes(layout, cfg)
     group_of = _group_lookup(cfg, layout.data_root)
     pool_splits = [s for s in (ALL, "train", "val") if s in layout.files]
-    pool = _files_split(layout, pool_splits, group_of)
-    test = _files_split(layout, ["test"], group_of) if "test" in layout.files else None
+    pool = _files_split(layout, pool_splits, group_of, classes.number_of)
+    test = (
+        _files_split(layout, ["test"], group_of, classes.number_of)
+        if "test" in layout.files
+        else None
+    )
     return DataIndex(
         name=name or root.name,
-        class_names=layout.class_names,
+        class_names=classes.names,
         pool=pool,
         test=test,
         fingerprint=_fingerprint_files(pool, test),
         layout=layout.describe(),
         ignored=layout.ignored,
+        merged_labels=classes.merged,
+    )
+
+
+def _folder_classes(layout: FolderLayout, cfg: DataConfig) -> Classes:
+    """Class folders checked as labels: `Normal/` beside `normal/`, a `A|B/` folder."""
+    labels = [
+        name for files in layout.files.values() for name in layout.class_names for _ in files[name]
+    ]
+    return classes_of(
+        labels,
+        [f"folder {name}" for name in labels],
+        f"class folders in {layout.data_root}",
+        cfg.normalize_labels,
+        fix="merge the folders",
+        from_sheet=False,
     )
 
 
@@ -90,17 +120,20 @@ def _require_two_classes(class_names: list[str], where: str) -> None:
 
 
 def _files_split(
-    layout: FolderLayout, splits: list[str], group_of: Callable[[str, Path], str] | None
+    layout: FolderLayout,
+    splits: list[str],
+    group_of: Callable[[str, Path], str] | None,
+    number_of: dict[str, int],
 ) -> Split:
     """The files of `splits` in order, class by class; ids are paths relative to the root."""
     paths: list[Path] = []
     labels: list[int] = []
     origins: list[str] = []
     for split in splits:
-        for label, name in enumerate(layout.class_names):
+        for name in layout.class_names:
             for path in layout.files[split][name]:
                 paths.append(path)
-                labels.append(label)
+                labels.append(number_of[name])
                 origins.append(split)
     ids = [p.relative_to(layout.root).as_posix() for p in paths]
     group_array = None
@@ -154,23 +187,9 @@ def _group_from_regex(pattern: re.Pattern[str], path: Path) -> str:
 
 
 def _read_group_csv(csv_path: Path) -> dict[str, str]:
-    if not csv_path.is_file():
-        raise UserError(f"data.group_csv {csv_path}: file not found")
-    # utf-8-sig: spreadsheets save "UTF-8 CSV" with a byte-order mark before the first column.
-    try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            reader.fieldnames = [name.strip().lower() for name in reader.fieldnames or []]
-            if not {"path", "group"} <= set(reader.fieldnames):
-                raise UserError(
-                    f"data.group_csv {csv_path}: needs columns 'path' and 'group' "
-                    f"(found {reader.fieldnames[:5]})"
-                )
-            return {row["path"].strip(): row["group"].strip() for row in reader}
-    except UnicodeDecodeError as exc:
-        raise UserError(
-            f"data.group_csv {csv_path}: not UTF-8 text ({exc.reason}); save it as UTF-8 CSV"
-        ) from exc
+    sheet = read_sheet(csv_path, f"data.group_csv {csv_path}", ("path", "group"))
+    # Windows exports write `a\b.png`; ids are `/` paths.
+    return {row["path"].strip().replace("\\", "/"): row["group"].strip() for _, row in sheet.rows}
 
 
 def _group_from_table(table: dict[str, str], sample_id: str, keys: tuple[str, ...]) -> str:
@@ -209,7 +228,6 @@ def scan_npz(path: Path, cfg: DataConfig) -> DataIndex:
             arrays = {k: archive[k] for k in NPZ_KEYS}
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable .npz ({exc})") from exc
-    splits: dict[str, Split] = {}
     for split in SPLITS:
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         labels = labels.reshape(len(labels), -1)
@@ -222,9 +240,17 @@ def scan_npz(path: Path, cfg: DataConfig) -> DataIndex:
                 f"{path}: {split}_images has {len(images)} rows but {split}_labels {len(labels)}"
             )
         _require_2d(path, f"{split}_images", images)
+    numbers, num_classes = check_class_numbers(
+        {f"{split}_labels": arrays[f"{split}_labels"] for split in SPLITS},
+        str(path),
+        len(cfg.class_names) if cfg.class_names is not None else None,
+    )
+    splits: dict[str, Split] = {}
+    for split in SPLITS:
+        images = arrays[f"{split}_images"]
         splits[split] = Split(
             ids=[f"{split}/{i}" for i in range(len(images))],
-            labels=labels[:, 0].astype(np.int64),
+            labels=numbers[f"{split}_labels"],
             images=images,
             origins=np.full(len(images), split, dtype=object),
         )
@@ -235,7 +261,6 @@ def scan_npz(path: Path, cfg: DataConfig) -> DataIndex:
         images=np.concatenate([train.images, val.images]),
         origins=np.concatenate([train.origins, val.origins]),
     )
-    num_classes = int(max(pool.labels.max(), splits["test"].labels.max())) + 1
     class_names = _npz_class_names(cfg, num_classes, path)
     _require_two_classes(class_names, str(path))
     stat = path.stat()
@@ -269,17 +294,26 @@ MANIFEST_COLUMNS = ("path", "label", "group", "split")
 def scan_manifest(csv_path: Path, cfg: DataConfig) -> DataIndex:
     """Index a labels CSV: columns `path,label` and optional `group`, `split`.
 
-    Paths are relative to the CSV's folder (absolute ones are kept). `split` takes
-    train/val/test and the folder names `layout` knows (valid, holdout, ...); rows of
-    train and val form the CV pool, test is held back. Classes are the sorted labels.
+    Paths are relative to the CSV's folder (absolute ones are kept; `\\` read as `/`).
+    `split` takes train/val/test and the folder names `layout` knows (valid, holdout, ...);
+    rows of train and val form the CV pool, test is held back. Classes are the sorted labels,
+    checked by `labels.classes_of`. The sheet's dialect is `sheets.read_sheet`'s.
 
     Raises:
-        UserError: no such file, missing columns, a missing file, an unknown split, a
-            duplicate path, an empty label or a label column with one value; one line
-            naming the CSV and the row (as a spreadsheet numbers it: the header is row 1).
+        UserError: no such file, an unreadable sheet, missing or doubled columns, a missing
+            or impossible file path, an unknown split, a duplicate path, an empty label,
+            label sets or spellings, or a label column with one value; one line naming the
+            CSV and the row (as a spreadsheet numbers it: the header is row 1).
     """
-    rows = _read_manifest(csv_path)
-    has_group = any(row.get("group") is not None for _, row in rows)
+    from distmed.data.keyed import keyed_column, scan_keyed_sheet  # keyed imports this module
+
+    if key := keyed_column(csv_path, cfg):  # PatientID,label: labels from DICOM headers
+        return scan_keyed_sheet(csv_path, key, cfg)
+    sheet = read_sheet(
+        csv_path, f"data.manifest {csv_path}", ("path", "label"), MANIFEST_COLUMNS[2:]
+    )
+    rows = sheet.rows
+    has_group = "group" in sheet.columns
     if has_group and (cfg.group_csv or cfg.group_regex or cfg.group_from):
         raise UserError(
             f"data.manifest {csv_path}: has a group column and data.group_* is set too; "
@@ -290,37 +324,49 @@ def scan_manifest(csv_path: Path, cfg: DataConfig) -> DataIndex:
     seen: dict[Path, int] = {}
     for number, row in rows:
         where = f"data.manifest {csv_path} row {number}"
-        text = (row.get("path") or "").strip()
-        label = (row.get("label") or "").strip()
+        text = row["path"].strip()
+        label = row["label"]  # as written: spellings that differ in spaces are checked
         if not text:
             raise UserError(f"{where}: empty path; every row names an image file")
-        if not label:
-            raise UserError(f"{where}: {text} has an empty label; fill it in or drop the row")
-        path = (base / text).resolve()
-        if not path.is_file():
+        if not label.strip():
             raise UserError(
-                f"{where}: no such file {text} (paths are relative to the CSV's folder {base})"
+                f"{where}: {cell_text(text)} has an empty label; fill it in or drop the row"
             )
+        path, text = file_of_cell(base, text, where)
         if path in seen:
             raise UserError(
-                f"{where}: {text} is listed again (first in row {seen[path]}); list each file once"
+                f"{where}: {cell_text(text)} is listed again (first in row {seen[path]}); "
+                "list each file once"
             )
         seen[path] = number
         split = _manifest_split(row.get("split"), where)
-        group = (row.get("group") or "").strip() if has_group else None
+        group = row.get("group", "").strip() if has_group else None
         if has_group and not group:
-            raise UserError(f"{where}: {text} has an empty group; every row needs its patient")
+            raise UserError(
+                f"{where}: {cell_text(text)} has an empty group; every row needs its patient"
+            )
         entries.append((number, text, path, label, group, split))
-    class_names = sorted({label for *_, label, _, _ in entries})
-    if len(class_names) < 2:
+    classes = classes_of(
+        [e[3] for e in entries],
+        [f"row {e[0]}" for e in entries],
+        f"data.manifest {csv_path}",
+        cfg.normalize_labels,
+        fix="fix the sheet",
+    )
+    if len(classes.names) < 2:
         raise UserError(
-            f"data.manifest {csv_path}: column 'label' has one value ({class_names[0]!r}) in "
-            f"all {len(entries)} rows; a classifier needs at least two classes"
+            f"data.manifest {csv_path}: column 'label' has one value "
+            f"({shorten(classes.names[0])}) in all {len(entries)} rows; a classifier needs at "
+            "least two classes"
         )
     group_of = _group_lookup(cfg, base)
-    pool = _manifest_split_of(entries, class_names, ("train", "val"), group_of)
+    pool = _manifest_split_of(entries, classes.number_of, ("train", "val"), group_of)
     test_entries = [e for e in entries if e[5] == "test"]
-    test = _manifest_split_of(entries, class_names, ("test",), group_of) if test_entries else None
+    test = (
+        _manifest_split_of(entries, classes.number_of, ("test",), group_of)
+        if test_entries
+        else None
+    )
     if len(pool) == 0:
         raise UserError(
             f"data.manifest {csv_path}: every row is in the test split; mark the rows to "
@@ -329,45 +375,13 @@ def scan_manifest(csv_path: Path, cfg: DataConfig) -> DataIndex:
     splits = sorted({e[5] for e in entries})
     return DataIndex(
         name=csv_path.stem,
-        class_names=class_names,
+        class_names=classes.names,
         pool=pool,
         test=test,
         fingerprint=_fingerprint_files(pool, test),
-        layout=f"manifest {csv_path.name} (splits: {', '.join(splits)})",
+        layout=f"manifest {csv_path.name} ({sheet.dialect}; splits: {', '.join(splits)})",
+        merged_labels=classes.merged,
     )
-
-
-def _read_manifest(csv_path: Path) -> list[tuple[int, dict[str, str | None]]]:
-    """(row number, {column: value}) per non-blank row; column names lower-cased."""
-    if not csv_path.is_file():
-        raise UserError(f"data.manifest {csv_path}: file not found")
-    try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            header = [name.strip().lower() for name in next(reader, [])]
-            missing = [c for c in ("path", "label") if c not in header]
-            if missing:
-                raise UserError(
-                    f"data.manifest {csv_path}: needs columns 'path' and 'label' (optional "
-                    f"'group', 'split'); missing {missing}, found {header[:6]}"
-                )
-            index = {name: header.index(name) for name in MANIFEST_COLUMNS if name in header}
-            rows: list[tuple[int, dict[str, str | None]]] = []
-            for number, values in enumerate(reader, start=2):
-                if not any(v.strip() for v in values):
-                    continue
-                rows.append(
-                    (number, {n: values[i] if i < len(values) else "" for n, i in index.items()})
-                )
-    except UnicodeDecodeError as exc:
-        raise UserError(
-            f"data.manifest {csv_path}: not UTF-8 text ({exc.reason}); save it as UTF-8 CSV"
-        ) from exc
-    except csv.Error as exc:
-        raise UserError(f"data.manifest {csv_path}: not a readable CSV ({exc})") from exc
-    if not rows:
-        raise UserError(f"data.manifest {csv_path}: no rows below the header")
-    return rows
 
 
 def _manifest_split(value: str | None, where: str) -> str:
@@ -385,7 +399,7 @@ def _manifest_split(value: str | None, where: str) -> str:
 
 def _manifest_split_of(
     entries: list[tuple[int, str, Path, str, str | None, str]],
-    class_names: list[str],
+    number_of: dict[str, int],
     splits: tuple[str, ...],
     group_of: Callable[[str, Path], str] | None,
 ) -> Split:
@@ -400,7 +414,7 @@ def _manifest_split_of(
         groups = None
     return Split(
         ids=ids,
-        labels=np.array([class_names.index(e[3]) for e in chosen], dtype=np.int64),
+        labels=np.array([number_of[e[3]] for e in chosen], dtype=np.int64),
         groups=groups,
         paths=paths,
         origins=np.array([e[5] for e in chosen], dtype=object),

@@ -10,9 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from distmed.config import AugmentConfig
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from distmed.model import IMAGENET_MEAN, IMAGENET_STD
 
 
 def augment_batch(batch: torch.Tensor, cfg: AugmentConfig) -> torch.Tensor:

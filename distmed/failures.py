@@ -1,0 +1,194 @@
+"""Why a run or a trial failed, found behind Ray's wrappers, said in one line.
+
+An error reaches distmed wrapped: a worker's exception inside Ray Train's `WorkerGroupError`
+(`worker_failures`), a dead worker inside `WorkerHealthCheckFailedError`
+(`health_check_failure`), a trial's inside Tune's `RayTaskError` (`cause`, its text
+`ray::ImplicitFunc.train() (pid=...)`), or only as Tune's text file when the error could
+not be pickled. This module walks all of them and owns the one line a person reads: in
+`trials.csv`'s error column, on the console for an errored trial, and as the CLIs' `error:`.
+
+Out of memory is the user's to fix, so it is a `UserError` saying what to lower: Ray's
+memory monitor kills the most recently started worker when the node's memory use passes
+`RAY_memory_usage_threshold` (0.95 by default); Ray raises `ray.exceptions.OutOfMemoryError`
+for it, or, where only text survived, its message ("... killed due to memory pressure").
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import sys
+from collections.abc import Iterator
+
+from distmed.errors import MAX_NAME_BYTES, MAX_TEXT_BYTES, UserError, first_line, shorten
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+# How Ray's memory monitor words a kill (raylet: "Task was killed due to the node running
+# out of memory", "N worker(s) were killed due to the node running low on memory", "Workers
+# (tasks / actors) killed due to memory pressure (OOM)"). Not "OOM killer": Ray names the
+# kernel's OOM killer as one *possible* cause of every unexplained worker death.
+_MEMORY_MONITOR_TEXT = re.compile(
+    r"memory pressure|running low on memory|running out of memory|memory usage threshold",
+    re.IGNORECASE,
+)
+_CUDA_MEMORY_TEXT = re.compile(r"CUDA out of memory")
+# The attributes where Ray keeps the exception it wrapped (see the module docstring).
+_WRAPPED = ("cause", "health_check_failure", "_base_exc", "controller_failure")
+CELL_CHARS = 300
+
+NODE_MEMORY = (
+    "out of memory: Ray's memory monitor killed a training process (the node's memory use "
+    "passed RAY_memory_usage_threshold); lower train.batch_size or data.image_size, or run "
+    "fewer at once: --max-concurrent (trials at once) or --workers (workers per trial)"
+)
+GPU_MEMORY = (
+    "out of GPU memory (CUDA out of memory); lower train.batch_size or data.image_size, or "
+    "run fewer trials at once on a GPU (--max-concurrent)"
+)
+HOST_MEMORY = (
+    "out of memory (MemoryError); lower train.batch_size or data.image_size, or "
+    "run fewer at once: --max-concurrent (trials at once) or --workers (workers per trial)"
+)
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, its causes and contexts, and every exception Ray keeps inside its wrappers."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        stack.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+        # Ray Train's WorkerGroupError keeps the workers' exceptions here (rank -> error).
+        failures = getattr(current, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack.extend(e for e in failures.values() if isinstance(e, BaseException))
+        for name in _WRAPPED:
+            # A RayTaskError made an instance of its cause's class forwards unknown
+            # attributes to the cause: only real exceptions other than itself count.
+            inner = getattr(current, name, None)
+            if isinstance(inner, BaseException) and inner is not current:
+                stack.append(inner)
+
+
+def memory_error(exc: BaseException) -> UserError | None:
+    """A `UserError` saying what ran out and what to lower, when `exc` is out of memory."""
+    chain = list(exception_chain(exc))
+    for current in chain:  # the exception types first: they cannot be mistaken
+        if _is_ray_out_of_memory(current):
+            return UserError(NODE_MEMORY)
+        name = type(current).__name__
+        if name == "OutOfMemoryError" and type(current).__module__.startswith("torch"):
+            return UserError(GPU_MEMORY)
+        if isinstance(current, MemoryError):
+            return UserError(HOST_MEMORY)
+    for current in chain:
+        # Only text survives where Ray could not pickle an error (a dead actor's protobuf
+        # context): "Exception ... isn't serializable ... Original exception details: ...".
+        if _is_ray_error(current) and _MEMORY_MONITOR_TEXT.search(str(current)):
+            return UserError(NODE_MEMORY)
+    return None
+
+
+def _is_ray_out_of_memory(error: BaseException) -> bool:
+    ray_exceptions = sys.modules.get("ray.exceptions")  # no Ray imported: no Ray error
+    return ray_exceptions is not None and isinstance(error, ray_exceptions.OutOfMemoryError)
+
+
+def _is_ray_error(error: BaseException) -> bool:
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    return ray_exceptions is not None and isinstance(error, ray_exceptions.RayError)
+
+
+def user_error_cause(exc: BaseException, disk_hint: str | None = None) -> UserError | None:
+    """The `UserError` behind `exc`, also when Ray wrapped it on its way from a worker.
+
+    Out of memory (Ray's memory monitor, CUDA, `MemoryError`) is one too: what to lower. A
+    full disk anywhere in the chain (ENOSPC: --output, --storage, the cache, /tmp) is the
+    user's to fix too: one line naming the file that could not be written, or `disk_hint`
+    (the run's results folder) where the error names none (pyarrow's, Ray's storage).
+    """
+    chain = list(exception_chain(exc))
+    for current in chain:
+        # Not Tune's RayTaskError(UserError): an instance of UserError too, but its text is
+        # Ray's wrapper; its `cause`, later in the chain, is the user's error itself.
+        if isinstance(current, UserError) and not _is_ray_error(current):
+            return current
+    memory = memory_error(exc)
+    if memory is not None:
+        return memory
+    for current in chain:
+        if isinstance(current, OSError) and current.errno == errno.ENAMETOOLONG:
+            return UserError(
+                f"{shorten(os.fsdecode(current.filename or '') or 'a path')}: name too long for "
+                f"the file system ({MAX_NAME_BYTES} bytes per file or folder name, "
+                f"{MAX_TEXT_BYTES} per path); use a shorter --data, --output, --storage or --name"
+            )
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            where = current.filename or disk_hint or "a results or cache folder"
+            return UserError(
+                f"no space left on the device holding {where}; free space there, or point "
+                "--output / --storage / data.cache_dir at a disk with room, then run again "
+                "(a search: add --resume)"
+            )
+    return None
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception along Ray's wrappers: the first worker's own, the trial's
+    own inside Tune's `RayTaskError`, the dead actor inside a failed health check."""
+    current, seen = exc, set()
+    while id(current) not in seen:
+        seen.add(id(current))
+        failures = getattr(current, "worker_failures", None)
+        inner = next(iter(failures.values()), None) if isinstance(failures, dict) else None
+        for name in _WRAPPED:
+            if isinstance(inner, BaseException):
+                break
+            inner = getattr(current, name, None)
+        if not isinstance(inner, BaseException) or inner is current:
+            return current
+        current = inner
+    return current
+
+
+def describe(error: BaseException | str) -> str:
+    """One line (at most `CELL_CHARS`) saying why a trial or run failed.
+
+    Out of memory: what ran out and what to lower. A `UserError`: its own message. Any
+    other error: `<type>: <first line>` of the innermost exception, not Ray's wrapper
+    (`RayTaskError(WorkerGroupError): ray::ImplicitFunc.train() (pid=...)`). `error` may be
+    the text Tune kept when the exception could not be pickled.
+    """
+    if isinstance(error, str):
+        return _describe_text(error)[:CELL_CHARS]
+    cause = user_error_cause(error)
+    if cause is not None:
+        return first_line(cause)[:CELL_CHARS]
+    root = root_cause(error)
+    return f"{type(root).__name__}: {first_line(root)}"[:CELL_CHARS]
+
+
+# Tune's error.txt: "Failure # 1 (occurred at ...)" then the traceback text.
+_TRACEBACK_LAST = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", re.MULTILINE)
+
+
+def _describe_text(text: str) -> str:
+    text = ANSI_ESCAPE.sub("", text)
+    if _MEMORY_MONITOR_TEXT.search(text):
+        return NODE_MEMORY
+    if _CUDA_MEMORY_TEXT.search(text):
+        return GPU_MEMORY
+    found = _TRACEBACK_LAST.findall(text)
+    for name, message in found:
+        if name == "UserError":
+            return message.strip()
+    if found:
+        name, message = found[-1]
+        return f"{name}: {message.strip()}"
+    lines = [line for line in text.strip().splitlines() if not line.startswith("Failure #")]
+    return lines[0].strip() if lines else "unknown error"

@@ -1,0 +1,554 @@
+"""The one module that sequences a run's stages, typed in and typed out.
+
+Shaped like torchvision's `references/classification/train.py` `main`: a front door
+(`distmed.tune`, `distmed.train`, nested CV in `distmed.nested`) turns its command line into
+typed inputs and calls these stages in order, each a short function over the rooms below:
+
+    prepare     scan -> inspect -> weights check -> folds and decoded cache   (before Ray)
+    connect     Ray, and the decoded images shared with other nodes
+    run_search  the Tuner -> rows -> trials.csv -> interrupted? best and runner-up
+    finalize    refit -> fold models -> temperature and operating threshold on the best
+                trial's out-of-fold predictions -> best_model.pt written once -> the test
+                split scored once
+    summarize   summary.json, the report, MLflow; publish copies the results to --storage
+
+Nothing here parses arguments or knows a flag; nothing below it chooses what runs next.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from distmed import __version__
+from distmed.artifacts import (
+    STAGING_FOLDER,
+    delete_checkpoints,
+    publish_results,
+    results_folder,
+)
+from distmed.calibration import TemperatureFit, fit_oof_temperature, oof_threshold
+from distmed.config import CVConfig, ExperimentConfig
+from distmed.cv import FoldPlan, PreparedData, prepare_data, score_caveat, share_images, storage_uri
+from distmed.data import describe_index, inspect_data, scan_source
+from distmed.inference import (
+    TEST_PREDICTIONS,
+    TEST_PREDICTIONS_FOLDS,
+    Ensemble,
+    evaluate_test,
+    load_inference_model,
+)
+from distmed.model import check_weights
+from distmed.model import warn_frozen_random_stages as model_warning
+from distmed.refit import final_fold_states, refit, refit_epochs, show_line
+from distmed.resources import (
+    concurrency_limit,
+    keep_secrets_out_of_ray,
+    plan_workers,
+    start_ray,
+    wait_for_free_resources,
+)
+from distmed.results import (
+    TrialRow,
+    best_config,
+    best_is_separable,
+    best_row,
+    collect_rows,
+    format_table,
+    oof_predictions,
+    read_trial_detail,
+    runner_up_row,
+    status_counts,
+    write_best_config,
+    write_trials_csv,
+)
+from distmed.runreport import report_after_search
+from distmed.savedmodel import (
+    FoldModels,
+    SavedModel,
+    Threshold,
+    save_model,
+    save_threshold,
+    saved_source,
+)
+from distmed.search import (
+    EndedTrials,
+    StopOnCtrlC,
+    TrialContext,
+    build_tuner,
+    experiment_path,
+    hidden_status_lines,
+    restore_tuner,
+    trial_run_name,
+)
+from distmed.space import SearchSpaceFile
+from distmed.summary import DataSummary, RunSummary
+from distmed.task import BinaryTask, Task
+from distmed.tracking import (
+    log_search_to_mlflow,
+    mlflow_callbacks,
+    tensorboard_callbacks,
+    tensorboard_command,
+    wandb_callbacks,
+)
+
+MODEL_FILE = "best_model.pt"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where a search runs and writes, and how it was asked to run."""
+
+    name: str
+    storage: str  # the results root as a URI or an absolute path (`cv.storage_uri`)
+    experiment_uri: str  # <storage>/<name>: Tune's experiment, the trials, the refit
+    local: Path  # this run's local results folder (for a URI, a staging copy)
+    resume: bool = False
+    verbose: bool = False
+    resume_command: str = ""  # the command that continues this search after Ctrl-C
+
+    @classmethod
+    def create(
+        cls, name: str, storage: str, resume: bool, verbose: bool, resume_command: str
+    ) -> RunContext:
+        """The context of search `name` under `storage` (a folder or a URI as given)."""
+        root = storage_uri(storage)
+        if "://" in root:  # our result files are staged locally, then uploaded
+            local = Path(tempfile.gettempdir()) / STAGING_FOLDER / name
+        else:
+            local = Path(root) / name
+        return cls(name, root, experiment_path(root, name), local, resume, verbose, resume_command)
+
+    def child(self, name: str, resume: bool) -> RunContext:
+        """A search inside this one (a nested CV outer fold): its own experiment folder."""
+        uri = experiment_path(self.experiment_uri, name)
+        return replace(
+            self,
+            name=name,
+            storage=self.experiment_uri,
+            experiment_uri=uri,
+            local=self.local / name,
+            resume=resume,
+        )
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def warn_frozen_random_stages(spec: SearchSpaceFile) -> None:
+    """`warn_frozen_random_stages` for the trials the space can draw at its lowest unfreeze."""
+    space = spec.space
+    if "model.weights" in space:  # some trials may have pretrained weights: no single answer
+        return
+    model = spec.base.model
+    if "model.stem" in space and "imagenet" in space["model.stem"].probe_values():
+        model = model.model_copy(update={"stem": "imagenet"})  # a stem that can be frozen
+    unfreeze = space.get("model.unfreeze")
+    model_warning(model, min(unfreeze.probe_values()) if unfreeze else None)
+
+
+def describe_search(spec: SearchSpaceFile) -> str:
+    """The resolved base config, search settings and space as YAML (`--dry-run`)."""
+    return yaml.safe_dump(
+        {
+            "base": spec.base.model_dump(mode="json"),
+            "search": spec.search.model_dump(mode="json"),
+            "space": spec.space_as_dict(),
+        },
+        sort_keys=False,
+    )
+
+
+def batch_sizes(spec: SearchSpaceFile) -> list[int]:
+    """Every batch size the search can draw (the decoded cache is sized for them)."""
+    dist = spec.space.get("train.batch_size")
+    return [int(v) for v in dist.probe_values()] if dist else [spec.base.train.batch_size]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The data made ready once for every trial, and the full data summary for results."""
+
+    data: PreparedData
+    inspection: dict[str, Any]
+
+
+def prepare(cfg: ExperimentConfig, batch_sizes: Sequence[int] = ()) -> Prepared:
+    """Index, data summary, folds and decoded cache; every input error (duplicates too, with
+    `data.on_duplicates: error`; a bad weights file) before Ray and the slow first decode."""
+    scanned = scan_source(cfg.data)
+    inspection = inspect_data(scanned, cfg.data)
+    check_weights(cfg.model)  # a bad weights file fails before the (slow) first decode
+    return Prepared(prepare_data(cfg, scanned, batch_sizes), inspection)
+
+
+def connect(data: PreparedData, address: str | None, worker_logs: bool = True) -> PreparedData:
+    """Start or join Ray; with `address`, the decoded images go to the object store, as
+    workers may run on nodes without this node's cache."""
+    # Tune snapshots the search state every 10+ s by default; every 5 s bounds what a
+    # killed driver loses (trials that ended since the last snapshot run again).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
+    start_ray(address, worker_logs=worker_logs)
+    return replace(data, plan=share_images(data.plan)) if address else data
+
+
+# --------------------------------------------------------------------------- search
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """A search's trials as rows (trials.csv), and its best and runner-up when finished."""
+
+    rows: list[TrialRow]
+    keys: list[str]  # the space's keys: trials.csv's parameter columns
+    interrupted: bool  # stopped by Ctrl-C: no best is chosen from an unfinished search
+    best: TrialRow | None
+    runner_up: TrialRow | None
+
+
+def run_search(spec: SearchSpaceFile, data: PreparedData, ctx: RunContext) -> SearchOutcome:
+    """Run (or, with `ctx.resume`, continue) the search; writes `ctx.local/trials.csv`."""
+    with StopOnCtrlC(on_exit=f"continue the search with: {ctx.resume_command}") as ctrl_c:
+        grid = _fit_tuner(spec, data, ctx)
+    keys = list(spec.space)
+    rows = collect_rows(grid, keys, ended=EndedTrials.ended if ctrl_c.interrupted else None)
+    write_trials_csv(ctx.local / "trials.csv", rows, keys)
+    best = None if ctrl_c.interrupted else best_row(rows)
+    runner_up = runner_up_row(rows, best) if best is not None else None
+    return SearchOutcome(rows, keys, ctrl_c.interrupted, best, runner_up)
+
+
+def _fit_tuner(spec: SearchSpaceFile, data: PreparedData, ctx: RunContext) -> Any:
+    """The Tuner's ResultGrid; `ctx.local` is where W&B keeps its files."""
+    search = spec.search
+    concurrent = concurrency_limit(search.max_concurrent, search.num_samples, spec.base.scaling)
+    layout = plan_workers(spec.base.scaling, concurrent=concurrent)
+    context = TrialContext(
+        spec.base.model_dump(mode="json"), data.plan, layout, f"{ctx.experiment_uri}/trials"
+    )
+    gpu = f" + {layout.gpus_per_worker:g} GPU" if layout.use_gpu else ""
+    images = len(data.plan.folds[0]["train"]) + len(data.plan.folds[0]["val"])
+    print(
+        f"distmed {__version__}: {search.num_samples} trials on {data.index.name} "
+        f"({images} images, {folds_text(spec.base.cv)}), {concurrent} at a "
+        f"time, {layout.num_workers} worker(s) x {layout.cpus_per_worker:g} CPU{gpu} each "
+        f"-> {ctx.experiment_uri}",
+        flush=True,
+    )
+    keep_secrets_out_of_ray()
+    EndedTrials.ended.clear()
+    if ctx.resume:
+        tuner = restore_tuner(ctx.experiment_uri, context)
+    else:
+        tracking = spec.base.tracking
+        callbacks = [
+            *wandb_callbacks(tracking.wandb, group=ctx.name, run_dir=ctx.local),
+            *mlflow_callbacks(tracking.mlflow, experiment=ctx.name),
+            *tensorboard_callbacks(),
+        ]
+        tuner = build_tuner(
+            spec, context, ctx.name, ctx.storage, concurrent, callbacks, ctx.verbose
+        )
+    with hidden_status_lines(hide=not ctx.verbose):
+        return tuner.fit()
+
+
+def folds_text(cv: CVConfig) -> str:
+    """ "5 folds", or "3 x 5 folds" with repeats."""
+    return f"{cv.folds} folds" if cv.repeats == 1 else f"{cv.repeats} x {cv.folds} folds"
+
+
+# --------------------------------------------------------------------------- finalize
+
+
+@dataclass(frozen=True)
+class FinalModel:
+    """`best_model.pt` and its one score on the test split (per ensemble, when there is one)."""
+
+    path: Path
+    refit_epochs: int
+    test_metrics: dict[str, int | float] | None = None
+    test_metrics_folds: dict[str, int | float] | None = None
+
+    def summary_update(self) -> dict[str, Any]:
+        return {
+            "refit_epochs": self.refit_epochs,
+            **({"test_metrics": self.test_metrics} if self.test_metrics else {}),
+            **({"test_metrics_folds": self.test_metrics_folds} if self.test_metrics_folds else {}),
+        }
+
+
+def finalize(
+    chosen: ExperimentConfig,
+    outcome: SearchOutcome,
+    data: PreparedData,
+    ctx: RunContext,
+    target_sensitivity: float | None = None,
+) -> FinalModel:
+    """Refit the best config on the whole CV pool, keep the best trial's fold models, fit the
+    temperature and choose the operating threshold on its out-of-fold predictions, write
+    `best_model.pt` once with all of it; then score the test split once with the refit model
+    and with the fold ensemble, and drop the trials' checkpoints."""
+    best = outcome.best
+    assert best is not None  # the front door stops before finalize when no trial completed
+    epochs = refit_epochs(best.fold_epochs)
+    path = ctx.local / MODEL_FILE
+    run_name = f"refit-{best.trial_id}"
+    trials = f"{ctx.experiment_uri}/trials"
+    oof = oof_predictions(read_trial_detail(f"{trials}/cv-{best.trial_id}"))
+    task, trial = data.plan.task, best.trial_id
+
+    def threshold_for(calibration: TemperatureFit | None) -> Threshold | None:
+        return operating_threshold(oof, task, trial, calibration, target_sensitivity)
+
+    if saved_source(path) == run_name:  # a resumed search whose refit had finished
+        print(f"reusing {path} (refit of trial {best.trial_id})", flush=True)
+        saved = SavedModel.load(path)
+        if (wanted := threshold_for(saved.calibration)) != saved.threshold and wanted:
+            save_threshold(path, wanted)  # only when this run asks for another rule
+    else:
+        print(
+            f"refitting trial {best.trial_id}'s config on all {len(data.index.pool)} training "
+            f"images for {epochs} epochs",
+            flush=True,
+        )
+        state = refit_chosen(chosen, data.plan, epochs, ctx.experiment_uri, run_name, "the refit")
+        fold_states = final_fold_states(f"{trials}/{trial_run_name(trial)}", best.epochs_reported)
+        folds = None
+        if fold_states:
+            folds = FoldModels(
+                trial=trial, num_models=len(fold_states), stop_epochs=best.fold_epochs
+            )
+        calibration = fit_oof_temperature(oof, task)
+        save_model(
+            path,
+            state,
+            chosen,
+            task,
+            data.cache.channels,
+            run_name,
+            folds=folds,
+            fold_states=fold_states,
+            calibration=calibration,
+            threshold=threshold_for(calibration),
+        )
+        delete_checkpoints(f"{ctx.experiment_uri}/refit/{run_name}")
+    final = FinalModel(path, epochs, **score_test(path, data, ctx.local))
+    for row in outcome.rows:  # the best trial's fold models are in best_model.pt now
+        delete_checkpoints(f"{trials}/{trial_run_name(row.trial_id)}")
+    return final
+
+
+def refit_chosen(
+    chosen: ExperimentConfig, plan: FoldPlan, epochs: int, uri: str, run_name: str, what: str
+) -> dict[str, torch.Tensor]:
+    """`refit.refit` of `chosen` once the cluster has room for it; its Train run goes to
+    `uri/refit/run_name`. `what` names the refit in the waiting message."""
+    layout = plan_workers(chosen.scaling)
+    wait_for_free_resources(layout, what)
+    return refit(chosen, plan, layout, f"{uri}/refit", run_name, epochs, show_line)
+
+
+def operating_threshold(
+    oof: tuple[np.ndarray, np.ndarray] | None,
+    task: Task,
+    trial: str,
+    calibration: TemperatureFit | None,
+    target_sensitivity: float | None = None,
+) -> Threshold | None:
+    """The binary operating threshold chosen on trial `trial`'s out-of-fold predictions
+    (`calibration.oof_threshold`), on the calibrated scale predict uses; None for a
+    multi-class task or without out-of-fold predictions."""
+    if not isinstance(task, BinaryTask) or oof is None:
+        return None
+    temperature = calibration.temperature if calibration else None
+    choice = oof_threshold(*oof, task, temperature, target_sensitivity)
+    return Threshold(
+        value=choice.value,
+        method=choice.method,
+        positive_class=task.positive_class,
+        chosen_on=f"out-of-fold validation predictions of trial {trial}",
+        num_samples=choice.num_samples,
+        validation_sensitivity=choice.sensitivity,
+        validation_specificity=choice.specificity,
+    )
+
+
+def score_test(path: Path, data: PreparedData, local: Path) -> dict[str, Any]:
+    """The test split scored once per saved ensemble (its predictions kept for the report);
+    empty when the source has no test split."""
+    if data.cache.test_path is None:
+        return {}
+    choices: list[tuple[Ensemble, str, str]] = [
+        ("refit", "test_metrics", TEST_PREDICTIONS),
+        ("folds", "test_metrics_folds", TEST_PREDICTIONS_FOLDS),
+    ]
+    has_folds = SavedModel.load(path).fold_models is not None  # read once
+    out: dict[str, Any] = {}
+    for ensemble, key, file in choices:
+        if ensemble == "folds" and not has_folds:
+            continue
+        model, _ = load_inference_model(path, ensemble)
+        labels = data.index.test.labels
+        out[key] = evaluate_test(
+            model, data.cache.test_path, labels, data.plan.task, save_to=local / file
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- summarize
+
+
+def summarize(
+    ctx: RunContext, spec: SearchSpaceFile, prepared: Prepared, outcome: SearchOutcome
+) -> RunSummary:
+    """summary.json as far as the search goes: trials, space, data and, once it finished
+    with a completed trial, the best and runner-up (written to best_config.yaml too)."""
+    data = describe_index(prepared.data.index, prepared.inspection)
+    data |= {
+        "thin_validation_folds": prepared.data.thin_folds,
+        "test_split_gaps": prepared.data.test_gaps,
+    }
+    summary = RunSummary(
+        name=ctx.name,
+        num_trials=len(outcome.rows),
+        trials_by_status=status_counts(outcome.rows),
+        search=spec.search.model_dump(mode="json"),
+        space=spec.space_as_dict(),
+        data=DataSummary.model_validate(data),
+        versions=versions(),
+        interrupted=outcome.interrupted,
+    )
+    best, runner_up = outcome.best, outcome.runner_up
+    if best is None:
+        return summary
+    chosen = best_config(spec.base, best)
+    write_best_config(ctx.local / "best_config.yaml", chosen)
+    return summary.model_copy(
+        update={
+            "best_trial": best.trial_id,
+            "best_cv_roc_auc": best.cv_roc_auc,
+            "best_cv_roc_auc_std": best.cv_roc_auc_std,
+            "best_cv_roc_auc_se": best.cv_roc_auc_se,
+            "runner_up_trial": runner_up.trial_id if runner_up else None,
+            "best_separable_from_runner_up": best_is_separable(best, runner_up),
+            "best_fold_roc_auc": list(best.fold_aucs),
+            "best_config": chosen,
+        }
+    )
+
+
+def save_summary(summary: RunSummary, ctx: RunContext, **update: Any) -> RunSummary:
+    """`summary` with `update` applied, written to `ctx.local/summary.json`."""
+    summary = summary.model_copy(update=update) if update else summary
+    summary.save(ctx.local / SUMMARY_FILE)
+    return summary
+
+
+def write_report(ctx: RunContext) -> Path | None:
+    """report.html (None, with a warning, if it failed: the results are already saved)."""
+    return report_after_search(ctx.local, ctx.experiment_uri)
+
+
+def log_to_mlflow(
+    spec: SearchSpaceFile, ctx: RunContext, best: TrialRow, summary: RunSummary
+) -> str | None:
+    """The best model and report as one MLflow run, when tracking.mlflow is set."""
+    record = {
+        "best_trial": best.trial_id,
+        "best_params": best.params,
+        "best_cv_roc_auc": best.cv_roc_auc,
+        "test_metrics": summary.test_metrics,
+    }
+    return log_search_to_mlflow(spec.base.tracking.mlflow, ctx.name, ctx.local, record)
+
+
+def open_results(ctx: RunContext) -> Path:
+    """The run's local results folder, created (`artifacts.results_folder`: for a URI, a
+    staging copy, uploaded by `publish` and removed at exit once the bucket holds it)."""
+    return results_folder(ctx.storage, ctx.name)
+
+
+def publish(ctx: RunContext) -> None:
+    """Copy the local results to <storage>/<name> when the storage is a URI."""
+    publish_results(ctx.local, ctx.storage, ctx.name)
+
+
+def versions() -> dict[str, str]:
+    """The versions a run's results were made with."""
+    import optuna
+    import ray
+    import torchvision
+
+    return {
+        "distmed": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "ray": ray.__version__,
+        "optuna": optuna.__version__,
+    }
+
+
+def format_results(
+    outcome: SearchOutcome, summary: RunSummary, ctx: RunContext, report: Path | None
+) -> str:
+    """What a finished search prints: the trials, the best and its test scores, where
+    the results, the report and TensorBoard's curves are."""
+    best = outcome.best
+    assert best is not None
+    lines = [format_table(outcome.rows, outcome.keys)]
+    counts = summary.trials_by_status
+    lines.append(
+        f"{counts['completed']} completed, {counts['stopped']} stopped early, "
+        f"{counts['diverged']} diverged, {counts['errored']} errored; "
+        f"best CV ROC-AUC {best.cv_roc_auc:.4f} ± {best.cv_roc_auc_se:.4f} SE "
+        f"(fold std {best.cv_roc_auc_std:.4f}; trial {best.trial_id})"
+    )
+    caveat = score_caveat(best.fold_aucs, summary.data.thin_validation_folds)
+    if caveat is not None:
+        lines.append(f"  {caveat}")
+    if summary.best_separable_from_runner_up is False:
+        lines.append(
+            f"  not separable from the runner-up, trial {summary.runner_up_trial}: their 95% "
+            "intervals (mean ± 1.96 SE) overlap (see the report)"
+        )
+    lines.append("best configuration (best_config.yaml):")
+    for key, value in best.params.items():
+        lines.append(f"  {key}: {value}")
+    for title, test in (
+        ("refit model", summary.test_metrics),
+        ("fold ensemble", summary.test_metrics_folds),
+    ):
+        if test is not None:
+            lines.append(
+                f"test split ({title}, scored once): ROC-AUC {test['roc_auc']:.4f}, "
+                f"accuracy {test['accuracy']:.4f}, sensitivity {test['sensitivity']:.4f}, "
+                f"specificity {test['specificity']:.4f}"
+            )
+    lines.append(f"results: {ctx.local}  ({summary.wall_time_s or 0:.0f} s)")
+    if report is not None:
+        lines.append(f"report: {report}")
+    command = tensorboard_command(ctx.experiment_uri)
+    lines.append(f"TensorBoard (every trial's curves): {command}")
+    return "\n".join(lines)
+
+
+def interrupted_text(summary: RunSummary, ctx: RunContext) -> str:
+    """What a search stopped by Ctrl-C prints: what finished, and how to continue."""
+    counts = summary.trials_by_status
+    return (
+        f"search interrupted: {counts['completed']} trial(s) completed, "
+        f"{counts['interrupted']} interrupted (results so far: {ctx.local})\n"
+        f"continue it with: {ctx.resume_command}"
+    )

@@ -1,0 +1,154 @@
+"""distmed.data.keyed: a sheet keyed by PatientID, StudyInstanceUID or `data.label_key` labels
+every DICOM image below its folder from the headers, and the folds group by patient."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from test_data_not_classes import write_dicom, write_export
+
+from distmed.config import ExperimentConfig
+from distmed.data import scan_source
+from distmed.data.__main__ import main as inspect_main
+from distmed.errors import UserError
+
+
+def data_cfg(**fields):
+    return ExperimentConfig.model_validate({"data": fields}).data
+
+
+def counts(index) -> Counter:
+    return Counter(index.class_names[label] for label in index.pool.labels)
+
+
+def write_sheet(path: Path, header: str, rows: list[tuple[str, ...]], sep: str = ",") -> Path:
+    lines = [header.replace(",", sep)] + [sep.join(row) for row in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def patients_sheet(case: Path, sep: str = ",") -> Path:
+    """4 patients of 3 images each (export written as case 26): PAT001-2 normal, 3-4 pneumonia."""
+    write_export(case / "export", patients=4, images=3)
+    rows = [(f"PAT{p:03d}", "normal" if p <= 2 else "pneumonia") for p in range(1, 5)]
+    return write_sheet(case / "labels.csv", "PatientID,label", rows, sep)
+
+
+@pytest.mark.parametrize("sep", [",", ";", "\t"])
+def test_patient_sheet_labels_every_image_of_the_patient(tmp_path, sep):
+    sheet = patients_sheet(tmp_path / "case", sep)
+    index = scan_source(data_cfg(root=str(sheet)))
+    assert index.class_names == ["normal", "pneumonia"]
+    assert counts(index) == {"normal": 6, "pneumonia": 6}
+    by_image = dict(zip(index.pool.ids, index.pool.groups, strict=True))
+    assert by_image["export/PT000002/ST000000/SE000000/IM000001"] == "PAT003"
+    assert Counter(index.pool.groups) == {f"PAT{p:03d}": 3 for p in range(1, 5)}
+    labels = {
+        g: index.class_names[y] for g, y in zip(index.pool.groups, index.pool.labels, strict=True)
+    }
+    assert labels == {
+        "PAT001": "normal",
+        "PAT002": "normal",
+        "PAT003": "pneumonia",
+        "PAT004": "pneumonia",
+    }
+    assert "keyed by PatientID" in index.layout
+    assert index.ignored["export/DICOMDIR"] == "DICOMDIR (a DICOM export's index)"
+
+
+def test_study_sheet_labels_studies_and_groups_by_patient(tmp_path):
+    """One patient with a normal and an abnormal study: labels per study, one group."""
+    case = tmp_path / "case"
+    for study, n in (("1.2.9.1", 2), ("1.2.9.2", 3), ("1.2.9.3", 1)):
+        patient = "P1" if study != "1.2.9.3" else "P2"
+        for k in range(n):
+            write_dicom(case / "dicom" / study / f"{k}.dcm", patient, study, seed=k)
+    rows = [("1.2.9.1", "P1", "normal"), ("1.2.9.2", "P1", "effusion"), ("1.2.9.3", "P2", "normal")]
+    sheet = write_sheet(case / "studies.csv", "Study Instance UID,PatientID,Label", rows)
+    index = scan_source(data_cfg(manifest=str(sheet)))
+    assert counts(index) == {"normal": 3, "effusion": 3}
+    assert Counter(index.pool.groups) == {"P1": 5, "P2": 1}
+    assert "keyed by StudyInstanceUID" in index.layout
+
+
+def test_label_key_names_any_dicom_attribute(tmp_path):
+    case = tmp_path / "case"
+    for n, accession in enumerate(("A100", "A101", "A102", "A103")):
+        write_dicom(case / f"{n}.dcm", f"P{n // 2}", seed=n, AccessionNumber=accession)
+    rows = [("A100", "0"), ("A101", "1"), ("A102", "0"), ("A103", "1")]
+    sheet = write_sheet(case / "acc.csv", "accession,label", rows)
+    with pytest.raises(UserError, match="no column AccessionNumber .*change data.label_key"):
+        scan_source(data_cfg(root=str(sheet), label_key="AccessionNumber"))
+    sheet = write_sheet(case / "acc.csv", "AccessionNumber,label", rows)
+    index = scan_source(data_cfg(root=str(sheet), label_key="accession_number"))
+    assert counts(index) == {"0": 2, "1": 2}
+    with pytest.raises(UserError, match="data.label_key Accession: not a DICOM attribute"):
+        scan_source(data_cfg(root=str(sheet), label_key="Accession"))
+
+
+def test_images_missing_from_the_sheet_stop_or_are_skipped(tmp_path, capsys):
+    sheet = patients_sheet(tmp_path / "case")
+    write_sheet(sheet, "PatientID,label", [("PAT001", "normal"), ("PAT003", "pneumonia")])
+    capsys.readouterr()
+    assert inspect_main([str(sheet)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert f"data.manifest {sheet}: 6 of 12 DICOM images have a PatientID not in the sheet" in err
+    assert "export/PT000001/ST000000/SE000000/IM000000 (PatientID PAT002)" in err
+    assert "data.skip_invalid=true" in err
+    index = scan_source(data_cfg(root=str(sheet), skip_invalid=True))
+    assert counts(index) == {"normal": 3, "pneumonia": 3}
+    left_out = {k: v for k, v in index.ignored.items() if "not in labels.csv" in v}
+    assert len(left_out) == 6
+    assert (
+        left_out["export/PT000003/ST000000/SE000000/IM000002"]
+        == "PatientID PAT004 not in labels.csv"
+    )
+
+
+def test_sheet_rows_matching_no_image_are_warned(tmp_path, caplog):
+    sheet = patients_sheet(tmp_path / "case")
+    with sheet.open("a") as handle:
+        handle.write("PAT777,normal\nPAT778,pneumonia\n")
+    with caplog.at_level(logging.WARNING):
+        index = scan_source(data_cfg(root=str(sheet)))
+    assert len(index.pool) == 12
+    assert (
+        "2 of 6 PatientID values match no DICOM image below its folder, e.g. PAT777, PAT778"
+        in caplog.text
+    )
+
+
+def test_a_key_given_two_labels_is_one_line_naming_the_rows(tmp_path):
+    sheet = patients_sheet(tmp_path / "case")
+    with sheet.open("a") as handle:
+        handle.write("PAT001,pneumonia\n")
+    with pytest.raises(
+        UserError,
+        match=r"row 6: PatientID PAT001 is labelled 'pneumonia' here and 'normal' in row 2",
+    ):
+        scan_source(data_cfg(root=str(sheet)))
+
+
+def test_inspector_prints_the_counts_a_person_would_write_down(tmp_path, capsys):
+    sheet = patients_sheet(tmp_path / "case")
+    assert inspect_main([str(sheet)]) == 0
+    out = capsys.readouterr().out
+    assert "sheet labels.csv keyed by PatientID" in out
+    assert "12 images (normal 6, pneumonia 6), 4 patients" in out
+
+
+def test_path_label_sheet_is_still_a_manifest(tmp_path):
+    """A sheet with a path column stays a path manifest even when it has a PatientID column."""
+    case = tmp_path / "case"
+    for n in range(4):
+        write_dicom(case / f"{n}.dcm", f"P{n}", seed=n)
+    rows = [(f"{n}.dcm", f"P{n}", "ab"[n % 2]) for n in range(4)]
+    (case / "m.csv").write_text(
+        "path,PatientID,label\n" + "".join(",".join(r) + "\n" for r in rows)
+    )
+    index = scan_source(data_cfg(root=str(case / "m.csv")))
+    assert index.layout.startswith("manifest m.csv") and counts(index) == {"a": 2, "b": 2}

@@ -1,0 +1,359 @@
+"""Labels as the user meant them: spellings of one label, label sets, two columns of one name,
+spreadsheet dialects (separator, encoding, `sep=` line, backslash paths), impossible paths and
+`.npz` labels that are not class numbers; through the scan and `python -m distmed.data`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_image_folder
+from PIL import Image
+
+from distmed.config import DataConfig
+from distmed.data import inspect_index, scan_source
+from distmed.data.__main__ import main as inspect_main
+from distmed.data.inspection import duplicate_problem, format_summary
+from distmed.errors import UserError
+
+
+def write_sheet(root: Path, labels: list[str], name: str = "labels.csv") -> Path:
+    """ROOT/images/imgNN.png, one per label, and a comma sheet `path,label`."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = ["path,label"]
+    for i, label in enumerate(labels):
+        pixels = np.full((8, 8), i * 7 % 256, dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "images" / f"img{i:02d}.png")
+        cell = f'"{label}"' if "," in label else label
+        rows.append(f"images/img{i:02d}.png,{cell}")
+    sheet = root / name
+    sheet.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return sheet
+
+
+def scan(sheet: Path, **fields) -> object:
+    return scan_source(DataConfig(root=str(sheet), **fields))
+
+
+def refusal(source: Path, *overrides: str, capsys) -> str:
+    """`python -m distmed.data SOURCE`: exit 2 and the one line it printed."""
+    assert inspect_main([str(source), *(f"--set={o}" for o in overrides)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+# --------------------------------------------------------------------------- label spellings
+
+COVID = ["COVID"] * 4 + ["covid"] * 2 + [" Covid "] * 2 + ["Healthy"] * 5 + ["healthy"] * 3
+
+
+def test_spellings_of_one_label_stop_with_the_spellings(tmp_path, capsys):
+    sheet = write_sheet(tmp_path, COVID)
+    with pytest.raises(UserError) as info:
+        scan(sheet)
+    message = str(info.value)
+    assert "labels `COVID` ×4, `covid` ×2, ` Covid ` ×2 differ only in case/spaces" in message
+    assert "`Healthy` = `healthy`" in message and "data.normalize_labels: true" in message
+    assert "labels `COVID`" in refusal(sheet, capsys=capsys)
+
+
+def test_normalize_labels_merges_into_the_most_common_spelling(tmp_path, capsys):
+    sheet = write_sheet(tmp_path, COVID)
+    index = scan(sheet, normalize_labels=True)
+    assert index.class_names == ["COVID", "Healthy"]
+    assert np.bincount(index.pool.labels).tolist() == [8, 8]
+    assert index.merged_labels == {
+        "COVID": {"COVID": 4, "covid": 2, " Covid ": 2},
+        "Healthy": {"Healthy": 5, "healthy": 3},
+    }
+    config = DataConfig(root=str(sheet), normalize_labels=True, cache_dir=str(tmp_path / "c"))
+    summary = inspect_index(index, config)  # what train/tune store in their results
+    assert summary["merged_labels"] == index.merged_labels
+    assert "labels merged (data.normalize_labels): COVID <- `COVID` 4" in format_summary(
+        summary, short=True
+    )
+    out = tmp_path / "summary.json"
+    argv = [str(sheet), "--set", "data.normalize_labels=true", "--json", str(out)]
+    assert inspect_main([*argv, "--set", f"data.cache_dir={tmp_path / 'c'}"]) == 0
+    assert "train: 16 images (COVID 8, Healthy 8)" in capsys.readouterr().out
+    assert json.loads(out.read_text())["merged_labels"]["Healthy"] == {"Healthy": 5, "healthy": 3}
+
+
+def test_a_tie_is_named_by_the_spelling_first_in_the_sheet(tmp_path):
+    index = scan(
+        write_sheet(tmp_path, ["benign", "Benign", "malignant", "malignant"]), normalize_labels=True
+    )
+    assert index.class_names == ["benign", "malignant"]
+
+
+def test_one_number_written_two_ways_stops(tmp_path):
+    with pytest.raises(UserError, match=r"labels `1` ×2, `1\.0` ×1 differ only in number format"):
+        scan(write_sheet(tmp_path, ["0", "1", "0", "1", "1.0"]))
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (
+            ["0", "1", "-1", "1", "-1"],
+            r"labels `-1` ×2 are not class numbers \(first in row 4; 2 of 5 rows\); a negative",
+        ),
+        (["0", "1", "0.5", "1"], r"labels `0\.5` ×1 are not class numbers .*fractional"),
+        (["normal", "NaN", "tumour", "normal"], r"row 3: label `NaN` marks a missing value"),
+    ],
+    ids=["uncertain-minus-one", "fraction", "nan"],
+)
+def test_manifest_labels_that_are_no_class(tmp_path, labels, message):
+    with pytest.raises(UserError, match=message):
+        scan(write_sheet(tmp_path, labels))
+
+
+# --------------------------------------------------------------------------- label sets
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        ["Mass", "Nodule", "Mass;Nodule", "Nodule", "Mass"],
+        ["Edema", "Consolidation", "Edema, Consolidation", "Edema"],
+        ["No Finding", "Hernia", "Hernia|Pneumothorax", "No Finding"],
+    ],
+    ids=["semicolon", "comma", "pipe-one-known"],
+)
+def test_label_sets_point_at_multilabel(tmp_path, capsys, labels):
+    sheet = write_sheet(tmp_path, labels)
+    with pytest.raises(UserError) as info:
+        scan(sheet)
+    message = str(info.value)
+    assert "distmed trains one label per image; these are label sets (multi-label)" in message
+    assert "data.task: multilabel" in message and "row 4" in message
+    assert "label sets (multi-label)" in refusal(sheet, capsys=capsys)
+
+
+def test_a_comma_inside_a_class_name_is_not_a_set(tmp_path):
+    """Only one part ('Benign') is a label of its own: a class name, not a set."""
+    index = scan(write_sheet(tmp_path, ["Benign", "Benign, NOS", "Malignant", "Benign, NOS"]))
+    assert index.class_names == ["Benign", "Benign, NOS", "Malignant"]
+
+
+def test_class_folders_are_checked_as_labels(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "d", {"Tumor": 3, "tumor": 2, "healthy": 4})
+    with pytest.raises(UserError, match=r"class folders in .*`Tumor` ×3, `tumor` ×2 .*merge the"):
+        scan_source(DataConfig(root=str(root)))
+    index = scan_source(DataConfig(root=str(root), normalize_labels=True))
+    assert index.class_names == ["Tumor", "healthy"]
+    assert np.bincount(index.pool.labels).tolist() == [5, 4]
+
+
+# --------------------------------------------------------------------------- columns
+
+
+@pytest.mark.parametrize(
+    ("header", "column"), [("path,Label,label ", "label"), ("PATH,label,Path", "path")]
+)
+def test_two_columns_of_one_name_stop_naming_both(tmp_path, capsys, header, column):
+    sheet = write_sheet(tmp_path, ["a", "b"])
+    rows = sheet.read_text().splitlines()[1:]
+    sheet.write_text("\n".join([header, *[f"{r},x" for r in rows]]) + "\n")
+    first, second = header.split(",")[1:] if column == "label" else (header.split(",")[0], "Path")
+    with pytest.raises(UserError) as info:
+        scan(sheet)
+    assert f"'{first}' (column " in str(info.value) and f"'{second}' (column " in str(info.value)
+    assert f"both mean '{column}'" in refusal(sheet, capsys=capsys)
+
+
+# --------------------------------------------------------------------------- dialects
+
+NEGATIF = ["Négatif"] * 3 + ["Positif"] * 3
+
+
+def dialect_sheet(tmp_path: Path, separator: str, encoding: str, eol: str, first: str = "") -> Path:
+    write_sheet(tmp_path, NEGATIF)
+    rows = [f"images/img{i:02d}.png{separator}{label}" for i, label in enumerate(NEGATIF)]
+    sheet = tmp_path / "export.csv"
+    sheet.write_bytes((first + eol.join([f"Path{separator}Label", *rows]) + eol).encode(encoding))
+    return sheet
+
+
+@pytest.mark.parametrize(
+    ("separator", "encoding", "eol", "first", "dialect"),
+    [
+        (";", "utf-8-sig", "\r\n", "", "';'-separated"),
+        ("\t", "utf-8", "\n", "", "tab-separated"),
+        (";", "cp1252", "\r\n", "", "';'-separated, cp1252 (not UTF-8)"),
+        (",", "cp1252", "\r", "", "','-separated, cp1252 (not UTF-8)"),
+        (";", "utf-8", "\r\n", "sep=;\r\n", "';'-separated, 'sep=' line"),
+        ("\t", "utf-16", "\r\n", "", "tab-separated, UTF-16"),  # Excel's "Unicode Text"
+        ("|", "utf-8-sig", "\n", "", "'|'-separated"),
+    ],
+    ids=["semicolon-bom-crlf", "tab", "cp1252", "cp1252-comma-cr", "sep-line", "utf16-tab", "pipe"],
+)
+def test_spreadsheet_dialects_are_read(tmp_path, separator, encoding, eol, first, dialect):
+    index = scan(dialect_sheet(tmp_path, separator, encoding, eol, first))
+    assert index.class_names == ["Négatif", "Positif"] and len(index.pool) == 6
+    assert np.bincount(index.pool.labels).tolist() == [3, 3]
+    assert f"({dialect}; splits: train)" in index.layout
+
+
+def test_a_tsv_suffix_is_a_sheet(tmp_path):
+    tsv = dialect_sheet(tmp_path, "\t", "utf-8", "\n").rename(tmp_path / "labels.tsv")
+    assert scan(tsv).class_names == ["Négatif", "Positif"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"path:label\nimages/img00.png:a\n", "its header is one column 'path:label': separate"),
+        (b"file;class\nimages/img00.png;a\n", "missing path, label; found file, class (';'-sep"),
+        (b"path,label\nimages/img00.png,\x81\n", "neither UTF-8 nor Windows-1252 text (byte 0x81"),
+        (
+            b"sep=;\npath,label\nimages/img00.png,a\n",
+            "found path,label (';'-separated, as its 'sep=",
+        ),
+        (b"path,label\nimages/img00.png,Mass,Nodule\n", "row 2: 3 cells but the header has 2"),
+    ],
+    ids=["colon", "other-names", "encoding", "wrong-sep-line", "unquoted-comma"],
+)
+def test_unreadable_sheets_name_the_cause(tmp_path, capsys, content, message):
+    write_sheet(tmp_path, ["a", "b"])
+    sheet = tmp_path / "bad.csv"
+    sheet.write_bytes(content)
+    with pytest.raises(UserError) as info:
+        scan(sheet)
+    assert message in str(info.value) and str(sheet) in str(info.value)
+    assert message in refusal(sheet, capsys=capsys)
+
+
+def test_a_workbook_is_refused_by_name(tmp_path, capsys):
+    book = tmp_path / "labels.xlsx"
+    book.write_bytes(b"PK\x03\x04")
+    assert "a spreadsheet workbook (.xlsx); save the sheet as 'CSV UTF-8'" in refusal(
+        book, capsys=capsys
+    )
+
+
+def test_windows_backslash_paths_are_read_when_the_slash_form_exists(tmp_path):
+    sheet = write_sheet(tmp_path, ["a", "b", "a", "b"])
+    sheet.write_text(sheet.read_text().replace("images/", "images\\"))
+    index = scan(sheet)
+    assert index.pool.ids[0] == "images/img00.png" and index.pool.paths[0].is_file()
+    sheet.write_text(sheet.read_text().replace("images\\img00", "C:\\Users\\me\\img00"))
+    with pytest.raises(
+        UserError, match=r"row 2: no such file C:\\Users\\me\\img00.png \(a Windows path"
+    ):
+        scan(sheet)
+
+
+# --------------------------------------------------------------------------- impossible paths
+
+
+@pytest.mark.parametrize(
+    ("cell", "message"),
+    [
+        (
+            "images/img\x0000.png",
+            r"row 3: the path 'images/img\\x0000.png' holds a control character",
+        ),
+        (
+            "images/" + "x" * 300 + ".png",
+            r"row 3: the path 'images/xxx+\.\.\.x+\.png' cannot name a file \(File name too long\)",
+        ),
+        (
+            "a/" * 3000 + "b.png",
+            r"row 3: the path 'a/a/a[a/]*\.\.\.[a/]*b\.png' cannot name a file",
+        ),
+        ("x" * 140_000, r"row 3: not readable as CSV \(field larger than field limit"),
+    ],
+    ids=["nul-byte", "long-name", "long-path", "over-csv-field-limit"],
+)
+def test_paths_that_cannot_exist_name_the_row(tmp_path, capsys, cell, message):
+    sheet = write_sheet(tmp_path, ["a", "b", "a"])
+    lines = sheet.read_text().splitlines()
+    lines[2] = f"{cell},b"
+    sheet.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=message) as info:
+        scan(sheet)
+    assert len(str(info.value)) < 300
+    assert len(refusal(sheet, capsys=capsys)) < 300
+
+
+# --------------------------------------------------------------------------- npz class numbers
+
+
+def write_npz(path: Path, train_labels: np.ndarray) -> Path:
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", len(train_labels)), ("val", 4), ("test", 4)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 8, 8), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(n, 1).astype(train_labels.dtype)
+    arrays["train_labels"] = train_labels.reshape(-1, 1)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ([0, 1, -1, 1, -1, 0], r"train_labels -1 ×2 \(2 of 14 labels\); a negative label"),
+        (
+            [0, 1, np.nan, 1, 0, np.nan, np.nan],
+            r"train_labels NaN ×3 \(3 of 15 labels\); NaN/inf marks",
+        ),
+        (
+            [0, 1, 300, 1, 0],
+            r"train_labels 300 ×1 \(1 of 13 labels\); no image is labelled 2, so the classes "
+            "are 0-1",
+        ),
+        ([0, 1, 1.5, 1, 0], r"train_labels 1\.5 ×1 \(1 of 13 labels\); a fractional label"),
+    ],
+    ids=["minus-one", "nan", "out-of-range", "fraction"],
+)
+def test_npz_labels_that_are_not_class_numbers(tmp_path, capsys, labels, message):
+    array = np.array(
+        labels, dtype=np.float64 if any(isinstance(v, float) for v in labels) else np.int64
+    )
+    path = write_npz(tmp_path / "bad.npz", array)
+    with pytest.raises(UserError, match=message):
+        scan(path)
+    err = refusal(path, capsys=capsys)
+    assert str(path) in err and len(err) < 300
+
+
+def test_npz_labels_beyond_data_class_names(tmp_path):
+    path = write_npz(tmp_path / "named.npz", np.array([0, 1, 2, 1, 0]))
+    with pytest.raises(
+        UserError, match=r"train_labels 2 ×1 .*data.class_names names 2 classes \(0-1\)"
+    ):
+        scan(path, class_names=["benign", "malignant"])
+    assert scan(path, class_names=["a", "b", "c"]).class_names == ["a", "b", "c"]
+
+
+def test_one_based_npz_labels(tmp_path):
+    path = write_npz(tmp_path / "one.npz", np.array([1, 2, 1, 2]))
+    path = tmp_path / "one.npz"
+    arrays = dict(np.load(path))
+    for split in ("val", "test"):
+        arrays[f"{split}_labels"] = arrays[f"{split}_labels"] + 1
+    np.savez(path, **arrays)
+    with pytest.raises(UserError, match=r"no image is labelled 0: .*1-based labels\? subtract 1"):
+        scan(path)
+
+
+def test_whole_float_npz_labels_are_classes(tmp_path):
+    index = scan(write_npz(tmp_path / "f.npz", np.array([0.0, 1.0, 1.0, 0.0])))
+    assert index.class_names == ["0", "1"] and index.pool.labels.dtype == np.int64
+
+
+def test_one_file_in_several_class_folders_is_called_a_label_set(tmp_path):
+    root = write_image_folder(tmp_path / "d", {"Effusion": 3, "Mass": 3})
+    config = DataConfig(root=str(root), cache_dir=str(tmp_path / "c"))
+    (root / "Mass" / "copied.png").write_bytes((root / "Effusion" / "p00_img00.png").read_bytes())
+    problem = duplicate_problem(inspect_index(scan_source(config), config))
+    assert problem is not None and "label set (multi-label)" not in problem  # another name
+    (root / "Effusion" / "copied.png").write_bytes((root / "Mass" / "copied.png").read_bytes())
+    problem = duplicate_problem(inspect_index(scan_source(config), config))
+    assert problem is not None and "one file copied into several class folders" in problem
