@@ -169,7 +169,6 @@ def side(
     import numpy as np
 
     from distmed.calibration import apply_temperature
-    from distmed.metrics import brier_score, calibration_error
     from distmed.savedmodel import SavedModel
 
     saved = SavedModel.load(model_file)
@@ -180,8 +179,8 @@ def side(
     return {
         "test_metrics": metrics,
         "test_ci95": bootstrap_intervals(out, predictions),
-        "ece_uncalibrated": calibration_error(labels, raw, saved.positive_index),
-        "brier_uncalibrated": brier_score(labels, raw, saved.positive_index),
+        "ece_uncalibrated": saved.task.calibration_error(labels, raw),
+        "brier_uncalibrated": saved.task.brier(labels, raw),
     }
 
 

@@ -93,6 +93,7 @@ def build_plain_step(
     from distmed.data import build_cache, load_cached, scan_source
     from distmed.loop import FoldData, Runtime, build_fold, train_step
     from distmed.model import set_train_mode
+    from distmed.task import task_for
 
     device = device or torch.device("cpu")
     cfg = experiment_config(spec, data, cache_dir)
@@ -100,7 +101,8 @@ def build_plain_step(
     images = load_cached(build_cache(index, cfg.data).pool_path)
     labels = index.pool.labels
     runtime = Runtime.resolve(cfg, device)
-    pool = FoldData(0, np.arange(len(labels)), None, images, labels, len(index.class_names))
+    task = task_for(index.class_names)
+    pool = FoldData(0, np.arange(len(labels)), None, images, labels, task)
     fold = build_fold(pool, cfg, runtime, batch_size=spec.batch_size, workers=workers)
     set_train_mode(fold.model)
     batches = cycle(fold.train_loader)

@@ -285,16 +285,15 @@ def bootstrap_intervals(out: Path, predictions: str = "") -> dict[str, list[floa
     the run's saved test predictions (`predictions`: that file's name, the refit's if "")."""
     import numpy as np
 
-    from distmed.metrics import bootstrap_ci
     from distmed.refit import TEST_PREDICTIONS
     from distmed.savedmodel import SavedModel
 
     path = out / (predictions or TEST_PREDICTIONS)
     if not path.is_file():
         return None
-    positive = SavedModel.load(out / "best_model.pt").positive_index
+    task = SavedModel.load(out / "best_model.pt").task
     with np.load(path, allow_pickle=False) as saved:
-        intervals = bootstrap_ci(saved["labels"], saved["probs"], positive)
+        intervals = task.bootstrap(saved["labels"], saved["probs"])
     return {name: [round(low, 4), round(high, 4)] for name, (low, high) in intervals.items()}
 
 

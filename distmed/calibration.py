@@ -18,12 +18,8 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 from distmed.errors import UserError
-from distmed.metrics import (
-    binary_metrics_at,
-    calibration_error,
-    sensitivity_threshold,
-    youden_threshold,
-)
+from distmed.metrics import sensitivity_threshold, youden_threshold
+from distmed.task import BinaryTask, Task
 
 MIN_SAMPLES = 20  # fewer held-out predictions than this cannot pin a temperature down
 TEMPERATURE_BOUNDS = (0.05, 20.0)  # sharpen at most 20x, flatten at most 20x
@@ -35,7 +31,7 @@ class TemperatureFit(BaseModel):
     """One fitted temperature and what it did on the data it was fitted to.
 
     NLL is the mean negative log-likelihood in nats per sample; ECE is
-    `distmed.metrics.calibration_error` (15 equal-width bins).
+    `Task.calibration_error` (15 equal-width bins).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -48,9 +44,7 @@ class TemperatureFit(BaseModel):
     num_samples: int = Field(ge=MIN_SAMPLES)
 
 
-def fit_temperature(
-    labels: np.ndarray, probs: np.ndarray, positive: int | None = None
-) -> TemperatureFit:
+def fit_temperature(labels: np.ndarray, probs: np.ndarray, task: Task) -> TemperatureFit:
     """The temperature T minimising the NLL of softmax(log(probs) / T) on (labels, probs).
 
     log(probs) equals the model's logits up to a per-row constant, which softmax ignores, so
@@ -61,8 +55,7 @@ def fit_temperature(
     Args:
         labels: (N,) true class index per sample, held out from training.
         probs: (N, K) predicted class probabilities; rows sum to 1.
-        positive: binary tasks, the class whose probability the ECE bins (default 1), as in
-            `distmed.metrics.classification_metrics`.
+        task: the task, whose calibration error (`Task.calibration_error`) is reported.
 
     Raises:
         UserError: fewer than `MIN_SAMPLES` samples, a single class, mismatched shapes,
@@ -82,23 +75,22 @@ def fit_temperature(
         temperature=temperature,
         nll_before=_nll(labels, log_probs),
         nll_after=float(found.fun),
-        ece_before=calibration_error(labels, probs, positive),
-        ece_after=calibration_error(labels, calibrated, positive),
+        ece_before=task.calibration_error(labels, probs),
+        ece_after=task.calibration_error(labels, calibrated),
         num_samples=len(labels),
     )
 
 
 def fit_oof_temperature(
-    oof: tuple[np.ndarray, np.ndarray] | None, positive: int | None
+    oof: tuple[np.ndarray, np.ndarray] | None, task: Task
 ) -> TemperatureFit | None:
     """The temperature fitted on the best trial's out-of-fold (labels, probs) (never the test
-    split); None, with one line saying why, when they are missing or too few. `positive`:
-    as in `fit_temperature`."""
+    split); None, with one line saying why, when they are missing or too few."""
     if oof is None:
         print("calibration: the best trial saved no out-of-fold predictions; none fitted")
         return None
     try:
-        fit = fit_temperature(*oof, positive=positive)
+        fit = fit_temperature(*oof, task)
     except UserError as exc:
         print(f"calibration: not fitted ({exc})")
         return None
@@ -124,7 +116,7 @@ class ThresholdChoice:
 def oof_threshold(
     labels: np.ndarray,
     probs: np.ndarray,
-    positive: int,
+    task: BinaryTask,
     temperature: float | None = None,
     target_sensitivity: float | None = None,
 ) -> ThresholdChoice:
@@ -140,13 +132,13 @@ def oof_threshold(
     """
     if temperature is not None:
         probs = apply_temperature(probs, temperature)
-    truth, score = labels == positive, probs[:, positive]
+    truth, score = task.truth(labels), task.score(probs)
     if target_sensitivity is None:
         value, method = youden_threshold(truth, score), "youden"
     else:
         value = sensitivity_threshold(truth, score, target_sensitivity)
         method = f"sensitivity>={target_sensitivity:g}"
-    at = binary_metrics_at(labels, probs, positive, value)
+    at = task.metrics_at(labels, probs, value)
     return ThresholdChoice(value, method, len(labels), at["sensitivity"], at["specificity"])
 
 

@@ -31,6 +31,7 @@ from distmed.errors import UserError, shorten
 from distmed.loop import checkpoint_bytes
 from distmed.metrics import METRIC_NAMES
 from distmed.resources import WorkerLayout
+from distmed.task import Task, task_for
 from distmed.worker import STATE_FILE, FoldIndices, WorkerConfig, train_folds
 
 log = logging.getLogger(__name__)
@@ -238,20 +239,6 @@ def fold_specs(assignment: np.ndarray, folds: int) -> list[dict[str, list[int]]]
     ]
 
 
-def positive_index(cfg: ExperimentConfig, class_names: list[str]) -> int | None:
-    """The class whose score is the binary ROC-AUC score; None for multi-class tasks."""
-    if len(class_names) != 2:
-        return None
-    if cfg.data.positive_class is None:
-        return 1
-    if cfg.data.positive_class not in class_names:
-        raise UserError(
-            f"data.positive_class {cfg.data.positive_class!r} is not a class; "
-            f"classes: {class_names}"
-        )
-    return class_names.index(cfg.data.positive_class)
-
-
 def check_batch_fits(batch_size: int, smallest_train_fold: int) -> None:
     if batch_size > smallest_train_fold:
         raise UserError(
@@ -271,8 +258,7 @@ class FoldPlan:
 
     images_path: str
     labels: list[int]
-    num_classes: int
-    positive: int | None
+    task: Task
     folds: list[dict[str, list[int]]]  # cv.repeats x k of them, repeat-major (`fold_specs`)
     images_ref: Any = None
     folds_per_repeat: int | None = None  # k; None: `folds` are one repeat
@@ -288,8 +274,7 @@ def plan_folds(
     return FoldPlan(
         images_path=str(cache.pool_path),
         labels=index.pool.labels.tolist(),
-        num_classes=len(index.class_names),
-        positive=positive_index(cfg, index.class_names),
+        task=task_for(index.class_names, cfg.data.positive_class),
         folds=fold_specs(assignment, cfg.cv.folds),
         folds_per_repeat=cfg.cv.folds,
     )
@@ -316,7 +301,7 @@ def prepare_data(
     first decode. `batch_sizes` are all the batch sizes a run or search will try.
     """
     assignment = make_folds(scanned.pool, cfg.cv, scanned.class_names)
-    positive_index(cfg, scanned.class_names)  # a mistyped positive class, before the decode
+    task_for(scanned.class_names, cfg.data.positive_class)  # a mistyped one, before the decode
     said = _warn_few_images(scanned, assignment, cfg.cv.folds)  # before the (slow) decode
     cache = build_cache(scanned, cfg.data)
     index = drop_samples(scanned, cache.skipped)
@@ -405,8 +390,7 @@ def fit_folds(
             images_path=plan.images_path,
             images_ref=plan.images_ref,
             labels=plan.labels,
-            num_classes=plan.num_classes,
-            positive=plan.positive,
+            task=plan.task,
             folds=[FoldIndices(**spec) for spec in plan.folds],
             folds_per_repeat=plan.folds_per_repeat,
             threads=layout.threads,
@@ -434,7 +418,7 @@ def fit_folds(
     if "://" not in uri:  # what an earlier, failed write of this run left half-written
         for name in delete_partial_checkpoints(Path(uri) / run_name):
             log.warning("removed the unfinished checkpoint %s of an earlier attempt", name)
-        need = checkpoint_bytes(cfg, plan.num_classes, len(plan.folds))
+        need = checkpoint_bytes(cfg, plan.task.num_outputs, len(plan.folds))
         check_free_space(Path(uri), need, "the results folder")
     try:
         result = trainer.fit()

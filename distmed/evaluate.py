@@ -63,6 +63,7 @@ from distmed.scorecard import (
     scores_section,
     table,
 )
+from distmed.task import BinaryTask, Task
 
 log = logging.getLogger(__name__)
 EVALUATION_JSON = "evaluation.json"
@@ -159,8 +160,8 @@ def _run(args: argparse.Namespace) -> int:
     if len(kept.pool) == 0:
         raise UserError(f"--data {args.data}: no readable image in the {split} split")
     device = choose_device(args.cpu)
-    probs = predict_cached(model, cache.pool_path, device)
-    scores = Scores(lookup[kept.pool.labels], probs, saved.class_names, saved.positive_index)
+    probs = predict_cached(model, cache.pool_path, device, saved.task)
+    scores = Scores(lookup[kept.pool.labels], probs, saved.task)
     card = score(scores, threshold.value if threshold else None, args.bootstrap)
     output = Path(args.output) if args.output else default_output(path, source.name, args.ensemble)
     record = evaluation_record(path, args.data, source, split, scores, class_map, threshold)
@@ -373,14 +374,16 @@ def _example_mapping(
 # --------------------------------------------------------------------------- scoring
 
 
-def predict_cached(model: torch.nn.Module, images_path: Path, device: torch.device) -> np.ndarray:
+def predict_cached(
+    model: torch.nn.Module, images_path: Path, device: torch.device, task: Task
+) -> np.ndarray:
     """Class probabilities (N, K) of the decoded images in `images_path`, in file order."""
     images = load_cached(images_path)
     # The labels are mapped to the model's classes outside; the loader carries placeholders.
     unused_labels = np.zeros(len(images), dtype=np.int64)
     dataset = CachedImageDataset(images, unused_labels, np.arange(len(images)))
     loader = DataLoader(dataset, batch_size=BATCH_SIZE)
-    _, _, probs = predict(model.to(device), loader, Runtime(device))  # sorted by index
+    _, _, probs = predict(model.to(device), loader, Runtime(device), task)  # sorted by index
     return probs
 
 
@@ -389,7 +392,7 @@ def absent_notes(scores: Scores) -> list[str]:
     absent = scores.absent_classes()
     if not absent:
         return []
-    if scores.positive is not None:
+    if scores.task.thresholded:
         return [
             f"no image of class {absent[0]} in the scored data: ROC-AUC needs both classes "
             "and is undefined (null); only the decisions' rates are meaningful"
@@ -427,7 +430,7 @@ def evaluation_record(
         "images_per_class": dict(zip(scores.class_names, counts.tolist(), strict=True)),
         "absent_classes": scores.absent_classes(),
         "positive_class": (
-            None if scores.positive is None else scores.class_names[scores.positive]
+            scores.task.positive_class if isinstance(scores.task, BinaryTask) else None
         ),
         "threshold_source": threshold.source if threshold else None,
         "distmed_version": __version__,

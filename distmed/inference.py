@@ -29,9 +29,9 @@ from distmed.config import ModelConfig
 from distmed.data import CachedImageDataset, DecodeOptions, load_cached, to_model_input, try_decode
 from distmed.errors import UserError, first_line
 from distmed.loop import Runtime, predict
-from distmed.metrics import classification_metrics
 from distmed.model import build_model
 from distmed.savedmodel import SavedModel
+from distmed.task import Task
 
 Ensemble = Literal["refit", "folds"]
 ENSEMBLES: tuple[Ensemble, ...] = ("refit", "folds")
@@ -199,9 +199,7 @@ def label_at_threshold(probs: np.ndarray, saved: SavedModel, threshold: float) -
     Args:
         probs: (2,) class probabilities of one image.
     """
-    names, positive = saved.class_names, saved.positive_index
-    assert positive is not None  # SavedModel holds one exactly when there are two classes
-    return names[positive] if probs[positive] >= threshold else names[1 - positive]
+    return saved.class_names[int(saved.task.decide(probs[None, :], threshold)[0])]
 
 
 class GradcamPicture(NamedTuple):
@@ -236,7 +234,7 @@ def evaluate_test(
     model: torch.nn.Module,
     test_images_path: Path,
     labels: np.ndarray,
-    positive: int | None,
+    task: Task,
     save_to: Path | None = None,
     indices: np.ndarray | None = None,
 ) -> dict[str, float]:
@@ -252,10 +250,10 @@ def evaluate_test(
     positions = np.arange(len(labels)) if indices is None else np.asarray(indices)
     dataset = CachedImageDataset(images, labels, positions)
     loader = DataLoader(dataset, batch_size=256)
-    _, truth, probs = predict(model.to(device), loader, Runtime(device))
+    _, truth, probs = predict(model.to(device), loader, Runtime(device), task)
     if save_to is not None:
         with atomic_path(save_to) as tmp, tmp.open("wb") as handle:  # a name gets .npz added
             np.savez(handle, labels=truth, probs=probs, images_path=str(test_images_path))
-    metrics = classification_metrics(truth, probs, positive)
+    metrics = task.metrics(truth, probs)
     metrics["num_samples"] = len(truth)
     return metrics

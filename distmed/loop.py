@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader
 from distmed.config import AugmentConfig, ExperimentConfig, OptimConfig, TrainConfig
 from distmed.cvstats import corrected_standard_error
 from distmed.data import CachedImageDataset, to_model_input
-from distmed.metrics import METRIC_NAMES, classification_metrics
+from distmed.metrics import METRIC_NAMES
 from distmed.model import build_model, set_train_mode
+from distmed.task import Task
 
 Precision = Literal["bf16", "fp16", "off"]
 
@@ -108,6 +109,7 @@ class FoldRun:
     """A fold's model, optimiser, loaders and early-stopping state on this rank."""
 
     index: int
+    task: Task
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -184,7 +186,7 @@ class FoldData:
     val: Sequence[int] | None
     images: np.ndarray
     labels: np.ndarray
-    num_classes: int
+    task: Task
 
 
 def build_fold(
@@ -204,7 +206,7 @@ def build_fold(
     torch.manual_seed(cfg.train.seed + data.index)  # same initial weights on every rank
     # On the device here, not only in Ray's prepare_model: the fold also runs without Ray
     # (benchmarks, the GPU tests), and Ray's move is then a no-op.
-    model = build_model(cfg.model, data.num_classes).to(runtime.device)
+    model = build_model(cfg.model, data.task.num_outputs).to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = prepare_model(model)
@@ -219,11 +221,12 @@ def build_fold(
     device = runtime.device
     return FoldRun(
         index=data.index,
+        task=data.task,
         model=model,
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg.optim, cfg.train.epochs, len(train_loader)),
         scaler=torch.amp.GradScaler(device.type, enabled=runtime.precision == "fp16"),
-        loss_fn=build_loss(cfg.train, data.labels[train_idx], data.num_classes, device),
+        loss_fn=build_loss(cfg.train, data.labels[train_idx], data.task, device),
         train_loader=train_loader,
         val_loader=val_loader,
         augment=cfg.data.augment,
@@ -277,14 +280,15 @@ def build_scheduler(
 
 
 def build_loss(
-    cfg: TrainConfig, train_labels: np.ndarray, num_classes: int, device: torch.device | str
+    cfg: TrainConfig, train_labels: np.ndarray, task: Task, device: torch.device | str
 ) -> nn.Module:
+    """The task's loss; `train.class_weights: balanced` weighs classes by n / (K * n_k)."""
     if cfg.class_weights == "none":
-        return nn.CrossEntropyLoss()
+        return task.build_loss(None, device)
     present = np.unique(train_labels)
-    weights = np.ones(num_classes, dtype=np.float32)
+    weights = np.ones(task.num_outputs, dtype=np.float32)
     weights[present] = compute_class_weight("balanced", classes=present, y=train_labels)
-    return nn.CrossEntropyLoss(weight=torch.tensor(weights, device=device))
+    return task.build_loss(weights, device)
 
 
 # --------------------------------------------------------------------------- steps and epochs
@@ -312,7 +316,7 @@ def train_step(
     return loss.detach(), logits.detach(), labels
 
 
-def train_one_epoch(fold: FoldRun, runtime: Runtime, positive: int | None) -> dict[str, float]:
+def train_one_epoch(fold: FoldRun, runtime: Runtime) -> dict[str, float]:
     """One pass over the fold's training data; loss, accuracy and ROC-AUC over all ranks.
 
     Accuracy and ROC-AUC come from the logits of the training steps themselves (model in
@@ -328,7 +332,7 @@ def train_one_epoch(fold: FoldRun, runtime: Runtime, positive: int | None) -> di
         loss, logits, labels = train_step(fold, images, batch_labels, runtime)
         total += loss.double() * len(labels)
         count += len(labels)
-        seen_probs.append(torch.softmax(logits.float(), dim=1))
+        seen_probs.append(fold.task.probabilities(logits))
         seen_labels.append(labels)
     sums = torch.stack([total, count])
     if dist.is_initialized():
@@ -338,7 +342,7 @@ def train_one_epoch(fold: FoldRun, runtime: Runtime, positive: int | None) -> di
     labels_all, probs_all = _gather_arrays(torch.cat(seen_labels), torch.cat(seen_probs))
     scores = {"accuracy": math.nan, "roc_auc": math.nan}  # diverged outputs have no score
     if np.isfinite(probs_all).all():
-        scores = classification_metrics(labels_all, probs_all, positive)
+        scores = fold.task.metrics(labels_all, probs_all)
     return {
         "loss": float(sums[0] / sums[1]),
         "accuracy": scores["accuracy"],
@@ -359,7 +363,7 @@ def _gather_arrays(labels: torch.Tensor, probs: torch.Tensor) -> tuple[np.ndarra
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, loader: DataLoader, runtime: Runtime
+    model: nn.Module, loader: DataLoader, runtime: Runtime, task: Task
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sample indices, labels, class probabilities) over the whole loader, from every rank.
 
@@ -371,7 +375,7 @@ def predict(
     for images, batch_labels, batch_indices in loader:
         with autocast(runtime.device, runtime.precision):
             logits = model(model_inputs(images, runtime))
-        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        probs.append(task.probabilities(logits).cpu())
         labels.append(batch_labels)
         indices.append(batch_indices)
     local = (torch.cat(indices).numpy(), torch.cat(labels).numpy(), torch.cat(probs).numpy())
@@ -388,36 +392,33 @@ def predict(
     )
 
 
-def evaluate(fold: FoldRun, runtime: Runtime, positive: int | None) -> dict[str, float] | None:
+def evaluate(fold: FoldRun, runtime: Runtime) -> dict[str, float] | None:
     """Validation metrics of the fold's model; None when its outputs are not finite."""
     assert fold.val_loader is not None, "evaluate needs a fold with validation data"
-    indices, labels, probs = predict(fold.model, fold.val_loader, runtime)
+    indices, labels, probs = predict(fold.model, fold.val_loader, runtime, fold.task)
     if not np.isfinite(probs).all():
         return None
     # The latest epoch's predictions are the fold's out-of-fold scores once it stops.
     fold.val_indices, fold.val_labels, fold.val_probs = (
         torch.from_numpy(a) for a in (indices, labels, probs)
     )
-    picked = probs[np.arange(len(labels)), labels]
-    result = classification_metrics(labels, probs, positive)
-    result["loss"] = float(-np.log(np.clip(picked, 1e-12, None)).mean())
+    result = fold.task.metrics(labels, probs)
+    result["loss"] = fold.task.nll(labels, probs)
     result["num_samples"] = len(labels)
     return result
 
 
-def run_fold_epoch(
-    fold: FoldRun, epoch: int, cfg: ExperimentConfig, runtime: Runtime, positive: int | None
-) -> None:
+def run_fold_epoch(fold: FoldRun, epoch: int, cfg: ExperimentConfig, runtime: Runtime) -> None:
     """Train and validate one fold for one epoch; append its record to `fold.history`."""
     # Ray's prepare_data_loader puts a DistributedSampler there: reshuffle per epoch.
     set_epoch = getattr(getattr(fold.train_loader, "sampler", None), "set_epoch", None)
     if set_epoch is not None:
         set_epoch(epoch)
-    train = train_one_epoch(fold, runtime, positive)
+    train = train_one_epoch(fold, runtime)
     record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()}}
     val = None
     if math.isfinite(record["train_loss"]) and fold.val_loader is not None:
-        val = evaluate(fold, runtime, positive)
+        val = evaluate(fold, runtime)
         if val is not None:
             record.update({f"val_{k}": v for k, v in val.items()})
             fold.update_stopping(val["roc_auc"], cfg.train.patience)

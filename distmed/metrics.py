@@ -1,12 +1,14 @@
 """Classification metrics as pure functions of (labels, class probabilities).
 
-Binary tasks score the configured positive class; multi-class tasks use macro one-vs-rest
-ROC-AUC and macro averages. AUC is computed once over a whole set of predictions, never
-averaged over batches. Calibration (`brier`, `ece`) is lower-is-better; every other metric is
-higher-is-better.
+Binary tasks score the positive class; multi-class tasks use macro one-vs-rest ROC-AUC and
+macro averages (which applies is `distmed.task.Task`'s choice). AUC is computed once over a
+whole set of predictions, never averaged over batches. Calibration (`brier`, `ece`) is
+lower-is-better; every other metric is higher-is-better.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 from scipy.stats import rankdata
@@ -27,29 +29,14 @@ LOWER_IS_BETTER = frozenset({"brier", "ece"})
 ECE_BINS = 15  # Guo et al. 2017 use 15 equal-width confidence bins
 
 
-def classification_metrics(
-    labels: np.ndarray, probs: np.ndarray, positive: int | None = None
-) -> dict[str, float]:
-    """All metrics in `METRIC_NAMES` for `labels` (N,) and class probabilities `probs` (N, K).
+def binary_metrics(truth: np.ndarray, score: np.ndarray, decision: np.ndarray) -> dict[str, float]:
+    """Every metric in `METRIC_NAMES` of a binary task.
 
     Args:
-        labels: true class index per sample.
-        probs: predicted class probabilities; rows sum to 1.
-        positive: binary tasks only, the class whose score ranks samples (default 1).
-
-    `brier` and `ece` are defined in `brier_score` and `calibration_error`.
+        truth: (N,) booleans, is the sample positive.
+        score: (N,) the positive class's probability (ranks samples; calibration).
+        decision: (N,) booleans, was the sample called positive.
     """
-    labels = np.asarray(labels)
-    probs = np.asarray(probs, dtype=np.float64)
-    num_classes = probs.shape[1]
-    predicted = probs.argmax(axis=1)
-    if num_classes == 2:
-        pos = 1 if positive is None else positive
-        return _binary_metrics(labels == pos, probs[:, pos], predicted == pos)
-    return _multiclass_metrics(labels, probs, predicted)
-
-
-def _binary_metrics(truth: np.ndarray, score: np.ndarray, decision: np.ndarray) -> dict[str, float]:
     tn, fp, fn, tp = skm.confusion_matrix(truth, decision, labels=[False, True]).ravel()
     return {
         "roc_auc": _auc(truth, score),
@@ -60,14 +47,22 @@ def _binary_metrics(truth: np.ndarray, score: np.ndarray, decision: np.ndarray) 
         "precision": _ratio(tp, tp + fp),
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
         # Calibration looks at the score alone, not at the decision (nor its threshold).
-        "brier": float(skm.brier_score_loss(truth, score)),
-        "ece": _ece(score, truth),
+        "brier": binary_brier(truth, score),
+        "ece": expected_calibration_error(score, truth),
     }
 
 
-def _multiclass_metrics(
-    labels: np.ndarray, probs: np.ndarray, predicted: np.ndarray
-) -> dict[str, float]:
+def multiclass_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Every metric in `METRIC_NAMES` of a K-class task deciding by argmax.
+
+    Args:
+        labels: (N,) true class index per sample.
+        probs: (N, K) class probabilities; rows sum to 1.
+
+    ROC-AUC is macro one-vs-rest (MedMNIST's `getAUC`); sensitivity, specificity, precision
+    and F1 are macro averages over classes.
+    """
+    predicted = probs.argmax(axis=1)
     classes = np.arange(probs.shape[1])
     matrix = skm.confusion_matrix(labels, predicted, labels=classes)
     tp = np.diag(matrix)
@@ -84,8 +79,8 @@ def _multiclass_metrics(
             skm.precision_score(labels, predicted, average="macro", zero_division=0)
         ),
         "f1": float(skm.f1_score(labels, predicted, average="macro", zero_division=0)),
-        "brier": _multiclass_brier(labels, probs),
-        "ece": _ece(probs.max(axis=1), predicted == labels),
+        "brier": multiclass_brier(labels, probs),
+        "ece": expected_calibration_error(probs.max(axis=1), predicted == labels),
     }
 
 
@@ -108,42 +103,17 @@ def _ratio(numerator: float, denominator: float) -> float:
 # --------------------------------------------------------------------------- calibration
 
 
-def brier_score(labels: np.ndarray, probs: np.ndarray, positive: int | None = None) -> float:
-    """Brier score of `probs` (N, K) against `labels` (N,); lower is better.
-
-    Binary: mean (p_positive - [label == positive])^2, in [0, 1] (scikit-learn's
-    `brier_score_loss`). Multi-class: mean over samples of the sum over classes of
-    (p_k - onehot_k)^2, in [0, 2] (Brier 1950, "Verification of forecasts expressed in terms
-    of probability", Monthly Weather Review 78(1)); a binary task scored that way gives twice
-    the binary value.
-    """
-    labels = np.asarray(labels)
-    probs = np.asarray(probs, dtype=np.float64)
-    if probs.shape[1] == 2:
-        pos = 1 if positive is None else positive
-        return float(skm.brier_score_loss(labels == pos, probs[:, pos]))
-    return _multiclass_brier(labels, probs)
+def binary_brier(truth: np.ndarray, score: np.ndarray) -> float:
+    """Brier score of a binary task: mean (score - truth)^2, in [0, 1], lower is better
+    (scikit-learn's `brier_score_loss`; Brier 1950, Monthly Weather Review 78(1))."""
+    return float(skm.brier_score_loss(truth, score))
 
 
-def calibration_error(labels: np.ndarray, probs: np.ndarray, positive: int | None = None) -> float:
-    """Expected calibration error of `probs` (N, K) against `labels` (N,), in [0, 1].
-
-    ECE = sum over 15 equal-width bins b of |B_b| / N * |accuracy(B_b) - confidence(B_b)|
-    (Naeini et al. 2015; Guo et al. 2017, "On Calibration of Modern Neural Networks").
-    Binary tasks bin the positive-class probability against "label is positive"; multi-class
-    tasks bin the top-label confidence against "argmax is right". The same definitions as
-    torchmetrics' `binary_calibration_error` / `multiclass_calibration_error` with
-    n_bins=15, norm="l1": bins are [lower, upper), the last one also holding 1.0.
-    """
-    labels = np.asarray(labels)
-    probs = np.asarray(probs, dtype=np.float64)
-    if probs.shape[1] == 2:
-        pos = 1 if positive is None else positive
-        return _ece(probs[:, pos], labels == pos)
-    return _ece(probs.max(axis=1), probs.argmax(axis=1) == labels)
-
-
-def _multiclass_brier(labels: np.ndarray, probs: np.ndarray) -> float:
+def multiclass_brier(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Brier score of `probs` (N, K) against `labels` (N,): mean over samples of the sum over
+    classes of (p_k - onehot_k)^2, in [0, 2] (Brier 1950, "Verification of forecasts expressed
+    in terms of probability", Monthly Weather Review 78(1)); a binary task scored that way
+    gives twice the binary value."""
     # float32 softmax rows miss 1 by ~1e-7, past scikit-learn's sqrt(eps) check, which would
     # warn on every validation epoch; renormalising in float64 changes nothing else.
     rows = probs / probs.sum(axis=1, keepdims=True)
@@ -156,7 +126,16 @@ def calibration_bins(confidence: np.ndarray, bins: int = ECE_BINS) -> np.ndarray
     return np.digitize(confidence, np.linspace(0.0, 1.0, bins + 1)[1:-1])
 
 
-def _ece(confidence: np.ndarray, correct: np.ndarray) -> float:
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray) -> float:
+    """Expected calibration error, in [0, 1], of (N,) confidences against (N,) outcomes.
+
+    ECE = sum over 15 equal-width bins b of |B_b| / N * |accuracy(B_b) - confidence(B_b)|
+    (Naeini et al. 2015; Guo et al. 2017, "On Calibration of Modern Neural Networks").
+    Binary tasks bin the positive-class probability against "label is positive"; multi-class
+    tasks bin the top-label confidence against "argmax is right". The same definitions as
+    torchmetrics' `binary_calibration_error` / `multiclass_calibration_error` with
+    n_bins=15, norm="l1": bins are [lower, upper), the last one also holding 1.0.
+    """
     # |B|/N * |mean(correct) - mean(confidence)| over B is |sum(confidence - correct)| / N.
     gaps = np.bincount(
         calibration_bins(confidence), weights=confidence - correct, minlength=ECE_BINS
@@ -165,15 +144,6 @@ def _ece(confidence: np.ndarray, correct: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------- operating point
-
-
-def binary_metrics_at(
-    labels: np.ndarray, probs: np.ndarray, positive: int, threshold: float
-) -> dict[str, float]:
-    """`METRIC_NAMES` for a binary task deciding "positive" when its score >= `threshold`."""
-    labels = np.asarray(labels)
-    score = np.asarray(probs, dtype=np.float64)[:, positive]
-    return _binary_metrics(labels == positive, score, score >= threshold)
 
 
 def youden_threshold(truth: np.ndarray, score: np.ndarray) -> float:
@@ -202,31 +172,42 @@ CI_METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity", "f1")
 MAX_RESAMPLES = 10_000
 
 
-def bootstrap_ci(
-    labels: np.ndarray,
-    probs: np.ndarray,
-    positive: int | None = None,
+def binary_bootstrap_ci(
+    truth: np.ndarray,
+    score: np.ndarray,
+    argmax_positive: np.ndarray,
     threshold: float | None = None,
     resamples: int = 1000,
     level: float = 0.95,
     seed: int = 0,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap confidence intervals of `CI_METRICS`, resampling cases.
+    """Percentile bootstrap confidence intervals of `CI_METRICS` of a binary task.
 
-    Binary tasks decide at `threshold` when given (else by argmax). Resamples holding a
-    single class have no ROC-AUC and are left out of its interval only.
+    Resamples cases; decides at `threshold` when given, else by `argmax_positive` (N,).
+    Resamples holding a single class have no ROC-AUC and are left out of its interval only.
     """
-    labels = np.asarray(labels)
-    probs = np.asarray(probs, dtype=np.float64)
-    picks = resample_indices(len(labels), resamples, seed)
-    if probs.shape[1] == 2:
-        pos = 1 if positive is None else positive
-        cut = threshold if threshold is not None else None
-        draws = _binary_draws(labels == pos, probs[:, pos], probs.argmax(axis=1) == pos, cut, picks)
-    else:
-        draws = np.array(
-            [[classification_metrics(labels[p], probs[p])[m] for m in CI_METRICS] for p in picks]
-        )
+    picks = resample_indices(len(truth), resamples, seed)
+    draws = _binary_draws(
+        np.asarray(truth), np.asarray(score, dtype=np.float64), argmax_positive, threshold, picks
+    )
+    return _percentiles(draws, level)
+
+
+def percentile_ci(
+    metrics_of: Callable[[np.ndarray], dict[str, float]],
+    n: int,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of `CI_METRICS`: `metrics_of(case indices)` per resample
+    of `n` cases (NaN draws, such as an undefined AUC, are left out of that metric only)."""
+    picks = resample_indices(n, resamples, seed)
+    draws = np.array([[metrics_of(p)[m] for m in CI_METRICS] for p in picks])
+    return _percentiles(draws, level)
+
+
+def _percentiles(draws: np.ndarray, level: float) -> dict[str, tuple[float, float]]:
     tail = (1 - level) / 2 * 100
     low = np.nanpercentile(draws, tail, axis=0)
     high = np.nanpercentile(draws, 100 - tail, axis=0)
@@ -246,7 +227,7 @@ def _binary_draws(
     picks: np.ndarray,
 ) -> np.ndarray:
     """`CI_METRICS` of every resample at once (numpy; a loop over sklearn calls is ~100x
-    slower); the same definitions as `_binary_metrics`."""
+    slower); the same definitions as `binary_metrics`."""
     t, s = truth[picks], score[picks]
     said = s >= threshold if threshold is not None else argmax_positive[picks]
     tp, fp = (t & said).sum(1), (~t & said).sum(1)

@@ -14,9 +14,10 @@ import numpy as np
 
 from distmed.errors import UserError
 from distmed.inference import TEST_PREDICTIONS
-from distmed.metrics import CI_METRICS, bootstrap_ci
+from distmed.metrics import CI_METRICS
 from distmed.savedmodel import SavedModel, Threshold
 from distmed.summary import RunSummary
+from distmed.task import Task
 
 NOTICE = "Research tool, not for clinical use."
 CI_RESAMPLES = 1000  # as report.html's intervals, so the two pages quote the same numbers
@@ -30,7 +31,7 @@ def model_card(model_path: Path, saved: SavedModel) -> str:
         _model_table(saved),
         _data_text(summary, problem),
         _cv_text(summary),
-        _test_table(summary, model_path.parent / TEST_PREDICTIONS, saved.positive_index),
+        _test_table(summary, model_path.parent / TEST_PREDICTIONS, saved.task),
     ]
     return f"<div class='distmed-card'>{''.join(parts)}</div>"
 
@@ -97,11 +98,11 @@ def _cv_text(summary: RunSummary | None) -> str:
     return text + "</p>"
 
 
-def _test_table(summary: RunSummary | None, predictions: Path, positive: int | None) -> str:
+def _test_table(summary: RunSummary | None, predictions: Path, task: Task) -> str:
     if summary is None or summary.test_metrics is None:
         return "<p>No test-split metrics in summary.json.</p>"
     test = summary.test_metrics
-    intervals = _intervals(predictions, positive)
+    intervals = _intervals(predictions, task)
     rows = []
     for name in CI_METRICS:
         ci = "not saved" if intervals is None else "{:.4f} – {:.4f}".format(*intervals[name])
@@ -113,12 +114,12 @@ def _test_table(summary: RunSummary | None, predictions: Path, positive: int | N
     return caption + _table(["metric", "value", "95% CI"], rows)
 
 
-def _intervals(path: Path, positive: int | None) -> dict[str, tuple[float, float]] | None:
+def _intervals(path: Path, task: Task) -> dict[str, tuple[float, float]] | None:
     """CIs from the saved test predictions (absent for runs made before they were saved)."""
     if not path.is_file():
         return None
     with np.load(path) as saved:
-        return bootstrap_ci(saved["labels"], saved["probs"], positive, resamples=CI_RESAMPLES)
+        return task.bootstrap(saved["labels"], saved["probs"], resamples=CI_RESAMPLES)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

@@ -187,13 +187,13 @@ def score_outer_fold(
     delete_checkpoints(f"{uri}/refit/{run_name}")
     for row in rows:
         delete_checkpoints(f"{uri}/trials/{trial_run_name(row.trial_id)}")
-    network = build_network(chosen.model, inner.num_classes, state)
+    network = build_network(chosen.model, inner.task.num_outputs, state)
     labels = np.asarray(inner.labels)
     metrics = evaluate_test(
         InferenceModel([network]).eval(),
         Path(inner.images_path),
         labels,
-        inner.positive,
+        inner.task,
         indices=val_idx,
     )
     return OuterFold(

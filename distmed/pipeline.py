@@ -92,6 +92,7 @@ from distmed.search import (
 )
 from distmed.space import SearchSpaceFile
 from distmed.summary import DataSummary, RunSummary
+from distmed.task import BinaryTask, Task
 from distmed.tracking import (
     log_search_to_mlflow,
     mlflow_callbacks,
@@ -305,10 +306,10 @@ def finalize(
     run_name = f"refit-{best.trial_id}"
     trials = f"{ctx.experiment_uri}/trials"
     oof = oof_predictions(read_trial_detail(f"{trials}/cv-{best.trial_id}"))
-    names, positive, trial = data.index.class_names, data.plan.positive, best.trial_id
+    task, trial = data.plan.task, best.trial_id
 
     def threshold_for(calibration: TemperatureFit | None) -> Threshold | None:
-        return operating_threshold(oof, positive, names, trial, calibration, target_sensitivity)
+        return operating_threshold(oof, task, trial, calibration, target_sensitivity)
 
     if saved_source(path) == run_name:  # a resumed search whose refit had finished
         print(f"reusing {path} (refit of trial {best.trial_id})", flush=True)
@@ -328,14 +329,13 @@ def finalize(
             folds = FoldModels(
                 trial=trial, num_models=len(fold_states), stop_epochs=best.fold_epochs
             )
-        calibration = fit_oof_temperature(oof, positive)
+        calibration = fit_oof_temperature(oof, task)
         save_model(
             path,
             state,
             chosen,
-            names,
+            task,
             data.cache.channels,
-            positive,
             run_name,
             folds=folds,
             fold_states=fold_states,
@@ -361,8 +361,7 @@ def refit_chosen(
 
 def operating_threshold(
     oof: tuple[np.ndarray, np.ndarray] | None,
-    positive: int | None,
-    class_names: Sequence[str],
+    task: Task,
     trial: str,
     calibration: TemperatureFit | None,
     target_sensitivity: float | None = None,
@@ -370,14 +369,14 @@ def operating_threshold(
     """The binary operating threshold chosen on trial `trial`'s out-of-fold predictions
     (`calibration.oof_threshold`), on the calibrated scale predict uses; None for a
     multi-class task or without out-of-fold predictions."""
-    if positive is None or oof is None:
+    if not isinstance(task, BinaryTask) or oof is None:
         return None
     temperature = calibration.temperature if calibration else None
-    choice = oof_threshold(*oof, positive, temperature, target_sensitivity)
+    choice = oof_threshold(*oof, task, temperature, target_sensitivity)
     return Threshold(
         value=choice.value,
         method=choice.method,
-        positive_class=class_names[positive],
+        positive_class=task.positive_class,
         chosen_on=f"out-of-fold validation predictions of trial {trial}",
         num_samples=choice.num_samples,
         validation_sensitivity=choice.sensitivity,
@@ -402,7 +401,7 @@ def score_test(path: Path, data: PreparedData, local: Path) -> dict[str, Any]:
         model, _ = load_inference_model(path, ensemble)
         labels = data.index.test.labels
         out[key] = evaluate_test(
-            model, data.cache.test_path, labels, data.plan.positive, save_to=local / file
+            model, data.cache.test_path, labels, data.plan.task, save_to=local / file
         )
     return out
 

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 
-from distmed.metrics import calibration_error  # noqa: E402
+from distmed.task import Curve, Task  # noqa: E402
 
 DPI = 300  # print resolution for the PNGs
 VECTOR_FORMATS = ("svg", "pdf")
@@ -206,24 +206,27 @@ def plot_training_curves(histories: Sequence[Sequence[dict[str, float]]], path: 
 def plot_roc(
     labels: np.ndarray,
     probs: np.ndarray,
-    class_names: Sequence[str],
-    positive: int | None,
+    task: Task,
     path: Path,
     operating_point: tuple[float, float] | None = None,
     title: str = "Test split",
 ) -> Path:
-    """ROC curve of the positive class (binary) or one-vs-rest per class plus macro.
+    """ROC curve of each of the task's curves (`Task.curves`: the positive class of a binary
+    task, one-vs-rest per class otherwise), plus their macro average when there are several.
 
     `title` names the scored set (the report's test split, an external site's images).
     """
     fig, ax = plt.subplots(figsize=(5.0, 4.6))
     title = literal(title)
-    for k, name, truth, score in _one_vs_rest(labels, probs, class_names, positive):
-        fpr, tpr, _ = skm.roc_curve(truth, score)
-        ax.plot(fpr, tpr, label=f"{name} (AUC {skm.auc(fpr, tpr):.3f})", zorder=3 + k)
-    if positive is None:
-        macro = skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro")
-        grid, mean_tpr = _macro_roc(labels, probs)
+    curves = task.curves(labels, probs)
+    for curve in curves:
+        fpr, tpr, _ = skm.roc_curve(curve.truth, curve.score)
+        label = f"{literal(curve.name)} (AUC {skm.auc(fpr, tpr):.3f})"
+        ax.plot(fpr, tpr, label=label, zorder=3 + curve.index)
+    if len(curves) > 1:
+        # The unweighted mean of one-vs-rest AUCs: scikit-learn's multi_class="ovr" macro.
+        macro = float(np.mean([skm.roc_auc_score(c.truth, c.score) for c in curves]))
+        grid, mean_tpr = _macro_roc(curves)
         ax.plot(grid, mean_tpr, color="black", linestyle=":", label=f"macro (AUC {macro:.3f})")
     if operating_point is not None:
         fpr_op, tpr_op = operating_point
@@ -243,19 +246,13 @@ def frame_unit_square(ax: plt.Axes) -> None:
     ax.set_ylim(-UNIT_MARGIN, 1 + UNIT_MARGIN)
 
 
-def _one_vs_rest(labels, probs, class_names, positive):
-    """(k, name, truth, score) per curve: the positive class only for binary tasks."""
-    classes = [positive] if positive is not None else range(probs.shape[1])
-    return [(k, literal(class_names[k]), labels == k, probs[:, k]) for k in classes]
-
-
-def _macro_roc(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _macro_roc(curves: Sequence[Curve]) -> tuple[np.ndarray, np.ndarray]:
     grid = np.linspace(0, 1, 201)
-    curves = []
-    for k in range(probs.shape[1]):
-        fpr, tpr, _ = skm.roc_curve(labels == k, probs[:, k])
-        curves.append(np.interp(grid, fpr, tpr))
-    return grid, np.mean(curves, axis=0)
+    rates = []
+    for curve in curves:
+        fpr, tpr, _ = skm.roc_curve(curve.truth, curve.score)
+        rates.append(np.interp(grid, fpr, tpr))
+    return grid, np.mean(rates, axis=0)
 
 
 def plot_confusion(
@@ -289,18 +286,18 @@ def plot_confusion(
 def plot_precision_recall(
     labels: np.ndarray,
     probs: np.ndarray,
-    class_names: Sequence[str],
-    positive: int | None,
+    task: Task,
     path: Path,
     title: str = "Test split",
 ) -> Path:
     """Precision against recall of the positive class (binary) or each class one-vs-rest."""
     fig, ax = plt.subplots(figsize=(5.0, 4.6))
     title = literal(title)
-    for _, name, truth, score in _one_vs_rest(labels, probs, class_names, positive):
-        precision, recall, _ = skm.precision_recall_curve(truth, score)
-        ap = skm.average_precision_score(truth, score)
-        ax.plot(recall, precision, label=f"{name} (AP {ap:.3f}, prevalence {truth.mean():.2f})")
+    for c in task.curves(labels, probs):
+        precision, recall, _ = skm.precision_recall_curve(c.truth, c.score)
+        ap = skm.average_precision_score(c.truth, c.score)
+        name = literal(c.name)
+        ax.plot(recall, precision, label=f"{name} (AP {ap:.3f}, prevalence {c.truth.mean():.2f})")
     ax.set(xlabel="recall (sensitivity)", ylabel="precision")
     frame_unit_square(ax)
     ax.set_title(f"{title}: precision-recall curve")
@@ -311,8 +308,7 @@ def plot_precision_recall(
 def plot_calibration(
     labels: np.ndarray,
     probs: np.ndarray,
-    class_names: Sequence[str],
-    positive: int | None,
+    task: Task,
     path: Path,
     bins: int = 10,
     after_probs: np.ndarray | None = None,
@@ -322,17 +318,19 @@ def plot_calibration(
 
     With `after_probs` (N, K), the same predictions after temperature scaling are drawn over
     `probs` (N, K), dashed, in the same colour per class; the legend gives the ECE of each
-    (`distmed.metrics.calibration_error`: 15 equal-width bins).
+    (`Task.calibration_error`: 15 equal-width bins).
     """
     fig, ax = plt.subplots(figsize=(5.0, 4.6))
     title = literal(title)
     if after_probs is None:
-        for _, name, truth, score in _one_vs_rest(labels, probs, class_names, positive):
-            observed, predicted = calibration_curve(truth, score, n_bins=bins, strategy="quantile")
-            ax.plot(predicted, observed, marker="o", label=name)
+        for c in task.curves(labels, probs):
+            observed, predicted = calibration_curve(
+                c.truth, c.score, n_bins=bins, strategy="quantile"
+            )
+            ax.plot(predicted, observed, marker="o", label=literal(c.name))
         heading = f"{title}: calibration (quantile bins)"
     else:
-        _draw_before_after(ax, labels, (probs, after_probs), class_names, positive, bins)
+        _draw_before_after(ax, labels, (probs, after_probs), task, bins)
         heading = f"{title}: calibration before and after\ntemperature scaling (quantile bins)"
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8, label="perfect")
     ax.set(xlabel="predicted probability", ylabel="observed frequency", xlim=(0, 1), ylim=(0, 1))
@@ -341,18 +339,21 @@ def plot_calibration(
     return save(fig, path)
 
 
-def _draw_before_after(ax, labels, versions, class_names, positive, bins) -> None:
+def _draw_before_after(ax, labels, versions, task: Task, bins: int) -> None:
     """One colour per class, one line style per version; style entries name each ECE."""
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     states = ("uncalibrated", "temperature-scaled")
     styles = ({"linestyle": "-", "marker": "o"}, {"linestyle": "--", "marker": "s"})
     for state, style, scores in zip(states, styles, versions, strict=True):
-        for k, name, truth, score in _one_vs_rest(labels, scores, class_names, positive):
-            observed, predicted = calibration_curve(truth, score, n_bins=bins, strategy="quantile")
+        for c in task.curves(labels, scores):
+            observed, predicted = calibration_curve(
+                c.truth, c.score, n_bins=bins, strategy="quantile"
+            )
             # Classes are named once (by colour); the styles get entries of their own below.
-            label = name if state == states[0] else None
-            ax.plot(predicted, observed, color=colours[k % len(colours)], label=label, **style)
-        ece = calibration_error(labels, scores, positive)
+            label = literal(c.name) if state == states[0] else None
+            colour = colours[c.index % len(colours)]
+            ax.plot(predicted, observed, color=colour, label=label, **style)
+        ece = task.calibration_error(labels, scores)
         ax.plot([], [], color="black", label=f"{state} (ECE {ece:.3f})", **style)
 
 

@@ -26,12 +26,10 @@ from distmed.calibration import TemperatureFit, apply_temperature
 from distmed.cvstats import interval, separable
 from distmed.errors import UserError
 from distmed.inference import TEST_PREDICTIONS, TEST_PREDICTIONS_FOLDS, load_inference_model
-from distmed.metrics import bootstrap_ci, classification_metrics
 from distmed.results import read_trial_detail
 from distmed.savedmodel import SavedModel, Threshold
 from distmed.scorecard import (
     Scores,
-    decide,
     figure,
     num,
     render_page,
@@ -40,6 +38,7 @@ from distmed.scorecard import (
     table,
 )
 from distmed.summary import DataSummary, RunSummary
+from distmed.task import Task
 
 log = logging.getLogger(__name__)
 REPORT = "report.html"
@@ -56,8 +55,7 @@ class RunData:
     trials: list[dict[str, str]]
     space_keys: list[str]
     model_path: Path
-    class_names: list[str]
-    positive: int | None
+    task: Task
     detail: dict[str, Any] | None  # the best trial's folds (histories, OOF predictions)
     test: dict[str, np.ndarray] | None  # labels, probs, images_path
     calibration: TemperatureFit | None = None  # the temperature saved with the model
@@ -132,8 +130,7 @@ def load_run(run_dir: Path, experiment_uri: str | None = None) -> RunData:
         trials=trials,
         space_keys=list(summary.space),
         model_path=model_path,
-        class_names=list(saved.class_names),
-        positive=saved.positive_index,
+        task=saved.task,
         detail=detail,
         test=_load_test(run_dir / TEST_PREDICTIONS),
         calibration=saved.calibration,
@@ -168,7 +165,7 @@ def search_section(run: RunData, figures: Path) -> str:
                     "data",
                     html.escape(
                         f"{data.name}: {data.num_images} training images, "
-                        f"classes {', '.join(run.class_names)}"
+                        f"classes {', '.join(run.task.class_names)}"
                     ),
                 ],
                 ["trials", html.escape(", ".join(f"{n} {state}" for state, n in counts.items()))],
@@ -259,7 +256,7 @@ def training_section(run: RunData, figures: Path) -> str:
 def test_section(run: RunData, figures: Path, threshold: Threshold | None, resamples: int) -> str:
     if run.test is None:
         return "<h2>Test split</h2><p>This data source has no test split.</p>"
-    scores = Scores(run.test["labels"], run.test["probs"], run.class_names, run.positive)
+    scores = Scores(run.test["labels"], run.test["probs"], run.task)
     card = score(scores, threshold.value if threshold else None, resamples)
     return "\n".join(
         [
@@ -285,7 +282,7 @@ def ensemble_section(run: RunData, figures: Path, resamples: int) -> str:
     columns = [("refit model", refit_probs)]
     if folds is not None:
         columns.append(("fold ensemble", folds["probs"]))
-    metrics = [classification_metrics(labels, probs, run.positive) for _, probs in columns]
+    metrics = [run.task.metrics(labels, probs) for _, probs in columns]
     rows = [
         [name]
         + [
@@ -295,9 +292,7 @@ def ensemble_section(run: RunData, figures: Path, resamples: int) -> str:
         for name in COMPARED
     ]
     auc_ci = [
-        "{:.4f} – {:.4f}".format(
-            *bootstrap_ci(labels, probs, run.positive, resamples=resamples)["roc_auc"]
-        )
+        "{:.4f} – {:.4f}".format(*run.task.bootstrap(labels, probs, resamples=resamples)["roc_auc"])
         for _, probs in columns
     ]
     rows.append(["ROC-AUC 95% CI", *auc_ci])
@@ -312,8 +307,7 @@ def ensemble_section(run: RunData, figures: Path, resamples: int) -> str:
         path = plots.plot_calibration(
             labels,
             raw,
-            run.class_names,
-            run.positive,
+            run.task,
             figures / "calibration_before_after.png",
             after_probs=refit_probs,
             title="Test split, refit model",
@@ -359,12 +353,12 @@ def gradcam_section(run: RunData, figures: Path, threshold: Threshold | None) ->
     from distmed.gradcam import FLAT_MAP_NOTE, cam_layer, gradcam_maps, is_flat, overlay
 
     labels, probs = run.test["labels"], run.test["probs"]
-    decision = decide(probs, run.positive, threshold.value if threshold else None)
+    decision = run.task.decide(probs, threshold.value if threshold else None)
     chosen = pick_examples(labels, decision, probs, GRADCAM_PER_GROUP)
     images = np.load(images_path, mmap_mode="r")[chosen]
     model, saved = load_inference_model(run.model_path)
     maps = gradcam_maps(model, images, [int(decision[i]) for i in chosen])
-    names = run.class_names
+    names = list(run.task.class_names)
     tiles = [
         (
             overlay(image, heat),

@@ -28,6 +28,7 @@ from distmed.calibration import TemperatureFit
 from distmed.config import DataConfig, ExperimentConfig, ImageSize, format_validation_error
 from distmed.data import IMAGENET_MEAN, IMAGENET_STD, DecodeOptions
 from distmed.errors import UserError
+from distmed.task import BinaryTask, MulticlassTask, Task
 
 MODEL_FORMAT = 1
 WEIGHTS_KEY = "model_state"
@@ -137,7 +138,7 @@ class SavedModel(_Record):
     def _consistent(self) -> SavedModel:
         if len(set(self.class_names)) != len(self.class_names):
             raise ValueError("class_names repeat a name")
-        if (self.positive_index is not None) != self.binary:  # as cv.positive_index sets it
+        if (self.positive_index is not None) != self.binary:  # as task.task_for sets it
             raise ValueError("positive_index must be set for two classes, and only then")
         if self.positive_index is not None and self.positive_index >= len(self.class_names):
             raise ValueError(f"positive_index {self.positive_index} is not a class")
@@ -152,6 +153,14 @@ class SavedModel(_Record):
     @property
     def positive_class(self) -> str | None:
         return None if self.positive_index is None else self.class_names[self.positive_index]
+
+    @property
+    def task(self) -> Task:
+        """The task the model was trained for (`distmed.task`)."""
+        names = tuple(self.class_names)
+        if self.positive_index is None:
+            return MulticlassTask(names)
+        return BinaryTask(names, self.positive_index)
 
     def save(
         self,
@@ -284,9 +293,8 @@ def save_model(
     path: Path,
     state: dict[str, torch.Tensor],
     cfg: ExperimentConfig,
-    class_names: list[str],
+    task: Task,
     channels: int,
-    positive: int | None,
     source: str,
     folds: FoldModels | None = None,
     fold_states: Sequence[dict[str, torch.Tensor]] = (),
@@ -304,8 +312,8 @@ def save_model(
         distmed_version=__version__,
         source=source,
         config=cfg,
-        class_names=list(class_names),
-        positive_index=positive,
+        class_names=list(task.class_names),
+        positive_index=task.positive if isinstance(task, BinaryTask) else None,
         preprocessing=preprocessing_for(cfg.data.image_size, channels, cfg.data),
         fold_models=folds,
         calibration=calibration,

@@ -23,20 +23,21 @@ import numpy as np
 from sklearn import metrics as skm
 
 from distmed import __version__, plots
-from distmed.metrics import CI_METRICS, binary_metrics_at, bootstrap_ci, classification_metrics
+from distmed.metrics import CI_METRICS
+from distmed.task import BinaryTask, Task
 
 
 @dataclass(frozen=True)
 class Scores:
-    """One scored set: true labels (N,), class probabilities (N, K), K class names.
-
-    `positive` is the binary task's scored class (None for multi-class tasks).
-    """
+    """One scored set: true labels (N,), class probabilities (N, K), and the task."""
 
     labels: np.ndarray
     probs: np.ndarray
-    class_names: list[str]
-    positive: int | None
+    task: Task
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.task.class_names)
 
     def absent_classes(self) -> list[str]:
         """Names of the classes without a single true example in this set."""
@@ -66,22 +67,21 @@ class Scorecard:
 def score(scores: Scores, threshold: float | None, resamples: int) -> Scorecard:
     """Metrics by argmax (and at `threshold`), with percentile bootstrap intervals.
 
-    Intervals resample cases (`metrics.bootstrap_ci`, seed 0). A metric undefined on the
+    Intervals resample cases (`Task.bootstrap`, seed 0). A metric undefined on the
     set (ROC-AUC with a class absent) is NaN, and so are its interval's ends.
     """
-    labels, probs, positive = scores.labels, scores.probs, scores.positive
+    labels, probs, task = scores.labels, scores.probs, scores.task
     with warnings.catch_warnings():
         # Every resample lacks an absent class: numpy warns of the all-NaN AUC column.
         warnings.simplefilter("ignore", RuntimeWarning)
         argmax = Estimate(
-            classification_metrics(labels, probs, positive),
-            bootstrap_ci(labels, probs, positive, None, resamples=resamples),
+            task.metrics(labels, probs), task.bootstrap(labels, probs, None, resamples)
         )
         at = None
-        if threshold is not None and positive is not None:
+        if threshold is not None and isinstance(task, BinaryTask):
             at = Estimate(
-                binary_metrics_at(labels, probs, positive, threshold),
-                bootstrap_ci(labels, probs, positive, threshold, resamples=resamples),
+                task.metrics_at(labels, probs, threshold),
+                task.bootstrap(labels, probs, threshold, resamples),
             )
     return Scorecard(argmax, at, threshold if at else None, resamples, len(labels))
 
@@ -128,8 +128,8 @@ def scores_section(
     the threshold column. Curves need examples of every
     class: with one absent only the confusion matrix is drawn, and the page says why.
     """
-    names, positive, cut = scores.class_names, scores.positive, card.threshold
-    decision = decide(scores.probs, positive, cut)
+    names, task, cut = scores.class_names, scores.task, card.threshold
+    decision = task.decide(scores.probs, cut)
     matrix = skm.confusion_matrix(scores.labels, decision, labels=np.arange(len(names)))
     how = f"threshold {cut:.4f}" if cut is not None else "argmax"
     parts = [
@@ -138,13 +138,15 @@ def scores_section(
     ]
     absent = scores.absent_classes()
     if absent:
-        parts.insert(1, _absent_text(absent, positive is not None))
+        parts.insert(1, _absent_text(absent, task.thresholded))
         return "\n".join(parts)
     labels, probs, out = scores.labels, scores.probs, figures
-    operating = operating_point(labels, decision, positive) if cut is not None else None
-    roc = plots.plot_roc(labels, probs, names, positive, out / "roc.png", operating, title)
-    pr = plots.plot_precision_recall(labels, probs, names, positive, out / "pr.png", title)
-    calib = plots.plot_calibration(labels, probs, names, positive, out / "calib.png", title=title)
+    operating = None
+    if cut is not None and isinstance(task, BinaryTask):
+        operating = operating_point(labels, decision, task)
+    roc = plots.plot_roc(labels, probs, task, out / "roc.png", operating, title)
+    pr = plots.plot_precision_recall(labels, probs, task, out / "pr.png", title)
+    calib = plots.plot_calibration(labels, probs, task, out / "calib.png", title=title)
     parts.insert(1, figure(roc, link))
     parts += [figure(pr, link), figure(calib, link)]
     return "\n".join(parts)
@@ -186,20 +188,11 @@ def metrics_table(card: Scorecard, keys: tuple[str, str]) -> str:
     return note + table(header, list(cells.values()))
 
 
-def decide(probs: np.ndarray, positive: int | None, cut: float | None) -> np.ndarray:
-    """Predicted class per row of `probs` (N, K): the positive class at or above `cut`
-    (binary tasks given one), else the most probable."""
-    if cut is None or positive is None:
-        return probs.argmax(axis=1)
-    other = 1 - positive
-    return np.where(probs[:, positive] >= cut, positive, other)
-
-
 def operating_point(
-    labels: np.ndarray, decision: np.ndarray, positive: int | None
+    labels: np.ndarray, decision: np.ndarray, task: BinaryTask
 ) -> tuple[float, float]:
-    """(false positive rate, true positive rate) of binary decisions."""
-    truth, said = labels == positive, decision == positive
+    """(false positive rate, true positive rate) of binary decisions (class indices, N)."""
+    truth, said = task.truth(labels), decision == task.positive
     return float(said[~truth].mean()), float(said[truth].mean())
 
 

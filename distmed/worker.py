@@ -40,6 +40,7 @@ from distmed.loop import (
     run_fold_epoch,
 )
 from distmed.results import write_trial_detail
+from distmed.task import AnyTask
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
@@ -70,8 +71,7 @@ class WorkerConfig(_Plain):
     images_path: str  # the decoded-image cache file (`distmed.data.load_cached`)
     images_ref: Any = None  # a Ray ObjectRef of the same images, for nodes without the file
     labels: list[int]
-    num_classes: int = Field(ge=2)
-    positive: int | None  # the binary task's positive class index; None: multi-class
+    task: AnyTask  # binary or multi-class: the loss, metrics and decisions (`distmed.task`)
     folds: list[FoldIndices]
     folds_per_repeat: int | None = None  # k of the R x k folds; None: one repeat
     threads: int = Field(ge=1)  # torch threads per worker
@@ -103,7 +103,7 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
     context = ray.train.get_context()
     folds = [
         build_fold(
-            FoldData(i, spec.train, spec.val, images, labels, plan.num_classes),
+            FoldData(i, spec.train, spec.val, images, labels, plan.task),
             cfg,
             runtime,
             batch_size=max(1, cfg.train.batch_size // context.get_world_size()),  # rank's share
@@ -130,7 +130,7 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
         torch.manual_seed(epoch_seed(cfg.train.seed, context.get_world_rank(), epoch))
         for fold in folds:
             if not fold.stopped:
-                run_fold_epoch(fold, epoch, cfg, runtime, plan.positive)
+                run_fold_epoch(fold, epoch, cfg, runtime)
         if any(diverged(f) for f in folds):
             for fold in folds:  # one fold without a score leaves the trial without one
                 fold.stopped = True

@@ -22,11 +22,13 @@ from distmed import app, inference, predict
 from distmed.config import ExperimentConfig
 from distmed.data import to_model_input
 from distmed.inference import TEST_PREDICTIONS
-from distmed.metrics import classification_metrics
 from distmed.model import build_model
 from distmed.modelcard import NOTICE
 from distmed.savedmodel import save_model, save_threshold
 from distmed.summary import DataSummary, RunSummary
+from distmed.task import BinaryTask, task_for
+
+BINARY = BinaryTask(("neg", "pos"))  # class 1 scored, as the binary tests label it
 
 SIZE = 28
 CLASSES = ["normal", "pneumonia"]
@@ -60,14 +62,14 @@ def _train_tiny_run(root: Path) -> Path:
 
     run = root / "run"
     run.mkdir()
-    save_model(run / "best_model.pt", model.state_dict(), cfg, CLASSES, 1, 1, "refit-t1")
+    save_model(run / "best_model.pt", model.state_dict(), cfg, task_for(CLASSES), 1, "refit-t1")
     save_threshold(
         run / "best_model.pt",
         {"value": 0.4, "method": "youden", "chosen_on": "out-of-fold predictions",
          "positive_class": CLASSES[1], "num_samples": 16},
     )  # fmt: skip
     np.savez(run / TEST_PREDICTIONS, labels=labels.numpy(), probs=probs)
-    test_metrics = classification_metrics(labels.numpy(), probs, 1)
+    test_metrics = BINARY.metrics(labels.numpy(), probs)
     summary = RunSummary(
         name="tiny",
         num_trials=1,

@@ -587,12 +587,15 @@ def test_data_path_is_never_parsed_as_yaml(text):
     ("classes", "typed"), [(["no", "yes"], "yes"), (["00", "01"], "01"), (["no", "yes"], "no")]
 )
 def test_case_14_positive_class_as_typed(tmp_path, classes, typed):
-    from distmed.cv import positive_index
+    from distmed.task import task_for
+
+    def positive_index(cfg):
+        return task_for(classes, cfg.data.positive_class).positive
 
     cfg = load_config(None, [f"data.positive_class={typed}"])
-    assert positive_index(cfg, classes) == classes.index(typed)
+    assert positive_index(cfg) == classes.index(typed)
     path = write(tmp_path / "exp.yaml", f"data:\n  positive_class: {typed}\n")
-    assert positive_index(load_config(path), classes) == classes.index(typed)
+    assert positive_index(load_config(path)) == classes.index(typed)
 
 
 def test_space_choice_of_text_values_keeps_text(tmp_path):

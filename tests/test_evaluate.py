@@ -16,9 +16,11 @@ from distmed import evaluate, plots
 from distmed.config import DataConfig, ExperimentConfig
 from distmed.data import scan_source, to_model_input
 from distmed.inference import decode_file, load_model
-from distmed.metrics import binary_metrics_at, classification_metrics
 from distmed.model import build_model
 from distmed.savedmodel import SavedModel, save_model, save_threshold
+from distmed.task import BinaryTask, task_for
+
+BINARY = BinaryTask(("neg", "pos"))  # class 1 scored, as the binary tests label it
 
 SIZE = 28
 CLASSES = ["NORMAL", "PNEUMONIA"]
@@ -34,7 +36,7 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     torch.manual_seed(0)
     state = build_model(cfg.model, 2).state_dict()
-    save_model(path, state, cfg, CLASSES, 1, 1, "refit-t1")
+    save_model(path, state, cfg, task_for(CLASSES), 1, "refit-t1")
     save_threshold(
         path,
         {"value": SAVED_THRESHOLD, "method": "youden", "chosen_on": "out-of-fold predictions",
@@ -97,9 +99,9 @@ def test_a_folder_scores_exactly_the_metrics_computed_by_hand(
     assert record["images_per_class"] == {"NORMAL": 6, "PNEUMONIA": 5}
     assert record["threshold"] == cut and record["threshold_source"] == "--threshold"
     argmax = record["argmax"]["metrics"]
-    assert argmax == pytest.approx(classification_metrics(labels, probs, 1), abs=1e-6)
+    assert argmax == pytest.approx(BINARY.metrics(labels, probs), abs=1e-6)
     assert argmax["accuracy"] == pytest.approx((probs.argmax(1) == labels).sum() / 11, abs=1e-6)
-    at = binary_metrics_at(labels, probs, 1, cut)
+    at = BINARY.metrics_at(labels, probs, cut)
     assert record["at_threshold"]["metrics"] == pytest.approx(at, abs=1e-6)
     said = probs[:, 1] >= cut
     assert at["sensitivity"] == said[labels == 1].mean()  # ... and by counting
@@ -196,7 +198,7 @@ def test_an_npz_test_split_is_scored(model_file: Path, tmp_path: Path):
     record = json.loads((tmp_path / "test" / evaluate.EVALUATION_JSON).read_text())
     assert (record["split"], record["num_images"]) == ("test", 7)  # default: the test split
     probs = _probs(model_file, images[:, None])
-    expected = classification_metrics(np.array(test_labels), probs, 1)
+    expected = BINARY.metrics(np.array(test_labels), probs)
     assert record["argmax"]["metrics"] == pytest.approx(expected, abs=1e-6)
 
     # --split all: the pool (train + val) and the test split, under a cache key of its own.
@@ -231,7 +233,7 @@ def test_the_output_names_the_model_and_warns_on_the_training_data(tmp_path: Pat
     )
     path = tmp_path / "run" / "best_model.pt"
     path.parent.mkdir()
-    save_model(path, build_model(cfg.model, 2).state_dict(), cfg, CLASSES, 1, 1, "refit-t1")
+    save_model(path, build_model(cfg.model, 2).state_dict(), cfg, task_for(CLASSES), 1, "refit-t1")
     argv = ["--model", str(path), "--data", str(site), "--bootstrap", "20", "--cpu"]
     assert evaluate.main(argv) == 0
     captured = capsys.readouterr()

@@ -41,6 +41,7 @@ from distmed.data import CachedImageDataset, build_cache, scan_source
 from distmed.inference import build_network
 from distmed.loop import Runtime, predict
 from distmed.savedmodel import SavedModel
+from distmed.task import task_for
 
 pytestmark = pytest.mark.ray
 EPOCHS = 4
@@ -206,7 +207,8 @@ def _check_validation_is_exact_despite_padding(out: Path, summary: dict) -> None
         model = build_network(cfg.model, 2, state)
         dataset = CachedImageDataset(images, index.pool.labels, np.asarray(fold["val_indices"]))
         loader = DataLoader(dataset, batch_size=5)
-        indices, labels, probs = predict(model, loader, Runtime(torch.device("cpu")))
+        task = task_for(index.class_names, cfg.data.positive_class)
+        indices, labels, probs = predict(model, loader, Runtime(torch.device("cpu")), task)
         assert indices.tolist() == fold["val_indices"]
         assert labels.tolist() == fold["val_labels"]
         np.testing.assert_allclose(probs, np.asarray(fold["val_probs"]), atol=1e-5)

@@ -1,4 +1,4 @@
-"""distmed.cv fold arithmetic: make_folds, fold_specs, check_batch_fits, positive_index."""
+"""distmed.cv fold arithmetic: make_folds, fold_specs, check_batch_fits."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from distmed.config import CVConfig, load_config
-from distmed.cv import check_batch_fits, fold_specs, make_folds, positive_index
+from distmed.cv import check_batch_fits, fold_specs, make_folds
 from distmed.data import Split
 from distmed.errors import UserError
 
@@ -163,29 +163,6 @@ def test_check_batch_fits_uses_smallest_fold():
     assert smallest == 2
     with pytest.raises(UserError, match="2 images"):
         check_batch_fits(3, smallest)
-
-
-def test_positive_index_default_is_second_class():
-    assert positive_index(load_config(None), ["benign", "malignant"]) == 1
-
-
-def test_positive_index_by_name():
-    cfg = load_config(None, ["data.positive_class=benign"])
-    assert positive_index(cfg, ["benign", "malignant"]) == 0
-    cfg = load_config(None, ["data.positive_class=malignant"])
-    assert positive_index(cfg, ["benign", "malignant"]) == 1
-
-
-def test_positive_index_unknown_name():
-    cfg = load_config(None, ["data.positive_class=tumour"])
-    with pytest.raises(UserError) as info:
-        positive_index(cfg, ["benign", "malignant"])
-    assert "data.positive_class" in str(info.value)
-    assert "tumour" in str(info.value)
-
-
-def test_positive_index_multiclass_is_none():
-    assert positive_index(load_config(None), ["a", "b", "c"]) is None
 
 
 def test_a_mistyped_positive_class_stops_before_the_decode(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from distmed.config import AugmentConfig, ExperimentConfig
 from distmed.data import augment_batch, to_model_input
 from distmed.loop import FoldData, Runtime, build_fold, model_inputs, train_step
 from distmed.model import set_train_mode
+from distmed.task import BinaryTask
 
 pytestmark = [
     pytest.mark.gpu,
@@ -41,7 +42,8 @@ def fold_on_cuda(amp: str, workers: int = 0, count: int = 24, channels: int = 1)
             "train": {"amp": amp, "batch_size": 8, "epochs": 1},
         }
     )
-    data = FoldData(0, np.arange(count - 8), np.arange(count - 8, count), images, labels, 2)
+    two = BinaryTask(("negative", "positive"))
+    data = FoldData(0, np.arange(count - 8), np.arange(count - 8, count), images, labels, two)
     fold = build_fold(data, cfg, Runtime(CUDA, amp, True), batch_size=8, workers=workers)
     return fold, images, labels
 

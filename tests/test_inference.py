@@ -23,6 +23,9 @@ from distmed.model import build_model
 from distmed.results import completed_score
 from distmed.savedmodel import FOLD_WEIGHTS_KEY, FoldModels, SavedModel
 from distmed.search import KeepBestCheckpoints
+from distmed.task import BinaryTask
+
+BINARY = BinaryTask(("neg", "pos"))  # class 1 scored, as the binary tests label it
 
 SIZE = 16
 CLASSES = ["neg", "pos"]
@@ -219,7 +222,7 @@ def test_the_threshold_is_chosen_on_the_calibrated_scale_predict_uses(ensemble_m
     probs = np.stack([1 - score, score], axis=1)
     calibration = SavedModel.load(ensemble_model).calibration
     assert calibration is not None
-    chosen = oof_threshold(labels, probs, 1, calibration.temperature)
+    chosen = oof_threshold(labels, probs, BINARY, calibration.temperature)
     calibrated = apply_temperature(probs, 2.0)[:, 1]
     assert chosen is not None
     assert chosen.value == pytest.approx(youden_threshold(labels == 1, calibrated))
@@ -234,7 +237,6 @@ def test_report_shows_refit_and_fold_ensemble_side_by_side(ensemble_model: Path,
     import numpy as np
 
     from distmed.inference import TEST_PREDICTIONS_FOLDS
-    from distmed.metrics import classification_metrics
     from distmed.runreport import ensemble_section
 
     rng = np.random.default_rng(1)
@@ -247,8 +249,7 @@ def test_report_shows_refit_and_fold_ensemble_side_by_side(ensemble_model: Path,
     run = SimpleNamespace(
         test={"labels": labels, "probs": refit},
         run_dir=tmp_path,
-        positive=1,
-        class_names=CLASSES,
+        task=BinaryTask(tuple(CLASSES)),
         model_path=ensemble_model,
         calibration=SavedModel.load(ensemble_model).calibration,
     )
@@ -257,7 +258,7 @@ def test_report_shows_refit_and_fold_ensemble_side_by_side(ensemble_model: Path,
     page = ensemble_section(run, figures, resamples=50)  # type: ignore[arg-type]
     shown = dict(re.findall(r"data-key='([^']+)' data-value='([^']+)'", page))
     for key, probs in (("refit_model", refit), ("fold_ensemble", folds)):
-        expected = classification_metrics(labels, probs, 1)
+        expected = BINARY.metrics(labels, probs)
         for name in ("roc_auc", "brier", "ece"):
             assert float(shown[f"{key}.{name}"]) == pytest.approx(expected[name]), (key, name)
     assert float(shown["temperature"]) == 2.0

@@ -28,8 +28,11 @@ from distmed.loop import (
     run_fold_epoch,
     train_one_epoch,
 )
-from distmed.metrics import classification_metrics
 from distmed.model import build_model, set_train_mode
+from distmed.task import BinaryTask, MulticlassTask
+
+TWO = BinaryTask(("negative", "positive"), 1)
+THREE = MulticlassTask(("a", "b", "c"))
 
 CPU = Runtime(torch.device("cpu"))
 CPU_CHANNELS_LAST = Runtime(torch.device("cpu"), channels_last=True)
@@ -54,6 +57,7 @@ def lr_trace(cfg: OptimConfig, epochs: int, steps: int) -> list[float]:
 def bare_fold() -> FoldRun:
     return FoldRun(
         index=0,
+        task=TWO,
         model=None,
         optimizer=None,
         scheduler=None,
@@ -197,10 +201,11 @@ def test_constant_schedule_holds_after_warmup():
 
 def test_build_loss_balanced_weights():
     labels = np.array([0, 0, 0, 1])
-    loss = build_loss(TrainConfig(class_weights="balanced"), labels, 3, "cpu")
+    three = MulticlassTask(("a", "b", "c"))
+    loss = build_loss(TrainConfig(class_weights="balanced"), labels, three, "cpu")
     # sklearn 'balanced': n / (classes_present * count); an absent class keeps weight 1
     assert loss.weight.tolist() == pytest.approx([4 / (2 * 3), 4 / (2 * 1), 1.0])
-    assert build_loss(TrainConfig(), labels, 3, "cpu").weight is None
+    assert build_loss(TrainConfig(), labels, three, "cpu").weight is None
 
 
 # --------------------------------------------------------------------------- early stopping
@@ -271,7 +276,7 @@ def test_predict_returns_each_sample_once_sorted(tiny_model, tiny_data):
     subset = np.array([9, 2, 7, 0, 5, 11, 3])
     loader = DataLoader(CachedImageDataset(images, labels, subset), batch_size=3, shuffle=True)
     torch.manual_seed(1)
-    indices, got_labels, probs = predict(tiny_model, loader, CPU)
+    indices, got_labels, probs = predict(tiny_model, loader, CPU, THREE)
     assert indices.tolist() == sorted(subset.tolist())
     assert got_labels.tolist() == labels[indices].tolist()
     assert probs.shape == (len(subset), 3)
@@ -286,7 +291,7 @@ def test_predict_drops_padding_duplicates(tiny_model, tiny_data):
     # what DistributedSampler padding looks like: samples repeated at the end
     padded = np.array([4, 1, 6, 4, 1])
     loader = DataLoader(CachedImageDataset(images, labels, padded), batch_size=2)
-    indices, got_labels, probs = predict(tiny_model, loader, CPU_CHANNELS_LAST)
+    indices, got_labels, probs = predict(tiny_model, loader, CPU_CHANNELS_LAST, THREE)
     assert indices.tolist() == [1, 4, 6]
     assert got_labels.tolist() == labels[[1, 4, 6]].tolist()
     assert probs.shape == (3, 3)
@@ -297,8 +302,8 @@ def test_predict_puts_model_in_eval_mode(tiny_data):
     model = build_model(ModelConfig(weights="none"), num_classes=2)
     model.train()
     loader = DataLoader(CachedImageDataset(images, labels, np.arange(4)), batch_size=4)
-    first = predict(model, loader, CPU)[2]
-    second = predict(model, loader, CPU)[2]
+    first = predict(model, loader, CPU, TWO)[2]
+    second = predict(model, loader, CPU, TWO)[2]
     assert not model.training
     assert np.array_equal(first, second)  # no dropout / batch statistics in play
 
@@ -314,6 +319,7 @@ def _real_fold(index: int, lr: float, images, labels) -> FoldRun:
     val_set = CachedImageDataset(images, labels, np.arange(16, 24))
     return FoldRun(
         index=index,
+        task=TWO,
         model=model,
         optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0),
@@ -331,7 +337,7 @@ def test_absurd_learning_rate_diverges_and_leaves_the_cv_score_undefined():
     cfg = ExperimentConfig()
     sane, absurd = _real_fold(0, 1e-3, images, labels), _real_fold(1, 1e12, images, labels)
     for fold in (sane, absurd):
-        run_fold_epoch(fold, 0, cfg, CPU, positive=1)
+        run_fold_epoch(fold, 0, cfg, CPU)
     assert not sane.stopped and "diverged" not in sane.history[-1]
     assert math.isfinite(sane.history[-1]["val_roc_auc"])
     assert absurd.stopped and absurd.history[-1]["diverged"] == 1.0
@@ -382,6 +388,7 @@ def test_train_one_epoch_scores_the_logits_of_its_own_steps(tiny_data):
     loader = DataLoader(CachedImageDataset(images, labels, np.arange(12)), batch_size=4)
     fold = FoldRun(
         index=0,
+        task=THREE,
         model=model,
         optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0),
@@ -390,13 +397,13 @@ def test_train_one_epoch_scores_the_logits_of_its_own_steps(tiny_data):
         train_loader=loader,
         val_loader=None,
     )
-    got = train_one_epoch(fold, CPU, None)
+    got = train_one_epoch(fold, CPU)
 
     set_train_mode(model)  # batch statistics, as during the steps
     with torch.no_grad():
         logits = torch.cat([model(to_model_input(x)) for x, _, _ in loader])
     probs = torch.softmax(logits, dim=1).numpy()
-    expected = classification_metrics(labels, probs)
+    expected = THREE.metrics(labels, probs)
     assert set(got) == {"loss", "accuracy", "roc_auc", "images_per_s"}
     assert got["images_per_s"] > 0
     assert got["accuracy"] == pytest.approx(expected["accuracy"])
@@ -421,7 +428,7 @@ def _epochs(fold: FoldRun, cfg: ExperimentConfig, epochs: range) -> None:
     """The epochs of `worker.train_folds` for one fold on rank 0, without Ray."""
     for epoch in epochs:
         torch.manual_seed(fold_loop.epoch_seed(cfg.train.seed, 0, epoch))
-        run_fold_epoch(fold, epoch, cfg, CPU, positive=1)
+        run_fold_epoch(fold, epoch, cfg, CPU)
 
 
 def test_a_run_resumed_from_an_older_checkpoint_repeats_the_same_epochs():
@@ -438,7 +445,7 @@ def test_a_run_resumed_from_an_older_checkpoint_repeats_the_same_epochs():
             "data": {"image_size": 16, "augment": {"hflip": True, "rotation": 20}},
         }
     )
-    data = fold_loop.FoldData(0, list(range(8)), list(range(16, 24)), images, labels, 2)
+    data = fold_loop.FoldData(0, list(range(8)), list(range(16, 24)), images, labels, TWO)
 
     def fresh() -> FoldRun:
         return fold_loop.build_fold(data, cfg, CPU, batch_size=4)

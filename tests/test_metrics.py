@@ -8,14 +8,18 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from distmed.metrics import (
-    METRIC_NAMES,
-    binary_metrics_at,
-    brier_score,
-    calibration_bins,
-    calibration_error,
-    classification_metrics,
-)
+from distmed.metrics import METRIC_NAMES, calibration_bins
+from distmed.task import BinaryTask, MulticlassTask, Task
+
+
+def task_of(probs: np.ndarray, positive: int = 1) -> Task:
+    """The task whose outputs `probs` (N, K) are: binary scoring `positive` when K is 2."""
+    names = tuple(f"class {k}" for k in range(np.asarray(probs).shape[1]))
+    return BinaryTask(names, positive) if len(names) == 2 else MulticlassTask(names)
+
+
+def classification_metrics(labels, probs, positive: int = 1) -> dict[str, float]:
+    return task_of(probs, positive).metrics(labels, probs)
 
 
 def binary_probs(p1) -> np.ndarray:
@@ -245,13 +249,14 @@ def test_binary_brier_and_ece_by_hand(positive):
     result = classification_metrics(labels, probs, positive=positive)
     assert result["ece"] == pytest.approx(CALIBRATION_ECE, abs=1e-12)
     assert result["brier"] == pytest.approx(CALIBRATION_BRIER, abs=1e-12)
-    assert brier_score(labels, probs, positive) == result["brier"]
-    assert calibration_error(labels, probs, positive) == result["ece"]
+    task = task_of(probs, positive)
+    assert task.brier(labels, probs) == result["brier"]
+    assert task.calibration_error(labels, probs) == result["ece"]
 
 
 def test_binary_calibration_ignores_the_threshold():
     labels, probs = np.array(CALIBRATION_LABELS), binary_probs(CALIBRATION_P1)
-    at = binary_metrics_at(labels, probs, 1, threshold=0.03)
+    at = BinaryTask(("a", "b"), 1).metrics_at(labels, probs, threshold=0.03)
     assert at["brier"] == pytest.approx(CALIBRATION_BRIER)
     assert at["ece"] == pytest.approx(CALIBRATION_ECE)
 

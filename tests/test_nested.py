@@ -22,6 +22,7 @@ from distmed.nested import (
     outer_assignment,
 )
 from distmed.space import SearchSpaceFile, load_space
+from distmed.task import BinaryTask
 
 
 def _prepared(groups: bool, tmp_path: Path) -> tuple[PreparedData, SearchSpaceFile]:
@@ -29,7 +30,7 @@ def _prepared(groups: bool, tmp_path: Path) -> tuple[PreparedData, SearchSpaceFi
     patients = np.repeat(np.arange(20), 3) if groups else None
     pool = Split(ids=[f"img{i}" for i in range(60)], labels=labels, groups=patients)
     index = DataIndex("toy", ["neg", "pos"], pool, None, fingerprint="x")
-    plan = FoldPlan("images.npy", labels.tolist(), 2, 1, folds=[])
+    plan = FoldPlan("images.npy", labels.tolist(), BinaryTask(("neg", "pos")), folds=[])
     prepared = PreparedData(index, cache=None, assignment=np.zeros(60), plan=plan)  # type: ignore[arg-type]
     path = tmp_path / "space.yaml"
     path.write_text(

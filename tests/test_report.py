@@ -19,13 +19,7 @@ from distmed.config import ExperimentConfig
 from distmed.cv import CVResult, FoldResult
 from distmed.data import decode_split, scan_folder, to_model_input
 from distmed.inference import TEST_PREDICTIONS, evaluate_test, load_model
-from distmed.metrics import (
-    CI_METRICS,
-    binary_metrics_at,
-    bootstrap_ci,
-    classification_metrics,
-    resample_indices,
-)
+from distmed.metrics import CI_METRICS, resample_indices
 from distmed.model import build_model
 from distmed.pipeline import operating_threshold
 from distmed.results import (
@@ -37,6 +31,9 @@ from distmed.results import (
 )
 from distmed.savedmodel import SavedModel, save_model, save_threshold
 from distmed.summary import DataSummary, RunSummary
+from distmed.task import BinaryTask, MulticlassTask, task_for
+
+BINARY = BinaryTask(("neg", "pos"))  # class 1 scored, as the binary tests label it
 
 SIZE = 32
 CLASSES = ["neg", "pos"]
@@ -62,7 +59,7 @@ def _fold(rng: np.random.Generator, number: int, n: int) -> FoldResult:
     labels = rng.integers(0, 2, n)
     score = np.clip(0.5 + 0.3 * (labels - 0.5) + rng.normal(0, 0.2, n), 0.01, 0.99)
     probs = np.stack([1 - score, score], axis=1)
-    metrics = classification_metrics(labels, probs, 1)
+    metrics = BINARY.metrics(labels, probs)
     return FoldResult(
         fold=number,
         stop_epoch=4,
@@ -86,14 +83,14 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     state = build_model(cfg.model, 2).state_dict()
     (run / "trials" / "cv-t1").mkdir(parents=True)
-    save_model(run / "best_model.pt", state, cfg, CLASSES, 1, 1, "refit-t1")
+    save_model(run / "best_model.pt", state, cfg, task_for(CLASSES), 1, "refit-t1")
 
     test_images = rng.integers(0, 255, (40, 1, SIZE, SIZE), dtype=np.uint8)
     np.save(root / "test.npy", test_images)
     test_labels = np.repeat([0, 1], 20)
     model, _ = load_model(run / "best_model.pt")
     test_metrics = evaluate_test(
-        model, root / "test.npy", test_labels, 1, save_to=run / TEST_PREDICTIONS
+        model, root / "test.npy", test_labels, task_for(CLASSES), save_to=run / TEST_PREDICTIONS
     )
 
     folds = [_fold(rng, k, 30) for k in range(3)]
@@ -108,7 +105,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # saved with the model before the report reads it.
     oof = oof_predictions(read_trial_detail(str(run / "trials" / "cv-t1")))
     save_threshold(
-        run / "best_model.pt", operating_threshold(oof, 1, CLASSES, "t1", calibration=None)
+        run / "best_model.pt", operating_threshold(oof, task_for(CLASSES), "t1", calibration=None)
     )
     rows = [
         TrialRow("t1", {"optim.lr": 1e-3, "optim.name": "adam"}, "completed",
@@ -207,8 +204,8 @@ def test_bootstrap_intervals_hold_the_estimate_and_narrow_with_more_samples():
     widths = {}
     for n in (60, 1500):
         labels, probs = _scores(n, seed=n)
-        point = classification_metrics(labels, probs, 1)
-        intervals = bootstrap_ci(labels, probs, 1, resamples=300, seed=0)
+        point = BINARY.metrics(labels, probs)
+        intervals = BINARY.bootstrap(labels, probs, resamples=300, seed=0)
         for name, (low, high) in intervals.items():
             assert low <= point[name] <= high, (n, name, low, point[name], high)
         widths[n] = {name: high - low for name, (low, high) in intervals.items()}
@@ -224,12 +221,12 @@ def test_vectorised_binary_bootstrap_equals_sklearn_per_resample(threshold):
     picks = resample_indices(25, 200, seed=5)
     assert (labels[picks].sum(axis=1) == 0).any()
     rows = [
-        binary_metrics_at(labels[p], probs[p], 1, threshold)
+        BINARY.metrics_at(labels[p], probs[p], threshold)
         if threshold is not None
-        else classification_metrics(labels[p], probs[p], 1)
+        else BINARY.metrics(labels[p], probs[p])
         for p in picks
     ]
-    intervals = bootstrap_ci(labels, probs, 1, threshold, resamples=200, seed=5)
+    intervals = BINARY.bootstrap(labels, probs, threshold, resamples=200, seed=5)
     for name in intervals:
         values = np.array([r[name] for r in rows])
         expected = np.nanpercentile(values, [2.5, 97.5])
@@ -238,8 +235,8 @@ def test_vectorised_binary_bootstrap_equals_sklearn_per_resample(threshold):
 
 def test_bootstrap_is_seeded():
     labels, probs = _scores(80, seed=1)
-    assert bootstrap_ci(labels, probs, 1, resamples=50, seed=3) == bootstrap_ci(
-        labels, probs, 1, resamples=50, seed=3
+    assert BINARY.bootstrap(labels, probs, resamples=50, seed=3) == BINARY.bootstrap(
+        labels, probs, resamples=50, seed=3
     )
 
 
@@ -345,15 +342,14 @@ def test_multiclass_test_section_has_per_class_and_macro_curves(tmp_path: Path):
         trials=[],
         space_keys=[],
         model_path=tmp_path / "unused.pt",
-        class_names=["a", "b", "c"],
-        positive=None,
+        task=MulticlassTask(("a", "b", "c")),
         detail=None,
         test={"labels": labels, "probs": probs, "images_path": np.asarray("none")},
     )
     html = runreport.test_section(run, tmp_path, None, resamples=50)
     assert "argmax" in html and "at threshold" not in html
     shown = dict(re.findall(r"data-key='([^']+)' data-value='([^']+)'", html))
-    macro = classification_metrics(labels, probs)["roc_auc"]
+    macro = MulticlassTask(("a", "b", "c")).metrics(labels, probs)["roc_auc"]
     assert float(shown["test_metrics.roc_auc"]) == pytest.approx(macro)
     assert {p.stem for p in tmp_path.glob("*.png")} == {"roc", "confusion", "pr", "calib"}
 

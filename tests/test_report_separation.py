@@ -11,6 +11,7 @@ import pytest
 from distmed import runreport as report
 from distmed.results import TrialRow, write_trials_csv
 from distmed.summary import DataSummary, RunSummary
+from distmed.task import BinaryTask
 
 FLAG = "The best trial is not separable from the runner-up"
 
@@ -54,8 +55,7 @@ def fake_run(tmp_path: Path, runner_up_auc: float) -> report.RunData:
         trials=trials,
         space_keys=[],
         model_path=tmp_path / "best_model.pt",
-        class_names=["neg", "pos"],
-        positive=1,
+        task=BinaryTask(("neg", "pos")),
         detail=None,
         test=None,
     )

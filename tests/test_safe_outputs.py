@@ -18,6 +18,7 @@ from distmed import predict
 from distmed.artifacts import csv_cell
 from distmed.model import build_model
 from distmed.results import TrialRow, write_trials_csv
+from distmed.task import task_for
 
 SIZE = 16
 # Names a user may give (a folder, a file), each starting with a formula trigger.
@@ -141,17 +142,17 @@ def test_every_test_split_figure_is_written_with_dollar_class_names(
 ):
     plots = real_figures
     names = DOLLAR_NAMES[2:] if binary else DOLLAR_NAMES
-    positive = 1 if binary else None
+    task = task_for(names)
     rng = np.random.default_rng(0)
     labels = np.tile(np.arange(len(names)), 6)
     probs = rng.dirichlet(np.ones(len(names)), size=len(labels))
     title = "site $a$"
     paths = [
-        plots.plot_roc(labels, probs, names, positive, tmp_path / "roc.png", (0.2, 0.7), title),
-        plots.plot_precision_recall(labels, probs, names, positive, tmp_path / "pr.png", title),
-        plots.plot_calibration(labels, probs, names, positive, tmp_path / "c.png", title=title),
+        plots.plot_roc(labels, probs, task, tmp_path / "roc.png", (0.2, 0.7), title),
+        plots.plot_precision_recall(labels, probs, task, tmp_path / "pr.png", title),
+        plots.plot_calibration(labels, probs, task, tmp_path / "c.png", title=title),
         plots.plot_calibration(
-            labels, probs, names, positive, tmp_path / "c2.png", after_probs=probs, title=title
+            labels, probs, task, tmp_path / "c2.png", after_probs=probs, title=title
         ),
         plots.plot_confusion(
             np.eye(len(names), dtype=int) * 3, names, f"argmax of {names[0]}", tmp_path / "m.png"

@@ -34,6 +34,7 @@ from distmed.search import (
     hidden_status_lines,
 )
 from distmed.summary import DataSummary, RunSummary
+from distmed.task import task_for
 
 SIZE = 32
 CLASSES = ["neg", "pos"]
@@ -152,7 +153,7 @@ def test_rate_curves_at_one_are_drawn_inside_the_frame(draw: str, tmp_path: Path
     monkeypatch.setattr(plots, "save", lambda fig, path, tight=True: drawn.setdefault("fig", fig))
     labels = np.array([0, 0, 1, 1])
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.1, 0.9]])  # perfectly separated
-    getattr(plots, draw)(labels, probs, CLASSES, 1, tmp_path / "c.png")
+    getattr(plots, draw)(labels, probs, task_for(CLASSES), tmp_path / "c.png")
     ax = drawn["fig"].axes[0]
     for low, high in (ax.get_xlim(), ax.get_ylim()):
         assert low < 0 and high > 1
@@ -189,7 +190,7 @@ def _saved_model(folder: Path, flat: bool) -> Path:
         {"data": {"root": "x", "image_size": SIZE}, "model": {"weights": "none"}}
     )
     folder.mkdir(parents=True, exist_ok=True)
-    save_model(folder / "best_model.pt", _model(flat).state_dict(), cfg, CLASSES, 1, 1, "t")
+    save_model(folder / "best_model.pt", _model(flat).state_dict(), cfg, task_for(CLASSES), 1, "t")
     return folder / "best_model.pt"
 
 
@@ -229,8 +230,7 @@ def _run_data(tmp_path: Path, flat: bool) -> runreport.RunData:
         trials=[],
         space_keys=[],
         model_path=model_path,
-        class_names=CLASSES,
-        positive=1,
+        task=task_for(CLASSES),
         detail=None,
         test={
             "labels": labels,

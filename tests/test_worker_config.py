@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from distmed.config import ExperimentConfig
+from distmed.task import BinaryTask
 from distmed.worker import FoldIndices, WorkerConfig
 
 
@@ -16,8 +17,7 @@ def _plan(**changes) -> WorkerConfig:
         config=ExperimentConfig.model_validate({"train": {"epochs": 3}}),
         images_path="/cache/pool.npy",
         labels=[0, 1, 1, 0],
-        num_classes=2,
-        positive=1,
+        task=BinaryTask(("neg", "pos")),
         folds=[FoldIndices(train=[0, 1], val=[2, 3]), FoldIndices(train=[0, 1, 2, 3])],
         folds_per_repeat=2,
         threads=1,
@@ -48,7 +48,8 @@ def test_the_object_store_reference_passes_through_untouched():
         (lambda d: d.update(detail_url="/x"), "detail_url"),
         (lambda d: d["folds"][0].update(valid=[1]), "valid"),
         (lambda d: d["config"]["train"].update(epochs=0), "epochs"),
-        (lambda d: d.update(num_classes=1), "num_classes"),
+        (lambda d: d["task"].update(class_names=["only"]), "task"),
+        (lambda d: d["task"].update(kind="ordinal"), "task"),
     ],
 )
 def test_a_wrong_plan_is_refused_on_the_worker_side_by_name(change, named):
