@@ -152,3 +152,122 @@ def test_path_label_sheet_is_still_a_manifest(tmp_path):
     )
     index = scan_source(data_cfg(root=str(case / "m.csv")))
     assert index.layout.startswith("manifest m.csv") and counts(index) == {"a": 2, "b": 2}
+
+
+# --------------------------------------------------------------------------- one sheet reader
+
+
+def keyed_case(case: Path, labels: list[str], images: int = 3) -> Path:
+    """An export of len(labels) patients (PAT001, ...), `images` each; returns the case root."""
+    write_export(case / "export", patients=len(labels), images=images)
+    return case
+
+
+def sheet_bytes(header: str, rows: list[tuple[str, str]], sep: str, encoding: str) -> bytes:
+    lines = [header.replace(",", sep)] + [sep.join(row) for row in rows]
+    return "\r\n".join(lines).encode(encoding) + b"\r\n"
+
+
+def inspected(argv: list[str], capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = inspect_main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()
+
+
+def stop_line(sheet: Path, capsys, *overrides: str) -> str:
+    """The one line the scan stops with, checked to be what the inspector prints (exit 2)."""
+    cfg = data_cfg(root=str(sheet), **dict(o.split("=", 1) for o in overrides))
+    with pytest.raises(UserError) as info:
+        scan_source(cfg)
+    message = str(info.value)
+    assert "\n" not in message
+    code, _, err = inspected([str(sheet), *(f"--set=data.{o}" for o in overrides)], capsys)
+    assert (code, err) == (2, f"error: {message}")
+    return message
+
+
+@pytest.mark.parametrize(
+    ("first_line", "encoding", "dialect"),
+    [
+        ("", "cp1252", "';'-separated, cp1252 (not UTF-8)"),
+        ("sep=;\r\n", "utf-8", "';'-separated, 'sep=' line"),
+    ],
+)
+def test_keyed_sheet_in_excel_dialects(tmp_path, capsys, first_line, encoding, dialect):
+    """European Excel: `;`, CRLF, Windows-1252 without a BOM, or its `sep=;` first line."""
+    case = keyed_case(tmp_path / "case", ["normal"] * 2 + ["Lungenentzündung"] * 2)
+    rows = [(f"PAT{p:03d}", "normal" if p <= 2 else "Lungenentzündung") for p in range(1, 5)]
+    sheet = case / "befunde.csv"
+    sheet.write_bytes(first_line.encode() + sheet_bytes("Patient ID,Label", rows, ";", encoding))
+    index = scan_source(data_cfg(root=str(sheet)))
+    assert index.class_names == ["Lungenentzündung", "normal"]
+    assert counts(index) == {"normal": 6, "Lungenentzündung": 6}
+    assert Counter(index.pool.groups) == {f"PAT{p:03d}": 3 for p in range(1, 5)}
+    assert index.layout.startswith(f"sheet befunde.csv keyed by PatientID ({dialect};")
+    code, out, _ = inspected([str(sheet)], capsys)
+    assert code == 0
+    assert f"keyed by PatientID ({dialect};" in out
+    assert "12 images (Lungenentzündung 6, normal 6), 4 patients" in out
+    assert "befunde.csv" not in out.split("skipped")[-1]  # the source is not a skipped file
+
+
+def test_keyed_label_spellings_stop_or_merge(tmp_path, capsys):
+    case = keyed_case(tmp_path / "case", ["Normal", "normal ", "pneumonia", "pneumonia"])
+    rows = [("PAT001", "Normal"), ("PAT002", "normal "), ("PAT003", "pneumonia")]
+    sheet = write_sheet(case / "labels.csv", "PatientID,label", [*rows, ("PAT004", "pneumonia")])
+    message = stop_line(sheet, capsys)
+    assert message == (
+        f"data.manifest {sheet}: labels `Normal` ×3, `normal ` ×3 differ only in case/spaces: "
+        "fix the sheet or set data.normalize_labels: true"
+    )
+    index = scan_source(data_cfg(root=str(sheet), normalize_labels=True))
+    assert index.class_names == ["Normal", "pneumonia"]
+    assert counts(index) == {"Normal": 6, "pneumonia": 6}
+    assert index.merged_labels == {"Normal": {"Normal": 3, "normal ": 3}}
+    code, out, _ = inspected([str(sheet), "--set", "data.normalize_labels=true"], capsys)
+    assert code == 0
+    assert "labels merged (data.normalize_labels): Normal <- `Normal` 3, `normal ` 3" in out
+    assert "12 images (Normal 6, pneumonia 6), 4 patients" in out
+
+
+def test_keyed_one_key_in_two_spellings_stops_unless_normalized(tmp_path, capsys):
+    case = keyed_case(tmp_path / "case", ["normal", "normal", "pneumonia", "pneumonia"])
+    rows = [(f"PAT{p:03d}", "normal" if p <= 2 else "pneumonia") for p in range(1, 5)]
+    sheet = write_sheet(case / "labels.csv", "PatientID,label", [*rows, ("PAT001", "NORMAL")])
+    message = stop_line(sheet, capsys)
+    assert message == (
+        f"data.manifest {sheet} row 6: PatientID PAT001 is labelled 'NORMAL' here and 'normal' "
+        "in row 2; give it one label (or set data.normalize_labels: true: the two differ only "
+        "in spelling)"
+    )
+    index = scan_source(data_cfg(root=str(sheet), normalize_labels=True))
+    assert counts(index) == {"normal": 6, "pneumonia": 6}
+
+
+def test_keyed_label_sets_stop_with_the_multilabel_pointer(tmp_path, capsys):
+    case = keyed_case(tmp_path / "case", ["A", "B", "A|B", "A"])
+    rows = [("PAT001", "A"), ("PAT002", "B"), ("PAT003", "A|B"), ("PAT004", "A")]
+    sheet = write_sheet(case / "findings.csv", "PatientID,label", rows)
+    message = stop_line(sheet, capsys)
+    assert message.startswith(
+        f"data.manifest {sheet}: labels such as `A|B` (row 4) join labels seen alone with '|' "
+        "(1 such values, 3 of 12 rows): distmed trains one label per image"
+    )
+    assert "multi-label" in message
+    assert "multi-label" in stop_line(sheet, capsys, "normalize_labels=true")
+
+
+@pytest.mark.parametrize(
+    ("header", "doubled"),
+    [
+        ("PatientID,Label,label", "columns 'Label' (column B) and 'label' (column C) both mean"),
+        ("PatientID,Patient ID,label", "columns 'PatientID' and 'Patient ID' both mean PatientID"),
+    ],
+)
+def test_keyed_doubled_columns_stop(tmp_path, capsys, header, doubled):
+    case = keyed_case(tmp_path / "case", ["a", "b"])
+    sheet = write_sheet(case / "l.csv", header, [("PAT001", "a", "a"), ("PAT002", "b", "b")])
+    message = stop_line(sheet, capsys)
+    assert message.startswith(f"data.manifest {sheet}: {doubled}")
+    assert "keep one" in message
