@@ -271,3 +271,20 @@ def test_keyed_doubled_columns_stop(tmp_path, capsys, header, doubled):
     message = stop_line(sheet, capsys)
     assert message.startswith(f"data.manifest {sheet}: {doubled}")
     assert "keep one" in message
+
+
+def test_export_advice_works_in_the_inspector(tmp_path, capsys):
+    """Case 26 as a user meets it: the export stops advising `--data SHEET`; the inspector
+    takes that option and prints what the sheet says: classes, images and patients per class."""
+    case = keyed_case(tmp_path / "case", ["normal", "pneumonia"] * 3)
+    rows = [(f"PAT{p:03d}", "pneumonia" if p % 2 == 0 else "normal") for p in range(1, 7)]
+    sheet = write_sheet(case / "labels_by_patient.csv", "PatientID,label", rows)
+    code, _, err = inspected([str(case / "export")], capsys)
+    assert code == 2 and f"give it with `--data {sheet}`" in err
+    code, out, _ = inspected(["--data", str(sheet)], capsys)
+    assert code == 0
+    assert "train: 18 images (normal 9, pneumonia 9), 6 patients (normal 3, pneumonia 3)" in out
+    assert "labels_by_patient.csv" not in out.split("skipped")[-1]
+    code, _, err = inspected([str(sheet), "--data", str(case)], capsys)
+    assert code == 2 and err == f"error: two data sources, {sheet} and --data {case}; give one"
+    assert inspected([], capsys)[0] == 2
