@@ -252,7 +252,7 @@ def test_keyed_label_sets_stop_with_the_multilabel_pointer(tmp_path, capsys):
     message = stop_line(sheet, capsys)
     assert message.startswith(
         f"data.manifest {sheet}: labels such as `A|B` (row 4) join labels seen alone with '|' "
-        "(1 such values, 3 of 12 rows): distmed trains one label per image"
+        "(1 such values, 3 of 12 images): distmed trains one label per image"
     )
     assert "multi-label" in message
     assert "multi-label" in stop_line(sheet, capsys, "normalize_labels=true")
@@ -288,3 +288,18 @@ def test_export_advice_works_in_the_inspector(tmp_path, capsys):
     code, _, err = inspected([str(sheet), "--data", str(case)], capsys)
     assert code == 2 and err == f"error: two data sources, {sheet} and --data {case}; give one"
     assert inspected([], capsys)[0] == 2
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        (["0", "1", "-1"], "labels `-1` ×3 are not class numbers (first in row 4; 3 of 9 images)"),
+        (["a", "b", "nan"], "row 4: label `nan` marks a missing value (pandas writes NaN so; 3 "),
+    ],
+)
+def test_keyed_unknown_labels_stop_counted_in_images(tmp_path, capsys, labels, expected):
+    """CheXpert's -1 (uncertain) and pandas' NaN: not classes, counted in images a row labels."""
+    case = keyed_case(tmp_path / "case", labels)
+    rows = [(f"PAT{p:03d}", label) for p, label in enumerate(labels, start=1)]
+    sheet = write_sheet(case / "labels.csv", "PatientID,label", rows)
+    assert expected in stop_line(sheet, capsys)

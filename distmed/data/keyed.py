@@ -92,7 +92,8 @@ def keyed_column(csv_path: Path, cfg: DataConfig) -> KeyColumn | None:
         header = read_header(csv_path, what, ("label",))
     except UserError:
         return None  # no label column or unreadable: the manifest reader names the cause
-    if "path" in {_squash(name) for name in header}:
+    names = {_squash(name) for name in header}
+    if "path" in names or "label" not in names:  # a `sep=` line skips read_header's check
         return None
     for keyword in KNOWN_KEYS:
         column = _key_column(header, keyword, what)
@@ -134,6 +135,7 @@ def scan_keyed_sheet(csv_path: Path, key: KeyColumn, cfg: DataConfig) -> DataInd
         f"data.manifest {csv_path}",
         cfg.normalize_labels,
         fix="fix the sheet",
+        unit="images",  # a row labels every image of its patient or study
     )
     _require_two_classes(classes.names, f"{csv_path} (labels of the images found)")
     pool = _split(base, images, rows, classes.number_of, _groups(cfg, base))
