@@ -303,3 +303,20 @@ def test_keyed_unknown_labels_stop_counted_in_images(tmp_path, capsys, labels, e
     rows = [(f"PAT{p:03d}", label) for p, label in enumerate(labels, start=1)]
     sheet = write_sheet(case / "labels.csv", "PatientID,label", rows)
     assert expected in stop_line(sheet, capsys)
+
+
+def test_keyed_rows_without_key_or_label(tmp_path, capsys):
+    """A row with only a note is passed over; a key without label (or the reverse) stops."""
+    case = keyed_case(tmp_path / "case", ["a", "b"])
+    header = "PatientID,label,note"
+    rows = [("PAT001", "a", ""), ("", "", "reviewed by JS"), ("PAT002", "b", "")]
+    sheet = write_sheet(case / "l.csv", header, rows)
+    assert counts(scan_source(data_cfg(root=str(sheet)))) == {"a": 3, "b": 3}
+    write_sheet(sheet, header, [*rows, ("PAT003", " ", "")])
+    assert stop_line(sheet, capsys) == (
+        f"data.manifest {sheet} row 5: empty label; fill it in or drop the row"
+    )
+    write_sheet(sheet, header, [*rows, ("", "b", "")])
+    assert stop_line(sheet, capsys) == (
+        f"data.manifest {sheet} row 5: empty PatientID; fill it in or drop the row"
+    )
