@@ -19,7 +19,12 @@ import distmed.train
 from distmed.config import DataConfig
 from distmed.data import describe_index, scan_source
 from distmed.data.__main__ import main as inspect_main
-from distmed.data.inspection import check_duplicates, duplicate_problem, inspect_index
+from distmed.data.inspection import (
+    check_duplicates,
+    duplicate_problem,
+    format_summary,
+    inspect_index,
+)
 from distmed.errors import UserError
 
 
@@ -100,6 +105,9 @@ def test_patients_per_split_and_patients_shared_with_test(tmp_path):
     summary = inspect(root, group_regex=r"^(p\d+)_")
     assert summary["patients"]["train"] == 2 and summary["patients"]["test"] == 1
     assert summary["patients"]["in_pool_and_test"] == {"count": 1, "first": ["p00"]}
+    # a patient with images of both classes counts in each, as the fold check counts them
+    assert summary["patients"]["per_class"] == {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}}
+    assert "train: 8 images (a 4, b 4), 2 patients (a 2, b 2)" in format_summary(summary)
     assert inspect(root)["patients"] is None
 
 

@@ -152,3 +152,171 @@ def test_path_label_sheet_is_still_a_manifest(tmp_path):
     )
     index = scan_source(data_cfg(root=str(case / "m.csv")))
     assert index.layout.startswith("manifest m.csv") and counts(index) == {"a": 2, "b": 2}
+
+
+# --------------------------------------------------------------------------- one sheet reader
+
+
+def keyed_case(case: Path, labels: list[str], images: int = 3) -> Path:
+    """An export of len(labels) patients (PAT001, ...), `images` each; returns the case root."""
+    write_export(case / "export", patients=len(labels), images=images)
+    return case
+
+
+def sheet_bytes(header: str, rows: list[tuple[str, str]], sep: str, encoding: str) -> bytes:
+    lines = [header.replace(",", sep)] + [sep.join(row) for row in rows]
+    return "\r\n".join(lines).encode(encoding) + b"\r\n"
+
+
+def inspected(argv: list[str], capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = inspect_main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()
+
+
+def stop_line(sheet: Path, capsys, *overrides: str) -> str:
+    """The one line the scan stops with, checked to be what the inspector prints (exit 2)."""
+    cfg = data_cfg(root=str(sheet), **dict(o.split("=", 1) for o in overrides))
+    with pytest.raises(UserError) as info:
+        scan_source(cfg)
+    message = str(info.value)
+    assert "\n" not in message
+    code, _, err = inspected([str(sheet), *(f"--set=data.{o}" for o in overrides)], capsys)
+    assert (code, err) == (2, f"error: {message}")
+    return message
+
+
+@pytest.mark.parametrize(
+    ("first_line", "encoding", "dialect"),
+    [
+        ("", "cp1252", "';'-separated, cp1252 (not UTF-8)"),
+        ("sep=;\r\n", "utf-8", "';'-separated, 'sep=' line"),
+    ],
+)
+def test_keyed_sheet_in_excel_dialects(tmp_path, capsys, first_line, encoding, dialect):
+    """European Excel: `;`, CRLF, Windows-1252 without a BOM, or its `sep=;` first line."""
+    case = keyed_case(tmp_path / "case", ["normal"] * 2 + ["Lungenentzündung"] * 2)
+    rows = [(f"PAT{p:03d}", "normal" if p <= 2 else "Lungenentzündung") for p in range(1, 5)]
+    sheet = case / "befunde.csv"
+    sheet.write_bytes(first_line.encode() + sheet_bytes("Patient ID,Label", rows, ";", encoding))
+    index = scan_source(data_cfg(root=str(sheet)))
+    assert index.class_names == ["Lungenentzündung", "normal"]
+    assert counts(index) == {"normal": 6, "Lungenentzündung": 6}
+    assert Counter(index.pool.groups) == {f"PAT{p:03d}": 3 for p in range(1, 5)}
+    assert index.layout.startswith(f"sheet befunde.csv keyed by PatientID ({dialect};")
+    code, out, _ = inspected([str(sheet)], capsys)
+    assert code == 0
+    assert f"keyed by PatientID ({dialect};" in out
+    assert "12 images (Lungenentzündung 6, normal 6), 4 patients" in out
+    assert "befunde.csv" not in out.split("skipped")[-1]  # the source is not a skipped file
+
+
+def test_keyed_label_spellings_stop_or_merge(tmp_path, capsys):
+    case = keyed_case(tmp_path / "case", ["Normal", "normal ", "pneumonia", "pneumonia"])
+    rows = [("PAT001", "Normal"), ("PAT002", "normal "), ("PAT003", "pneumonia")]
+    sheet = write_sheet(case / "labels.csv", "PatientID,label", [*rows, ("PAT004", "pneumonia")])
+    message = stop_line(sheet, capsys)
+    assert message == (
+        f"data.manifest {sheet}: labels `Normal` ×3, `normal ` ×3 differ only in case/spaces: "
+        "fix the sheet or set data.normalize_labels: true"
+    )
+    index = scan_source(data_cfg(root=str(sheet), normalize_labels=True))
+    assert index.class_names == ["Normal", "pneumonia"]
+    assert counts(index) == {"Normal": 6, "pneumonia": 6}
+    assert index.merged_labels == {"Normal": {"Normal": 3, "normal ": 3}}
+    code, out, _ = inspected([str(sheet), "--set", "data.normalize_labels=true"], capsys)
+    assert code == 0
+    assert "labels merged (data.normalize_labels): Normal <- `Normal` 3, `normal ` 3" in out
+    assert "12 images (Normal 6, pneumonia 6), 4 patients" in out
+
+
+def test_keyed_one_key_in_two_spellings_stops_unless_normalized(tmp_path, capsys):
+    case = keyed_case(tmp_path / "case", ["normal", "normal", "pneumonia", "pneumonia"])
+    rows = [(f"PAT{p:03d}", "normal" if p <= 2 else "pneumonia") for p in range(1, 5)]
+    sheet = write_sheet(case / "labels.csv", "PatientID,label", [*rows, ("PAT001", "NORMAL")])
+    message = stop_line(sheet, capsys)
+    assert message == (
+        f"data.manifest {sheet} row 6: PatientID PAT001 is labelled 'NORMAL' here and 'normal' "
+        "in row 2; give it one label (or set data.normalize_labels: true: the two differ only "
+        "in spelling)"
+    )
+    index = scan_source(data_cfg(root=str(sheet), normalize_labels=True))
+    assert counts(index) == {"normal": 6, "pneumonia": 6}
+
+
+def test_keyed_label_sets_stop_with_the_multilabel_pointer(tmp_path, capsys):
+    case = keyed_case(tmp_path / "case", ["A", "B", "A|B", "A"])
+    rows = [("PAT001", "A"), ("PAT002", "B"), ("PAT003", "A|B"), ("PAT004", "A")]
+    sheet = write_sheet(case / "findings.csv", "PatientID,label", rows)
+    message = stop_line(sheet, capsys)
+    assert message.startswith(
+        f"data.manifest {sheet}: labels such as `A|B` (row 4) join labels seen alone with '|' "
+        "(1 such values, 3 of 12 images): distmed trains one label per image"
+    )
+    assert "multi-label" in message
+    assert "multi-label" in stop_line(sheet, capsys, "normalize_labels=true")
+
+
+@pytest.mark.parametrize(
+    ("header", "doubled"),
+    [
+        ("PatientID,Label,label", "columns 'Label' (column B) and 'label' (column C) both mean"),
+        ("PatientID,Patient ID,label", "columns 'PatientID' and 'Patient ID' both mean PatientID"),
+    ],
+)
+def test_keyed_doubled_columns_stop(tmp_path, capsys, header, doubled):
+    case = keyed_case(tmp_path / "case", ["a", "b"])
+    sheet = write_sheet(case / "l.csv", header, [("PAT001", "a", "a"), ("PAT002", "b", "b")])
+    message = stop_line(sheet, capsys)
+    assert message.startswith(f"data.manifest {sheet}: {doubled}")
+    assert "keep one" in message
+
+
+def test_export_advice_works_in_the_inspector(tmp_path, capsys):
+    """Case 26 as a user meets it: the export stops advising `--data SHEET`; the inspector
+    takes that option and prints what the sheet says: classes, images and patients per class."""
+    case = keyed_case(tmp_path / "case", ["normal", "pneumonia"] * 3)
+    rows = [(f"PAT{p:03d}", "pneumonia" if p % 2 == 0 else "normal") for p in range(1, 7)]
+    sheet = write_sheet(case / "labels_by_patient.csv", "PatientID,label", rows)
+    code, _, err = inspected([str(case / "export")], capsys)
+    assert code == 2 and f"give it with `--data {sheet}`" in err
+    code, out, _ = inspected(["--data", str(sheet)], capsys)
+    assert code == 0
+    assert "train: 18 images (normal 9, pneumonia 9), 6 patients (normal 3, pneumonia 3)" in out
+    assert "labels_by_patient.csv" not in out.split("skipped")[-1]
+    code, _, err = inspected([str(sheet), "--data", str(case)], capsys)
+    assert code == 2 and err == f"error: two data sources, {sheet} and --data {case}; give one"
+    assert inspected([], capsys)[0] == 2
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        (["0", "1", "-1"], "labels `-1` ×3 are not class numbers (first in row 4; 3 of 9 images)"),
+        (["a", "b", "nan"], "row 4: label `nan` marks a missing value (pandas writes NaN so; 3 "),
+    ],
+)
+def test_keyed_unknown_labels_stop_counted_in_images(tmp_path, capsys, labels, expected):
+    """CheXpert's -1 (uncertain) and pandas' NaN: not classes, counted in images a row labels."""
+    case = keyed_case(tmp_path / "case", labels)
+    rows = [(f"PAT{p:03d}", label) for p, label in enumerate(labels, start=1)]
+    sheet = write_sheet(case / "labels.csv", "PatientID,label", rows)
+    assert expected in stop_line(sheet, capsys)
+
+
+def test_keyed_rows_without_key_or_label(tmp_path, capsys):
+    """A row with only a note is passed over; a key without label (or the reverse) stops."""
+    case = keyed_case(tmp_path / "case", ["a", "b"])
+    header = "PatientID,label,note"
+    rows = [("PAT001", "a", ""), ("", "", "reviewed by JS"), ("PAT002", "b", "")]
+    sheet = write_sheet(case / "l.csv", header, rows)
+    assert counts(scan_source(data_cfg(root=str(sheet)))) == {"a": 3, "b": 3}
+    write_sheet(sheet, header, [*rows, ("PAT003", " ", "")])
+    assert stop_line(sheet, capsys) == (
+        f"data.manifest {sheet} row 5: empty label; fill it in or drop the row"
+    )
+    write_sheet(sheet, header, [*rows, ("", "b", "")])
+    assert stop_line(sheet, capsys) == (
+        f"data.manifest {sheet} row 5: empty PatientID; fill it in or drop the row"
+    )

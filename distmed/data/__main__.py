@@ -1,5 +1,7 @@
 """`python -m distmed.data ROOT [--json FILE]`: inspect a data source before training.
 
+ROOT may also be given as `--data ROOT`, as training takes it and as distmed's messages say.
+
 Prints what distmed will use (layout, splits, classes and counts, formats, skipped files,
 patients, duplicates) without training or starting Ray; `--json` writes the same as a file.
 """
@@ -20,6 +22,7 @@ from distmed.cli import (
 from distmed.config import load_config
 from distmed.data.inspection import duplicate_problem, format_summary, inspect_index
 from distmed.data.sources import scan_source
+from distmed.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         "patients and duplicates.",
         epilog="example: python -m distmed.data ~/data/chest_xray --json chest_xray.json",
     )
-    parser.add_argument("root", help="the data source, as given to --data")
+    parser.add_argument("root", nargs="?", help="the data source, as given to --data")
+    parser.add_argument("--data", help="the same as ROOT (the option train and tune take)")
     parser.add_argument("--json", help="also write the full summary to this JSON file")
     parser.add_argument(
         "--config", help="experiment YAML: its data section (groups, cache_dir) applies"
@@ -46,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, [*args.overrides, f"data.root={args.root}"]).data
+    cfg = load_config(args.config, [*args.overrides, f"data.root={_root(args)}"]).data
     summary = inspect_index(scan_source(cfg), cfg)
     print(format_summary(summary))
     problem = duplicate_problem(summary)
@@ -56,6 +60,16 @@ def _run(args: argparse.Namespace) -> int:
         write_json_atomic(Path(args.json), summary)
         print(f"-> {args.json}")
     return 0
+
+
+def _root(args: argparse.Namespace) -> str:
+    """ROOT or `--data ROOT`: messages advise `--data` (train's option), so both are taken."""
+    if args.root and args.data and args.root != args.data:
+        raise UserError(f"two data sources, {args.root} and --data {args.data}; give one")
+    root = args.root or args.data
+    if not root:
+        raise UserError("no data source: python -m distmed.data ROOT (or --data ROOT)")
+    return root
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """What a source holds, before any training: layout, splits, classes with counts, image
-formats/modes/sizes/bit depths, skipped files, patients per split, and duplicates (byte- or
-pixel-identical) within a split, across splits (test leakage) and across classes (label
-conflicts). The per-file part is cached per source fingerprint; entry points print it.
+formats/modes/sizes/bit depths, skipped files, patients per split and class, and duplicates
+(byte- or pixel-identical) within a split, across splits (test leakage) and across classes
+(label conflicts). The per-file part is cached per source fingerprint; entry points print it.
 """
 
 from __future__ import annotations
@@ -109,6 +109,10 @@ def format_summary(summary: dict[str, Any], short: bool = False) -> str:
         per_class = ", ".join(f"{name} {n}" for name, n in info["per_class"].items())
         patients = (summary["patients"] or {}).get(split)
         extra = f", {patients} patients" if patients is not None else ""
+        # Patients per class: what the fold check counts (absent from older summaries).
+        by_class = (summary["patients"] or {}).get("per_class", {}).get(split)
+        if by_class:
+            extra += f" ({', '.join(f'{name} {n}' for name, n in by_class.items())})"
         lines.append(f"  {split}: {info['images']} images ({per_class}){extra}")
     shared = (summary["patients"] or {}).get("in_pool_and_test")
     if shared and shared["count"]:
@@ -181,11 +185,18 @@ def _patients(index: DataIndex) -> dict[str, Any] | None:
     if index.pool.groups is None:
         return None
     by_split: dict[str, set[str]] = defaultdict(set)
+    by_class: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     for origin, split, position in _samples(index):
         groups = split.groups
         assert groups is not None  # a grouped pool comes with a grouped test split
         by_split[origin].add(str(groups[position]))
+        name = index.class_names[int(split.labels[position])]
+        by_class[origin][name].add(str(groups[position]))
     out: dict[str, Any] = {s: len(g) for s, g in by_split.items()}
+    # A patient with images of two classes counts in both (the fold check counts so too).
+    out["per_class"] = {
+        s: {name: len(by_class[s][name]) for name in index.class_names} for s in by_split
+    }
     pool = by_split.get("all", set()) | by_split.get("train", set()) | by_split.get("val", set())
     shared = sorted(pool & by_split.get("test", set()))
     out["in_pool_and_test"] = {"count": len(shared), "first": shared[:SHOWN]}

@@ -4,12 +4,13 @@ labels every DICOM image below the sheet's folder whose header holds that value.
 
 Headers are read without pixels (pydicom's `stop_before_pixels`); images whose value is not in
 the sheet stop the scan with a count and examples (or are left out with `data.skip_invalid`);
-rows that match no image are warned about. Patients are the groups of the folds.
+rows that match no image are warned about. Patients are the groups of the folds. The sheet is
+read by `sheets.read_sheet` and its labels checked by `labels.classes_of`, as every other
+source's: this module owns only the key column, the key -> row table and the headers.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ import numpy as np
 from distmed.config import DataConfig
 from distmed.data.decode import UnreadableImage, is_dicom, read_dicom
 from distmed.data.index import DataIndex, Split
+from distmed.data.labels import NORMALIZE_HINT, classes_of, spelling_key
 from distmed.data.layout import image_files
+from distmed.data.sheets import Sheet, cell_text, read_header, read_sheet
 from distmed.data.sources import _fingerprint_files, _group_lookup, _require_two_classes
 from distmed.errors import UserError
 
@@ -48,6 +51,14 @@ class KeyColumn:
 
 
 @dataclass(frozen=True)
+class _Row:
+    """A key's row: its number as a spreadsheet shows it and the label as written."""
+
+    number: int
+    label: str
+
+
+@dataclass(frozen=True)
 class _Image:
     path: Path
     key: str
@@ -57,100 +68,104 @@ class _Image:
 def keyed_column(csv_path: Path, cfg: DataConfig) -> KeyColumn | None:
     """The key column of a sheet keyed by a DICOM attribute, or None for a `path,label` sheet.
 
-    Without `data.label_key` a sheet is keyed when it has no `path` column and has one of
-    `KNOWN_KEYS` (any case; spaces and underscores ignored, `Patient ID` is PatientID).
+    Without `data.label_key` a sheet is keyed when it has a `label` column, no `path` column,
+    and one of `KNOWN_KEYS` (any case; spaces and underscores ignored, `Patient ID` is
+    PatientID). The header is read as `sheets.read_sheet` reads the rows (separator, encoding,
+    `sep=` line).
 
     Raises:
-        UserError: `data.label_key` is not a DICOM keyword or not a column of the sheet.
+        UserError: `data.label_key` is not a DICOM keyword or not a column of the sheet, the
+            sheet with `data.label_key` is unreadable, or two columns mean the key.
     """
-    header = _header(csv_path)
-    if header is None:
-        return None  # unreadable or missing: the manifest reader names the cause
-    by_name = {_squash(name): name for name in header}
+    what = f"data.manifest {csv_path}"
     if cfg.label_key:
         keyword = _dicom_keyword(cfg.label_key)
-        column = by_name.get(_squash(keyword))
+        header = read_header(csv_path, what, ("label",))
+        column = _key_column(header, keyword, what)
         if column is None:
             raise UserError(
                 f"data.label_key {cfg.label_key}: {csv_path} has no column {keyword} (found "
                 f"{header[:6]}); name the sheet's key column {keyword} or change data.label_key"
             )
         return KeyColumn(column, keyword)
-    if "path" in by_name or "label" not in by_name:
+    try:
+        header = read_header(csv_path, what, ("label",))
+    except UserError:
+        return None  # no label column or unreadable: the manifest reader names the cause
+    names = {_squash(name) for name in header}
+    if "path" in names or "label" not in names:  # a `sep=` line skips read_header's check
         return None
     for keyword in KNOWN_KEYS:
-        if _squash(keyword) in by_name:
-            return KeyColumn(by_name[_squash(keyword)], keyword)
+        column = _key_column(header, keyword, what)
+        if column is not None:
+            return KeyColumn(column, keyword)
     return None
 
 
 def scan_keyed_sheet(csv_path: Path, key: KeyColumn, cfg: DataConfig) -> DataIndex:
     """Index every DICOM image below the sheet's folder, labelled by its row's `label`.
 
-    Ids are paths relative to the sheet's folder; classes are the sorted labels; groups are the
-    PatientIDs of the headers (or `data.group_regex` / `data.group_csv`). No test split.
+    Ids are paths relative to the sheet's folder; classes are the labels of the images found,
+    checked by `labels.classes_of` (spellings, label sets; `data.normalize_labels` merges,
+    counted in images); groups are the PatientIDs of the headers (or `data.group_regex` /
+    `data.group_csv`). No test split. The sheet's dialect is `sheets.read_sheet`'s.
 
     Raises:
         UserError: a row without key or label, a key given two labels, no DICOM image below the
             folder, images whose key is not in the sheet (unless `data.skip_invalid`), an image
-            without PatientID to group by, or fewer than two classes; one line each.
+            without PatientID to group by, label sets or spellings, or fewer than two classes;
+            one line each.
     """
     base = csv_path.resolve().parent
-    labels = _read_labels(csv_path, key)
+    sheet = read_sheet(csv_path, f"data.manifest {csv_path}", (_column_name(key.column), "label"))
+    rows = _read_rows(sheet, key, cfg)
     files, ignored = image_files(base)
+    ignored.pop(csv_path.resolve().relative_to(base).as_posix(), None)  # the source itself
     images = _read_headers(base, files, key, cfg, ignored)
     if not images:
         raise UserError(
             f"data.manifest {csv_path}: no DICOM image below {base}; a sheet keyed by "
             f"{key.keyword} labels the DICOM files in its folder and below"
         )
-    unlabelled = [image for image in images if image.key not in labels]
-    if unlabelled:
-        examples = ", ".join(
-            f"{image.path.relative_to(base).as_posix()} ({key.keyword} {image.key or 'empty'})"
-            for image in unlabelled[:EXAMPLES]
-        )
-        if not cfg.skip_invalid:
-            raise UserError(
-                f"data.manifest {csv_path}: {len(unlabelled)} of {len(images)} DICOM images "
-                f"have a {key.keyword} not in the sheet, e.g. {examples}; add rows for them, "
-                "or set data.skip_invalid=true to leave them out"
-            )
-        for image in unlabelled:
-            ignored[image.path.relative_to(base).as_posix()] = (
-                f"{key.keyword} {image.key or '(empty)'} not in {csv_path.name}"
-            )
-        images = [image for image in images if image.key in labels]
-    _warn_unused(csv_path, key, labels, images)
-    class_names = sorted({labels[image.key] for image in images})
-    _require_two_classes(class_names, f"{csv_path} (labels of the images found)")
-    pool = _split(base, images, labels, class_names, _groups(cfg, base))
+    images = _labelled(csv_path, key, cfg, rows, images, base, ignored)
+    _warn_unused(csv_path, key, rows, images)
+    classes = classes_of(
+        [rows[image.key].label for image in images],
+        [f"row {rows[image.key].number}" for image in images],
+        f"data.manifest {csv_path}",
+        cfg.normalize_labels,
+        fix="fix the sheet",
+        unit="images",  # a row labels every image of its patient or study
+    )
+    _require_two_classes(classes.names, f"{csv_path} (labels of the images found)")
+    pool = _split(base, images, rows, classes.number_of, _groups(cfg, base))
     return DataIndex(
         name=csv_path.stem,
-        class_names=class_names,
+        class_names=classes.names,
         pool=pool,
         test=None,
         fingerprint=_fingerprint_files(pool, None),
-        layout=f"sheet {csv_path.name} keyed by {key.keyword} (DICOM images below its folder)",
+        layout=f"sheet {csv_path.name} keyed by {key.keyword} ({sheet.dialect}; DICOM images "
+        "below its folder)",
         ignored=ignored,
+        merged_labels=classes.merged,
     )
 
 
-def _header(csv_path: Path) -> list[str] | None:
-    try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-            first = handle.readline()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return [name.strip() for name in next(csv.reader([first], _dialect(first)), [])]
+def _key_column(header: list[str], keyword: str, what: str) -> str | None:
+    """The column that holds `keyword` (spaces, underscores and case ignored); two stop."""
+    found = [name for name in header if _squash(name) == _squash(keyword)]
+    if len(found) > 1:
+        both = " and ".join(f"'{cell_text(name)}'" for name in found)
+        raise UserError(
+            f"{what}: columns {both} both mean {keyword}; keep one (rename or delete the other)"
+        )
+    return found[0] if found else None
 
 
-def _dialect(line: str) -> type[csv.Dialect]:
-    """Comma, semicolon (European Excel) or tab: whichever the header line uses."""
-    try:
-        return csv.Sniffer().sniff(line, delimiters=",;\t")
-    except csv.Error:
-        return csv.excel
+def _column_name(column: str) -> str:
+    """A header name as `read_sheet` matches it."""
+    return column.strip().casefold()
 
 
 def _squash(name: str) -> str:
@@ -171,44 +186,64 @@ def _dicom_keyword(name: str) -> str:
     return keyword
 
 
-def _read_labels(csv_path: Path, key: KeyColumn) -> dict[str, str]:
-    """Key value -> label; a key listed twice with two labels stops."""
-    try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-            first = handle.readline()
-            handle.seek(0)
-            reader = csv.DictReader(handle, dialect=_dialect(first))
-            reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
-            label_column = next((n for n in reader.fieldnames if n.lower() == "label"), None)
-            if label_column is None:
+def _read_rows(sheet: Sheet, key: KeyColumn, cfg: DataConfig) -> dict[str, _Row]:
+    """Key value -> its row (label as written); a key listed twice with two labels stops.
+
+    Two spellings of one label (`normal`, `Normal`) for one key are one label with
+    `data.normalize_labels` (the first row's spelling is kept), else they stop too.
+    """
+    column = _column_name(key.column)
+    rows: dict[str, _Row] = {}
+    for number, cells in sheet.rows:
+        value, label = cells[column].strip(), cells["label"]
+        if not value and not label.strip():
+            continue  # a note row (other columns only)
+        where = f"data.manifest {sheet.path} row {number}"
+        if not value or not label.strip():
+            missing = key.column if not value else "label"
+            raise UserError(f"{where}: empty {missing}; fill it in or drop the row")
+        first = rows.get(value)
+        if first is not None and first.label != label:
+            same = spelling_key(first.label) == spelling_key(label)
+            if not (same and cfg.normalize_labels):
+                hint = f" (or {NORMALIZE_HINT}: the two differ only in spelling)" if same else ""
                 raise UserError(
-                    f"data.manifest {csv_path}: keyed by {key.keyword} but has no 'label' "
-                    f"column (found {reader.fieldnames[:6]}); add one"
+                    f"{where}: {key.keyword} {value} is labelled {label!r} here and "
+                    f"{first.label!r} in row {first.number}; give it one label{hint}"
                 )
-            labels: dict[str, str] = {}
-            rows: dict[str, int] = {}
-            for number, row in enumerate(reader, start=2):
-                value = (row.get(key.column) or "").strip()
-                label = (row.get(label_column) or "").strip()
-                if not value and not label:
-                    continue
-                where = f"data.manifest {csv_path} row {number}"
-                if not value or not label:
-                    missing = key.column if not value else label_column
-                    raise UserError(f"{where}: empty {missing}; fill it in or drop the row")
-                if value in labels and labels[value] != label:
-                    raise UserError(
-                        f"{where}: {key.keyword} {value} is labelled {label!r} here and "
-                        f"{labels[value]!r} in row {rows[value]}; give it one label"
-                    )
-                labels[value], rows[value] = label, number
-    except UnicodeDecodeError as exc:
+        if first is None:
+            rows[value] = _Row(number, label)
+    return rows
+
+
+def _labelled(
+    csv_path: Path,
+    key: KeyColumn,
+    cfg: DataConfig,
+    rows: dict[str, _Row],
+    images: list[_Image],
+    base: Path,
+    ignored: dict[str, str],
+) -> list[_Image]:
+    """The images whose key has a row; the others stop, or are ignored with skip_invalid."""
+    unlabelled = [image for image in images if image.key not in rows]
+    if not unlabelled:
+        return images
+    examples = ", ".join(
+        f"{image.path.relative_to(base).as_posix()} ({key.keyword} {image.key or 'empty'})"
+        for image in unlabelled[:EXAMPLES]
+    )
+    if not cfg.skip_invalid:
         raise UserError(
-            f"data.manifest {csv_path}: not UTF-8 text ({exc.reason}); save it as UTF-8 CSV"
-        ) from exc
-    if not labels:
-        raise UserError(f"data.manifest {csv_path}: no rows below the header")
-    return labels
+            f"data.manifest {csv_path}: {len(unlabelled)} of {len(images)} DICOM images "
+            f"have a {key.keyword} not in the sheet, e.g. {examples}; add rows for them, "
+            "or set data.skip_invalid=true to leave them out"
+        )
+    for image in unlabelled:
+        ignored[image.path.relative_to(base).as_posix()] = (
+            f"{key.keyword} {image.key or '(empty)'} not in {csv_path.name}"
+        )
+    return [image for image in images if image.key in rows]
 
 
 def _read_headers(
@@ -247,16 +282,16 @@ def _sop_class(header: Any) -> str:
 
 
 def _warn_unused(
-    csv_path: Path, key: KeyColumn, labels: dict[str, str], images: list[_Image]
+    csv_path: Path, key: KeyColumn, rows: dict[str, _Row], images: list[_Image]
 ) -> None:
     found = {image.key for image in images}
-    unused = [value for value in labels if value not in found]
+    unused = [value for value in rows if value not in found]
     if unused:
         log.warning(
             "%s: %d of %d %s values match no DICOM image below its folder, e.g. %s",
             csv_path,
             len(unused),
-            len(labels),
+            len(rows),
             key.keyword,
             ", ".join(unused[:EXAMPLES]),
         )
@@ -283,13 +318,13 @@ def _groups(cfg: DataConfig, base: Path) -> Callable[[_Image], str]:
 def _split(
     base: Path,
     images: list[_Image],
-    labels: dict[str, str],
-    class_names: list[str],
+    rows: dict[str, _Row],
+    number_of: dict[str, int],
     group_of: Callable[[_Image], str],
 ) -> Split:
     return Split(
         ids=[image.path.relative_to(base).as_posix() for image in images],
-        labels=np.array([class_names.index(labels[image.key]) for image in images], np.int64),
+        labels=np.array([number_of[rows[image.key].label] for image in images], np.int64),
         groups=np.array([group_of(image) for image in images], dtype=object),
         paths=[image.path for image in images],
         origins=np.full(len(images), "train", dtype=object),

@@ -51,6 +51,7 @@ def classes_of(
     normalize: bool,
     fix: str,
     from_sheet: bool = True,
+    unit: str = "rows",
 ) -> Classes:
     """The classes of text labels, one label per image.
 
@@ -63,6 +64,8 @@ def classes_of(
         from_sheet: labels are cells (a sheet): `nan` and a numeric column's negative or
             fractional values are refused, and a class of one spelling drops the spaces
             around it. Folder names are kept exactly as written.
+        unit: what one label counts in messages: "rows" of a sheet, or "images" where a
+            row labels several (a sheet keyed by PatientID).
 
     Raises:
         UserError: a missing-value marker (`nan`), label sets, a numeric label column with
@@ -72,10 +75,10 @@ def classes_of(
     first: dict[str, str] = {}
     for label, place in zip(labels, places, strict=True):
         first.setdefault(label, place)
-    _refuse_label_sets(counts, first, what)
+    _refuse_label_sets(counts, first, what, unit)
     if from_sheet:
-        _refuse_missing_markers(counts, first, what)
-        _refuse_unknown_numbers(counts, first, what)
+        _refuse_missing_markers(counts, first, what, unit)
+        _refuse_unknown_numbers(counts, first, what, unit)
     groups: dict[str, list[str]] = {}
     for label in counts:
         groups.setdefault(spelling_key(label), []).append(label)
@@ -141,7 +144,7 @@ def _variants_message(variants: list[list[str]], counts: Counter[str], what: str
     )
 
 
-def _refuse_label_sets(counts: Counter[str], first: dict[str, str], what: str) -> None:
+def _refuse_label_sets(counts: Counter[str], first: dict[str, str], what: str, unit: str) -> None:
     """Labels that join other labels seen alone: `A|B` where `A` (or `B`) is a label too."""
     alone = {spelling_key(label) for label in counts}
     for separator in SET_SEPARATORS:
@@ -161,16 +164,19 @@ def _refuse_label_sets(counts: Counter[str], first: dict[str, str], what: str) -
             raise UserError(
                 f"{what}: labels such as {_quote(example)} ({first[example]}) join labels "
                 f"seen alone with {separator!r} ({len(joined)} such values, {rows} of "
-                f"{sum(counts.values())} rows): {MULTILABEL}"
+                f"{sum(counts.values())} {unit}): {MULTILABEL}"
             )
 
 
-def _refuse_missing_markers(counts: Counter[str], first: dict[str, str], what: str) -> None:
+def _refuse_missing_markers(
+    counts: Counter[str], first: dict[str, str], what: str, unit: str
+) -> None:
     for label in counts:
         if label.strip().casefold() == "nan":
             raise UserError(
                 f"{what} {first[label]}: label {_quote(label)} marks a missing value (pandas "
-                f"writes NaN so; {counts[label]} rows); fill those labels in or drop the rows"
+                f"writes NaN so; {counts[label]} {unit}); fill those labels in or drop the "
+                "rows"
             )
 
 
@@ -179,7 +185,9 @@ def _parts(label: str, separator: str) -> list[str]:
     return parts if len(parts) > 1 and all(parts) else []
 
 
-def _refuse_unknown_numbers(counts: Counter[str], first: dict[str, str], what: str) -> None:
+def _refuse_unknown_numbers(
+    counts: Counter[str], first: dict[str, str], what: str, unit: str
+) -> None:
     """A numeric label column (every label a number) holds class numbers: negative (-1:
     CheXpert's 'uncertain'), infinite or fractional values are not classes."""
     numbers = {label: _number(label.strip()) for label in counts}
@@ -197,7 +205,7 @@ def _refuse_unknown_numbers(counts: Counter[str], first: dict[str, str], what: s
         shown = Counter({_quote(label): n for label, n in bad.items()})
         raise UserError(
             f"{what}: labels {_counted(shown)} are not class numbers (first in "
-            f"{first[example]}; {sum(bad.values())} of {sum(counts.values())} rows); "
+            f"{first[example]}; {sum(bad.values())} of {sum(counts.values())} {unit}); "
             f"{_advice(bad)}; drop or relabel those rows"
         )
 

@@ -58,6 +58,44 @@ def read_sheet(
             separator that yields the required columns; two columns of one name (`Label`
             and `label`); a row with more cells than the header; no rows.
     """
+    opened = _open(path, what, required, optional)
+    separator = opened.separator
+    reader = csv.reader(itertools.chain([opened.header_line], opened.stream), delimiter=separator)
+    header = next(reader)
+    positions = _column_positions(header, what, required, optional, separator)
+    rows = _rows(reader, what, len(header), positions)
+    if not rows:
+        raise UserError(f"{what}: no rows below the header")
+    notes = [f"{SEPARATOR_NAMES.get(separator, repr(separator))}-separated"]
+    notes += [opened.encoding] if opened.encoding else []
+    notes += ["'sep=' line"] if opened.sep_line else []
+    return Sheet(path=path, rows=rows, columns=list(positions), dialect=", ".join(notes))
+
+
+def read_header(path: Path, what: str, required: tuple[str, ...]) -> list[str]:
+    """The header's column names as written (spaces around dropped), read as `read_sheet`
+    reads them with `required` columns: for a caller that picks its columns from the header
+    (a key column named in the config) before reading the rows.
+
+    Raises:
+        UserError: as `read_sheet` for the file and its header line.
+    """
+    opened = _open(path, what, required, ())
+    return [cell.strip() for cell in _header_cells(opened.header_line, opened.separator)]
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """A decoded sheet at its header line: the rest of the text, and how it was read."""
+
+    stream: io.StringIO  # positioned after the header line
+    header_line: str
+    separator: str
+    sep_line: bool  # Excel's `sep=;` first line named the separator
+    encoding: str  # "" for UTF-8
+
+
+def _open(path: Path, what: str, required: tuple[str, ...], optional: tuple[str, ...]) -> _Opened:
     text, encoding = _decode(path, what)
     # newline="": lines end at \n, \r\n or \r only, and csv sees quoted line breaks intact.
     stream = io.StringIO(text, newline="")
@@ -76,16 +114,7 @@ def read_sheet(
             "text file?); save the sheet as 'CSV UTF-8'"
         )
     separator = hint.group(1) if hint else _separator(header_line, what, required, optional)
-    reader = csv.reader(itertools.chain([header_line], stream), delimiter=separator)
-    header = next(reader)
-    positions = _column_positions(header, what, required, optional, separator)
-    rows = _rows(reader, what, len(header), positions)
-    if not rows:
-        raise UserError(f"{what}: no rows below the header")
-    notes = [f"{SEPARATOR_NAMES.get(separator, repr(separator))}-separated"]
-    notes += [encoding] if encoding else []
-    notes += ["'sep=' line"] if hint else []
-    return Sheet(path=path, rows=rows, columns=list(positions), dialect=", ".join(notes))
+    return _Opened(stream, header_line, separator, bool(hint), encoding)
 
 
 def refuse_workbook(path: Path, what: str) -> None:
