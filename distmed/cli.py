@@ -19,6 +19,7 @@ from distmed.config import DataConfig
 from distmed.data.index import DataIndex
 from distmed.data.inspection import check_duplicates, format_summary, inspect_index
 from distmed.errors import UserError
+from distmed.uris import check_arguments
 
 if TYPE_CHECKING:
     import torch
@@ -131,6 +132,7 @@ def run_entry_point(body: Callable[[argparse.Namespace], int], args: argparse.Na
     for noisy in ("ray", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        check_arguments(args)  # no secret in a URI reaches a log, a result or Ray
         return body(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
