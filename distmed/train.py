@@ -8,6 +8,7 @@ Stages: config -> data index -> folds -> decoded cache -> Ray -> one fit over al
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import sys
@@ -34,6 +35,7 @@ from distmed.errors import UserError
 from distmed.metrics import METRIC_NAMES
 from distmed.model import check_weights, warn_frozen_random_stages
 from distmed.resources import plan_workers, start_ray
+from distmed.runlock import hold_results_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,18 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--address", help="join a running Ray cluster, e.g. auto or ray://host:10001"
     )
+    parser.add_argument(
+        "--force-unlock",
+        action="store_true",
+        help="take over --output's lock left by a process on another host that has ended",
+    )
     add_common_options(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(build_parser(), argv)
-    return run_entry_point(_run, args)
+    with contextlib.ExitStack() as args.locks:  # what _run holds, released here
+        return run_entry_point(_run, args)
 
 
 def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     cfg = load_config(args.config, overrides_from_args(args))
+    if args.output:  # two runs into one --output would train into one Ray run: one at a time
+        _hold_output(args, Path(args.output))
     warn_frozen_random_stages(cfg.model)
     scanned = scan_source(cfg.data)
     inspection = inspect_data(scanned, cfg.data)
@@ -71,6 +81,8 @@ def _run(args: argparse.Namespace) -> int:
     prepared = prepare_data(cfg, scanned)
     index, assignment, plan = prepared.index, prepared.assignment, prepared.plan
     output = Path(args.output or _default_output(index)).resolve()
+    if not args.output:
+        _hold_output(args, output)
     output.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, output / "config.yaml")
     start_ray(args.address)
@@ -101,6 +113,11 @@ def _run(args: argparse.Namespace) -> int:
         f"-> {output / 'cv_result.json'}"
     )
     return 0
+
+
+def _hold_output(args: argparse.Namespace, output: Path) -> None:
+    lock = hold_results_folder(output, f"--output {output}", args.force_unlock)
+    args.locks.enter_context(lock)
 
 
 def _cv_text(cfg: ExperimentConfig) -> str:

@@ -9,6 +9,7 @@ summary.json and a results table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -71,6 +72,7 @@ from distmed.results import (
     write_best_config,
     write_trials_csv,
 )
+from distmed.runlock import hold_results_folder
 from distmed.savedmodel import FoldModels, SavedModel
 from distmed.search import (
     EndedTrials,
@@ -155,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the experiment --name in --storage"
     )
     parser.add_argument(
+        "--force-unlock",
+        action="store_true",
+        help="take over --name's lock left by a process on another host that has ended",
+    )
+    parser.add_argument(
         "--nested",
         type=int,
         metavar="K",
@@ -174,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(build_parser(), argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # for the --resume hint
-    return run_entry_point(_run, args)
+    with contextlib.ExitStack() as args.locks:  # [trust] what _run holds, released here
+        return run_entry_point(_run, args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -189,6 +197,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.nested is not None and not 2 <= args.nested <= 20:
         raise UserError(f"--nested {args.nested}: use 2 to 20 outer folds, e.g. --nested 3")
     name = args.name or f"{Path(args.space).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    # [trust] one process per results folder (distmed.runlock), held until main returns
+    args.locks.enter_context(
+        hold_results_folder(
+            _local_results_dir(args.storage, name), f"--name {name}", args.force_unlock
+        )
+    )
     exp_uri = experiment_path(storage_uri(args.storage), name)
     record = None  # what the search to resume was started with
     if args.resume:
