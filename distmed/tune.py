@@ -99,6 +99,7 @@ from distmed.tracking import (
     tensorboard_command,
     wandb_callbacks,
 )
+from distmed.tunestate import check_state
 
 # Exit status of a search stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
 EXIT_INTERRUPTED = 130
@@ -207,6 +208,8 @@ def _run(args: argparse.Namespace) -> int:
     record = None  # what the search to resume was started with
     if args.resume:
         record = check_same_search(exp_uri, spec, args.nested)
+        if not args.nested:  # [trust] before any work; restore_tuner checks each again
+            check_state(exp_uri)
     else:
         check_new_search(exp_uri)
     prepared, inspection = _prepare_data(spec)
