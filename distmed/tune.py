@@ -201,7 +201,9 @@ def _run(args: argparse.Namespace) -> int:
     # [trust] one process per results folder (distmed.runlock), held until main returns
     args.locks.enter_context(
         hold_results_folder(
-            _local_results_dir(args.storage, name), f"--name {name}", args.force_unlock
+            _local_results_dir(args.storage, name, create=False),
+            f"--name {name}",
+            args.force_unlock,
         )
     )
     exp_uri = experiment_path(storage_uri(args.storage), name)
@@ -548,13 +550,14 @@ def _batch_sizes(spec: SearchSpaceFile) -> list[int]:
     return [int(v) for v in dist.probe_values()] if dist else [spec.base.train.batch_size]
 
 
-def _local_results_dir(storage: str, name: str) -> Path:
+def _local_results_dir(storage: str, name: str, create: bool = True) -> Path:
     """Our result files go to <storage>/<name>; for a URI, a local staging copy first."""
     if "://" in storage:
         folder = Path(tempfile.gettempdir()) / "distmed-results" / name
     else:
         folder = Path(storage).expanduser().resolve() / name
-    folder.mkdir(parents=True, exist_ok=True)
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 

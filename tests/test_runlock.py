@@ -58,7 +58,7 @@ def test_second_search_with_the_same_name_is_refused_naming_the_holder(tmp_path:
     assert code == 2 and err.count("\n") == 1
     assert "--name same is in use" in err and f"pid {holder.pid}" in err
     assert socket.gethostname() in err and "holder-process" in err and "started 20" in err
-    assert not (tmp_path / "runs" / "same" / "search_space.json").exists()  # nothing touched
+    assert not (tmp_path / "runs" / "same").exists()  # nothing made: the name is not taken
 
 
 def test_second_train_into_the_same_output_is_refused(tmp_path: Path, capsys):
