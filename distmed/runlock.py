@@ -93,13 +93,13 @@ def hold_results_folder(folder: Path, what: str, force: bool = False) -> Iterato
 
     Raises:
         UserError: a live process holds the folder (named: host, pid, start time, command);
-            or the lock was left by a process on another host, whose state this host cannot
-            see, and `force` is not set.
+            the lock cannot be made there; or the lock was left by a process on another
+            host, whose state this host cannot see, and `force` is not set.
     """
     lock_file, holder_file = lock_paths(folder)
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(lock_file))
     try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire(blocking=False)
     except Timeout:
         holder = read_holder(holder_file)
@@ -108,6 +108,12 @@ def hold_results_folder(folder: Path, what: str, force: bool = False) -> Iterato
             f"{what} is in use by a running process ({who}); wait for it to finish, or "
             "choose another name"
         ) from None
+    except OSError as exc:  # after Timeout, which is one too: a place that cannot be written
+        reason = exc.strerror or type(exc).__name__
+        raise UserError(
+            f"{what}: cannot create the lock {lock_file} ({reason}); choose a results folder "
+            "this user can write"
+        ) from exc
     try:
         _take_over(read_holder(holder_file), what, holder_file, force)
         write_text_atomic(holder_file, json.dumps(asdict(Holder.this_process())))

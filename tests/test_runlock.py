@@ -106,3 +106,13 @@ def test_the_lock_is_released_for_the_next_run(tmp_path: Path):
     for _ in range(2):  # the same process, one run after the other
         with hold_results_folder(folder, "--name again"):
             pass
+
+
+def test_a_place_where_no_lock_can_be_made_is_one_line(tmp_path: Path):
+    (tmp_path / "a-file").write_text("not a folder")
+    folder = tmp_path / "a-file" / "runs" / "x"
+    with (
+        pytest.raises(UserError, match="cannot create the lock .*a-file"),
+        hold_results_folder(folder, "--name x"),
+    ):
+        pass
