@@ -54,7 +54,7 @@ class Holder:
 
     @staticmethod
     def this_process() -> Holder:
-        command = shlex.join(sys.argv)
+        command = shlex.join(sys.argv).replace("\n", "\\n")  # messages stay one line
         if len(command) > COMMAND_CHARS:
             command = command[:COMMAND_CHARS] + "…"
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
