@@ -10,9 +10,11 @@ has a range (`bounded`), every text option a length, every path option a compone
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import re
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +30,7 @@ from distmed.errors import (
     shorten,
 )
 from distmed.failures import root_cause, user_error_cause
+from distmed.uris import check_arguments
 
 # Text options longer than errors.MAX_TEXT_BYTES (or with a part over MAX_NAME_BYTES) fail
 # deep inside (`OSError: File name too long`, echoing the whole value), so they are refused
@@ -178,6 +181,7 @@ def run_entry_point(body: Callable[[argparse.Namespace], int], args: argparse.Na
     for noisy in ("ray", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        check_arguments(args)  # no secret in a URI reaches a log, a result or Ray
         return body(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -217,14 +221,28 @@ def run_command(
     """A CLI's `main`: `parse` the command line, then `run_entry_point(body, args)`.
 
     A bad command line returns 2 (its one line printed) before any work; `args.argv` holds
-    the arguments as given (a search's `--resume` hint repeats them).
+    the arguments as given (a search's `--resume` hint repeats them); `args.locks` is an
+    ExitStack whose contexts `body` enters (a results folder's lock, `distmed.runlock`) and
+    which are released when the command ends, its error line printed.
     """
     try:
         args = parse(parser, argv)
     except BadCommandLine:
         return EXIT_USER_ERROR
     args.argv = list(argv) if argv is not None else sys.argv[1:]
-    return run_entry_point(body, args)
+    with contextlib.ExitStack() as args.locks:
+        return run_entry_point(body, args)
+
+
+def resume_command(module: str, argv: list[str], name: str) -> str:
+    """The command that continues a search: `python -m module` with the same arguments,
+    `--name` and `--resume`."""
+    args = list(argv)
+    if "--name" not in args and not any(a.startswith("--name=") for a in args):
+        args += ["--name", name]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join([sys.executable, "-m", module, *args])
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

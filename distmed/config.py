@@ -26,6 +26,7 @@ from pydantic import (
 from distmed.artifacts import write_text_atomic
 from distmed.errors import UserError, shorten
 from distmed.model import ARCHS
+from distmed.uris import check_config
 from distmed.yamlfile import NotYaml, load_yaml, read_yaml_file
 
 # `model.arch`'s values, and the stages `model.unfreeze` counts, come from model.py's table.
@@ -290,7 +291,12 @@ def load_config(
 
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
-    """Validate a plain dict into the typed config, with one readable line per problem."""
+    """Validate a plain dict into the typed config, with one readable line per problem.
+
+    Raises:
+        UserError: a problem, or credentials in a URI (`uris.check_config`).
+    """
+    check_config(raw, source)
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:

@@ -21,6 +21,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ from distmed.results import (
     write_best_config,
     write_trials_csv,
 )
+from distmed.runlock import hold_results_folder
 from distmed.runreport import report_after_search
 from distmed.savedmodel import (
     FoldModels,
@@ -90,6 +92,7 @@ from distmed.search import (
     restore_tuner,
     trial_run_name,
 )
+from distmed.searchfile import check_new_search, check_same_search
 from distmed.space import SearchSpaceFile
 from distmed.summary import DataSummary, RunSummary
 from distmed.task import BinaryTask, Task
@@ -100,6 +103,7 @@ from distmed.tracking import (
     tensorboard_command,
     wandb_callbacks,
 )
+from distmed.tunestate import check_state
 
 MODEL_FILE = "best_model.pt"
 SUMMARY_FILE = "summary.json"
@@ -181,6 +185,25 @@ class Prepared:
 
     data: PreparedData
     inspection: dict[str, Any]
+
+
+def claim(
+    ctx: RunContext, spec: SearchSpaceFile, nested: int | None, force: bool, locks: ExitStack
+) -> dict[str, Any] | None:
+    """Hold the run's results folder (one process per name: `distmed.runlock`, released by
+    `locks`) and check the name: a new search may not reuse it; a resumed one must have
+    been started with the same settings (`searchfile`) and find only Tune state this machine
+    recorded it writing (`tunestate`, before Ray unpickles any). Returns the record of the
+    search to resume (None for a new one); its images are checked once they are indexed.
+    """
+    locks.enter_context(hold_results_folder(ctx.local, f"--name {ctx.name}", force))
+    if not ctx.resume:
+        check_new_search(ctx.experiment_uri)
+        return None
+    record = check_same_search(ctx.experiment_uri, spec, nested)
+    if not nested:  # a nested search's outer folds are checked one by one (restore_tuner)
+        check_state(ctx.experiment_uri)
+    return record
 
 
 def prepare(cfg: ExperimentConfig, batch_sizes: Sequence[int] = ()) -> Prepared:
@@ -463,14 +486,17 @@ def write_report(ctx: RunContext) -> Path | None:
 def log_to_mlflow(
     spec: SearchSpaceFile, ctx: RunContext, best: TrialRow, summary: RunSummary
 ) -> str | None:
-    """The best model and report as one MLflow run, when tracking.mlflow is set."""
+    """The best model and report as one MLflow run, when tracking.mlflow is set; which
+    run at which server (None without one)."""
     record = {
         "best_trial": best.trial_id,
         "best_params": best.params,
         "best_cv_roc_auc": best.cv_roc_auc,
         "test_metrics": summary.test_metrics,
     }
-    return log_search_to_mlflow(spec.base.tracking.mlflow, ctx.name, ctx.local, record)
+    mlflow = spec.base.tracking.mlflow
+    run_id = log_search_to_mlflow(mlflow, ctx.name, ctx.local, record)
+    return None if run_id is None else f"run {run_id} at {mlflow.uri}"
 
 
 def open_results(ctx: RunContext) -> Path:
@@ -501,10 +527,14 @@ def versions() -> dict[str, str]:
 
 
 def format_results(
-    outcome: SearchOutcome, summary: RunSummary, ctx: RunContext, report: Path | None
+    outcome: SearchOutcome,
+    summary: RunSummary,
+    ctx: RunContext,
+    report: Path | None,
+    mlflow_run: str | None = None,
 ) -> str:
     """What a finished search prints: the trials, the best and its test scores, where
-    the results, the report and TensorBoard's curves are."""
+    the results, the report, TensorBoard's curves and the MLflow run are."""
     best = outcome.best
     assert best is not None
     lines = [format_table(outcome.rows, outcome.keys)]
@@ -541,6 +571,8 @@ def format_results(
         lines.append(f"report: {report}")
     command = tensorboard_command(ctx.experiment_uri)
     lines.append(f"TensorBoard (every trial's curves): {command}")
+    if mlflow_run is not None:
+        lines.append(f"MLflow: best model and report in {mlflow_run}")
     return "\n".join(lines)
 
 

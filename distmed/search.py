@@ -38,6 +38,7 @@ from distmed.loop import format_epoch
 from distmed.resources import TRIAL_CPU, WorkerLayout
 from distmed.results import completed_score
 from distmed.space import SearchSpaceFile, apply_params, to_tune_domains
+from distmed.tunestate import RecordTuneState, check_state, remember_tuner_file
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +340,7 @@ def build_tuner(
     """A Tuner over `spec.space`: a seeded Optuna sampler, a concurrency cap, ASHA (or FIFO)."""
     settings = spec.search
     searcher = CVOptunaSearch(sampler=build_sampler(settings.algorithm, settings.seed))
-    return ray.tune.Tuner(
+    tuner = ray.tune.Tuner(
         ray.tune.with_resources(
             ray.tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_CPU}
         ),
@@ -358,12 +359,15 @@ def build_tuner(
                 EpochLines(),
                 EndedTrials(),
                 KeepBestCheckpoints(context.train_storage),
+                RecordTuneState(experiment_path(storage, name)),  # for --resume's check
                 *callbacks,
             ],
             verbose=2 if verbose else 1,
             failure_config=ray.tune.FailureConfig(max_failures=0),
         ),
     )
+    remember_tuner_file(experiment_path(storage, name))  # written by Tuner() just now
+    return tuner
 
 
 def build_scheduler(spec: SearchSpaceFile):
@@ -386,7 +390,13 @@ def max_epochs(spec: SearchSpaceFile) -> int:
 
 
 def restore_tuner(path: str, context: TrialContext) -> ray.tune.Tuner:
-    """Continue an interrupted search: finished trials are kept, unfinished ones resume."""
+    """Continue an interrupted search: finished trials are kept, unfinished ones resume.
+
+    Raises:
+        UserError: the state there is not what this machine recorded Tune writing for it
+            (`tunestate.check_state`): restoring unpickles it.
+    """
+    check_state(path)
     return ray.tune.Tuner.restore(
         path,
         trainable=ray.tune.with_resources(

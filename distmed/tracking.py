@@ -19,6 +19,7 @@ from typing import Any
 from distmed import _ray_compat
 from distmed.config import MlflowConfig, WandbConfig
 from distmed.errors import UserError
+from distmed.uris import check_no_credentials
 
 log = logging.getLogger(__name__)
 # Files of a finished search logged to MLflow's summary run (those that exist).
@@ -132,16 +133,7 @@ def mlflow_callbacks(cfg: MlflowConfig, experiment: str) -> list[Any]:
 
 def check_mlflow_uri(uri: str) -> None:
     """Refuse a URI with credentials in it: the config is saved with every result."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        # The message does not repeat the URI: it holds the secret.
-        raise UserError(
-            "tracking.mlflow.uri / --mlflow-uri holds credentials (user:password@), and the "
-            "config is saved with the results: give the URI without them and set "
-            "MLFLOW_TRACKING_TOKEN (or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)"
-        )
+    check_no_credentials(uri, "tracking.mlflow.uri / --mlflow-uri")
 
 
 def _mlflow_callback_class() -> type:

@@ -28,6 +28,7 @@ from distmed.errors import UserError
 from distmed.metrics import METRIC_NAMES
 from distmed.model import warn_frozen_random_stages
 from distmed.resources import plan_workers
+from distmed.runlock import hold_results_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,21 +47,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--address", help="join a running Ray cluster, e.g. auto or ray://host:10001"
     )
+    parser.add_argument(
+        "--force-unlock",
+        action="store_true",
+        help="take over --output's lock left by a process on another host that has ended",
+    )
     add_common_options(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(build_parser(), argv, _run)
+    return run_command(build_parser(), argv, _run)  # args.locks: what _run holds
 
 
 def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     cfg = load_config(args.config, overrides_from_args(args))
+    if args.output:  # two runs into one --output would train into one Ray run: one at a time
+        _hold_output(args, Path(args.output))
     warn_frozen_random_stages(cfg.model)
     prepared = pipeline.prepare(cfg)
     index, assignment = prepared.data.index, prepared.data.assignment
     output = Path(args.output or _default_output(index)).resolve()
+    if not args.output:
+        _hold_output(args, output)
     output.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, output / "config.yaml")
     plan = pipeline.connect(prepared.data, args.address).plan
@@ -103,6 +113,11 @@ def _run(args: argparse.Namespace) -> int:
     if caveat is not None:
         print(f"  {caveat}")
     return 0
+
+
+def _hold_output(args: argparse.Namespace, output: Path) -> None:
+    lock = hold_results_folder(output, f"--output {output}", args.force_unlock)
+    args.locks.enter_context(lock)
 
 
 def _cv_text(cfg: ExperimentConfig) -> str:

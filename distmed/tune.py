@@ -8,7 +8,6 @@ publish; nested CV through `distmed.nested`) -> what is printed.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -21,11 +20,12 @@ from distmed.cli import (
     bounded,
     overrides_from_args,
     positive_fraction,
+    resume_command,
     run_command,
 )
 from distmed.errors import EXIT_INTERRUPTED, UserError
 from distmed.nested import NestedRun, outer_assignment, run_nested
-from distmed.searchfile import check_new_search, check_same_images, check_same_search, record_search
+from distmed.searchfile import check_same_images, record_search
 from distmed.space import SearchSpaceFile, load_space
 from distmed.summary import RunSummary
 
@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the experiment --name in --storage"
     )
     parser.add_argument(
+        "--force-unlock",
+        action="store_true",
+        help="take over --name's lock left by a process on another host that has ended",
+    )
+    parser.add_argument(
         "--nested",
         type=bounded(int, 2, 20, "3"),
         metavar="K",
@@ -123,11 +128,9 @@ def _run(args: argparse.Namespace) -> int:
         print(pipeline.describe_search(spec))
         return 0
     ctx = _context(args)
-    record = check_same_search(ctx.experiment_uri, spec, args.nested) if ctx.resume else None
-    if not ctx.resume:
-        check_new_search(ctx.experiment_uri)
+    record = pipeline.claim(ctx, spec, args.nested, args.force_unlock, args.locks)
     prepared = pipeline.prepare(spec.base, pipeline.batch_sizes(spec))
-    if ctx.resume:
+    if record is not None:  # a resumed search: on the images it started with
         check_same_images(ctx.experiment_uri, record, prepared.data.index)
     # An impossible K is refused before Ray starts or the name is taken.
     outer = outer_assignment(prepared.data, args.nested, spec) if args.nested else None
@@ -152,10 +155,7 @@ def _run(args: argparse.Namespace) -> int:
     report = pipeline.write_report(ctx)
     pipeline.publish(ctx)
     mlflow_run = pipeline.log_to_mlflow(spec, ctx, outcome.best, summary)
-    print(pipeline.format_results(outcome, summary, ctx, report))
-    if mlflow_run is not None:
-        uri = spec.base.tracking.mlflow.uri
-        print(f"MLflow: best model and report in run {mlflow_run} at {uri}")
+    print(pipeline.format_results(outcome, summary, ctx, report, mlflow_run))
     return 0
 
 
@@ -164,7 +164,7 @@ def _context(args: argparse.Namespace) -> pipeline.RunContext:
     if args.resume and not args.name:
         raise UserError("--resume needs --name: the experiment to continue (a folder in --storage)")
     name = args.name or f"{Path(args.space).stem[:80]}-{datetime.now():%Y%m%d-%H%M%S}"
-    resume = resume_command(args.argv, name)
+    resume = resume_command("distmed.tune", args.argv, name)
     return pipeline.RunContext.create(name, args.storage, args.resume, args.verbose, resume)
 
 
@@ -174,16 +174,6 @@ def _stopped(summary: RunSummary, ctx: pipeline.RunContext) -> int:
         raise UserError(f"no trial completed (see {ctx.local / 'trials.csv'}); nothing to refit")
     print(pipeline.interrupted_text(summary, ctx), flush=True)
     return EXIT_INTERRUPTED
-
-
-def resume_command(argv: list[str], name: str) -> str:
-    """The command that continues this search: the same arguments, `--name`, `--resume`."""
-    args = list(argv)
-    if "--name" not in args and not any(a.startswith("--name=") for a in args):
-        args += ["--name", name]
-    if "--resume" not in args:
-        args.append("--resume")
-    return shlex.join([sys.executable, "-m", "distmed.tune", *args])
 
 
 def _load_spec(args: argparse.Namespace) -> SearchSpaceFile:

@@ -29,6 +29,12 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["DISTMED_CACHE"] = str(tmp_path_factory.mktemp("distmed-cache"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_state_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """distmed.tunestate's records of the searches the tests run, not the user's."""
+    os.environ["DISTMED_STATE_DIR"] = str(tmp_path_factory.mktemp("distmed-state"))
+
+
 @pytest.fixture(autouse=True)
 def _default_train_output_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`distmed.train` without --output writes to runs/train-<data>-<time> in the working
