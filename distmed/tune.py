@@ -22,6 +22,7 @@ from distmed.nested import NestedRun, outer_assignment, run_nested
 from distmed.searchfile import check_new_search, check_same_images, check_same_search, record_search
 from distmed.space import SearchSpaceFile, load_space
 from distmed.summary import RunSummary
+from distmed.warmstart import WarmStart, load_warm_start, model_size_of
 
 EXAMPLES = """examples:
   python -m distmed.tune --space search_spaces/demo.yaml
@@ -84,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the mean outer score estimates the whole procedure (K x the cost; no model kept)",
     )
     parser.add_argument(
+        "--warm-start",
+        metavar="RUN_DIR",
+        help="give the sampler the completed trials of an earlier search on the same images, "
+        "e.g. runs/demo-1 (its trials outside this space are left out)",
+    )
+    parser.add_argument(
         "--target-sensitivity",
         type=float,
         help="binary tasks: the operating threshold reaching this out-of-fold sensitivity, "
@@ -119,6 +126,7 @@ def _run(args: argparse.Namespace) -> int:
     prepared = pipeline.prepare(spec.base, pipeline.batch_sizes(spec))
     if ctx.resume:
         check_same_images(ctx.experiment_uri, record, prepared.data.index)
+    warm = _warm_start(args, spec, prepared, ctx)
     # An impossible K is refused before Ray starts or the name is taken.
     outer = outer_assignment(prepared.data, args.nested, spec) if args.nested else None
     data = pipeline.connect(prepared.data, args.address, worker_logs=args.verbose)
@@ -127,8 +135,8 @@ def _run(args: argparse.Namespace) -> int:
         record_search(ctx.experiment_uri, spec, prepared.data.index, args.nested)
     if outer is not None:  # --nested K
         return run_nested(NestedRun(spec, data, ctx, outer, args.nested))
-    outcome = pipeline.run_search(spec, data, ctx)
-    summary = pipeline.summarize(ctx, spec, prepared, outcome)
+    outcome = pipeline.run_search(spec, data, ctx, warm)
+    summary = pipeline.summarize(ctx, spec, prepared, outcome, warm)
     if outcome.interrupted or outcome.best is None:  # no refit: nothing (yet) to refit
         pipeline.save_summary(summary, ctx, wall_time_s=time.perf_counter() - started)
         pipeline.publish(ctx)
@@ -161,6 +169,27 @@ def _context(args: argparse.Namespace) -> pipeline.RunContext:
     name = args.name or f"{Path(args.space).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     resume = resume_command(args.argv, name)
     return pipeline.RunContext.create(name, args.storage, args.resume, args.verbose, resume)
+
+
+def _warm_start(
+    args: argparse.Namespace,
+    spec: SearchSpaceFile,
+    prepared: pipeline.Prepared,
+    ctx: pipeline.RunContext,
+) -> WarmStart | None:
+    """--warm-start's trials (checked against the images before Ray starts); a resumed
+    search's study has them already."""
+    if not args.warm_start or ctx.resume:
+        return None
+    if args.nested:
+        raise UserError(
+            "--warm-start with --nested: each outer fold searches other images; warm-start "
+            "a plain search"
+        )
+    size = None
+    if spec.search.multi_objective:
+        size = model_size_of(spec, len(prepared.data.index.class_names))
+    return load_warm_start(args.warm_start, spec, prepared.data.index, size)
 
 
 def _stopped(summary: RunSummary, ctx: pipeline.RunContext) -> int:
