@@ -106,3 +106,18 @@ def test_a_resume_on_other_images_is_refused_and_a_moved_folder_is_not(tmp_path)
     grown = write_image_folder(tmp_path / "grown", {"neg": 4, "pos": 5})
     with pytest.raises(UserError, match="was started on other images"):
         resume_on(grown)
+
+
+def test_a_resume_with_another_sampler_setting_is_refused(tmp_path):
+    # Tune restores the pickled sampler: a changed setting would silently not apply.
+    exp = str(tmp_path / "exp")
+    _record(exp)
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(
+        DEMO.read_text().replace(
+            "  max_concurrent: 2\n",
+            "  max_concurrent: 2\n  sampler:\n    multivariate: false\n    group: false\n",
+        )
+    )
+    with pytest.raises(UserError, match="search.sampler.group, search.sampler.multivariate"):
+        check_same_search(exp, load_space(edited))
