@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from distmed import tune
 from distmed.data import scan_source
 from distmed.errors import UserError
 from distmed.searchfile import (
+    NEWER_KEYS,
     SEARCH_FILE,
     check_new_search,
     check_same_images,
@@ -119,5 +121,14 @@ def test_a_resume_with_another_sampler_setting_is_refused(tmp_path):
             "  max_concurrent: 2\n  sampler:\n    multivariate: false\n    group: false\n",
         )
     )
-    with pytest.raises(UserError, match="search.sampler.group, search.sampler.multivariate"):
+    with pytest.raises(UserError, match="search.sampler.group was True, now False"):
         check_same_search(exp, load_space(edited))
+
+
+def test_a_search_recorded_before_sampler_settings_existed_still_resumes(tmp_path):
+    exp = tmp_path / "exp"
+    _record(str(exp))
+    record = json.loads((exp / SEARCH_FILE).read_text())
+    old = {k: v for k, v in record.items() if not k.startswith(NEWER_KEYS)}
+    (exp / SEARCH_FILE).write_text(json.dumps(old))
+    check_same_search(str(exp), load_space(DEMO))  # its restored study keeps its own sampler
