@@ -219,3 +219,20 @@ def test_two_objective_warm_start_scores_the_model_size(tmp_path):
     warm = load_warm_start(str(run), spec, index, model_size=lambda p: 1000 * p["model.unfreeze"])
     assert warm.values == [[0.81, 4000.0]]
     json.dumps(warm.record())  # summary.json keeps it
+
+
+def test_the_cli_refuses_a_warm_start_from_other_images_before_ray(tmp_path, capsys, monkeypatch):
+    from distmed import pipeline, tune
+
+    def settings(root: Path) -> list[str]:
+        return ["--set", f"data.root={root}", "--set", "cv.folds=2"]
+
+    first = write_image_folder(tmp_path / "a", {"neg": 36, "lesion": 36})
+    spec = load_space(DEMO, [f"data.root={first}", "cv.folds=2"])
+    earlier = _earlier_search(tmp_path, spec, scan_source(spec.base.data), [])
+    other = write_image_folder(tmp_path / "b", {"neg": 36, "lesion": 36}, size=20)
+    monkeypatch.setattr(pipeline, "connect", lambda *a, **k: pytest.fail("Ray started"))
+    argv = ["--space", str(DEMO), "--storage", str(tmp_path / "runs"), *settings(other)]
+    assert tune.main([*argv, "--warm-start", str(earlier)]) == 2
+    err = capsys.readouterr().err
+    assert "ran on other images" in err and len(err.strip().splitlines()) == 1
