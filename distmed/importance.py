@@ -35,14 +35,15 @@ def param_importances(
     if len(completed) < MIN_TRIALS:
         reason = f"only {len(completed)} completed trial(s); at least {MIN_TRIALS} are needed"
         return {**out, "importances": {}, "reason": reason}
-    study = study_from_rows(completed, space)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
             found = optuna.importance.get_param_importances(
-                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed)
+                study_from_rows(completed, space),
+                evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed),
             )
         except (RuntimeError, ValueError) as exc:  # e.g. every trial drew the same values
+            # The summary is written whatever happens here: the reason instead of a result.
             return {**out, "importances": {}, "reason": str(exc).splitlines()[0]}
     return {**out, "importances": {k: float(v) for k, v in found.items()}}
 

@@ -35,7 +35,7 @@ from distmed.calibration import TemperatureFit, fit_oof_temperature, oof_thresho
 from distmed.config import CVConfig, ExperimentConfig
 from distmed.cv import FoldPlan, PreparedData, prepare_data, share_images, storage_uri
 from distmed.data import describe_index, inspect_data, scan_source
-from distmed.importance import param_importances
+from distmed.importance import importance_text, param_importances
 from distmed.inference import (
     TEST_PREDICTIONS,
     TEST_PREDICTIONS_FOLDS,
@@ -562,6 +562,13 @@ def format_results(
         lines.append(
             f"  not separable from the runner-up, trial {summary.runner_up_trial}: their 95% "
             "intervals (mean ± 1.96 SE) overlap (see the report)"
+        )
+    if why := importance_text(summary.param_importance):
+        lines.append(why)
+    if summary.pareto_front is not None:
+        lines.append(
+            f"Pareto front of CV ROC-AUC and model size: {len(summary.pareto_front)} trial(s); "
+            f"refitted trial {best.trial_id}: {summary.pareto_rule}"
         )
     lines.append("best configuration (best_config.yaml):")
     for key, value in best.params.items():
