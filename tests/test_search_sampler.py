@@ -236,3 +236,25 @@ def test_the_cli_refuses_a_warm_start_from_other_images_before_ray(tmp_path, cap
     assert tune.main([*argv, "--warm-start", str(earlier)]) == 2
     err = capsys.readouterr().err
     assert "ran on other images" in err and len(err.strip().splitlines()) == 1
+
+
+def test_two_objective_searcher_takes_warm_trials_and_prunes_unfinished_ones():
+    from ray.tune.search.optuna import OptunaSearch
+
+    spec, _ = _demo()
+    searcher = CVOptunaSearch(
+        space=OptunaSearch.convert_search_space(to_tune_domains(spec.space)),
+        metric=["cv_roc_auc", "num_params"],
+        mode=["max", "min"],
+        sampler=build_sampler(resolve_sampler(spec.search, 2)),
+        warm=([_params(1e-3)], [[0.8, 11_000_000.0]]),
+    )
+    study = searcher._ot_study
+    assert [t.values for t in study.trials] == [[0.8, 11_000_000.0]]  # before any new trial
+    for trial_id in ("stopped", "done"):
+        searcher.suggest(trial_id)
+    searcher.on_trial_complete("stopped", {"cv_roc_auc": 0.9, "num_params": 5, "cv_complete": 0})
+    searcher.on_trial_complete("done", {"cv_roc_auc": 0.7, "num_params": 9, "cv_complete": 1})
+    states = [t.state for t in study.trials]
+    assert states[1:] == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE]
+    assert study.trials[2].values == [0.7, 9.0]
