@@ -22,7 +22,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ from distmed.calibration import TemperatureFit, fit_oof_temperature, oof_thresho
 from distmed.config import CVConfig, ExperimentConfig
 from distmed.cv import FoldPlan, PreparedData, prepare_data, score_caveat, share_images, storage_uri
 from distmed.data import describe_index, inspect_data, scan_source
+from distmed.errors import EXIT_INTERRUPTED, UserError
+from distmed.importance import importance_text, param_importances
 from distmed.inference import (
     TEST_PREDICTIONS,
     TEST_PREDICTIONS_FOLDS,
@@ -50,6 +52,7 @@ from distmed.inference import (
 )
 from distmed.model import check_weights
 from distmed.model import warn_frozen_random_stages as model_warning
+from distmed.pareto import RULE, FrontPoint, ModelSize, choose_on_front, pareto_front
 from distmed.refit import final_fold_states, refit, refit_epochs, show_line
 from distmed.resources import (
     concurrency_limit,
@@ -89,6 +92,7 @@ from distmed.search import (
     build_tuner,
     experiment_path,
     hidden_status_lines,
+    resolve_sampler,
     restore_tuner,
     trial_run_name,
 )
@@ -104,6 +108,7 @@ from distmed.tracking import (
     wandb_callbacks,
 )
 from distmed.tunestate import check_state
+from distmed.warmstart import WarmStart, load_warm_start, model_size_of
 
 MODEL_FILE = "best_model.pt"
 SUMMARY_FILE = "summary.json"
@@ -162,11 +167,15 @@ def warn_frozen_random_stages(spec: SearchSpaceFile) -> None:
 
 
 def describe_search(spec: SearchSpaceFile) -> str:
-    """The resolved base config, search settings and space as YAML (`--dry-run`)."""
+    """The resolved base config, search settings and space as YAML (`--dry-run`); the
+    sampler as built for `max_concurrent` trials at once (fewer if the cluster is smaller)."""
+    search = spec.search
+    concurrent = min(search.max_concurrent, search.num_samples)
     return yaml.safe_dump(
         {
             "base": spec.base.model_dump(mode="json"),
-            "search": spec.search.model_dump(mode="json"),
+            "search": search.model_dump(mode="json"),
+            "sampler (resolved)": resolve_sampler(search, concurrent),
             "space": spec.space_as_dict(),
         },
         sort_keys=False,
@@ -215,6 +224,32 @@ def prepare(cfg: ExperimentConfig, batch_sizes: Sequence[int] = ()) -> Prepared:
     return Prepared(prepare_data(cfg, scanned, batch_sizes), inspection)
 
 
+def warm_start(
+    run_dir: str | None,
+    spec: SearchSpaceFile,
+    prepared: Prepared,
+    ctx: RunContext,
+    nested: int | None,
+) -> WarmStart | None:
+    """--warm-start's trials (checked against the images before Ray starts); None without
+    one, and for a resumed search, whose study has them already.
+
+    Raises:
+        UserError: with --nested (each outer fold searches other images), or other images.
+    """
+    if not run_dir or ctx.resume:
+        return None
+    if nested:
+        raise UserError(
+            "--warm-start with --nested: each outer fold searches other images; warm-start "
+            "a plain search"
+        )
+    size = None
+    if spec.search.multi_objective:
+        size = model_size_of(spec, prepared.data.plan.task.num_outputs)
+    return load_warm_start(run_dir, spec, prepared.data.index, size)
+
+
 def connect(data: PreparedData, address: str | None, worker_logs: bool = True) -> PreparedData:
     """Start or join Ray; with `address`, the decoded images go to the object store, as
     workers may run on nodes without this node's cache."""
@@ -237,28 +272,50 @@ class SearchOutcome:
     interrupted: bool  # stopped by Ctrl-C: no best is chosen from an unfinished search
     best: TrialRow | None
     runner_up: TrialRow | None
+    sampler: dict[str, Any] | None = None  # `search.resolve_sampler`'s settings
+    front: list[FrontPoint] | None = None  # two objectives: the Pareto front
 
 
-def run_search(spec: SearchSpaceFile, data: PreparedData, ctx: RunContext) -> SearchOutcome:
-    """Run (or, with `ctx.resume`, continue) the search; writes `ctx.local/trials.csv`."""
+def run_search(
+    spec: SearchSpaceFile, data: PreparedData, ctx: RunContext, warm: WarmStart | None = None
+) -> SearchOutcome:
+    """Run (or, with `ctx.resume`, continue) the search; writes `ctx.local/trials.csv`.
+    `warm`: an earlier search's trials for the sampler. With two objectives the best is the
+    front's point `pareto.choose_on_front` picks."""
     with StopOnCtrlC(on_exit=f"continue the search with: {ctx.resume_command}") as ctrl_c:
-        grid = _fit_tuner(spec, data, ctx)
+        grid, sampler = _fit_tuner(spec, data, ctx, warm)
     keys = list(spec.space)
     rows = collect_rows(grid, keys, ended=EndedTrials.ended if ctrl_c.interrupted else None)
     write_trials_csv(ctx.local / "trials.csv", rows, keys)
+    front = None
+    if spec.search.multi_objective:
+        size = ModelSize(spec.base.model_dump(mode="json"), data.plan.task.num_outputs)
+        sizes = {r.trial_id: size(r.params) for r in rows if r.status == "completed"}
+        front = pareto_front(rows, sizes)
     best = None if ctrl_c.interrupted else best_row(rows)
+    if best is not None and front is not None:
+        chosen = choose_on_front(front)
+        best = next((r for r in rows if chosen and r.trial_id == chosen.trial_id), best)
     runner_up = runner_up_row(rows, best) if best is not None else None
-    return SearchOutcome(rows, keys, ctrl_c.interrupted, best, runner_up)
+    return SearchOutcome(rows, keys, ctrl_c.interrupted, best, runner_up, sampler, front)
 
 
-def _fit_tuner(spec: SearchSpaceFile, data: PreparedData, ctx: RunContext) -> Any:
-    """The Tuner's ResultGrid; `ctx.local` is where W&B keeps its files."""
+def _fit_tuner(
+    spec: SearchSpaceFile, data: PreparedData, ctx: RunContext, warm: WarmStart | None
+) -> tuple[Any, dict[str, Any]]:
+    """The Tuner's ResultGrid and the sampler's settings; `ctx.local` is where W&B keeps
+    its files."""
     search = spec.search
     concurrent = concurrency_limit(search.max_concurrent, search.num_samples, spec.base.scaling)
     layout = plan_workers(spec.base.scaling, concurrent=concurrent)
     context = TrialContext(
-        spec.base.model_dump(mode="json"), data.plan, layout, f"{ctx.experiment_uri}/trials"
+        spec.base.model_dump(mode="json"),
+        data.plan,
+        layout,
+        f"{ctx.experiment_uri}/trials",
+        report_num_params=search.multi_objective,
     )
+    sampler = resolve_sampler(search, concurrent)
     gpu = f" + {layout.gpus_per_worker:g} GPU" if layout.use_gpu else ""
     images = len(data.plan.folds[0]["train"]) + len(data.plan.folds[0]["val"])
     print(
@@ -268,6 +325,7 @@ def _fit_tuner(spec: SearchSpaceFile, data: PreparedData, ctx: RunContext) -> An
         f"-> {ctx.experiment_uri}",
         flush=True,
     )
+    print(f"sampler: {sampler_text(sampler, search.objectives, warm)}", flush=True)
     keep_secrets_out_of_ray()
     EndedTrials.ended.clear()
     if ctx.resume:
@@ -280,10 +338,26 @@ def _fit_tuner(spec: SearchSpaceFile, data: PreparedData, ctx: RunContext) -> An
             *tensorboard_callbacks(),
         ]
         tuner = build_tuner(
-            spec, context, ctx.name, ctx.storage, concurrent, callbacks, ctx.verbose
+            spec, context, ctx.name, ctx.storage, concurrent, callbacks, ctx.verbose, warm
         )
     with hidden_status_lines(hide=not ctx.verbose):
-        return tuner.fit()
+        return tuner.fit(), sampler
+
+
+def sampler_text(
+    sampler: dict[str, Any], objectives: Sequence[str], warm: WarmStart | None = None
+) -> str:
+    """One line: the sampler's settings, the objectives, the warm start."""
+    settings = ", ".join(f"{k} {v}" for k, v in sampler.items() if k != "algorithm")
+    text = f"{sampler['algorithm'].upper()} ({settings}) on {' and '.join(objectives)}"
+    if len(objectives) > 1:
+        text += "; no early stopping (ASHA ranks one score)"
+    if warm is not None:
+        text += (
+            f"; warm-started with {len(warm.params)} trial(s) of {warm.source}"
+            f" ({warm.skipped} outside this space left out)"
+        )
+    return text
 
 
 def folds_text(cv: CVConfig) -> str:
@@ -433,10 +507,15 @@ def score_test(path: Path, data: PreparedData, local: Path) -> dict[str, Any]:
 
 
 def summarize(
-    ctx: RunContext, spec: SearchSpaceFile, prepared: Prepared, outcome: SearchOutcome
+    ctx: RunContext,
+    spec: SearchSpaceFile,
+    prepared: Prepared,
+    outcome: SearchOutcome,
+    warm: WarmStart | None = None,
 ) -> RunSummary:
-    """summary.json as far as the search goes: trials, space, data and, once it finished
-    with a completed trial, the best and runner-up (written to best_config.yaml too)."""
+    """summary.json as far as the search goes: trials, space, data, the sampler, parameter
+    importance (and the Pareto front) and, once it finished with a completed trial, the best
+    and runner-up (written to best_config.yaml too)."""
     data = describe_index(prepared.data.index, prepared.inspection)
     data |= {
         "thin_validation_folds": prepared.data.thin_folds,
@@ -451,6 +530,11 @@ def summarize(
         data=DataSummary.model_validate(data),
         versions=versions(),
         interrupted=outcome.interrupted,
+        sampler=outcome.sampler,
+        warm_start=warm.record() if warm else None,
+        param_importance=param_importances(outcome.rows, spec.space, spec.search.seed),
+        pareto_front=([asdict(p) for p in outcome.front] if outcome.front is not None else None),
+        pareto_rule=RULE if outcome.front is not None else None,
     )
     best, runner_up = outcome.best, outcome.runner_up
     if best is None:
@@ -553,6 +637,13 @@ def format_results(
             f"  not separable from the runner-up, trial {summary.runner_up_trial}: their 95% "
             "intervals (mean ± 1.96 SE) overlap (see the report)"
         )
+    if why := importance_text(summary.param_importance):
+        lines.append(why)
+    if summary.pareto_front is not None:
+        lines.append(
+            f"Pareto front of CV ROC-AUC and model size: {len(summary.pareto_front)} trial(s); "
+            f"refitted trial {best.trial_id}: {summary.pareto_rule}"
+        )
     lines.append("best configuration (best_config.yaml):")
     for key, value in best.params.items():
         lines.append(f"  {key}: {value}")
@@ -574,6 +665,19 @@ def format_results(
     if mlflow_run is not None:
         lines.append(f"MLflow: best model and report in {mlflow_run}")
     return "\n".join(lines)
+
+
+def stopped(summary: RunSummary, ctx: RunContext) -> int:
+    """A search that ended without a refit: Ctrl-C says what finished and how to continue
+    (exit status 130); no completed trial is an error.
+
+    Raises:
+        UserError: no trial completed, so nothing can be refitted.
+    """
+    if not summary.interrupted:
+        raise UserError(f"no trial completed (see {ctx.local / 'trials.csv'}); nothing to refit")
+    print(interrupted_text(summary, ctx), flush=True)
+    return EXIT_INTERRUPTED
 
 
 def interrupted_text(summary: RunSummary, ctx: RunContext) -> str:

@@ -91,6 +91,35 @@ def plot_search_progress(
     return save(fig, path)
 
 
+def plot_pareto_front(
+    num_params: Sequence[int], aucs: Sequence[float], chosen: int | None, path: Path
+) -> Path:
+    """A two-objective search's Pareto front: CV ROC-AUC against the model's parameter
+    count (log scale), the points joined in order; `chosen` (an index) is the refitted one."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    sizes, values = np.asarray(num_params, dtype=float), np.asarray(aucs, dtype=float)
+    order = np.argsort(sizes)
+    ax.step(sizes[order], values[order], where="post", color="grey", alpha=0.6)
+    ax.scatter(sizes, values, marker="o", zorder=3, label="Pareto front (completed trials)")
+    if chosen is not None:
+        ax.scatter(
+            [sizes[chosen]],
+            [values[chosen]],
+            marker="*",
+            s=160,
+            color="black",
+            zorder=4,
+            label="refitted",
+        )
+    ax.set_xscale("log")
+    ax.set(xlabel="model parameters (count, log scale)", ylabel="CV ROC-AUC (mean over folds)")
+    ax.set_title("Accuracy against model size")
+    cap_auc_axis(ax)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return save(fig, path)
+
+
 def plot_params(
     params: Mapping[str, Sequence[Any]], aucs: Sequence[float], best: int, path: Path
 ) -> Path:

@@ -25,6 +25,7 @@ from distmed.artifacts import write_text_atomic
 from distmed.calibration import TemperatureFit, apply_temperature
 from distmed.cvstats import interval, separable
 from distmed.errors import UserError
+from distmed.importance import importance_text
 from distmed.inference import TEST_PREDICTIONS, TEST_PREDICTIONS_FOLDS, load_inference_model
 from distmed.results import read_trial_detail
 from distmed.savedmodel import SavedModel, Threshold
@@ -181,10 +182,13 @@ def search_section(run: RunData, figures: Path) -> str:
                     f"{num('best_cv_roc_auc_se', summary.best_cv_roc_auc_se)}",
                 ],
                 ["refit epochs", num("refit_epochs", summary.refit_epochs, "{}")],
+                ["sampler", html.escape(sampler_text(summary))],
             ],
         ),
         separation_text(run),
         few_images_text(data),
+        why_text(summary),
+        pareto_part(summary, figures),
         _figure(
             plots.plot_search_progress(
                 aucs, statuses, figures / "search_progress.png", "trial (in order started)"
@@ -212,6 +216,59 @@ def few_images_text(data: DataSummary) -> str:
     than 5 images of a class; `cv.gaps_in_test_split`), as visible cautions; else ""."""
     notes = [n for n in (data.thin_validation_folds, data.test_split_gaps) if n]
     return "".join(f"<p><b>Caution:</b> {html.escape(note)}</p>" for note in notes)
+
+
+def sampler_text(summary: RunSummary) -> str:
+    """The sampler as built and the warm start, as recorded in summary.json."""
+    sampler = summary.sampler
+    if not sampler:
+        return "not recorded (a search from before the sampler was recorded)"
+    text = ", ".join(f"{k} {v}" for k, v in sampler.items())
+    warm = summary.warm_start
+    if warm:
+        text += (
+            f"; warm-started with {warm['trials_used']} completed trial(s) of {warm['from']} "
+            f"({warm['skipped']} outside this space left out)"
+        )
+    return text
+
+
+def why_text(summary: RunSummary) -> str:
+    """Parameter importance over the completed trials (`importance.param_importances`)."""
+    text = importance_text(summary.param_importance)
+    return f"<p>{html.escape(text)}</p>" if text else ""
+
+
+def pareto_part(summary: RunSummary, figures: Path) -> str:
+    """Two objectives: the front as a figure and a table, and the rule for the refit."""
+    front = summary.pareto_front
+    if front is None:
+        return ""
+    if not front:
+        return "<p>Pareto front: no completed trial, so no front.</p>"
+    ids = [p["trial_id"] for p in front]
+    chosen = ids.index(summary.best_trial) if summary.best_trial in ids else None
+    path = plots.plot_pareto_front(
+        [p["num_params"] for p in front],
+        [p["cv_roc_auc"] for p in front],
+        chosen,
+        figures / "pareto_front.png",
+    )
+    rows = [
+        [
+            html.escape(p["trial_id"]) + (" (refitted)" if i == chosen else ""),
+            num(f"pareto_front.{i}.cv_roc_auc", p["cv_roc_auc"]),
+            num(f"pareto_front.{i}.cv_roc_auc_se", p["cv_roc_auc_se"]),
+            f"{p['num_params']:,}",
+        ]
+        for i, p in enumerate(front)
+    ]
+    return (
+        f"<h3>Pareto front: CV ROC-AUC against model size ({len(front)} trial(s))</h3>"
+        + _figure(path)
+        + table(["trial", "CV ROC-AUC", "corrected SE", "parameters"], rows)
+        + f"<p>Refitted: {html.escape(summary.pareto_rule or '')}.</p>"
+    )
 
 
 def separation_text(run: RunData) -> str:

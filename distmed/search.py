@@ -17,10 +17,11 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TextIO, cast
+from typing import TYPE_CHECKING, Any, ClassVar, TextIO, cast
 
 import optuna
 import ray.tune
@@ -35,10 +36,20 @@ from distmed.config import ExperimentConfig
 from distmed.cv import FoldPlan, cross_validate
 from distmed.failures import describe
 from distmed.loop import format_epoch
+from distmed.pareto import ModelSize
 from distmed.resources import TRIAL_CPU, WorkerLayout
 from distmed.results import completed_score
-from distmed.space import SearchSpaceFile, apply_params, to_tune_domains
+from distmed.space import (
+    OBJECTIVE_MODES,
+    SearchSettings,
+    SearchSpaceFile,
+    apply_params,
+    to_tune_domains,
+)
 from distmed.tunestate import RecordTuneState, check_state, remember_tuner_file
+
+if TYPE_CHECKING:
+    from distmed.warmstart import WarmStart
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +62,7 @@ class TrialContext:
     plan: FoldPlan
     layout: WorkerLayout
     train_storage: str
+    report_num_params: bool = False  # two objectives: every report carries the model size
 
 
 def run_trial(params: dict[str, Any], context: TrialContext) -> None:
@@ -58,7 +70,10 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     cfg = apply_params(ExperimentConfig.model_validate(context.base), params)
     trial_id = ray.tune.get_context().get_trial_id()
     run_name = trial_run_name(trial_id)
-    to_tune = TuneReportCallback()
+    extra = {}
+    if context.report_num_params:
+        extra["num_params"] = ModelSize(context.base, context.plan.task.num_outputs)(params)
+    to_tune = ReportToTune(extra)
     cross_validate(
         cfg,
         context.plan,
@@ -96,15 +111,65 @@ def wait_until_tune_took_every_report(
 
 
 class CVOptunaSearch(OptunaSearch):
-    """OptunaSearch that reports scheduler-stopped trials to Optuna as PRUNED."""
+    """OptunaSearch that reports scheduler-stopped trials to Optuna as PRUNED, and adds an
+    earlier search's trials to the study before the first is sampled (`warm`: parameters
+    and objective values, one per metric)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        warm: tuple[list[dict[str, Any]], list[list[float]]] = ([], []),
+        **kwargs: Any,
+    ) -> None:
+        self._warm = warm
+        super().__init__(*args, **kwargs)
+
+    def _setup_study(self, mode: str | list) -> None:
+        super()._setup_study(mode)
+        self.add_warm_trials()
+
+    def add_warm_trials(self) -> None:
+        """The warm trials as COMPLETE trials of the study (once: a restored study has them)."""
+        if self._ot_study is None or self._ot_study.trials:
+            return
+        one = isinstance(self._metric, str)
+        for params, values in zip(*self._warm, strict=True):
+            try:
+                self._ot_study.add_trial(
+                    optuna.trial.create_trial(
+                        params=params,
+                        distributions={k: self._space[k] for k in params},
+                        **({"value": values[0]} if one else {"values": values}),
+                    )
+                )
+            except (ValueError, KeyError) as exc:  # warmstart checked them against the space
+                log.warning("warm-start trial left out: %s", exc)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         if result and not error:
-            score = result.get(self.metric)
+            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+            score = result.get(metrics[0])
             if not result.get("cv_complete") or score is None or not math.isfinite(score):
-                # Dropping the metric makes OptunaSearch tell PRUNED (see its on_trial_complete).
-                result = {k: v for k, v in result.items() if k != self.metric}
+                # No values makes OptunaSearch tell PRUNED (see its on_trial_complete).
+                result = (
+                    None
+                    if len(metrics) > 1
+                    else {k: v for k, v in result.items() if k != self.metric}
+                )
         super().on_trial_complete(trial_id, result, error)
+
+
+class ReportToTune(TuneReportCallback):
+    """Train's epoch reports to the trial, each with `extra` metrics added (the model size
+    for a two-objective search: Tune requires every objective in every result)."""
+
+    def __init__(self, extra: dict[str, Any]) -> None:
+        super().__init__()
+        self.extra = extra
+
+    def after_report(self, run_context, metrics, checkpoint):
+        with_extra = [{**metrics[0], **self.extra}, *metrics[1:]] if metrics else metrics
+        super().after_report(run_context, with_extra, checkpoint)
 
 
 class EpochLines(ray.tune.Callback):
@@ -317,10 +382,48 @@ class KeepBestCheckpoints(ray.tune.Callback):
         self.deleted.add(trial_id)
 
 
-def build_sampler(algorithm: str, seed: int) -> optuna.samplers.BaseSampler:
-    if algorithm == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+def startup_trials(num_samples: int) -> int:
+    """TPE's random start-up for a budget of `num_samples` trials: a quarter, 3 to 10.
+
+    Optuna's `TPESampler` samples at random until `n_startup_trials` trials have finished
+    (default 10, its docs). With 10 of a 12-trial budget that is random search. TPE splits
+    the finished trials into a good and a bad group (gamma: the best ~10%) and needs a few in
+    each to model them, hence at least 3; at most Optuna's default 10, which large budgets keep.
+    """
+    return min(10, max(3, num_samples // 4))
+
+
+def resolve_sampler(settings: SearchSettings, max_concurrent: int) -> dict[str, Any]:
+    """`search.sampler` with `auto` decided: the values the sampler is built with.
+
+    `constant_liar` (auto: on when `max_concurrent > 1`): Optuna's TPE otherwise ignores
+    running trials, and trials started together draw from the same model, so near-duplicate
+    configurations; the liar counts each running trial as a poor result (Optuna's docs
+    recommend it for parallel trials). `algorithm: random` has none of these settings.
+    """
+    if settings.algorithm == "random":
+        return {"algorithm": "random", "seed": settings.seed}
+    s = settings.sampler
+    startup = startup_trials(settings.num_samples)
+    return {
+        "algorithm": "tpe",
+        "seed": settings.seed,
+        "n_startup_trials": startup if s.n_startup_trials == "auto" else s.n_startup_trials,
+        "constant_liar": max_concurrent > 1 if s.constant_liar == "auto" else s.constant_liar,
+        "multivariate": s.multivariate,
+        "group": s.group,
+    }
+
+
+def build_sampler(resolved: dict[str, Any]) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler for `resolve_sampler`'s settings."""
+    options = {k: v for k, v in resolved.items() if k != "algorithm"}
+    if resolved["algorithm"] == "random":
+        return optuna.samplers.RandomSampler(**options)
+    with warnings.catch_warnings():
+        # multivariate, group and constant_liar are marked experimental (their API may change)
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(**options)
 
 
 def trial_run_name(trial_id: str) -> str:
@@ -336,15 +439,32 @@ def build_tuner(
     max_concurrent: int,
     callbacks: list[Any],
     verbose: bool,
+    warm: WarmStart | None = None,
 ) -> ray.tune.Tuner:
-    """A Tuner over `spec.space`: a seeded Optuna sampler, a concurrency cap, ASHA (or FIFO)."""
+    """A Tuner over `spec.space`: a seeded Optuna sampler (`resolve_sampler`; `warm`: an
+    earlier search's trials in its study first), a concurrency cap, ASHA (or FIFO)."""
     settings = spec.search
-    searcher = CVOptunaSearch(sampler=build_sampler(settings.algorithm, settings.seed))
+    sampler = build_sampler(resolve_sampler(settings, max_concurrent))
+    warm_trials = (warm.params, warm.values) if warm else ([], [])
+    if settings.multi_objective:
+        # Tune's TuneConfig takes one metric and would overwrite the searcher's list, so the
+        # searcher gets the space and both objectives itself (Ray's multi-objective pattern).
+        searcher = CVOptunaSearch(
+            space=OptunaSearch.convert_search_space(to_tune_domains(spec.space)),
+            metric=list(settings.objectives),
+            mode=[OBJECTIVE_MODES[o] for o in settings.objectives],
+            sampler=sampler,
+            warm=warm_trials,
+        )
+        param_space: dict[str, Any] = {}
+    else:
+        searcher = CVOptunaSearch(sampler=sampler, warm=warm_trials)
+        param_space = to_tune_domains(spec.space)
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(
             ray.tune.with_parameters(run_trial, context=context), {"cpu": TRIAL_CPU}
         ),
-        param_space=to_tune_domains(spec.space),
+        param_space=param_space,
         tune_config=ray.tune.TuneConfig(
             metric=settings.metric,
             mode=settings.mode,

@@ -31,6 +31,9 @@ MAY_DIFFER_ON_RESUME = (
     "base.scaling.",
     "base.tracking.",
 )
+# Recorded since the sampler became configurable: a search recorded before has none, and
+# its restored study keeps the sampler it was started with.
+NEWER_KEYS = ("search.sampler.", "search.objectives")
 
 
 def search_record(spec: SearchSpaceFile, nested: int | None = None) -> dict[str, Any]:
@@ -125,6 +128,8 @@ def check_same_search(
     before, now = dict(record), search_record(spec, nested)
     before.setdefault("nested", None)  # a record from before --nested was in it
     before.pop(IMAGES_KEY, None)  # check_same_images compares those
+    if not any(k.startswith(NEWER_KEYS) for k in before):
+        before.update({k: v for k, v in now.items() if k.startswith(NEWER_KEYS)})
     differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if differ:
         first = differ[0]

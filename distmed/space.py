@@ -12,7 +12,14 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from distmed.config import (
     ExperimentConfig,
@@ -42,6 +49,38 @@ class SchedulerSettings(_Strict):
     reduction_factor: float = Field(2.0, gt=1)
 
 
+class SamplerSettings(_Strict):
+    """TPE's settings (`search.sampler`); `auto` is resolved by `distmed.search.resolve_sampler`
+    from the trial budget and the concurrency. Ignored by `algorithm: random`."""
+
+    n_startup_trials: int | Literal["auto"] = Field(
+        "auto", description="random trials before TPE models the results; auto: budget // 4, 3..10"
+    )
+    constant_liar: bool | Literal["auto"] = Field(
+        "auto", description="treat running trials as poor results; auto: on when trials overlap"
+    )
+    multivariate: bool = Field(True, description="model the parameters jointly, not one by one")
+    group: bool = Field(True, description="model each set of parameters drawn together apart")
+
+    @field_validator("n_startup_trials")
+    @classmethod
+    def _at_least_one(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("n_startup_trials must be auto or >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _group_needs_multivariate(self) -> SamplerSettings:
+        if self.group and not self.multivariate:
+            raise ValueError("group: true needs multivariate: true (set both, or group: false)")
+        return self
+
+
+# What each trial can be scored on: the fold-averaged ROC-AUC (higher is better) and the
+# model's trainable-parameter count (lower is better; deterministic, so free to measure).
+OBJECTIVE_MODES = {"cv_roc_auc": "max", "num_params": "min"}
+
+
 class SearchSettings(_Strict):
     metric: Literal["cv_roc_auc"] = "cv_roc_auc"
     mode: Literal["max"] = "max"
@@ -52,6 +91,31 @@ class SearchSettings(_Strict):
         "tpe", description="Optuna's sampler: TPE, or random search as a baseline"
     )
     scheduler: SchedulerSettings = SchedulerSettings()
+    sampler: SamplerSettings = SamplerSettings()
+    objectives: tuple[Literal["cv_roc_auc", "num_params"], ...] = Field(
+        ("cv_roc_auc",),
+        description="[cv_roc_auc] or [cv_roc_auc, num_params]: a Pareto front of both",
+    )
+
+    @field_validator("objectives")
+    @classmethod
+    def _roc_auc_first(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if value not in (("cv_roc_auc",), ("cv_roc_auc", "num_params")):
+            raise ValueError("objectives must be [cv_roc_auc] or [cv_roc_auc, num_params]")
+        return value
+
+    @model_validator(mode="after")
+    def _asha_needs_one_objective(self) -> SearchSettings:
+        if len(self.objectives) > 1 and self.scheduler.type == "asha":
+            raise ValueError(
+                "scheduler: asha stops trials on one score and cannot rank two objectives; "
+                "set scheduler.type: none with two objectives"
+            )
+        return self
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
 
 
 class Distribution(_Strict):
@@ -237,3 +301,11 @@ def apply_params(base: ExperimentConfig, params: dict[str, Any]) -> ExperimentCo
             node = node[part]
         node[leaf] = value.item() if hasattr(value, "item") else value  # numpy scalars
     return validate_config(raw, "trial config")
+
+
+def optuna_distributions(space: dict[str, Distribution]) -> dict[str, Any]:
+    """Optuna distributions keyed by dotted config path, exactly as Ray's OptunaSearch
+    converts `to_tune_domains(space)` (importance and warm start must match the sampler)."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    return dict(OptunaSearch.convert_search_space(to_tune_domains(space)))

@@ -88,6 +88,14 @@ class RunSummary(BaseModel):
     # The best trial's fold models averaged (`--ensemble folds`), on the same test split.
     test_metrics_folds: dict[str, int | Score] | None = None
     wall_time_s: float | None = Field(None, ge=0)
+    # The sampler as built (`search.resolve_sampler`: `auto` decided), the warm start, why
+    # this configuration (`importance.param_importances`), and with two objectives the
+    # Pareto front (`pareto.FrontPoint`s, by descending CV ROC-AUC) and the refit rule.
+    sampler: dict[str, Any] | None = None
+    warm_start: dict[str, Any] | None = None
+    param_importance: dict[str, Any] | None = None
+    pareto_front: list[dict[str, Any]] | None = None
+    pareto_rule: str | None = None
 
     def save(self, path: Path) -> None:
         """Write atomically as strict JSON (NaN as `null`, `artifacts.json_text`)."""

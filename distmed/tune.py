@@ -23,11 +23,10 @@ from distmed.cli import (
     resume_command,
     run_command,
 )
-from distmed.errors import EXIT_INTERRUPTED, UserError
+from distmed.errors import UserError
 from distmed.nested import NestedRun, outer_assignment, run_nested
 from distmed.searchfile import check_same_images, record_search
 from distmed.space import SearchSpaceFile, load_space
-from distmed.summary import RunSummary
 
 MAX_TRIALS = 100_000  # --num-samples, --max-concurrent: beyond any search one cluster runs
 
@@ -101,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the mean outer score estimates the whole procedure (K x the cost; no model kept)",
     )
     parser.add_argument(
+        "--warm-start",
+        metavar="RUN_DIR",
+        help="give the sampler the completed trials of an earlier search on the same images, "
+        "e.g. runs/demo-1 (its trials outside this space are left out)",
+    )
+    parser.add_argument(
         "--target-sensitivity",
         type=positive_fraction,
         help="binary tasks: the operating threshold reaching this out-of-fold sensitivity, "
@@ -132,6 +137,7 @@ def _run(args: argparse.Namespace) -> int:
     prepared = pipeline.prepare(spec.base, pipeline.batch_sizes(spec))
     if record is not None:  # a resumed search: on the images it started with
         check_same_images(ctx.experiment_uri, record, prepared.data.index)
+    warm = pipeline.warm_start(args.warm_start, spec, prepared, ctx, args.nested)
     # An impossible K is refused before Ray starts or the name is taken.
     outer = outer_assignment(prepared.data, args.nested, spec) if args.nested else None
     data = pipeline.connect(prepared.data, args.address, worker_logs=args.verbose)
@@ -140,12 +146,12 @@ def _run(args: argparse.Namespace) -> int:
         record_search(ctx.experiment_uri, spec, prepared.data.index, args.nested)
     if outer is not None:  # --nested K
         return run_nested(NestedRun(spec, data, ctx, outer, args.nested))
-    outcome = pipeline.run_search(spec, data, ctx)
-    summary = pipeline.summarize(ctx, spec, prepared, outcome)
+    outcome = pipeline.run_search(spec, data, ctx, warm)
+    summary = pipeline.summarize(ctx, spec, prepared, outcome, warm)
     if outcome.interrupted or outcome.best is None:  # no refit: nothing (yet) to refit
         pipeline.save_summary(summary, ctx, wall_time_s=time.perf_counter() - started)
         pipeline.publish(ctx)
-        return _stopped(summary, ctx)
+        return pipeline.stopped(summary, ctx)
     pipeline.save_summary(summary, ctx)  # the search result is safe before the refit
     chosen = summary.best_config
     assert chosen is not None  # a best trial has its config
@@ -166,14 +172,6 @@ def _context(args: argparse.Namespace) -> pipeline.RunContext:
     name = args.name or f"{Path(args.space).stem[:80]}-{datetime.now():%Y%m%d-%H%M%S}"
     resume = resume_command("distmed.tune", args.argv, name)
     return pipeline.RunContext.create(name, args.storage, args.resume, args.verbose, resume)
-
-
-def _stopped(summary: RunSummary, ctx: pipeline.RunContext) -> int:
-    """Ctrl-C: what finished, and how to continue. No trial completed: an error."""
-    if not summary.interrupted:
-        raise UserError(f"no trial completed (see {ctx.local / 'trials.csv'}); nothing to refit")
-    print(pipeline.interrupted_text(summary, ctx), flush=True)
-    return EXIT_INTERRUPTED
 
 
 def _load_spec(args: argparse.Namespace) -> SearchSpaceFile:

@@ -202,3 +202,78 @@ def test_paired_auc_difference_is_the_difference_with_an_interval_around_it(tmp_
     np.savez(tmp_path / "other.npz", labels=1 - labels, probs=np.c_[1 - good, good])
     with pytest.raises(SystemExit, match="not predictions of the same images"):
         paired_auc_difference(tmp_path / "good.npz", tmp_path / "other.npz", positive=1)
+
+
+# --------------------------------------------------------------------------- benchmarks/search.py
+
+
+def _search_args(*extra: str):
+    from benchmarks import search
+
+    return search.parse_args(["--workdir", "/tmp/unused", *extra])
+
+
+def test_search_benchmark_plans_every_method_seed_and_data_set(capsys):
+    from benchmarks import search
+
+    assert search.main(["--plan"]) == 0  # prints the plan, runs nothing (no Ray)
+    printed = capsys.readouterr().out
+    assert "36 searches (6 methods x 3 seed(s) x 2 data set(s)), 24 trials each, 2 at" in printed
+    plan = search.search_plan(["breastmnist", "pneumoniamnist"], [0, 1, 2])
+    assert len(set(plan)) == 36 and {m for _, m, _ in plan} == set(search.METHODS)
+    args = _search_args()
+    configured = search.space_spec("breastmnist", "tpe_configured+asha", 1, args)
+    assert configured["search"]["algorithm"] == "tpe" and "sampler" not in configured["search"]
+    assert configured["search"]["scheduler"]["type"] == "asha"
+    assert configured["search"]["num_samples"] == 24 and configured["search"]["seed"] == 1
+    assert configured["base"]["cv"]["seed"] == 1 and configured["base"]["train"]["seed"] == 1
+    default = search.space_spec("breastmnist", "tpe_default+fifo", 0, args)
+    assert default["search"]["sampler"]["n_startup_trials"] == 10
+    assert default["search"]["scheduler"]["type"] == "none"
+    assert search.space_spec("x", "random+fifo", 0, args)["search"]["algorithm"] == "random"
+
+
+def test_search_benchmark_spaces_are_valid_distmed_spaces(tmp_path):
+    import yaml
+
+    from benchmarks import search
+    from distmed.search import resolve_sampler
+    from distmed.space import load_space
+
+    args = _search_args()
+    for method in search.METHODS:
+        path = tmp_path / f"{method}.yaml"
+        path.write_text(yaml.safe_dump(search.space_spec("breastmnist", method, 0, args)))
+        spec = load_space(path, ["data.root=x.npz"])
+        resolved = resolve_sampler(spec.search, args.concurrent)
+        if method.startswith("tpe_configured"):
+            assert resolved["n_startup_trials"] == 6 and resolved["constant_liar"] is True
+        if method.startswith("tpe_default"):
+            assert resolved["n_startup_trials"] == 10 and resolved["constant_liar"] is False
+
+
+def test_search_benchmark_measures_seconds_to_random_searchs_final_best():
+    from benchmarks import search
+
+    def run(method, seed, aucs, statuses=None):
+        statuses = statuses or ["completed"] * len(aucs)
+        trials = [_trial(s, a, 10.0) for s, a in zip(statuses, aucs, strict=True)]
+        best = max(a for s, a in zip(statuses, aucs, strict=True) if s == "completed")
+        return {"trials": trials, "best_cv_roc_auc": best, "method": method, "seed": seed}
+
+    runs = {}
+    for seed in (0, 1):
+        runs[search.run_name("d", "random+fifo", seed)] = run("random+fifo", seed, [0.7, 0.8, 0.75])
+        fast = [0.81, 0.6, 0.6] if seed == 0 else [0.5, 0.99, 0.6]
+        runs[search.run_name("d", "tpe_configured+asha", seed)] = run(
+            "tpe_configured+asha", seed, [0.95, *fast[1:]], ["stopped", "completed", "completed"]
+        )
+    out = search.summarise(runs, ["d"], [0, 1])["d"]
+    ref = out["methods"]["random+fifo"]["seconds_to_reference_best"]
+    assert ref == {"median": 20.0, "min": 20.0, "max": 20.0, "n": 2}  # its best at trial 2
+    target = out["methods"]["tpe_configured+asha"]["seconds_to_reference_best"]
+    # seed 0: the stopped 0.95 is no result and 0.6 < 0.8: never; seed 1: at trial 2.
+    assert target == {"median": 20.0, "min": 20.0, "max": 20.0, "n": 1}
+    assert out["target_over_reference_seconds"] == 1.0
+    assert out["methods"]["random+asha"]["seeds"] == 0  # not run: no numbers made up
+    assert "not reached" in search.results_table("d", out)

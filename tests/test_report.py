@@ -422,3 +422,33 @@ def test_figures_come_at_300_dpi_with_vector_copies(tmp_path: Path):
     assert Image.open(path).size[0] == 5 * plots.DPI  # 5 inches wide
     assert (tmp_path / "folds.svg").read_text().lstrip().startswith("<?xml")
     assert (tmp_path / "folds.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_report_shows_the_sampler_importance_and_pareto_front(finished_run: Path, tmp_path: Path):
+    run = tmp_path / "exp"
+    shutil.copytree(finished_run, run)
+    shutil.rmtree(run / runreport.FIGURES)
+    summary = RunSummary.load(run / "summary.json")
+    front = [
+        {"trial_id": "t1", "cv_roc_auc": 0.8, "cv_roc_auc_se": 0.02, "num_params": 1_000_000},
+        {"trial_id": "t2", "cv_roc_auc": 0.4, "cv_roc_auc_se": 0.05, "num_params": 20_000},
+    ]
+    summary.model_copy(
+        update={
+            "sampler": {"algorithm": "tpe", "n_startup_trials": 3, "constant_liar": True},
+            "warm_start": {"from": "runs/earlier", "trials_used": 5, "skipped": 1},
+            "param_importance": {
+                "method": "fANOVA (optuna)",
+                "num_trials": 12,
+                "importances": {"optim.lr": 0.7, "optim.name": 0.3},
+            },
+            "pareto_front": front,
+            "pareto_rule": "the smallest model within one standard error",
+        }
+    ).save(run / "summary.json")
+    runreport.build_report(run, resamples=50)
+    page = (run / runreport.REPORT).read_text()
+    assert (run / runreport.FIGURES / "pareto_front.png").stat().st_size > 5000
+    assert "on 12 completed trials" in page and "optim.lr 70%" in page
+    assert "constant_liar True" in page and "warm-started with 5 completed trial(s)" in page
+    assert "t1 (refitted)" in page and "within one standard error" in page

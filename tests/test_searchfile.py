@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from distmed import tune
 from distmed.data import scan_source
 from distmed.errors import UserError
 from distmed.searchfile import (
+    NEWER_KEYS,
     SEARCH_FILE,
     check_new_search,
     check_same_images,
@@ -106,3 +108,27 @@ def test_a_resume_on_other_images_is_refused_and_a_moved_folder_is_not(tmp_path)
     grown = write_image_folder(tmp_path / "grown", {"neg": 4, "pos": 5})
     with pytest.raises(UserError, match="was started on other images"):
         resume_on(grown)
+
+
+def test_a_resume_with_another_sampler_setting_is_refused(tmp_path):
+    # Tune restores the pickled sampler: a changed setting would silently not apply.
+    exp = str(tmp_path / "exp")
+    _record(exp)
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(
+        DEMO.read_text().replace(
+            "  max_concurrent: 2\n",
+            "  max_concurrent: 2\n  sampler:\n    multivariate: false\n    group: false\n",
+        )
+    )
+    with pytest.raises(UserError, match="search.sampler.group was True, now False"):
+        check_same_search(exp, load_space(edited))
+
+
+def test_a_search_recorded_before_sampler_settings_existed_still_resumes(tmp_path):
+    exp = tmp_path / "exp"
+    _record(str(exp))
+    record = json.loads((exp / SEARCH_FILE).read_text())
+    old = {k: v for k, v in record.items() if not k.startswith(NEWER_KEYS)}
+    (exp / SEARCH_FILE).write_text(json.dumps(old))
+    check_same_search(str(exp), load_space(DEMO))  # its restored study keeps its own sampler

@@ -14,7 +14,11 @@ import yaml
 
 from distmed.config import ExperimentConfig, config_fields
 from distmed.errors import UserError
-from distmed.search import build_sampler, wait_until_tune_took_every_report
+from distmed.search import (
+    build_sampler,
+    resolve_sampler,
+    wait_until_tune_took_every_report,
+)
 from distmed.space import apply_params, fixed_for_the_search, load_space, to_tune_domains
 
 REPO = Path(__file__).resolve().parents[1]
@@ -458,7 +462,7 @@ def test_algorithm_picks_a_seeded_optuna_sampler(tmp_path, algorithm, sampler):
     spec = load_space(space_file(tmp_path, "optim.lr: {loguniform: [1.0e-4, 1.0e-2]}", top=top))
     draws = []
     for _ in range(2):  # the same seed draws the same learning rates
-        built = build_sampler(spec.search.algorithm, spec.search.seed)
+        built = build_sampler(resolve_sampler(spec.search, max_concurrent=1))
         assert type(built).__name__ == sampler
         study = optuna.create_study(sampler=built)
         draws.append([study.ask().suggest_float("lr", 1e-4, 1e-2, log=True) for _ in range(3)])

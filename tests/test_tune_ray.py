@@ -213,9 +213,16 @@ def test_search_stops_poor_trials_writes_results_and_hides_the_key(
 
 def test_nested_search_scores_each_outer_fold_once(ray_session, tmp_path: Path, capsys):
     """--nested 2 with 2 inner folds: two inner searches, each refit on its outer training
-    part and scored on its outer validation part; nested.json holds both and their mean."""
+    part and scored on its outer validation part; nested.json holds both and their mean.
+    The inner searches have two objectives (the cheap Ray check of that path: both in every
+    result, Optuna's multi-objective study, the best taken from the Pareto front)."""
     data = _split_folder(tmp_path / "data")
-    search = {"num_samples": 1, "seed": 0, "scheduler": {"type": "none"}}
+    search = {
+        "num_samples": 1,
+        "seed": 0,
+        "scheduler": {"type": "none"},
+        "objectives": ["cv_roc_auc", "num_params"],
+    }
     space = _space(tmp_path, data, search)
     argv = ["--space", str(space), "--storage", str(tmp_path / "runs"), "--name", "nest"]
     argv += ["--nested", "2", "--set", "train.epochs=1"]
@@ -229,6 +236,7 @@ def test_nested_search_scores_each_outer_fold_once(ray_session, tmp_path: Path, 
     outer = [f["outer_metrics"]["roc_auc"] for f in nested["folds"]]
     assert nested["mean_outer_roc_auc"] == pytest.approx(sum(outer) / 2)
     assert "nested CV estimate" in printed
+    assert printed.count("on cv_roc_auc and num_params; no early stopping") == 2
     for k in (0, 1):
         assert (out / f"outer-{k}" / "trials.csv").is_file()
         assert (out / f"outer-{k}" / "best_config.yaml").is_file()
