@@ -32,7 +32,8 @@ from distmed.yamlfile import NotYaml, load_yaml, read_yaml_file
 DEFAULT_ARCH = "resnet18"
 # Square side in pixels that images are resized to. A type of its own so that a saved model's
 # preprocessing (`savedmodel.Preprocessing`) is held to the very same bounds as the config.
-ImageSize = Annotated[int, Field(ge=8, le=1024)]
+MIN_IMAGE_SIZE = 8  # also the architecture table's smallest `min_size`
+ImageSize = Annotated[int, Field(ge=MIN_IMAGE_SIZE, le=1024)]
 
 
 class _Section(BaseModel):
@@ -129,14 +130,17 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: Literal[tuple(ARCHS)] = DEFAULT_ARCH  # type: ignore[valid-type]
+    arch: Literal[tuple(ARCHS)] = Field(  # type: ignore[valid-type]
+        DEFAULT_ARCH, description="a row of the architecture table (README 'Architectures')"
+    )
     weights: str = Field(
         "imagenet", description="'imagenet' (torchvision), 'none' (random init) or a .pt/.pth path"
     )
     weights_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{8,64}$")
     stem: Literal["imagenet", "small"] = Field(
         "imagenet",
-        description="small: 3x3 stride-1 first conv and no max-pool, for 28-64 px images",
+        description="small: 3x3 stride-1 first conv and no max-pool, for 28-64 px images "
+        "(the archs with a small stem: README 'Architectures')",
     )
     head: Literal["linear", "mlp"] = "linear"
     head_hidden: int = Field(256, ge=1)
@@ -147,18 +151,40 @@ class ModelConfig(_Section):
         le=max(arch.depth for arch in ARCHS.values()),
         description="0: head only; k: head + the last k stages, head end first ("
         + ", ".join(ARCHS[DEFAULT_ARCH].stage_names)
-        + f" for {DEFAULT_ARCH})",
+        + f" for {DEFAULT_ARCH}); default: the arch's depth, everything trains",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _unfreeze_defaults_to_everything(cls, data: Any) -> Any:
+        # The depth differs per row (5 for a ResNet, 9 for an EfficientNet): an unset
+        # `unfreeze` means "train everything" for whichever arch is chosen.
+        if isinstance(data, dict) and "unfreeze" not in data:
+            arch = ARCHS.get(str(data.get("arch", DEFAULT_ARCH)))
+            if arch is not None:
+                return {**data, "unfreeze": arch.depth}
+        return data
+
     @model_validator(mode="after")
-    def _unfreeze_fits_arch(self) -> ModelConfig:
-        depth = ARCHS[self.arch].depth
-        if self.unfreeze > depth:
+    def _unfreeze_and_stem_fit_arch(self) -> ModelConfig:
+        arch = ARCHS[self.arch]
+        if self.unfreeze > arch.depth:
             raise ValueError(
-                f"model.unfreeze={self.unfreeze}: {self.arch} has {depth} stages; "
-                f"set model.unfreeze to at most {depth}"
+                f"model.unfreeze={self.unfreeze}: {self.arch} has {arch.depth} stages; "
+                f"set model.unfreeze to at most {arch.depth}"
+            )
+        if self.stem == "small" and arch.small_stem is None:
+            without = ", ".join(name for name, row in ARCHS.items() if row.small_stem is None)
+            raise ValueError(
+                f"model.stem=small: {self.arch} has no small stem (of the archs only {without} "
+                "lack one); set model.stem=imagenet or choose another model.arch"
             )
         return self
+
+    @property
+    def min_image_size(self) -> int:
+        """The smallest `data.image_size` this arch and stem accept (the table's `min_size`)."""
+        return ARCHS[self.arch].min_size if self.stem == "imagenet" else MIN_IMAGE_SIZE
 
 
 class OptimConfig(_Section):
@@ -251,6 +277,17 @@ class ExperimentConfig(_Section):
     cv: CVConfig = CVConfig()
     scaling: ScalingSection = ScalingSection()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _image_fits_arch(self) -> ExperimentConfig:
+        least = self.model.min_image_size
+        if self.data.image_size < least:
+            raise ValueError(
+                f"data.image_size={self.data.image_size}: {self.model.arch} with "
+                f"model.stem={self.model.stem} needs at least {least} px; set data.image_size "
+                f">= {least}" + (" or model.stem=small" if self.model.stem == "imagenet" else "")
+            )
+        return self
 
 
 def load_config(
