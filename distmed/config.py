@@ -147,8 +147,7 @@ class ModelConfig(_Section):
     head_dropout: float = Field(0.2, ge=0, lt=1)
     unfreeze: int = Field(
         ARCHS[DEFAULT_ARCH].depth,
-        ge=0,
-        le=max(arch.depth for arch in ARCHS.values()),
+        ge=0,  # the upper bound is the arch's depth: `_unfreeze_and_stem_fit_arch`
         description="0: head only; k: head + the last k stages, head end first ("
         + ", ".join(ARCHS[DEFAULT_ARCH].stage_names)
         + f" for {DEFAULT_ARCH}); default: the arch's depth, everything trains",

@@ -169,9 +169,7 @@ def _densenet(name: str, weights: str) -> Arch:
             Stage("features.denseblock2", 8, ("features.transition2",)),
             Stage("features.denseblock1", 4, ("features.transition1",)),
         ),
-        small_stem=SmallStem(
-            conv="features.conv0", norm="features.norm0", pool="features.pool0"
-        ),
+        small_stem=SmallStem(conv="features.conv0", norm="features.norm0", pool="features.pool0"),
         min_size=29,
     )
 
@@ -184,7 +182,11 @@ _EFFICIENTNET_V2_S_REDUCTIONS = (2, 4, 8, 16, 16, 32)
 
 
 def _efficientnet(
-    name: str, weights: str, reductions: tuple[int, ...], input_size: int, resize_size: int,
+    name: str,
+    weights: str,
+    reductions: tuple[int, ...],
+    input_size: int,
+    resize_size: int,
     interpolation: str,
 ) -> Arch:
     head_conv = len(reductions) + 1
@@ -283,24 +285,44 @@ ARCHS: dict[str, Arch] = {
         _densenet("densenet121", "DenseNet121_Weights"),
         _densenet("densenet169", "DenseNet169_Weights"),
         _efficientnet(
-            "efficientnet_b0", "EfficientNet_B0_Weights", _EFFICIENTNET_REDUCTIONS,
-            224, 256, "bicubic",
+            "efficientnet_b0",
+            "EfficientNet_B0_Weights",
+            _EFFICIENTNET_REDUCTIONS,
+            224,
+            256,
+            "bicubic",
         ),
         _efficientnet(
-            "efficientnet_b1", "EfficientNet_B1_Weights", _EFFICIENTNET_REDUCTIONS,
-            240, 255, "bilinear",
+            "efficientnet_b1",
+            "EfficientNet_B1_Weights",
+            _EFFICIENTNET_REDUCTIONS,
+            240,
+            255,
+            "bilinear",
         ),
         _efficientnet(
-            "efficientnet_b2", "EfficientNet_B2_Weights", _EFFICIENTNET_REDUCTIONS,
-            288, 288, "bicubic",
+            "efficientnet_b2",
+            "EfficientNet_B2_Weights",
+            _EFFICIENTNET_REDUCTIONS,
+            288,
+            288,
+            "bicubic",
         ),
         _efficientnet(
-            "efficientnet_b3", "EfficientNet_B3_Weights", _EFFICIENTNET_REDUCTIONS,
-            300, 320, "bicubic",
+            "efficientnet_b3",
+            "EfficientNet_B3_Weights",
+            _EFFICIENTNET_REDUCTIONS,
+            300,
+            320,
+            "bicubic",
         ),
         _efficientnet(
-            "efficientnet_v2_s", "EfficientNet_V2_S_Weights", _EFFICIENTNET_V2_S_REDUCTIONS,
-            384, 384, "bilinear",
+            "efficientnet_v2_s",
+            "EfficientNet_V2_S_Weights",
+            _EFFICIENTNET_V2_S_REDUCTIONS,
+            384,
+            384,
+            "bilinear",
         ),
         _convnext("convnext_tiny", "ConvNeXt_Tiny_Weights"),
         _convnext("convnext_small", "ConvNeXt_Small_Weights"),
