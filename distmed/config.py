@@ -19,6 +19,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
@@ -147,7 +149,7 @@ class ModelConfig(_Section):
     head_dropout: float = Field(0.2, ge=0, lt=1)
     unfreeze: int = Field(
         ARCHS[DEFAULT_ARCH].depth,
-        ge=0,  # the upper bound is the arch's depth: `_unfreeze_and_stem_fit_arch`
+        ge=0,  # the upper bound is the arch's depth: `_unfreeze_fits_arch`
         description="0: head only; k: head + the last k stages, head end first ("
         + ", ".join(ARCHS[DEFAULT_ARCH].stage_names)
         + f" for {DEFAULT_ARCH}); default: the arch's depth, everything trains",
@@ -164,21 +166,38 @@ class ModelConfig(_Section):
                 return {**data, "unfreeze": arch.depth}
         return data
 
-    @model_validator(mode="after")
-    def _unfreeze_and_stem_fit_arch(self) -> ModelConfig:
-        arch = ARCHS[self.arch]
-        if self.unfreeze > arch.depth:
+    @field_validator("arch", mode="wrap")
+    @classmethod
+    def _arch_in_table(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # pydantic's own Literal error quotes all rows with their quotes: too long for a line.
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(f"unknown arch; use one of {'/'.join(ARCHS)}") from None
+
+    # Field validators (`arch` is declared, so validated, first): the error names the field
+    # and quotes its value, like a bound that were the same for every arch.
+    @field_validator("unfreeze")
+    @classmethod
+    def _unfreeze_fits_arch(cls, unfreeze: int, info: ValidationInfo) -> int:
+        arch = ARCHS.get(info.data.get("arch", ""))
+        if arch is not None and unfreeze > arch.depth:
             raise ValueError(
-                f"model.unfreeze={self.unfreeze}: {self.arch} has {arch.depth} stages; "
-                f"set model.unfreeze to at most {arch.depth}"
+                f"{arch.name} has {arch.depth} stages; set model.unfreeze to at most {arch.depth}"
             )
-        if self.stem == "small" and arch.small_stem is None:
+        return unfreeze
+
+    @field_validator("stem")
+    @classmethod
+    def _stem_fits_arch(cls, stem: str, info: ValidationInfo) -> str:
+        arch = ARCHS.get(info.data.get("arch", ""))
+        if stem == "small" and arch is not None and arch.small_stem is None:
             without = ", ".join(name for name, row in ARCHS.items() if row.small_stem is None)
             raise ValueError(
-                f"model.stem=small: {self.arch} has no small stem (of the archs only {without} "
-                "lack one); set model.stem=imagenet or choose another model.arch"
+                f"{arch.name} has no small stem (archs without one: {without}); set "
+                "model.stem=imagenet or choose another model.arch"
             )
-        return self
+        return stem
 
     @property
     def min_image_size(self) -> int:
