@@ -19,6 +19,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
@@ -33,7 +35,8 @@ from distmed.yamlfile import NotYaml, load_yaml, read_yaml_file
 DEFAULT_ARCH = "resnet18"
 # Square side in pixels that images are resized to. A type of its own so that a saved model's
 # preprocessing (`savedmodel.Preprocessing`) is held to the very same bounds as the config.
-ImageSize = Annotated[int, Field(ge=8, le=1024)]
+MIN_IMAGE_SIZE = 8  # also the architecture table's smallest `min_size`
+ImageSize = Annotated[int, Field(ge=MIN_IMAGE_SIZE, le=1024)]
 
 
 class _Section(BaseModel):
@@ -142,36 +145,77 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: Literal[tuple(ARCHS)] = DEFAULT_ARCH  # type: ignore[valid-type]
+    arch: Literal[tuple(ARCHS)] = Field(  # type: ignore[valid-type]
+        DEFAULT_ARCH, description="a row of the architecture table (README 'Architectures')"
+    )
     weights: str = Field(
         "imagenet", description="'imagenet' (torchvision), 'none' (random init) or a .pt/.pth path"
     )
     weights_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{8,64}$")
     stem: Literal["imagenet", "small"] = Field(
         "imagenet",
-        description="small: 3x3 stride-1 first conv and no max-pool, for 28-64 px images",
+        description="small: 3x3 stride-1 first conv and no max-pool, for 28-64 px images "
+        "(the archs with a small stem: README 'Architectures')",
     )
     head: Literal["linear", "mlp"] = "linear"
     head_hidden: int = Field(256, ge=1)
     head_dropout: float = Field(0.2, ge=0, lt=1)
     unfreeze: int = Field(
         ARCHS[DEFAULT_ARCH].depth,
-        ge=0,
-        le=max(arch.depth for arch in ARCHS.values()),
+        ge=0,  # the upper bound is the arch's depth: `_unfreeze_fits_arch`
         description="0: head only; k: head + the last k stages, head end first ("
         + ", ".join(ARCHS[DEFAULT_ARCH].stage_names)
-        + f" for {DEFAULT_ARCH})",
+        + f" for {DEFAULT_ARCH}); default: the arch's depth, everything trains",
     )
 
-    @model_validator(mode="after")
-    def _unfreeze_fits_arch(self) -> ModelConfig:
-        depth = ARCHS[self.arch].depth
-        if self.unfreeze > depth:
+    @model_validator(mode="before")
+    @classmethod
+    def _unfreeze_defaults_to_everything(cls, data: Any) -> Any:
+        # The depth differs per row (5 for a ResNet, 9 for an EfficientNet): an unset
+        # `unfreeze` means "train everything" for whichever arch is chosen.
+        if isinstance(data, dict) and "unfreeze" not in data:
+            arch = ARCHS.get(str(data.get("arch", DEFAULT_ARCH)))
+            if arch is not None:
+                return {**data, "unfreeze": arch.depth}
+        return data
+
+    @field_validator("arch", mode="wrap")
+    @classmethod
+    def _arch_in_table(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # pydantic's own Literal error quotes all rows with their quotes: too long for a line.
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(f"unknown arch; use one of {'/'.join(ARCHS)}") from None
+
+    # Field validators (`arch` is declared, so validated, first): the error names the field
+    # and quotes its value, like a bound that were the same for every arch.
+    @field_validator("unfreeze")
+    @classmethod
+    def _unfreeze_fits_arch(cls, unfreeze: int, info: ValidationInfo) -> int:
+        arch = ARCHS.get(info.data.get("arch", ""))
+        if arch is not None and unfreeze > arch.depth:
             raise ValueError(
-                f"model.unfreeze={self.unfreeze}: {self.arch} has {depth} stages; "
-                f"set model.unfreeze to at most {depth}"
+                f"{arch.name} has {arch.depth} stages; set model.unfreeze to at most {arch.depth}"
             )
-        return self
+        return unfreeze
+
+    @field_validator("stem")
+    @classmethod
+    def _stem_fits_arch(cls, stem: str, info: ValidationInfo) -> str:
+        arch = ARCHS.get(info.data.get("arch", ""))
+        if stem == "small" and arch is not None and arch.small_stem is None:
+            without = ", ".join(name for name, row in ARCHS.items() if row.small_stem is None)
+            raise ValueError(
+                f"{arch.name} has no small stem (archs without one: {without}); set "
+                "model.stem=imagenet or choose another model.arch"
+            )
+        return stem
+
+    @property
+    def min_image_size(self) -> int:
+        """The smallest `data.image_size` this arch and stem accept (the table's `min_size`)."""
+        return ARCHS[self.arch].min_size if self.stem == "imagenet" else MIN_IMAGE_SIZE
 
 
 class OptimConfig(_Section):
@@ -264,6 +308,17 @@ class ExperimentConfig(_Section):
     cv: CVConfig = CVConfig()
     scaling: ScalingSection = ScalingSection()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _image_fits_arch(self) -> ExperimentConfig:
+        least = self.model.min_image_size
+        if self.data.image_size < least:
+            raise ValueError(
+                f"data.image_size={self.data.image_size}: {self.model.arch} with "
+                f"model.stem={self.model.stem} needs at least {least} px; set data.image_size "
+                f">= {least}" + (" or model.stem=small" if self.model.stem == "imagenet" else "")
+            )
+        return self
 
 
 def load_config(

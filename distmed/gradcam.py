@@ -57,9 +57,13 @@ def _one_network(model: torch.nn.Module, images: np.ndarray, targets: list[int])
     # A fine-tuned model may have its early stages frozen (`model.unfreeze`); with an input
     # that asks for no gradient either, nothing would flow back to a frozen CAM stage.
     inputs.requires_grad_(True)
-    stage = model.get_submodule(cam_layer(arch_of(model).name, images.shape[-1]))
-    last_block = list(stage.children())[-1]  # a Sequential's or a ModuleDict's last block
-    with GradCAM(model=model.eval(), target_layers=[last_block]) as cam:
+    arch = arch_of(model)
+    # The stage itself, not its last child: a DenseNet block's output is the concatenation of
+    # its layers, an inverted-residual block's adds its input back. Token maps (Swin) are
+    # (N, H, W, C) and go to pytorch-grad-cam as (N, C, H, W) through its reshape_transform.
+    stage = model.get_submodule(cam_layer(arch.name, images.shape[-1]))
+    reshape = arch.to_nchw if arch.channels_last else None
+    with GradCAM(model=model.eval(), target_layers=[stage], reshape_transform=reshape) as cam:
         maps = cam(input_tensor=inputs, targets=[ClassifierOutputTarget(t) for t in targets])
     return np.asarray(maps, dtype=np.float32)
 

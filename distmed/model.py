@@ -7,12 +7,14 @@ allowed `model.arch` values and `unfreeze` bound, and Grad-CAM's layer all read 
 new backbone is one more row. Weights come from torchvision's own registry and cache
 (`imagenet`), from a local state-dict file (strict load, optional sha256), or nowhere (`none`).
 `unfreeze` counts stages from the head backwards; frozen stages keep BatchNorm in eval mode.
-`stem: small` swaps the strided first convolution and max-pool for a 3x3/1 convolution, as for
-CIFAR-sized inputs.
+`stem: small` swaps the strided first convolution (and max-pool) for a 3x3/1 convolution, as for
+CIFAR-sized inputs, on the rows that have a `small_stem`. Each row also records its weights'
+preprocessing (crop and resize size, interpolation, mean/std) as timm's `pretrained_cfg` does.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -41,32 +43,46 @@ ARCH_ATTRIBUTE = "distmed_arch"
 
 @dataclass(frozen=True)
 class Stage:
-    """One block of stages `unfreeze` counts: its module path and its stride.
+    """One block of stages `unfreeze` counts: its module path, its stride, what trains with it.
 
-    `reduction` is input side / feature-map side behind this stage with the ImageNet stem
-    (timm's `feature_info` `reduction`); Grad-CAM uses it to pick a resolved stage.
+    `path` is the module whose output is the stage's feature map (Grad-CAM hooks it);
+    `reduction` is input side / that map's side with the ImageNet stem (timm's `feature_info`
+    `reduction`); Grad-CAM uses it to pick a resolved stage. `extra`: further modules that
+    freeze and train with it (the downsampling layer before it, a final norm or a pretrained
+    pre-logits layer after it), as timm's `group_matcher` groups them.
     """
 
     path: str
     reduction: int
+    extra: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class SmallStem:
-    """Where the small-stem hook cuts: the strided first convolution, its norm, the pool."""
+    """Where the small-stem hook cuts: the strided first convolution, its norm, the pool.
+
+    `gain`: how many times wider every later feature map gets (the stride taken out).
+    """
 
     conv: str
     norm: str
     pool: str | None = None
+    gain: int = 4
 
 
 @dataclass(frozen=True)
 class Arch:
-    """One backbone's anatomy as attribute paths (`get_submodule` paths, e.g. `classifier`
+    """One backbone's anatomy as attribute paths (`get_submodule` paths, e.g. `classifier.1`
     or `features.denseblock4`), so the code that freezes or replaces parts names none.
 
+    `head`: the final Linear, the only module replaced (dropout and norms before it stay).
     `stages`: the blocks in unfreeze order, head end first; the stem (`stem` paths) is the
-    last stage `unfreeze` reaches. `weights`: the torchvision weights enum's name.
+    last stage `unfreeze` reaches. `small_stem`: None where the row has no small-stem hook.
+    `min_size`: the smallest square input side the row accepts with its ImageNet stem (with
+    the small stem, the config's own minimum). `channels_last`: stage outputs are (N, H, W, C)
+    token maps (Swin), not (N, C, H, W).
+    The pretrained fields follow timm's `pretrained_cfg`: `weights` (the torchvision weights
+    enum's name), its `input_size` (crop), `resize_size`, `interpolation`, `mean` and `std`.
     """
 
     name: str
@@ -74,7 +90,12 @@ class Arch:
     head: str
     stem: tuple[str, ...]
     stages: tuple[Stage, ...]
-    small_stem: SmallStem
+    small_stem: SmallStem | None
+    min_size: int = 8
+    channels_last: bool = False
+    input_size: int = 224
+    resize_size: int = 256
+    interpolation: str = "bilinear"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -90,7 +111,10 @@ class Arch:
 
     def stage_modules(self, model: nn.Module) -> dict[str, list[nn.Module]]:
         """The modules of each stage of `model`, keyed and ordered as `stage_names`."""
-        modules = {stage.path: [model.get_submodule(stage.path)] for stage in self.stages}
+        modules = {
+            stage.path: [model.get_submodule(path) for path in (stage.path, *stage.extra)]
+            for stage in self.stages
+        }
         modules[STEM] = [model.get_submodule(path) for path in self.stem]
         return modules
 
@@ -101,13 +125,17 @@ class Arch:
         """Put `head` where the classifier is (the pretrained one is dropped)."""
         _replace(model, self.head, head)
 
+    def to_nchw(self, features: torch.Tensor) -> torch.Tensor:
+        """A stage output as (N, C, H, W): token maps (N, H, W, C) are permuted, for Grad-CAM."""
+        return features.permute(0, 3, 1, 2) if self.channels_last else features
+
 
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent), name, module)
 
 
-def _resnet(name: str, weights: str) -> Arch:
+def _resnet(name: str, weights: str, resize_size: int = 256) -> Arch:
     # torchvision's ResNet: conv1/bn1/relu/maxpool, layer1..layer4 (strides 4..32), avgpool, fc.
     return Arch(
         name=name,
@@ -121,6 +149,127 @@ def _resnet(name: str, weights: str) -> Arch:
             Stage("layer1", 4),
         ),
         small_stem=SmallStem(conv="conv1", norm="bn1", pool="maxpool"),
+        resize_size=resize_size,  # the IMAGENET1K_V2 weights (ResNet-50 up) resize to 232
+    )
+
+
+def _densenet(name: str, weights: str) -> Arch:
+    # features: conv0/norm0/relu0/pool0, denseblock1..4 with transition1..3 after the first
+    # three (timm groups each transition with the block before it), norm5; then classifier.
+    # Each transition halves the map by a 2x2 average pool without padding, so the ImageNet
+    # stem needs 29 px: from 28 px the map is 7, 3, 1 and then 0 wide.
+    return Arch(
+        name=name,
+        weights=weights,
+        head="classifier",
+        stem=("features.conv0", "features.norm0"),
+        stages=(
+            Stage("features.denseblock4", 32, ("features.norm5",)),
+            Stage("features.denseblock3", 16, ("features.transition3",)),
+            Stage("features.denseblock2", 8, ("features.transition2",)),
+            Stage("features.denseblock1", 4, ("features.transition1",)),
+        ),
+        small_stem=SmallStem(conv="features.conv0", norm="features.norm0", pool="features.pool0"),
+        min_size=29,
+    )
+
+
+# torchvision's EfficientNets: features.0 is the stride-2 stem, then one Sequential per
+# stage (B0-B3: 7, V2-S: 6), then a 1x1 head convolution; the classifier is (Dropout, Linear).
+# Each stage's stride with the ImageNet stem, stem end first, from torchvision's block configs.
+_EFFICIENTNET_REDUCTIONS = (2, 4, 8, 16, 16, 32, 32)
+_EFFICIENTNET_V2_S_REDUCTIONS = (2, 4, 8, 16, 16, 32)
+
+
+def _efficientnet(
+    name: str,
+    weights: str,
+    reductions: tuple[int, ...],
+    input_size: int,
+    resize_size: int,
+    interpolation: str,
+) -> Arch:
+    head_conv = len(reductions) + 1
+    return Arch(
+        name=name,
+        weights=weights,
+        head="classifier.1",
+        stem=("features.0",),
+        stages=(
+            Stage(f"features.{head_conv}", 32),
+            *(Stage(f"features.{i}", reductions[i - 1]) for i in range(len(reductions), 0, -1)),
+        ),
+        small_stem=SmallStem(conv="features.0.0", norm="features.0.1", gain=2),
+        input_size=input_size,
+        resize_size=resize_size,
+        interpolation=interpolation,
+    )
+
+
+def _convnext(name: str, weights: str) -> Arch:
+    # features: 0 the 4x4/4 patchify stem (conv, LayerNorm2d), 1/3/5/7 the stages, 2/4/6 the
+    # downsampling layers before them (timm puts each in the stage it feeds); classifier is
+    # (LayerNorm2d, Flatten, Linear). The 2x2/2 downsampling layers do not pad, so the
+    # ImageNet stem needs 32 px (an 8x8 map after the stem).
+    return Arch(
+        name=name,
+        weights=weights,
+        head="classifier.2",
+        stem=("features.0",),
+        stages=(
+            Stage("features.7", 32, ("features.6", "classifier.0")),
+            Stage("features.5", 16, ("features.4",)),
+            Stage("features.3", 8, ("features.2",)),
+            Stage("features.1", 4),
+        ),
+        small_stem=SmallStem(conv="features.0.0", norm="features.0.1"),
+        min_size=32,
+        resize_size=236 if name == "convnext_tiny" else 230,
+    )
+
+
+def _mobilenet_v3_large() -> Arch:
+    # features: 0 the stride-2 stem, 1..15 inverted-residual blocks (stride 2 at 2, 4, 7, 13),
+    # 16 a 1x1 convolution; classifier is (Linear 960->1280, Hardswish, Dropout, Linear). The
+    # blocks are grouped by output stride; the pretrained 960->1280 layer trains with the last.
+    return Arch(
+        name="mobilenet_v3_large",
+        weights="MobileNet_V3_Large_Weights",
+        head="classifier.3",
+        stem=("features.0",),
+        stages=(
+            Stage("features.16", 32, ("classifier.0",)),
+            Stage("features.15", 32, ("features.13", "features.14")),
+            Stage("features.12", 16, tuple(f"features.{i}" for i in range(7, 12))),
+            Stage("features.6", 8, ("features.4", "features.5")),
+            Stage("features.3", 4, ("features.2",)),
+            Stage("features.1", 2),
+        ),
+        small_stem=SmallStem(conv="features.0.0", norm="features.0.1", gain=2),
+        resize_size=232,
+    )
+
+
+def _swin_t() -> Arch:
+    # features: 0 the 4x4/4 patch embedding (conv, permute, LayerNorm), 1/3/5/7 the stages
+    # with 2/4/6 the patch merging before them; then norm, permute, pool and head. Stage
+    # outputs are (N, H, W, C); windows pad small maps, so 8 px runs (a 2x2 then 1x1 map).
+    # No small stem: the patch embedding is the tokeniser the attention weights were fit to.
+    return Arch(
+        name="swin_t",
+        weights="Swin_T_Weights",
+        head="head",
+        stem=("features.0",),
+        stages=(
+            Stage("features.7", 32, ("features.6", "norm")),
+            Stage("features.5", 16, ("features.4",)),
+            Stage("features.3", 8, ("features.2",)),
+            Stage("features.1", 4),
+        ),
+        small_stem=None,
+        channels_last=True,
+        resize_size=232,
+        interpolation="bicubic",
     )
 
 
@@ -130,9 +279,55 @@ ARCHS: dict[str, Arch] = {
     for arch in (
         _resnet("resnet18", "ResNet18_Weights"),
         _resnet("resnet34", "ResNet34_Weights"),
-        _resnet("resnet50", "ResNet50_Weights"),
-        _resnet("resnet101", "ResNet101_Weights"),
-        _resnet("resnet152", "ResNet152_Weights"),
+        _resnet("resnet50", "ResNet50_Weights", 232),
+        _resnet("resnet101", "ResNet101_Weights", 232),
+        _resnet("resnet152", "ResNet152_Weights", 232),
+        _densenet("densenet121", "DenseNet121_Weights"),
+        _densenet("densenet169", "DenseNet169_Weights"),
+        _efficientnet(
+            "efficientnet_b0",
+            "EfficientNet_B0_Weights",
+            _EFFICIENTNET_REDUCTIONS,
+            224,
+            256,
+            "bicubic",
+        ),
+        _efficientnet(
+            "efficientnet_b1",
+            "EfficientNet_B1_Weights",
+            _EFFICIENTNET_REDUCTIONS,
+            240,
+            255,
+            "bilinear",
+        ),
+        _efficientnet(
+            "efficientnet_b2",
+            "EfficientNet_B2_Weights",
+            _EFFICIENTNET_REDUCTIONS,
+            288,
+            288,
+            "bicubic",
+        ),
+        _efficientnet(
+            "efficientnet_b3",
+            "EfficientNet_B3_Weights",
+            _EFFICIENTNET_REDUCTIONS,
+            300,
+            320,
+            "bicubic",
+        ),
+        _efficientnet(
+            "efficientnet_v2_s",
+            "EfficientNet_V2_S_Weights",
+            _EFFICIENTNET_V2_S_REDUCTIONS,
+            384,
+            384,
+            "bilinear",
+        ),
+        _convnext("convnext_tiny", "ConvNeXt_Tiny_Weights"),
+        _convnext("convnext_small", "ConvNeXt_Small_Weights"),
+        _mobilenet_v3_large(),
+        _swin_t(),
     )
 }
 
@@ -174,18 +369,26 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
 
 
 def use_small_stem(model: nn.Module, arch: Arch) -> None:
-    """A 3x3 stride-1 first convolution and no max-pool, at `arch.small_stem`'s paths.
+    """A 3x3 stride-1 first convolution (and no max-pool), at `arch.small_stem`'s paths.
 
     The ImageNet stem of a ResNet divides a 28 px image by 4 before its first stage, leaving
-    the last stage a 1x1 map; this stem keeps 4x more resolution through every stage (at ~10x
-    the compute of the ImageNet stem at the same input size). The pretrained strided kernel
-    does not fit, so the new convolution and its BatchNorm start fresh, like the head.
+    the last stage a 1x1 map; this stem keeps `gain` (4; 2 for the EfficientNets and
+    MobileNet, whose stem has no pool) times more resolution through every stage, at about
+    `gain`**2 the compute at the same input size. The pretrained strided kernel does not fit,
+    so the new convolution and its norm (the row's own kind, reset) start fresh, like the head.
+
+    Raises:
+        ValueError: the row has no small stem (the config refuses `stem: small` for it).
     """
     cut = arch.small_stem
+    if cut is None:
+        raise ValueError(f"{arch.name} has no small stem")
     out_channels = cast(nn.Conv2d, model.get_submodule(cut.conv)).out_channels
     conv = nn.Conv2d(3, out_channels, kernel_size=3, stride=1, padding=1, bias=False)
     _replace(model, cut.conv, conv)
-    _replace(model, cut.norm, nn.BatchNorm2d(out_channels))
+    norm = copy.deepcopy(model.get_submodule(cut.norm))  # BatchNorm2d, or ConvNeXt's LayerNorm2d
+    norm.reset_parameters()  # type: ignore[operator]
+    _replace(model, cut.norm, norm)
     if cut.pool is not None:
         _replace(model, cut.pool, nn.Identity())
 
