@@ -97,16 +97,18 @@ class CVResult:
         }
 
 
-def make_folds(split: Split, cfg: CVConfig, class_names: list[str]) -> np.ndarray:
+def make_folds(split: Split, cfg: CVConfig, task: Task) -> np.ndarray:
     """Fold numbers, shape (cv.repeats, N): row r gives each sample's fold (0..k-1) in repeat r.
 
-    Stratified, and grouped (a patient's images share a fold) when groups exist. Repeat r
-    shuffles with seed `cv.seed + r`, so row 0 is the single-repeat assignment.
+    Stratified on the task's key (`Task.stratify_key`: the class), and grouped (a patient's
+    images share a fold) when groups exist. Repeat r shuffles with seed `cv.seed + r`, so row
+    0 is the single-repeat assignment.
 
     Raises:
         UserError: a class has fewer images (or patients) than cv.folds, or some repeat's
             fold has no validation image of a class.
     """
+    class_names = list(task.class_names)
     counts = np.bincount(split.labels, minlength=len(class_names))
     for name, count in zip(class_names, counts, strict=True):
         if count < cfg.folds:
@@ -116,19 +118,24 @@ def make_folds(split: Split, cfg: CVConfig, class_names: list[str]) -> np.ndarra
             )
     if split.groups is not None:
         _check_groups(split, cfg, class_names)
-    return np.stack([_one_repeat(split, cfg, class_names, repeat) for repeat in range(cfg.repeats)])
+    key = task.stratify_key(split.labels)
+    repeats = [_one_repeat(split, key, cfg, class_names, r) for r in range(cfg.repeats)]
+    return np.stack(repeats)
 
 
-def _one_repeat(split: Split, cfg: CVConfig, class_names: list[str], repeat: int) -> np.ndarray:
-    """Fold number per sample of one k-fold split, shuffled with seed `cv.seed + repeat`."""
+def _one_repeat(
+    split: Split, key: np.ndarray, cfg: CVConfig, class_names: list[str], repeat: int
+) -> np.ndarray:
+    """Fold number per sample of one k-fold split stratified on `key`, shuffled with seed
+    `cv.seed + repeat`."""
     seed = cfg.seed + repeat
     assignment = np.full(len(split), -1, dtype=np.int64)
     if split.groups is not None:
         splitter = StratifiedGroupKFold(n_splits=cfg.folds, shuffle=True, random_state=seed)
-        pieces = splitter.split(np.zeros(len(split)), split.labels, split.groups)
+        pieces = splitter.split(np.zeros(len(split)), key, split.groups)
     else:
         splitter = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=seed)
-        pieces = splitter.split(np.zeros(len(split)), split.labels)
+        pieces = splitter.split(np.zeros(len(split)), key)
     for fold, (_, val_idx) in enumerate(pieces):
         assignment[val_idx] = fold
     for fold in range(cfg.folds):
@@ -300,8 +307,8 @@ def prepare_data(
     Every data problem surfaces here, before Ray starts; fold problems before the (slow)
     first decode. `batch_sizes` are all the batch sizes a run or search will try.
     """
-    assignment = make_folds(scanned.pool, cfg.cv, scanned.class_names)
-    task_for(scanned.class_names, cfg.data.positive_class)  # a mistyped one, before the decode
+    task = task_for(scanned.class_names, cfg.data.positive_class)  # a typo before the decode
+    assignment = make_folds(scanned.pool, cfg.cv, task)
     said = _warn_few_images(scanned, assignment, cfg.cv.folds)  # before the (slow) decode
     cache = build_cache(scanned, cfg.data)
     index = drop_samples(scanned, cache.skipped)
@@ -313,7 +320,7 @@ def prepare_data(
             names,
             " ..." if len(index.skipped) > 5 else "",
         )
-        assignment = make_folds(index.pool, cfg.cv, index.class_names)
+        assignment = make_folds(index.pool, cfg.cv, task)
     plan = plan_folds(cfg, index, cache, assignment)
     for size in batch_sizes or [cfg.train.batch_size]:
         check_batch_fits(size, plan.smallest_train_fold())

@@ -136,7 +136,7 @@ def outer_assignment(prepared: PreparedData, outer_k: int, spec: SearchSpaceFile
     """Outer fold (0..K-1) of every pool image: stratified and grouped like the inner folds."""
     cv = spec.base.cv.model_copy(update={"folds": outer_k, "repeats": 1})  # one outer split
     try:
-        return make_folds(prepared.index.pool, cv, prepared.index.class_names)[0]
+        return make_folds(prepared.index.pool, cv, prepared.plan.task)[0]
     except UserError as exc:  # its text speaks of cv.folds; here the K is --nested's
         text = str(exc).replace("cv.folds=", "--nested ").replace("cv.folds", "--nested")
         raise UserError(f"--nested {outer_k} (outer folds): {text}") from exc
@@ -156,7 +156,7 @@ def inner_plan(
         labels=pool.labels[train_idx],
         groups=None if pool.groups is None else pool.groups[train_idx],
     )
-    assignment = make_folds(part, spec.base.cv, prepared.index.class_names)
+    assignment = make_folds(part, spec.base.cv, prepared.plan.task)
     specs = fold_specs(assignment, spec.base.cv.folds)
     return replace(
         plan,

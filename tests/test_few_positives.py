@@ -27,6 +27,7 @@ from distmed.cv import (
 )
 from distmed.data import Split, scan_source
 from distmed.summary import DataSummary, RunSummary
+from distmed.task import task_for
 
 
 def _imbalanced_sheet(root: Path, positives: int, test_positives: int = 0) -> Path:
@@ -101,7 +102,7 @@ def test_the_threshold_is_five_images_of_a_class_per_fold(per_class: int, thin: 
     folds = 3
     labels = np.array([0] * 60 + [1] * (per_class * folds))
     split = Split(ids=[str(i) for i in range(len(labels))], labels=labels)
-    assignment = make_folds(split, CVConfig(folds=folds), ["a", "b"])
+    assignment = make_folds(split, CVConfig(folds=folds), task_for(["a", "b"]))
     warning = thin_validation_folds(labels, assignment, ["a", "b"], folds)
     assert (warning is not None) == thin
     assert MIN_VALIDATION_IMAGES == 5
@@ -110,7 +111,7 @@ def test_the_threshold_is_five_images_of_a_class_per_fold(per_class: int, thin: 
 def test_repeats_count_every_fold_of_every_repeat():
     labels = np.array([0] * 30 + [1] * 6)
     split = Split(ids=[str(i) for i in range(36)], labels=labels)
-    assignment = make_folds(split, CVConfig(folds=3, repeats=2), ["a", "b"])
+    assignment = make_folds(split, CVConfig(folds=3, repeats=2), task_for(["a", "b"]))
     warning = thin_validation_folds(labels, assignment, ["a", "b"], 3)
     assert warning is not None and "6 of 6 hold fewer than 5 images of class 'b'" in warning
 

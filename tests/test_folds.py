@@ -9,6 +9,7 @@ from distmed.config import CVConfig, load_config
 from distmed.cv import check_batch_fits, fold_specs, make_folds
 from distmed.data import Split
 from distmed.errors import UserError
+from distmed.task import task_for
 
 
 def split_of(labels, groups=None) -> Split:
@@ -43,7 +44,7 @@ NAMES3 = ["a", "b", "c"]
 
 def test_folds_are_disjoint_and_cover_every_sample():
     split = imbalanced_split()
-    folds = make_folds(split, CVConfig(folds=5, seed=0), NAMES3)
+    folds = make_folds(split, CVConfig(folds=5, seed=0), task_for(NAMES3))
     assert folds.shape == (1, len(split))  # one repeat
     assert folds.dtype == np.int64
     assignment = folds[0]
@@ -62,7 +63,7 @@ def test_folds_are_disjoint_and_cover_every_sample():
 def test_folds_are_stratified():
     split = imbalanced_split()
     folds = 5
-    assignment = make_folds(split, CVConfig(folds=folds, seed=1), NAMES3)[0]
+    assignment = make_folds(split, CVConfig(folds=folds, seed=1), task_for(NAMES3))[0]
     totals = np.bincount(split.labels)
     for fold in range(folds):
         counts = np.bincount(split.labels[assignment == fold], minlength=3)
@@ -73,21 +74,21 @@ def test_folds_are_stratified():
 
 def test_folds_are_reproducible_with_same_seed():
     split = imbalanced_split()
-    first = make_folds(split, CVConfig(folds=4, seed=5), NAMES3)[0]
-    second = make_folds(split, CVConfig(folds=4, seed=5), NAMES3)[0]
+    first = make_folds(split, CVConfig(folds=4, seed=5), task_for(NAMES3))[0]
+    second = make_folds(split, CVConfig(folds=4, seed=5), task_for(NAMES3))[0]
     assert np.array_equal(first, second)
 
 
 def test_folds_differ_with_another_seed():
     split = imbalanced_split()
-    first = make_folds(split, CVConfig(folds=4, seed=5), NAMES3)[0]
-    other = make_folds(split, CVConfig(folds=4, seed=6), NAMES3)[0]
+    first = make_folds(split, CVConfig(folds=4, seed=5), task_for(NAMES3))[0]
+    other = make_folds(split, CVConfig(folds=4, seed=6), task_for(NAMES3))[0]
     assert not np.array_equal(first, other)
 
 
 def test_grouped_folds_keep_patients_together():
     split, groups = grouped_split()
-    assignment = make_folds(split, CVConfig(folds=5, seed=0), ["neg", "pos"])[0]
+    assignment = make_folds(split, CVConfig(folds=5, seed=0), task_for(["neg", "pos"]))[0]
     assert set(assignment.tolist()) == set(range(5))
     for patient in set(groups.tolist()):
         assert len(set(assignment[groups == patient].tolist())) == 1, patient
@@ -98,34 +99,38 @@ def test_grouped_folds_keep_patients_together():
 
 def test_grouped_folds_are_reproducible():
     split, _ = grouped_split()
-    first = make_folds(split, CVConfig(folds=3, seed=2), ["neg", "pos"])[0]
-    second = make_folds(split, CVConfig(folds=3, seed=2), ["neg", "pos"])[0]
+    first = make_folds(split, CVConfig(folds=3, seed=2), task_for(["neg", "pos"]))[0]
+    second = make_folds(split, CVConfig(folds=3, seed=2), task_for(["neg", "pos"]))[0]
     assert np.array_equal(first, second)
 
 
 def test_class_smaller_than_folds():
     split = split_of([0] * 10 + [1] * 3)
     with pytest.raises(UserError) as info:
-        make_folds(split, CVConfig(folds=4), ["common", "rare"])
+        make_folds(split, CVConfig(folds=4), task_for(["common", "rare"]))
     message = str(info.value)
     assert "cv.folds" in message
     assert "'rare'" in message
     # exactly enough images works
-    assert set(make_folds(split, CVConfig(folds=3), ["common", "rare"])[0].tolist()) == {0, 1, 2}
+    assert set(make_folds(split, CVConfig(folds=3), task_for(["common", "rare"]))[0].tolist()) == {
+        0,
+        1,
+        2,
+    }
 
 
 def test_too_few_patient_groups_for_folds():
     labels = [0] * 6 + [1] * 6
     groups = ["p1", "p1", "p2", "p2", "p3", "p3", "q1", "q1", "q1", "q2", "q2", "q2"]
     with pytest.raises(UserError) as info:
-        make_folds(split_of(labels, groups), CVConfig(folds=3), ["neg", "pos"])
+        make_folds(split_of(labels, groups), CVConfig(folds=3), task_for(["neg", "pos"]))
     assert "cv.folds" in str(info.value)
     assert "'pos'" in str(info.value)
 
 
 def test_fold_specs_train_and_val_are_disjoint_complements():
     split = imbalanced_split()
-    assignment = make_folds(split, CVConfig(folds=3, seed=0), NAMES3)[0]
+    assignment = make_folds(split, CVConfig(folds=3, seed=0), task_for(NAMES3))[0]
     specs = fold_specs(assignment, 3)
     assert len(specs) == 3
     for k, spec in enumerate(specs):
@@ -186,7 +191,7 @@ def test_a_mistyped_positive_class_stops_before_the_decode(tmp_path, monkeypatch
 
 def test_repeated_folds_give_r_times_k_specs_in_repeat_major_order():
     split = imbalanced_split()
-    folds = make_folds(split, CVConfig(folds=3, seed=0, repeats=2), NAMES3)
+    folds = make_folds(split, CVConfig(folds=3, seed=0, repeats=2), task_for(NAMES3))
     assert folds.shape == (2, len(split))
     specs = fold_specs(folds, 3)
     assert len(specs) == 6
@@ -203,12 +208,12 @@ def test_repeat_zero_is_the_single_repeat_split_and_repeat_r_uses_seed_plus_r():
     from sklearn.model_selection import StratifiedKFold
 
     split = imbalanced_split()
-    single = make_folds(split, CVConfig(folds=4, seed=5), NAMES3)
-    repeated = make_folds(split, CVConfig(folds=4, seed=5, repeats=3), NAMES3)
+    single = make_folds(split, CVConfig(folds=4, seed=5), task_for(NAMES3))
+    repeated = make_folds(split, CVConfig(folds=4, seed=5, repeats=3), task_for(NAMES3))
     assert np.array_equal(repeated[0], single[0])
     assert fold_specs(repeated, 4)[:4] == fold_specs(single, 4)  # R=1 runs are unchanged
     for r in (1, 2):
-        alone = make_folds(split, CVConfig(folds=4, seed=5 + r), NAMES3)[0]
+        alone = make_folds(split, CVConfig(folds=4, seed=5 + r), task_for(NAMES3))[0]
         assert np.array_equal(repeated[r], alone)
     # ... and one repeat is exactly scikit-learn's shuffled StratifiedKFold with cv.seed
     pieces = StratifiedKFold(4, shuffle=True, random_state=5).split(split.labels, split.labels)
@@ -218,7 +223,7 @@ def test_repeat_zero_is_the_single_repeat_split_and_repeat_r_uses_seed_plus_r():
 
 def test_grouped_repeats_never_split_a_patient_across_train_and_val():
     split, groups = grouped_split()
-    folds = make_folds(split, CVConfig(folds=4, seed=0, repeats=3), ["neg", "pos"])
+    folds = make_folds(split, CVConfig(folds=4, seed=0, repeats=3), task_for(["neg", "pos"]))
     assert len({tuple(row) for row in folds.tolist()}) == 3  # the repeats differ
     for spec in fold_specs(folds, 4):
         train, val = set(groups[spec["train"]]), set(groups[spec["val"]])
@@ -243,11 +248,11 @@ def test_a_fold_without_a_class_in_a_later_repeat_names_the_repeat(monkeypatch):
 
     monkeypatch.setattr(cv, "StratifiedKFold", UnstratifiedForSeed1)
     split = split_of([0] * 6 + [1] * 6)
-    assert make_folds(split, CVConfig(folds=3, seed=0), ["neg", "pos"]).shape == (1, 12)
+    assert make_folds(split, CVConfig(folds=3, seed=0), task_for(["neg", "pos"])).shape == (1, 12)
     with pytest.raises(
         UserError, match="cv fold 0 of repeat 1 has no validation image of class pos"
     ):
-        make_folds(split, CVConfig(folds=3, seed=0, repeats=2), ["neg", "pos"])
+        make_folds(split, CVConfig(folds=3, seed=0, repeats=2), task_for(["neg", "pos"]))
 
 
 @pytest.mark.parametrize("value", [0, 21])
