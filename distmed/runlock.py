@@ -34,7 +34,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from distmed.artifacts import write_text_atomic
+from distmed.artifacts import write_json_atomic
 from distmed.errors import UserError
 
 LOCK_SUFFIX = ".distmed-lock"
@@ -116,7 +116,7 @@ def hold_results_folder(folder: Path, what: str, force: bool = False) -> Iterato
         ) from exc
     try:
         _take_over(read_holder(holder_file), what, holder_file, force)
-        write_text_atomic(holder_file, json.dumps(asdict(Holder.this_process())))
+        write_json_atomic(holder_file, asdict(Holder.this_process()), indent=None)
         try:
             yield
         finally:

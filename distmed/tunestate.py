@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import ray.tune
 
-from distmed.artifacts import write_text_atomic
+from distmed.artifacts import json_text, write_text_atomic
 from distmed.errors import UserError
 
 TUNER_FILE = "tuner.pkl"
@@ -112,7 +112,7 @@ def remember(experiment_uri: str, digests: dict[str, str]) -> None:
         files[name] = versions[-KEEP_VERSIONS:]
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"experiment": experiment_uri, "files": files}
-    write_text_atomic(path, json.dumps(payload, indent=1, sort_keys=True))
+    write_text_atomic(path, json_text(payload, sort_keys=True) + "\n")
 
 
 def remember_tuner_file(experiment_uri: str) -> None:
