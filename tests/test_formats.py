@@ -9,8 +9,11 @@ No Ray.
 
 from __future__ import annotations
 
+import pickle
 import re
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from PIL import Image
 
 import distmed.data as data_mod
 from distmed import inference, predict
-from distmed.config import ExperimentConfig, load_config
+from distmed.config import DataConfig, ExperimentConfig, load_config
 from distmed.cv import prepare_data
 from distmed.data import (
     DecodeSettings,
@@ -372,6 +375,45 @@ def test_an_old_model_file_decodes_as_it_was_trained(tmp_path):
     torch.save(payload, path)
     options = SavedModel.load(path).preprocessing.decode_settings()
     assert (options.intensity, options.resize) == ("minmax", "stretch")
+
+
+def test_every_decode_setting_travels_into_the_model_file_in_its_old_layout(tmp_path):
+    import torch
+
+    path = _model(tmp_path, 12, resize="pad", intensity="window", window=[40, 400])
+    stored = torch.load(path, weights_only=True)["preprocessing"]
+    # The layout files have always had (older distmed reads new files): mode and text.
+    assert stored["resize_mode"] == "pad" and stored["resize"].startswith("bilinear, the long")
+    assert "resize_text" not in stored
+    saved = SavedModel.load(path)
+    assert saved.preprocessing.decode_settings() == saved.config.data.decode_settings()
+    assert saved.preprocessing.resize_text == stored["resize"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("image_size", 32), ("intensity", "minmax"), ("window", (40.0, 400.0)),
+     ("percentiles", (1.0, 99.0)), ("resize", "pad"), ("max_pixels", 10)],
+)  # fmt: skip
+def test_every_decode_setting_is_in_the_cache_key(field, value):
+    assert set(DecodeSettings.model_fields) == {"image_size", "intensity", "window",
+                                                "percentiles", "resize", "max_pixels"}  # fmt: skip
+    default = DecodeSettings()
+    assert default.model_copy(update={field: value}).key() != default.key()
+    # The key of caches decoded before DecodeSettings replaced DecodeOptions: they stay valid.
+    assert default.key() == "224|percentile|None|(0.5, 99.5)|stretch|100000000"
+
+
+def test_a_decode_worker_unpickles_its_settings_without_torch():
+    settings = DataConfig(resize="pad", intensity="minmax").decode_settings()
+    code = (
+        "import pickle, sys; settings = pickle.loads(sys.stdin.buffer.read()); "
+        "import distmed.data.decode; print(settings.resize, 'torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], input=pickle.dumps(settings), capture_output=True, check=True
+    )
+    assert out.stdout.decode().split() == ["pad", "False"]
 
 
 @pytest.mark.parametrize(
