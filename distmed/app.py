@@ -37,7 +37,7 @@ from distmed.cli import (
     model_path,
     run_command,
 )
-from distmed.data import DecodeOptions
+from distmed.data import DecodeSettings
 from distmed.data.decode import DICOM_EXTENSIONS, IMAGE_EXTENSIONS
 from distmed.errors import UserError
 from distmed.inference import (
@@ -84,9 +84,9 @@ class Predictor:
     threshold: float | None
 
     @property
-    def options(self) -> DecodeOptions:
+    def options(self) -> DecodeSettings:
         """The decoding the model was trained with (intensity, resize mode, size)."""
-        return self.saved.preprocessing.decode_options()
+        return self.saved.preprocessing.decode_settings()
 
     def predict(self, paths: list[Path]) -> list[tuple[Prediction, Image.Image | None]]:
         """Each file's prediction (as `distmed.predict` makes it) and its Grad-CAM overlay."""

@@ -11,7 +11,7 @@ import types
 import typing
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -26,6 +26,8 @@ from pydantic import (
 )
 
 from distmed.artifacts import write_text_atomic
+from distmed.data.settings import MIN_IMAGE_SIZE as MIN_IMAGE_SIZE
+from distmed.data.settings import DecodeSettings
 from distmed.errors import UserError, shorten
 from distmed.model import ARCHS
 from distmed.uris import check_config
@@ -33,10 +35,6 @@ from distmed.yamlfile import NotYaml, load_yaml, read_yaml_file
 
 # `model.arch`'s values, and the stages `model.unfreeze` counts, come from model.py's table.
 DEFAULT_ARCH = "resnet18"
-# Square side in pixels that images are resized to. A type of its own so that a saved model's
-# preprocessing (`savedmodel.Preprocessing`) is held to the very same bounds as the config.
-MIN_IMAGE_SIZE = 8  # also the architecture table's smallest `min_size`
-ImageSize = Annotated[int, Field(ge=MIN_IMAGE_SIZE, le=1024)]
 
 
 class _Section(BaseModel):
@@ -52,12 +50,16 @@ class AugmentConfig(_Section):
     rotation: float = Field(10.0, ge=0, le=180, description="max rotation in degrees")
 
 
-class DataConfig(_Section):
+class DataConfig(_Section, DecodeSettings):
+    """The data section. Its decoding keys (image_size, intensity, window, percentiles,
+    resize, max_pixels) are `DecodeSettings`' fields, declared there once."""
+
+    field_prefix: ClassVar[str] = "data."
+
     root: str | None = Field(
         None,
         description="image folder, MedMNIST .npz, 'medmnist:NAME', or 'demo' (built-in data)",
     )
-    image_size: ImageSize = 224
     positive_class: str | None = Field(
         None, description="binary tasks: class whose score is the ROC-AUC score (default: 2nd)"
     )
@@ -92,29 +94,6 @@ class DataConfig(_Section):
     group_from: Literal["PatientID"] | None = Field(
         None, description="PatientID: the patient id from each DICOM file's header"
     )
-    intensity: Literal["minmax", "percentile", "window"] = Field(
-        "percentile",
-        description="16-bit, float and DICOM pixels -> 8 bit: per-image min-max, per-image "
-        "percentiles (data.percentiles), or data.window; a DICOM file's own window is used "
-        "unless this is 'window'",
-    )
-    percentiles: tuple[
-        Annotated[float, Field(ge=0, le=100)], Annotated[float, Field(ge=0, le=100)]
-    ] = Field((0.5, 99.5), description="intensity=percentile: the low and high percentile")
-    window: tuple[float, Annotated[float, Field(gt=0)]] | None = Field(
-        None, description="intensity=window: [center, width] in the pixel (DICOM: modality) units"
-    )
-    resize: Literal["stretch", "pad", "center_crop"] = Field(
-        "stretch",
-        description="to image_size square: stretch, or keep the aspect ratio by padding with "
-        "black (pad) or by cutting the long side (center_crop)",
-    )
-    max_pixels: int = Field(
-        100_000_000,
-        ge=1,
-        le=2**31,
-        description="larger images are decoded reduced (JPEG) or reported unreadable by name",
-    )
     decode_workers: int | None = Field(
         None, ge=1, le=1024, description="processes decoding the cache (default: every CPU)"
     )
@@ -133,12 +112,6 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> DataConfig:
-        if self.intensity == "window" and self.window is None:
-            raise ValueError("intensity=window needs data.window: [center, width]")
-        if self.window is not None and self.intensity != "window":
-            raise ValueError("data.window is set but data.intensity is not 'window'")
-        if not self.percentiles[0] < self.percentiles[1]:
-            raise ValueError("data.percentiles: the low one must be below the high one")
         if sum(bool(x) for x in (self.group_csv, self.group_regex, self.group_from)) > 1:
             raise ValueError("set at most one of group_csv, group_regex and group_from")
         return self

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from distmed.artifacts import atomic_path
 from distmed.config import ModelConfig
-from distmed.data import CachedImageDataset, DecodeOptions, load_cached, to_model_input, try_decode
+from distmed.data import CachedImageDataset, DecodeSettings, load_cached, to_model_input, try_decode
 from distmed.errors import UserError, first_line
 from distmed.loop import Runtime, predict
 from distmed.model import build_model
@@ -152,7 +152,7 @@ class Prediction:
 def predict_batches(
     model: torch.nn.Module,
     paths: list[Path],
-    options: DecodeOptions,
+    options: DecodeSettings,
     batch_size: int,
     device: torch.device,
 ) -> Iterator[list[Prediction]]:
@@ -168,7 +168,7 @@ def predict_batches(
         ]
 
 
-def decode_file(path: Path, options: DecodeOptions | int) -> np.ndarray | str:
+def decode_file(path: Path, options: DecodeSettings | int) -> np.ndarray | str:
     """uint8 (3, S, S) as the training cache holds it (grey repeated), or why it is unreadable.
 
     The same decoder and reasons as the training cache (`try_decode`): an oversized,
@@ -208,12 +208,12 @@ class GradcamPicture(NamedTuple):
 
 
 def gradcam_pictures(
-    model: torch.nn.Module, readable: list[Prediction], options: DecodeOptions
+    model: torch.nn.Module, readable: list[Prediction], options: DecodeSettings
 ) -> list[GradcamPicture]:
     """Grad-CAM overlays for the predicted class of each readable file, at least 224 px."""
     from distmed.gradcam import gradcam_maps, is_flat, overlay
 
-    size = options.size
+    size = options.image_size
     images = np.stack([decode_file(r.path, options) for r in readable])
     targets = []
     for r in readable:

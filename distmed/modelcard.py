@@ -49,7 +49,7 @@ def _read_summary(path: Path) -> tuple[RunSummary | None, str]:
 def _input_text(saved: SavedModel) -> str:
     prep = saved.preprocessing
     shape = {"stretch": "stretched", "pad": "padded", "center_crop": "centre-cropped"}
-    text = f"{prep.image_size} px square, resized bilinearly ({shape[prep.resize_mode]})"
+    text = f"{prep.image_size} px square, resized bilinearly ({shape[prep.resize]})"
     return f"{text}; 16-bit/DICOM intensity: {prep.intensity}"
 
 

@@ -30,7 +30,7 @@ from distmed.cli import (
     model_path,
     run_command,
 )
-from distmed.data import FILE_EXTENSIONS, DecodeOptions, is_image_file
+from distmed.data import FILE_EXTENSIONS, DecodeSettings, is_image_file
 from distmed.errors import EXIT_SOME_UNREADABLE, UserError
 from distmed.inference import (
     Prediction,
@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     model, saved = load_inference_model(path, args.ensemble)
     device = choose_device(args.cpu)
     model.to(device)
-    options = saved.preprocessing.decode_options()
+    options = saved.preprocessing.decode_settings()
     cam_dir = Path(args.gradcam) if args.gradcam else None
     if cam_dir is not None:
         cam_dir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +170,7 @@ def write_csv(
 def write_gradcams(
     model: torch.nn.Module,
     batch: list[Prediction],
-    options: DecodeOptions,
+    options: DecodeSettings,
     folder: Path,
     offset: int,
 ) -> list[str]:

@@ -2,31 +2,35 @@
 
 The file is a `torch.save`d dict: this model's fields (JSON types only) and `model_state`.
 Loading validates every field against the experiment config's own bounds (the config is an
-`ExperimentConfig`; `preprocessing.image_size` is the config's `ImageSize`), so a tampered or
-damaged file is one `UserError` line naming it, never a 22 GB allocation or a KeyError.
+`ExperimentConfig`; `preprocessing` is the config's `DecodeSettings` and the normalisation),
+so a tampered or damaged file is one `UserError` line naming it, never a 22 GB allocation or a
+KeyError.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeGuard
+from typing import Annotated, Any, ClassVar, Literal, TypeGuard
 
 import torch
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
 from distmed import __version__
 from distmed.artifacts import atomic_path, read_torch_file
 from distmed.calibration import TemperatureFit
-from distmed.config import DataConfig, ExperimentConfig, ImageSize, format_validation_error
-from distmed.data import IMAGENET_MEAN, IMAGENET_STD, DecodeOptions
+from distmed.config import DataConfig, ExperimentConfig, format_validation_error
+from distmed.data import IMAGENET_MEAN, IMAGENET_STD
+from distmed.data.settings import RESIZE_MODES, DecodeSettings
 from distmed.errors import UserError
 from distmed.task import BinaryTask, MulticlassTask, Task
 
@@ -46,48 +50,52 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Preprocessing(_Record):
-    """How training fed the network: decoded uint8 -> resized -> /255 -> normalised per channel.
+class Preprocessing(_Record, DecodeSettings):
+    """How training fed the network: decoded as its `DecodeSettings` say -> /255 ->
+    normalised per channel by `mean` and `std`.
 
-    `intensity`, `percentiles`, `window`, `resize_mode` and `max_pixels` are what the one
-    decoder needs (`decode_options`); a file written before they existed has none of them
-    and decoded 16-bit images min-max, stretched: those are their defaults here.
+    `best_model.pt` keeps the layout it has always had: the resize mode under `resize_mode`,
+    the text `resize_text` under `resize` (`_from_file`, `_to_file`). A file written before
+    the decode settings were kept has none of them and decoded 16-bit images min-max,
+    stretched: it loads so.
     """
 
-    image_size: ImageSize
-    resize: str = "bilinear, to a square image_size x image_size"
+    field_prefix: ClassVar[str] = "preprocessing."
+
     channels_in_cache: Literal[1, 3]
-    scale: str = "uint8 / 255; 16-bit and float images min-max scaled per image"
     mean: tuple[UnitFloat, UnitFloat, UnitFloat]
     std: tuple[
         Annotated[float, Field(gt=0, le=1)],
         Annotated[float, Field(gt=0, le=1)],
         Annotated[float, Field(gt=0, le=1)],
     ]
-    intensity: Literal["minmax", "percentile", "window"] = "minmax"
-    percentiles: tuple[
-        Annotated[float, Field(ge=0, le=100)], Annotated[float, Field(ge=0, le=100)]
-    ] = (0.5, 99.5)
-    window: tuple[float, Annotated[float, Field(gt=0)]] | None = None
-    resize_mode: Literal["stretch", "pad", "center_crop"] = "stretch"
-    max_pixels: int = Field(DataConfig().max_pixels, ge=1, le=2**31)
+    resize_text: str = "bilinear, to a square image_size x image_size"
+    scale: str = "uint8 / 255; 16-bit and float images min-max scaled per image"
 
-    @model_validator(mode="after")
-    def _window_when_windowed(self) -> Preprocessing:
-        if (self.intensity == "window") != (self.window is not None):
-            raise ValueError("window is set exactly when intensity is 'window'")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _from_file(cls, data: Any) -> Any:
+        # A file's `resize` is the text (never a mode name); code passes the mode as `resize`.
+        if not isinstance(data, dict) or (
+            "resize_mode" not in data and data.get("resize", "stretch") in RESIZE_MODES
+        ):
+            return data
+        data = dict(data)
+        if "resize" in data:
+            data["resize_text"] = data.pop("resize")
+        if "resize_mode" in data:
+            data["resize"] = data.pop("resize_mode")
+        data.setdefault("intensity", "minmax")  # what files without the settings decoded
+        return data
 
-    def decode_options(self) -> DecodeOptions:
-        """The decoder settings training used: predict, the app and Grad-CAM decode alike."""
-        return DecodeOptions(
-            size=self.image_size,
-            intensity=self.intensity,
-            window=self.window,
-            percentiles=self.percentiles,
-            resize=self.resize_mode,
-            max_pixels=self.max_pixels,
-        )
+    @model_serializer(mode="wrap")
+    def _to_file(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        if "resize" in out:
+            out["resize_mode"] = out.pop("resize")
+        if "resize_text" in out:
+            out["resize"] = out.pop("resize_text")
+        return out
 
 
 class Threshold(_Record):
@@ -273,19 +281,14 @@ def preprocessing_for(
         "window": f"scaled by the window [center, width] {list(data.window or [])}",
     }[data.intensity]
     return Preprocessing(
-        image_size=image_size,
+        **{**data.decode_settings().model_dump(), "image_size": image_size},
         channels_in_cache=channels,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
-        resize=RESIZE_TEXT[data.resize],
+        resize_text=RESIZE_TEXT[data.resize],
         scale=f"uint8 / 255; 16-bit, float and DICOM pixels {scale} (a DICOM file's own "
         "window first unless intensity is window); EXIF orientation applied; "
         "MONOCHROME1 inverted",
-        intensity=data.intensity,
-        percentiles=tuple(data.percentiles),
-        window=tuple(data.window) if data.window else None,
-        resize_mode=data.resize,
-        max_pixels=data.max_pixels,
     )
 
 

@@ -23,9 +23,10 @@ from PIL import Image, features
 from distmed import predict
 from distmed.config import DataConfig
 from distmed.data import build_cache, drop_samples, load_cached, scan_source, try_decode
-from distmed.data.decode import DecodeOptions, decode_image, describe_file
+from distmed.data.decode import decode_image, describe_file
 from distmed.data.dicom import read_dicom
 from distmed.data.inspection import inspect_index
+from distmed.data.settings import DecodeSettings
 from distmed.errors import UserError
 from distmed.inference import decode_file
 
@@ -99,15 +100,15 @@ def lut_item(descriptor: list[int], data: np.ndarray, **fields) -> Dataset:
     return item
 
 
-def reason(path: Path, options: DecodeOptions | int = 16) -> str:
+def reason(path: Path, options: DecodeSettings | int = 16) -> str:
     image, why = try_decode(path, options)
     assert image is None, f"{path.name} decoded"
     return why
 
 
-def full_size(path: Path, options: DecodeOptions | None = None) -> np.ndarray:
+def full_size(path: Path, options: DecodeSettings | None = None) -> np.ndarray:
     """The decoded pixels at the file's own size (what the inspector hashes)."""
-    return describe_file(path, options or DecodeOptions())[4].astype(int)
+    return describe_file(path, options or DecodeSettings())[4].astype(int)
 
 
 # --------------------------------------------------------------------------- VOI / modality
@@ -143,7 +144,7 @@ def test_a_modality_lut_sequence_maps_stored_values_through_pydicom(tmp_path):
         stored,
         ModalityLUTSequence=Sequence([lut_item([4096, -2048, 16], table, ModalityLUTType="US")]),
     )
-    out = full_size(save(ds, tmp_path / "mlut.dcm"), DecodeOptions(intensity="minmax"))
+    out = full_size(save(ds, tmp_path / "mlut.dcm"), DecodeSettings(intensity="minmax"))
     mapped = apply_modality_lut(stored, ds).astype(float)
     assert mapped[0, -1] == mapped[0, -2]  # past the LUT's end: its last entry
     want = np.round((mapped - mapped.min()) / (mapped.max() - mapped.min()) * 255)
@@ -179,7 +180,7 @@ def test_a_window_follows_pydicoms_rules_and_monochrome1_inverts_within_it(tmp_p
     mono1 = dataset(hu, "MONOCHROME1", **fields)
     assert (full_size(save(mono1, tmp_path / "inv.dcm"))[0] == 255 - out).all()
     # data.intensity=window replaces the file's window, and MONOCHROME1 still inverts.
-    own = DecodeOptions(intensity="window", window=(500, 1000))
+    own = DecodeSettings(intensity="window", window=(500, 1000))
     assert full_size(tmp_path / "inv.dcm", own)[0][-1] == 0  # HU 1000: top of the window
 
 
@@ -340,10 +341,10 @@ def test_colour_with_16_bits_per_sample_is_scaled_like_16_bit_grey(tmp_path, suf
     rgb[:, :4, 0], rgb[:, 4:, 1], rgb[4:, :, 2] = 4000, 2000, 1000
     path = tmp_path / f"rgb48{suffix}"
     assert cv2.imwrite(str(path), rgb[..., ::-1])  # OpenCV writes BGR
-    out = decode_image(path, DecodeOptions(size=8, intensity="minmax")).astype(int)
+    out = decode_image(path, DecodeSettings(image_size=8, intensity="minmax")).astype(int)
     want = np.round(rgb / 4000 * 255)  # one range for all channels: min 0, max 4000
     assert np.abs(out - want).max() <= 1  # Pillow alone gives 4000 >> 8 = 15: nearly black
-    fmt, mode, _, bits, _ = describe_file(path, DecodeOptions())
+    fmt, mode, _, bits, _ = describe_file(path, DecodeSettings())
     assert (fmt, mode, bits) == ({".png": "PNG", ".tif": "TIFF"}[suffix], "RGB", 16)
 
 
@@ -359,7 +360,7 @@ def test_16_bit_colour_is_turned_upright_by_its_exif_orientation(tmp_path):
     at = png.index(b"IDAT") - 4
     path = tmp_path / "rotated48.png"
     path.write_bytes(png[:at] + chunk + png[at:])
-    red = full_size(path, DecodeOptions(intensity="minmax"))[..., 0]
+    red = full_size(path, DecodeSettings(intensity="minmax"))[..., 0]
     assert red.shape == (12, 8)  # upright: 8 wide, 12 high, rotated once (not twice)
     assert (red[:, 6:] == 255).all() and (red[:, :6] == 0).all()
 

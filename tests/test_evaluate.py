@@ -83,7 +83,7 @@ def test_a_folder_scores_exactly_the_metrics_computed_by_hand(
     monkeypatch.setattr(plots, "save", REAL_SAVE)
     monkeypatch.setattr(plots, "DPI", 30)  # still a PNG; 300 dpi takes seconds here
     site = write_image_folder(tmp_path / "site_b", {"NORMAL": 6, "PNEUMONIA": 5}, size=40)
-    options = SavedModel.load(model_file).preprocessing.decode_options()
+    options = SavedModel.load(model_file).preprocessing.decode_settings()
     files = [(p, label) for label, c in enumerate(CLASSES) for p in sorted((site / c).iterdir())]
     probs = _probs(model_file, np.stack([decode_file(p, options) for p, _ in files]))
     labels = np.array([label for _, label in files])

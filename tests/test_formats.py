@@ -9,8 +9,11 @@ No Ray.
 
 from __future__ import annotations
 
+import pickle
 import re
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -21,10 +24,10 @@ from PIL import Image
 
 import distmed.data as data_mod
 from distmed import inference, predict
-from distmed.config import ExperimentConfig, load_config
+from distmed.config import DataConfig, ExperimentConfig, load_config
 from distmed.cv import prepare_data
 from distmed.data import (
-    DecodeOptions,
+    DecodeSettings,
     build_cache,
     decode_image,
     decode_split,
@@ -111,7 +114,7 @@ def test_monochrome1_equals_its_monochrome2_twin_and_rescale_changes_nothing(tmp
     mono2 = write_dicom(tmp_path / "mono2.dcm", values)
     mono1 = write_dicom(tmp_path / "mono1.dcm", 4095 - values, photometric="MONOCHROME1")
     rescaled = write_dicom(tmp_path / "hu.dcm", values, slope=2.0, intercept=-1024.0)
-    options = DecodeOptions(size=32, intensity=intensity)
+    options = DecodeSettings(image_size=32, intensity=intensity)
     want = decode_image(mono2, options).astype(int)
     assert want.min() == 0 and want.max() == 255 and want.shape == (32, 32)
     assert np.abs(decode_image(mono1, options).astype(int) - want).max() <= 1
@@ -125,13 +128,14 @@ def test_a_windowed_dicom_maps_its_values_where_the_window_says(tmp_path):
     path = write_dicom(
         tmp_path / "ct.dcm", stored, slope=1.0, intercept=-1024.0, window=(40, 400)
     )  # HU = stored - 1024: -1024, -160, 0, 40, 80, 240, 976, 3071
-    row = decode_image(path, DecodeOptions(size=8))[0].astype(int)
+    row = decode_image(path, DecodeSettings(image_size=8))[0].astype(int)
     assert row[0] == 0 and row[1] == 0  # at or below center - width / 2
     assert row[5] == 255 and row[6] == 255 and row[7] == 255  # at or above center + width / 2
     assert abs(row[3] - 128) <= 1  # the center: mid-grey
     assert abs(row[2] - 255 * 0.4) <= 2 and abs(row[4] - 255 * 0.6) <= 2
     # data.intensity=window overrides the file's own window: [540, 1000] spans HU 40..1040.
-    own = decode_image(path, DecodeOptions(size=8, intensity="window", window=(540, 1000)))[0]
+    windowed = DecodeSettings(image_size=8, intensity="window", window=(540, 1000))
+    own = decode_image(path, windowed)[0]
     assert own[3] == 0 and abs(int(own[6]) - round(255 * 0.936)) <= 1 and own[7] == 255
 
 
@@ -219,7 +223,7 @@ def test_an_exif_rotated_photo_decodes_equal_to_its_upright_twin(tmp_path):
     exif[0x0112] = 6
     stored = upright.transpose(Image.Transpose.ROTATE_90)
     stored.save(tmp_path / "phone.jpg", quality=95, exif=exif.tobytes())
-    options = DecodeOptions(size=32, resize="pad")
+    options = DecodeSettings(image_size=32, resize="pad")
     twin = decode_image(tmp_path / "upright.jpg", options).astype(int)
     rotated = decode_image(tmp_path / "phone.jpg", options).astype(int)
     assert np.abs(rotated - twin).mean() < 2
@@ -231,7 +235,7 @@ def test_a_nan_background_float_image_keeps_its_contrast(tmp_path):
     values[4:12, 4:12] = np.linspace(0.2, 0.3, 64).reshape(8, 8)  # a narrow float range
     values[0, 0] = np.inf
     Image.fromarray(values, mode="F").save(tmp_path / "float.tif")
-    out = decode_image(tmp_path / "float.tif", DecodeOptions(size=16, intensity="minmax"))
+    out = decode_image(tmp_path / "float.tif", DecodeSettings(image_size=16, intensity="minmax"))
     inside = out[4:12, 4:12]
     assert inside.min() == 0 and inside.max() == 255  # the full range, not NaN garbage
     assert (out[:4] == 0).all() and out[0, 0] == 0  # masked pixels are black
@@ -247,16 +251,16 @@ def test_percentile_intensity_ignores_hot_pixels(tmp_path):
     values[0, :3] = 4095  # hot pixels
     path = tmp_path / "hot.png"
     Image.fromarray(values).save(path)
-    robust = decode_image(path, DecodeOptions(size=32, intensity="percentile"))
-    plain = decode_image(path, DecodeOptions(size=32, intensity="minmax"))
+    robust = decode_image(path, DecodeSettings(image_size=32, intensity="percentile"))
+    plain = decode_image(path, DecodeSettings(image_size=32, intensity="minmax"))
     assert robust[8:24, 8:24].std() > 1.5 * plain[8:24, 8:24].std()
 
 
 def test_resize_modes_keep_the_aspect_ratio_when_asked(tmp_path):
     Image.new("L", (40, 20), 200).save(tmp_path / "wide.png")
-    stretch = decode_image(tmp_path / "wide.png", DecodeOptions(size=16))
-    pad = decode_image(tmp_path / "wide.png", DecodeOptions(size=16, resize="pad"))
-    crop = decode_image(tmp_path / "wide.png", DecodeOptions(size=16, resize="center_crop"))
+    stretch = decode_image(tmp_path / "wide.png", DecodeSettings(image_size=16))
+    pad = decode_image(tmp_path / "wide.png", DecodeSettings(image_size=16, resize="pad"))
+    crop = decode_image(tmp_path / "wide.png", DecodeSettings(image_size=16, resize="center_crop"))
     assert (stretch == 200).all() and (crop == 200).all()
     assert (pad[:3] == 0).all() and (pad[-3:] == 0).all() and (pad[5:11] == 200).all()
 
@@ -303,7 +307,7 @@ def test_an_oversized_jpeg_is_decoded_reduced_within_max_pixels(tmp_path):
     big[:, 1000:] = 255
     Image.fromarray(big).save(tmp_path / "big.jpg", quality=90)
     Image.fromarray(big).save(tmp_path / "big.png")
-    options = DecodeOptions(size=16, max_pixels=1_000_000)
+    options = DecodeSettings(image_size=16, max_pixels=1_000_000)
     out = decode_image(tmp_path / "big.jpg", options)  # drafted to 1/8 while decoding
     assert out[:, :6].max() < 30 and out[:, -6:].min() > 225
     image, reason = try_decode(tmp_path / "big.png", options)  # PNG cannot be drafted
@@ -354,7 +358,7 @@ def test_the_decoding_is_saved_with_the_model_and_predict_uses_it(tmp_path):
     index = scan_source(config)
     pool = load_cached(build_cache(index, config).pool_path)
     saved = SavedModel.load(_model(tmp_path, 12, resize="pad", intensity="minmax"))
-    options = saved.preprocessing.decode_options()
+    options = saved.preprocessing.decode_settings()
     assert options.resize == "pad" and options.intensity == "minmax"
     for row, path in enumerate(index.pool.paths):
         assert (inference.decode_file(path, options)[0] == pool[row, 0]).all()
@@ -369,8 +373,47 @@ def test_an_old_model_file_decodes_as_it_was_trained(tmp_path):
     for key in ("intensity", "percentiles", "window", "resize_mode", "max_pixels"):
         del payload["preprocessing"][key]
     torch.save(payload, path)
-    options = SavedModel.load(path).preprocessing.decode_options()
+    options = SavedModel.load(path).preprocessing.decode_settings()
     assert (options.intensity, options.resize) == ("minmax", "stretch")
+
+
+def test_every_decode_setting_travels_into_the_model_file_in_its_old_layout(tmp_path):
+    import torch
+
+    path = _model(tmp_path, 12, resize="pad", intensity="window", window=[40, 400])
+    stored = torch.load(path, weights_only=True)["preprocessing"]
+    # The layout files have always had (older distmed reads new files): mode and text.
+    assert stored["resize_mode"] == "pad" and stored["resize"].startswith("bilinear, the long")
+    assert "resize_text" not in stored
+    saved = SavedModel.load(path)
+    assert saved.preprocessing.decode_settings() == saved.config.data.decode_settings()
+    assert saved.preprocessing.resize_text == stored["resize"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("image_size", 32), ("intensity", "minmax"), ("window", (40.0, 400.0)),
+     ("percentiles", (1.0, 99.0)), ("resize", "pad"), ("max_pixels", 10)],
+)  # fmt: skip
+def test_every_decode_setting_is_in_the_cache_key(field, value):
+    assert set(DecodeSettings.model_fields) == {"image_size", "intensity", "window",
+                                                "percentiles", "resize", "max_pixels"}  # fmt: skip
+    default = DecodeSettings()
+    assert default.model_copy(update={field: value}).key() != default.key()
+    # The key of caches decoded before DecodeSettings replaced DecodeOptions: they stay valid.
+    assert default.key() == "224|percentile|None|(0.5, 99.5)|stretch|100000000"
+
+
+def test_a_decode_worker_unpickles_its_settings_without_torch():
+    settings = DataConfig(resize="pad", intensity="minmax").decode_settings()
+    code = (
+        "import pickle, sys; settings = pickle.loads(sys.stdin.buffer.read()); "
+        "import distmed.data.decode; print(settings.resize, 'torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], input=pickle.dumps(settings), capture_output=True, check=True
+    )
+    assert out.stdout.decode().split() == ["pad", "False"]
 
 
 @pytest.mark.parametrize(

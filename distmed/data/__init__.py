@@ -3,9 +3,9 @@
 `layout` reads image folders, `sheets` reads CSV sheets in Excel's dialects, `labels` checks
 label values once for every source, `keyed` labels DICOM images from a sheet keyed by
 PatientID or StudyInstanceUID, `sources` turns any source into a `DataIndex`, `decode` makes
-arrays of files (`dicom` and `volumes` own those formats), `cache` stores them once for every
-consumer, `transforms` feeds the model and `inspection` reports what a source holds
-(`python -m distmed.data ROOT`).
+arrays of files as `settings` says (`dicom` and `volumes` own those formats), `cache` stores
+them once for every consumer, `transforms` feeds the model and `inspection` reports what a
+source holds (`python -m distmed.data ROOT`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ _EXPORTS = {
     "CachedData": "cache",
     "CachedImageDataset": "cache",
     "DataIndex": "index",
-    "DecodeOptions": "decode",
+    "DecodeSettings": "settings",
     "FILE_EXTENSIONS": "decode",
     "IMAGENET_MEAN": "transforms",
     "IMAGENET_STD": "transforms",
@@ -73,7 +73,7 @@ __all__ = [
     "CachedData",
     "CachedImageDataset",
     "DataIndex",
-    "DecodeOptions",
+    "DecodeSettings",
     "FILE_EXTENSIONS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

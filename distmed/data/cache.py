@@ -25,8 +25,9 @@ from tqdm import tqdm
 
 from distmed.artifacts import atomic_path, write_json_atomic
 from distmed.config import DataConfig
-from distmed.data.decode import DecodeOptions, decode_rows, decode_split, unreadable_message
+from distmed.data.decode import decode_rows, decode_split, unreadable_message
 from distmed.data.index import DataIndex, Split
+from distmed.data.settings import DecodeSettings
 from distmed.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def build_cache(index: DataIndex, cfg: DataConfig) -> CachedData:
     Unreadable files stop the run with their names, or with `data.skip_invalid` are left
     out of the cache and listed in `CachedData.skipped` (see `drop_samples`).
     """
-    options = DecodeOptions.from_config(cfg)
+    options = cfg.decode_settings()
     key = hashlib.sha256(
         f"v{CACHE_VERSION}|{index.fingerprint}|{options.key()}".encode()
     ).hexdigest()[:16]
@@ -106,7 +107,7 @@ def decode_workers(cfg: DataConfig) -> int:
         return os.cpu_count() or 1
 
 
-def _decode_into(folder: Path, index: DataIndex, options: DecodeOptions, workers: int) -> dict:
+def _decode_into(folder: Path, index: DataIndex, options: DecodeSettings, workers: int) -> dict:
     """Decode the pool and test splits into `folder`; returns the cache's metadata."""
     folder.mkdir(parents=True, exist_ok=True)
     channels, skipped = [], {}
@@ -136,7 +137,7 @@ def _decode_into(folder: Path, index: DataIndex, options: DecodeOptions, workers
 
 
 def decode_files(
-    split: Split, options: DecodeOptions, target: Path, workers: int, part: str = "images"
+    split: Split, options: DecodeSettings, target: Path, workers: int, part: str = "images"
 ) -> tuple[int | None, dict[str, str]]:
     """Decode a split's files into `target` (.npy, uint8 (N, C, S, S)); returns (C, bad).
 
@@ -149,7 +150,7 @@ def decode_files(
     when no file is readable.
     """
     paths = [str(p) for p in split.paths or []]
-    size = options.size
+    size = options.image_size
     stage = target.with_name(f".{target.stem}.stage.tmp{os.getpid()}")
     try:
         np.lib.format.open_memmap(
@@ -179,7 +180,7 @@ def _run_chunks(
     chunks: list[list[int]],
     paths: list[str],
     stage: Path,
-    options: DecodeOptions,
+    options: DecodeSettings,
     workers: int,
     part: str,
 ):

@@ -14,9 +14,7 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -32,11 +30,9 @@ from distmed.data.dicom import (
 from distmed.data.dicom import patient_id as patient_id
 from distmed.data.dicom import read_dicom as read_dicom
 from distmed.data.index import Split
+from distmed.data.settings import DecodeSettings
 from distmed.data.volumes import VOLUME_EXTENSIONS, suffix_of, volume_reason
 from distmed.errors import UnreadableImage, UserError
-
-if TYPE_CHECKING:
-    from distmed.config import DataConfig
 
 # Read by Pillow (WebP, AVIF: phone and web photos; AVIF/HEIC where this Pillow decodes it).
 IMAGE_EXTENSIONS = (
@@ -69,43 +65,12 @@ PERCENTILE_SAMPLE = 262_144
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DecodeOptions:
-    """How a file becomes model input; saved with the model so that predict decodes alike.
-
-    `intensity` applies to 16-bit, float and DICOM pixels (8-bit images are used as stored):
-    `minmax` or `percentile` per image, or `window` = (center, width). A DICOM file's own
-    VOI LUT or window is applied unless `intensity` is `window` (then `window` wins).
-    """
-
-    size: int = 224
-    intensity: str = "percentile"
-    window: tuple[float, float] | None = None
-    percentiles: tuple[float, float] = (0.5, 99.5)
-    resize: str = "stretch"
-    max_pixels: int = 100_000_000
-
-    @classmethod
-    def from_config(cls, cfg: DataConfig) -> DecodeOptions:
-        return cls(
-            size=cfg.image_size,
-            intensity=cfg.intensity,
-            window=cfg.window,
-            percentiles=cfg.percentiles,
-            resize=cfg.resize,
-            max_pixels=cfg.max_pixels,
-        )
-
-    def key(self) -> str:
-        """What distinguishes one decoded cache from another."""
-        return (
-            f"{self.size}|{self.intensity}|{self.window}|{self.percentiles}|{self.resize}|"
-            f"{self.max_pixels}"
-        )
-
-
-def as_options(options: DecodeOptions | int) -> DecodeOptions:
-    return DecodeOptions(size=options) if isinstance(options, int) else options
+def as_options(options: DecodeSettings | int) -> DecodeSettings:
+    """A bare size means the default settings at that size. Not validated: the decoder takes
+    any size (tests decode 4 px); the config and a saved model hold theirs to `ImageSize`."""
+    if isinstance(options, int):
+        return DecodeSettings.model_construct(image_size=options)
+    return options
 
 
 def unreadable_message(bad: dict[str, str], can_skip: bool = True) -> str:
@@ -134,7 +99,7 @@ def is_image_file(path: Path) -> bool:
 
 
 def decode_split(
-    split: Split, options: DecodeOptions | int
+    split: Split, options: DecodeSettings | int
 ) -> tuple[np.ndarray | None, dict[str, str]]:
     """The readable images of a split as uint8 (N, C, size, size), and the unreadable ones.
 
@@ -143,7 +108,7 @@ def decode_split(
     """
     opts = as_options(options)
     if split.images is not None:
-        return resize_array(split.images, opts.size), {}
+        return resize_array(split.images, opts.image_size), {}
     decoded, bad = [], {}
     for sample_id, path in zip(split.ids, split.paths or [], strict=True):
         image, reason = try_decode(path, opts)
@@ -162,7 +127,7 @@ def decode_split(
     return np.stack(decoded)[:, None], bad
 
 
-def try_decode(path: Path, options: DecodeOptions | int) -> tuple[np.ndarray | None, str]:
+def try_decode(path: Path, options: DecodeSettings | int) -> tuple[np.ndarray | None, str]:
     """`decode_image`, or (None, the reason) for a file that cannot be used.
 
     Any exception a decoder raises on one file becomes that file's reason (the caller names
@@ -199,7 +164,7 @@ def _reason(path: Path, exc: Exception) -> str:
 
 
 def decode_rows(
-    stage: Path, job: list[tuple[int, str]], options: DecodeOptions
+    stage: Path, job: list[tuple[int, str]], options: DecodeSettings
 ) -> list[tuple[int, bool, str]]:
     """Decode files into their rows of a (N, 3, S, S) uint8 .npy: (position, colour, reason).
 
@@ -228,7 +193,7 @@ def decode_rows(
 # --------------------------------------------------------------------------- one file
 
 
-def decode_image(path: Path, options: DecodeOptions | int) -> np.ndarray:
+def decode_image(path: Path, options: DecodeSettings | int) -> np.ndarray:
     """One file -> uint8 (size, size) grey or (size, size, 3) RGB.
 
     EXIF orientation is applied; 16-bit, float and DICOM pixels, and colour with 16 bits per
@@ -252,7 +217,7 @@ def decode_image(path: Path, options: DecodeOptions | int) -> np.ndarray:
 
 
 @contextmanager
-def open_image(path: Path, opts: DecodeOptions) -> Iterator[Image.Image]:
+def open_image(path: Path, opts: DecodeSettings) -> Iterator[Image.Image]:
     """An opened PIL image (pixels not loaded): one frame, size-checked against `max_pixels`,
     JPEG drafted."""
     with _OPEN_LOCK, warnings.catch_warnings():
@@ -268,7 +233,7 @@ def open_image(path: Path, opts: DecodeOptions) -> Iterator[Image.Image]:
             raise UnreadableImage(_frames_message(img.format or "?", frames))
         if img.format == "JPEG":
             # DCT scaling while decoding: 1/2, 1/4 or 1/8 of the pixels, never below `size`.
-            img.draft(None, (opts.size, opts.size))
+            img.draft(None, (opts.image_size, opts.image_size))
         width, height = img.size
         if width * height > opts.max_pixels:
             raise UnreadableImage(
@@ -289,7 +254,7 @@ def _frames_message(fmt: str, frames: int) -> str:
     )
 
 
-def load_image(img: Image.Image, path: Path, opts: DecodeOptions) -> Image.Image:
+def load_image(img: Image.Image, path: Path, opts: DecodeSettings) -> Image.Image:
     """An opened image as 8-bit `L` or `RGB`, upright (EXIF orientation applied)."""
     if img.mode in ("RGB", "RGBA", "LA") and bits_per_sample(img) > 8:
         return deep_colour_image(img, path, opts)
@@ -317,7 +282,7 @@ def _raw_mode(img: Image.Image) -> str:
     return ""
 
 
-def deep_colour_image(img: Image.Image, path: Path, opts: DecodeOptions) -> Image.Image:
+def deep_colour_image(img: Image.Image, path: Path, opts: DecodeSettings) -> Image.Image:
     """A colour (or grey + alpha) file with 16 bits per sample, scaled like 16-bit grey.
 
     Pillow keeps only the top 8 bits of such samples (12-bit data turns nearly black), so
@@ -342,9 +307,9 @@ def deep_colour_image(img: Image.Image, path: Path, opts: DecodeOptions) -> Imag
     return out
 
 
-def to_grey_or_rgb(img: Image.Image, opts: DecodeOptions | None = None) -> Image.Image:
+def to_grey_or_rgb(img: Image.Image, opts: DecodeSettings | None = None) -> Image.Image:
     """A loaded image as 8-bit `L` (grey; 16-bit/float scaled by the policy) or `RGB`."""
-    opts = opts or DecodeOptions()
+    opts = opts or DecodeSettings()
     img.load()
     if img.mode in PIL_DEEP_MODES:
         return grey_image(scale_intensity(np.asarray(img, dtype=np.float32), opts))
@@ -367,7 +332,7 @@ def grey_image(unit: np.ndarray) -> Image.Image:
 
 def scale_intensity(
     values: np.ndarray,
-    opts: DecodeOptions,
+    opts: DecodeSettings,
     window: tuple[float, float] | None = None,
     invert: bool = False,
 ) -> np.ndarray:
@@ -405,14 +370,14 @@ def scale_intensity(
     )
 
 
-def fit_size(img: Image.Image, opts: DecodeOptions) -> np.ndarray:
+def fit_size(img: Image.Image, opts: DecodeSettings) -> np.ndarray:
     """`L`/`RGB` image -> uint8 array of `size` x `size` by `opts.resize`.
 
     stretch: both sides to `size`; pad: the long side to `size`, centred on black;
     center_crop: the short side to `size`, the middle kept. Large images are first
     reduced by whole factors (box averages), which bounds the work of the resampling.
     """
-    size = opts.size
+    size = opts.image_size
     factor = min(img.size) // (2 * size)
     if factor >= 2:
         img = img.reduce(factor)
@@ -428,7 +393,7 @@ def fit_size(img: Image.Image, opts: DecodeOptions) -> np.ndarray:
 # --------------------------------------------------------------------------- DICOM
 
 
-def dicom_image(path: Path, opts: DecodeOptions) -> Image.Image:
+def dicom_image(path: Path, opts: DecodeSettings) -> Image.Image:
     """A DICOM file as a viewer shows it (`dicom.read_pixels`), scaled to 8 bits.
 
     The file's own VOI LUT or window is used unless `opts.intensity` is `window`.
@@ -436,7 +401,7 @@ def dicom_image(path: Path, opts: DecodeOptions) -> Image.Image:
     return dicom_display(read_pixels(path, opts.max_pixels, opts.intensity != "window"), opts)
 
 
-def dicom_display(pixels: DicomPixels, opts: DecodeOptions) -> Image.Image:
+def dicom_display(pixels: DicomPixels, opts: DecodeSettings) -> Image.Image:
     """The values' display range (the file's, or the intensity policy's) -> 8-bit L or RGB;
     MONOCHROME1 inverted within that range."""
     values = pixels.values
@@ -451,7 +416,7 @@ def dicom_display(pixels: DicomPixels, opts: DecodeOptions) -> Image.Image:
 # --------------------------------------------------------------------------- inspection
 
 
-def describe_file(path: Path, opts: DecodeOptions) -> tuple[str, str, str, int, np.ndarray]:
+def describe_file(path: Path, opts: DecodeSettings) -> tuple[str, str, str, int, np.ndarray]:
     """(format, mode, WxH, bits per sample, full-size pixels) for the data summary.
 
     Mode and bits are the file's as stored (a DICOM file's PhotometricInterpretation and

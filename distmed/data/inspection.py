@@ -20,9 +20,10 @@ import numpy as np
 from distmed.artifacts import write_json_atomic
 from distmed.config import DataConfig
 from distmed.data.cache import cache_root
-from distmed.data.decode import DecodeOptions, UnreadableImage, describe_file
+from distmed.data.decode import UnreadableImage, describe_file
 from distmed.data.index import DataIndex, Split
 from distmed.data.labels import format_merges
+from distmed.data.settings import DecodeSettings
 from distmed.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ def _patients(index: DataIndex) -> dict[str, Any] | None:
 
 
 def _cached_file_survey(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
-    options = DecodeOptions.from_config(cfg)
+    options = cfg.decode_settings()
     decoding = hashlib.sha256(options.key().encode()).hexdigest()[:8]
     key = f"v{INSPECTION_VERSION}-{index.fingerprint[:24]}-{decoding}"
     path = cache_root(cfg) / "inspect" / f"{index.name}-{key}.json"
@@ -225,7 +226,7 @@ def _cached_file_survey(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
     return survey
 
 
-def _file_survey(index: DataIndex, options: DecodeOptions) -> dict[str, Any]:
+def _file_survey(index: DataIndex, options: DecodeSettings) -> dict[str, Any]:
     """Formats, modes, sizes, bit depths, unreadable files and duplicate groups."""
     formats: Counter[str] = Counter()
     modes: Counter[str] = Counter()
