@@ -12,7 +12,9 @@ integrations and Train's v2 internals are heavy, and not every process needs the
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Iterator
 from typing import Any
 
 # (module, dotted attribute) pairs; an attribute after "#" is read on an instance or inside a
@@ -33,6 +35,7 @@ PRIVATE_NAMES: tuple[str, ...] = (
     "ray.air.integrations.wandb:WandbLoggerCallback#_remote_logger_class",
     "ray.air.integrations.mlflow:MLflowLoggerCallback#_trial_runs",
     "ray.air._internal.mlflow:_MLflowLoggerUtil._get_client",
+    "ray.train.v2.api.data_parallel_trainer:DataParallelTrainer._register_sigint_handler",
 )
 
 # Tune's driver stops a search on this signal the way its own Ctrl-C handler does (saves the
@@ -160,3 +163,25 @@ def mlflow_client(callback: Any) -> Any:
     """The `MlflowClient` behind `MLflowLoggerCallback` (its util hides it behind `_get_client`),
     for a tag its util has no method for."""
     return callback.mlflow_util._get_client()
+
+
+@contextlib.contextmanager
+def train_keeps_ctrl_c() -> Iterator[None]:
+    """While open, a Ray Train fit in this process leaves the SIGINT handler as it is.
+
+    Why private: `DataParallelTrainer.fit` on the main thread installs its own SIGINT handler
+    (`_register_sigint_handler`) and never puts the old one back. Its first Ctrl-C asks the
+    controller to abort and then exits with status 0; every Ctrl-C after the fit only logs
+    "Gracefully aborting the training run" and is otherwise swallowed, so a Ctrl-C while the
+    report is written did nothing. Ray offers no switch for it. With this open, Ctrl-C raises
+    `KeyboardInterrupt` in the fit as anywhere else (the driver's exit stops its actors).
+    """
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    name = "_register_sigint_handler"
+    original = DataParallelTrainer.__dict__[name]  # KeyError: a Ray this does not fit
+    setattr(DataParallelTrainer, name, lambda self, controller: None)
+    try:
+        yield
+    finally:
+        setattr(DataParallelTrainer, name, original)

@@ -33,6 +33,13 @@ _MEMORY_MONITOR_TEXT = re.compile(
     re.IGNORECASE,
 )
 _CUDA_MEMORY_TEXT = re.compile(r"CUDA out of memory")
+# torch.save's C++ writer reports a failed write (a full disk, mostly) as a RuntimeError
+# without an errno: "PytorchStreamWriter failed writing file data/0: file write failed" or
+# "[enforce fail at inline_container.cc:...] . unexpected pos 5568 vs 5462".
+_TORCH_WRITE_TEXT = re.compile(r"file write failed|unexpected pos \d+|failed writing file")
+# Writes the user can fix: a full disk or quota, a folder made read-only or not theirs.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 # The attributes where Ray keeps the exception it wrapped (see the module docstring).
 _WRAPPED = ("cause", "health_check_failure", "_base_exc", "controller_failure")
 CELL_CHARS = 300
@@ -110,7 +117,9 @@ def user_error_cause(exc: BaseException, disk_hint: str | None = None) -> UserEr
     Out of memory (Ray's memory monitor, CUDA, `MemoryError`) is one too: what to lower. A
     full disk anywhere in the chain (ENOSPC: --output, --storage, the cache, /tmp) is the
     user's to fix too: one line naming the file that could not be written, or `disk_hint`
-    (the run's results folder) where the error names none (pyarrow's, Ray's storage).
+    (the run's results folder) where the error names none (pyarrow's, Ray's storage; torch's
+    `file write failed`). So is a file or folder this user may not read or write (EACCES,
+    EPERM, EROFS): one line naming it.
     """
     chain = list(exception_chain(exc))
     for current in chain:
@@ -128,14 +137,46 @@ def user_error_cause(exc: BaseException, disk_hint: str | None = None) -> UserEr
                 f"the file system ({MAX_NAME_BYTES} bytes per file or folder name, "
                 f"{MAX_TEXT_BYTES} per path); use a shorter --data, --output, --storage or --name"
             )
-        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+        if isinstance(current, OSError) and current.errno in NO_SPACE:
             where = current.filename or disk_hint or "a results or cache folder"
             return UserError(
                 f"no space left on the device holding {where}; free space there, or point "
                 "--output / --storage / data.cache_dir at a disk with room, then run again "
                 "(a search: add --resume)"
             )
+        if isinstance(current, OSError) and current.errno in NOT_WRITABLE and current.filename:
+            return UserError(
+                f"{shorten(os.fsdecode(current.filename))}: {os.strerror(current.errno).lower()}; "
+                "make it readable and writable for this user, or point --output / --storage / "
+                "data.cache_dir elsewhere, then run again (a search: add --resume)"
+            )
+    for current in chain:
+        if isinstance(current, RuntimeError) and _TORCH_WRITE_TEXT.search(str(current)):
+            return UserError(
+                f"writing a file in {disk_hint or 'a results folder'} failed "
+                f"({shorten(first_line(current))}): most often a full disk; free space there, "
+                "or point --output / --storage at a disk with room, then run again "
+                "(a search: add --resume)"
+            )
     return None
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """Why a write failed, in a few words, when `exc` (or anything it wraps) is a failed
+    write the user can fix: "no space left on the device" (ENOSPC, EDQUOT, torch.save's
+    `file write failed` / `unexpected pos`), "permission denied" or "read-only file system"
+    (EACCES, EPERM, EROFS); None for any other error."""
+    for current in exception_chain(exc):
+        if isinstance(current, OSError) and current.errno in NO_SPACE | NOT_WRITABLE:
+            return os.strerror(current.errno).lower()
+        if isinstance(current, RuntimeError) and _TORCH_WRITE_TEXT.search(str(current)):
+            return f"no space left on the device? (torch: {shorten(first_line(current))})"
+    return None
+
+
+def out_of_space(reason: str) -> bool:
+    """`write_failure`'s reason says the disk (or quota) is full, not a permission."""
+    return "space" in reason or "quota" in reason
 
 
 def root_cause(exc: BaseException) -> BaseException:
