@@ -15,7 +15,9 @@ for it, or, where only text survived, its message ("... killed due to memory pre
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import re
 import sys
@@ -177,6 +179,56 @@ def write_failure(exc: BaseException) -> str | None:
 def out_of_space(reason: str) -> bool:
     """`write_failure`'s reason says the disk (or quota) is full, not a permission."""
     return "space" in reason or "quota" in reason
+
+
+# Ray's loggers that log a traceback for every failed write into the experiment folder: each
+# snapshot of the search state (every TUNE_GLOBAL_CHECKPOINT_S), the last one, Tune's
+# TensorBoard writer, Train's storage set-up. A folder made read-only or full mid-search
+# repeats the same traceback many times.
+RAY_WRITE_LOGGERS = (
+    "ray.tune.execution.experiment_state",
+    "ray.tune.tune",
+    "ray.tune.logger.tensorboardx",
+    "ray.train._internal.storage",
+)
+
+
+class OneLineWriteFailures(logging.Filter):
+    """A log record about a failed write the user can fix (`write_failure`) becomes one
+    line without its traceback, the first time per reason; repeats are dropped. Every
+    other record passes unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        reason = write_failure(error) if error is not None else None
+        if reason is None:
+            return True
+        if reason in self.said:
+            return False
+        self.said.add(reason)
+        where = os.fsdecode(getattr(error, "filename", None) or "") or "the results folder"
+        record.msg = f"{record.getMessage()} {where}: {reason} (repeats not shown)"
+        record.args, record.exc_info, record.exc_text, record.stack_info = (), None, None, None
+        return True
+
+
+@contextlib.contextmanager
+def one_line_write_failures(names: tuple[str, ...] = RAY_WRITE_LOGGERS) -> Iterator[None]:
+    """While open, the loggers `names` say a failed write once, in one line
+    (`OneLineWriteFailures`)."""
+    only_once = OneLineWriteFailures()
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addFilter(only_once)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(only_once)
 
 
 def root_cause(exc: BaseException) -> BaseException:

@@ -44,7 +44,7 @@ from distmed.config import CVConfig, ExperimentConfig
 from distmed.cv import FoldPlan, PreparedData, prepare_data, score_caveat, share_images, storage_uri
 from distmed.data import describe_index, inspect_data, scan_source
 from distmed.errors import EXIT_INTERRUPTED, UserError
-from distmed.failures import out_of_space, write_failure
+from distmed.failures import one_line_write_failures, out_of_space, write_failure
 from distmed.importance import importance_text, param_importances
 from distmed.inference import (
     TEST_PREDICTIONS,
@@ -376,7 +376,7 @@ def _fit_tuner(
         tuner = build_tuner(
             spec, context, ctx.name, ctx.storage, concurrent, callbacks, ctx.verbose, warm
         )
-    with hidden_status_lines(hide=not ctx.verbose):
+    with hidden_status_lines(hide=not ctx.verbose), one_line_write_failures():
         return tuner.fit(), sampler
 
 

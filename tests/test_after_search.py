@@ -11,6 +11,7 @@ on a full disk. No Ray.
 from __future__ import annotations
 
 import errno
+import logging
 import signal
 import tempfile
 from pathlib import Path
@@ -211,3 +212,24 @@ def test_a_best_trial_without_its_checkpoint_warns_and_records_the_missing_ensem
     update = final.summary_update()
     assert "bbbb0002" in update["fold_models_missing"]
     assert "fold_models_missing" in RunSummary.model_fields  # recorded in summary.json
+
+
+def test_a_folder_made_read_only_mid_search_is_one_log_line_not_a_traceback_per_snapshot(
+    caplog,
+):
+    from distmed.failures import one_line_write_failures
+
+    state = logging.getLogger("ray.tune.execution.experiment_state")
+    denied = PermissionError(errno.EACCES, "Permission denied", "/runs/t1/experiment_state.json")
+    with one_line_write_failures():
+        for _ in range(12):  # Tune's snapshot every few seconds, each failing the same way
+            try:
+                raise denied
+            except PermissionError:
+                state.error("Saving experiment state to storage failed:", exc_info=True)
+        state.error("another error: %s", "kept")
+    records = [r for r in caplog.records if r.name == state.name]
+    assert len(records) == 2
+    assert records[0].exc_info is None and "Traceback" not in caplog.text
+    assert "/runs/t1/experiment_state.json: permission denied" in records[0].getMessage()
+    assert records[1].getMessage() == "another error: kept"
