@@ -38,7 +38,7 @@ _CUDA_MEMORY_TEXT = re.compile(r"CUDA out of memory")
 # torch.save's C++ writer reports a failed write (a full disk, mostly) as a RuntimeError
 # without an errno: "PytorchStreamWriter failed writing file data/0: file write failed" or
 # "[enforce fail at inline_container.cc:...] . unexpected pos 5568 vs 5462".
-_TORCH_WRITE_TEXT = re.compile(r"file write failed|unexpected pos \d+|failed writing file")
+_TORCH_WRITE_TEXT = re.compile(r"file write failed|unexpected pos \d+ vs \d+|failed writing file")
 # Writes the user can fix: a full disk or quota, a folder made read-only or not theirs.
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
@@ -153,10 +153,11 @@ def user_error_cause(exc: BaseException, disk_hint: str | None = None) -> UserEr
                 "data.cache_dir elsewhere, then run again (a search: add --resume)"
             )
     for current in chain:
-        if isinstance(current, RuntimeError) and _TORCH_WRITE_TEXT.search(str(current)):
+        torch_write = _torch_write_failure(current)
+        if torch_write is not None:
             return UserError(
                 f"writing a file in {disk_hint or 'a results folder'} failed "
-                f"({shorten(first_line(current))}): most often a full disk; free space there, "
+                f"(torch.save: {torch_write}): most often a full disk; free space there, "
                 "or point --output / --storage at a disk with room, then run again "
                 "(a search: add --resume)"
             )
@@ -171,9 +172,18 @@ def write_failure(exc: BaseException) -> str | None:
     for current in exception_chain(exc):
         if isinstance(current, OSError) and current.errno in NO_SPACE | NOT_WRITABLE:
             return os.strerror(current.errno).lower()
-        if isinstance(current, RuntimeError) and _TORCH_WRITE_TEXT.search(str(current)):
-            return f"no space left on the device? (torch: {shorten(first_line(current))})"
+        torch_write = _torch_write_failure(current)
+        if torch_write is not None:
+            return f"no space left on the device? (torch.save: {torch_write})"
     return None
+
+
+def _torch_write_failure(error: BaseException) -> str | None:
+    """torch.save's words for a failed write ("unexpected pos 704 vs 598"), if `error` is one."""
+    if not isinstance(error, RuntimeError):
+        return None
+    found = _TORCH_WRITE_TEXT.search(str(error))
+    return found.group(0) if found else None
 
 
 def out_of_space(reason: str) -> bool:

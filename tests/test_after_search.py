@@ -233,3 +233,19 @@ def test_a_folder_made_read_only_mid_search_is_one_log_line_not_a_traceback_per_
     assert records[0].exc_info is None and "Traceback" not in caplog.text
     assert "/runs/t1/experiment_state.json: permission denied" in records[0].getMessage()
     assert records[1].getMessage() == "another error: kept"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_failed_write_anywhere_is_one_user_error_line():
+    from distmed.failures import user_error_cause
+
+    try:
+        torch.save({"weights": torch.zeros(100_000)}, "/dev/full")  # the refit's best_model.pt
+    except RuntimeError as exc:
+        torch_write = user_error_cause(exc, "/runs/t1")
+    assert torch_write is not None
+    assert "/runs/t1" in str(torch_write) and "full disk" in str(torch_write)
+    denied = PermissionError(errno.EROFS, "Read-only file system", "/runs/t1/summary.json")
+    line = str(user_error_cause(denied))
+    assert line.startswith("'/runs/t1/summary.json': read-only file system;")
+    assert user_error_cause(OSError(errno.EIO, "Input/output error")) is None  # not the user's
