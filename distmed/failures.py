@@ -178,6 +178,14 @@ def write_failure(exc: BaseException) -> str | None:
     return None
 
 
+def failed_path(exc: BaseException) -> str | None:
+    """The file a failed write (`write_failure`) names, when its error names one."""
+    for current in exception_chain(exc):
+        if isinstance(current, OSError) and current.errno in NO_SPACE | NOT_WRITABLE:
+            return os.fsdecode(current.filename) if current.filename else None
+    return None
+
+
 def _torch_write_failure(error: BaseException) -> str | None:
     """torch.save's words for a failed write ("unexpected pos 704 vs 598"), if `error` is one."""
     if not isinstance(error, RuntimeError):

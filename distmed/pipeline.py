@@ -44,7 +44,7 @@ from distmed.config import CVConfig, ExperimentConfig
 from distmed.cv import FoldPlan, PreparedData, prepare_data, score_caveat, share_images, storage_uri
 from distmed.data import describe_index, inspect_data, scan_source
 from distmed.errors import EXIT_INTERRUPTED, UserError
-from distmed.failures import one_line_write_failures, out_of_space, write_failure
+from distmed.failures import failed_path, one_line_write_failures, out_of_space, write_failure
 from distmed.importance import importance_text, param_importances
 from distmed.inference import (
     TEST_PREDICTIONS,
@@ -731,7 +731,8 @@ def after_search(ctx: RunContext) -> Iterator[None]:
       (`refit_chosen`).
     - a results folder that will not take a write (full, read-only:
       `failures.write_failure`) is one `UserError` naming it and what to do; the files
-      written before it stay.
+      written before it stay. A failed write elsewhere (the cache, /tmp) is left to the
+      CLI's one line naming that file.
     """
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -743,13 +744,17 @@ def after_search(ctx: RunContext) -> Iterator[None]:
     except UserError:
         raise
     except Exception as exc:
-        reason = write_failure(exc)
-        if reason is None:
-            raise
+        reason, path = write_failure(exc), failed_path(exc)
+        if reason is None or (path and not _inside(Path(path), ctx.local)):
+            raise  # elsewhere (the cache, /tmp): `cli.run_entry_point` names that file
         raise results_write_error(ctx, reason) from exc
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
 
 
 def saved_files(ctx: RunContext) -> list[str]:

@@ -249,3 +249,18 @@ def test_a_failed_write_anywhere_is_one_user_error_line():
     line = str(user_error_cause(denied))
     assert line.startswith("'/runs/t1/summary.json': read-only file system;")
     assert user_error_cause(OSError(errno.EIO, "Input/output error")) is None  # not the user's
+
+
+def test_a_full_disk_elsewhere_after_the_search_names_that_file_not_the_results(
+    fake_stages: Path, tmp_path: Path, monkeypatch, capsys
+):
+    cache = str(tmp_path / "cache" / "images.npy")
+
+    def cache_disk_full(run_dir, experiment_uri=None):
+        raise OSError(errno.ENOSPC, "No space left on device", cache)
+
+    monkeypatch.setattr(runreport, "build_report", cache_disk_full)
+
+    assert _tune(tmp_path) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: no space left on the device holding {cache};")
