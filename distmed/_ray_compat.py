@@ -36,11 +36,22 @@ PRIVATE_NAMES: tuple[str, ...] = (
     "ray.air.integrations.mlflow:MLflowLoggerCallback#_trial_runs",
     "ray.air._internal.mlflow:_MLflowLoggerUtil._get_client",
     "ray.train.v2.api.data_parallel_trainer:DataParallelTrainer._register_sigint_handler",
+    "ray.train._internal.storage:logger",
 )
 
 # Tune's driver stops a search on this signal the way its own Ctrl-C handler does (saves the
 # experiment state, then stops the trials); distmed's Ctrl-C handler sends it (search.py).
 TUNE_STOP_SIGNAL = signal.SIGUSR1
+# Ray's loggers that log a traceback for every failed write into the experiment folder: each
+# snapshot of the search state (every TUNE_GLOBAL_CHECKPOINT_S), the last one, Tune's
+# TensorBoard writer, Train's storage set-up (an internal module's logger). A folder made
+# read-only or full mid-search repeats the same traceback many times (failures.py quiets them).
+RAY_WRITE_LOGGERS = (
+    "ray.tune.execution.experiment_state",
+    "ray.tune.tune",
+    "ray.tune.logger.tensorboardx",
+    "ray.train._internal.storage",
+)
 # Tune installs no SIGINT handler of its own while this is set (distmed installs one instead).
 TUNE_DISABLE_SIGINT_HANDLER = "TUNE_DISABLE_SIGINT_HANDLER"
 

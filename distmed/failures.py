@@ -199,18 +199,6 @@ def out_of_space(reason: str) -> bool:
     return "space" in reason or "quota" in reason
 
 
-# Ray's loggers that log a traceback for every failed write into the experiment folder: each
-# snapshot of the search state (every TUNE_GLOBAL_CHECKPOINT_S), the last one, Tune's
-# TensorBoard writer, Train's storage set-up. A folder made read-only or full mid-search
-# repeats the same traceback many times.
-RAY_WRITE_LOGGERS = (
-    "ray.tune.execution.experiment_state",
-    "ray.tune.tune",
-    "ray.tune.logger.tensorboardx",
-    "ray.train._internal.storage",
-)
-
-
 class OneLineWriteFailures(logging.Filter):
     """A log record about a failed write the user can fix (`write_failure`) becomes one
     line without its traceback, the first time per reason; repeats are dropped. Every
@@ -235,10 +223,14 @@ class OneLineWriteFailures(logging.Filter):
 
 
 @contextlib.contextmanager
-def one_line_write_failures(names: tuple[str, ...] = RAY_WRITE_LOGGERS) -> Iterator[None]:
-    """While open, the loggers `names` say a failed write once, in one line
-    (`OneLineWriteFailures`)."""
+def one_line_write_failures(names: tuple[str, ...] | None = None) -> Iterator[None]:
+    """While open, the loggers `names` (default: Ray's that log a traceback per failed write
+    of the experiment folder, `_ray_compat.RAY_WRITE_LOGGERS`) say a failed write once, in
+    one line (`OneLineWriteFailures`)."""
+    from distmed._ray_compat import RAY_WRITE_LOGGERS
+
     only_once = OneLineWriteFailures()
+    names = RAY_WRITE_LOGGERS if names is None else names
     loggers = [logging.getLogger(name) for name in names]
     for logger in loggers:
         logger.addFilter(only_once)
