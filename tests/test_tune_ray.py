@@ -210,18 +210,6 @@ def test_search_stops_poor_trials_writes_results_and_hides_the_key(
             r["trial_id"] for r in rows
         )
 
-    # The refit lost (best_model.pt gone) and with it the best trial's checkpoint (deleted
-    # once it was kept in best_model.pt): --resume refits again, without the fold ensemble,
-    # and says so in one warning line and in summary.json (issue 37 item 9).
-    (out / "best_model.pt").unlink()
-    assert tune.main([*argv, "--resume"]) == 0
-    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
-    assert len(warnings) == 1 and f"trial {summary['best_trial']}" in warnings[0]
-    assert "--ensemble folds is unavailable" in warnings[0]
-    assert "fold_states" not in torch.load(out / "best_model.pt", weights_only=True)
-    again = json.loads((out / "summary.json").read_text())
-    assert summary["best_trial"] in again["fold_models_missing"]
-
 
 def test_nested_search_scores_each_outer_fold_once(ray_session, tmp_path: Path, capsys):
     """--nested 2 with 2 inner folds: two inner searches, each refit on its outer training
