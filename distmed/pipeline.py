@@ -11,6 +11,8 @@ typed inputs and calls these stages in order, each a short function over the roo
                 trial's out-of-fold predictions -> best_model.pt written once -> the test
                 split scored once
     summarize   summary.json, the report, MLflow; publish copies the results to --storage
+    after_search  around every stage after the search: Ctrl-C stops at once saying what is
+                saved; a results folder that fills up or turns read-only is one line
 
 Nothing here parses arguments or knows a flag; nothing below it chooses what runs next.
 """
