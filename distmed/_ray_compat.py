@@ -12,7 +12,9 @@ integrations and Train's v2 internals are heavy, and not every process needs the
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Iterator
 from typing import Any
 
 # (module, dotted attribute) pairs; an attribute after "#" is read on an instance or inside a
@@ -33,11 +35,23 @@ PRIVATE_NAMES: tuple[str, ...] = (
     "ray.air.integrations.wandb:WandbLoggerCallback#_remote_logger_class",
     "ray.air.integrations.mlflow:MLflowLoggerCallback#_trial_runs",
     "ray.air._internal.mlflow:_MLflowLoggerUtil._get_client",
+    "ray.train.v2.api.data_parallel_trainer:DataParallelTrainer._register_sigint_handler",
+    "ray.train._internal.storage:logger",
 )
 
 # Tune's driver stops a search on this signal the way its own Ctrl-C handler does (saves the
 # experiment state, then stops the trials); distmed's Ctrl-C handler sends it (search.py).
 TUNE_STOP_SIGNAL = signal.SIGUSR1
+# Ray's loggers that log a traceback for every failed write into the experiment folder: each
+# snapshot of the search state (every TUNE_GLOBAL_CHECKPOINT_S), the last one, Tune's
+# TensorBoard writer, Train's storage set-up (an internal module's logger). A folder made
+# read-only or full mid-search repeats the same traceback many times (failures.py quiets them).
+RAY_WRITE_LOGGERS = (
+    "ray.tune.execution.experiment_state",
+    "ray.tune.tune",
+    "ray.tune.logger.tensorboardx",
+    "ray.train._internal.storage",
+)
 # Tune installs no SIGINT handler of its own while this is set (distmed installs one instead).
 TUNE_DISABLE_SIGINT_HANDLER = "TUNE_DISABLE_SIGINT_HANDLER"
 
@@ -160,3 +174,25 @@ def mlflow_client(callback: Any) -> Any:
     """The `MlflowClient` behind `MLflowLoggerCallback` (its util hides it behind `_get_client`),
     for a tag its util has no method for."""
     return callback.mlflow_util._get_client()
+
+
+@contextlib.contextmanager
+def train_keeps_ctrl_c() -> Iterator[None]:
+    """While open, a Ray Train fit in this process leaves the SIGINT handler as it is.
+
+    Why private: `DataParallelTrainer.fit` on the main thread installs its own SIGINT handler
+    (`_register_sigint_handler`) and never puts the old one back. Its first Ctrl-C asks the
+    controller to abort and then exits with status 0; every Ctrl-C after the fit only logs
+    "Gracefully aborting the training run" and is otherwise swallowed, so a Ctrl-C while the
+    report is written did nothing. Ray offers no switch for it. With this open, Ctrl-C raises
+    `KeyboardInterrupt` in the fit as anywhere else (the driver's exit stops its actors).
+    """
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    name = "_register_sigint_handler"
+    original = DataParallelTrainer.__dict__[name]  # KeyError: a Ray this does not fit
+    setattr(DataParallelTrainer, name, lambda self, controller: None)
+    try:
+        yield
+    finally:
+        setattr(DataParallelTrainer, name, original)

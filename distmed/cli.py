@@ -183,8 +183,8 @@ def run_entry_point(body: Callable[[argparse.Namespace], int], args: argparse.Na
     try:
         check_arguments(args)  # no secret in a URI reaches a log, a result or Ray
         return body(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # its message, if any, says what is saved
+        print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:
         if args.debug:

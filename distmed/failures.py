@@ -15,7 +15,9 @@ for it, or, where only text survived, its message ("... killed due to memory pre
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import re
 import sys
@@ -33,6 +35,13 @@ _MEMORY_MONITOR_TEXT = re.compile(
     re.IGNORECASE,
 )
 _CUDA_MEMORY_TEXT = re.compile(r"CUDA out of memory")
+# torch.save's C++ writer reports a failed write (a full disk, mostly) as a RuntimeError
+# without an errno: "PytorchStreamWriter failed writing file data/0: file write failed" or
+# "[enforce fail at inline_container.cc:...] . unexpected pos 5568 vs 5462".
+_TORCH_WRITE_TEXT = re.compile(r"file write failed|unexpected pos \d+ vs \d+|failed writing file")
+# Writes the user can fix: a full disk or quota, a folder made read-only or not theirs.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 # The attributes where Ray keeps the exception it wrapped (see the module docstring).
 _WRAPPED = ("cause", "health_check_failure", "_base_exc", "controller_failure")
 CELL_CHARS = 300
@@ -110,7 +119,9 @@ def user_error_cause(exc: BaseException, disk_hint: str | None = None) -> UserEr
     Out of memory (Ray's memory monitor, CUDA, `MemoryError`) is one too: what to lower. A
     full disk anywhere in the chain (ENOSPC: --output, --storage, the cache, /tmp) is the
     user's to fix too: one line naming the file that could not be written, or `disk_hint`
-    (the run's results folder) where the error names none (pyarrow's, Ray's storage).
+    (the run's results folder) where the error names none (pyarrow's, Ray's storage; torch's
+    `file write failed`). So is a file or folder this user may not read or write (EACCES,
+    EPERM, EROFS): one line naming it.
     """
     chain = list(exception_chain(exc))
     for current in chain:
@@ -128,14 +139,106 @@ def user_error_cause(exc: BaseException, disk_hint: str | None = None) -> UserEr
                 f"the file system ({MAX_NAME_BYTES} bytes per file or folder name, "
                 f"{MAX_TEXT_BYTES} per path); use a shorter --data, --output, --storage or --name"
             )
-        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+        if isinstance(current, OSError) and current.errno in NO_SPACE:
             where = current.filename or disk_hint or "a results or cache folder"
             return UserError(
                 f"no space left on the device holding {where}; free space there, or point "
                 "--output / --storage / data.cache_dir at a disk with room, then run again "
                 "(a search: add --resume)"
             )
+        if isinstance(current, OSError) and current.errno in NOT_WRITABLE and current.filename:
+            return UserError(
+                f"{shorten(os.fsdecode(current.filename))}: {os.strerror(current.errno).lower()}; "
+                "make it readable and writable for this user, or point --output / --storage / "
+                "data.cache_dir elsewhere, then run again (a search: add --resume)"
+            )
+    for current in chain:
+        torch_write = _torch_write_failure(current)
+        if torch_write is not None:
+            return UserError(
+                f"writing a file in {disk_hint or 'a results folder'} failed "
+                f"(torch.save: {torch_write}): most often a full disk; free space there, "
+                "or point --output / --storage at a disk with room, then run again "
+                "(a search: add --resume)"
+            )
     return None
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """Why a write failed, in a few words, when `exc` (or anything it wraps) is a failed
+    write the user can fix: "no space left on the device" (ENOSPC, EDQUOT, torch.save's
+    `file write failed` / `unexpected pos`), "permission denied" or "read-only file system"
+    (EACCES, EPERM, EROFS); None for any other error."""
+    for current in exception_chain(exc):
+        if isinstance(current, OSError) and current.errno in NO_SPACE | NOT_WRITABLE:
+            return os.strerror(current.errno).lower()
+        torch_write = _torch_write_failure(current)
+        if torch_write is not None:
+            return f"no space left on the device? (torch.save: {torch_write})"
+    return None
+
+
+def failed_path(exc: BaseException) -> str | None:
+    """The file a failed write (`write_failure`) names, when its error names one."""
+    for current in exception_chain(exc):
+        if isinstance(current, OSError) and current.errno in NO_SPACE | NOT_WRITABLE:
+            return os.fsdecode(current.filename) if current.filename else None
+    return None
+
+
+def _torch_write_failure(error: BaseException) -> str | None:
+    """torch.save's words for a failed write ("unexpected pos 704 vs 598"), if `error` is one."""
+    if not isinstance(error, RuntimeError):
+        return None
+    found = _TORCH_WRITE_TEXT.search(str(error))
+    return found.group(0) if found else None
+
+
+def out_of_space(reason: str) -> bool:
+    """`write_failure`'s reason says the disk (or quota) is full, not a permission."""
+    return "space" in reason or "quota" in reason
+
+
+class OneLineWriteFailures(logging.Filter):
+    """A log record about a failed write the user can fix (`write_failure`) becomes one
+    line without its traceback, the first time per reason; repeats are dropped. Every
+    other record passes unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        reason = write_failure(error) if error is not None else None
+        if reason is None:
+            return True
+        if reason in self.said:
+            return False
+        self.said.add(reason)
+        where = os.fsdecode(getattr(error, "filename", None) or "") or "the results folder"
+        record.msg = f"{record.getMessage()} {where}: {reason} (repeats not shown)"
+        record.args, record.exc_info, record.exc_text, record.stack_info = (), None, None, None
+        return True
+
+
+@contextlib.contextmanager
+def one_line_write_failures(names: tuple[str, ...] | None = None) -> Iterator[None]:
+    """While open, the loggers `names` (default: Ray's that log a traceback per failed write
+    of the experiment folder, `_ray_compat.RAY_WRITE_LOGGERS`) say a failed write once, in
+    one line (`OneLineWriteFailures`)."""
+    from distmed._ray_compat import RAY_WRITE_LOGGERS
+
+    only_once = OneLineWriteFailures()
+    names = RAY_WRITE_LOGGERS if names is None else names
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addFilter(only_once)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(only_once)
 
 
 def root_cause(exc: BaseException) -> BaseException:

@@ -11,6 +11,8 @@ typed inputs and calls these stages in order, each a short function over the roo
                 trial's out-of-fold predictions -> best_model.pt written once -> the test
                 split scored once
     summarize   summary.json, the report, MLflow; publish copies the results to --storage
+    after_search  around every stage after the search: Ctrl-C stops at once saying what is
+                saved; a results folder that fills up or turns read-only is one line
 
 Nothing here parses arguments or knows a flag; nothing below it chooses what runs next.
 """
@@ -18,10 +20,12 @@ Nothing here parses arguments or knows a flag; nothing below it chooses what run
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
-from collections.abc import Sequence
-from contextlib import ExitStack
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 import yaml
 
-from distmed import __version__
+from distmed import __version__, _ray_compat
 from distmed.artifacts import (
     STAGING_FOLDER,
     delete_checkpoints,
@@ -42,6 +46,7 @@ from distmed.config import CVConfig, ExperimentConfig
 from distmed.cv import FoldPlan, PreparedData, prepare_data, score_caveat, share_images, storage_uri
 from distmed.data import describe_index, inspect_data, scan_source
 from distmed.errors import EXIT_INTERRUPTED, UserError
+from distmed.failures import failed_path, one_line_write_failures, out_of_space, write_failure
 from distmed.importance import importance_text, param_importances
 from distmed.inference import (
     TEST_PREDICTIONS,
@@ -76,7 +81,7 @@ from distmed.results import (
     write_trials_csv,
 )
 from distmed.runlock import hold_results_folder
-from distmed.runreport import report_after_search
+from distmed.runreport import REPORT, report_after_search
 from distmed.savedmodel import (
     FoldModels,
     SavedModel,
@@ -112,6 +117,11 @@ from distmed.warmstart import WarmStart, load_warm_start, model_size_of
 
 MODEL_FILE = "best_model.pt"
 SUMMARY_FILE = "summary.json"
+TRIALS_FILE = "trials.csv"
+BEST_CONFIG_FILE = "best_config.yaml"
+# $TMPDIR/distmed-unsaved/<name>: results that the results folder would not take (full,
+# read-only), kept so that nothing a search computed is lost.
+UNSAVED_FOLDER = "distmed-unsaved"
 
 
 @dataclass(frozen=True)
@@ -286,7 +296,7 @@ def run_search(
         grid, sampler = _fit_tuner(spec, data, ctx, warm)
     keys = list(spec.space)
     rows = collect_rows(grid, keys, ended=EndedTrials.ended if ctrl_c.interrupted else None)
-    write_trials_csv(ctx.local / "trials.csv", rows, keys)
+    keep_trials_csv(ctx, rows, keys)
     front = None
     if spec.search.multi_objective:
         size = ModelSize(spec.base.model_dump(mode="json"), data.plan.task.num_outputs)
@@ -298,6 +308,34 @@ def run_search(
         best = next((r for r in rows if chosen and r.trial_id == chosen.trial_id), best)
     runner_up = runner_up_row(rows, best) if best is not None else None
     return SearchOutcome(rows, keys, ctrl_c.interrupted, best, runner_up, sampler, front)
+
+
+def keep_trials_csv(ctx: RunContext, rows: list[TrialRow], keys: list[str]) -> None:
+    """Write `ctx.local/trials.csv`; where the folder will not take it (full, read-only:
+    `failures.write_failure`), write it to `unsaved_folder(ctx)` instead and say so.
+
+    Raises:
+        UserError: the folder cannot be written; names it, where trials.csv is kept and
+            what to do.
+    """
+    try:
+        write_trials_csv(ctx.local / TRIALS_FILE, rows, keys)
+    except Exception as exc:
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        kept = unsaved_folder(ctx)
+        try:
+            kept.mkdir(parents=True, exist_ok=True)
+            write_trials_csv(kept / TRIALS_FILE, rows, keys)
+        except OSError:  # nowhere to keep it either: the message says so
+            raise results_write_error(ctx, reason) from exc
+        raise results_write_error(ctx, reason, kept / TRIALS_FILE) from exc
+
+
+def unsaved_folder(ctx: RunContext) -> Path:
+    """Where results the results folder would not take are kept: $TMPDIR/distmed-unsaved/NAME."""
+    return Path(tempfile.gettempdir()) / UNSAVED_FOLDER / ctx.name
 
 
 def _fit_tuner(
@@ -340,7 +378,7 @@ def _fit_tuner(
         tuner = build_tuner(
             spec, context, ctx.name, ctx.storage, concurrent, callbacks, ctx.verbose, warm
         )
-    with hidden_status_lines(hide=not ctx.verbose):
+    with hidden_status_lines(hide=not ctx.verbose), one_line_write_failures():
         return tuner.fit(), sampler
 
 
@@ -374,12 +412,14 @@ class FinalModel:
 
     path: Path
     refit_epochs: int
+    fold_models_missing: str | None = None  # why best_model.pt has no fold ensemble
     test_metrics: dict[str, int | float] | None = None
     test_metrics_folds: dict[str, int | float] | None = None
 
     def summary_update(self) -> dict[str, Any]:
         return {
             "refit_epochs": self.refit_epochs,
+            "fold_models_missing": self.fold_models_missing,
             **({"test_metrics": self.test_metrics} if self.test_metrics else {}),
             **({"test_metrics_folds": self.test_metrics_folds} if self.test_metrics_folds else {}),
         }
@@ -395,7 +435,9 @@ def finalize(
     """Refit the best config on the whole CV pool, keep the best trial's fold models, fit the
     temperature and choose the operating threshold on its out-of-fold predictions, write
     `best_model.pt` once with all of it; then score the test split once with the refit model
-    and with the fold ensemble, and drop the trials' checkpoints."""
+    and with the fold ensemble, and drop the trials' checkpoints. Without the best trial's
+    final checkpoint (deleted before a `--resume`) there is no fold ensemble: one warning
+    line, and `fold_models_missing` says why (summary.json)."""
     best = outcome.best
     assert best is not None  # the front door stops before finalize when no trial completed
     epochs = refit_epochs(best.fold_epochs)
@@ -411,6 +453,7 @@ def finalize(
     if saved_source(path) == run_name:  # a resumed search whose refit had finished
         print(f"reusing {path} (refit of trial {best.trial_id})", flush=True)
         saved = SavedModel.load(path)
+        has_folds = saved.fold_models is not None
         if (wanted := threshold_for(saved.calibration)) != saved.threshold and wanted:
             save_threshold(path, wanted)  # only when this run asks for another rule
     else:
@@ -426,6 +469,9 @@ def finalize(
             folds = FoldModels(
                 trial=trial, num_models=len(fold_states), stop_epochs=best.fold_epochs
             )
+        else:
+            print(f"warning: {no_fold_models_text(trial)}", file=sys.stderr, flush=True)
+        has_folds = folds is not None
         calibration = fit_oof_temperature(oof, task)
         save_model(
             path,
@@ -440,10 +486,19 @@ def finalize(
             threshold=threshold_for(calibration),
         )
         delete_checkpoints(f"{ctx.experiment_uri}/refit/{run_name}")
-    final = FinalModel(path, epochs, **score_test(path, data, ctx.local))
+    missing = None if has_folds else no_fold_models_text(trial)
+    final = FinalModel(path, epochs, missing, **score_test(path, data, ctx.local))
     for row in outcome.rows:  # the best trial's fold models are in best_model.pt now
         delete_checkpoints(f"{trials}/{trial_run_name(row.trial_id)}")
     return final
+
+
+def no_fold_models_text(trial: str) -> str:
+    """Why `best_model.pt` holds no fold ensemble: the best trial's final checkpoint is gone."""
+    return (
+        f"trial {trial}'s fold models were not found (its final checkpoint is missing or "
+        f"stale); best_model.pt holds the refit model only: --ensemble folds is unavailable"
+    )
 
 
 def refit_chosen(
@@ -453,7 +508,8 @@ def refit_chosen(
     `uri/refit/run_name`. `what` names the refit in the waiting message."""
     layout = plan_workers(chosen.scaling)
     wait_for_free_resources(layout, what)
-    return refit(chosen, plan, layout, f"{uri}/refit", run_name, epochs, show_line)
+    with _ray_compat.train_keeps_ctrl_c():  # Ctrl-C stops at once (`after_search`)
+        return refit(chosen, plan, layout, f"{uri}/refit", run_name, epochs, show_line)
 
 
 def operating_threshold(
@@ -540,7 +596,7 @@ def summarize(
     if best is None:
         return summary
     chosen = best_config(spec.base, best)
-    write_best_config(ctx.local / "best_config.yaml", chosen)
+    write_best_config(ctx.local / BEST_CONFIG_FILE, chosen)
     return summary.model_copy(
         update={
             "best_trial": best.trial_id,
@@ -665,6 +721,77 @@ def format_results(
     if mlflow_run is not None:
         lines.append(f"MLflow: best model and report in {mlflow_run}")
     return "\n".join(lines)
+
+
+@contextmanager
+def after_search(ctx: RunContext) -> Iterator[None]:
+    """Around every stage after the search (summary, refit, best_model.pt, test scores,
+    report, upload, MLflow): what the search computed is saved as it goes, so
+
+    - Ctrl-C stops at once: a `KeyboardInterrupt` whose message says what is saved and how
+      to go on (`saved_text`); Ray Train's handler, which swallowed it, is kept out
+      (`refit_chosen`).
+    - a results folder that will not take a write (full, read-only:
+      `failures.write_failure`) is one `UserError` naming it and what to do; the files
+      written before it stay. A failed write elsewhere (the cache, /tmp) is left to the
+      CLI's one line naming that file.
+    """
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(saved_text(ctx)) from None
+    except UserError:
+        raise
+    except Exception as exc:
+        reason, path = write_failure(exc), failed_path(exc)
+        if reason is None or (path and not _inside(Path(path), ctx.local)):
+            raise  # elsewhere (the cache, /tmp): `cli.run_entry_point` names that file
+        raise results_write_error(ctx, reason) from exc
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def saved_files(ctx: RunContext) -> list[str]:
+    """The result files already in `ctx.local`, in the order a search writes them."""
+    names = (TRIALS_FILE, SUMMARY_FILE, BEST_CONFIG_FILE, MODEL_FILE, REPORT)
+    return [name for name in names if (ctx.local / name).is_file()]
+
+
+def next_step(ctx: RunContext) -> str:
+    """How to finish a search stopped after its trials: rebuild the report from a saved
+    best_model.pt, or `--resume` (which runs only what is missing, e.g. the refit)."""
+    if (ctx.local / MODEL_FILE).is_file():
+        return f"rebuild the report with: python -m distmed.report {ctx.local}"
+    return f"finish it with: {ctx.resume_command}"
+
+
+def saved_text(ctx: RunContext) -> str:
+    """What a Ctrl-C after the search says: what is saved where, and what to run next."""
+    saved = ", ".join(saved_files(ctx)) or "nothing yet"
+    return f"stopped after the search; saved in {ctx.local}: {saved}; {next_step(ctx)}"
+
+
+def results_write_error(ctx: RunContext, reason: str, kept: Path | None = None) -> UserError:
+    """The one line for a results folder that will not take a write: why, what is saved
+    (and `kept` elsewhere), what to do, then how to go on."""
+    saved = ", ".join(saved_files(ctx)) or "nothing"
+    elsewhere = f"; kept instead: {kept}" if kept is not None else ""
+    if out_of_space(reason):
+        fix = "free space there"
+    else:
+        fix = f"make it writable (e.g. chmod -R u+w {ctx.local}) or use another --storage"
+    return UserError(
+        f"cannot write the results in {ctx.local}: {reason}; saved there: {saved}{elsewhere}; "
+        f"{fix}, then {next_step(ctx)}"
+    )
 
 
 def stopped(summary: RunSummary, ctx: RunContext) -> int:

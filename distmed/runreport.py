@@ -25,6 +25,7 @@ from distmed.artifacts import write_text_atomic
 from distmed.calibration import TemperatureFit, apply_temperature
 from distmed.cvstats import interval, separable
 from distmed.errors import UserError
+from distmed.failures import write_failure
 from distmed.importance import importance_text
 from distmed.inference import TEST_PREDICTIONS, TEST_PREDICTIONS_FOLDS, load_inference_model
 from distmed.results import read_trial_detail
@@ -64,10 +65,17 @@ class RunData:
 
 
 def report_after_search(run_dir: Path, experiment_uri: str) -> Path | None:
-    """The report at the end of `distmed.tune` (None if it failed; the search is not lost)."""
+    """The report at the end of `distmed.tune` (None if it failed; the search is not lost).
+
+    A results folder that cannot be written (full, read-only: `failures.write_failure`) is
+    not such a failure: it is raised, as it stops every write after it too (and Ctrl-C, a
+    `KeyboardInterrupt`, is never caught here).
+    """
     try:
         return build_report(run_dir, experiment_uri)
     except Exception as exc:  # the results are already saved; say how to retry
+        if write_failure(exc) is not None:
+            raise
         log.warning(
             "report failed (%s: %s); rerun: python -m distmed.report %s",
             type(exc).__name__,

@@ -87,6 +87,9 @@ class RunSummary(BaseModel):
     test_metrics: dict[str, int | Score] | None = None  # num_samples is an int
     # The best trial's fold models averaged (`--ensemble folds`), on the same test split.
     test_metrics_folds: dict[str, int | Score] | None = None
+    # Why best_model.pt has no fold ensemble (the best trial's final checkpoint was gone,
+    # e.g. deleted before a --resume): `--ensemble folds` is unavailable. null when it has one.
+    fold_models_missing: str | None = None
     wall_time_s: float | None = Field(None, ge=0)
     # The sampler as built (`search.resolve_sampler`: `auto` decided), the warm start, why
     # this configuration (`importance.param_importances`), and with two objectives the

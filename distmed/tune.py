@@ -147,22 +147,23 @@ def _run(args: argparse.Namespace) -> int:
     if outer is not None:  # --nested K
         return run_nested(NestedRun(spec, data, ctx, outer, args.nested))
     outcome = pipeline.run_search(spec, data, ctx, warm)
-    summary = pipeline.summarize(ctx, spec, prepared, outcome, warm)
-    if outcome.interrupted or outcome.best is None:  # no refit: nothing (yet) to refit
-        pipeline.save_summary(summary, ctx, wall_time_s=time.perf_counter() - started)
+    with pipeline.after_search(ctx):  # Ctrl-C stops at once; an unwritable folder: one line
+        summary = pipeline.summarize(ctx, spec, prepared, outcome, warm)
+        if outcome.interrupted or outcome.best is None:  # no refit: nothing (yet) to refit
+            pipeline.save_summary(summary, ctx, wall_time_s=time.perf_counter() - started)
+            pipeline.publish(ctx)
+            return pipeline.stopped(summary, ctx)
+        pipeline.save_summary(summary, ctx)  # the search result is safe before the refit
+        chosen = summary.best_config
+        assert chosen is not None  # a best trial has its config
+        final = pipeline.finalize(chosen, outcome, data, ctx, args.target_sensitivity)
+        update = {**final.summary_update(), "wall_time_s": time.perf_counter() - started}
+        summary = pipeline.save_summary(summary, ctx, **update)
+        report = pipeline.write_report(ctx)
         pipeline.publish(ctx)
-        return pipeline.stopped(summary, ctx)
-    pipeline.save_summary(summary, ctx)  # the search result is safe before the refit
-    chosen = summary.best_config
-    assert chosen is not None  # a best trial has its config
-    final = pipeline.finalize(chosen, outcome, data, ctx, args.target_sensitivity)
-    update = {**final.summary_update(), "wall_time_s": time.perf_counter() - started}
-    summary = pipeline.save_summary(summary, ctx, **update)
-    report = pipeline.write_report(ctx)
-    pipeline.publish(ctx)
-    mlflow_run = pipeline.log_to_mlflow(spec, ctx, outcome.best, summary)
-    print(pipeline.format_results(outcome, summary, ctx, report, mlflow_run))
-    return 0
+        mlflow_run = pipeline.log_to_mlflow(spec, ctx, outcome.best, summary)
+        print(pipeline.format_results(outcome, summary, ctx, report, mlflow_run))
+        return 0
 
 
 def _context(args: argparse.Namespace) -> pipeline.RunContext:
