@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -28,7 +29,7 @@ from urllib.parse import urlsplit
 
 from distmed.errors import UserError
 
-# $TMPDIR/distmed-results/<name>: the staging copy of a search whose --storage is a URI.
+# $TMPDIR/distmed-results/<name>-<digest>: the staging copy of a search whose --storage is a URI.
 STAGING_FOLDER = "distmed-results"
 # Staging copy -> what it held (file -> size, mtime) when its last upload succeeded.
 _uploaded: dict[Path, dict[str, tuple[int, int]]] = {}
@@ -180,11 +181,19 @@ def upload_dir(local: Path, uri: str) -> None:
     pyarrow.fs.copy_files(str(local), root, destination_filesystem=filesystem)
 
 
+def staging_folder(storage: str, name: str) -> Path:
+    """The local staging copy of the results bound for URI <storage>/<name>:
+    `$TMPDIR/distmed-results/<name>-<digest of the destination>`, so two searches of one name
+    in two buckets (or paths) never share a copy, nor a lock (`distmed.runlock` locks it)."""
+    digest = hashlib.sha256(_destination(storage, name).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / STAGING_FOLDER / f"{name}-{digest}"
+
+
 def results_folder(storage: str, name: str) -> Path:
     """The folder our result files for <storage>/<name> are written to, created.
 
-    A local `storage`: that folder itself. A URI: the staging copy
-    `$TMPDIR/distmed-results/<name>`, uploaded by `publish_results` and removed at exit
+    A local `storage`: that folder itself. A URI: the staging copy (`staging_folder`),
+    uploaded by `publish_results` and removed at exit
     when its last upload holds every file as it is then (`finish_staging`); when it is
     made anew, the `RESUME_FILES` the bucket holds are fetched into it.
     """
@@ -192,7 +201,7 @@ def results_folder(storage: str, name: str) -> Path:
         folder = Path(storage).expanduser().resolve() / name
         folder.mkdir(parents=True, exist_ok=True)
         return folder
-    folder = Path(tempfile.gettempdir()) / STAGING_FOLDER / name
+    folder = staging_folder(storage, name)
     if not folder.is_dir():  # a copy kept after a failed upload is newer than the bucket's
         folder.mkdir(parents=True)
         _restore(folder, _destination(storage, name))

@@ -36,10 +36,10 @@ import yaml
 
 from distmed import __version__, _ray_compat
 from distmed.artifacts import (
-    STAGING_FOLDER,
     delete_checkpoints,
     publish_results,
     results_folder,
+    staging_folder,
 )
 from distmed.calibration import TemperatureFit, fit_oof_temperature, oof_threshold
 from distmed.config import CVConfig, ExperimentConfig
@@ -142,10 +142,8 @@ class RunContext:
     ) -> RunContext:
         """The context of search `name` under `storage` (a folder or a URI as given)."""
         root = storage_uri(storage)
-        if "://" in root:  # our result files are staged locally, then uploaded
-            local = Path(tempfile.gettempdir()) / STAGING_FOLDER / name
-        else:
-            local = Path(root) / name
+        # For a URI, our result files are staged locally, then uploaded.
+        local = staging_folder(root, name) if "://" in root else Path(root) / name
         return cls(name, root, experiment_path(root, name), local, resume, verbose, resume_command)
 
     def child(self, name: str, resume: bool) -> RunContext:

@@ -34,6 +34,8 @@ import pytest
 import yaml
 from conftest import free_port, write_image_folder
 
+from distmed.artifacts import staging_folder
+
 pytestmark = pytest.mark.ray
 FAKE_WANDB_KEY = "c0ffee0123456789abcdef0123456789abcdfake"
 FAKE_AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYsecretDISTMED"  # also moto's key
@@ -234,7 +236,7 @@ def test_searches_beside_each_other_survive_ctrl_c_and_resume_on_s3(
     # B keeps its Ray session folders (so the secret check below reads them); A's is removed
     # when its search ends, as every search's is by default.
     env_b = {**env, "DISTMED_KEEP_RAY_SESSION": "1"}
-    staging_b = Path(tempfile.gettempdir()) / "distmed-results" / name_b
+    staging_b = staging_folder(f"s3://{BUCKET}/exp", name_b)
     try:
         b = Search(argv_b, env_b, tmp_path)
         a = Search(argv_a, env, tmp_path)
@@ -284,7 +286,7 @@ def test_searches_beside_each_other_survive_ctrl_c_and_resume_on_s3(
         assert [k for k in objects if FAKE_AWS_SECRET.encode() in _read(client, k)] == []
         print(f"B stopped {stop_s:.1f} s after its Ctrl-C")
     finally:
-        shutil.rmtree(Path(tempfile.gettempdir()) / "distmed-results" / name_b, ignore_errors=True)
+        shutil.rmtree(staging_folder(f"s3://{BUCKET}/exp", name_b), ignore_errors=True)
 
 
 def _bucket_statuses(client, prefix: str) -> list[str]:

@@ -5,6 +5,7 @@ the Ray session folder of distmed's own local instance, a half-written demo fold
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -29,6 +30,18 @@ def staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     return hooks
 
 
+def _digest(destination: str) -> str:
+    return hashlib.sha256(destination.encode()).hexdigest()[:10]
+
+
+def test_two_buckets_never_share_a_staging_copy():
+    """One --name in two buckets (or paths): two copies, so two locks (distmed.runlock)."""
+    one = artifacts.staging_folder("s3://bucket-a/exp", "n1")
+    other = artifacts.staging_folder("s3://bucket-b/exp", "n1")
+    assert one != other and one.parent == other.parent
+    assert one == artifacts.staging_folder("s3://bucket-a/exp/", "n1")  # a trailing / is the same
+
+
 def _run_exit_hooks(hooks: list[tuple]) -> None:
     for function, *args in hooks:
         function(*args)
@@ -38,7 +51,7 @@ def test_the_staging_copy_is_removed_at_exit_once_uploaded(tmp_path, staging, ca
     bucket = tmp_path / "bucket"
     (bucket / "exp").mkdir(parents=True)  # pyarrow's local filesystem makes no parents
     local = artifacts.results_folder(f"file://{bucket}", "exp")
-    assert local == tmp_path / "tmp" / "distmed-results" / "exp"
+    assert local == tmp_path / "tmp" / "distmed-results" / f"exp-{_digest(f'file://{bucket}/exp')}"
     (local / "trials.csv").write_text("trial_id\nt1\n")
     artifacts.publish_results(local, f"file://{bucket}", "exp")
     assert (bucket / "exp" / "trials.csv").read_text() == "trial_id\nt1\n"
