@@ -103,7 +103,7 @@ def _folder_classes(layout: FolderLayout, cfg: DataConfig) -> Classes:
     ]
     return classes_of(
         labels,
-        [f"folder {name}" for name in labels],
+        [f"folder {cell_text(name)}" for name in labels],  # escaped: a name may hold ESC
         f"class folders in {layout.data_root}",
         cfg.normalize_labels,
         fix="merge the folders",
@@ -289,6 +289,11 @@ def _require_2d(path: Path, key: str, images: np.ndarray) -> None:
 # --------------------------------------------------------------------------- manifests
 
 MANIFEST_COLUMNS = ("path", "label", "group", "split")
+# A clinical sheet (`Patient ID,Diagnosis`) is the other form a labels sheet takes.
+KEYED_HINT = (
+    "or a sheet keyed by DICOM header, e.g. 'PatientID,label', labels the DICOM images below "
+    "its folder; rename the label column to 'label'"
+)
 
 
 def scan_manifest(csv_path: Path, cfg: DataConfig) -> DataIndex:
@@ -310,7 +315,11 @@ def scan_manifest(csv_path: Path, cfg: DataConfig) -> DataIndex:
     if key := keyed_column(csv_path, cfg):  # PatientID,label: labels from DICOM headers
         return scan_keyed_sheet(csv_path, key, cfg)
     sheet = read_sheet(
-        csv_path, f"data.manifest {csv_path}", ("path", "label"), MANIFEST_COLUMNS[2:]
+        csv_path,
+        f"data.manifest {csv_path}",
+        ("path", "label"),
+        MANIFEST_COLUMNS[2:],
+        hint=KEYED_HINT,
     )
     rows = sheet.rows
     has_group = "group" in sheet.columns
