@@ -329,13 +329,8 @@ def file_of_cell(base: Path, text: str, where: str) -> tuple[Path, str]:
         written.append(text.replace("\\", "/"))
     # A sheet typed on a Mac may hold NFD names (o + combining diaeresis) for NFC files, or
     # the reverse; the two look identical, so try both forms after the name as written.
-    candidates = list(
-        dict.fromkeys(
-            unicodedata.normalize(form, c) if form else c
-            for c in written
-            for form in ("", "NFC", "NFD")
-        )
-    )
+    forms = [(c, unicodedata.normalize("NFC", c), unicodedata.normalize("NFD", c)) for c in written]
+    candidates = list(dict.fromkeys(c for three in forms for c in three))
     for candidate in candidates:
         try:
             path = (base / candidate).resolve()
