@@ -385,15 +385,15 @@ def test_control_characters_in_labels_are_refused_escaped(tmp_path, capsys, cell
     lines[2] = f"images/img01.png,{cell}"
     sheet.write_text("\n".join(lines) + "\n")
     err = refusal(sheet, capsys=capsys)
-    assert f"row 3: label {shown} holds a control character" in err
-    assert "\x1b" not in err and "\x00" not in err and "fix the sheet" in err
+    assert f"row 3: label {shown} holds a control character (1 rows); fix the cell" in err
+    assert "\x1b" not in err and "\x00" not in err
 
 
 def test_control_characters_in_class_folders_are_refused_escaped(tmp_path, capsys):
     root = write_image_folder(tmp_path / "d", {"a": 2, "b\x1b[31mred": 2, "c\td": 2})
     err = refusal(root, capsys=capsys)
-    assert "folder 'b\\x1b[31mred': label 'b\\x1b[31mred' holds a control character" in err
-    assert "(+1 more such labels)" in err and "\x1b" not in err and "\t" not in err
+    assert ": folder 'b\\x1b[31mred' holds a control character (4 images; 1 more" in err
+    assert "rename the folder" in err and "\x1b" not in err and "\t" not in err
 
 
 # --------------------------------------------------------------------------- Unicode forms
@@ -443,4 +443,4 @@ def test_a_clinical_sheet_without_a_label_column_names_both_forms(tmp_path, caps
     sheet.write_text("Patient ID,Diagnosis\nP1,pneumonia\nP2,normal\n", encoding="utf-8")
     err = refusal(sheet, capsys=capsys)
     assert "needs columns 'path' and 'label'" in err and "found Patient ID, Diagnosis" in err
-    assert "'PatientID,label'" in err and "rename the label column to 'label'" in err
+    assert "'PatientID,label'" in err and "name the label column 'label'" in err

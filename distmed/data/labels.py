@@ -76,7 +76,7 @@ def classes_of(
     first: dict[str, str] = {}
     for label, place in zip(labels, places, strict=True):
         first.setdefault(label, place)
-    _refuse_control_characters(counts, first, what, fix, unit)
+    _refuse_control_characters(counts, first, what, from_sheet, unit)
     _refuse_label_sets(counts, first, what, unit)
     if from_sheet:
         _refuse_missing_markers(counts, first, what, unit)
@@ -152,18 +152,22 @@ def _variants_message(variants: list[list[str]], counts: Counter[str], what: str
 
 
 def _refuse_control_characters(
-    counts: Counter[str], first: dict[str, str], what: str, fix: str, unit: str
+    counts: Counter[str], first: dict[str, str], what: str, from_sheet: bool, unit: str
 ) -> None:
     """Labels holding a control character (Unicode category Cc: NUL, ESC, \\n, \\r, \\t):
     no class name has one, and printed raw they cut or recolour the line (an ANSI sequence)."""
     bad = [label for label in counts if any(unicodedata.category(c) == "Cc" for c in label)]
-    if bad:
-        label = bad[0]
-        more = f" (+{len(bad) - 1} more such labels)" if len(bad) > 1 else ""
+    if not bad:
+        return
+    label = bad[0]
+    more = f"; {len(bad) - 1} more such label(s)" if len(bad) > 1 else ""
+    count = f"({sum(counts[b] for b in bad)} {unit}{more})"
+    if from_sheet:
         raise UserError(
             f"{what} {first[label]}: label {shorten(label)} holds a control character "
-            f"({sum(counts[b] for b in bad)} {unit}){more}; {fix}"
+            f"{count}; fix the cell"
         )
+    raise UserError(f"{what}: {first[label]} holds a control character {count}; rename the folder")
 
 
 def _refuse_label_sets(counts: Counter[str], first: dict[str, str], what: str, unit: str) -> None:

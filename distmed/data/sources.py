@@ -108,6 +108,7 @@ def _folder_classes(layout: FolderLayout, cfg: DataConfig) -> Classes:
         cfg.normalize_labels,
         fix="merge the folders",
         from_sheet=False,
+        unit="images",
     )
 
 
@@ -291,8 +292,8 @@ def _require_2d(path: Path, key: str, images: np.ndarray) -> None:
 MANIFEST_COLUMNS = ("path", "label", "group", "split")
 # A clinical sheet (`Patient ID,Diagnosis`) is the other form a labels sheet takes.
 KEYED_HINT = (
-    "or a sheet keyed by DICOM header, e.g. 'PatientID,label', labels the DICOM images below "
-    "its folder; rename the label column to 'label'"
+    "or, for DICOM images, 'PatientID,label' (a sheet keyed by a header attribute) labels "
+    "them without paths; name the label column 'label'"
 )
 
 
