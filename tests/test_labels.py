@@ -414,6 +414,15 @@ def test_a_path_in_another_unicode_form_is_found(tmp_path, written, on_disk):
     assert index.pool.paths[0] == (tmp_path / "Bilder" / f"{on_disk}_0.png").resolve()
 
 
+def test_a_group_csv_row_in_another_unicode_form_is_found(tmp_path):
+    root = write_image_folder(tmp_path / "d", {"a": 1, "b": 1})
+    (root / "a" / "p00_img00.png").rename(root / "a" / f"{NFC_NAME}.png")
+    table = tmp_path / "groups.csv"
+    table.write_text(f"path,group\na/{NFD_NAME}.png,P1\nb/p00_img00.png,P2\n", encoding="utf-8")
+    index = scan_source(DataConfig(root=str(root), group_csv=str(table)))
+    assert index.pool.groups is not None and index.pool.groups.tolist() == ["P1", "P2"]
+
+
 def test_a_name_in_mixed_unicode_forms_is_named(tmp_path, capsys):
     on_disk = "ro\u0308ntgen_\u00e9.png"  # o + combining diaeresis, precomposed é: mixed
     sheet = write_sheet(tmp_path, ["a", "b"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
@@ -189,14 +190,18 @@ def _group_from_regex(pattern: re.Pattern[str], path: Path) -> str:
 
 def _read_group_csv(csv_path: Path) -> dict[str, str]:
     sheet = read_sheet(csv_path, f"data.group_csv {csv_path}", ("path", "group"))
-    # Windows exports write `a\b.png`; ids are `/` paths.
-    return {row["path"].strip().replace("\\", "/"): row["group"].strip() for _, row in sheet.rows}
+    # Windows exports write `a\b.png`; ids are `/` paths. Keys are NFC: a sheet typed on a Mac
+    # writes NFD names (o + combining diaeresis) that look identical to the NFC ones on disk.
+    return {
+        unicodedata.normalize("NFC", row["path"].strip().replace("\\", "/")): row["group"].strip()
+        for _, row in sheet.rows
+    }
 
 
 def _group_from_table(table: dict[str, str], sample_id: str, keys: tuple[str, ...]) -> str:
     for key in keys:
-        if key in table:
-            return table[key]
+        if (nfc := unicodedata.normalize("NFC", key)) in table:
+            return table[nfc]
     raise UserError(f"data.group_csv has no row for {sample_id}; add one (columns path, group)")
 
 
