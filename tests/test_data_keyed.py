@@ -320,3 +320,12 @@ def test_keyed_rows_without_key_or_label(tmp_path, capsys):
     assert stop_line(sheet, capsys) == (
         f"data.manifest {sheet} row 5: empty PatientID; fill it in or drop the row"
     )
+
+
+def test_a_control_character_in_a_keyed_label_is_refused_escaped(tmp_path, capsys):
+    sheet = patients_sheet(tmp_path / "case")
+    sheet.write_text(sheet.read_text().replace("PAT004,pneumonia", "PAT004,pneu\x1b[31mmonia"))
+    assert inspect_main([str(sheet)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "row 5: label 'pneu\\x1b[31mmonia' holds a control character (3 images)" in err
+    assert "\x1b" not in err and "\n" not in err

@@ -305,8 +305,8 @@ def write_npz(path: Path, train_labels: np.ndarray) -> Path:
         ),
         (
             [0, 1, 300, 1, 0],
-            r"train_labels 300 ×1 \(1 of 13 labels\); no image is labelled 2, so the classes "
-            "are 0-1",
+            r"train_labels 300 ×1 \(1 of 13 labels\); label 2 has no image \(classes run "
+            r"0\.\.K-1 without gaps\): renumber",
         ),
         ([0, 1, 1.5, 1, 0], r"train_labels 1\.5 ×1 \(1 of 13 labels\); a fractional label"),
     ],
@@ -357,3 +357,99 @@ def test_one_file_in_several_class_folders_is_called_a_label_set(tmp_path):
     (root / "Effusion" / "copied.png").write_bytes((root / "Mass" / "copied.png").read_bytes())
     problem = duplicate_problem(inspect_index(scan_source(config), config))
     assert problem is not None and "one file copied into several class folders" in problem
+
+
+def test_a_gap_in_npz_labels_is_named_with_the_fix(tmp_path, capsys):
+    path = write_npz(tmp_path / "gap.npz", np.array([0, 2, 2, 0]))
+    arrays = dict(np.load(path))
+    for split in ("val", "test"):
+        arrays[f"{split}_labels"] = arrays[f"{split}_labels"] * 2  # {0, 2} everywhere
+    np.savez(path, **arrays)
+    err = refusal(path, capsys=capsys)
+    assert "label 1 has no image (classes run 0..K-1 without gaps)" in err
+    assert "renumber, or name all K classes in data.class_names" in err
+    assert scan(path, class_names=["a", "empty", "c"]).class_names == ["a", "empty", "c"]
+
+
+# --------------------------------------------------------------------------- control characters
+
+
+@pytest.mark.parametrize(
+    ("cell", "shown"),
+    [("b\x00x", r"'b\x00x'"), ("b\x1b[31mred", r"'b\x1b[31mred'"), ('"b\nc"', r"'b\nc'")],
+    ids=["nul", "ansi-escape", "quoted-newline"],
+)
+def test_control_characters_in_labels_are_refused_escaped(tmp_path, capsys, cell, shown):
+    sheet = write_sheet(tmp_path, ["a", "b", "a", "b"])
+    lines = sheet.read_text().splitlines()
+    lines[2] = f"images/img01.png,{cell}"
+    sheet.write_text("\n".join(lines) + "\n")
+    err = refusal(sheet, capsys=capsys)
+    assert f"row 3: label {shown} holds a control character (1 rows); fix the cell" in err
+    assert "\x1b" not in err and "\x00" not in err
+
+
+def test_control_characters_in_class_folders_are_refused_escaped(tmp_path, capsys):
+    root = write_image_folder(tmp_path / "d", {"a": 2, "b\x1b[31mred": 2, "c\td": 2})
+    err = refusal(root, capsys=capsys)
+    assert ": folder 'b\\x1b[31mred' holds a control character (4 images; 1 more" in err
+    assert "rename the folder" in err and "\x1b" not in err and "\t" not in err
+
+
+# --------------------------------------------------------------------------- Unicode forms
+
+NFC_NAME, NFD_NAME = "r\u00f6ntgen", "ro\u0308ntgen"
+
+
+@pytest.mark.parametrize(("written", "on_disk"), [(NFD_NAME, NFC_NAME), (NFC_NAME, NFD_NAME)])
+def test_a_path_in_another_unicode_form_is_found(tmp_path, written, on_disk):
+    sheet = write_sheet(tmp_path, ["a", "b"])
+    (tmp_path / "Bilder").mkdir()
+    (tmp_path / "images" / "img00.png").rename(tmp_path / "Bilder" / f"{on_disk}_0.png")
+    lines = sheet.read_text(encoding="utf-8").splitlines()
+    lines[1] = f"Bilder/{written}_0.png,a"
+    sheet.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    index = scan(sheet)
+    assert index.pool.paths is not None
+    assert index.pool.paths[0] == (tmp_path / "Bilder" / f"{on_disk}_0.png").resolve()
+
+
+def test_a_group_csv_row_in_another_unicode_form_is_found(tmp_path):
+    root = write_image_folder(tmp_path / "d", {"a": 1, "b": 1})
+    (root / "a" / "p00_img00.png").rename(root / "a" / f"{NFC_NAME}.png")
+    table = tmp_path / "groups.csv"
+    table.write_text(f"path,group\na/{NFD_NAME}.png,P1\nb/p00_img00.png,P2\n", encoding="utf-8")
+    index = scan_source(DataConfig(root=str(root), group_csv=str(table)))
+    assert index.pool.groups is not None and index.pool.groups.tolist() == ["P1", "P2"]
+
+
+def test_a_name_in_mixed_unicode_forms_is_named(tmp_path, capsys):
+    on_disk = "ro\u0308ntgen_\u00e9.png"  # o + combining diaeresis, precomposed é: mixed
+    sheet = write_sheet(tmp_path, ["a", "b"])
+    (tmp_path / "images" / "img00.png").rename(tmp_path / "images" / on_disk)
+    lines = sheet.read_text(encoding="utf-8").splitlines()
+    lines[1] = "images/r\u00f6ntgen_e\u0301.png,a"  # precomposed ö, e + combining acute
+    sheet.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    err = refusal(sheet, capsys=capsys)
+    assert "row 2: no such file" in err and "differs from" in err
+    assert "only in Unicode form (NFC/NFD, mixed)" in err and repr(on_disk) in err
+
+
+def test_labels_that_differ_only_in_unicode_form_are_spellings(tmp_path, capsys):
+    sheet = write_sheet(tmp_path, [NFC_NAME, NFD_NAME, NFC_NAME, "normal"])
+    err = refusal(sheet, capsys=capsys)
+    assert "differ only in Unicode form (NFC/NFD" in err
+    index = scan(sheet, normalize_labels=True)
+    assert index.class_names == ["normal", NFC_NAME]
+    assert np.bincount(index.pool.labels).tolist() == [1, 3]
+
+
+# --------------------------------------------------------------------------- missing columns
+
+
+def test_a_clinical_sheet_without_a_label_column_names_both_forms(tmp_path, capsys):
+    sheet = tmp_path / "clinical.csv"
+    sheet.write_text("Patient ID,Diagnosis\nP1,pneumonia\nP2,normal\n", encoding="utf-8")
+    err = refusal(sheet, capsys=capsys)
+    assert "needs columns 'path' and 'label'" in err and "found Patient ID, Diagnosis" in err
+    assert "'PatientID,label'" in err and "name the label column 'label'" in err

@@ -68,13 +68,15 @@ def classes_of(
             row labels several (a sheet keyed by PatientID).
 
     Raises:
-        UserError: a missing-value marker (`nan`), label sets, a numeric label column with
+        UserError: a control character (NUL, ESC, a line break, a tab), a missing-value
+            marker (`nan`), label sets, a numeric label column with
             negative or fractional values, or spellings of one label without `normalize`.
     """
     counts = Counter(labels)
     first: dict[str, str] = {}
     for label, place in zip(labels, places, strict=True):
         first.setdefault(label, place)
+    _refuse_control_characters(counts, first, what, from_sheet, unit)
     _refuse_label_sets(counts, first, what, unit)
     if from_sheet:
         _refuse_missing_markers(counts, first, what, unit)
@@ -134,7 +136,12 @@ def _variants_message(variants: list[list[str]], counts: Counter[str], what: str
     first = variants[0]
     spellings = ", ".join(f"{_quote(s)} ×{counts[s]}" for s in first[:SHOWN])
     more = f" (+{len(first) - SHOWN} more)" if len(first) > SHOWN else ""
-    how = "number format" if spelling_key(first[0]).startswith(_NUMBER) else "case/spaces"
+    if len({unicodedata.normalize("NFC", s) for s in first}) < len(first):
+        how = "Unicode form (NFC/NFD: one typed on a Mac?)"
+    elif spelling_key(first[0]).startswith(_NUMBER):
+        how = "number format"
+    else:
+        how = "case/spaces"
     others = ""
     if len(variants) > 1:
         shown = ", ".join(" = ".join(_quote(s) for s in v[:3]) for v in variants[1:SHOWN])
@@ -142,6 +149,25 @@ def _variants_message(variants: list[list[str]], counts: Counter[str], what: str
     return (
         f"{what}: labels {spellings}{more} differ only in {how}{others}: {fix} or {NORMALIZE_HINT}"
     )
+
+
+def _refuse_control_characters(
+    counts: Counter[str], first: dict[str, str], what: str, from_sheet: bool, unit: str
+) -> None:
+    """Labels holding a control character (Unicode category Cc: NUL, ESC, \\n, \\r, \\t):
+    no class name has one, and printed raw they cut or recolour the line (an ANSI sequence)."""
+    bad = [label for label in counts if any(unicodedata.category(c) == "Cc" for c in label)]
+    if not bad:
+        return
+    label = bad[0]
+    more = f"; {len(bad) - 1} more such label(s)" if len(bad) > 1 else ""
+    count = f"({sum(counts[b] for b in bad)} {unit}{more})"
+    if from_sheet:
+        raise UserError(
+            f"{what} {first[label]}: label {shorten(label)} holds a control character "
+            f"{count}; fix the cell"
+        )
+    raise UserError(f"{what}: {first[label]} holds a control character {count}; rename the folder")
 
 
 def _refuse_label_sets(counts: Counter[str], first: dict[str, str], what: str, unit: str) -> None:
@@ -260,8 +286,8 @@ def check_class_numbers(
         reason = (
             "no image is labelled 0: classes are numbered from 0 (1-based labels? subtract 1)"
             if limit == 0
-            else f"no image is labelled {limit}, so the classes are 0-{limit - 1} (numbered "
-            "without gaps)"
+            else f"label {limit} has no image (classes run 0..K-1 without gaps): renumber, "
+            "or name all K classes in data.class_names"
         )
     for key, values in numbers.items():
         if (values >= limit).any():

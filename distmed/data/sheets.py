@@ -12,6 +12,7 @@ import io
 import itertools
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,11 @@ class Sheet:
 
 
 def read_sheet(
-    path: Path, what: str, required: tuple[str, ...], optional: tuple[str, ...] = ()
+    path: Path,
+    what: str,
+    required: tuple[str, ...],
+    optional: tuple[str, ...] = (),
+    hint: str = "",
 ) -> Sheet:
     """Read `path`'s columns `required` + `optional` (names in any case, spaces around).
 
@@ -52,17 +57,18 @@ def read_sheet(
         path: the sheet (`.csv`, `.tsv`, `.txt`).
         what: how messages name it, e.g. "data.manifest labels.csv".
         required, optional: lower-case column names.
+        hint: added to a missing-columns message: another form the sheet may take.
 
     Raises:
         UserError: no such file; a workbook; neither UTF-8/UTF-16 nor cp1252 text; no
             separator that yields the required columns; two columns of one name (`Label`
             and `label`); a row with more cells than the header; no rows.
     """
-    opened = _open(path, what, required, optional)
+    opened = _open(path, what, required, optional, hint)
     separator = opened.separator
     reader = csv.reader(itertools.chain([opened.header_line], opened.stream), delimiter=separator)
     header = next(reader)
-    positions = _column_positions(header, what, required, optional, separator)
+    positions = _column_positions(header, what, required, optional, separator, hint)
     rows = _rows(reader, what, len(header), positions)
     if not rows:
         raise UserError(f"{what}: no rows below the header")
@@ -95,13 +101,19 @@ class _Opened:
     encoding: str  # "" for UTF-8
 
 
-def _open(path: Path, what: str, required: tuple[str, ...], optional: tuple[str, ...]) -> _Opened:
+def _open(
+    path: Path,
+    what: str,
+    required: tuple[str, ...],
+    optional: tuple[str, ...],
+    columns_hint: str = "",
+) -> _Opened:
     text, encoding = _decode(path, what)
     # newline="": lines end at \n, \r\n or \r only, and csv sees quoted line breaks intact.
     stream = io.StringIO(text, newline="")
     header_line = stream.readline()
-    hint = _SEP_LINE.match(header_line.strip())
-    if hint:
+    sep_hint = _SEP_LINE.match(header_line.strip())
+    if sep_hint:
         header_line = stream.readline()
     if not header_line.strip():
         raise UserError(
@@ -113,8 +125,12 @@ def _open(path: Path, what: str, required: tuple[str, ...], optional: tuple[str,
             f"{what}: the header holds NUL bytes (UTF-16 without a byte-order mark, or not a "
             "text file?); save the sheet as 'CSV UTF-8'"
         )
-    separator = hint.group(1) if hint else _separator(header_line, what, required, optional)
-    return _Opened(stream, header_line, separator, bool(hint), encoding)
+    separator = (
+        sep_hint.group(1)
+        if sep_hint
+        else _separator(header_line, what, required, optional, columns_hint)
+    )
+    return _Opened(stream, header_line, separator, bool(sep_hint), encoding)
 
 
 def refuse_workbook(path: Path, what: str) -> None:
@@ -164,7 +180,11 @@ def _decode_as(raw: bytes, encoding: str, what: str) -> str:
 
 
 def _separator(
-    header_line: str, what: str, required: tuple[str, ...], optional: tuple[str, ...]
+    header_line: str,
+    what: str,
+    required: tuple[str, ...],
+    optional: tuple[str, ...],
+    hint: str = "",
 ) -> str:
     """The separator under which the header holds every required column."""
     for separator in SEPARATORS:
@@ -183,7 +203,9 @@ def _separator(
             f"'{cell_text(found[0])}': separate the columns with ',', ';' or tab"
         )
     raise UserError(
-        _missing_columns(what, required, optional, found, f"{SEPARATOR_NAMES[likely]}-separated")
+        _missing_columns(
+            what, required, optional, found, f"{SEPARATOR_NAMES[likely]}-separated", hint
+        )
     )
 
 
@@ -195,12 +217,18 @@ def _needs(what: str, required: tuple[str, ...], optional: tuple[str, ...]) -> s
 
 
 def _missing_columns(
-    what: str, required: tuple[str, ...], optional: tuple[str, ...], found: list[str], how: str
+    what: str,
+    required: tuple[str, ...],
+    optional: tuple[str, ...],
+    found: list[str],
+    how: str,
+    hint: str = "",
 ) -> str:
     missing = [c for c in required if c not in _names(found)]
     shown = ", ".join(cell_text(name) for name in found[:8]) + (", ..." if len(found) > 8 else "")
     return (
         f"{_needs(what, required, optional)}; missing {', '.join(missing)}; found {shown} ({how})"
+        + (f"; {hint}" if hint else "")
     )
 
 
@@ -218,6 +246,7 @@ def _column_positions(
     required: tuple[str, ...],
     optional: tuple[str, ...],
     separator: str,
+    hint: str = "",
 ) -> dict[str, int]:
     names = _names(header)
     positions: dict[str, int] = {}
@@ -240,6 +269,7 @@ def _column_positions(
                 optional,
                 [h.strip() for h in header],
                 f"{how}-separated, as its 'sep=' line says",
+                hint,
             )
         )
     return positions
@@ -294,9 +324,13 @@ def file_of_cell(base: Path, text: str, where: str) -> tuple[Path, str]:
             f"{where}: the path {shorten(text)} holds a control character (a NUL byte?); "
             "fix the cell"
         )
-    candidates = [text]
+    written = [text]
     if "\\" in text and os.sep == "/":
-        candidates.append(text.replace("\\", "/"))
+        written.append(text.replace("\\", "/"))
+    # A sheet typed on a Mac may hold NFD names (o + combining diaeresis) for NFC files, or
+    # the reverse; the two look identical, so try both forms after the name as written.
+    forms = [(c, unicodedata.normalize("NFC", c), unicodedata.normalize("NFD", c)) for c in written]
+    candidates = list(dict.fromkeys(c for three in forms for c in three))
     for candidate in candidates:
         try:
             path = (base / candidate).resolve()
@@ -310,10 +344,33 @@ def file_of_cell(base: Path, text: str, where: str) -> tuple[Path, str]:
     drive = (
         " (a Windows path: give paths relative to the sheet)" if _WINDOWS_DRIVE.match(text) else ""
     )
+    twin = _unicode_twin(base, candidates[-1])
     raise UserError(
         f"{where}: no such file {cell_text(text)}{drive} (paths are relative to the sheet's "
-        f"folder {base})"
+        f"folder {base}){twin}"
     )
+
+
+def _unicode_twin(base: Path, text: str) -> str:
+    """`; ...` naming the first name on the way to `text` that exists on disk only in
+    another Unicode form (a folder NFC, the file NFD), or "" when there is none."""
+    folder = base
+    for part in Path(text).parts:
+        if (folder / part).exists():
+            folder = folder / part
+            continue
+        key = unicodedata.normalize("NFC", part)
+        try:
+            twins = [e for e in folder.iterdir() if unicodedata.normalize("NFC", e.name) == key]
+        except OSError:
+            return ""
+        if not twins:
+            return ""
+        return (
+            f"; on disk as {shorten(twins[0].name)}, which differs from {shorten(part)} only "
+            "in Unicode form (NFC/NFD, mixed); write the name as on disk"
+        )
+    return ""
 
 
 def cell_text(text: str) -> str:

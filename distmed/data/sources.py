@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
@@ -103,11 +104,12 @@ def _folder_classes(layout: FolderLayout, cfg: DataConfig) -> Classes:
     ]
     return classes_of(
         labels,
-        [f"folder {name}" for name in labels],
+        [f"folder {cell_text(name)}" for name in labels],  # escaped: a name may hold ESC
         f"class folders in {layout.data_root}",
         cfg.normalize_labels,
         fix="merge the folders",
         from_sheet=False,
+        unit="images",
     )
 
 
@@ -188,14 +190,18 @@ def _group_from_regex(pattern: re.Pattern[str], path: Path) -> str:
 
 def _read_group_csv(csv_path: Path) -> dict[str, str]:
     sheet = read_sheet(csv_path, f"data.group_csv {csv_path}", ("path", "group"))
-    # Windows exports write `a\b.png`; ids are `/` paths.
-    return {row["path"].strip().replace("\\", "/"): row["group"].strip() for _, row in sheet.rows}
+    # Windows exports write `a\b.png`; ids are `/` paths. Keys are NFC: a sheet typed on a Mac
+    # writes NFD names (o + combining diaeresis) that look identical to the NFC ones on disk.
+    return {
+        unicodedata.normalize("NFC", row["path"].strip().replace("\\", "/")): row["group"].strip()
+        for _, row in sheet.rows
+    }
 
 
 def _group_from_table(table: dict[str, str], sample_id: str, keys: tuple[str, ...]) -> str:
     for key in keys:
-        if key in table:
-            return table[key]
+        if (nfc := unicodedata.normalize("NFC", key)) in table:
+            return table[nfc]
     raise UserError(f"data.group_csv has no row for {sample_id}; add one (columns path, group)")
 
 
@@ -289,6 +295,11 @@ def _require_2d(path: Path, key: str, images: np.ndarray) -> None:
 # --------------------------------------------------------------------------- manifests
 
 MANIFEST_COLUMNS = ("path", "label", "group", "split")
+# A clinical sheet (`Patient ID,Diagnosis`) is the other form a labels sheet takes.
+KEYED_HINT = (
+    "or, for DICOM images, 'PatientID,label' (a sheet keyed by a header attribute) labels "
+    "them without paths; name the label column 'label'"
+)
 
 
 def scan_manifest(csv_path: Path, cfg: DataConfig) -> DataIndex:
@@ -310,7 +321,11 @@ def scan_manifest(csv_path: Path, cfg: DataConfig) -> DataIndex:
     if key := keyed_column(csv_path, cfg):  # PatientID,label: labels from DICOM headers
         return scan_keyed_sheet(csv_path, key, cfg)
     sheet = read_sheet(
-        csv_path, f"data.manifest {csv_path}", ("path", "label"), MANIFEST_COLUMNS[2:]
+        csv_path,
+        f"data.manifest {csv_path}",
+        ("path", "label"),
+        MANIFEST_COLUMNS[2:],
+        hint=KEYED_HINT,
     )
     rows = sheet.rows
     has_group = "group" in sheet.columns
