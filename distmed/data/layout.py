@@ -4,8 +4,9 @@ Knows the split names people use, one wrapper level that unzipping adds, the clu
 operating systems and tools leave (skipped and counted), symbolic links (followed, loops
 refused), and stops with one line naming the folder whenever a layout could mean two things,
 or when its folders are not classes at all: a DICOM export (DICOMDIR, PT*/ST*/SE* levels, one
-patient per folder), a patient/study tree (CheXpert), the parts of one download (HAM10000) or
-many tiny folders beside a labels sheet. The rule and the public layouts it was decided from
+patient per folder, one patient's series), a patient/study tree (CheXpert, `Patient 1/`,
+`1000/2019-03-01/`), the parts of one download (HAM10000, `Images (1)/`) or many tiny folders
+beside a labels sheet. The rule and the public layouts it was decided from
 are in the README ("What counts as class folders").
 """
 
@@ -68,8 +69,9 @@ DATE_FOLDER = re.compile(
     r"^((19|20)\d\d([-_.]?)(0[1-9]|1[0-2])\3(0[1-9]|[12]\d|3[01])"
     r"|(0[1-9]|[12]\d|3[01])([-_.])(0[1-9]|1[0-2])\7(19|20)\d\d)(\D.*)?$"
 )
-# A patient id folder that holds dated studies: a number (`1000`), a patient word and number,
-# or letters and 4 digits or more (`MRN12345`); stages and grades (`T1`, `grade_2`) are not.
+# A patient id folder that holds dated studies (besides PATIENT_FOLDER names): a number
+# (`1000`), or up to 4 letters and 4 digits or more (`MRN12345`); stages and grades (`T1`,
+# `grade_2`) are not, so class folders holding dated sub-folders stay classes.
 PATIENT_ID_FOLDER = re.compile(r"(?i)^([a-z]{0,4}[-_ ]*\d{4,}|\d+)$")
 # Parts of one download: HAM10000_images_part_1/_part_2, NIH's images_001 ... images_012
 # (and split-named parts, `_split_in_name`: RSNA's stage_2_train_images/, stage_2_test_images/).
