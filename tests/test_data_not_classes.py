@@ -30,7 +30,7 @@ def write_dicom(path: Path, patient: str, study: str = "1.2.3", seed: int = 0, *
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.PatientID, ds.StudyInstanceUID = "CT", patient, study
-    ds.SeriesInstanceUID = study + ".1"
+    ds.SeriesInstanceUID = study + ".1" if study else ""
     for keyword, value in tags.items():
         setattr(ds, keyword, value)
     ds.Rows = ds.Columns = 16
@@ -345,3 +345,15 @@ def test_browser_download_copies_stop_as_parts(tmp_path, capsys, names):
     assert f"{root}: folders " + ", ".join(f"{n}/" for n in sorted(names)) in message
     assert "parts of one download, not classes" in message
     assert f"{root} holds `metadata.csv`; to use its labels, give it with" in message
+
+
+@pytest.mark.parametrize("uids", ["none", "per image"])
+def test_dicom_anonymised_to_one_patient_id_pass(tmp_path, uids):
+    """Case 06: every file says PatientID SYN0001, with no study/series UIDs or a new study per
+    image; the folders are not one study or series each, so they stay classes."""
+    root = tmp_path / "d"
+    for label in ("normal", "pneumonia"):
+        for k in range(3):
+            study = f"1.2.{label == 'normal':d}.{k}" if uids == "per image" else ""
+            write_dicom(root / label / f"{k}.dcm", "SYN0001", study, seed=k)
+    assert counts(scan_source(DataConfig(root=str(root)))) == {"normal": 3, "pneumonia": 3}

@@ -457,7 +457,8 @@ def _check_not_patients(root: Path, folder: Path, classes: dict[str, list[Path]]
     """DICOM class folders that are patients: named by their PatientID, or one patient each."""
     if len(classes) < 2:
         return
-    patients = {name: _sampled_patients(files) for name, files in classes.items()}
+    headers = {name: _sampled_headers(files) for name, files in classes.items()}
+    patients = {name: _distinct(found, 0) for name, found in headers.items()}
     named = [name for name, ids in patients.items() if name in ids]
     # One patient per folder counts only where every folder showed two DICOM files or more.
     one_each = (
@@ -465,11 +466,15 @@ def _check_not_patients(root: Path, folder: Path, classes: dict[str, list[Path]]
         and len({ids[0] for ids in patients.values()}) == len(classes)
         and all(len(_dicom_files(files)) >= 2 for files in classes.values())
     )
-    # Every folder's DICOM files of one and the same patient: a viewer's export of one
-    # patient's series (`CHEST PA - 1/`, `CHEST LAT - 2/`) or studies.
+    # Every folder's DICOM files of one and the same patient, each folder one study or one
+    # series: a viewer's export of one patient's series (`CHEST PA - 1/`, `CHEST LAT - 2/`).
+    # Files anonymised to one PatientID for all (no UIDs, or a new study per image) pass.
     seen = {patient for ids in patients.values() for patient in ids}
     shown = _names(sorted(folder / n for n in classes), 3)
-    if len(seen) == 1 and all(patients.values()):
+    one_unit = all(
+        len(_distinct(found, 1)) == 1 or len(_distinct(found, 2)) == 1 for found in headers.values()
+    )
+    if len(seen) == 1 and all(patients.values()) and one_unit:
         raise UserError(
             f"{folder}: folders {shown} all hold DICOM files of one patient (PatientID "
             f"{seen.pop()}): the series or studies of one patient, not classes; "
@@ -577,18 +582,25 @@ def _dicom_files(files: list[Path]) -> list[Path]:
     return [p for p in files if is_dicom(p)]
 
 
-def _sampled_patients(files: list[Path]) -> list[str]:
-    """The distinct PatientIDs of up to PATIENT_SAMPLE DICOM files spread over `files`."""
+def _sampled_headers(files: list[Path]) -> list[tuple[str, str, str]]:
+    """(PatientID, StudyInstanceUID, SeriesInstanceUID) of up to PATIENT_SAMPLE DICOM files
+    spread over `files` ('' where absent); unreadable files are left out."""
     dicom = _dicom_files(files)
     if not dicom:
         return []
     step = max(1, len(dicom) // PATIENT_SAMPLE)
-    found: list[str] = []
+    found: list[tuple[str, str, str]] = []
     for path in dicom[::step][:PATIENT_SAMPLE]:
         try:
-            value = str(read_dicom(path, header_only=True).get("PatientID", "") or "").strip()
+            header = read_dicom(path, header_only=True)
         except (UnreadableImage, UserError):
             continue  # unreadable files are named later, when decoded
-        if value and value not in found:
-            found.append(value)
+        keywords = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")
+        values = [str(header.get(k, "") or "").strip() for k in keywords]
+        found.append((values[0], values[1], values[2]))
     return found
+
+
+def _distinct(headers: list[tuple[str, str, str]], field: int) -> list[str]:
+    """The distinct non-empty values of one field of `_sampled_headers`, in order."""
+    return list(dict.fromkeys(h[field] for h in headers if h[field]))
