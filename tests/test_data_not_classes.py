@@ -30,7 +30,7 @@ def write_dicom(path: Path, patient: str, study: str = "1.2.3", seed: int = 0, *
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.PatientID, ds.StudyInstanceUID = "CT", patient, study
-    ds.SeriesInstanceUID = study + ".1"
+    ds.SeriesInstanceUID = study + ".1" if study else ""
     for keyword, value in tags.items():
         setattr(ds, keyword, value)
     ds.Rows = ds.Columns = 16
@@ -209,3 +209,151 @@ def test_dicom_class_folders_of_several_patients_pass(tmp_path):
     assert counts(index) == {"normal": 4, "pneumonia": 4}
     assert sorted(set(index.pool.groups)) == ["normal-0", "normal-1", "pneumonia-0", "pneumonia-1"]
     assert index.ignored["normal/normal_CD0/DICOMDIR"] == "DICOMDIR (a DICOM export's index)"
+
+
+# --------------------------------------------------------------------------- patient words
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        [f"Patient {p}" for p in range(1, 7)],  # space separator, as people name folders
+        ["Subject 1", "Subject 2", "Subject 3"],
+        ["Pt 1", "Pt 2"],
+        ["case_00000", "case_00001", "case_00002"],  # KiTS
+        ["pid0001", "pid0002"],
+        ["ID_0001", "ID_0002", "ID_0003"],
+        ["PATIENT_1", "PATIENT_2"],
+        ["participant-01", "participant-02"],
+    ],
+)
+def test_patient_folders_with_any_separator_stop(tmp_path, capsys, names):
+    root = write_image_folder(tmp_path / "d", dict.fromkeys(names, 3))
+    message = stopped(root, capsys)
+    assert f"{root}: folders {names[0]}/, {names[1]}/" in message
+    assert "patient/study tree" in message and "not classes" in message
+    assert f"write a path,label sheet into {root}" in message
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("grade_1", "grade_2", "grade_3"),
+        ("stage_2", "stage_3"),
+        ("Part_1_benign", "Part_1_malignant"),
+        ("P1", "P2", "P3"),
+        ("S1", "S2"),
+        ("Type 1", "Type 2"),
+    ],
+)
+def test_numbered_class_names_that_are_not_patients_pass(tmp_path, names):
+    root = write_image_folder(tmp_path / "d", dict.fromkeys(names, 3))
+    assert counts(scan_source(DataConfig(root=str(root)))) == dict.fromkeys(names, 3)
+
+
+def test_patient_date_tree_stops_as_a_patient_tree(tmp_path, capsys):
+    """Numeric patient folders holding dated studies (the same dates or not)."""
+    root = tmp_path / "d"
+    for p, dates in ((1000, ("2019-03-01", "2019-04-01")), (1001, ("2019-03-01", "2019-04-01"))):
+        for seed, date in enumerate(dates):
+            write_image_folder(root / str(p), {date: 2}, seed=seed)
+    write_image_folder(root / "1002", {"20190502_0930": 2})
+    message = stopped(root, capsys)
+    assert f"{root}: folders 1000/, 1001/, 1002/ are a patient/study tree" in message
+    assert "PATIENT/DATE/" in message and "one level off" not in message
+
+
+def test_one_patients_dated_studies_stop(tmp_path, capsys):
+    """A single patient folder is unwrapped as a wrapper: its dates must not become classes."""
+    root = tmp_path / "d"
+    write_image_folder(root / "MRN12345", {"2019-03-01": 2, "01.04.2019": 2})
+    message = stopped(root, capsys)
+    assert (
+        f"{root / 'MRN12345'}: folders 01.04.2019/, 2019-03-01/ are the studies of one " in message
+    )
+    assert "patient" in message and "not classes" in message
+
+
+def test_class_folders_holding_dated_sub_folders_pass(tmp_path):
+    root = tmp_path / "d"
+    for seed, label in enumerate(("normal", "pneumonia")):
+        dates = {f"2019-0{seed + 3}-01": 2, f"2019-0{seed + 3}-02": 2}
+        write_image_folder(root / label, dates, seed=seed)
+    assert counts(scan_source(DataConfig(root=str(root)))) == {"normal": 4, "pneumonia": 4}
+
+
+# --------------------------------------------------------------------------- one patient
+
+
+@pytest.mark.parametrize("series", [1, 2])
+def test_one_patient_export_without_dicomdir_stops_as_an_export(tmp_path, capsys, series):
+    """ROOT/PT000000/ST00000s/SE00000k/IM*: the lone PT folder is unwrapped, yet the export
+    stop wins over the class scan and over "one level off"."""
+    root = tmp_path / "export"
+    for st in range(2):
+        for se in range(series):
+            for k in range(2):
+                folder = root / "PT000000" / f"ST{st:06d}" / f"SE{se:06d}"
+                write_dicom(folder / f"IM{k:06d}", "PAT001", f"1.2.{st}", seed=k)
+    (tmp_path / "labels_by_patient.csv").write_text("PatientID,label\nPAT001,a\n")
+    message = stopped(root, capsys)
+    assert f"{root / 'PT000000'}: folders ST000000/, ST000001/" in message
+    assert "DICOM export (PT*/ST*/SE*), not classes" in message
+    assert f"--data {tmp_path / 'labels_by_patient.csv'}`" in message
+    assert "PatientID,label / StudyInstanceUID,label" in message
+    assert "one level off" not in message
+
+
+def test_one_patients_series_as_a_viewer_exports_them_stop(tmp_path, capsys):
+    """`CHEST PA - 1/`, `CHEST LAT - 2/`: every DICOM file has the same PatientID."""
+    root = tmp_path / "viewer"
+    for s, name in enumerate(("CHEST PA - 1", "CHEST LAT - 2", "ABDOMEN - 3")):
+        for k in range(3):
+            write_dicom(root / name / f"IM{k}.dcm", "0042", f"1.2.{s}", seed=k)
+    message = stopped(root, capsys)
+    assert f"{root}: folders ABDOMEN - 3/, CHEST LAT - 2/, CHEST PA - 1/" in message
+    assert "one patient (PatientID 0042)" in message and "not classes" in message
+    assert "write a sheet StudyInstanceUID,label (or SeriesInstanceUID,label" in message
+    assert "PatientID,label" in message and "--data SHEET.csv" in message
+
+
+def test_dicom_class_folders_sharing_one_of_several_patients_pass(tmp_path):
+    """One patient in both folders is not one patient only: the folds handle the overlap."""
+    root = tmp_path / "d"
+    for label in ("normal", "pneumonia"):
+        for k, patient in enumerate(("A", "B", f"{label}-C")):
+            write_dicom(root / label / f"{k}.dcm", patient, seed=k)
+    assert counts(scan_source(DataConfig(root=str(root)))) == {"normal": 3, "pneumonia": 3}
+
+
+# --------------------------------------------------------------------------- download copies
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("Images", "Images (1)", "Images (2)"),
+        ("images (1)", "images (2)"),
+        ("train (1)", "train (2)"),
+        ("train", "train (2)"),  # beside a split's name: still one download, not a split
+    ],
+)
+def test_browser_download_copies_stop_as_parts(tmp_path, capsys, names):
+    root = write_image_folder(tmp_path / "d", dict.fromkeys(names, 3))
+    (root / "metadata.csv").write_text("path,label\n")
+    message = stopped(root, capsys)
+    assert f"{root}: folders " + ", ".join(f"{n}/" for n in sorted(names)) in message
+    assert "parts of one download, not classes" in message
+    assert f"{root} holds `metadata.csv`; to use its labels, give it with" in message
+
+
+@pytest.mark.parametrize("uids", ["none", "per image"])
+def test_dicom_anonymised_to_one_patient_id_pass(tmp_path, uids):
+    """Case 06: every file says PatientID SYN0001, with no study/series UIDs or a new study per
+    image; the folders are not one study or series each, so they stay classes."""
+    root = tmp_path / "d"
+    for label in ("normal", "pneumonia"):
+        for k in range(3):
+            study = f"1.2.{label == 'normal':d}.{k}" if uids == "per image" else ""
+            write_dicom(root / label / f"{k}.dcm", "SYN0001", study, seed=k)
+    assert counts(scan_source(DataConfig(root=str(root)))) == {"normal": 3, "pneumonia": 3}

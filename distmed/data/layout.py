@@ -4,8 +4,9 @@ Knows the split names people use, one wrapper level that unzipping adds, the clu
 operating systems and tools leave (skipped and counted), symbolic links (followed, loops
 refused), and stops with one line naming the folder whenever a layout could mean two things,
 or when its folders are not classes at all: a DICOM export (DICOMDIR, PT*/ST*/SE* levels, one
-patient per folder), a patient/study tree (CheXpert), the parts of one download (HAM10000) or
-many tiny folders beside a labels sheet. The rule and the public layouts it was decided from
+patient per folder, one patient's series), a patient/study tree (CheXpert, `Patient 1/`,
+`1000/2019-03-01/`), the parts of one download (HAM10000, `Images (1)/`) or many tiny folders
+beside a labels sheet. The rule and the public layouts it was decided from
 are in the README ("What counts as class folders").
 """
 
@@ -50,16 +51,33 @@ CLUTTER_NAMES = {
 }
 # The index file of a DICOM export (PS3.10 media); DICOM by content, but never an image.
 DICOMDIR = "DICOMDIR"
-# Folder levels that are not classes. Decided from the layouts people download and receive:
-# pydicom's FileSet and CD writers (PT000000/ST000000/SE000000, PAT00001/STD00001/SER00001),
-# CheXpert (patient00001/study1/), BIDS (sub-01/ses-01/). A single letter with digits (P1, S2)
-# is left alone: such names can be real classes (stages, grades).
-PATIENT_FOLDER = re.compile(r"(?i)^(pt|pat|patient|subject|sub)[-_]?\d+$")
-STUDY_FOLDER = re.compile(r"(?i)^(st|std|stu|study|ses|session|visit)[-_]?\d+$")
-SERIES_FOLDER = re.compile(r"(?i)^(se|ser|series)[-_]?\d+$")
+# Folder levels that are not classes: a level word and a number, joined by any separator (space,
+# `_`, `-`, none). Decided from the layouts people download and receive: pydicom's FileSet and
+# CD writers (PT000000/ST000000/SE000000, PAT00001/STD00001/SER00001), CheXpert
+# (patient00001/study1/), BIDS (sub-01/ses-01/), KiTS (case_00000/), viewers and hand-made
+# trees (`Patient 1/`, `Pt 1/`, `pid0001/`, `ID_0001/`). A single letter with digits (P1, S2)
+# and other words (grade_1, stage_2) are left alone: such names are real classes.
+_NUMBERED = r"[-_ ]*\d+$"
+PATIENT_FOLDER = re.compile(
+    r"(?i)^(pt|pat|patient|subject|subj|sub|participant|case|pid|id)" + _NUMBERED
+)
+STUDY_FOLDER = re.compile(r"(?i)^(st|std|stu|study|ses|session|visit|exam)" + _NUMBERED)
+SERIES_FOLDER = re.compile(r"(?i)^(se|ser|series)" + _NUMBERED)
+# A study folder named by its date (`2019-03-01`, `20190301_0930`, `01.03.2019`), as PACS
+# tools and hand-made patient/date trees name them; a date is never a class.
+DATE_FOLDER = re.compile(
+    r"^((19|20)\d\d([-_.]?)(0[1-9]|1[0-2])\3(0[1-9]|[12]\d|3[01])"
+    r"|(0[1-9]|[12]\d|3[01])([-_.])(0[1-9]|1[0-2])\7(19|20)\d\d)(\D.*)?$"
+)
+# A patient id folder that holds dated studies (besides PATIENT_FOLDER names): a number
+# (`1000`), or up to 4 letters and 4 digits or more (`MRN12345`); stages and grades (`T1`,
+# `grade_2`) are not, so class folders holding dated sub-folders stay classes.
+PATIENT_ID_FOLDER = re.compile(r"(?i)^([a-z]{0,4}[-_ ]*\d{4,}|\d+)$")
 # Parts of one download: HAM10000_images_part_1/_part_2, NIH's images_001 ... images_012
 # (and split-named parts, `_split_in_name`: RSNA's stage_2_train_images/, stage_2_test_images/).
 PART_FOLDER = re.compile(r"(?i)^(.*?)[-_ ]?(part|batch|chunk)[-_ ]?\d+$|^(images?|imgs?)[-_ ]?\d+$")
+# A browser's repeated download of one folder: `Images/`, `Images (1)/`, `Images (2)/`.
+DOWNLOAD_COPY = re.compile(r"^(.+?) *\(\d+\)$")
 # Labels sheets that a folder of non-classes usually ships with (HAM10000 metadata.csv,
 # CheXpert train.csv, NIH Data_Entry_2017.csv, RSNA stage_2_train_labels.csv, ISIC's .xlsx).
 SHEET_SUFFIXES = (".csv", ".tsv", ".xlsx", ".xls")
@@ -136,6 +154,7 @@ def read_layout(root: Path) -> FolderLayout:
         if inner_dirs:  # a folder of folders: the wrapper an unzip adds, not a lone class
             data_root, dirs, files = dirs[0], inner_dirs, inner_files
     _check_not_dicom_export(root, data_root, files)
+    _check_not_parts(root, data_root, dirs)  # before splits: `train/` beside `train (1)/`
     walker.ignore_loose(files)
     if not dirs:
         raise UserError(
@@ -345,34 +364,86 @@ def _check_not_dicom_export(root: Path, data_root: Path, files: list[Path]) -> N
 
 def _check_folder_names(root: Path, folder: Path, class_dirs: list[Path]) -> None:
     """Patient/study levels or download parts where class folders should be."""
-    shown = _names(class_dirs, 3)
-    parts = [d for d in class_dirs if PART_FOLDER.match(d.name)]
-    if len(parts) >= 2:
-        raise UserError(
-            f"{folder}: folders {_names(parts, 3)} are parts of one download, not classes; "
-            + _labels_hint(root, folder)
-        )
+    _check_not_parts(root, folder, class_dirs)
     splits = [d for d in class_dirs if _split_in_name(d.name)]
     if len(splits) >= 2:
         raise UserError(
             f"{folder}: folders {_names(splits, 3)} are the splits of one download (their "
             "names hold train/test/val), not classes; " + _labels_hint(root, folder)
         )
-    patients = [d for d in class_dirs if PATIENT_FOLDER.match(d.name)]
-    with_studies = [d for d in class_dirs[:20] if _has_sub_folder(d, STUDY_FOLDER)]
-    if len(class_dirs) >= 2 and (
-        len(patients) * 2 >= len(class_dirs) or len(with_studies) * 2 >= min(len(class_dirs), 20)
-    ):
-        series = any(_has_sub_folder(s, SERIES_FOLDER) for d in with_studies[:3] for s in _dirs(d))
-        if series:
-            raise UserError(
-                f"{folder}: folders {shown} are the PT*/ST*/SE* (patient/study/series) levels "
-                f"of a DICOM export, not classes; {_labels_hint(root, folder, dicom=True)}"
-            )
+    _check_not_patient_tree(root, folder, class_dirs)
+    _check_not_one_patient(root, folder, class_dirs)
+
+
+def _check_not_parts(root: Path, folder: Path, dirs: list[Path]) -> None:
+    """Two or more folders that are parts of one download (`*_part_1`, `Images (1)`)."""
+    copied = {m.group(1).lower() for d in dirs if (m := DOWNLOAD_COPY.match(d.name))}
+    parts = [
+        d
+        for d in dirs
+        if PART_FOLDER.match(d.name) or DOWNLOAD_COPY.match(d.name) or d.name.lower() in copied
+    ]
+    if len(parts) >= 2:
         raise UserError(
-            f"{folder}: folders {shown} are a patient/study tree (one folder per patient, as "
-            f"CheXpert's patientNNNNN/studyN/), not classes; {_labels_hint(root, folder)}"
+            f"{folder}: folders {_names(parts, 3)} are parts of one download, not classes; "
+            + _labels_hint(root, folder)
         )
+
+
+def _check_not_patient_tree(root: Path, folder: Path, class_dirs: list[Path]) -> None:
+    """Folders that are patients: named so, or holding studies (named or dated)."""
+    sample = class_dirs[:20]
+    patients = [d for d in class_dirs if PATIENT_FOLDER.match(d.name)]
+    with_studies = [d for d in sample if _holds_studies(d)]
+    if len(class_dirs) < 2 or (
+        len(patients) * 2 < len(class_dirs) and len(with_studies) * 2 < len(sample)
+    ):
+        return
+    shown = _names(class_dirs, 3)
+    looked = (with_studies or patients)[:3]
+    if any(_has_sub_folder(s, SERIES_FOLDER) for d in looked for s in _dirs(d)):
+        raise UserError(
+            f"{folder}: folders {shown} are the PT*/ST*/SE* (patient/study/series) levels "
+            f"of a DICOM export, not classes; {_labels_hint(root, folder, dicom=True)}"
+        )
+    raise UserError(
+        f"{folder}: folders {shown} are a patient/study tree (one folder per patient, as "
+        f"CheXpert's patientNNNNN/studyN/ or PATIENT/DATE/), not classes; "
+        + _labels_hint(root, folder)
+    )
+
+
+def _check_not_one_patient(root: Path, folder: Path, class_dirs: list[Path]) -> None:
+    """The studies or series of one patient as class folders: a single patient folder (given
+    as the root, or unwrapped as a wrapper) holding ST*/SE* levels or dated studies."""
+    studies = [d for d in class_dirs if STUDY_FOLDER.match(d.name) or DATE_FOLDER.match(d.name)]
+    series = [d for d in class_dirs if SERIES_FOLDER.match(d.name)]
+    if not class_dirs or (len(studies) + len(series)) * 2 < len(class_dirs):
+        return
+    with_series = [d for d in studies[:20] if _has_sub_folder(d, SERIES_FOLDER)]
+    dated = any(DATE_FOLDER.match(d.name) for d in studies)
+    in_patient = bool(PATIENT_FOLDER.match(folder.name) or PATIENT_ID_FOLDER.match(folder.name))
+    in_study = bool(STUDY_FOLDER.match(folder.name))
+    shown = _names(class_dirs, 3)
+    if with_series or (series and (in_patient or in_study)):
+        raise UserError(
+            f"{folder}: folders {shown} are the study/series levels of one patient's DICOM "
+            f"export (PT*/ST*/SE*), not classes; {_labels_hint(root, folder, dicom=True)}"
+        )
+    if dated or (studies and in_patient):
+        raise UserError(
+            f"{folder}: folders {shown} are the studies of one patient (a patient/study tree, "
+            f"PATIENT/STUDY/ or PATIENT/DATE/), not classes; {_labels_hint(root, folder)}"
+        )
+
+
+def _holds_studies(folder: Path) -> bool:
+    """Study folders inside (`study1`, `ses-01`), or dated ones inside a patient id folder."""
+    subs = _dirs(folder)
+    if any(STUDY_FOLDER.match(d.name) for d in subs):
+        return True
+    named = PATIENT_FOLDER.match(folder.name) or PATIENT_ID_FOLDER.match(folder.name)
+    return bool(named) and any(DATE_FOLDER.match(d.name) for d in subs)
 
 
 def _split_in_name(name: str) -> bool:
@@ -386,7 +457,8 @@ def _check_not_patients(root: Path, folder: Path, classes: dict[str, list[Path]]
     """DICOM class folders that are patients: named by their PatientID, or one patient each."""
     if len(classes) < 2:
         return
-    patients = {name: _sampled_patients(files) for name, files in classes.items()}
+    headers = {name: _sampled_headers(files) for name, files in classes.items()}
+    patients = {name: _distinct(found, 0) for name, found in headers.items()}
     named = [name for name, ids in patients.items() if name in ids]
     # One patient per folder counts only where every folder showed two DICOM files or more.
     one_each = (
@@ -394,6 +466,20 @@ def _check_not_patients(root: Path, folder: Path, classes: dict[str, list[Path]]
         and len({ids[0] for ids in patients.values()}) == len(classes)
         and all(len(_dicom_files(files)) >= 2 for files in classes.values())
     )
+    # Every folder's DICOM files of one and the same patient, each folder one study or one
+    # series: a viewer's export of one patient's series (`CHEST PA - 1/`, `CHEST LAT - 2/`).
+    # Files anonymised to one PatientID for all (no UIDs, or a new study per image) pass.
+    seen = {patient for ids in patients.values() for patient in ids}
+    shown = _names(sorted(folder / n for n in classes), 3)
+    one_unit = all(
+        len(_distinct(found, 1)) == 1 or len(_distinct(found, 2)) == 1 for found in headers.values()
+    )
+    if len(seen) == 1 and all(patients.values()) and one_unit:
+        raise UserError(
+            f"{folder}: folders {shown} all hold DICOM files of one patient (PatientID "
+            f"{seen.pop()}): the series or studies of one patient, not classes; "
+            + _labels_hint(root, folder, dicom=True, one_patient=True)
+        )
     if len(named) >= 2 and len(named) * 2 >= len(classes):
         what = f"named by the PatientID of their DICOM files ({', '.join(named[:3])})"
     elif one_each:
@@ -401,7 +487,7 @@ def _check_not_patients(root: Path, folder: Path, classes: dict[str, list[Path]]
     else:
         return
     raise UserError(
-        f"{folder}: folders {_names(sorted(folder / n for n in classes), 3)} are {what}: "
+        f"{folder}: folders {shown} are {what}: "
         f"patients, not classes; {_labels_hint(root, folder, dicom=True)}"
     )
 
@@ -418,8 +504,14 @@ def _check_not_tiny_folders(root: Path, folder: Path, classes: dict[str, list[Pa
         )
 
 
-def _labels_hint(root: Path, folder: Path, dicom: bool = False) -> str:
-    """The fix: the labels sheet beside the folders, or how to write one."""
+def _labels_hint(root: Path, folder: Path, dicom: bool = False, one_patient: bool = False) -> str:
+    """The fix: the labels sheet beside the folders, or how to write one (for DICOM, keyed by
+    PatientID or StudyInstanceUID; for one patient's images, by StudyInstanceUID or
+    SeriesInstanceUID, which `keyed` reads as well)."""
+    if one_patient:
+        keys, more = "StudyInstanceUID,label", "SeriesInstanceUID,label, or PatientID,label"
+    else:
+        keys, more = "PatientID,label", "StudyInstanceUID,label"
     sheets = _sheets(root, folder)
     if not sheets and dicom:  # a sheet beside the export labels the images below it too
         sheets = _sheets(root.parent, root.parent)
@@ -428,7 +520,7 @@ def _labels_hint(root: Path, folder: Path, dicom: bool = False) -> str:
         names = ", ".join([f"`{p.name}`" for p in sheets if p.parent == place][:3])
         hint = f"{place} holds {names}; to use its labels, give it with `--data {sheets[0]}`"
         if dicom:
-            return hint + " (path,label columns, or PatientID,label / StudyInstanceUID,label)"
+            return hint + f" (path,label columns, or {keys} / {more})"
         columns = _sheet_columns(sheets[0])
         if columns is not None and not {"path", "label"} <= {c.lower() for c in columns}:
             hint += (
@@ -438,7 +530,7 @@ def _labels_hint(root: Path, folder: Path, dicom: bool = False) -> str:
         return hint
     if dicom:
         return (
-            f"write a sheet PatientID,label (or StudyInstanceUID,label) into {root} and give it "
+            f"write a sheet {keys} (or {more}) into {root} and give it "
             "with `--data SHEET.csv`: it labels every DICOM image below the sheet's folder"
         )
     return f"write a path,label sheet into {root} and give it with `--data SHEET.csv`"
@@ -490,18 +582,25 @@ def _dicom_files(files: list[Path]) -> list[Path]:
     return [p for p in files if is_dicom(p)]
 
 
-def _sampled_patients(files: list[Path]) -> list[str]:
-    """The distinct PatientIDs of up to PATIENT_SAMPLE DICOM files spread over `files`."""
+def _sampled_headers(files: list[Path]) -> list[tuple[str, str, str]]:
+    """(PatientID, StudyInstanceUID, SeriesInstanceUID) of up to PATIENT_SAMPLE DICOM files
+    spread over `files` ('' where absent); unreadable files are left out."""
     dicom = _dicom_files(files)
     if not dicom:
         return []
     step = max(1, len(dicom) // PATIENT_SAMPLE)
-    found: list[str] = []
+    found: list[tuple[str, str, str]] = []
     for path in dicom[::step][:PATIENT_SAMPLE]:
         try:
-            value = str(read_dicom(path, header_only=True).get("PatientID", "") or "").strip()
+            header = read_dicom(path, header_only=True)
         except (UnreadableImage, UserError):
             continue  # unreadable files are named later, when decoded
-        if value and value not in found:
-            found.append(value)
+        keywords = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")
+        values = [str(header.get(k, "") or "").strip() for k in keywords]
+        found.append((values[0], values[1], values[2]))
     return found
+
+
+def _distinct(headers: list[tuple[str, str, str]], field: int) -> list[str]:
+    """The distinct non-empty values of one field of `_sampled_headers`, in order."""
+    return list(dict.fromkeys(h[field] for h in headers if h[field]))
