@@ -25,9 +25,9 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from distmed.errors import UserError
+from distmed.uris import shown
 
 # $TMPDIR/distmed-results/<name>-<digest>: the staging copy of a search whose --storage is a URI.
 STAGING_FOLDER = "distmed-results"
@@ -226,7 +226,7 @@ def publish_results(local: Path, storage: str, name: str) -> None:
     except OSError as exc:  # pyarrow's S3/GCS errors are OSErrors
         _upload_failed.add(local)
         raise UserError(
-            f"could not upload the results to {_shown(uri)} ({str(exc).splitlines()[0]}); "
+            f"could not upload the results to {shown(uri)} ({str(exc).splitlines()[0]}); "
             f"they are kept in {local}: copy them there yourself, or fix the storage and "
             "run again with --resume"
         ) from exc
@@ -244,11 +244,11 @@ def finish_staging(local: Path, uri: str) -> None:
     if not now or _uploaded.get(local) == now:
         shutil.rmtree(local, ignore_errors=True)
         if now:  # the paths printed during the run named this copy: say where the files are
-            print(f"results uploaded to {_shown(uri)} (local staging copy removed)", flush=True)
+            print(f"results uploaded to {shown(uri)} (local staging copy removed)", flush=True)
         return
     if local not in _upload_failed:
         print(
-            f"warning: results not (all) uploaded to {_shown(uri)}; they are kept in {local}",
+            f"warning: results not (all) uploaded to {shown(uri)}; they are kept in {local}",
             file=sys.stderr,
         )
 
@@ -271,14 +271,6 @@ def _restore(folder: Path, uri: str) -> None:
 
 def _destination(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}"
-
-
-def _shown(uri: str) -> str:
-    """`uri` without the user:password part a URI may carry (never printed)."""
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:

@@ -52,6 +52,15 @@ def credential_kind(text: str) -> tuple[str, str] | None:
     return None
 
 
+def shown(uri: str) -> str:
+    """`uri` without a userinfo part (`user:password@`, `token@`), for printing. Entry points
+    refuse such URIs already (`check_no_credentials`); this keeps a message safe regardless."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
 def check_no_credentials(value: Any, where: str) -> None:
     """Refuse `value` (any text; other types pass) when a URI in it holds credentials.
 

@@ -120,11 +120,6 @@ def test_a_local_storage_is_the_results_folder_itself_and_stays(tmp_path, stagin
     assert staging == []
 
 
-def test_userinfo_of_a_uri_is_never_shown():
-    shown = artifacts._shown("s3://AKIDEXAMPLE:s3cr3t@bucket/exp")
-    assert shown == "s3://bucket/exp"
-
-
 # --------------------------------------------------------------------------- Ray session
 
 

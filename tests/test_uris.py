@@ -84,3 +84,10 @@ def test_cli_refuses_credentials_in_a_uri_before_any_work(
     assert err.count("\n") == 1 and where in err and "credentials" in err
     written = set(tmp_path.rglob("*")) - before
     assert written == set()  # no results folder, no lock: the --name is not taken
+
+
+def test_userinfo_of_a_uri_is_never_shown():
+    from distmed.uris import shown
+
+    assert shown("s3://AKIDEXAMPLE:s3cr3t@bucket/exp") == "s3://bucket/exp"
+    assert shown("s3://bucket/exp") == "s3://bucket/exp"
