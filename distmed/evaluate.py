@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from distmed import __version__
 from distmed.artifacts import write_json_atomic, write_text_atomic
@@ -41,17 +40,14 @@ from distmed.cli import (
 )
 from distmed.config import DataConfig
 from distmed.data import (
-    CachedImageDataset,
     DataIndex,
     Split,
     build_cache,
     drop_samples,
-    load_cached,
     scan_source,
 )
 from distmed.errors import EXIT_SOME_UNREADABLE, UserError
-from distmed.inference import Ensemble, choose_device, load_inference_model
-from distmed.loop import Runtime, predict
+from distmed.inference import Ensemble, choose_device, load_inference_model, predict_cached
 from distmed.metrics import MAX_RESAMPLES
 from distmed.savedmodel import SavedModel
 from distmed.scorecard import (
@@ -63,7 +59,7 @@ from distmed.scorecard import (
     scores_section,
     table,
 )
-from distmed.task import BinaryTask, Task
+from distmed.task import BinaryTask
 
 log = logging.getLogger(__name__)
 EVALUATION_JSON = "evaluation.json"
@@ -160,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
     if len(kept.pool) == 0:
         raise UserError(f"--data {args.data}: no readable image in the {split} split")
     device = choose_device(args.cpu)
-    probs = predict_cached(model, cache.pool_path, device, saved.task)
+    _, probs = predict_cached(model, cache.pool_path, saved.task, device, batch_size=BATCH_SIZE)
     scores = Scores(lookup[kept.pool.labels], probs, saved.task)
     card = score(scores, threshold.value if threshold else None, args.bootstrap)
     output = Path(args.output) if args.output else default_output(path, source.name, args.ensemble)
@@ -372,19 +368,6 @@ def _example_mapping(
 
 
 # --------------------------------------------------------------------------- scoring
-
-
-def predict_cached(
-    model: torch.nn.Module, images_path: Path, device: torch.device, task: Task
-) -> np.ndarray:
-    """Class probabilities (N, K) of the decoded images in `images_path`, in file order."""
-    images = load_cached(images_path)
-    # The labels are mapped to the model's classes outside; the loader carries placeholders.
-    unused_labels = np.zeros(len(images), dtype=np.int64)
-    dataset = CachedImageDataset(images, unused_labels, np.arange(len(images)))
-    loader = DataLoader(dataset, batch_size=BATCH_SIZE)
-    _, _, probs = predict(model.to(device), loader, Runtime(device), task)  # sorted by index
-    return probs
 
 
 def absent_notes(scores: Scores) -> list[str]:

@@ -230,6 +230,29 @@ def gradcam_pictures(
     ]
 
 
+def predict_cached(
+    model: torch.nn.Module,
+    images_path: Path,
+    task: Task,
+    device: torch.device,
+    labels: np.ndarray | None = None,
+    positions: np.ndarray | None = None,
+    batch_size: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities (N, K)) of decoded images in `images_path`, in file order.
+
+    `positions`: only these images (default all); `labels`: every cached image's label
+    (default placeholders, for callers that map labels themselves).
+    """
+    images = load_cached(images_path)
+    if labels is None:
+        labels = np.zeros(len(images), dtype=np.int64)
+    chosen = np.arange(len(labels)) if positions is None else np.asarray(positions)
+    loader = DataLoader(CachedImageDataset(images, labels, chosen), batch_size=batch_size)
+    _, truth, probs = predict(model.to(device), loader, Runtime(device), task)  # by index
+    return truth, probs
+
+
 def evaluate_test(
     model: torch.nn.Module,
     test_images_path: Path,
@@ -246,11 +269,7 @@ def evaluate_test(
     the pool cache); `labels` are then the labels of every cached image.
     """
     device = choose_device()
-    images = load_cached(test_images_path)
-    positions = np.arange(len(labels)) if indices is None else np.asarray(indices)
-    dataset = CachedImageDataset(images, labels, positions)
-    loader = DataLoader(dataset, batch_size=256)
-    _, truth, probs = predict(model.to(device), loader, Runtime(device), task)
+    truth, probs = predict_cached(model, test_images_path, task, device, labels, indices)
     if save_to is not None:
         with atomic_path(save_to) as tmp, tmp.open("wb") as handle:  # a name gets .npz added
             np.savez(handle, labels=truth, probs=probs, images_path=str(test_images_path))
