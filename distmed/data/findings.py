@@ -122,7 +122,7 @@ def _code(cell: str, where: str, column: str) -> float:
     if any(sep in text for sep in ("|", ";", ",")):
         hint = "; a set of findings in one column needs data.label_delimiter"
     raise UserError(
-        f"{where}: column {cell_text(column)!r} holds {shorten(text)!r}; {CELL_RULE}{hint}"
+        f"{where}: column {cell_text(column)!r} holds {shorten(text)}; {CELL_RULE}{hint}"
     )
 
 
@@ -149,7 +149,7 @@ def set_codes(
         if no_finding is not None and no_finding in parts:
             if len(parts) > 1:
                 raise UserError(
-                    f"{what} row {number}: {shorten(row[key].strip())!r} lists "
+                    f"{what} row {number}: {shorten(row[key].strip())} lists "
                     f"{no_finding!r} (data.no_finding) with findings; fix the cell"
                 )
             parts = set()
