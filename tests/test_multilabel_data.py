@@ -212,6 +212,19 @@ def test_no_finding_beside_a_finding_is_one_line(tmp_path):
                             no_finding="No Finding"))  # fmt: skip
 
 
+def test_one_finding_spelled_two_ways_is_one_line(tmp_path):
+    sheet = _nih(tmp_path, sets=["Effusion", "effusion |Mass", "Mass"], header="path,label,group")
+    with pytest.raises(UserError, match=r"spells one finding several ways \('Effusion' = 'eff"):
+        scan_source(_config(tmp_path, root=str(sheet), label_delimiter="|"))
+
+
+def test_a_sheet_keyed_by_patient_id_cannot_say_several_findings(tmp_path):
+    sheet = tmp_path / "labels.csv"
+    sheet.write_text("PatientID,label\nP1,Effusion|Mass\n")
+    with pytest.raises(UserError, match="keyed by PatientID gives one label per image"):
+        scan_source(_config(tmp_path, root=str(sheet), label_delimiter="|"))
+
+
 def test_single_label_refusal_of_label_sets_points_at_the_delimiter(tmp_path):
     sheet = _nih(tmp_path, sets=["No Finding", "Effusion", "Atelectasis|Effusion", "Effusion"],
                  header="path,label,group")  # fmt: skip
@@ -437,3 +450,19 @@ def test_the_test_split_warning_names_a_finding_without_positives(tmp_path):
     gaps = gaps_in_test_split(index, StandIn(("A", "B"), ("A", "B")))
     assert gaps is not None and "has no positive image of finding 'B'" in gaps
     assert "fewer than 5 positive images of finding 'A' (1)" in gaps
+
+
+def test_a_scored_finding_missing_from_a_fold_stops_the_run():
+    """Iterative stratification does not promise a positive in every fold; the check does."""
+    from distmed.cv import _check_finding_folds
+
+    positive = np.array([[1, 0]] * 5 + [[0, 1]] * 5, dtype=bool)  # 5 positive patients each
+    assignment = np.array([0, 0, 1, 2, 3, 0, 1, 2, 3, 4])  # finding A: none in fold 4
+    cfg = CVConfig(folds=5)
+    with pytest.raises(UserError, match=r"cv fold 4 has no validation image positive for "
+                                        r"finding 'A' \(5 positive"):  # fmt: skip
+        _check_finding_folds(
+            positive, positive, assignment, cfg, StandIn(("A", "B"), ("A", "B")), 0
+        )
+    # not scored: its AUC is not in the score, so its folds are not checked
+    _check_finding_folds(positive, positive, assignment, cfg, StandIn(("A", "B"), ("B",)), 0)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from distmed.config import DataConfig
+from distmed.data.labels import SHOWN, spelling_key
 from distmed.data.sheets import cell_text, read_header
 from distmed.errors import UserError, shorten
 
@@ -155,6 +156,7 @@ def set_codes(
             parts = set()
         sets.append(parts)
     names = sorted(set().union(*(s for s in sets if s)))
+    _refuse_spellings(names, what, key)
     if not names:
         raise UserError(
             f"{what}: column {key!r} names no finding in any row (only blanks"
@@ -168,6 +170,21 @@ def set_codes(
         for name in found or ():
             codes[i, position[name]] = POSITIVE
     return names, codes
+
+
+def _refuse_spellings(names: list[str], what: str, column: str) -> None:
+    """Findings that differ only in case, spaces or Unicode form (`Effusion`, `effusion`)
+    are one finding written two ways: say so rather than learn two outputs."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(spelling_key(name), []).append(name)
+    twins = [spellings for spellings in groups.values() if len(spellings) > 1]
+    if twins:
+        shown = " = ".join(repr(name) for name in twins[0][:SHOWN])
+        raise UserError(
+            f"{what}: column {column!r} spells one finding several ways ({shown}"
+            f"{f'; {len(twins) - 1} more such' if len(twins) > 1 else ''}); fix the sheet"
+        )
 
 
 # --------------------------------------------------------------------------- .npz arrays
@@ -296,11 +313,3 @@ def refuse_finding_keys(cfg: DataConfig, source: str) -> None:
             "are for several findings per image (data.label_columns, data.label_delimiter or "
             "data.task: multilabel)"
         )
-
-
-def finding_policies(value: str | dict[str, str], findings: Sequence[str]) -> tuple[str, ...]:
-    """One policy per finding from `data.uncertain` / `data.missing`: the value itself, or
-    from a mapping, with findings it does not name left at `ignore`."""
-    if isinstance(value, str):
-        return tuple(value for _ in findings)
-    return tuple(value.get(name, "ignore") for name in findings)
