@@ -73,8 +73,7 @@ def _chexpert(tmp_path: Path, extra_rows: tuple[str, ...] = ()) -> Path:
 
 def test_a_chexpert_sheet_reads_as_its_users_expect(tmp_path):
     sheet = _chexpert(tmp_path)
-    index = scan_source(_config(tmp_path, root=str(sheet), task="multilabel",
-                                group_regex=r"(patient\d+)"))  # fmt: skip
+    index = scan_source(_config(tmp_path, root=str(sheet), task="multilabel"))
     assert index.multilabel
     # every column but CheXpert's reserved ones is a finding, in the sheet's order
     assert index.class_names == ["No Finding", "Edema", "Pleural Effusion"]
@@ -87,6 +86,21 @@ def test_a_chexpert_sheet_reads_as_its_users_expect(tmp_path):
     )
     assert index.pool.ids[3] == "CheXpert-v1.0-small/train/patient00002/study1/view1_frontal.jpg"
     assert index.test is None and "3 findings per image" in index.layout
+    assert "patients from the paths' patientNNNNN folders" in index.layout
+
+
+def test_a_patient_rule_or_column_replaces_the_patient_folders(tmp_path):
+    sheet = _chexpert(tmp_path)
+    by_study = _config(tmp_path, root=str(sheet), task="multilabel",
+                       group_regex=r"(patient\d+/study\d+)")  # fmt: skip
+    index = scan_source(by_study)
+    assert index.pool.groups.tolist()[:3] == ["patient00001/study1"] * 2 + ["patient00001/study2"]
+    assert "patientNNNNN" not in index.layout
+    # a path without a patient folder: no patients guessed, folds by image
+    lines = sheet.read_text().splitlines()
+    _image(sheet.parent / "extra.jpg", 9)
+    sheet.write_text("\n".join([*lines, "extra.jpg,Male,1,Frontal,AP,,1,0"]) + "\n")
+    assert scan_source(_config(tmp_path, root=str(sheet), task="multilabel")).pool.groups is None
 
 
 def test_label_columns_choose_and_order_the_findings(tmp_path):
@@ -96,7 +110,6 @@ def test_label_columns_choose_and_order_the_findings(tmp_path):
     )
     assert index.class_names == ["Pleural Effusion", "Edema"]  # as the header spells them
     assert _same(index.pool.labels, [[row[2], row[1]] for row in CHEXPERT_CODES])
-    assert index.pool.groups is None  # no grouping asked for
 
 
 def test_a_sheet_beside_the_set_folder_reads_the_same(tmp_path):

@@ -10,7 +10,7 @@ import hashlib
 import re
 import unicodedata
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -336,6 +336,7 @@ def _require_2d(path: Path, key: str, images: np.ndarray) -> None:
 # --------------------------------------------------------------------------- manifests
 
 MANIFEST_COLUMNS = ("path", "label", "group", "split")
+CHEXPERT_PATIENT = re.compile(r"^patient\d+$")  # CheXpert's patient folders: patient00001
 # A clinical sheet (`Patient ID,Diagnosis`) is the other form a labels sheet takes.
 KEYED_HINT = (
     "or, for DICOM images, 'PatientID,label' (a sheet keyed by a header attribute) labels "
@@ -399,6 +400,10 @@ def scan_manifest(csv_path: Path, cfg: DataConfig) -> DataIndex:
             class_names, labels = set_codes(rows, findings, cfg.no_finding, what)
         merged = {}
     group_of = _group_lookup(cfg, base)
+    patients_note = ""
+    if group_of is None and not has_group and (in_paths := _patients_in_paths(entries)):
+        group_of = lambda sample_id, _path: in_paths[sample_id]  # noqa: E731
+        patients_note = "; patients from the paths' patientNNNNN folders"
     pool = _manifest_split_of(entries, labels, ("train", "val"), group_of)
     test_entries = [e for e in entries if e[5] == "test"]
     test = _manifest_split_of(entries, labels, ("test",), group_of) if test_entries else None
@@ -415,7 +420,8 @@ def scan_manifest(csv_path: Path, cfg: DataConfig) -> DataIndex:
         pool=pool,
         test=test,
         fingerprint=_fingerprint_files(pool, test),
-        layout=f"manifest {csv_path.name} ({sheet.dialect}; {kind}splits: {', '.join(splits)})",
+        layout=f"manifest {csv_path.name} ({sheet.dialect}; {kind}splits: {', '.join(splits)}"
+        f"{patients_note})",
         merged_labels=merged,
         multilabel=findings is not None,
     )
@@ -456,6 +462,20 @@ def _manifest_entries(
             )
         entries.append((number, text, path, label, group, split))
     return entries
+
+
+def _patients_in_paths(entries: list[_Entry]) -> dict[str, str] | None:
+    """Sample id -> patient when every path names its patient in one `patientNNNNN` folder,
+    as CheXpert's do (`train/patient00001/study1/view1_frontal.jpg`; torchxrayvision reads
+    its patient ids so too); else None."""
+    found: dict[str, str] = {}
+    for entry in entries:
+        parts = [part for part in PurePosixPath(entry[1].replace("\\", "/")).parts[:-1]
+                 if CHEXPERT_PATIENT.match(part)]  # fmt: skip
+        if len(parts) != 1:
+            return None
+        found[entry[1]] = parts[0]
+    return found
 
 
 def _manifest_file(base: Path, text: str, where: str) -> tuple[Path, str]:
