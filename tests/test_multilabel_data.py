@@ -359,6 +359,10 @@ def test_the_inspector_counts_codes_per_finding_and_split(tmp_path):
     text = format_summary(summary)
     assert "findings (2): A, B" in text and "train: 3 images, 1 with no positive finding" in text
     assert any(line.split() == ["B", "train", "1", "0", "1", "1"] for line in text.splitlines())
+    short = format_summary(summary, short=True).splitlines()  # what a run prints at its start
+    assert ["B", "train", "1/0/1/1", "val", "0/1/0/0", "test", "1/1/0/0"] in [
+        line.split() for line in short
+    ]
 
 
 # --------------------------------------------------------------------------- folds

@@ -108,7 +108,7 @@ def format_summary(summary: dict[str, Any], short: bool = False) -> str:
     """The summary as text: a few lines (`short`, printed at the start of a run) or all."""
     lines = [f"data: {summary['source']}: {summary['layout']}"]
     if summary.get("multilabel"):  # absent from summaries written before it existed
-        lines.extend(_format_findings(summary))
+        lines.extend(_format_findings(summary, short))
     else:
         lines.extend(_format_classes(summary))
     shared = (summary["patients"] or {}).get("in_pool_and_test")
@@ -166,8 +166,9 @@ def _patients_note(summary: dict[str, Any], split: str) -> str:
     return extra
 
 
-def _format_findings(summary: dict[str, Any]) -> list[str]:
-    """Per split a line of images, and a table: per finding and split the raw codes' counts."""
+def _format_findings(summary: dict[str, Any], short: bool) -> list[str]:
+    """Per split a line of images, and a table: per finding and split the raw codes' counts
+    (`short`: one line per finding)."""
     names = summary["classes"]
     lines = [f"  findings ({len(names)}): {', '.join(names)}"]
     for split, info in summary["splits"].items():
@@ -176,6 +177,15 @@ def _format_findings(summary: dict[str, Any]) -> list[str]:
             f"finding{_patients_note(summary, split)}"
         )
     width = max(len("finding"), *(len(name) for name in names))
+    if short:
+        lines.append(f"  per finding, {'/'.join(CODE_NAMES)}:")
+        for name in names:
+            cells = "  ".join(
+                f"{split} " + "/".join(str(info["per_finding"][name][c]) for c in CODE_NAMES)
+                for split, info in summary["splits"].items()
+            )
+            lines.append(f"    {name:<{width}}  {cells}")
+        return lines
     lines.append(f"  {'finding':<{width}}  split  {'  '.join(f'{c:>9}' for c in CODE_NAMES)}")
     for name in names:
         for split, info in summary["splits"].items():
