@@ -340,7 +340,8 @@ CHEXPERT_PATIENT = re.compile(r"^patient\d+$")  # CheXpert's patient folders: pa
 # A clinical sheet (`Patient ID,Diagnosis`) is the other form a labels sheet takes.
 KEYED_HINT = (
     "or, for DICOM images, 'PatientID,label' (a sheet keyed by a header attribute) labels "
-    "them without paths; name the label column 'label'"
+    "them without paths; name the label column 'label'; several findings per image (a "
+    "column each, or NIH's 'Finding Labels'): data.label_columns, data.label_delimiter"
 )
 
 
