@@ -1,7 +1,9 @@
-"""Sources -> a `DataIndex`: image folders (via `layout`), label manifests (CSV), MedMNIST
-`.npz`, `medmnist:NAME` and `demo`; patient groups from `data.group_regex`, `data.group_csv`,
-`data.group_from: PatientID` or a manifest's group column; the fingerprint that keys the
-decoded cache. Every problem is a one-line `UserError` naming the path (and the CSV row).
+"""Sources -> a `DataIndex`: image folders (via `layout`), label manifests (CSV; one label
+per image, or several findings per image coded by `findings`), MedMNIST `.npz` (ChestMNIST's
+(N, L) 0/1 labels too), `medmnist:NAME` and `demo`; patient groups from `data.group_regex`,
+`data.group_csv`, `data.group_from: PatientID`, a manifest's group column or CheXpert's
+`patientNNNNN` folders; the fingerprint that keys the decoded cache. Every problem is a
+one-line `UserError` naming the path (and the CSV row).
 """
 
 from __future__ import annotations
