@@ -50,6 +50,13 @@ class AugmentConfig(_Section):
     rotation: float = Field(10.0, ge=0, le=180, description="max rotation in degrees")
 
 
+# How an uncertain (-1) or a blank cell of a finding becomes a target (the CheXpert paper's
+# U-Ignore / U-Ones / U-Zeros; blanks as CheXpert's competition code (zeros) or
+# torchxrayvision (ignore) read them).
+FindingPolicy = Literal["ignore", "ones", "zeros"]
+MissingPolicy = Literal["ignore", "zeros"]
+
+
 class DataConfig(_Section, DecodeSettings):
     """The data section. Its decoding keys (image_size, intensity, window, percentiles,
     resize, max_pixels) are `DecodeSettings`' fields, declared there once."""
@@ -108,13 +115,97 @@ class DataConfig(_Section, DecodeSettings):
         description="MedMNIST .npz sources: a name per label 0, 1, ... (saved with the model); "
         "folder sources are named by their class folders",
     )
+    # Several findings per image (multi-label; README "Several findings per image"). The
+    # finding names in `uncertain`, `missing` and `score_findings` are checked against the
+    # source once it is scanned (`distmed.data.findings.check_finding_keys`).
+    task: Literal["auto", "multilabel"] = Field(
+        "auto",
+        description="auto: several findings per image when label_columns or label_delimiter is "
+        "set, or an .npz's labels are (N, L>1) of 0/1; else one label per image",
+    )
+    label_columns: list[str] | None = Field(
+        None,
+        description="manifest columns, one per finding, cells 1/0/-1 (uncertain)/blank "
+        "(CheXpert); with task: multilabel and none named, every column but path, group, "
+        "split and CheXpert's Sex, Age, Frontal/Lateral, AP/PA",
+    )
+    label_delimiter: str | None = Field(
+        None,
+        description="one column (label, or the one in label_columns) holds each image's "
+        "findings joined by this (NIH ChestX-ray14: '|'); findings are the union, sorted",
+    )
+    no_finding: str | None = Field(
+        None,
+        description="with label_delimiter: the value meaning no finding at all ('No Finding')",
+    )
+    uncertain: FindingPolicy | dict[str, FindingPolicy] = Field(
+        "ignore",
+        description="cells -1: ignore (masked from loss and metrics), ones or zeros "
+        "(CheXpert's U-Ignore, U-Ones, U-Zeros); a dict gives one per finding",
+    )
+    missing: MissingPolicy | dict[str, MissingPolicy] = Field(
+        "ignore",
+        description="blank cells: ignore (masked) or zeros; a dict gives one per finding",
+    )
+    score_findings: list[str] | None = Field(
+        None, description="findings whose mean ROC-AUC is the score (default: all)"
+    )
     augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("uncertain", "missing", mode="wrap")
+    @classmethod
+    def _one_policy_message(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Any:
+        # pydantic reports a union's failure once per member, in its own type names: too
+        # long and too odd for a line. Say what is allowed instead.
+        try:
+            return handler(value)
+        except ValidationError:
+            uncertain = info.field_name == "uncertain"
+            allowed = typing.get_args(FindingPolicy if uncertain else MissingPolicy)
+            raise ValueError(
+                f"give one of {'/'.join(allowed)}, or a mapping finding -> one of them "
+                f"(e.g. {{Edema: {allowed[1]}}})"
+            ) from None
 
     @model_validator(mode="after")
     def _consistent(self) -> DataConfig:
         if sum(bool(x) for x in (self.group_csv, self.group_regex, self.group_from)) > 1:
             raise ValueError("set at most one of group_csv, group_regex and group_from")
+        self._consistent_findings()
         return self
+
+    def _consistent_findings(self) -> None:
+        for key in ("label_columns", "score_findings"):
+            names = getattr(self, key)
+            if names is not None and not names:
+                raise ValueError(f"{key} is empty; name at least one finding or unset it")
+            if names is not None and len(set(names)) < len(names):
+                raise ValueError(f"{key} names a finding twice: {names}")
+        if self.label_delimiter is not None:
+            if not self.label_delimiter:
+                raise ValueError("label_delimiter is empty; give the separator, e.g. '|'")
+            if self.label_columns is not None and len(self.label_columns) != 1:
+                raise ValueError(
+                    "with label_delimiter, label_columns names the ONE column holding the sets "
+                    f"(got {len(self.label_columns)}); or unset label_delimiter"
+                )
+        if self.positive_class is not None and self.multilabel_requested:
+            raise ValueError(
+                "positive_class is for binary tasks; with several findings per image every "
+                "finding is scored (choose them with score_findings)"
+            )
+
+    @property
+    def multilabel_requested(self) -> bool:
+        """Whether the config asks for several findings per image (an .npz of (N, L>1) 0/1
+        labels is multi-label too, found when it is read)."""
+        return (
+            self.task == "multilabel"
+            or self.label_columns is not None
+            or self.label_delimiter is not None
+        )
 
 
 class ModelConfig(_Section):

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from iterstrat.ml_stratifiers import MultilabelStratifiedKFold  # type: ignore[import-untyped]
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
@@ -100,14 +101,19 @@ class CVResult:
 def make_folds(split: Split, cfg: CVConfig, task: Task) -> np.ndarray:
     """Fold numbers, shape (cv.repeats, N): row r gives each sample's fold (0..k-1) in repeat r.
 
-    Stratified on the task's key (`Task.stratify_key`: the class), and grouped (a patient's
-    images share a fold) when groups exist. Repeat r shuffles with seed `cv.seed + r`, so row
-    0 is the single-repeat assignment.
+    Stratified on the task's key (`Task.stratify_key`: the class; several findings per
+    image: an (N, L) 0/1 key, `_multilabel_folds`), and grouped (a patient's images share a
+    fold) when groups exist. Repeat r shuffles with seed `cv.seed + r`, so row 0 is the
+    single-repeat assignment.
 
     Raises:
         UserError: a class has fewer images (or patients) than cv.folds, or some repeat's
-            fold has no validation image of a class.
+            fold has no validation image of a class; several findings: see
+            `_multilabel_folds`.
     """
+    key = task.stratify_key(split.labels)
+    if key.ndim == 2:
+        return _multilabel_folds(split, key, cfg, task)
     class_names = list(task.class_names)
     counts = np.bincount(split.labels, minlength=len(class_names))
     for name, count in zip(class_names, counts, strict=True):
@@ -118,9 +124,87 @@ def make_folds(split: Split, cfg: CVConfig, task: Task) -> np.ndarray:
             )
     if split.groups is not None:
         _check_groups(split, cfg, class_names)
-    key = task.stratify_key(split.labels)
     repeats = [_one_repeat(split, key, cfg, class_names, r) for r in range(cfg.repeats)]
     return np.stack(repeats)
+
+
+def _multilabel_folds(split: Split, key: np.ndarray, cfg: CVConfig, task: Task) -> np.ndarray:
+    """(cv.repeats, N) folds stratified on several findings at once, patients kept whole.
+
+    Iterative stratification (Sechidis, Tsoumakas & Vlahavas 2011, "On the Stratification of
+    Multi-Label Data", ECML PKDD; `iterstrat.ml_stratifiers.MultilabelStratifiedKFold`) over
+    patients: a patient's key is the max over its images (positive for a finding when any of
+    its images is), its fold is every image's fold. Without groups each image is its own
+    unit. Repeat r is seeded `cv.seed + r`.
+
+    A finding with fewer positive patients than folds cannot have one in every fold: it is
+    not checked here (the task leaves it out of the score). Every scored finding
+    (`task.scored`, default all) with at least cv.folds positive patients has a positive
+    image in every validation fold, or the run stops.
+
+    Raises:
+        UserError: fewer patients (images) than cv.folds, or a scored finding with enough
+            positive patients but none in some fold.
+    """
+    positive = np.asarray(key) > 0
+    units, unit_of = _units(split)
+    if len(units) < cfg.folds:
+        what = "patient groups" if split.groups is not None else "images"
+        raise UserError(
+            f"the CV pool has {len(units)} {what}, fewer than cv.folds={cfg.folds}; add images "
+            "or lower cv.folds"
+        )
+    unit_key = np.zeros((len(units), positive.shape[1]), dtype=bool)
+    np.logical_or.at(unit_key, unit_of, positive)  # a patient is positive where any image is
+    # iterstrat wants a multilabel-indicator target (two columns or more): a lone finding gets
+    # an all-negative partner, which changes no fold (a label without positives is skipped).
+    target = unit_key if unit_key.shape[1] > 1 else np.hstack([unit_key, np.zeros_like(unit_key)])
+    rows = []
+    for repeat in range(cfg.repeats):
+        splitter = MultilabelStratifiedKFold(
+            n_splits=cfg.folds, shuffle=True, random_state=cfg.seed + repeat
+        )
+        unit_fold = np.full(len(units), -1, dtype=np.int64)
+        for fold, (_, val_units) in enumerate(splitter.split(np.zeros(len(units)), target)):
+            unit_fold[val_units] = fold
+        assignment = unit_fold[unit_of]
+        _check_finding_folds(positive, unit_key, assignment, cfg, task, repeat)
+        rows.append(assignment)
+    return np.stack(rows)
+
+
+def _units(split: Split) -> tuple[np.ndarray, np.ndarray]:
+    """The units folds are drawn over (patients, sorted; else the images) and each image's."""
+    if split.groups is None:
+        return np.arange(len(split)), np.arange(len(split))
+    units, unit_of = np.unique(np.asarray(split.groups, dtype=str), return_inverse=True)
+    return units, unit_of.ravel()
+
+
+def _check_finding_folds(
+    positive: np.ndarray,
+    unit_key: np.ndarray,
+    assignment: np.ndarray,
+    cfg: CVConfig,
+    task: Task,
+    repeat: int,
+) -> None:
+    """Every scored finding with >= cv.folds positive patients has a positive in every
+    validation fold (iterative stratification nearly always gives it; it does not promise)."""
+    names = list(task.class_names)
+    scored = set(getattr(task, "scored", names))
+    for j, name in enumerate(names):
+        if name not in scored or unit_key[:, j].sum() < cfg.folds:
+            continue
+        empty = [k for k in range(cfg.folds) if not positive[assignment == k, j].any()]
+        if empty:
+            where = f"cv fold {empty[0]}" + (f" of repeat {repeat}" if cfg.repeats > 1 else "")
+            raise UserError(
+                f"{where} has no validation image positive for finding {name!r} "
+                f"({int(unit_key[:, j].sum())} positive patients or images over "
+                f"{cfg.folds} folds); lower cv.folds, change cv.seed or leave {name!r} out "
+                "of data.score_findings"
+            )
 
 
 def _one_repeat(
@@ -169,17 +253,21 @@ def thin_validation_folds(
     Such a fold's ROC-AUC rests on those few images: with one positive it is the share of
     negatives ranked below that one image (0 or 1 when the model separates it), so the fold
     scores, their mean and their standard error say little. `assignment`: `make_folds`'
-    (R, N) fold numbers; `labels`: the pool's (N,) class indices.
+    (R, N) fold numbers; `labels`: the pool's `Task.stratify_key`, (N,) class indices or,
+    for several findings per image, (N, L) 0/1 (a finding's positive images are counted).
     """
     rows = np.atleast_2d(assignment)
+    labels = np.asarray(labels)
     parts = []
     for label, name in enumerate(class_names):
-        counts = [int(np.sum(labels[row == k] == label)) for row in rows for k in range(folds)]
+        hit = labels[:, label] > 0 if labels.ndim == 2 else labels == label
+        counts = [int(np.sum(hit[row == k])) for row in rows for k in range(folds)]
         thin = sum(c < MIN_VALIDATION_IMAGES for c in counts)
         if thin:
             shown = ", ".join(map(str, counts[:10])) + (", ..." if len(counts) > 10 else "")
+            what = "positive images of finding" if labels.ndim == 2 else "images of class"
             parts.append(f"{thin} of {len(counts)} hold fewer than {MIN_VALIDATION_IMAGES} "
-                         f"images of class {shorten(name)} ({shown})")  # fmt: skip
+                         f"{what} {shorten(name)} ({shown})")  # fmt: skip
     if not parts:
         return None
     return (
@@ -189,13 +277,18 @@ def thin_validation_folds(
     )
 
 
-def gaps_in_test_split(index: DataIndex) -> str | None:
+def gaps_in_test_split(index: DataIndex, task: Task | None = None) -> str | None:
     """A warning when the test split lacks a class or holds fewer than MIN_VALIDATION_IMAGES
     of one (its test metrics for that class are then undefined or rest on a few images);
-    None when every class is there or there is no test split."""
+    None when every class is there or there is no test split. Several findings per image
+    (`task` given): a finding's positive images (`Task.stratify_key`) are counted."""
     if index.test is None or len(index.test) == 0:
         return None
-    counts = np.bincount(index.test.labels, minlength=len(index.class_names))
+    if index.multilabel:
+        assert task is not None, "several findings per image: pass the task"
+        counts = (np.asarray(task.stratify_key(index.test.labels)) > 0).sum(axis=0)
+    else:
+        counts = np.bincount(index.test.labels, minlength=len(index.class_names))
     missing = [shorten(n) for n, c in zip(index.class_names, counts, strict=True) if c == 0]
     few = [
         f"{shorten(n)} ({c})"
@@ -203,13 +296,15 @@ def gaps_in_test_split(index: DataIndex) -> str | None:
         if 0 < c < MIN_VALIDATION_IMAGES
     ]
     parts = []
+    what = "positive image of finding" if index.multilabel else "image of class"
     if missing:
         parts.append(
-            f"has no image of class {', '.join(missing)}: its test ROC-AUC (and that class's "
+            f"has no {what} {', '.join(missing)}: its test ROC-AUC (and that class's "
             "sensitivity or specificity) is undefined, null in the results"
         )
     if few:
-        parts.append(f"holds fewer than {MIN_VALIDATION_IMAGES} images of {', '.join(few)}")
+        of = "positive images of finding" if index.multilabel else "images of"
+        parts.append(f"holds fewer than {MIN_VALIDATION_IMAGES} {of} {', '.join(few)}")
     if not parts:
         return None
     return f"the test split ({len(index.test)} images) {'; '.join(parts)}"
@@ -309,7 +404,7 @@ def prepare_data(
     """
     task = task_for(scanned.class_names, cfg.data.positive_class)  # a typo before the decode
     assignment = make_folds(scanned.pool, cfg.cv, task)
-    said = _warn_few_images(scanned, assignment, cfg.cv.folds)  # before the (slow) decode
+    said = _warn_few_images(scanned, assignment, cfg.cv.folds, task)  # before the slow decode
     cache = build_cache(scanned, cfg.data)
     index = drop_samples(scanned, cache.skipped)
     if index.skipped:
@@ -331,17 +426,20 @@ def prepare_data(
             "one %d-fold CV",
             *(repeats, repeats, k, repeats * k, repeats, k),
         )
-    thin, gaps = said if index is scanned else _warn_few_images(index, assignment, cfg.cv.folds)
+    thin, gaps = (
+        said if index is scanned else _warn_few_images(index, assignment, cfg.cv.folds, task)
+    )
     return PreparedData(index, cache, assignment, plan, thin, gaps)
 
 
 def _warn_few_images(
-    index: DataIndex, assignment: np.ndarray, folds: int
+    index: DataIndex, assignment: np.ndarray, folds: int, task: Task
 ) -> tuple[str | None, str | None]:
     """Log `thin_validation_folds`' and `gaps_in_test_split`' warnings (once per run, before
     training; the results keep them too) and return them."""
-    thin = thin_validation_folds(index.pool.labels, assignment, index.class_names, folds)
-    gaps = gaps_in_test_split(index)
+    key = task.stratify_key(index.pool.labels)
+    thin = thin_validation_folds(key, assignment, index.class_names, folds)
+    gaps = gaps_in_test_split(index, task)
     for warning in (thin, gaps):
         if warning is not None:
             log.warning(warning)

@@ -15,7 +15,11 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Split:
-    """One split of a source: sample ids, integer labels, optional patient groups.
+    """One split of a source: sample ids, labels, optional patient groups.
+
+    `labels` are class numbers, int64 (N,); for several findings per image
+    (`DataIndex.multilabel`) float32 (N, L) raw codes: 1.0 positive, 0.0 negative, -1.0
+    uncertain, NaN missing (the task's policy turns them into targets).
 
     Exactly one of `paths` (image files) and `images` (in-memory arrays from an .npz) is set.
     `origins` names the split each sample came from (`train`, `val`, `test`; `all` for a
@@ -47,6 +51,8 @@ class DataIndex:
     ignored: dict[str, str] = field(default_factory=dict)  # clutter, non-images -> reason
     # data.normalize_labels: class name -> {label as written: images}, where spellings merged
     merged_labels: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Several findings per image: `class_names` are the L findings, labels (N, L) codes.
+    multilabel: bool = False
 
 
 def describe_index(index: DataIndex, inspection: dict | None = None) -> dict:
@@ -59,6 +65,7 @@ def describe_index(index: DataIndex, inspection: dict | None = None) -> dict:
         "name": index.name,
         "layout": index.layout,
         "classes": index.class_names,
+        "multilabel": index.multilabel,
         "num_images": len(index.pool),
         "num_test_images": len(index.test) if index.test is not None else 0,
         "skipped_invalid": len(index.skipped),
