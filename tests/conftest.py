@@ -23,6 +23,14 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+# Under pytest-xdist (`bash dev.sh test` runs the tests without Ray on 2 processes) the cores
+# are shared out: 2 processes with a thread per core each would fight over the cores.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    import torch
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _XDIST_WORKERS))
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
