@@ -64,6 +64,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
+            # `own_ray` tests run beside others (pytest-xdist), where no session Ray may start.
+            if item.get_closest_marker("own_ray"):
+                raise pytest.UsageError(f"{item.nodeid} is marked own_ray but uses {RAY_FIXTURES}")
 
 
 @pytest.fixture(scope="session")
