@@ -46,14 +46,15 @@ ensure_browser() {
 
 # pytest in two runs: the tests without Ray on two processes (pytest-xdist; a file's tests
 # stay in one process, whose torch then uses half the cores), with them the `own_ray` tests
-# (searches in subprocesses, each with its own Ray instance, made to run beside others); then
-# the other Ray tests in one process: they share the session's Ray instance. Extra arguments go to both runs; a run that selects no test (pytest's exit
+# (searches in subprocesses, each with its own Ray instance, made to run beside others; the
+# longest test, so conftest puts it first and xdist keeps that order); then the other Ray
+# tests in one process: they share the session's Ray instance. Extra arguments go to both runs; a run that selects no test (pytest's exit
 # status 5) is no failure while the other ran tests. Both runs always run; the status is
 # the first failure's.
 run_tests() {
     local status=0 first second
-    "$VENV/bin/python" -m pytest -m "not ray or own_ray" -n 2 --dist loadfile "$@" \
-        && first=0 || first=$?
+    "$VENV/bin/python" -m pytest -m "not ray or own_ray" -n 2 --dist loadfile \
+        --no-loadscope-reorder "$@" && first=0 || first=$?
     "$VENV/bin/python" -m pytest -m "ray and not own_ray" -p no:xdist "$@" && second=0 || second=$?
     if [ "$first" = 5 ] && [ "$second" = 5 ]; then
         return 5
