@@ -38,6 +38,7 @@ from distmed import __version__, _ray_compat
 from distmed.artifacts import (
     delete_checkpoints,
     publish_results,
+    remove_run_without_checkpoints,
     results_folder,
     staging_folder,
 )
@@ -503,7 +504,11 @@ def refit_chosen(
     chosen: ExperimentConfig, plan: FoldPlan, epochs: int, uri: str, run_name: str, what: str
 ) -> dict[str, torch.Tensor]:
     """`refit.refit` of `chosen` once the cluster has room for it; its Train run goes to
-    `uri/refit/run_name`. `what` names the refit in the waiting message."""
+    `uri/refit/run_name`. `what` names the refit in the waiting message. A finished refit's
+    run folder, whose checkpoint went once its model was saved, is removed first: Ray Train
+    would try to resume it (a `--resume` after best_model.pt was deleted); an interrupted
+    refit's checkpoint is resumed."""
+    remove_run_without_checkpoints(f"{uri}/refit/{run_name}")
     layout = plan_workers(chosen.scaling)
     wait_for_free_resources(layout, what)
     with _ray_compat.train_keeps_ctrl_c():  # Ctrl-C stops at once (`after_search`)

@@ -23,6 +23,14 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+# Under pytest-xdist (`bash dev.sh test` runs the tests without Ray on 2 processes) the cores
+# are shared out: 2 processes with a thread per core each would fight over the cores.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    import torch
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _XDIST_WORKERS))
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -53,9 +61,15 @@ RAY_FIXTURES = frozenset({"ray_session"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The `own_ray` searches first: the longest test, it then runs beside the rest under
+    # pytest-xdist rather than after it (`bash dev.sh test`).
+    items.sort(key=lambda item: item.get_closest_marker("own_ray") is None)
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
+            # `own_ray` tests run beside others (pytest-xdist), where no session Ray may start.
+            if item.get_closest_marker("own_ray"):
+                raise pytest.UsageError(f"{item.nodeid} is marked own_ray but uses {RAY_FIXTURES}")
 
 
 @pytest.fixture(scope="session")

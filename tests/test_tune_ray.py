@@ -18,6 +18,7 @@ from conftest import free_port, write_image_folder
 
 from distmed import tune
 from distmed.config import load_config
+from distmed.savedmodel import SavedModel
 
 pytestmark = pytest.mark.ray
 FAKE_KEY = "0123456789abcdef0123456789abcdef0123fake"
@@ -114,7 +115,8 @@ def test_search_stops_poor_trials_writes_results_and_hides_the_key(
 ):
     """One search covers it all (each Ray fit costs seconds of start-up on 2 cores): ASHA,
     results files, refit + test split, report, W&B offline, MLflow (a real server) and
-    TensorBoard, secrets (also in Ray's session logs), --resume."""
+    TensorBoard, secrets (also in Ray's session logs), --resume, and --resume after
+    best_model.pt was deleted (the refit is redone)."""
     uri, mlflow_folder = mlflow_server
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", FAKE_TOKEN)
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -210,6 +212,15 @@ def test_search_stops_poor_trials_writes_results_and_hides_the_key(
             r["trial_id"] for r in rows
         )
 
+    # best_model.pt deleted, --resume again: the refit is redone from the start (its earlier
+    # run folder, whose checkpoint went, used to be resumed by Ray Train: ActorDiedError).
+    (out / "best_model.pt").unlink()
+    assert tune.main([*argv, "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert f"refitting trial {summary['best_trial']}" in printed and "test split" in printed
+    assert model_writes == [(out / "best_model.pt").resolve()] * 2
+    assert SavedModel.load(out / "best_model.pt").source == f"refit-{summary['best_trial']}"
+
 
 def test_nested_search_scores_each_outer_fold_once(ray_session, tmp_path: Path, capsys):
     """--nested 2 with 2 inner folds: two inner searches, each refit on its outer training
@@ -249,8 +260,6 @@ def test_nested_search_scores_each_outer_fold_once(ray_session, tmp_path: Path, 
 def _watch_model_writes(monkeypatch) -> list[Path]:
     """Every path `SavedModel.save` writes in this (the driver) process, in order: the
     one function that writes best_model.pt (the refit and the report run here)."""
-    from distmed.savedmodel import SavedModel
-
     writes: list[Path] = []
     save = SavedModel.save
 
