@@ -104,6 +104,12 @@ class Task(ABC):
     def metrics(self, labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
         """Every metric in `metrics.METRIC_NAMES`, deciding by argmax."""
 
+    @property
+    def metric_keys(self) -> tuple[str, ...]:
+        """The keys of a `metrics` dict: `metrics.METRIC_NAMES` (and, multi-label, each
+        finding's ROC-AUC)."""
+        return metrics.METRIC_NAMES
+
     @abstractmethod
     def calibration_error(self, labels: np.ndarray, probs: np.ndarray) -> float:
         """Expected calibration error (`metrics.expected_calibration_error`), in [0, 1]."""
@@ -455,6 +461,10 @@ class MultilabelTask(Task):
         for name, m in zip(self.class_names, per, strict=True):
             out[finding_auc_key(name)] = m["roc_auc"]
         return out
+
+    @property
+    def metric_keys(self) -> tuple[str, ...]:
+        return (*metrics.METRIC_NAMES, *map(finding_auc_key, self.class_names))
 
     def finding_aucs(self, values: dict[str, float]) -> dict[str, float]:
         """Finding -> ROC-AUC, read back from a metrics dict (`metrics_at`'s keys)."""
