@@ -243,6 +243,20 @@ def score_caveat(fold_aucs: Sequence[float], thin_folds: str | None) -> str | No
     return f"caution: {'; '.join(notes)}" if notes else None
 
 
+def finding_auc_text(task: MultilabelTask, means: dict[str, float]) -> str:
+    """One line of a multi-label CV result: the score is the mean over the scored findings,
+    then each finding's fold-mean ROC-AUC (`CVResult.mean_metrics`), unscored ones marked."""
+    parts = [
+        f"{shorten(name)} {means.get(FINDING + name, math.nan):.4f}"
+        + ("" if name in task.scored else " (not scored)")
+        for name in task.class_names
+    ]
+    return (
+        f"the CV ROC-AUC is the mean over {len(task.scored)} scored finding(s); per finding: "
+        + ", ".join(parts)
+    )
+
+
 def fold_specs(assignment: np.ndarray, folds: int) -> list[dict[str, list[int]]]:
     """Train/validation index lists per fold (what the worker loop consumes).
 

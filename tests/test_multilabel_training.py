@@ -110,3 +110,14 @@ def test_thin_validation_folds_counts_each_findings_positives():
     assignment = np.tile([0, 1, 2], 10)[None]
     warning = thin_validation_folds(key, assignment, ["common", "rare"], 3)
     assert warning is not None and "'rare'" in warning and "'common'" not in warning
+
+
+def test_the_cv_line_names_every_findings_auc_and_the_unscored():
+    from distmed.cv import finding_auc_text
+
+    task = MultilabelTask(("a", "b"), scored=("a",))
+    text = finding_auc_text(task, {"roc_auc/a": 0.81234, "roc_auc/b": 0.6})
+    assert text == (
+        "the CV ROC-AUC is the mean over 1 scored finding(s); per finding: "
+        "'a' 0.8123, 'b' 0.6000 (not scored)"
+    )
