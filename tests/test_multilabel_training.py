@@ -121,3 +121,29 @@ def test_the_cv_line_names_every_findings_auc_and_the_unscored():
         "the CV ROC-AUC is the mean over 1 scored finding(s); per finding: "
         "'a' 0.8123, 'b' 0.6000 (not scored)"
     )
+
+
+def test_the_fold_plan_of_a_multilabel_pool_carries_its_targets(tmp_path):
+    """`task_of_index` builds the task from the index (`DataIndex.multilabel`) and the
+    config's policies; the plan's labels are its targets (NaN where ignored)."""
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    from distmed.cv import plan_folds
+    from distmed.data import DataIndex, Split
+    from distmed.task import task_of_index
+
+    @dataclass(frozen=True)
+    class MultilabelIndex(DataIndex):  # the data reading's index field (issue #32, M1)
+        multilabel: bool = True
+
+    _, raw = generated_set(40, seed=2)
+    pool = Split(ids=[f"i{k}" for k in range(40)], labels=raw)
+    index = MultilabelIndex("gen", list(FINDINGS), pool, None, "fp")
+    cfg = ExperimentConfig.model_validate({"cv": {"folds": 2}})
+    task = task_of_index(index, cfg.data, cfg.cv.folds)
+    assert isinstance(task, MultilabelTask) and task.class_names == FINDINGS
+    plan = plan_folds(cfg, index, SimpleNamespace(pool_path=tmp_path / "p.npy"),
+                      np.arange(40)[None] % 2)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(plan.labels), task.targets(raw))
+    assert plan.task == task and len(plan.folds) == 2
