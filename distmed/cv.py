@@ -170,24 +170,26 @@ def thin_validation_folds(
     labels: np.ndarray, assignment: np.ndarray, class_names: list[str], folds: int
 ) -> str | None:
     """A warning when some validation fold holds fewer than MIN_VALIDATION_IMAGES images of
-    a class (of a multi-label task: positives of a finding), else None.
+    a class, else None.
 
     Such a fold's ROC-AUC rests on those few images: with one positive it is the share of
     negatives ranked below that one image (0 or 1 when the model separates it), so the fold
     scores, their mean and their standard error say little. `assignment`: `make_folds`'
-    (R, N) fold numbers; `labels`: the pool's (N,) class indices, or a multi-label task's
-    (N, L) `stratify_key` (1: the finding is positive).
+    (R, N) fold numbers; `labels`: the pool's `Task.stratify_key`, (N,) class indices or,
+    for several findings per image, (N, L) 0/1 (a finding's positive images are counted).
     """
     rows = np.atleast_2d(assignment)
+    labels = np.asarray(labels)
     parts = []
     for label, name in enumerate(class_names):
-        present = labels[:, label] == 1 if labels.ndim == 2 else labels == label
-        counts = [int(np.sum(present[row == k])) for row in rows for k in range(folds)]
+        hit = labels[:, label] > 0 if labels.ndim == 2 else labels == label
+        counts = [int(np.sum(hit[row == k])) for row in rows for k in range(folds)]
         thin = sum(c < MIN_VALIDATION_IMAGES for c in counts)
         if thin:
             shown = ", ".join(map(str, counts[:10])) + (", ..." if len(counts) > 10 else "")
+            what = "positive images of finding" if labels.ndim == 2 else "images of class"
             parts.append(f"{thin} of {len(counts)} hold fewer than {MIN_VALIDATION_IMAGES} "
-                         f"images of class {shorten(name)} ({shown})")  # fmt: skip
+                         f"{what} {shorten(name)} ({shown})")  # fmt: skip
     if not parts:
         return None
     return (
@@ -344,7 +346,7 @@ def prepare_data(
     # A typo (data.positive_class, a finding's name) stops before the decode.
     task = task_of_index(scanned, cfg.data, cfg.cv.folds)
     assignment = make_folds(scanned.pool, cfg.cv, task)
-    said = _warn_few_images(scanned, assignment, task, cfg.cv.folds)  # before the slow decode
+    said = _warn_few_images(scanned, assignment, cfg.cv.folds, task)  # before the slow decode
     cache = build_cache(scanned, cfg.data)
     index = drop_samples(scanned, cache.skipped)
     if index.skipped:
@@ -367,17 +369,17 @@ def prepare_data(
             *(repeats, repeats, k, repeats * k, repeats, k),
         )
     thin, gaps = (
-        said if index is scanned else _warn_few_images(index, assignment, task, cfg.cv.folds)
+        said if index is scanned else _warn_few_images(index, assignment, cfg.cv.folds, task)
     )
     return PreparedData(index, cache, assignment, plan, thin, gaps)
 
 
 def _warn_few_images(
-    index: DataIndex, assignment: np.ndarray, task: Task, folds: int
+    index: DataIndex, assignment: np.ndarray, folds: int, task: Task
 ) -> tuple[str | None, str | None]:
     """Log `thin_validation_folds`' and `gaps_in_test_split`' warnings (once per run, before
     training; the results keep them too) and return them."""
-    key = task.stratify_key(index.pool.labels)  # the class, or each finding's positives
+    key = task.stratify_key(index.pool.labels)
     thin = thin_validation_folds(key, assignment, index.class_names, folds)
     gaps = gaps_in_test_split(index, task)
     for warning in (thin, gaps):

@@ -150,15 +150,21 @@ def test_the_fold_plan_of_a_multilabel_pool_carries_its_targets(tmp_path):
 
 
 def test_a_test_split_without_positives_of_a_finding_is_said():
+    from dataclasses import dataclass
+
     from distmed.cv import gaps_in_test_split
     from distmed.data import DataIndex, Split
+
+    @dataclass(frozen=True)
+    class MultilabelIndex(DataIndex):  # the data reading's index field (issue #32, M1)
+        multilabel: bool = True
 
     raw = np.zeros((12, 2), dtype=np.float32)
     raw[:, 0] = 1
     raw[:6, 1] = -1  # Effusion: six uncertain, no positive unless uncertain counts as one
     test = Split(ids=[f"t{k}" for k in range(12)], labels=raw)
-    index = DataIndex("gen", ["Atelectasis", "Effusion"], test, test, "fp")
+    index = MultilabelIndex("gen", ["Atelectasis", "Effusion"], test, test, "fp")
     ignored = gaps_in_test_split(index, MultilabelTask(("Atelectasis", "Effusion")))
-    assert ignored is not None and "no image of class 'Effusion'" in ignored
+    assert ignored is not None and "'Effusion'" in ignored and "'Atelectasis'" not in ignored
     ones = MultilabelTask(("Atelectasis", "Effusion"), uncertain=("ignore", "ones"))
     assert gaps_in_test_split(index, ones) is None
