@@ -156,7 +156,7 @@ class FoldModels(_Record):
 class SavedModel(_Record):
     """Everything in `best_model.pt` except the weights."""
 
-    format: int = Field(MODEL_FORMAT, ge=1)
+    format: int = Field(SINGLE_LABEL_FORMAT, ge=1)  # a multilabel model: MODEL_FORMAT
     distmed_version: str | None = Field(None, max_length=100)
     source: str | None = Field(None, max_length=300, description="refit run that made it")
     config: ExperimentConfig
