@@ -114,7 +114,8 @@ def type_text(field: FieldInfo) -> str:
 def _annotation_text(annotation: Any) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is Literal:
-        return "one of " + ", ".join(f"`{a}`" for a in args)
+        values = ", ".join(f"`{a}`" for a in args)
+        return values if len(args) == 1 else f"one of {values}"
     if origin in (typing.Union, types.UnionType):
         kinds = [_annotation_text(a) for a in args if a is not type(None)]
         return " or ".join(kinds) + (" or none" if type(None) in args else "")
