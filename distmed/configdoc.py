@@ -53,7 +53,8 @@ and with `--set`: `positive_class: yes`, `=01`, `=1e3`, a folder named `2024-01-
 spaces, colons and non-ASCII are part of it).
 
 Frozen stages keep their BatchNorm layers in eval mode. `imagenet` weights download through
-torchvision (internet needed once); offline, point `model.weights` at a local `.pth` state dict.
+torchvision (internet needed once); offline, point `model.weights` at a local `.pth` state dict
+(with `model.weights_sha256`), or use `--space scratch`; the error says both in one line.
 """
 
 
