@@ -28,6 +28,7 @@ from distmed.data import CachedImageDataset, to_model_input
 from distmed.metrics import METRIC_NAMES
 from distmed.model import build_model, set_train_mode
 from distmed.task import Task
+from distmed.tta import average_probabilities
 
 Precision = Literal["bf16", "fp16", "off"]
 
@@ -98,6 +99,10 @@ def model_inputs(
 ) -> torch.Tensor:
     """A uint8 batch on the runtime's device, augmented, normalised, in its memory format."""
     inputs = to_model_input(images.to(runtime.device, non_blocking=True), augment)
+    return in_memory_format(inputs, runtime)
+
+
+def in_memory_format(inputs: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     return inputs.contiguous(memory_format=torch.channels_last) if runtime.channels_last else inputs
 
 
@@ -363,10 +368,15 @@ def _gather_arrays(labels: torch.Tensor, probs: torch.Tensor) -> tuple[np.ndarra
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, loader: DataLoader, runtime: Runtime, task: Task
+    model: nn.Module,
+    loader: DataLoader,
+    runtime: Runtime,
+    task: Task,
+    tta: AugmentConfig | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sample indices, labels, class probabilities) over the whole loader, from every rank.
 
+    `tta`: the test-time augmentation (`distmed.tta`) whose views' probabilities are averaged.
     `DistributedSampler` pads the last shard by repeating samples; duplicates are dropped by
     sample index, so the result covers each validation sample exactly once.
     """
@@ -374,8 +384,14 @@ def predict(
     indices, labels, probs = [], [], []
     for images, batch_labels, batch_indices in loader:
         with autocast(runtime.device, runtime.precision):
-            logits = model(model_inputs(images, runtime))
-        probs.append(task.probabilities(logits).cpu())
+            batch_probs = average_probabilities(
+                model,
+                images.to(runtime.device, non_blocking=True),
+                task.probabilities,
+                tta,
+                lambda inputs: in_memory_format(inputs, runtime),
+            )
+        probs.append(batch_probs.cpu())
         labels.append(batch_labels)
         indices.append(batch_indices)
     local = (torch.cat(indices).numpy(), torch.cat(labels).numpy(), torch.cat(probs).numpy())
@@ -395,7 +411,7 @@ def predict(
 def evaluate(fold: FoldRun, runtime: Runtime) -> dict[str, float] | None:
     """Validation metrics of the fold's model; None when its outputs are not finite."""
     assert fold.val_loader is not None, "evaluate needs a fold with validation data"
-    indices, labels, probs = predict(fold.model, fold.val_loader, runtime, fold.task)
+    indices, labels, probs = predict(fold.model, fold.val_loader, runtime, fold.task, fold.augment)
     if not np.isfinite(probs).all():
         return None
     # The latest epoch's predictions are the fold's out-of-fold scores once it stops.
