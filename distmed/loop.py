@@ -20,13 +20,14 @@ import torch
 import torch.distributed as dist
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from distmed.config import AugmentConfig, ExperimentConfig, OptimConfig, TrainConfig
 from distmed.cvstats import corrected_standard_error
 from distmed.data import CachedImageDataset, to_model_input
 from distmed.metrics import METRIC_NAMES
 from distmed.model import build_model, set_train_mode
+from distmed.sampling import train_sampler
 from distmed.task import Task
 from distmed.tta import average_probabilities
 
@@ -217,7 +218,10 @@ def build_fold(
     model = prepare_model(model)
     train_idx = np.asarray(data.train, dtype=np.int64)
     train_set = CachedImageDataset(data.images, data.labels, train_idx)
-    train_loader = prepare_loader(_loader(train_set, batch_size, True, workers))
+    sampler = train_sampler(
+        cfg.train.sampler, train_set, data.labels[train_idx], cfg.train.seed, data.index
+    )
+    train_loader = prepare_loader(_loader(train_set, batch_size, True, workers, sampler))
     val_loader = None
     if data.val is not None and len(data.val) > 0:
         val_set = CachedImageDataset(data.images, data.labels, np.asarray(data.val, dtype=np.int64))
@@ -238,12 +242,19 @@ def build_fold(
     )
 
 
-def _loader(dataset: CachedImageDataset, batch_size: int, train: bool, workers: int) -> DataLoader:
+def _loader(
+    dataset: CachedImageDataset,
+    batch_size: int,
+    train: bool,
+    workers: int,
+    sampler: Sampler[int] | None = None,
+) -> DataLoader:
     # Training drops the ragged last batch: a batch of one breaks BatchNorm.
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        shuffle=train and sampler is None,
+        sampler=sampler,
         drop_last=train,
         num_workers=workers,
         persistent_workers=workers > 0,  # not re-forked every epoch
