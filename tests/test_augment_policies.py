@@ -3,6 +3,7 @@ per-image draws, off means identity, medical-safe bounds, seeded; their config k
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -162,3 +163,28 @@ def test_bad_values_are_one_line_naming_the_key(item, key):
 def test_tta_without_anything_to_average_is_refused(items, hint):
     with pytest.raises(UserError, match=hint):
         load_config(None, items)
+
+
+def test_the_recipe_keys_are_searched_per_trial(tmp_path):
+    from distmed.space import apply_params, load_space, to_tune_domains
+
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "space:\n"
+        "  data.augment.policy: {choice: [none, randaugment, trivialaugment]}\n"
+        "  data.augment.policy_magnitude: {randint: [5, 15]}\n"
+        "  data.augment.crop_scale: {uniform: [0.5, 1.0]}\n"
+        "  data.augment.tta: {choice: [none, flips]}\n"
+        "  train.sampler: {choice: [shuffle, balanced]}\n"
+    )
+    spec = load_space(path)
+    domains = to_tune_domains(spec.space)
+    rng = np.random.default_rng(0)
+    trials = [
+        apply_params(spec.base, {k: d.sample(random_state=rng) for k, d in domains.items()})
+        for _ in range(40)
+    ]
+    assert {t.data.augment.policy for t in trials} == {"none", "randaugment", "trivialaugment"}
+    assert {t.train.sampler for t in trials} == {"shuffle", "balanced"}
+    assert {t.data.augment.tta for t in trials} == {"none", "flips"}
+    assert all(0.5 <= t.data.augment.crop_scale <= 1 for t in trials)
