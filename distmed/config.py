@@ -45,9 +45,68 @@ class _Section(BaseModel):
 
 
 class AugmentConfig(_Section):
+    """Training augmentation (drawn per image on the device, `data.transforms`) and the
+    test-time augmentation of validation and every prediction (`distmed.tta`)."""
+
     hflip: bool = True
-    vflip: bool = False
+    vflip: bool = Field(False, description="off by default: anatomy has an up")
     rotation: float = Field(10.0, ge=0, le=180, description="max rotation in degrees")
+    policy: Literal["none", "randaugment", "trivialaugment"] = Field(
+        "none",
+        description="per-image operation policy (kornia) over medical-safe candidates "
+        "(README 'Augmentation'): RandAugment's policy_ops ops at policy_magnitude, or "
+        "TrivialAugment's one op at a random magnitude",
+    )
+    policy_ops: int = Field(2, ge=1, le=11, description="RandAugment: operations per image (N)")
+    policy_magnitude: int = Field(
+        9, ge=1, le=29, description="RandAugment: magnitude of every operation (M, out of 30)"
+    )
+    crop_scale: float = Field(
+        1.0,
+        ge=0.08,
+        le=1,
+        description="random resized crop: smallest share of the image area kept, resized back "
+        "(aspect 3/4 to 4/3); 1: no crop",
+    )
+    brightness: float = Field(
+        0.0, ge=0, le=0.5, description="max added brightness, +/- on the 0-1 intensity scale"
+    )
+    contrast: float = Field(0.0, ge=0, lt=1, description="contrast factor drawn in 1 +/- this")
+    gamma: float = Field(0.0, ge=0, lt=1, description="gamma drawn in 1 +/- this")
+    tta: Literal["none", "flips", "policy"] = Field(
+        "none",
+        description="test-time augmentation averaging probabilities: 'flips' (the flips "
+        "training uses), 'policy' (the unaugmented image and tta_draws training draws)",
+    )
+    tta_draws: int = Field(4, ge=1, le=64, description="tta=policy: augmented draws per image")
+
+    @model_validator(mode="after")
+    def _tta_has_views(self) -> AugmentConfig:
+        if self.tta == "flips" and not (self.hflip or self.vflip):
+            raise ValueError(
+                "tta=flips averages the flips training uses, but hflip and vflip are off; "
+                "set data.augment.hflip=true or data.augment.tta=none"
+            )
+        if self.tta == "policy" and not self.random:
+            raise ValueError(
+                "tta=policy averages draws of the training augmentation, but all of it is "
+                "off; turn one on (e.g. data.augment.policy=trivialaugment) or set tta=none"
+            )
+        return self
+
+    @property
+    def random(self) -> bool:
+        """Whether training draws anything at all (otherwise `augment_batch` is the identity)."""
+        return bool(
+            self.hflip
+            or self.vflip
+            or self.rotation > 0
+            or self.policy != "none"
+            or self.crop_scale < 1
+            or self.brightness > 0
+            or self.contrast > 0
+            or self.gamma > 0
+        )
 
 
 # How an uncertain (-1) or a blank cell of a finding becomes a target (the CheXpert paper's
@@ -296,6 +355,11 @@ class TrainConfig(_Section):
     epochs: int = Field(10, ge=1, le=10000)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     class_weights: Literal["none", "balanced"] = "none"
+    sampler: Literal["shuffle", "balanced"] = Field(
+        "shuffle",
+        description="balanced: draw training images with replacement, each class equally "
+        "often (one stream shared by the DDP ranks); single-label tasks only",
+    )
     patience: int | None = Field(
         None, ge=1, description="stop a fold after this many epochs without val ROC-AUC gain"
     )

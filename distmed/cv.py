@@ -431,6 +431,12 @@ def prepare_data(
     """
     # A typo (data.positive_class, a finding's name) stops before the decode.
     task = task_of_index(scanned, cfg.data, cfg.cv.folds)
+    if scanned.multilabel and cfg.train.sampler == "balanced":
+        # The sampler weights one class per image; said here, not inside a Ray worker.
+        raise UserError(
+            "train.sampler: balanced draws by class, and these images have several findings; "
+            "use train.sampler: shuffle with train.class_weights: balanced (per-finding pos_weight)"
+        )
     assignment = make_folds(scanned.pool, cfg.cv, task)
     said = _warn_few_images(scanned, assignment, cfg.cv.folds, task)  # before the slow decode
     cache = build_cache(scanned, cfg.data)

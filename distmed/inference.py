@@ -25,13 +25,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from distmed.artifacts import atomic_path
-from distmed.config import ModelConfig
-from distmed.data import CachedImageDataset, DecodeSettings, load_cached, to_model_input, try_decode
+from distmed.config import AugmentConfig, ModelConfig
+from distmed.data import CachedImageDataset, DecodeSettings, load_cached, try_decode
 from distmed.errors import UserError, first_line
 from distmed.loop import Runtime, predict
 from distmed.model import build_model
 from distmed.savedmodel import SavedModel
 from distmed.task import Task
+from distmed.tta import average_probabilities
 
 Ensemble = Literal["refit", "folds"]
 ENSEMBLES: tuple[Ensemble, ...] = ("refit", "folds")
@@ -50,14 +51,23 @@ class InferenceModel(nn.Module):
     One member: its logits / `temperature`. Several (the fold ensemble): log of the mean
     of softmax(member logits / `temperature`), i.e. the ensemble averages probabilities
     (as `--ensemble folds` promises), and a softmax of the output gives that mean back.
+    `tta` is the saved model's test-time augmentation: the callers holding the images
+    (`predict_cached`, `predict_batches`) average it through `distmed.tta`; export puts
+    its flips inside the graph.
     """
 
-    def __init__(self, members: Sequence[nn.Module], temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        members: Sequence[nn.Module],
+        temperature: float = 1.0,
+        tta: AugmentConfig | None = None,
+    ) -> None:
         super().__init__()
         if not members or temperature <= 0:
             raise ValueError("an InferenceModel needs members and a positive temperature")
         self.members = nn.ModuleList(members)
         self.temperature = float(temperature)
+        self.tta = tta
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if len(self.members) == 1:
@@ -92,7 +102,7 @@ def load_inference_model(
     else:
         members = [network(saved, state, path)]
     temperature = saved.calibration.temperature if saved.calibration else 1.0
-    return InferenceModel(members, temperature).eval(), saved
+    return InferenceModel(members, temperature, saved.config.data.augment).eval(), saved
 
 
 def load_model(path: Path) -> tuple[nn.Module, SavedModel]:
@@ -130,6 +140,11 @@ def build_network(
     model = build_model(model_cfg.model_copy(update={"weights": "none"}), num_classes)
     model.load_state_dict(state)
     return model
+
+
+def tta_of(model: nn.Module) -> AugmentConfig | None:
+    """The test-time augmentation `model` predicts with (None: a plain network)."""
+    return model.tta if isinstance(model, InferenceModel) else None
 
 
 def members(model: nn.Module) -> list[nn.Module]:
@@ -184,8 +199,13 @@ def decode_file(path: Path, options: DecodeSettings | int) -> np.ndarray | str:
 
 @torch.no_grad()
 def _probabilities(model: torch.nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
-    inputs = to_model_input(torch.from_numpy(images).to(device))
-    return torch.softmax(model(inputs).float(), dim=1).cpu().numpy()
+    batch = torch.from_numpy(images).to(device)
+    probs = average_probabilities(model, batch, _softmax, tta_of(model))
+    return probs.cpu().numpy()
+
+
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits.float(), dim=1)
 
 
 def saved_threshold(saved: SavedModel) -> float | None:
@@ -249,7 +269,8 @@ def predict_cached(
         labels = np.zeros(len(images), dtype=np.int64)
     chosen = np.arange(len(labels)) if positions is None else np.asarray(positions)
     loader = DataLoader(CachedImageDataset(images, labels, chosen), batch_size=batch_size)
-    _, truth, probs = predict(model.to(device), loader, Runtime(device), task)  # by index
+    runtime = Runtime(device)
+    _, truth, probs = predict(model.to(device), loader, runtime, task, tta_of(model))  # by index
     return truth, probs
 
 

@@ -19,13 +19,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from distmed.config import AugmentConfig, ExperimentConfig, OptimConfig, TrainConfig
 from distmed.cvstats import corrected_standard_error
 from distmed.data import CachedImageDataset, to_model_input
 from distmed.model import build_model, set_train_mode
+from distmed.sampling import train_sampler
 from distmed.task import Task
+from distmed.tta import average_probabilities
 
 Precision = Literal["bf16", "fp16", "off"]
 
@@ -96,6 +98,10 @@ def model_inputs(
 ) -> torch.Tensor:
     """A uint8 batch on the runtime's device, augmented, normalised, in its memory format."""
     inputs = to_model_input(images.to(runtime.device, non_blocking=True), augment)
+    return in_memory_format(inputs, runtime)
+
+
+def in_memory_format(inputs: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     return inputs.contiguous(memory_format=torch.channels_last) if runtime.channels_last else inputs
 
 
@@ -210,7 +216,10 @@ def build_fold(
     model = prepare_model(model)
     train_idx = np.asarray(data.train, dtype=np.int64)
     train_set = fold_dataset(data.images, data.labels, train_idx)
-    train_loader = prepare_loader(_loader(train_set, batch_size, True, workers))
+    sampler = train_sampler(
+        cfg.train.sampler, train_set, data.labels[train_idx], cfg.train.seed, data.index
+    )
+    train_loader = prepare_loader(_loader(train_set, batch_size, True, workers, sampler))
     val_loader = None
     if data.val is not None and len(data.val) > 0:
         val_set = fold_dataset(data.images, data.labels, np.asarray(data.val, dtype=np.int64))
@@ -248,12 +257,19 @@ def fold_dataset(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) ->
     return CachedImageDataset(images, labels, indices)
 
 
-def _loader(dataset: CachedImageDataset, batch_size: int, train: bool, workers: int) -> DataLoader:
+def _loader(
+    dataset: CachedImageDataset,
+    batch_size: int,
+    train: bool,
+    workers: int,
+    sampler: Sampler[int] | None = None,
+) -> DataLoader:
     # Training drops the ragged last batch: a batch of one breaks BatchNorm.
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        shuffle=train and sampler is None,
+        sampler=sampler,
         drop_last=train,
         num_workers=workers,
         persistent_workers=workers > 0,  # not re-forked every epoch
@@ -376,10 +392,15 @@ def _gather_arrays(labels: torch.Tensor, probs: torch.Tensor) -> tuple[np.ndarra
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, loader: DataLoader, runtime: Runtime, task: Task
+    model: nn.Module,
+    loader: DataLoader,
+    runtime: Runtime,
+    task: Task,
+    tta: AugmentConfig | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sample indices, labels, class probabilities) over the whole loader, from every rank.
 
+    `tta`: the test-time augmentation (`distmed.tta`) whose views' probabilities are averaged.
     `DistributedSampler` pads the last shard by repeating samples; duplicates are dropped by
     sample index, so the result covers each validation sample exactly once.
     """
@@ -387,8 +408,14 @@ def predict(
     indices, labels, probs = [], [], []
     for images, batch_labels, batch_indices in loader:
         with autocast(runtime.device, runtime.precision):
-            logits = model(model_inputs(images, runtime))
-        probs.append(task.probabilities(logits).cpu())
+            batch_probs = average_probabilities(
+                model,
+                images.to(runtime.device, non_blocking=True),
+                task.probabilities,
+                tta,
+                lambda inputs: in_memory_format(inputs, runtime),
+            )
+        probs.append(batch_probs.cpu())
         labels.append(batch_labels)
         indices.append(batch_indices)
     local = (torch.cat(indices).numpy(), torch.cat(labels).numpy(), torch.cat(probs).numpy())
@@ -408,7 +435,7 @@ def predict(
 def evaluate(fold: FoldRun, runtime: Runtime) -> dict[str, float] | None:
     """Validation metrics of the fold's model; None when its outputs are not finite."""
     assert fold.val_loader is not None, "evaluate needs a fold with validation data"
-    indices, labels, probs = predict(fold.model, fold.val_loader, runtime, fold.task)
+    indices, labels, probs = predict(fold.model, fold.val_loader, runtime, fold.task, fold.augment)
     if not np.isfinite(probs).all():
         return None
     # The latest epoch's predictions are the fold's out-of-fold scores once it stops.
