@@ -48,14 +48,16 @@ ensure_browser() {
 # stay in one process, whose torch then uses half the cores), with them the `own_ray` tests
 # (searches in subprocesses, each with its own Ray instance, made to run beside others; the
 # longest test, so conftest puts it first and xdist keeps that order); then the other Ray
-# tests in one process: they share the session's Ray instance. Extra arguments go to both runs; a run that selects no test (pytest's exit
-# status 5) is no failure while the other ran tests. Both runs always run; the status is
-# the first failure's.
+# tests in one process (they share the session's Ray instance), with the `serial` tests (bound
+# by wall time: signals and deadlines, which need the cores to themselves). Extra arguments
+# go to both runs; a run that selects no test (pytest's exit status 5) is no failure while
+# the other ran tests. Both runs always run; the status is the first failure's.
 run_tests() {
     local status=0 first second
-    "$VENV/bin/python" -m pytest -m "not ray or own_ray" -n 2 --dist loadfile \
+    "$VENV/bin/python" -m pytest -m "(not ray and not serial) or own_ray" -n 2 --dist loadfile \
         --no-loadscope-reorder "$@" && first=0 || first=$?
-    "$VENV/bin/python" -m pytest -m "ray and not own_ray" -p no:xdist "$@" && second=0 || second=$?
+    "$VENV/bin/python" -m pytest -m "(ray or serial) and not own_ray" -p no:xdist "$@" \
+        && second=0 || second=$?
     if [ "$first" = 5 ] && [ "$second" = 5 ]; then
         return 5
     fi
