@@ -198,6 +198,13 @@ class OptimConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: int = Field(1, ge=0)
+    layer_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="layer-wise lr decay: the head trains at lr, the k-th stage below it at "
+        "lr * layer_decay**k (stages of the architecture table); 1: one lr for all",
+    )
 
 
 class TrainConfig(_Section):
@@ -215,6 +222,24 @@ class TrainConfig(_Section):
         description="checkpoint all folds every this many epochs (the last epoch always); "
         "a restarted or resumed run repeats the epochs since the last checkpoint",
     )
+    # The recipe (README 'Training recipe'); every default is the plain loop of before.
+    loss: Literal["cross_entropy", "focal"] = Field(
+        "cross_entropy", description="focal: focal loss with train.focal_gamma (Lin et al. 2017)"
+    )
+    focal_gamma: float = Field(2.0, ge=0, le=10, description="focal loss's gamma; 0 is CE")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="target (1-e)·y + e/K")
+    mixup_alpha: float = Field(0.0, ge=0, le=10, description="mixup's Beta(a, a); 0: off")
+    cutmix_alpha: float = Field(0.0, ge=0, le=10, description="cutmix's Beta(a, a); 0: off")
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="EMA of the weights per optimiser step, validated and saved; 0: off",
+    )
+    accumulate_steps: int = Field(
+        1, ge=1, le=1024, description="batches whose gradients add up to one optimiser step"
+    )
+    compile: bool = Field(False, description="torch.compile the model (README: measured cost)")
 
     @field_validator("amp", mode="before")
     @classmethod

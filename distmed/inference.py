@@ -29,7 +29,7 @@ from distmed.config import ModelConfig
 from distmed.data import CachedImageDataset, DecodeSettings, load_cached, to_model_input, try_decode
 from distmed.errors import UserError, first_line
 from distmed.loop import Runtime, predict
-from distmed.model import build_model
+from distmed.model import NORMALIZATION_ATTRIBUTE, build_model, network_normalization
 from distmed.savedmodel import SavedModel
 from distmed.task import Task
 
@@ -108,7 +108,7 @@ def network(saved: SavedModel, state: dict[str, torch.Tensor], path: Path) -> nn
         UserError: the weights do not fit that network; names `path` and the first key.
     """
     try:
-        return build_network(saved.config.model, len(saved.class_names), state)
+        net = build_network(saved.config.model, len(saved.class_names), state)
     except RuntimeError as exc:  # missing/unexpected keys or shapes: torch lists them all
         # Its first line only says "Error(s) in loading state_dict"; the next names the key.
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -117,6 +117,10 @@ def network(saved: SavedModel, state: dict[str, torch.Tensor], path: Path) -> nn
             f"--model {path}: its weights do not fit a {saved.config.model.arch} with "
             f"{len(saved.class_names)} classes ({detail[:160]})"
         ) from exc
+    # Normalise as training did: the file's record (ImageNet's in files from before it varied).
+    prep = saved.preprocessing
+    setattr(net, NORMALIZATION_ATTRIBUTE, (prep.mean, prep.std))
+    return net
 
 
 def build_network(
@@ -135,6 +139,11 @@ def build_network(
 def members(model: nn.Module) -> list[nn.Module]:
     """The networks inside `model` (itself when it is a plain network): Grad-CAM's targets."""
     return list(model.members) if isinstance(model, InferenceModel) else [model]
+
+
+def input_stats(model: nn.Module) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """The (mean, std) `model`'s (or its first member's) inputs are normalised with."""
+    return network_normalization(members(model)[0])
 
 
 def choose_device(cpu: bool = False) -> torch.device:
@@ -184,7 +193,7 @@ def decode_file(path: Path, options: DecodeSettings | int) -> np.ndarray | str:
 
 @torch.no_grad()
 def _probabilities(model: torch.nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
-    inputs = to_model_input(torch.from_numpy(images).to(device))
+    inputs = to_model_input(torch.from_numpy(images).to(device), None, *input_stats(model))
     return torch.softmax(model(inputs).float(), dim=1).cpu().numpy()
 
 
@@ -249,7 +258,8 @@ def predict_cached(
         labels = np.zeros(len(images), dtype=np.int64)
     chosen = np.arange(len(labels)) if positions is None else np.asarray(positions)
     loader = DataLoader(CachedImageDataset(images, labels, chosen), batch_size=batch_size)
-    _, truth, probs = predict(model.to(device), loader, Runtime(device), task)  # by index
+    runtime = Runtime(device, mean=input_stats(model)[0], std=input_stats(model)[1])
+    _, truth, probs = predict(model.to(device), loader, runtime, task)  # by index
     return truth, probs
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from distmed import metrics
 from distmed.errors import UserError
+from distmed.losses import PLAIN_LOSS, LossSpec, SoftmaxLoss
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,15 @@ class Task(ABC):
     def thresholded(self) -> bool:
         """Whether a decision threshold on one score applies (binary tasks)."""
 
-    def build_loss(self, weights: np.ndarray | None, device: torch.device | str) -> nn.Module:
-        """Cross-entropy over the K logits; `weights` (K,) per class when given."""
-        if weights is None:
-            return nn.CrossEntropyLoss()
-        return nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device))
+    def build_loss(
+        self, weights: np.ndarray | None, device: torch.device | str, spec: LossSpec = PLAIN_LOSS
+    ) -> nn.Module:
+        """Cross-entropy (or `spec`'s focal loss, label smoothing) over the K logits;
+        `weights` (K,) per class when given. Targets: indices (N,) or probabilities (N, K)."""
+        weight = None
+        if weights is not None:
+            weight = torch.tensor(weights, dtype=torch.float32, device=device)
+        return SoftmaxLoss(weight, spec)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, K) logits -> (N, K) class probabilities (softmax, in float32)."""
