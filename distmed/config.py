@@ -11,7 +11,7 @@ import types
 import typing
 from functools import cache
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -133,12 +133,13 @@ class ModelConfig(_Section):
     head: Literal["linear", "mlp"] = "linear"
     head_hidden: int = Field(256, ge=1)
     head_dropout: float = Field(0.2, ge=0, lt=1)
-    unfreeze: int = Field(
+    unfreeze: Annotated[int, Field(ge=0)] | Literal["all"] = Field(
         ARCHS[DEFAULT_ARCH].depth,
-        ge=0,  # the upper bound is the arch's depth: `_unfreeze_fits_arch`
+        # the upper bound is the arch's depth: `_unfreeze_fits_arch`
         description="0: head only; k: head + the last k stages, head end first ("
         + ", ".join(ARCHS[DEFAULT_ARCH].stage_names)
-        + f" for {DEFAULT_ARCH}); default: the arch's depth, everything trains",
+        + f" for {DEFAULT_ARCH}); all: every stage of whichever arch (a search over "
+        "model.arch); default: the arch's depth, everything trains",
     )
 
     @model_validator(mode="before")
@@ -165,9 +166,9 @@ class ModelConfig(_Section):
     # and quotes its value, like a bound that were the same for every arch.
     @field_validator("unfreeze")
     @classmethod
-    def _unfreeze_fits_arch(cls, unfreeze: int, info: ValidationInfo) -> int:
+    def _unfreeze_fits_arch(cls, unfreeze: int | str, info: ValidationInfo) -> int | str:
         arch = ARCHS.get(info.data.get("arch", ""))
-        if arch is not None and unfreeze > arch.depth:
+        if arch is not None and isinstance(unfreeze, int) and unfreeze > arch.depth:
             raise ValueError(
                 f"{arch.name} has {arch.depth} stages; set model.unfreeze to at most {arch.depth}"
             )
@@ -184,6 +185,11 @@ class ModelConfig(_Section):
                 "model.stem=imagenet or choose another model.arch"
             )
         return stem
+
+    @property
+    def stages_trained(self) -> int:
+        """`unfreeze` as a count: `all` is the arch's depth (every stage and the stem)."""
+        return ARCHS[self.arch].depth if self.unfreeze == "all" else int(self.unfreeze)
 
     @property
     def min_image_size(self) -> int:

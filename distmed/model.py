@@ -367,7 +367,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         use_small_stem(model, arch)
     in_features = cast(nn.Linear, arch.get_classifier(model)).in_features
     arch.reset_classifier(model, build_head(cfg, in_features, num_classes))
-    apply_freeze(model, arch, cfg.unfreeze, new_stem=cfg.stem == "small")
+    apply_freeze(model, arch, cfg.stages_trained, new_stem=cfg.stem == "small")
     setattr(model, ARCH_ATTRIBUTE, arch.name)
     setattr(model, NORMALIZATION_ATTRIBUTE, input_normalization(cfg))
     return model
@@ -524,7 +524,7 @@ def warn_frozen_random_stages(cfg: ModelConfig, lowest_unfreeze: int | None = No
     if cfg.weights != "none":
         return
     arch = ARCHS[cfg.arch]
-    unfreeze = cfg.unfreeze if lowest_unfreeze is None else lowest_unfreeze
+    unfreeze = cfg.stages_trained if lowest_unfreeze is None else lowest_unfreeze
     frozen = frozen_stages(arch, unfreeze, new_stem=cfg.stem == "small")
     if not frozen:
         return
