@@ -651,12 +651,14 @@ def checkpoint_bytes(cfg: ExperimentConfig, num_classes: int, num_folds: int) ->
     """About how many bytes one checkpoint of `num_folds` folds takes (the state.pt of all).
 
     Each fold stores its model (parameters and buffers) and the optimiser state of the
-    trained parameters: two moments for Adam/AdamW, one momentum buffer for SGD. The model
-    is built on the meta device: nothing is allocated or downloaded.
+    trained parameters: two moments for Adam/AdamW, one momentum buffer for SGD; with
+    `train.ema_decay` the EMA's copy of the model too. The model is built on the meta
+    device: nothing is allocated or downloaded.
     """
     with torch.device("meta"):
         model = build_model(cfg.model.model_copy(update={"weights": "none"}), num_classes)
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     moments = 2 if cfg.optim.name in ("adam", "adamw") else int(cfg.optim.momentum > 0)
-    return num_folds * (model_bytes + moments * trained)
+    ema = model_bytes if cfg.train.ema_decay > 0 else 0  # the trained weights ride along
+    return num_folds * (model_bytes + moments * trained + ema)
