@@ -29,7 +29,12 @@ from distmed.config import ModelConfig
 from distmed.data import CachedImageDataset, DecodeSettings, load_cached, to_model_input, try_decode
 from distmed.errors import UserError, first_line
 from distmed.loop import Runtime, predict
-from distmed.model import NORMALIZATION_ATTRIBUTE, build_model, network_normalization
+from distmed.model import (
+    NORMALIZATION_ATTRIBUTE,
+    build_model,
+    input_normalization,
+    network_normalization,
+)
 from distmed.savedmodel import SavedModel
 from distmed.task import Task
 
@@ -133,6 +138,8 @@ def build_network(
     """
     model = build_model(model_cfg.model_copy(update={"weights": "none"}), num_classes)
     model.load_state_dict(state)
+    # Normalised as trained: the configured weights' statistics, not random init's.
+    setattr(model, NORMALIZATION_ATTRIBUTE, input_normalization(model_cfg))
     return model
 
 

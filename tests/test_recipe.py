@@ -19,7 +19,7 @@ from distmed import model as model_module
 from distmed.config import ExperimentConfig, ModelConfig, OptimConfig, TrainConfig, load_config
 from distmed.data import CachedImageDataset
 from distmed.errors import UserError
-from distmed.inference import input_stats, load_inference_model
+from distmed.inference import build_network, input_stats, load_inference_model
 from distmed.loop import (
     FoldData,
     FoldRun,
@@ -294,6 +294,9 @@ def test_pretrained_rows_normalise_with_their_weights_own_statistics(monkeypatch
     cfg = ExperimentConfig.model_validate({"model": {"weights": "imagenet"}})
     runtime = Runtime.resolve(cfg, torch.device("cpu"))
     assert (runtime.mean, runtime.std) == OTHER
+    # a network rebuilt from its config (nested CV's outer models) normalises as trained
+    state = build_model(ModelConfig(weights="none"), 2).state_dict()
+    assert input_stats(build_network(ModelConfig(weights="imagenet"), 2, state)) == OTHER
 
 
 def test_saved_models_normalise_as_their_file_records(tmp_path: Path):
