@@ -60,6 +60,15 @@ def test_mixed_targets_are_distributions_of_the_batch_labels(mixup, cutmix):
         assert (targets[~(own | partner)] == 0).all()
 
 
+def test_mixing_multi_label_targets_mixes_each_output():
+    # (N, L) 0/1 labels, as a multi-label task has: each output's target is a mixed share
+    torch.manual_seed(2)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    mixed, targets = BatchMixer(0.4, 0.0, num_classes=3)(torch.randn(4, 3, 8, 8), labels)
+    lam = float(targets[1, 1])  # row 1 (only output 1) mixed with row 0 (outputs 0, 2)
+    assert torch.allclose(targets, lam * labels + (1 - lam) * labels.roll(1, 0))
+
+
 def test_mixup_mixes_images_with_the_targets_lambda():
     torch.manual_seed(1)
     inputs, labels = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 0, 1, 0, 1])
