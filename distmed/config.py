@@ -11,7 +11,7 @@ import types
 import typing
 from functools import cache
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -283,12 +283,13 @@ class ModelConfig(_Section):
     head: Literal["linear", "mlp"] = "linear"
     head_hidden: int = Field(256, ge=1)
     head_dropout: float = Field(0.2, ge=0, lt=1)
-    unfreeze: int = Field(
+    unfreeze: Annotated[int, Field(ge=0)] | Literal["all"] = Field(
         ARCHS[DEFAULT_ARCH].depth,
-        ge=0,  # the upper bound is the arch's depth: `_unfreeze_fits_arch`
+        # the upper bound is the arch's depth: `_unfreeze_fits_arch`
         description="0: head only; k: head + the last k stages, head end first ("
         + ", ".join(ARCHS[DEFAULT_ARCH].stage_names)
-        + f" for {DEFAULT_ARCH}); default: the arch's depth, everything trains",
+        + f" for {DEFAULT_ARCH}); all: every stage of whichever arch (a search over "
+        "model.arch); default: the arch's depth, everything trains",
     )
 
     @model_validator(mode="before")
@@ -315,9 +316,9 @@ class ModelConfig(_Section):
     # and quotes its value, like a bound that were the same for every arch.
     @field_validator("unfreeze")
     @classmethod
-    def _unfreeze_fits_arch(cls, unfreeze: int, info: ValidationInfo) -> int:
+    def _unfreeze_fits_arch(cls, unfreeze: int | str, info: ValidationInfo) -> int | str:
         arch = ARCHS.get(info.data.get("arch", ""))
-        if arch is not None and unfreeze > arch.depth:
+        if arch is not None and isinstance(unfreeze, int) and unfreeze > arch.depth:
             raise ValueError(
                 f"{arch.name} has {arch.depth} stages; set model.unfreeze to at most {arch.depth}"
             )
@@ -336,6 +337,11 @@ class ModelConfig(_Section):
         return stem
 
     @property
+    def stages_trained(self) -> int:
+        """`unfreeze` as a count: `all` is the arch's depth (every stage and the stem)."""
+        return ARCHS[self.arch].depth if self.unfreeze == "all" else int(self.unfreeze)
+
+    @property
     def min_image_size(self) -> int:
         """The smallest `data.image_size` this arch and stem accept (the table's `min_size`)."""
         return ARCHS[self.arch].min_size if self.stem == "imagenet" else MIN_IMAGE_SIZE
@@ -348,6 +354,13 @@ class OptimConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: int = Field(1, ge=0)
+    layer_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="layer-wise lr decay: the head trains at lr, the k-th stage below it at "
+        "lr * layer_decay**k (stages of the architecture table); 1: one lr for all",
+    )
 
 
 class TrainConfig(_Section):
@@ -370,6 +383,24 @@ class TrainConfig(_Section):
         description="checkpoint all folds every this many epochs (the last epoch always); "
         "a restarted or resumed run repeats the epochs since the last checkpoint",
     )
+    # The recipe (README 'Training recipe'); every default is the plain loop of before.
+    loss: Literal["cross_entropy", "focal"] = Field(
+        "cross_entropy", description="focal: focal loss with train.focal_gamma (Lin et al. 2017)"
+    )
+    focal_gamma: float = Field(2.0, ge=0, le=10, description="focal loss's gamma; 0 is CE")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="target (1-e)·y + e/K")
+    mixup_alpha: float = Field(0.0, ge=0, le=10, description="mixup's Beta(a, a); 0: off")
+    cutmix_alpha: float = Field(0.0, ge=0, le=10, description="cutmix's Beta(a, a); 0: off")
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="EMA of the weights per optimiser step, validated and saved; 0: off",
+    )
+    accumulate_steps: int = Field(
+        1, ge=1, le=1024, description="batches whose gradients add up to one optimiser step"
+    )
+    compile: bool = Field(False, description="torch.compile the model (README: measured cost)")
 
     @field_validator("amp", mode="before")
     @classmethod

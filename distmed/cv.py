@@ -33,7 +33,7 @@ from distmed.loop import checkpoint_bytes
 from distmed.metrics import METRIC_NAMES
 from distmed.resources import WorkerLayout
 from distmed.task import FINDING_AUC_PREFIX as FINDING
-from distmed.task import MultilabelTask, Task, task_of_index
+from distmed.task import MULTILABEL_LOSS_REFUSAL, MultilabelTask, Task, task_of_index
 from distmed.worker import STATE_FILE, FoldIndices, WorkerConfig, train_folds
 
 log = logging.getLogger(__name__)
@@ -437,6 +437,8 @@ def prepare_data(
             "train.sampler: balanced draws by class, and these images have several findings; "
             "use train.sampler: shuffle with train.class_weights: balanced (per-finding pos_weight)"
         )
+    if scanned.multilabel and (cfg.train.loss != "cross_entropy" or cfg.train.label_smoothing):
+        raise UserError(MULTILABEL_LOSS_REFUSAL)
     assignment = make_folds(scanned.pool, cfg.cv, task)
     said = _warn_few_images(scanned, assignment, cfg.cv.folds, task)  # before the slow decode
     cache = build_cache(scanned, cfg.data)

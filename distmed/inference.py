@@ -29,7 +29,12 @@ from distmed.config import AugmentConfig, ModelConfig
 from distmed.data import CachedImageDataset, DecodeSettings, load_cached, try_decode
 from distmed.errors import UserError, first_line
 from distmed.loop import Runtime, predict
-from distmed.model import build_model
+from distmed.model import (
+    NORMALIZATION_ATTRIBUTE,
+    build_model,
+    input_normalization,
+    network_normalization,
+)
 from distmed.savedmodel import SavedModel
 from distmed.task import Task
 from distmed.tta import average_probabilities
@@ -118,7 +123,7 @@ def network(saved: SavedModel, state: dict[str, torch.Tensor], path: Path) -> nn
         UserError: the weights do not fit that network; names `path` and the first key.
     """
     try:
-        return build_network(saved.config.model, len(saved.class_names), state)
+        net = build_network(saved.config.model, len(saved.class_names), state)
     except RuntimeError as exc:  # missing/unexpected keys or shapes: torch lists them all
         # Its first line only says "Error(s) in loading state_dict"; the next names the key.
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -127,6 +132,10 @@ def network(saved: SavedModel, state: dict[str, torch.Tensor], path: Path) -> nn
             f"--model {path}: its weights do not fit a {saved.config.model.arch} with "
             f"{len(saved.class_names)} classes ({detail[:160]})"
         ) from exc
+    # Normalise as training did: the file's record (ImageNet's in files from before it varied).
+    prep = saved.preprocessing
+    setattr(net, NORMALIZATION_ATTRIBUTE, (prep.mean, prep.std))
+    return net
 
 
 def build_network(
@@ -139,6 +148,8 @@ def build_network(
     """
     model = build_model(model_cfg.model_copy(update={"weights": "none"}), num_classes)
     model.load_state_dict(state)
+    # Normalised as trained: the configured weights' statistics, not random init's.
+    setattr(model, NORMALIZATION_ATTRIBUTE, input_normalization(model_cfg))
     return model
 
 
@@ -150,6 +161,11 @@ def tta_of(model: nn.Module) -> AugmentConfig | None:
 def members(model: nn.Module) -> list[nn.Module]:
     """The networks inside `model` (itself when it is a plain network): Grad-CAM's targets."""
     return list(model.members) if isinstance(model, InferenceModel) else [model]
+
+
+def input_stats(model: nn.Module) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """The (mean, std) `model`'s (or its first member's) inputs are normalised with."""
+    return network_normalization(members(model)[0])
 
 
 def choose_device(cpu: bool = False) -> torch.device:
@@ -200,7 +216,9 @@ def decode_file(path: Path, options: DecodeSettings | int) -> np.ndarray | str:
 @torch.no_grad()
 def _probabilities(model: torch.nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
     batch = torch.from_numpy(images).to(device)
-    probs = average_probabilities(model, batch, _softmax, tta_of(model))
+    probs = average_probabilities(
+        model, batch, _softmax, tta_of(model), normalization=input_stats(model)
+    )
     return probs.cpu().numpy()
 
 
@@ -269,7 +287,7 @@ def predict_cached(
         labels = np.zeros(len(images), dtype=np.int64)
     chosen = np.arange(len(labels)) if positions is None else np.asarray(positions)
     loader = DataLoader(CachedImageDataset(images, labels, chosen), batch_size=batch_size)
-    runtime = Runtime(device)
+    runtime = Runtime(device, mean=input_stats(model)[0], std=input_stats(model)[1])
     _, truth, probs = predict(model.to(device), loader, runtime, task, tta_of(model))  # by index
     return truth, probs
 

@@ -179,7 +179,8 @@ def warn_frozen_random_stages(spec: SearchSpaceFile) -> None:
     if "model.stem" in space and "imagenet" in space["model.stem"].probe_values():
         model = model.model_copy(update={"stem": "imagenet"})  # a stem that can be frozen
     unfreeze = space.get("model.unfreeze")
-    model_warning(model, min(unfreeze.probe_values()) if unfreeze else None)
+    counts = [v for v in unfreeze.probe_values() if v != "all"] if unfreeze else []
+    model_warning(model, min(counts) if counts else None)
 
 
 def describe_search(spec: SearchSpaceFile) -> str:

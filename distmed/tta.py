@@ -18,7 +18,11 @@ import torch
 from torch import nn
 
 from distmed.config import AugmentConfig
-from distmed.data import to_model_input
+from distmed.data import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+
+# (mean, std) per channel the network's inputs are normalised with (`model.input_normalization`).
+Normalization = tuple[tuple[float, float, float], tuple[float, float, float]]
+IMAGENET: Normalization = (IMAGENET_MEAN, IMAGENET_STD)
 
 # Policy draws at prediction time come from their own RNG, seeded per batch: a prediction is
 # the same on every call, and validation does not shift the training draws that follow it.
@@ -53,9 +57,12 @@ def flip_dims(cfg: AugmentConfig) -> list[tuple[int, ...]]:
     return dims
 
 
-def views(images: torch.Tensor, cfg: AugmentConfig) -> Iterator[torch.Tensor]:
-    """Model inputs (B, 3, H, W) of each view of a uint8 (B, C, H, W) batch on its device."""
-    plain = to_model_input(images)
+def views(
+    images: torch.Tensor, cfg: AugmentConfig, normalization: Normalization = IMAGENET
+) -> Iterator[torch.Tensor]:
+    """Model inputs (B, 3, H, W) of each view of a uint8 (B, C, H, W) batch on its device,
+    normalised with `normalization` (mean, std)."""
+    plain = to_model_input(images, None, *normalization)
     yield plain
     if cfg.tta == "flips":
         for dims in flip_dims(cfg)[1:]:
@@ -65,7 +72,7 @@ def views(images: torch.Tensor, cfg: AugmentConfig) -> Iterator[torch.Tensor]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(TTA_SEED)
         for _ in range(cfg.tta_draws):
-            yield to_model_input(images, cfg)
+            yield to_model_input(images, cfg, *normalization)
 
 
 def average_probabilities(
@@ -74,16 +81,18 @@ def average_probabilities(
     probabilities: Callable[[torch.Tensor], torch.Tensor],
     cfg: AugmentConfig | None,
     prepare: Callable[[torch.Tensor], torch.Tensor] = lambda inputs: inputs,
+    normalization: Normalization = IMAGENET,
 ) -> torch.Tensor:
     """(B, K) class probabilities of a uint8 (B, C, H, W) batch on the model's device: the
     mean over the TTA views of `probabilities(model(view))`, or of the one plain view when
-    `cfg` is None or its tta 'none'. `prepare` puts an input in the model's memory format.
+    `cfg` is None or its tta 'none'. `prepare` puts an input in the model's memory format;
+    `normalization` is the network's (mean, std) (`model.input_normalization`).
     """
     if not active(cfg):
-        return probabilities(model(prepare(to_model_input(images))))
+        return probabilities(model(prepare(to_model_input(images, None, *normalization))))
     assert cfg is not None
     total: torch.Tensor | None = None
-    for view in views(images, cfg):
+    for view in views(images, cfg, normalization):
         probs = probabilities(model(prepare(view)))
         total = probs if total is None else total + probs
     assert total is not None

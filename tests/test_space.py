@@ -14,6 +14,7 @@ import yaml
 
 from distmed.config import ExperimentConfig, config_fields
 from distmed.errors import UserError
+from distmed.model import ARCHS
 from distmed.search import (
     build_sampler,
     resolve_sampler,
@@ -24,6 +25,8 @@ from distmed.space import apply_params, fixed_for_the_search, load_space, to_tun
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = [REPO / "search_spaces" / "demo.yaml", REPO / "search_spaces" / "resnet.yaml"]
 EVERY_SHIPPED = sorted((REPO / "search_spaces").glob("*.yaml"))
+# backbones.yaml searches the arch and the recipe instead (test_backbones_space_...).
+FIVE_KEY_SPACES = [p for p in EVERY_SHIPPED if p.name != "backbones.yaml"]
 FIVE_KEYS = {"optim.lr", "train.batch_size", "optim.name", "optim.weight_decay", "model.unfreeze"}
 
 
@@ -42,7 +45,7 @@ def draws(domain, n: int = 200, seed: int = 0) -> list:
 # --------------------------------------------------------------------------- shipped files
 
 
-@pytest.mark.parametrize("path", EVERY_SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", FIVE_KEY_SPACES, ids=lambda p: p.name)
 def test_shipped_space_loads_with_the_five_keys(path: Path):
     spec = load_space(path)
     assert set(spec.space) == FIVE_KEYS
@@ -72,7 +75,7 @@ def test_shipped_files_differ_where_documented():
     assert resnet.space["train.batch_size"].args == (32, 64, 128)
 
 
-@pytest.mark.parametrize("path", EVERY_SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", FIVE_KEY_SPACES, ids=lambda p: p.name)
 def test_every_sample_of_a_shipped_space_is_a_valid_trial_config(path: Path):
     spec = load_space(path)
     domains = to_tune_domains(spec.space)
@@ -594,3 +597,53 @@ def test_the_wait_for_tune_is_bounded_and_says_so(caplog):
         wait_until_tune_took_every_report(to_tune, timeout_s=0.3, settle_s=0)
     assert reports.checks >= 2
     assert "has not taken the last report after 0 s" in caplog.text
+
+
+# --------------------------------------------------------------------------- arch-dependent
+
+
+def test_backbones_space_draws_valid_trials_that_train_every_stage_of_each_arch():
+    spec = load_space(REPO / "search_spaces" / "backbones.yaml")
+    assert spec.base.model.unfreeze == "all"  # unset in the file: all stages of any arch
+    archs = set(spec.space["model.arch"].args)
+    domains = to_tune_domains(spec.space)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(40):
+        params = {key: domain.sample(random_state=rng) for key, domain in domains.items()}
+        cfg = apply_params(spec.base, params)
+        seen.add(cfg.model.arch)
+        assert cfg.model.stages_trained == ARCHS[cfg.model.arch].depth
+    assert seen == archs
+
+
+@pytest.mark.parametrize(
+    ("space", "refused"),
+    [
+        # mobilenet_v3_large has 7 stages, resnet18 5: 7 is no unfreeze for a ResNet
+        (
+            "model.arch: {choice: [mobilenet_v3_large, resnet18]}\n"
+            "model.unfreeze: {randint: [0, 7]}",
+            "space.model.unfreeze can produce 7 with model.arch=resnet18",
+        ),
+        (
+            "model.arch: {choice: [resnet18, swin_t]}\nmodel.stem: {choice: [small]}",
+            "space.model.stem can produce 'small' with model.arch=swin_t",
+        ),
+        (
+            "model.arch: {choice: [resnet18, mobilenet_v3_large]}\n"
+            "model.unfreeze: {choice: [1, 5, all]}",
+            None,
+        ),
+    ],
+)
+def test_arch_dependent_bounds_are_checked_for_every_arch_in_the_space(tmp_path, space, refused):
+    top = "base: {data: {image_size: 64}, model: {weights: none}}\n"
+    path = space_file(tmp_path, space, top)
+    if refused is None:
+        spec = load_space(path)
+        cfg = apply_params(spec.base, {"model.arch": "mobilenet_v3_large", "model.unfreeze": "all"})
+        assert cfg.model.stages_trained == 7
+        return
+    with pytest.raises(UserError, match=refused):
+        load_space(path)

@@ -1,6 +1,6 @@
 """Tensors for the model: per-image random augmentation on whole batches (on the batch's
-device; the kornia-based parts in `data.policies`), and uint8 -> ImageNet-normalised float
-input with 3 channels.
+device; the kornia-based parts in `data.policies`), and uint8 -> normalised float input with 3
+channels (ImageNet's mean/std unless the network's weights have their own).
 """
 
 from __future__ import annotations
@@ -48,8 +48,14 @@ def _coin(count: int, device: torch.device) -> torch.Tensor:
     return (torch.rand(count, device=device) < 0.5).view(count, 1, 1, 1)
 
 
-def to_model_input(batch: torch.Tensor, augment: AugmentConfig | None = None) -> torch.Tensor:
-    """uint8 (B, C, H, W) on any device -> ImageNet-normalised float (B, 3, H, W).
+def to_model_input(
+    batch: torch.Tensor,
+    augment: AugmentConfig | None = None,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """uint8 (B, C, H, W) on any device -> normalised float (B, 3, H, W): (x/255 - mean) / std
+    per channel (default ImageNet's; a network's own: `model.network_normalization`).
 
     `augment` (training batches only) applies `augment_batch` first, on the batch's device
     and before grey images are expanded to 3 channels (a third of the work).
@@ -59,6 +65,6 @@ def to_model_input(batch: torch.Tensor, augment: AugmentConfig | None = None) ->
         inputs = augment_batch(inputs, augment)
     if inputs.shape[1] == 1:
         inputs = inputs.expand(-1, 3, -1, -1)
-    mean = torch.tensor(IMAGENET_MEAN, device=batch.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=batch.device).view(1, 3, 1, 1)
-    return (inputs - mean) / std
+    shift = torch.tensor(mean, device=batch.device).view(1, 3, 1, 1)
+    scale = torch.tensor(std, device=batch.device).view(1, 3, 1, 1)
+    return (inputs - shift) / scale
