@@ -30,6 +30,7 @@ from distmed.data.settings import MIN_IMAGE_SIZE as MIN_IMAGE_SIZE
 from distmed.data.settings import DecodeSettings
 from distmed.errors import UserError, shorten
 from distmed.model import ARCHS
+from distmed.shipped import not_found_hint, space_path
 from distmed.uris import check_config
 from distmed.yamlfile import NotYaml, load_yaml, read_yaml_file
 
@@ -306,8 +307,9 @@ def load_config(
     raw: dict[str, Any] = {}
     source = "config"
     if path is not None:
+        path = space_path(path)  # a shipped search space by name: `--config demo`
         source = str(path)
-        raw = _read_yaml_mapping(Path(path))
+        raw = _read_yaml_mapping(path)
         # A search-space file carries the experiment config under `base`.
         if "space" in raw or "base" in raw:
             raw = raw.get("base") or {}
@@ -464,7 +466,7 @@ def dump_config(cfg: ExperimentConfig, path: Path) -> None:
 
 def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise UserError(f"config file {path} not found: check the path given to --config")
+        raise UserError(f"config file {path} not found: check --config; {not_found_hint()}")
     raw = read_yaml_file(path, "config", keeps_text=config_keeps_text)
     if raw is None:
         return {}

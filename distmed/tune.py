@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--space", required=True, help="search-space YAML, e.g. search_spaces/resnet.yaml"
+        "--space",
+        required=True,
+        help="search-space YAML, or the name of a shipped one without a path, e.g. demo, "
+        "resnet (ImageNet transfer learning), scratch (random init, offline)",
     )
     parser.add_argument(
         "--num-samples",
