@@ -40,3 +40,21 @@ def test_an_unknown_name_lists_the_shipped_ones(tmp_path, monkeypatch):
         load_space("nosuch")
     with pytest.raises(UserError, match=r"nosuch not found: check --config; .*demo"):
         load_config("nosuch")
+
+
+def test_the_flagship_offline_is_one_line_naming_the_weights_and_both_fixes(
+    tmp_path, monkeypatch, capsys
+):
+    from distmed.tune import main
+
+    # An empty TORCH_HOME: nothing cached, so torchvision must download (the network is closed).
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("DISTMED_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    argv = ["--space", "resnet", "--data", "demo", "--storage", str(tmp_path / "runs")]
+    assert main([*argv, "--name", "offline"]) == 2
+    captured = capsys.readouterr()
+    [line] = [x for x in captured.err.splitlines() if x.strip()]
+    assert line.startswith("error: model.weights=imagenet: could not download")
+    assert "internet" in line and "model.weights=PATH model.weights_sha256=HEX" in line
+    assert "Traceback" not in captured.err + captured.out
