@@ -12,8 +12,8 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 
+from distmed import version
 from distmed.cli import BadCommandLine, parse
 from distmed.errors import EXIT_USER_ERROR
 
@@ -28,16 +28,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("distmed.export", "export a saved model to TorchScript or ONNX"),
     "app": ("distmed.app", "a local web page that predicts uploaded images"),
 }
-
-
-def version() -> str:
-    """The installed distribution's version; the source tree's when distmed is not installed."""
-    try:
-        return metadata.version("distmed")
-    except metadata.PackageNotFoundError:  # run from a checkout on PYTHONPATH
-        from distmed import __version__
-
-        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -267,6 +267,15 @@ class MlflowConfig(_Section):
     experiment: str | None = Field(
         None, description="MLflow experiment the trials' runs go to (default: the search's --name)"
     )
+    # MLflow's term (`registered_model_name`); `register` would shadow pydantic's ABC method.
+    registered_model: str | None = Field(
+        None,
+        max_length=256,
+        description="register the best model under this name in MLflow's model registry, as "
+        "a pyfunc model (uint8 images in, class probabilities out, preprocessing inside): "
+        "mlflow.pyfunc.load_model('models:/NAME/1'); needs tracking.mlflow.uri; unset: not "
+        "registered",
+    )
 
 
 class TrackingConfig(_Section):
