@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 import sys
 from importlib import import_module, metadata
 from pathlib import Path
 
 import pytest
+from test_cli import COMMANDS as CONSOLE_SCRIPTS
 from test_layers import FRONT_DOORS
 
 from distmed import __main__ as command
@@ -72,9 +72,6 @@ def test_every_front_door_is_a_command_and_a_console_script():
     assert modules == (FRONT_DOORS - {"distmed.cli", "distmed.__main__"}) | {
         "distmed.data.__main__"
     }
-    # pyproject's [project.scripts] lines (tomllib is Python 3.11+; 3.10 is supported).
-    pyproject = (REPO / "pyproject.toml").read_text()
-    scripts = dict(re.findall(r'^(distmed[\w-]*) = "([\w.:_]+)"', pyproject, re.M))
-    assert scripts["distmed"] == "distmed.__main__:main"
-    for name, (module, _) in command.COMMANDS.items():
-        assert scripts[f"distmed-{name}"] == f"{module}:main"
+    # test_cli checks pyproject's console scripts against this table.
+    scripts = {f"distmed-{name}": module for name, (module, _) in command.COMMANDS.items()}
+    assert {**scripts, "distmed": "distmed.__main__"} == CONSOLE_SCRIPTS
