@@ -68,7 +68,7 @@ def test_the_wheel_installs_distmed_and_its_search_spaces_into_the_venv(installe
     code = (
         "import distmed, distmed.shipped as s; print(distmed.__file__); print(s.shipped_spaces())"
     )
-    where, names = _run([str(venv / "bin" / "python"), "-c", code], work, env).split(" ", 1)
+    where, names = _run([str(venv / "bin" / "python"), "-c", code], work, env).splitlines()
     assert Path(where).resolve().is_relative_to(venv.resolve())
     assert not Path(where).resolve().is_relative_to(REPO)
     shipped = sorted(p.stem for p in (REPO / "search_spaces").glob("*.yaml"))
