@@ -66,9 +66,12 @@ def _predicted(paths: list[Path], model: Path, out: Path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB"])
-def test_the_registered_model_predicts_like_distmed_predict(best_model, tmp_path, mode):
+def test_the_registered_model_predicts_like_distmed_predict(
+    best_model, tmp_path, monkeypatch, mode
+):
     from distmed.registry import log_and_register
 
+    monkeypatch.chdir(tmp_path)  # a SQLite store keeps its artefacts in ./mlruns
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     with mlflow.start_run():
         uri = log_and_register(best_model, "lesions")
