@@ -30,6 +30,7 @@ from distmed.data.settings import MIN_IMAGE_SIZE as MIN_IMAGE_SIZE
 from distmed.data.settings import DecodeSettings
 from distmed.errors import UserError, shorten
 from distmed.model import ARCHS
+from distmed.shipped import not_found_hint, space_path
 from distmed.uris import check_config
 from distmed.yamlfile import NotYaml, load_yaml, read_yaml_file
 
@@ -452,6 +453,15 @@ class MlflowConfig(_Section):
     experiment: str | None = Field(
         None, description="MLflow experiment the trials' runs go to (default: the search's --name)"
     )
+    # MLflow's term (`registered_model_name`); `register` would shadow pydantic's ABC method.
+    registered_model: str | None = Field(
+        None,
+        max_length=256,
+        description="register the best model under this name in MLflow's model registry, as "
+        "a pyfunc model (uint8 images in, class probabilities out, preprocessing inside): "
+        "mlflow.pyfunc.load_model('models:/NAME/1'); needs tracking.mlflow.uri; unset: not "
+        "registered",
+    )
 
 
 class TrackingConfig(_Section):
@@ -492,8 +502,9 @@ def load_config(
     raw: dict[str, Any] = {}
     source = "config"
     if path is not None:
+        path = space_path(path)  # a shipped search space by name: `--config demo`
         source = str(path)
-        raw = _read_yaml_mapping(Path(path))
+        raw = _read_yaml_mapping(path)
         # A search-space file carries the experiment config under `base`.
         if "space" in raw or "base" in raw:
             raw = raw.get("base") or {}
@@ -650,7 +661,7 @@ def dump_config(cfg: ExperimentConfig, path: Path) -> None:
 
 def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise UserError(f"config file {path} not found: check the path given to --config")
+        raise UserError(f"config file {path} not found: check --config; {not_found_hint()}")
     raw = read_yaml_file(path, "config", keeps_text=config_keeps_text)
     if raw is None:
         return {}

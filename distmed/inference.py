@@ -226,6 +226,14 @@ def _softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=1)
 
 
+def probabilities_of(
+    model: torch.nn.Module, images: np.ndarray, device: torch.device
+) -> np.ndarray:
+    """Class probabilities (N, K) of decoded uint8 images (N, 3, S, S): what
+    `predict_batches` gives for files (the registered MLflow model's pixels come in memory)."""
+    return _probabilities(model, images, device)
+
+
 def saved_threshold(saved: SavedModel) -> float | None:
     """The binary operating threshold saved in the model when its search ended, if any."""
     return None if saved.threshold is None else saved.threshold.value

@@ -462,8 +462,10 @@ def _imagenet_state_dict(arch: Arch) -> dict[str, torch.Tensor]:
         return weights.get_state_dict(progress=False, check_hash=True)
     except (OSError, RuntimeError) as exc:
         raise UserError(
-            f"model.weights=imagenet: could not fetch {weights} ({type(exc).__name__}: offline?); "
-            "use model.weights=PATH to a local state dict, or model.weights=none"
+            f"model.weights=imagenet: could not download {weights} ({type(exc).__name__}: "
+            "offline?); connect to the internet once (torchvision keeps it in $TORCH_HOME), "
+            "or give a local copy: model.weights=PATH model.weights_sha256=HEX (or "
+            "model.weights=none, e.g. --space scratch)"
         ) from exc
 
 

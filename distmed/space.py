@@ -32,6 +32,7 @@ from distmed.config import (
     validate_config,
 )
 from distmed.errors import UserError, shorten
+from distmed.shipped import not_found_hint, space_path
 from distmed.yamlfile import read_yaml_file
 
 DISTRIBUTIONS = ("loguniform", "uniform", "quniform", "qloguniform", "randint", "choice")
@@ -161,10 +162,11 @@ class SearchSpaceFile(_Strict):
 
 
 def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SearchSpaceFile:
-    """Read and validate a search-space file; `overrides` apply to its base config."""
-    path = Path(path)
+    """Read and validate a search-space file (a path, or a shipped name such as `demo`:
+    `shipped.space_path`); `overrides` apply to its base config."""
+    path = space_path(path)
     if not path.is_file():
-        raise UserError(f"search space {path} not found: check --space")
+        raise UserError(f"search space {path} not found: check --space; {not_found_hint()}")
     raw = read_yaml_file(path, "search space", keeps_text=_space_keeps_text) or {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected keys base, search, space at the top level")

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--config",
-        help="experiment YAML, or a search-space file (its 'base' is used); default: built-ins",
+        help="experiment YAML, or a search-space file or shipped name such as demo (its "
+        "'base' is used); default: built-ins",
     )
     parser.add_argument("--output", help="result folder (default runs/train-<data>-<time>)")
     parser.add_argument(

@@ -30,11 +30,11 @@ from distmed.space import SearchSpaceFile, load_space
 
 MAX_TRIALS = 100_000  # --num-samples, --max-concurrent: beyond any search one cluster runs
 
-EXAMPLES = """examples:
-  python -m distmed.tune --space search_spaces/demo.yaml
-  python -m distmed.tune --space search_spaces/resnet.yaml \\
+EXAMPLES = """examples (a shipped space by name, or a YAML path):
+  python -m distmed.tune --space demo
+  python -m distmed.tune --space scratch \\
       --data ../shared/data/pneumoniamnist.npz --cpu --num-samples 1
-  python -m distmed.tune --space search_spaces/resnet.yaml --data /data/xray --address auto \\
+  python -m distmed.tune --space resnet --data /data/xray --address auto \\
       --storage s3://bucket/distmed --workers 2 --wandb-project xray
   python -m distmed.tune --space search_spaces/demo.yaml --name demo-1 --resume
   python -m distmed.tune --space search_spaces/demo.yaml --mlflow-uri http://127.0.0.1:5000
@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--space", required=True, help="search-space YAML, e.g. search_spaces/resnet.yaml"
+        "--space",
+        required=True,
+        help="search-space YAML, or the name of a shipped one without a path, e.g. demo, "
+        "resnet (ImageNet transfer learning), scratch (random init, offline)",
     )
     parser.add_argument(
         "--num-samples",
