@@ -108,6 +108,15 @@ class DataConfig(_Section, DecodeSettings):
         description="MedMNIST .npz sources: a name per label 0, 1, ... (saved with the model); "
         "folder sources are named by their class folders",
     )
+    loader: Literal["cache", "stream"] = Field(
+        "cache",
+        description="cache: decode once on the driver's node into a memory-mapped file (data "
+        "that fits one node); stream: decode in Ray Data tasks on every node, each epoch "
+        "(README 'Streaming')",
+    )
+    stream_decode_cpus: float = Field(
+        1.0, gt=0, le=64, description="loader: stream; CPUs each Ray Data decoding task reserves"
+    )
     augment: AugmentConfig = AugmentConfig()
 
     @model_validator(mode="after")

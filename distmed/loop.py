@@ -115,7 +115,7 @@ class FoldRun:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     loss_fn: nn.Module
-    train_loader: DataLoader
+    train_loader: DataLoader | None  # None: batches come from a stream (`distmed.sharedpass`)
     val_loader: DataLoader | None
     augment: AugmentConfig | None = None  # training batches only, applied on the device
     best_auc: float = -math.inf
@@ -126,6 +126,7 @@ class FoldRun:
     val_indices: torch.Tensor | None = None
     val_labels: torch.Tensor | None = None
     val_probs: torch.Tensor | None = None
+    val_count: int = 0  # validation images of a streamed fold (its loader's otherwise)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -155,6 +156,12 @@ class FoldRun:
         self.val_labels = state.get("val_labels")
         self.val_probs = state.get("val_probs")
 
+    def validation_size(self) -> int:
+        """How many images validate the fold (0: a refit, train only)."""
+        if self.val_loader is not None:
+            return len(cast(Sized, self.val_loader.dataset))
+        return self.val_count
+
     def predictions(self) -> dict[str, list]:
         """The fold's out-of-fold validation predictions (empty before any validation)."""
         names = ("val_indices", "val_labels", "val_probs")
@@ -179,12 +186,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @dataclass(frozen=True)
 class FoldData:
-    """A fold's sample positions in the decoded images, and the images and labels themselves."""
+    """A fold's sample positions in the decoded images, and the images and labels themselves.
+
+    `images` None: the fold's batches are streamed (`distmed.sharedpass`), so it gets no
+    loaders and `build_fold` needs the steps per epoch.
+    """
 
     index: int
     train: Sequence[int]
     val: Sequence[int] | None
-    images: np.ndarray
+    images: np.ndarray | None
     labels: np.ndarray
     task: Task
 
@@ -197,11 +208,13 @@ def build_fold(
     workers: int = 0,
     prepare_model: Callable[[nn.Module], nn.Module] = lambda model: model,
     prepare_loader: Callable[[DataLoader], DataLoader] = lambda loader: loader,
+    steps_per_epoch: int | None = None,
 ) -> FoldRun:
     """A fold's model, optimiser, schedule, loss and loaders.
 
     The Ray Train loop passes Ray's `prepare_*` functions (DDP wrap, distributed sampler);
-    the benchmarks and the GPU tests pass none.
+    the benchmarks and the GPU tests pass none. A streamed fold (`data.images` None) gets
+    no loaders; its schedule is laid out over `steps_per_epoch`.
     """
     torch.manual_seed(cfg.train.seed + data.index)  # same initial weights on every rank
     # On the device here, not only in Ray's prepare_model: the fold also runs without Ray
@@ -211,12 +224,15 @@ def build_fold(
         model = model.to(memory_format=torch.channels_last)
     model = prepare_model(model)
     train_idx = np.asarray(data.train, dtype=np.int64)
-    train_set = CachedImageDataset(data.images, data.labels, train_idx)
-    train_loader = prepare_loader(_loader(train_set, batch_size, True, workers))
-    val_loader = None
-    if data.val is not None and len(data.val) > 0:
+    train_loader = val_loader = None
+    if data.images is not None:
+        train_set = CachedImageDataset(data.images, data.labels, train_idx)
+        train_loader = prepare_loader(_loader(train_set, batch_size, True, workers))
+        steps_per_epoch = len(train_loader)
+    if data.images is not None and data.val is not None and len(data.val) > 0:
         val_set = CachedImageDataset(data.images, data.labels, np.asarray(data.val, dtype=np.int64))
         val_loader = prepare_loader(_loader(val_set, batch_size, False, workers))
+    assert steps_per_epoch is not None, "a streamed fold needs steps_per_epoch"
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     device = runtime.device
     return FoldRun(
@@ -224,12 +240,13 @@ def build_fold(
         task=data.task,
         model=model,
         optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, cfg.optim, cfg.train.epochs, len(train_loader)),
+        scheduler=build_scheduler(optimizer, cfg.optim, cfg.train.epochs, steps_per_epoch),
         scaler=torch.amp.GradScaler(device.type, enabled=runtime.precision == "fp16"),
         loss_fn=build_loss(cfg.train, data.labels[train_idx], data.task, device),
         train_loader=train_loader,
         val_loader=val_loader,
         augment=cfg.data.augment,
+        val_count=len(data.val) if data.images is None and data.val is not None else 0,
     )
 
 
@@ -324,22 +341,46 @@ def train_one_epoch(fold: FoldRun, runtime: Runtime) -> dict[str, float]:
     curve, not a second pass. Probabilities stay on the device until the epoch ends, so
     there is no host sync per step.
     """
+    assert fold.train_loader is not None, "a streamed fold trains in distmed.sharedpass"
     set_train_mode(fold.model)
-    started = time.perf_counter()
-    total, count = torch.zeros(2, device=runtime.device, dtype=torch.float64)
-    seen_probs, seen_labels = [], []
+    tally = TrainTally.start(runtime)
     for images, batch_labels, _ in fold.train_loader:
-        loss, logits, labels = train_step(fold, images, batch_labels, runtime)
-        total += loss.double() * len(labels)
-        count += len(labels)
-        seen_probs.append(fold.task.probabilities(logits))
-        seen_labels.append(labels)
-    sums = torch.stack([total, count])
+        tally.add(fold, *train_step(fold, images, batch_labels, runtime))
+    return finish_train_epoch(fold, tally)
+
+
+@dataclass
+class TrainTally:
+    """A fold's training epoch so far on this rank: loss sum, images, outputs (on device)."""
+
+    total: torch.Tensor
+    count: torch.Tensor
+    started: float
+    probs: list[torch.Tensor] = field(default_factory=list)
+    labels: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, runtime: Runtime) -> TrainTally:
+        total, count = torch.zeros(2, device=runtime.device, dtype=torch.float64)
+        return cls(total, count, time.perf_counter())
+
+    def add(self, fold: FoldRun, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor):
+        """Count one `train_step`'s (loss, logits, labels)."""
+        self.total += loss.double() * len(labels)
+        self.count += len(labels)
+        self.probs.append(fold.task.probabilities(logits))
+        self.labels.append(labels)
+
+
+def finish_train_epoch(fold: FoldRun, tally: TrainTally) -> dict[str, float]:
+    """`train_one_epoch`'s result from a tally: loss, accuracy, ROC-AUC and images/s over all
+    ranks (every rank calls it for the same folds in the same order: it gathers)."""
+    sums = torch.stack([tally.total, tally.count])
     if dist.is_initialized():
         dist.all_reduce(sums)
     # float() waits for the device, so the time covers every step of every rank.
-    images_per_s = float(sums[1]) / (time.perf_counter() - started)
-    labels_all, probs_all = _gather_arrays(torch.cat(seen_labels), torch.cat(seen_probs))
+    images_per_s = float(sums[1]) / (time.perf_counter() - tally.started)
+    labels_all, probs_all = _gather_arrays(torch.cat(tally.labels), torch.cat(tally.probs))
     scores = {"accuracy": math.nan, "roc_auc": math.nan}  # diverged outputs have no score
     if np.isfinite(probs_all).all():
         scores = fold.task.metrics(labels_all, probs_all)
@@ -373,12 +414,27 @@ def predict(
     model.eval()
     indices, labels, probs = [], [], []
     for images, batch_labels, batch_indices in loader:
-        with autocast(runtime.device, runtime.precision):
-            logits = model(model_inputs(images, runtime))
-        probs.append(task.probabilities(logits).cpu())
+        probs.append(predict_batch(model, images, runtime, task))
         labels.append(batch_labels)
         indices.append(batch_indices)
     local = (torch.cat(indices).numpy(), torch.cat(labels).numpy(), torch.cat(probs).numpy())
+    return gather_predictions(local)
+
+
+def predict_batch(
+    model: nn.Module, images: torch.Tensor, runtime: Runtime, task: Task
+) -> torch.Tensor:
+    """Class probabilities of one uint8 batch, on the host (the model in eval mode)."""
+    with autocast(runtime.device, runtime.precision):
+        logits = model(model_inputs(images, runtime))
+    return task.probabilities(logits).cpu()
+
+
+def gather_predictions(
+    local: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This rank's (indices, labels, probabilities) joined with every rank's, each sample
+    once, by index (every rank calls it for the same folds in the same order: it gathers)."""
     shards: list[Any] = [local]
     if dist.is_initialized():
         shards = [None] * dist.get_world_size()
@@ -395,7 +451,14 @@ def predict(
 def evaluate(fold: FoldRun, runtime: Runtime) -> dict[str, float] | None:
     """Validation metrics of the fold's model; None when its outputs are not finite."""
     assert fold.val_loader is not None, "evaluate needs a fold with validation data"
-    indices, labels, probs = predict(fold.model, fold.val_loader, runtime, fold.task)
+    return score_validation(fold, *predict(fold.model, fold.val_loader, runtime, fold.task))
+
+
+def score_validation(
+    fold: FoldRun, indices: np.ndarray, labels: np.ndarray, probs: np.ndarray
+) -> dict[str, float] | None:
+    """The fold's validation metrics from its gathered predictions (kept as its out-of-fold
+    scores); None when the outputs are not finite."""
     if not np.isfinite(probs).all():
         return None
     # The latest epoch's predictions are the fold's out-of-fold scores once it stops.
@@ -415,21 +478,33 @@ def run_fold_epoch(fold: FoldRun, epoch: int, cfg: ExperimentConfig, runtime: Ru
     if set_epoch is not None:
         set_epoch(epoch)
     train = train_one_epoch(fold, runtime)
+    close_epoch(fold, epoch, cfg, train, lambda: evaluate(fold, runtime))
+
+
+def close_epoch(
+    fold: FoldRun,
+    epoch: int,
+    cfg: ExperimentConfig,
+    train: dict[str, float],
+    validate: Callable[[], dict[str, float] | None],
+) -> None:
+    """Record a fold's epoch: its training metrics, `validate()`'s metrics (called only when
+    training stayed finite and the fold has validation images), early stopping, divergence."""
     record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()}}
     val = None
-    if math.isfinite(record["train_loss"]) and fold.val_loader is not None:
-        val = evaluate(fold, runtime)
+    if math.isfinite(record["train_loss"]) and fold.validation_size() > 0:
+        val = validate()
         if val is not None:
             record.update({f"val_{k}": v for k, v in val.items()})
             fold.update_stopping(val["roc_auc"], cfg.train.patience)
-    if not math.isfinite(record["train_loss"]) or (fold.val_loader is not None and val is None):
+    if not math.isfinite(record["train_loss"]) or (fold.validation_size() > 0 and val is None):
         # Diverged (NaN/inf): the fold has no score. Its metrics are NaN, so the CV mean
         # is NaN too and a search never ranks the trial by its surviving folds.
         fold.stopped = True
         record["diverged"] = 1.0
         record.update({f"val_{k}": math.nan for k in (*METRIC_NAMES, "loss")})
-        if fold.val_loader is not None:  # how many images the fold would have been scored on
-            record["val_num_samples"] = len(cast(Sized, fold.val_loader.dataset))
+        if fold.validation_size() > 0:  # how many images the fold would have been scored on
+            record["val_num_samples"] = fold.validation_size()
     fold.history.append(record)
 
 

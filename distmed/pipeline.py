@@ -43,7 +43,15 @@ from distmed.artifacts import (
 )
 from distmed.calibration import TemperatureFit, fit_oof_temperature, oof_threshold
 from distmed.config import CVConfig, ExperimentConfig
-from distmed.cv import FoldPlan, PreparedData, prepare_data, score_caveat, share_images, storage_uri
+from distmed.cv import (
+    FoldPlan,
+    PreparedData,
+    prepare_data,
+    require_cache,
+    score_caveat,
+    share_images,
+    storage_uri,
+)
 from distmed.data import describe_index, inspect_data, scan_source
 from distmed.errors import EXIT_INTERRUPTED, UserError
 from distmed.failures import failed_path, one_line_write_failures, out_of_space, write_failure
@@ -476,7 +484,7 @@ def finalize(
             state,
             chosen,
             task,
-            data.cache.channels,
+            require_cache(data, "the refit's saved model").channels,
             run_name,
             folds=folds,
             fold_states=fold_states,
@@ -538,7 +546,8 @@ def operating_threshold(
 def score_test(path: Path, data: PreparedData, local: Path) -> dict[str, Any]:
     """The test split scored once per saved ensemble (its predictions kept for the report);
     empty when the source has no test split."""
-    if data.cache.test_path is None:
+    test_path = require_cache(data, "the test split's scoring").test_path
+    if test_path is None:
         return {}
     choices: list[tuple[Ensemble, str, str]] = [
         ("refit", "test_metrics", TEST_PREDICTIONS),
@@ -551,9 +560,7 @@ def score_test(path: Path, data: PreparedData, local: Path) -> dict[str, Any]:
             continue
         model, _ = load_inference_model(path, ensemble)
         labels = data.index.test.labels
-        out[key] = evaluate_test(
-            model, data.cache.test_path, labels, data.plan.task, save_to=local / file
-        )
+        out[key] = evaluate_test(model, test_path, labels, data.plan.task, save_to=local / file)
     return out
 
 
