@@ -314,6 +314,11 @@ def prepare_data(
     said = _warn_few_images(scanned, assignment, cfg.cv.folds)  # before the (slow) decode
     if cfg.data.loader == "stream":
         return _prepare_stream(cfg, scanned, assignment, batch_sizes, said)
+    if scanned.pool.uris is not None:
+        raise UserError(
+            f"data.root {cfg.data.root}: images in object storage are read by the streamed "
+            "loader; set data.loader: stream"
+        )
     cache = build_cache(scanned, cfg.data)
     index = drop_samples(scanned, cache.skipped)
     if index.skipped:
@@ -349,13 +354,13 @@ def _prepare_stream(
     """The plan of a streamed run: folds and file names, nothing decoded here (the workers'
     Ray Data tasks decode, `distmed.data.stream`)."""
     pool = index.pool
-    if pool.paths is None:
+    if pool.uris is None and pool.paths is None:
         raise UserError(
             f"data.loader: stream reads image files; {index.name} holds its images in an "
             "array (.npz): use data.loader: cache"
         )
     stream = StreamSpec(
-        paths=[str(p) for p in pool.paths],
+        paths=pool.uris if pool.uris is not None else [str(p) for p in pool.paths or []],
         options=cfg.data.decode_settings(),
         decode_cpus=cfg.data.stream_decode_cpus,
     )

@@ -53,6 +53,7 @@ from distmed.cv import (
     storage_uri,
 )
 from distmed.data import describe_index, inspect_data, scan_source
+from distmed.data.remote import bucket_summary
 from distmed.errors import EXIT_INTERRUPTED, UserError
 from distmed.failures import failed_path, one_line_write_failures, out_of_space, write_failure
 from distmed.importance import importance_text, param_importances
@@ -235,7 +236,10 @@ def prepare(cfg: ExperimentConfig, batch_sizes: Sequence[int] = ()) -> Prepared:
     """Index, data summary, folds and decoded cache; every input error (duplicates too, with
     `data.on_duplicates: error`; a bad weights file) before Ray and the slow first decode."""
     scanned = scan_source(cfg.data)
-    inspection = inspect_data(scanned, cfg.data)
+    if scanned.pool.uris is None:
+        inspection = inspect_data(scanned, cfg.data)
+    else:  # a bucket: the driver reads no image (`distmed.data.remote`)
+        inspection = bucket_summary(scanned)
     check_weights(cfg.model)  # a bad weights file fails before the (slow) first decode
     return Prepared(prepare_data(cfg, scanned, batch_sizes), inspection)
 

@@ -161,3 +161,34 @@ def test_one_shared_pass_trains_each_fold_on_its_rows_only_and_scores_each_image
         record = fold.history[-1]
         assert record["epoch"] == 1 and record["val_num_samples"] == len(spec["val"])
     assert len(steps_taken := [len(v) for v in seen.values()]) == 3 and min(steps_taken) > 0
+
+
+def test_a_folder_behind_a_uri_is_listed_not_read_and_streams_like_its_local_twin(tmp_path: Path):
+    """A bucket's listing and reads through pyarrow, here with its file:// filesystem (the
+    S3 protocol through a moto server is in test_faults_ray.py)."""
+    root = write_image_folder(tmp_path / "b" / "train", {"neg": 6, "pos": 6}, size=24)
+    write_image_folder(tmp_path / "b" / "test", {"neg": 1, "pos": 1}, size=24)
+    (root / "neg" / "notes.txt").write_text("not an image")
+    (tmp_path / "b" / "stray.png").write_bytes(b"outside the layout")
+    uri = f"file://{tmp_path / 'b'}"
+    cfg = _config(uri, loader="stream", group_regex=r"(p\d+)_")
+    index = scan_source(cfg.data)
+    assert index.class_names == ["neg", "pos"] and index.pool.paths is None
+    assert len(index.pool) == 12 and len(index.test) == 2
+    assert index.pool.ids[0] == "train/neg/p00_img00.png"
+    assert all(u.startswith("file://") for u in index.pool.uris)
+    assert index.pool.groups.tolist()[:3] == ["p00", "p00", "p01"]
+    prepared = prepare_data(cfg, index)
+    assert prepared.plan.stream.paths == index.pool.uris
+    positions = np.arange(len(index.pool))
+    batch = {"position": positions, "path": np.array(index.pool.uris, dtype=object)}
+    options = cfg.data.decode_settings().model_dump(mode="json")
+    local = {"position": positions, "path": np.array([u[7:] for u in index.pool.uris])}
+    np.testing.assert_array_equal(
+        decode_batch(batch, options)["image"], decode_batch(local, options)["image"]
+    )
+    again = scan_source(cfg.data)
+    (root / "pos" / "p02_img04.png").write_bytes((root / "pos" / "p00_img00.png").read_bytes())
+    assert scan_source(cfg.data).fingerprint != again.fingerprint  # an object changed
+    with pytest.raises(UserError, match="set data.loader: stream"):
+        prepare_data(_config(uri), index)

@@ -17,7 +17,8 @@ SPLITS = ("train", "val", "test")
 class Split:
     """One split of a source: sample ids, integer labels, optional patient groups.
 
-    Exactly one of `paths` (image files) and `images` (in-memory arrays from an .npz) is set.
+    Exactly one of `paths` (image files), `images` (in-memory arrays from an .npz) and `uris`
+    (objects in a bucket, `distmed.data.remote`; read only by the streamed loader) is set.
     `origins` names the split each sample came from (`train`, `val`, `test`; `all` for a
     folder without split folders).
     """
@@ -28,6 +29,7 @@ class Split:
     paths: list[Path] | None = None
     images: np.ndarray | None = None
     origins: np.ndarray | None = None
+    uris: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -89,4 +91,7 @@ def _drop_from_split(split: Split, skipped: dict[str, str]) -> Split:
         else None,
         images=split.images[keep] if split.images is not None else None,
         origins=split.origins[keep] if split.origins is not None else None,
+        uris=[u for u, kept in zip(split.uris, keep, strict=True) if kept]
+        if split.uris is not None
+        else None,
     )
