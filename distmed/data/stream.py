@@ -130,19 +130,15 @@ def epoch_positions(
     return order[rank::world][: len(positions) // world]
 
 
-def stream_batches(
-    spec: StreamSpec, positions: np.ndarray, batch_size: int, pin_memory: bool = False
-) -> Iterator[tuple[Any, Any]]:
-    """(uint8 images (B, 3, S, S), pool positions (B,)) torch batches of `positions`, in that
-    order, decoded by Ray Data tasks across the cluster while the caller trains on the last.
+def stream_dataset(spec: StreamSpec, positions: np.ndarray) -> Any:
+    """The Ray Data dataset of `positions` (in that order): rows {position, image (3, S, S)}.
 
-    Needs a running Ray session (a Train worker has one).
+    One block of DECODE_CHUNK files per decoding task, each task reserving
+    `spec.decode_cpus`, spread over the nodes; the order is kept (`preserve_order`).
     """
     import pyarrow as pa
     import ray.data
 
-    if len(positions) == 0:
-        return iter(())
     paths = [spec.paths[int(p)] for p in positions]
     tables = [
         pa.table({"position": positions[i : i + DECODE_CHUNK], "path": paths[i : i + DECODE_CHUNK]})
@@ -157,7 +153,20 @@ def stream_batches(
         scheduling_strategy="SPREAD",  # decode on every node, not only the worker's
     )
     dataset.context.execution_options.preserve_order = True  # the seeded order, as drawn
-    batches = dataset.iter_torch_batches(
+    return dataset
+
+
+def stream_batches(
+    spec: StreamSpec, positions: np.ndarray, batch_size: int, pin_memory: bool = False
+) -> Iterator[tuple[Any, Any]]:
+    """(uint8 images (B, 3, S, S), pool positions (B,)) torch batches of `positions`, in that
+    order, decoded by Ray Data tasks across the cluster while the caller trains on the last.
+
+    Needs a running Ray session (a Train worker has one).
+    """
+    if len(positions) == 0:
+        return iter(())
+    batches = stream_dataset(spec, positions).iter_torch_batches(
         batch_size=batch_size,
         prefetch_batches=spec.prefetch_batches,
         device="cpu",  # the loop moves and augments the batch on the training device
