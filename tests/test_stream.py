@@ -4,6 +4,7 @@ seeded epoch order, fold routing, and one shared pass training and scoring every
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 from conftest import write_image_folder
 from PIL import Image
+from test_concurrent_ray import BUCKET, s3_server  # noqa: F401  (a fixture)
 
 from distmed import sharedpass
 from distmed.config import ExperimentConfig
@@ -192,3 +194,47 @@ def test_a_folder_behind_a_uri_is_listed_not_read_and_streams_like_its_local_twi
     assert scan_source(cfg.data).fingerprint != again.fingerprint  # an object changed
     with pytest.raises(UserError, match="set data.loader: stream"):
         prepare_data(_config(uri), index)
+
+
+def test_images_in_an_s3_bucket_train_every_fold_without_a_local_copy(
+    s3_server,  # noqa: F811  (the fixture imported above)
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """A real S3 protocol server (moto): the bucket is listed, each file is read by the
+    stream's decoding function (here called in-process, as a Ray Data task would call it on
+    a node) through pyarrow with the credentials in the environment, and one shared epoch
+    trains and scores every fold. No image is ever written below tmp_path."""
+    client, env = s3_server
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    local = write_image_folder(tmp_path / "src", {"neg": 6, "pos": 6}, size=20)
+    for path in sorted(local.rglob("*.png")):
+        client.upload_file(str(path), BUCKET, f"data/{path.relative_to(local)}")
+    shutil.rmtree(local)
+    cfg = _config(f"s3://{BUCKET}/data", loader="stream")
+    index = scan_source(cfg.data)
+    assert index.class_names == ["neg", "pos"] and len(index.pool) == 12
+    assert index.pool.uris[0] == f"s3://{BUCKET}/data/neg/p00_img00.png"
+    plan = prepare_data(cfg, index).plan
+    options = cfg.data.decode_settings().model_dump(mode="json")
+
+    def read(order: np.ndarray):  # the streamed reader's batches, without Ray Data
+        for start in range(0, len(order), 6):
+            rows = order[start : start + 6]
+            paths = np.array([plan.stream.paths[p] for p in rows], dtype=object)
+            out = decode_batch({"position": rows, "path": paths}, options)
+            yield torch.from_numpy(out["image"]), torch.from_numpy(out["position"])
+
+    labels = np.asarray(plan.labels)
+    routes = Routes.of([(f["train"], f["val"]) for f in plan.folds], len(labels))
+    folds = [
+        build_fold(FoldData(i, f["train"], f["val"], None, labels, plan.task), cfg, CPU, 4,
+                   steps_per_epoch=routes.steps_per_epoch(4, 1))
+        for i, f in enumerate(plan.folds)
+    ]  # fmt: skip
+    run_shared_epoch(folds, 0, cfg, CPU, routes, torch.from_numpy(labels), read)
+    for fold, spec in zip(folds, plan.folds, strict=True):
+        assert fold.val_indices.tolist() == sorted(spec["val"])
+        assert np.isfinite(fold.history[-1]["train_loss"])
+    assert not list(tmp_path.rglob("*.png"))  # nothing downloaded to keep
