@@ -298,3 +298,18 @@ def test_stream_benchmark_images_are_two_seeded_classes(tmp_path):
     assert len(list((root / "pos").iterdir())) == 3
     first = (root / "neg" / "img000000.png").read_bytes()
     assert first == (again / "neg" / "img000000.png").read_bytes()
+
+
+def test_whole_epoch_timing_dry_run_on_cpu_splits_data_wait_from_steps(tmp_path, monkeypatch):
+    """The CPU dry run of the GPU check's whole-epoch stage (the cache source; the stream's
+    reader is the one test_faults_ray.py drives on a cluster)."""
+    from benchmarks import epochs
+
+    monkeypatch.setenv("DISTMED_CACHE", str(tmp_path / "cache"))
+    argv = ["--device", "cpu", "--images", "24", "--size", "16", "--batch", "8"]
+    argv += ["--epochs", "1", "--sources", "cache", "--workdir", str(tmp_path / "w")]
+    result = epochs.run(epochs.build_parser().parse_args(argv))
+    (epoch,) = result["cache"]
+    assert epoch["images"] == 24 and result["device"] == "cpu" and result["cache_build_s"] >= 0
+    assert epoch["data_wait_s"] + epoch["step_s"] <= epoch["wall_s"] + 1e-3
+    assert epoch["step_s"] > 0 and epoch["images_per_s"] > 0
