@@ -16,7 +16,7 @@ from test_concurrent_ray import BUCKET, s3_server  # noqa: F401  (a fixture)
 
 from distmed import sharedpass
 from distmed.config import ExperimentConfig
-from distmed.cv import fold_specs, make_folds, prepare_data
+from distmed.cv import fold_specs, make_folds, prepare_data, require_cache
 from distmed.data import build_cache, load_cached, scan_source
 from distmed.data.stream import decode_batch, epoch_positions
 from distmed.errors import UserError
@@ -129,6 +129,8 @@ def test_one_shared_pass_trains_each_fold_on_its_rows_only_and_scores_each_image
     prepared = prepare_data(cfg, scan_source(cfg.data))
     plan = prepared.plan
     assert prepared.cache is None and plan.stream is not None and plan.images_path == ""
+    with pytest.raises(UserError, match="a search .* reads the decoded cache; data.loader"):
+        require_cache(prepared, "a search (its refit and test split)")
     assert len(plan.stream.paths) == 24
     labels = np.asarray(plan.labels)
     routes = Routes.of([(f["train"], f["val"]) for f in plan.folds], len(labels))

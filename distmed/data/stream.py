@@ -153,6 +153,7 @@ def stream_dataset(spec: StreamSpec, positions: np.ndarray) -> Any:
         scheduling_strategy="SPREAD",  # decode on every node, not only the worker's
     )
     dataset.context.execution_options.preserve_order = True  # the seeded order, as drawn
+    dataset.context.enable_progress_bars = False  # two passes an epoch per rank: noise
     return dataset
 
 
