@@ -134,7 +134,8 @@ def stream_dataset(spec: StreamSpec, positions: np.ndarray) -> Any:
     """The Ray Data dataset of `positions` (in that order): rows {position, image (3, S, S)}.
 
     One block of DECODE_CHUNK files per decoding task, each task reserving
-    `spec.decode_cpus`, spread over the nodes; the order is kept (`preserve_order`).
+    `spec.decode_cpus`, spread over the nodes (`DataContext.scheduling_strategy`); the order
+    is kept (`preserve_order`).
     """
     import pyarrow as pa
     import ray.data
@@ -150,8 +151,9 @@ def stream_dataset(spec: StreamSpec, positions: np.ndarray) -> Any:
         batch_size=None,  # one block, one task
         batch_format="numpy",
         num_cpus=spec.decode_cpus,
-        scheduling_strategy="SPREAD",  # decode on every node, not only the worker's
     )
+    # Ray Data's tasks default to SPREAD: decoding runs on every node, not only the worker's.
+    dataset.context.scheduling_strategy = "SPREAD"
     dataset.context.execution_options.preserve_order = True  # the seeded order, as drawn
     dataset.context.enable_progress_bars = False  # two passes an epoch per rank: noise
     return dataset
