@@ -130,12 +130,13 @@ def epoch_positions(
     return order[rank::world][: len(positions) // world]
 
 
-def stream_dataset(spec: StreamSpec, positions: np.ndarray) -> Any:
+def stream_dataset(spec: StreamSpec, positions: np.ndarray, decoder: Any = decode_batch) -> Any:
     """The Ray Data dataset of `positions` (in that order): rows {position, image (3, S, S)}.
 
     One block of DECODE_CHUNK files per decoding task, each task reserving
-    `spec.decode_cpus`, spread over the nodes (`DataContext.scheduling_strategy`); the order
-    is kept (`preserve_order`).
+    `spec.decode_cpus`; Ray Data spreads its tasks over the nodes (its default, SPREAD; Ray
+    2.60 deprecates setting it). The order is kept (`preserve_order`). `decoder`: the map
+    function, `decode_batch` (a benchmark wraps it to see where it ran).
     """
     import pyarrow as pa
     import ray.data
@@ -146,14 +147,12 @@ def stream_dataset(spec: StreamSpec, positions: np.ndarray) -> Any:
         for i in range(0, len(positions), DECODE_CHUNK)
     ]
     dataset = ray.data.from_arrow(tables).map_batches(
-        decode_batch,  # type: ignore[arg-type]  # Ray's union of batch types
+        decoder,
         fn_kwargs={"options": spec.options.model_dump(mode="json")},
         batch_size=None,  # one block, one task
         batch_format="numpy",
         num_cpus=spec.decode_cpus,
     )
-    # Ray Data's tasks default to SPREAD: decoding runs on every node, not only the worker's.
-    dataset.context.scheduling_strategy = "SPREAD"
     dataset.context.execution_options.preserve_order = True  # the seeded order, as drawn
     dataset.context.enable_progress_bars = False  # two passes an epoch per rank: noise
     return dataset
