@@ -210,6 +210,15 @@ class DataConfig(_Section, DecodeSettings):
     score_findings: list[str] | None = Field(
         None, description="findings whose mean ROC-AUC is the score (default: all)"
     )
+    loader: Literal["cache", "stream"] = Field(
+        "cache",
+        description="cache: decode once on the driver's node into a memory-mapped file (data "
+        "that fits one node); stream: decode in Ray Data tasks on every node, each epoch "
+        "(README 'Streaming')",
+    )
+    stream_decode_cpus: float = Field(
+        1.0, gt=0, le=64, description="loader: stream; CPUs each Ray Data decoding task reserves"
+    )
     augment: AugmentConfig = AugmentConfig()
 
     @field_validator("uncertain", "missing", mode="wrap")

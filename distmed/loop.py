@@ -135,7 +135,7 @@ class FoldRun:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     loss_fn: nn.Module
-    train_loader: DataLoader
+    train_loader: DataLoader | None  # None: batches come from a stream (`distmed.sharedpass`)
     val_loader: DataLoader | None
     augment: AugmentConfig | None = None  # training batches only, applied on the device
     # The recipe (README 'Training recipe'): mixup/cutmix of training batches, the EMA of
@@ -151,6 +151,7 @@ class FoldRun:
     val_indices: torch.Tensor | None = None
     val_labels: torch.Tensor | None = None
     val_probs: torch.Tensor | None = None
+    val_count: int = 0  # validation images of a streamed fold (its loader's otherwise)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -199,6 +200,12 @@ class FoldRun:
         self.val_labels = state.get("val_labels")
         self.val_probs = state.get("val_probs")
 
+    def validation_size(self) -> int:
+        """How many images validate the fold (0: a refit, train only)."""
+        if self.val_loader is not None:
+            return len(cast(Sized, self.val_loader.dataset))
+        return self.val_count
+
     def predictions(self) -> dict[str, list]:
         """The fold's out-of-fold validation predictions (empty before any validation)."""
         names = ("val_indices", "val_labels", "val_probs")
@@ -230,12 +237,16 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
 
 @dataclass(frozen=True)
 class FoldData:
-    """A fold's sample positions in the decoded images, and the images and labels themselves."""
+    """A fold's sample positions in the decoded images, and the images and labels themselves.
+
+    `images` None: the fold's batches are streamed (`distmed.sharedpass`), so it gets no
+    loaders and `build_fold` needs the steps per epoch.
+    """
 
     index: int
     train: Sequence[int]
     val: Sequence[int] | None
-    images: np.ndarray
+    images: np.ndarray | None
     labels: np.ndarray
     task: Task
 
@@ -248,11 +259,13 @@ def build_fold(
     workers: int = 0,
     prepare_model: Callable[[nn.Module], nn.Module] = lambda model: model,
     prepare_loader: Callable[[DataLoader], DataLoader] = lambda loader: loader,
+    steps_per_epoch: int | None = None,
 ) -> FoldRun:
     """A fold's model, optimiser, schedule, loss and loaders.
 
     The Ray Train loop passes Ray's `prepare_*` functions (DDP wrap, distributed sampler);
-    the benchmarks and the GPU tests pass none.
+    the benchmarks and the GPU tests pass none. A streamed fold (`data.images` None) gets
+    no loaders; its schedule is laid out over `steps_per_epoch`.
     """
     torch.manual_seed(cfg.train.seed + data.index)  # same initial weights on every rank
     # On the device here, not only in Ray's prepare_model: the fold also runs without Ray
@@ -267,17 +280,20 @@ def build_fold(
     if cfg.train.compile:
         model = cast(nn.Module, torch.compile(model))
     train_idx = np.asarray(data.train, dtype=np.int64)
-    train_set = fold_dataset(data.images, data.labels, train_idx)
-    sampler = train_sampler(
-        cfg.train.sampler, train_set, data.labels[train_idx], cfg.train.seed, data.index
-    )
-    train_loader = prepare_loader(_loader(train_set, batch_size, True, workers, sampler))
-    val_loader = None
-    if data.val is not None and len(data.val) > 0:
+    train_loader = val_loader = None
+    if data.images is not None:
+        train_set = fold_dataset(data.images, data.labels, train_idx)
+        sampler = train_sampler(
+            cfg.train.sampler, train_set, data.labels[train_idx], cfg.train.seed, data.index
+        )
+        train_loader = prepare_loader(_loader(train_set, batch_size, True, workers, sampler))
+        steps_per_epoch = len(train_loader)
+    if data.images is not None and data.val is not None and len(data.val) > 0:
         val_set = fold_dataset(data.images, data.labels, np.asarray(data.val, dtype=np.int64))
         val_loader = prepare_loader(_loader(val_set, batch_size, False, workers))
+    assert steps_per_epoch is not None, "a streamed fold needs steps_per_epoch"
     device = runtime.device
-    steps = math.ceil(len(train_loader) / cfg.train.accumulate_steps)  # optimiser steps
+    steps = math.ceil(steps_per_epoch / cfg.train.accumulate_steps)  # optimiser steps
     return FoldRun(
         index=data.index,
         task=data.task,
@@ -292,6 +308,7 @@ def build_fold(
         mixer=build_mixer(cfg.train, data.task),
         ema=ema,
         accumulate_steps=cfg.train.accumulate_steps,
+        val_count=len(data.val) if data.images is None and data.val is not None else 0,
     )
 
 
@@ -497,24 +514,48 @@ def train_one_epoch(fold: FoldRun, runtime: Runtime) -> dict[str, float]:
     curve, not a second pass. Probabilities stay on the device until the epoch ends, so
     there is no host sync per step.
     """
+    assert fold.train_loader is not None, "a streamed fold trains in distmed.sharedpass"
     set_train_mode(fold.model)
-    started = time.perf_counter()
-    total, count = torch.zeros(2, device=runtime.device, dtype=torch.float64)
-    seen_probs, seen_labels = [], []
+    tally = TrainTally.start(runtime)
     fold.optimizer.zero_grad(set_to_none=True)
     plan = accumulation_plan(len(fold.train_loader), fold.accumulate_steps)
     for (images, batch_labels, _), (share, step) in zip(fold.train_loader, plan, strict=True):
-        loss, logits, labels = train_step(fold, images, batch_labels, runtime, share, step)
-        total += loss.double() * len(labels)
-        count += len(labels)
-        seen_probs.append(fold.task.probabilities(logits))
-        seen_labels.append(labels)
-    sums = torch.stack([total, count])
+        tally.add(fold, *train_step(fold, images, batch_labels, runtime, share, step))
+    return finish_train_epoch(fold, tally)
+
+
+@dataclass
+class TrainTally:
+    """A fold's training epoch so far on this rank: loss sum, images, outputs (on device)."""
+
+    total: torch.Tensor
+    count: torch.Tensor
+    started: float
+    probs: list[torch.Tensor] = field(default_factory=list)
+    labels: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, runtime: Runtime) -> TrainTally:
+        total, count = torch.zeros(2, device=runtime.device, dtype=torch.float64)
+        return cls(total, count, time.perf_counter())
+
+    def add(self, fold: FoldRun, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor):
+        """Count one `train_step`'s (loss, logits, labels)."""
+        self.total += loss.double() * len(labels)
+        self.count += len(labels)
+        self.probs.append(fold.task.probabilities(logits))
+        self.labels.append(labels)
+
+
+def finish_train_epoch(fold: FoldRun, tally: TrainTally) -> dict[str, float]:
+    """`train_one_epoch`'s result from a tally: loss, accuracy, ROC-AUC and images/s over all
+    ranks (every rank calls it for the same folds in the same order: it gathers)."""
+    sums = torch.stack([tally.total, tally.count])
     if dist.is_initialized():
         dist.all_reduce(sums)
     # float() waits for the device, so the time covers every step of every rank.
-    images_per_s = float(sums[1]) / (time.perf_counter() - started)
-    labels_all, probs_all = _gather_arrays(torch.cat(seen_labels), torch.cat(seen_probs))
+    images_per_s = float(sums[1]) / (time.perf_counter() - tally.started)
+    labels_all, probs_all = _gather_arrays(torch.cat(tally.labels), torch.cat(tally.probs))
     scores = {"accuracy": math.nan, "roc_auc": math.nan}  # diverged outputs have no score
     if np.isfinite(probs_all).all():
         scores = fold.task.metrics(labels_all, probs_all)
@@ -553,19 +594,39 @@ def predict(
     model.eval()
     indices, labels, probs = [], [], []
     for images, batch_labels, batch_indices in loader:
-        with autocast(runtime.device, runtime.precision):
-            batch_probs = average_probabilities(
-                model,
-                images.to(runtime.device, non_blocking=True),
-                task.probabilities,
-                tta,
-                lambda inputs: in_memory_format(inputs, runtime),
-                (runtime.mean, runtime.std),
-            )
-        probs.append(batch_probs.cpu())
+        probs.append(predict_batch(model, images, runtime, task, tta))
         labels.append(batch_labels)
         indices.append(batch_indices)
     local = (torch.cat(indices).numpy(), torch.cat(labels).numpy(), torch.cat(probs).numpy())
+    return gather_predictions(local)
+
+
+def predict_batch(
+    model: nn.Module,
+    images: torch.Tensor,
+    runtime: Runtime,
+    task: Task,
+    tta: AugmentConfig | None = None,
+) -> torch.Tensor:
+    """Probabilities of one uint8 batch, on the host (the model in eval mode), averaged over
+    the test-time augmentation's views when `tta` asks for them (`distmed.tta`)."""
+    with autocast(runtime.device, runtime.precision):
+        probs = average_probabilities(
+            model,
+            images.to(runtime.device, non_blocking=True),
+            task.probabilities,
+            tta,
+            lambda inputs: in_memory_format(inputs, runtime),
+            (runtime.mean, runtime.std),
+        )
+    return probs.cpu()
+
+
+def gather_predictions(
+    local: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This rank's (indices, labels, probabilities) joined with every rank's, each sample
+    once, by index (every rank calls it for the same folds in the same order: it gathers)."""
     shards: list[Any] = [local]
     if dist.is_initialized():
         shards = [None] * dist.get_world_size()
@@ -582,9 +643,16 @@ def predict(
 def evaluate(fold: FoldRun, runtime: Runtime) -> dict[str, float] | None:
     """Validation metrics of the fold's model; None when its outputs are not finite."""
     assert fold.val_loader is not None, "evaluate needs a fold with validation data"
-    indices, labels, probs = predict(
-        fold.eval_model, fold.val_loader, runtime, fold.task, fold.augment
+    return score_validation(
+        fold, *predict(fold.eval_model, fold.val_loader, runtime, fold.task, fold.augment)
     )
+
+
+def score_validation(
+    fold: FoldRun, indices: np.ndarray, labels: np.ndarray, probs: np.ndarray
+) -> dict[str, float] | None:
+    """The fold's validation metrics from its gathered predictions (kept as its out-of-fold
+    scores); None when the outputs are not finite."""
     if not np.isfinite(probs).all():
         return None
     # The latest epoch's predictions are the fold's out-of-fold scores once it stops.
@@ -604,21 +672,33 @@ def run_fold_epoch(fold: FoldRun, epoch: int, cfg: ExperimentConfig, runtime: Ru
     if set_epoch is not None:
         set_epoch(epoch)
     train = train_one_epoch(fold, runtime)
+    close_epoch(fold, epoch, cfg, train, lambda: evaluate(fold, runtime))
+
+
+def close_epoch(
+    fold: FoldRun,
+    epoch: int,
+    cfg: ExperimentConfig,
+    train: dict[str, float],
+    validate: Callable[[], dict[str, float] | None],
+) -> None:
+    """Record a fold's epoch: its training metrics, `validate()`'s metrics (called only when
+    training stayed finite and the fold has validation images), early stopping, divergence."""
     record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()}}
     val = None
-    if math.isfinite(record["train_loss"]) and fold.val_loader is not None:
-        val = evaluate(fold, runtime)
+    if math.isfinite(record["train_loss"]) and fold.validation_size() > 0:
+        val = validate()
         if val is not None:
             record.update({f"val_{k}": v for k, v in val.items()})
             fold.update_stopping(val["roc_auc"], cfg.train.patience)
-    if not math.isfinite(record["train_loss"]) or (fold.val_loader is not None and val is None):
+    if not math.isfinite(record["train_loss"]) or (fold.validation_size() > 0 and val is None):
         # Diverged (NaN/inf): the fold has no score. Its metrics are NaN, so the CV mean
         # is NaN too and a search never ranks the trial by its surviving folds.
         fold.stopped = True
         record["diverged"] = 1.0
         record.update({f"val_{k}": math.nan for k in (*fold.task.metric_keys, "loss")})
-        if fold.val_loader is not None:  # how many images the fold would have been scored on
-            record["val_num_samples"] = len(cast(Sized, fold.val_loader.dataset))
+        if fold.validation_size() > 0:  # how many images the fold would have been scored on
+            record["val_num_samples"] = fold.validation_size()
     fold.history.append(record)
 
 

@@ -76,7 +76,9 @@ def _run(args: argparse.Namespace) -> int:
     output.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, output / "config.yaml")
     plan = pipeline.connect(prepared.data, args.address).plan
-    layout = plan_workers(cfg.scaling)
+    # A stream decodes in Ray Data tasks: keep one task's CPUs out of the workers' share.
+    reserve = cfg.data.stream_decode_cpus if cfg.data.loader == "stream" else 0.0
+    layout = plan_workers(cfg.scaling, reserve_cpus=reserve)
     print(
         f"distmed {__version__}: {index.name}, {len(index.pool)} images, "
         f"{len(index.class_names)} classes, "
