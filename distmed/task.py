@@ -563,7 +563,7 @@ class MultilabelTask(Task):
 
     def _checked(self, values: np.ndarray, dtype: type, what: str) -> np.ndarray:
         """`values` as a (N, L) array of `dtype`; ValueError naming `what` otherwise."""
-        array = np.asarray(values, dtype=dtype)
+        array: np.ndarray = np.asarray(values, dtype=dtype)
         if array.ndim != 2 or array.shape[1] != len(self.class_names):
             raise ValueError(
                 f"multi-label {what} are (N, {len(self.class_names)}), not {array.shape}"
