@@ -3,7 +3,8 @@
 #   bash dev.sh demo   the demo search (Tune + Optuna over 5-fold CV on the built-in data)
 #   bash dev.sh cv     one configuration, 5-fold cross-validated on the built-in demo data
 #   bash dev.sh test   install the tests' browser if missing, run ruff, mypy and pytest (what CI runs;
-#     the tests without Ray on 2 processes, then the Ray tests in one: `run_tests` below)
+#     3 pytest-xdist processes, the session's Ray tests in one of them, then the `serial` tests:
+#     `run_tests` below)
 #   bash dev.sh test-fast   pytest without the Ray and GPU tests (-m "not ray and not gpu", -n 2), no
 #     ruff or mypy: the ~2-minute loop while editing; `test` before a commit still runs everything
 #   bash dev.sh gpu-check   on a CUDA machine: gpu tests, train, packed search, throughput
@@ -48,14 +49,19 @@ ensure_browser() {
 # stay in one process, whose torch then uses half the cores), with them the `own_ray` tests
 # (searches in subprocesses, each with its own Ray instance, made to run beside others; the
 # longest test, so conftest puts it first and xdist keeps that order); then the other Ray
-# tests in one process: they share the session's Ray instance. Extra arguments go to both runs; a run that selects no test (pytest's exit
-# status 5) is no failure while the other ran tests. Both runs always run; the status is
-# the first failure's.
+# tests in one process (they share the session's Ray instance), with the `serial` tests (bound
+# by wall time: signals and deadlines, which need the cores to themselves). Extra arguments
+# go to both runs; a run that selects no test (pytest's exit status 5) is no failure while
+# the other ran tests. Both runs always run; the status is the first failure's.
 run_tests() {
     local status=0 first second
-    "$VENV/bin/python" -m pytest -m "not ray or own_ray" -n 2 --dist loadfile \
-        --no-loadscope-reorder "$@" && first=0 || first=$?
-    "$VENV/bin/python" -m pytest -m "ray and not own_ray" -p no:xdist "$@" && second=0 || second=$?
+    # One pytest-xdist run of everything not bound by wall time: the session's Ray tests in one
+    # process (their group; they mostly wait on Ray), beside them the `own_ray` searches and
+    # the files without Ray (tests/conftest.py groups and orders them). Then the `serial` tests,
+    # whose bounds are wall time, alone.
+    "$VENV/bin/python" -m pytest -m "not serial" -n 3 --dist loadfile --no-loadscope-reorder \
+        "$@" && first=0 || first=$?
+    "$VENV/bin/python" -m pytest -m "serial" -p no:xdist "$@" && second=0 || second=$?
     if [ "$first" = 5 ] && [ "$second" = 5 ]; then
         return 5
     fi

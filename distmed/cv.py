@@ -28,12 +28,13 @@ from distmed.artifacts import check_free_space, delete_partial_checkpoints
 from distmed.config import CVConfig, ExperimentConfig
 from distmed.cvstats import corrected_standard_error
 from distmed.data import CachedData, DataIndex, Split, build_cache, drop_samples
+from distmed.data.stream import StreamSpec
 from distmed.errors import UserError, shorten
 from distmed.loop import checkpoint_bytes
 from distmed.metrics import METRIC_NAMES
 from distmed.resources import WorkerLayout
 from distmed.task import FINDING_AUC_PREFIX as FINDING
-from distmed.task import MultilabelTask, Task, task_of_index
+from distmed.task import MULTILABEL_LOSS_REFUSAL, MultilabelTask, Task, task_of_index
 from distmed.worker import STATE_FILE, FoldIndices, WorkerConfig, train_folds
 
 log = logging.getLogger(__name__)
@@ -383,6 +384,7 @@ class FoldPlan:
     folds: list[dict[str, list[int]]]  # cv.repeats x k of them, repeat-major (`fold_specs`)
     images_ref: Any = None
     folds_per_repeat: int | None = None  # k; None: `folds` are one repeat
+    stream: StreamSpec | None = None  # data.loader stream: no cache, `images_path` is ""
 
     def smallest_train_fold(self) -> int:
         return min(len(f["train"]) for f in self.folds)
@@ -414,7 +416,7 @@ class PreparedData:
     """A source made ready for training: index, decoded cache, fold assignment and plan."""
 
     index: DataIndex
-    cache: CachedData
+    cache: CachedData | None  # None: data.loader stream decodes in the workers
     assignment: np.ndarray  # (cv.repeats, N) fold numbers, `make_folds`
     plan: FoldPlan
     thin_folds: str | None = None  # `thin_validation_folds`' warning
@@ -431,8 +433,28 @@ def prepare_data(
     """
     # A typo (data.positive_class, a finding's name) stops before the decode.
     task = task_of_index(scanned, cfg.data, cfg.cv.folds)
+    if scanned.multilabel and cfg.train.sampler == "balanced":
+        # The sampler weights one class per image; said here, not inside a Ray worker.
+        raise UserError(
+            "train.sampler: balanced draws by class, and these images have several findings; "
+            "use train.sampler: shuffle with train.class_weights: balanced (per-finding pos_weight)"
+        )
+    if scanned.multilabel and (cfg.train.loss != "cross_entropy" or cfg.train.label_smoothing):
+        raise UserError(MULTILABEL_LOSS_REFUSAL)
     assignment = make_folds(scanned.pool, cfg.cv, task)
     said = _warn_few_images(scanned, assignment, cfg.cv.folds, task)  # before the slow decode
+    if cfg.data.loader == "stream":
+        if scanned.multilabel:
+            raise UserError(
+                "data.loader: stream reads one label per image in this version; for several "
+                "findings per image use data.loader: cache"
+            )
+        return _prepare_stream(cfg, scanned, assignment, batch_sizes, said)
+    if scanned.pool.uris is not None:
+        raise UserError(
+            f"data.root {cfg.data.root}: images in object storage are read by the streamed "
+            "loader; set data.loader: stream"
+        )
     cache = build_cache(scanned, cfg.data)
     index = drop_samples(scanned, cache.skipped)
     if index.skipped:
@@ -460,6 +482,49 @@ def prepare_data(
     return PreparedData(index, cache, assignment, plan, thin, gaps)
 
 
+def _prepare_stream(
+    cfg: ExperimentConfig,
+    index: DataIndex,
+    assignment: np.ndarray,
+    batch_sizes: Sequence[int],
+    said: tuple[str | None, str | None],
+) -> PreparedData:
+    """The plan of a streamed run: folds and file names, nothing decoded here (the workers'
+    Ray Data tasks decode, `distmed.data.stream`)."""
+    pool = index.pool
+    if pool.uris is None and pool.paths is None:
+        raise UserError(
+            f"data.loader: stream reads image files; {index.name} holds its images in an "
+            "array (.npz): use data.loader: cache"
+        )
+    stream = StreamSpec(
+        paths=pool.uris if pool.uris is not None else [str(p) for p in pool.paths or []],
+        options=cfg.data.decode_settings(),
+        decode_cpus=cfg.data.stream_decode_cpus,
+    )
+    plan = FoldPlan(
+        images_path="",
+        labels=pool.labels.tolist(),
+        task=task_of_index(index, cfg.data, cfg.cv.folds),
+        folds=fold_specs(assignment, cfg.cv.folds),
+        folds_per_repeat=cfg.cv.folds,
+        stream=stream,
+    )
+    for size in batch_sizes or [cfg.train.batch_size]:
+        check_batch_fits(size, plan.smallest_train_fold())
+    return PreparedData(index, None, assignment, plan, *said)
+
+
+def require_cache(data: PreparedData, what: str) -> CachedData:
+    """The decoded cache of `data`, or a one-line refusal naming what needs it."""
+    if data.cache is None:
+        raise UserError(
+            f"{what} reads the decoded cache; data.loader: stream runs cross-validation "
+            "(distmed.train) only in this version: use data.loader: cache"
+        )
+    return data.cache
+
+
 def _warn_few_images(
     index: DataIndex, assignment: np.ndarray, folds: int, task: Task
 ) -> tuple[str | None, str | None]:
@@ -480,6 +545,8 @@ def share_images(plan: FoldPlan) -> FoldPlan:
     The cache file exists only on the node that built it (the driver's); Ray copies the
     object to each node that reads it, once per node.
     """
+    if plan.stream is not None:  # nothing decoded to share: every node decodes its own
+        return plan
     images = np.load(plan.images_path)  # a plain array: a memory map would be copied anyway
     return replace(plan, images_ref=ray.put(images))
 
@@ -528,6 +595,7 @@ def fit_folds(
             folds_per_repeat=plan.folds_per_repeat,
             threads=layout.threads,
             detail_uri=detail_uri,
+            stream=plan.stream,
         ).to_loop_config(),
         scaling_config=ScalingConfig(
             num_workers=layout.num_workers,

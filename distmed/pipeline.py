@@ -50,8 +50,17 @@ from distmed.calibration import (
     oof_threshold,
 )
 from distmed.config import CVConfig, ExperimentConfig
-from distmed.cv import FoldPlan, PreparedData, prepare_data, score_caveat, share_images, storage_uri
+from distmed.cv import (
+    FoldPlan,
+    PreparedData,
+    prepare_data,
+    require_cache,
+    score_caveat,
+    share_images,
+    storage_uri,
+)
 from distmed.data import describe_index, inspect_data, scan_source
+from distmed.data.remote import bucket_summary
 from distmed.errors import EXIT_INTERRUPTED, UserError
 from distmed.failures import failed_path, one_line_write_failures, out_of_space, write_failure
 from distmed.importance import importance_text, param_importances
@@ -179,7 +188,8 @@ def warn_frozen_random_stages(spec: SearchSpaceFile) -> None:
     if "model.stem" in space and "imagenet" in space["model.stem"].probe_values():
         model = model.model_copy(update={"stem": "imagenet"})  # a stem that can be frozen
     unfreeze = space.get("model.unfreeze")
-    model_warning(model, min(unfreeze.probe_values()) if unfreeze else None)
+    counts = [v for v in unfreeze.probe_values() if v != "all"] if unfreeze else []
+    model_warning(model, min(counts) if counts else None)
 
 
 def describe_search(spec: SearchSpaceFile) -> str:
@@ -235,7 +245,10 @@ def prepare(cfg: ExperimentConfig, batch_sizes: Sequence[int] = ()) -> Prepared:
     """Index, data summary, folds and decoded cache; every input error (duplicates too, with
     `data.on_duplicates: error`; a bad weights file) before Ray and the slow first decode."""
     scanned = scan_source(cfg.data)
-    inspection = inspect_data(scanned, cfg.data)
+    if scanned.pool.uris is None:
+        inspection = inspect_data(scanned, cfg.data)
+    else:  # a bucket: the driver reads no image (`distmed.data.remote`)
+        inspection = bucket_summary(scanned)
     check_weights(cfg.model)  # a bad weights file fails before the (slow) first decode
     return Prepared(prepare_data(cfg, scanned, batch_sizes), inspection)
 
@@ -488,7 +501,7 @@ def finalize(
             state,
             chosen,
             task,
-            data.cache.channels,
+            require_cache(data, "the refit's saved model").channels,
             run_name,
             folds=folds,
             fold_states=fold_states,
@@ -569,7 +582,8 @@ def operating_threshold(
 def score_test(path: Path, data: PreparedData, local: Path) -> dict[str, Any]:
     """The test split scored once per saved ensemble (its predictions kept for the report);
     empty when the source has no test split."""
-    if data.cache.test_path is None:
+    test_path = require_cache(data, "the test split's scoring").test_path
+    if test_path is None:
         return {}
     choices: list[tuple[Ensemble, str, str]] = [
         ("refit", "test_metrics", TEST_PREDICTIONS),
@@ -582,9 +596,7 @@ def score_test(path: Path, data: PreparedData, local: Path) -> dict[str, Any]:
             continue
         model, _ = load_inference_model(path, ensemble)
         labels = data.plan.task.targets(data.index.test.labels)  # a multi-label task's policies
-        out[key] = evaluate_test(
-            model, data.cache.test_path, labels, data.plan.task, save_to=local / file
-        )
+        out[key] = evaluate_test(model, test_path, labels, data.plan.task, save_to=local / file)
     return out
 
 

@@ -28,10 +28,11 @@ from pydantic import (
 from distmed import __version__
 from distmed.artifacts import atomic_path, read_torch_file
 from distmed.calibration import FindingTemperatures, TemperatureFit
-from distmed.config import DataConfig, ExperimentConfig, format_validation_error
+from distmed.config import DataConfig, ExperimentConfig, ModelConfig, format_validation_error
 from distmed.data import IMAGENET_MEAN, IMAGENET_STD
 from distmed.data.settings import RESIZE_MODES, DecodeSettings
 from distmed.errors import UserError
+from distmed.model import input_normalization
 from distmed.task import (
     MISSING_POLICIES,
     UNCERTAIN_POLICIES,
@@ -341,14 +342,19 @@ RESIZE_TEXT = {
 
 
 def preprocessing_for(
-    image_size: int, channels: int, data: DataConfig | None = None
+    image_size: int,
+    channels: int,
+    data: DataConfig | None = None,
+    model: ModelConfig | None = None,
 ) -> Preprocessing:
     """What a model trained at `image_size` px from a cache of `channels` (1 or 3) expects.
 
     `data` (the training config's data section) adds its decoding settings; without it the
-    settings are the config's defaults.
+    settings are the config's defaults. `model` gives the normalisation its weights were
+    trained with (`model.input_normalization`); without it, ImageNet's.
     """
     data = data or DataConfig()
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if model is None else input_normalization(model)
     scale = {
         "minmax": "min-max scaled per image",
         "percentile": f"scaled per image between percentiles {list(data.percentiles)}",
@@ -357,8 +363,8 @@ def preprocessing_for(
     return Preprocessing(
         **{**data.decode_settings().model_dump(), "image_size": image_size},
         channels_in_cache=channels,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        mean=mean,
+        std=std,
         resize_text=RESIZE_TEXT[data.resize],
         scale=f"uint8 / 255; 16-bit, float and DICOM pixels {scale} (a DICOM file's own "
         "window first unless intensity is window); EXIF orientation applied; "
@@ -399,7 +405,7 @@ def save_model(
         config=cfg,
         class_names=list(task.class_names),
         positive_index=task.positive if isinstance(task, BinaryTask) else None,
-        preprocessing=preprocessing_for(cfg.data.image_size, channels, cfg.data),
+        preprocessing=preprocessing_for(cfg.data.image_size, channels, cfg.data, cfg.model),
         fold_models=folds,
         multilabel=multilabel,
         **_calibration_fields(calibration),

@@ -25,12 +25,19 @@ from torch import nn
 
 from distmed import metrics
 from distmed.errors import UserError, shorten
+from distmed.losses import PLAIN_LOSS, LossSpec, SoftmaxLoss
 
 if TYPE_CHECKING:
     from distmed.config import DataConfig
     from distmed.data import DataIndex
 
 log = logging.getLogger(__name__)
+
+MULTILABEL_LOSS_REFUSAL = (
+    "train.loss: focal and train.label_smoothing are for one class per image; these images have "
+    "several findings (masked BCE per finding): set train.loss: cross_entropy and "
+    "train.label_smoothing: 0"
+)
 
 
 @dataclass(frozen=True)
@@ -63,11 +70,15 @@ class Task(ABC):
     def thresholded(self) -> bool:
         """Whether a decision threshold on one score applies (binary tasks)."""
 
-    def build_loss(self, weights: np.ndarray | None, device: torch.device | str) -> nn.Module:
-        """Cross-entropy over the K logits; `weights` (K,) per class when given."""
-        if weights is None:
-            return nn.CrossEntropyLoss()
-        return nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device))
+    def build_loss(
+        self, weights: np.ndarray | None, device: torch.device | str, spec: LossSpec = PLAIN_LOSS
+    ) -> nn.Module:
+        """Cross-entropy (or `spec`'s focal loss, label smoothing) over the K logits;
+        `weights` (K,) per class when given. Targets: indices (N,) or probabilities (N, K)."""
+        weight = None
+        if weights is not None:
+            weight = torch.tensor(weights, dtype=torch.float32, device=device)
+        return SoftmaxLoss(weight, spec)
 
     def class_weights(self, train_labels: np.ndarray) -> np.ndarray:
         """`train.class_weights: balanced`: (K,) weights n / (K * n_k) from a training fold's
@@ -395,8 +406,17 @@ class MultilabelTask(Task):
         ratio = negatives / np.maximum(positives, 1)
         return np.where(both, ratio, 1.0).astype(np.float32)
 
-    def build_loss(self, weights: np.ndarray | None, device: torch.device | str) -> nn.Module:
-        """`MaskedBCEWithLogits`; `weights` (L,) is each finding's `pos_weight` when given."""
+    def build_loss(
+        self, weights: np.ndarray | None, device: torch.device | str, spec: LossSpec = PLAIN_LOSS
+    ) -> nn.Module:
+        """`MaskedBCEWithLogits`; `weights` (L,) is each finding's `pos_weight` when given.
+
+        Raises:
+            UserError: `spec` asks for label smoothing or focal loss, which are written for one
+                class per image here (`cv.prepare_data` says so before training starts).
+        """
+        if spec != PLAIN_LOSS:
+            raise UserError(MULTILABEL_LOSS_REFUSAL)
         if weights is None:
             return MaskedBCEWithLogits().to(device)
         pos_weight = torch.tensor(weights, dtype=torch.float32, device=device)
@@ -536,18 +556,17 @@ class MultilabelTask(Task):
         return np.array(cuts)
 
     def _shaped(self, labels: np.ndarray) -> np.ndarray:
-        array = np.asarray(labels, dtype=np.float32)
-        if array.ndim != 2 or array.shape[1] != len(self.class_names):
-            raise ValueError(
-                f"multi-label labels are (N, {len(self.class_names)}), not {array.shape}"
-            )
-        return array
+        return self._checked(labels, np.float32, "labels")
 
     def _probs(self, probs: np.ndarray) -> np.ndarray:
-        array = np.asarray(probs, dtype=np.float64)
+        return self._checked(probs, np.float64, "probabilities")
+
+    def _checked(self, values: np.ndarray, dtype: type, what: str) -> np.ndarray:
+        """`values` as a (N, L) array of `dtype`; ValueError naming `what` otherwise."""
+        array: np.ndarray = np.asarray(values, dtype=dtype)
         if array.ndim != 2 or array.shape[1] != len(self.class_names):
             raise ValueError(
-                f"multi-label probabilities are (N, {len(self.class_names)}), not {array.shape}"
+                f"multi-label {what} are (N, {len(self.class_names)}), not {array.shape}"
             )
         return array
 

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--config",
-        help="experiment YAML, or a search-space file (its 'base' is used); default: built-ins",
+        help="experiment YAML, or a search-space file or shipped name such as demo (its "
+        "'base' is used); default: built-ins",
     )
     parser.add_argument("--output", help="result folder (default runs/train-<data>-<time>)")
     parser.add_argument(
@@ -75,7 +76,9 @@ def _run(args: argparse.Namespace) -> int:
     output.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, output / "config.yaml")
     plan = pipeline.connect(prepared.data, args.address).plan
-    layout = plan_workers(cfg.scaling)
+    # A stream decodes in Ray Data tasks: keep one task's CPUs out of the workers' share.
+    reserve = cfg.data.stream_decode_cpus if cfg.data.loader == "stream" else 0.0
+    layout = plan_workers(cfg.scaling, reserve_cpus=reserve)
     print(
         f"distmed {__version__}: {index.name}, {len(index.pool)} images, "
         f"{len(index.class_names)} classes, "

@@ -18,6 +18,7 @@ from distmed.config import CVConfig, DataConfig, load_config
 from distmed.cv import gaps_in_test_split, make_folds, thin_validation_folds
 from distmed.data import Split, format_summary, inspect_index, scan_source
 from distmed.errors import UserError
+from distmed.task import MultilabelTask
 
 NAN = math.nan
 
@@ -464,7 +465,7 @@ def test_the_test_split_warning_names_a_finding_without_positives(tmp_path):
         lines.append(f"{n}.png,{n % 2},{int(n == 1)},{'test' if n >= 6 else 'train'}")
     (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
     index = scan_source(_config(tmp_path, root=str(tmp_path / "m.csv"), task="multilabel"))
-    gaps = gaps_in_test_split(index, StandIn(("A", "B"), ("A", "B")))
+    gaps = gaps_in_test_split(index, MultilabelTask(("A", "B")))
     assert gaps is not None and "has no positive image of finding 'B'" in gaps
     assert "fewer than 5 positive images of finding 'A' (1)" in gaps
 

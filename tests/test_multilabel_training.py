@@ -168,3 +168,18 @@ def test_a_test_split_without_positives_of_a_finding_is_said():
     assert ignored is not None and "'Effusion'" in ignored and "'Atelectasis'" not in ignored
     ones = MultilabelTask(("Atelectasis", "Effusion"), uncertain=("ignore", "ones"))
     assert gaps_in_test_split(index, ones) is None
+
+
+def test_balanced_sampling_of_several_findings_stops_before_any_decode():
+    """`train.sampler: balanced` weights one class per image: a multi-label pool is refused
+    in one line by `prepare_data`, before the cache is built or Ray starts."""
+    from distmed.cv import prepare_data
+    from distmed.data import DataIndex, Split
+    from distmed.errors import UserError
+
+    _, raw = generated_set(20, seed=3)
+    pool = Split(ids=[f"i{k}" for k in range(20)], labels=raw)
+    index = DataIndex("gen", list(FINDINGS), pool, None, "fp", multilabel=True)
+    cfg = ExperimentConfig.model_validate({"cv": {"folds": 2}, "train": {"sampler": "balanced"}})
+    with pytest.raises(UserError, match="train.sampler: balanced.*several findings"):
+        prepare_data(cfg, index)

@@ -135,6 +135,7 @@ def test_search_stops_poor_trials_writes_results_and_hides_the_key(
     argv = ["--space", str(space), "--storage", str(tmp_path / "runs"), "--name", "exp"]
     tracking = ["--wandb-project", "distmed-test", "--mlflow-uri", uri]
     tracking += ["--set", "tracking.mlflow.experiment=distmed-mlflow-test"]
+    tracking += ["--set", "tracking.mlflow.registered_model=distmed-test-model"]
     model_writes = _watch_model_writes(monkeypatch)
     assert tune.main([*argv, *tracking]) == 0  # 2 epochs: rung 1 decides
     printed = capsys.readouterr().out
@@ -184,6 +185,7 @@ def test_search_stops_poor_trials_writes_results_and_hides_the_key(
         [log_file] = run.glob("*.wandb")
         assert b"cv_roc_auc" in log_file.read_bytes()
     _check_mlflow_and_tensorboard(uri, out, printed, tmp_path)
+    _check_registered_model(uri, out, data / "test", printed, tmp_path)
     # The planted secrets reach no file under the results folder, MLflow's store or this
     # Ray instance's session folder (its runtime-env agent log), nor the console.
     secrets = (FAKE_KEY.encode(), FAKE_AWS_SECRET.encode(), FAKE_TOKEN.encode())
@@ -330,6 +332,31 @@ def _check_mlflow_and_tensorboard(uri: str, out: Path, printed: str, tmp_path: P
     assert len(trial_folders) == 2
     assert all(list(p.glob("events.out.tfevents.*")) for p in trial_folders)
     assert f"tensorboard --logdir {out}" in printed
+
+
+def _check_registered_model(uri: str, out: Path, test: Path, printed: str, tmp_path: Path) -> None:
+    """The best model, registered on the server as a pyfunc model, predicts the test split's
+    raw pixels as `distmed predict` predicts its files (its CSV keeps 6 decimals)."""
+    import mlflow
+    import numpy as np
+    from PIL import Image
+
+    from distmed import predict
+
+    assert "MLflow: registered the best model as models:/distmed-test-model/1" in printed
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pyfunc.load_model("models:/distmed-test-model/1")
+    paths = sorted(test.rglob("*.png"))
+    pixels = np.stack([np.asarray(Image.open(p)) for p in paths])[..., None]  # grey: C = 1
+    probs = loaded.predict(pixels)
+    csv_path = tmp_path / "predictions.csv"
+    argv = ["--model", str(out / "best_model.pt"), "--cpu", "--output", str(csv_path)]
+    assert predict.main([*argv, *map(str, paths)]) == 0
+    with csv_path.open() as handle:
+        rows = {row["path"]: row for row in csv.DictReader(handle)}
+    expected = [[float(rows[str(p)][f"prob_{c}"]) for c in ("neg", "pos")] for p in paths]
+    np.testing.assert_allclose(probs, np.array(expected), atol=1e-6)
+    assert loaded.metadata.metadata["class_names"] == ["neg", "pos"]
 
 
 def _bytes(path: Path) -> bytes:

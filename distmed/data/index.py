@@ -21,7 +21,8 @@ class Split:
     (`DataIndex.multilabel`) float32 (N, L) raw codes: 1.0 positive, 0.0 negative, -1.0
     uncertain, NaN missing (the task's policy turns them into targets).
 
-    Exactly one of `paths` (image files) and `images` (in-memory arrays from an .npz) is set.
+    Exactly one of `paths` (image files), `images` (in-memory arrays from an .npz) and `uris`
+    (objects in a bucket, `distmed.data.remote`; read only by the streamed loader) is set.
     `origins` names the split each sample came from (`train`, `val`, `test`; `all` for a
     folder without split folders).
     """
@@ -32,6 +33,7 @@ class Split:
     paths: list[Path] | None = None
     images: np.ndarray | None = None
     origins: np.ndarray | None = None
+    uris: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -96,4 +98,7 @@ def _drop_from_split(split: Split, skipped: dict[str, str]) -> Split:
         else None,
         images=split.images[keep] if split.images is not None else None,
         origins=split.origins[keep] if split.origins is not None else None,
+        uris=[u for u, kept in zip(split.uris, keep, strict=True) if kept]
+        if split.uris is not None
+        else None,
     )

@@ -75,6 +75,10 @@ def _scan(cfg: DataConfig) -> DataIndex:
         from distmed.demo import ensure_demo_folder
 
         index = scan_folder(ensure_demo_folder(cache_root(cfg)), cfg, name="demo")
+    elif "://" in root:  # a bucket: listed here, read by the streamed loader's tasks
+        from distmed.data.remote import scan_bucket
+
+        index = scan_bucket(root, cfg)
     elif root.startswith("medmnist:"):
         index = scan_npz(fetch_medmnist(root.split(":", 1)[1], cache_root(cfg)), cfg)
     else:
