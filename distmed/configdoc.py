@@ -102,14 +102,18 @@ def _is_model(annotation: Any) -> bool:
 
 def type_text(field: FieldInfo) -> str:
     """A field's type in words with its bounds, e.g. `integer, >= 1`."""
-    text = _annotation_text(field.annotation)
-    bounds = [
+    return ", ".join([_annotation_text(field.annotation), *_bounds(field.metadata)])
+
+
+def _bounds(metadata: list[Any]) -> list[str]:
+    """`>= 0`, `< 1`, ... from pydantic's constraint objects (or a `Field` inside `Annotated`)."""
+    items = [m for item in metadata for m in getattr(item, "metadata", [item])]
+    return [
         f"{symbol} {_number(getattr(item, attr))}"
-        for item in field.metadata
+        for item in items
         for attr, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
         if getattr(item, attr, None) is not None
     ]
-    return ", ".join([text, *bounds])
 
 
 def _annotation_text(annotation: Any) -> str:
@@ -121,7 +125,7 @@ def _annotation_text(annotation: Any) -> str:
         kinds = [_annotation_text(a) for a in args if a is not type(None)]
         return " or ".join(kinds) + (" or none" if type(None) in args else "")
     if origin is typing.Annotated:
-        return _annotation_text(args[0])
+        return " ".join([_annotation_text(args[0]), *_bounds(list(args[1:]))])
     if origin is list:
         return f"list of {_annotation_text(args[0])}"
     if origin is tuple:

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Annotated, Literal
 
 import pytest
 from pydantic import BaseModel, Field
@@ -39,6 +40,7 @@ def test_the_generator_writes_type_bounds_default_and_description():
     class Inner(BaseModel):
         rate: float = Field(0.5, gt=0, le=1, description="a rate | with a bar")
         mode: str | None = None
+        depth: Annotated[int, Field(ge=0)] | Literal["all"] = Field(3, description="stages")
 
     class Outer(BaseModel):
         inner: Inner = Inner()
@@ -47,6 +49,7 @@ def test_the_generator_writes_type_bounds_default_and_description():
     assert "## `inner`" in page
     assert "| `inner.rate` | number, > 0, <= 1 | `0.5` | a rate \\| with a bar |" in page
     assert "| `inner.mode` | text or none | none |  |" in page
+    assert "| `inner.depth` | integer >= 0 or `all` | `3` | stages |" in page
     assert configdoc.undescribed(Outer) == ["inner.mode"]
 
 
