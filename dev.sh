@@ -2,8 +2,10 @@
 # Set-up and everyday commands; each installs what it needs into .venv and is safe to repeat.
 #   bash dev.sh demo   the demo search (Tune + Optuna over 5-fold CV on the built-in data)
 #   bash dev.sh cv     one configuration, 5-fold cross-validated on the built-in demo data
-#   bash dev.sh test   install the tests' browser if missing, run ruff, mypy and pytest (what CI runs)
-#   bash dev.sh test-fast   pytest without the Ray and GPU tests (-m "not ray and not gpu"), no
+#   bash dev.sh test   install the tests' browser if missing, run ruff, mypy and pytest (what CI runs;
+#     3 pytest-xdist processes, the session's Ray tests in one of them, then the `serial` tests:
+#     `run_tests` below)
+#   bash dev.sh test-fast   pytest without the Ray and GPU tests (-m "not ray and not gpu", -n 2), no
 #     ruff or mypy: the ~2-minute loop while editing; `test` before a commit still runs everything
 #   bash dev.sh gpu-check   on a CUDA machine: gpu tests, train, packed search, throughput
 #     (PYTHON=python3 or DISTMED_PYTHON=...: use that interpreter as it is, make no .venv)
@@ -43,6 +45,34 @@ ensure_browser() {
         || { $sudo apt-get update -qq && $sudo apt-get install -y chromium >/dev/null; }
 }
 
+# pytest in two runs: the tests without Ray on two processes (pytest-xdist; a file's tests
+# stay in one process, whose torch then uses half the cores), with them the `own_ray` tests
+# (searches in subprocesses, each with its own Ray instance, made to run beside others; the
+# longest test, so conftest puts it first and xdist keeps that order); then the other Ray
+# tests in one process (they share the session's Ray instance), with the `serial` tests (bound
+# by wall time: signals and deadlines, which need the cores to themselves). Extra arguments
+# go to both runs; a run that selects no test (pytest's exit status 5) is no failure while
+# the other ran tests. Both runs always run; the status is the first failure's.
+run_tests() {
+    local status=0 first second
+    # One pytest-xdist run of everything not bound by wall time: the session's Ray tests in one
+    # process (their group; they mostly wait on Ray), beside them the `own_ray` searches and
+    # the files without Ray (tests/conftest.py groups and orders them). Then the `serial` tests,
+    # whose bounds are wall time, alone.
+    "$VENV/bin/python" -m pytest -m "not serial" -n 3 --dist loadfile --no-loadscope-reorder \
+        "$@" && first=0 || first=$?
+    "$VENV/bin/python" -m pytest -m "serial" -p no:xdist "$@" && second=0 || second=$?
+    if [ "$first" = 5 ] && [ "$second" = 5 ]; then
+        return 5
+    fi
+    for code in "$first" "$second"; do
+        if [ "$code" != 0 ] && [ "$code" != 5 ] && [ "$status" = 0 ]; then
+            status=$code
+        fi
+    done
+    return "$status"
+}
+
 case "${1:-}" in
     demo)
         ensure_env
@@ -61,13 +91,13 @@ case "${1:-}" in
         "$VENV/bin/python" -m ruff check distmed tests benchmarks
         "$VENV/bin/python" -m ruff format --check --quiet distmed tests benchmarks
         "$VENV/bin/python" -m mypy  # over distmed/, configured in pyproject.toml
-        exec "$VENV/bin/python" -m pytest "$@"
+        run_tests "$@"
         ;;
     test-fast)
         ensure_env
         ensure_browser
         shift
-        exec "$VENV/bin/python" -m pytest -m "not ray and not gpu" "$@"
+        exec "$VENV/bin/python" -m pytest -m "not ray and not gpu" -n 2 --dist loadfile "$@"
         ;;
     gpu-check)
         shift

@@ -41,7 +41,7 @@ from benchmarks.common import (
 from benchmarks.loops import LoopBudget, LoopSpec, build_plain_step, cycle, measure
 
 NO_CUDA = "gpu-check: no CUDA GPU visible (torch.cuda.is_available() is False); nothing to check"
-STAGES = ("tests", "train", "tune", "throughput")
+STAGES = ("tests", "train", "tune", "throughput", "epochs")
 # Seconds each stage's process may run; all four are sized to finish in under 5 minutes.
 TIMEOUTS = {"tests": 150.0, "train": 150.0, "tune": 240.0}
 STAGES_LOG = "gpu-check-stages.log"
@@ -59,6 +59,8 @@ SMALL = ("cv.folds=2", "train.epochs=2", "data.image_size=32")
 THROUGHPUT_ARCHS = ("resnet18", "resnet50")
 THROUGHPUT_SIZE = 224
 THROUGHPUT_BATCH = 64
+# Generated 224 px images per whole-epoch cell (`run_epochs_stage`).
+EPOCH_IMAGES = 5000
 # Untimed warm-up steps (cuDNN's kernel search, allocator, loader start), then 3 rounds.
 THROUGHPUT_BUDGET = LoopBudget(
     repeat_seconds=1.0, cell_seconds=3.0, min_steps=5, max_repeats=3, warmup_steps=8
@@ -102,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": run_train_stage,
         "tune": run_tune_stage,
         "throughput": run_throughput_stage,
+        "epochs": run_epochs_stage,
     }
     summary: dict[str, Any] = {
         "check": "gpu-check",
@@ -363,6 +366,29 @@ def run_throughput_stage(work: Path, env: dict[str, str]) -> dict[str, Any]:
     payload["budget"] = asdict(THROUGHPUT_BUDGET)
     print(format_gpu_table(payload), flush=True)
     return payload
+
+
+def run_epochs_stage(work: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Whole epochs (data included) from the cache and from the stream, ResNet-18 and -50 at
+    224 px, data wait and step time apart (`benchmarks.epochs`)."""
+    import ray
+
+    from benchmarks import epochs
+
+    os.environ["DISTMED_CACHE"] = env["DISTMED_CACHE"]
+    cells = []
+    for arch in THROUGHPUT_ARCHS:
+        argv = ["--device", "cuda", "--arch", arch, "--size", str(THROUGHPUT_SIZE)]
+        argv += ["--images", str(EPOCH_IMAGES), "--workdir", str(work / f"epochs-{arch}")]
+        cell = epochs.run(epochs.build_parser().parse_args(argv))
+        for source in ("cache", "stream"):
+            last = cell[source][-1]  # the first epoch pays cuDNN's kernel search
+            rate, wait, step = last["images_per_s"], last["data_wait_s"], last["step_s"]
+            line = f"{fmt(rate)} img/s, data wait {wait:.1f} s, steps {step:.1f} s"
+            print(f"    {arch} {source}: {line}", flush=True)
+        cells.append(cell)
+    ray.shutdown()
+    return {"ok": True, "problems": [], "cells": cells}
 
 
 def time_gpu_loop(

@@ -304,6 +304,29 @@ def delete_checkpoints(run_uri: str) -> None:
                 filesystem.delete_dir(entry.path)
 
 
+def remove_run_without_checkpoints(run_uri: str) -> bool:
+    """Remove a Ray Train run folder (local path or URI) that holds no `checkpoint_*` folder.
+
+    Ray Train resumes a run whose name it finds in its storage, from the checkpoints that
+    the run's snapshot (`CHECKPOINT_SNAPSHOT`) lists, and its controller fails at start
+    (`CheckpointManagerInitializationError`, an `ActorDiedError` in the driver) when they are
+    gone, as `delete_checkpoints` leaves a finished run. Such a run has nothing to resume
+    from: without its folder the same name starts afresh. Returns whether it was removed.
+    """
+    import pyarrow.fs
+
+    if latest_checkpoint(run_uri) is not None:
+        return False
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(run_uri)
+    try:
+        if filesystem.get_file_info(root).type != pyarrow.fs.FileType.Directory:
+            return False
+        filesystem.delete_dir(root)
+    except OSError:  # not there (any more), or unreadable: Ray Train reports what it finds
+        return False
+    return True
+
+
 def latest_checkpoint(run_uri: str) -> str | None:
     """The newest `checkpoint_*` folder of a Ray Train run (local path or URI), if any.
 

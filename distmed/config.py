@@ -11,7 +11,7 @@ import types
 import typing
 from functools import cache
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -30,6 +30,7 @@ from distmed.data.settings import MIN_IMAGE_SIZE as MIN_IMAGE_SIZE
 from distmed.data.settings import DecodeSettings
 from distmed.errors import UserError, shorten
 from distmed.model import ARCHS
+from distmed.shipped import not_found_hint, space_path
 from distmed.uris import check_config
 from distmed.yamlfile import NotYaml, load_yaml, read_yaml_file
 
@@ -45,9 +46,75 @@ class _Section(BaseModel):
 
 
 class AugmentConfig(_Section):
+    """Training augmentation (drawn per image on the device, `data.transforms`) and the
+    test-time augmentation of validation and every prediction (`distmed.tta`)."""
+
     hflip: bool = True
-    vflip: bool = False
+    vflip: bool = Field(False, description="off by default: anatomy has an up")
     rotation: float = Field(10.0, ge=0, le=180, description="max rotation in degrees")
+    policy: Literal["none", "randaugment", "trivialaugment"] = Field(
+        "none",
+        description="per-image operation policy (kornia) over medical-safe candidates "
+        "(README 'Augmentation'): RandAugment's policy_ops ops at policy_magnitude, or "
+        "TrivialAugment's one op at a random magnitude",
+    )
+    policy_ops: int = Field(2, ge=1, le=11, description="RandAugment: operations per image (N)")
+    policy_magnitude: int = Field(
+        9, ge=1, le=29, description="RandAugment: magnitude of every operation (M, out of 30)"
+    )
+    crop_scale: float = Field(
+        1.0,
+        ge=0.08,
+        le=1,
+        description="random resized crop: smallest share of the image area kept, resized back "
+        "(aspect 3/4 to 4/3); 1: no crop",
+    )
+    brightness: float = Field(
+        0.0, ge=0, le=0.5, description="max added brightness, +/- on the 0-1 intensity scale"
+    )
+    contrast: float = Field(0.0, ge=0, lt=1, description="contrast factor drawn in 1 +/- this")
+    gamma: float = Field(0.0, ge=0, lt=1, description="gamma drawn in 1 +/- this")
+    tta: Literal["none", "flips", "policy"] = Field(
+        "none",
+        description="test-time augmentation averaging probabilities: 'flips' (the flips "
+        "training uses), 'policy' (the unaugmented image and tta_draws training draws)",
+    )
+    tta_draws: int = Field(4, ge=1, le=64, description="tta=policy: augmented draws per image")
+
+    @model_validator(mode="after")
+    def _tta_has_views(self) -> AugmentConfig:
+        if self.tta == "flips" and not (self.hflip or self.vflip):
+            raise ValueError(
+                "tta=flips averages the flips training uses, but hflip and vflip are off; "
+                "set data.augment.hflip=true or data.augment.tta=none"
+            )
+        if self.tta == "policy" and not self.random:
+            raise ValueError(
+                "tta=policy averages draws of the training augmentation, but all of it is "
+                "off; turn one on (e.g. data.augment.policy=trivialaugment) or set tta=none"
+            )
+        return self
+
+    @property
+    def random(self) -> bool:
+        """Whether training draws anything at all (otherwise `augment_batch` is the identity)."""
+        return bool(
+            self.hflip
+            or self.vflip
+            or self.rotation > 0
+            or self.policy != "none"
+            or self.crop_scale < 1
+            or self.brightness > 0
+            or self.contrast > 0
+            or self.gamma > 0
+        )
+
+
+# How an uncertain (-1) or a blank cell of a finding becomes a target (the CheXpert paper's
+# U-Ignore / U-Ones / U-Zeros; blanks as CheXpert's competition code (zeros) or
+# torchxrayvision (ignore) read them).
+FindingPolicy = Literal["ignore", "ones", "zeros"]
+MissingPolicy = Literal["ignore", "zeros"]
 
 
 class DataConfig(_Section, DecodeSettings):
@@ -108,13 +175,106 @@ class DataConfig(_Section, DecodeSettings):
         description="MedMNIST .npz sources: a name per label 0, 1, ... (saved with the model); "
         "folder sources are named by their class folders",
     )
+    # Several findings per image (multi-label; README "Several findings per image"). The
+    # finding names in `uncertain`, `missing` and `score_findings` are checked against the
+    # source once it is scanned (`distmed.data.findings.check_finding_keys`).
+    task: Literal["auto", "multilabel"] = Field(
+        "auto",
+        description="auto: several findings per image when label_columns or label_delimiter is "
+        "set, or an .npz's labels are (N, L>1) of 0/1; else one label per image",
+    )
+    label_columns: list[str] | None = Field(
+        None,
+        description="manifest columns, one per finding, cells 1/0/-1 (uncertain)/blank "
+        "(CheXpert); with task: multilabel and none named, every column but path, group, "
+        "split and CheXpert's Sex, Age, Frontal/Lateral, AP/PA",
+    )
+    label_delimiter: str | None = Field(
+        None,
+        description="one column (label, or the one in label_columns) holds each image's "
+        "findings joined by this (NIH ChestX-ray14: '|'); findings are the union, sorted",
+    )
+    no_finding: str | None = Field(
+        None,
+        description="with label_delimiter: the value meaning no finding at all ('No Finding')",
+    )
+    uncertain: FindingPolicy | dict[str, FindingPolicy] = Field(
+        "ignore",
+        description="cells -1: ignore (masked from loss and metrics), ones or zeros "
+        "(CheXpert's U-Ignore, U-Ones, U-Zeros); a dict gives one per finding",
+    )
+    missing: MissingPolicy | dict[str, MissingPolicy] = Field(
+        "ignore",
+        description="blank cells: ignore (masked) or zeros; a dict gives one per finding",
+    )
+    score_findings: list[str] | None = Field(
+        None, description="findings whose mean ROC-AUC is the score (default: all)"
+    )
+    loader: Literal["cache", "stream"] = Field(
+        "cache",
+        description="cache: decode once on the driver's node into a memory-mapped file (data "
+        "that fits one node); stream: decode in Ray Data tasks on every node, each epoch "
+        "(README 'Streaming')",
+    )
+    stream_decode_cpus: float = Field(
+        1.0, gt=0, le=64, description="loader: stream; CPUs each Ray Data decoding task reserves"
+    )
     augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("uncertain", "missing", mode="wrap")
+    @classmethod
+    def _one_policy_message(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Any:
+        # pydantic reports a union's failure once per member, in its own type names: too
+        # long and too odd for a line. Say what is allowed instead.
+        try:
+            return handler(value)
+        except ValidationError:
+            uncertain = info.field_name == "uncertain"
+            allowed = typing.get_args(FindingPolicy if uncertain else MissingPolicy)
+            raise ValueError(
+                f"give one of {'/'.join(allowed)}, or a mapping finding -> one of them "
+                f"(e.g. {{Edema: {allowed[1]}}})"
+            ) from None
 
     @model_validator(mode="after")
     def _consistent(self) -> DataConfig:
         if sum(bool(x) for x in (self.group_csv, self.group_regex, self.group_from)) > 1:
             raise ValueError("set at most one of group_csv, group_regex and group_from")
+        self._consistent_findings()
         return self
+
+    def _consistent_findings(self) -> None:
+        for key in ("label_columns", "score_findings"):
+            names = getattr(self, key)
+            if names is not None and not names:
+                raise ValueError(f"{key} is empty; name at least one finding or unset it")
+            if names is not None and len(set(names)) < len(names):
+                raise ValueError(f"{key} names a finding twice: {names}")
+        if self.label_delimiter is not None:
+            if not self.label_delimiter:
+                raise ValueError("label_delimiter is empty; give the separator, e.g. '|'")
+            if self.label_columns is not None and len(self.label_columns) != 1:
+                raise ValueError(
+                    "with label_delimiter, label_columns names the ONE column holding the sets "
+                    f"(got {len(self.label_columns)}); or unset label_delimiter"
+                )
+        if self.positive_class is not None and self.multilabel_requested:
+            raise ValueError(
+                "positive_class is for binary tasks; with several findings per image every "
+                "finding is scored (choose them with score_findings)"
+            )
+
+    @property
+    def multilabel_requested(self) -> bool:
+        """Whether the config asks for several findings per image (an .npz of (N, L>1) 0/1
+        labels is multi-label too, found when it is read)."""
+        return (
+            self.task == "multilabel"
+            or self.label_columns is not None
+            or self.label_delimiter is not None
+        )
 
 
 class ModelConfig(_Section):
@@ -133,12 +293,13 @@ class ModelConfig(_Section):
     head: Literal["linear", "mlp"] = "linear"
     head_hidden: int = Field(256, ge=1)
     head_dropout: float = Field(0.2, ge=0, lt=1)
-    unfreeze: int = Field(
+    unfreeze: Annotated[int, Field(ge=0)] | Literal["all"] = Field(
         ARCHS[DEFAULT_ARCH].depth,
-        ge=0,  # the upper bound is the arch's depth: `_unfreeze_fits_arch`
+        # the upper bound is the arch's depth: `_unfreeze_fits_arch`
         description="0: head only; k: head + the last k stages, head end first ("
         + ", ".join(ARCHS[DEFAULT_ARCH].stage_names)
-        + f" for {DEFAULT_ARCH}); default: the arch's depth, everything trains",
+        + f" for {DEFAULT_ARCH}); all: every stage of whichever arch (a search over "
+        "model.arch); default: the arch's depth, everything trains",
     )
 
     @model_validator(mode="before")
@@ -165,9 +326,9 @@ class ModelConfig(_Section):
     # and quotes its value, like a bound that were the same for every arch.
     @field_validator("unfreeze")
     @classmethod
-    def _unfreeze_fits_arch(cls, unfreeze: int, info: ValidationInfo) -> int:
+    def _unfreeze_fits_arch(cls, unfreeze: int | str, info: ValidationInfo) -> int | str:
         arch = ARCHS.get(info.data.get("arch", ""))
-        if arch is not None and unfreeze > arch.depth:
+        if arch is not None and isinstance(unfreeze, int) and unfreeze > arch.depth:
             raise ValueError(
                 f"{arch.name} has {arch.depth} stages; set model.unfreeze to at most {arch.depth}"
             )
@@ -186,6 +347,11 @@ class ModelConfig(_Section):
         return stem
 
     @property
+    def stages_trained(self) -> int:
+        """`unfreeze` as a count: `all` is the arch's depth (every stage and the stem)."""
+        return ARCHS[self.arch].depth if self.unfreeze == "all" else int(self.unfreeze)
+
+    @property
     def min_image_size(self) -> int:
         """The smallest `data.image_size` this arch and stem accept (the table's `min_size`)."""
         return ARCHS[self.arch].min_size if self.stem == "imagenet" else MIN_IMAGE_SIZE
@@ -198,6 +364,13 @@ class OptimConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: int = Field(1, ge=0)
+    layer_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="layer-wise lr decay: the head trains at lr, the k-th stage below it at "
+        "lr * layer_decay**k (stages of the architecture table); 1: one lr for all",
+    )
 
 
 class TrainConfig(_Section):
@@ -205,6 +378,11 @@ class TrainConfig(_Section):
     epochs: int = Field(10, ge=1, le=10000)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     class_weights: Literal["none", "balanced"] = "none"
+    sampler: Literal["shuffle", "balanced"] = Field(
+        "shuffle",
+        description="balanced: draw training images with replacement, each class equally "
+        "often (one stream shared by the DDP ranks); single-label tasks only",
+    )
     patience: int | None = Field(
         None, ge=1, description="stop a fold after this many epochs without val ROC-AUC gain"
     )
@@ -215,6 +393,24 @@ class TrainConfig(_Section):
         description="checkpoint all folds every this many epochs (the last epoch always); "
         "a restarted or resumed run repeats the epochs since the last checkpoint",
     )
+    # The recipe (README 'Training recipe'); every default is the plain loop of before.
+    loss: Literal["cross_entropy", "focal"] = Field(
+        "cross_entropy", description="focal: focal loss with train.focal_gamma (Lin et al. 2017)"
+    )
+    focal_gamma: float = Field(2.0, ge=0, le=10, description="focal loss's gamma; 0 is CE")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="target (1-e)·y + e/K")
+    mixup_alpha: float = Field(0.0, ge=0, le=10, description="mixup's Beta(a, a); 0: off")
+    cutmix_alpha: float = Field(0.0, ge=0, le=10, description="cutmix's Beta(a, a); 0: off")
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="EMA of the weights per optimiser step, validated and saved; 0: off",
+    )
+    accumulate_steps: int = Field(
+        1, ge=1, le=1024, description="batches whose gradients add up to one optimiser step"
+    )
+    compile: bool = Field(False, description="torch.compile the model (README: measured cost)")
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -266,6 +462,15 @@ class MlflowConfig(_Section):
     experiment: str | None = Field(
         None, description="MLflow experiment the trials' runs go to (default: the search's --name)"
     )
+    # MLflow's term (`registered_model_name`); `register` would shadow pydantic's ABC method.
+    registered_model: str | None = Field(
+        None,
+        max_length=256,
+        description="register the best model under this name in MLflow's model registry, as "
+        "a pyfunc model (uint8 images in, class probabilities out, preprocessing inside): "
+        "mlflow.pyfunc.load_model('models:/NAME/1'); needs tracking.mlflow.uri; unset: not "
+        "registered",
+    )
 
 
 class TrackingConfig(_Section):
@@ -306,8 +511,9 @@ def load_config(
     raw: dict[str, Any] = {}
     source = "config"
     if path is not None:
+        path = space_path(path)  # a shipped search space by name: `--config demo`
         source = str(path)
-        raw = _read_yaml_mapping(Path(path))
+        raw = _read_yaml_mapping(path)
         # A search-space file carries the experiment config under `base`.
         if "space" in raw or "base" in raw:
             raw = raw.get("base") or {}
@@ -464,7 +670,7 @@ def dump_config(cfg: ExperimentConfig, path: Path) -> None:
 
 def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise UserError(f"config file {path} not found: check the path given to --config")
+        raise UserError(f"config file {path} not found: check --config; {not_found_hint()}")
     raw = read_yaml_file(path, "config", keeps_text=config_keeps_text)
     if raw is None:
         return {}

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from iterstrat.ml_stratifiers import MultilabelStratifiedKFold  # type: ignore[import-untyped]
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
@@ -27,11 +28,13 @@ from distmed.artifacts import check_free_space, delete_partial_checkpoints
 from distmed.config import CVConfig, ExperimentConfig
 from distmed.cvstats import corrected_standard_error
 from distmed.data import CachedData, DataIndex, Split, build_cache, drop_samples
+from distmed.data.stream import StreamSpec
 from distmed.errors import UserError, shorten
 from distmed.loop import checkpoint_bytes
 from distmed.metrics import METRIC_NAMES
 from distmed.resources import WorkerLayout
-from distmed.task import Task, task_for
+from distmed.task import FINDING_AUC_PREFIX as FINDING
+from distmed.task import MULTILABEL_LOSS_REFUSAL, MultilabelTask, Task, task_of_index
 from distmed.worker import STATE_FILE, FoldIndices, WorkerConfig, train_folds
 
 log = logging.getLogger(__name__)
@@ -49,9 +52,10 @@ class FoldResult:
     stop_epoch: int
     metrics: dict[str, float]  # validation metrics at the epoch the training rule stopped at
     history: list[dict[str, float]]
-    # Out-of-fold predictions at the stopping epoch: CV-pool positions, labels, probabilities.
+    # Out-of-fold predictions at the stopping epoch: CV-pool positions, labels (class indices;
+    # a multi-label task's (N, L) targets, NaN ignored), probabilities (N, K or L).
     val_indices: list[int] = field(default_factory=list)
-    val_labels: list[int] = field(default_factory=list)
+    val_labels: list[int] | list[list[float]] = field(default_factory=list)
     val_probs: list[list[float]] = field(default_factory=list)
 
 
@@ -92,22 +96,31 @@ class CVResult:
         return corrected_standard_error(self.fold_aucs, self.folds_per_repeat or len(self.folds))
 
     def mean_metrics(self) -> dict[str, float]:
+        """Fold means of `METRIC_NAMES`, and of every per-finding AUC a multi-label task
+        records (`task.finding_auc_key`)."""
+        names = [*METRIC_NAMES, *(k for k in self.folds[0].metrics if k.startswith(FINDING))]
         return {
-            name: float(np.mean([f.metrics[name] for f in self.folds])) for name in METRIC_NAMES
+            name: float(np.mean([f.metrics.get(name, math.nan) for f in self.folds]))
+            for name in names
         }
 
 
 def make_folds(split: Split, cfg: CVConfig, task: Task) -> np.ndarray:
     """Fold numbers, shape (cv.repeats, N): row r gives each sample's fold (0..k-1) in repeat r.
 
-    Stratified on the task's key (`Task.stratify_key`: the class), and grouped (a patient's
-    images share a fold) when groups exist. Repeat r shuffles with seed `cv.seed + r`, so row
-    0 is the single-repeat assignment.
+    Stratified on the task's key (`Task.stratify_key`: the class; several findings per
+    image: an (N, L) 0/1 key, `_multilabel_folds`), and grouped (a patient's images share a
+    fold) when groups exist. Repeat r shuffles with seed `cv.seed + r`, so row 0 is the
+    single-repeat assignment.
 
     Raises:
         UserError: a class has fewer images (or patients) than cv.folds, or some repeat's
-            fold has no validation image of a class.
+            fold has no validation image of a class; several findings: see
+            `_multilabel_folds`.
     """
+    key = task.stratify_key(split.labels)
+    if key.ndim == 2:
+        return _multilabel_folds(split, key, cfg, task)
     class_names = list(task.class_names)
     counts = np.bincount(split.labels, minlength=len(class_names))
     for name, count in zip(class_names, counts, strict=True):
@@ -118,9 +131,87 @@ def make_folds(split: Split, cfg: CVConfig, task: Task) -> np.ndarray:
             )
     if split.groups is not None:
         _check_groups(split, cfg, class_names)
-    key = task.stratify_key(split.labels)
     repeats = [_one_repeat(split, key, cfg, class_names, r) for r in range(cfg.repeats)]
     return np.stack(repeats)
+
+
+def _multilabel_folds(split: Split, key: np.ndarray, cfg: CVConfig, task: Task) -> np.ndarray:
+    """(cv.repeats, N) folds stratified on several findings at once, patients kept whole.
+
+    Iterative stratification (Sechidis, Tsoumakas & Vlahavas 2011, "On the Stratification of
+    Multi-Label Data", ECML PKDD; `iterstrat.ml_stratifiers.MultilabelStratifiedKFold`) over
+    patients: a patient's key is the max over its images (positive for a finding when any of
+    its images is), its fold is every image's fold. Without groups each image is its own
+    unit. Repeat r is seeded `cv.seed + r`.
+
+    A finding with fewer positive patients than folds cannot have one in every fold: it is
+    not checked here (the task leaves it out of the score). Every scored finding
+    (`task.scored`, default all) with at least cv.folds positive patients has a positive
+    image in every validation fold, or the run stops.
+
+    Raises:
+        UserError: fewer patients (images) than cv.folds, or a scored finding with enough
+            positive patients but none in some fold.
+    """
+    positive = np.asarray(key) > 0
+    units, unit_of = _units(split)
+    if len(units) < cfg.folds:
+        what = "patient groups" if split.groups is not None else "images"
+        raise UserError(
+            f"the CV pool has {len(units)} {what}, fewer than cv.folds={cfg.folds}; add images "
+            "or lower cv.folds"
+        )
+    unit_key = np.zeros((len(units), positive.shape[1]), dtype=bool)
+    np.logical_or.at(unit_key, unit_of, positive)  # a patient is positive where any image is
+    # iterstrat wants a multilabel-indicator target (two columns or more): a lone finding gets
+    # an all-negative partner, which changes no fold (a label without positives is skipped).
+    target = unit_key if unit_key.shape[1] > 1 else np.hstack([unit_key, np.zeros_like(unit_key)])
+    rows = []
+    for repeat in range(cfg.repeats):
+        splitter = MultilabelStratifiedKFold(
+            n_splits=cfg.folds, shuffle=True, random_state=cfg.seed + repeat
+        )
+        unit_fold = np.full(len(units), -1, dtype=np.int64)
+        for fold, (_, val_units) in enumerate(splitter.split(np.zeros(len(units)), target)):
+            unit_fold[val_units] = fold
+        assignment = unit_fold[unit_of]
+        _check_finding_folds(positive, unit_key, assignment, cfg, task, repeat)
+        rows.append(assignment)
+    return np.stack(rows)
+
+
+def _units(split: Split) -> tuple[np.ndarray, np.ndarray]:
+    """The units folds are drawn over (patients, sorted; else the images) and each image's."""
+    if split.groups is None:
+        return np.arange(len(split)), np.arange(len(split))
+    units, unit_of = np.unique(np.asarray(split.groups, dtype=str), return_inverse=True)
+    return units, unit_of.ravel()
+
+
+def _check_finding_folds(
+    positive: np.ndarray,
+    unit_key: np.ndarray,
+    assignment: np.ndarray,
+    cfg: CVConfig,
+    task: Task,
+    repeat: int,
+) -> None:
+    """Every scored finding with >= cv.folds positive patients has a positive in every
+    validation fold (iterative stratification nearly always gives it; it does not promise)."""
+    names = list(task.class_names)
+    scored = set(getattr(task, "scored", names))
+    for j, name in enumerate(names):
+        if name not in scored or unit_key[:, j].sum() < cfg.folds:
+            continue
+        empty = [k for k in range(cfg.folds) if not positive[assignment == k, j].any()]
+        if empty:
+            where = f"cv fold {empty[0]}" + (f" of repeat {repeat}" if cfg.repeats > 1 else "")
+            raise UserError(
+                f"{where} has no validation image positive for finding {name!r} "
+                f"({int(unit_key[:, j].sum())} positive patients or images over "
+                f"{cfg.folds} folds); lower cv.folds, change cv.seed or leave {name!r} out "
+                "of data.score_findings"
+            )
 
 
 def _one_repeat(
@@ -169,17 +260,21 @@ def thin_validation_folds(
     Such a fold's ROC-AUC rests on those few images: with one positive it is the share of
     negatives ranked below that one image (0 or 1 when the model separates it), so the fold
     scores, their mean and their standard error say little. `assignment`: `make_folds`'
-    (R, N) fold numbers; `labels`: the pool's (N,) class indices.
+    (R, N) fold numbers; `labels`: the pool's `Task.stratify_key`, (N,) class indices or,
+    for several findings per image, (N, L) 0/1 (a finding's positive images are counted).
     """
     rows = np.atleast_2d(assignment)
+    labels = np.asarray(labels)
     parts = []
     for label, name in enumerate(class_names):
-        counts = [int(np.sum(labels[row == k] == label)) for row in rows for k in range(folds)]
+        hit = labels[:, label] > 0 if labels.ndim == 2 else labels == label
+        counts = [int(np.sum(hit[row == k])) for row in rows for k in range(folds)]
         thin = sum(c < MIN_VALIDATION_IMAGES for c in counts)
         if thin:
             shown = ", ".join(map(str, counts[:10])) + (", ..." if len(counts) > 10 else "")
+            what = "positive images of finding" if labels.ndim == 2 else "images of class"
             parts.append(f"{thin} of {len(counts)} hold fewer than {MIN_VALIDATION_IMAGES} "
-                         f"images of class {shorten(name)} ({shown})")  # fmt: skip
+                         f"{what} {shorten(name)} ({shown})")  # fmt: skip
     if not parts:
         return None
     return (
@@ -189,13 +284,17 @@ def thin_validation_folds(
     )
 
 
-def gaps_in_test_split(index: DataIndex) -> str | None:
+def gaps_in_test_split(index: DataIndex, task: Task | None = None) -> str | None:
     """A warning when the test split lacks a class or holds fewer than MIN_VALIDATION_IMAGES
     of one (its test metrics for that class are then undefined or rest on a few images);
-    None when every class is there or there is no test split."""
+    None when every class is there or there is no test split. A multi-label `task` counts
+    each finding's positives after its policies."""
     if index.test is None or len(index.test) == 0:
         return None
-    counts = np.bincount(index.test.labels, minlength=len(index.class_names))
+    if isinstance(task, MultilabelTask):
+        counts = task.stratify_key(index.test.labels).sum(axis=0)
+    else:
+        counts = np.bincount(index.test.labels, minlength=len(index.class_names))
     missing = [shorten(n) for n, c in zip(index.class_names, counts, strict=True) if c == 0]
     few = [
         f"{shorten(n)} ({c})"
@@ -203,13 +302,15 @@ def gaps_in_test_split(index: DataIndex) -> str | None:
         if 0 < c < MIN_VALIDATION_IMAGES
     ]
     parts = []
+    what = "positive image of finding" if index.multilabel else "image of class"
     if missing:
         parts.append(
-            f"has no image of class {', '.join(missing)}: its test ROC-AUC (and that class's "
+            f"has no {what} {', '.join(missing)}: its test ROC-AUC (and that class's "
             "sensitivity or specificity) is undefined, null in the results"
         )
     if few:
-        parts.append(f"holds fewer than {MIN_VALIDATION_IMAGES} images of {', '.join(few)}")
+        of = "positive images of finding" if index.multilabel else "images of"
+        parts.append(f"holds fewer than {MIN_VALIDATION_IMAGES} {of} {', '.join(few)}")
     if not parts:
         return None
     return f"the test split ({len(index.test)} images) {'; '.join(parts)}"
@@ -229,6 +330,20 @@ def score_caveat(fold_aucs: Sequence[float], thin_folds: str | None) -> str | No
             "chance, not precision"
         )
     return f"caution: {'; '.join(notes)}" if notes else None
+
+
+def finding_auc_text(task: MultilabelTask, means: dict[str, float]) -> str:
+    """One line of a multi-label CV result: the score is the mean over the scored findings,
+    then each finding's fold-mean ROC-AUC (`CVResult.mean_metrics`), unscored ones marked."""
+    parts = [
+        f"{shorten(name)} {means.get(FINDING + name, math.nan):.4f}"
+        + ("" if name in task.scored else " (not scored)")
+        for name in task.class_names
+    ]
+    return (
+        f"the CV ROC-AUC is the mean over {len(task.scored)} scored finding(s); per finding: "
+        + ", ".join(parts)
+    )
 
 
 def fold_specs(assignment: np.ndarray, folds: int) -> list[dict[str, list[int]]]:
@@ -264,24 +379,33 @@ class FoldPlan:
     """
 
     images_path: str
-    labels: list[int]
+    labels: list[int] | list[list[float]]  # `Task.targets` of the pool (multi-label: NaN ignored)
     task: Task
     folds: list[dict[str, list[int]]]  # cv.repeats x k of them, repeat-major (`fold_specs`)
     images_ref: Any = None
     folds_per_repeat: int | None = None  # k; None: `folds` are one repeat
+    stream: StreamSpec | None = None  # data.loader stream: no cache, `images_path` is ""
 
     def smallest_train_fold(self) -> int:
         return min(len(f["train"]) for f in self.folds)
 
 
 def plan_folds(
-    cfg: ExperimentConfig, index: DataIndex, cache: CachedData, assignment: np.ndarray
+    cfg: ExperimentConfig,
+    index: DataIndex,
+    cache: CachedData,
+    assignment: np.ndarray,
+    task: Task | None = None,
 ) -> FoldPlan:
-    """The (repeated) k-fold plan over the CV pool (the test split never enters it)."""
+    """The (repeated) k-fold plan over the CV pool (the test split never enters it).
+
+    `task`: the pool's task (`task_of_index`, built when not given); the plan's labels are its
+    `targets` of the pool (a multi-label task's policies applied once, here)."""
+    task = task or task_of_index(index, cfg.data, cfg.cv.folds)
     return FoldPlan(
         images_path=str(cache.pool_path),
-        labels=index.pool.labels.tolist(),
-        task=task_for(index.class_names, cfg.data.positive_class),
+        labels=task.targets(index.pool.labels).tolist(),
+        task=task,
         folds=fold_specs(assignment, cfg.cv.folds),
         folds_per_repeat=cfg.cv.folds,
     )
@@ -292,7 +416,7 @@ class PreparedData:
     """A source made ready for training: index, decoded cache, fold assignment and plan."""
 
     index: DataIndex
-    cache: CachedData
+    cache: CachedData | None  # None: data.loader stream decodes in the workers
     assignment: np.ndarray  # (cv.repeats, N) fold numbers, `make_folds`
     plan: FoldPlan
     thin_folds: str | None = None  # `thin_validation_folds`' warning
@@ -307,9 +431,30 @@ def prepare_data(
     Every data problem surfaces here, before Ray starts; fold problems before the (slow)
     first decode. `batch_sizes` are all the batch sizes a run or search will try.
     """
-    task = task_for(scanned.class_names, cfg.data.positive_class)  # a typo before the decode
+    # A typo (data.positive_class, a finding's name) stops before the decode.
+    task = task_of_index(scanned, cfg.data, cfg.cv.folds)
+    if scanned.multilabel and cfg.train.sampler == "balanced":
+        # The sampler weights one class per image; said here, not inside a Ray worker.
+        raise UserError(
+            "train.sampler: balanced draws by class, and these images have several findings; "
+            "use train.sampler: shuffle with train.class_weights: balanced (per-finding pos_weight)"
+        )
+    if scanned.multilabel and (cfg.train.loss != "cross_entropy" or cfg.train.label_smoothing):
+        raise UserError(MULTILABEL_LOSS_REFUSAL)
     assignment = make_folds(scanned.pool, cfg.cv, task)
-    said = _warn_few_images(scanned, assignment, cfg.cv.folds)  # before the (slow) decode
+    said = _warn_few_images(scanned, assignment, cfg.cv.folds, task)  # before the slow decode
+    if cfg.data.loader == "stream":
+        if scanned.multilabel:
+            raise UserError(
+                "data.loader: stream reads one label per image in this version; for several "
+                "findings per image use data.loader: cache"
+            )
+        return _prepare_stream(cfg, scanned, assignment, batch_sizes, said)
+    if scanned.pool.uris is not None:
+        raise UserError(
+            f"data.root {cfg.data.root}: images in object storage are read by the streamed "
+            "loader; set data.loader: stream"
+        )
     cache = build_cache(scanned, cfg.data)
     index = drop_samples(scanned, cache.skipped)
     if index.skipped:
@@ -321,7 +466,7 @@ def prepare_data(
             " ..." if len(index.skipped) > 5 else "",
         )
         assignment = make_folds(index.pool, cfg.cv, task)
-    plan = plan_folds(cfg, index, cache, assignment)
+    plan = plan_folds(cfg, index, cache, assignment, task)
     for size in batch_sizes or [cfg.train.batch_size]:
         check_batch_fits(size, plan.smallest_train_fold())
     if cfg.cv.repeats > 1:
@@ -331,17 +476,63 @@ def prepare_data(
             "one %d-fold CV",
             *(repeats, repeats, k, repeats * k, repeats, k),
         )
-    thin, gaps = said if index is scanned else _warn_few_images(index, assignment, cfg.cv.folds)
+    thin, gaps = (
+        said if index is scanned else _warn_few_images(index, assignment, cfg.cv.folds, task)
+    )
     return PreparedData(index, cache, assignment, plan, thin, gaps)
 
 
+def _prepare_stream(
+    cfg: ExperimentConfig,
+    index: DataIndex,
+    assignment: np.ndarray,
+    batch_sizes: Sequence[int],
+    said: tuple[str | None, str | None],
+) -> PreparedData:
+    """The plan of a streamed run: folds and file names, nothing decoded here (the workers'
+    Ray Data tasks decode, `distmed.data.stream`)."""
+    pool = index.pool
+    if pool.uris is None and pool.paths is None:
+        raise UserError(
+            f"data.loader: stream reads image files; {index.name} holds its images in an "
+            "array (.npz): use data.loader: cache"
+        )
+    stream = StreamSpec(
+        paths=pool.uris if pool.uris is not None else [str(p) for p in pool.paths or []],
+        options=cfg.data.decode_settings(),
+        decode_cpus=cfg.data.stream_decode_cpus,
+    )
+    plan = FoldPlan(
+        images_path="",
+        labels=pool.labels.tolist(),
+        task=task_of_index(index, cfg.data, cfg.cv.folds),
+        folds=fold_specs(assignment, cfg.cv.folds),
+        folds_per_repeat=cfg.cv.folds,
+        stream=stream,
+    )
+    for size in batch_sizes or [cfg.train.batch_size]:
+        check_batch_fits(size, plan.smallest_train_fold())
+    return PreparedData(index, None, assignment, plan, *said)
+
+
+def require_cache(data: PreparedData, what: str) -> CachedData:
+    """The decoded cache of `data`, or a one-line refusal naming what needs it."""
+    if data.cache is None:
+        raise UserError(
+            f"{what} reads the decoded cache; data.loader: stream runs cross-validation "
+            "(distmed.train) only in this version: use data.loader: cache"
+        )
+    return data.cache
+
+
 def _warn_few_images(
-    index: DataIndex, assignment: np.ndarray, folds: int
+    index: DataIndex, assignment: np.ndarray, folds: int, task: Task
 ) -> tuple[str | None, str | None]:
     """Log `thin_validation_folds`' and `gaps_in_test_split`' warnings (once per run, before
     training; the results keep them too) and return them."""
-    thin = thin_validation_folds(index.pool.labels, assignment, index.class_names, folds)
-    gaps = gaps_in_test_split(index)
+    key = task.stratify_key(index.pool.labels)
+    thin = thin_validation_folds(key, assignment, index.class_names, folds)
+    gaps = gaps_in_test_split(index, task)
     for warning in (thin, gaps):
         if warning is not None:
             log.warning(warning)
@@ -354,6 +545,8 @@ def share_images(plan: FoldPlan) -> FoldPlan:
     The cache file exists only on the node that built it (the driver's); Ray copies the
     object to each node that reads it, once per node.
     """
+    if plan.stream is not None:  # nothing decoded to share: every node decodes its own
+        return plan
     images = np.load(plan.images_path)  # a plain array: a memory map would be copied anyway
     return replace(plan, images_ref=ray.put(images))
 
@@ -402,6 +595,7 @@ def fit_folds(
             folds_per_repeat=plan.folds_per_repeat,
             threads=layout.threads,
             detail_uri=detail_uri,
+            stream=plan.stream,
         ).to_loop_config(),
         scaling_config=ScalingConfig(
             num_workers=layout.num_workers,
@@ -469,6 +663,8 @@ def _to_cv_result(value: dict[str, Any], checkpoint, folds_per_repeat: int | Non
     for number, fold in enumerate(value["folds"]):
         last = fold["history"][-1]
         metrics = {name: last[f"val_{name}"] for name in METRIC_NAMES}
+        # A multi-label task's per-finding ROC-AUCs (`task.finding_auc_key`) ride along.
+        metrics |= {k[4:]: v for k, v in last.items() if k.startswith(f"val_{FINDING}")}
         metrics["loss"] = last["val_loss"]
         metrics["num_samples"] = int(last["val_num_samples"])
         folds.append(

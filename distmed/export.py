@@ -2,7 +2,9 @@
 
 Exports the network (normalised float (B, 3, S, S) in, logits (B, K) out; the saved
 temperature and, with `--ensemble folds`, the averaging of the fold models are inside the
-graph, so a softmax of the output is what `distmed.predict` reports) and writes FILE.json
+graph, so a softmax of the output is what `distmed.predict` reports; so is the flip
+averaging of `data.augment.tta: flips`, while tta=policy's random draws cannot be exported
+and are refused unless `--no-tta`) and writes FILE.json
 beside it: the preprocessing that must come first, the class names, the positive
 class and the operating threshold, so the file can be used without distmed.
 """
@@ -28,6 +30,7 @@ from distmed.cli import (
 from distmed.errors import UserError
 from distmed.inference import load_inference_model
 from distmed.savedmodel import SavedModel
+from distmed.tta import FlipAveraged
 
 FORMATS = ("torchscript", "onnx")
 ONNX_OPSET = 18
@@ -45,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         help="file to write (default: beside --model, model.onnx or model.torchscript.pt)",
     )
+    parser.add_argument(
+        "--no-tta",
+        action="store_true",
+        help="export the network without its test-time augmentation (its outputs then "
+        "differ from distmed.predict's)",
+    )
     add_debug_option(parser)
     return parser
 
@@ -59,7 +68,9 @@ def _run(args: argparse.Namespace) -> int:
     path = model_path(args)
     output = Path(args.output) if args.output else default_output(path, args.format)
     output.parent.mkdir(parents=True, exist_ok=True)
-    model, saved = load_inference_model(path, args.ensemble)
+    loaded, saved = load_inference_model(path, args.ensemble)
+    tta = "none" if args.no_tta else saved.config.data.augment.tta
+    model = with_tta(loaded, saved, tta, path)
     example = example_input(saved)
     if args.format == "torchscript":
         export_torchscript(model, example, output)
@@ -68,9 +79,24 @@ def _run(args: argparse.Namespace) -> int:
             f"note: the model is too large for one ONNX file (2 GB protobuf limit): its weights "
             f"are in {output.name}.data, which must stay beside {output.name}"
         )
-    write_json_atomic(sidecar_path(output), sidecar(saved, args.format, args.ensemble))
+    write_json_atomic(sidecar_path(output), sidecar(saved, args.format, args.ensemble, tta))
     print(f"{args.format}: {output}; preprocessing: {sidecar_path(output)}")
     return 0
+
+
+def with_tta(model: torch.nn.Module, saved: SavedModel, tta: str, path: Path) -> torch.nn.Module:
+    """The graph to export: the model, with tta=flips' flip averaging inside it.
+
+    Raises:
+        UserError: tta=policy, whose random draws a fixed graph cannot reproduce.
+    """
+    if tta == "policy":
+        raise UserError(
+            f"--model {path}: it predicts with data.augment.tta=policy (random draws of the "
+            "training augmentation), which an exported graph cannot reproduce; add --no-tta "
+            "to export the network alone"
+        )
+    return FlipAveraged(model, saved.config.data.augment) if tta == "flips" else model
 
 
 def default_output(model_path: Path, fmt: str) -> Path:
@@ -128,7 +154,9 @@ def sidecar_path(output: Path) -> Path:
     return output.with_name(output.name + ".json")
 
 
-def sidecar(saved: SavedModel, fmt: str, ensemble: str = "refit") -> dict[str, Any]:
+def sidecar(
+    saved: SavedModel, fmt: str, ensemble: str = "refit", tta: str = "none"
+) -> dict[str, Any]:
     """How to feed the exported model and read its output, without distmed (a JSON dict)."""
     prep = saved.preprocessing
     names = saved.class_names
@@ -170,6 +198,10 @@ def sidecar(saved: SavedModel, fmt: str, ensemble: str = "refit") -> dict[str, A
             "combined": "log of the mean of the models' probabilities" if members > 1 else None,
             "temperature": temperature,
             "calibrated": "logits already divided by the temperature" if temperature else None,
+            "test_time_augmentation": "log of the mean probability over the image and its "
+            "flips, inside the graph"
+            if tta == "flips"
+            else None,
         },
         "class_names": names,
         "positive_class": saved.positive_class,

@@ -16,7 +16,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from distmed.data import to_model_input
 from distmed.inference import members
-from distmed.model import ARCHS, arch_of
+from distmed.model import ARCHS, arch_of, network_normalization
 
 MIN_CAM_SIDE = 4  # a 1x1 or 2x2 map cannot say where in the image the evidence is
 # A map whose values span less than this says nothing about where: pytorch-grad-cam scales
@@ -53,7 +53,8 @@ def gradcam_maps(model: torch.nn.Module, images: np.ndarray, targets: list[int])
 
 def _one_network(model: torch.nn.Module, images: np.ndarray, targets: list[int]) -> np.ndarray:
     device = next(model.parameters()).device
-    inputs = to_model_input(torch.from_numpy(np.ascontiguousarray(images)).to(device))
+    batch = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    inputs = to_model_input(batch, None, *network_normalization(model))
     # A fine-tuned model may have its early stages frozen (`model.unfreeze`); with an input
     # that asks for no gradient either, nothing would flow back to a frozen CAM stage.
     inputs.requires_grad_(True)

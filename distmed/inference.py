@@ -25,13 +25,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from distmed.artifacts import atomic_path
-from distmed.config import ModelConfig
-from distmed.data import CachedImageDataset, DecodeSettings, load_cached, to_model_input, try_decode
+from distmed.config import AugmentConfig, ModelConfig
+from distmed.data import CachedImageDataset, DecodeSettings, load_cached, try_decode
 from distmed.errors import UserError, first_line
 from distmed.loop import Runtime, predict
-from distmed.model import build_model
+from distmed.model import (
+    NORMALIZATION_ATTRIBUTE,
+    build_model,
+    input_normalization,
+    network_normalization,
+)
 from distmed.savedmodel import SavedModel
 from distmed.task import Task
+from distmed.tta import average_probabilities
 
 Ensemble = Literal["refit", "folds"]
 ENSEMBLES: tuple[Ensemble, ...] = ("refit", "folds")
@@ -50,14 +56,23 @@ class InferenceModel(nn.Module):
     One member: its logits / `temperature`. Several (the fold ensemble): log of the mean
     of softmax(member logits / `temperature`), i.e. the ensemble averages probabilities
     (as `--ensemble folds` promises), and a softmax of the output gives that mean back.
+    `tta` is the saved model's test-time augmentation: the callers holding the images
+    (`predict_cached`, `predict_batches`) average it through `distmed.tta`; export puts
+    its flips inside the graph.
     """
 
-    def __init__(self, members: Sequence[nn.Module], temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        members: Sequence[nn.Module],
+        temperature: float = 1.0,
+        tta: AugmentConfig | None = None,
+    ) -> None:
         super().__init__()
         if not members or temperature <= 0:
             raise ValueError("an InferenceModel needs members and a positive temperature")
         self.members = nn.ModuleList(members)
         self.temperature = float(temperature)
+        self.tta = tta
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if len(self.members) == 1:
@@ -92,7 +107,7 @@ def load_inference_model(
     else:
         members = [network(saved, state, path)]
     temperature = saved.calibration.temperature if saved.calibration else 1.0
-    return InferenceModel(members, temperature).eval(), saved
+    return InferenceModel(members, temperature, saved.config.data.augment).eval(), saved
 
 
 def load_model(path: Path) -> tuple[nn.Module, SavedModel]:
@@ -108,7 +123,7 @@ def network(saved: SavedModel, state: dict[str, torch.Tensor], path: Path) -> nn
         UserError: the weights do not fit that network; names `path` and the first key.
     """
     try:
-        return build_network(saved.config.model, len(saved.class_names), state)
+        net = build_network(saved.config.model, len(saved.class_names), state)
     except RuntimeError as exc:  # missing/unexpected keys or shapes: torch lists them all
         # Its first line only says "Error(s) in loading state_dict"; the next names the key.
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -117,6 +132,10 @@ def network(saved: SavedModel, state: dict[str, torch.Tensor], path: Path) -> nn
             f"--model {path}: its weights do not fit a {saved.config.model.arch} with "
             f"{len(saved.class_names)} classes ({detail[:160]})"
         ) from exc
+    # Normalise as training did: the file's record (ImageNet's in files from before it varied).
+    prep = saved.preprocessing
+    setattr(net, NORMALIZATION_ATTRIBUTE, (prep.mean, prep.std))
+    return net
 
 
 def build_network(
@@ -129,12 +148,24 @@ def build_network(
     """
     model = build_model(model_cfg.model_copy(update={"weights": "none"}), num_classes)
     model.load_state_dict(state)
+    # Normalised as trained: the configured weights' statistics, not random init's.
+    setattr(model, NORMALIZATION_ATTRIBUTE, input_normalization(model_cfg))
     return model
+
+
+def tta_of(model: nn.Module) -> AugmentConfig | None:
+    """The test-time augmentation `model` predicts with (None: a plain network)."""
+    return model.tta if isinstance(model, InferenceModel) else None
 
 
 def members(model: nn.Module) -> list[nn.Module]:
     """The networks inside `model` (itself when it is a plain network): Grad-CAM's targets."""
     return list(model.members) if isinstance(model, InferenceModel) else [model]
+
+
+def input_stats(model: nn.Module) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """The (mean, std) `model`'s (or its first member's) inputs are normalised with."""
+    return network_normalization(members(model)[0])
 
 
 def choose_device(cpu: bool = False) -> torch.device:
@@ -184,8 +215,23 @@ def decode_file(path: Path, options: DecodeSettings | int) -> np.ndarray | str:
 
 @torch.no_grad()
 def _probabilities(model: torch.nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
-    inputs = to_model_input(torch.from_numpy(images).to(device))
-    return torch.softmax(model(inputs).float(), dim=1).cpu().numpy()
+    batch = torch.from_numpy(images).to(device)
+    probs = average_probabilities(
+        model, batch, _softmax, tta_of(model), normalization=input_stats(model)
+    )
+    return probs.cpu().numpy()
+
+
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits.float(), dim=1)
+
+
+def probabilities_of(
+    model: torch.nn.Module, images: np.ndarray, device: torch.device
+) -> np.ndarray:
+    """Class probabilities (N, K) of decoded uint8 images (N, 3, S, S): what
+    `predict_batches` gives for files (the registered MLflow model's pixels come in memory)."""
+    return _probabilities(model, images, device)
 
 
 def saved_threshold(saved: SavedModel) -> float | None:
@@ -249,7 +295,8 @@ def predict_cached(
         labels = np.zeros(len(images), dtype=np.int64)
     chosen = np.arange(len(labels)) if positions is None else np.asarray(positions)
     loader = DataLoader(CachedImageDataset(images, labels, chosen), batch_size=batch_size)
-    _, truth, probs = predict(model.to(device), loader, Runtime(device), task)  # by index
+    runtime = Runtime(device, mean=input_stats(model)[0], std=input_stats(model)[1])
+    _, truth, probs = predict(model.to(device), loader, runtime, task, tta_of(model))  # by index
     return truth, probs
 
 

@@ -32,13 +32,17 @@ if TYPE_CHECKING:  # config.py reads ARCHS from here, so this module must not im
 
 log = logging.getLogger(__name__)
 
-# The normalisation torchvision's ImageNet weights were trained with (every row uses them).
+# The normalisation torchvision's ImageNet weights were trained with (every torchvision
+# row's weights use it; a row with other weights records its own `mean`/`std`).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+Normalization = tuple[tuple[float, float, float], tuple[float, float, float]]  # (mean, std)
 STEM = "stem"  # the name `unfreeze`, warnings and apply_freeze give every arch's stem
 # The attribute build_model leaves on a network: which row built it (timm leaves its
 # `pretrained_cfg` on the model the same way), for Grad-CAM on a plain nn.Module.
 ARCH_ATTRIBUTE = "distmed_arch"
+# ... and the per-channel (mean, std) its inputs are normalised with (`network_normalization`).
+NORMALIZATION_ATTRIBUTE = "distmed_normalization"
 
 
 @dataclass(frozen=True)
@@ -363,9 +367,32 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         use_small_stem(model, arch)
     in_features = cast(nn.Linear, arch.get_classifier(model)).in_features
     arch.reset_classifier(model, build_head(cfg, in_features, num_classes))
-    apply_freeze(model, arch, cfg.unfreeze, new_stem=cfg.stem == "small")
+    apply_freeze(model, arch, cfg.stages_trained, new_stem=cfg.stem == "small")
     setattr(model, ARCH_ATTRIBUTE, arch.name)
+    setattr(model, NORMALIZATION_ATTRIBUTE, input_normalization(cfg))
     return model
+
+
+def input_normalization(cfg: ModelConfig) -> Normalization:
+    """The (mean, std) a `cfg` network's inputs are normalised with, per RGB channel.
+
+    With pretrained weights (`imagenet`, or a local file of the row's network) the row's
+    weights' own, as timm's `pretrained_cfg` records them; from random init (`none`)
+    ImageNet's, what every row used before. The saved model records the pair
+    (`Preprocessing.mean/std`), so predict, evaluate and export normalise alike.
+    """
+    if cfg.weights == "none":
+        return IMAGENET_MEAN, IMAGENET_STD
+    arch = ARCHS[cfg.arch]
+    return arch.mean, arch.std
+
+
+def network_normalization(model: nn.Module) -> Normalization:
+    """The (mean, std) `model`'s inputs are normalised with: what `build_model` (or loading
+    a saved model) left on it; ImageNet's for any other network."""
+    return cast(
+        "Normalization", getattr(model, NORMALIZATION_ATTRIBUTE, (IMAGENET_MEAN, IMAGENET_STD))
+    )
 
 
 def use_small_stem(model: nn.Module, arch: Arch) -> None:
@@ -435,8 +462,10 @@ def _imagenet_state_dict(arch: Arch) -> dict[str, torch.Tensor]:
         return weights.get_state_dict(progress=False, check_hash=True)
     except (OSError, RuntimeError) as exc:
         raise UserError(
-            f"model.weights=imagenet: could not fetch {weights} ({type(exc).__name__}: offline?); "
-            "use model.weights=PATH to a local state dict, or model.weights=none"
+            f"model.weights=imagenet: could not download {weights} ({type(exc).__name__}: "
+            "offline?); connect to the internet once (torchvision keeps it in $TORCH_HOME), "
+            "or give a local copy: model.weights=PATH model.weights_sha256=HEX (or "
+            "model.weights=none, e.g. --space scratch)"
         ) from exc
 
 
@@ -497,7 +526,7 @@ def warn_frozen_random_stages(cfg: ModelConfig, lowest_unfreeze: int | None = No
     if cfg.weights != "none":
         return
     arch = ARCHS[cfg.arch]
-    unfreeze = cfg.unfreeze if lowest_unfreeze is None else lowest_unfreeze
+    unfreeze = cfg.stages_trained if lowest_unfreeze is None else lowest_unfreeze
     frozen = frozen_stages(arch, unfreeze, new_stem=cfg.stem == "small")
     if not frozen:
         return

@@ -190,7 +190,7 @@ def score_outer_fold(
     network = build_network(chosen.model, inner.task.num_outputs, state)
     labels = np.asarray(inner.labels)
     metrics = evaluate_test(
-        InferenceModel([network]).eval(),
+        InferenceModel([network], tta=chosen.data.augment).eval(),
         Path(inner.images_path),
         labels,
         inner.task,

@@ -38,13 +38,29 @@ from distmed import __version__, _ray_compat
 from distmed.artifacts import (
     delete_checkpoints,
     publish_results,
+    remove_run_without_checkpoints,
     results_folder,
     staging_folder,
 )
-from distmed.calibration import TemperatureFit, fit_oof_temperature, oof_threshold
+from distmed.calibration import (
+    FindingTemperatures,
+    TemperatureFit,
+    fit_oof_temperature,
+    oof_finding_thresholds,
+    oof_threshold,
+)
 from distmed.config import CVConfig, ExperimentConfig
-from distmed.cv import FoldPlan, PreparedData, prepare_data, score_caveat, share_images, storage_uri
+from distmed.cv import (
+    FoldPlan,
+    PreparedData,
+    prepare_data,
+    require_cache,
+    score_caveat,
+    share_images,
+    storage_uri,
+)
 from distmed.data import describe_index, inspect_data, scan_source
+from distmed.data.remote import bucket_summary
 from distmed.errors import EXIT_INTERRUPTED, UserError
 from distmed.failures import failed_path, one_line_write_failures, out_of_space, write_failure
 from distmed.importance import importance_text, param_importances
@@ -83,6 +99,7 @@ from distmed.results import (
 from distmed.runlock import hold_results_folder
 from distmed.runreport import REPORT, report_after_search
 from distmed.savedmodel import (
+    FindingThresholds,
     FoldModels,
     SavedModel,
     Threshold,
@@ -104,7 +121,7 @@ from distmed.search import (
 from distmed.searchfile import check_new_search, check_same_search
 from distmed.space import SearchSpaceFile
 from distmed.summary import DataSummary, RunSummary
-from distmed.task import BinaryTask, Task
+from distmed.task import BinaryTask, MultilabelTask, Task
 from distmed.tracking import (
     log_search_to_mlflow,
     mlflow_callbacks,
@@ -171,7 +188,8 @@ def warn_frozen_random_stages(spec: SearchSpaceFile) -> None:
     if "model.stem" in space and "imagenet" in space["model.stem"].probe_values():
         model = model.model_copy(update={"stem": "imagenet"})  # a stem that can be frozen
     unfreeze = space.get("model.unfreeze")
-    model_warning(model, min(unfreeze.probe_values()) if unfreeze else None)
+    counts = [v for v in unfreeze.probe_values() if v != "all"] if unfreeze else []
+    model_warning(model, min(counts) if counts else None)
 
 
 def describe_search(spec: SearchSpaceFile) -> str:
@@ -227,7 +245,10 @@ def prepare(cfg: ExperimentConfig, batch_sizes: Sequence[int] = ()) -> Prepared:
     """Index, data summary, folds and decoded cache; every input error (duplicates too, with
     `data.on_duplicates: error`; a bad weights file) before Ray and the slow first decode."""
     scanned = scan_source(cfg.data)
-    inspection = inspect_data(scanned, cfg.data)
+    if scanned.pool.uris is None:
+        inspection = inspect_data(scanned, cfg.data)
+    else:  # a bucket: the driver reads no image (`distmed.data.remote`)
+        inspection = bucket_summary(scanned)
     check_weights(cfg.model)  # a bad weights file fails before the (slow) first decode
     return Prepared(prepare_data(cfg, scanned, batch_sizes), inspection)
 
@@ -445,14 +466,18 @@ def finalize(
     oof = oof_predictions(read_trial_detail(f"{trials}/cv-{best.trial_id}"))
     task, trial = data.plan.task, best.trial_id
 
-    def threshold_for(calibration: TemperatureFit | None) -> Threshold | None:
+    def threshold_for(
+        calibration: TemperatureFit | FindingTemperatures | None,
+    ) -> Threshold | FindingThresholds | None:
         return operating_threshold(oof, task, trial, calibration, target_sensitivity)
 
     if saved_source(path) == run_name:  # a resumed search whose refit had finished
         print(f"reusing {path} (refit of trial {best.trial_id})", flush=True)
         saved = SavedModel.load(path)
         has_folds = saved.fold_models is not None
-        if (wanted := threshold_for(saved.calibration)) != saved.threshold and wanted:
+        kept = saved.finding_thresholds if saved.multilabel else saved.threshold
+        wanted = threshold_for(saved.finding_calibration or saved.calibration)
+        if wanted != kept and wanted:
             save_threshold(path, wanted)  # only when this run asks for another rule
     else:
         print(
@@ -476,7 +501,7 @@ def finalize(
             state,
             chosen,
             task,
-            data.cache.channels,
+            require_cache(data, "the refit's saved model").channels,
             run_name,
             folds=folds,
             fold_states=fold_states,
@@ -503,7 +528,11 @@ def refit_chosen(
     chosen: ExperimentConfig, plan: FoldPlan, epochs: int, uri: str, run_name: str, what: str
 ) -> dict[str, torch.Tensor]:
     """`refit.refit` of `chosen` once the cluster has room for it; its Train run goes to
-    `uri/refit/run_name`. `what` names the refit in the waiting message."""
+    `uri/refit/run_name`. `what` names the refit in the waiting message. A finished refit's
+    run folder, whose checkpoint went once its model was saved, is removed first: Ray Train
+    would try to resume it (a `--resume` after best_model.pt was deleted); an interrupted
+    refit's checkpoint is resumed."""
+    remove_run_without_checkpoints(f"{uri}/refit/{run_name}")
     layout = plan_workers(chosen.scaling)
     wait_for_free_resources(layout, what)
     with _ray_compat.train_keeps_ctrl_c():  # Ctrl-C stops at once (`after_search`)
@@ -514,15 +543,30 @@ def operating_threshold(
     oof: tuple[np.ndarray, np.ndarray] | None,
     task: Task,
     trial: str,
-    calibration: TemperatureFit | None,
+    calibration: TemperatureFit | FindingTemperatures | None,
     target_sensitivity: float | None = None,
-) -> Threshold | None:
+) -> Threshold | FindingThresholds | None:
     """The binary operating threshold chosen on trial `trial`'s out-of-fold predictions
-    (`calibration.oof_threshold`), on the calibrated scale predict uses; None for a
+    (`calibration.oof_threshold`), on the calibrated scale predict uses; a multi-label
+    task's thresholds per finding (`calibration.oof_finding_thresholds`); None for a
     multi-class task or without out-of-fold predictions."""
+    if isinstance(task, MultilabelTask) and oof is not None:
+        temperatures = (
+            calibration.temperatures if isinstance(calibration, FindingTemperatures) else None
+        )
+        chosen = oof_finding_thresholds(*oof, task, temperatures, target_sensitivity)
+        return FindingThresholds(
+            values=chosen.values,
+            method=chosen.method,
+            chosen_on=f"out-of-fold validation predictions of trial {trial}",
+            num_samples=chosen.num_samples,
+            validation_sensitivity=chosen.sensitivity,
+            validation_specificity=chosen.specificity,
+            defaulted=chosen.defaulted,
+        )
     if not isinstance(task, BinaryTask) or oof is None:
         return None
-    temperature = calibration.temperature if calibration else None
+    temperature = calibration.temperature if isinstance(calibration, TemperatureFit) else None
     choice = oof_threshold(*oof, task, temperature, target_sensitivity)
     return Threshold(
         value=choice.value,
@@ -538,7 +582,8 @@ def operating_threshold(
 def score_test(path: Path, data: PreparedData, local: Path) -> dict[str, Any]:
     """The test split scored once per saved ensemble (its predictions kept for the report);
     empty when the source has no test split."""
-    if data.cache.test_path is None:
+    test_path = require_cache(data, "the test split's scoring").test_path
+    if test_path is None:
         return {}
     choices: list[tuple[Ensemble, str, str]] = [
         ("refit", "test_metrics", TEST_PREDICTIONS),
@@ -550,10 +595,8 @@ def score_test(path: Path, data: PreparedData, local: Path) -> dict[str, Any]:
         if ensemble == "folds" and not has_folds:
             continue
         model, _ = load_inference_model(path, ensemble)
-        labels = data.index.test.labels
-        out[key] = evaluate_test(
-            model, data.cache.test_path, labels, data.plan.task, save_to=local / file
-        )
+        labels = data.plan.task.targets(data.index.test.labels)  # a multi-label task's policies
+        out[key] = evaluate_test(model, test_path, labels, data.plan.task, save_to=local / file)
     return out
 
 

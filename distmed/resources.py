@@ -226,12 +226,15 @@ def _resolve_address(address: str) -> str:
     return found
 
 
-def plan_workers(cfg: ScalingSection, concurrent: int = 0) -> WorkerLayout:
+def plan_workers(
+    cfg: ScalingSection, concurrent: int = 0, reserve_cpus: float = 0.0
+) -> WorkerLayout:
     """The layout of one run; `concurrent` > 0 when it is one of that many Tune trials.
 
     Default CPUs per worker: the cluster's CPUs split evenly over all workers of all
     concurrent runs, so one local run gets every core. Inside Tune each trial's driver
-    holds TRIAL_CPU, which is left out of the split so that the last worker still fits.
+    holds TRIAL_CPU, which is left out of the split so that the last worker still fits;
+    `reserve_cpus` are left out too (a streamed run's Ray Data decoding tasks need them).
     """
     total = cluster_capacity()
     cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
@@ -244,7 +247,7 @@ def plan_workers(cfg: ScalingSection, concurrent: int = 0) -> WorkerLayout:
             f"scaling.num_workers={cfg.num_workers} CPU workers need {workers} CPUs but the "
             f"cluster has {cpus:g}; lower --workers (or set scaling.cpus_per_worker to share)"
         )
-    spare = cpus - TRIAL_CPU * concurrent
+    spare = cpus - TRIAL_CPU * concurrent - reserve_cpus
     per_worker = cfg.cpus_per_worker or _default_cpus(spare, workers, use_gpu, cfg)
     if cfg.num_workers * per_worker > spare + 1e-9:
         raise UserError(

@@ -32,6 +32,7 @@ from distmed.config import (
     validate_config,
 )
 from distmed.errors import UserError, shorten
+from distmed.shipped import not_found_hint, space_path
 from distmed.yamlfile import read_yaml_file
 
 DISTRIBUTIONS = ("loguniform", "uniform", "quniform", "qloguniform", "randint", "choice")
@@ -161,10 +162,11 @@ class SearchSpaceFile(_Strict):
 
 
 def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SearchSpaceFile:
-    """Read and validate a search-space file; `overrides` apply to its base config."""
-    path = Path(path)
+    """Read and validate a search-space file (a path, or a shipped name such as `demo`:
+    `shipped.space_path`); `overrides` apply to its base config."""
+    path = space_path(path)
     if not path.is_file():
-        raise UserError(f"search space {path} not found: check --space")
+        raise UserError(f"search space {path} not found: check --space; {not_found_hint()}")
     raw = read_yaml_file(path, "search space", keeps_text=_space_keeps_text) or {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected keys base, search, space at the top level")
@@ -177,6 +179,7 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     base_raw = raw.get("base") or {}
     for item in overrides:
         apply_override(base_raw, item)
+    _unset_unfreeze_trains_every_arch(base_raw, raw.get("space"))
     base = validate_config(base_raw, f"{path}: base")
     try:
         search = SearchSettings.model_validate(raw.get("search") or {})
@@ -187,8 +190,10 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     }
     if not space:
         raise UserError(f"{path}: 'space' is empty; map config keys to distributions")
+    arch_choices = _arch_choices(space)
     for key, dist in space.items():
-        _check_values_fit(path, base, key, dist)
+        for arch in arch_choices if key != ARCH_KEY else [None]:
+            _check_values_fit(path, base, key, dist, arch)
     return SearchSpaceFile(base=base, search=search, space=space)
 
 
@@ -262,16 +267,46 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_values_fit(path: Path, base: ExperimentConfig, key: str, dist: Distribution) -> None:
+# The one conditional in a space: bounds that depend on the architecture (`unfreeze` up to
+# its depth, `stem: small` where it has one, the smallest image size) are checked for every
+# arch the space can draw, each value against each arch, before the first trial.
+ARCH_KEY = "model.arch"
+
+
+def _arch_choices(space: dict[str, Distribution]) -> list[str | None]:
+    """The archs every other key's values must fit: the space's choices, or just the base's."""
+    dist = space.get(ARCH_KEY)
+    return [None] if dist is None else list(dist.probe_values())
+
+
+def _unset_unfreeze_trains_every_arch(base_raw: Any, space_raw: Any) -> None:
+    """A search over `model.arch` whose base leaves `model.unfreeze` unset trains every stage
+    of each arch (`unfreeze: all`), not the base arch's depth in every other arch."""
+    if not (isinstance(base_raw, dict) and isinstance(space_raw, dict)):
+        return
+    if ARCH_KEY not in space_raw or "model.unfreeze" in space_raw:
+        return
+    model = base_raw.get("model")
+    if model is None or (isinstance(model, dict) and "unfreeze" not in model):
+        base_raw["model"] = {**(model or {}), "unfreeze": "all"}
+
+
+def _check_values_fit(
+    path: Path, base: ExperimentConfig, key: str, dist: Distribution, arch: str | None = None
+) -> None:
     for value in dist.probe_values():
         raw = base.model_dump(mode="json")
         set_value(raw, key, value)
+        if arch is not None:
+            set_value(raw, ARCH_KEY, arch)
         try:
             ExperimentConfig.model_validate(raw)
         except ValidationError as exc:
+            with_arch = f" with model.arch={arch}" if arch is not None else ""
             raise UserError(
-                f"{path}: space.{key} can produce {shorten(value)}, which the config rejects "
-                f"({format_validation_error(exc)}); for whole numbers use randint or choice"
+                f"{path}: space.{key} can produce {shorten(value)}{with_arch}, which the config "
+                f"rejects ({format_validation_error(exc)}); for whole numbers use randint or "
+                "choice" + (", and bounds every arch in the space takes" if with_arch else "")
             ) from exc
 
 

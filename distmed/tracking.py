@@ -200,5 +200,23 @@ def _log_search(cfg: MlflowConfig, experiment: str, run_dir: Path, summary: dict
             client.log_artifact(run_id, str(run_dir / file))
     if (run_dir / "report").is_dir():
         client.log_artifacts(run_id, str(run_dir / "report"), artifact_path="report")
+    if cfg.uri and cfg.registered_model and (run_dir / "best_model.pt").is_file():
+        _register(cfg.uri, cfg.registered_model, run_id, run_dir / "best_model.pt")
     client.set_terminated(run_id)
     return run_id
+
+
+def _register(uri: str, name: str, run_id: str, best_model: Path) -> None:
+    """The best model as a registered pyfunc model `name` (a new version), logged in the
+    best-of run; a failure is a warning: the run and its artefacts are logged already."""
+    try:
+        import mlflow
+
+        from distmed.registry import log_and_register
+
+        mlflow.set_tracking_uri(uri)
+        with mlflow.start_run(run_id=run_id):
+            model_uri = log_and_register(best_model, name)
+        print(f"MLflow: registered the best model as {model_uri}")
+    except Exception as exc:  # the registry (or its storage) down: the search is saved
+        log.warning("MLflow: registering %s failed (%s: %s)", name, type(exc).__name__, exc)

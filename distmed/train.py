@@ -22,13 +22,14 @@ from distmed import __version__, pipeline
 from distmed.artifacts import write_json_atomic
 from distmed.cli import add_common_options, overrides_from_args, run_command
 from distmed.config import ExperimentConfig, dump_config, load_config
-from distmed.cv import CVResult, cross_validate, score_caveat
+from distmed.cv import CVResult, cross_validate, finding_auc_text, score_caveat
 from distmed.data import DataIndex, describe_index
 from distmed.errors import UserError
 from distmed.metrics import METRIC_NAMES
 from distmed.model import warn_frozen_random_stages
 from distmed.resources import plan_workers
 from distmed.runlock import hold_results_folder
+from distmed.task import MultilabelTask
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--config",
-        help="experiment YAML, or a search-space file (its 'base' is used); default: built-ins",
+        help="experiment YAML, or a search-space file or shipped name such as demo (its "
+        "'base' is used); default: built-ins",
     )
     parser.add_argument("--output", help="result folder (default runs/train-<data>-<time>)")
     parser.add_argument(
@@ -74,7 +76,9 @@ def _run(args: argparse.Namespace) -> int:
     output.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, output / "config.yaml")
     plan = pipeline.connect(prepared.data, args.address).plan
-    layout = plan_workers(cfg.scaling)
+    # A stream decodes in Ray Data tasks: keep one task's CPUs out of the workers' share.
+    reserve = cfg.data.stream_decode_cpus if cfg.data.loader == "stream" else 0.0
+    layout = plan_workers(cfg.scaling, reserve_cpus=reserve)
     print(
         f"distmed {__version__}: {index.name}, {len(index.pool)} images, "
         f"{len(index.class_names)} classes, "
@@ -109,6 +113,8 @@ def _run(args: argparse.Namespace) -> int:
         f"(fold std {result.std_roc_auc:.4f}, {len(result.folds)} folds)  "
         f"-> {output / 'cv_result.json'}"
     )
+    if isinstance(plan.task, MultilabelTask):
+        print(f"  {finding_auc_text(plan.task, result.mean_metrics())}")
     caveat = score_caveat(result.fold_aucs, prepared.data.thin_folds)
     if caveat is not None:
         print(f"  {caveat}")
@@ -201,7 +207,9 @@ def write_cv_result(
         "data": describe_index(index, inspection) | (warnings or {}),
         "config": cfg.model_dump(mode="json"),
         "fold_assignment": [
-            {"id": sample_id, "label": int(label), "fold": int(folds[0])}
+            # a multi-label image's label is its row of raw codes (null: missing)
+            {"id": sample_id, "label": label.tolist() if label.ndim else int(label)}
+            | {"fold": int(folds[0])}
             | ({"folds_by_repeat": folds.tolist()} if len(folds) > 1 else {})
             for sample_id, label, folds in zip(
                 index.pool.ids, index.pool.labels, rows.T, strict=True

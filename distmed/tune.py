@@ -23,6 +23,7 @@ from distmed.cli import (
     resume_command,
     run_command,
 )
+from distmed.cv import require_cache
 from distmed.errors import UserError
 from distmed.nested import NestedRun, outer_assignment, run_nested
 from distmed.searchfile import check_same_images, record_search
@@ -30,11 +31,11 @@ from distmed.space import SearchSpaceFile, load_space
 
 MAX_TRIALS = 100_000  # --num-samples, --max-concurrent: beyond any search one cluster runs
 
-EXAMPLES = """examples:
-  python -m distmed.tune --space search_spaces/demo.yaml
-  python -m distmed.tune --space search_spaces/resnet.yaml \\
+EXAMPLES = """examples (a shipped space by name, or a YAML path):
+  python -m distmed.tune --space demo
+  python -m distmed.tune --space scratch \\
       --data ../shared/data/pneumoniamnist.npz --cpu --num-samples 1
-  python -m distmed.tune --space search_spaces/resnet.yaml --data /data/xray --address auto \\
+  python -m distmed.tune --space resnet --data /data/xray --address auto \\
       --storage s3://bucket/distmed --workers 2 --wandb-project xray
   python -m distmed.tune --space search_spaces/demo.yaml --name demo-1 --resume
   python -m distmed.tune --space search_spaces/demo.yaml --mlflow-uri http://127.0.0.1:5000
@@ -50,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--space", required=True, help="search-space YAML, e.g. search_spaces/resnet.yaml"
+        "--space",
+        required=True,
+        help="search-space YAML, or the name of a shipped one without a path, e.g. demo, "
+        "resnet (ImageNet transfer learning), scratch (random init, offline)",
     )
     parser.add_argument(
         "--num-samples",
@@ -135,6 +139,7 @@ def _run(args: argparse.Namespace) -> int:
     ctx = _context(args)
     record = pipeline.claim(ctx, spec, args.nested, args.force_unlock, args.locks)
     prepared = pipeline.prepare(spec.base, pipeline.batch_sizes(spec))
+    require_cache(prepared.data, "a search (its refit and test split)")
     if record is not None:  # a resumed search: on the images it started with
         check_same_images(ctx.experiment_uri, record, prepared.data.index)
     warm = pipeline.warm_start(args.warm_start, spec, prepared, ctx, args.nested)

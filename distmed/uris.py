@@ -39,6 +39,8 @@ def credential_kind(text: str) -> tuple[str, str] | None:
 
     `what` is `user:password@`, `token@` or `a secret query parameter`, never the secret.
     """
+    if "://" not in text:  # no URI; `_URI` alone is quadratic in a long run of letters
+        return None
     for match in _URI.finditer(text):
         try:
             parts = urlsplit(match.group(0))

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from distmed import _ray_compat
 from distmed.config import ExperimentConfig, TrainConfig
 from distmed.data import load_cached
+from distmed.data.stream import StreamSpec, stream_batches
 from distmed.loop import (
     FoldData,
     FoldRun,
@@ -40,6 +41,7 @@ from distmed.loop import (
     run_fold_epoch,
 )
 from distmed.results import write_trial_detail
+from distmed.sharedpass import BatchReader, Routes, run_shared_epoch
 from distmed.task import AnyTask
 
 log = logging.getLogger(__name__)
@@ -68,14 +70,15 @@ class WorkerConfig(_Plain):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     config: ExperimentConfig
-    images_path: str  # the decoded-image cache file (`distmed.data.load_cached`)
+    images_path: str  # the decoded-image cache file (`distmed.data.load_cached`); "": streamed
     images_ref: Any = None  # a Ray ObjectRef of the same images, for nodes without the file
-    labels: list[int]
-    task: AnyTask  # binary or multi-class: the loss, metrics and decisions (`distmed.task`)
+    labels: list[int] | list[list[float]]  # the task's targets (`Task.targets`) of the pool
+    task: AnyTask  # binary, multi-class or multi-label: loss, metrics, decisions (`distmed.task`)
     folds: list[FoldIndices]
     folds_per_repeat: int | None = None  # k of the R x k folds; None: one repeat
     threads: int = Field(ge=1)  # torch threads per worker
     detail_uri: str | None = None  # where rank 0 keeps per-fold histories and predictions
+    stream: StreamSpec | None = None  # data.loader stream: files decoded by Ray Data tasks
 
     def to_loop_config(self) -> dict[str, Any]:
         """The dict Ray carries; the ObjectRef stays an object (Ray passes it through)."""
@@ -98,25 +101,32 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick kernels once
     runtime = Runtime.resolve(cfg, device)
-    images = load_images(plan.images_path, plan.images_ref)
-    labels = np.asarray(plan.labels, dtype=np.int64)
+    labels = plan.task.label_array(plan.labels)
     context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    fold_batch = max(1, cfg.train.batch_size // world)  # this rank's share of a batch
+    routes = Routes.of([(f.train, f.val) for f in plan.folds], len(labels))
+    images = None if plan.stream else load_images(plan.images_path, plan.images_ref)
     folds = [
         build_fold(
             FoldData(i, spec.train, spec.val, images, labels, plan.task),
             cfg,
             runtime,
-            batch_size=max(1, cfg.train.batch_size // context.get_world_size()),  # rank's share
+            batch_size=fold_batch,
             workers=loader_workers(device, threads),
             prepare_model=ray.train.torch.prepare_model,  # DDP
             # DistributedSampler; the batches move to the device in the loop.
             prepare_loader=lambda loader: ray.train.torch.prepare_data_loader(
                 loader, move_to_device=False
             ),
+            steps_per_epoch=routes.steps_per_epoch(fold_batch, world),
         )
         for i, spec in enumerate(plan.folds)
     ]
     start_epoch = _restore(folds)
+    read = None
+    if plan.stream is not None:
+        read = _stream_reader(plan.stream, routes.pass_batch_size(fold_batch), device)
     detail_uri, folds_per_repeat = plan.detail_uri, plan.folds_per_repeat
     if start_epoch >= cfg.train.epochs or (start_epoch and all(f.stopped for f in folds)):
         # The run had ended before it was interrupted (a killed or Ctrl-C'd search): its
@@ -127,9 +137,12 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
     for epoch in range(start_epoch, cfg.train.epochs):
         # Shuffling and augmentation are seeded per epoch, so a run resumed from the
         # checkpoint of epoch e draws exactly what an uninterrupted run draws.
-        torch.manual_seed(epoch_seed(cfg.train.seed, context.get_world_rank(), epoch))
+        torch.manual_seed(epoch_seed(cfg.train.seed, rank, epoch))
+        if read is not None:  # one pass trains every fold, one scores them
+            targets = torch.from_numpy(labels)
+            run_shared_epoch(folds, epoch, cfg, runtime, routes, targets, read, rank, world)
         for fold in folds:
-            if not fold.stopped:
+            if not fold.stopped and read is None:
                 run_fold_epoch(fold, epoch, cfg, runtime)
         if any(diverged(f) for f in folds):
             for fold in folds:  # one fold without a score leaves the trial without one
@@ -145,6 +158,12 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
         "folds": [{"history": f.history, **f.predictions()} for f in folds],
     }
+
+
+def _stream_reader(spec: StreamSpec, batch_size: int, device: torch.device) -> BatchReader:
+    """The streamed `BatchReader`: Ray Data decodes ahead, pinned for a GPU's copy."""
+    pin = device.type == "cuda"
+    return lambda order: stream_batches(spec, order, batch_size, pin_memory=pin)
 
 
 def load_images(path: str, ref: Any) -> np.ndarray:

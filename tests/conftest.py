@@ -23,6 +23,14 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+# Under pytest-xdist (`bash dev.sh test` runs the tests without Ray on 2 processes) the cores
+# are shared out: 2 processes with a thread per core each would fight over the cores.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    import torch
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _XDIST_WORKERS))
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -52,10 +60,59 @@ def _default_train_output_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 RAY_FIXTURES = frozenset({"ray_session"})
 
 
+# The files with tests on the session's Ray instance. `bash dev.sh test` runs pytest-xdist
+# with `--dist loadfile`; `pytest_xdist_make_scheduler` below makes these files ONE unit of
+# work (one process, one Ray instance, started once) and every other file a unit of its own.
+# (pytest-xdist's `xdist_group` marks do not reach its scheduler under pytest 9.)
+SESSION_RAY_FILES = frozenset(
+    {
+        "test_cv_ray.py",
+        "test_faults_ray.py",
+        "test_leftovers.py",
+        "test_multinode_ray.py",
+        "test_train_cli.py",
+        "test_tune_ray.py",
+        "test_waits_ray.py",
+    }
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
+            # `own_ray` tests run beside others (pytest-xdist), where no session Ray may start.
+            if item.get_closest_marker("own_ray"):
+                raise pytest.UsageError(f"{item.nodeid} is marked own_ray but uses {RAY_FIXTURES}")
+            if item.path.name not in SESSION_RAY_FILES:
+                raise pytest.UsageError(
+                    f"{item.nodeid} uses the session's Ray: add {item.path.name} to "
+                    "SESSION_RAY_FILES in tests/conftest.py (else a second Ray instance starts)"
+                )
+    # The session's Ray tests are the longest unit and mostly wait on Ray: they start first,
+    # the `own_ray` searches second, and the files without Ray fill the cores beside them.
+    items.sort(key=_schedule_rank)
+
+
+def _schedule_rank(item: pytest.Item) -> int:
+    if item.path.name in SESSION_RAY_FILES:
+        return 0
+    return 1 if item.get_closest_marker("own_ray") else 2
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadfile`, with the SESSION_RAY_FILES as one unit (in collection order: the
+    order `pytest_collection_modifyitems` gives)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SessionRayScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return "session-ray" if Path(file).name in SESSION_RAY_FILES else file
+
+    return SessionRayScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -155,6 +155,7 @@ def _wait_until_served(url: str, proc: subprocess.Popen, timeout_s: float = 300)
     pytest.fail(f"the app did not serve {url} within {timeout_s} s")
 
 
+@pytest.mark.serial  # the app's Ctrl-C shutdown within its bound needs the cores
 def test_uploads_are_bounded_private_and_removed_on_ctrl_c(tmp_path: Path):
     """`python -m distmed.app` as a user runs it: a file over --max-upload-mb is refused
     (HTTP 413) and not kept; an accepted one lands in the app's own folder under $TMPDIR,

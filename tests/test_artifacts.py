@@ -46,6 +46,7 @@ def _check_complete(folder: Path) -> int:
     return summary["version"]
 
 
+@pytest.mark.serial  # kills land after rewrites only while the writer gets a core of its own
 def test_sigkill_at_random_moments_never_leaves_a_torn_file(tmp_path: Path):
     rng = np.random.default_rng(0)
     versions = []
@@ -155,3 +156,27 @@ def test_only_checkpoints_ray_registered_survive_the_next_run(tmp_path: Path):
     (run / CHECKPOINT_SNAPSHOT).unlink()  # a run that never registered one: all are partial
     assert delete_partial_checkpoints(run) == ["checkpoint_2"]
     assert delete_partial_checkpoints(tmp_path / "nowhere") == []
+
+
+def test_a_finished_run_whose_checkpoints_went_is_removed_an_unfinished_one_kept(tmp_path: Path):
+    """Ray Train would resume a run folder by its name and fail on the checkpoints its
+    snapshot lists but `delete_checkpoints` removed (a refit redone after best_model.pt was
+    deleted); a run with a checkpoint is one to resume and stays."""
+    from distmed.artifacts import (
+        CHECKPOINT_SNAPSHOT,
+        delete_checkpoints,
+        remove_run_without_checkpoints,
+    )
+
+    run = tmp_path / "refit" / "refit-abc"
+    (run / "checkpoint_2026").mkdir(parents=True)
+    (run / "checkpoint_2026" / "state.pt").write_bytes(b"x" * 10)
+    listed = {"checkpoint_dir_name": "checkpoint_2026"}
+    snapshot = {"checkpoint_results": [listed], "latest_checkpoint_result": listed}
+    (run / CHECKPOINT_SNAPSHOT).write_text(json.dumps(snapshot))
+    assert remove_run_without_checkpoints(str(run)) is False  # an interrupted refit: resumed
+    assert (run / "checkpoint_2026" / "state.pt").is_file()
+    delete_checkpoints(str(run))  # what a finished refit leaves
+    assert remove_run_without_checkpoints(str(run)) is True
+    assert not run.exists() and (tmp_path / "refit").is_dir()
+    assert remove_run_without_checkpoints(str(run)) is False  # nothing there: nothing to do

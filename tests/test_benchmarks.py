@@ -277,3 +277,39 @@ def test_search_benchmark_measures_seconds_to_random_searchs_final_best():
     assert out["target_over_reference_seconds"] == 1.0
     assert out["methods"]["random+asha"]["seeds"] == 0  # not run: no numbers made up
     assert "not reached" in search.results_table("d", out)
+
+
+def test_stream_benchmark_plans_both_sizes_and_starts_nothing_with_plan(capsys, monkeypatch):
+    from benchmarks import stream
+
+    monkeypatch.setattr(stream, "measure", lambda *a: pytest.fail("--plan must not measure"))
+    assert stream.main(["--plan"]) == 0
+    assert "sizes 25,000, 50,000 at 28 px; 3 nodes x 2 CPUs" in capsys.readouterr().out
+    assert stream.main(["--plan", "--quick", "--cpus-per-node", "1"]) == 0
+    assert "sizes 300 at 28 px; 3 nodes x 1 CPUs" in capsys.readouterr().out
+
+
+def test_stream_benchmark_images_are_two_seeded_classes(tmp_path):
+    from benchmarks.stream import write_images
+
+    root = write_images(tmp_path / "a", 6, 8)
+    again = write_images(tmp_path / "b", 6, 8)
+    assert sorted(p.name for p in root.iterdir()) == ["neg", "pos"]
+    assert len(list((root / "pos").iterdir())) == 3
+    first = (root / "neg" / "img000000.png").read_bytes()
+    assert first == (again / "neg" / "img000000.png").read_bytes()
+
+
+def test_whole_epoch_timing_dry_run_on_cpu_splits_data_wait_from_steps(tmp_path, monkeypatch):
+    """The CPU dry run of the GPU check's whole-epoch stage (the cache source; the stream's
+    reader is the one test_faults_ray.py drives on a cluster)."""
+    from benchmarks import epochs
+
+    monkeypatch.setenv("DISTMED_CACHE", str(tmp_path / "cache"))
+    argv = ["--device", "cpu", "--images", "24", "--size", "16", "--batch", "8"]
+    argv += ["--epochs", "1", "--sources", "cache", "--workdir", str(tmp_path / "w")]
+    result = epochs.run(epochs.build_parser().parse_args(argv))
+    (epoch,) = result["cache"]
+    assert epoch["images"] == 24 and result["device"] == "cpu" and result["cache_build_s"] >= 0
+    assert epoch["data_wait_s"] + epoch["step_s"] <= epoch["wall_s"] + 1e-3
+    assert epoch["step_s"] > 0 and epoch["images_per_s"] > 0

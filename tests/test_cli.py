@@ -20,6 +20,7 @@ except ImportError:  # Python 3.10
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 COMMANDS = {
+    "distmed": "distmed.__main__",  # `distmed <command>`: the others by name
     "distmed-train": "distmed.train",
     "distmed-tune": "distmed.tune",
     "distmed-predict": "distmed.predict",

@@ -36,7 +36,9 @@ from conftest import free_port, write_image_folder
 
 from distmed.artifacts import staging_folder
 
-pytestmark = pytest.mark.ray
+# Its searches start their own Ray instances and never the session's: `bash dev.sh test` runs
+# it beside the tests without Ray, not after them with the session's Ray tests.
+pytestmark = [pytest.mark.ray, pytest.mark.own_ray]
 FAKE_WANDB_KEY = "c0ffee0123456789abcdef0123456789abcdfake"
 FAKE_AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYsecretDISTMED"  # also moto's key
 BUCKET = "distmed-test"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import shared_npz
 
@@ -46,3 +47,43 @@ def test_demo_config_is_learnable_but_not_trivial(ray_session, tmp_path: Path):
     result = json.loads((tmp_path / "demo" / "cv_result.json").read_text())
     assert result["data"]["classes"] == ["lesion", "normal"]
     assert 0.6 < result["mean_roc_auc"] < 0.99, result["mean_roc_auc"]
+
+
+def test_multilabel_folds_train_through_ray_train(ray_session, tmp_path: Path):
+    """Several findings per image (#32) through the Train worker: (N, L) targets with NaN
+    (ignored uncertain labels) cross into Ray, each fold records every finding's AUC."""
+    from test_multilabel_training import FINDINGS, generated_set
+
+    from distmed.config import ExperimentConfig
+    from distmed.cv import FoldPlan, cross_validate, fold_specs
+    from distmed.resources import plan_workers
+    from distmed.task import MultilabelTask
+
+    images, raw = generated_set(112, seed=1)
+    np.save(tmp_path / "pool.npy", images)
+    task = MultilabelTask(FINDINGS)
+    cfg = ExperimentConfig.model_validate(
+        {
+            "model": {"weights": "none", "unfreeze": 1},
+            "optim": {"lr": 0.003},
+            "train": {"epochs": 2, "batch_size": 16, "amp": "off", "class_weights": "balanced"},
+            "data": {"image_size": 16},
+            "cv": {"folds": 2},
+            "scaling": {"max_failures": 0},
+        }
+    )
+    plan = FoldPlan(
+        images_path=str(tmp_path / "pool.npy"),
+        labels=task.targets(raw).tolist(),
+        task=task,
+        folds=fold_specs(np.arange(112) % 2, 2),
+    )
+    result = cross_validate(cfg, plan, plan_workers(cfg.scaling), tmp_path / "ray", "ml")
+    means = result.mean_metrics()
+    aucs = {name: means[f"roc_auc/{name}"] for name in FINDINGS}
+    assert all(auc > 0.7 for auc in aucs.values()), aucs
+    assert result.mean_roc_auc == pytest.approx(
+        np.mean([f.metrics["roc_auc"] for f in result.folds])
+    )
+    oof_labels = np.concatenate([np.asarray(f.val_labels, dtype=float) for f in result.folds])
+    assert np.isnan(oof_labels[:, 3]).sum() == np.isnan(task.targets(raw)[:, 3]).sum()

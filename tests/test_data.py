@@ -476,9 +476,10 @@ def test_npz_length_mismatch(tmp_path):
     assert "train_images" in str(info.value) and "train_labels" in str(info.value)
 
 
-def test_npz_multilabel_is_refused(tmp_path):
+def test_npz_label_arrays_of_different_widths_are_refused(tmp_path):
+    # train (6, 3) beside val/test (N, 1): neither one label nor L findings per image
     path = write_npz(tmp_path / "multi.npz", train_labels=np.zeros((6, 3), dtype=np.uint8))
-    with pytest.raises(UserError, match="single-label"):
+    with pytest.raises(UserError, match="differ in columns"):
         scan_source(cfg(root=str(path)))
 
 

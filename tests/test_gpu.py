@@ -145,3 +145,21 @@ def test_batched_augmentation_on_cuda_equals_the_cpu_one_for_the_same_draws(monk
     on_cpu = augment_batch(floats, flips)
     generator.manual_seed(3)
     assert torch.equal(augment_batch(floats.to(CUDA), flips).cpu(), on_cpu)
+
+
+@pytest.mark.parametrize("policy", ["randaugment", "trivialaugment"])
+def test_kornia_augmentation_runs_on_the_gpu_per_image_and_seeded(policy):
+    """The kornia-based keys on CUDA: output on the device, in [0, 1], different per image of
+    identical inputs, the same for the same seed."""
+    cfg = AugmentConfig(policy=policy, crop_scale=0.5, brightness=0.1, contrast=0.2, gamma=0.2)
+    image = torch.rand(1, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    batch = image.expand(16, -1, -1, -1).contiguous().to(CUDA)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(9)
+        runs.append(augment_batch(batch, cfg))
+    out = runs[0]
+    assert out.device.type == "cuda" and out.shape == batch.shape
+    assert out.min() >= 0 and out.max() <= 1
+    assert torch.equal(runs[0], runs[1])
+    assert len({tuple(row.flatten().tolist()) for row in out.cpu()}) == 16

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 SECOND_CTRL_C = """
 import os, signal, sys, time
 from distmed.search import StopOnCtrlC
@@ -22,6 +24,7 @@ print("not reached", flush=True)
 """
 
 
+@pytest.mark.serial  # a bound on the wall time (the second Ctrl-C cuts the wait short)
 def test_first_ctrl_c_asks_tune_to_stop_and_a_second_exits_at_once():
     started = time.monotonic()
     done = subprocess.run(

@@ -130,7 +130,7 @@ def test_label_sets_point_at_multilabel(tmp_path, capsys, labels):
         scan(sheet)
     message = str(info.value)
     assert "distmed trains one label per image; these are label sets (multi-label)" in message
-    assert "data.task: multilabel" in message and "row 4" in message
+    assert "data.label_delimiter:" in message and "row 4" in message
     assert "label sets (multi-label)" in refusal(sheet, capsys=capsys)
 
 

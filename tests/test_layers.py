@@ -22,6 +22,7 @@ FRONT_DOORS = {
     "distmed.export",
     "distmed.app",
     "distmed.cli",
+    "distmed.__main__",  # `distmed <command>`: imports the others by name, when one is run
 }
 # Front doors may use the CLI helpers (argparse options, one-line errors); nothing else may.
 CLI_USERS = FRONT_DOORS | {"distmed.data.__main__"}

@@ -14,6 +14,7 @@ import yaml
 
 from distmed.config import ExperimentConfig, config_fields
 from distmed.errors import UserError
+from distmed.model import ARCHS
 from distmed.search import (
     build_sampler,
     resolve_sampler,
@@ -22,9 +23,13 @@ from distmed.search import (
 from distmed.space import apply_params, fixed_for_the_search, load_space, to_tune_domains
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = [REPO / "search_spaces" / "demo.yaml", REPO / "search_spaces" / "resnet.yaml"]
+# The two that run offline on a CPU: the demo and the random-init variant of resnet.yaml.
+SHIPPED = [REPO / "search_spaces" / "demo.yaml", REPO / "search_spaces" / "scratch.yaml"]
 EVERY_SHIPPED = sorted((REPO / "search_spaces").glob("*.yaml"))
-FIVE_KEYS = {"optim.lr", "train.batch_size", "optim.name", "optim.weight_decay", "model.unfreeze"}
+# backbones.yaml searches the arch and the recipe instead (test_backbones_space_...).
+FIVE_KEY_SPACES = [p for p in EVERY_SHIPPED if p.name != "backbones.yaml"]
+FOUR_KEYS = {"optim.lr", "train.batch_size", "optim.name", "optim.weight_decay"}
+FIVE_KEYS = FOUR_KEYS | {"model.unfreeze"}
 
 
 def space_file(tmp_path: Path, space: str, top: str = "", name: str = "space.yaml") -> Path:
@@ -42,47 +47,76 @@ def draws(domain, n: int = 200, seed: int = 0) -> list:
 # --------------------------------------------------------------------------- shipped files
 
 
-@pytest.mark.parametrize("path", EVERY_SHIPPED, ids=lambda p: p.name)
-def test_shipped_space_loads_with_the_five_keys(path: Path):
+@pytest.mark.parametrize("path", FIVE_KEY_SPACES, ids=lambda p: p.name)
+def test_shipped_space_loads_with_the_optimiser_keys(path: Path):
     spec = load_space(path)
-    assert set(spec.space) == FIVE_KEYS
+    assert FOUR_KEYS <= set(spec.space) <= FIVE_KEYS
     assert spec.space["optim.lr"].kind == "loguniform"
     assert spec.space["optim.weight_decay"].kind == "loguniform"
     assert spec.space["train.batch_size"].kind == "choice"
     assert spec.space["optim.name"].kind == "choice"
     assert set(spec.space["optim.name"].args) == {"adam", "adamw", "sgd"}
-    assert spec.space["model.unfreeze"].kind == "randint"
+    if "model.unfreeze" in spec.space:
+        assert spec.space["model.unfreeze"].kind == "randint"
     assert spec.search.metric == "cv_roc_auc"
     assert spec.search.mode == "max"
     assert spec.search.scheduler.type == "asha"
-    assert spec.base.model.weights == "none"  # both run offline
+    # Only the flagship downloads weights; the others (the tests' and CI's) run offline.
+    assert spec.base.model.weights == ("imagenet" if path.stem == "resnet" else "none")
+
+
+def test_the_flagship_search_is_imagenet_transfer_learning():
+    spec = load_space(REPO / "search_spaces" / "resnet.yaml")
+    arch = ARCHS[spec.base.model.arch]
+    assert spec.base.model.weights == "imagenet" and spec.base.model.stem == "imagenet"
+    assert spec.base.data.image_size == arch.input_size  # the weights' preprocessing
+    # The unfreeze depth is searched from the head alone to every stage and the stem.
+    assert set(spec.space) == FIVE_KEYS
+    assert spec.space["model.unfreeze"].args == (0, arch.depth)
+
+
+SPACES = ("scratch", "resnet")
+
+
+def test_the_scratch_variant_is_resnet_yaml_from_random_init_training_every_stage(caplog):
+    from distmed.tune import main
+
+    scratch, resnet = (load_space(REPO / "search_spaces" / f"{n}.yaml") for n in SPACES)
+    assert scratch.base.model.weights == "none"
+    assert "model.unfreeze" not in scratch.space  # freezing random-init stages is no search
+    assert scratch.base.model.unfreeze == ARCHS[scratch.base.model.arch].depth
+    assert scratch.base.model.arch == resnet.base.model.arch
+    assert scratch.base.cv == resnet.base.cv and scratch.search == resnet.search
+    with caplog.at_level("WARNING", logger="distmed.model"):
+        for name in SPACES:
+            assert main(["--space", name, "--dry-run"]) == 0
+    assert [r for r in caplog.records if r.name == "distmed.model"] == []  # no frozen random init
 
 
 def test_shipped_files_differ_where_documented():
-    demo, resnet = (load_space(p) for p in SHIPPED)
+    demo, scratch = (load_space(p) for p in SHIPPED)
     assert demo.base.data.root == "demo"
     assert demo.base.data.image_size == 32
     assert demo.search.num_samples == 6
     assert demo.space["model.unfreeze"].args == (3, 5)
-    assert resnet.base.data.root is None
-    assert resnet.base.data.image_size == 64
-    assert resnet.base.train.patience == 4
-    assert resnet.search.num_samples == 30
-    assert resnet.space["model.unfreeze"].args == (0, 5)
-    assert resnet.space["train.batch_size"].args == (32, 64, 128)
+    assert scratch.base.data.root is None
+    assert scratch.base.data.image_size == 64
+    assert scratch.base.train.patience == 4
+    assert scratch.search.num_samples == 30
+    assert scratch.space["train.batch_size"].args == (32, 64, 128)
 
 
-@pytest.mark.parametrize("path", EVERY_SHIPPED, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", FIVE_KEY_SPACES, ids=lambda p: p.name)
 def test_every_sample_of_a_shipped_space_is_a_valid_trial_config(path: Path):
     spec = load_space(path)
     domains = to_tune_domains(spec.space)
-    assert set(domains) == FIVE_KEYS
+    assert set(domains) == set(spec.space)
     rng = np.random.default_rng(1)
     for _ in range(50):
         params = {key: domain.sample(random_state=rng) for key, domain in domains.items()}
         cfg = apply_params(spec.base, params)
         assert cfg.optim.lr == pytest.approx(float(params["optim.lr"]))
-        assert cfg.model.unfreeze == int(params["model.unfreeze"])
+        assert cfg.model.unfreeze == int(params.get("model.unfreeze", spec.base.model.unfreeze))
         assert cfg.optim.name == params["optim.name"]
         assert cfg.train.epochs == spec.base.train.epochs  # not searched: from the base
 
@@ -502,7 +536,7 @@ def test_overrides_apply_to_the_base(tmp_path):
     assert spec.base.train.epochs == 3
     assert spec.base.data.root == "demo"
     assert spec.base.data.image_size == 64  # untouched: from the file
-    assert set(spec.space) == FIVE_KEYS
+    assert set(spec.space) == FOUR_KEYS
     assert load_space(SHIPPED[1]).base.train.epochs == 12  # the file itself is unchanged
 
 
@@ -594,3 +628,53 @@ def test_the_wait_for_tune_is_bounded_and_says_so(caplog):
         wait_until_tune_took_every_report(to_tune, timeout_s=0.3, settle_s=0)
     assert reports.checks >= 2
     assert "has not taken the last report after 0 s" in caplog.text
+
+
+# --------------------------------------------------------------------------- arch-dependent
+
+
+def test_backbones_space_draws_valid_trials_that_train_every_stage_of_each_arch():
+    spec = load_space(REPO / "search_spaces" / "backbones.yaml")
+    assert spec.base.model.unfreeze == "all"  # unset in the file: all stages of any arch
+    archs = set(spec.space["model.arch"].args)
+    domains = to_tune_domains(spec.space)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(40):
+        params = {key: domain.sample(random_state=rng) for key, domain in domains.items()}
+        cfg = apply_params(spec.base, params)
+        seen.add(cfg.model.arch)
+        assert cfg.model.stages_trained == ARCHS[cfg.model.arch].depth
+    assert seen == archs
+
+
+@pytest.mark.parametrize(
+    ("space", "refused"),
+    [
+        # mobilenet_v3_large has 7 stages, resnet18 5: 7 is no unfreeze for a ResNet
+        (
+            "model.arch: {choice: [mobilenet_v3_large, resnet18]}\n"
+            "model.unfreeze: {randint: [0, 7]}",
+            "space.model.unfreeze can produce 7 with model.arch=resnet18",
+        ),
+        (
+            "model.arch: {choice: [resnet18, swin_t]}\nmodel.stem: {choice: [small]}",
+            "space.model.stem can produce 'small' with model.arch=swin_t",
+        ),
+        (
+            "model.arch: {choice: [resnet18, mobilenet_v3_large]}\n"
+            "model.unfreeze: {choice: [1, 5, all]}",
+            None,
+        ),
+    ],
+)
+def test_arch_dependent_bounds_are_checked_for_every_arch_in_the_space(tmp_path, space, refused):
+    top = "base: {data: {image_size: 64}, model: {weights: none}}\n"
+    path = space_file(tmp_path, space, top)
+    if refused is None:
+        spec = load_space(path)
+        cfg = apply_params(spec.base, {"model.arch": "mobilenet_v3_large", "model.unfreeze": "all"})
+        assert cfg.model.stages_trained == 7
+        return
+    with pytest.raises(UserError, match=refused):
+        load_space(path)

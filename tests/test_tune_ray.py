@@ -18,6 +18,7 @@ from conftest import free_port, write_image_folder
 
 from distmed import tune
 from distmed.config import load_config
+from distmed.savedmodel import SavedModel
 
 pytestmark = pytest.mark.ray
 FAKE_KEY = "0123456789abcdef0123456789abcdef0123fake"
@@ -114,7 +115,8 @@ def test_search_stops_poor_trials_writes_results_and_hides_the_key(
 ):
     """One search covers it all (each Ray fit costs seconds of start-up on 2 cores): ASHA,
     results files, refit + test split, report, W&B offline, MLflow (a real server) and
-    TensorBoard, secrets (also in Ray's session logs), --resume."""
+    TensorBoard, secrets (also in Ray's session logs), --resume, and --resume after
+    best_model.pt was deleted (the refit is redone)."""
     uri, mlflow_folder = mlflow_server
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", FAKE_TOKEN)
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -133,6 +135,7 @@ def test_search_stops_poor_trials_writes_results_and_hides_the_key(
     argv = ["--space", str(space), "--storage", str(tmp_path / "runs"), "--name", "exp"]
     tracking = ["--wandb-project", "distmed-test", "--mlflow-uri", uri]
     tracking += ["--set", "tracking.mlflow.experiment=distmed-mlflow-test"]
+    tracking += ["--set", "tracking.mlflow.registered_model=distmed-test-model"]
     model_writes = _watch_model_writes(monkeypatch)
     assert tune.main([*argv, *tracking]) == 0  # 2 epochs: rung 1 decides
     printed = capsys.readouterr().out
@@ -182,6 +185,7 @@ def test_search_stops_poor_trials_writes_results_and_hides_the_key(
         [log_file] = run.glob("*.wandb")
         assert b"cv_roc_auc" in log_file.read_bytes()
     _check_mlflow_and_tensorboard(uri, out, printed, tmp_path)
+    _check_registered_model(uri, out, data / "test", printed, tmp_path)
     # The planted secrets reach no file under the results folder, MLflow's store or this
     # Ray instance's session folder (its runtime-env agent log), nor the console.
     secrets = (FAKE_KEY.encode(), FAKE_AWS_SECRET.encode(), FAKE_TOKEN.encode())
@@ -209,6 +213,15 @@ def test_search_stops_poor_trials_writes_results_and_hides_the_key(
         assert sorted(r["trial_id"] for r in csv.DictReader(handle)) == sorted(
             r["trial_id"] for r in rows
         )
+
+    # best_model.pt deleted, --resume again: the refit is redone from the start (its earlier
+    # run folder, whose checkpoint went, used to be resumed by Ray Train: ActorDiedError).
+    (out / "best_model.pt").unlink()
+    assert tune.main([*argv, "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert f"refitting trial {summary['best_trial']}" in printed and "test split" in printed
+    assert model_writes == [(out / "best_model.pt").resolve()] * 2
+    assert SavedModel.load(out / "best_model.pt").source == f"refit-{summary['best_trial']}"
 
 
 def test_nested_search_scores_each_outer_fold_once(ray_session, tmp_path: Path, capsys):
@@ -249,8 +262,6 @@ def test_nested_search_scores_each_outer_fold_once(ray_session, tmp_path: Path, 
 def _watch_model_writes(monkeypatch) -> list[Path]:
     """Every path `SavedModel.save` writes in this (the driver) process, in order: the
     one function that writes best_model.pt (the refit and the report run here)."""
-    from distmed.savedmodel import SavedModel
-
     writes: list[Path] = []
     save = SavedModel.save
 
@@ -321,6 +332,31 @@ def _check_mlflow_and_tensorboard(uri: str, out: Path, printed: str, tmp_path: P
     assert len(trial_folders) == 2
     assert all(list(p.glob("events.out.tfevents.*")) for p in trial_folders)
     assert f"tensorboard --logdir {out}" in printed
+
+
+def _check_registered_model(uri: str, out: Path, test: Path, printed: str, tmp_path: Path) -> None:
+    """The best model, registered on the server as a pyfunc model, predicts the test split's
+    raw pixels as `distmed predict` predicts its files (its CSV keeps 6 decimals)."""
+    import mlflow
+    import numpy as np
+    from PIL import Image
+
+    from distmed import predict
+
+    assert "MLflow: registered the best model as models:/distmed-test-model/1" in printed
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pyfunc.load_model("models:/distmed-test-model/1")
+    paths = sorted(test.rglob("*.png"))
+    pixels = np.stack([np.asarray(Image.open(p)) for p in paths])[..., None]  # grey: C = 1
+    probs = loaded.predict(pixels)
+    csv_path = tmp_path / "predictions.csv"
+    argv = ["--model", str(out / "best_model.pt"), "--cpu", "--output", str(csv_path)]
+    assert predict.main([*argv, *map(str, paths)]) == 0
+    with csv_path.open() as handle:
+        rows = {row["path"]: row for row in csv.DictReader(handle)}
+    expected = [[float(rows[str(p)][f"prob_{c}"]) for c in ("neg", "pos")] for p in paths]
+    np.testing.assert_allclose(probs, np.array(expected), atol=1e-6)
+    assert loaded.metadata.metadata["class_names"] == ["neg", "pos"]
 
 
 def _bytes(path: Path) -> bytes:

@@ -1,11 +1,11 @@
 """Data sources -> an index (ids, labels, groups) -> a decoded-image cache -> torch datasets.
 
 `layout` reads image folders, `sheets` reads CSV sheets in Excel's dialects, `labels` checks
-label values once for every source, `keyed` labels DICOM images from a sheet keyed by
-PatientID or StudyInstanceUID, `sources` turns any source into a `DataIndex`, `decode` makes
-arrays of files as `settings` says (`dicom` and `volumes` own those formats), `cache` stores
-them once for every consumer, `transforms` feeds the model and `inspection` reports what a
-source holds (`python -m distmed.data ROOT`).
+label values once for every source, `findings` codes several findings per image, `keyed`
+labels DICOM images from a sheet keyed by PatientID or StudyInstanceUID, `sources` turns any
+source into a `DataIndex`, `decode` makes arrays of files as `settings` says (`dicom` and
+`volumes` own those formats), `cache` stores them once for every consumer, `transforms` feeds
+the model and `inspection` reports what a source holds (`python -m distmed.data ROOT`).
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ _SUBMODULES = (
     "cache",
     "decode",
     "dicom",
+    "findings",
     "index",
     "inspection",
     "keyed",

@@ -15,9 +15,14 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Split:
-    """One split of a source: sample ids, integer labels, optional patient groups.
+    """One split of a source: sample ids, labels, optional patient groups.
 
-    Exactly one of `paths` (image files) and `images` (in-memory arrays from an .npz) is set.
+    `labels` are class numbers, int64 (N,); for several findings per image
+    (`DataIndex.multilabel`) float32 (N, L) raw codes: 1.0 positive, 0.0 negative, -1.0
+    uncertain, NaN missing (the task's policy turns them into targets).
+
+    Exactly one of `paths` (image files), `images` (in-memory arrays from an .npz) and `uris`
+    (objects in a bucket, `distmed.data.remote`; read only by the streamed loader) is set.
     `origins` names the split each sample came from (`train`, `val`, `test`; `all` for a
     folder without split folders).
     """
@@ -28,6 +33,7 @@ class Split:
     paths: list[Path] | None = None
     images: np.ndarray | None = None
     origins: np.ndarray | None = None
+    uris: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -47,6 +53,8 @@ class DataIndex:
     ignored: dict[str, str] = field(default_factory=dict)  # clutter, non-images -> reason
     # data.normalize_labels: class name -> {label as written: images}, where spellings merged
     merged_labels: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Several findings per image: `class_names` are the L findings, labels (N, L) codes.
+    multilabel: bool = False
 
 
 def describe_index(index: DataIndex, inspection: dict | None = None) -> dict:
@@ -59,6 +67,7 @@ def describe_index(index: DataIndex, inspection: dict | None = None) -> dict:
         "name": index.name,
         "layout": index.layout,
         "classes": index.class_names,
+        "multilabel": index.multilabel,
         "num_images": len(index.pool),
         "num_test_images": len(index.test) if index.test is not None else 0,
         "skipped_invalid": len(index.skipped),
@@ -89,4 +98,7 @@ def _drop_from_split(split: Split, skipped: dict[str, str]) -> Split:
         else None,
         images=split.images[keep] if split.images is not None else None,
         origins=split.origins[keep] if split.origins is not None else None,
+        uris=[u for u, kept in zip(split.uris, keep, strict=True) if kept]
+        if split.uris is not None
+        else None,
     )

@@ -1,5 +1,7 @@
-"""What a source holds, before any training: layout, splits, classes with counts, image
-formats/modes/sizes/bit depths, skipped files, patients per split and class, and duplicates
+"""What a source holds, before any training: layout, splits, classes with counts (several
+findings per image: positives, negatives, uncertain and missing per finding, and images with
+no positive finding), image formats/modes/sizes/bit depths, skipped files, patients per split
+and class, and duplicates
 (byte- or pixel-identical) within a split, across splits (test leakage) and across classes
 (label conflicts). The per-file part is cached per source fingerprint; entry points print it.
 """
@@ -33,6 +35,7 @@ INSPECTION_VERSION = 4
 SHOWN = 5  # paths shown per list in the printed summary
 KEPT = 50  # duplicate groups kept per kind in the results (the counts are always complete)
 DUPLICATE_KINDS = ("within_split", "across_splits", "across_classes")
+CODE_NAMES = ("positive", "negative", "uncertain", "missing")  # raw codes 1, 0, -1, blank
 
 
 def inspect_index(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
@@ -43,9 +46,10 @@ def inspect_index(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
         "root": cfg.root,
         "layout": index.layout,
         "classes": index.class_names,
+        "multilabel": index.multilabel,
         # data.normalize_labels: class -> {label as written: images}; {} when nothing merged
         "merged_labels": index.merged_labels,
-        "splits": _split_counts(index),
+        "splits": _finding_counts(index) if index.multilabel else _split_counts(index),
         "patients": _patients(index),
         "images": per_file["images"],
         "skipped": _listing(index.ignored),
@@ -81,8 +85,10 @@ def duplicate_problem(summary: dict[str, Any]) -> str | None:
         return None
     if any(group.get("same_file_name") for group in dup["across_classes"]["groups"]):
         parts.append(
-            "one file copied into several class folders is a label set (multi-label): distmed "
-            "trains one label per image"
+            "one file copied into several class folders is a label set (multi-label): a "
+            "folder per class gives one label per image; for several findings per image give a "
+            "labels CSV with one column per finding (data.label_columns) or a set column "
+            "(data.label_delimiter)"
         )
     return (
         "identical images: " + "; ".join(parts) + "; remove the copies (python -m distmed.data "
@@ -101,20 +107,10 @@ def check_duplicates(summary: dict[str, Any], cfg: DataConfig) -> str | None:
 def format_summary(summary: dict[str, Any], short: bool = False) -> str:
     """The summary as text: a few lines (`short`, printed at the start of a run) or all."""
     lines = [f"data: {summary['source']}: {summary['layout']}"]
-    lines.append(f"  classes: {', '.join(summary['classes'])}")
-    if summary.get("merged_labels"):  # absent from summaries written before it existed
-        lines.append(
-            f"  labels merged (data.normalize_labels): {format_merges(summary['merged_labels'])}"
-        )
-    for split, info in summary["splits"].items():
-        per_class = ", ".join(f"{name} {n}" for name, n in info["per_class"].items())
-        patients = (summary["patients"] or {}).get(split)
-        extra = f", {patients} patients" if patients is not None else ""
-        # Patients per class: what the fold check counts (absent from older summaries).
-        by_class = (summary["patients"] or {}).get("per_class", {}).get(split)
-        if by_class:
-            extra += f" ({', '.join(f'{name} {n}' for name, n in by_class.items())})"
-        lines.append(f"  {split}: {info['images']} images ({per_class}){extra}")
+    if summary.get("multilabel"):  # absent from summaries written before it existed
+        lines.extend(_format_findings(summary, short))
+    else:
+        lines.extend(_format_classes(summary))
     shared = (summary["patients"] or {}).get("in_pool_and_test")
     if shared and shared["count"]:
         lines.append(
@@ -142,6 +138,61 @@ def format_summary(summary: dict[str, Any], short: bool = False) -> str:
                 lines.append(f"    {kind.replace('_', ' ')}, {group['kind']}:")
                 lines.extend(f"      {f}" for f in group["files"])
     return "\n".join(lines)
+
+
+def _format_classes(summary: dict[str, Any]) -> list[str]:
+    lines = [f"  classes: {', '.join(summary['classes'])}"]
+    if summary.get("merged_labels"):  # absent from summaries written before it existed
+        lines.append(
+            f"  labels merged (data.normalize_labels): {format_merges(summary['merged_labels'])}"
+        )
+    for split, info in summary["splits"].items():
+        per_class = ", ".join(f"{name} {n}" for name, n in info["per_class"].items())
+        lines.append(
+            f"  {split}: {info['images']} images ({per_class}){_patients_note(summary, split)}"
+        )
+    return lines
+
+
+def _patients_note(summary: dict[str, Any], split: str) -> str:
+    patients = (summary["patients"] or {}).get(split)
+    extra = f", {patients} patients" if patients is not None else ""
+    # Patients per class (finding: with a positive): what the fold check counts (absent from
+    # older summaries).
+    by_class = (summary["patients"] or {}).get("per_class", {}).get(split)
+    if by_class:
+        what = "with a positive: " if summary.get("multilabel") else ""
+        extra += f" ({what}{', '.join(f'{name} {n}' for name, n in by_class.items())})"
+    return extra
+
+
+def _format_findings(summary: dict[str, Any], short: bool) -> list[str]:
+    """Per split a line of images, and a table: per finding and split the raw codes' counts
+    (`short`: one line per finding)."""
+    names = summary["classes"]
+    lines = [f"  findings ({len(names)}): {', '.join(names)}"]
+    for split, info in summary["splits"].items():
+        lines.append(
+            f"  {split}: {info['images']} images, {info['no_positive']} with no positive "
+            f"finding{_patients_note(summary, split)}"
+        )
+    width = max(len("finding"), *(len(name) for name in names))
+    if short:
+        lines.append(f"  per finding, {'/'.join(CODE_NAMES)}:")
+        for name in names:
+            cells = "  ".join(
+                f"{split} " + "/".join(str(info["per_finding"][name][c]) for c in CODE_NAMES)
+                for split, info in summary["splits"].items()
+            )
+            lines.append(f"    {name:<{width}}  {cells}")
+        return lines
+    lines.append(f"  {'finding':<{width}}  split  {'  '.join(f'{c:>9}' for c in CODE_NAMES)}")
+    for name in names:
+        for split, info in summary["splits"].items():
+            counts = info["per_finding"][name]
+            cells = "  ".join(f"{counts[c]:>9}" for c in CODE_NAMES)
+            lines.append(f"  {name:<{width}}  {split:<5}  {cells}")
+    return lines
 
 
 def _counts(table: dict[str, int]) -> str:
@@ -182,6 +233,47 @@ def _split_counts(index: DataIndex) -> dict[str, Any]:
     }
 
 
+def _finding_counts(index: DataIndex) -> dict[str, Any]:
+    """Per split: images, images with no positive finding, and per finding the number of
+    positive, negative, uncertain (-1) and missing (blank) labels, as the source codes them
+    (before any data.uncertain / data.missing policy)."""
+    rows: dict[str, list[np.ndarray]] = defaultdict(list)
+    for origin, split, position in _samples(index):
+        rows[origin].append(np.asarray(split.labels[position], dtype=np.float32))
+    order = [s for s in ("all", "train", "val", "test") if s in rows]
+    out: dict[str, Any] = {}
+    for s in order:
+        codes = np.stack(rows[s])
+        tallies = {
+            "positive": (codes == 1).sum(axis=0),
+            "negative": (codes == 0).sum(axis=0),
+            "uncertain": (codes == -1).sum(axis=0),
+            "missing": np.isnan(codes).sum(axis=0),
+        }
+        out[s] = {
+            "images": len(codes),
+            "no_positive": int((~(codes == 1).any(axis=1)).sum()),
+            "per_finding": {
+                name: {kind: int(tallies[kind][j]) for kind in CODE_NAMES}
+                for j, name in enumerate(index.class_names)
+            },
+        }
+    return out
+
+
+def _positive_findings(index: DataIndex, split: Split, position: int) -> list[str]:
+    """The findings coded positive (1) for one image (several findings per image)."""
+    codes = np.asarray(split.labels[position])
+    return [name for name, code in zip(index.class_names, codes, strict=True) if code == 1]
+
+
+def _label_of(index: DataIndex, split: Split, position: int) -> str:
+    """An image's label as the summary names it: its class, or its positive findings."""
+    if index.multilabel:
+        return "+".join(_positive_findings(index, split, position)) or "no positive finding"
+    return index.class_names[int(split.labels[position])]
+
+
 def _patients(index: DataIndex) -> dict[str, Any] | None:
     if index.pool.groups is None:
         return None
@@ -191,8 +283,12 @@ def _patients(index: DataIndex) -> dict[str, Any] | None:
         groups = split.groups
         assert groups is not None  # a grouped pool comes with a grouped test split
         by_split[origin].add(str(groups[position]))
-        name = index.class_names[int(split.labels[position])]
-        by_class[origin][name].add(str(groups[position]))
+        if index.multilabel:
+            for name in _positive_findings(index, split, position):
+                by_class[origin][name].add(str(groups[position]))
+        else:
+            name = index.class_names[int(split.labels[position])]
+            by_class[origin][name].add(str(groups[position]))
     out: dict[str, Any] = {s: len(g) for s, g in by_split.items()}
     # A patient with images of two classes counts in both (the fold check counts so too).
     out["per_class"] = {
@@ -236,7 +332,7 @@ def _file_survey(index: DataIndex, options: DecodeSettings) -> dict[str, Any]:
     groups: dict[str, list[tuple[str, str, str, str]]] = defaultdict(list)
     for origin, split, position in _samples(index):
         sample_id = split.ids[position]
-        label = index.class_names[int(split.labels[position])]
+        label = _label_of(index, split, position)
         if split.images is not None:
             array = np.ascontiguousarray(split.images[position])
             fmt, mode = "npz array", "L" if array.ndim == 2 else "RGB"

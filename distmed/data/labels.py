@@ -1,11 +1,12 @@
 """Label values -> class numbers, checked the same way for every source.
 
 Text labels (manifest cells, class folder names): label sets (`Atelectasis|Effusion`) stop
-with a pointer to multi-label; spellings of one label that differ only in case, spaces or
-number format (`Normal`, `normal `, ` NORMAL`; `1`, `1.0`) stop, or are merged into one class
-with `data.normalize_labels`; `nan` and, in a numeric column, negative or fractional values
-are missing or unknown labels, not classes. Numeric labels (`.npz` arrays) must be whole class
-numbers 0..K-1: negative, NaN, fractional and out-of-range values are named and counted.
+with a pointer to the multi-label keys (`data.label_delimiter`); spellings of one label
+that differ only in case, spaces or number format (`Normal`, `normal `, ` NORMAL`; `1`,
+`1.0`) stop, or are merged into one class with `data.normalize_labels`; `nan` and, in a
+numeric column, negative or fractional values are missing or unknown labels, not classes.
+Numeric labels (`.npz` arrays) must be whole class numbers 0..K-1: negative, NaN,
+fractional and out-of-range values are named and counted.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ SET_SEPARATORS = ("|", ";", ",")
 NORMALIZE_HINT = "set data.normalize_labels: true"
 _NUMBER = "\x00number "  # marks a number's spelling key; no label typed in a sheet starts so
 MULTILABEL = (
-    "distmed trains one label per image; these are label sets (multi-label), which need "
-    "data.task: multilabel (coming); for now give one label per image (e.g. a 0/1 column "
-    "for one finding)"
+    "distmed trains one label per image; these are label sets (multi-label): set "
+    "data.label_delimiter: {separator!r} to learn one output per finding (data.no_finding "
+    "names the value that means none, e.g. 'No Finding'; give the sheet with a path column), "
+    "or give one label per image"
 )
 
 
@@ -190,7 +192,7 @@ def _refuse_label_sets(counts: Counter[str], first: dict[str, str], what: str, u
             raise UserError(
                 f"{what}: labels such as {_quote(example)} ({first[example]}) join labels "
                 f"seen alone with {separator!r} ({len(joined)} such values, {rows} of "
-                f"{sum(counts.values())} {unit}): {MULTILABEL}"
+                f"{sum(counts.values())} {unit}): {MULTILABEL.format(separator=separator)}"
             )
 
 
@@ -333,7 +335,10 @@ def _advice(values: Counter[str]) -> str:
     notes = []
     parsed = [_number(v.strip()) for v in values]
     if any(v is not None and v < 0 for v in parsed):
-        notes.append("a negative label (-1) usually marks an unknown or uncertain finding")
+        notes.append(
+            "a negative label (-1) usually marks an unknown or uncertain finding "
+            "(multi-label: data.label_columns)"
+        )
     if any(v is not None and not math.isfinite(v) for v in parsed) or "NaN" in values:
         notes.append("NaN/inf marks a missing label")
     if any(v is not None and math.isfinite(v) and not v.is_integer() for v in parsed):

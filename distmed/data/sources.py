@@ -1,7 +1,9 @@
-"""Sources -> a `DataIndex`: image folders (via `layout`), label manifests (CSV), MedMNIST
-`.npz`, `medmnist:NAME` and `demo`; patient groups from `data.group_regex`, `data.group_csv`,
-`data.group_from: PatientID` or a manifest's group column; the fingerprint that keys the
-decoded cache. Every problem is a one-line `UserError` naming the path (and the CSV row).
+"""Sources -> a `DataIndex`: image folders (via `layout`), label manifests (CSV; one label
+per image, or several findings per image coded by `findings`), MedMNIST `.npz` (ChestMNIST's
+(N, L) 0/1 labels too), `medmnist:NAME` and `demo`; patient groups from `data.group_regex`,
+`data.group_csv`, `data.group_from: PatientID`, a manifest's group column or CheXpert's
+`patientNNNNN` folders; the fingerprint that keys the decoded cache. Every problem is a
+one-line `UserError` naming the path (and the CSV row).
 """
 
 from __future__ import annotations
@@ -10,13 +12,22 @@ import hashlib
 import re
 import unicodedata
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from distmed.config import DataConfig
 from distmed.data.cache import cache_root
 from distmed.data.decode import patient_id
+from distmed.data.findings import (
+    check_finding_keys,
+    column_codes,
+    finding_columns,
+    npz_codes,
+    npz_is_multilabel,
+    refuse_finding_keys,
+    set_codes,
+)
 from distmed.data.index import SPLITS, DataIndex, Split
 from distmed.data.labels import Classes, check_class_numbers, classes_of
 from distmed.data.layout import ALL, FolderLayout, read_layout, split_of
@@ -33,7 +44,20 @@ NPZ_KEYS = tuple(f"{split}_{kind}" for split in SPLITS for kind in ("images", "l
 
 
 def scan_source(cfg: DataConfig) -> DataIndex:
-    """Resolve `data.root` into an index; every problem is a `UserError` naming the path."""
+    """Resolve `data.root` into an index; every problem is a `UserError` naming the path.
+
+    The finding names that `data.uncertain`, `data.missing` and `data.score_findings` give
+    are checked against the index's findings (or refused for a single-label source).
+    """
+    index = _scan(cfg)
+    if index.multilabel:
+        check_finding_keys(cfg, index.class_names)
+    else:
+        refuse_finding_keys(cfg, index.name)
+    return index
+
+
+def _scan(cfg: DataConfig) -> DataIndex:
     if cfg.manifest:
         manifest = Path(cfg.manifest).expanduser()
         if cfg.root and Path(cfg.root).expanduser().resolve() != manifest.resolve():
@@ -51,6 +75,10 @@ def scan_source(cfg: DataConfig) -> DataIndex:
         from distmed.demo import ensure_demo_folder
 
         index = scan_folder(ensure_demo_folder(cache_root(cfg)), cfg, name="demo")
+    elif "://" in root:  # a bucket: listed here, read by the streamed loader's tasks
+        from distmed.data.remote import scan_bucket
+
+        index = scan_bucket(root, cfg)
     elif root.startswith("medmnist:"):
         index = scan_npz(fetch_medmnist(root.split(":", 1)[1], cache_root(cfg)), cfg)
     else:
@@ -72,6 +100,12 @@ def scan_folder(root: Path, cfg: DataConfig, name: str | None = None) -> DataInd
         raise UserError(
             f"data.class_names is for .npz sources; {root}'s classes are named by its folders "
             "(rename the folders instead)"
+        )
+    if cfg.multilabel_requested:
+        raise UserError(
+            f"data.root {root}: a folder per class gives one label per image; for several "
+            "findings per image give a labels CSV (data.manifest: a path column and one "
+            "column per finding, or data.label_delimiter for a set column)"
         )
     root = root.resolve()
     layout = read_layout(root)
@@ -161,7 +195,7 @@ def _group_lookup(cfg: DataConfig, data_root: Path) -> Callable[[str, Path], str
             pattern = re.compile(cfg.group_regex)
         except re.error as exc:
             raise UserError(f"data.group_regex {cfg.group_regex!r}: invalid regex ({exc})") from exc
-        return lambda _sample_id, path: _group_from_regex(pattern, path)
+        return lambda sample_id, path: _group_from_regex(pattern, sample_id, path)
     if cfg.group_csv:
         table = _read_group_csv(Path(cfg.group_csv).expanduser())
 
@@ -178,12 +212,15 @@ def _group_lookup(cfg: DataConfig, data_root: Path) -> Callable[[str, Path], str
     return None
 
 
-def _group_from_regex(pattern: re.Pattern[str], path: Path) -> str:
-    match = pattern.search(path.name)
+def _group_from_regex(pattern: re.Pattern[str], sample_id: str, path: Path) -> str:
+    """The file name's match, else the sample id's (the path as the sheet or folder writes
+    it: CheXpert's `train/patient00001/study1/view1_frontal.jpg` names its patient only in
+    a folder)."""
+    match = pattern.search(path.name) or pattern.search(sample_id.replace("\\", "/"))
     if not match:
         raise UserError(
-            f"data.group_regex {pattern.pattern!r} does not match file name {path.name}; "
-            "it must match every file (its first group is the patient id)"
+            f"data.group_regex {pattern.pattern!r} matches neither file name {path.name} nor "
+            f"its path {sample_id}; it must match every file (its first group is the patient id)"
         )
     return match.group(1) if match.groups() else match.group(0)
 
@@ -212,8 +249,16 @@ def _fingerprint_files(pool: Split, test: Split | None) -> str:
             continue
         for sample_id, path, label in zip(split.ids, split.paths or [], split.labels, strict=True):
             stat = path.stat()
-            digest.update(f"{sample_id}|{stat.st_size}|{stat.st_mtime_ns}|{label}\n".encode())
+            text = _label_text(label)
+            digest.update(f"{sample_id}|{stat.st_size}|{stat.st_mtime_ns}|{text}\n".encode())
     return digest.hexdigest()
+
+
+def _label_text(label: np.ndarray | np.integer) -> str:
+    """A class number as written; a row of finding codes as `1,0,-1,nan`."""
+    if np.ndim(label) == 0:
+        return f"{label}"
+    return ",".join(f"{code:g}" for code in np.asarray(label).tolist())
 
 
 def scan_npz(path: Path, cfg: DataConfig) -> DataIndex:
@@ -236,21 +281,20 @@ def scan_npz(path: Path, cfg: DataConfig) -> DataIndex:
         raise UserError(f"{path}: not a readable .npz ({exc})") from exc
     for split in SPLITS:
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        labels = labels.reshape(len(labels), -1)
-        if labels.shape[1] != 1:
-            raise UserError(
-                f"{path}: {split}_labels has {labels.shape[1]} columns; only single-label tasks"
-            )
         if len(images) != len(labels):
             raise UserError(
                 f"{path}: {split}_images has {len(images)} rows but {split}_labels {len(labels)}"
             )
         _require_2d(path, f"{split}_images", images)
-    numbers, num_classes = check_class_numbers(
-        {f"{split}_labels": arrays[f"{split}_labels"] for split in SPLITS},
-        str(path),
-        len(cfg.class_names) if cfg.class_names is not None else None,
-    )
+    table = {f"{split}_labels": arrays[f"{split}_labels"] for split in SPLITS}
+    multilabel = npz_is_multilabel(table, str(path), cfg)
+    if multilabel:
+        numbers = npz_codes(table, str(path))
+        num_classes = next(iter(numbers.values())).shape[1]
+    else:
+        numbers, num_classes = check_class_numbers(
+            table, str(path), len(cfg.class_names) if cfg.class_names is not None else None
+        )
     splits: dict[str, Split] = {}
     for split in SPLITS:
         images = arrays[f"{split}_images"]
@@ -267,8 +311,9 @@ def scan_npz(path: Path, cfg: DataConfig) -> DataIndex:
         images=np.concatenate([train.images, val.images]),
         origins=np.concatenate([train.origins, val.origins]),
     )
-    class_names = _npz_class_names(cfg, num_classes, path)
-    _require_two_classes(class_names, str(path))
+    class_names = _npz_class_names(cfg, num_classes, path, multilabel)
+    if not multilabel:
+        _require_two_classes(class_names, str(path))
     stat = path.stat()
     return DataIndex(
         name=path.stem,
@@ -278,7 +323,9 @@ def scan_npz(path: Path, cfg: DataConfig) -> DataIndex:
         fingerprint=hashlib.sha256(
             f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
         ).hexdigest(),
-        layout="MedMNIST .npz (train, val, test arrays)",
+        layout="MedMNIST .npz (train, val, test arrays"
+        + (f"; {num_classes} findings per image)" if multilabel else ")"),
+        multilabel=multilabel,
     )
 
 
@@ -295,59 +342,119 @@ def _require_2d(path: Path, key: str, images: np.ndarray) -> None:
 # --------------------------------------------------------------------------- manifests
 
 MANIFEST_COLUMNS = ("path", "label", "group", "split")
+CHEXPERT_PATIENT = re.compile(r"^patient\d+$")  # CheXpert's patient folders: patient00001
 # A clinical sheet (`Patient ID,Diagnosis`) is the other form a labels sheet takes.
 KEYED_HINT = (
     "or, for DICOM images, 'PatientID,label' (a sheet keyed by a header attribute) labels "
-    "them without paths; name the label column 'label'"
+    "them without paths; name the label column 'label'; several findings per image (a "
+    "column each, or NIH's 'Finding Labels'): data.label_columns, data.label_delimiter"
 )
 
 
 def scan_manifest(csv_path: Path, cfg: DataConfig) -> DataIndex:
-    """Index a labels CSV: columns `path,label` and optional `group`, `split`.
+    """Index a labels CSV: columns `path,label` and optional `group`, `split`; or, for
+    several findings per image, `path` and the finding columns (`findings.finding_columns`).
 
-    Paths are relative to the CSV's folder (absolute ones are kept; `\\` read as `/`).
+    Paths are relative to the CSV's folder (absolute ones are kept; `\\` read as `/`); a
+    path that starts with that folder's own name (CheXpert's `CheXpert-v1.0-small/train/...`
+    in `CheXpert-v1.0-small/train.csv`) is also looked up from the folder above.
     `split` takes train/val/test and the folder names `layout` knows (valid, holdout, ...);
     rows of train and val form the CV pool, test is held back. Classes are the sorted labels,
-    checked by `labels.classes_of`. The sheet's dialect is `sheets.read_sheet`'s.
+    checked by `labels.classes_of`; findings are coded by `findings`. The sheet's dialect is
+    `sheets.read_sheet`'s.
 
     Raises:
-        UserError: no such file, an unreadable sheet, missing or doubled columns, a missing
-            or impossible file path, an unknown split, a duplicate path, an empty label,
-            label sets or spellings, or a label column with one value; one line naming the
-            CSV and the row (as a spreadsheet numbers it: the header is row 1).
+        UserError: no such file, an unreadable sheet, missing or doubled columns, a missing,
+            ambiguous or impossible file path, an unknown split, a duplicate path, an empty
+            label, label sets or spellings, a label column with one value, or a finding
+            cell other than 1/0/-1/blank; one line naming the CSV and the row (as a
+            spreadsheet numbers it: the header is row 1).
     """
     from distmed.data.keyed import keyed_column, scan_keyed_sheet  # keyed imports this module
 
+    what = f"data.manifest {csv_path}"
     if key := keyed_column(csv_path, cfg):  # PatientID,label: labels from DICOM headers
+        if cfg.multilabel_requested:
+            raise UserError(
+                f"{what}: a sheet keyed by {key.keyword} gives one label per image; for "
+                "several findings per image give a path column and one column per finding"
+            )
         return scan_keyed_sheet(csv_path, key, cfg)
+    findings = finding_columns(csv_path, cfg, what) if cfg.multilabel_requested else None
+    label_keys = tuple(findings.keys) if findings is not None else ("label",)
     sheet = read_sheet(
         csv_path,
-        f"data.manifest {csv_path}",
-        ("path", "label"),
+        what,
+        ("path", *label_keys),
         MANIFEST_COLUMNS[2:],
-        hint=KEYED_HINT,
+        hint=KEYED_HINT if findings is None else "",
     )
-    rows = sheet.rows
     has_group = "group" in sheet.columns
     if has_group and (cfg.group_csv or cfg.group_regex or cfg.group_from):
         raise UserError(
-            f"data.manifest {csv_path}: has a group column and data.group_* is set too; "
-            "keep one source of patient ids"
+            f"{what}: has a group column and data.group_* is set too; keep one source of "
+            "patient ids"
         )
     base = csv_path.resolve().parent
-    entries: list[tuple[int, str, Path, str, str | None, str]] = []
+    entries = _manifest_entries(sheet.rows, base, what, has_group, findings is None)
+    if findings is None:
+        class_names, labels, merged = _manifest_classes(entries, csv_path, cfg)
+    else:
+        rows = sheet.rows
+        if findings.delimiter is None:
+            class_names, labels = findings.names, column_codes(rows, findings, what)
+        else:
+            class_names, labels = set_codes(rows, findings, cfg.no_finding, what)
+        merged = {}
+    group_of = _group_lookup(cfg, base)
+    patients_note = ""
+    if group_of is None and not has_group and (in_paths := _patients_in_paths(entries)):
+        group_of = lambda sample_id, _path: in_paths[sample_id]  # noqa: E731
+        patients_note = "; patients from the paths' patientNNNNN folders"
+    pool = _manifest_split_of(entries, labels, ("train", "val"), group_of)
+    test_entries = [e for e in entries if e[5] == "test"]
+    test = _manifest_split_of(entries, labels, ("test",), group_of) if test_entries else None
+    if len(pool) == 0:
+        raise UserError(
+            f"{what}: every row is in the test split; mark the rows to cross-validate as "
+            "train (or val)"
+        )
+    splits = sorted({e[5] for e in entries})
+    kind = "" if findings is None else f"{len(class_names)} findings per image; "
+    return DataIndex(
+        name=csv_path.stem,
+        class_names=class_names,
+        pool=pool,
+        test=test,
+        fingerprint=_fingerprint_files(pool, test),
+        layout=f"manifest {csv_path.name} ({sheet.dialect}; {kind}splits: {', '.join(splits)}"
+        f"{patients_note})",
+        merged_labels=merged,
+        multilabel=findings is not None,
+    )
+
+
+# (row number, path as written = sample id, file, label as written, group, split)
+_Entry = tuple[int, str, Path, str, str | None, str]
+
+
+def _manifest_entries(
+    rows: list[tuple[int, dict[str, str]]], base: Path, what: str, has_group: bool, labelled: bool
+) -> list[_Entry]:
+    """Each row's file, split and group, checked; `labelled`: a `label` cell is required."""
+    entries: list[_Entry] = []
     seen: dict[Path, int] = {}
     for number, row in rows:
-        where = f"data.manifest {csv_path} row {number}"
+        where = f"{what} row {number}"
         text = row["path"].strip()
-        label = row["label"]  # as written: spellings that differ in spaces are checked
+        label = row.get("label", "")  # as written: spellings that differ in spaces are checked
         if not text:
             raise UserError(f"{where}: empty path; every row names an image file")
-        if not label.strip():
+        if labelled and not label.strip():
             raise UserError(
                 f"{where}: {cell_text(text)} has an empty label; fill it in or drop the row"
             )
-        path, text = file_of_cell(base, text, where)
+        path, text = _manifest_file(base, text, where)
         if path in seen:
             raise UserError(
                 f"{where}: {cell_text(text)} is listed again (first in row {seen[path]}); "
@@ -361,6 +468,61 @@ def scan_manifest(csv_path: Path, cfg: DataConfig) -> DataIndex:
                 f"{where}: {cell_text(text)} has an empty group; every row needs its patient"
             )
         entries.append((number, text, path, label, group, split))
+    return entries
+
+
+def _patients_in_paths(entries: list[_Entry]) -> dict[str, str] | None:
+    """Sample id -> patient when every path names its patient in one `patientNNNNN` folder,
+    as CheXpert's do (`train/patient00001/study1/view1_frontal.jpg`; torchxrayvision reads
+    its patient ids so too); else None."""
+    found: dict[str, str] = {}
+    for entry in entries:
+        parts = [part for part in PurePosixPath(entry[1].replace("\\", "/")).parts[:-1]
+                 if CHEXPERT_PATIENT.match(part)]  # fmt: skip
+        if len(parts) != 1:
+            return None
+        found[entry[1]] = parts[0]
+    return found
+
+
+def _manifest_file(base: Path, text: str, where: str) -> tuple[Path, str]:
+    """`sheets.file_of_cell` from the sheet's folder, and, for a path that starts with that
+    folder's name, from the folder above: CheXpert's `Path` column is relative to the folder
+    that holds the data set's folder, while its CSV sits inside it.
+
+    Raises:
+        UserError: no such file from either folder (naming both), or a file from each (the
+            path is ambiguous).
+    """
+    parts = Path(text.replace("\\", "/")).parts
+    above = base.parent if len(parts) > 1 and parts[0] == base.name else None
+    if above is None:
+        return file_of_cell(base, text, where)
+    try:
+        found = file_of_cell(base, text, where)
+    except UserError as not_here:
+        try:
+            return file_of_cell(above, text, where)
+        except UserError:
+            if "no such file" not in str(not_here):
+                raise not_here from None  # a control character or an impossible name
+            raise UserError(
+                f"{where}: no such file {cell_text(text)} in {base} nor in {above} (the "
+                "folder above, where a path starting with the data set's folder name is "
+                "usually relative to); fix the path"
+            ) from None
+    if (above / text).is_file() and (above / text).resolve() != found[0]:
+        raise UserError(
+            f"{where}: {cell_text(text)} names a file in {base} and another in {above}; "
+            "ambiguous: move or rename one of them"
+        )
+    return found
+
+
+def _manifest_classes(
+    entries: list[_Entry], csv_path: Path, cfg: DataConfig
+) -> tuple[list[str], np.ndarray, dict[str, dict[str, int]]]:
+    """Class names, each entry's class number (N,) and the merged spellings."""
     classes = classes_of(
         [e[3] for e in entries],
         [f"row {e[0]}" for e in entries],
@@ -374,29 +536,8 @@ def scan_manifest(csv_path: Path, cfg: DataConfig) -> DataIndex:
             f"({shorten(classes.names[0])}) in all {len(entries)} rows; a classifier needs at "
             "least two classes"
         )
-    group_of = _group_lookup(cfg, base)
-    pool = _manifest_split_of(entries, classes.number_of, ("train", "val"), group_of)
-    test_entries = [e for e in entries if e[5] == "test"]
-    test = (
-        _manifest_split_of(entries, classes.number_of, ("test",), group_of)
-        if test_entries
-        else None
-    )
-    if len(pool) == 0:
-        raise UserError(
-            f"data.manifest {csv_path}: every row is in the test split; mark the rows to "
-            "cross-validate as train (or val)"
-        )
-    splits = sorted({e[5] for e in entries})
-    return DataIndex(
-        name=csv_path.stem,
-        class_names=classes.names,
-        pool=pool,
-        test=test,
-        fingerprint=_fingerprint_files(pool, test),
-        layout=f"manifest {csv_path.name} ({sheet.dialect}; splits: {', '.join(splits)})",
-        merged_labels=classes.merged,
-    )
+    labels = np.array([classes.number_of[e[3]] for e in entries], dtype=np.int64)
+    return classes.names, labels, classes.merged
 
 
 def _manifest_split(value: str | None, where: str) -> str:
@@ -413,12 +554,14 @@ def _manifest_split(value: str | None, where: str) -> str:
 
 
 def _manifest_split_of(
-    entries: list[tuple[int, str, Path, str, str | None, str]],
-    number_of: dict[str, int],
+    entries: list[_Entry],
+    labels: np.ndarray,
     splits: tuple[str, ...],
     group_of: Callable[[str, Path], str] | None,
 ) -> Split:
-    chosen = [e for e in entries if e[5] in splits]
+    """The entries of `splits`, in sheet order; `labels` holds every entry's label."""
+    keep = np.array([e[5] in splits for e in entries], dtype=bool)
+    chosen = [e for e, kept in zip(entries, keep, strict=True) if kept]
     ids = [text for _, text, *_ in chosen]
     paths = [path for _, _, path, *_ in chosen]
     if chosen and chosen[0][4] is not None:
@@ -429,7 +572,7 @@ def _manifest_split_of(
         groups = None
     return Split(
         ids=ids,
-        labels=np.array([number_of[e[3]] for e in chosen], dtype=np.int64),
+        labels=labels[keep],
         groups=groups,
         paths=paths,
         origins=np.array([e[5] for e in chosen], dtype=object),
@@ -463,11 +606,20 @@ def fetch_medmnist(name: str, root: Path) -> Path:
     return target / f"{name.lower()}.npz"
 
 
-def _npz_class_names(cfg: DataConfig, num_classes: int, path: Path) -> list[str]:
-    """`data.class_names` for labels 0..n-1; the label numbers as text when unset."""
+def _npz_class_names(
+    cfg: DataConfig, num_classes: int, path: Path, multilabel: bool = False
+) -> list[str]:
+    """`data.class_names` for labels 0..n-1 (findings: columns 0..L-1); the label numbers as
+    text (findings: `finding_0`, ...) when unset."""
     if cfg.class_names is None:
-        return [str(c) for c in range(num_classes)]
+        return [f"finding_{c}" if multilabel else str(c) for c in range(num_classes)]
     names = [str(n) for n in cfg.class_names]
+    if multilabel and (len(names) != num_classes or len(set(names)) != len(names)):
+        raise UserError(
+            f"data.class_names: {path.name}'s labels have {num_classes} columns, one per "
+            f"finding; give {num_classes} distinct names, got {len(names)}"
+            f"{'' if len(set(names)) == len(names) else ' with repeats'}"
+        )
     if len(names) != num_classes or len(set(names)) != len(names):
         raise UserError(
             f"data.class_names: {path.name} has {num_classes} classes (labels 0-"

@@ -1,0 +1,314 @@
+"""What the architecture table and the training recipe buy: fresh searches over
+`search_spaces/backbones.yaml` on PneumoniaMNIST and BreastMNIST at 28 px on a CPU, and an
+ablation of each recipe element on BreastMNIST, through the real CLIs.
+
+    python -m benchmarks.quality --plan              # what would run, its size; runs nothing
+    python -m benchmarks.quality                     # everything (planned for ~1 h on 2 idle cores)
+    python -m benchmarks.quality --only ablation     # one part (search-pneumoniamnist,
+                                                     # search-breastmnist, ablation)
+
+Protocol. Everything that decides the outcome is written to the results file before the
+first command runs, so before any test split is read: each search's exact space file (the
+backbones space with the data set's settings), its trial budget and seeds, the ablation's
+configurations and seeds, and the published rows compared against. Each search's
+CV-selected model (its best trial refit on train + val) is then scored once on the official
+test split by `distmed.tune` itself, and compared with MedMNIST v2's from-scratch 28 px rows
+(Yang et al., Scientific Data 2023, Table 3) and with distmed's earlier search
+(benchmarks/BENCHMARKS.md). The ablation cross-validates one fixed configuration
+(`python -m distmed.train`, CV only, no test split) with each recipe element switched on
+alone, same folds and seeds, and reports CV ROC-AUC and wall time per element.
+Results: `benchmarks/results/quality-backbones.json`, rewritten after each part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.common import REPO, git_commit, machine_info, markdown_table, write_result
+from benchmarks.medmnist import SHARED, load_run, merged, run_tune
+
+SPACE = REPO / "search_spaces" / "backbones.yaml"
+RESULT_NAME = "quality-backbones"
+DATASETS = ("pneumoniamnist", "breastmnist")
+METHOD = "backbones"  # the run folder: runs/<dataset>-backbones (medmnist.load_run's layout)
+# Test ROC-AUC on the official test split: MedMNIST v2 Table 3 (from scratch, 28 px), and
+# distmed's earlier ResNet-18 search (BENCHMARKS.md, 'Quality').
+PUBLISHED = {
+    "pneumoniamnist": {
+        "MedMNIST v2 ResNet-18 (28)": 0.944,
+        "MedMNIST v2 ResNet-50 (28)": 0.948,
+        "distmed before (ResNet-18 search)": 0.955,
+    },
+    "breastmnist": {
+        "MedMNIST v2 ResNet-18 (28)": 0.901,
+        "MedMNIST v2 ResNet-50 (28)": 0.857,
+        "distmed before (ResNet-18 search)": 0.875,
+    },
+}
+# Per data set: what makes a search fit the hour. PneumoniaMNIST (5,232 train + val images)
+# as search_spaces/medmnist28.yaml trains it (2 folds, 3 epochs); BreastMNIST (702) needs
+# more steps per trial (3 folds of ~470, batch 32, 12 epochs), as benchmarks/medmnist.py found.
+SEARCH_SETTINGS: dict[str, dict[str, Any]] = {
+    "pneumoniamnist": {
+        "base": {"train": {"epochs": 3}},
+        "search": {"num_samples": 6, "scheduler": {"grace_period": 1}},
+        "space": {},
+    },
+    "breastmnist": {
+        "base": {"train": {"epochs": 12, "batch_size": 32}, "cv": {"folds": 3}},
+        "search": {"num_samples": 6, "scheduler": {"grace_period": 4}},
+        "space": {"train.batch_size": {"choice": [16, 32]}},
+    },
+}
+# Measured minutes per trial on 2 idle cores (BENCHMARKS.md: 6 PneumoniaMNIST trials of 3
+# epochs took 18.6 min with refit; BreastMNIST ~8 min a 30-epoch trial), scaled to these
+# settings; ResNet-50 trials cost ~2x a ResNet-18's. An estimate, printed as one.
+MINUTES_PER_TRIAL = {"pneumoniamnist": 3.5, "breastmnist": 3.5}
+MINUTES_PER_ABLATION_RUN = 1.5
+
+ABLATION_DATASET = "breastmnist"
+# One fixed configuration (the backbones base at BreastMNIST's settings, ResNet-18); each row
+# switches one element on. Same cv.seed and train.seed everywhere.
+ABLATION_BASE = [
+    "model.arch=resnet18",
+    "train.epochs=12",
+    "train.batch_size=32",
+    "cv.folds=3",
+    "optim.lr=0.001",
+]
+ABLATION_ROWS: dict[str, list[str]] = {
+    "baseline (recipe off)": [],
+    "label smoothing 0.1": ["train.label_smoothing=0.1"],
+    "focal loss (gamma 2)": ["train.loss=focal"],
+    "mixup 0.2": ["train.mixup_alpha=0.2"],
+    "cutmix 1.0": ["train.cutmix_alpha=1.0"],
+    "EMA 0.9": ["train.ema_decay=0.9"],
+    "layer-wise lr decay 0.7": ["optim.layer_decay=0.7"],
+    "accumulate 2 batches (16 x 2)": ["train.batch_size=16", "train.accumulate_steps=2"],
+}
+SEEDS = (0,)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = build_plan(args)
+    check_plan(plan)
+    print(plan_text(plan))
+    if args.plan:
+        return 0
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    payload = {"plan": plan, "searches": {}, "ablation": {}}
+    # Written before the first command: nothing about the outcome is chosen after this.
+    path = write_result(RESULT_NAME, payload)
+    print(f"[quality] plan written to {path}", flush=True)
+    for dataset in DATASETS:
+        if args.only in (None, f"search-{dataset}"):
+            payload["searches"][dataset] = run_search(dataset, plan, args)
+            write_result(RESULT_NAME, payload)
+    if args.only in (None, "ablation"):
+        for name, item in plan["ablation"]["runs"].items():
+            payload["ablation"][name] = run_ablation(name, item, args)
+            write_result(RESULT_NAME, payload)
+    print(report(payload))
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__)
+    parser.add_argument("--plan", action="store_true", help="print the plan; run nothing")
+    parser.add_argument(
+        "--only", choices=[*(f"search-{d}" for d in DATASETS), "ablation"], help="one part"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="ablation")
+    parser.add_argument(
+        "--workdir", type=Path, default=REPO / "runs" / "quality", help="spaces, runs, logs"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue interrupted searches")
+    return parser.parse_args(argv)
+
+
+def space_spec(dataset: str) -> dict[str, Any]:
+    """The backbones space with `dataset`'s settings (the exact file each search runs)."""
+    spec = yaml.safe_load(SPACE.read_text())
+    settings = SEARCH_SETTINGS[dataset]
+    spec["base"] = merged(spec["base"], settings["base"])
+    spec["search"] = merged(spec["search"], settings["search"])
+    spec["space"] = {**spec["space"], **copy.deepcopy(settings["space"])}
+    return spec
+
+
+def build_plan(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything fixed before the first run: spaces, budgets, seeds, ablation, references."""
+    commit, dirty = git_commit()
+    searches = {
+        d: {
+            "space": space_spec(d),
+            "data": str(SHARED / f"{d}.npz"),
+            "trials": space_spec(d)["search"]["num_samples"],
+            "search_seed": space_spec(d)["search"]["seed"],
+            "cv_seed": space_spec(d)["base"]["cv"]["seed"],
+            "estimated_min": MINUTES_PER_TRIAL[d] * space_spec(d)["search"]["num_samples"] + 3,
+        }
+        for d in DATASETS
+    }
+    runs = {
+        f"{name} / seed {seed}": {
+            "element": name,
+            "seed": seed,
+            "overrides": [*ABLATION_BASE, *changes, f"train.seed={seed}", f"cv.seed={seed}"],
+        }
+        for name, changes in ABLATION_ROWS.items()
+        for seed in args.seeds
+    }
+    return {
+        "written_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": commit,
+        "dirty": dirty,
+        "machine": machine_info(),
+        "selection": "each search's best CV ROC-AUC trial, refit on train + val; test once",
+        "published_test_roc_auc": PUBLISHED,
+        "searches": searches,
+        "ablation": {
+            "dataset": ABLATION_DATASET,
+            "config": str(SPACE) + " (its base)",
+            "runs": runs,
+            "estimated_min": MINUTES_PER_ABLATION_RUN * len(runs),
+        },
+    }
+
+
+def check_plan(plan: dict[str, Any]) -> None:
+    """Validate every planned space and ablation config as the CLIs will (a dry run).
+
+    Raises:
+        UserError: a space or an override the config rejects (one line naming it).
+    """
+    import tempfile
+
+    from distmed.config import load_config
+    from distmed.space import load_space
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for dataset, search in plan["searches"].items():
+            path = Path(tmp) / f"{dataset}.yaml"
+            path.write_text(yaml.safe_dump(search["space"], sort_keys=False))
+            load_space(path)
+    for item in plan["ablation"]["runs"].values():
+        load_config(SPACE, item["overrides"])
+
+
+def plan_text(plan: dict[str, Any]) -> str:
+    lines = ["[quality] plan (fixed before any data is read):"]
+    total = plan["ablation"]["estimated_min"]
+    for dataset, search in plan["searches"].items():
+        space = ", ".join(search["space"]["space"])
+        lines.append(
+            f"  search {dataset}: {search['trials']} trials, search seed "
+            f"{search['search_seed']}, cv seed {search['cv_seed']}, space {space}; "
+            f"~{search['estimated_min']:.0f} min"
+        )
+        total += search["estimated_min"]
+    ablation = plan["ablation"]
+    lines.append(
+        f"  ablation on {ablation['dataset']}: {len(ablation['runs'])} CV runs "
+        f"({', '.join(ABLATION_ROWS)}); ~{ablation['estimated_min']:.0f} min"
+    )
+    lines.append(f"  total ~{total:.0f} min on 2 idle cores (estimate from BENCHMARKS.md)")
+    return "\n".join(lines)
+
+
+def run_search(dataset: str, plan: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """`distmed.tune` over the planned space; its refit model is scored once on the test."""
+    name = f"{dataset}-{METHOD}"
+    space = args.workdir / f"{name}.yaml"
+    space.write_text(yaml.safe_dump(plan["searches"][dataset]["space"], sort_keys=False))
+    timing = run_tune(name, space, dataset, args.workdir, args.resume)
+    run = load_run(args.workdir, dataset, METHOD)
+    run.update(timing)
+    return {
+        "best_cv_roc_auc": run["best_cv_roc_auc"],
+        "best_cv_roc_auc_std": run["best_cv_roc_auc_std"],
+        "best_config": run["best_config"],
+        "test_metrics": run["test_metrics"],
+        "test_ci95": run["test_ci95"],
+        "trials": run["trials"],
+        "wall_s": timing["wall_s"],
+        "machine_cpu_s": timing["machine_cpu_s"],
+        "disturbance": timing["disturbance"],
+    }
+
+
+def run_ablation(name: str, item: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """`python -m distmed.train` on BreastMNIST's CV pool with the row's overrides."""
+    out = args.workdir / "ablation" / name.replace(" ", "_").replace("/", "-")
+    command = [
+        sys.executable,
+        "-m",
+        "distmed.train",
+        "--config",
+        str(SPACE),
+        "--data",
+        str(SHARED / f"{ABLATION_DATASET}.npz"),
+        "--output",
+        str(out),
+        *(arg for o in item["overrides"] for arg in ("--set", o)),
+    ]
+    print(f"[quality] ablation {name}: {' '.join(command[2:])}", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with (out.parent / f"{out.name}.log").open("w") as log:
+        done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        return {**item, "error": f"exit {done.returncode}", "wall_s": round(wall, 1)}
+    result = json.loads((out / "cv_result.json").read_text())
+    return {
+        **item,
+        "cv_roc_auc": result["mean_roc_auc"],
+        "fold_roc_auc": [f["metrics"]["roc_auc"] for f in result.get("folds", [])],
+        "wall_s": round(wall, 1),
+    }
+
+
+def report(payload: dict[str, Any]) -> str:
+    """The comparison table and the ablation table, as markdown."""
+    rows = []
+    for dataset, search in payload["searches"].items():
+        arch = (search.get("best_config") or {}).get("model", {}).get("arch", "?")
+        rows.append(
+            [
+                dataset,
+                f"distmed backbones search (selected: {arch})",
+                f"{search['best_cv_roc_auc']:.4f}",
+                f"{search['test_metrics']['roc_auc']:.3f}",
+                f"{search['wall_s'] / 60:.0f} min",
+            ]
+        )
+        for label, auc in PUBLISHED[dataset].items():
+            rows.append([dataset, label, "", f"{auc:.3f}", ""])
+    text = markdown_table(["data set", "model", "CV ROC-AUC", "test ROC-AUC", "wall"], rows)
+    ablation = [
+        [
+            name,
+            "error: " + r["error"] if "error" in r else f"{r['cv_roc_auc']:.4f}",
+            f"{r['wall_s'] / 60:.1f} min",
+        ]
+        for name, r in payload["ablation"].items()
+    ]
+    if ablation:
+        text += "\n\n" + markdown_table(["recipe element", "CV ROC-AUC", "wall"], ablation)
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

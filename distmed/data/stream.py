@@ -1,0 +1,177 @@
+"""The streaming source (`data.loader: stream`): the scanned index as Ray Data datasets whose
+rows are decoded by the cache's own decoder in Ray Data tasks, spread over the cluster's CPUs.
+
+What crosses into the Train workers is `StreamSpec`: file paths or URIs and decode settings,
+never pixels. Each worker builds, per epoch, a dataset of its own rows in a seeded order
+(`epoch_positions`) and reads it with `iter_torch_batches` (prefetching). Why not
+`TorchTrainer(datasets=...)` and `get_dataset_shard`: its `streaming_split` hands blocks to
+ranks as they finish (a rank's rows differ run to run), replays the same plan every epoch (no
+per-epoch seed) and, with `equal=True`, drops rows a validation pass must score; a rank's
+own seeded dataset gives the same order on every run and resumes exactly.
+
+A streamed row is `decode.try_decode`'s image in the cache's colour layout, (3, S, S) uint8
+with a grey image repeated over the channels (`cache._compact`): bit for bit the cached row of
+a colour set, and the cached row repeated 3 times for an all-grey set (whose cache stores one
+channel; `to_model_input` expands it to the same model input).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from distmed.data.decode import try_decode
+from distmed.data.settings import DecodeSettings
+from distmed.data.volumes import suffix_of
+from distmed.errors import UserError
+
+# Files per Ray Data block, so per decoding task: enough to amortise a task's start, few
+# enough that every node gets work and one task's output stays a few MB at 224 px.
+DECODE_CHUNK = 64
+# Batches each worker's iterator decodes ahead of the step (Ray Data's prefetch_batches).
+PREFETCH_BATCHES = 4
+
+
+class StreamSpec(BaseModel):
+    """What a Train worker needs to stream the CV pool: files, decoding and task resources.
+
+    `paths[i]` is pool position i (a local path every node can read, or an s3:// / gs://
+    URI read through pyarrow with the node's own credential chain).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    paths: list[str]
+    options: DecodeSettings
+    decode_cpus: float = Field(1.0, gt=0)
+    prefetch_batches: int = Field(PREFETCH_BATCHES, ge=1)
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+@contextmanager
+def readable_file(path: str) -> Iterator[Path]:
+    """A local path to the file at `path`: itself, or for a URI a temporary copy (same suffix,
+    so the decoder's rules by suffix hold) read through pyarrow's filesystem for its scheme,
+    with the credentials of this node's default chain (environment, profile, instance role).
+    """
+    if not is_uri(path):
+        yield Path(path)
+        return
+    from pyarrow import fs
+
+    filesystem, inner = fs.FileSystem.from_uri(path)
+    handle, name = tempfile.mkstemp(suffix=suffix_of(Path(inner)), prefix="distmed-stream-")
+    try:
+        with os.fdopen(handle, "wb") as out, filesystem.open_input_stream(inner) as source:
+            while chunk := source.read(1 << 20):
+                out.write(chunk)
+        yield Path(name)
+    finally:
+        os.unlink(name)
+
+
+def stream_row(image: np.ndarray) -> np.ndarray:
+    """A decoded (S, S) grey or (S, S, 3) RGB image as the cache's colour row (3, S, S)."""
+    if image.ndim == 2:
+        return np.repeat(image[None], 3, axis=0)
+    return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+
+def decode_batch(batch: dict[str, np.ndarray], options: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Ray Data's map function: rows {position, path} -> {position, image (B, 3, S, S) uint8}.
+
+    The decoder is the cache's (`decode.try_decode`). An unreadable file stops the run with
+    its name: every rank must see the same number of rows, so a row cannot silently vanish
+    (check a source with `python -m distmed.data` or the cache first).
+
+    Raises:
+        UserError: a file cannot be decoded (the message names it and why).
+    """
+    settings = DecodeSettings.model_validate(options)
+    size = settings.image_size
+    paths = batch["path"]
+    images = np.empty((len(paths), 3, size, size), dtype=np.uint8)
+    for row, path in enumerate(paths):
+        with readable_file(str(path)) as local:
+            image, reason = try_decode(local, settings)
+        if image is None:
+            raise UserError(
+                f"data.loader stream: cannot decode {path} ({reason}); fix or remove it "
+                "(a stream cannot leave files out: every rank must see the same rows)"
+            )
+        images[row] = stream_row(image)
+    return {"position": np.asarray(batch["position"], dtype=np.int64), "image": images}
+
+
+def epoch_positions(
+    positions: np.ndarray, seed: int, epoch: int, rank: int, world: int, train: bool
+) -> np.ndarray:
+    """One rank's pool positions for one epoch's pass, in the order it reads them.
+
+    Training: every rank draws the same permutation of `positions` from (seed, epoch) and
+    takes every world-th element from its rank, cut to len // world so that all ranks step
+    in lockstep (up to world - 1 images, different ones each epoch, sit the epoch out).
+    Validation: every world-th position from its rank, in order, none left out.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    if not train:
+        return positions[rank::world]
+    order = np.random.default_rng([seed, epoch]).permutation(positions)
+    return order[rank::world][: len(positions) // world]
+
+
+def stream_dataset(spec: StreamSpec, positions: np.ndarray, decoder: Any = decode_batch) -> Any:
+    """The Ray Data dataset of `positions` (in that order): rows {position, image (3, S, S)}.
+
+    One block of DECODE_CHUNK files per decoding task, each task reserving
+    `spec.decode_cpus`; Ray Data spreads its tasks over the nodes (its default, SPREAD; Ray
+    2.60 deprecates setting it). The order is kept (`preserve_order`). `decoder`: the map
+    function, `decode_batch` (a benchmark wraps it to see where it ran).
+    """
+    import pyarrow as pa
+    import ray.data
+
+    paths = [spec.paths[int(p)] for p in positions]
+    tables = [
+        pa.table({"position": positions[i : i + DECODE_CHUNK], "path": paths[i : i + DECODE_CHUNK]})
+        for i in range(0, len(positions), DECODE_CHUNK)
+    ]
+    dataset = ray.data.from_arrow(tables).map_batches(
+        decoder,
+        fn_kwargs={"options": spec.options.model_dump(mode="json")},
+        batch_size=None,  # one block, one task
+        batch_format="numpy",
+        num_cpus=spec.decode_cpus,
+    )
+    dataset.context.execution_options.preserve_order = True  # the seeded order, as drawn
+    dataset.context.enable_progress_bars = False  # two passes an epoch per rank: noise
+    return dataset
+
+
+def stream_batches(
+    spec: StreamSpec, positions: np.ndarray, batch_size: int, pin_memory: bool = False
+) -> Iterator[tuple[Any, Any]]:
+    """(uint8 images (B, 3, S, S), pool positions (B,)) torch batches of `positions`, in that
+    order, decoded by Ray Data tasks across the cluster while the caller trains on the last.
+
+    Needs a running Ray session (a Train worker has one).
+    """
+    if len(positions) == 0:
+        return iter(())
+    batches = stream_dataset(spec, positions).iter_torch_batches(
+        batch_size=batch_size,
+        prefetch_batches=spec.prefetch_batches,
+        device="cpu",  # the loop moves and augments the batch on the training device
+        pin_memory=pin_memory,
+    )
+    return ((b["image"], b["position"]) for b in batches)

@@ -1,0 +1,28 @@
+"""benchmarks/quality.py's plan: fixed and validated without running anything (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import quality
+from distmed.errors import UserError
+
+
+def test_the_plan_validates_every_space_and_ablation_config(capsys, tmp_path):
+    assert quality.main(["--plan", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "search pneumoniamnist: 6 trials" in out and "ablation on breastmnist" in out
+    assert not any(tmp_path.iterdir())  # --plan writes nothing
+    plan = quality.build_plan(quality.parse_args(["--seeds", "0", "1"]))
+    runs = plan["ablation"]["runs"]
+    assert len(runs) == 2 * len(quality.ABLATION_ROWS)
+    # same seeds for every element: only the element's own keys differ from the baseline
+    base = set(runs["baseline (recipe off) / seed 1"]["overrides"])
+    ema = set(runs["EMA 0.9 / seed 1"]["overrides"])
+    assert ema - base == {"train.ema_decay=0.9"} and base <= ema
+
+
+def test_a_broken_ablation_row_is_refused_before_anything_runs(monkeypatch, tmp_path):
+    monkeypatch.setitem(quality.ABLATION_ROWS, "bad", ["train.mixup_alpha=-1"])
+    with pytest.raises(UserError, match="mixup_alpha"):
+        quality.main(["--plan", "--workdir", str(tmp_path)])

@@ -1,0 +1,242 @@
+"""The streamed loader's pieces without Ray: the decoding map function against the cache, the
+seeded epoch order, fold routing, and one shared pass training and scoring every fold.
+(The streamed run on a multi-node cluster is in `test_faults_ray.py`.)"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_image_folder
+from PIL import Image
+from test_concurrent_ray import BUCKET, s3_server  # noqa: F401  (a fixture)
+
+from distmed import sharedpass
+from distmed.config import ExperimentConfig
+from distmed.cv import fold_specs, make_folds, prepare_data, require_cache
+from distmed.data import build_cache, load_cached, scan_source
+from distmed.data.stream import decode_batch, epoch_positions
+from distmed.errors import UserError
+from distmed.loop import FoldData, Runtime, build_fold
+from distmed.sharedpass import Routes, array_reader, run_shared_epoch
+from distmed.task import BinaryTask
+
+CPU = Runtime(torch.device("cpu"))
+
+
+def _config(root: Path, size: int = 16, **data) -> ExperimentConfig:
+    return ExperimentConfig.model_validate(
+        {
+            "data": {"root": str(root), "image_size": size, **data},
+            "model": {"weights": "none"},
+            "cv": {"folds": 3},
+            "train": {"batch_size": 4, "epochs": 1, "amp": "off"},
+        }
+    )
+
+
+def _streamed(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(the pool decoded by the stream's map function, the cached pool) of one config."""
+    index = scan_source(cfg.data)
+    cached = load_cached(build_cache(index, cfg.data).pool_path)
+    paths = np.array([str(p) for p in index.pool.paths], dtype=object)
+    batch = {"position": np.arange(len(paths)), "path": paths}
+    out = decode_batch(batch, cfg.data.decode_settings().model_dump(mode="json"))
+    assert out["position"].tolist() == list(range(len(paths)))
+    return out["image"], np.asarray(cached)
+
+
+def _colour_folder(root: Path, suffix: str) -> Path:
+    """Two classes of noisy RGB files (and one grey file, which a colour cache repeats)."""
+    rng = np.random.default_rng(1)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels, "RGB").save(root / name / f"img{i}{suffix}")
+    Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8), "L").save(root / "a" / "g.png")
+    return root
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_a_streamed_colour_image_is_its_cached_twin_bit_for_bit(tmp_path: Path, suffix: str):
+    root = _colour_folder(tmp_path / "rgb", suffix)
+    streamed, cached = _streamed(_config(root, resize="pad"))
+    assert cached.shape == streamed.shape == (9, 3, 16, 16)
+    assert streamed.dtype == np.uint8
+    np.testing.assert_array_equal(streamed, cached)
+
+
+def test_a_streamed_grey_image_is_its_one_channel_cached_twin_repeated(tmp_path: Path):
+    root = write_image_folder(tmp_path / "grey", {"a": 3, "b": 3}, size=24)
+    streamed, cached = _streamed(_config(root))
+    assert cached.shape == (6, 1, 16, 16) and streamed.shape == (6, 3, 16, 16)
+    for channel in range(3):
+        np.testing.assert_array_equal(streamed[:, channel], cached[:, 0])
+
+
+def test_an_unreadable_file_in_a_stream_is_named(tmp_path: Path):
+    root = write_image_folder(tmp_path / "d", {"a": 3, "b": 3}, size=24)
+    broken = root / "a" / "broken.png"
+    broken.write_bytes(b"not a png")
+    batch = {"position": np.array([0]), "path": np.array([str(broken)], dtype=object)}
+    options = _config(root).data.decode_settings().model_dump(mode="json")
+    with pytest.raises(UserError, match="broken.png"):
+        decode_batch(batch, options)
+
+
+def test_epoch_order_is_seeded_split_evenly_over_ranks_and_validation_keeps_every_image():
+    positions = np.arange(3, 26)  # 23 images
+    shares = [epoch_positions(positions, 7, 2, rank, 3, True) for rank in range(3)]
+    assert [len(s) for s in shares] == [7, 7, 7]  # 23 // 3, all ranks step together
+    drawn = np.concatenate(shares)
+    assert len(set(drawn.tolist())) == 21 and set(drawn.tolist()) <= set(positions.tolist())
+    again = [epoch_positions(positions, 7, 2, rank, 3, True) for rank in range(3)]
+    assert all(np.array_equal(a, b) for a, b in zip(shares, again, strict=True))
+    assert not np.array_equal(shares[0], epoch_positions(positions, 7, 3, 0, 3, True))
+    assert not np.array_equal(shares[0], epoch_positions(positions, 8, 2, 0, 3, True))
+    val = [epoch_positions(positions, 7, 2, rank, 3, False) for rank in range(3)]
+    assert sorted(np.concatenate(val).tolist()) == positions.tolist()
+
+
+def test_routes_send_each_image_to_the_folds_it_trains_and_the_one_it_validates(tmp_path: Path):
+    root = write_image_folder(tmp_path / "d", {"a": 9, "b": 9}, size=16)
+    cfg = _config(root)
+    index = scan_source(cfg.data)
+    task = BinaryTask(tuple(index.class_names), 1)
+    specs = fold_specs(make_folds(index.pool, cfg.cv, task), cfg.cv.folds)
+    routes = Routes.of([(s["train"], s["val"]) for s in specs], len(index.pool))
+    assert routes.val.sum(axis=0).tolist() == [1] * 18  # each image validates one fold
+    assert routes.train.sum(axis=0).tolist() == [2] * 18  # and trains the k - 1 = 2 others
+    assert not (routes.train & routes.val).any()
+    assert routes.pass_batch_size(4) == 6  # a fold's 2/3 share of 6 is 4 images a step
+    assert routes.steps_per_epoch(4, world=1) == 3 and routes.steps_per_epoch(4, world=2) == 2
+
+
+def _position_images(count: int) -> np.ndarray:
+    """Images whose every pixel is their own pool position: a batch tells which rows it has."""
+    return np.repeat(np.arange(count, dtype=np.uint8), 16 * 16).reshape(count, 1, 16, 16)
+
+
+def test_one_shared_pass_trains_each_fold_on_its_rows_only_and_scores_each_image_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    root = write_image_folder(tmp_path / "d", {"a": 12, "b": 12}, size=16)
+    cfg = _config(root, loader="stream")
+    prepared = prepare_data(cfg, scan_source(cfg.data))
+    plan = prepared.plan
+    assert prepared.cache is None and plan.stream is not None and plan.images_path == ""
+    with pytest.raises(UserError, match="a search .* reads the decoded cache; data.loader"):
+        require_cache(prepared, "a search (its refit and test split)")
+    assert len(plan.stream.paths) == 24
+    labels = np.asarray(plan.labels)
+    routes = Routes.of([(f["train"], f["val"]) for f in plan.folds], len(labels))
+    steps = routes.steps_per_epoch(4, 1)
+    folds = [
+        build_fold(FoldData(i, f["train"], f["val"], None, labels, plan.task), cfg, CPU, 4,
+                   steps_per_epoch=steps)
+        for i, f in enumerate(plan.folds)
+    ]  # fmt: skip
+    assert all(
+        f.train_loader is None and f.val_count == len(s["val"])
+        for f, s in zip(folds, plan.folds, strict=True)
+    )
+    seen: dict[int, list[int]] = {f.index: [] for f in folds}
+    real_step = sharedpass.train_step
+
+    def spy(fold, images, batch_labels, runtime):
+        rows = images[:, 0, 0, 0].tolist()
+        seen[fold.index] += rows
+        assert batch_labels.tolist() == labels[rows].tolist()
+        return real_step(fold, images, batch_labels, runtime)
+
+    monkeypatch.setattr(sharedpass, "train_step", spy)
+    read = array_reader(_position_images(24), routes.pass_batch_size(4))
+    run_shared_epoch(folds, 0, cfg, CPU, routes, torch.from_numpy(labels), read)
+    for fold, spec in zip(folds, plan.folds, strict=True):
+        assert set(seen[fold.index]) <= set(spec["train"])  # never a validation image
+        assert len(seen[fold.index]) == len(set(seen[fold.index]))  # each at most once
+        assert len(seen[fold.index]) >= len(spec["train"]) - 1  # a skipped share at most
+        assert fold.val_indices.tolist() == sorted(spec["val"])  # every image scored once
+        assert fold.val_labels.tolist() == labels[sorted(spec["val"])].tolist()
+        record = fold.history[-1]
+        assert record["epoch"] == 1 and record["val_num_samples"] == len(spec["val"])
+    assert len(steps_taken := [len(v) for v in seen.values()]) == 3 and min(steps_taken) > 0
+
+
+def test_a_folder_behind_a_uri_is_listed_not_read_and_streams_like_its_local_twin(tmp_path: Path):
+    """A bucket's listing and reads through pyarrow, here with its file:// filesystem (the
+    S3 protocol through a moto server is in test_faults_ray.py)."""
+    root = write_image_folder(tmp_path / "b" / "train", {"neg": 6, "pos": 6}, size=24)
+    write_image_folder(tmp_path / "b" / "test", {"neg": 1, "pos": 1}, size=24)
+    (root / "neg" / "notes.txt").write_text("not an image")
+    (tmp_path / "b" / "stray.png").write_bytes(b"outside the layout")
+    uri = f"file://{tmp_path / 'b'}"
+    cfg = _config(uri, loader="stream", group_regex=r"(p\d+)_")
+    index = scan_source(cfg.data)
+    assert index.class_names == ["neg", "pos"] and index.pool.paths is None
+    assert len(index.pool) == 12 and len(index.test) == 2
+    assert index.pool.ids[0] == "train/neg/p00_img00.png"
+    assert all(u.startswith("file://") for u in index.pool.uris)
+    assert index.pool.groups.tolist()[:3] == ["p00", "p00", "p01"]
+    prepared = prepare_data(cfg, index)
+    assert prepared.plan.stream.paths == index.pool.uris
+    positions = np.arange(len(index.pool))
+    batch = {"position": positions, "path": np.array(index.pool.uris, dtype=object)}
+    options = cfg.data.decode_settings().model_dump(mode="json")
+    local = {"position": positions, "path": np.array([u[7:] for u in index.pool.uris])}
+    np.testing.assert_array_equal(
+        decode_batch(batch, options)["image"], decode_batch(local, options)["image"]
+    )
+    again = scan_source(cfg.data)
+    (root / "pos" / "p02_img04.png").write_bytes((root / "pos" / "p00_img00.png").read_bytes())
+    assert scan_source(cfg.data).fingerprint != again.fingerprint  # an object changed
+    with pytest.raises(UserError, match="set data.loader: stream"):
+        prepare_data(_config(uri), index)
+
+
+def test_images_in_an_s3_bucket_train_every_fold_without_a_local_copy(
+    s3_server,  # noqa: F811  (the fixture imported above)
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """A real S3 protocol server (moto): the bucket is listed, each file is read by the
+    stream's decoding function (here called in-process, as a Ray Data task would call it on
+    a node) through pyarrow with the credentials in the environment, and one shared epoch
+    trains and scores every fold. No image is ever written below tmp_path."""
+    client, env = s3_server
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    local = write_image_folder(tmp_path / "src", {"neg": 6, "pos": 6}, size=20)
+    for path in sorted(local.rglob("*.png")):
+        client.upload_file(str(path), BUCKET, f"data/{path.relative_to(local)}")
+    shutil.rmtree(local)
+    cfg = _config(f"s3://{BUCKET}/data", loader="stream")
+    index = scan_source(cfg.data)
+    assert index.class_names == ["neg", "pos"] and len(index.pool) == 12
+    assert index.pool.uris[0] == f"s3://{BUCKET}/data/neg/p00_img00.png"
+    plan = prepare_data(cfg, index).plan
+    options = cfg.data.decode_settings().model_dump(mode="json")
+
+    def read(order: np.ndarray):  # the streamed reader's batches, without Ray Data
+        for start in range(0, len(order), 6):
+            rows = order[start : start + 6]
+            paths = np.array([plan.stream.paths[p] for p in rows], dtype=object)
+            out = decode_batch({"position": rows, "path": paths}, options)
+            yield torch.from_numpy(out["image"]), torch.from_numpy(out["position"])
+
+    labels = np.asarray(plan.labels)
+    routes = Routes.of([(f["train"], f["val"]) for f in plan.folds], len(labels))
+    folds = [
+        build_fold(FoldData(i, f["train"], f["val"], None, labels, plan.task), cfg, CPU, 4,
+                   steps_per_epoch=routes.steps_per_epoch(4, 1))
+        for i, f in enumerate(plan.folds)
+    ]  # fmt: skip
+    run_shared_epoch(folds, 0, cfg, CPU, routes, torch.from_numpy(labels), read)
+    for fold, spec in zip(folds, plan.folds, strict=True):
+        assert fold.val_indices.tolist() == sorted(spec["val"])
+        assert np.isfinite(fold.history[-1]["train_loss"])
+    assert not list(tmp_path.rglob("*.png"))  # nothing downloaded to keep
