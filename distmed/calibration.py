@@ -1,6 +1,7 @@
 """Post-hoc calibration by temperature scaling (Guo et al. 2017, "On Calibration of Modern
 Neural Networks", ICML): fit one temperature on held-out predictions, apply it to new ones;
 and the binary operating threshold chosen on the same held-out (out-of-fold) predictions.
+A multi-label task gets both per finding (`fit_finding_temperatures`, `oof_finding_thresholds`).
 
 Pure functions of saved class probabilities; a fit is a small frozen record that can be stored
 (as JSON) beside the model it calibrates.
@@ -15,11 +16,17 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax
+from scipy.special import expit, log_expit, log_softmax, logit, softmax
 
 from distmed.errors import UserError
-from distmed.metrics import sensitivity_threshold, youden_threshold
-from distmed.task import BinaryTask, Task
+from distmed.metrics import (
+    expected_calibration_error,
+    sensitivity_threshold,
+    youden_threshold,
+)
+from distmed.task import BinaryTask, MultilabelTask, Task
+
+MAX_FINDINGS = 10_000  # as savedmodel.MAX_CLASSES: bounds what a saved file may list
 
 MIN_SAMPLES = 20  # fewer held-out predictions than this cannot pin a temperature down
 TEMPERATURE_BOUNDS = (0.05, 20.0)  # sharpen at most 20x, flatten at most 20x
@@ -83,12 +90,15 @@ def fit_temperature(labels: np.ndarray, probs: np.ndarray, task: Task) -> Temper
 
 def fit_oof_temperature(
     oof: tuple[np.ndarray, np.ndarray] | None, task: Task
-) -> TemperatureFit | None:
+) -> TemperatureFit | FindingTemperatures | None:
     """The temperature fitted on the best trial's out-of-fold (labels, probs) (never the test
-    split); None, with one line saying why, when they are missing or too few."""
+    split), one per finding for a multi-label task (`fit_finding_temperatures`); None, with
+    one line saying why, when they are missing or too few."""
     if oof is None:
         print("calibration: the best trial saved no out-of-fold predictions; none fitted")
         return None
+    if isinstance(task, MultilabelTask):
+        return _fit_oof_finding_temperatures(*oof, task)
     try:
         fit = fit_temperature(*oof, task)
     except UserError as exc:
@@ -200,3 +210,149 @@ def _checked(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndar
 def _check_temperature(temperature: float) -> None:
     if not (math.isfinite(temperature) and temperature > 0):
         raise UserError(f"temperature must be a positive finite number, got {temperature!r}")
+
+
+# --------------------------------------------------------------------------- per finding
+
+
+class FindingTemperatures(BaseModel):
+    """Temperature scaling per finding of a multi-label model, in `class_names` order.
+
+    A finding's probability p becomes sigmoid(logit(p) / T_l). One temperature per finding,
+    not one shared: each sigmoid output is its own binary classifier, with its own
+    prevalence, its own `pos_weight` in training and so its own over- or under-confidence;
+    a shared T would correct their average and leave each one off. It costs one parameter
+    per finding, fitted on thousands of out-of-fold predictions. `findings[l]` is None where
+    finding l could not be fitted (fewer than `MIN_SAMPLES` known labels or one class): its
+    temperature is 1 (unchanged). Temperature keeps each finding's ranking (its AUC); it
+    rescales confidence but cannot move a shifted base rate (Platt scaling's bias term would).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    findings: list[TemperatureFit | None] = Field(min_length=1, max_length=MAX_FINDINGS)
+
+    @property
+    def temperatures(self) -> np.ndarray:
+        """(L,) temperatures, 1.0 where a finding was not fitted."""
+        return np.array([f.temperature if f else 1.0 for f in self.findings])
+
+
+def fit_finding_temperatures(
+    labels: np.ndarray, probs: np.ndarray, task: MultilabelTask
+) -> FindingTemperatures:
+    """One temperature per finding, each minimising the binary cross-entropy of
+    sigmoid(logit(p) / T) over that finding's known labels (Guo et al. 2017's temperature
+    scaling, applied to each sigmoid output; log T searched within `TEMPERATURE_BOUNDS`).
+
+    Args:
+        labels: (N, L) targets (NaN: ignored, left out); probs: (N, L) probabilities.
+        task: the multi-label task (its findings, in column order).
+    """
+    fits = []
+    for truth, score in task.columns(labels, probs):
+        enough = len(truth) >= MIN_SAMPLES and 0 < truth.sum() < len(truth)
+        fits.append(_fit_one_finding(truth, score) if enough else None)
+    return FindingTemperatures(findings=fits)
+
+
+def _fit_one_finding(truth: np.ndarray, score: np.ndarray) -> TemperatureFit:
+    logits = logit(np.clip(score, PROB_EPSILON, 1 - PROB_EPSILON))
+
+    def bce(log_t: float) -> float:
+        z = logits / math.exp(log_t)
+        return float(-(truth * log_expit(z) + (1 - truth) * log_expit(-z)).mean())
+
+    low, high = TEMPERATURE_BOUNDS
+    found = minimize_scalar(bce, bounds=(math.log(low), math.log(high)), method="bounded")
+    temperature = math.exp(float(found.x))
+    return TemperatureFit(
+        temperature=temperature,
+        nll_before=bce(0.0),
+        nll_after=float(found.fun),
+        ece_before=expected_calibration_error(score, truth),
+        ece_after=expected_calibration_error(expit(logits / temperature), truth),
+        num_samples=len(truth),
+    )
+
+
+def _fit_oof_finding_temperatures(
+    labels: np.ndarray, probs: np.ndarray, task: MultilabelTask
+) -> FindingTemperatures:
+    fit = fit_finding_temperatures(labels, probs, task)
+    done = [(n, f) for n, f in zip(task.class_names, fit.findings, strict=True) if f]
+    shown = ", ".join(f"{n} {f.temperature:.2f}" for n, f in done[:8])
+    more = " ..." if len(done) > 8 else ""
+    print(
+        f"calibration: a temperature per finding on out-of-fold predictions for {len(done)} "
+        f"of {len(task.class_names)} findings ({shown}{more})",
+        flush=True,
+    )
+    return fit
+
+
+def apply_finding_temperatures(probs: np.ndarray, temperatures: np.ndarray) -> np.ndarray:
+    """sigmoid(logit(probs) / T): `probs` (N, L) recalibrated per finding by (L,)
+    `temperatures`; same shape, same ranking per finding.
+
+    Raises:
+        UserError: a temperature that is not a positive finite number.
+    """
+    for temperature in np.asarray(temperatures, dtype=np.float64):
+        _check_temperature(float(temperature))
+    clipped = np.clip(np.asarray(probs, dtype=np.float64), PROB_EPSILON, 1 - PROB_EPSILON)
+    return expit(logit(clipped) / np.asarray(temperatures, dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class FindingThresholdChoice:
+    """Per finding (L, in order): the threshold and how it did on the predictions it was
+    chosen on; `defaulted` names findings whose predictions held one class (threshold 0.5)."""
+
+    values: list[float]
+    method: str
+    num_samples: list[int]
+    sensitivity: list[float]
+    specificity: list[float]
+    defaulted: list[str]
+
+
+def oof_finding_thresholds(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    task: MultilabelTask,
+    temperatures: np.ndarray | None = None,
+    target_sensitivity: float | None = None,
+) -> FindingThresholdChoice:
+    """A multi-label task's thresholds, one per finding, picked on out-of-fold validation.
+
+    Each finding's rule is the binary one (`oof_threshold`): Youden's J, or the highest
+    threshold reaching `target_sensitivity`, over that finding's known labels, on the scale
+    predict uses (probabilities scaled by the finding's temperature first when given).
+
+    Args:
+        labels: (N, L) targets (NaN ignored); probs: (N, L) out-of-fold probabilities.
+        temperatures: (L,) per-finding temperatures (`FindingTemperatures.temperatures`).
+    """
+    if temperatures is not None:
+        probs = apply_finding_temperatures(probs, temperatures)
+    method = "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity:g}"
+    values, counts, defaulted = [], [], []
+    for name, (truth, score) in zip(task.class_names, task.columns(labels, probs), strict=True):
+        counts.append(len(truth))
+        if not 0 < truth.sum() < len(truth):
+            values.append(0.5)
+            defaulted.append(name)
+        elif target_sensitivity is None:
+            values.append(youden_threshold(truth, score))
+        else:
+            values.append(sensitivity_threshold(truth, score, target_sensitivity))
+    per = task.finding_metrics(labels, probs, np.array(values))
+    return FindingThresholdChoice(
+        values=values,
+        method=method,
+        num_samples=counts,
+        sensitivity=[m["sensitivity"] for m in per],
+        specificity=[m["specificity"] for m in per],
+        defaulted=defaulted,
+    )

@@ -32,7 +32,8 @@ from distmed.errors import UserError, shorten
 from distmed.loop import checkpoint_bytes
 from distmed.metrics import METRIC_NAMES
 from distmed.resources import WorkerLayout
-from distmed.task import Task, task_for
+from distmed.task import FINDING_AUC_PREFIX as FINDING
+from distmed.task import MultilabelTask, Task, task_of_index
 from distmed.worker import STATE_FILE, FoldIndices, WorkerConfig, train_folds
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,10 @@ class FoldResult:
     stop_epoch: int
     metrics: dict[str, float]  # validation metrics at the epoch the training rule stopped at
     history: list[dict[str, float]]
-    # Out-of-fold predictions at the stopping epoch: CV-pool positions, labels, probabilities.
+    # Out-of-fold predictions at the stopping epoch: CV-pool positions, labels (class indices;
+    # a multi-label task's (N, L) targets, NaN ignored), probabilities (N, K or L).
     val_indices: list[int] = field(default_factory=list)
-    val_labels: list[int] = field(default_factory=list)
+    val_labels: list[int] | list[list[float]] = field(default_factory=list)
     val_probs: list[list[float]] = field(default_factory=list)
 
 
@@ -93,8 +95,12 @@ class CVResult:
         return corrected_standard_error(self.fold_aucs, self.folds_per_repeat or len(self.folds))
 
     def mean_metrics(self) -> dict[str, float]:
+        """Fold means of `METRIC_NAMES`, and of every per-finding AUC a multi-label task
+        records (`task.finding_auc_key`)."""
+        names = [*METRIC_NAMES, *(k for k in self.folds[0].metrics if k.startswith(FINDING))]
         return {
-            name: float(np.mean([f.metrics[name] for f in self.folds])) for name in METRIC_NAMES
+            name: float(np.mean([f.metrics.get(name, math.nan) for f in self.folds]))
+            for name in names
         }
 
 
@@ -248,7 +254,7 @@ def thin_validation_folds(
     labels: np.ndarray, assignment: np.ndarray, class_names: list[str], folds: int
 ) -> str | None:
     """A warning when some validation fold holds fewer than MIN_VALIDATION_IMAGES images of
-    a class, else None.
+    a class (of a multi-label task: positives of a finding), else None.
 
     Such a fold's ROC-AUC rests on those few images: with one positive it is the share of
     negatives ranked below that one image (0 or 1 when the model separates it), so the fold
@@ -260,8 +266,8 @@ def thin_validation_folds(
     labels = np.asarray(labels)
     parts = []
     for label, name in enumerate(class_names):
-        hit = labels[:, label] > 0 if labels.ndim == 2 else labels == label
-        counts = [int(np.sum(hit[row == k])) for row in rows for k in range(folds)]
+        present = labels[:, label] == 1 if labels.ndim == 2 else labels == label
+        counts = [int(np.sum(present[row == k])) for row in rows for k in range(folds)]
         thin = sum(c < MIN_VALIDATION_IMAGES for c in counts)
         if thin:
             shown = ", ".join(map(str, counts[:10])) + (", ..." if len(counts) > 10 else "")
@@ -326,6 +332,20 @@ def score_caveat(fold_aucs: Sequence[float], thin_folds: str | None) -> str | No
     return f"caution: {'; '.join(notes)}" if notes else None
 
 
+def finding_auc_text(task: MultilabelTask, means: dict[str, float]) -> str:
+    """One line of a multi-label CV result: the score is the mean over the scored findings,
+    then each finding's fold-mean ROC-AUC (`CVResult.mean_metrics`), unscored ones marked."""
+    parts = [
+        f"{shorten(name)} {means.get(FINDING + name, math.nan):.4f}"
+        + ("" if name in task.scored else " (not scored)")
+        for name in task.class_names
+    ]
+    return (
+        f"the CV ROC-AUC is the mean over {len(task.scored)} scored finding(s); per finding: "
+        + ", ".join(parts)
+    )
+
+
 def fold_specs(assignment: np.ndarray, folds: int) -> list[dict[str, list[int]]]:
     """Train/validation index lists per fold (what the worker loop consumes).
 
@@ -359,7 +379,7 @@ class FoldPlan:
     """
 
     images_path: str
-    labels: list[int]
+    labels: list[int] | list[list[float]]  # `Task.targets` of the pool (multi-label: NaN ignored)
     task: Task
     folds: list[dict[str, list[int]]]  # cv.repeats x k of them, repeat-major (`fold_specs`)
     images_ref: Any = None
@@ -370,13 +390,21 @@ class FoldPlan:
 
 
 def plan_folds(
-    cfg: ExperimentConfig, index: DataIndex, cache: CachedData, assignment: np.ndarray
+    cfg: ExperimentConfig,
+    index: DataIndex,
+    cache: CachedData,
+    assignment: np.ndarray,
+    task: Task | None = None,
 ) -> FoldPlan:
-    """The (repeated) k-fold plan over the CV pool (the test split never enters it)."""
+    """The (repeated) k-fold plan over the CV pool (the test split never enters it).
+
+    `task`: the pool's task (`task_of_index`, built when not given); the plan's labels are its
+    `targets` of the pool (a multi-label task's policies applied once, here)."""
+    task = task or task_of_index(index, cfg.data, cfg.cv.folds)
     return FoldPlan(
         images_path=str(cache.pool_path),
-        labels=index.pool.labels.tolist(),
-        task=task_for(index.class_names, cfg.data.positive_class),
+        labels=task.targets(index.pool.labels).tolist(),
+        task=task,
         folds=fold_specs(assignment, cfg.cv.folds),
         folds_per_repeat=cfg.cv.folds,
     )
@@ -402,7 +430,8 @@ def prepare_data(
     Every data problem surfaces here, before Ray starts; fold problems before the (slow)
     first decode. `batch_sizes` are all the batch sizes a run or search will try.
     """
-    task = task_for(scanned.class_names, cfg.data.positive_class)  # a typo before the decode
+    # A typo (data.positive_class, a finding's name) stops before the decode.
+    task = task_of_index(scanned, cfg.data, cfg.cv.folds)
     assignment = make_folds(scanned.pool, cfg.cv, task)
     said = _warn_few_images(scanned, assignment, cfg.cv.folds, task)  # before the slow decode
     cache = build_cache(scanned, cfg.data)
@@ -416,7 +445,7 @@ def prepare_data(
             " ..." if len(index.skipped) > 5 else "",
         )
         assignment = make_folds(index.pool, cfg.cv, task)
-    plan = plan_folds(cfg, index, cache, assignment)
+    plan = plan_folds(cfg, index, cache, assignment, task)
     for size in batch_sizes or [cfg.train.batch_size]:
         check_batch_fits(size, plan.smallest_train_fold())
     if cfg.cv.repeats > 1:
@@ -567,6 +596,8 @@ def _to_cv_result(value: dict[str, Any], checkpoint, folds_per_repeat: int | Non
     for number, fold in enumerate(value["folds"]):
         last = fold["history"][-1]
         metrics = {name: last[f"val_{name}"] for name in METRIC_NAMES}
+        # A multi-label task's per-finding ROC-AUCs (`task.finding_auc_key`) ride along.
+        metrics |= {k[4:]: v for k, v in last.items() if k.startswith(f"val_{FINDING}")}
         metrics["loss"] = last["val_loss"]
         metrics["num_samples"] = int(last["val_num_samples"])
         folds.append(

@@ -18,14 +18,12 @@ from typing import Any, Literal, cast
 import numpy as np
 import torch
 import torch.distributed as dist
-from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from torch.utils.data import DataLoader
 
 from distmed.config import AugmentConfig, ExperimentConfig, OptimConfig, TrainConfig
 from distmed.cvstats import corrected_standard_error
 from distmed.data import CachedImageDataset, to_model_input
-from distmed.metrics import METRIC_NAMES
 from distmed.model import build_model, set_train_mode
 from distmed.task import Task
 
@@ -211,11 +209,11 @@ def build_fold(
         model = model.to(memory_format=torch.channels_last)
     model = prepare_model(model)
     train_idx = np.asarray(data.train, dtype=np.int64)
-    train_set = CachedImageDataset(data.images, data.labels, train_idx)
+    train_set = fold_dataset(data.images, data.labels, train_idx)
     train_loader = prepare_loader(_loader(train_set, batch_size, True, workers))
     val_loader = None
     if data.val is not None and len(data.val) > 0:
-        val_set = CachedImageDataset(data.images, data.labels, np.asarray(data.val, dtype=np.int64))
+        val_set = fold_dataset(data.images, data.labels, np.asarray(data.val, dtype=np.int64))
         val_loader = prepare_loader(_loader(val_set, batch_size, False, workers))
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     device = runtime.device
@@ -231,6 +229,23 @@ def build_fold(
         val_loader=val_loader,
         augment=cfg.data.augment,
     )
+
+
+class TargetRowsDataset(CachedImageDataset):
+    """`CachedImageDataset` whose label is a row of targets: `(uint8 image, float32 (L,)
+    targets with NaN where ignored, sample index)`; batches collate to (B, L) float32."""
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, Any, int]:
+        index = int(self.indices[position])
+        row = torch.from_numpy(np.asarray(self.labels[index], dtype=np.float32))
+        return torch.from_numpy(np.array(self.images[index])), row, index
+
+
+def fold_dataset(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> CachedImageDataset:
+    """The dataset of some samples: class-index labels (N,), or rows of targets (N, L)."""
+    if np.asarray(labels).ndim == 2:
+        return TargetRowsDataset(images, labels, indices)
+    return CachedImageDataset(images, labels, indices)
 
 
 def _loader(dataset: CachedImageDataset, batch_size: int, train: bool, workers: int) -> DataLoader:
@@ -282,13 +297,11 @@ def build_scheduler(
 def build_loss(
     cfg: TrainConfig, train_labels: np.ndarray, task: Task, device: torch.device | str
 ) -> nn.Module:
-    """The task's loss; `train.class_weights: balanced` weighs classes by n / (K * n_k)."""
+    """The task's loss; `train.class_weights: balanced` weighs classes by n / (K * n_k), or
+    findings by their negatives / positives (`Task.class_weights`, on the training fold)."""
     if cfg.class_weights == "none":
         return task.build_loss(None, device)
-    present = np.unique(train_labels)
-    weights = np.ones(task.num_outputs, dtype=np.float32)
-    weights[present] = compute_class_weight("balanced", classes=present, y=train_labels)
-    return task.build_loss(weights, device)
+    return task.build_loss(task.class_weights(train_labels), device)
 
 
 # --------------------------------------------------------------------------- steps and epochs
@@ -427,7 +440,7 @@ def run_fold_epoch(fold: FoldRun, epoch: int, cfg: ExperimentConfig, runtime: Ru
         # is NaN too and a search never ranks the trial by its surviving folds.
         fold.stopped = True
         record["diverged"] = 1.0
-        record.update({f"val_{k}": math.nan for k in (*METRIC_NAMES, "loss")})
+        record.update({f"val_{k}": math.nan for k in (*fold.task.metric_keys, "loss")})
         if fold.val_loader is not None:  # how many images the fold would have been scored on
             record["val_num_samples"] = len(cast(Sized, fold.val_loader.dataset))
     fold.history.append(record)

@@ -225,26 +225,64 @@ def _binary_draws(
     argmax_positive: np.ndarray,
     threshold: float | None,
     picks: np.ndarray,
+    valid: np.ndarray | None = None,
 ) -> np.ndarray:
     """`CI_METRICS` of every resample at once (numpy; a loop over sklearn calls is ~100x
-    slower); the same definitions as `binary_metrics`."""
-    t, s = truth[picks], score[picks]
+    slower); the same definitions as `binary_metrics`. `valid` (N,) booleans: only those
+    samples count (a multi-label finding's unmasked ones); None: all."""
+    v = np.ones(picks.shape, dtype=bool) if valid is None else valid[picks]
+    t, s = truth[picks] & v, score[picks]
     said = s >= threshold if threshold is not None else argmax_positive[picks]
-    tp, fp = (t & said).sum(1), (~t & said).sum(1)
-    fn, tn = (t & ~said).sum(1), (~t & ~said).sum(1)
-    n_pos, n_neg = t.sum(1), (~t).sum(1)
-    # Mann-Whitney U with average ranks for ties equals the ROC-AUC sklearn computes.
-    ranks = rankdata(s, axis=1)
+    tp, fp = (t & said).sum(1), (~t & said & v).sum(1)
+    fn, tn = (t & ~said).sum(1), (~t & ~said & v).sum(1)
+    n_pos, n_neg = t.sum(1), (~t & v).sum(1)
+    # Mann-Whitney U with average ranks for ties equals the ROC-AUC sklearn computes; left-out
+    # samples rank above every counted one (+inf), so the counted ranks stay 1..n.
+    ranks = rankdata(np.where(v, s, np.inf), axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         auc = ((ranks * t).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
         columns = {
             "roc_auc": np.where((n_pos > 0) & (n_neg > 0), auc, np.nan),
-            "accuracy": (tp + tn) / t.shape[1],
+            "accuracy": _safe_ratio(tp + tn, v.sum(1)),
             "sensitivity": _safe_ratio(tp, tp + fn),
             "specificity": _safe_ratio(tn, tn + fp),
             "f1": _safe_ratio(2 * tp, 2 * tp + fp + fn),
         }
     return np.stack([columns[name] for name in CI_METRICS], axis=1)
+
+
+def multilabel_bootstrap_ci(
+    truth: np.ndarray,
+    valid: np.ndarray,
+    score: np.ndarray,
+    thresholds: np.ndarray,
+    scored: np.ndarray,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[dict[str, tuple[float, float]], list[dict[str, tuple[float, float]]]]:
+    """Percentile bootstrap intervals of `CI_METRICS` of a multi-label task, resampling cases
+    (an image with all its findings).
+
+    Args:
+        truth: (N, L) booleans, finding present; valid: (N, L) booleans, label known (not
+            ignored); score: (N, L) probabilities; thresholds: (L,) decision thresholds;
+        scored: column numbers whose mean is the task's score.
+
+    Returns:
+        The intervals of the mean over the `scored` findings (a resample where one of them
+        is undefined is left out of that metric's interval), and each finding's own (L).
+    """
+    picks = resample_indices(len(truth), resamples, seed)
+    draws = np.stack(
+        [
+            _binary_draws(truth[:, j], score[:, j], truth[:, j], thresholds[j], picks, valid[:, j])
+            for j in range(truth.shape[1])
+        ],
+        axis=1,
+    )  # (resamples, L, metrics)
+    macro = _percentiles(draws[:, scored].mean(axis=1), level)
+    return macro, [_percentiles(draws[:, j], level) for j in range(truth.shape[1])]
 
 
 def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

@@ -42,7 +42,13 @@ from distmed.artifacts import (
     results_folder,
     staging_folder,
 )
-from distmed.calibration import TemperatureFit, fit_oof_temperature, oof_threshold
+from distmed.calibration import (
+    FindingTemperatures,
+    TemperatureFit,
+    fit_oof_temperature,
+    oof_finding_thresholds,
+    oof_threshold,
+)
 from distmed.config import CVConfig, ExperimentConfig
 from distmed.cv import FoldPlan, PreparedData, prepare_data, score_caveat, share_images, storage_uri
 from distmed.data import describe_index, inspect_data, scan_source
@@ -84,6 +90,7 @@ from distmed.results import (
 from distmed.runlock import hold_results_folder
 from distmed.runreport import REPORT, report_after_search
 from distmed.savedmodel import (
+    FindingThresholds,
     FoldModels,
     SavedModel,
     Threshold,
@@ -105,7 +112,7 @@ from distmed.search import (
 from distmed.searchfile import check_new_search, check_same_search
 from distmed.space import SearchSpaceFile
 from distmed.summary import DataSummary, RunSummary
-from distmed.task import BinaryTask, Task
+from distmed.task import BinaryTask, MultilabelTask, Task
 from distmed.tracking import (
     log_search_to_mlflow,
     mlflow_callbacks,
@@ -446,14 +453,18 @@ def finalize(
     oof = oof_predictions(read_trial_detail(f"{trials}/cv-{best.trial_id}"))
     task, trial = data.plan.task, best.trial_id
 
-    def threshold_for(calibration: TemperatureFit | None) -> Threshold | None:
+    def threshold_for(
+        calibration: TemperatureFit | FindingTemperatures | None,
+    ) -> Threshold | FindingThresholds | None:
         return operating_threshold(oof, task, trial, calibration, target_sensitivity)
 
     if saved_source(path) == run_name:  # a resumed search whose refit had finished
         print(f"reusing {path} (refit of trial {best.trial_id})", flush=True)
         saved = SavedModel.load(path)
         has_folds = saved.fold_models is not None
-        if (wanted := threshold_for(saved.calibration)) != saved.threshold and wanted:
+        kept = saved.finding_thresholds if saved.multilabel else saved.threshold
+        wanted = threshold_for(saved.finding_calibration or saved.calibration)
+        if wanted != kept and wanted:
             save_threshold(path, wanted)  # only when this run asks for another rule
     else:
         print(
@@ -519,15 +530,30 @@ def operating_threshold(
     oof: tuple[np.ndarray, np.ndarray] | None,
     task: Task,
     trial: str,
-    calibration: TemperatureFit | None,
+    calibration: TemperatureFit | FindingTemperatures | None,
     target_sensitivity: float | None = None,
-) -> Threshold | None:
+) -> Threshold | FindingThresholds | None:
     """The binary operating threshold chosen on trial `trial`'s out-of-fold predictions
-    (`calibration.oof_threshold`), on the calibrated scale predict uses; None for a
+    (`calibration.oof_threshold`), on the calibrated scale predict uses; a multi-label
+    task's thresholds per finding (`calibration.oof_finding_thresholds`); None for a
     multi-class task or without out-of-fold predictions."""
+    if isinstance(task, MultilabelTask) and oof is not None:
+        temperatures = (
+            calibration.temperatures if isinstance(calibration, FindingTemperatures) else None
+        )
+        chosen = oof_finding_thresholds(*oof, task, temperatures, target_sensitivity)
+        return FindingThresholds(
+            values=chosen.values,
+            method=chosen.method,
+            chosen_on=f"out-of-fold validation predictions of trial {trial}",
+            num_samples=chosen.num_samples,
+            validation_sensitivity=chosen.sensitivity,
+            validation_specificity=chosen.specificity,
+            defaulted=chosen.defaulted,
+        )
     if not isinstance(task, BinaryTask) or oof is None:
         return None
-    temperature = calibration.temperature if calibration else None
+    temperature = calibration.temperature if isinstance(calibration, TemperatureFit) else None
     choice = oof_threshold(*oof, task, temperature, target_sensitivity)
     return Threshold(
         value=choice.value,
@@ -555,7 +581,7 @@ def score_test(path: Path, data: PreparedData, local: Path) -> dict[str, Any]:
         if ensemble == "folds" and not has_folds:
             continue
         model, _ = load_inference_model(path, ensemble)
-        labels = data.index.test.labels
+        labels = data.plan.task.targets(data.index.test.labels)  # a multi-label task's policies
         out[key] = evaluate_test(
             model, data.cache.test_path, labels, data.plan.task, save_to=local / file
         )

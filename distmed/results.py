@@ -250,7 +250,8 @@ def read_trial_detail(run_uri: str) -> dict[str, Any] | None:
 
 
 def oof_predictions(detail: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """A trial's out-of-fold validation (labels (N,), probabilities (N, K)), folds pooled.
+    """A trial's out-of-fold validation (labels (N,), probabilities (N, K)), folds pooled;
+    a multi-label task's are targets (N, L) (float, NaN ignored) and probabilities (N, L).
 
     None when the trial saved no detail or a fold has no predictions. With `cv.repeats`
     R > 1 every image is here R times, once per repeat (scored by a different fold model
@@ -259,6 +260,14 @@ def oof_predictions(detail: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarr
     """
     if not detail or not all(f.get("val_labels") for f in detail["folds"]):
         return None
-    labels = np.concatenate([np.asarray(f["val_labels"]) for f in detail["folds"]])
+    labels = np.concatenate([_label_array(f["val_labels"]) for f in detail["folds"]])
     probs = np.concatenate([np.asarray(f["val_probs"]) for f in detail["folds"]])
     return labels, probs
+
+
+def _label_array(values: list) -> np.ndarray:
+    """Saved labels as an array: class indices (N,), or rows of targets (N, L) whose ignored
+    entries JSON wrote as null (read back as NaN)."""
+    if values and isinstance(values[0], list):
+        return np.asarray(values, dtype=np.float64)
+    return np.asarray(values)

@@ -27,14 +27,25 @@ from pydantic import (
 
 from distmed import __version__
 from distmed.artifacts import atomic_path, read_torch_file
-from distmed.calibration import TemperatureFit
+from distmed.calibration import FindingTemperatures, TemperatureFit
 from distmed.config import DataConfig, ExperimentConfig, format_validation_error
 from distmed.data import IMAGENET_MEAN, IMAGENET_STD
 from distmed.data.settings import RESIZE_MODES, DecodeSettings
 from distmed.errors import UserError
-from distmed.task import BinaryTask, MulticlassTask, Task
+from distmed.task import (
+    MISSING_POLICIES,
+    UNCERTAIN_POLICIES,
+    BinaryTask,
+    MulticlassTask,
+    MultilabelTask,
+    Task,
+)
 
-MODEL_FORMAT = 1
+# 2: a multi-label model (`SavedModel.multilabel`); single-label files are still written as 1,
+# so a distmed that predates multi-label reads them, and refuses a multi-label one in one line
+# instead of taking its findings for exclusive classes.
+MODEL_FORMAT = 2
+SINGLE_LABEL_FORMAT = 1
 WEIGHTS_KEY = "model_state"
 # The best trial's fold models (weights only): the CV estimate's own models, for
 # `--ensemble folds`. Absent from files written before they were kept.
@@ -111,6 +122,29 @@ class Threshold(_Record):
     validation_specificity: UnitFloat | None = None
 
 
+class Multilabel(_Record):
+    """A multi-label model's label policies and scored findings (`task.MultilabelTask`), one
+    entry per finding in `class_names` order (`scored`: a subset, in that order)."""
+
+    uncertain: list[Literal[UNCERTAIN_POLICIES]] = Field(max_length=MAX_CLASSES)  # type: ignore[valid-type]
+    missing: list[Literal[MISSING_POLICIES]] = Field(max_length=MAX_CLASSES)  # type: ignore[valid-type]
+    scored: list[ClassName] = Field(min_length=1, max_length=MAX_CLASSES)
+
+
+class FindingThresholds(_Record):
+    """A multi-label model's operating thresholds, one per finding (`class_names` order),
+    chosen on out-of-fold validation scores (`calibration.oof_finding_thresholds`)."""
+
+    values: list[UnitFloat] = Field(max_length=MAX_CLASSES, description="present at or above")
+    method: str = Field(max_length=200)
+    chosen_on: str = Field(max_length=500)
+    num_samples: list[Annotated[int, Field(ge=0)]] = Field(max_length=MAX_CLASSES)
+    validation_sensitivity: list[UnitFloat] = Field(max_length=MAX_CLASSES)
+    validation_specificity: list[UnitFloat] = Field(max_length=MAX_CLASSES)
+    # findings whose out-of-fold predictions held one class: threshold 0.5, not chosen
+    defaulted: list[ClassName] = Field(default_factory=list, max_length=MAX_CLASSES)
+
+
 class FoldModels(_Record):
     """Where the fold models in `best_model.pt` came from (their weights sit beside it)."""
 
@@ -134,6 +168,11 @@ class SavedModel(_Record):
     # Temperature scaling fitted on the best trial's out-of-fold predictions; predict, the
     # app, evaluate and export divide the logits by it (`distmed.inference`).
     calibration: TemperatureFit | None = None
+    # Multi-label models (format 2): policies and scored findings, a threshold and a
+    # temperature per finding (the single-label `threshold` and `calibration` stay None).
+    multilabel: Multilabel | None = None
+    finding_thresholds: FindingThresholds | None = None
+    finding_calibration: FindingTemperatures | None = None
 
     @field_validator("format")
     @classmethod
@@ -152,11 +191,41 @@ class SavedModel(_Record):
             raise ValueError(f"positive_index {self.positive_index} is not a class")
         if self.preprocessing.image_size != self.config.data.image_size:
             raise ValueError("preprocessing.image_size differs from config.data.image_size")
+        self._consistent_findings()
         return self
+
+    def _consistent_findings(self) -> None:
+        thresholds, temperatures = self.finding_thresholds, self.finding_calibration
+        if self.multilabel is None:
+            if thresholds is not None or temperatures is not None:
+                raise ValueError("finding_thresholds/finding_calibration need a multilabel model")
+            return
+        if self.format < MODEL_FORMAT or self.threshold or self.calibration:
+            raise ValueError("a multilabel model is format 2, without threshold/calibration")
+        lists: dict[str, Sequence[object]] = {
+            "multilabel.uncertain": self.multilabel.uncertain,
+            "multilabel.missing": self.multilabel.missing,
+        }
+        if temperatures is not None:
+            lists["finding_calibration.findings"] = temperatures.findings
+        if thresholds is not None:
+            for key in (
+                "values",
+                "num_samples",
+                "validation_sensitivity",
+                "validation_specificity",
+            ):
+                lists[f"finding_thresholds.{key}"] = getattr(thresholds, key)
+        count = len(self.class_names)
+        for key, values in lists.items():
+            if len(values) != count:
+                raise ValueError(f"{key} holds {len(values)} entries for {count} findings")
+        if not set(self.multilabel.scored) <= set(self.class_names):
+            raise ValueError("multilabel.scored names a finding not in class_names")
 
     @property
     def binary(self) -> bool:
-        return len(self.class_names) == 2
+        return self.multilabel is None and len(self.class_names) == 2
 
     @property
     def positive_class(self) -> str | None:
@@ -166,6 +235,11 @@ class SavedModel(_Record):
     def task(self) -> Task:
         """The task the model was trained for (`distmed.task`)."""
         names = tuple(self.class_names)
+        if self.multilabel is not None:
+            record = self.multilabel
+            return MultilabelTask(
+                names, tuple(record.uncertain), tuple(record.missing), tuple(record.scored)
+            )
         if self.positive_index is None:
             return MulticlassTask(names)
         return BinaryTask(names, self.positive_index)
@@ -301,8 +375,8 @@ def save_model(
     source: str,
     folds: FoldModels | None = None,
     fold_states: Sequence[dict[str, torch.Tensor]] = (),
-    calibration: TemperatureFit | None = None,
-    threshold: Threshold | None = None,
+    calibration: TemperatureFit | FindingTemperatures | None = None,
+    threshold: Threshold | FindingThresholds | None = None,
 ) -> None:
     """Write `best_model.pt` atomically: weights plus what rebuilding and predicting need.
 
@@ -310,8 +384,16 @@ def save_model(
     `folds`/`fold_states`: the best trial's fold models (for `--ensemble folds`);
     `calibration`: the temperature fitted on that trial's out-of-fold predictions;
     `threshold`: the binary operating threshold chosen on them (`calibration.oof_threshold`).
+    A multi-label `task` is saved with its policies and scored findings (format 2), its
+    `calibration` a `FindingTemperatures` and its `threshold` a `FindingThresholds`.
     """
+    multilabel = None
+    if isinstance(task, MultilabelTask):
+        multilabel = Multilabel(
+            uncertain=list(task.uncertain), missing=list(task.missing), scored=list(task.scored)
+        )
     saved = SavedModel(
+        format=MODEL_FORMAT if multilabel else SINGLE_LABEL_FORMAT,
         distmed_version=__version__,
         source=source,
         config=cfg,
@@ -319,10 +401,23 @@ def save_model(
         positive_index=task.positive if isinstance(task, BinaryTask) else None,
         preprocessing=preprocessing_for(cfg.data.image_size, channels, cfg.data),
         fold_models=folds,
-        calibration=calibration,
-        threshold=threshold,
+        multilabel=multilabel,
+        **_calibration_fields(calibration),
+        **_threshold_fields(threshold),
     )
     saved.save(path, state, fold_states)
+
+
+def _calibration_fields(calibration: TemperatureFit | FindingTemperatures | None) -> dict:
+    if isinstance(calibration, FindingTemperatures):
+        return {"finding_calibration": calibration}
+    return {"calibration": calibration}
+
+
+def _threshold_fields(threshold: Threshold | FindingThresholds | None) -> dict:
+    if isinstance(threshold, FindingThresholds):
+        return {"finding_thresholds": threshold}
+    return {"threshold": threshold}
 
 
 def saved_source(path: Path) -> str | None:
@@ -330,11 +425,16 @@ def saved_source(path: Path) -> str | None:
     return SavedModel.load(path).source if path.is_file() else None
 
 
-def save_threshold(path: Path, threshold: Threshold | dict[str, Any]) -> None:
-    """Record the binary operating threshold (chosen on validation data) in `best_model.pt`.
+def save_threshold(path: Path, threshold: Threshold | FindingThresholds | dict[str, Any]) -> None:
+    """Record the operating threshold (chosen on validation data) in `best_model.pt`: the
+    binary one, or a multi-label model's per-finding ones.
 
     `predict` then labels new images at that threshold with the checkpoint alone.
     """
     saved, state, fold_states = SavedModel.load_all(path)
-    chosen = Threshold.model_validate(threshold)
-    saved.model_copy(update={"threshold": chosen}).save(path, state, fold_states)
+    update: dict[str, Threshold | FindingThresholds] = (
+        {"finding_thresholds": FindingThresholds.model_validate(threshold)}
+        if saved.multilabel is not None
+        else {"threshold": Threshold.model_validate(threshold)}
+    )
+    saved.model_copy(update=update).save(path, state, fold_states)

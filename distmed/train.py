@@ -22,13 +22,14 @@ from distmed import __version__, pipeline
 from distmed.artifacts import write_json_atomic
 from distmed.cli import add_common_options, overrides_from_args, run_command
 from distmed.config import ExperimentConfig, dump_config, load_config
-from distmed.cv import CVResult, cross_validate, score_caveat
+from distmed.cv import CVResult, cross_validate, finding_auc_text, score_caveat
 from distmed.data import DataIndex, describe_index
 from distmed.errors import UserError
 from distmed.metrics import METRIC_NAMES
 from distmed.model import warn_frozen_random_stages
 from distmed.resources import plan_workers
 from distmed.runlock import hold_results_folder
+from distmed.task import MultilabelTask
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +110,8 @@ def _run(args: argparse.Namespace) -> int:
         f"(fold std {result.std_roc_auc:.4f}, {len(result.folds)} folds)  "
         f"-> {output / 'cv_result.json'}"
     )
+    if isinstance(plan.task, MultilabelTask):
+        print(f"  {finding_auc_text(plan.task, result.mean_metrics())}")
     caveat = score_caveat(result.fold_aucs, prepared.data.thin_folds)
     if caveat is not None:
         print(f"  {caveat}")
@@ -201,7 +204,9 @@ def write_cv_result(
         "data": describe_index(index, inspection) | (warnings or {}),
         "config": cfg.model_dump(mode="json"),
         "fold_assignment": [
-            {"id": sample_id, "label": int(label), "fold": int(folds[0])}
+            # a multi-label image's label is its row of raw codes (null: missing)
+            {"id": sample_id, "label": label.tolist() if label.ndim else int(label)}
+            | {"fold": int(folds[0])}
             | ({"folds_by_repeat": folds.tolist()} if len(folds) > 1 else {})
             for sample_id, label, folds in zip(
                 index.pool.ids, index.pool.labels, rows.T, strict=True

@@ -70,8 +70,8 @@ class WorkerConfig(_Plain):
     config: ExperimentConfig
     images_path: str  # the decoded-image cache file (`distmed.data.load_cached`)
     images_ref: Any = None  # a Ray ObjectRef of the same images, for nodes without the file
-    labels: list[int]
-    task: AnyTask  # binary or multi-class: the loss, metrics and decisions (`distmed.task`)
+    labels: list[int] | list[list[float]]  # the task's targets (`Task.targets`) of the pool
+    task: AnyTask  # binary, multi-class or multi-label: loss, metrics, decisions (`distmed.task`)
     folds: list[FoldIndices]
     folds_per_repeat: int | None = None  # k of the R x k folds; None: one repeat
     threads: int = Field(ge=1)  # torch threads per worker
@@ -99,7 +99,7 @@ def train_folds(loop_config: dict[str, Any]) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick kernels once
     runtime = Runtime.resolve(cfg, device)
     images = load_images(plan.images_path, plan.images_ref)
-    labels = np.asarray(plan.labels, dtype=np.int64)
+    labels = plan.task.label_array(plan.labels)
     context = ray.train.get_context()
     folds = [
         build_fold(
