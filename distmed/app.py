@@ -54,6 +54,7 @@ from distmed.inference import (
 )
 from distmed.modelcard import NOTICE, model_card
 from distmed.savedmodel import SavedModel
+from distmed.task import MultilabelTask
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 UPLOAD_TYPES = [*IMAGE_EXTENSIONS, *DICOM_EXTENSIONS]  # what the decoder reads
@@ -311,11 +312,11 @@ def _findings_html(
 ) -> str:
     """A multi-label result: a bar per finding, its threshold and decision (as the CSV's
     `label_<finding>`), the findings present, and Grad-CAM for `finding`."""
-    saved, probs = predictor.saved, result.probs
-    assert probs is not None
+    saved, probs, task = predictor.saved, result.probs, predictor.saved.task
+    assert probs is not None and isinstance(task, MultilabelTask)
     names = saved.class_names
-    cuts = saved.task.thresholds_of(saved_finding_thresholds(saved))  # type: ignore[attr-defined]
-    present = saved.task.decide(probs[None, :], cuts)[0]
+    cuts = task.thresholds_of(saved_finding_thresholds(saved))
+    present = task.decide(probs[None, :], cuts)[0]
     rows = "".join(
         f"<tr class='prob' data-class='{html.escape(n)}'><td>{html.escape(n)}</td>"
         f"<td><div class='bar'><span style='width:{100 * p:.1f}%'></span></div></td>"

@@ -464,7 +464,7 @@ def ensemble_section(run: RunData, figures: Path, resamples: int) -> str:
         "<p>Both scored once on the test split; neither was chosen by it. Brier and ECE: "
         "lower is better.</p>" + table(["metric", *(t for t, _ in columns)], rows)
     )
-    if run.finding_calibration is not None:
+    if isinstance(run.task, MultilabelTask) and run.finding_calibration is not None:
         parts.append(_finding_calibration_part(run, labels, refit_probs, figures))
     calibration = run.calibration
     if calibration is not None:

@@ -320,3 +320,28 @@ def test_report_and_card_show_the_findings(model_file: Path, tmp_path: Path):
 
     card = modelcard.model_card(run / "best_model.pt", SavedModel.load(run / "best_model.pt"))
     assert "roc_auc/Edema" in card and "0.6000" in card and "ones / zeros" in card
+
+
+def test_the_page_shows_a_bar_and_a_decision_per_finding_as_predict_does(model_file, tmp_path):
+    from distmed import app
+
+    _, paths, _ = _site(tmp_path / "site", n=3)
+    out = tmp_path / "p.csv"
+    assert predict.main(["--model", str(model_file), *map(str, paths), "--output", str(out)]) == 0
+    rows = _read_csv(out)
+    model, saved = load_inference_model(model_file)
+    predictor = app.Predictor(model, saved, None)
+    page = app.render_results(predictor, predictor.predict(paths, FINDINGS.index("Edema")), "Edema")
+    results = page.split("<div class='distmed-result'")[1:]
+    assert len(results) == 3
+    for row, html_part in zip(rows, results, strict=True):
+        for name in FINDINGS:
+            cell = re.search(
+                rf"data-class='{name}'>.*?class='value'>([\d.]+)</td>.*?"
+                rf"class='decision'>(\w+)</td>",
+                html_part,
+            )
+            assert cell is not None, name
+            assert float(cell[1]) == pytest.approx(float(row[f"prob_{name}"]), abs=5.1e-5)
+            assert cell[2] == ("present" if row[f"label_{name}"] == "1" else "absent")
+        assert "class='cam-finding'>Edema<" in html_part and "img class='gradcam'" in html_part
