@@ -345,3 +345,15 @@ def test_the_page_shows_a_bar_and_a_decision_per_finding_as_predict_does(model_f
             assert float(cell[1]) == pytest.approx(float(row[f"prob_{name}"]), abs=5.1e-5)
             assert cell[2] == ("present" if row[f"label_{name}"] == "1" else "absent")
         assert "class='cam-finding'>Edema<" in html_part and "img class='gradcam'" in html_part
+
+
+def test_a_multilabel_source_is_described_in_summary_json(tmp_path: Path):
+    """What the search writes about its data (`describe_index`) validates as the summary's
+    `DataSummary` for several findings per image (it once stopped the search at its end)."""
+    from distmed.config import DataConfig
+    from distmed.data import describe_index, scan_source
+
+    sheet, _, _ = _site(tmp_path / "site", n=6)
+    index = scan_source(DataConfig(root=str(sheet), label_columns=["Atelectasis", "Edema"]))
+    data = DataSummary.model_validate(describe_index(index))
+    assert data.multilabel and data.classes == ["Atelectasis", "Edema"]
