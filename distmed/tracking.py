@@ -139,10 +139,17 @@ def check_mlflow_uri(uri: str) -> None:
 
 
 def _mlflow_callback_class() -> type:
-    """Tune's `MLflowLoggerCallback` plus the trial's final CV score and status."""
+    """Tune's `MLflowLoggerCallback` plus the trial's final CV score and status; metric
+    names made safe for MLflow (`mlflow_key`)."""
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     class CVMLflowLoggerCallback(MLflowLoggerCallback):
+        def log_trial_result(self, iteration: int, trial, result: dict):
+            # A finding's AUC ("cv_roc_auc/<finding>") under a name MLflow accepts.
+            super().log_trial_result(
+                iteration, trial, {mlflow_key(k): v for k, v in result.items()}
+            )
+
         def log_trial_end(self, trial, failed: bool = False):
             run_id = _ray_compat.mlflow_trial_run_id(self, trial)
             last = trial.last_result or {}
