@@ -122,7 +122,10 @@ def _run(args: argparse.Namespace) -> int:
     for r in bad:
         print(f"unreadable: {r.path} ({r.error})", file=sys.stderr)
     if flat:
-        print(flat_note(flat, cam_dir), file=sys.stderr)
+        toward = "the predicted class"
+        if saved.multilabel is not None:
+            toward = f"finding {args.finding}" if args.finding else "the most probable finding"
+        print(flat_note(flat, cam_dir, toward=toward), file=sys.stderr)
     print(f"{len(results) - len(bad)} of {len(results)} images predicted on {device} -> {output}")
     return EXIT_SOME_UNREADABLE if bad else 0
 
@@ -276,12 +279,14 @@ def write_gradcams(
     return flat
 
 
-def flat_note(names: list[str], folder: Path | None, most: int = 10) -> str:
+def flat_note(
+    names: list[str], folder: Path | None, most: int = 10, toward: str = "the predicted class"
+) -> str:
     """One stderr line naming the overlays whose heat map is flat (the first `most`)."""
     shown = ", ".join(str(folder / n if folder else n) for n in names[:most])
     more = f" and {len(names) - most} more" if len(names) > most else ""
     return (
-        f"note: {len(names)} Grad-CAM map(s) flat, no gradient toward the predicted class "
+        f"note: {len(names)} Grad-CAM map(s) flat, no gradient toward {toward} "
         f"(the overlay shows no evidence either way): {shown}{more}"
     )
 

@@ -625,7 +625,9 @@ def _finding_gradcams(run: RunData, images_path: Path, figures: Path) -> str:
             )
         )
     layer = cam_layer(saved.config.model.arch, images.shape[-1])
-    path = plots.plot_gradcam_grid(tiles, 2 * GRADCAM_PER_GROUP, layer, figures / "gradcam.png")
+    path = plots.plot_gradcam_grid(
+        tiles, 2 * GRADCAM_PER_GROUP, layer, figures / "gradcam.png", "each row's finding"
+    )
     note = (
         "<p>Per finding (the first scored ones): the most probable known-positive and "
         "known-negative test images; the heat map explains that finding's logit. Right/WRONG "
