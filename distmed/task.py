@@ -556,18 +556,17 @@ class MultilabelTask(Task):
         return np.array(cuts)
 
     def _shaped(self, labels: np.ndarray) -> np.ndarray:
-        array = np.asarray(labels, dtype=np.float32)
-        if array.ndim != 2 or array.shape[1] != len(self.class_names):
-            raise ValueError(
-                f"multi-label labels are (N, {len(self.class_names)}), not {array.shape}"
-            )
-        return array
+        return self._checked(labels, np.float32, "labels")
 
     def _probs(self, probs: np.ndarray) -> np.ndarray:
-        array = np.asarray(probs, dtype=np.float64)
+        return self._checked(probs, np.float64, "probabilities")
+
+    def _checked(self, values: np.ndarray, dtype: type, what: str) -> np.ndarray:
+        """`values` as a (N, L) array of `dtype`; ValueError naming `what` otherwise."""
+        array: np.ndarray = np.asarray(values, dtype=dtype)
         if array.ndim != 2 or array.shape[1] != len(self.class_names):
             raise ValueError(
-                f"multi-label probabilities are (N, {len(self.class_names)}), not {array.shape}"
+                f"multi-label {what} are (N, {len(self.class_names)}), not {array.shape}"
             )
         return array
 
