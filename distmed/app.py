@@ -1,7 +1,9 @@
 """`python -m distmed.app --model best_model.pt`: a local web page that predicts uploaded images.
 
 Per image: the predicted class, every class's probability as bars, the decision at the saved
-threshold (binary) and a Grad-CAM overlay, beside the model card. Predictions go through
+threshold (binary) and a Grad-CAM overlay, beside the model card. A multi-label model shows a
+bar per finding with its threshold and decision, and Grad-CAM for the finding chosen in a
+menu (default: each image's most probable finding). Predictions go through
 `distmed.predict`'s own functions, so the page and the CSV agree. Needs `distmed[app]`.
 
 Uploads are bounded (`--max-upload-mb`, per file) and kept in a private temporary folder
@@ -47,10 +49,12 @@ from distmed.inference import (
     label_at_threshold,
     load_inference_model,
     predict_batches,
+    saved_finding_thresholds,
     saved_threshold,
 )
 from distmed.modelcard import NOTICE, model_card
 from distmed.savedmodel import SavedModel
+from distmed.task import MultilabelTask
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 UPLOAD_TYPES = [*IMAGE_EXTENSIONS, *DICOM_EXTENSIONS]  # what the decoder reads
@@ -88,13 +92,24 @@ class Predictor:
         """The decoding the model was trained with (intensity, resize mode, size)."""
         return self.saved.preprocessing.decode_settings()
 
-    def predict(self, paths: list[Path]) -> list[tuple[Prediction, Image.Image | None]]:
-        """Each file's prediction (as `distmed.predict` makes it) and its Grad-CAM overlay."""
+    @property
+    def multilabel(self) -> bool:
+        return self.saved.multilabel is not None
+
+    def predict(
+        self, paths: list[Path], finding: int | None = None
+    ) -> list[tuple[Prediction, Image.Image | None]]:
+        """Each file's prediction (as `distmed.predict` makes it) and its Grad-CAM overlay
+        (a multi-label model: for output `finding`, else each image's most probable one)."""
         results = []
         options = self.options
-        for batch in predict_batches(self.model, paths, options, BATCH_SIZE, choose_device()):
+        device = choose_device()
+        task = self.saved.task
+        for batch in predict_batches(self.model, paths, options, BATCH_SIZE, device, task):
             readable = [r for r in batch if r.probs is not None]
-            pictures = iter(gradcam_pictures(self.model, readable, options) if readable else [])
+            pictures = iter(
+                gradcam_pictures(self.model, readable, options, finding) if readable else []
+            )
             results += [(r, next(pictures).picture if r.probs is not None else None) for r in batch]
         return results
 
@@ -199,8 +214,12 @@ def _import_gradio() -> Any:
     return gradio
 
 
+MOST_PROBABLE = "(most probable finding)"  # the Grad-CAM menu's default entry
+
+
 def build_page(gr: Any, predictor: Predictor, card: str) -> Any:
-    """The Blocks page: uploads and results on the left, the model card on the right."""
+    """The Blocks page: uploads and results on the left, the model card on the right; a
+    multi-label model adds a menu choosing the finding Grad-CAM explains."""
     with gr.Blocks(title="distmed", analytics_enabled=False) as page:
         gr.Markdown(f"## distmed: predict medical images\n**{NOTICE}**")
         with gr.Row():
@@ -211,17 +230,27 @@ def build_page(gr: Any, predictor: Predictor, card: str) -> Any:
                     file_types=UPLOAD_TYPES,
                     elem_id="uploads",
                 )
+                choices = [MOST_PROBABLE, *predictor.saved.class_names]
+                finding = gr.Dropdown(
+                    choices,
+                    value=MOST_PROBABLE,
+                    label="Grad-CAM for finding",
+                    elem_id="finding",
+                    visible=predictor.multilabel,
+                )
                 results = gr.HTML(elem_id="results")
             with gr.Column(scale=2):
                 gr.HTML(card, elem_id="model-card")
+
+        def render(paths: Sequence[Any] | None, chosen: str | None) -> str:
+            chosen = chosen or MOST_PROBABLE
+            target = None if chosen == MOST_PROBABLE else choices.index(chosen) - 1
+            return render_results(predictor, predictor.predict(_paths(paths), target), chosen)
+
         # On every change (upload, removal, clear), so results always match the listed files.
         # One at a time: Grad-CAM hooks the shared model, and 2 requests would cross them.
-        files.change(
-            lambda paths: render_results(predictor, predictor.predict(_paths(paths))),
-            inputs=files,
-            outputs=results,
-            concurrency_limit=1,
-        )
+        for trigger in (files, finding) if predictor.multilabel else (files,):
+            trigger.change(render, inputs=[files, finding], outputs=results, concurrency_limit=1)
     return page
 
 
@@ -231,10 +260,19 @@ def _paths(uploaded: Sequence[Any] | None) -> list[Path]:
 
 
 def render_results(
-    predictor: Predictor, results: list[tuple[Prediction, Image.Image | None]]
+    predictor: Predictor,
+    results: list[tuple[Prediction, Image.Image | None]],
+    finding: str = MOST_PROBABLE,
 ) -> str:
+    """Each file's result as HTML; `finding`: what a multi-label model's Grad-CAM shows."""
     return "".join(
-        _error_html(r) if r.probs is None else _result_html(predictor, r, picture)
+        _error_html(r)
+        if r.probs is None
+        else (
+            _findings_html(predictor, r, picture, finding)
+            if predictor.multilabel
+            else _result_html(predictor, r, picture)
+        )
         for r, picture in results
     )
 
@@ -266,6 +304,37 @@ def _result_html(predictor: Predictor, result: Prediction, picture: Image.Image 
         f"<p>Predicted class: <b class='predicted'>{predicted}</b></p>"
         f"<table>{rows}</table>{_decision_html(predictor, probs)}"
         f"<p>Grad-CAM (predicted class):</p>{_image_html(picture)}</div>"
+    )
+
+
+def _findings_html(
+    predictor: Predictor, result: Prediction, picture: Image.Image | None, finding: str
+) -> str:
+    """A multi-label result: a bar per finding, its threshold and decision (as the CSV's
+    `label_<finding>`), the findings present, and Grad-CAM for `finding`."""
+    saved, probs, task = predictor.saved, result.probs, predictor.saved.task
+    assert probs is not None and isinstance(task, MultilabelTask)
+    names = saved.class_names
+    cuts = task.thresholds_of(saved_finding_thresholds(saved))
+    present = task.decide(probs[None, :], cuts)[0]
+    rows = "".join(
+        f"<tr class='prob' data-class='{html.escape(n)}'><td>{html.escape(n)}</td>"
+        f"<td><div class='bar'><span style='width:{100 * p:.1f}%'></span></div></td>"
+        f"<td class='value'>{p:.4f}</td><td class='threshold'>{cut:.4f}</td>"
+        f"<td class='decision'>{'present' if d else 'absent'}</td></tr>"
+        for n, p, cut, d in zip(names, probs, cuts, present, strict=True)
+    )
+    found = ", ".join(n for n, d in zip(names, present, strict=True) if d) or "none"
+    explained = names[int(probs.argmax())] if finding == MOST_PROBABLE else finding
+    name = html.escape(result.path.name)
+    source = "saved per finding" if saved.finding_thresholds else "0.5 each, none saved"
+    return (
+        f"<div class='distmed-result' data-file='{name}'><b>{name}</b>"
+        f"<p>Findings present: <b class='predicted'>{html.escape(found)}</b></p>"
+        "<table><tr><th>finding</th><th></th><th>probability</th>"
+        f"<th>threshold ({source})</th><th>decision</th></tr>{rows}</table>"
+        f"<p>Grad-CAM (finding <span class='cam-finding'>{html.escape(explained)}</span>):</p>"
+        f"{_image_html(picture)}</div>"
     )
 
 

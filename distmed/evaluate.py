@@ -7,6 +7,13 @@ them). Writes DIR/evaluation.json and DIR/evaluation.html with the metrics and 9
 intervals at argmax and at the binary operating threshold, and the report's figures
 (`distmed.scorecard`: PNG 300 dpi with SVG and PDF copies in DIR/figures/).
 
+A multi-label model (several findings per image) is scored on a labels sheet with a column
+per finding (or the delimited set column it was trained on, or an .npz): findings matched to
+the model's by NAME, in any column order (`--class-map DATA=MODEL` renames a finding), the
+model's findings the data lacks named in one note, the data's other columns ignored with a
+note, the model's uncertain/missing policy applied per finding, and each finding scored
+with bootstrap intervals at its saved threshold (`distmed.scorecard.finding_table`).
+
 Exit status: 0 every image scored; 3 some files unreadable under data.skip_invalid (named,
 the rest scored); 2 bad input.
 """
@@ -46,20 +53,30 @@ from distmed.data import (
     drop_samples,
     scan_source,
 )
+from distmed.data.findings import RESERVED_COLUMNS
+from distmed.data.sheets import read_header
 from distmed.errors import EXIT_SOME_UNREADABLE, UserError
-from distmed.inference import Ensemble, choose_device, load_inference_model, predict_cached
+from distmed.inference import (
+    Ensemble,
+    choose_device,
+    load_inference_model,
+    predict_cached,
+    saved_finding_thresholds,
+)
 from distmed.metrics import MAX_RESAMPLES
 from distmed.savedmodel import SavedModel
 from distmed.scorecard import (
     Scorecard,
     Scores,
     render_page,
+    scorable_here,
     score,
     scorecard_json,
     scores_section,
     table,
+    unscored_reasons,
 )
-from distmed.task import BinaryTask
+from distmed.task import BinaryTask, MultilabelTask
 
 log = logging.getLogger(__name__)
 EVALUATION_JSON = "evaluation.json"
@@ -145,6 +162,8 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"--bootstrap {args.bootstrap}: use at least 10 resamples, e.g. 1000")
     class_map = parse_class_map(args.class_map)
     model, saved = load_for_evaluation(path, args.ensemble)
+    if saved.multilabel is not None:
+        return _run_findings(args, path, model, saved, class_map)
     threshold = operating_threshold(args.threshold, saved)
     cfg = evaluation_data_config(saved.config.data, args.data, args.skip_invalid)
     source = scan_source(cfg)
@@ -169,6 +188,48 @@ def _run(args: argparse.Namespace) -> int:
     for sample_id, reason in kept.skipped.items():
         print(f"unreadable: {sample_id} ({reason})", file=sys.stderr)
     notes = absent_notes(scores) + ([TRAINING_DATA_NOTE] if own_data else [])
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(summary_line(record, card, device) + f" -> {output / EVALUATION_HTML}")
+    return EXIT_SOME_UNREADABLE if kept.skipped else 0
+
+
+def _run_findings(
+    args: argparse.Namespace,
+    path: Path,
+    model: torch.nn.Module,
+    saved: SavedModel,
+    class_map: dict[str, str],
+) -> int:
+    """`_run` for a multi-label model: findings matched by name, scored per finding."""
+    threshold = finding_threshold(args.threshold, saved)
+    training = evaluation_data_config(saved.config.data, args.data, args.skip_invalid)
+    cfg, ignored = findings_data_config(training, saved.class_names, class_map, args.data)
+    source = scan_source(cfg)
+    split = choose_split(source, args.split)
+    selected = scored_index(source, split)
+    match = match_findings(selected.class_names, saved.class_names, class_map, args.data)
+    cache = build_cache(selected, cfg)  # every decode problem before any scoring
+    kept = drop_samples(selected, cache.skipped)
+    if len(kept.pool) == 0:
+        raise UserError(f"--data {args.data}: no readable image in the {split} split")
+    device = choose_device(args.cpu)
+    _, probs = predict_cached(model, cache.pool_path, saved.task, device, batch_size=BATCH_SIZE)
+    scores = finding_scores(saved, match, np.asarray(kept.pool.labels), probs)
+    cuts = None if threshold is None else threshold.values[match.model_columns]
+    card = score(scores, cuts, args.bootstrap)
+    output = Path(args.output) if args.output else default_output(path, source.name, args.ensemble)
+    record = findings_record(path, args.data, source, split, scores, class_map, threshold)
+    own_data = is_training_data(args.data, saved.config.data.root)
+    record.update(ensemble=args.ensemble, temperature=None, training_data=own_data)
+    if saved.finding_calibration is not None:
+        record["temperature"] = saved.finding_calibration.temperatures.tolist()
+    record.update(missing_findings=match.missing, ignored_columns=ignored + match.extra)
+    record.update(scorecard_json(card), skipped_files=kept.skipped)
+    write_evaluation(output, record, scores, card)
+    for sample_id, reason in kept.skipped.items():
+        print(f"unreadable: {sample_id} ({reason})", file=sys.stderr)
+    notes = finding_notes(match, ignored, scores) + ([TRAINING_DATA_NOTE] if own_data else [])
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(summary_line(record, card, device) + f" -> {output / EVALUATION_HTML}")
@@ -246,6 +307,35 @@ def operating_threshold(override: float | None, saved: SavedModel) -> OperatingT
     )
 
 
+@dataclass(frozen=True)
+class FindingThreshold:
+    """A multi-label model's (L,) decision thresholds, and where they came from."""
+
+    values: np.ndarray
+    source: str
+
+
+def finding_threshold(override: float | None, saved: SavedModel) -> FindingThreshold | None:
+    """`--threshold` for every finding, else the per-finding thresholds saved in the model,
+    else None (decisions at 0.5 only).
+
+    Raises:
+        UserError: `--threshold` outside [0, 1].
+    """
+    task = saved.task
+    assert isinstance(task, MultilabelTask)
+    given = checked_threshold(override, True)
+    if given is not None:
+        return FindingThreshold(task.thresholds_of(given), "--threshold, for every finding")
+    values = saved_finding_thresholds(saved)
+    if values is None or saved.finding_thresholds is None:
+        return None
+    t = saved.finding_thresholds
+    return FindingThreshold(
+        values, f"saved in the model per finding ({t.method}, chosen on {t.chosen_on})"
+    )
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -271,6 +361,127 @@ def evaluation_data_config(training: DataConfig, data: str, skip_invalid: bool) 
         "skip_invalid": training.skip_invalid or skip_invalid,
     }
     return DataConfig.model_validate({**training.model_dump(), **update})
+
+
+SHEET_SUFFIXES = (".csv", ".tsv", ".txt")
+
+
+def findings_data_config(
+    cfg: DataConfig, findings: Sequence[str], class_map: dict[str, str], data: str
+) -> tuple[DataConfig, list[str]]:
+    """The evaluation config of a multi-label model, and the sheet columns it ignores.
+
+    The training run's finding keys name the training data's findings, so they are reset:
+    the policies are the saved model's, applied after matching (`finding_scores`). A sheet
+    with a column per finding is read for the columns that are (after `class_map`) the
+    model's findings, in the sheet's order; its other non-reserved columns are returned to
+    be named in a note. A delimited set column (`data.label_delimiter`) and an .npz are read
+    as in training.
+
+    Raises:
+        UserError: a `--class-map` key that is no column of the sheet, or no column that is
+            a finding of the model; one line listing both.
+    """
+    update: dict[str, Any] = {
+        "task": "multilabel",
+        "uncertain": "ignore",
+        "missing": "ignore",
+        "score_findings": None,
+    }
+    ignored: list[str] = []
+    sheet = Path(data).expanduser()
+    if cfg.label_delimiter is None and sheet.suffix.lower() in SHEET_SUFFIXES:
+        header = read_header(sheet, f"--data {data}", ("path",))
+        columns = [c for c in header if c and c.casefold() not in RESERVED_COLUMNS]
+        _check_map_keys(class_map, columns, data, "columns")
+        matched = [c for c in columns if class_map.get(c, c) in findings]
+        if not matched:
+            raise UserError(
+                f"--data {data}: no column is a finding of the model (columns "
+                f"{', '.join(columns) or 'none'}; the model's findings {', '.join(findings)}); "
+                "rename with --class-map DATA=MODEL"
+            )
+        ignored = [c for c in columns if c not in matched]
+        update["label_columns"] = matched
+    return DataConfig.model_validate({**cfg.model_dump(), **update}), ignored
+
+
+def _check_map_keys(class_map: dict[str, str], names: Sequence[str], data: str, what: str) -> None:
+    for old in class_map:
+        if old not in names:
+            raise UserError(
+                f"--class-map {old}={class_map[old]}: --data {data} has no finding {old!r}; "
+                f"its {what}: {', '.join(names)}"
+            )
+
+
+@dataclass(frozen=True)
+class FindingMatch:
+    """The data's findings matched to the model's by name: pairs of column numbers (in the
+    model's order), the model's findings the data lacks, the data's the model lacks."""
+
+    data_columns: list[int]
+    model_columns: list[int]
+    missing: list[str]
+    extra: list[str]
+
+
+def match_findings(
+    data_findings: Sequence[str],
+    model_findings: Sequence[str],
+    class_map: dict[str, str],
+    data: str,
+) -> FindingMatch:
+    """Each model finding's column in the data, by name after `class_map` (never by position).
+
+    Raises:
+        UserError: a `--class-map` key the data lacks, two data findings renamed to one,
+            or no finding in common.
+    """
+    _check_map_keys(class_map, data_findings, data, "findings")
+    renamed = [class_map.get(name, name) for name in data_findings]
+    doubled = sorted({n for n in renamed if renamed.count(n) > 1 and n in model_findings})
+    if doubled:
+        raise UserError(
+            f"--data {data}: two findings of the data are the model's {doubled[0]!r} (after "
+            "--class-map); map one data finding to each model finding"
+        )
+    pairs = sorted(
+        (model_findings.index(n), j) for j, n in enumerate(renamed) if n in model_findings
+    )
+    if not pairs:
+        raise UserError(
+            f"--data {data}: none of its findings {', '.join(data_findings)} is a finding of "
+            f"the model ({', '.join(model_findings)}); rename with --class-map DATA=MODEL"
+        )
+    return FindingMatch(
+        data_columns=[j for _, j in pairs],
+        model_columns=[m for m, _ in pairs],
+        missing=[n for m, n in enumerate(model_findings) if m not in {p for p, _ in pairs}],
+        extra=[d for d, n in zip(data_findings, renamed, strict=True) if n not in model_findings],
+    )
+
+
+def finding_scores(
+    saved: SavedModel, match: FindingMatch, raw: np.ndarray, probs: np.ndarray
+) -> Scores:
+    """The matched findings' targets (the model's uncertain/missing policy per finding
+    applied to the data's raw codes) and probabilities, under the model's task restricted to
+    them; the mean covers the model's scored findings with known positives and negatives."""
+    task = saved.task
+    assert isinstance(task, MultilabelTask)
+    cols = match.model_columns
+    names = tuple(task.class_names[m] for m in cols)
+    sub = MultilabelTask(
+        names,
+        tuple(task.uncertain[m] for m in cols),
+        tuple(task.missing[m] for m in cols),
+        tuple(n for n in task.scored if n in names) or names,
+    )
+    targets = sub.targets(np.asarray(raw, dtype=np.float32)[:, match.data_columns])
+    data = saved.config.data
+    why = unscored_reasons(task, data.score_findings, saved.config.cv.folds)
+    return scorable_here(Scores(targets, np.asarray(probs)[:, cols], sub), why)
 
 
 def choose_split(index: DataIndex, asked: str | None) -> str:
@@ -386,7 +597,69 @@ def absent_notes(scores: Scores) -> list[str]:
     ]
 
 
+def finding_notes(match: FindingMatch, ignored: list[str], scores: Scores) -> list[str]:
+    """One line each: the model's findings the data lacks, the data's columns ignored, and
+    the findings left out of the mean here (and why)."""
+    notes = []
+    if match.missing:
+        notes.append(
+            f"the data has no column for the model's finding(s) {', '.join(match.missing)}: "
+            "not scored (rename a column with --class-map DATA=MODEL if it is there)"
+        )
+    others = ignored + match.extra
+    if others:
+        notes.append(f"column(s) {', '.join(others)} are not findings of the model: ignored")
+    left_out = [f"{n} ({why})" for n, why in scores.unscored.items()]
+    if left_out:
+        notes.append(f"left out of the mean ROC-AUC: {'; '.join(left_out)}")
+    return notes
+
+
 # --------------------------------------------------------------------------- results
+
+
+def findings_record(
+    model: Path,
+    data: str,
+    source: DataIndex,
+    split: str,
+    scores: Scores,
+    class_map: dict[str, str],
+    threshold: FindingThreshold | None,
+) -> dict[str, Any]:
+    """What was scored and how, for a multi-label model's evaluation.json."""
+    task = scores.task
+    assert isinstance(task, MultilabelTask)
+    columns = task.columns(scores.labels, scores.probs)
+    return {
+        "model": str(model.resolve()),
+        "data": _where(data),
+        "data_name": source.name,
+        "data_layout": source.layout,
+        "split": split,
+        "num_images": len(scores.labels),
+        "class_names": scores.class_names,
+        "data_class_names": source.class_names,
+        "class_map": class_map,
+        "multilabel": True,
+        "scored_findings": list(task.scored),
+        "unscored_findings": scores.unscored,
+        "policies": {
+            n: {"uncertain": u, "missing": m}
+            for n, u, m in zip(task.class_names, task.uncertain, task.missing, strict=True)
+        },
+        "known_per_finding": {
+            n: int(truth.size) for n, (truth, _) in zip(task.class_names, columns, strict=True)
+        },
+        "positives_per_finding": {
+            n: int(truth.sum()) for n, (truth, _) in zip(task.class_names, columns, strict=True)
+        },
+        "absent_classes": scores.absent_classes(),
+        "positive_class": None,
+        "threshold_source": threshold.source if threshold else None,
+        "distmed_version": __version__,
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def evaluation_record(
@@ -444,6 +717,8 @@ def write_evaluation(output: Path, record: dict[str, Any], scores: Scores, card:
 def about_table(record: dict[str, Any]) -> str:
     """What was scored: model, data, split, classes, the class map, threshold, files left out."""
     mapping = ", ".join(f"{k} → {v}" for k, v in record["class_map"].items()) or "none"
+    if record.get("multilabel"):
+        return _findings_about_table(record, mapping)
     counts = ", ".join(f"{k}: {v}" for k, v in record["images_per_class"].items())
     threshold = (
         f"{record['threshold']:.4f} on {record['positive_class']} ({record['threshold_source']})"
@@ -473,10 +748,49 @@ def about_table(record: dict[str, Any]) -> str:
     return note + table(["", ""], [[html.escape(a), html.escape(b)] for a, b in rows])
 
 
+def _findings_about_table(record: dict[str, Any], mapping: str) -> str:
+    """`about_table` of a multi-label evaluation: findings matched, missing and ignored."""
+    positives = ", ".join(
+        f"{k}: {record['positives_per_finding'][k]} of {n}"
+        for k, n in record["known_per_finding"].items()
+    )
+    threshold = record["threshold_source"] or "none saved (decisions at 0.5)"
+    rows = [
+        ["model", f"{record['model']} ({model_text(record)})"],
+        ["data", f"{record['data']} ({record['data_layout'] or 'layout not described'})"],
+        ["split scored", record["split"]],
+        ["images", str(record["num_images"])],
+        ["findings scored (positives of known labels)", positives],
+        ["model findings not in the data", ", ".join(record["missing_findings"]) or "none"],
+        [
+            "data columns ignored (not model findings)",
+            ", ".join(record["ignored_columns"]) or "none",
+        ],
+        ["finding map (data → model)", mapping],
+        ["thresholds", threshold],
+        ["unreadable files left out", str(len(record["skipped_files"]))],
+        ["distmed", f"{record['distmed_version']}, {record['date_utc']}"],
+    ]
+    note = (
+        "<p>Images decoded exactly as in training (the model's own data settings); "
+        "findings matched to the model's by name, each with the model's uncertain/missing "
+        "policy. "
+        + (
+            f"<b>Note: {html.escape(TRAINING_DATA_NOTE)}.</b></p>"
+            if record["training_data"]
+            else "Nothing was trained on them.</p>"
+        )
+    )
+    return note + table(["", ""], [[html.escape(a), html.escape(b)] for a, b in rows])
+
+
 def model_text(record: dict[str, Any]) -> str:
-    """Which model scored: "refit model" or "fold ensemble", and its temperature."""
+    """Which model scored: "refit model" or "fold ensemble", and its temperature (one per
+    finding for a multi-label model)."""
     which = "fold ensemble" if record["ensemble"] == "folds" else "refit model"
     t = record["temperature"]
+    if isinstance(t, list):
+        return f"{which}, temperatures per finding {', '.join(f'{v:.3f}' for v in t)}"
     return f"{which}, {'no temperature' if t is None else f'temperature {t:.3f}'}"
 
 
@@ -486,9 +800,14 @@ def summary_line(record: dict[str, Any], card: Scorecard, device: torch.device) 
     auc = card.argmax.point["roc_auc"]
     low, high = card.argmax.ci["roc_auc"]
     shown = "undefined" if np.isnan(auc) else f"{auc:.4f} (95% CI {low:.4f}-{high:.4f})"
+    scored = f"{record['num_images']} images of {record['data_name']} ({record['split']}) scored"
+    if record.get("multilabel"):
+        return (
+            f"{scored} by the {model_text(record)} on {device}: mean ROC-AUC over "
+            f"{len(record['scored_findings'])} finding(s) {shown}"
+        )
     return (
-        f"{record['num_images']} images of {record['data_name']} ({record['split']}) scored "
-        f"by the {model_text(record)} on {device}: ROC-AUC {shown}, accuracy "
+        f"{scored} by the {model_text(record)} on {device}: ROC-AUC {shown}, accuracy "
         f"{card.argmax.point['accuracy']:.4f}"
     )
 

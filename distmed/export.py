@@ -2,11 +2,12 @@
 
 Exports the network (normalised float (B, 3, S, S) in, logits (B, K) out; the saved
 temperature and, with `--ensemble folds`, the averaging of the fold models are inside the
-graph, so a softmax of the output is what `distmed.predict` reports; so is the flip
-averaging of `data.augment.tta: flips`, while tta=policy's random draws cannot be exported
-and are refused unless `--no-tta`) and writes FILE.json
-beside it: the preprocessing that must come first, the class names, the positive
-class and the operating threshold, so the file can be used without distmed.
+graph, so a softmax of the output is what `distmed.predict` reports; a multi-label model's
+L outputs each take a sigmoid instead, its temperatures per finding inside the graph; so is
+the flip averaging of `data.augment.tta: flips`, while tta=policy's random draws cannot be
+exported and are refused unless `--no-tta`) and writes FILE.json beside it: the
+preprocessing that must come first, the class (finding) names, the positive class and the
+operating threshold (one per finding), so the file can be used without distmed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from distmed.cli import (
     run_command,
 )
 from distmed.errors import UserError
-from distmed.inference import load_inference_model
+from distmed.inference import finding_temperatures, load_inference_model
 from distmed.savedmodel import SavedModel
 from distmed.tta import FlipAveraged
 
@@ -96,7 +97,9 @@ def with_tta(model: torch.nn.Module, saved: SavedModel, tta: str, path: Path) ->
             "training augmentation), which an exported graph cannot reproduce; add --no-tta "
             "to export the network alone"
         )
-    return FlipAveraged(model, saved.config.data.augment) if tta == "flips" else model
+    if tta != "flips":
+        return model
+    return FlipAveraged(model, saved.config.data.augment, multilabel=saved.multilabel is not None)
 
 
 def default_output(model_path: Path, fmt: str) -> Path:
@@ -162,6 +165,41 @@ def sidecar(
     names = saved.class_names
     temperature = saved.calibration.temperature if saved.calibration else None
     members = saved.fold_models.num_models if ensemble == "folds" and saved.fold_models else 1
+    output = {
+        "name": "logits",
+        "shape": ["batch", len(names)],
+        "apply": "softmax",
+        "models": members,
+        "combined": "log of the mean of the models' probabilities" if members > 1 else None,
+        "temperature": temperature,
+        "calibrated": "logits already divided by the temperature" if temperature else None,
+        "test_time_augmentation": "mean probability over the image and its flips, inside the graph"
+        if tta == "flips"
+        else None,
+    }
+    multilabel: dict[str, Any] = {}
+    if saved.multilabel is not None:
+        fitted = saved.finding_calibration is not None
+        output |= {
+            "apply": "sigmoid per finding (each output its own probability)",
+            "combined": "logit of the mean of the models' probabilities" if members > 1 else None,
+            "temperature": finding_temperatures(saved) if fitted else None,
+            "calibrated": "logits already divided by each finding's temperature"
+            if fitted
+            else None,
+        }
+        cuts = saved.finding_thresholds
+        multilabel = {
+            "findings": names,
+            "thresholds": cuts.values if cuts else None,
+            "threshold_rule": f"present where sigmoid >= its threshold ({cuts.method}, chosen "
+            f"on {cuts.chosen_on})"
+            if cuts
+            else "none saved: 0.5 each",
+            "uncertain": saved.multilabel.uncertain,
+            "missing": saved.multilabel.missing,
+            "scored": saved.multilabel.scored,
+        }
     return {
         "format": fmt,
         "distmed_version": __version__,
@@ -190,22 +228,11 @@ def sidecar(
             "LUT/window unless intensity is window, MONOCHROME1 inverted; non-finite pixels "
             "set to 0 after scaling",
         },
-        "output": {
-            "name": "logits",
-            "shape": ["batch", len(names)],
-            "apply": "softmax",
-            "models": members,
-            "combined": "log of the mean of the models' probabilities" if members > 1 else None,
-            "temperature": temperature,
-            "calibrated": "logits already divided by the temperature" if temperature else None,
-            "test_time_augmentation": "log of the mean probability over the image and its "
-            "flips, inside the graph"
-            if tta == "flips"
-            else None,
-        },
+        "output": output,
         "class_names": names,
         "positive_class": saved.positive_class,
         "threshold": saved.threshold.model_dump(mode="json") if saved.threshold else None,
+        **({"multilabel": multilabel} if multilabel else {}),
     }
 
 

@@ -1,10 +1,12 @@
 """A saved model as one network that predicts: the refit model or the fold ensemble, calibrated.
 
 `load_inference_model(path, ensemble)` rebuilds it from `best_model.pt` alone. Its outputs
-are logits in the sense that their softmax is the final class probabilities: the refit
-model's logits divided by the saved temperature, or, for the fold ensemble, the log of the
-mean of the fold models' temperature-scaled probabilities. Predict, evaluate, the app,
-export and the search's test evaluation all go through it, so they agree.
+are logits in the sense that the saved task's activation of them (`Task.probabilities`:
+softmax over classes, or a sigmoid per finding of a multi-label model) is the final
+prediction: the refit model's logits divided by the saved temperature (one per finding for a
+multi-label model), or, for the fold ensemble, the log (multi-label: the logit) of the mean
+of the fold models' temperature-scaled probabilities. Predict, evaluate, the app, export and
+the search's test evaluation all go through it, so they agree.
 
 Also what every consumer of such a model shares: the device, file-by-file prediction
 (`predict_batches`), the decision at the saved threshold, Grad-CAM overlays, and the one
@@ -26,9 +28,9 @@ from torch.utils.data import DataLoader
 
 from distmed.artifacts import atomic_path
 from distmed.config import AugmentConfig, ModelConfig
-from distmed.data import CachedImageDataset, DecodeSettings, load_cached, try_decode
+from distmed.data import DecodeSettings, load_cached, try_decode
 from distmed.errors import UserError, first_line
-from distmed.loop import Runtime, predict
+from distmed.loop import Runtime, fold_dataset, predict
 from distmed.model import (
     NORMALIZATION_ATTRIBUTE,
     build_model,
@@ -43,6 +45,8 @@ Ensemble = Literal["refit", "folds"]
 ENSEMBLES: tuple[Ensemble, ...] = ("refit", "folds")
 # log(0) would be -inf in an exported graph; a probability this small is 0 to any reader.
 MIN_PROBABILITY = 1e-12
+# A mean sigmoid of 1.0 (float32 saturates from a logit of ~17) would be an infinite logit.
+MIN_SIGMOID = 1e-7
 # The refit model's test-split predictions, saved once so the report never re-evaluates;
 # the fold ensemble's beside them when the model keeps its fold models.
 TEST_PREDICTIONS = "test_predictions.npz"
@@ -51,11 +55,18 @@ GRADCAM_MIN_SIZE = 224  # overlays of 28 px images are upscaled so people can se
 
 
 class InferenceModel(nn.Module):
-    """Normalised images (B, 3, S, S) -> logits (B, K) whose softmax is the prediction.
+    """Normalised images (B, 3, S, S) -> logits (B, K) whose activation is the prediction.
 
-    One member: its logits / `temperature`. Several (the fold ensemble): log of the mean
-    of softmax(member logits / `temperature`), i.e. the ensemble averages probabilities
-    (as `--ensemble folds` promises), and a softmax of the output gives that mean back.
+    Single-label (softmax): one member gives its logits / `temperature`; several (the fold
+    ensemble) give the log of the mean of softmax(member logits / `temperature`), i.e. the
+    ensemble averages probabilities (as `--ensemble folds` promises), and a softmax of the
+    output gives that mean back.
+
+    Multi-label (`finding_temperatures` given, (L,) positive numbers; a sigmoid per finding):
+    one member gives its logits / T_l per finding; several give logit(mean_m sigmoid(member
+    logits / T_l)), so a sigmoid of the output gives the mean probability per finding back
+    (clamped to [MIN_SIGMOID, 1 - MIN_SIGMOID], no infinities in an exported graph).
+
     `tta` is the saved model's test-time augmentation: the callers holding the images
     (`predict_cached`, `predict_batches`) average it through `distmed.tta`; export puts
     its flips inside the graph.
@@ -66,6 +77,7 @@ class InferenceModel(nn.Module):
         members: Sequence[nn.Module],
         temperature: float = 1.0,
         tta: AugmentConfig | None = None,
+        finding_temperatures: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if not members or temperature <= 0:
@@ -73,14 +85,34 @@ class InferenceModel(nn.Module):
         self.members = nn.ModuleList(members)
         self.temperature = float(temperature)
         self.tta = tta
+        self.multilabel = finding_temperatures is not None
+        per_finding = torch.tensor(
+            list(finding_temperatures or [1.0]), dtype=torch.float32
+        ).reshape(-1)
+        if self.multilabel and not (per_finding > 0).all():
+            raise ValueError("finding temperatures must be positive")
+        # A buffer: it moves with .to(device) and is a constant of a traced/exported graph.
+        self.register_buffer("finding_temperatures", per_finding)
+        self.finding_temperatures: torch.Tensor
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.multilabel:
+            return self._finding_logits(images)
         if len(self.members) == 1:
             return self.members[0](images).float() / self.temperature
         probs = torch.stack(
             [torch.softmax(m(images).float() / self.temperature, dim=1) for m in self.members]
         ).mean(dim=0)
         return torch.log(probs.clamp_min(MIN_PROBABILITY))
+
+    def _finding_logits(self, images: torch.Tensor) -> torch.Tensor:
+        if len(self.members) == 1:
+            return self.members[0](images).float() / self.finding_temperatures
+        probs = torch.stack(
+            [torch.sigmoid(m(images).float() / self.finding_temperatures) for m in self.members]
+        ).mean(dim=0)
+        probs = probs.clamp(MIN_SIGMOID, 1 - MIN_SIGMOID)
+        return torch.log(probs) - torch.log1p(-probs)  # the logit, sigmoid's inverse
 
 
 def load_inference_model(
@@ -106,8 +138,18 @@ def load_inference_model(
         members = [network(saved, s, path) for s in fold_states]
     else:
         members = [network(saved, state, path)]
+    if saved.multilabel is not None:
+        tta, per_finding = saved.config.data.augment, finding_temperatures(saved)
+        return InferenceModel(members, 1.0, tta, per_finding).eval(), saved
     temperature = saved.calibration.temperature if saved.calibration else 1.0
     return InferenceModel(members, temperature, saved.config.data.augment).eval(), saved
+
+
+def finding_temperatures(saved: SavedModel) -> list[float]:
+    """A multi-label model's (L,) temperatures: the saved fit per finding, 1 where none."""
+    if saved.finding_calibration is None:
+        return [1.0] * len(saved.class_names)
+    return [float(t) for t in saved.finding_calibration.temperatures]
 
 
 def load_model(path: Path) -> tuple[nn.Module, SavedModel]:
@@ -186,13 +228,15 @@ def predict_batches(
     options: DecodeSettings,
     batch_size: int,
     device: torch.device,
+    task: Task,
 ) -> Iterator[list[Prediction]]:
-    """Per batch of files: decoded as in training, class probabilities or the read error."""
+    """Per batch of files: decoded as in training, probabilities (`task.probabilities` of
+    the model's output: (K,) classes or (L,) findings per file) or the read error."""
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         decoded = [decode_file(p, options) for p in chunk]
         good = [d for d in decoded if isinstance(d, np.ndarray)]
-        probs = iter(_probabilities(model, np.stack(good), device)) if good else iter(())
+        probs = iter(_probabilities(model, np.stack(good), device, task)) if good else iter(())
         yield [
             Prediction(p, next(probs)) if isinstance(d, np.ndarray) else Prediction(p, None, d)
             for p, d in zip(chunk, decoded, strict=True)
@@ -214,24 +258,30 @@ def decode_file(path: Path, options: DecodeSettings | int) -> np.ndarray | str:
 
 
 @torch.no_grad()
-def _probabilities(model: torch.nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
+def _probabilities(
+    model: torch.nn.Module, images: np.ndarray, device: torch.device, task: Task
+) -> np.ndarray:
     batch = torch.from_numpy(images).to(device)
     probs = average_probabilities(
-        model, batch, _softmax, tta_of(model), normalization=input_stats(model)
+        model, batch, task.probabilities, tta_of(model), normalization=input_stats(model)
     )
     return probs.cpu().numpy()
 
 
-def _softmax(logits: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(logits.float(), dim=1)
-
-
 def probabilities_of(
-    model: torch.nn.Module, images: np.ndarray, device: torch.device
+    model: torch.nn.Module, images: np.ndarray, device: torch.device, task: Task
 ) -> np.ndarray:
-    """Class probabilities (N, K) of decoded uint8 images (N, 3, S, S): what
-    `predict_batches` gives for files (the registered MLflow model's pixels come in memory)."""
-    return _probabilities(model, images, device)
+    """Probabilities (N, K) of decoded uint8 images (N, 3, S, S), the task's activation
+    (softmax; a sigmoid per finding): what `predict_batches` gives for files (the registered
+    MLflow model's pixels come in memory)."""
+    return _probabilities(model, images, device, task)
+
+
+def saved_finding_thresholds(saved: SavedModel) -> np.ndarray | None:
+    """A multi-label model's (L,) operating thresholds saved when its search ended, if any."""
+    if saved.finding_thresholds is None:
+        return None
+    return np.asarray(saved.finding_thresholds.values, dtype=np.float64)
 
 
 def saved_threshold(saved: SavedModel) -> float | None:
@@ -254,9 +304,14 @@ class GradcamPicture(NamedTuple):
 
 
 def gradcam_pictures(
-    model: torch.nn.Module, readable: list[Prediction], options: DecodeSettings
+    model: torch.nn.Module,
+    readable: list[Prediction],
+    options: DecodeSettings,
+    target: int | None = None,
 ) -> list[GradcamPicture]:
-    """Grad-CAM overlays for the predicted class of each readable file, at least 224 px."""
+    """Grad-CAM overlays of each readable file, at least 224 px: for output `target` (a
+    multi-label model's finding: its logit) when given, else the most probable output (the
+    predicted class; a multi-label model's most probable finding)."""
     from distmed.gradcam import gradcam_maps, is_flat, overlay
 
     size = options.image_size
@@ -264,7 +319,7 @@ def gradcam_pictures(
     targets = []
     for r in readable:
         assert r.probs is not None  # readable files have probabilities
-        targets.append(int(r.probs.argmax()))
+        targets.append(int(r.probs.argmax()) if target is None else target)
     maps = gradcam_maps(model, images, targets)
     side = max(size, GRADCAM_MIN_SIZE)
     return [
@@ -285,7 +340,8 @@ def predict_cached(
     positions: np.ndarray | None = None,
     batch_size: int = 256,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probabilities (N, K)) of decoded images in `images_path`, in file order.
+    """(labels, probabilities (N, K)) of decoded images in `images_path`, in file order
+    (a multi-label task: labels are (N, L) targets, probabilities (N, L) sigmoids).
 
     `positions`: only these images (default all); `labels`: every cached image's label
     (default placeholders, for callers that map labels themselves).
@@ -294,7 +350,8 @@ def predict_cached(
     if labels is None:
         labels = np.zeros(len(images), dtype=np.int64)
     chosen = np.arange(len(labels)) if positions is None else np.asarray(positions)
-    loader = DataLoader(CachedImageDataset(images, labels, chosen), batch_size=batch_size)
+    # Class indices (N,) or a multi-label task's rows of targets (N, L), as training loads them.
+    loader = DataLoader(fold_dataset(images, labels, chosen), batch_size=batch_size)
     runtime = Runtime(device, mean=input_stats(model)[0], std=input_stats(model)[1])
     _, truth, probs = predict(model.to(device), loader, runtime, task, tta_of(model))  # by index
     return truth, probs

@@ -739,7 +739,19 @@ def epoch_metrics(
         for fold, record in zip(folds, latest, strict=True):
             metrics[f"fold{fold.index}_roc_auc"] = record["val_roc_auc"]
             metrics[f"fold{fold.index}_epoch"] = record["epoch"]
+        metrics.update(_finding_means(latest))
     return metrics
+
+
+def _finding_means(latest: list[dict[str, float]]) -> dict[str, float]:
+    """Several findings per image: `cv_roc_auc/<finding>`, each finding's fold-mean ROC-AUC
+    over the folds where it is defined (what W&B, TensorBoard and MLflow show per trial)."""
+    keys = [k for k in latest[0] if k.startswith("val_roc_auc/")] if latest else []
+    out = {}
+    for key in keys:
+        values = [r[key] for r in latest if np.isfinite(r.get(key, math.nan))]
+        out[f"cv_{key[len('val_') :]}"] = float(np.mean(values)) if values else math.nan
+    return out
 
 
 def format_epoch(

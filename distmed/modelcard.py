@@ -2,7 +2,9 @@
 
 Built from `best_model.pt` (architecture, classes, threshold) and, when present next to it,
 the run's `summary.json` (CV ROC-AUC, test metrics, training data) and the saved test
-predictions (bootstrap CIs computed exactly as `distmed.report` does).
+predictions (bootstrap CIs computed exactly as `distmed.report` does). A multi-label model's
+card lists its findings with their policies, thresholds and whether each is in the score, and
+the test split's ROC-AUC per finding with its interval.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from distmed.inference import TEST_PREDICTIONS
 from distmed.metrics import CI_METRICS
 from distmed.savedmodel import SavedModel, Threshold
 from distmed.summary import RunSummary
-from distmed.task import Task
+from distmed.task import MultilabelTask, Task, finding_auc_key
 
 NOTICE = "Research tool, not for clinical use."
 CI_RESAMPLES = 1000  # as report.html's intervals, so the two pages quote the same numbers
@@ -63,7 +65,33 @@ def _model_table(saved: SavedModel) -> str:
     if saved.positive_class is not None:
         rows.append(("positive class", saved.positive_class))
         rows.append(("threshold", _threshold_text(saved.threshold)))
+    task = saved.task
+    if isinstance(task, MultilabelTask):
+        rows[2] = ("findings", f"{len(task.class_names)}, a sigmoid each")
+        return _table([], [[html.escape(k), html.escape(v)] for k, v in rows]) + _findings(saved)
     return _table([], [[html.escape(k), html.escape(v)] for k, v in rows])
+
+
+def _findings(saved: SavedModel) -> str:
+    """Per finding: in the score, uncertain/missing policy, saved threshold."""
+    task = saved.task
+    assert isinstance(task, MultilabelTask)
+    cuts = saved.finding_thresholds
+    rows = [
+        [
+            html.escape(name),
+            "yes" if name in task.scored else "no",
+            html.escape(f"{task.uncertain[j]} / {task.missing[j]}"),
+            "0.5 (none saved)" if cuts is None else f"{cuts.values[j]:.4f}",
+        ]
+        for j, name in enumerate(task.class_names)
+    ]
+    how = (
+        f"<p>Thresholds: {html.escape(cuts.method)}, on {html.escape(cuts.chosen_on)}.</p>"
+        if cuts
+        else ""
+    )
+    return _table(["finding", "in the score", "uncertain / missing", "threshold"], rows) + how
 
 
 def _threshold_text(threshold: Threshold | None) -> str:
@@ -104,12 +132,21 @@ def _test_table(summary: RunSummary | None, predictions: Path, task: Task) -> st
     test = summary.test_metrics
     intervals = _intervals(predictions, task)
     rows = []
-    for name in CI_METRICS:
+    names = list(CI_METRICS)
+    multilabel = isinstance(task, MultilabelTask)
+    if isinstance(task, MultilabelTask):  # each finding's ROC-AUC after the means
+        names += [finding_auc_key(n) for n in task.class_names if finding_auc_key(n) in test]
+    for name in names:
         ci = "not saved" if intervals is None else "{:.4f} – {:.4f}".format(*intervals[name])
-        rows.append([name, f"{test[name]:.4f}", ci])
+        rows.append([html.escape(name), f"{test[name]:.4f}", ci])
+    decisions = (
+        "decisions at 0.5 per finding; the first rows are means over the scored findings"
+        if multilabel
+        else "argmax decisions"
+    )
     caption = (
         f"<p>Test split, {test.get('num_samples', '?')} images, evaluated once "
-        f"(argmax decisions; 95% bootstrap CI, {CI_RESAMPLES} resamples):</p>"
+        f"({decisions}; 95% bootstrap CI, {CI_RESAMPLES} resamples):</p>"
     )
     return caption + _table(["metric", "value", "95% CI"], rows)
 

@@ -387,9 +387,14 @@ def _draw_before_after(ax, labels, versions, task: Task, bins: int) -> None:
 
 
 def plot_gradcam_grid(
-    tiles: Sequence[tuple[np.ndarray, str]], columns: int, layer: str, path: Path
+    tiles: Sequence[tuple[np.ndarray, str]],
+    columns: int,
+    layer: str,
+    path: Path,
+    explains: str = "the predicted class",
 ) -> Path:
-    """Grad-CAM overlays (uint8 RGB) with a caption each, `columns` per row."""
+    """Grad-CAM overlays (uint8 RGB) with a caption each, `columns` per row; `explains`
+    says whose score the maps explain (in the title)."""
     rows = math.ceil(len(tiles) / columns)
     fig, axes = plt.subplots(
         rows, columns, figsize=(2.3 * columns, 2.8 * rows), squeeze=False, layout="constrained"
@@ -399,5 +404,5 @@ def plot_gradcam_grid(
     for ax, (picture, caption) in zip(axes.flat, tiles, strict=False):
         ax.imshow(picture, interpolation="bilinear")
         ax.set_title(literal(caption), fontsize=8)
-    fig.suptitle(f"Test split: Grad-CAM ({literal(layer)}) for the predicted class")
+    fig.suptitle(f"Test split: Grad-CAM ({literal(layer)}) for {literal(explains)}")
     return save(fig, path, tight=False)

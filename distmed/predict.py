@@ -4,7 +4,9 @@ Rebuilds the model from the checkpoint alone, decodes each file exactly as train
 (`decode_image` with the decoding settings saved in the model, then `to_model_input`),
 predicts in batches (on the GPU when there is one) and writes one CSV row per file. Files
 that cannot be read are named on stderr and in the CSV's `error` column; every other file is
-still predicted.
+still predicted. A multi-label model writes, per finding, its probability (`prob_<finding>`,
+a sigmoid each) and its decision at the finding's saved threshold (`label_<finding>`, 1 or 0),
+and the findings present (`predicted_findings`, joined by `|`).
 
 Exit status: 0 every file predicted; 3 some files unreadable (the rest predicted, CSV
 written); 2 bad input (no model file, no images, bad option).
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from distmed.artifacts import write_csv_atomic
@@ -39,9 +42,13 @@ from distmed.inference import (
     label_at_threshold,
     load_inference_model,
     predict_batches,
+    saved_finding_thresholds,
     saved_threshold,
 )
 from distmed.savedmodel import SavedModel
+from distmed.task import MultilabelTask
+
+FINDING_SEPARATOR = "|"  # predicted_findings, as NIH ChestX-ray14 writes a set
 
 EPILOG = """exit status: 0 all files predicted; 3 some files unreadable (named on stderr and
 in the CSV's error column, the rest predicted); 2 bad input.
@@ -65,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", help="CSV to write (default: predictions-<time>.csv in the current folder)"
     )
     parser.add_argument("--gradcam", help="also write a Grad-CAM overlay per image here")
+    parser.add_argument(
+        "--finding",
+        help="multi-label models: the finding Grad-CAM explains (default: each image's most "
+        "probable finding)",
+    )
     parser.add_argument(
         "--batch-size",
         type=bounded(int, 1, 4096, "64"),
@@ -94,18 +106,26 @@ def _run(args: argparse.Namespace) -> int:
     if cam_dir is not None:
         cam_dir.mkdir(parents=True, exist_ok=True)
     threshold = _threshold(args.threshold, saved)
+    target = finding_index(saved, args.finding)
     results, flat = [], []
-    for batch in predict_batches(model, paths, options, args.batch_size, device):
+    for batch in predict_batches(model, paths, options, args.batch_size, device, saved.task):
         results += batch
         if cam_dir is not None:
-            flat += write_gradcams(model, batch, options, cam_dir, offset=len(results) - len(batch))
+            offset = len(results) - len(batch)
+            flat += write_gradcams(model, batch, options, cam_dir, offset, target)
     output = Path(args.output or f"predictions-{datetime.now():%Y%m%d-%H%M%S}.csv")
-    write_csv(output, results, saved, threshold)
+    if saved.multilabel is not None:
+        write_findings_csv(output, results, saved, finding_thresholds(args.threshold, saved))
+    else:
+        write_csv(output, results, saved, threshold)
     bad = [r for r in results if r.probs is None]
     for r in bad:
         print(f"unreadable: {r.path} ({r.error})", file=sys.stderr)
     if flat:
-        print(flat_note(flat, cam_dir), file=sys.stderr)
+        toward = "the predicted class"
+        if saved.multilabel is not None:
+            toward = f"finding {args.finding}" if args.finding else "the most probable finding"
+        print(flat_note(flat, cam_dir, toward=toward), file=sys.stderr)
     print(f"{len(results) - len(bad)} of {len(results)} images predicted on {device} -> {output}")
     return EXIT_SOME_UNREADABLE if bad else 0
 
@@ -130,7 +150,45 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
     return paths
 
 
+def finding_index(saved: SavedModel, finding: str | None) -> int | None:
+    """The output index of `--finding` (None when not given).
+
+    Raises:
+        UserError: given for a single-label model, or not one of the model's findings.
+    """
+    if finding is None:
+        return None
+    if saved.multilabel is None:
+        raise UserError("--finding applies to multi-label models only (this one has classes)")
+    if finding not in saved.class_names:
+        raise UserError(
+            f"--finding {finding!r}: not a finding of this model; its findings: "
+            f"{', '.join(saved.class_names)}"
+        )
+    return saved.class_names.index(finding)
+
+
+def finding_thresholds(override: float | None, saved: SavedModel) -> np.ndarray:
+    """A multi-label model's (L,) decision thresholds: `--threshold` for every finding, else
+    the saved ones (chosen per finding on out-of-fold predictions), else 0.5 each (said)."""
+    task = saved.task
+    assert isinstance(task, MultilabelTask)
+    given = checked_threshold(override, True)
+    if given is not None:
+        return task.thresholds_of(given)
+    saved_values = saved_finding_thresholds(saved)
+    if saved_values is None:
+        print(
+            "note: the model holds no thresholds per finding (resume its search with "
+            "distmed.tune --resume, or pass --threshold); label_<finding> is at 0.5",
+            file=sys.stderr,
+        )
+    return task.thresholds_of(saved_values)
+
+
 def _threshold(override: float | None, saved: SavedModel) -> float | None:
+    if saved.multilabel is not None:
+        return None  # per finding: `finding_thresholds`
     given = checked_threshold(override, saved.binary)
     if given is not None:
         return given
@@ -167,21 +225,51 @@ def write_csv(
     write_csv_atomic(path, [*header, "error"], lines)
 
 
+def write_findings_csv(
+    path: Path, results: list[Prediction], saved: SavedModel, thresholds: np.ndarray
+) -> None:
+    """A multi-label model's CSV: path, predicted_findings, prob_<finding>...,
+    label_<finding>... (1 where the probability reaches the finding's threshold), error."""
+    task = saved.task
+    assert isinstance(task, MultilabelTask)
+    names = saved.class_names
+    header = [
+        "path",
+        "predicted_findings",
+        *(f"prob_{n}" for n in names),
+        *(f"label_{n}" for n in names),
+    ]
+    lines: list[list[str]] = []
+    for r in results:
+        if r.probs is None:
+            lines.append([str(r.path)] + [""] * (len(header) - 1) + [r.error])
+            continue
+        present = task.decide(r.probs[None, :], thresholds)[0]
+        found = FINDING_SEPARATOR.join(n for n, d in zip(names, present, strict=True) if d)
+        probs = [f"{p:.6f}" for p in r.probs]
+        lines.append([str(r.path), found, *probs, *(str(int(d)) for d in present), ""])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_csv_atomic(path, [*header, "error"], lines)
+
+
 def write_gradcams(
     model: torch.nn.Module,
     batch: list[Prediction],
     options: DecodeSettings,
     folder: Path,
     offset: int,
+    target: int | None = None,
 ) -> list[str]:
-    """One overlay PNG per readable file, for its predicted class: NNNN_<name>.png.
+    """One overlay PNG per readable file, for its predicted class (a multi-label model:
+    output `target`, the chosen finding's logit, else its most probable finding):
+    NNNN_<name>.png.
 
     Returns the names of the PNGs whose heat map is flat (`gradcam.is_flat`).
     """
     readable = [(offset + i, r) for i, r in enumerate(batch) if r.probs is not None]
     if not readable:
         return []
-    pictures = gradcam_pictures(model, [r for _, r in readable], options)
+    pictures = gradcam_pictures(model, [r for _, r in readable], options, target)
     flat = []
     for (number, r), cam in zip(readable, pictures, strict=True):
         name = f"{number:04d}_{r.path.stem}.png"
@@ -191,12 +279,14 @@ def write_gradcams(
     return flat
 
 
-def flat_note(names: list[str], folder: Path | None, most: int = 10) -> str:
+def flat_note(
+    names: list[str], folder: Path | None, most: int = 10, toward: str = "the predicted class"
+) -> str:
     """One stderr line naming the overlays whose heat map is flat (the first `most`)."""
     shown = ", ".join(str(folder / n if folder else n) for n in names[:most])
     more = f" and {len(names) - most} more" if len(names) > most else ""
     return (
-        f"note: {len(names)} Grad-CAM map(s) flat, no gradient toward the predicted class "
+        f"note: {len(names)} Grad-CAM map(s) flat, no gradient toward {toward} "
         f"(the overlay shows no evidence either way): {shown}{more}"
     )
 

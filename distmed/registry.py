@@ -46,6 +46,7 @@ class DistmedImageClassifier(PythonModel):
         path = Path(context.artifacts[ARTIFACT])
         self.device = choose_device(cpu=True)  # serving replicas: CPU, as `--cpu` predicts
         self.model, saved = load_inference_model(path, "refit")
+        self.task = saved.task
         self.model.to(self.device)
         self.options = saved.preprocessing.decode_settings()
 
@@ -55,7 +56,7 @@ class DistmedImageClassifier(PythonModel):
         # np.ndarray: a hint MLflow takes as "no schema from hints" (the signature rules).
         images = check_images(np.asarray(model_input))
         decoded = np.stack([decode_pixels(image, self.options) for image in images])
-        return probabilities_of(self.model, decoded, self.device)
+        return probabilities_of(self.model, decoded, self.device, self.task)
 
 
 def check_images(images: np.ndarray) -> np.ndarray:

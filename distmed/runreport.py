@@ -6,6 +6,12 @@ temperature and operating threshold, the test predictions saved once after the r
 best trial's per-fold histories and out-of-fold predictions) and only reads: it trains
 nothing, never re-scores the test split, chooses nothing and writes nothing but the page and
 its figures. Figures are PNGs (300 dpi, embedded) with SVG and PDF copies in RUN_DIR/report/.
+
+A multi-label run (several findings per image) reads the same files: the search section adds
+each finding's CV ROC-AUC over the folds, its policies and whether it is in the score (and
+why not); the test split gets the per-finding table with bootstrap intervals and curves per
+finding (`scorecard.finding_table`); calibration shows each finding's temperature; Grad-CAM
+explains chosen findings.
 """
 
 from __future__ import annotations
@@ -22,25 +28,32 @@ import numpy as np
 
 from distmed import plots
 from distmed.artifacts import write_text_atomic
-from distmed.calibration import TemperatureFit, apply_temperature
+from distmed.calibration import (
+    FindingTemperatures,
+    TemperatureFit,
+    apply_finding_temperatures,
+    apply_temperature,
+)
 from distmed.cvstats import interval, separable
 from distmed.errors import UserError
 from distmed.failures import write_failure
 from distmed.importance import importance_text
 from distmed.inference import TEST_PREDICTIONS, TEST_PREDICTIONS_FOLDS, load_inference_model
 from distmed.results import read_trial_detail
-from distmed.savedmodel import SavedModel, Threshold
+from distmed.savedmodel import FindingThresholds, SavedModel, Threshold
 from distmed.scorecard import (
     Scores,
     figure,
     num,
     render_page,
+    scorable_here,
     score,
     scores_section,
     table,
+    unscored_reasons,
 )
 from distmed.summary import DataSummary, RunSummary
-from distmed.task import Task
+from distmed.task import MultilabelTask, Task, finding_auc_key
 
 log = logging.getLogger(__name__)
 REPORT = "report.html"
@@ -62,6 +75,11 @@ class RunData:
     test: dict[str, np.ndarray] | None  # labels, probs, images_path
     calibration: TemperatureFit | None = None  # the temperature saved with the model
     threshold: Threshold | None = None  # the operating threshold saved with the model
+    # Multi-label models: thresholds and temperatures per finding, and why each finding
+    # outside the score is (`scorecard.unscored_reasons`).
+    finding_thresholds: FindingThresholds | None = None
+    finding_calibration: FindingTemperatures | None = None
+    unscored: dict[str, str] | None = None
 
 
 def report_after_search(run_dir: Path, experiment_uri: str) -> Path | None:
@@ -144,7 +162,17 @@ def load_run(run_dir: Path, experiment_uri: str | None = None) -> RunData:
         test=_load_test(run_dir / TEST_PREDICTIONS),
         calibration=saved.calibration,
         threshold=saved.threshold,
+        finding_thresholds=saved.finding_thresholds,
+        finding_calibration=saved.finding_calibration,
+        unscored=_unscored(saved),
     )
+
+
+def _unscored(saved: SavedModel) -> dict[str, str] | None:
+    task = saved.task
+    if not isinstance(task, MultilabelTask):
+        return None
+    return unscored_reasons(task, saved.config.data.score_findings, saved.config.cv.folds)
 
 
 def _load_test(path: Path) -> dict[str, np.ndarray] | None:
@@ -174,7 +202,7 @@ def search_section(run: RunData, figures: Path) -> str:
                     "data",
                     html.escape(
                         f"{data.name}: {data.num_images} training images, "
-                        f"classes {', '.join(run.task.class_names)}"
+                        f"{_classes_word(run.task)} {', '.join(run.task.class_names)}"
                     ),
                 ],
                 ["trials", html.escape(", ".join(f"{n} {state}" for state, n in counts.items()))],
@@ -193,6 +221,7 @@ def search_section(run: RunData, figures: Path) -> str:
                 ["sampler", html.escape(sampler_text(summary))],
             ],
         ),
+        findings_cv_part(run),
         separation_text(run),
         few_images_text(data),
         why_text(summary),
@@ -217,6 +246,52 @@ def search_section(run: RunData, figures: Path) -> str:
         )
     )
     return "\n".join(parts)
+
+
+def _classes_word(task: Task) -> str:
+    return "findings" if isinstance(task, MultilabelTask) else "classes"
+
+
+def findings_cv_part(run: RunData) -> str:
+    """A multi-label run: the CV ROC-AUC is the mean over the scored findings; per finding,
+    its fold-mean ROC-AUC (the best trial's folds), policies and whether it is in the score
+    (and why not). Empty for other tasks."""
+    task = run.task
+    if not isinstance(task, MultilabelTask):
+        return ""
+    folds = [f["history"][-1] for f in (run.detail or {}).get("folds", []) if f.get("history")]
+    unscored = run.unscored or {}
+    rows = []
+    for j, name in enumerate(task.class_names):
+        aucs = np.array([f.get(f"val_{finding_auc_key(name)}", np.nan) for f in folds], float)
+        defined = aucs[np.isfinite(aucs)]
+        mean = float(defined.mean()) if defined.size else math.nan
+        std = float(defined.std()) if defined.size else math.nan
+        rows.append(
+            [
+                html.escape(name),
+                "yes" if name in task.scored else html.escape(f"no: {unscored.get(name, '')}"),
+                html.escape(f"{task.uncertain[j]} / {task.missing[j]}"),
+                f"{num(f'cv_roc_auc/{name}', mean)} ± {num(f'cv_roc_auc_std/{name}', std)}",
+                f"{defined.size} of {len(folds)}",
+            ]
+        )
+    return (
+        f"<h3>Findings ({len(task.scored)} of {len(task.class_names)} in the score)</h3>"
+        "<p>The CV ROC-AUC above is the mean over the scored findings of each finding's "
+        "ROC-AUC over its known labels. Policies: what an uncertain (-1) / a missing (blank) "
+        "label became (<i>ignore</i>: left out of loss and metrics).</p>"
+        + table(
+            [
+                "finding",
+                "in the score",
+                "uncertain / missing",
+                "CV ROC-AUC (mean ± std over folds)",
+                "folds with a defined AUC",
+            ],
+            rows,
+        )
+    )
 
 
 def few_images_text(data: DataSummary) -> str:
@@ -322,13 +397,37 @@ def test_section(run: RunData, figures: Path, threshold: Threshold | None, resam
     if run.test is None:
         return "<h2>Test split</h2><p>This data source has no test split.</p>"
     scores = Scores(run.test["labels"], run.test["probs"], run.task)
-    card = score(scores, threshold.value if threshold else None, resamples)
+    if isinstance(run.task, MultilabelTask):
+        scores = scorable_here(scores, run.unscored)
+        cuts = run.finding_thresholds
+        card = score(scores, np.asarray(cuts.values) if cuts else None, resamples)
+        text = _finding_thresholds_text(cuts)
+    else:
+        card = score(scores, threshold.value if threshold else None, resamples)
+        text = _threshold_text(threshold)
     return "\n".join(
         [
             "<h2>Test split (refit model, evaluated once)</h2>",
-            _threshold_text(threshold),
+            text,
             scores_section(scores, card, figures, FIGURES),
         ]
+    )
+
+
+def _finding_thresholds_text(cuts: FindingThresholds | None) -> str:
+    if cuts is None:
+        return "<p>No thresholds per finding saved: decisions at 0.5.</p>"
+    defaulted = (
+        f" Left at 0.5 (one class only in the out-of-fold labels): "
+        f"{html.escape(', '.join(cuts.defaulted))}."
+        if cuts.defaulted
+        else ""
+    )
+    return (
+        f"<p>A threshold per finding ({html.escape(cuts.method)}, chosen on "
+        f"{html.escape(cuts.chosen_on)}), saved in best_model.pt for distmed.predict; the "
+        f"table below gives each with the test split's sensitivity and specificity at it."
+        f"{defaulted}</p>"
     )
 
 
@@ -365,6 +464,8 @@ def ensemble_section(run: RunData, figures: Path, resamples: int) -> str:
         "<p>Both scored once on the test split; neither was chosen by it. Brier and ECE: "
         "lower is better.</p>" + table(["metric", *(t for t, _ in columns)], rows)
     )
+    if isinstance(run.task, MultilabelTask) and run.finding_calibration is not None:
+        parts.append(_finding_calibration_part(run, labels, refit_probs, figures))
     calibration = run.calibration
     if calibration is not None:
         temperature = calibration.temperature
@@ -385,6 +486,45 @@ def ensemble_section(run: RunData, figures: Path, resamples: int) -> str:
             + _figure(path)
         )
     return "\n".join(parts)
+
+
+def _finding_calibration_part(
+    run: RunData, labels: np.ndarray, refit_probs: np.ndarray, figures: Path
+) -> str:
+    """A multi-label model's temperatures, one per finding (fitted on the best trial's
+    out-of-fold predictions), and the test split's reliability before and after."""
+    fits = run.finding_calibration
+    assert fits is not None
+    temperatures = fits.temperatures
+    raw = apply_finding_temperatures(refit_probs, 1.0 / temperatures)  # saved ones are scaled
+    path = plots.plot_calibration(
+        labels,
+        raw,
+        run.task,
+        figures / "calibration_before_after.png",
+        after_probs=refit_probs,
+        title="Test split, refit model",
+    )
+    rows = []
+    for name, fit in zip(run.task.class_names, fits.findings, strict=True):
+        if fit is None:
+            rows.append([html.escape(name), "1 (not fitted: too few labels or one class)", ""])
+            continue
+        rows.append(
+            [
+                html.escape(name),
+                num(f"temperature/{name}", fit.temperature, "{:.3f}"),
+                f"{fit.ece_before:.4f} → {fit.ece_after:.4f} ({fit.num_samples} predictions)",
+            ]
+        )
+    return (
+        "<p>A temperature per finding, fitted on the best trial's out-of-fold predictions "
+        "(each sigmoid output is its own binary classifier with its own prevalence); "
+        "predict, evaluate, the app and export apply them. Below: the test split before and "
+        "after.</p>"
+        + table(["finding", "temperature", "out-of-fold ECE before → after"], rows)
+        + _figure(path)
+    )
 
 
 def _threshold_text(threshold: Threshold | None) -> str:
@@ -418,6 +558,8 @@ def gradcam_section(run: RunData, figures: Path, threshold: Threshold | None) ->
     from distmed.gradcam import FLAT_MAP_NOTE, cam_layer, gradcam_maps, is_flat, overlay
 
     labels, probs = run.test["labels"], run.test["probs"]
+    if isinstance(run.task, MultilabelTask):
+        return title + _finding_gradcams(run, images_path, figures)
     decision = run.task.decide(probs, threshold.value if threshold else None)
     chosen = pick_examples(labels, decision, probs, GRADCAM_PER_GROUP)
     images = np.load(images_path, mmap_mode="r")[chosen]
@@ -449,6 +591,63 @@ def gradcam_section(run: RunData, figures: Path, threshold: Threshold | None) ->
             "colour says nothing about where the model looked.</p>"
         )
     return title + note + _figure(path)
+
+
+GRADCAM_FINDINGS = 4  # rows of the multi-label Grad-CAM grid: the first scored findings
+
+
+def _finding_gradcams(run: RunData, images_path: Path, figures: Path) -> str:
+    """Grad-CAM of a multi-label model: per finding (the first GRADCAM_FINDINGS scored),
+    the most probable known-positive and known-negative test images, explaining that
+    finding's logit."""
+    from distmed.gradcam import FLAT_MAP_NOTE, cam_layer, gradcam_maps, is_flat, overlay
+
+    assert run.test is not None and isinstance(run.task, MultilabelTask)
+    task, labels, probs = run.task, run.test["labels"], run.test["probs"]
+    cuts = task.thresholds_of(run.finding_thresholds.values if run.finding_thresholds else None)
+    picks = pick_finding_examples(labels, probs, task, GRADCAM_PER_GROUP, GRADCAM_FINDINGS)
+    if not picks:
+        return "<p>No test image with a known label of a scored finding.</p>"
+    chosen = [i for i, _ in picks]
+    images = np.load(images_path, mmap_mode="r")[chosen]
+    model, saved = load_inference_model(run.model_path)
+    maps = gradcam_maps(model, images, [j for _, j in picks])
+    tiles = []
+    for (i, j), image, heat in zip(picks, images, maps, strict=True):
+        truth, p = labels[i, j] == 1, probs[i, j]
+        said = p >= cuts[j]
+        tiles.append(
+            (
+                overlay(image, heat),
+                f"{task.class_names[j]}: {'positive' if truth else 'negative'}\n"
+                f"p={p:.2f} ({'right' if said == truth else 'WRONG'})"
+                + (f"\n{FLAT_MAP_NOTE}" if is_flat(heat) else ""),
+            )
+        )
+    layer = cam_layer(saved.config.model.arch, images.shape[-1])
+    path = plots.plot_gradcam_grid(
+        tiles, 2 * GRADCAM_PER_GROUP, layer, figures / "gradcam.png", "each row's finding"
+    )
+    note = (
+        "<p>Per finding (the first scored ones): the most probable known-positive and "
+        "known-negative test images; the heat map explains that finding's logit. Right/WRONG "
+        f"at the finding's threshold. Maps from {layer}.</p>"
+    )
+    return note + _figure(path)
+
+
+def pick_finding_examples(
+    labels: np.ndarray, probs: np.ndarray, task: MultilabelTask, per_group: int, most: int
+) -> list[tuple[int, int]]:
+    """(image, finding column) pairs: for the first `most` scored findings, the `per_group`
+    most probable known-positive and known-negative images of each (ignored labels skipped)."""
+    picked: list[tuple[int, int]] = []
+    for j in task.scored_index[:most]:
+        for value in (1.0, 0.0):
+            group = np.flatnonzero(labels[:, j] == value)
+            order = group[np.argsort(-probs[group, j], kind="stable")][:per_group]
+            picked += [(int(i), int(j)) for i in order]
+    return picked
 
 
 def pick_examples(

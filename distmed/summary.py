@@ -33,6 +33,7 @@ class DataSummary(BaseModel):
     name: str
     layout: str | None = Field(None, description="how the source was read, e.g. split folder")
     classes: list[str]
+    multilabel: bool = Field(False, description="several findings per image: classes are findings")
     num_images: int = Field(ge=0, description="images in the cross-validation pool")
     num_test_images: int = Field(0, ge=0)
     skipped_invalid: int = Field(0, ge=0)

@@ -12,7 +12,9 @@ on a cluster, set WANDB_API_KEY on the head node or run `wandb login` there).
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -137,10 +139,17 @@ def check_mlflow_uri(uri: str) -> None:
 
 
 def _mlflow_callback_class() -> type:
-    """Tune's `MLflowLoggerCallback` plus the trial's final CV score and status."""
+    """Tune's `MLflowLoggerCallback` plus the trial's final CV score and status; metric
+    names made safe for MLflow (`mlflow_key`)."""
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     class CVMLflowLoggerCallback(MLflowLoggerCallback):
+        def log_trial_result(self, iteration: int, trial, result: dict):
+            # A finding's AUC ("cv_roc_auc/<finding>") under a name MLflow accepts.
+            super().log_trial_result(
+                iteration, trial, {mlflow_key(k): v for k, v in result.items()}
+            )
+
         def log_trial_end(self, trial, failed: bool = False):
             run_id = _ray_compat.mlflow_trial_run_id(self, trial)
             last = trial.last_result or {}
@@ -173,6 +182,33 @@ def log_search_to_mlflow(
         return None
 
 
+def mlflow_key(key: str) -> str:
+    """`key` as an MLflow metric name: characters MLflow refuses (it takes letters, digits,
+    `_ - . / :` and spaces) become `_`, so a finding named "Effusion (L)" cannot make the
+    whole upload fail."""
+    return re.sub(r"[^\w\-. /:]", "_", key, flags=re.ASCII)
+
+
+def finding_cv_aucs(run_dir: Path, best_trial: str | None) -> dict[str, float]:
+    """A multi-label search's best trial: each finding's ROC-AUC, the mean over its folds
+    where defined (`best_cv_roc_auc/<finding>`), from the trial's saved fold histories;
+    empty for a single-label search or without them."""
+    from distmed.results import read_trial_detail
+
+    if not best_trial:
+        return {}
+    detail = read_trial_detail(str(run_dir / "trials" / f"cv-{best_trial}"))
+    lasts = [f["history"][-1] for f in (detail or {}).get("folds", []) if f.get("history")]
+    prefix = "val_roc_auc/"
+    keys = sorted({k for last in lasts for k in last if k.startswith(prefix)})
+    out = {}
+    for key in keys:
+        values = [v for last in lasts if math.isfinite(v := last.get(key, math.nan))]
+        if values:
+            out[f"best_cv_roc_auc/{key[len(prefix) :]}"] = sum(values) / len(values)
+    return out
+
+
 def _log_search(cfg: MlflowConfig, experiment: str, run_dir: Path, summary: dict) -> str:
     from mlflow.tracking import MlflowClient
 
@@ -191,10 +227,12 @@ def _log_search(cfg: MlflowConfig, experiment: str, run_dir: Path, summary: dict
     if summary.get("best_trial"):
         client.set_tag(run_id, "distmed.best_trial", summary["best_trial"])
     scores = {"best_cv_roc_auc": summary.get("best_cv_roc_auc")}
+    scores.update(finding_cv_aucs(run_dir, summary.get("best_trial")))
+    # A multi-label model's test metrics hold each finding's AUC ("roc_auc/Edema").
     scores.update({f"test_{k}": v for k, v in (summary.get("test_metrics") or {}).items()})
     for key, value in scores.items():
-        if isinstance(value, int | float):
-            client.log_metric(run_id, key, float(value))
+        if isinstance(value, int | float) and math.isfinite(value):
+            client.log_metric(run_id, mlflow_key(key), float(value))
     for file in MLFLOW_ARTIFACTS:
         if (run_dir / file).is_file():
             client.log_artifact(run_id, str(run_dir / file))

@@ -101,20 +101,24 @@ def average_probabilities(
 
 class FlipAveraged(nn.Module):
     """An exportable model of tta=flips: normalised images (B, 3, H, W) -> log of the mean
-    softmax over the flips, so a softmax of its output is what predict gives.
+    softmax over the flips, so a softmax of its output is what predict gives; with
+    `multilabel`, the logit of the mean sigmoid per finding, so a sigmoid of it is.
 
     Flipping commutes with the per-channel normalisation, so flipping the normalised input
     inside the graph equals flipping the image before it.
     """
 
-    def __init__(self, model: nn.Module, cfg: AugmentConfig) -> None:
+    def __init__(self, model: nn.Module, cfg: AugmentConfig, multilabel: bool = False) -> None:
         super().__init__()
         self.model = model
         self.dims = flip_dims(cfg)
+        self.multilabel = multilabel
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        probs = [
-            torch.softmax(self.model(images.flip(dims) if dims else images).float(), dim=1)
-            for dims in self.dims
-        ]
+        logits = [self.model(images.flip(dims) if dims else images).float() for dims in self.dims]
+        if self.multilabel:
+            mean = torch.stack([torch.sigmoid(z) for z in logits]).mean(dim=0)
+            mean = mean.clamp(MIN_PROBABILITY, 1 - MIN_PROBABILITY)
+            return torch.log(mean) - torch.log1p(-mean)  # the logit, sigmoid's inverse
+        probs = [torch.softmax(z, dim=1) for z in logits]
         return torch.log(torch.stack(probs).mean(dim=0).clamp_min(MIN_PROBABILITY))

@@ -362,6 +362,20 @@ def test_epoch_metrics_average_the_folds_and_mark_the_last_epoch():
     assert reported["cv_complete"] == 1 and reported["folds_diverged"] == 0
 
 
+def test_epoch_metrics_report_each_findings_fold_mean_where_it_is_defined():
+    """Several findings per image: a trial reports `cv_roc_auc/<finding>` (fold means; a fold
+    where a finding's AUC is undefined is left out of that finding's mean)."""
+    folds = [bare_fold(), bare_fold()]
+    per_fold = ({"A": 0.6, "B": math.nan}, {"A": 0.8, "B": 0.9})
+    for k, (fold, aucs) in enumerate(zip(folds, per_fold, strict=True)):
+        fold.index = k
+        record = {"epoch": 1, "train_loss": 0.5, "val_roc_auc": 0.7}
+        fold.history.append(record | {f"val_roc_auc/{f}": v for f, v in aucs.items()})
+    reported = epoch_metrics(folds, epoch=0, epochs=1)
+    assert reported["cv_roc_auc/A"] == pytest.approx(0.7)
+    assert reported["cv_roc_auc/B"] == pytest.approx(0.9)
+
+
 def test_epoch_metrics_report_every_repeated_fold_and_the_corrected_se():
     aucs = [0.6, 0.8, 0.7, 0.9]  # 2 repeats x 2 folds, repeat-major
     folds = [bare_fold() for _ in aucs]

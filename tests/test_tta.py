@@ -201,3 +201,14 @@ def test_export_refuses_random_tta_in_one_line_unless_asked_without(tmp_path: Pa
     assert "--no-tta" in err and "tta=policy" in err and len(err.splitlines()) == 1
     assert not target.exists()
     assert export.main([*argv, "--no-tta"]) == 0 and target.exists()
+
+
+def test_exported_flip_average_of_several_findings_is_the_mean_sigmoid():
+    """A multi-label graph averages each finding's sigmoid over the flips (not a softmax
+    across findings): a sigmoid of its output is the mean of the views' sigmoids."""
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    images = torch.randn(5, 3, 8, 8)
+    averaged = FlipAveraged(network, AugmentConfig(hflip=True, tta="flips"), multilabel=True)
+    expected = (torch.sigmoid(network(images)) + torch.sigmoid(network(images.flip(-1)))) / 2
+    torch.testing.assert_close(torch.sigmoid(averaged(images)), expected, atol=1e-6, rtol=0)
