@@ -49,13 +49,17 @@ class AugmentConfig(_Section):
     """Training augmentation (drawn per image on the device, `data.transforms`) and the
     test-time augmentation of validation and every prediction (`distmed.tta`)."""
 
-    hflip: bool = True
-    vflip: bool = Field(False, description="off by default: anatomy has an up")
+    hflip: bool = Field(True, description="flip each training image left-right with p=0.5")
+    vflip: bool = Field(
+        False,
+        description="flip each training image upside down with p=0.5; off by default: "
+        "anatomy has an up",
+    )
     rotation: float = Field(10.0, ge=0, le=180, description="max rotation in degrees")
     policy: Literal["none", "randaugment", "trivialaugment"] = Field(
         "none",
         description="per-image operation policy (kornia) over medical-safe candidates "
-        "(README 'Augmentation'): RandAugment's policy_ops ops at policy_magnitude, or "
+        "(docs/training.md): RandAugment's policy_ops ops at policy_magnitude, or "
         "TrivialAugment's one op at a random magnitude",
     )
     policy_ops: int = Field(2, ge=1, le=11, description="RandAugment: operations per image (N)")
@@ -175,7 +179,7 @@ class DataConfig(_Section, DecodeSettings):
         description="MedMNIST .npz sources: a name per label 0, 1, ... (saved with the model); "
         "folder sources are named by their class folders",
     )
-    # Several findings per image (multi-label; README "Several findings per image"). The
+    # Several findings per image (multi-label; docs/data.md "Several findings per image"). The
     # finding names in `uncertain`, `missing` and `score_findings` are checked against the
     # source once it is scanned (`distmed.data.findings.check_finding_keys`).
     task: Literal["auto", "multilabel"] = Field(
@@ -214,7 +218,7 @@ class DataConfig(_Section, DecodeSettings):
         "cache",
         description="cache: decode once on the driver's node into a memory-mapped file (data "
         "that fits one node); stream: decode in Ray Data tasks on every node, each epoch "
-        "(README 'Streaming')",
+        "(docs/data.md 'Streaming')",
     )
     stream_decode_cpus: float = Field(
         1.0, gt=0, le=64, description="loader: stream; CPUs each Ray Data decoding task reserves"
@@ -279,20 +283,27 @@ class DataConfig(_Section, DecodeSettings):
 
 class ModelConfig(_Section):
     arch: Literal[tuple(ARCHS)] = Field(  # type: ignore[valid-type]
-        DEFAULT_ARCH, description="a row of the architecture table (README 'Architectures')"
+        DEFAULT_ARCH, description="a row of the architecture table (docs/architectures.md)"
     )
     weights: str = Field(
         "imagenet", description="'imagenet' (torchvision), 'none' (random init) or a .pt/.pth path"
     )
-    weights_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{8,64}$")
+    weights_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-fA-F]{8,64}$",
+        description="sha256 of a local weights file, checked before it is loaded (a prefix "
+        "of 8 or more hex digits is enough)",
+    )
     stem: Literal["imagenet", "small"] = Field(
         "imagenet",
         description="small: 3x3 stride-1 first conv and no max-pool, for 28-64 px images "
-        "(the archs with a small stem: README 'Architectures')",
+        "(the archs with a small stem: docs/architectures.md)",
     )
-    head: Literal["linear", "mlp"] = "linear"
-    head_hidden: int = Field(256, ge=1)
-    head_dropout: float = Field(0.2, ge=0, lt=1)
+    head: Literal["linear", "mlp"] = Field(
+        "linear", description="linear: a new final Linear; mlp: Linear-ReLU-Dropout-Linear"
+    )
+    head_hidden: int = Field(256, ge=1, description="head: mlp: width of its hidden layer")
+    head_dropout: float = Field(0.2, ge=0, lt=1, description="head: mlp: its dropout rate")
     unfreeze: Annotated[int, Field(ge=0)] | Literal["all"] = Field(
         ARCHS[DEFAULT_ARCH].depth,
         # the upper bound is the arch's depth: `_unfreeze_fits_arch`
@@ -358,12 +369,14 @@ class ModelConfig(_Section):
 
 
 class OptimConfig(_Section):
-    name: Literal["adam", "adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0, le=10)
-    weight_decay: float = Field(1e-4, ge=0, le=1)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: int = Field(1, ge=0)
+    name: Literal["adam", "adamw", "sgd"] = Field("adamw", description="the optimiser")
+    lr: float = Field(1e-3, gt=0, le=10, description="peak learning rate (after the warm-up)")
+    weight_decay: float = Field(1e-4, ge=0, le=1, description="L2 penalty (decoupled for adamw)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only: momentum")
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="per-step cosine decay after the warm-up, or a constant rate"
+    )
+    warmup_epochs: int = Field(1, ge=0, description="epochs of linear learning-rate warm-up")
     layer_decay: float = Field(
         1.0,
         gt=0,
@@ -374,10 +387,17 @@ class OptimConfig(_Section):
 
 
 class TrainConfig(_Section):
-    batch_size: int = Field(32, ge=1, le=65536)
-    epochs: int = Field(10, ge=1, le=10000)
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    class_weights: Literal["none", "balanced"] = "none"
+    batch_size: int = Field(32, ge=1, le=65536, description="global batch, split across workers")
+    epochs: int = Field(10, ge=1, le=10000, description="maximum epochs per fold")
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto",
+        description="mixed precision; auto: bf16 on GPUs and CPUs that support it, else fp16 "
+        "on GPUs, else fp32 (see Performance)",
+    )
+    class_weights: Literal["none", "balanced"] = Field(
+        "none",
+        description="balanced: weight the loss by inverse class frequency of the training fold",
+    )
     sampler: Literal["shuffle", "balanced"] = Field(
         "shuffle",
         description="balanced: draw training images with replacement, each class equally "
@@ -386,14 +406,14 @@ class TrainConfig(_Section):
     patience: int | None = Field(
         None, ge=1, description="stop a fold after this many epochs without val ROC-AUC gain"
     )
-    seed: int = 0
+    seed: int = Field(0, description="seeds weight initialisation, shuffling and augmentation")
     checkpoint_every: int = Field(
         1,
         ge=1,
         description="checkpoint all folds every this many epochs (the last epoch always); "
         "a restarted or resumed run repeats the epochs since the last checkpoint",
     )
-    # The recipe (README 'Training recipe'); every default is the plain loop of before.
+    # The recipe (docs/training.md); every default is the plain loop of before.
     loss: Literal["cross_entropy", "focal"] = Field(
         "cross_entropy", description="focal: focal loss with train.focal_gamma (Lin et al. 2017)"
     )
@@ -410,7 +430,9 @@ class TrainConfig(_Section):
     accumulate_steps: int = Field(
         1, ge=1, le=1024, description="batches whose gradients add up to one optimiser step"
     )
-    compile: bool = Field(False, description="torch.compile the model (README: measured cost)")
+    compile: bool = Field(
+        False, description="torch.compile the model (docs/performance.md: measured cost)"
+    )
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -420,8 +442,8 @@ class TrainConfig(_Section):
 
 
 class CVConfig(_Section):
-    folds: int = Field(5, ge=2, le=50)
-    seed: int = 0
+    folds: int = Field(5, ge=2, le=50, description="k of the stratified (grouped) k-fold")
+    seed: int = Field(0, description="the folds are identical for every run with the same seed")
     repeats: int = Field(
         1,
         ge=1,
@@ -447,7 +469,7 @@ class ScalingSection(_Section):
 
 class WandbConfig(_Section):
     project: str | None = Field(None, description="W&B project; unset: no W&B code runs")
-    entity: str | None = None
+    entity: str | None = Field(None, description="W&B team or user (default: your default)")
     mode: Literal["online", "offline"] | None = Field(
         None, description="default: $WANDB_MODE, else online (offline needs no API key)"
     )
@@ -548,7 +570,7 @@ def format_validation_error(exc: ValidationError) -> str:
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
         key = key if len(key) <= 80 else shorten(key)  # a hostile --set or YAML key
         if err["type"] == "extra_forbidden":
-            parts.append(f"{key}: unknown key (check the spelling; see README 'Config')")
+            parts.append(f"{key}: unknown key (check the spelling; see docs/config.md)")
         elif err["type"] == "missing" or not err["loc"]:
             # The input here is the whole enclosing mapping: quoting it helps nobody.
             parts.append(f"{key}: required, missing" if err["loc"] else err["msg"])

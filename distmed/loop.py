@@ -138,7 +138,7 @@ class FoldRun:
     train_loader: DataLoader | None  # None: batches come from a stream (`distmed.sharedpass`)
     val_loader: DataLoader | None
     augment: AugmentConfig | None = None  # training batches only, applied on the device
-    # The recipe (README 'Training recipe'): mixup/cutmix of training batches, the EMA of
+    # The recipe (docs/training.md): mixup/cutmix of training batches, the EMA of
     # the weights (what is validated and saved when set), batches per optimiser step.
     mixer: BatchMixer | None = None
     ema: torch.optim.swa_utils.AveragedModel | None = None

@@ -207,7 +207,7 @@ def _space_keeps_text(path: tuple[str, ...]) -> bool:
 def parse_distribution(path: Path, key: str, spec: Any) -> Distribution:
     where = f"{path}: space.{key if len(str(key)) <= 80 else shorten(key)}"
     if key not in config_fields():
-        raise UserError(f"{where}: not a config field; see README 'Config' for the dotted names")
+        raise UserError(f"{where}: not a config field; see docs/config.md for the dotted names")
     if fixed_for_the_search(key):
         raise UserError(
             f"{where}: fixed for the whole search (data, folds, workers and loggers are set "

@@ -7,7 +7,7 @@ or when its folders are not classes at all: a DICOM export (DICOMDIR, PT*/ST*/SE
 patient per folder, one patient's series), a patient/study tree (CheXpert, `Patient 1/`,
 `1000/2019-03-01/`), the parts of one download (HAM10000, `Images (1)/`) or many tiny folders
 beside a labels sheet. The rule and the public layouts it was decided from
-are in the README ("What counts as class folders").
+are in docs/data.md ("What counts as class folders").
 """
 
 from __future__ import annotations

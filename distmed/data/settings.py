@@ -35,7 +35,7 @@ class DecodeSettings(BaseModel):
     # What messages call the fields: "data." in the config, "preprocessing." in a model file.
     field_prefix: ClassVar[str] = ""
 
-    image_size: ImageSize = 224
+    image_size: ImageSize = Field(224, description="square side in pixels images are resized to")
     intensity: Intensity = Field(
         "percentile",
         description="16-bit, float and DICOM pixels -> 8 bit: per-image min-max, per-image "
