@@ -313,19 +313,21 @@ def load_run(workdir: Path, dataset: str, method: str) -> dict[str, Any]:
 def trial_reports(run_dir: Path, trial_id: str) -> dict[str, float | None]:
     """From the trial's Tune results (`run_trial_<id>_*/result.json`, one report a line):
     `cpu_s`, its Train worker's process CPU seconds at the last report (`worker_cpu_s`;
-    None where the worker did not report it), and `first_report_s`, the seconds to its
-    first report (worker start-up, data and model set-up and the first epoch)."""
+    None where the worker did not report it), `first_report_cpu_s` the same at the first
+    report, and `first_report_s`, the seconds to its first report (worker start-up, data
+    and model set-up and the first epoch)."""
     import json
 
     found = sorted(run_dir.glob(f"run_trial_{trial_id}_*/result.json"))
     lines = found[0].read_text().splitlines() if found else []
     reports = [json.loads(line) for line in lines if line.strip()]
     if not reports:
-        return {"cpu_s": None, "first_report_s": None}
-    cpu = reports[-1].get("worker_cpu_s")
+        return {"cpu_s": None, "first_report_s": None, "first_report_cpu_s": None}
+    cpu, first_cpu = reports[-1].get("worker_cpu_s"), reports[0].get("worker_cpu_s")
     return {
         "cpu_s": float(cpu) if cpu is not None else None,
         "first_report_s": float(reports[0].get("time_this_iter_s", math.nan)),
+        "first_report_cpu_s": float(first_cpu) if first_cpu is not None else None,
     }
 
 

@@ -25,6 +25,7 @@ against trial-seconds, one line per method and seed).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import re
@@ -302,20 +303,57 @@ def spread(values: list[float]) -> dict[str, Any]:
 
 
 def where_cost_goes(trials: list[dict[str, Any]]) -> dict[str, float | None]:
-    """One search's spending: trials stopped early, epochs, trial-seconds per epoch, and the
-    share of trial-seconds spent before each trial's first report (start-up, set-up and
-    the first epoch)."""
-    epochs = sum(t["epochs"] for t in trials)
-    seconds = sum(t["time_s"] for t in trials)
-    firsts = [t.get("first_report_s") for t in trials]
-    known = [f for f in firsts if f is not None and math.isfinite(f)]
-    all_known = bool(seconds) and len(known) == len(firsts)
+    """One search's spending: the share of trials stopped early, epochs trained, trial-seconds
+    per epoch; the median trial's seconds to its first report (Train worker start-up, data
+    and model set-up, the first epoch) and per later epoch, and the share of all trial-seconds
+    spent before first reports; the median trial's worker CPU-s to its first report and per
+    later epoch (a first report that took far more seconds than CPU-s waited for the CPUs)."""
+    import statistics
+
+    def finite(value: Any) -> bool:
+        return value is not None and math.isfinite(float(value))
+
+    def median(values: list[float]) -> float | None:
+        return statistics.median(values) if values else None
+
+    timed = [t for t in trials if finite(t["time_s"])]
+    epochs = sum(t["epochs"] for t in timed)
+    seconds = sum(t["time_s"] for t in timed)
+    firsts = [t for t in timed if finite(t.get("first_report_s"))]
+    later = [t for t in firsts if t["epochs"] > 1]
+    cpu_later = [t for t in later if finite(t.get("cpu_s")) and finite(t.get("first_report_cpu_s"))]
     return {
         "stopped_early": sum(t["status"] == "stopped" for t in trials) / max(1, len(trials)),
         "epochs": epochs,
         "trial_s_per_epoch": seconds / epochs if epochs else None,
-        "first_report_share": sum(known) / seconds if all_known else None,
+        "first_report_s": median([t["first_report_s"] for t in firsts]),
+        "later_epoch_s": median(
+            [(t["time_s"] - t["first_report_s"]) / (t["epochs"] - 1) for t in later]
+        ),
+        "first_report_share": (
+            sum(t["first_report_s"] for t in firsts) / seconds
+            if seconds and len(firsts) == len(timed)
+            else None
+        ),
+        "first_report_cpu_s": median(
+            [t["first_report_cpu_s"] for t in firsts if finite(t.get("first_report_cpu_s"))]
+        ),
+        "later_epoch_cpu_s": median(
+            [(t["cpu_s"] - t["first_report_cpu_s"]) / (t["epochs"] - 1) for t in cpu_later]
+        ),
     }
+
+
+WHERE = (
+    "stopped_early",
+    "epochs",
+    "trial_s_per_epoch",
+    "first_report_s",
+    "later_epoch_s",
+    "first_report_share",
+    "first_report_cpu_s",
+    "later_epoch_cpu_s",
+)
 
 
 def summarise(runs: dict[str, dict[str, Any]], datasets: list[str], seeds: list[int]) -> dict:
@@ -349,8 +387,7 @@ def summarise(runs: dict[str, dict[str, Any]], datasets: list[str], seeds: list[
                 **{f"total_{c}": spread(v) for c, v in total.items()},
                 "final_best_cv_roc_auc": spread(finals),
                 "where_cost_goes": {
-                    k: spread([g[k] for g in goes if g[k] is not None])
-                    for k in ("stopped_early", "epochs", "trial_s_per_epoch", "first_report_share")
+                    k: spread([g[k] for g in goes if g[k] is not None]) for k in WHERE
                 },
                 "seeds": len(finals),
             }
@@ -391,6 +428,49 @@ def results_table(dataset: str, summary: dict[str, Any]) -> str:
         "seeds reaching it",
         "final best CV ROC-AUC",
         "epochs in all",
+    ]
+    return markdown_table(headers, rows)
+
+
+def _shown(
+    values: dict[str, float | None],
+    key: str,
+    digits: int = 1,
+    scale: float = 1.0,
+    suffix: str = "",
+) -> str:
+    value = values[key]
+    return "-" if value is None else f"{value * scale:.{digits}f}{suffix}"
+
+
+def cost_table(dataset: str, summary: dict[str, Any]) -> str:
+    """Where each method's cost goes (medians over seeds of each search's figures)."""
+    rows = []
+    for method, s in summary["methods"].items():
+        if not s["seeds"]:
+            continue
+        sampler, scheduler = method.split("+")
+        w = {k: s["where_cost_goes"][k]["median"] for k in WHERE}
+        show = functools.partial(_shown, w)
+        rows.append(
+            [
+                f"{LABELS[sampler]} + {LABELS[scheduler]}",
+                show("stopped_early", 0, 100, "%"),
+                show("epochs", 0),
+                show("trial_s_per_epoch"),
+                f"{show('first_report_s')} / {show('later_epoch_s')}",
+                show("first_report_share", 0, 100, "%"),
+                f"{show('first_report_cpu_s')} / {show('later_epoch_cpu_s')}",
+            ]
+        )
+    headers = [
+        f"{dataset}: method",
+        "trials stopped early",
+        "epochs in all",
+        "trial-s per epoch",
+        "trial-s: to 1st report / per later epoch",
+        "trial-s before 1st reports",
+        "worker CPU-s: to 1st report / per later epoch",
     ]
     return markdown_table(headers, rows)
 
@@ -474,6 +554,7 @@ def report(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
     print(machine_line(machine))
     for dataset in datasets:
         print(results_table(dataset, summary[dataset]))
+        print(cost_table(dataset, summary[dataset]))
         ratios = summary[dataset]["target_over_reference"]
         print(f"{dataset}: {TARGET_METHOD} / {REFERENCE}, median cost to reach: {ratios}")
 

@@ -258,7 +258,12 @@ def test_search_benchmark_measures_cost_to_random_searchs_final_best():
     def run(method, seed, aucs, statuses=None, cpu=(5.0, 5.0, 5.0)):
         statuses = statuses or ["completed"] * len(aucs)
         trials = [
-            {**_trial(s, a, 10.0, 1 if s == "stopped" else 3), "cpu_s": c, "first_report_s": 4.0}
+            {
+                **_trial(s, a, 10.0, 1 if s == "stopped" else 3),
+                "cpu_s": c,
+                "first_report_s": 4.0,
+                "first_report_cpu_s": 1.0,
+            }
             for s, a, c in zip(statuses, aucs, cpu, strict=True)
         ]
         best = max(a for s, a in zip(statuses, aucs, strict=True) if s == "completed")
@@ -289,7 +294,11 @@ def test_search_benchmark_measures_cost_to_random_searchs_final_best():
     assert target["cpu_s_to_reference_best"]["median"] == 8.0
     assert target["total_cpu_s"]["n"] == 0  # a trial's CPU time unknown: no total made up
     assert target["where_cost_goes"]["stopped_early"]["median"] == pytest.approx(1 / 3)
-    assert target["where_cost_goes"]["first_report_share"]["median"] == pytest.approx(0.4)
+    goes = {k: v["median"] for k, v in target["where_cost_goes"].items()}
+    assert goes["first_report_share"] == pytest.approx(0.4)  # 4 of each trial's 10 s
+    assert goes["first_report_s"] == 4.0 and goes["later_epoch_s"] == 3.0  # (10 - 4) / 2
+    assert goes["later_epoch_cpu_s"] == 2.5  # (6 - 1) / 2; the trial without CPU-s left out
+    assert goes["trial_s_per_epoch"] == pytest.approx(30 / 7)
     assert out["target_over_reference"] == {
         "epochs": pytest.approx(4 / 6),
         "cpu_s": pytest.approx(0.8),
@@ -298,6 +307,10 @@ def test_search_benchmark_measures_cost_to_random_searchs_final_best():
     assert out["methods"]["random+asha"]["seeds"] == 0  # not run: no numbers made up
     table = search.results_table("d", out)
     assert "not reached" in table and "| 4 (4 - 4) | 8 (8 - 8) | 20 (20 - 20) | 1/2 |" in table
+    costs = search.cost_table("d", out)
+    row = "| TPE (distmed's sampler) + ASHA | 33% | 7 | 4.3 | 4.0 / 3.0 | 40% | 1.0 / 2.5 |"
+    assert row in costs
+    assert "random + ASHA" not in costs  # not run
 
 
 def test_search_benchmark_reads_each_trials_cpu_and_first_report_from_tunes_results(tmp_path):
@@ -320,9 +333,11 @@ def test_search_benchmark_reads_each_trials_cpu_and_first_report_from_tunes_resu
     )
     from benchmarks.medmnist import trial_reports
 
-    assert trial_reports(run_dir, "aaaa0001") == {"cpu_s": 14.0, "first_report_s": 9.0}
-    assert trial_reports(run_dir, "aaaa0002") == {"cpu_s": None, "first_report_s": 8.0}
-    assert trial_reports(run_dir, "bbbb0003") == {"cpu_s": None, "first_report_s": None}
+    first = {"cpu_s": 14.0, "first_report_s": 9.0, "first_report_cpu_s": 11.5}
+    assert trial_reports(run_dir, "aaaa0001") == first  # cpu_s at the last report
+    unknown = {"cpu_s": None, "first_report_s": None, "first_report_cpu_s": None}
+    assert trial_reports(run_dir, "aaaa0002") == {**unknown, "first_report_s": 8.0}
+    assert trial_reports(run_dir, "bbbb0003") == unknown
     # The run's name tells its data set, method and seed; other folders are not runs.
     assert search._RUN_NAME.match(run_dir.name).groupdict() == {
         "dataset": "breastmnist",
