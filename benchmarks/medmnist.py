@@ -336,7 +336,7 @@ def bootstrap_intervals(out: Path, predictions: str = "") -> dict[str, list[floa
     the run's saved test predictions (`predictions`: that file's name, the refit's if "")."""
     import numpy as np
 
-    from distmed.refit import TEST_PREDICTIONS
+    from distmed.inference import TEST_PREDICTIONS
     from distmed.savedmodel import SavedModel
 
     path = out / (predictions or TEST_PREDICTIONS)

@@ -196,7 +196,7 @@ def run_one(
     name = run_name(dataset, method, seed)
     out = args.workdir / "runs" / name
     timing_path = args.workdir / f"timing-{name}.json"
-    if args.resume and (out / "summary.json").is_file():
+    if args.resume and finished(out):
         print(f"[search] {name}: finished before, kept", flush=True)
         return finished_run(args.workdir, name)
     space = args.workdir / f"space-{name}.yaml"
@@ -215,6 +215,14 @@ def run_one(
 _RUN_NAME = re.compile(
     r"^(?P<dataset>[a-z]+)-(?P<sampler>[a-z_]+)-(?P<scheduler>[a-z]+)-seed(?P<seed>\d+)$"
 )
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether the search in `run_dir` ended: an interrupted one has a summary too."""
+    import json
+
+    path = run_dir / "summary.json"
+    return path.is_file() and not json.loads(path.read_text()).get("interrupted", False)
 
 
 def finished_run(workdir: Path, name: str) -> dict[str, Any]:
@@ -239,7 +247,11 @@ def finished_runs(workdir: Path) -> dict[str, dict[str, Any]]:
     for summary in sorted((workdir / "runs").glob("*/summary.json")):
         name = summary.parent.name
         match = _RUN_NAME.match(name)
-        if match and f"{match['sampler']}+{match['scheduler']}" in METHODS:
+        if (
+            match
+            and f"{match['sampler']}+{match['scheduler']}" in METHODS
+            and finished(summary.parent)
+        ):
             runs[name] = finished_run(workdir, name)
     return runs
 

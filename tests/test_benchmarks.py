@@ -362,3 +362,16 @@ def test_search_benchmark_holds_the_ray_lock_while_a_search_runs(tmp_path):
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released afterwards
     with held(None) as waited:
         assert waited == 0.0
+
+
+def test_search_benchmark_counts_an_interrupted_search_as_unfinished(tmp_path):
+    from benchmarks import search
+
+    run_dir = tmp_path / "runs" / "breastmnist-random-asha-seed0"
+    run_dir.mkdir(parents=True)
+    assert not search.finished(run_dir)  # nothing written yet
+    (run_dir / "summary.json").write_text('{"name": "x", "interrupted": true}')
+    assert not search.finished(run_dir)  # Ctrl-C'd: `--resume` continues it
+    assert search.finished_runs(tmp_path) == {}
+    (run_dir / "summary.json").write_text('{"name": "x", "interrupted": false}')
+    assert search.finished(run_dir)
