@@ -421,6 +421,8 @@ def _median_range(s: dict[str, Any], digits: int) -> str:
 def results_table(dataset: str, summary: dict[str, Any]) -> str:
     rows = []
     for method, s in summary["methods"].items():
+        if not s["seeds"]:
+            continue  # not run
         sampler, scheduler = method.split("+")
         final = s["final_best_cv_roc_auc"]
         rows.append(

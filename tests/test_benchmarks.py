@@ -307,6 +307,7 @@ def test_search_benchmark_measures_cost_to_random_searchs_final_best():
     assert out["methods"]["random+asha"]["seeds"] == 0  # not run: no numbers made up
     table = search.results_table("d", out)
     assert "not reached" in table and "| 4 (4 - 4) | 8 (8 - 8) | 20 (20 - 20) | 1/2 |" in table
+    assert "random + ASHA" not in table  # not run: no row
     costs = search.cost_table("d", out)
     row = "| TPE (distmed's sampler) + ASHA | 33% | 7 | 4.3 | 4.0 / 3.0 | 40% | 1.0 / 2.5 |"
     assert row in costs
