@@ -280,6 +280,7 @@ def test_search_benchmark_measures_cost_to_random_searchs_final_best():
             ["stopped", "completed", "completed"],
             cpu=(2.0, 6.0, None),  # the last trial's worker did not report its CPU time
         )
+    runs[search.run_name("d", "tpe_default+fifo", 0)] = run("tpe_default+fifo", 0, [0.5, 0.6, 0.7])
     out = search.summarise(runs, ["d"], [0, 1])["d"]
     ref = out["methods"]["random+fifo"]
     assert ref["trial_s_to_reference_best"] == {"median": 20.0, "min": 20.0, "max": 20.0, "n": 2}
@@ -306,7 +307,8 @@ def test_search_benchmark_measures_cost_to_random_searchs_final_best():
     }
     assert out["methods"]["random+asha"]["seeds"] == 0  # not run: no numbers made up
     table = search.results_table("d", out)
-    assert "not reached" in table and "| 4 (4 - 4) | 8 (8 - 8) | 20 (20 - 20) | 1/2 |" in table
+    assert "| 4 (4 - 4) | 8 (8 - 8) | 20 (20 - 20) | 1/2 |" in table
+    assert "| not reached | not reached | not reached | 0/1 | 0.7000 (0.7000 - 0.7000) |" in table
     assert "random + ASHA" not in table  # not run: no row
     costs = search.cost_table("d", out)
     row = "| TPE (distmed's sampler) + ASHA | 33% | 7 | 4.3 | 4.0 / 3.0 | 40% | 1.0 / 2.5 |"
