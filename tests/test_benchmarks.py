@@ -305,6 +305,10 @@ def test_search_benchmark_measures_cost_to_random_searchs_final_best():
         "cpu_s": pytest.approx(0.8),
         "trial_s": 1.0,
     }
+    # Per seed: seed 0 never reaches it (inf), seed 1 in 4 of random's 6 epochs.
+    per_seed = out["target_over_reference_per_seed"]
+    assert per_seed["epochs"]["seeds"] == {"0": math.inf, "1": pytest.approx(4 / 6)}
+    assert per_seed["epochs"]["median"] == math.inf  # of two seeds, one missing: no median met
     assert out["methods"]["random+asha"]["seeds"] == 0  # not run: no numbers made up
     table = search.results_table("d", out)
     assert "| 4 (4 - 4) | 8 (8 - 8) | 20 (20 - 20) | 1/2 |" in table
