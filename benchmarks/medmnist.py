@@ -28,13 +28,16 @@ and a PNG of the curves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
+import fcntl
 import math
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -202,10 +205,21 @@ def run_search(dataset: str, method: str, args: argparse.Namespace) -> dict[str,
 
 
 def run_tune(
-    name: str, space: Path, dataset: str, workdir: Path, resume: bool, extra: tuple[str, ...] = ()
+    name: str,
+    space: Path,
+    dataset: str,
+    workdir: Path,
+    resume: bool,
+    extra: tuple[str, ...] = (),
+    lock: Path | None = None,
 ) -> dict[str, Any]:
     """`python -m distmed.tune` on a MedMNIST file into `workdir/runs/NAME`, its output in
-    `workdir/NAME.log`: wall seconds, the machine's busy CPU seconds and the disturbance."""
+    `workdir/NAME.log`: wall seconds, the machine's busy CPU seconds and the disturbance.
+
+    `lock`: a file held (flock(2), as `flock FILE command` takes it) while the search runs,
+    so that no other Ray cluster starts on this machine meanwhile; the seconds spent
+    waiting for it are `lock_wait_s`, not part of `wall_s`.
+    """
     command = [
         sys.executable,
         "-m",
@@ -223,11 +237,12 @@ def run_tune(
     ]
     print(f"[medmnist] {name}: {' '.join(command[2:])}", flush=True)
     log_path = workdir / f"{name}.log"
-    start, started = CpuSnapshot.take(children=True), time.perf_counter()
-    # A resumed search appends: the log then holds the interrupted part too.
-    with log_path.open("a" if resume else "w") as log:
-        done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - started
+    with held(lock) as lock_wait_s:
+        start, started = CpuSnapshot.take(children=True), time.perf_counter()
+        # A resumed search appends: the log then holds the interrupted part too.
+        with log_path.open("a" if resume else "w") as log:
+            done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{name} failed (exit {done.returncode}); see {log_path}")
     # Ray's worker processes are not this process's children: count the machine's busy
@@ -235,10 +250,23 @@ def run_tune(
     end = CpuSnapshot.take(children=True)
     return {
         "resumed": resume,  # then wall_s and machine_cpu_s cover only this part
+        "lock_wait_s": lock_wait_s,
         "wall_s": round(wall, 1),
         "machine_cpu_s": round(end.busy - start.busy, 1),
         "disturbance": end.others_since(start),
     }
+
+
+@contextlib.contextmanager
+def held(lock: Path | None) -> Iterator[float]:
+    """Hold `lock` exclusively (waiting for it; nothing when None); yields the seconds waited."""
+    if lock is None:
+        yield 0.0
+        return
+    waited = time.perf_counter()
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield round(time.perf_counter() - waited, 1)
 
 
 def load_run(workdir: Path, dataset: str, method: str) -> dict[str, Any]:
@@ -265,6 +293,8 @@ def load_run(workdir: Path, dataset: str, method: str) -> dict[str, Any]:
             }
             for row in csv.DictReader(handle)
         ]
+    for trial in trials:
+        trial.update(trial_reports(out, trial["trial_id"]))
     return {
         "dataset": dataset,
         "method": method,
@@ -280,12 +310,33 @@ def load_run(workdir: Path, dataset: str, method: str) -> dict[str, Any]:
     }
 
 
+def trial_reports(run_dir: Path, trial_id: str) -> dict[str, float | None]:
+    """From the trial's Tune results (`run_trial_<id>_*/result.json`, one report a line):
+    `cpu_s`, its Train worker's process CPU seconds at the last report (`worker_cpu_s`;
+    None where the worker did not report it), `first_report_cpu_s` the same at the first
+    report, and `first_report_s`, the seconds to its first report (worker start-up, data
+    and model set-up and the first epoch)."""
+    import json
+
+    found = sorted(run_dir.glob(f"run_trial_{trial_id}_*/result.json"))
+    lines = found[0].read_text().splitlines() if found else []
+    reports = [json.loads(line) for line in lines if line.strip()]
+    if not reports:
+        return {"cpu_s": None, "first_report_s": None, "first_report_cpu_s": None}
+    cpu, first_cpu = reports[-1].get("worker_cpu_s"), reports[0].get("worker_cpu_s")
+    return {
+        "cpu_s": float(cpu) if cpu is not None else None,
+        "first_report_s": float(reports[0].get("time_this_iter_s", math.nan)),
+        "first_report_cpu_s": float(first_cpu) if first_cpu is not None else None,
+    }
+
+
 def bootstrap_intervals(out: Path, predictions: str = "") -> dict[str, list[float]] | None:
     """95% bootstrap intervals of the test metrics, as in the run's report (seed 0), from
     the run's saved test predictions (`predictions`: that file's name, the refit's if "")."""
     import numpy as np
 
-    from distmed.refit import TEST_PREDICTIONS
+    from distmed.inference import TEST_PREDICTIONS
     from distmed.savedmodel import SavedModel
 
     path = out / (predictions or TEST_PREDICTIONS)

@@ -252,12 +252,20 @@ def test_search_benchmark_spaces_are_valid_distmed_spaces(tmp_path):
             assert resolved["n_startup_trials"] == 10 and resolved["constant_liar"] is False
 
 
-def test_search_benchmark_measures_seconds_to_random_searchs_final_best():
+def test_search_benchmark_measures_cost_to_random_searchs_final_best():
     from benchmarks import search
 
-    def run(method, seed, aucs, statuses=None):
+    def run(method, seed, aucs, statuses=None, cpu=(5.0, 5.0, 5.0)):
         statuses = statuses or ["completed"] * len(aucs)
-        trials = [_trial(s, a, 10.0) for s, a in zip(statuses, aucs, strict=True)]
+        trials = [
+            {
+                **_trial(s, a, 10.0, 1 if s == "stopped" else 3),
+                "cpu_s": c,
+                "first_report_s": 4.0,
+                "first_report_cpu_s": 1.0,
+            }
+            for s, a, c in zip(statuses, aucs, cpu, strict=True)
+        ]
         best = max(a for s, a in zip(statuses, aucs, strict=True) if s == "completed")
         return {"trials": trials, "best_cv_roc_auc": best, "method": method, "seed": seed}
 
@@ -266,17 +274,114 @@ def test_search_benchmark_measures_seconds_to_random_searchs_final_best():
         runs[search.run_name("d", "random+fifo", seed)] = run("random+fifo", seed, [0.7, 0.8, 0.75])
         fast = [0.81, 0.6, 0.6] if seed == 0 else [0.5, 0.99, 0.6]
         runs[search.run_name("d", "tpe_configured+asha", seed)] = run(
-            "tpe_configured+asha", seed, [0.95, *fast[1:]], ["stopped", "completed", "completed"]
+            "tpe_configured+asha",
+            seed,
+            [0.95, *fast[1:]],
+            ["stopped", "completed", "completed"],
+            cpu=(2.0, 6.0, None),  # the last trial's worker did not report its CPU time
         )
+    runs[search.run_name("d", "tpe_default+fifo", 0)] = run("tpe_default+fifo", 0, [0.5, 0.6, 0.7])
     out = search.summarise(runs, ["d"], [0, 1])["d"]
-    ref = out["methods"]["random+fifo"]["seconds_to_reference_best"]
-    assert ref == {"median": 20.0, "min": 20.0, "max": 20.0, "n": 2}  # its best at trial 2
-    target = out["methods"]["tpe_configured+asha"]["seconds_to_reference_best"]
-    # seed 0: the stopped 0.95 is no result and 0.6 < 0.8: never; seed 1: at trial 2.
-    assert target == {"median": 20.0, "min": 20.0, "max": 20.0, "n": 1}
-    assert out["target_over_reference_seconds"] == 1.0
+    ref = out["methods"]["random+fifo"]
+    assert ref["trial_s_to_reference_best"] == {"median": 20.0, "min": 20.0, "max": 20.0, "n": 2}
+    assert ref["epochs_to_reference_best"]["median"] == 6.0  # its best at trial 2: 3 + 3
+    assert ref["cpu_s_to_reference_best"]["median"] == 10.0
+    assert ref["total_epochs"]["median"] == 9.0
+    target = out["methods"]["tpe_configured+asha"]
+    # seed 0: the stopped 0.95 is no result and 0.6 < 0.8: never; seed 1: at trial 2, after
+    # the stopped trial's 1 epoch and the completed one's 3.
+    assert target["trial_s_to_reference_best"] == {"median": 20.0, "min": 20.0, "max": 20.0, "n": 1}
+    assert target["epochs_to_reference_best"]["median"] == 4.0
+    assert target["cpu_s_to_reference_best"]["median"] == 8.0
+    assert target["total_cpu_s"]["n"] == 0  # a trial's CPU time unknown: no total made up
+    assert target["where_cost_goes"]["stopped_early"]["median"] == pytest.approx(1 / 3)
+    goes = {k: v["median"] for k, v in target["where_cost_goes"].items()}
+    assert goes["first_report_share"] == pytest.approx(0.4)  # 4 of each trial's 10 s
+    assert goes["first_report_s"] == 4.0 and goes["later_epoch_s"] == 3.0  # (10 - 4) / 2
+    assert goes["later_epoch_cpu_s"] == 2.5  # (6 - 1) / 2; the trial without CPU-s left out
+    assert goes["trial_s_per_epoch"] == pytest.approx(30 / 7)
+    assert out["target_over_reference"] == {
+        "epochs": pytest.approx(4 / 6),
+        "cpu_s": pytest.approx(0.8),
+        "trial_s": 1.0,
+    }
+    # Per seed: seed 0 never reaches it (inf), seed 1 in 4 of random's 6 epochs.
+    per_seed = out["target_over_reference_per_seed"]
+    assert per_seed["epochs"]["seeds"] == {"0": math.inf, "1": pytest.approx(4 / 6)}
+    assert per_seed["epochs"]["median"] == math.inf  # of two seeds, one missing: no median met
     assert out["methods"]["random+asha"]["seeds"] == 0  # not run: no numbers made up
-    assert "not reached" in search.results_table("d", out)
+    table = search.results_table("d", out)
+    assert "| 4 (4 - 4) | 8 (8 - 8) | 20 (20 - 20) | 1/2 |" in table
+    assert "| not reached | not reached | not reached | 0/1 | 0.7000 (0.7000 - 0.7000) |" in table
+    assert "random + ASHA" not in table  # not run: no row
+    costs = search.cost_table("d", out)
+    row = "| TPE (distmed's sampler) + ASHA | 33% | 7 | 4.3 | 4.0 / 3.0 | 40% | 1.0 / 2.5 |"
+    assert row in costs
+    assert "random + ASHA" not in costs  # not run
+
+
+def test_search_benchmark_reads_each_trials_cpu_and_first_report_from_tunes_results(tmp_path):
+    import json
+
+    from benchmarks import search
+
+    run_dir = tmp_path / "runs" / "breastmnist-random-fifo-seed2"
+    (run_dir / "run_trial_aaaa0001_1_lr=0.01").mkdir(parents=True)
+    (run_dir / "run_trial_aaaa0002_2_lr=0.02").mkdir()
+    reports = [
+        {"epoch": 1, "worker_cpu_s": 11.5, "time_this_iter_s": 9.0},
+        {"epoch": 2, "worker_cpu_s": 14.0, "time_this_iter_s": 3.0},
+    ]
+    (run_dir / "run_trial_aaaa0001_1_lr=0.01" / "result.json").write_text(
+        "".join(json.dumps(r) + "\n" for r in reports)
+    )
+    (run_dir / "run_trial_aaaa0002_2_lr=0.02" / "result.json").write_text(
+        json.dumps({"epoch": 1, "time_this_iter_s": 8.0}) + "\n"  # before worker_cpu_s existed
+    )
+    from benchmarks.medmnist import trial_reports
+
+    first = {"cpu_s": 14.0, "first_report_s": 9.0, "first_report_cpu_s": 11.5}
+    assert trial_reports(run_dir, "aaaa0001") == first  # cpu_s at the last report
+    unknown = {"cpu_s": None, "first_report_s": None, "first_report_cpu_s": None}
+    assert trial_reports(run_dir, "aaaa0002") == {**unknown, "first_report_s": 8.0}
+    assert trial_reports(run_dir, "bbbb0003") == unknown
+    # The run's name tells its data set, method and seed; other folders are not runs.
+    assert search._RUN_NAME.match(run_dir.name).groupdict() == {
+        "dataset": "breastmnist",
+        "sampler": "random",
+        "scheduler": "fifo",
+        "seed": "2",
+    }
+    assert search.finished_runs(tmp_path) == {}  # no summary.json: not finished
+
+
+def test_search_benchmark_holds_the_ray_lock_while_a_search_runs(tmp_path):
+    import fcntl
+
+    from benchmarks.medmnist import held
+
+    lock = tmp_path / "ray.lock"
+    with held(lock) as waited:
+        assert waited >= 0
+        with lock.open("a") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as `flock -n` would find it
+    with lock.open("a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released afterwards
+    with held(None) as waited:
+        assert waited == 0.0
+
+
+def test_search_benchmark_counts_an_interrupted_search_as_unfinished(tmp_path):
+    from benchmarks import search
+
+    run_dir = tmp_path / "runs" / "breastmnist-random-asha-seed0"
+    run_dir.mkdir(parents=True)
+    assert not search.finished(run_dir)  # nothing written yet
+    (run_dir / "summary.json").write_text('{"name": "x", "interrupted": true}')
+    assert not search.finished(run_dir)  # Ctrl-C'd: `--resume` continues it
+    assert search.finished_runs(tmp_path) == {}
+    (run_dir / "summary.json").write_text('{"name": "x", "interrupted": false}')
+    assert search.finished(run_dir)
 
 
 def test_stream_benchmark_plans_both_sizes_and_starts_nothing_with_plan(capsys, monkeypatch):
