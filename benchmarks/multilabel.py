@@ -164,9 +164,13 @@ def findings_of(metrics: dict[str, Any]) -> dict[str, float | None]:
     """Each finding's ROC-AUC from a metrics record (`roc_auc/<finding>` keys, `Task` names)."""
     out = {}
     for finding in FINDINGS:
-        value = metrics.get(f"roc_auc/{finding}")
-        out[finding] = value["value"] if isinstance(value, dict) else value
+        out[finding] = _value(metrics.get(f"roc_auc/{finding}"))
     return out
+
+
+def _value(score: Any) -> float | None:
+    """A metric as a number: results files hold it bare or as {"value": ...}."""
+    return score["value"] if isinstance(score, dict) else score
 
 
 def search(workdir: Path, manifest: Path) -> dict[str, Any]:
@@ -178,20 +182,21 @@ def search(workdir: Path, manifest: Path) -> dict[str, Any]:
     spec["base"]["data"]["root"] = str(manifest)
     space.write_text(yaml.safe_dump(spec, sort_keys=False))
     runs = workdir / "runs"
-    command = [sys.executable, "-m", "distmed.tune", "--space", str(space)]
-    wall = run([*command, "--storage", str(runs), "--name", "search"], workdir / "search.log")
+    if not (runs / "search" / "summary.json").is_file():  # a finished search is not rerun
+        command = [sys.executable, "-m", "distmed.tune", "--space", str(space)]
+        run([*command, "--storage", str(runs), "--name", "search"], workdir / "search.log")
     summary = json.loads((runs / "search" / "summary.json").read_text())
     best = summary["best_config"]
     (workdir / "best.yaml").write_text(yaml.safe_dump(best, sort_keys=False))
     test = summary.get("test_metrics") or {}
     return {
-        "wall_s": round(wall, 1),
+        "wall_s": summary.get("wall_time_s"),
         "trials_by_status": summary["trials_by_status"],
         "best_trial": summary["best_trial"],
         "best_params": {k: _get(best, k) for k in SPACE["space"]},
         "best_cv_roc_auc": summary["best_cv_roc_auc"],
         "best_cv_roc_auc_se": summary.get("best_cv_roc_auc_se"),
-        "test_roc_auc_mean": (test.get("roc_auc") or {}).get("value"),
+        "test_roc_auc_mean": _value(test.get("roc_auc")),
         "test_roc_auc": findings_of(test),
     }
 
