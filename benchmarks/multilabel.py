@@ -168,6 +168,14 @@ def findings_of(metrics: dict[str, Any]) -> dict[str, float | None]:
     return out
 
 
+def _trial_findings(run: Path, trial: str) -> dict[str, float | None]:
+    """A trial's last report's `cv_roc_auc/<finding>` (fold means; Tune's result.json)."""
+    (folder,) = run.glob(f"run_trial_{trial}_*")
+    lines = (folder / "result.json").read_text().splitlines()
+    last = json.loads(lines[-1])
+    return {finding: last.get(f"cv_roc_auc/{finding}") for finding in FINDINGS}
+
+
 def _value(score: Any) -> float | None:
     """A metric as a number: results files hold it bare or as {"value": ...}."""
     return score["value"] if isinstance(score, dict) else score
@@ -196,6 +204,7 @@ def search(workdir: Path, manifest: Path) -> dict[str, Any]:
         "best_params": {k: _get(best, k) for k in SPACE["space"]},
         "best_cv_roc_auc": summary["best_cv_roc_auc"],
         "best_cv_roc_auc_se": summary.get("best_cv_roc_auc_se"),
+        "best_cv_roc_auc_per_finding": _trial_findings(runs / "search", summary["best_trial"]),
         "test_roc_auc_mean": _value(test.get("roc_auc")),
         "test_roc_auc": findings_of(test),
     }
