@@ -43,7 +43,9 @@ def fake_stages(monkeypatch, tmp_path: Path) -> Path:
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(pipeline, "claim", lambda *args: None)
     monkeypatch.setattr(
-        pipeline, "prepare", lambda *args: SimpleNamespace(data=SimpleNamespace(index=None))
+        pipeline,
+        "prepare",
+        lambda *args: SimpleNamespace(data=SimpleNamespace(index=None, cache=object())),
     )
     monkeypatch.setattr(pipeline, "connect", lambda data, *args, **kw: data)
     monkeypatch.setattr(tune, "record_search", lambda *args: None)
