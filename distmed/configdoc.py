@@ -8,7 +8,6 @@ committed page differs from `render()`.
 
 from __future__ import annotations
 
-import json
 import types
 import typing
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from distmed.artifacts import json_text
 from distmed.config import ExperimentConfig
 
 # What each section is for; the keys themselves are described by their fields.
@@ -147,7 +147,7 @@ def default_text(field: FieldInfo) -> str:
         return f"`{str(value).lower()}`"
     if isinstance(value, float | int):
         return f"`{_number(value)}`"
-    return f"`{json.dumps(value)}`"
+    return f"`{json_text(value, indent=None)}`"
 
 
 def _number(value: float) -> str:
