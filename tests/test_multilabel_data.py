@@ -232,6 +232,21 @@ def test_one_finding_spelled_two_ways_is_one_line(tmp_path):
         scan_source(_config(tmp_path, root=str(sheet), label_delimiter="|"))
 
 
+def test_a_wrong_delimiter_does_not_turn_sets_into_findings(tmp_path):
+    """Split on ',' an NIH cell 'Atelectasis|Effusion' stays whole: refused, naming '|'."""
+    sheet = _nih(tmp_path, header="path,label,group")
+    with pytest.raises(UserError, match=r"split on ',' leaves 'Atelectasis\|Effusion'.*'\|'"):
+        scan_source(_config(tmp_path, root=str(sheet), label_delimiter=","))
+
+
+def test_a_no_finding_value_in_no_cell_is_one_line(tmp_path):
+    """A misspelt data.no_finding would make 'No Finding' a finding of its own: refused."""
+    sheet = _nih(tmp_path, header="path,label,group")
+    with pytest.raises(UserError, match=r"data.no_finding 'NoFinding' is in no cell"):
+        scan_source(_config(tmp_path, root=str(sheet), label_delimiter="|",
+                            no_finding="NoFinding"))  # fmt: skip
+
+
 def test_a_sheet_keyed_by_patient_id_cannot_say_several_findings(tmp_path):
     sheet = tmp_path / "labels.csv"
     sheet.write_text("PatientID,label\nP1,Effusion|Mass\n")

@@ -157,6 +157,13 @@ def set_codes(
         sets.append(parts)
     names = sorted(set().union(*(s for s in sets if s)))
     _refuse_spellings(names, what, key)
+    _refuse_unsplit(names, columns.delimiter, what, key)
+    if no_finding is not None and not any(s == set() for s in sets):
+        # A typo here would make every "no finding" image a positive of a finding named so.
+        raise UserError(
+            f"{what}: data.no_finding {no_finding!r} is in no cell of column {key!r}; "
+            "write it as the sheet does (e.g. 'No Finding') or leave it out"
+        )
     if not names:
         raise UserError(
             f"{what}: column {key!r} names no finding in any row (only blanks"
@@ -170,6 +177,21 @@ def set_codes(
         for name in found or ():
             codes[i, position[name]] = POSITIVE
     return names, codes
+
+
+_OTHER_DELIMITERS = ("|", ";", ",")
+
+
+def _refuse_unsplit(names: list[str], delimiter: str, what: str, column: str) -> None:
+    """A finding holding another common delimiter ('Atelectasis|Effusion' split on ',') is
+    a set read whole: data.label_delimiter is likely wrong. Say so rather than learn it."""
+    for name in names:
+        other = next((d for d in _OTHER_DELIMITERS if d != delimiter and d in name), None)
+        if other is not None:
+            raise UserError(
+                f"{what}: column {column!r} split on {delimiter!r} leaves {shorten(name)}, "
+                f"which holds {other!r}; set data.label_delimiter: {other!r} if that joins findings"
+            )
 
 
 def _refuse_spellings(names: list[str], what: str, column: str) -> None:
