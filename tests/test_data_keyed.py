@@ -142,7 +142,9 @@ def test_inspector_prints_the_counts_a_person_would_write_down(tmp_path, capsys)
 
 
 def test_path_label_sheet_is_still_a_manifest(tmp_path):
-    """A sheet with a path column stays a path manifest even when it has a PatientID column."""
+    """A sheet with a path column stays a path manifest even when it has a PatientID column;
+    that column, unused, would let a patient's images straddle folds: one line says so, and
+    renamed to `group` it groups the images."""
     case = tmp_path / "case"
     for n in range(4):
         write_dicom(case / f"{n}.dcm", f"P{n}", seed=n)
@@ -150,8 +152,12 @@ def test_path_label_sheet_is_still_a_manifest(tmp_path):
     (case / "m.csv").write_text(
         "path,PatientID,label\n" + "".join(",".join(r) + "\n" for r in rows)
     )
+    with pytest.raises(UserError, match=r"manifest .*m.csv: column 'PatientID' looks like the"):
+        scan_source(data_cfg(root=str(case / "m.csv")))
+    (case / "m.csv").write_text("path,group,label\n" + "".join(",".join(r) + "\n" for r in rows))
     index = scan_source(data_cfg(root=str(case / "m.csv")))
     assert index.layout.startswith("manifest m.csv") and counts(index) == {"a": 2, "b": 2}
+    assert index.pool.groups is not None and len(set(index.pool.groups)) == 4
 
 
 # --------------------------------------------------------------------------- one sheet reader

@@ -499,3 +499,10 @@ def test_a_scored_finding_missing_from_a_fold_stops_the_run():
         )
     # not scored: its AUC is not in the score, so its folds are not checked
     _check_finding_folds(positive, positive, assignment, cfg, StandIn(("A", "B"), ("B",)), 0)
+
+
+def test_an_unused_patient_id_column_stops_instead_of_leaking(tmp_path):
+    """NIH's 'Patient ID' beside no group column: folds would split a patient's images."""
+    sheet = _nih(tmp_path, header="path,label,Patient ID")
+    with pytest.raises(UserError, match=r"column 'Patient ID' looks like the patient id"):
+        scan_source(_config(tmp_path, root=str(sheet), label_delimiter="|"))

@@ -42,6 +42,7 @@ class Sheet:
     rows: list[tuple[int, dict[str, str]]]
     columns: list[str]
     dialect: str
+    header: tuple[str, ...] = ()  # every column the sheet has, used or not
 
 
 def read_sheet(
@@ -75,7 +76,13 @@ def read_sheet(
     notes = [f"{SEPARATOR_NAMES.get(separator, repr(separator))}-separated"]
     notes += [opened.encoding] if opened.encoding else []
     notes += ["'sep=' line"] if opened.sep_line else []
-    return Sheet(path=path, rows=rows, columns=list(positions), dialect=", ".join(notes))
+    return Sheet(
+        path=path,
+        rows=rows,
+        columns=list(positions),
+        dialect=", ".join(notes),
+        header=tuple(header),
+    )
 
 
 def read_header(path: Path, what: str, required: tuple[str, ...]) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -411,6 +411,8 @@ def scan_manifest(csv_path: Path, cfg: DataConfig) -> DataIndex:
     if group_of is None and not has_group and (in_paths := _patients_in_paths(entries)):
         group_of = lambda sample_id, _path: in_paths[sample_id]  # noqa: E731
         patients_note = "; patients from the paths' patientNNNNN folders"
+    if group_of is None and not has_group:
+        _refuse_unused_patient_column(sheet.header, what)
     pool = _manifest_split_of(entries, labels, ("train", "val"), group_of)
     test_entries = [e for e in entries if e[5] == "test"]
     test = _manifest_split_of(entries, labels, ("test",), group_of) if test_entries else None
@@ -538,6 +540,23 @@ def _manifest_classes(
         )
     labels = np.array([classes.number_of[e[3]] for e in entries], dtype=np.int64)
     return classes.names, labels, classes.merged
+
+
+# Headers that name the patient in exports people bring (NIH's 'Patient ID', DICOM's
+# 'PatientID'); compared without case, spaces or underscores.
+_PATIENT_HEADERS = frozenset({"patientid", "patient", "subjectid", "subject"})
+
+
+def _refuse_unused_patient_column(columns: Sequence[str], what: str) -> None:
+    """A sheet without patient groups whose header names the patient: its images would be
+    split image by image, a patient's images on both sides of a fold (leakage). Stop."""
+    for column in columns:
+        if column.lower().replace(" ", "").replace("_", "") in _PATIENT_HEADERS:
+            raise UserError(
+                f"{what}: column {column!r} looks like the patient id but is not used, so a "
+                "patient's images could land on both sides of a fold; rename it to group "
+                "(or set data.group_csv / data.group_regex)"
+            )
 
 
 def _manifest_split(value: str | None, where: str) -> str:
