@@ -100,6 +100,7 @@ def _schedule_rank(item: pytest.Item) -> int:
     return 1 if item.get_closest_marker("own_ray") else 2
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: absent under `-p no:xdist`
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """`--dist loadfile`, with the SESSION_RAY_FILES as one unit (in collection order: the
     order `pytest_collection_modifyitems` gives)."""
