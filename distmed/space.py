@@ -190,11 +190,27 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     }
     if not space:
         raise UserError(f"{path}: 'space' is empty; map config keys to distributions")
+    _refuse_overrides_of_searched_keys(path, overrides, space)
     arch_choices = _arch_choices(space)
     for key, dist in space.items():
         for arch in arch_choices if key != ARCH_KEY else [None]:
             _check_values_fit(path, base, key, dist, arch)
     return SearchSpaceFile(base=base, search=search, space=space)
+
+
+def _refuse_overrides_of_searched_keys(
+    path: Path, overrides: list[str] | tuple[str, ...], space: dict[str, Distribution]
+) -> None:
+    """`--set KEY=...` sets the base, which a key the space searches never uses: the value
+    would be silently ignored. Say so and where to change it instead."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in space:
+            raise UserError(
+                f"--set {key}: {path} searches {key} (space.{key}), which replaces the base "
+                f"value in every trial; edit space.{key} in a copy of the space file (a choice "
+                "of one value fixes it) or remove it from space"
+            )
 
 
 def _space_keeps_text(path: tuple[str, ...]) -> bool:

@@ -678,3 +678,11 @@ def test_arch_dependent_bounds_are_checked_for_every_arch_in_the_space(tmp_path,
         return
     with pytest.raises(UserError, match=refused):
         load_space(path)
+
+
+def test_a_set_of_a_searched_key_is_refused_not_ignored(tmp_path: Path):
+    """`--set` changes the base; a key the space searches never reads it: one line says so."""
+    path = space_file(tmp_path, "train.batch_size: {choice: [32, 64]}")
+    with pytest.raises(UserError, match=r"--set train.batch_size: .* searches train.batch_size"):
+        load_space(path, ["train.batch_size=8"])
+    assert load_space(path, ["train.epochs=2"]).base.train.epochs == 2  # base keys still apply
