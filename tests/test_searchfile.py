@@ -83,8 +83,8 @@ def test_a_plain_search_is_not_resumed_as_a_nested_one_nor_back(tmp_path):
 def test_the_cli_refuses_before_any_work(tmp_path, capsys):
     _record(str(tmp_path / "runs" / "demo-1"))
     argv = ["--space", str(DEMO), "--storage", str(tmp_path / "runs"), "--name", "demo-1"]
-    assert tune.main([*argv, "--resume", "--set", "optim.weight_decay=0.5"]) == 2
-    assert "base.optim.weight_decay was" in capsys.readouterr().err
+    assert tune.main([*argv, "--resume", "--set", "train.epochs=3"]) == 2  # base: 8
+    assert "base.train.epochs was" in capsys.readouterr().err
     assert tune.main(argv) == 2
     assert "exists; continue it with --resume" in capsys.readouterr().err
 
