@@ -736,16 +736,7 @@ def about_table(record: dict[str, Any]) -> str:
         ["unreadable files left out", str(len(record["skipped_files"]))],
         ["distmed", f"{record['distmed_version']}, {record['date_utc']}"],
     ]
-    note = (
-        "<p>Images decoded exactly as in training (the model's own data settings); "
-        "classes matched to the model's by name. "
-        + (
-            f"<b>Note: {html.escape(TRAINING_DATA_NOTE)}.</b></p>"
-            if record["training_data"]
-            else "Nothing was trained on them.</p>"
-        )
-    )
-    return note + table(["", ""], [[html.escape(a), html.escape(b)] for a, b in rows])
+    return _about_html(record, rows, "classes matched to the model's by name. ")
 
 
 def _findings_about_table(record: dict[str, Any], mapping: str) -> str:
@@ -771,10 +762,18 @@ def _findings_about_table(record: dict[str, Any], mapping: str) -> str:
         ["unreadable files left out", str(len(record["skipped_files"]))],
         ["distmed", f"{record['distmed_version']}, {record['date_utc']}"],
     ]
+    matched = (
+        "findings matched to the model's by name, each with the model's uncertain/missing policy. "
+    )
+    return _about_html(record, rows, matched)
+
+
+def _about_html(record: dict[str, Any], rows: list[list[str]], matched: str) -> str:
+    """The about section: how the images were read and matched (`matched`), whether they
+    were trained on, and the `rows` as a two-column table."""
     note = (
         "<p>Images decoded exactly as in training (the model's own data settings); "
-        "findings matched to the model's by name, each with the model's uncertain/missing "
-        "policy. "
+        + matched
         + (
             f"<b>Note: {html.escape(TRAINING_DATA_NOTE)}.</b></p>"
             if record["training_data"]
