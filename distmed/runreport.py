@@ -470,14 +470,7 @@ def ensemble_section(run: RunData, figures: Path, resamples: int) -> str:
     if calibration is not None:
         temperature = calibration.temperature
         raw = apply_temperature(refit_probs, 1.0 / temperature)  # the saved ones are scaled
-        path = plots.plot_calibration(
-            labels,
-            raw,
-            run.task,
-            figures / "calibration_before_after.png",
-            after_probs=refit_probs,
-            title="Test split, refit model",
-        )
+        path = _before_after(run, labels, raw, refit_probs, figures)
         parts.append(
             f"<p>Temperature {num('temperature', temperature, '{:.3f}')} fitted on "
             f"{calibration.num_samples} out-of-fold predictions of the best trial (ECE there "
@@ -486,6 +479,20 @@ def ensemble_section(run: RunData, figures: Path, resamples: int) -> str:
             + _figure(path)
         )
     return "\n".join(parts)
+
+
+def _before_after(
+    run: RunData, labels: np.ndarray, raw: np.ndarray, refit_probs: np.ndarray, figures: Path
+) -> Path:
+    """The test split's reliability figure before (`raw`) and after the saved temperature."""
+    return plots.plot_calibration(
+        labels,
+        raw,
+        run.task,
+        figures / "calibration_before_after.png",
+        after_probs=refit_probs,
+        title="Test split, refit model",
+    )
 
 
 def _finding_calibration_part(
@@ -497,14 +504,7 @@ def _finding_calibration_part(
     assert fits is not None
     temperatures = fits.temperatures
     raw = apply_finding_temperatures(refit_probs, 1.0 / temperatures)  # saved ones are scaled
-    path = plots.plot_calibration(
-        labels,
-        raw,
-        run.task,
-        figures / "calibration_before_after.png",
-        after_probs=refit_probs,
-        title="Test split, refit model",
-    )
+    path = _before_after(run, labels, raw, refit_probs, figures)
     rows = []
     for name, fit in zip(run.task.class_names, fits.findings, strict=True):
         if fit is None:
