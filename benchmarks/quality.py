@@ -95,6 +95,16 @@ ABLATION_ROWS: dict[str, list[str]] = {
     "EMA 0.9": ["train.ema_decay=0.9"],
     "layer-wise lr decay 0.7": ["optim.layer_decay=0.7"],
     "accumulate 2 batches (16 x 2)": ["train.batch_size=16", "train.accumulate_steps=2"],
+    "RandAugment (2 ops, M 9)": ["data.augment.policy=randaugment"],
+    "TrivialAugmentWide": ["data.augment.policy=trivialaugment"],
+    "random resized crop (scale 0.7)": ["data.augment.crop_scale=0.7"],
+    "intensity jitter (0.2 each)": [
+        "data.augment.brightness=0.2",
+        "data.augment.contrast=0.2",
+        "data.augment.gamma=0.2",
+    ],
+    "balanced sampler": ["train.sampler=balanced"],
+    "TTA flips (validation)": ["data.augment.tta=flips"],
 }
 SEEDS = (0,)
 
