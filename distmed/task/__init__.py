@@ -8,8 +8,8 @@ data set is. The split follows torchmetrics' Binary/Multiclass/Multilabel AUROC 
 MedMNIST's per-data-set `task` field (`medmnist/info.py`). A task is plain, frozen data, so it
 crosses Ray's process boundaries as it is.
 
-The names below are the package's public API (`from distmed.task import BinaryTask`); they
-also keep Ray Tune state pickled before the split (`distmed.task.BinaryTask`) loadable.
+The names below are the package's public API (`from distmed.task import BinaryTask`, as
+before the split into modules); distmed's own modules import a name from the module that owns it.
 """
 
 from __future__ import annotations
