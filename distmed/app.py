@@ -54,7 +54,7 @@ from distmed.inference import (
 )
 from distmed.modelcard import NOTICE, model_card
 from distmed.savedmodel import SavedModel
-from distmed.task import MultilabelTask
+from distmed.task.multilabel import MultilabelTask
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 UPLOAD_TYPES = [*IMAGE_EXTENSIONS, *DICOM_EXTENSIONS]  # what the decoder reads

@@ -24,7 +24,9 @@ from distmed.metrics import (
     sensitivity_threshold,
     youden_threshold,
 )
-from distmed.task import BinaryTask, MultilabelTask, Task
+from distmed.task.base import Task
+from distmed.task.multilabel import MultilabelTask
+from distmed.task.single import BinaryTask
 
 MAX_FINDINGS = 10_000  # as savedmodel.MAX_CLASSES: bounds what a saved file may list
 

@@ -33,8 +33,10 @@ from distmed.errors import UserError, shorten
 from distmed.loop import checkpoint_bytes
 from distmed.metrics import METRIC_NAMES
 from distmed.resources import WorkerLayout
-from distmed.task import FINDING_AUC_PREFIX as FINDING
-from distmed.task import MULTILABEL_LOSS_REFUSAL, MultilabelTask, Task, task_of_index
+from distmed.task.base import Task
+from distmed.task.factory import task_of_index
+from distmed.task.multilabel import FINDING_AUC_PREFIX as FINDING
+from distmed.task.multilabel import MULTILABEL_LOSS_REFUSAL, MultilabelTask
 from distmed.worker import STATE_FILE, FoldIndices, WorkerConfig, train_folds
 
 log = logging.getLogger(__name__)

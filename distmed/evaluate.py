@@ -76,7 +76,8 @@ from distmed.scorecard import (
     table,
     unscored_reasons,
 )
-from distmed.task import BinaryTask, MultilabelTask
+from distmed.task.multilabel import MultilabelTask
+from distmed.task.single import BinaryTask
 
 log = logging.getLogger(__name__)
 EVALUATION_JSON = "evaluation.json"

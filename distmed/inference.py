@@ -38,7 +38,7 @@ from distmed.model import (
     network_normalization,
 )
 from distmed.savedmodel import SavedModel
-from distmed.task import Task
+from distmed.task.base import Task
 from distmed.tta import average_probabilities
 
 Ensemble = Literal["refit", "folds"]

@@ -34,7 +34,7 @@ from distmed.model import (
     set_train_mode,
 )
 from distmed.sampling import train_sampler
-from distmed.task import Task
+from distmed.task.base import Task
 from distmed.tta import average_probabilities
 
 Precision = Literal["bf16", "fp16", "off"]

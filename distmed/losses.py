@@ -3,8 +3,9 @@
 Owns the loss settings a `Task` builds its loss from (`LossSpec`: label smoothing, focal
 gamma), the softmax losses over K logits that take class indices (N,) or class
 probabilities (N, K) as targets (what mixup and cutmix produce), a sigmoid loss over L
-logits for binary-per-output tasks (BCE or torchvision's `sigmoid_focal_loss`), and
-`BatchMixer`, torchvision's `MixUp`/`CutMix` on a normalised float batch on the device.
+logits for binary-per-output tasks (BCE or torchvision's `sigmoid_focal_loss`), the
+multi-label task's BCE that leaves ignored labels out (`MaskedBCEWithLogits`), and `BatchMixer`,
+torchvision's `MixUp`/`CutMix` on a normalised float batch on the device.
 """
 
 from __future__ import annotations
@@ -90,6 +91,35 @@ class SigmoidLoss(nn.Module):
         return sigmoid_focal_loss(
             logits.float(), soft, alpha=-1, gamma=self.spec.focal_gamma, reduction="mean"
         )
+
+
+class MaskedBCEWithLogits(nn.Module):
+    """Binary cross-entropy with logits per finding, averaged over the known targets only.
+
+    For logits z (N, L) and targets y (N, L) with NaN where a label is ignored, the mask
+    m = [y is not NaN] and, per finding l, `pos_weight` p_l (1 when not given):
+
+        loss = sum_il m_il * -(p_l y_il log s(z_il) + (1 - y_il) log(1 - s(z_il))) / sum_il m_il
+
+    (s the sigmoid; the per-element term is PyTorch's `BCEWithLogitsLoss` with `pos_weight`).
+    A masked entry adds nothing to the loss or its gradient; a batch with every entry masked
+    gives 0.
+    """
+
+    def __init__(self, pos_weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("pos_weight", pos_weight)
+        self.pos_weight: torch.Tensor | None
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        known = ~torch.isnan(targets)
+        per_entry = F.binary_cross_entropy_with_logits(
+            logits.float(),
+            torch.where(known, targets, 0.0).float(),
+            pos_weight=self.pos_weight,
+            reduction="none",
+        )
+        return (per_entry * known).sum() / known.sum().clamp_min(1)
 
 
 class BatchMixer:

@@ -19,7 +19,8 @@ from distmed.inference import TEST_PREDICTIONS
 from distmed.metrics import CI_METRICS
 from distmed.savedmodel import SavedModel, Threshold
 from distmed.summary import RunSummary
-from distmed.task import MultilabelTask, Task, finding_auc_key
+from distmed.task.base import Task
+from distmed.task.multilabel import MultilabelTask, finding_auc_key
 
 NOTICE = "Research tool, not for clinical use."
 CI_RESAMPLES = 1000  # as report.html's intervals, so the two pages quote the same numbers

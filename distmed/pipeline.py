@@ -121,7 +121,9 @@ from distmed.search import (
 from distmed.searchfile import check_new_search, check_same_search
 from distmed.space import SearchSpaceFile
 from distmed.summary import DataSummary, RunSummary
-from distmed.task import BinaryTask, MultilabelTask, Task
+from distmed.task.base import Task
+from distmed.task.multilabel import MultilabelTask
+from distmed.task.single import BinaryTask
 from distmed.tracking import (
     log_search_to_mlflow,
     mlflow_callbacks,

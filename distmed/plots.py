@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 
-from distmed.task import Curve, Task  # noqa: E402
+from distmed.task.base import Curve, Task  # noqa: E402
 
 DPI = 300  # print resolution for the PNGs
 VECTOR_FORMATS = ("svg", "pdf")

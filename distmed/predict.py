@@ -46,7 +46,7 @@ from distmed.inference import (
     saved_threshold,
 )
 from distmed.savedmodel import SavedModel
-from distmed.task import MultilabelTask
+from distmed.task.multilabel import MultilabelTask
 
 FINDING_SEPARATOR = "|"  # predicted_findings, as NIH ChestX-ray14 writes a set
 

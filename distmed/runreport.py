@@ -53,7 +53,8 @@ from distmed.scorecard import (
     unscored_reasons,
 )
 from distmed.summary import DataSummary, RunSummary
-from distmed.task import MultilabelTask, Task, finding_auc_key
+from distmed.task.base import Task
+from distmed.task.multilabel import MultilabelTask, finding_auc_key
 
 log = logging.getLogger(__name__)
 REPORT = "report.html"

@@ -33,14 +33,9 @@ from distmed.data import IMAGENET_MEAN, IMAGENET_STD
 from distmed.data.settings import RESIZE_MODES, DecodeSettings
 from distmed.errors import UserError
 from distmed.model import input_normalization
-from distmed.task import (
-    MISSING_POLICIES,
-    UNCERTAIN_POLICIES,
-    BinaryTask,
-    MulticlassTask,
-    MultilabelTask,
-    Task,
-)
+from distmed.task.base import Task
+from distmed.task.multilabel import MISSING_POLICIES, UNCERTAIN_POLICIES, MultilabelTask
+from distmed.task.single import BinaryTask, MulticlassTask
 
 # 2: a multi-label model (`SavedModel.multilabel`); single-label files are still written as 1,
 # so a distmed that predates multi-label reads them, and refuses a multi-label one in one line

@@ -27,7 +27,9 @@ from sklearn import metrics as skm
 
 from distmed import __version__, plots
 from distmed.metrics import CI_METRICS
-from distmed.task import BinaryTask, MultilabelTask, Task
+from distmed.task.base import Task
+from distmed.task.multilabel import MultilabelTask
+from distmed.task.single import BinaryTask
 
 
 @dataclass(frozen=True)

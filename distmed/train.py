@@ -29,7 +29,7 @@ from distmed.metrics import METRIC_NAMES
 from distmed.model import warn_frozen_random_stages
 from distmed.resources import plan_workers
 from distmed.runlock import hold_results_folder
-from distmed.task import MultilabelTask
+from distmed.task.multilabel import MultilabelTask
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,7 +42,7 @@ from distmed.loop import (
 )
 from distmed.results import write_trial_detail
 from distmed.sharedpass import BatchReader, Routes, run_shared_epoch
-from distmed.task import AnyTask
+from distmed.task.factory import AnyTask
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"

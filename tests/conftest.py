@@ -188,3 +188,62 @@ def saved_record(size: int, class_names: list[str], **changes: Any) -> Any:
         "source": "refit-t1",
     }
     return SavedModel(**(fields | changes))
+
+
+# --------------------------------------------------------------------------- folds without Ray
+# One fold as `distmed.loop` trains it, for the loop's and the recipe's tests (tests/test_loop.py,
+# tests/test_recipe.py). Imports stay inside: collecting a test that needs no torch loads none.
+
+
+def two_class_images(count: int, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """`count` seeded random grey images, uint8 (count, 1, size, size), and their labels
+    0, 1, 0, 1, ... (count,) (`count` even)."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (count, 1, size, size), dtype=np.uint8)
+    return images, np.tile([0, 1], count // 2)
+
+
+def built_fold(
+    cfg: Any, train: range = range(12), val: range = range(12, 16), count: int = 16
+) -> Any:
+    """Fold 0 of a binary task over `two_class_images(count)`, made by `loop.build_fold` from
+    `cfg` on the CPU with batches of 4: images `train` to train on, `val` to validate."""
+    import torch
+
+    from distmed.loop import FoldData, Runtime, build_fold
+    from distmed.task import BinaryTask
+
+    images, labels = two_class_images(count)
+    task = BinaryTask(("negative", "positive"), 1)
+    data = FoldData(0, list(train), list(val), images, labels, task)
+    return build_fold(data, cfg, Runtime(torch.device("cpu")), batch_size=4)
+
+
+def assembled_fold(
+    task: Any,
+    model: Any,
+    optimizer: Any,
+    loss_fn: Any,
+    train_loader: Any,
+    val_loader: Any = None,
+    index: int = 0,
+    accumulate_steps: int = 1,
+) -> Any:
+    """A `loop.FoldRun` of parts the test chose, at a constant learning rate without loss
+    scaling (what `build_fold` would otherwise choose from a config)."""
+    import torch
+
+    from distmed.loop import FoldRun
+
+    return FoldRun(
+        index=index,
+        task=task,
+        model=model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        loss_fn=loss_fn,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        accumulate_steps=accumulate_steps,
+    )

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import assembled_fold, built_fold, two_class_images
 from torch.utils.data import DataLoader
 
 from distmed import loop as fold_loop
@@ -317,23 +318,19 @@ def _real_fold(index: int, lr: float, images, labels) -> FoldRun:
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     train_set = CachedImageDataset(images, labels, np.arange(0, 16))
     val_set = CachedImageDataset(images, labels, np.arange(16, 24))
-    return FoldRun(
+    return assembled_fold(
+        TWO,
+        model,
+        optimizer,
+        torch.nn.CrossEntropyLoss(),
+        DataLoader(train_set, batch_size=4, shuffle=True, drop_last=True),
+        DataLoader(val_set, batch_size=8),
         index=index,
-        task=TWO,
-        model=model,
-        optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0),
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        loss_fn=torch.nn.CrossEntropyLoss(),
-        train_loader=DataLoader(train_set, batch_size=4, shuffle=True, drop_last=True),
-        val_loader=DataLoader(val_set, batch_size=8),
     )
 
 
 def test_absurd_learning_rate_diverges_and_leaves_the_cv_score_undefined():
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (24, 1, 16, 16), dtype=np.uint8)
-    labels = np.tile([0, 1], 12)
+    images, labels = two_class_images(24)
     cfg = ExperimentConfig()
     sane, absurd = _real_fold(0, 1e-3, images, labels), _real_fold(1, 1e12, images, labels)
     for fold in (sane, absurd):
@@ -400,17 +397,7 @@ def test_train_one_epoch_scores_the_logits_of_its_own_steps(tiny_data):
     # lr 0: weights stay put, so each step's logits can be recomputed here afterwards
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     loader = DataLoader(CachedImageDataset(images, labels, np.arange(12)), batch_size=4)
-    fold = FoldRun(
-        index=0,
-        task=THREE,
-        model=model,
-        optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0),
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        loss_fn=torch.nn.CrossEntropyLoss(),
-        train_loader=loader,
-        val_loader=None,
-    )
+    fold = assembled_fold(THREE, model, optimizer, torch.nn.CrossEntropyLoss(), loader)
     got = train_one_epoch(fold, CPU)
 
     set_train_mode(model)  # batch statistics, as during the steps
@@ -449,9 +436,6 @@ def test_a_run_resumed_from_an_older_checkpoint_repeats_the_same_epochs():
     """checkpoint_every=2 and a kill after epoch 3: the resumed run restarts from epoch 2's
     checkpoint and ends with the very weights and history of a run never interrupted
     (shuffling and augmentation are seeded per epoch)."""
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (24, 1, 16, 16), dtype=np.uint8)
-    labels = np.tile([0, 1], 12)
     cfg = ExperimentConfig.model_validate(
         {
             "model": {"weights": "none"},
@@ -459,10 +443,9 @@ def test_a_run_resumed_from_an_older_checkpoint_repeats_the_same_epochs():
             "data": {"image_size": 16, "augment": {"hflip": True, "rotation": 20}},
         }
     )
-    data = fold_loop.FoldData(0, list(range(8)), list(range(16, 24)), images, labels, TWO)
 
     def fresh() -> FoldRun:
-        return fold_loop.build_fold(data, cfg, CPU, batch_size=4)
+        return built_fold(cfg, range(8), range(16, 24), count=24)
 
     straight = fresh()
     _epochs(straight, cfg, range(4))

@@ -13,8 +13,9 @@ from distmed import loop as fold_loop
 from distmed.config import ExperimentConfig
 from distmed.cv import _to_cv_result, thin_validation_folds
 from distmed.loop import Runtime, run_fold_epoch
+from distmed.losses import MaskedBCEWithLogits
 from distmed.results import oof_predictions, read_trial_detail, write_trial_detail
-from distmed.task import MaskedBCEWithLogits, MultilabelTask, finding_auc_key
+from distmed.task import MultilabelTask, finding_auc_key
 
 FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Edema")
 CPU = Runtime(torch.device("cpu"))

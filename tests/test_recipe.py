@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import saved_record
+from conftest import assembled_fold, built_fold, saved_record, two_class_images
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -21,11 +21,9 @@ from distmed.data import CachedImageDataset
 from distmed.errors import UserError
 from distmed.inference import build_network, input_stats, load_inference_model
 from distmed.loop import (
-    FoldData,
     FoldRun,
     Runtime,
     accumulation_plan,
-    build_fold,
     build_loss,
     evaluate,
     param_groups,
@@ -132,20 +130,12 @@ def test_sigmoid_focal_loss_at_gamma_zero_is_binary_cross_entropy():
 # --------------------------------------------------------------------------- folds
 
 
-def _fold(cfg: ExperimentConfig, count: int = 16) -> FoldRun:
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (count, 1, 16, 16), dtype=np.uint8)
-    labels = np.tile([0, 1], count // 2)
-    data = FoldData(0, list(range(count - 4)), list(range(count - 4, count)), images, labels, TWO)
-    return build_fold(data, cfg, CPU, batch_size=4)
-
-
 def test_ema_after_one_step_is_the_formula_and_is_what_is_validated_and_saved():
     decay = 0.9
     cfg = ExperimentConfig.model_validate(
         {"model": {"weights": "none"}, "train": {"ema_decay": decay}, "data": {"augment": {}}}
     )
-    fold = _fold(cfg)
+    fold = built_fold(cfg)
     assert fold.ema is not None
     before = {k: v.clone() for k, v in unwrap(fold.model).state_dict().items()}
     images, labels, _ = next(iter(fold.train_loader))
@@ -166,7 +156,7 @@ def test_ema_after_one_step_is_the_formula_and_is_what_is_validated_and_saved():
     assert all(torch.equal(state["model"][k], v) for k, v in ema.items())
     assert evaluate(fold, CPU) is not None and fold.eval_model is fold.ema.module
     # a resumed fold gets both back
-    other = _fold(cfg)
+    other = built_fold(cfg)
     other.load_state_dict(state)
     assert all(torch.equal(other.ema.module.state_dict()[k], v) for k, v in ema.items())
     assert int(other.ema.n_averaged) == int(fold.ema.n_averaged) == 2
@@ -202,7 +192,7 @@ def test_layer_decay_reaches_the_optimizer_through_build_fold():
     cfg = ExperimentConfig.model_validate(
         {"model": {"weights": "none"}, "optim": {"lr": 0.01, "layer_decay": 0.5}}
     )
-    fold = _fold(cfg)
+    fold = built_fold(cfg)
     initial = sorted(g["initial_lr"] for g in fold.optimizer.param_groups)
     assert initial == pytest.approx([0.01 * 0.5**k for k in range(5, -1, -1)])
 
@@ -226,24 +216,12 @@ def _plain_fold(batch_size: int, accumulate: int, images, labels) -> FoldRun:
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     loader = DataLoader(CachedImageDataset(images, labels, np.arange(len(labels))), batch_size)
-    return FoldRun(
-        index=0,
-        task=TWO,
-        model=model,
-        optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0),
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        loss_fn=build_loss(TrainConfig(), labels, TWO, "cpu"),
-        train_loader=loader,
-        val_loader=None,
-        accumulate_steps=accumulate,
-    )
+    loss = build_loss(TrainConfig(), labels, TWO, "cpu")
+    return assembled_fold(TWO, model, optimizer, loss, loader, accumulate_steps=accumulate)
 
 
 def test_accumulating_k_batches_of_b_is_one_step_of_a_batch_of_k_times_b():
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (16, 1, 8, 8), dtype=np.uint8)
-    labels = np.tile([0, 1], 8)
+    images, labels = two_class_images(16, size=8)
     whole, parts = _plain_fold(8, 1, images, labels), _plain_fold(2, 4, images, labels)
     train_one_epoch(whole, CPU)
     train_one_epoch(parts, CPU)
@@ -337,7 +315,7 @@ def test_a_fold_trains_with_every_loss_element_on():
             },
         }
     )
-    fold = _fold(cfg)
+    fold = built_fold(cfg)
     assert fold.mixer is not None and fold.accumulate_steps == 2
     result = train_one_epoch(fold, CPU)
     assert np.isfinite(result["loss"]) and 0 <= result["accuracy"] <= 1
