@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,11 +32,18 @@ from distmed.data.settings import DecodeSettings
 from distmed.data.volumes import suffix_of
 from distmed.errors import UserError
 
+if TYPE_CHECKING:
+    from distmed.config import DataConfig
+    from distmed.data.index import Split
+
 # Files per Ray Data block, so per decoding task: enough to amortise a task's start, few
 # enough that every node gets work and one task's output stays a few MB at 224 px.
 DECODE_CHUNK = 64
 # Batches each worker's iterator decodes ahead of the step (Ray Data's prefetch_batches).
 PREFETCH_BATCHES = 4
+# A streamed row's channels (`stream_row`): what `best_model.pt` records as the layout the
+# model was trained from (a grey image's cached row has 1; the model input is the same).
+STREAM_CHANNELS = 3
 
 
 class StreamSpec(BaseModel):
@@ -52,6 +59,34 @@ class StreamSpec(BaseModel):
     options: DecodeSettings
     decode_cpus: float = Field(1.0, gt=0)
     prefetch_batches: int = Field(PREFETCH_BATCHES, ge=1)
+
+
+def split_stream(
+    split: Split, options: DecodeSettings, decode_cpus: float, source: str
+) -> StreamSpec:
+    """The `StreamSpec` of a split's image files (local paths or URIs), in its order;
+    `source` names the data source in the refusal.
+
+    Raises:
+        UserError: the split holds in-memory arrays (an .npz), which only the cache reads.
+    """
+    if split.uris is not None:
+        paths = list(split.uris)
+    elif split.paths is not None:
+        paths = [str(p) for p in split.paths]
+    else:
+        raise UserError(
+            f"data.loader: stream reads image files; {source} holds its images in an "
+            "array (.npz): use data.loader: cache"
+        )
+    return StreamSpec(paths=paths, options=options, decode_cpus=decode_cpus)
+
+
+def decode_reserve(data: DataConfig) -> float:
+    """CPUs to keep out of the Train workers' share: one decoding task's under
+    `data.loader: stream` (else the workers could hold every CPU while waiting for rows that
+    no task can decode), none for the cache."""
+    return data.stream_decode_cpus if data.loader == "stream" else 0.0
 
 
 def is_uri(path: str) -> bool:
