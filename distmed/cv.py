@@ -460,11 +460,6 @@ def prepare_data(
                 "findings per image use data.loader: cache"
             )
         return _prepare_stream(cfg, scanned, assignment, batch_sizes, said)
-    if scanned.pool.uris is not None:
-        raise UserError(
-            f"data.root {cfg.data.root}: images in object storage are read by the streamed "
-            "loader; set data.loader: stream"
-        )
     cache = build_cache(scanned, cfg.data)
     index = drop_samples(scanned, cache.skipped)
     if index.skipped:

@@ -195,8 +195,9 @@ def test_a_folder_behind_a_uri_is_listed_not_read_and_streams_like_its_local_twi
     again = scan_source(cfg.data)
     (root / "pos" / "p02_img04.png").write_bytes((root / "pos" / "p00_img00.png").read_bytes())
     assert scan_source(cfg.data).fingerprint != again.fingerprint  # an object changed
-    with pytest.raises(UserError, match="set data.loader: stream"):
-        prepare_data(_config(uri), index)
+    cached = prepare_data(_config(uri, cache_dir=str(tmp_path / "c")), index)  # the cache too
+    streamed = decode_batch(local, options)["image"]
+    np.testing.assert_array_equal(np.load(cached.cache.pool_path)[:, 0], streamed[:, 0])
 
 
 def test_images_in_an_s3_bucket_train_every_fold_without_a_local_copy(

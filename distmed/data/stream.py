@@ -17,19 +17,15 @@ channel; `to_model_input` expands it to the same model input).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from distmed.data.decode import try_decode
+from distmed.data.objects import readable_file
 from distmed.data.settings import DecodeSettings
-from distmed.data.volumes import suffix_of
 from distmed.errors import UserError
 
 if TYPE_CHECKING:
@@ -87,32 +83,6 @@ def decode_reserve(data: DataConfig) -> float:
     `data.loader: stream` (else the workers could hold every CPU while waiting for rows that
     no task can decode), none for the cache."""
     return data.stream_decode_cpus if data.loader == "stream" else 0.0
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-@contextmanager
-def readable_file(path: str) -> Iterator[Path]:
-    """A local path to the file at `path`: itself, or for a URI a temporary copy (same suffix,
-    so the decoder's rules by suffix hold) read through pyarrow's filesystem for its scheme,
-    with the credentials of this node's default chain (environment, profile, instance role).
-    """
-    if not is_uri(path):
-        yield Path(path)
-        return
-    from pyarrow import fs
-
-    filesystem, inner = fs.FileSystem.from_uri(path)
-    handle, name = tempfile.mkstemp(suffix=suffix_of(Path(inner)), prefix="distmed-stream-")
-    try:
-        with os.fdopen(handle, "wb") as out, filesystem.open_input_stream(inner) as source:
-            while chunk := source.read(1 << 20):
-                out.write(chunk)
-        yield Path(name)
-    finally:
-        os.unlink(name)
 
 
 def stream_row(image: np.ndarray) -> np.ndarray:
