@@ -423,14 +423,16 @@ class PreparedData:
     test_gaps: str | None = None  # `gaps_in_test_split`' warning
     test_stream: StreamSpec | None = None  # data.loader stream: the test split's files
 
-    def test_images(self) -> Path | StreamSpec | None:
-        """The test split to score: its decoded cache file, its stream, or None (no split)."""
-        return self.cache.test_path if self.cache is not None else self.test_stream
 
-    def channels(self) -> int:
-        """Channels of the images the model trained from (`savedmodel.preprocessing_for`):
-        the cache's (1 for an all-grey set, else 3), or a streamed row's."""
-        return self.cache.channels if self.cache is not None else STREAM_CHANNELS
+def held_out_images(data: PreparedData) -> Path | StreamSpec | None:
+    """The test split to score: its decoded cache file, its stream, or None (no split)."""
+    return data.cache.test_path if data.cache is not None else data.test_stream
+
+
+def trained_channels(data: PreparedData) -> int:
+    """Channels of the images the model trains from (`savedmodel.preprocessing_for`): the
+    cache's (1 for an all-grey set, else 3), or a streamed row's."""
+    return data.cache.channels if data.cache is not None else STREAM_CHANNELS
 
 
 def prepare_data(

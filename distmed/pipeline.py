@@ -53,10 +53,12 @@ from distmed.config import CVConfig, ExperimentConfig
 from distmed.cv import (
     FoldPlan,
     PreparedData,
+    held_out_images,
     prepare_data,
     score_caveat,
     share_images,
     storage_uri,
+    trained_channels,
 )
 from distmed.data import describe_index, inspect_data, scan_source
 from distmed.data.remote import bucket_summary
@@ -504,7 +506,7 @@ def finalize(
             state,
             chosen,
             task,
-            data.channels(),
+            trained_channels(data),
             run_name,
             folds=folds,
             fold_states=fold_states,
@@ -585,8 +587,8 @@ def operating_threshold(
 def score_test(path: Path, data: PreparedData, local: Path) -> dict[str, Any]:
     """The test split scored once per saved ensemble (its predictions kept for the report);
     empty when the source has no test split."""
-    test_images = data.test_images()  # a cache file, or the files streamed
-    if test_images is None:
+    test_split = held_out_images(data)  # a cache file, or the files streamed
+    if test_split is None:
         return {}
     choices: list[tuple[Ensemble, str, str]] = [
         ("refit", "test_metrics", TEST_PREDICTIONS),
@@ -599,7 +601,7 @@ def score_test(path: Path, data: PreparedData, local: Path) -> dict[str, Any]:
             continue
         model, _ = load_inference_model(path, ensemble)
         labels = data.plan.task.targets(data.index.test.labels)  # a multi-label task's policies
-        out[key] = evaluate_test(model, test_images, labels, data.plan.task, save_to=local / file)
+        out[key] = evaluate_test(model, test_split, labels, data.plan.task, save_to=local / file)
     return out
 
 

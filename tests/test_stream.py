@@ -16,7 +16,7 @@ from test_concurrent_ray import BUCKET, s3_server  # noqa: F401  (a fixture)
 
 from distmed import sharedpass
 from distmed.config import ExperimentConfig
-from distmed.cv import fold_specs, make_folds, prepare_data
+from distmed.cv import fold_specs, held_out_images, make_folds, prepare_data, trained_channels
 from distmed.data import build_cache, load_cached, scan_source
 from distmed.data.stream import StreamSpec, decode_batch, epoch_positions
 from distmed.errors import UserError
@@ -131,7 +131,7 @@ def test_one_shared_pass_trains_each_fold_on_its_rows_only_and_scores_each_image
     prepared = prepare_data(cfg, scan_source(cfg.data))
     plan = prepared.plan
     assert prepared.cache is None and plan.stream is not None and plan.images_path == ""
-    assert prepared.test_images() is None  # no test split here
+    assert held_out_images(prepared) is None  # no test split here
     assert len(plan.stream.paths) == 24
     labels = np.asarray(plan.labels)
     routes = Routes.of([(f["train"], f["val"]) for f in plan.folds], len(labels))
@@ -256,10 +256,10 @@ def test_a_streamed_test_split_is_scored_once_per_image_in_the_caches_order(tmp_
     root = _split_folder(tmp_path / "d")
     streamed = prepare_data(_config(root, loader="stream"), scan_source(_config(root).data))
     cached = prepare_data(_config(root), scan_source(_config(root).data))
-    spec = streamed.test_images()
+    spec = held_out_images(streamed)
     assert isinstance(spec, StreamSpec) and len(spec.paths) == 7
     assert spec.paths == [str(p) for p in cached.index.test.paths]  # the cache's order
-    assert streamed.channels() == 3 and cached.channels() == 1
+    assert trained_channels(streamed) == 3 and trained_channels(cached) == 1
     options = spec.options.model_dump(mode="json")
     rows = decode_batch({"position": np.arange(7), "path": np.array(spec.paths)}, options)
     images = rows["image"]  # the streamed rows, decoded by the Ray Data map function
