@@ -17,6 +17,7 @@ channel; `to_model_input` expands it to the same model input).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -138,20 +139,19 @@ def epoch_positions(
 def stream_dataset(spec: StreamSpec, positions: np.ndarray, decoder: Any = decode_batch) -> Any:
     """The Ray Data dataset of `positions` (in that order): rows {position, image (3, S, S)}.
 
-    One block of DECODE_CHUNK files per decoding task, each task reserving
+    One block of at most DECODE_CHUNK files per decoding task, each task reserving
     `spec.decode_cpus`; Ray Data spreads its tasks over the nodes (its default, SPREAD; Ray
     2.60 deprecates setting it). The order is kept (`preserve_order`). `decoder`: the map
     function, `decode_batch` (a benchmark wraps it to see where it ran).
     """
-    import pyarrow as pa
     import ray.data
 
-    paths = [spec.paths[int(p)] for p in positions]
-    tables = [
-        pa.table({"position": positions[i : i + DECODE_CHUNK], "path": paths[i : i + DECODE_CHUNK]})
-        for i in range(0, len(positions), DECODE_CHUNK)
-    ]
-    dataset = ray.data.from_arrow(tables).map_batches(
+    rows = [{"position": int(p), "path": spec.paths[int(p)]} for p in positions]
+    # from_items builds the blocks in this process; from_arrow would run a 1-CPU metadata
+    # task per block, which never starts where trials and workers leave every node less
+    # than a whole free CPU (a streamed search): only the decoding tasks need CPUs.
+    blocks = max(1, math.ceil(len(rows) / DECODE_CHUNK))
+    dataset = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
         decoder,
         fn_kwargs={"options": spec.options.model_dump(mode="json")},
         batch_size=None,  # one block, one task
