@@ -13,16 +13,18 @@ import torch
 from conftest import write_image_folder
 from PIL import Image
 from test_concurrent_ray import BUCKET, s3_server  # noqa: F401  (a fixture)
+from test_gpu_path import fake_cluster  # noqa: F401  (a fixture)
 
 from distmed import sharedpass
-from distmed.config import ExperimentConfig
+from distmed.config import DataConfig, ExperimentConfig, ScalingSection
 from distmed.cv import fold_specs, held_out_images, make_folds, prepare_data, trained_channels
 from distmed.data import build_cache, load_cached, scan_source
-from distmed.data.stream import StreamSpec, decode_batch, epoch_positions
+from distmed.data.stream import StreamSpec, decode_batch, decode_reserve, epoch_positions
 from distmed.errors import UserError
 from distmed.inference import InferenceModel, predict_cached, predict_streamed
 from distmed.loop import FoldData, Runtime, build_fold
 from distmed.model import build_model
+from distmed.resources import concurrency_limit, plan_workers
 from distmed.sharedpass import Routes, array_reader, run_shared_epoch
 from distmed.task import BinaryTask
 
@@ -314,3 +316,19 @@ def test_a_streamed_refit_trains_one_model_on_every_image_and_validates_none(tmp
     record = fold.history[-1]
     assert record["epoch"] == 1 and np.isfinite(record["train_loss"])
     assert not any(key.startswith("val_") for key in record)
+
+
+def test_a_streamed_run_keeps_one_decoding_task_s_cpus_out_of_the_workers_reach(
+    fake_cluster,  # noqa: F811  (the fixture imported above)
+):
+    """Workers that held every CPU would wait forever for rows no task can decode: a
+    streamed run, search or refit leaves `data.stream_decode_cpus` out; the cache nothing."""
+    stream = DataConfig(loader="stream", stream_decode_cpus=1.5)
+    assert decode_reserve(stream) == 1.5 and decode_reserve(DataConfig()) == 0.0
+    fake_cluster([{"CPU": 4}])
+    two = ScalingSection(num_workers=2)
+    assert plan_workers(two).cpus_per_worker == 2.0
+    assert plan_workers(two, reserve_cpus=decode_reserve(stream)).cpus_per_worker == 1.25
+    one = ScalingSection(num_workers=1, cpus_per_worker=1)
+    assert concurrency_limit(8, 8, one) == 3  # 4 CPUs // 1.01 (a trial's own sliver)
+    assert concurrency_limit(8, 8, one, decode_reserve(stream)) == 2  # 2.5 // 1.01
