@@ -332,3 +332,15 @@ def test_a_streamed_run_keeps_one_decoding_task_s_cpus_out_of_the_workers_reach(
     one = ScalingSection(num_workers=1, cpus_per_worker=1)
     assert concurrency_limit(8, 8, one) == 3  # 4 CPUs // 1.01 (a trial's own sliver)
     assert concurrency_limit(8, 8, one, decode_reserve(stream)) == 2  # 2.5 // 1.01
+
+
+def test_the_report_of_a_streamed_test_split_says_why_it_has_no_gradcam(tmp_path: Path):
+    """No decoded copy of a streamed test split is kept (`evaluate_test` saves "" as its
+    images): the report says so instead of looking for a cache file."""
+    from types import SimpleNamespace
+
+    from distmed import runreport
+
+    run = SimpleNamespace(test={"images_path": np.array("")})
+    section = runreport.gradcam_section(run, tmp_path, None)  # type: ignore[arg-type]
+    assert "streamed (data.loader: stream)" in section and "Grad-CAM skipped" in section
