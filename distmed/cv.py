@@ -28,7 +28,7 @@ from distmed.artifacts import check_free_space, delete_partial_checkpoints
 from distmed.config import CVConfig, ExperimentConfig
 from distmed.cvstats import corrected_standard_error
 from distmed.data import CachedData, DataIndex, Split, build_cache, drop_samples
-from distmed.data.stream import StreamSpec
+from distmed.data.stream import STREAM_CHANNELS, StreamSpec, split_stream
 from distmed.errors import UserError, shorten
 from distmed.loop import checkpoint_bytes
 from distmed.metrics import METRIC_NAMES
@@ -423,6 +423,18 @@ class PreparedData:
     plan: FoldPlan
     thin_folds: str | None = None  # `thin_validation_folds`' warning
     test_gaps: str | None = None  # `gaps_in_test_split`' warning
+    test_stream: StreamSpec | None = None  # data.loader stream: the test split's files
+
+
+def held_out_images(data: PreparedData) -> Path | StreamSpec | None:
+    """The test split to score: its decoded cache file, its stream, or None (no split)."""
+    return data.cache.test_path if data.cache is not None else data.test_stream
+
+
+def trained_channels(data: PreparedData) -> int:
+    """Channels of the images the model trains from (`savedmodel.preprocessing_for`): the
+    cache's (1 for an all-grey set, else 3), or a streamed row's."""
+    return data.cache.channels if data.cache is not None else STREAM_CHANNELS
 
 
 def prepare_data(
@@ -452,11 +464,6 @@ def prepare_data(
                 "findings per image use data.loader: cache"
             )
         return _prepare_stream(cfg, scanned, assignment, batch_sizes, said)
-    if scanned.pool.uris is not None:
-        raise UserError(
-            f"data.root {cfg.data.root}: images in object storage are read by the streamed "
-            "loader; set data.loader: stream"
-        )
     cache = build_cache(scanned, cfg.data)
     index = drop_samples(scanned, cache.skipped)
     if index.skipped:
@@ -493,20 +500,12 @@ def _prepare_stream(
 ) -> PreparedData:
     """The plan of a streamed run: folds and file names, nothing decoded here (the workers'
     Ray Data tasks decode, `distmed.data.stream`)."""
-    pool = index.pool
-    if pool.uris is None and pool.paths is None:
-        raise UserError(
-            f"data.loader: stream reads image files; {index.name} holds its images in an "
-            "array (.npz): use data.loader: cache"
-        )
-    stream = StreamSpec(
-        paths=pool.uris if pool.uris is not None else [str(p) for p in pool.paths or []],
-        options=cfg.data.decode_settings(),
-        decode_cpus=cfg.data.stream_decode_cpus,
-    )
+    options, cpus = cfg.data.decode_settings(), cfg.data.stream_decode_cpus
+    stream = split_stream(index.pool, options, cpus, index.name)
+    test = None if index.test is None else split_stream(index.test, options, cpus, index.name)
     plan = FoldPlan(
         images_path="",
-        labels=pool.labels.tolist(),
+        labels=index.pool.labels.tolist(),
         task=task_of_index(index, cfg.data, cfg.cv.folds),
         folds=fold_specs(assignment, cfg.cv.folds),
         folds_per_repeat=cfg.cv.folds,
@@ -514,17 +513,7 @@ def _prepare_stream(
     )
     for size in batch_sizes or [cfg.train.batch_size]:
         check_batch_fits(size, plan.smallest_train_fold())
-    return PreparedData(index, None, assignment, plan, *said)
-
-
-def require_cache(data: PreparedData, what: str) -> CachedData:
-    """The decoded cache of `data`, or a one-line refusal naming what needs it."""
-    if data.cache is None:
-        raise UserError(
-            f"{what} reads the decoded cache; data.loader: stream runs cross-validation "
-            "(distmed.train) only in this version: use data.loader: cache"
-        )
-    return data.cache
+    return PreparedData(index, None, assignment, plan, *said, test_stream=test)
 
 
 def _warn_few_images(

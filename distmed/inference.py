@@ -10,7 +10,7 @@ the search's test evaluation all go through it, so they agree.
 
 Also what every consumer of such a model shares: the device, file-by-file prediction
 (`predict_batches`), the decision at the saved threshold, Grad-CAM overlays, and the one
-evaluation of a decoded split (`evaluate_test`).
+evaluation of a decoded or streamed split (`evaluate_test`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from torch.utils.data import DataLoader
 from distmed.artifacts import atomic_path
 from distmed.config import AugmentConfig, ModelConfig
 from distmed.data import DecodeSettings, load_cached, try_decode
+from distmed.data.stream import StreamSpec, stream_batches
 from distmed.errors import UserError, first_line
-from distmed.loop import Runtime, fold_dataset, predict
+from distmed.loop import Runtime, fold_dataset, predict, predict_batch
 from distmed.model import (
     NORMALIZATION_ATTRIBUTE,
     build_model,
@@ -38,6 +39,7 @@ from distmed.model import (
     network_normalization,
 )
 from distmed.savedmodel import SavedModel
+from distmed.sharedpass import BatchReader
 from distmed.task.base import Task
 from distmed.tta import average_probabilities
 
@@ -357,9 +359,48 @@ def predict_cached(
     return truth, probs
 
 
+@torch.no_grad()
+def predict_streamed(
+    model: torch.nn.Module,
+    spec: StreamSpec,
+    task: Task,
+    device: torch.device,
+    labels: np.ndarray,
+    positions: np.ndarray | None = None,
+    batch_size: int = 256,
+    read: BatchReader | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities (N, K)) of the streamed images at `positions` (default all),
+    in position order, as `predict_cached` gives them for the cache.
+
+    Ray Data tasks decode the files (`stream.stream_batches`) and this process predicts
+    batch by batch as they arrive, so it holds a few batches, never the split. `read`: the
+    `sharedpass.BatchReader` (default the stream; tests pass an in-memory one).
+
+    Raises:
+        RuntimeError: the batches did not cover every position exactly once.
+    """
+    chosen = np.arange(len(spec.paths)) if positions is None else np.asarray(positions)
+    if read is None:
+        read = lambda order: stream_batches(spec, order, batch_size)  # noqa: E731
+    runtime = Runtime(device, mean=input_stats(model)[0], std=input_stats(model)[1])
+    model = model.to(device).eval()
+    found: list[np.ndarray] = []
+    parts: list[torch.Tensor] = []
+    for images, rows in read(chosen):
+        parts.append(predict_batch(model, images, runtime, task, tta_of(model)))
+        found.append(rows.numpy())
+    seen = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+    if not np.array_equal(np.sort(seen), np.sort(chosen)):  # never score an image twice
+        raise RuntimeError(f"the stream gave {len(seen)} rows for {len(chosen)} images")
+    by_position = np.argsort(seen, kind="stable")
+    probs = torch.cat(parts).numpy() if parts else np.zeros((0, task.num_outputs))
+    return np.asarray(labels)[seen[by_position]], probs[by_position]
+
+
 def evaluate_test(
     model: torch.nn.Module,
-    test_images_path: Path,
+    test_images: Path | StreamSpec,
     labels: np.ndarray,
     task: Task,
     save_to: Path | None = None,
@@ -367,16 +408,22 @@ def evaluate_test(
 ) -> dict[str, float]:
     """Metrics on the held-back test split, computed once, in this process.
 
-    `save_to` also keeps the predictions (labels, probabilities, decoded-image file) in an
-    .npz, so the report plots them without touching the test split again. `indices`: score
-    only these positions of the decoded images (a nested search's outer validation part of
-    the pool cache); `labels` are then the labels of every cached image.
+    `test_images`: its decoded cache file, or its files streamed (`data.loader: stream`,
+    `predict_streamed`). `save_to` also keeps the predictions (labels, probabilities, the
+    decoded-image file, "" for a stream) in an .npz, so the report plots them without
+    touching the test split again. `indices`: score only these positions (a nested search's
+    outer validation part of the pool); `labels` are then the labels of every pool image.
     """
     device = choose_device()
-    truth, probs = predict_cached(model, test_images_path, task, device, labels, indices)
+    if isinstance(test_images, StreamSpec):
+        truth, probs = predict_streamed(model, test_images, task, device, labels, indices)
+        images_path = ""  # nothing decoded is kept (the report says so)
+    else:
+        truth, probs = predict_cached(model, test_images, task, device, labels, indices)
+        images_path = str(test_images)
     if save_to is not None:
         with atomic_path(save_to) as tmp, tmp.open("wb") as handle:  # a name gets .npz added
-            np.savez(handle, labels=truth, probs=probs, images_path=str(test_images_path))
+            np.savez(handle, labels=truth, probs=probs, images_path=images_path)
     metrics = task.metrics(truth, probs)
     metrics["num_samples"] = len(truth)
     return metrics

@@ -191,7 +191,7 @@ def score_outer_fold(
     labels = np.asarray(inner.labels)
     metrics = evaluate_test(
         InferenceModel([network], tta=chosen.data.augment).eval(),
-        Path(inner.images_path),
+        inner.stream or Path(inner.images_path),  # the pool's stream, or its cache file
         labels,
         inner.task,
         indices=val_idx,

@@ -53,14 +53,16 @@ from distmed.config import CVConfig, ExperimentConfig
 from distmed.cv import (
     FoldPlan,
     PreparedData,
+    held_out_images,
     prepare_data,
-    require_cache,
     score_caveat,
     share_images,
     storage_uri,
+    trained_channels,
 )
 from distmed.data import describe_index, inspect_data, scan_source
 from distmed.data.remote import bucket_summary
+from distmed.data.stream import decode_reserve
 from distmed.errors import EXIT_INTERRUPTED, UserError
 from distmed.failures import failed_path, one_line_write_failures, out_of_space, write_failure
 from distmed.importance import importance_text, param_importances
@@ -365,8 +367,11 @@ def _fit_tuner(
     """The Tuner's ResultGrid and the sampler's settings; `ctx.local` is where W&B keeps
     its files."""
     search = spec.search
-    concurrent = concurrency_limit(search.max_concurrent, search.num_samples, spec.base.scaling)
-    layout = plan_workers(spec.base.scaling, concurrent=concurrent)
+    reserve = decode_reserve(spec.base.data)  # a stream's decoding tasks need a CPU
+    concurrent = concurrency_limit(
+        search.max_concurrent, search.num_samples, spec.base.scaling, reserve
+    )
+    layout = plan_workers(spec.base.scaling, concurrent=concurrent, reserve_cpus=reserve)
     context = TrialContext(
         spec.base.model_dump(mode="json"),
         data.plan,
@@ -503,7 +508,7 @@ def finalize(
             state,
             chosen,
             task,
-            require_cache(data, "the refit's saved model").channels,
+            trained_channels(data),
             run_name,
             folds=folds,
             fold_states=fold_states,
@@ -535,7 +540,7 @@ def refit_chosen(
     would try to resume it (a `--resume` after best_model.pt was deleted); an interrupted
     refit's checkpoint is resumed."""
     remove_run_without_checkpoints(f"{uri}/refit/{run_name}")
-    layout = plan_workers(chosen.scaling)
+    layout = plan_workers(chosen.scaling, reserve_cpus=decode_reserve(chosen.data))
     wait_for_free_resources(layout, what)
     with _ray_compat.train_keeps_ctrl_c():  # Ctrl-C stops at once (`after_search`)
         return refit(chosen, plan, layout, f"{uri}/refit", run_name, epochs, show_line)
@@ -584,8 +589,8 @@ def operating_threshold(
 def score_test(path: Path, data: PreparedData, local: Path) -> dict[str, Any]:
     """The test split scored once per saved ensemble (its predictions kept for the report);
     empty when the source has no test split."""
-    test_path = require_cache(data, "the test split's scoring").test_path
-    if test_path is None:
+    test_split = held_out_images(data)  # a cache file, or the files streamed
+    if test_split is None:
         return {}
     choices: list[tuple[Ensemble, str, str]] = [
         ("refit", "test_metrics", TEST_PREDICTIONS),
@@ -598,7 +603,7 @@ def score_test(path: Path, data: PreparedData, local: Path) -> dict[str, Any]:
             continue
         model, _ = load_inference_model(path, ensemble)
         labels = data.plan.task.targets(data.index.test.labels)  # a multi-label task's policies
-        out[key] = evaluate_test(model, test_path, labels, data.plan.task, save_to=local / file)
+        out[key] = evaluate_test(model, test_split, labels, data.plan.task, save_to=local / file)
     return out
 
 

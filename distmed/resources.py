@@ -265,14 +265,17 @@ def plan_workers(
     )
 
 
-def concurrency_limit(requested: int, num_samples: int, cfg: ScalingSection) -> int:
+def concurrency_limit(
+    requested: int, num_samples: int, cfg: ScalingSection, reserve_cpus: float = 0.0
+) -> int:
     """How many trials can train side by side: never more than the cluster's devices hold.
 
     Each trial's workers need their CPUs (and GPUs); the trial's own driver is idle while
     its workers train and reserves only a sliver of a CPU, so it never blocks them.
+    `reserve_cpus` stay out of every trial's reach (a streamed search's decoding tasks).
     """
     total = cluster_capacity()
-    cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
+    cpus, gpus = float(total.get("CPU", 0)) - reserve_cpus, float(total.get("GPU", 0))
     per_trial_cpus = cfg.num_workers * (cfg.cpus_per_worker or 1.0) + TRIAL_CPU
     fits = int(cpus // per_trial_cpus) if cfg.cpus_per_worker else int(cpus // cfg.num_workers)
     if _want_gpu(cfg, gpus):

@@ -550,6 +550,12 @@ def gradcam_section(run: RunData, figures: Path, threshold: Threshold | None) ->
     title = "<h2>Grad-CAM (test split)</h2>"
     if run.test is None:
         return ""
+    if not str(run.test["images_path"]):  # `inference.evaluate_test` of a streamed split
+        return (
+            f"{title}<p>The test split was streamed (data.loader: stream): no decoded copy "
+            "is kept to draw from; Grad-CAM skipped (distmed.predict --gradcam DIR draws it for "
+            "any file).</p>"
+        )
     images_path = Path(str(run.test["images_path"]))
     if not images_path.is_file():
         return (

@@ -24,6 +24,7 @@ from distmed.cli import add_common_options, overrides_from_args, run_command
 from distmed.config import ExperimentConfig, dump_config, load_config
 from distmed.cv import CVResult, cross_validate, finding_auc_text, score_caveat
 from distmed.data import DataIndex, describe_index
+from distmed.data.stream import decode_reserve
 from distmed.errors import UserError
 from distmed.metrics import METRIC_NAMES
 from distmed.model import warn_frozen_random_stages
@@ -76,9 +77,7 @@ def _run(args: argparse.Namespace) -> int:
     output.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, output / "config.yaml")
     plan = pipeline.connect(prepared.data, args.address).plan
-    # A stream decodes in Ray Data tasks: keep one task's CPUs out of the workers' share.
-    reserve = cfg.data.stream_decode_cpus if cfg.data.loader == "stream" else 0.0
-    layout = plan_workers(cfg.scaling, reserve_cpus=reserve)
+    layout = plan_workers(cfg.scaling, reserve_cpus=decode_reserve(cfg.data))
     print(
         f"distmed {__version__}: {index.name}, {len(index.pool)} images, "
         f"{len(index.class_names)} classes, "

@@ -23,7 +23,6 @@ from distmed.cli import (
     resume_command,
     run_command,
 )
-from distmed.cv import require_cache
 from distmed.errors import UserError
 from distmed.nested import NestedRun, outer_assignment, run_nested
 from distmed.searchfile import check_same_images, record_search
@@ -139,7 +138,6 @@ def _run(args: argparse.Namespace) -> int:
     ctx = _context(args)
     record = pipeline.claim(ctx, spec, args.nested, args.force_unlock, args.locks)
     prepared = pipeline.prepare(spec.base, pipeline.batch_sizes(spec))
-    require_cache(prepared.data, "a search (its refit and test split)")
     if record is not None:  # a resumed search: on the images it started with
         check_same_images(ctx.experiment_uri, record, prepared.data.index)
     warm = pipeline.warm_start(args.warm_start, spec, prepared, ctx, args.nested)

@@ -281,18 +281,25 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_streamed_cv_on_three_nodes_matches_the_cached_run(
+def test_streamed_cv_and_search_on_three_nodes_match_the_cached_run(
     second_node: str, ray_session, tmp_path: Path
 ):
     """`data.loader: stream` on three nodes (a third, with a small object store, joins for
     this test): the same folds as the cached run, the same pixels through Ray Data (bit for
     bit), each validation image scored once, and a CV ROC-AUC within noise of the cached
-    run's; the images are read through a URI (file://), as from a bucket."""
+    run's; the images are read through a URI (file://), as from a bucket. Then a streamed
+    search (`distmed.tune`, 2 trials side by side): its trials, its refit and its test split
+    all run from the stream; the test split is scored once per image, in the cache's order,
+    with the probabilities the saved model gives the cached test images."""
+    from distmed import tune
     from distmed.cv import cross_validate, prepare_data
     from distmed.data.stream import stream_batches
+    from distmed.inference import load_inference_model, predict_cached
     from distmed.resources import WorkerLayout
 
-    data = write_image_folder(tmp_path / "data", {"neg": 16, "pos": 17}, size=32)
+    data = tmp_path / "data"
+    write_image_folder(data / "train", {"neg": 16, "pos": 17}, size=32)
+    write_image_folder(data / "test", {"neg": 4, "pos": 4}, size=32, seed=5)
     settings = {
         "model": {"weights": "none"},
         "cv": {"folds": 2},
@@ -326,6 +333,7 @@ def test_streamed_cv_on_three_nodes_matches_the_cached_run(
                 ("stream", stream_cfg, streamed),
             )
         }
+        assert tune.main(_streamed_search(tmp_path, f"file://{data}")) == 0
     for name, result in results.items():
         for fold, spec in zip(result.folds, cached.plan.folds, strict=True):
             assert fold.val_indices == sorted(spec["val"]), name  # each image scored once
@@ -334,3 +342,41 @@ def test_streamed_cv_on_three_nodes_matches_the_cached_run(
     print(f"CV ROC-AUC cached {cache_auc:.4f}, streamed {stream_auc:.4f}")
     # 2 folds of 16 images, 6 steps each: the folds' AUCs move by ~0.1 with the batch order.
     assert math.isfinite(stream_auc) and abs(stream_auc - cache_auc) < 0.2
+
+    out = tmp_path / "runs" / "streamed"
+    rows = _read_csv(out / "trials.csv")
+    assert sorted(r["status"] for r in rows) == ["completed", "completed"]
+    model, saved = load_inference_model(out / "best_model.pt")  # the refit model loads
+    assert saved.config.data.loader == "stream"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_metrics"]["num_samples"] == 8
+    assert (out / "refit" / f"refit-{summary['best_trial']}").is_dir()  # the refit ran
+    test = np.load(out / "test_predictions.npz")
+    truth, probs = predict_cached(
+        model, cached.cache.test_path, streamed.plan.task, torch.device("cpu"),
+        cached.index.test.labels,
+    )  # fmt: skip
+    assert len(test["labels"]) == len(cached.index.test) == 8  # each test image once ...
+    assert test["labels"].tolist() == truth.tolist()  # ... in the cache's order
+    np.testing.assert_allclose(test["probs"], probs, atol=1e-5)
+    assert str(test["images_path"]) == ""  # nothing decoded was kept
+
+
+def _streamed_search(tmp_path: Path, root: str) -> list[str]:
+    """`distmed.tune` arguments of a tiny streamed search: 2 trials side by side, 1 epoch."""
+    spec = {
+        "base": {
+            # Each trial's 0.01-CPU sliver leaves its node 0.99 CPU free at most: decoding
+            # tasks of 1 CPU would never start (docs/data.md, streaming).
+            "data": {"root": root, "image_size": 32, "loader": "stream", "stream_decode_cpus": 0.5},
+            "model": {"weights": "none"},
+            "train": {"epochs": 1, "batch_size": 8, "amp": "off"},
+            "cv": {"folds": 2},
+            "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+        },
+        "search": {"num_samples": 2, "max_concurrent": 2, "seed": 0, "scheduler": {"type": "none"}},
+        "space": {"optim.lr": {"choice": [0.003, 0.01]}},
+    }
+    path = tmp_path / "stream-space.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return ["--space", str(path), "--storage", str(tmp_path / "runs"), "--name", "streamed"]

@@ -13,14 +13,18 @@ import torch
 from conftest import write_image_folder
 from PIL import Image
 from test_concurrent_ray import BUCKET, s3_server  # noqa: F401  (a fixture)
+from test_gpu_path import fake_cluster  # noqa: F401  (a fixture)
 
 from distmed import sharedpass
-from distmed.config import ExperimentConfig
-from distmed.cv import fold_specs, make_folds, prepare_data, require_cache
+from distmed.config import DataConfig, ExperimentConfig, ScalingSection
+from distmed.cv import fold_specs, held_out_images, make_folds, prepare_data, trained_channels
 from distmed.data import build_cache, load_cached, scan_source
-from distmed.data.stream import decode_batch, epoch_positions
+from distmed.data.stream import StreamSpec, decode_batch, decode_reserve, epoch_positions
 from distmed.errors import UserError
+from distmed.inference import InferenceModel, predict_cached, predict_streamed
 from distmed.loop import FoldData, Runtime, build_fold
+from distmed.model import build_model
+from distmed.resources import concurrency_limit, plan_workers
 from distmed.sharedpass import Routes, array_reader, run_shared_epoch
 from distmed.task import BinaryTask
 
@@ -129,8 +133,7 @@ def test_one_shared_pass_trains_each_fold_on_its_rows_only_and_scores_each_image
     prepared = prepare_data(cfg, scan_source(cfg.data))
     plan = prepared.plan
     assert prepared.cache is None and plan.stream is not None and plan.images_path == ""
-    with pytest.raises(UserError, match="a search .* reads the decoded cache; data.loader"):
-        require_cache(prepared, "a search (its refit and test split)")
+    assert held_out_images(prepared) is None  # no test split here
     assert len(plan.stream.paths) == 24
     labels = np.asarray(plan.labels)
     routes = Routes.of([(f["train"], f["val"]) for f in plan.folds], len(labels))
@@ -194,8 +197,9 @@ def test_a_folder_behind_a_uri_is_listed_not_read_and_streams_like_its_local_twi
     again = scan_source(cfg.data)
     (root / "pos" / "p02_img04.png").write_bytes((root / "pos" / "p00_img00.png").read_bytes())
     assert scan_source(cfg.data).fingerprint != again.fingerprint  # an object changed
-    with pytest.raises(UserError, match="set data.loader: stream"):
-        prepare_data(_config(uri), index)
+    cached = prepare_data(_config(uri, cache_dir=str(tmp_path / "c")), index)  # the cache too
+    streamed = decode_batch(local, options)["image"]
+    np.testing.assert_array_equal(np.load(cached.cache.pool_path)[:, 0], streamed[:, 0])
 
 
 def test_images_in_an_s3_bucket_train_every_fold_without_a_local_copy(
@@ -240,3 +244,103 @@ def test_images_in_an_s3_bucket_train_every_fold_without_a_local_copy(
         assert fold.val_indices.tolist() == sorted(spec["val"])
         assert np.isfinite(fold.history[-1]["train_loss"])
     assert not list(tmp_path.rglob("*.png"))  # nothing downloaded to keep
+
+
+def _split_folder(root: Path) -> Path:
+    write_image_folder(root / "train", {"neg": 6, "pos": 6}, size=16)
+    return write_image_folder(root / "test", {"neg": 3, "pos": 4}, size=16, seed=1).parent
+
+
+def test_a_streamed_test_split_is_scored_once_per_image_in_the_caches_order(tmp_path: Path):
+    """The test split of a streamed search: its files as a stream (no cache is built), each
+    image predicted once however the batches arrive, in the cached path's order, with the
+    cached path's labels and probabilities; a stream that repeats a row is refused."""
+    root = _split_folder(tmp_path / "d")
+    streamed = prepare_data(_config(root, loader="stream"), scan_source(_config(root).data))
+    cached = prepare_data(_config(root), scan_source(_config(root).data))
+    spec = held_out_images(streamed)
+    assert isinstance(spec, StreamSpec) and len(spec.paths) == 7
+    assert spec.paths == [str(p) for p in cached.index.test.paths]  # the cache's order
+    assert trained_channels(streamed) == 3 and trained_channels(cached) == 1
+    options = spec.options.model_dump(mode="json")
+    rows = decode_batch({"position": np.arange(7), "path": np.array(spec.paths)}, options)
+    images = rows["image"]  # the streamed rows, decoded by the Ray Data map function
+
+    def shuffled(order: np.ndarray):  # batches of 3, 1, 3 in a scrambled order
+        order = np.asarray(order)[[4, 0, 6, 2, 1, 5, 3]]
+        for part in (order[:3], order[3:4], order[4:]):
+            yield torch.from_numpy(images[part]), torch.from_numpy(part)
+
+    torch.manual_seed(0)
+    model = InferenceModel([build_model(_config(root).model, 2)]).eval()
+    labels = streamed.plan.task.targets(streamed.index.test.labels)
+    task, device = streamed.plan.task, torch.device("cpu")
+    truth, probs = predict_streamed(model, spec, task, device, labels, read=shuffled)
+    cache_truth, cache_probs = predict_cached(model, cached.cache.test_path, task, device, labels)
+    assert truth.tolist() == cache_truth.tolist() == labels.tolist()
+    np.testing.assert_allclose(probs, cache_probs, atol=1e-5)  # grey x 3 = the 1-channel row
+
+    def repeated(order: np.ndarray):
+        order = np.asarray(order)
+        yield torch.from_numpy(images[order]), torch.from_numpy(order)
+        yield torch.from_numpy(images[order[:1]]), torch.from_numpy(order[:1])
+
+    with pytest.raises(RuntimeError, match="8 rows for 7 images"):
+        predict_streamed(model, spec, task, device, labels, read=repeated)
+
+
+def test_a_streamed_refit_trains_one_model_on_every_image_and_validates_none(tmp_path: Path):
+    """The refit's plan (one fold, every pool image, no validation images) through the
+    shared pass: every image trains it once per epoch, no validation pass runs."""
+    root = write_image_folder(tmp_path / "d", {"a": 8, "b": 8}, size=16)
+    cfg = _config(root, loader="stream")
+    plan = prepare_data(cfg, scan_source(cfg.data)).plan
+    everything = sorted(set(plan.folds[0]["train"]) | set(plan.folds[0]["val"]))
+    labels = np.asarray(plan.labels)
+    routes = Routes.of([(everything, [])], len(labels))
+    assert routes.pass_batch_size(4) == 4  # one fold: the pass's batch is the fold's
+    fold = build_fold(
+        FoldData(0, everything, [], None, labels, plan.task), cfg, CPU, 4,
+        steps_per_epoch=routes.steps_per_epoch(4, 1),
+    )  # fmt: skip
+    read_positions: list[list[int]] = []
+    reader = array_reader(_position_images(16), 4)
+
+    def read(order: np.ndarray):
+        read_positions.append(np.asarray(order).tolist())
+        return reader(order)
+
+    run_shared_epoch([fold], 0, cfg, CPU, routes, torch.from_numpy(labels), read)
+    assert len(read_positions) == 1  # the training pass only
+    assert sorted(read_positions[0]) == everything == list(range(16))
+    record = fold.history[-1]
+    assert record["epoch"] == 1 and np.isfinite(record["train_loss"])
+    assert not any(key.startswith("val_") for key in record)
+
+
+def test_a_streamed_run_keeps_one_decoding_task_s_cpus_out_of_the_workers_reach(
+    fake_cluster,  # noqa: F811  (the fixture imported above)
+):
+    """Workers that held every CPU would wait forever for rows no task can decode: a
+    streamed run, search or refit leaves `data.stream_decode_cpus` out; the cache nothing."""
+    stream = DataConfig(loader="stream", stream_decode_cpus=1.5)
+    assert decode_reserve(stream) == 1.5 and decode_reserve(DataConfig()) == 0.0
+    fake_cluster([{"CPU": 4}])
+    two = ScalingSection(num_workers=2)
+    assert plan_workers(two).cpus_per_worker == 2.0
+    assert plan_workers(two, reserve_cpus=decode_reserve(stream)).cpus_per_worker == 1.25
+    one = ScalingSection(num_workers=1, cpus_per_worker=1)
+    assert concurrency_limit(8, 8, one) == 3  # 4 CPUs // 1.01 (a trial's own sliver)
+    assert concurrency_limit(8, 8, one, decode_reserve(stream)) == 2  # 2.5 // 1.01
+
+
+def test_the_report_of_a_streamed_test_split_says_why_it_has_no_gradcam(tmp_path: Path):
+    """No decoded copy of a streamed test split is kept (`evaluate_test` saves "" as its
+    images): the report says so instead of looking for a cache file."""
+    from types import SimpleNamespace
+
+    from distmed import runreport
+
+    run = SimpleNamespace(test={"images_path": np.array("")})
+    section = runreport.gradcam_section(run, tmp_path, None)  # type: ignore[arg-type]
+    assert "streamed (data.loader: stream)" in section and "Grad-CAM skipped" in section

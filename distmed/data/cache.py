@@ -2,6 +2,8 @@
 options) into uint8 `.npy` files that every epoch, fold, trial and worker memory-maps, and the
 torch `Dataset` that reads them. Files are decoded in parallel by a process pool straight into
 a preallocated memory-mapped file, so memory stays flat however many images there are.
+Objects in a bucket are also kept decoded one by one (`distmed.data.objects`), so a changed
+bucket costs a read of its new and changed objects only.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import multiprocessing
 import os
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +30,7 @@ from distmed.artifacts import atomic_path, write_json_atomic
 from distmed.config import DataConfig
 from distmed.data.decode import decode_rows, decode_split, unreadable_message
 from distmed.data.index import DataIndex, Split
+from distmed.data.objects import object_rows
 from distmed.data.settings import DecodeSettings
 from distmed.errors import UserError
 
@@ -80,7 +84,8 @@ def build_cache(index: DataIndex, cfg: DataConfig) -> CachedData:
     else:
         remove_stale_temporaries(cache_root(cfg))
         try:
-            meta = _decode_into(folder, index, options, decode_workers(cfg))
+            store = object_store(cfg, options)
+            meta = _decode_into(folder, index, options, decode_workers(cfg), store)
             write_json_atomic(meta_path, meta, indent=None)
         except OSError as exc:  # image files are read inside decode_files; this is writing
             raise UserError(cache_write_error(cache_root(cfg), exc)) from exc
@@ -107,8 +112,18 @@ def decode_workers(cfg: DataConfig) -> int:
         return os.cpu_count() or 1
 
 
-def _decode_into(folder: Path, index: DataIndex, options: DecodeSettings, workers: int) -> dict:
-    """Decode the pool and test splits into `folder`; returns the cache's metadata."""
+def object_store(cfg: DataConfig, options: DecodeSettings) -> Path:
+    """Where objects in a bucket are kept decoded, one file per object version
+    (`objects.decode_object`), for these decode settings."""
+    key = hashlib.sha256(f"v{CACHE_VERSION}|{options.key()}".encode()).hexdigest()[:16]
+    return cache_root(cfg) / "objects" / f"{options.image_size}px-{key}"
+
+
+def _decode_into(
+    folder: Path, index: DataIndex, options: DecodeSettings, workers: int, store: Path
+) -> dict:
+    """Decode the pool and test splits into `folder` (objects in a bucket through `store`);
+    returns the cache's metadata."""
     folder.mkdir(parents=True, exist_ok=True)
     channels, skipped = [], {}
     for part, split in (("pool", index.pool), ("test", index.test)):
@@ -121,7 +136,7 @@ def _decode_into(folder: Path, index: DataIndex, options: DecodeSettings, worker
             _save_atomic(target, array)
             channels.append(array.shape[1])
             continue
-        count, bad = decode_files(split, options, target, workers, part)
+        count, bad = decode_files(split, options, target, workers, part, store)
         skipped.update(bad)
         if count is None:
             raise UserError(
@@ -137,9 +152,18 @@ def _decode_into(folder: Path, index: DataIndex, options: DecodeSettings, worker
 
 
 def decode_files(
-    split: Split, options: DecodeSettings, target: Path, workers: int, part: str = "images"
+    split: Split,
+    options: DecodeSettings,
+    target: Path,
+    workers: int,
+    part: str = "images",
+    store: Path | None = None,
 ) -> tuple[int | None, dict[str, str]]:
     """Decode a split's files into `target` (.npy, uint8 (N, C, S, S)); returns (C, bad).
+
+    A split of objects in a bucket (`split.uris`) reads each object version once: decoded
+    objects are kept in `store` (`objects.decode_object`), so only new or changed objects
+    are read and decoded.
 
     Every image is written, as it is decoded, into a preallocated memory-mapped staging
     file (N, 3, S, S) beside `target` by `workers` processes; then the readable rows are
@@ -149,7 +173,8 @@ def decode_files(
     later run would trust, and `remove_stale_temporaries` clears them. Returns (None, bad)
     when no file is readable.
     """
-    paths = [str(p) for p in split.paths or []]
+    paths = list(split.uris) if split.uris is not None else [str(p) for p in split.paths or []]
+    versions = split.versions if split.uris is not None else None
     size = options.image_size
     stage = target.with_name(f".{target.stem}.stage.tmp{os.getpid()}")
     try:
@@ -160,7 +185,8 @@ def decode_files(
         colour = np.zeros(len(paths), dtype=bool)
         readable = np.zeros(len(paths), dtype=bool)
         bad: dict[str, str] = {}
-        for results in _run_chunks(chunks, paths, stage, options, workers, part):
+        reader = _Rows(paths, versions, store)
+        for results in _run_chunks(chunks, reader, stage, options, workers, part):
             for position, is_colour, reason in results:
                 if reason:
                     bad[split.ids[position]] = reason
@@ -176,28 +202,53 @@ def decode_files(
         stage.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """What a decoding task reads: local files (`decode.decode_rows`), or objects by version
+    kept decoded in `store` (`objects.object_rows`)."""
+
+    paths: list[str]
+    versions: list[str] | None = None  # set for objects in a bucket
+    store: Path | None = None
+
+    def job(self, chunk: list[int]) -> list:
+        if self.versions is None:
+            return [(i, self.paths[i]) for i in chunk]
+        return [(i, self.paths[i], self.versions[i]) for i in chunk]
+
+    def task(self) -> tuple[Callable[..., list[tuple[int, bool, str]]], tuple]:
+        """The worker function and its arguments after (stage, job, options)."""
+        if self.versions is None:
+            return decode_rows, ()
+        if self.store is None:
+            raise ValueError("objects in a bucket are decoded into a store")
+        return object_rows, (self.store,)
+
+
 def _run_chunks(
     chunks: list[list[int]],
-    paths: list[str],
+    rows: _Rows,
     stage: Path,
     options: DecodeSettings,
     workers: int,
     part: str,
 ):
     """Yield each chunk's results, decoded here (one worker, few files) or by a pool."""
+    paths = rows.paths
     bar = tqdm(total=len(paths), desc=f"decoding {part}", unit="img", disable=None, leave=False)
     started = time.perf_counter()
+    decode, extra = rows.task()
     try:
-        jobs = [[(i, paths[i]) for i in chunk] for chunk in chunks]
+        jobs = [rows.job(chunk) for chunk in chunks]
         if workers <= 1 or len(chunks) <= 1:
             for job in jobs:
-                yield decode_rows(stage, job, options)
+                yield decode(stage, job, options, *extra)
                 bar.update(len(job))
         else:
             # spawn: the caller may hold threads (Ray, torch) that a fork would copy half-way.
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
-                futures = {pool.submit(decode_rows, stage, job, options): job for job in jobs}
+                futures = {pool.submit(decode, stage, job, options, *extra): job for job in jobs}
                 for future in as_completed(futures):
                     yield future.result()
                     bar.update(len(futures[future]))
@@ -280,6 +331,7 @@ def remove_stale_temporaries(root: Path) -> int:
     """
     removed = 0
     candidates = [*root.glob("decoded/*/.*.tmp*"), *root.glob("inspect/.*.tmp*")]
+    candidates += root.glob("objects/*/.*.tmp*")
     for tmp in candidates:
         match = re.fullmatch(r"\..+\.tmp(\d+)", tmp.name)
         if match is None:

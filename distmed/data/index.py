@@ -34,6 +34,8 @@ class Split:
     images: np.ndarray | None = None
     origins: np.ndarray | None = None
     uris: list[str] | None = None
+    # Each of `uris`' object versions (`objects.object_version`): they key its decoded copy.
+    versions: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -100,5 +102,8 @@ def _drop_from_split(split: Split, skipped: dict[str, str]) -> Split:
         origins=split.origins[keep] if split.origins is not None else None,
         uris=[u for u, kept in zip(split.uris, keep, strict=True) if kept]
         if split.uris is not None
+        else None,
+        versions=[v for v, kept in zip(split.versions, keep, strict=True) if kept]
+        if split.versions is not None
         else None,
     )

@@ -2,7 +2,8 @@
 through pyarrow's filesystem for the scheme, with the credentials of this machine's default
 chain (environment, profile, instance role; `AWS_ENDPOINT_URL` for MinIO or Ceph). Only the
 listing happens here; the files are read by the streamed loader's tasks on the nodes
-(`distmed.data.stream`), so the driver never downloads an image.
+(`distmed.data.stream`), so the driver never downloads an image, or by the cache
+(`distmed.data.objects`), which keeps them decoded on this node's disk by object version.
 
 Layouts: `PREFIX/<class>/<file>` or `PREFIX/{train,val,test}/<class>/<file>` (train and val
 form the CV pool, test is held back). Files are recognised by suffix (`FILE_EXTENSIONS`):
@@ -20,6 +21,7 @@ import numpy as np
 from distmed.config import DataConfig
 from distmed.data.decode import FILE_EXTENSIONS
 from distmed.data.index import DataIndex, Split
+from distmed.data.objects import object_version
 from distmed.errors import UserError
 from distmed.uris import shown
 
@@ -114,6 +116,7 @@ def _split(rows: list, number: dict[str, int], cfg: DataConfig, uri: str) -> Spl
         groups=groups,
         uris=uris,
         origins=np.array([row[0] for row in rows]),
+        versions=[object_version(row[3], row[4]) for row in rows],
     )
 
 

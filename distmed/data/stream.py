@@ -17,26 +17,30 @@ channel; `to_model_input` expands it to the same model input).
 
 from __future__ import annotations
 
-import os
-import tempfile
+import math
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from distmed.data.decode import try_decode
+from distmed.data.objects import readable_file
 from distmed.data.settings import DecodeSettings
-from distmed.data.volumes import suffix_of
 from distmed.errors import UserError
+
+if TYPE_CHECKING:
+    from distmed.config import DataConfig
+    from distmed.data.index import Split
 
 # Files per Ray Data block, so per decoding task: enough to amortise a task's start, few
 # enough that every node gets work and one task's output stays a few MB at 224 px.
 DECODE_CHUNK = 64
 # Batches each worker's iterator decodes ahead of the step (Ray Data's prefetch_batches).
 PREFETCH_BATCHES = 4
+# A streamed row's channels (`stream_row`): what `best_model.pt` records as the layout the
+# model was trained from (a grey image's cached row has 1; the model input is the same).
+STREAM_CHANNELS = 3
 
 
 class StreamSpec(BaseModel):
@@ -54,30 +58,32 @@ class StreamSpec(BaseModel):
     prefetch_batches: int = Field(PREFETCH_BATCHES, ge=1)
 
 
-def is_uri(path: str) -> bool:
-    return "://" in path
+def split_stream(
+    split: Split, options: DecodeSettings, decode_cpus: float, source: str
+) -> StreamSpec:
+    """The `StreamSpec` of a split's image files (local paths or URIs), in its order;
+    `source` names the data source in the refusal.
 
-
-@contextmanager
-def readable_file(path: str) -> Iterator[Path]:
-    """A local path to the file at `path`: itself, or for a URI a temporary copy (same suffix,
-    so the decoder's rules by suffix hold) read through pyarrow's filesystem for its scheme,
-    with the credentials of this node's default chain (environment, profile, instance role).
+    Raises:
+        UserError: the split holds in-memory arrays (an .npz), which only the cache reads.
     """
-    if not is_uri(path):
-        yield Path(path)
-        return
-    from pyarrow import fs
+    if split.uris is not None:
+        paths = list(split.uris)
+    elif split.paths is not None:
+        paths = [str(p) for p in split.paths]
+    else:
+        raise UserError(
+            f"data.loader: stream reads image files; {source} holds its images in an "
+            "array (.npz): use data.loader: cache"
+        )
+    return StreamSpec(paths=paths, options=options, decode_cpus=decode_cpus)
 
-    filesystem, inner = fs.FileSystem.from_uri(path)
-    handle, name = tempfile.mkstemp(suffix=suffix_of(Path(inner)), prefix="distmed-stream-")
-    try:
-        with os.fdopen(handle, "wb") as out, filesystem.open_input_stream(inner) as source:
-            while chunk := source.read(1 << 20):
-                out.write(chunk)
-        yield Path(name)
-    finally:
-        os.unlink(name)
+
+def decode_reserve(data: DataConfig) -> float:
+    """CPUs to keep out of the Train workers' share: one decoding task's under
+    `data.loader: stream` (else the workers could hold every CPU while waiting for rows that
+    no task can decode), none for the cache."""
+    return data.stream_decode_cpus if data.loader == "stream" else 0.0
 
 
 def stream_row(image: np.ndarray) -> np.ndarray:
@@ -133,20 +139,19 @@ def epoch_positions(
 def stream_dataset(spec: StreamSpec, positions: np.ndarray, decoder: Any = decode_batch) -> Any:
     """The Ray Data dataset of `positions` (in that order): rows {position, image (3, S, S)}.
 
-    One block of DECODE_CHUNK files per decoding task, each task reserving
+    One block of at most DECODE_CHUNK files per decoding task, each task reserving
     `spec.decode_cpus`; Ray Data spreads its tasks over the nodes (its default, SPREAD; Ray
     2.60 deprecates setting it). The order is kept (`preserve_order`). `decoder`: the map
     function, `decode_batch` (a benchmark wraps it to see where it ran).
     """
-    import pyarrow as pa
     import ray.data
 
-    paths = [spec.paths[int(p)] for p in positions]
-    tables = [
-        pa.table({"position": positions[i : i + DECODE_CHUNK], "path": paths[i : i + DECODE_CHUNK]})
-        for i in range(0, len(positions), DECODE_CHUNK)
-    ]
-    dataset = ray.data.from_arrow(tables).map_batches(
+    rows = [{"position": int(p), "path": spec.paths[int(p)]} for p in positions]
+    # from_items builds the blocks in this process; from_arrow would run a 1-CPU metadata
+    # task per block, which never starts where trials and workers leave every node less
+    # than a whole free CPU (a streamed search): only the decoding tasks need CPUs.
+    blocks = max(1, math.ceil(len(rows) / DECODE_CHUNK))
+    dataset = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
         decoder,
         fn_kwargs={"options": spec.options.model_dump(mode="json")},
         batch_size=None,  # one block, one task

@@ -1,0 +1,92 @@
+"""The decoded cache of images in a bucket (`data.loader: cache` with an s3:// root), on a real
+S3 protocol server (moto): each object is read once per version, so an unchanged bucket is
+not read again and a changed object is the only one read and decoded again. No Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import write_image_folder
+from PIL import Image
+from test_concurrent_ray import BUCKET, s3_server  # noqa: F401  (a fixture)
+
+from distmed.config import ExperimentConfig
+from distmed.cv import prepare_data
+from distmed.data import objects, scan_source
+from distmed.data.cache import remove_stale_temporaries
+
+
+def _config(root: str, cache: Path) -> ExperimentConfig:
+    return ExperimentConfig.model_validate(
+        {
+            # One decoding process: the reads below are counted in this one.
+            "data": {"root": root, "image_size": 16, "cache_dir": str(cache), "decode_workers": 1},
+            "model": {"weights": "none"},
+            "cv": {"folds": 2},
+            "train": {"batch_size": 4},
+        }
+    )
+
+
+def test_a_bucket_is_cached_by_object_version_and_only_a_changed_object_is_read_again(
+    s3_server,  # noqa: F811  (the fixture imported above)
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    client, env = s3_server
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    local = tmp_path / "src"
+    write_image_folder(local / "train", {"neg": 5, "pos": 5}, size=20)
+    write_image_folder(local / "test", {"neg": 2, "pos": 2}, size=20, seed=3)
+    local_cfg = _config(str(local), tmp_path / "local-cache")
+    twin = prepare_data(local_cfg, scan_source(local_cfg.data))
+    for path in sorted(local.rglob("*.png")):
+        client.upload_file(str(path), BUCKET, f"data/{path.relative_to(local)}")
+    reads: list[str] = []
+    real_read = objects.readable_file
+
+    def counted(path: str):
+        reads.append(path)
+        return real_read(path)
+
+    monkeypatch.setattr(objects, "readable_file", counted)
+    cfg = _config(f"s3://{BUCKET}/data", tmp_path / "cache")
+
+    first = prepare_data(cfg, scan_source(cfg.data))
+    assert sorted(reads) == sorted(first.index.pool.uris + first.index.test.uris)  # once each
+    assert len(reads) == 14
+    pool = np.load(first.cache.pool_path)
+    np.testing.assert_array_equal(pool, np.load(twin.cache.pool_path))  # the local twin's
+    np.testing.assert_array_equal(np.load(first.cache.test_path), np.load(twin.cache.test_path))
+    assert first.plan.folds == twin.plan.folds and first.plan.stream is None
+
+    reads.clear()
+    again = prepare_data(cfg, scan_source(cfg.data))  # unchanged: a hit, nothing read
+    assert reads == [] and again.cache.pool_path == first.cache.pool_path
+
+    changed = "data/train/pos/p01_img03.png"  # rewritten, as a new upload would, bigger
+    rewritten = np.full((40, 40), 7, dtype=np.uint8)
+    Image.fromarray(rewritten, "L").save(tmp_path / "new.png")
+    client.upload_file(str(tmp_path / "new.png"), BUCKET, changed)
+    reads.clear()
+    third = prepare_data(cfg, scan_source(cfg.data))
+    assert reads == [f"s3://{BUCKET}/{changed}"]  # only the changed object
+    assert third.cache.pool_path != first.cache.pool_path  # a new version of the bucket
+    row = third.index.pool.uris.index(f"s3://{BUCKET}/{changed}")
+    now = np.load(third.cache.pool_path)
+    assert (now[row] == 7).all()  # the new pixels, decoded
+    others = np.arange(len(now)) != row
+    np.testing.assert_array_equal(now[others], pool[others])
+
+
+def test_an_unfinished_decoded_object_of_a_killed_run_is_removed(tmp_path: Path):
+    """A decoded object is written whole or not at all; what a killed writer left behind is
+    swept with the cache's other temporaries."""
+    store = tmp_path / "objects" / "16px-abc"
+    store.mkdir(parents=True)
+    kept = objects.stored_row_path(store, "s3://b/x.png", objects.object_version(10, 5))
+    (store / f".{kept.name}.tmp999999999").write_bytes(b"half")
+    assert remove_stale_temporaries(tmp_path) == 1 and not list(store.iterdir())
