@@ -20,11 +20,18 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # No node is ever preempted here, and the watcher is one more actor process (Python + Ray
 # imports, ~2.5 s of CPU) for every Ray Train fit on a 2-core machine.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# The suite runs more busy processes than cores (pytest-xdist processes, Ray Train workers with
+# a torch thread per CPU Ray gives them, searches in subprocesses). OpenMP's default waits by
+# spinning: a torch thread whose peer is descheduled burns its core at every barrier. Measured on
+# the 2-core host under load, ResNet-18 training steps at 28 px on 2 threads: 55-77 ms of CPU
+# and 280-540 ms of wall per image spinning, 11 and 47 sleeping (1 thread: 9-10 and 35-54).
+# Inherited by every process the tests start (Ray's workers too); before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-# Under pytest-xdist (`bash dev.sh test` runs the tests without Ray on 2 processes) the cores
-# are shared out: 2 processes with a thread per core each would fight over the cores.
+# Under pytest-xdist (`bash dev.sh test` runs 4 processes, `test-fast` 2) the cores
+# are shared out: processes with a thread per core each would fight over the cores.
 _XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _XDIST_WORKERS > 1:
     import torch
