@@ -75,12 +75,14 @@ RAY_FIXTURES = frozenset({"ray_session"})
 # the `--durations` of a `bash dev.sh test` run (each file's group: `session_ray_unit`).
 # (pytest-xdist's `xdist_group` marks do not reach its scheduler under pytest 9.)
 SESSION_RAY_GROUPS: dict[str, frozenset[str]] = {
-    # BreastMNIST and demo CV, multi-label CV, the waits and the CLI's own checks.
+    # CV on BreastMNIST, the demo and multi-label data; the ASHA and nested searches.
     "session-ray-1": frozenset(
-        {"test_cv_ray.py", "test_waits_ray.py", "test_train_cli.py", "test_leftovers.py"}
+        {"test_cv_ray.py", "test_tune_ray.py", "test_train_cli.py", "test_leftovers.py"}
     ),
-    # The searches: ASHA and nested on one node, killed workers and driver on two nodes.
-    "session-ray-2": frozenset({"test_tune_ray.py", "test_faults_ray.py", "test_multinode_ray.py"}),
+    # Searches over two and three nodes (killed workers and driver, streamed data); the waits.
+    "session-ray-2": frozenset(
+        {"test_faults_ray.py", "test_waits_ray.py", "test_multinode_ray.py"}
+    ),
 }
 SESSION_RAY_FILES = frozenset().union(*SESSION_RAY_GROUPS.values())
 if sum(map(len, SESSION_RAY_GROUPS.values())) != len(SESSION_RAY_FILES):
