@@ -55,11 +55,13 @@ ensure_browser() {
 # the other ran tests. Both runs always run; the status is the first failure's.
 run_tests() {
     local status=0 first second
-    # One pytest-xdist run of everything not bound by wall time: the session's Ray tests in one
-    # process (their group; they mostly wait on Ray), beside them the `own_ray` searches and
-    # the files without Ray (tests/conftest.py groups and orders them). Then the `serial` tests,
-    # whose bounds are wall time, alone.
-    "$VENV/bin/python" -m pytest -m "not serial" -n 3 --dist loadfile --no-loadscope-reorder \
+    # One pytest-xdist run of everything not bound by wall time, on 4 processes: the session's
+    # Ray tests in two of them (two groups, each with its own Ray instance; they mostly wait on
+    # Ray, so two beside each other shorten the longest path), the `own_ray` searches in the
+    # third, the files without Ray in the fourth and in whichever process is free next
+    # (tests/conftest.py groups and orders them; torch gets one thread per process). Then the
+    # `serial` tests, whose bounds are wall time, alone.
+    "$VENV/bin/python" -m pytest -m "not serial" -n 4 --dist loadfile --no-loadscope-reorder \
         "$@" && first=0 || first=$?
     "$VENV/bin/python" -m pytest -m "serial" -p no:xdist "$@" && second=0 || second=$?
     if [ "$first" = 5 ] && [ "$second" = 5 ]; then

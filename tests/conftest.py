@@ -20,11 +20,18 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # No node is ever preempted here, and the watcher is one more actor process (Python + Ray
 # imports, ~2.5 s of CPU) for every Ray Train fit on a 2-core machine.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# The suite runs more busy processes than cores (pytest-xdist processes, Ray Train workers with
+# a torch thread per CPU Ray gives them, searches in subprocesses). OpenMP's default waits by
+# spinning: a torch thread whose peer is descheduled burns its core at every barrier. Measured on
+# the 2-core host under load, ResNet-18 training steps at 28 px on 2 threads: 55-77 ms of CPU
+# and 280-540 ms of wall per image spinning, 11 and 47 sleeping (1 thread: 9-10 and 35-54).
+# Inherited by every process the tests start (Ray's workers too); before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-# Under pytest-xdist (`bash dev.sh test` runs the tests without Ray on 2 processes) the cores
-# are shared out: 2 processes with a thread per core each would fight over the cores.
+# Under pytest-xdist (`bash dev.sh test` runs 4 processes, `test-fast` 2) the cores
+# are shared out: processes with a thread per core each would fight over the cores.
 _XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _XDIST_WORKERS > 1:
     import torch
@@ -60,21 +67,32 @@ def _default_train_output_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 RAY_FIXTURES = frozenset({"ray_session"})
 
 
-# The files with tests on the session's Ray instance. `bash dev.sh test` runs pytest-xdist
-# with `--dist loadfile`; `pytest_xdist_make_scheduler` below makes these files ONE unit of
-# work (one process, one Ray instance, started once) and every other file a unit of its own.
+# The files with tests on a session's Ray instance, in two groups. `bash dev.sh test` runs
+# pytest-xdist with `--dist loadfile`; `pytest_xdist_make_scheduler` below makes each group ONE
+# unit of work (one process, one Ray instance started once: `ray_session` is per process), and
+# every other file a unit of its own. Two groups, so the session's Ray tests (they mostly wait
+# on Ray) run in two processes beside each other rather than one after another; balance them by
+# the `--durations` of a `bash dev.sh test` run (each file's group: `session_ray_unit`).
 # (pytest-xdist's `xdist_group` marks do not reach its scheduler under pytest 9.)
-SESSION_RAY_FILES = frozenset(
-    {
-        "test_cv_ray.py",
-        "test_faults_ray.py",
-        "test_leftovers.py",
-        "test_multinode_ray.py",
-        "test_train_cli.py",
-        "test_tune_ray.py",
-        "test_waits_ray.py",
-    }
-)
+SESSION_RAY_GROUPS: dict[str, frozenset[str]] = {
+    # CV on BreastMNIST, the demo and multi-label data; the ASHA and nested searches.
+    "session-ray-1": frozenset(
+        {"test_cv_ray.py", "test_tune_ray.py", "test_train_cli.py", "test_leftovers.py"}
+    ),
+    # Searches over two and three nodes (killed workers and driver, streamed data); the waits.
+    "session-ray-2": frozenset(
+        {"test_faults_ray.py", "test_waits_ray.py", "test_multinode_ray.py"}
+    ),
+}
+SESSION_RAY_FILES = frozenset().union(*SESSION_RAY_GROUPS.values())
+if sum(map(len, SESSION_RAY_GROUPS.values())) != len(SESSION_RAY_FILES):
+    raise pytest.UsageError("tests/conftest.py: a file is in two SESSION_RAY_GROUPS")
+
+
+def session_ray_unit(nodeid: str) -> str | None:
+    """The SESSION_RAY_GROUPS group `nodeid`'s file is in; None for the other files."""
+    name = Path(nodeid.split("::", 1)[0]).name
+    return next((group for group, files in SESSION_RAY_GROUPS.items() if name in files), None)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -86,10 +104,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 raise pytest.UsageError(f"{item.nodeid} is marked own_ray but uses {RAY_FIXTURES}")
             if item.path.name not in SESSION_RAY_FILES:
                 raise pytest.UsageError(
-                    f"{item.nodeid} uses the session's Ray: add {item.path.name} to "
-                    "SESSION_RAY_FILES in tests/conftest.py (else a second Ray instance starts)"
+                    f"{item.nodeid} uses the session's Ray: add {item.path.name} to one group "
+                    "of SESSION_RAY_GROUPS in tests/conftest.py (else its process starts a Ray "
+                    "instance beside the groups' own)"
                 )
-    # The session's Ray tests are the longest unit and mostly wait on Ray: they start first,
+    # The session's Ray groups are the longest units and mostly wait on Ray: they start first,
     # the `own_ray` searches second, and the files without Ray fill the cores beside them.
     items.sort(key=_schedule_rank)
 
@@ -102,16 +121,15 @@ def _schedule_rank(item: pytest.Item) -> int:
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: absent under `-p no:xdist`
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """`--dist loadfile`, with the SESSION_RAY_FILES as one unit (in collection order: the
-    order `pytest_collection_modifyitems` gives)."""
+    """`--dist loadfile`, with each group of SESSION_RAY_GROUPS as one unit (in collection
+    order: the order `pytest_collection_modifyitems` gives)."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
     class SessionRayScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            file = nodeid.split("::", 1)[0]
-            return "session-ray" if Path(file).name in SESSION_RAY_FILES else file
+            return session_ray_unit(nodeid) or nodeid.split("::", 1)[0]
 
     return SessionRayScheduling(config, log)
 
