@@ -212,6 +212,21 @@ def test_a_delimited_set_column_gives_sorted_findings(tmp_path):
     assert index.pool.groups.tolist() == ["0", "0", "1", "1", "2"]  # the group column
 
 
+@pytest.mark.parametrize("delimiter", ["|", ";"])
+def test_a_set_column_named_without_its_delimiter_names_the_key_and_the_delimiter(
+    tmp_path, delimiter
+):
+    """NIH's 'Finding Labels' given as data.label_columns without data.label_delimiter: the
+    first bad cell ('No Finding') holds no delimiter, the column does; the line says which."""
+    sets = [found.replace("|", delimiter) for found in NIH_SETS]
+    sheet = _nih(tmp_path, sets=sets)
+    with pytest.raises(UserError) as info:
+        scan_source(_config(tmp_path, root=str(sheet), label_columns=["Finding Labels"]))
+    message = str(info.value)
+    assert "row 2" in message and "'Finding Labels'" in message and "\n" not in message
+    assert f"set data.label_delimiter: {delimiter!r}" in message
+
+
 def test_a_set_column_named_label_needs_no_label_columns(tmp_path):
     sheet = _nih(tmp_path, header="path,label,group")
     index = scan_source(_config(tmp_path, root=str(sheet), label_delimiter="|"))
