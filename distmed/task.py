@@ -24,7 +24,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
 from distmed import metrics
-from distmed.errors import UserError, shorten
+from distmed.errors import UserError, did_you_mean, shorten
 from distmed.losses import PLAIN_LOSS, LossSpec, SoftmaxLoss
 
 if TYPE_CHECKING:
@@ -594,6 +594,7 @@ def task_for(class_names: Sequence[str], positive_class: str | None = None) -> T
     if positive_class not in names:
         raise UserError(
             f"data.positive_class {positive_class!r} is not a class; classes: {list(names)}"
+            f"{did_you_mean([positive_class], names)}"
         )
     return BinaryTask(names, names.index(positive_class))
 
@@ -660,7 +661,7 @@ def multilabel_task(
     if unknown:
         raise UserError(
             f"data.score_findings: {', '.join(map(shorten, unknown))} not among the findings "
-            f"{[shorten(n) for n in names][:20]}; fix the name(s)"
+            f"{[shorten(n) for n in names][:20]}; fix the name(s){did_you_mean(unknown, names)}"
         )
     targets = task.targets(pool_labels)
     positives = (targets == POSITIVE).sum(axis=0)
@@ -704,7 +705,7 @@ def _per_finding(
     if unknown:
         raise UserError(
             f"{key}: {', '.join(map(shorten, unknown))} not among the findings "
-            f"{[shorten(n) for n in names][:20]}; fix the name(s)"
+            f"{[shorten(n) for n in names][:20]}; fix the name(s){did_you_mean(unknown, names)}"
         )
     wrong = {n: p for n, p in chosen.items() if p not in allowed}
     if wrong:

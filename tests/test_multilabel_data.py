@@ -178,6 +178,13 @@ def test_finding_names_in_the_config_are_checked_after_the_scan(tmp_path):
     assert scan_source(fine).class_names[1] == "Edema"
 
 
+def test_a_misspelt_finding_in_the_config_suggests_the_sheets_finding(tmp_path):
+    sheet = _chexpert(tmp_path)
+    cfg = _config(tmp_path, root=str(sheet), task="multilabel", score_findings=["Pleural Efusion"])
+    with pytest.raises(UserError, match=r"did you mean 'Pleural Effusion'\?$"):
+        scan_source(cfg)
+
+
 def test_multilabel_keys_on_a_single_label_source_are_refused(tmp_path):
     sheet = tmp_path / "labels.csv"
     for n in range(4):

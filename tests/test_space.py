@@ -686,3 +686,18 @@ def test_a_set_of_a_searched_key_is_refused_not_ignored(tmp_path: Path):
     with pytest.raises(UserError, match=r"--set train.batch_size: .* searches train.batch_size"):
         load_space(path, ["train.batch_size=8"])
     assert load_space(path, ["train.epochs=2"]).base.train.epochs == 2  # base keys still apply
+
+
+def test_a_misspelt_space_key_suggests_the_config_field(tmp_path):
+    path = space_file(tmp_path, "optim.lrr: {loguniform: [1.0e-4, 1.0e-2]}")
+    with pytest.raises(
+        UserError, match=r"space.optim.lrr: not a config field.*did you mean 'optim.lr'\?$"
+    ):
+        load_space(path)
+
+
+def test_a_bad_set_value_names_the_set_item_not_the_space_file(tmp_path):
+    path = space_file(tmp_path, "optim.lr: {loguniform: [1.0e-4, 1.0e-2]}")
+    with pytest.raises(UserError) as info:
+        load_space(path, ["cv.folds=1"])
+    assert str(info.value).startswith("--set cv.folds=1: cv.folds: ")

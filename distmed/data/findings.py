@@ -27,7 +27,7 @@ import numpy as np
 from distmed.config import DataConfig
 from distmed.data.labels import SHOWN, spelling_key
 from distmed.data.sheets import cell_text, read_header
-from distmed.errors import UserError, shorten
+from distmed.errors import UserError, did_you_mean, shorten
 
 POSITIVE, NEGATIVE, UNCERTAIN = 1.0, 0.0, -1.0
 # Columns of a manifest that are never findings: distmed's own, and CheXpert's metadata.
@@ -324,7 +324,7 @@ def check_finding_keys(cfg: DataConfig, findings: Sequence[str]) -> None:
         if unknown:
             raise UserError(
                 f"{key}: {', '.join(repr(n) for n in unknown)} not a finding of this data; "
-                f"findings: {', '.join(findings)}"
+                f"findings: {', '.join(findings)}{did_you_mean(unknown, findings)}"
             )
 
 
