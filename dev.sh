@@ -45,20 +45,17 @@ ensure_browser() {
         || { $sudo apt-get update -qq && $sudo apt-get install -y chromium >/dev/null; }
 }
 
-# pytest in two runs: the tests without Ray on two processes (pytest-xdist; a file's tests
-# stay in one process, whose torch then uses half the cores), with them the `own_ray` tests
-# (searches in subprocesses, each with its own Ray instance, made to run beside others; the
-# longest test, so conftest puts it first and xdist keeps that order); then the other Ray
-# tests in one process (they share the session's Ray instance), with the `serial` tests (bound
-# by wall time: signals and deadlines, which need the cores to themselves). Extra arguments
-# go to both runs; a run that selects no test (pytest's exit status 5) is no failure while
-# the other ran tests. Both runs always run; the status is the first failure's.
+# pytest in two runs. First, ONE pytest-xdist run (3 processes, `--dist loadfile`) of every
+# test not marked `serial`: tests/conftest.py makes the files on the session's Ray instance
+# (SESSION_RAY_FILES) one unit of work, run in one process that starts Ray once, and puts it
+# first (the longest unit; it mostly waits on Ray); the `own_ray` searches (subprocesses, each
+# with its own Ray instance) come next, and every file without Ray is a unit of its own,
+# filling the other processes. Then the `serial` tests (bound by wall time: signals and
+# deadlines, which need the cores to themselves) alone, without xdist. Extra arguments go to
+# both runs; a run that selects no test (pytest's exit status 5) is no failure while the other
+# ran tests. Both runs always run; the status is the first failure's.
 run_tests() {
     local status=0 first second
-    # One pytest-xdist run of everything not bound by wall time: the session's Ray tests in one
-    # process (their group; they mostly wait on Ray), beside them the `own_ray` searches and
-    # the files without Ray (tests/conftest.py groups and orders them). Then the `serial` tests,
-    # whose bounds are wall time, alone.
     "$VENV/bin/python" -m pytest -m "not serial" -n 3 --dist loadfile --no-loadscope-reorder \
         "$@" && first=0 || first=$?
     "$VENV/bin/python" -m pytest -m "serial" -p no:xdist "$@" && second=0 || second=$?
