@@ -263,3 +263,19 @@ def test_separable_finding_keeps_temperature_one_and_its_threshold_in_the_gap(ca
     chosen = oof_finding_thresholds(labels, probs, task, fit.temperatures)
     score = probs[:, 0]
     assert score[labels_a == 0].max() < chosen.values[0] < score[labels_a == 1].min()
+
+
+def test_the_report_says_why_the_temperature_was_kept_at_one(tmp_path):
+    from types import SimpleNamespace
+
+    from distmed.runreport import ensemble_section
+
+    labels, probs = separable_binary()
+    fit = fitted(labels, probs)
+    run = SimpleNamespace(
+        test={"labels": labels, "probs": probs}, run_dir=tmp_path, task=task_of(probs),
+        calibration=fit,
+    )  # fmt: skip
+    page = ensemble_section(run, tmp_path, resamples=20)  # type: ignore[arg-type]
+    assert "Temperature kept at 1" in page and "separable" in page
+    assert "data-key='temperature'" not in page  # no fitted value shown
