@@ -40,7 +40,8 @@ def oof_set(n: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def brute_force_threshold(truth: np.ndarray, score: np.ndarray, sensitivity=None) -> float:
     """Youden's J (or the highest cut reaching `sensitivity`) by trying every score as the
-    cut "positive at or above", highest first; the first best cut wins."""
+    cut "positive at or above", highest first; the first best cut wins. Returned moved to the
+    middle, in logit space, of the gap below it (every cut there decides the same)."""
     best, best_j = None, -np.inf
     for cut in np.unique(score)[::-1]:
         said = score >= cut
@@ -48,11 +49,19 @@ def brute_force_threshold(truth: np.ndarray, score: np.ndarray, sensitivity=None
         spec = (~said & ~truth).sum() / (~truth).sum()
         if sensitivity is not None:
             if sens >= sensitivity:
-                return float(cut)
+                return _mid_gap(score, float(cut))
             continue
         if sens + spec - 1 > best_j:
             best, best_j = cut, sens + spec - 1
-    return float(best)
+    return _mid_gap(score, float(best))
+
+
+def _mid_gap(score: np.ndarray, cut: float) -> float:
+    below = score[score < cut]
+    if not len(below):
+        return cut
+    log_odds = [np.log(p / (1 - p)) for p in (below.max(), cut)]
+    return float(1 / (1 + np.exp(-(log_odds[0] + log_odds[1]) / 2)))
 
 
 @pytest.mark.parametrize("target", [None, 0.9])
