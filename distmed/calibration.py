@@ -1,6 +1,8 @@
 """Post-hoc calibration by temperature scaling (Guo et al. 2017, "On Calibration of Modern
 Neural Networks", ICML): fit one temperature on held-out predictions, apply it to new ones;
 and the binary operating threshold chosen on the same held-out (out-of-fold) predictions.
+Both stay honest on separable held-out predictions: the temperature is kept at 1, the
+threshold sits mid-gap (`metrics.gap_centre`).
 A multi-label task gets both per finding (`fit_finding_temperatures`, `oof_finding_thresholds`).
 
 Pure functions of saved class probabilities; a fit is a small frozen record that can be stored
@@ -64,7 +66,9 @@ def fit_temperature(labels: np.ndarray, probs: np.ndarray, task: Task) -> Temper
     log(probs) equals the model's logits up to a per-row constant, which softmax ignores, so
     fitting on saved probabilities is the same as fitting on the logits (Guo et al. 2017,
     section 4.2). T is searched on a log scale within `TEMPERATURE_BOUNDS`; T > 1 softens an
-    over-confident model, T < 1 sharpens an under-confident one.
+    over-confident model, T < 1 sharpens an under-confident one. Separable predictions, or an
+    optimum at the lower bound, keep T = 1 with the reason in `kept_at_one`
+    (`_bounded_minimum`).
 
     Args:
         labels: (N,) true class index per sample, held out from training.
@@ -294,8 +298,10 @@ class FindingTemperatures(BaseModel):
     a shared T would correct their average and leave each one off. It costs one parameter
     per finding, fitted on thousands of out-of-fold predictions. `findings[l]` is None where
     finding l could not be fitted (fewer than `MIN_SAMPLES` known labels or one class): its
-    temperature is 1 (unchanged). Temperature keeps each finding's ranking (its AUC); it
-    rescales confidence but cannot move a shifted base rate (Platt scaling's bias term would).
+    temperature is 1 (unchanged); a finding whose predictions are separable keeps T = 1 with
+    the reason (`TemperatureFit.kept_at_one`). Temperature keeps each finding's ranking (its
+    AUC); it rescales confidence but cannot move a shifted base rate (Platt scaling's bias
+    term would).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
