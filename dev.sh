@@ -3,7 +3,7 @@
 #   bash dev.sh demo   the demo search (Tune + Optuna over 5-fold CV on the built-in data)
 #   bash dev.sh cv     one configuration, 5-fold cross-validated on the built-in demo data
 #   bash dev.sh test   install the tests' browser if missing, run ruff, mypy and pytest (what CI runs;
-#     3 pytest-xdist processes, the session's Ray tests in one of them, then the `serial` tests:
+#     4 pytest-xdist processes, the session's Ray tests in two of them, then the `serial` tests:
 #     `run_tests` below)
 #   bash dev.sh test-fast   pytest without the Ray and GPU tests (-m "not ray and not gpu", -n 2), no
 #     ruff or mypy: the ~2-minute loop while editing; `test` before a commit still runs everything
@@ -45,14 +45,15 @@ ensure_browser() {
         || { $sudo apt-get update -qq && $sudo apt-get install -y chromium >/dev/null; }
 }
 
-# pytest in two runs: the tests without Ray on two processes (pytest-xdist; a file's tests
-# stay in one process, whose torch then uses half the cores), with them the `own_ray` tests
-# (searches in subprocesses, each with its own Ray instance, made to run beside others; the
-# longest test, so conftest puts it first and xdist keeps that order); then the other Ray
-# tests in one process (they share the session's Ray instance), with the `serial` tests (bound
-# by wall time: signals and deadlines, which need the cores to themselves). Extra arguments
-# go to both runs; a run that selects no test (pytest's exit status 5) is no failure while
-# the other ran tests. Both runs always run; the status is the first failure's.
+# pytest in two runs. First, ONE pytest-xdist run (`--dist loadfile`) of every test not marked
+# `serial`: tests/conftest.py makes the files of each SESSION_RAY_GROUPS group one unit of work
+# (one process that starts its own Ray instance once) and puts them first (the longest units;
+# they mostly wait on Ray); the `own_ray` searches (subprocesses, each with its own Ray
+# instance) come next, and every file without Ray is a unit of its own, filling the processes
+# as they free up. Then the `serial` tests (bound by wall time: signals and deadlines, which
+# need the cores to themselves) alone, without xdist. Extra arguments go to both runs; a run
+# that selects no test (pytest's exit status 5) is no failure while the other ran tests. Both
+# runs always run; the status is the first failure's.
 run_tests() {
     local status=0 first second
     # One pytest-xdist run of everything not bound by wall time, on 4 processes: the session's

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from distmed import version
-from distmed.cli import BadCommandLine, parse
+from distmed.cli import BadCommandLine, invoked_as, parse
 from distmed.errors import EXIT_USER_ERROR
 
 # command -> (the front door whose `main(argv)` it runs, its line in `distmed --help`).
@@ -55,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in COMMANDS:
         module = importlib.import_module(COMMANDS[args[0]][0])
-        return int(module.main(args[1:]))
+        with invoked_as(f"distmed {args[0]}"):  # its usage line says `distmed tune`
+            return int(module.main(args[1:]))
     try:
         parse(build_parser(), args)  # --help, --version, or a one-line error
     except BadCommandLine:

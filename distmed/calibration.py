@@ -1,6 +1,8 @@
 """Post-hoc calibration by temperature scaling (Guo et al. 2017, "On Calibration of Modern
 Neural Networks", ICML): fit one temperature on held-out predictions, apply it to new ones;
 and the binary operating threshold chosen on the same held-out (out-of-fold) predictions.
+Both stay honest on separable held-out predictions: the temperature is kept at 1, the
+threshold sits mid-gap (`metrics.gap_centre`).
 A multi-label task gets both per finding (`fit_finding_temperatures`, `oof_finding_thresholds`).
 
 Pure functions of saved class probabilities; a fit is a small frozen record that can be stored
@@ -10,6 +12,8 @@ Pure functions of saved class probabilities; a fit is a small frozen record that
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +36,8 @@ MAX_FINDINGS = 10_000  # as savedmodel.MAX_CLASSES: bounds what a saved file may
 
 MIN_SAMPLES = 20  # fewer held-out predictions than this cannot pin a temperature down
 TEMPERATURE_BOUNDS = (0.05, 20.0)  # sharpen at most 20x, flatten at most 20x
+# An optimum this close (in log T) to the lower bound is the bound, not a fitted value.
+AT_BOUND_LOG_MARGIN = 0.01
 # Saved probabilities can underflow to exactly 0; their log must stay finite.
 PROB_EPSILON = 1e-12
 
@@ -51,6 +57,9 @@ class TemperatureFit(BaseModel):
     ece_before: float
     ece_after: float
     num_samples: int = Field(ge=MIN_SAMPLES)
+    kept_at_one: str | None = Field(
+        None, description="why the temperature was kept at 1 instead of fitted; null if fitted"
+    )
 
 
 def fit_temperature(labels: np.ndarray, probs: np.ndarray, task: Task) -> TemperatureFit:
@@ -59,7 +68,9 @@ def fit_temperature(labels: np.ndarray, probs: np.ndarray, task: Task) -> Temper
     log(probs) equals the model's logits up to a per-row constant, which softmax ignores, so
     fitting on saved probabilities is the same as fitting on the logits (Guo et al. 2017,
     section 4.2). T is searched on a log scale within `TEMPERATURE_BOUNDS`; T > 1 softens an
-    over-confident model, T < 1 sharpens an under-confident one.
+    over-confident model, T < 1 sharpens an under-confident one. Separable predictions, or an
+    optimum at the lower bound, keep T = 1 with the reason in `kept_at_one`
+    (`_bounded_minimum`).
 
     Args:
         labels: (N,) true class index per sample, held out from training.
@@ -76,18 +87,51 @@ def fit_temperature(labels: np.ndarray, probs: np.ndarray, task: Task) -> Temper
     def nll_of_log_t(log_t: float) -> float:
         return _nll(labels, log_probs / math.exp(log_t))
 
-    low, high = TEMPERATURE_BOUNDS
-    found = minimize_scalar(nll_of_log_t, bounds=(math.log(low), math.log(high)), method="bounded")
-    temperature = math.exp(float(found.x))
+    true_side = log_probs[np.arange(len(labels)), labels]
+    others = log_probs.copy()
+    others[np.arange(len(labels)), labels] = -np.inf
+    temperature, kept = _bounded_minimum(nll_of_log_t, bool((true_side > others.max(1)).all()))
     calibrated = apply_temperature(probs, temperature)
     return TemperatureFit(
         temperature=temperature,
         nll_before=_nll(labels, log_probs),
-        nll_after=float(found.fun),
+        nll_after=nll_of_log_t(math.log(temperature)),
         ece_before=task.calibration_error(labels, probs),
         ece_after=task.calibration_error(labels, calibrated),
         num_samples=len(labels),
+        kept_at_one=kept,
     )
+
+
+def _bounded_minimum(
+    objective: Callable[[float], float], separable: bool
+) -> tuple[float, str | None]:
+    """The temperature minimising `objective` (a mean NLL as a function of log T) within
+    `TEMPERATURE_BOUNDS`, or 1 with the reason when the data cannot pin it down.
+
+    Why: when every held-out prediction is on its true class's side (`separable`), the NLL
+    has no finite optimum: it keeps falling as T -> 0, so the search ends at the lower bound
+    and the "calibrated" probabilities are pushed to 0 and 1. Typical of a small validation
+    set scored perfectly (CV ROC-AUC 1.0 on 30 images); such a temperature describes the
+    luck of the folds, not the model, and applied to a model refitted on all data it turns
+    every prediction into a certainty. The same holds when a few errors with small margins
+    leave the optimum at the bound (nearly separable). Then T = 1 (no rescaling) is the
+    honest choice: the data gives no evidence of over- or under-confidence. An optimum at
+    the upper bound (a model no better than chance) only flattens and is kept.
+    """
+    low, high = TEMPERATURE_BOUNDS
+    if separable:
+        return 1.0, (
+            "the out-of-fold predictions are separable (every one on its true side), so the "
+            "NLL has no finite optimum (it falls as T -> 0)"
+        )
+    found = minimize_scalar(objective, bounds=(math.log(low), math.log(high)), method="bounded")
+    if float(found.x) <= math.log(low) + AT_BOUND_LOG_MARGIN:
+        return 1.0, (
+            f"the NLL's optimum lies at the search bound T = {low:g} (nearly separable "
+            "out-of-fold predictions)"
+        )
+    return math.exp(float(found.x)), None
 
 
 def fit_oof_temperature(
@@ -106,12 +150,42 @@ def fit_oof_temperature(
     except UserError as exc:
         print(f"calibration: not fitted ({exc})")
         return None
+    if fit.kept_at_one:
+        print(f"warning: calibration: {kept_note(fit)}", file=sys.stderr, flush=True)
+        return fit
     print(
         f"calibration: temperature {fit.temperature:.3f} on {fit.num_samples} out-of-fold "
         f"predictions (ECE {fit.ece_before:.4f} -> {fit.ece_after:.4f})",
         flush=True,
     )
     return fit
+
+
+def kept_note(
+    fit: TemperatureFit | FindingTemperatures | None, task: Task | None = None
+) -> str | None:
+    """One line saying which temperatures were kept at 1 and why (for the console, the
+    summary and the report; a multi-label `task` names the findings); None when every
+    temperature was fitted or none was."""
+    if isinstance(fit, TemperatureFit) and fit.kept_at_one:
+        return f"temperature kept at 1 (not fitted): {fit.kept_at_one}"
+    if isinstance(fit, FindingTemperatures):
+        count = len(fit.findings)
+        names = [f"finding {i}" for i in range(count)]
+        if isinstance(task, MultilabelTask) and len(task.class_names) == count:
+            names = list(task.class_names)
+        kept = [
+            (n, f.kept_at_one)
+            for n, f in zip(names, fit.findings, strict=True)
+            if f is not None and f.kept_at_one
+        ]
+        if kept:
+            shown = ", ".join(n for n, _ in kept[:8]) + (" ..." if len(kept) > 8 else "")
+            return (
+                f"temperature kept at 1 (not fitted) for {len(kept)} finding(s) ({shown}): "
+                f"{kept[0][1]}"
+            )
+    return None
 
 
 @dataclass(frozen=True)
@@ -226,8 +300,10 @@ class FindingTemperatures(BaseModel):
     a shared T would correct their average and leave each one off. It costs one parameter
     per finding, fitted on thousands of out-of-fold predictions. `findings[l]` is None where
     finding l could not be fitted (fewer than `MIN_SAMPLES` known labels or one class): its
-    temperature is 1 (unchanged). Temperature keeps each finding's ranking (its AUC); it
-    rescales confidence but cannot move a shifted base rate (Platt scaling's bias term would).
+    temperature is 1 (unchanged); a finding whose predictions are separable keeps T = 1 with
+    the reason (`TemperatureFit.kept_at_one`). Temperature keeps each finding's ranking (its
+    AUC); it rescales confidence but cannot move a shifted base rate (Platt scaling's bias
+    term would).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -265,16 +341,17 @@ def _fit_one_finding(truth: np.ndarray, score: np.ndarray) -> TemperatureFit:
         z = logits / math.exp(log_t)
         return float(-(truth * log_expit(z) + (1 - truth) * log_expit(-z)).mean())
 
-    low, high = TEMPERATURE_BOUNDS
-    found = minimize_scalar(bce, bounds=(math.log(low), math.log(high)), method="bounded")
-    temperature = math.exp(float(found.x))
+    # Separable: every positive's logit above 0 and every negative's below (`_bounded_minimum`).
+    separable = bool(((logits > 0) == (truth > 0.5)).all())
+    temperature, kept = _bounded_minimum(bce, separable)
     return TemperatureFit(
         temperature=temperature,
         nll_before=bce(0.0),
-        nll_after=float(found.fun),
+        nll_after=bce(math.log(temperature)),
         ece_before=expected_calibration_error(score, truth),
         ece_after=expected_calibration_error(expit(logits / temperature), truth),
         num_samples=len(truth),
+        kept_at_one=kept,
     )
 
 
@@ -282,7 +359,14 @@ def _fit_oof_finding_temperatures(
     labels: np.ndarray, probs: np.ndarray, task: MultilabelTask
 ) -> FindingTemperatures:
     fit = fit_finding_temperatures(labels, probs, task)
-    done = [(n, f) for n, f in zip(task.class_names, fit.findings, strict=True) if f]
+    note = kept_note(fit, task)
+    if note:
+        print(f"warning: calibration: {note}", file=sys.stderr, flush=True)
+    done = [
+        (n, f)
+        for n, f in zip(task.class_names, fit.findings, strict=True)
+        if f and not f.kept_at_one
+    ]
     shown = ", ".join(f"{n} {f.temperature:.2f}" for n, f in done[:8])
     more = " ..." if len(done) > 8 else ""
     print(

@@ -16,7 +16,8 @@ import math
 import re
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import NoReturn
 
@@ -245,6 +246,43 @@ def resume_command(module: str, argv: list[str], name: str) -> str:
     return shlex.join([sys.executable, "-m", module, *args])
 
 
+# The name the user typed for the running command (`distmed tune`), set by the `distmed`
+# dispatcher for the command it runs; a ContextVar so it never outlives that call.
+_INVOKED_AS: ContextVar[str | None] = ContextVar("distmed_invoked_as", default=None)
+
+
+@contextlib.contextmanager
+def invoked_as(prog: str) -> Iterator[None]:
+    """Within the block, the command's usage, help and error lines say `prog`."""
+    token = _INVOKED_AS.set(prog)
+    try:
+        yield
+    finally:
+        _INVOKED_AS.reset(token)
+
+
+def command_name(default: str) -> str:
+    """What the user typed to run this command, for its `usage:` line: `distmed tune` via the
+    dispatcher (`invoked_as`), `distmed-tune` via that console script, else `default` (the
+    parser's `python -m distmed.tune`). Why: a usage line is copied; it must be one that
+    runs, in the form the user is already using."""
+    if (typed := _INVOKED_AS.get()) is not None:
+        return typed
+    script = Path(sys.argv[0]).name if sys.argv else ""
+    return script if script.startswith("distmed-") else default
+
+
+def _rename(parser: argparse.ArgumentParser, prog: str) -> None:
+    """`parser`'s usage line and the examples of its help (written with its default prog,
+    `python -m distmed.tune --space demo`) say `prog` instead."""
+    if prog == parser.prog:
+        return
+    for attr in ("description", "epilog"):
+        if text := getattr(parser, attr):
+            setattr(parser, attr, text.replace(parser.prog, prog))
+    parser.prog = prog
+
+
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """`parser`'s arguments from `argv` (default `sys.argv[1:]`), checked before any work.
 
@@ -259,6 +297,7 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
         print(f"error: {parser.prog}: {_short_message(message)}", file=sys.stderr)
         raise BadCommandLine
 
+    _rename(parser, command_name(parser.prog))
     parser.error = one_line  # type: ignore[method-assign]
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:

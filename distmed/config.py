@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Collection, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -28,7 +29,7 @@ from pydantic import (
 from distmed.artifacts import write_text_atomic
 from distmed.data.settings import MIN_IMAGE_SIZE as MIN_IMAGE_SIZE
 from distmed.data.settings import DecodeSettings
-from distmed.errors import UserError, shorten
+from distmed.errors import UserError, did_you_mean, shorten
 from distmed.model import ARCHS
 from distmed.shipped import not_found_hint, space_path
 from distmed.uris import check_config
@@ -543,11 +544,15 @@ def load_config(
                 raise UserError(f"{source}: 'base' must be a mapping of config sections")
     for item in overrides:
         apply_override(raw, item)
-    return validate_config(raw, source)
+    return validate_config(raw, source, overrides)
 
 
-def validate_config(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+def validate_config(
+    raw: dict[str, Any], source: str = "config", overrides: Sequence[str] = ()
+) -> ExperimentConfig:
     """Validate a plain dict into the typed config, with one readable line per problem.
+    `overrides` are the `--set KEY=VALUE` items already applied to `raw`: a problem at a
+    key one of them set is blamed on it, not on `source` (`blamed_source`).
 
     Raises:
         UserError: a problem, or credentials in a URI (`uris.check_config`).
@@ -556,11 +561,52 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> ExperimentCo
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(f"{source}: {format_validation_error(exc)}") from exc
+        where = blamed_source(exc, source, overrides)
+        raise UserError(f"{where}: {format_validation_error(exc, config_names())}") from exc
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """Flatten pydantic's errors into `dotted.key: problem (got value)` parts.
+def blamed_source(exc: ValidationError, source: str, overrides: Sequence[str]) -> str:
+    """Where the rejected values came from: `--set KEY=VALUE` when every problem lies at
+    (or under) a key an override set, or is an unknown section an override made; `source`
+    with those overrides when only some do, or when a problem of a whole section (`cv`) may
+    come from one set in it; else `source`.
+    Why: a value typed on the command line is not in the file; naming the file sends the
+    user to look for it there."""
+    by_key = {item.partition("=")[0].strip(): item for item in overrides}
+    exact: list[str] = []
+    involved: list[str] = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        hit = [item for k, item in by_key.items() if key == k or key.startswith(k + ".")]
+        inside = [item for k, item in by_key.items() if k.startswith(key + ".") or not key]
+        if err["type"] == "extra_forbidden":  # an unknown section only the --set made
+            hit = hit or inside[:1]
+        exact += hit[:1]
+        involved += hit[:1] or inside
+    blamed = ", ".join(f"--set {shorten_item(item)}" for item in dict.fromkeys(involved))
+    if exact and len(exact) == len(exc.errors()):
+        return blamed
+    return f"{source} with {blamed}" if blamed else source
+
+
+def shorten_item(item: str) -> str:
+    """A `--set` item as typed, cut short when huge (a hostile value stays one line)."""
+    return item if len(item) <= 80 else shorten(item)
+
+
+@cache
+def config_names() -> frozenset[str]:
+    """Every dotted config name, sections included (`train`, `train.epochs`, ...)."""
+    names: set[str] = set()
+    for field in config_fields():
+        parts = field.split(".")
+        names.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+    return frozenset(names)
+
+
+def format_validation_error(exc: ValidationError, known: Collection[str] = ()) -> str:
+    """Flatten pydantic's errors into `dotted.key: problem (got value)` parts; an unknown
+    key gets the closest of the `known` dotted names at its depth (`errors.did_you_mean`).
 
     The rejected value is quoted cut short (`errors.shorten`): it may be a huge string or
     list from a hostile file, and an error must stay one readable line.
@@ -570,7 +616,9 @@ def format_validation_error(exc: ValidationError) -> str:
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
         key = key if len(key) <= 80 else shorten(key)  # a hostile --set or YAML key
         if err["type"] == "extra_forbidden":
-            parts.append(f"{key}: unknown key (check the spelling; see docs/config.md)")
+            alike = [name for name in known if name.count(".") == key.count(".")]
+            hint = did_you_mean([key], alike)
+            parts.append(f"{key}: unknown key (check the spelling; see docs/config.md){hint}")
         elif err["type"] == "missing" or not err["loc"]:
             # The input here is the whole enclosing mapping: quoting it helps nobody.
             parts.append(f"{key}: required, missing" if err["loc"] else err["msg"])

@@ -27,25 +27,37 @@ DEMO_SEED = 20261122
 GROUP_REGEX = r"^(p\d+)_"
 # A folder being written: .demo-v<version>.tmp<pid of the writer>.
 DRAFT_PREFIX = f".demo-v{DEMO_VERSION}.tmp"
+OLD_MARKER = "DONE"  # written inside the demo folder by earlier versions
 
 
 def ensure_demo_folder(root: Path) -> Path:
-    """Write the demo image folder under `root` once; later calls reuse it."""
+    """Write the demo image folder under `root` once; later calls reuse it.
+
+    The folder is written under a draft name and renamed into place in one step, so one
+    that exists is complete: no marker file is written inside it, where every scan of the
+    images listed it as a skipped input. A folder an earlier distmed wrote holds a `DONE`
+    marker (`OLD_MARKER`); it is left there, for that version may share the cache, and
+    `without_old_marker` keeps it out of the scan's report."""
     folder = root / f"demo-v{DEMO_VERSION}"
-    if (folder / "DONE").is_file():
+    if folder.is_dir():
         return folder
     remove_abandoned_drafts(root)
     tmp = root / f"{DRAFT_PREFIX}{os.getpid()}"
     try:
         write_demo_images(tmp)
-        (tmp / "DONE").write_text("synthetic demo data written by distmed.demo\n")
         os.replace(tmp, folder)
     except OSError:  # another process finished first; its copy is identical
-        if not (folder / "DONE").is_file():
+        if not folder.is_dir():
             raise
     finally:  # whatever happened, our draft is not left in the cache
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def without_old_marker(ignored: dict[str, str]) -> dict[str, str]:
+    """A demo scan's ignored files (relative path -> why) without the old `DONE` marker:
+    distmed's own bookkeeping, not an input the user gave and should hear about."""
+    return {path: why for path, why in ignored.items() if path != OLD_MARKER}
 
 
 def remove_abandoned_drafts(root: Path) -> list[Path]:

@@ -6,8 +6,10 @@ points print it without a traceback (unless `--debug`) and exit non-zero.
 
 from __future__ import annotations
 
+import difflib
 import re
 import reprlib
+from collections.abc import Iterable
 from typing import Any
 
 # Long enough to recognise a value, short enough that a hostile or huge one (a 1 MB string,
@@ -54,6 +56,26 @@ def shorten(value: Any) -> str:
     if len(text) > SHORT_VALUE_CHARS + 8:
         text = text[:SHORT_VALUE_CHARS] + "…"
     return text
+
+
+def did_you_mean(unknown: Iterable[str], known: Iterable[str]) -> str:
+    """`; did you mean 'X'?` naming the closest known name of each unknown one
+    (`difflib.get_close_matches`, ratio >= 0.6, case aside), to end a one-line error; ''
+    when no unknown name is close to any known one."""
+    by_fold: dict[str, str] = {}
+    for name in known:
+        by_fold.setdefault(str(name).casefold(), str(name))
+    pairs = []
+    for name in unknown:
+        close = difflib.get_close_matches(str(name).casefold(), list(by_fold), n=1)
+        if close:
+            pairs.append((str(name), by_fold[close[0]]))
+    if not pairs:
+        return ""
+    if len(pairs) == 1:
+        return f"; did you mean {shorten(pairs[0][1])}?"
+    shown = ", ".join(f"{shorten(good)} for {shorten(bad)}" for bad, good in pairs[:6])
+    return f"; did you mean {shown}?"
 
 
 def first_line(exc: BaseException) -> str:

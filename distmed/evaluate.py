@@ -55,7 +55,7 @@ from distmed.data import (
 )
 from distmed.data.findings import RESERVED_COLUMNS
 from distmed.data.sheets import read_header
-from distmed.errors import EXIT_SOME_UNREADABLE, UserError
+from distmed.errors import EXIT_SOME_UNREADABLE, UserError, did_you_mean
 from distmed.inference import (
     Ensemble,
     choose_device,
@@ -412,7 +412,7 @@ def _check_map_keys(class_map: dict[str, str], names: Sequence[str], data: str, 
         if old not in names:
             raise UserError(
                 f"--class-map {old}={class_map[old]}: --data {data} has no finding {old!r}; "
-                f"its {what}: {', '.join(names)}"
+                f"its {what}: {', '.join(names)}{did_you_mean([old], names)}"
             )
 
 
@@ -454,6 +454,7 @@ def match_findings(
         raise UserError(
             f"--data {data}: none of its findings {', '.join(data_findings)} is a finding of "
             f"the model ({', '.join(model_findings)}); rename with --class-map DATA=MODEL"
+            f"{did_you_mean(renamed, model_findings)}"
         )
     return FindingMatch(
         data_columns=[j for _, j in pairs],
@@ -545,7 +546,7 @@ def class_lookup(
         if old not in data_classes:
             raise UserError(
                 f"--class-map {old}={class_map[old]}: --data {data} has no class {old!r}; "
-                f"its classes: {', '.join(data_classes)}"
+                f"its classes: {', '.join(data_classes)}{did_you_mean([old], data_classes)}"
             )
     renamed = [class_map.get(name, name) for name in data_classes]
     unknown = [name for name in renamed if name not in model_classes]

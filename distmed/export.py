@@ -13,8 +13,10 @@ operating threshold (one per finding), so the file can be used without distmed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,23 +136,45 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, output: Path) -> 
     inline = weights < ONNX_INLINE_LIMIT_BYTES
     batch = torch.export.Dim("batch", min=1, max=65536)
     try:
-        torch.onnx.export(
-            model.eval(),
-            (example,),
-            str(output),
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_shapes=({0: batch},),
-            opset_version=ONNX_OPSET,
-            dynamo=True,
-            external_data=not inline,
-            verbose=False,
-        )
+        with quiet_loggers(ONNX_CHATTY_LOGGERS):
+            torch.onnx.export(
+                model.eval(),
+                (example,),
+                str(output),
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_shapes=({0: batch},),
+                opset_version=ONNX_OPSET,
+                dynamo=True,
+                external_data=not inline,
+                verbose=False,
+            )
     except ImportError as exc:
         raise UserError(
             f"ONNX export needs {exc.name}: pip install 'distmed[onnx]' (onnx, onnxscript)"
         ) from exc
     return inline
+
+
+# The exporter's optimiser passes log a line per pass at INFO ("Removed 182 unused nodes",
+# "Applied 63 of general pattern rewrite rules"): its working, not news to the user.
+ONNX_CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
+
+
+@contextlib.contextmanager
+def quiet_loggers(names: Sequence[str], level: int = logging.WARNING) -> Iterator[None]:
+    """Within the block, the `names` loggers (and their children) drop records below
+    `level`: INFO chatter goes, warnings and errors still show. Their levels are restored
+    after, so nothing else is silenced."""
+    loggers = [logging.getLogger(name) for name in names]
+    before = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(level, logger.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        for logger, old in zip(loggers, before, strict=True):
+            logger.setLevel(old)
 
 
 def sidecar_path(output: Path) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from scipy.special import expit, logit
 from scipy.stats import rankdata
 from sklearn import metrics as skm
 
@@ -147,18 +148,51 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray) -> f
 
 
 def youden_threshold(truth: np.ndarray, score: np.ndarray) -> float:
-    """The score threshold maximising sensitivity + specificity - 1 (Youden's J)."""
+    """The score threshold maximising sensitivity + specificity - 1 (Youden's J), placed
+    in the middle of the gap that achieves it (`gap_centre`).
+
+    Args:
+        truth: (N,) bool, positive or not; score: (N,) positive-class probability in [0, 1].
+    """
     fpr, tpr, thresholds = skm.roc_curve(truth, score)
     finite = np.isfinite(thresholds)  # sklearn's first threshold is +inf (nothing positive)
     best = np.argmax((tpr - fpr)[finite])
-    return float(thresholds[finite][best])
+    return gap_centre(score, float(thresholds[finite][best]))
 
 
 def sensitivity_threshold(truth: np.ndarray, score: np.ndarray, target: float) -> float:
-    """The highest threshold whose sensitivity reaches `target` (best specificity there)."""
+    """The highest threshold whose sensitivity reaches `target` (best specificity there),
+    placed in the middle of the gap that achieves it (`gap_centre`)."""
     _, tpr, thresholds = skm.roc_curve(truth, score)
     reaching = np.flatnonzero((tpr >= target) & np.isfinite(thresholds))
-    return float(thresholds[reaching[0]]) if len(reaching) else float(np.min(score))
+    if not len(reaching):
+        return float(np.min(score))
+    return gap_centre(score, float(thresholds[reaching[0]]))
+
+
+THRESHOLD_EPSILON = 1e-12  # keeps logit(0) and logit(1) finite
+
+
+def gap_centre(score: np.ndarray, threshold: float) -> float:
+    """The midpoint, in logit space, between `threshold` (a score value; "positive" when
+    score >= threshold) and the highest score below it; `threshold` when none is below.
+
+    Every threshold in that gap decides the same on `score`, so the choice among them is
+    free on these data. The ROC curve's own threshold is the gap's upper edge: the lowest
+    positive score. On held-out predictions that separate the classes (a perfect fold
+    ROC-AUC on a small data set) that edge can lie at 0.9999, where a model refitted on all
+    data, scored on new images, rarely reaches: it then calls everything negative. The
+    middle of the gap is the largest margin on both sides (the maximum-margin cut); taken
+    in logit space, because that is the scale of the network's output, where a gap between
+    0.99 and 0.9999 is as wide as one between 0.5 and 0.99, and where a temperature is a
+    plain scaling, so the centre is the same whatever temperature is applied after.
+    """
+    score = np.asarray(score, dtype=np.float64)
+    below = score[score < threshold]
+    if not len(below):
+        return threshold
+    low, high = np.clip([below.max(), threshold], THRESHOLD_EPSILON, 1 - THRESHOLD_EPSILON)
+    return float(expit((logit(low) + logit(high)) / 2))
 
 
 # --------------------------------------------------------------------------- uncertainty

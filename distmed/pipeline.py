@@ -46,6 +46,7 @@ from distmed.calibration import (
     FindingTemperatures,
     TemperatureFit,
     fit_oof_temperature,
+    kept_note,
     oof_finding_thresholds,
     oof_threshold,
 )
@@ -439,6 +440,7 @@ class FinalModel:
     path: Path
     refit_epochs: int
     fold_models_missing: str | None = None  # why best_model.pt has no fold ensemble
+    calibration_note: str | None = None  # why a temperature was kept at 1 (`kept_note`)
     test_metrics: dict[str, int | float] | None = None
     test_metrics_folds: dict[str, int | float] | None = None
 
@@ -446,6 +448,7 @@ class FinalModel:
         return {
             "refit_epochs": self.refit_epochs,
             "fold_models_missing": self.fold_models_missing,
+            "calibration_note": self.calibration_note,
             **({"test_metrics": self.test_metrics} if self.test_metrics else {}),
             **({"test_metrics_folds": self.test_metrics_folds} if self.test_metrics_folds else {}),
         }
@@ -482,8 +485,9 @@ def finalize(
         print(f"reusing {path} (refit of trial {best.trial_id})", flush=True)
         saved = SavedModel.load(path)
         has_folds = saved.fold_models is not None
+        calibration = saved.finding_calibration or saved.calibration
         kept = saved.finding_thresholds if saved.multilabel else saved.threshold
-        wanted = threshold_for(saved.finding_calibration or saved.calibration)
+        wanted = threshold_for(calibration)
         if wanted != kept and wanted:
             save_threshold(path, wanted)  # only when this run asks for another rule
     else:
@@ -517,7 +521,8 @@ def finalize(
         )
         delete_checkpoints(f"{ctx.experiment_uri}/refit/{run_name}")
     missing = None if has_folds else no_fold_models_text(trial)
-    final = FinalModel(path, epochs, missing, **score_test(path, data, ctx.local))
+    note = kept_note(calibration, task)
+    final = FinalModel(path, epochs, missing, note, **score_test(path, data, ctx.local))
     for row in outcome.rows:  # the best trial's fold models are in best_model.pt now
         delete_checkpoints(f"{trials}/{trial_run_name(row.trial_id)}")
     return final

@@ -34,7 +34,7 @@ from distmed.cli import (
     run_command,
 )
 from distmed.data import FILE_EXTENSIONS, DecodeSettings, is_image_file
-from distmed.errors import EXIT_SOME_UNREADABLE, UserError
+from distmed.errors import EXIT_SOME_UNREADABLE, UserError, did_you_mean
 from distmed.inference import (
     Prediction,
     choose_device,
@@ -163,7 +163,7 @@ def finding_index(saved: SavedModel, finding: str | None) -> int | None:
     if finding not in saved.class_names:
         raise UserError(
             f"--finding {finding!r}: not a finding of this model; its findings: "
-            f"{', '.join(saved.class_names)}"
+            f"{', '.join(saved.class_names)}{did_you_mean([finding], saved.class_names)}"
         )
     return saved.class_names.index(finding)
 

@@ -472,13 +472,21 @@ def ensemble_section(run: RunData, figures: Path, resamples: int) -> str:
         temperature = calibration.temperature
         raw = apply_temperature(refit_probs, 1.0 / temperature)  # the saved ones are scaled
         path = _before_after(run, labels, raw, refit_probs, figures)
-        parts.append(
-            f"<p>Temperature {num('temperature', temperature, '{:.3f}')} fitted on "
-            f"{calibration.num_samples} out-of-fold predictions of the best trial (ECE there "
-            f"{calibration.ece_before:.4f} → {calibration.ece_after:.4f}); predict, evaluate, "
-            "the app and export apply it. Below: the test split before and after.</p>"
-            + _figure(path)
-        )
+        if calibration.kept_at_one:  # the saved probabilities are the raw ones
+            text = (
+                f"<p>Temperature kept at 1 (not fitted on the {calibration.num_samples} "
+                f"out-of-fold predictions of the best trial): "
+                f"{html.escape(calibration.kept_at_one)}.</p>"
+            )
+        else:
+            text = (
+                f"<p>Temperature {num('temperature', temperature, '{:.3f}')} fitted on "
+                f"{calibration.num_samples} out-of-fold predictions of the best trial (ECE "
+                f"there {calibration.ece_before:.4f} → {calibration.ece_after:.4f}); predict, "
+                "evaluate, the app and export apply it. Below: the test split before and "
+                "after.</p>"
+            )
+        parts.append(text + _figure(path))
     return "\n".join(parts)
 
 
@@ -510,6 +518,9 @@ def _finding_calibration_part(
     for name, fit in zip(run.task.class_names, fits.findings, strict=True):
         if fit is None:
             rows.append([html.escape(name), "1 (not fitted: too few labels or one class)", ""])
+            continue
+        if fit.kept_at_one:
+            rows.append([html.escape(name), f"1 (kept: {html.escape(fit.kept_at_one)})", ""])
             continue
         rows.append(
             [

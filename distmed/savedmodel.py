@@ -156,7 +156,9 @@ class SavedModel(_Record):
     distmed_version: str | None = Field(None, max_length=100)
     source: str | None = Field(None, max_length=300, description="refit run that made it")
     config: ExperimentConfig
-    class_names: list[ClassName] = Field(min_length=2, max_length=MAX_CLASSES)
+    # At least 2 classes for a single-label model, 1 finding for a multi-label one (one
+    # sigmoid output: unusual, but what a one-finding sheet asks for; `_consistent`).
+    class_names: list[ClassName] = Field(min_length=1, max_length=MAX_CLASSES)
     positive_index: int | None = Field(None, ge=0, description="binary tasks: the scored class")
     preprocessing: Preprocessing
     threshold: Threshold | None = None
@@ -181,6 +183,8 @@ class SavedModel(_Record):
     def _consistent(self) -> SavedModel:
         if len(set(self.class_names)) != len(self.class_names):
             raise ValueError("class_names repeat a name")
+        if self.multilabel is None and len(self.class_names) < 2:
+            raise ValueError("class_names: a single-label model has at least 2 classes")
         if (self.positive_index is not None) != self.binary:  # as task.task_for sets it
             raise ValueError("positive_index must be set for two classes, and only then")
         if self.positive_index is not None and self.positive_index >= len(self.class_names):

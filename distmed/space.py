@@ -31,7 +31,7 @@ from distmed.config import (
     text_fields,
     validate_config,
 )
-from distmed.errors import UserError, shorten
+from distmed.errors import UserError, did_you_mean, shorten
 from distmed.shipped import not_found_hint, space_path
 from distmed.yamlfile import read_yaml_file
 
@@ -180,7 +180,7 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     for item in overrides:
         apply_override(base_raw, item)
     _unset_unfreeze_trains_every_arch(base_raw, raw.get("space"))
-    base = validate_config(base_raw, f"{path}: base")
+    base = validate_config(base_raw, f"{path}: base", overrides)
     try:
         search = SearchSettings.model_validate(raw.get("search") or {})
     except ValidationError as exc:
@@ -223,7 +223,10 @@ def _space_keeps_text(path: tuple[str, ...]) -> bool:
 def parse_distribution(path: Path, key: str, spec: Any) -> Distribution:
     where = f"{path}: space.{key if len(str(key)) <= 80 else shorten(key)}"
     if key not in config_fields():
-        raise UserError(f"{where}: not a config field; see docs/config.md for the dotted names")
+        raise UserError(
+            f"{where}: not a config field; see docs/config.md for the dotted names"
+            f"{did_you_mean([key], config_fields())}"
+        )
     if fixed_for_the_search(key):
         raise UserError(
             f"{where}: fixed for the whole search (data, folds, workers and loggers are set "

@@ -91,6 +91,11 @@ class RunSummary(BaseModel):
     # Why best_model.pt has no fold ensemble (the best trial's final checkpoint was gone,
     # e.g. deleted before a --resume): `--ensemble folds` is unavailable. null when it has one.
     fold_models_missing: str | None = None
+    calibration_note: str | None = Field(
+        None,
+        description="why the refit model's temperature was kept at 1 instead of fitted "
+        "(e.g. separable out-of-fold predictions); null when fitted or not applicable",
+    )
     wall_time_s: float | None = Field(None, ge=0)
     # The sampler as built (`search.resolve_sampler`: `auto` decided), the warm start, why
     # this configuration (`importance.param_importances`), and with two objectives the

@@ -181,10 +181,9 @@ def test_a_report_that_fails_for_another_reason_is_still_a_warning(
 # --------------------------------------------------------------------------- item 9
 
 
-def test_a_best_trial_without_its_checkpoint_warns_and_records_the_missing_ensemble(
-    tmp_path: Path, monkeypatch, capsys
-):
-    """The best trial's checkpoint deleted, then --resume: finalize finds no fold models."""
+def _finalize_without_fold_models(tmp_path: Path, monkeypatch, calibration=None):
+    """`pipeline.finalize` with the refit faked, no fold checkpoint left and `calibration`
+    as the fitted temperature; returns (FinalModel, save_model's keyword arguments)."""
     saved: dict = {}
     monkeypatch.setattr(pipeline, "read_trial_detail", lambda uri: None)
     monkeypatch.setattr(pipeline, "refit_chosen", lambda *args: {"w": torch.zeros(1)})
@@ -202,9 +201,15 @@ def test_a_best_trial_without_its_checkpoint_warns_and_records_the_missing_ensem
         cache=SimpleNamespace(channels=1),
     )
     monkeypatch.setattr(pipeline, "operating_threshold", lambda *args: None)
-    monkeypatch.setattr(pipeline, "fit_oof_temperature", lambda *args: None)
+    monkeypatch.setattr(pipeline, "fit_oof_temperature", lambda *args: calibration)
+    return pipeline.finalize(spec.base, outcome, data, ctx), saved  # type: ignore[arg-type]
 
-    final = pipeline.finalize(spec.base, outcome, data, ctx)  # type: ignore[arg-type]
+
+def test_a_best_trial_without_its_checkpoint_warns_and_records_the_missing_ensemble(
+    tmp_path: Path, monkeypatch, capsys
+):
+    """The best trial's checkpoint deleted, then --resume: finalize finds no fold models."""
+    final, saved = _finalize_without_fold_models(tmp_path, monkeypatch)
 
     err = capsys.readouterr().err.strip().splitlines()
     warnings = [line for line in err if line.startswith("warning:")]
@@ -214,6 +219,22 @@ def test_a_best_trial_without_its_checkpoint_warns_and_records_the_missing_ensem
     update = final.summary_update()
     assert "bbbb0002" in update["fold_models_missing"]
     assert "fold_models_missing" in RunSummary.model_fields  # recorded in summary.json
+    assert update["calibration_note"] is None
+
+
+def test_a_temperature_kept_at_one_is_recorded_in_summary_json(tmp_path: Path, monkeypatch):
+    """Separable out-of-fold predictions: the temperature stays 1, and summary.json says why."""
+    from distmed.calibration import TemperatureFit
+
+    kept = TemperatureFit(
+        temperature=1.0, nll_before=0.1, nll_after=0.1, ece_before=0.1, ece_after=0.1,
+        num_samples=30, kept_at_one="the out-of-fold predictions are separable",
+    )  # fmt: skip
+    final, saved = _finalize_without_fold_models(tmp_path, monkeypatch, kept)
+    assert saved["calibration"] == kept
+    note = final.summary_update()["calibration_note"]
+    assert note == "temperature kept at 1 (not fitted): the out-of-fold predictions are separable"
+    assert RunSummary.model_fields["calibration_note"].description
 
 
 def test_a_folder_made_read_only_mid_search_is_one_log_line_not_a_traceback_per_snapshot(

@@ -11,7 +11,7 @@ from test_cli import COMMANDS as CONSOLE_SCRIPTS
 from test_layers import FRONT_DOORS
 
 from distmed import __main__ as command
-from distmed import tune
+from distmed import report, tune
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "search_spaces" / "demo.yaml")
@@ -37,12 +37,28 @@ def test_version_loads_neither_torch_nor_ray():
 
 
 @pytest.mark.parametrize("name", sorted(command.COMMANDS))
-def test_each_command_shows_its_own_modules_help(name, capsys):
+def test_each_command_shows_its_own_modules_help_under_the_name_typed(name, capsys):
+    """`distmed tune --help` is distmed.tune's help, its usage line and examples saying
+    `distmed tune`; `python -m distmed.tune --help` still says `python -m distmed.tune`."""
     module = import_module(command.COMMANDS[name][0])
+    parser = module.build_parser()
     with pytest.raises(SystemExit) as done:
         command.main([name, "--help"])
     assert done.value.code == 0
-    assert capsys.readouterr().out == module.build_parser().format_help()
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: distmed {name} ") and parser.prog not in out
+    for action in parser._actions:
+        assert all(option in out for option in action.option_strings)
+    with pytest.raises(SystemExit):
+        module.main(["--help"])  # after the dispatch: the module's own name again
+    assert capsys.readouterr().out == parser.format_help()
+
+
+def test_a_bad_option_of_a_command_names_the_command_as_typed(capsys):
+    assert command.main(["report", "--bootstrap", "0", "somewhere"]) == 2
+    assert capsys.readouterr().err.startswith("error: distmed report: ")
+    assert report.main(["--bootstrap", "0", "x"]) == 2
+    assert capsys.readouterr().err.startswith("error: python -m distmed.report: ")
 
 
 def test_a_command_runs_its_modules_main_with_the_rest_of_the_line(capsys):

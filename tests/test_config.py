@@ -626,3 +626,41 @@ def test_a_rejected_value_is_quoted_cut_short(tmp_path, text):
     message = str(info.value)
     assert "long.yaml" in message and "(got " in message
     assert len(message) < 400 and len(message.splitlines()) == 1, message[:500]
+
+
+def test_a_bad_set_value_is_blamed_on_the_set_item_not_the_file(tmp_path):
+    """`--set cv.folds=1` is not in the file: the line names the --set item, and the file
+    only where the file holds a problem too."""
+    good = write(tmp_path / "good.yaml", "cv:\n  folds: 3\n")
+    with pytest.raises(UserError) as info:
+        load_config(good, ["cv.folds=1"])
+    assert str(info.value).startswith("--set cv.folds=1: cv.folds: ")
+    assert "good.yaml" not in str(info.value)
+    bad = write(tmp_path / "bad.yaml", "cv:\n  folds: 1\n")
+    with pytest.raises(UserError, match=r"^\S*bad.yaml: cv.folds: "):
+        load_config(bad)
+    with pytest.raises(UserError, match=r"^\S*bad.yaml with --set train.epochs=0: "):
+        load_config(bad, ["train.epochs=0"])
+    with pytest.raises(UserError, match=r"^--set trian.epochs=3: trian: unknown key"):
+        load_config(good, ["trian.epochs=3"])
+
+
+@pytest.mark.parametrize(
+    ("item", "meant"),
+    [
+        ("train.epoch=3", "train.epochs"),
+        ("trian.epochs=3", "train"),
+        ("data.augment.hfilp=true", "data.augment.hflip"),
+        ("cv.fold=3", "cv.folds"),
+    ],
+)
+def test_an_unknown_key_suggests_the_closest_name(item, meant):
+    with pytest.raises(UserError) as info:
+        load_config(None, [item])
+    assert str(info.value).endswith(f"; did you mean {meant!r}?")
+
+
+def test_an_unknown_key_far_from_any_name_gets_no_suggestion():
+    with pytest.raises(UserError) as info:
+        load_config(None, ["train.zzzzqqq=3"])
+    assert "did you mean" not in str(info.value)

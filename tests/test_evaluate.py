@@ -15,6 +15,7 @@ from conftest import write_image_folder
 from distmed import evaluate, plots
 from distmed.config import DataConfig, ExperimentConfig
 from distmed.data import scan_source, to_model_input
+from distmed.errors import UserError
 from distmed.inference import decode_file, load_model
 from distmed.model import build_model
 from distmed.savedmodel import SavedModel, save_model, save_threshold
@@ -250,3 +251,12 @@ def test_the_output_names_the_model_and_warns_on_the_training_data(tmp_path: Pat
     assert evaluate.is_training_data(str(tmp_path), str(site))  # a folder holding it
     (tmp_path / "link").symlink_to(site)
     assert evaluate.is_training_data(str(tmp_path / "link"), str(site))
+
+
+def test_a_misspelt_class_map_key_suggests_the_data_class():
+    with pytest.raises(UserError, match=r"has no class 'pnemonia'.*did you mean 'pneumonia'\?$"):
+        evaluate.class_lookup(
+            ["normal", "pneumonia"], ["NORMAL", "PNEUMONIA"], {"pnemonia": "PNEUMONIA"}, "site_b"
+        )
+    with pytest.raises(UserError, match=r"has no finding 'Efusion'.*did you mean 'Effusion'\?$"):
+        evaluate.match_findings(["Effusion", "Mass"], ["Effusion"], {"Efusion": "Effusion"}, "x")

@@ -169,7 +169,6 @@ def _tiny_demo(folder: Path) -> None:
 def test_no_demo_draft_stays_when_another_process_finished_first(tmp_path, monkeypatch):
     def other_process_wins(folder: Path) -> None:
         _tiny_demo(tmp_path / "demo-v2")  # the other writer renames its copy in place...
-        (tmp_path / "demo-v2" / "DONE").write_text("done")
         _tiny_demo(folder)  # ...while ours is still being written
 
     monkeypatch.setattr(demo, "write_demo_images", other_process_wins)
@@ -199,4 +198,21 @@ def test_a_killed_writers_demo_draft_is_removed_a_running_ones_kept(tmp_path, mo
 
     demo.ensure_demo_folder(tmp_path)
     assert not dead.exists() and running.is_dir()
-    assert (tmp_path / "demo-v2" / "DONE").is_file()
+    assert (tmp_path / "demo-v2" / "train" / "normal" / "p000_k0.png").is_file()
+
+
+def test_the_demo_folder_holds_only_images_and_an_old_marker_is_not_reported(tmp_path):
+    """No marker among the images (a scan listed it as "skipped: not an image file"); a
+    folder an earlier version wrote, with a DONE marker inside, is reused and its marker is
+    not reported as an input."""
+    from distmed.config import DataConfig
+    from distmed.data import scan_source
+
+    folder = demo.ensure_demo_folder(tmp_path)
+    assert {p.suffix for p in folder.rglob("*") if p.is_file()} == {".png"}
+    cfg = DataConfig(root="demo", cache_dir=str(tmp_path))
+    assert scan_source(cfg).ignored == {}
+    (folder / "DONE").write_text("synthetic demo data written by distmed.demo\n")
+    assert demo.ensure_demo_folder(tmp_path) == folder  # reused as it is
+    index = scan_source(cfg)
+    assert index.ignored == {} and len(index.pool.labels) == 400

@@ -178,6 +178,13 @@ def test_finding_names_in_the_config_are_checked_after_the_scan(tmp_path):
     assert scan_source(fine).class_names[1] == "Edema"
 
 
+def test_a_misspelt_finding_in_the_config_suggests_the_sheets_finding(tmp_path):
+    sheet = _chexpert(tmp_path)
+    cfg = _config(tmp_path, root=str(sheet), task="multilabel", score_findings=["Pleural Efusion"])
+    with pytest.raises(UserError, match=r"did you mean 'Pleural Effusion'\?$"):
+        scan_source(cfg)
+
+
 def test_multilabel_keys_on_a_single_label_source_are_refused(tmp_path):
     sheet = tmp_path / "labels.csv"
     for n in range(4):
@@ -210,6 +217,21 @@ def test_a_delimited_set_column_gives_sorted_findings(tmp_path):
     assert index.multilabel and index.class_names == ["Atelectasis", "Cardiomegaly", "Effusion"]
     assert _same(index.pool.labels, [[0, 0, 0], [0, 0, 1], [1, 0, 1], [NAN] * 3, [0, 1, 1]])
     assert index.pool.groups.tolist() == ["0", "0", "1", "1", "2"]  # the group column
+
+
+@pytest.mark.parametrize("delimiter", ["|", ";"])
+def test_a_set_column_named_without_its_delimiter_names_the_key_and_the_delimiter(
+    tmp_path, delimiter
+):
+    """NIH's 'Finding Labels' given as data.label_columns without data.label_delimiter: the
+    first bad cell ('No Finding') holds no delimiter, the column does; the line says which."""
+    sets = [found.replace("|", delimiter) for found in NIH_SETS]
+    sheet = _nih(tmp_path, sets=sets)
+    with pytest.raises(UserError) as info:
+        scan_source(_config(tmp_path, root=str(sheet), label_columns=["Finding Labels"]))
+    message = str(info.value)
+    assert "row 2" in message and "'Finding Labels'" in message and "\n" not in message
+    assert f"set data.label_delimiter: {delimiter!r}" in message
 
 
 def test_a_set_column_named_label_needs_no_label_columns(tmp_path):

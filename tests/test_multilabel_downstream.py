@@ -200,6 +200,9 @@ def test_predict_gradcam_for_a_chosen_finding_and_a_wrong_name(model_file, tmp_p
     assert predict.main([*argv, "--finding", "Nodule"]) == 2
     err = capsys.readouterr().err
     assert "--finding 'Nodule': not a finding" in err and "Edema" in err
+    assert "did you mean" not in err  # nothing close to Nodule
+    assert predict.main([*argv, "--finding", "edma"]) == 2
+    assert capsys.readouterr().err.strip().endswith("did you mean 'Edema'?")
 
 
 def test_evaluate_matches_findings_by_name_and_scores_each(model_file, tmp_path, capsys):

@@ -40,7 +40,8 @@ def oof_set(n: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def brute_force_threshold(truth: np.ndarray, score: np.ndarray, sensitivity=None) -> float:
     """Youden's J (or the highest cut reaching `sensitivity`) by trying every score as the
-    cut "positive at or above", highest first; the first best cut wins."""
+    cut "positive at or above", highest first; the first best cut wins. Returned moved to the
+    middle, in logit space, of the gap below it (every cut there decides the same)."""
     best, best_j = None, -np.inf
     for cut in np.unique(score)[::-1]:
         said = score >= cut
@@ -48,11 +49,19 @@ def brute_force_threshold(truth: np.ndarray, score: np.ndarray, sensitivity=None
         spec = (~said & ~truth).sum() / (~truth).sum()
         if sensitivity is not None:
             if sens >= sensitivity:
-                return float(cut)
+                return _mid_gap(score, float(cut))
             continue
         if sens + spec - 1 > best_j:
             best, best_j = cut, sens + spec - 1
-    return float(best)
+    return _mid_gap(score, float(best))
+
+
+def _mid_gap(score: np.ndarray, cut: float) -> float:
+    below = score[score < cut]
+    if not len(below):
+        return cut
+    log_odds = [np.log(p / (1 - p)) for p in (below.max(), cut)]
+    return float(1 / (1 + np.exp(-(log_odds[0] + log_odds[1]) / 2)))
 
 
 @pytest.mark.parametrize("target", [None, 0.9])
@@ -168,3 +177,40 @@ def test_a_tampered_multilabel_file_is_one_line(tmp_path):
     torch.save(payload, path)
     with pytest.raises(UserError, match="best_model.pt"):
         SavedModel.load(path)
+
+
+def test_a_one_finding_multilabel_model_saves_predicts_and_refuses_one_class(tmp_path):
+    """Multi-label with one finding (one sigmoid output) is a valid request: its model is
+    saved with its threshold and temperature and predicts; a single-label file still needs
+    two classes."""
+    import csv
+
+    from PIL import Image
+
+    from distmed import predict
+
+    task = MultilabelTask(("Effusion",))
+    rng = np.random.default_rng(5)
+    labels = (rng.random((60, 1)) < 0.4).astype(np.float64)
+    probs = np.clip(0.3 * labels + rng.uniform(0, 0.7, (60, 1)), 0.01, 0.99)
+    temperatures = fit_finding_temperatures(labels, probs, task)
+    thresholds = operating_threshold((labels, probs), task, "t1", temperatures)
+    cfg = _cfg()
+    path = tmp_path / "best_model.pt"
+    save_model(path, build_model(cfg.model, 1).state_dict(), cfg, task, 1, "refit-t1",
+               calibration=temperatures, threshold=thresholds)  # fmt: skip
+    saved = SavedModel.load(path)
+    assert saved.task == task and saved.class_names == ["Effusion"]
+    assert saved.finding_thresholds == thresholds
+    for i in range(3):
+        Image.fromarray(np.full((20, 20), 60 * i, np.uint8)).save(tmp_path / f"i{i}.png")
+    out = tmp_path / "preds.csv"
+    assert predict.main(["--model", str(path), *map(str, tmp_path.glob("i*.png")),
+                         "--output", str(out)]) == 0  # fmt: skip
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 3 and all(0 <= float(r["prob_Effusion"]) <= 1 for r in rows)
+
+    single = saved.model_dump(mode="json") | {"multilabel": None, "format": 1}
+    single |= {"finding_thresholds": None, "finding_calibration": None}
+    with pytest.raises(ValueError, match="single-label model has at least 2 classes"):
+        SavedModel.model_validate(single)

@@ -203,3 +203,16 @@ def test_the_policy_decides_whether_a_finding_has_enough_positives():
         multilabel_task(FINDINGS, raw, missing={"Fracture": "zeros"}, folds=5)
     with pytest.raises(UserError, match="no finding"):
         multilabel_task(FINDINGS, pool([1, 2, 3]), folds=5)
+
+
+def test_a_misspelt_finding_name_suggests_the_finding():
+    """data.score_findings and the policy dicts say which finding a typo meant."""
+    with pytest.raises(UserError, match=r"^data.score_findings: 'Edma' .*did you mean 'Edema'\?$"):
+        multilabel_task(FINDINGS, pool([10, 9, 12]), score_findings=["Edma"], folds=5)
+    with pytest.raises(
+        UserError, match=r"^data.uncertain: 'effusion' .*did you mean 'Effusion'\?$"
+    ):
+        multilabel_task(FINDINGS, pool([10, 9, 12]), uncertain={"effusion": "ones"}, folds=5)
+    with pytest.raises(UserError) as info:
+        multilabel_task(FINDINGS, pool([10, 9, 12]), score_findings=["Pneumothorax"], folds=5)
+    assert "did you mean" not in str(info.value)  # nothing close: no guess

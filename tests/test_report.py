@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -288,10 +289,14 @@ def test_predict_without_a_model_is_one_line(tmp_path: Path, capsys):
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_export_round_trip(finished_run: Path, tmp_path: Path, fmt: str):
+def test_export_round_trip(finished_run: Path, tmp_path: Path, fmt: str, caplog):
     output = tmp_path / f"model.{fmt}"
     argv = ["--model", str(finished_run / "best_model.pt"), "--format", fmt]
+    caplog.set_level(logging.INFO)  # as the CLI's root logger is
     assert export.main([*argv, "--output", str(output)]) == 0
+    # The ONNX exporter's per-pass INFO lines ("Removed 182 unused nodes") are not shown.
+    chatter = [r for r in caplog.records if r.name.startswith(export.ONNX_CHATTY_LOGGERS)]
+    assert not [r.getMessage() for r in chatter if r.levelno < logging.WARNING]
     sidecar = json.loads(export.sidecar_path(output).read_text())
     assert sidecar["class_names"] == CLASSES and sidecar["positive_class"] == "pos"
     assert sidecar["preprocessing"]["image_size"] == SIZE
@@ -314,6 +319,21 @@ def test_export_round_trip(finished_run: Path, tmp_path: Path, fmt: str):
         session = onnxruntime.InferenceSession(str(alone), providers=["CPUExecutionProvider"])
         [got] = session.run(None, {"image": inputs.numpy()})
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_quiet_loggers_drop_info_keep_warnings_and_restore_levels(caplog):
+    caplog.set_level(logging.INFO)
+    child = logging.getLogger("onnxscript.optimizer")
+    logging.getLogger("onnxscript").setLevel(logging.NOTSET)
+    with export.quiet_loggers(export.ONNX_CHATTY_LOGGERS):
+        child.info("Removed 182 unused nodes")
+        child.warning("a warning that matters")
+    child.info("after the export")
+    assert [r.getMessage() for r in caplog.records if r.name == child.name] == [
+        "a warning that matters",
+        "after the export",
+    ]
+    assert logging.getLogger("onnxscript").level == logging.NOTSET
 
 
 def test_export_defaults_its_output_beside_the_model(finished_run: Path, tmp_path: Path):

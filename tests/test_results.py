@@ -639,15 +639,18 @@ def test_mixed_outcomes_and_only_complete_trials_can_be_best():
 def test_searcher_over_the_shipped_space_suggests_valid_trial_configs():
     spec = load_space(DEMO)
     searcher = make_searcher(to_tune_domains(spec.space))
-    unfreeze = set()
     for i in range(30):
         params = searcher.suggest(f"t{i}")
         assert set(params) == set(spec.space)
         cfg = apply_params(spec.base, params)  # every suggestion is a valid config
         assert 3.0e-4 <= cfg.optim.lr <= 1.0e-2
         assert cfg.train.batch_size in {16, 32}
-        unfreeze.add(cfg.model.unfreeze)
-    assert unfreeze == {3, 4, 5}  # randint [3, 5]: the upper bound reaches Optuna too
+    resnet = load_space(REPO / "search_spaces" / "resnet.yaml")
+    searcher = make_searcher(to_tune_domains(resnet.space))
+    unfreeze = {
+        apply_params(resnet.base, searcher.suggest(f"t{i}")).model.unfreeze for i in range(40)
+    }
+    assert unfreeze == set(range(6))  # randint [0, 5]: the upper bound reaches Optuna too
 
 
 # --------------------------------------------------------------------------- epochs + ASHA

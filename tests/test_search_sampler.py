@@ -20,7 +20,7 @@ from distmed.pareto import FrontPoint, choose_on_front, dominates, pareto_front
 from distmed.results import TrialRow
 from distmed.search import CVOptunaSearch, build_sampler, resolve_sampler, startup_trials
 from distmed.searchfile import record_search
-from distmed.space import SearchSettings, load_space, to_tune_domains
+from distmed.space import SearchSettings, load_space, parse_distribution, to_tune_domains
 from distmed.warmstart import load_warm_start
 
 DEMO = Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yaml"
@@ -95,7 +95,11 @@ def _earlier_search(root: Path, spec, index, rows: list[dict]) -> Path:
 
 
 def _demo():
+    """The demo space with an integer dimension added (`model.unfreeze` 3..5, as in a
+    transfer-learning space): the demo itself trains from random init and searches none."""
     spec = load_space(DEMO)
+    unfreeze = parse_distribution(DEMO, "model.unfreeze", {"randint": [3, 5]})
+    spec = spec.model_copy(update={"space": {**spec.space, "model.unfreeze": unfreeze}})
     return spec, scan_source(spec.base.data)
 
 

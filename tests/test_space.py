@@ -98,7 +98,8 @@ def test_shipped_files_differ_where_documented():
     assert demo.base.data.root == "demo"
     assert demo.base.data.image_size == 32
     assert demo.search.num_samples == 6
-    assert demo.space["model.unfreeze"].args == (3, 5)
+    assert "model.unfreeze" not in demo.space  # random init: freezing stages is no search
+    assert demo.base.model.unfreeze == ARCHS[demo.base.model.arch].depth
     assert scratch.base.data.root is None
     assert scratch.base.data.image_size == 64
     assert scratch.base.train.patience == 4
@@ -686,3 +687,34 @@ def test_a_set_of_a_searched_key_is_refused_not_ignored(tmp_path: Path):
     with pytest.raises(UserError, match=r"--set train.batch_size: .* searches train.batch_size"):
         load_space(path, ["train.batch_size=8"])
     assert load_space(path, ["train.epochs=2"]).base.train.epochs == 2  # base keys still apply
+
+
+def test_a_misspelt_space_key_suggests_the_config_field(tmp_path):
+    path = space_file(tmp_path, "optim.lrr: {loguniform: [1.0e-4, 1.0e-2]}")
+    with pytest.raises(
+        UserError, match=r"space.optim.lrr: not a config field.*did you mean 'optim.lr'\?$"
+    ):
+        load_space(path)
+
+
+def test_a_bad_set_value_names_the_set_item_not_the_space_file(tmp_path):
+    path = space_file(tmp_path, "optim.lr: {loguniform: [1.0e-4, 1.0e-2]}")
+    with pytest.raises(UserError) as info:
+        load_space(path, ["cv.folds=1"])
+    assert str(info.value).startswith("--set cv.folds=1: cv.folds: ")
+
+
+def test_the_shipped_demo_warns_about_nothing_of_its_own(caplog, capsys):
+    """The demo trains from random init (offline): it must not draw a frozen random-init
+    stage, so neither tune nor train warns about the demo's own settings."""
+    from distmed.model import warn_frozen_random_stages
+    from distmed.pipeline import warn_frozen_random_stages as warn_for_space
+    from distmed.tune import main
+
+    with caplog.at_level("WARNING"):
+        assert main(["--space", "demo", "--dry-run"]) == 0
+        demo = load_space("demo")
+        warn_for_space(demo)
+        warn_frozen_random_stages(demo.base.model)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert "warning" not in capsys.readouterr().err.lower()

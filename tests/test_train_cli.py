@@ -216,3 +216,10 @@ def test_alias_bomb_config_fails_at_once_through_both_clis(tmp_path: Path, capsy
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(space) in err and "expands to more than" in err
     assert time.perf_counter() - started < 2.0
+
+
+def test_tune_names_a_bad_set_item_not_the_shipped_space(capsys) -> None:
+    code = tune.main(["--space", "demo", "--dry-run", "--set", "cv.folds=1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("error: --set cv.folds=1: cv.folds: ") and "demo.yaml" not in err

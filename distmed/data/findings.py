@@ -17,6 +17,7 @@ policies are the task's (`distmed.task`), so that the inspector counts what the 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 from distmed.config import DataConfig
 from distmed.data.labels import SHOWN, spelling_key
 from distmed.data.sheets import cell_text, read_header
-from distmed.errors import UserError, shorten
+from distmed.errors import UserError, did_you_mean, shorten
 
 POSITIVE, NEGATIVE, UNCERTAIN = 1.0, 0.0, -1.0
 # Columns of a manifest that are never findings: distmed's own, and CheXpert's metadata.
@@ -105,25 +106,40 @@ def column_codes(
     codes = np.empty((len(rows), len(columns.names)), dtype=np.float32)
     for i, (number, row) in enumerate(rows):
         for j, (name, key) in enumerate(zip(columns.names, columns.keys, strict=True)):
-            codes[i, j] = _code(row.get(key, ""), f"{what} row {number}", name)
+            value = _code(row.get(key, ""))
+            if value is None:
+                hint = _set_hint([other.get(key, "") for _, other in rows])
+                raise UserError(
+                    f"{what} row {number}: column {cell_text(name)!r} holds "
+                    f"{shorten(row.get(key, '').strip())}; {CELL_RULE}{hint}"
+                )
+            codes[i, j] = value
     return codes
 
 
-def _code(cell: str, where: str, column: str) -> float:
+def _code(cell: str) -> float | None:
+    """The raw code of a one-column-per-finding cell (NaN when blank); None when it is none."""
     text = cell.strip()
     if not text:
         return math.nan
     try:
         value = float(text)
     except ValueError:
-        value = math.nan
-    if value in (POSITIVE, NEGATIVE, UNCERTAIN):
-        return value
-    hint = ""
-    if any(sep in text for sep in ("|", ";", ",")):
-        hint = "; a set of findings in one column needs data.label_delimiter"
-    raise UserError(
-        f"{where}: column {cell_text(column)!r} holds {shorten(text)}; {CELL_RULE}{hint}"
+        return None
+    return value if value in (POSITIVE, NEGATIVE, UNCERTAIN) else None
+
+
+def _set_hint(cells: Sequence[str]) -> str:
+    """Where a column's cells are sets of findings ('Effusion|Mass', NIH ChestX-ray14's
+    'Finding Labels'), the key to set and the delimiter its cells use. The offending cell
+    may hold one finding ('No Finding'): the delimiter is looked for in the whole column."""
+    seen = Counter(sep for cell in cells for sep in _OTHER_DELIMITERS if sep in cell)
+    if not seen:
+        return ""
+    delimiter = seen.most_common(1)[0][0]
+    return (
+        f"; its cells are sets of findings joined by {delimiter!r}: set "
+        f"data.label_delimiter: {delimiter!r} to read them"
     )
 
 
@@ -308,7 +324,7 @@ def check_finding_keys(cfg: DataConfig, findings: Sequence[str]) -> None:
         if unknown:
             raise UserError(
                 f"{key}: {', '.join(repr(n) for n in unknown)} not a finding of this data; "
-                f"findings: {', '.join(findings)}"
+                f"findings: {', '.join(findings)}{did_you_mean(unknown, findings)}"
             )
 
 

@@ -12,6 +12,7 @@ import hashlib
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -72,9 +73,10 @@ def _scan(cfg: DataConfig) -> DataIndex:
         )
     root = cfg.root
     if root == "demo":
-        from distmed.demo import ensure_demo_folder
+        from distmed.demo import ensure_demo_folder, without_old_marker
 
         index = scan_folder(ensure_demo_folder(cache_root(cfg)), cfg, name="demo")
+        index = replace(index, ignored=without_old_marker(index.ignored))
     elif "://" in root:  # a bucket: listed here, read by the streamed loader's tasks
         from distmed.data.remote import scan_bucket
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import numpy as np
 from pydantic import Field
 
-from distmed.errors import UserError, shorten
+from distmed.errors import UserError, did_you_mean, shorten
 from distmed.task.base import Task
 from distmed.task.multilabel import (
     MISSING_POLICIES,
@@ -52,6 +52,7 @@ def task_for(class_names: Sequence[str], positive_class: str | None = None) -> T
     if positive_class not in names:
         raise UserError(
             f"data.positive_class {positive_class!r} is not a class; classes: {list(names)}"
+            f"{did_you_mean([positive_class], names)}"
         )
     return BinaryTask(names, names.index(positive_class))
 
@@ -118,7 +119,7 @@ def multilabel_task(
     if unknown:
         raise UserError(
             f"data.score_findings: {', '.join(map(shorten, unknown))} not among the findings "
-            f"{[shorten(n) for n in names][:20]}; fix the name(s)"
+            f"{[shorten(n) for n in names][:20]}; fix the name(s){did_you_mean(unknown, names)}"
         )
     targets = task.targets(pool_labels)
     positives = (targets == POSITIVE).sum(axis=0)
@@ -162,7 +163,7 @@ def _per_finding(
     if unknown:
         raise UserError(
             f"{key}: {', '.join(map(shorten, unknown))} not among the findings "
-            f"{[shorten(n) for n in names][:20]}; fix the name(s)"
+            f"{[shorten(n) for n in names][:20]}; fix the name(s){did_you_mean(unknown, names)}"
         )
     wrong = {n: p for n, p in chosen.items() if p not in allowed}
     if wrong:
