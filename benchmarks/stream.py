@@ -115,18 +115,25 @@ class Cluster:
         head = [ray_bin, "start", "--head", "--port", str(port), "--temp-dir", str(temp)]
         head += ["--include-dashboard", "false"]
         self.nodes = [subprocess.Popen([*head, *common], env=env)]
+        self.joining = [ray_bin, "start", "--address", self.address, *common]
+        self.env = env
         time.sleep(5)  # the head's GCS first
-        for _ in range(NODES - 1):
-            joined = [ray_bin, "start", "--address", self.address, *common]
-            self.nodes.append(subprocess.Popen(joined, env=env))
 
-    def wait(self) -> None:
+    def join(self) -> None:
+        """Join the other nodes one at a time (connected to the head first): two `ray start`
+        processes started together on one host raced for the same port and one raylet died
+        ('bind: Address already in use'), as tests/test_faults_ray.py's `_joined_node` avoids."""
+        for count in range(2, NODES + 1):
+            self.nodes.append(subprocess.Popen(self.joining, env=self.env))
+            self._wait_for(count)
+
+    def _wait_for(self, count: int) -> None:
         import ray
 
         deadline = time.monotonic() + 120
-        while sum(n["Alive"] for n in ray.nodes()) < NODES:
+        while sum(n["Alive"] for n in ray.nodes()) < count:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{NODES} nodes did not join in 120 s")
+                raise RuntimeError(f"node {count} of {NODES} did not join in 120 s")
             time.sleep(0.5)
 
     def stop(self) -> None:
@@ -246,7 +253,7 @@ def measure(size: int, args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"images": size}
     try:
         ray.init(address=cluster.address, logging_level="ERROR")
-        cluster.wait()
+        cluster.join()
         train = [epoch_positions(positions, 0, 0, r, NODES, True) for r in range(NODES)]
         val = [epoch_positions(positions, 0, 0, r, NODES, False) for r in range(NODES)]
         run_ranks(spec, val, 64)  # untimed: workers start and import on every node first
@@ -270,8 +277,10 @@ def measure(size: int, args: argparse.Namespace) -> dict[str, Any]:
             run_ranks(spec, shares, 64)
         run_ranks(spec, val, 64)
         result["filtered_passes_s"] = time.perf_counter() - started
-        ray.shutdown()
     finally:
+        # Before the nodes go: an exception raised while connected to a dying cluster hung in
+        # Ray's excepthook (it reports the error to the GCS being stopped).
+        ray.shutdown()
         cluster.stop()
         shutil.rmtree(temp, ignore_errors=True)
     started = time.perf_counter()
