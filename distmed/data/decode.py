@@ -12,8 +12,9 @@ import struct
 import threading
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -171,11 +172,24 @@ def decode_rows(
     The cache's worker function (it runs in spawned processes: this module imports no torch).
     Grey images fill channel 0 only; the cache repeats it when the set is colour.
     """
+    return fill_rows(stage, ((p, partial(try_decode, Path(path), options)) for p, path in job))
+
+
+def fill_rows(
+    stage: Path, rows: Iterable[tuple[int, Callable[[], tuple[np.ndarray | None, str]]]]
+) -> list[tuple[int, bool, str]]:
+    """Write each decoded image into its row of the (N, 3, S, S) uint8 staging .npy.
+
+    `rows`: (position, decode) pairs; decode() gives (image (S, S) or (S, S, 3), "") or
+    (None, reason). Returns (position, colour, reason) per row. Grey images fill channel 0
+    only (the cache repeats it when the set is colour). Shared by the file and the bucket
+    workers (`objects.object_rows`).
+    """
     array = np.load(stage, mmap_mode="r+")
     out = []
     try:
-        for position, path in job:
-            image, reason = try_decode(Path(path), options)
+        for position, decode in rows:
+            image, reason = decode()
             if image is None:
                 out.append((position, False, reason))
             elif image.ndim == 2:

@@ -18,12 +18,13 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from distmed.artifacts import atomic_path
-from distmed.data.decode import try_decode
+from distmed.data.decode import fill_rows, try_decode
 from distmed.data.settings import DecodeSettings
 from distmed.data.volumes import suffix_of
 
@@ -89,20 +90,7 @@ def object_rows(
     """`decode.decode_rows` for objects: job entries (position, URI, version) ->
     (position, colour, reason), each image written into its row of the staging array and
     kept in `store` (`decode_object`). The cache's worker function for a bucket."""
-    array = np.load(stage, mmap_mode="r+")
-    out = []
-    try:
-        for position, uri, version in job:
-            image, reason = decode_object(uri, version, options, store)
-            if image is None:
-                out.append((position, False, reason))
-            elif image.ndim == 2:
-                array[position, 0] = image
-                out.append((position, False, ""))
-            else:
-                array[position] = image.transpose(2, 0, 1)
-                out.append((position, True, ""))
-        array.flush()
-    finally:
-        del array  # unmap: the written pages leave this process's memory
-    return out
+    decoders = (
+        (p, partial(decode_object, uri, version, options, store)) for p, uri, version in job
+    )
+    return fill_rows(stage, decoders)
