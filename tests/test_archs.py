@@ -27,6 +27,7 @@ from distmed.model import (
     ARCHS,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    SCRATCH_NORM_MOMENTUM,
     Stage,
     apply_freeze,
     arch_of,
@@ -201,6 +202,30 @@ def test_a_local_state_dict_loads_strictly_with_its_sha256(built, tmp_path):
     assert arch.get_classifier(loaded).out_features == NUM_CLASSES
     mine = loaded.state_dict()
     assert all(torch.equal(mine[k], v) for k, v in state.items() if not k.startswith(arch.head))
+
+
+def _norm_momenta(model: torch.nn.Module) -> set[float | None]:
+    return {
+        m.momentum for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    }
+
+
+def test_from_random_init_every_batch_norm_averages_with_momentum_0_1(built):
+    """torchvision's MobileNet-V3 and EfficientNet-B5+/V2 ship 0.01; from scratch that leaves
+    the running statistics near their initial values for a whole short search."""
+    _, model = built
+    assert _norm_momenta(model) in (set(), {SCRATCH_NORM_MOMENTUM})
+
+
+def test_a_pretrained_backbone_keeps_its_own_batch_norm_momentum(tmp_path):
+    scratch = build_model(ModelConfig(arch="mobilenet_v3_large", weights="none"), NUM_CLASSES)
+    path = tmp_path / "mobilenet.pt"
+    shipped = models.mobilenet_v3_large(weights=None)
+    assert _norm_momenta(shipped) == {0.01}  # what torchvision builds
+    torch.save(shipped.state_dict(), path)
+    cfg = ModelConfig(arch="mobilenet_v3_large", weights=str(path))
+    assert _norm_momenta(build_model(cfg, NUM_CLASSES)) == {0.01}
+    assert _norm_momenta(scratch) == {SCRATCH_NORM_MOMENTUM}
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
