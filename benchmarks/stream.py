@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = [measure(size, args) for size in sizes]
     payload = {"machine": machine_info(), "settings": vars(args), "sizes": results}
-    if not args.quick:
-        print(f"wrote {write_result('stream', payload)}")
+    if not args.quick:  # the 3-node run is `stream`; another node count gets its own file
+        name = "stream" if args.nodes == NODES else f"stream-{args.nodes}node"
+        print(f"wrote {write_result(name, payload)}")
     print(table(results))
     return 0
 
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="300 images; writes no result")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument("--nodes", type=int, default=NODES, help="1: stream vs cache, one node")
     parser.add_argument("--cpus-per-node", type=int, default=2)
     parser.add_argument("--object-store-mib", type=int, default=128)
     parser.add_argument("--workdir", help="where the images go (default: a temporary folder)")
@@ -77,7 +79,7 @@ def plan_text(sizes: tuple[int, ...], args: argparse.Namespace) -> str:
     seconds = sum(n / PLANNED_WRITE_PER_S + reads * n / PLANNED_DECODE_PER_S for n in sizes)
     return (
         f"[stream] sizes {', '.join(f'{n:,}' for n in sizes)} at {args.image_size} px; "
-        f"{NODES} nodes x {args.cpus_per_node} CPUs, object store {args.object_store_mib} MiB "
+        f"{args.nodes} nodes x {args.cpus_per_node} CPUs, object store {args.object_store_mib} MiB "
         f"each; per size: shared pass, {FOLDS} filtered passes, cache on one node; "
         f"about {seconds / 60:.0f} min at a planned {PLANNED_DECODE_PER_S:,} decodes/s"
     )
@@ -102,10 +104,13 @@ def write_images(root: Path, count: int, size: int) -> Path:
 
 
 class Cluster:
-    """NODES `ray start --block` processes on this machine; `stop()` ends them (and only
+    """`nodes` `ray start --block` processes on this machine; `stop()` ends them (and only
     them: run under the shared Ray lock, one cluster per machine)."""
 
-    def __init__(self, cpus: int, object_store_mib: int, temp: Path, port: int = 6390) -> None:
+    def __init__(
+        self, nodes: int, cpus: int, object_store_mib: int, temp: Path, port: int = 6390
+    ) -> None:
+        self.count = nodes
         ray_bin = str(Path(sys.executable).with_name("ray"))
         store = str(object_store_mib * 2**20)
         common = ["--block", "--num-cpus", str(cpus), "--num-gpus", "0"]
@@ -123,7 +128,7 @@ class Cluster:
         """Join the other nodes one at a time (connected to the head first): two `ray start`
         processes started together on one host raced for the same port and one raylet died
         ('bind: Address already in use'), as tests/test_faults_ray.py's `_joined_node` avoids."""
-        for count in range(2, NODES + 1):
+        for count in range(2, self.count + 1):
             self.nodes.append(subprocess.Popen(self.joining, env=self.env))
             self._wait_for(count)
 
@@ -133,7 +138,7 @@ class Cluster:
         deadline = time.monotonic() + 120
         while sum(n["Alive"] for n in ray.nodes()) < count:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"node {count} of {NODES} did not join in 120 s")
+                raise RuntimeError(f"node {count} of {self.count} did not join in 120 s")
             time.sleep(0.5)
 
     def stop(self) -> None:
@@ -249,13 +254,14 @@ def measure(size: int, args: argparse.Namespace) -> dict[str, Any]:
     spec = StreamSpec(paths=paths, options=cfg.decode_settings(), decode_cpus=0.5)
     positions = np.arange(len(index.pool))
     folds = np.arange(len(positions)) % FOLDS
-    cluster = Cluster(args.cpus_per_node, args.object_store_mib, temp)
+    nodes = args.nodes
+    cluster = Cluster(nodes, args.cpus_per_node, args.object_store_mib, temp)
     result: dict[str, Any] = {"images": size}
     try:
         ray.init(address=cluster.address, logging_level="ERROR")
         cluster.join()
-        train = [epoch_positions(positions, 0, 0, r, NODES, True) for r in range(NODES)]
-        val = [epoch_positions(positions, 0, 0, r, NODES, False) for r in range(NODES)]
+        train = [epoch_positions(positions, 0, 0, r, nodes, True) for r in range(nodes)]
+        val = [epoch_positions(positions, 0, 0, r, nodes, False) for r in range(nodes)]
         run_ranks(spec, val, 64)  # untimed: workers start and import on every node first
         sampler = Sampler()
         sampler.start()
@@ -264,7 +270,7 @@ def measure(size: int, args: argparse.Namespace) -> dict[str, Any]:
         result["shared_pass_s"] = time.perf_counter() - started
         result.update(sampler.stop())
         result["images_per_s_per_node"] = [
-            round(r["images"] / r["seconds"], 1) for r in shared[:NODES]
+            round(r["images"] / r["seconds"], 1) for r in shared[:nodes]
         ]
         decoded = Counter()
         for r in shared:
@@ -273,7 +279,7 @@ def measure(size: int, args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         for fold in range(FOLDS):  # what training each fold apart reads: k filtered passes
             rows = positions[folds != fold]
-            shares = [epoch_positions(rows, 0, 0, r, NODES, True) for r in range(NODES)]
+            shares = [epoch_positions(rows, 0, 0, r, nodes, True) for r in range(nodes)]
             run_ranks(spec, shares, 64)
         run_ranks(spec, val, 64)
         result["filtered_passes_s"] = time.perf_counter() - started
