@@ -70,6 +70,10 @@ def collect_rows(
     """
     rows, positions = [], {}
     for result in result_grid:
+        if result.config is None and not result.metrics and result.error is None:
+            # Created but never started (a Ctrl-C between two trials): no parameters, no
+            # result, nothing to list; `--resume` runs it.
+            continue
         trial_id, positions[trial_id] = _trial_identity(result)
         metrics = result.metrics or {}
         folds = sorted(
@@ -95,7 +99,7 @@ def collect_rows(
         rows.append(
             TrialRow(
                 trial_id=trial_id,
-                params={k: result.config.get(k) for k in space_keys},
+                params={k: (result.config or {}).get(k) for k in space_keys},
                 status=status,
                 cv_roc_auc=float(metrics.get("cv_roc_auc", math.nan)),
                 cv_roc_auc_std=float(metrics.get("cv_roc_auc_std", math.nan)),

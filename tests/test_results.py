@@ -428,6 +428,19 @@ def test_collect_rows_status_mapping_and_values():
     assert best_row(list(rows.values())).trial_id == "a_00000"
 
 
+def test_a_trial_created_but_never_started_is_no_row():
+    """A Ctrl-C between two trials leaves the next one PENDING: Tune's Result for it has no
+    config and no metrics (it crashed the interrupted search's bookkeeping: new-user try)."""
+    pending = FakeResult(None, None, path="/tmp/exp/run_trial_p_00004")  # type: ignore[arg-type]
+    rows = collect_rows([*fake_grid(), pending], KEYS, ended={"a_00000", "a_00001", "a_00003"})
+    assert {r.trial_id for r in rows} == {"a_00000", "a_00001", "a_00002", "a_00003"}
+    assert status_counts(rows)["interrupted"] == 1  # a_00002, which was training
+    # A started trial whose config was lost still gets its row, parameters unknown.
+    lost = FakeResult(metrics("a_00005", [0.7], complete=False, iteration=1), None)  # type: ignore[arg-type]
+    (row,) = collect_rows([lost], KEYS, ended=set())
+    assert row.status == "interrupted" and row.params == dict.fromkeys(KEYS)
+
+
 def test_a_ctrl_c_marks_unfinished_trials_interrupted_not_stopped():
     # a_00002 was training when the Ctrl-C came: "stopped" would say ASHA stopped it, and a
     # resumed search continues it. Trials that had ended keep their own status.
