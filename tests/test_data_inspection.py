@@ -149,6 +149,18 @@ def test_inspect_cli_prints_counts_and_writes_json(tmp_path, capsys):
     assert json.loads(out.read_text()) == inspect(root)
 
 
+def test_the_scored_class_of_a_binary_set_is_said(tmp_path, capsys):
+    """abnormal/normal sorts 'normal' second: without a word the user reads sensitivity as
+    the abnormal class's (new-user try)."""
+    root = write_image_folder(tmp_path / "d", {"abnormal": 2, "normal": 2})
+    assert inspect_main([str(root)]) == 0
+    assert "positive class (sensitivity, ROC, threshold): normal;" in capsys.readouterr().out
+    chosen = DataConfig(root=str(root), positive_class="abnormal")
+    assert inspect_index(scan_source(chosen), chosen)["positive_class"] == "abnormal"
+    three = write_image_folder(tmp_path / "three", {"a": 2, "b": 2, "c": 2})
+    assert inspect(three)["positive_class"] is None  # multi-class: every class is scored
+
+
 def test_inspect_cli_bad_root_is_one_line(tmp_path, capsys):
     assert inspect_main([str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip()

@@ -47,6 +47,8 @@ def inspect_index(index: DataIndex, cfg: DataConfig) -> dict[str, Any]:
         "layout": index.layout,
         "classes": index.class_names,
         "multilabel": index.multilabel,
+        # Two classes: the scored one (sensitivity, ROC, thresholds); None otherwise.
+        "positive_class": _positive_class(index, cfg),
         # data.normalize_labels: class -> {label as written: images}; {} when nothing merged
         "merged_labels": index.merged_labels,
         "splits": _finding_counts(index) if index.multilabel else _split_counts(index),
@@ -140,8 +142,24 @@ def format_summary(summary: dict[str, Any], short: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _positive_class(index: DataIndex, cfg: DataConfig) -> str | None:
+    """The class a binary set scores: `data.positive_class`, else the second class (sorted
+    folder or label order) - said on every run, since a silent choice flips what sensitivity,
+    the ROC curve and the threshold mean (new-user try: 'normal' scored in abnormal/normal)."""
+    names = list(index.class_names)
+    if index.multilabel or len(names) != 2:
+        return None
+    return cfg.positive_class if cfg.positive_class in names else names[1]
+
+
 def _format_classes(summary: dict[str, Any]) -> list[str]:
     lines = [f"  classes: {', '.join(summary['classes'])}"]
+    positive = summary.get("positive_class")  # absent from summaries written before it existed
+    if positive is not None:
+        lines.append(
+            f"  positive class (sensitivity, ROC, threshold): {positive}; "
+            "set data.positive_class to score the other"
+        )
     if summary.get("merged_labels"):  # absent from summaries written before it existed
         lines.append(
             f"  labels merged (data.normalize_labels): {format_merges(summary['merged_labels'])}"
