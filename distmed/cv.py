@@ -129,12 +129,32 @@ def make_folds(split: Split, cfg: CVConfig, task: Task) -> np.ndarray:
         if count < cfg.folds:
             raise UserError(
                 f"class {name!r} has {count} image(s), fewer than cv.folds={cfg.folds}; "
-                "add images or lower cv.folds"
+                f"{_few_images_advice(counts, cfg.folds)}"
             )
     if split.groups is not None:
         _check_groups(split, cfg, class_names)
     repeats = [_one_repeat(split, key, cfg, class_names, r) for r in range(cfg.repeats)]
     return np.stack(repeats)
+
+
+# Most classes this small: the labels are more likely identifiers than diagnoses.
+ID_LIKE_SHARE = 0.5
+ID_LIKE_MIN_CLASSES = 10
+
+
+def _few_images_advice(counts: np.ndarray, folds: int) -> str:
+    """What to do about a class smaller than the folds. When most of many classes are that
+    small, the label is more likely a patient or image id than a diagnosis (new-user try: a
+    manifest whose `label` column held patient ids read as 24 classes of 2 images), and
+    lowering cv.folds would train an id classifier: say so first."""
+    small = int((counts < folds).sum())
+    if len(counts) >= ID_LIKE_MIN_CLASSES and small >= ID_LIKE_SHARE * len(counts):
+        return (
+            f"{small} of {len(counts)} classes are that small: are the labels ids (patient, "
+            "study)? the `label` column (or class folder) must name the diagnosis; else add "
+            "images or lower cv.folds"
+        )
+    return "add images or lower cv.folds"
 
 
 def _multilabel_folds(split: Split, key: np.ndarray, cfg: CVConfig, task: Task) -> np.ndarray:

@@ -119,6 +119,19 @@ def test_class_smaller_than_folds():
     }
 
 
+def test_many_tiny_classes_ask_whether_the_labels_are_ids():
+    """24 'classes' of 2 images: a label column holding patient ids. Lowering cv.folds, the
+    usual advice, would train an id classifier (new-user try)."""
+    names = [f"pt{k:02d}" for k in range(24)]
+    ids = split_of([k for k in range(24) for _ in range(2)])
+    with pytest.raises(UserError, match=r"24 of 24 classes are that small: are the labels ids"):
+        make_folds(ids, CVConfig(folds=5), task_for(names))
+    rare = split_of([0] * 10 + [1] * 3)  # one small class of two: the usual advice only
+    with pytest.raises(UserError) as info:
+        make_folds(rare, CVConfig(folds=4), task_for(["common", "rare"]))
+    assert "ids" not in str(info.value) and "add images or lower cv.folds" in str(info.value)
+
+
 def test_too_few_patient_groups_for_folds():
     labels = [0] * 6 + [1] * 6
     groups = ["p1", "p1", "p2", "p2", "p3", "p3", "q1", "q1", "q1", "q2", "q2", "q2"]
