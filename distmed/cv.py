@@ -383,11 +383,22 @@ def fold_specs(assignment: np.ndarray, folds: int) -> list[dict[str, list[int]]]
     ]
 
 
-def check_batch_fits(batch_size: int, smallest_train_fold: int) -> None:
+def check_batch_fits(batch_size: int, smallest_train_fold: int, searched: bool = False) -> None:
+    """Refuse a batch larger than a fold's training set. `searched`: the value is one the
+    space draws, which `--set` cannot change (the fix is in the space file).
+
+    Raises:
+        UserError: one line naming the value, the fold's size and where to change it.
+    """
     if batch_size > smallest_train_fold:
+        source, fix = (
+            (" (a value the space draws)", "narrow space.train.batch_size in a copy of the space")
+            if searched
+            else ("", "lower train.batch_size")
+        )
         raise UserError(
-            f"train.batch_size={batch_size} is larger than the smallest fold's "
-            f"training set ({smallest_train_fold} images); lower train.batch_size"
+            f"train.batch_size={batch_size}{source} is larger than the smallest fold's "
+            f"training set ({smallest_train_fold} images); {fix}"
         )
 
 
@@ -463,7 +474,8 @@ def prepare_data(
     """Folds and the decoded cache of a scanned source; unreadable files left out if asked.
 
     Every data problem surfaces here, before Ray starts; fold problems before the (slow)
-    first decode. `batch_sizes` are all the batch sizes a run or search will try.
+    first decode. `batch_sizes`: every batch size a search draws (a refusal then points at
+    the space); empty: `cfg.train.batch_size` is the one checked.
     """
     # A typo (data.positive_class, a finding's name) stops before the decode.
     task = task_of_index(scanned, cfg.data, cfg.cv.folds)
@@ -497,7 +509,7 @@ def prepare_data(
         assignment = make_folds(index.pool, cfg.cv, task)
     plan = plan_folds(cfg, index, cache, assignment, task)
     for size in batch_sizes or [cfg.train.batch_size]:
-        check_batch_fits(size, plan.smallest_train_fold())
+        check_batch_fits(size, plan.smallest_train_fold(), searched=bool(batch_sizes))
     if cfg.cv.repeats > 1:
         repeats, k = cfg.cv.repeats, cfg.cv.folds
         log.info(
@@ -532,7 +544,7 @@ def _prepare_stream(
         stream=stream,
     )
     for size in batch_sizes or [cfg.train.batch_size]:
-        check_batch_fits(size, plan.smallest_train_fold())
+        check_batch_fits(size, plan.smallest_train_fold(), searched=bool(batch_sizes))
     return PreparedData(index, None, assignment, plan, *said, test_stream=test)
 
 

@@ -214,9 +214,10 @@ def describe_search(spec: SearchSpaceFile) -> str:
 
 
 def batch_sizes(spec: SearchSpaceFile) -> list[int]:
-    """Every batch size the search can draw (the decoded cache is sized for them)."""
+    """Every batch size the search draws; empty when it does not search the key (then the
+    base's `train.batch_size` is the one checked against the folds)."""
     dist = spec.space.get("train.batch_size")
-    return [int(v) for v in dist.probe_values()] if dist else [spec.base.train.batch_size]
+    return [int(v) for v in dist.probe_values()] if dist else []
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,15 @@ def test_many_tiny_classes_ask_whether_the_labels_are_ids():
     assert "ids" not in str(info.value) and "add images or lower cv.folds" in str(info.value)
 
 
+def test_a_batch_larger_than_a_fold_says_where_to_change_it():
+    with pytest.raises(UserError, match=r"=64 is larger .* \(51 images\); lower train.batch_size"):
+        check_batch_fits(64, 51)
+    # A value the space draws: --set cannot change a searched key, the space file can.
+    with pytest.raises(UserError, match=r"=64 \(a value the space draws\).*space.train.batch_size"):
+        check_batch_fits(64, 51, searched=True)
+    check_batch_fits(51, 51)  # a batch of the whole fold fits
+
+
 def test_too_few_patient_groups_for_folds():
     labels = [0] * 6 + [1] * 6
     groups = ["p1", "p1", "p2", "p2", "p3", "p3", "q1", "q1", "q1", "q2", "q2", "q2"]
