@@ -771,7 +771,7 @@ def format_results(
     if report is not None:
         lines.append(f"report: {report}")
     command = tensorboard_command(ctx.experiment_uri)
-    lines.append(f"TensorBoard (every trial's curves): {command}")
+    lines.append(f"TensorBoard (every trial's curves; pip install tensorboard): {command}")
     if mlflow_run is not None:
         lines.append(f"MLflow: best model and report in {mlflow_run}")
     return "\n".join(lines)
