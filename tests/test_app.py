@@ -186,7 +186,10 @@ def test_uploads_are_bounded_private_and_removed_on_ctrl_c(tmp_path: Path):
         assert not [p for p in folder.rglob("*") if p.is_file() and p.stat().st_size > 2**20]
 
         proc.send_signal(signal.SIGINT)  # Ctrl-C
-        assert proc.wait(timeout=120) == 0, proc.stdout.read()
+        # communicate, not wait: an app whose output fills the pipe while nobody reads it
+        # blocks on its write and never exits (a 120 s timeout seen once in CI).
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
     finally:
         if proc.poll() is None:
             proc.kill()
