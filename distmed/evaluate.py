@@ -171,12 +171,7 @@ def _run(args: argparse.Namespace) -> int:
     split = choose_split(source, args.split)
     selected = scored_index(source, split)
     lookup = class_lookup(selected.class_names, saved.class_names, class_map, args.data)
-    cache = build_cache(selected, cfg)  # every decode problem before any scoring
-    kept = drop_samples(selected, cache.skipped)
-    if len(kept.pool) == 0:
-        raise UserError(f"--data {args.data}: no readable image in the {split} split")
-    device = choose_device(args.cpu)
-    _, probs = predict_cached(model, cache.pool_path, saved.task, device, batch_size=BATCH_SIZE)
+    kept, probs, device = _predict_readable(args, cfg, selected, split, model, saved)
     scores = Scores(lookup[kept.pool.labels], probs, saved.task)
     card = score(scores, threshold.value if threshold else None, args.bootstrap)
     output = Path(args.output) if args.output else default_output(path, source.name, args.ensemble)
@@ -195,6 +190,29 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_SOME_UNREADABLE if kept.skipped else 0
 
 
+def _predict_readable(
+    args: argparse.Namespace,
+    cfg: Any,
+    selected: Any,
+    split: str,
+    model: torch.nn.Module,
+    saved: SavedModel,
+) -> tuple[Any, np.ndarray, torch.device]:
+    """Decode the selected split (every decode problem before any scoring), drop the
+    unreadable images and predict the rest: (kept index, probabilities, device).
+
+    Raises:
+        UserError: no image of the split is readable.
+    """
+    cache = build_cache(selected, cfg)
+    kept = drop_samples(selected, cache.skipped)
+    if len(kept.pool) == 0:
+        raise UserError(f"--data {args.data}: no readable image in the {split} split")
+    device = choose_device(args.cpu)
+    _, probs = predict_cached(model, cache.pool_path, saved.task, device, batch_size=BATCH_SIZE)
+    return kept, probs, device
+
+
 def _run_findings(
     args: argparse.Namespace,
     path: Path,
@@ -210,12 +228,7 @@ def _run_findings(
     split = choose_split(source, args.split)
     selected = scored_index(source, split)
     match = match_findings(selected.class_names, saved.class_names, class_map, args.data)
-    cache = build_cache(selected, cfg)  # every decode problem before any scoring
-    kept = drop_samples(selected, cache.skipped)
-    if len(kept.pool) == 0:
-        raise UserError(f"--data {args.data}: no readable image in the {split} split")
-    device = choose_device(args.cpu)
-    _, probs = predict_cached(model, cache.pool_path, saved.task, device, batch_size=BATCH_SIZE)
+    kept, probs, device = _predict_readable(args, cfg, selected, split, model, saved)
     scores = finding_scores(saved, match, np.asarray(kept.pool.labels), probs)
     cuts = None if threshold is None else threshold.values[match.model_columns]
     card = score(scores, cuts, args.bootstrap)
