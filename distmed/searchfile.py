@@ -63,8 +63,10 @@ def check_new_search(exp_uri: str) -> None:
 
 def images_hash(index: DataIndex) -> str:
     """sha256 of the class names and every pool and test sample's id, label and size in
-    bytes (the pixels themselves for in-memory arrays). Moving or copying the files keeps
-    it; other files, labels or pixels change it."""
+    bytes (the pixels themselves for in-memory arrays; for objects in a bucket, size and
+    modification time: an object rewritten in place, even at the same size, is other
+    pixels). Moving or copying local files keeps it; other files, labels or pixels change
+    it, and so does copying a bucket (its objects' times are new)."""
     digest = hashlib.sha256(json.dumps(index.class_names).encode())
     for split in (index.pool, index.test):
         if split is None:
@@ -73,6 +75,8 @@ def images_hash(index: DataIndex) -> str:
             digest.update(f"{sample_id}|{label}\n".encode())
         if split.paths is not None:
             digest.update(" ".join(str(p.stat().st_size) for p in split.paths).encode())
+        if split.versions is not None:
+            digest.update(" ".join(split.versions).encode())
         if split.images is not None:
             digest.update(split.images.tobytes())
     return digest.hexdigest()
@@ -97,9 +101,9 @@ def check_same_images(exp_uri: str, record: dict[str, Any] | None, index: DataIn
     before = None if record is None else record.get(IMAGES_KEY)
     if before is not None and before != images_hash(index):
         raise UserError(
-            f"--resume: {exp_uri} was started on other images (file names, labels, sizes or "
-            f"classes differ from --data {index.name}'s now); resume on the same data, or start "
-            "a new --name"
+            f"--resume: {exp_uri} was started on other images (file names, labels, sizes"
+            f"{', object times' if index.pool.versions is not None else ''} or classes differ "
+            f"from --data {index.name}'s now); resume on the same data, or start a new --name"
         )
 
 

@@ -16,6 +16,8 @@ from distmed.config import ExperimentConfig
 from distmed.cv import prepare_data
 from distmed.data import objects, scan_source
 from distmed.data.cache import remove_stale_temporaries
+from distmed.errors import UserError
+from distmed.searchfile import IMAGES_KEY, check_same_images, images_hash
 
 
 def _config(root: str, cache: Path) -> ExperimentConfig:
@@ -70,9 +72,13 @@ def test_a_bucket_is_cached_by_object_version_and_only_a_changed_object_is_read_
     changed = "data/train/pos/p01_img03.png"  # rewritten, as a new upload would, bigger
     rewritten = np.full((40, 40), 7, dtype=np.uint8)
     Image.fromarray(rewritten, "L").save(tmp_path / "new.png")
+    before = images_hash(again.index)
     client.upload_file(str(tmp_path / "new.png"), BUCKET, changed)
     reads.clear()
     third = prepare_data(cfg, scan_source(cfg.data))
+    # A search started on the bucket before the rewrite is not resumed on it.
+    with pytest.raises(UserError, match="other images .*object times"):
+        check_same_images("s3://exp", {IMAGES_KEY: before}, third.index)
     assert reads == [f"s3://{BUCKET}/{changed}"]  # only the changed object
     assert third.cache.pool_path != first.cache.pool_path  # a new version of the bucket
     row = third.index.pool.uris.index(f"s3://{BUCKET}/{changed}")
