@@ -34,17 +34,19 @@ import csv
 import fcntl
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from benchmarks.common import (
     REPO,
     RESULTS,
     CpuSnapshot,
+    SessionCpu,
     machine_info,
     machine_line,
     markdown_table,
@@ -241,20 +243,40 @@ def run_tune(
         start, started = CpuSnapshot.take(children=True), time.perf_counter()
         # A resumed search appends: the log then holds the interrupted part too.
         with log_path.open("a" if resume else "w") as log:
-            done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            returncode, session = _run_in_session(command, log)
         wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{name} failed (exit {done.returncode}); see {log_path}")
-    # Ray's worker processes are not this process's children: count the machine's busy
-    # CPU seconds instead (the machine was otherwise idle, which others_since checks).
+    if returncode != 0:
+        raise SystemExit(f"{name} failed (exit {returncode}); see {log_path}")
     end = CpuSnapshot.take(children=True)
     return {
         "resumed": resume,  # then wall_s and machine_cpu_s cover only this part
         "lock_wait_s": lock_wait_s,
         "wall_s": round(wall, 1),
         "machine_cpu_s": round(end.busy - start.busy, 1),
-        "disturbance": end.others_since(start),
+        # Ray's processes are not our children: the search's session is sampled so that
+        # only what other people's processes took counts as disturbance.
+        "disturbance": end.others_since(start, session.total),
     }
+
+
+def _run_in_session(command: list[str], log: IO[str]) -> tuple[int, SessionCpu]:
+    """Run `command` as the leader of a session of its own, sampling its processes' CPU each
+    second; a Ctrl-C here reaches it as distmed.tune's own Ctrl-C (it stops resumable)."""
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    session = SessionCpu(process.pid)
+    try:
+        while True:
+            try:
+                return process.wait(timeout=1.0), session
+            except subprocess.TimeoutExpired:
+                session.sample()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGINT)
+        process.wait()
+        raise
 
 
 @contextlib.contextmanager
