@@ -2,8 +2,9 @@
 
 Owns the precision policy (`Runtime`: device, autocast precision, memory format), the
 optimiser, schedule and loss builders, and the epoch bookkeeping (early stopping, divergence,
-the fold-averaged report). Gathering across ranks uses `torch.distributed` when it is
-initialised; Ray Train (`distmed.worker`) only hosts these functions.
+the fold-averaged report, the precise-BN recompute before validation). Gathering across
+ranks uses `torch.distributed` when it is initialised; Ray Train (`distmed.worker`) only
+hosts these functions.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ how to give it a small stem. Head replacement, `apply_freeze`, the small stem, t
 allowed `model.arch` values and `unfreeze` bound, and Grad-CAM's layer all read that table, so a
 new backbone is one more row. Weights come from torchvision's own registry and cache
 (`imagenet`), from a local state-dict file (strict load, optional sha256), or nowhere (`none`).
-`unfreeze` counts stages from the head backwards; frozen stages keep BatchNorm in eval mode.
+`unfreeze` counts stages from the head backwards; frozen stages keep BatchNorm in eval mode,
+and precise BN (`recompute_batchnorm_statistics`) recomputes only the trainable layers' statistics.
 `stem: small` swaps the strided first convolution (and max-pool) for a 3x3/1 convolution, as for
 CIFAR-sized inputs, on the rows that have a `small_stem`. Each row also records its weights'
 preprocessing (crop and resize size, interpolation, mean/std) as timm's `pretrained_cfg` does.
