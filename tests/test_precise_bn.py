@@ -155,6 +155,11 @@ def _trained(cfg: ExperimentConfig, epochs: int = 2):
     return fold
 
 
+def _scores(fold) -> list[dict[str, float]]:
+    """The fold's epoch records without their speeds (wall-clock, never the same twice)."""
+    return [{k: v for k, v in r.items() if not k.endswith("per_s")} for r in fold.history]
+
+
 def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in unwrap(model).state_dict().items() if "running_" in k}
 
@@ -163,7 +168,7 @@ def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_the_loop_recomputes_the_validated_model_from_the_folds_training_images(ema_decay):
     on, off = _cfg(precise_bn_images=6, ema_decay=ema_decay), _cfg(ema_decay=ema_decay)
     fold, plain, again = _trained(on), _trained(off), _trained(on)
-    assert fold.history == again.history  # the same seed, the same run
+    assert _scores(fold) == _scores(again)  # the same seed, the same run
     repeated = _bn_buffers(again.model)
     assert all(torch.equal(v, repeated[k]) for k, v in _bn_buffers(fold.model).items())
     assert fold.history[-1]["val_num_samples"] == 4
