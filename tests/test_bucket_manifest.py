@@ -18,7 +18,9 @@ from test_concurrent_ray import BUCKET, s3_server  # noqa: F401  (a fixture)
 from distmed.config import ExperimentConfig
 from distmed.cv import prepare_data
 from distmed.data import remote, scan_source
+from distmed.data.remote import bucket_summary
 from distmed.errors import UserError
+from distmed.evaluate import concat_splits
 from distmed.searchfile import images_hash
 
 
@@ -91,6 +93,11 @@ def test_a_local_sheet_of_uris_is_indexed_and_cached_like_its_local_twin(
         assert ours.groups is not None and list(ours.groups) == list(theirs.groups)
         assert list(ours.origins) == list(theirs.origins)
     assert index.class_names == ["neg", "pos"]
+    assert bucket_summary(index)["per_class"] == {"neg": 5, "pos": 5}
+    # `distmed evaluate --split all` scores pool and test together: still objects.
+    both = concat_splits([index.pool, index.test])
+    assert both.uris == index.pool.uris + index.test.uris
+    assert both.versions == index.pool.versions + index.test.versions
 
     # Listing the common prefix finds what one request per object finds.
     monkeypatch.setattr(remote, "LOOKUP_ONE_BY_ONE", 0)
@@ -144,6 +151,7 @@ def test_a_sheet_in_the_bucket_names_objects_relative_to_its_prefix(bucket, tmp_
     assert index.multilabel and index.class_names == ["Effusion", "Edema"]
     np.testing.assert_array_equal(index.pool.labels, np.array([f[1:] for f in findings]))
     assert index.pool.uris == [f"s3://{BUCKET}/sets/cxr/{p}" for p, *_ in rows]
+    assert bucket_summary(index)["per_class"] == {"Effusion": 7, "Edema": 7}  # positives
 
 
 def test_a_missing_object_is_named_with_its_row(

@@ -129,8 +129,12 @@ def _split(rows: list, number: dict[str, int], cfg: DataConfig, uri: str) -> Spl
 
 def bucket_summary(index: DataIndex) -> dict:
     """What the results say about a bucket source in place of `inspect_data`'s summary (which
-    reads every file: here only the streamed loader's tasks do); prints one line."""
-    counts = np.bincount(index.pool.labels, minlength=len(index.class_names)).tolist()
+    reads every file: here only the streamed loader's tasks do); prints one line. Per class:
+    images; per finding (several findings per image): positive images."""
+    if index.multilabel:
+        counts = (np.asarray(index.pool.labels) == 1).sum(axis=0).tolist()
+    else:
+        counts = np.bincount(index.pool.labels, minlength=len(index.class_names)).tolist()
     per_class = dict(zip(index.class_names, counts, strict=True))
     summary = {
         "root": index.layout,
@@ -141,7 +145,11 @@ def bucket_summary(index: DataIndex) -> dict:
         "checked before training (the stream decodes each file on a node)",
     }
     shown_counts = ", ".join(f"{name} {count}" for name, count in per_class.items())
-    print(f"{index.layout}: {len(index.pool)} images ({shown_counts}) in the CV pool", flush=True)
+    positives = "positives: " if index.multilabel else ""
+    print(
+        f"{index.layout}: {len(index.pool)} images ({positives}{shown_counts}) in the CV pool",
+        flush=True,
+    )
     return summary
 
 
