@@ -140,6 +140,15 @@ def test_a_sheet_in_the_bucket_names_objects_relative_to_its_prefix(bucket, tmp_
         assert set(index.test.origins) == {"test"} and set(index.pool.origins) == {"train"}
         assert index.name == "labels" and "';'-separated" in index.layout
 
+    # CheXpert's paths start with the sheet's folder name: found from the prefix above.
+    chexpert = [(f"cxr/{p}", label) for p, label, *_ in rows]
+    sheet = _write_sheet(tmp_path / "chexpert.csv", ["path", "label"], chexpert)
+    bucket.upload_file(str(sheet), BUCKET, "sets/cxr/chexpert.csv")
+    index = scan_source(
+        _config(tmp_path / "cache", root=f"s3://{BUCKET}/sets/cxr/chexpert.csv").data
+    )
+    assert index.pool.uris == expected and index.pool.ids == [c[0] for c in chexpert]
+
     # Several findings per image: the finding columns of a sheet in the bucket.
     findings = [(p, int(label == "pos"), i % 2) for i, (p, label, *_) in enumerate(rows)]
     sheet = _write_sheet(tmp_path / "findings.csv", ["path", "Effusion", "Edema"], findings)

@@ -427,7 +427,7 @@ def scan_manifest(csv_path: SheetPath, cfg: DataConfig) -> DataIndex:
         )
     base = _sheet_folder(csv_path)
     entries = _manifest_entries(sheet.rows, base, what, has_group, findings is None)
-    versions = _object_versions(entries, base, what, cfg)
+    entries, versions = _object_versions(entries, base, what, cfg)
     if findings is None:
         class_names, labels, merged = _manifest_classes(entries, what, cfg)
     else:
@@ -569,17 +569,20 @@ def _locate(base: Path | str, text: str, where: str) -> tuple[Path | str, str]:
 
 def _object_versions(
     entries: list[_Entry], base: Path | str, what: str, cfg: DataConfig
-) -> dict[str, str] | None:
-    """Each named object's version (`remote.object_versions`, looked up in bulk); None for a
-    sheet of local files.
+) -> tuple[list[_Entry], dict[str, str] | None]:
+    """The entries, and each named object's version (`remote.object_versions`, looked up in
+    bulk); None for a sheet of local files. A sheet in a bucket's path that starts with its
+    folder's name is looked up from the folder above too, as `_manifest_file` does locally
+    (CheXpert): an entry found only there names that object.
 
     Raises:
         UserError: a sheet naming files and objects (naming the rows of each); data.group_from
-            with objects; a missing object, naming its row and URI.
+            with objects; a missing object, naming its row and URI; an object under the
+            prefix and another above it for one path (ambiguous).
     """
     objects = [e for e in entries if isinstance(e[2], str)]
     if not objects:
-        return None
+        return entries, None
     if files := [e for e in entries if isinstance(e[2], Path)]:
         raise UserError(
             f"{what}: {_row_numbers(files)} name local files and {_row_numbers(objects)} "
@@ -589,19 +592,47 @@ def _object_versions(
     _refuse_dicom_keys(cfg, what)
     from distmed.data.remote import object_versions
 
-    versions = object_versions(str(e[2]) for e in objects)
-    for number, text, uri, *_ in objects:
-        if uri not in versions:
+    above = {str(e[2]): a for e in objects if (a := _object_above(base, e[1])) is not None}
+    versions = object_versions([str(e[2]) for e in objects] + list(above.values()))
+    found: list[_Entry] = []
+    for entry in objects:
+        number, text, uri = entry[0], entry[1], str(entry[2])
+        other = above.get(uri)
+        if other is not None and other in versions:
+            if uri in versions:
+                raise UserError(
+                    f"{what} row {number}: {cell_text(text)} names {shown(uri)} and "
+                    f"{shown(other)}; ambiguous: move or rename one of them"
+                )
+            entry = (number, text, other, *entry[3:])
+        elif uri not in versions:
             relative = (
                 ""
                 if is_uri(text)
                 else f" (paths are relative to the sheet's prefix {shown(str(base))}/)"
             )
+            also = f" nor {shown(other)}" if other is not None else ""
             raise UserError(
-                f"{what} row {number}: no such object {shown(str(uri))}{relative}; fix the path "
-                "or upload the object"
+                f"{what} row {number}: no such object {shown(uri)}{also}{relative}; fix the "
+                "path or upload the object"
             )
-    return versions
+        found.append(entry)
+    return found, versions
+
+
+def _object_above(base: Path | str, text: str) -> str | None:
+    """For a sheet in a bucket, the URI a relative path names from the prefix above the
+    sheet's when it starts with the sheet's folder name (CheXpert's `CheXpert-v1.0-small/
+    train/...` in `CheXpert-v1.0-small/train.csv`); else None."""
+    from distmed.data.remote import canonical_uri
+
+    if not isinstance(base, str) or is_uri(text) or base.count("/") < 3:
+        return None
+    parent, folder = base.rsplit("/", 1)
+    parts = text.replace("\\", "/").split("/")
+    if len(parts) < 2 or parts[0] != folder:
+        return None
+    return canonical_uri(f"{parent}/{'/'.join(parts)}")
 
 
 def _row_numbers(entries: list[_Entry]) -> str:
