@@ -66,12 +66,12 @@ def scan_source(cfg: DataConfig) -> DataIndex:
 
 def _scan(cfg: DataConfig) -> DataIndex:
     if cfg.manifest:
-        manifest = _sheet_path(cfg.manifest)
-        if cfg.root and _sheet_path(cfg.root) != manifest:
+        if cfg.root and _sheet_path(cfg.root) != _sheet_path(cfg.manifest):
             raise UserError(
                 f"data.manifest {shown(cfg.manifest)} and data.root {shown(cfg.root)}: set one "
                 "of them (the manifest's paths are relative to the CSV itself)"
             )
+        manifest = cfg.manifest if is_uri(cfg.manifest) else Path(cfg.manifest).expanduser()
         return scan_manifest(manifest, cfg)
     if not cfg.root:
         raise UserError(
@@ -106,8 +106,8 @@ def _scan(cfg: DataConfig) -> DataIndex:
 
 
 def _sheet_path(text: str) -> SheetPath:
-    """A sheet as configured: a URI as written, a local path resolved (so two spellings of
-    one file compare equal)."""
+    """A sheet as configured, to compare: a URI as written, a local path resolved (two
+    spellings of one file are one sheet)."""
     return text if is_uri(text) else Path(text).expanduser().resolve()
 
 
