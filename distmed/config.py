@@ -155,7 +155,8 @@ class DataConfig(_Section, DecodeSettings):
     manifest: str | None = Field(
         None,
         description="CSV of labels: columns path,label and optional group, split "
-        "(train/val/test); paths relative to the CSV (data.root may be the CSV instead)",
+        "(train/val/test); paths relative to the CSV (data.root may be the CSV instead); the "
+        "CSV and its paths may be s3:// or gs:// URIs",
     )
     label_key: str | None = Field(
         None,

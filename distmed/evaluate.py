@@ -526,19 +526,23 @@ def scored_index(index: DataIndex, split: str) -> DataIndex:
 
 
 def concat_splits(splits: Sequence[Split]) -> Split:
-    """One split of the samples of `splits`, in order (all files, or all arrays)."""
+    """One split of the samples of `splits`, in order (all files, all arrays, or all objects
+    in a bucket with their versions)."""
     first = splits[0]
     if len(splits) == 1:
         return first
     paths = [p for s in splits for p in s.paths or []] if first.paths is not None else None
     images = np.concatenate([s.images for s in splits]) if first.images is not None else None
     origins = [s.origins for s in splits if s.origins is not None]
+    objects = first.uris is not None
     return Split(
         ids=[i for s in splits for i in s.ids],
         labels=np.concatenate([s.labels for s in splits]),
         paths=paths,
         images=images,
         origins=np.concatenate(origins) if len(origins) == len(splits) else None,
+        uris=[u for s in splits for u in s.uris or []] if objects else None,
+        versions=[v for s in splits for v in s.versions or []] if objects else None,
     )
 
 

@@ -20,13 +20,12 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from distmed.config import DataConfig
 from distmed.data.labels import SHOWN, spelling_key
-from distmed.data.sheets import cell_text, read_header
+from distmed.data.sheets import SheetPath, cell_text, read_header
 from distmed.errors import UserError, did_you_mean, shorten
 
 POSITIVE, NEGATIVE, UNCERTAIN = 1.0, 0.0, -1.0
@@ -48,7 +47,7 @@ class FindingColumns:
     delimiter: str | None = None
 
 
-def finding_columns(csv_path: Path, cfg: DataConfig, what: str) -> FindingColumns:
+def finding_columns(csv_path: SheetPath, cfg: DataConfig, what: str) -> FindingColumns:
     """The columns of `csv_path` that hold findings, by `data.label_columns`,
     `data.label_delimiter` or (`data.task: multilabel`) every non-reserved column.
 
