@@ -26,11 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bootstrap CIs, Grad-CAM) from a finished distmed.tune run.",
     )
     parser.add_argument("run_dir", help="a search's results folder, e.g. runs/demo")
-    parser.add_argument(
-        "--target-sensitivity",
-        type=float,
-        help="moved to distmed.tune: the threshold is chosen when the search ends",
-    )
+    # Moved to distmed.tune (the threshold is chosen when the search ends, and this command
+    # never writes the model): left out of --help, still taken so that an old command line
+    # gets the one line saying where it went.
+    parser.add_argument("--target-sensitivity", type=float, help=argparse.SUPPRESS)
     parser.add_argument(
         "--bootstrap",
         type=bounded(int, 10, MAX_RESAMPLES, "1000"),

@@ -38,8 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m distmed.train",
         description="Cross-validate one configuration (k folds, or cv.repeats x k; Ray "
         "Train); print mean ROC-AUC ± its standard error.",
-        epilog="example: python -m distmed.train --config search_spaces/demo.yaml "
-        "--output runs/demo",
+        epilog="example: python -m distmed.train --config demo --output runs/demo",
     )
     parser.add_argument(
         "--config",

@@ -33,11 +33,11 @@ MAX_TRIALS = 100_000  # --num-samples, --max-concurrent: beyond any search one c
 EXAMPLES = """examples (a shipped space by name, or a YAML path):
   python -m distmed.tune --space demo
   python -m distmed.tune --space scratch \\
-      --data ../shared/data/pneumoniamnist.npz --cpu --num-samples 1
+      --data ~/data/pneumoniamnist.npz --cpu --num-samples 1
   python -m distmed.tune --space resnet --data /data/xray --address auto \\
       --storage s3://bucket/distmed --workers 2 --wandb-project xray
-  python -m distmed.tune --space search_spaces/demo.yaml --name demo-1 --resume
-  python -m distmed.tune --space search_spaces/demo.yaml --mlflow-uri http://127.0.0.1:5000
+  python -m distmed.tune --space demo --name demo-1 --resume
+  python -m distmed.tune --space ./my_space.yaml --mlflow-uri http://127.0.0.1:5000
 """
 
 
