@@ -13,10 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from distmed.cli import add_debug_option, bounded, run_command
+from distmed.cli import MAX_RESAMPLES, add_debug_option, bounded, run_command
 from distmed.errors import UserError
-from distmed.metrics import MAX_RESAMPLES
-from distmed.runreport import build_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from distmed.runreport import build_report
+
     if args.target_sensitivity is not None:
         raise UserError(
             "--target-sensitivity: the operating threshold is chosen on out-of-fold "

@@ -55,3 +55,48 @@ def test_report_help_lists_no_target_sensitivity_and_the_old_option_says_where_i
     err = capsys.readouterr().err
     assert err.startswith("error: --target-sensitivity:") and "distmed.tune" in err
     assert err.count("\n") == 1
+
+
+# What a front door's module may import before its command line is parsed: none of these
+# (torch alone is seconds of CPU on a loaded host; `--help` printed nothing meanwhile).
+HEAVY = ("torch", "torchvision", "ray", "sklearn", "scipy", "pandas", "optuna", "matplotlib")
+FRONT_DOORS = (
+    "distmed",
+    "distmed.train",
+    "distmed.tune",
+    "distmed.evaluate",
+    "distmed.predict",
+    "distmed.export",
+    "distmed.report",
+    "distmed.app",
+    "distmed.data",
+)
+PROBE = """import contextlib, io, runpy, sys
+for argv in (["--help"], ["--no-such-option"]):
+    sys.argv = ["prog", *argv]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_module({module!r}, run_name="__main__", alter_sys=True)
+        except SystemExit as done:
+            status = done.code
+    print(status, repr(out.getvalue()[:6]), "error:" in err.getvalue())
+print(sorted(name for name in {heavy!r} if name in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("module", FRONT_DOORS)
+def test_help_and_a_bad_option_answer_before_torch_or_ray_is_imported(module):
+    """`python -m MODULE --help` and `python -m MODULE --no-such-option`, as run by `-m`
+    (runpy, in a fresh interpreter): the help is printed, the error said in one line, and
+    no heavy library was imported on the way."""
+    import subprocess
+    import sys
+
+    code = PROBE.format(module=module, heavy=HEAVY)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    helped, refused, loaded = done.stdout.strip().splitlines()
+    assert helped == "0 'usage:' False"
+    assert refused == "2 '' True"
+    assert loaded == "[]"
