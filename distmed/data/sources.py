@@ -30,6 +30,7 @@ from distmed.data.findings import (
     npz_is_multilabel,
     refuse_finding_keys,
     set_codes,
+    several_findings_hint,
 )
 from distmed.data.index import SPLITS, DataIndex, Split
 from distmed.data.labels import Classes, check_class_numbers, classes_of
@@ -412,13 +413,18 @@ def scan_manifest(csv_path: SheetPath, cfg: DataConfig) -> DataIndex:
         return scan_keyed_sheet(csv_path, key, cfg)
     findings = finding_columns(csv_path, cfg, what) if cfg.multilabel_requested else None
     label_keys = tuple(findings.keys) if findings is not None else ("label",)
-    sheet = read_sheet(
-        csv_path,
-        what,
-        ("path", *label_keys),
-        MANIFEST_COLUMNS[2:],
-        hint=KEYED_HINT if findings is None else "",
-    )
+    try:
+        sheet = read_sheet(
+            csv_path,
+            what,
+            ("path", *label_keys),
+            MANIFEST_COLUMNS[2:],
+            hint=KEYED_HINT if findings is None else "",
+        )
+    except UserError as exc:  # a CheXpert-style sheet without data.task: say that setting
+        if findings is None and (hint := several_findings_hint(csv_path, what)):
+            raise UserError(hint) from exc
+        raise
     has_group = "group" in sheet.columns
     if has_group and (cfg.group_csv or cfg.group_regex or cfg.group_from):
         raise UserError(
