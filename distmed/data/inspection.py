@@ -26,6 +26,7 @@ from distmed.data.cache import cache_root
 from distmed.data.decode import UnreadableImage, describe_file
 from distmed.data.index import DataIndex, Split
 from distmed.data.labels import format_merges
+from distmed.data.objects import readable_file
 from distmed.data.settings import DecodeSettings
 from distmed.errors import UserError, first_line
 
@@ -359,17 +360,11 @@ def _file_survey(index: DataIndex, options: DecodeSettings) -> dict[str, Any]:
             fmt, mode = "npz array", "L" if array.ndim == 2 else "RGB"
             size, depth, byte_key = f"{array.shape[1]}x{array.shape[0]}", array.itemsize * 8, None
         else:
-            assert split.paths is not None  # a split holds arrays or files
-            path = split.paths[position]
-            try:
-                byte_key = hashlib.sha256(path.read_bytes()).hexdigest()
-                fmt, mode, size, depth, array = describe_file(path, options)
-            except UnreadableImage as exc:  # too large, multi-frame, no finite pixel, ...
-                unreadable[sample_id] = unreadable_reason(exc, path, named=False)
+            described = _describe_sample(split, position, options)
+            if isinstance(described, str):
+                unreadable[sample_id] = described
                 continue
-            except Exception as exc:  # any decoder failure: named, never fatal here
-                unreadable[sample_id] = unreadable_reason(exc, path)
-                continue
+            fmt, mode, size, depth, array, byte_key = described
         formats[fmt] += 1
         modes[mode] += 1
         sizes[size] += 1
@@ -387,6 +382,31 @@ def _file_survey(index: DataIndex, options: DecodeSettings) -> dict[str, Any]:
         "unreadable": unreadable,
         "duplicates": _duplicates(groups.values()),
     }
+
+
+def _describe_sample(
+    split: Split, position: int, options: DecodeSettings
+) -> tuple[str, str, str, int, np.ndarray, str] | str:
+    """(format, mode, size, bit depth, decoded array, sha256 of the bytes) of a file or an
+    object in a bucket (read through a temporary local copy with this machine's credentials,
+    `objects.readable_file`); or why it cannot be read, on one line."""
+    source = split.uris[position] if split.uris is not None else None
+    try:
+        with readable_file(source or str(_path_of(split, position))) as path:
+            try:
+                byte_key = hashlib.sha256(path.read_bytes()).hexdigest()
+                return (*describe_file(path, options), byte_key)
+            except UnreadableImage as exc:  # too large, multi-frame, no finite pixel, ...
+                return unreadable_reason(exc, path, named=False)
+            except Exception as exc:  # any decoder failure: named, never fatal here
+                return unreadable_reason(exc, path)
+    except Exception as exc:  # the object itself could not be read (gone, no access)
+        return unreadable_reason(exc, Path(source or ""))
+
+
+def _path_of(split: Split, position: int) -> Path:
+    assert split.paths is not None  # a split holds arrays, files or objects
+    return split.paths[position]
 
 
 def unreadable_reason(exc: BaseException, path: Path, named: bool = True) -> str:
