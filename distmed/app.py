@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,8 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 BATCH_SIZE = 16
 # Per uploaded file. A DICOM image is well under this (a CT slice ~0.5 MB, a mammogram
 # ~50 MB); a larger upload is refused (HTTP 413) before it fills the disk.
+# Seconds the server gets to stop after Ctrl-C before the app exits without it.
+CLOSE_TIMEOUT_S = 15.0
 MAX_UPLOAD_MB = 100
 MAX_UPLOAD_LIMIT_MB = 1_000_000  # --max-upload-mb: a terabyte, past any image
 CSS = """
@@ -140,8 +143,28 @@ def _run(args: argparse.Namespace) -> int:
             page.block_thread()  # until Ctrl-C (which it catches)
         finally:
             signal.signal(signal.SIGTERM, previous)
-            page.close()
+            close_page(page)
     return 0
+
+
+def close_page(page: Any, within_s: float = CLOSE_TIMEOUT_S) -> bool:
+    """Stop serving `page`, waiting at most `within_s` seconds; False when it did not stop.
+
+    Why bounded: Gradio's `close` waits for its server thread, which can wait for ever on a
+    connection that never closes: the app once did not exit 120 s after a Ctrl-C in CI. Its
+    server threads are daemons, so the process still exits once the uploads are removed.
+    """
+    closer = threading.Thread(target=page.close, name="distmed-app-close", daemon=True)
+    closer.start()
+    closer.join(within_s)
+    if closer.is_alive():
+        print(
+            f"the web server did not stop within {within_s:g} s; exiting without it",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+    return True
 
 
 def _interrupt(signum: int, frame: Any) -> None:
