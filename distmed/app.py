@@ -23,14 +23,11 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-from PIL import Image
+from typing import TYPE_CHECKING, Any
 
 from distmed.cli import (
     add_debug_option,
@@ -39,28 +36,23 @@ from distmed.cli import (
     model_path,
     run_command,
 )
-from distmed.data import DecodeSettings
-from distmed.data.decode import DICOM_EXTENSIONS, IMAGE_EXTENSIONS
 from distmed.errors import UserError
-from distmed.inference import (
-    Prediction,
-    choose_device,
-    gradcam_pictures,
-    label_at_threshold,
-    load_inference_model,
-    predict_batches,
-    saved_finding_thresholds,
-    saved_threshold,
-)
-from distmed.modelcard import NOTICE, model_card
-from distmed.savedmodel import SavedModel
-from distmed.task.multilabel import MultilabelTask
+
+if TYPE_CHECKING:  # for annotations; imported where used, after parsing
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from distmed.data import DecodeSettings
+    from distmed.inference import Prediction
+    from distmed.savedmodel import SavedModel
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-UPLOAD_TYPES = [*IMAGE_EXTENSIONS, *DICOM_EXTENSIONS]  # what the decoder reads
 BATCH_SIZE = 16
 # Per uploaded file. A DICOM image is well under this (a CT slice ~0.5 MB, a mammogram
 # ~50 MB); a larger upload is refused (HTTP 413) before it fills the disk.
+# Seconds the server gets to stop after Ctrl-C before the app exits without it.
+CLOSE_TIMEOUT_S = 15.0
 MAX_UPLOAD_MB = 100
 MAX_UPLOAD_LIMIT_MB = 1_000_000  # --max-upload-mb: a terabyte, past any image
 CSS = """
@@ -101,6 +93,8 @@ class Predictor:
     ) -> list[tuple[Prediction, Image.Image | None]]:
         """Each file's prediction (as `distmed.predict` makes it) and its Grad-CAM overlay
         (a multi-label model: for output `finding`, else each image's most probable one)."""
+        from distmed.inference import choose_device, gradcam_pictures, predict_batches
+
         results = []
         options = self.options
         device = choose_device()
@@ -149,8 +143,28 @@ def _run(args: argparse.Namespace) -> int:
             page.block_thread()  # until Ctrl-C (which it catches)
         finally:
             signal.signal(signal.SIGTERM, previous)
-            page.close()
+            close_page(page)
     return 0
+
+
+def close_page(page: Any, within_s: float = CLOSE_TIMEOUT_S) -> bool:
+    """Stop serving `page`, waiting at most `within_s` seconds; False when it did not stop.
+
+    Why bounded: Gradio's `close` waits for its server thread, which can wait for ever on a
+    connection that never closes: the app once did not exit 120 s after a Ctrl-C in CI. Its
+    server threads are daemons, so the process still exits once the uploads are removed.
+    """
+    closer = threading.Thread(target=page.close, name="distmed-app-close", daemon=True)
+    closer.start()
+    closer.join(within_s)
+    if closer.is_alive():
+        print(
+            f"the web server did not stop within {within_s:g} s; exiting without it",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+    return True
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -180,6 +194,9 @@ def private_upload_folder() -> Iterator[Path]:
 
 def serve(args: argparse.Namespace) -> Any:
     """Load the model, build the page and start serving it; returns the running Blocks."""
+    from distmed.inference import choose_device, load_inference_model, saved_threshold
+    from distmed.modelcard import model_card
+
     path = model_path(args)
     gr = _import_gradio()
     model, saved = load_inference_model(path, args.ensemble)
@@ -220,6 +237,9 @@ MOST_PROBABLE = "(most probable finding)"  # the Grad-CAM menu's default entry
 def build_page(gr: Any, predictor: Predictor, card: str) -> Any:
     """The Blocks page: uploads and results on the left, the model card on the right; a
     multi-label model adds a menu choosing the finding Grad-CAM explains."""
+    from distmed.data.decode import DICOM_EXTENSIONS, IMAGE_EXTENSIONS
+    from distmed.modelcard import NOTICE
+
     with gr.Blocks(title="distmed", analytics_enabled=False) as page:
         gr.Markdown(f"## distmed: predict medical images\n**{NOTICE}**")
         with gr.Row():
@@ -227,7 +247,7 @@ def build_page(gr: Any, predictor: Predictor, card: str) -> Any:
                 files = gr.File(
                     label="Images (PNG, JPEG, TIFF, BMP or DICOM; several at once)",
                     file_count="multiple",
-                    file_types=UPLOAD_TYPES,
+                    file_types=[*IMAGE_EXTENSIONS, *DICOM_EXTENSIONS],  # what the decoder reads
                     elem_id="uploads",
                 )
                 choices = [MOST_PROBABLE, *predictor.saved.class_names]
@@ -312,6 +332,9 @@ def _findings_html(
 ) -> str:
     """A multi-label result: a bar per finding, its threshold and decision (as the CSV's
     `label_<finding>`), the findings present, and Grad-CAM for `finding`."""
+    from distmed.inference import saved_finding_thresholds
+    from distmed.task.multilabel import MultilabelTask
+
     saved, probs, task = predictor.saved, result.probs, predictor.saved.task
     assert probs is not None and isinstance(task, MultilabelTask)
     names = saved.class_names
@@ -339,6 +362,8 @@ def _findings_html(
 
 
 def _decision_html(predictor: Predictor, probs: np.ndarray) -> str:
+    from distmed.inference import label_at_threshold
+
     saved = predictor.saved
     if saved.positive_class is None:  # multi-class: decisions are the argmax shown above
         return ""

@@ -155,7 +155,8 @@ class DataConfig(_Section, DecodeSettings):
     manifest: str | None = Field(
         None,
         description="CSV of labels: columns path,label and optional group, split "
-        "(train/val/test); paths relative to the CSV (data.root may be the CSV instead)",
+        "(train/val/test); paths relative to the CSV (data.root may be the CSV instead); the "
+        "CSV and its paths may be s3:// or gs:// URIs",
     )
     label_key: str | None = Field(
         None,
@@ -434,6 +435,23 @@ class TrainConfig(_Section):
     compile: bool = Field(
         False, description="torch.compile the model (docs/performance.md: measured cost)"
     )
+    precise_bn_images: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="precise BN: before each validation and save, recompute the trainable "
+        "BatchNorm layers' running statistics under the current weights from this many "
+        "un-augmented training images of the fold (one forward pass, no backward); 0: off; "
+        "no effect on models without BatchNorm (ConvNeXt, Swin); needs data.loader: cache",
+    )
+
+    @field_validator("precise_bn_images")
+    @classmethod
+    def _precise_bn_batch(cls, value: int) -> int:
+        # Training-mode BatchNorm needs two values per channel: one image breaks a 1x1 map.
+        if value == 1:
+            raise ValueError("1 image is too few for BatchNorm statistics; use 0 (off) or >= 2")
+        return value
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -518,6 +536,17 @@ class ExperimentConfig(_Section):
                 f"data.image_size={self.data.image_size}: {self.model.arch} with "
                 f"model.stem={self.model.stem} needs at least {least} px; set data.image_size "
                 f">= {least}" + (" or model.stem=small" if self.model.stem == "imagenet" else "")
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _precise_bn_needs_cache(self) -> ExperimentConfig:
+        # The streamed loader reads the pool in passes; it has no reader of a fold's chosen
+        # training images yet (distmed.sharedpass), so the combination is refused.
+        if self.train.precise_bn_images > 0 and self.data.loader == "stream":
+            raise ValueError(
+                "train.precise_bn_images needs data.loader: cache; set "
+                "train.precise_bn_images=0 or data.loader=cache"
             )
         return self
 

@@ -29,14 +29,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from distmed import __version__
 from distmed.artifacts import write_json_atomic, write_text_atomic
 from distmed.cli import (
+    MAX_RESAMPLES,
     add_debug_option,
     add_model_option,
     add_threshold_option,
@@ -45,39 +43,18 @@ from distmed.cli import (
     model_path,
     run_command,
 )
-from distmed.config import DataConfig
-from distmed.data import (
-    DataIndex,
-    Split,
-    build_cache,
-    drop_samples,
-    scan_source,
-)
-from distmed.data.findings import RESERVED_COLUMNS
 from distmed.data.sheets import read_header
 from distmed.errors import EXIT_SOME_UNREADABLE, UserError, did_you_mean
-from distmed.inference import (
-    Ensemble,
-    choose_device,
-    load_inference_model,
-    predict_cached,
-    saved_finding_thresholds,
-)
-from distmed.metrics import MAX_RESAMPLES
-from distmed.savedmodel import SavedModel
-from distmed.scorecard import (
-    Scorecard,
-    Scores,
-    render_page,
-    scorable_here,
-    score,
-    scorecard_json,
-    scores_section,
-    table,
-    unscored_reasons,
-)
-from distmed.task.multilabel import MultilabelTask
-from distmed.task.single import BinaryTask
+
+if TYPE_CHECKING:  # for annotations; imported where used, after parsing
+    import numpy as np
+    import torch
+
+    from distmed.config import DataConfig
+    from distmed.data import DataIndex, Split
+    from distmed.inference import Ensemble
+    from distmed.savedmodel import SavedModel
+    from distmed.scorecard import Scorecard, Scores
 
 log = logging.getLogger(__name__)
 EVALUATION_JSON = "evaluation.json"
@@ -158,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from distmed.data import scan_source
+    from distmed.scorecard import Scores, score, scorecard_json
+
     path = model_path(args)
     if args.bootstrap < MIN_RESAMPLES:
         raise UserError(f"--bootstrap {args.bootstrap}: use at least 10 resamples, e.g. 1000")
@@ -204,6 +184,9 @@ def _predict_readable(
     Raises:
         UserError: no image of the split is readable.
     """
+    from distmed.data import build_cache, drop_samples
+    from distmed.inference import choose_device, predict_cached
+
     cache = build_cache(selected, cfg)
     kept = drop_samples(selected, cache.skipped)
     if len(kept.pool) == 0:
@@ -221,6 +204,11 @@ def _run_findings(
     class_map: dict[str, str],
 ) -> int:
     """`_run` for a multi-label model: findings matched by name, scored per finding."""
+    import numpy as np
+
+    from distmed.data import scan_source
+    from distmed.scorecard import score, scorecard_json
+
     threshold = finding_threshold(args.threshold, saved)
     training = evaluation_data_config(saved.config.data, args.data, args.skip_invalid)
     cfg, ignored = findings_data_config(training, saved.class_names, class_map, args.data)
@@ -278,6 +266,8 @@ def is_training_data(data: str, training_root: str | None) -> bool:
 def load_for_evaluation(path: Path, ensemble: Ensemble) -> tuple[torch.nn.Module, SavedModel]:
     """The model that scores the images, as `distmed.predict` scores (`--ensemble`, the
     saved temperature when there is one), in eval mode, and its saved fields."""
+    from distmed.inference import load_inference_model
+
     return load_inference_model(path, ensemble)
 
 
@@ -336,6 +326,9 @@ def finding_threshold(override: float | None, saved: SavedModel) -> FindingThres
     Raises:
         UserError: `--threshold` outside [0, 1].
     """
+    from distmed.inference import saved_finding_thresholds
+    from distmed.task.multilabel import MultilabelTask
+
     task = saved.task
     assert isinstance(task, MultilabelTask)
     given = checked_threshold(override, True)
@@ -362,6 +355,8 @@ def evaluation_data_config(training: DataConfig, data: str, skip_invalid: bool) 
     processes (this machine's defaults), and its class names unless `data` is an .npz
     (whose labels are numbers those names belong to).
     """
+    from distmed.config import DataConfig
+
     npz = data.startswith("medmnist:") or data.lower().endswith(".npz")
     update: dict[str, Any] = {
         "root": data,
@@ -396,6 +391,9 @@ def findings_data_config(
         UserError: a `--class-map` key that is no column of the sheet, or no column that is
             a finding of the model; one line listing both.
     """
+    from distmed.config import DataConfig
+    from distmed.data.findings import RESERVED_COLUMNS
+
     update: dict[str, Any] = {
         "task": "multilabel",
         "uncertain": "ignore",
@@ -483,6 +481,11 @@ def finding_scores(
     """The matched findings' targets (the model's uncertain/missing policy per finding
     applied to the data's raw codes) and probabilities, under the model's task restricted to
     them; the mean covers the model's scored findings with known positives and negatives."""
+    import numpy as np
+
+    from distmed.scorecard import Scores, scorable_here, unscored_reasons
+    from distmed.task.multilabel import MultilabelTask
+
     task = saved.task
     assert isinstance(task, MultilabelTask)
     cols = match.model_columns
@@ -526,19 +529,27 @@ def scored_index(index: DataIndex, split: str) -> DataIndex:
 
 
 def concat_splits(splits: Sequence[Split]) -> Split:
-    """One split of the samples of `splits`, in order (all files, or all arrays)."""
+    """One split of the samples of `splits`, in order (all files, all arrays, or all objects
+    in a bucket with their versions)."""
+    import numpy as np
+
+    from distmed.data import Split
+
     first = splits[0]
     if len(splits) == 1:
         return first
     paths = [p for s in splits for p in s.paths or []] if first.paths is not None else None
     images = np.concatenate([s.images for s in splits]) if first.images is not None else None
     origins = [s.origins for s in splits if s.origins is not None]
+    objects = first.uris is not None
     return Split(
         ids=[i for s in splits for i in s.ids],
         labels=np.concatenate([s.labels for s in splits]),
         paths=paths,
         images=images,
         origins=np.concatenate(origins) if len(origins) == len(splits) else None,
+        uris=[u for s in splits for u in s.uris or []] if objects else None,
+        versions=[v for s in splits for v in s.versions or []] if objects else None,
     )
 
 
@@ -555,6 +566,8 @@ def class_lookup(
         UserError: a `--class-map` key that is no class of the data, or a data class the
             model does not know; one line listing both sets of names.
     """
+    import numpy as np
+
     for old in class_map:
         if old not in data_classes:
             raise UserError(
@@ -643,6 +656,8 @@ def findings_record(
     threshold: FindingThreshold | None,
 ) -> dict[str, Any]:
     """What was scored and how, for a multi-label model's evaluation.json."""
+    from distmed.task.multilabel import MultilabelTask
+
     task = scores.task
     assert isinstance(task, MultilabelTask)
     columns = task.columns(scores.labels, scores.probs)
@@ -687,6 +702,10 @@ def evaluation_record(
     threshold: OperatingThreshold | None,
 ) -> dict[str, Any]:
     """What was scored and how, for evaluation.json (the metrics are added to it)."""
+    import numpy as np
+
+    from distmed.task.single import BinaryTask
+
     counts = np.bincount(scores.labels, minlength=len(scores.class_names))
     return {
         "model": str(model.resolve()),
@@ -717,6 +736,8 @@ def _where(data: str) -> str:
 
 def write_evaluation(output: Path, record: dict[str, Any], scores: Scores, card: Scorecard) -> None:
     """DIR/evaluation.json, DIR/evaluation.html and the figures in DIR/figures/."""
+    from distmed.scorecard import render_page, scores_section
+
     figures = output / FIGURES
     figures.mkdir(parents=True, exist_ok=True)
     title = f"{record['data_name']} ({record['split']})"
@@ -786,6 +807,8 @@ def _findings_about_table(record: dict[str, Any], mapping: str) -> str:
 def _about_html(record: dict[str, Any], rows: list[list[str]], matched: str) -> str:
     """The about section: how the images were read and matched (`matched`), whether they
     were trained on, and the `rows` as a two-column table."""
+    from distmed.scorecard import table
+
     note = (
         "<p>Images decoded exactly as in training (the model's own data settings); "
         + matched
@@ -811,6 +834,8 @@ def model_text(record: dict[str, Any]) -> str:
 def summary_line(record: dict[str, Any], card: Scorecard, device: torch.device) -> str:
     """One line for the terminal: how many images, where, by which model, and the argmax
     ROC-AUC with CI."""
+    import numpy as np
+
     auc = card.argmax.point["roc_auc"]
     low, high = card.argmax.ci["roc_auc"]
     shown = "undefined" if np.isnan(auc) else f"{auc:.4f} (95% CI {low:.4f}-{high:.4f})"

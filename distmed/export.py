@@ -18,9 +18,7 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from distmed import __version__
 from distmed.artifacts import write_json_atomic
@@ -31,9 +29,11 @@ from distmed.cli import (
     run_command,
 )
 from distmed.errors import UserError
-from distmed.inference import finding_temperatures, load_inference_model
-from distmed.savedmodel import SavedModel
-from distmed.tta import FlipAveraged
+
+if TYPE_CHECKING:  # for annotations; imported where used, after parsing
+    import torch
+
+    from distmed.savedmodel import SavedModel
 
 FORMATS = ("torchscript", "onnx")
 ONNX_OPSET = 18
@@ -66,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from distmed.inference import load_inference_model
+
     if args.format not in FORMATS:
         raise UserError(f"--format {args.format}: choose one of {', '.join(FORMATS)}")
     path = model_path(args)
@@ -93,6 +95,8 @@ def with_tta(model: torch.nn.Module, saved: SavedModel, tta: str, path: Path) ->
     Raises:
         UserError: tta=policy, whose random draws a fixed graph cannot reproduce.
     """
+    from distmed.tta import FlipAveraged
+
     if tta == "policy":
         raise UserError(
             f"--model {path}: it predicts with data.augment.tta=policy (random draws of the "
@@ -110,12 +114,16 @@ def default_output(model_path: Path, fmt: str) -> Path:
 
 def example_input(saved: SavedModel) -> torch.Tensor:
     """A zero batch (2, 3, S, S) to trace with; S is the model's image size in pixels."""
+    import torch
+
     size = saved.preprocessing.image_size
     return torch.zeros(2, 3, size, size)
 
 
 def export_torchscript(model: torch.nn.Module, example: torch.Tensor, output: Path) -> None:
     # Tracing is exact for ResNets (no data-dependent control flow).
+    import torch
+
     with torch.no_grad():
         traced = torch.jit.trace(model.eval(), example)
     traced.save(str(output))
@@ -132,6 +140,8 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, output: Path) -> 
     Returns True when `output` is one self-contained file (weights inside: every ResNet
     fits); False when the weights had to go to `output`.data beside it.
     """
+    import torch
+
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     inline = weights < ONNX_INLINE_LIMIT_BYTES
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -185,6 +195,8 @@ def sidecar(
     saved: SavedModel, fmt: str, ensemble: str = "refit", tta: str = "none"
 ) -> dict[str, Any]:
     """How to feed the exported model and read its output, without distmed (a JSON dict)."""
+    from distmed.inference import finding_temperatures
+
     prep = saved.preprocessing
     names = saved.class_names
     temperature = saved.calibration.temperature if saved.calibration else None

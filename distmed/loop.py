@@ -2,8 +2,9 @@
 
 Owns the precision policy (`Runtime`: device, autocast precision, memory format), the
 optimiser, schedule and loss builders, and the epoch bookkeeping (early stopping, divergence,
-the fold-averaged report). Gathering across ranks uses `torch.distributed` when it is
-initialised; Ray Train (`distmed.worker`) only hosts these functions.
+the fold-averaged report, the precise-BN recompute before validation). Gathering across
+ranks uses `torch.distributed` when it is initialised; Ray Train (`distmed.worker`) only
+hosts these functions.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -31,6 +32,7 @@ from distmed.model import (
     arch_of,
     build_model,
     input_normalization,
+    recompute_batchnorm_statistics,
     set_train_mode,
 )
 from distmed.sampling import train_sampler
@@ -672,7 +674,55 @@ def run_fold_epoch(fold: FoldRun, epoch: int, cfg: ExperimentConfig, runtime: Ru
     if set_epoch is not None:
         set_epoch(epoch)
     train = train_one_epoch(fold, runtime)
+    if math.isfinite(train["loss"]):  # before validation and the epoch's checkpoint
+        recompute_fold_batchnorm(fold, epoch, cfg, runtime)
     close_epoch(fold, epoch, cfg, train, lambda: evaluate(fold, runtime))
+
+
+def precise_bn_positions(size: int, count: int, seed: int, fold: int, epoch: int) -> np.ndarray:
+    """Which of a fold's `size` training images recompute its BatchNorm statistics after
+    `epoch`: the first `count` (all when fewer) of a permutation seeded by (`train.seed`,
+    fold, epoch) only, so every DDP rank picks the same images and ends with the same
+    statistics without communicating."""
+    rng = np.random.default_rng([seed % 2**64, fold, epoch])  # SeedSequence takes no negatives
+    return rng.permutation(size)[: min(count, size)]
+
+
+def recompute_fold_batchnorm(
+    fold: FoldRun, epoch: int, cfg: ExperimentConfig, runtime: Runtime
+) -> int:
+    """Precise BN (`train.precise_bn_images`): recompute the running statistics of the
+    model that is validated and saved (`fold.eval_model`, the EMA's copy when on) from
+    `precise_bn_positions` of the fold's training images, un-augmented as validation builds
+    its inputs, in batches of the training batch size on this rank (train-mode BatchNorm
+    normalises each batch by its own statistics, so the batch size shapes later layers'
+    inputs). See `distmed.model.recompute_batchnorm_statistics`.
+
+    Why: from random init, weights move faster than BatchNorm's running averages follow
+    (momentum 0.1 remembers ~10 steps), and depthwise/squeeze-excitation stacks cascade the
+    mismatch: an EfficientNet-B0 after one epoch on PneumoniaMNIST validated at ROC-AUC 0.50
+    in eval mode with the same weights scoring 0.88 after a recompute (issue #33).
+
+    Cost: one forward pass (no backward) over up to that many images per fold and epoch.
+    Every rank forwards the same images through the unwrapped network (no DDP buffer
+    broadcast, no communication). Returns the images used (0: off, or no training loader).
+    """
+    count = cfg.train.precise_bn_images
+    if count == 0 or fold.train_loader is None:
+        return 0
+    dataset = cast(CachedImageDataset, fold.train_loader.dataset)
+    chosen = dataset.indices[
+        precise_bn_positions(len(dataset), count, cfg.train.seed, fold.index, epoch)
+    ]
+    batch_size = fold.train_loader.batch_size or len(chosen)
+    groups = np.array_split(chosen, max(1, math.ceil(len(chosen) / batch_size)))
+
+    def batches() -> Iterator[torch.Tensor]:
+        for rows in groups:  # near-equal sizes: no ragged batch of one
+            yield model_inputs(torch.from_numpy(np.asarray(dataset.images[rows])), runtime)
+
+    with autocast(runtime.device, runtime.precision):
+        return recompute_batchnorm_statistics(unwrap(fold.eval_model), batches())
 
 
 def close_epoch(

@@ -200,12 +200,6 @@ def gap_centre(score: np.ndarray, threshold: float) -> float:
 CI_METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity", "f1")
 
 
-# The most bootstrap resamples a command accepts: an (resamples, N) index array is drawn,
-# 80 MB per 1000 images at this bound; beyond some thousands the percentiles of a 95%
-# interval move less than their rounding (Efron & Tibshirani 1993, ch. 13).
-MAX_RESAMPLES = 10_000
-
-
 def binary_bootstrap_ci(
     truth: np.ndarray,
     score: np.ndarray,

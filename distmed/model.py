@@ -6,7 +6,8 @@ how to give it a small stem. Head replacement, `apply_freeze`, the small stem, t
 allowed `model.arch` values and `unfreeze` bound, and Grad-CAM's layer all read that table, so a
 new backbone is one more row. Weights come from torchvision's own registry and cache
 (`imagenet`), from a local state-dict file (strict load, optional sha256), or nowhere (`none`).
-`unfreeze` counts stages from the head backwards; frozen stages keep BatchNorm in eval mode.
+`unfreeze` counts stages from the head backwards; frozen stages keep BatchNorm in eval mode,
+and precise BN (`recompute_batchnorm_statistics`) recomputes only the trainable layers' statistics.
 `stem: small` swaps the strided first convolution (and max-pool) for a 3x3/1 convolution, as for
 CIFAR-sized inputs, on the rows that have a `small_stem`. Each row also records its weights'
 preprocessing (crop and resize size, interpolation, mean/std) as timm's `pretrained_cfg` does.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -579,3 +581,82 @@ def set_train_mode(model: nn.Module) -> None:
             p.requires_grad for p in module.parameters()
         ):
             module.eval()
+
+
+def trainable_batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers with running statistics whose parameters train (`set_train_mode`
+    keeps the others in eval mode: a frozen stage's statistics stay as they are)."""
+    return [
+        module
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and module.track_running_stats
+        and any(p.requires_grad for p in module.parameters())
+    ]
+
+
+@torch.no_grad()
+def recompute_batchnorm_statistics(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Set each trainable BatchNorm's running mean/variance to the exact statistics of its
+    input over `batches` under the current weights ("precise BN": Wu & Johnson 2021,
+    "Rethinking 'Batch' in BatchNorm", sec. 3; pycls/fvcore's `update_bn_stats`).
+
+    `batches`: model inputs (B, C, H, W) as the model takes them (normalised, on its device,
+    in its memory format; an autocast context around the call applies). The forward passes
+    run without gradients, with only those BatchNorm layers in training mode (each batch
+    normalised by its own statistics, as in training): dropout and stochastic depth stay in
+    eval mode, since they change the activations' statistics, and frozen BatchNorm layers keep
+    their running statistics. Each layer's input is pooled over every image and position:
+    running_mean is its per-channel mean and running_var its unbiased variance over all of
+    them (float64 sums), not an average of per-batch variances (torch's `update_bn` with
+    momentum None), so the result does not depend on how the images are batched. Each
+    module's training mode, the layers' momenta and `num_batches_tracked` are restored; if
+    a forward pass fails, the running statistics are left as they were.
+
+    Cost: one forward pass over the images, no backward. Returns the images seen; with none
+    (or no trainable BatchNorm: ConvNeXt and Swin use LayerNorm) nothing changes.
+    """
+    norms = trainable_batchnorms(model)
+    if not norms:
+        return 0
+    # Per layer: per-channel sum and sum of squares of its input, and the values per channel.
+    sums: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def accumulate(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0].detach().double().transpose(0, 1).flatten(1)  # (C, N * positions)
+        total, squares, count = sums.get(module, (0.0, 0.0, 0))
+        sums[module] = (total + x.sum(dim=1), squares + (x * x).sum(dim=1), count + x.shape[1])
+
+    modes = {module: module.training for module in model.modules()}
+    saved = [(n, n.momentum, n.num_batches_tracked.clone()) for n in norms]  # type: ignore[union-attr]
+    hooks = [n.register_forward_pre_hook(accumulate) for n in norms]
+    images = 0
+    try:
+        model.eval()
+        for norm in norms:
+            norm.train()
+            norm.momentum = 0.0  # the forward leaves the running statistics as they are
+        for inputs in batches:
+            model(inputs)
+            images += len(inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes.items():
+            module.train(training)
+        for norm, momentum, tracked in saved:
+            norm.momentum = momentum
+            norm.num_batches_tracked.copy_(tracked)  # type: ignore[union-attr]
+    for layer, (total, squares, count) in sums.items():
+        _set_running_statistics(layer, total, squares, count)
+    return images
+
+
+def _set_running_statistics(
+    norm: nn.Module, total: torch.Tensor, squares: torch.Tensor, count: int
+) -> None:
+    mean = total / count
+    # Unbiased, as BatchNorm's own running_var update (Bessel's correction).
+    var = (squares - count * mean * mean).clamp_min(0) / max(count - 1, 1)
+    norm.running_mean.copy_(mean)  # type: ignore[operator]
+    norm.running_var.copy_(var)  # type: ignore[operator]

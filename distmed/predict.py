@@ -19,9 +19,7 @@ import sys
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from distmed.artifacts import write_csv_atomic
 from distmed.cli import (
@@ -33,20 +31,15 @@ from distmed.cli import (
     model_path,
     run_command,
 )
-from distmed.data import FILE_EXTENSIONS, DecodeSettings, is_image_file
 from distmed.errors import EXIT_SOME_UNREADABLE, UserError, did_you_mean
-from distmed.inference import (
-    Prediction,
-    choose_device,
-    gradcam_pictures,
-    label_at_threshold,
-    load_inference_model,
-    predict_batches,
-    saved_finding_thresholds,
-    saved_threshold,
-)
-from distmed.savedmodel import SavedModel
-from distmed.task.multilabel import MultilabelTask
+
+if TYPE_CHECKING:  # for annotations; imported where used, after parsing
+    import numpy as np
+    import torch
+
+    from distmed.data import DecodeSettings
+    from distmed.inference import Prediction
+    from distmed.savedmodel import SavedModel
 
 FINDING_SEPARATOR = "|"  # predicted_findings, as NIH ChestX-ray14 writes a set
 
@@ -94,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from distmed.inference import choose_device, load_inference_model, predict_batches
+
     path = model_path(args)
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
@@ -132,6 +127,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def collect_images(inputs: Sequence[str]) -> list[Path]:
     """Files as given (any name: unreadable ones are reported later); folders searched."""
+    from distmed.data import FILE_EXTENSIONS, is_image_file
+
     paths: list[Path] = []
     for item in inputs:
         path = Path(item).expanduser()
@@ -171,6 +168,9 @@ def finding_index(saved: SavedModel, finding: str | None) -> int | None:
 def finding_thresholds(override: float | None, saved: SavedModel) -> np.ndarray:
     """A multi-label model's (L,) decision thresholds: `--threshold` for every finding, else
     the saved ones (chosen per finding on out-of-fold predictions), else 0.5 each (said)."""
+    from distmed.inference import saved_finding_thresholds
+    from distmed.task.multilabel import MultilabelTask
+
     task = saved.task
     assert isinstance(task, MultilabelTask)
     given = checked_threshold(override, True)
@@ -187,6 +187,8 @@ def finding_thresholds(override: float | None, saved: SavedModel) -> np.ndarray:
 
 
 def _threshold(override: float | None, saved: SavedModel) -> float | None:
+    from distmed.inference import saved_threshold
+
     if saved.multilabel is not None:
         return None  # per finding: `finding_thresholds`
     given = checked_threshold(override, saved.binary)
@@ -208,6 +210,8 @@ def write_csv(
     path: Path, results: list[Prediction], saved: SavedModel, threshold: float | None
 ) -> None:
     """path, predicted_class, prob_<class>..., [label_at_threshold,] error."""
+    from distmed.inference import label_at_threshold
+
     names = saved.class_names
     binary = saved.binary
     header = ["path", "predicted_class", *(f"prob_{n}" for n in names)]
@@ -230,6 +234,8 @@ def write_findings_csv(
 ) -> None:
     """A multi-label model's CSV: path, predicted_findings, prob_<finding>...,
     label_<finding>... (1 where the probability reaches the finding's threshold), error."""
+    from distmed.task.multilabel import MultilabelTask
+
     task = saved.task
     assert isinstance(task, MultilabelTask)
     names = saved.class_names
@@ -266,6 +272,8 @@ def write_gradcams(
 
     Returns the names of the PNGs whose heat map is flat (`gradcam.is_flat`).
     """
+    from distmed.inference import gradcam_pictures
+
     readable = [(offset + i, r) for i, r in enumerate(batch) if r.probs is not None]
     if not readable:
         return []

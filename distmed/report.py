@@ -13,10 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from distmed.cli import add_debug_option, bounded, run_command
+from distmed.cli import MAX_RESAMPLES, add_debug_option, bounded, run_command
 from distmed.errors import UserError
-from distmed.metrics import MAX_RESAMPLES
-from distmed.runreport import build_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,11 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bootstrap CIs, Grad-CAM) from a finished distmed.tune run.",
     )
     parser.add_argument("run_dir", help="a search's results folder, e.g. runs/demo")
-    parser.add_argument(
-        "--target-sensitivity",
-        type=float,
-        help="moved to distmed.tune: the threshold is chosen when the search ends",
-    )
+    # Moved to distmed.tune (the threshold is chosen when the search ends, and this command
+    # never writes the model): left out of --help, still taken so that an old command line
+    # gets the one line saying where it went.
+    parser.add_argument("--target-sensitivity", type=float, help=argparse.SUPPRESS)
     parser.add_argument(
         "--bootstrap",
         type=bounded(int, 10, MAX_RESAMPLES, "1000"),
@@ -46,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from distmed.runreport import build_report
+
     if args.target_sensitivity is not None:
         raise UserError(
             "--target-sensitivity: the operating threshold is chosen on out-of-fold "

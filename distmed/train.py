@@ -15,22 +15,20 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from distmed import __version__, pipeline
+from distmed import __version__
 from distmed.artifacts import write_json_atomic
 from distmed.cli import add_common_options, overrides_from_args, run_command
-from distmed.config import ExperimentConfig, dump_config, load_config
-from distmed.cv import CVResult, cross_validate, finding_auc_text, score_caveat
-from distmed.data import DataIndex, describe_index
-from distmed.data.stream import decode_reserve
 from distmed.errors import UserError
-from distmed.metrics import METRIC_NAMES
-from distmed.model import warn_frozen_random_stages
-from distmed.resources import plan_workers
 from distmed.runlock import hold_results_folder
-from distmed.task.multilabel import MultilabelTask
+
+if TYPE_CHECKING:  # for annotations; imported where used, after parsing
+    import numpy as np
+
+    from distmed.config import ExperimentConfig
+    from distmed.cv import CVResult
+    from distmed.data import DataIndex
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,8 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m distmed.train",
         description="Cross-validate one configuration (k folds, or cv.repeats x k; Ray "
         "Train); print mean ROC-AUC ± its standard error.",
-        epilog="example: python -m distmed.train --config search_spaces/demo.yaml "
-        "--output runs/demo",
+        epilog="example: python -m distmed.train --config demo --output runs/demo",
     )
     parser.add_argument(
         "--config",
@@ -64,6 +61,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from distmed import pipeline
+    from distmed.config import dump_config, load_config
+    from distmed.cv import cross_validate, finding_auc_text, score_caveat
+    from distmed.data.stream import decode_reserve
+    from distmed.model import warn_frozen_random_stages
+    from distmed.resources import plan_workers
+    from distmed.task.multilabel import MultilabelTask
+
     started = time.perf_counter()
     cfg = load_config(args.config, overrides_from_args(args))
     if args.output:  # two runs into one --output would train into one Ray run: one at a time
@@ -181,6 +186,11 @@ def write_cv_result(
     `assignment` is `make_folds`' (R, N): each sample's `fold` is its fold in repeat 0
     (the whole assignment when R = 1); with R > 1 `folds_by_repeat` lists all R.
     """
+    import numpy as np
+
+    from distmed.data import describe_index
+    from distmed.metrics import METRIC_NAMES
+
     rows = np.atleast_2d(assignment)
     k = len(result.folds) // result.repeats
     payload = {

@@ -13,8 +13,8 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from distmed import pipeline
 from distmed.cli import (
     add_common_options,
     bounded,
@@ -24,20 +24,21 @@ from distmed.cli import (
     run_command,
 )
 from distmed.errors import UserError
-from distmed.nested import NestedRun, outer_assignment, run_nested
-from distmed.searchfile import check_same_images, record_search
-from distmed.space import SearchSpaceFile, load_space
+
+if TYPE_CHECKING:  # for annotations; imported where used, after parsing
+    from distmed import pipeline
+    from distmed.space import SearchSpaceFile
 
 MAX_TRIALS = 100_000  # --num-samples, --max-concurrent: beyond any search one cluster runs
 
 EXAMPLES = """examples (a shipped space by name, or a YAML path):
   python -m distmed.tune --space demo
   python -m distmed.tune --space scratch \\
-      --data ../shared/data/pneumoniamnist.npz --cpu --num-samples 1
+      --data ~/data/pneumoniamnist.npz --cpu --num-samples 1
   python -m distmed.tune --space resnet --data /data/xray --address auto \\
       --storage s3://bucket/distmed --workers 2 --wandb-project xray
-  python -m distmed.tune --space search_spaces/demo.yaml --name demo-1 --resume
-  python -m distmed.tune --space search_spaces/demo.yaml --mlflow-uri http://127.0.0.1:5000
+  python -m distmed.tune --space demo --name demo-1 --resume
+  python -m distmed.tune --space ./my_space.yaml --mlflow-uri http://127.0.0.1:5000
 """
 
 
@@ -129,6 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from distmed import pipeline
+    from distmed.nested import NestedRun, outer_assignment, run_nested
+    from distmed.searchfile import check_same_images, record_search
+
     started = time.perf_counter()
     spec = _load_spec(args)
     pipeline.warn_frozen_random_stages(spec)
@@ -171,6 +176,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _context(args: argparse.Namespace) -> pipeline.RunContext:
     """The run's name and places, after the checks that need no data."""
+    from distmed import pipeline
+
     if args.resume and not args.name:
         raise UserError("--resume needs --name: the experiment to continue (a folder in --storage)")
     name = args.name or f"{Path(args.space).stem[:80]}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -179,6 +186,8 @@ def _context(args: argparse.Namespace) -> pipeline.RunContext:
 
 
 def _load_spec(args: argparse.Namespace) -> SearchSpaceFile:
+    from distmed.space import load_space
+
     overrides = overrides_from_args(args)
     if args.gpus_per_worker is not None:
         overrides.append(f"scaling.gpus_per_worker={args.gpus_per_worker}")

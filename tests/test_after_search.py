@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distmed import _ray_compat, pipeline, runreport, tune
+from distmed import _ray_compat, pipeline, runreport, searchfile, tune
 from distmed.results import TrialRow
 from distmed.space import load_space
 from distmed.summary import RunSummary
@@ -48,7 +48,7 @@ def fake_stages(monkeypatch, tmp_path: Path) -> Path:
         lambda *args: SimpleNamespace(data=SimpleNamespace(index=None, cache=object())),
     )
     monkeypatch.setattr(pipeline, "connect", lambda data, *args, **kw: data)
-    monkeypatch.setattr(tune, "record_search", lambda *args: None)
+    monkeypatch.setattr(searchfile, "record_search", lambda *args: None)  # tune imports it late
     best = _row("aaaa0001", 0.9)
 
     def run_search(spec, data, ctx, warm=None):

@@ -205,3 +205,27 @@ def test_max_upload_mb_must_be_a_positive_whole_number(capsys):
         assert "--max-upload-mb" in capsys.readouterr().err
     args = app.build_parser().parse_args(["--model", "m.pt"])
     assert args.max_upload_mb == app.MAX_UPLOAD_MB == 100
+
+
+def test_a_server_that_does_not_stop_lets_the_app_exit_after_the_bound():
+    """Gradio's close can wait for ever on a connection that never closes; the app waits
+    for it only so long (then exits: its server threads are daemons)."""
+    import threading
+
+    from distmed.app import close_page
+
+    release = threading.Event()
+
+    class StuckPage:
+        def close(self) -> None:
+            release.wait()  # a server thread that never finishes
+
+    class QuickPage:
+        closed = False
+
+        def close(self) -> None:
+            QuickPage.closed = True
+
+    assert close_page(StuckPage(), within_s=0.2) is False
+    release.set()
+    assert close_page(QuickPage(), within_s=5) is True and QuickPage.closed

@@ -4,6 +4,7 @@ not read again and a changed object is the only one read and decoded again. No R
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +97,37 @@ def test_an_unfinished_decoded_object_of_a_killed_run_is_removed(tmp_path: Path)
     kept = objects.stored_row_path(store, "s3://b/x.png", objects.object_version(10, 5))
     (store / f".{kept.name}.tmp999999999").write_bytes(b"half")
     assert remove_stale_temporaries(tmp_path) == 1 and not list(store.iterdir())
+
+
+def test_the_inspector_reads_a_bucket_and_names_an_unreadable_object(
+    s3_server,  # noqa: F811  (the fixture imported above)
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
+    """`python -m distmed.data s3://...`: every object is read (through a temporary local
+    copy) and surveyed as a local file is; a broken object is listed by name with its reason.
+    It stopped with a bare AssertionError (the survey read only local paths)."""
+    from distmed.data.__main__ import main as inspect_main
+
+    client, env = s3_server
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DISTMED_CACHE", str(tmp_path / "cache"))
+    local = write_image_folder(tmp_path / "src", {"neg": 3, "pos": 3}, size=20)
+    for path in sorted(local.rglob("*.png")):
+        client.upload_file(str(path), BUCKET, f"inspect/{path.relative_to(local)}")
+    client.put_object(Bucket=BUCKET, Key="inspect/pos/broken.png", Body=b"not a png at all")
+    out = tmp_path / "summary.json"
+    status = inspect_main([f"s3://{BUCKET}/inspect", "--json", str(out)])
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    summary = json.loads(out.read_text())
+    assert summary["images"]["formats"] == {"PNG": 6}
+    assert summary["images"]["sizes"] == {"20x20": 6}
+    unreadable = summary["unreadable"]
+    [listed] = unreadable["first"]
+    assert unreadable["count"] == 1 and listed.startswith("pos/broken.png (")
+    assert "cannot identify image" in listed
+    assert "distmed-object-" not in listed  # the temporary local copy is not the file's name
+    assert "broken.png" in printed.out and "AssertionError" not in printed.out + printed.err

@@ -161,6 +161,31 @@ def test_the_scored_class_of_a_binary_set_is_said(tmp_path, capsys):
     assert inspect(three)["positive_class"] is None  # multi-class: every class is scored
 
 
+def test_unreadable_reasons_are_whole_and_the_file_named_in_full(tmp_path, capsys):
+    """A decoder's reason naming the file's long path was cut mid-path at 60 characters
+    (new-user try): the listing names the file, its reason is said whole and counted once."""
+    root = write_image_folder(tmp_path / ("site_export_" * 6) / "deeper", {"a": 3, "b": 3})
+    for name in ("a/not_an_image_at_all.png", "b/also_not_an_image.jpg"):
+        (root / name).write_bytes(b"hello, this is text")
+    assert inspect_main([str(root)]) == 0
+    text = capsys.readouterr().out
+    reason = "UnidentifiedImageError: cannot identify image file"
+    assert f"unreadable: 2 ({reason} 2)" in text
+    assert f"    a/not_an_image_at_all.png ({reason})" in text
+    assert f"    b/also_not_an_image.jpg ({reason})" in text
+
+
+def test_a_long_unreadable_reason_is_cut_at_a_space_not_in_a_path(tmp_path):
+    other = "/".join(["folder"] * 40) + "/lib.so"  # a path the decoder names, not the file
+    exc = OSError(f"decoder plugin failed: {'x' * 150} cannot load {other} (code 7)")
+    reason = inspection_mod.unreadable_reason(exc, tmp_path / "scan.png")
+    assert reason.startswith("OSError: decoder plugin failed: ") and reason.endswith(" …")
+    assert other not in reason and "folder/" not in reason
+    assert len(reason) <= inspection_mod.MAX_REASON_CHARS + 2
+    short = OSError(f"cannot load {other}")
+    assert inspection_mod.unreadable_reason(short, tmp_path / "x.png") == "OSError: cannot load …"
+
+
 def test_inspect_cli_bad_root_is_one_line(tmp_path, capsys):
     assert inspect_main([str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip()

@@ -7,6 +7,7 @@ patients kept whole. No Ray; every input is built in tmp_path.
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,49 @@ def test_a_chexpert_sheet_reads_as_its_users_expect(tmp_path):
     assert index.pool.ids[3] == "CheXpert-v1.0-small/train/patient00002/study1/view1_frontal.jpg"
     assert index.test is None and "3 findings per image" in index.layout
     assert "patients from the paths' patientNNNNN folders" in index.layout
+
+
+def _suggested_setting(message: str) -> str:
+    """The KEY=VALUE of the `--set` a refusal suggests, as the shell passes it."""
+    after = shlex.split(message.split("; add --set ", 1)[1].split(" (or ", 1)[0])
+    assert len(after) == 1, message
+    return after[0]
+
+
+@pytest.mark.parametrize("reader_column", [False, True], ids=["findings-only", "text-column"])
+def test_a_chexpert_sheet_without_the_multilabel_key_says_which_set_to_add(tmp_path, reader_column):
+    """CheXpert's sheet given without data.task=multilabel was refused as lacking 'label',
+    naming neither the form nor the key (new-user try): one line naming both, and the
+    setting it suggests reads the sheet."""
+    sheet = _chexpert(tmp_path)
+    if reader_column:  # a text column beside the findings: task=multilabel would read it too
+        lines = sheet.read_text().splitlines()
+        lines = [lines[0] + ",Reader"] + [line + ",dr smith" for line in lines[1:]]
+        sheet.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError) as refused:
+        scan_source(_config(tmp_path, root=str(sheet)))
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"data.manifest {sheet}: no 'label'")
+    assert "several findings per image" in message
+    assert "No Finding, Edema, Pleural Effusion hold 1/0/-1/blank" in message
+    setting = _suggested_setting(message)
+    if reader_column:
+        assert setting == "data.label_columns=[No Finding, Edema, Pleural Effusion]"
+    else:
+        assert setting == "data.task=multilabel"
+    cfg = load_config(None, [f"data.root={sheet}", f"data.cache_dir={tmp_path}/c", setting])
+    index = scan_source(cfg.data)
+    assert index.multilabel and index.class_names == ["No Finding", "Edema", "Pleural Effusion"]
+
+
+def test_a_single_label_sheet_missing_its_label_column_is_not_called_multilabel(tmp_path):
+    sheet = _chexpert(tmp_path)
+    rows = sheet.read_text().splitlines()
+    keep = [",".join(line.split(",")[:6]) for line in rows]  # Path, metadata, one finding
+    sheet.write_text("\n".join(keep) + "\n")
+    with pytest.raises(UserError, match="needs columns 'path' and 'label'") as refused:
+        scan_source(_config(tmp_path, root=str(sheet)))
+    assert "data.task=multilabel" not in str(refused.value)
 
 
 def test_a_patient_rule_or_column_replaces_the_patient_folders(tmp_path):

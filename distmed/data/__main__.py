@@ -19,9 +19,6 @@ from distmed.cli import (
     add_set_option,
     run_command,
 )
-from distmed.config import load_config
-from distmed.data.inspection import duplicate_problem, format_summary, inspect_index
-from distmed.data.sources import scan_source
 from distmed.errors import UserError
 
 
@@ -50,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from distmed.config import load_config
+    from distmed.data.inspection import duplicate_problem, format_summary, inspect_index
+    from distmed.data.sources import scan_source
+
     cfg = load_config(args.config, [*args.overrides, f"data.root={_root(args)}"]).data
     summary = inspect_index(scan_source(cfg), cfg)
     print(format_summary(summary))

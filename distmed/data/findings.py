@@ -17,16 +17,16 @@ policies are the task's (`distmed.task`), so that the inspector counts what the 
 from __future__ import annotations
 
 import math
+import shlex
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from distmed.config import DataConfig
 from distmed.data.labels import SHOWN, spelling_key
-from distmed.data.sheets import cell_text, read_header
+from distmed.data.sheets import SheetPath, cell_text, read_header, read_sheet
 from distmed.errors import UserError, did_you_mean, shorten
 
 POSITIVE, NEGATIVE, UNCERTAIN = 1.0, 0.0, -1.0
@@ -48,7 +48,7 @@ class FindingColumns:
     delimiter: str | None = None
 
 
-def finding_columns(csv_path: Path, cfg: DataConfig, what: str) -> FindingColumns:
+def finding_columns(csv_path: SheetPath, cfg: DataConfig, what: str) -> FindingColumns:
     """The columns of `csv_path` that hold findings, by `data.label_columns`,
     `data.label_delimiter` or (`data.task: multilabel`) every non-reserved column.
 
@@ -77,6 +77,41 @@ def finding_columns(csv_path: Path, cfg: DataConfig, what: str) -> FindingColumn
                 "finding (cells 1/0/-1/blank) or set data.label_delimiter for a set column"
             )
     return FindingColumns(names, [name.casefold() for name in names])
+
+
+def several_findings_hint(csv_path: SheetPath, what: str) -> str | None:
+    """For a sheet refused for lacking its `label` column: the one line saying it looks like
+    several findings per image (CheXpert's form: `path` and two or more columns whose cells
+    are all 1/0/-1/blank) and the `--set` that reads it so; None when it does not look so.
+    Why: the refusal named the columns, not the setting (new-user try with CheXpert)."""
+    try:
+        header = read_header(csv_path, what, ("path",))
+        if SET_COLUMN in (name.casefold() for name in header):
+            return None
+        names = [name for name in header if name and name.casefold() not in RESERVED_COLUMNS]
+        keys = tuple(name.casefold() for name in names)
+        rows = read_sheet(csv_path, what, ("path",), keys).rows
+    except UserError:  # unreadable as a sheet: the caller's own refusal says why
+        return None
+    # Columns every cell of which is a code (an all-blank one too: task=multilabel reads it).
+    coded = [
+        name
+        for name, key in zip(names, keys, strict=True)
+        if all(_code(row.get(key, "")) is not None for _, row in rows)
+    ]
+    filled = [n for n in coded if any(row.get(n.casefold(), "").strip() for _, row in rows)]
+    if len(filled) < 2:
+        return None
+    shown = ", ".join(cell_text(name) for name in coded[:4]) + (", ..." if len(coded) > 4 else "")
+    if len(coded) == len(names):  # every non-reserved column: what task=multilabel reads
+        setting = "--set data.task=multilabel"
+    else:  # other columns too (text, ids): name the findings
+        setting = "--set " + shlex.quote(f"data.label_columns=[{', '.join(coded)}]")
+    return (
+        f"{what}: no 'label' column, and its {len(coded)} columns {shown} hold 1/0/-1/blank "
+        f"cells: several findings per image; add {setting} (or a 'label' column for one "
+        "class per image)"
+    )
 
 
 def _require_columns(header: list[str], wanted: Sequence[str], what: str, key: str) -> list[str]:

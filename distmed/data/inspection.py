@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -25,14 +26,17 @@ from distmed.data.cache import cache_root
 from distmed.data.decode import UnreadableImage, describe_file
 from distmed.data.index import DataIndex, Split
 from distmed.data.labels import format_merges
+from distmed.data.objects import readable_file
 from distmed.data.settings import DecodeSettings
-from distmed.errors import UserError
+from distmed.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
 # Bump when the per-file part changes, so cached inspections are not reused.
-INSPECTION_VERSION = 4
+INSPECTION_VERSION = 5  # 5: unreadable reasons whole, the file's path left out
 SHOWN = 5  # paths shown per list in the printed summary
+# An unreadable file's reason longer than this is cut at a space (a decoder may say a lot).
+MAX_REASON_CHARS = 200
 KEPT = 50  # duplicate groups kept per kind in the results (the counts are always complete)
 DUPLICATE_KINDS = ("within_split", "across_splits", "across_classes")
 CODE_NAMES = ("positive", "negative", "uncertain", "missing")  # raw codes 1, 0, -1, blank
@@ -356,17 +360,11 @@ def _file_survey(index: DataIndex, options: DecodeSettings) -> dict[str, Any]:
             fmt, mode = "npz array", "L" if array.ndim == 2 else "RGB"
             size, depth, byte_key = f"{array.shape[1]}x{array.shape[0]}", array.itemsize * 8, None
         else:
-            assert split.paths is not None  # a split holds arrays or files
-            path = split.paths[position]
-            try:
-                byte_key = hashlib.sha256(path.read_bytes()).hexdigest()
-                fmt, mode, size, depth, array = describe_file(path, options)
-            except UnreadableImage as exc:  # too large, multi-frame, no finite pixel, ...
-                unreadable[sample_id] = str(exc)
+            described = _describe_sample(split, position, options)
+            if isinstance(described, str):
+                unreadable[sample_id] = described
                 continue
-            except Exception as exc:  # any decoder failure: named, never fatal here
-                unreadable[sample_id] = f"{type(exc).__name__}: {str(exc)[:60]}"
-                continue
+            fmt, mode, size, depth, array, byte_key = described
         formats[fmt] += 1
         modes[mode] += 1
         sizes[size] += 1
@@ -384,6 +382,49 @@ def _file_survey(index: DataIndex, options: DecodeSettings) -> dict[str, Any]:
         "unreadable": unreadable,
         "duplicates": _duplicates(groups.values()),
     }
+
+
+def _describe_sample(
+    split: Split, position: int, options: DecodeSettings
+) -> tuple[str, str, str, int, np.ndarray, str] | str:
+    """(format, mode, size, bit depth, decoded array, sha256 of the bytes) of a file or an
+    object in a bucket (read through a temporary local copy with this machine's credentials,
+    `objects.readable_file`); or why it cannot be read, on one line."""
+    source = split.uris[position] if split.uris is not None else None
+    try:
+        with readable_file(source or str(_path_of(split, position))) as path:
+            try:
+                byte_key = hashlib.sha256(path.read_bytes()).hexdigest()
+                return (*describe_file(path, options), byte_key)
+            except UnreadableImage as exc:  # too large, multi-frame, no finite pixel, ...
+                return unreadable_reason(exc, path, named=False)
+            except Exception as exc:  # any decoder failure: named, never fatal here
+                return unreadable_reason(exc, path)
+    except Exception as exc:  # the object itself could not be read (gone, no access)
+        return unreadable_reason(exc, Path(source or ""))
+
+
+def _path_of(split: Split, position: int) -> Path:
+    assert split.paths is not None  # a split holds arrays, files or objects
+    return split.paths[position]
+
+
+def unreadable_reason(exc: BaseException, path: Path, named: bool = True) -> str:
+    """Why `path` could not be read, on one line: `exc`'s first line (after its type name
+    when `named`), the file's own path left out (the listing names the file in full, and
+    without it the same fault counts as one reason), and a longer reason cut at a space
+    before `MAX_REASON_CHARS` with `…`, never inside a word or a path.
+    """
+    text = first_line(exc)
+    for form in (str(path), str(path.resolve())):  # PIL quotes the path; OSError appends it
+        text = re.sub(rf"[:,]?\s*['\"]?{re.escape(form)}['\"]?", "", text)
+    text = text.strip(" :,") or "no reason given"
+    if named:
+        text = f"{type(exc).__name__}: {text}"
+    if len(text) > MAX_REASON_CHARS:
+        cut = text.rfind(" ", 0, MAX_REASON_CHARS)
+        text = (text[:cut] if cut > 0 else text) + " …"
+    return text
 
 
 def _top(counter: Counter, shown: int = 8) -> dict[str, int]:

@@ -1,9 +1,11 @@
-"""Image folders in object storage (`data.root: s3://bucket/prefix` or `gs://...`): listed
-through pyarrow's filesystem for the scheme, with the credentials of this machine's default
-chain (environment, profile, instance role; `AWS_ENDPOINT_URL` for MinIO or Ceph). Only the
-listing happens here; the files are read by the streamed loader's tasks on the nodes
-(`distmed.data.stream`), so the driver never downloads an image, or by the cache
-(`distmed.data.objects`), which keeps them decoded on this node's disk by object version.
+"""Object storage as a data source, through pyarrow's filesystem for the URI's scheme with the
+credentials of this machine's default chain (environment, profile, instance role;
+`AWS_ENDPOINT_URL` for MinIO or Ceph): image folders in a bucket (`data.root:
+s3://bucket/prefix` or `gs://...`) listed, the objects a labels sheet names looked up
+(`object_versions`), and a sheet kept in a bucket read (`read_object`). No image is read
+here; the files are read by the streamed loader's tasks on the nodes
+(`distmed.data.stream`), or by the cache (`distmed.data.objects`), which keeps them decoded
+on this node's disk by object version.
 
 Layouts: `PREFIX/<class>/<file>` or `PREFIX/{train,val,test}/<class>/<file>` (train and val
 form the CV pool, test is held back). Files are recognised by suffix (`FILE_EXTENSIONS`):
@@ -13,7 +15,9 @@ a DICOM file without a suffix, found locally by its preamble, is not read here.
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import re
+from collections.abc import Iterable
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -26,6 +30,9 @@ from distmed.errors import UserError
 from distmed.uris import shown
 
 SPLIT_FOLDERS = ("train", "val", "test")
+# Up to this many objects of one bucket are looked up one request each; more, by listing
+# their common prefix once (a page of 1,000 keys a request), not a request per sheet row.
+LOOKUP_ONE_BY_ONE = 64
 
 
 def is_bucket(root: str | None) -> bool:
@@ -122,8 +129,12 @@ def _split(rows: list, number: dict[str, int], cfg: DataConfig, uri: str) -> Spl
 
 def bucket_summary(index: DataIndex) -> dict:
     """What the results say about a bucket source in place of `inspect_data`'s summary (which
-    reads every file: here only the streamed loader's tasks do); prints one line."""
-    counts = np.bincount(index.pool.labels, minlength=len(index.class_names)).tolist()
+    reads every file: here only the streamed loader's tasks do); prints one line. Per class:
+    images; per finding (several findings per image): positive images."""
+    if index.multilabel:
+        counts = (np.asarray(index.pool.labels) == 1).sum(axis=0).tolist()
+    else:
+        counts = np.bincount(index.pool.labels, minlength=len(index.class_names)).tolist()
     per_class = dict(zip(index.class_names, counts, strict=True))
     summary = {
         "root": index.layout,
@@ -134,5 +145,96 @@ def bucket_summary(index: DataIndex) -> dict:
         "checked before training (the stream decodes each file on a node)",
     }
     shown_counts = ", ".join(f"{name} {count}" for name, count in per_class.items())
-    print(f"{index.layout}: {len(index.pool)} images ({shown_counts}) in the CV pool", flush=True)
+    positives = "positives: " if index.multilabel else ""
+    print(
+        f"{index.layout}: {len(index.pool)} images ({positives}{shown_counts}) in the CV pool",
+        flush=True,
+    )
     return summary
+
+
+def object_path(uri: str) -> str:
+    """`bucket/key` of `scheme://bucket/key`, the key normalised (`a//b`, `a/./b`, `a/../b`
+    as a file system reads them), as pyarrow's filesystem names the object."""
+    rest = uri.split("://", 1)[1]
+    bucket, _, key = rest.partition("/")
+    return f"{bucket}/{posixpath.normpath(key)}" if key else bucket
+
+
+def canonical_uri(uri: str) -> str:
+    """`uri` with its key normalised (`object_path`): the name two spellings share."""
+    return f"{uri.split('://', 1)[0]}://{object_path(uri)}"
+
+
+def object_versions(uris: Iterable[str]) -> dict[str, str]:
+    """The version (`objects.object_version`: size and modification time) of each of `uris`
+    (canonical, `canonical_uri`) that names an object; a missing one is absent.
+
+    Per bucket: up to `LOOKUP_ONE_BY_ONE` objects are looked up one by one, more by one
+    recursive listing of their common prefix, matched against the listed keys.
+
+    Raises:
+        UserError: a bucket cannot be read (its name, credentials or the network).
+    """
+    by_bucket: dict[str, list[str]] = {}
+    for uri in dict.fromkeys(uris):
+        scheme, rest = uri.split("://", 1)
+        by_bucket.setdefault(f"{scheme}://{rest.split('/', 1)[0]}", []).append(uri)
+    found: dict[str, str] = {}
+    for bucket, group in by_bucket.items():
+        found.update(_bucket_versions(bucket, group))
+    return found
+
+
+def _bucket_versions(bucket: str, uris: list[str]) -> dict[str, str]:
+    from pyarrow import fs
+
+    scheme = bucket.split("://", 1)[0]
+    paths = [object_path(uri) for uri in uris]
+    try:
+        filesystem, _ = fs.FileSystem.from_uri(bucket)
+        if len(paths) <= LOOKUP_ONE_BY_ONE:
+            infos = filesystem.get_file_info(paths)
+        else:
+            prefix = posixpath.commonpath([posixpath.dirname(path) for path in paths])
+            selector = fs.FileSelector(prefix, recursive=True, allow_not_found=True)
+            infos = filesystem.get_file_info(selector)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"{shown(bucket)}: cannot look up the objects the sheet names "
+            f"({' '.join(str(exc).split())[:160]}); check the name and this machine's credentials"
+        ) from exc
+    wanted = set(paths)
+    return {
+        f"{scheme}://{info.path}": object_version(info.size, info.mtime_ns)
+        for info in infos
+        if info.type == fs.FileType.File and info.path in wanted
+    }
+
+
+def read_object(uri: str, what: str, limit: int) -> bytes:
+    """The bytes of the object at `uri` (a labels sheet), at most `limit` of them.
+
+    Raises:
+        UserError: no such object, larger than `limit`, or unreadable (credentials, network),
+            naming `what`.
+    """
+    from pyarrow import fs
+
+    try:
+        filesystem, path = fs.FileSystem.from_uri(uri)
+        info = filesystem.get_file_info(path)
+        if info.type != fs.FileType.File:
+            raise UserError(f"{what}: no such object; check the URI")
+        if info.size is not None and info.size > limit:
+            raise UserError(f"{what}: {info.size >> 20} MiB is not a labels sheet")
+        with filesystem.open_input_stream(path) as stream:
+            raw = stream.read(limit + 1)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"{what}: cannot read it ({' '.join(str(exc).split())[:160]}); check the name and "
+            "this machine's credentials"
+        ) from exc
+    if len(raw) > limit:  # grown since it was looked up
+        raise UserError(f"{what}: over {limit >> 20} MiB is not a labels sheet")
+    return bytes(raw)

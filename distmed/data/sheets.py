@@ -1,7 +1,8 @@
 """Spreadsheets saved as text (labels manifests, group sheets): the encoding, the separator and
 the wanted columns, read the way Excel and pandas write them (`;` in European locales, tab,
 Excel's `sep=;` first line, UTF-8 with or without a byte-order mark, UTF-16, cp1252), or
-refused in one line naming the cause. Which rows mean what is the caller's business.
+refused in one line naming the cause; a sheet is a local file or an object in a bucket (its
+URI, read through `distmed.data.remote`). Which rows mean what is the caller's business.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import re
 import unicodedata
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from distmed.errors import UserError, shorten
 
@@ -26,7 +27,10 @@ WORKBOOK_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".ods", ".numbers")
 MAX_SHEET_BYTES = 1 << 30  # NIH's 112,120-row sheet is 8 MB; a GiB is not a labels sheet
 # Excel writes `sep=;` as the first line to name the separator (quoted by some tools).
 _SEP_LINE = re.compile(r'^"?sep=(.)"?$')
-_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]|^\\\\")  # C:\ or \\server\share
+WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]|^\\\\")  # C:\ or \\server\share
+# A local sheet, or the URI (`s3://bucket/key`) of a sheet in a bucket: a URI stays a str,
+# since Path would fold its `//`.
+SheetPath = Path | str
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ class Sheet:
     every dict. `dialect` says how it was read, e.g. "';'-separated, cp1252".
     """
 
-    path: Path
+    path: SheetPath
     rows: list[tuple[int, dict[str, str]]]
     columns: list[str]
     dialect: str
@@ -46,7 +50,7 @@ class Sheet:
 
 
 def read_sheet(
-    path: Path,
+    path: SheetPath,
     what: str,
     required: tuple[str, ...],
     optional: tuple[str, ...] = (),
@@ -55,7 +59,7 @@ def read_sheet(
     """Read `path`'s columns `required` + `optional` (names in any case, spaces around).
 
     Args:
-        path: the sheet (`.csv`, `.tsv`, `.txt`).
+        path: the sheet (`.csv`, `.tsv`, `.txt`), or its object's URI.
         what: how messages name it, e.g. "data.manifest labels.csv".
         required, optional: lower-case column names.
         hint: added to a missing-columns message: another form the sheet may take.
@@ -85,7 +89,7 @@ def read_sheet(
     )
 
 
-def read_header(path: Path, what: str, required: tuple[str, ...]) -> list[str]:
+def read_header(path: SheetPath, what: str, required: tuple[str, ...]) -> list[str]:
     """The header's column names as written (spaces around dropped), read as `read_sheet`
     reads them with `required` columns: for a caller that picks its columns from the header
     (a key column named in the config) before reading the rows.
@@ -109,7 +113,7 @@ class _Opened:
 
 
 def _open(
-    path: Path,
+    path: SheetPath,
     what: str,
     required: tuple[str, ...],
     optional: tuple[str, ...],
@@ -140,23 +144,33 @@ def _open(
     return _Opened(stream, header_line, separator, bool(sep_hint), encoding)
 
 
-def refuse_workbook(path: Path, what: str) -> None:
+def refuse_workbook(path: SheetPath, what: str) -> None:
     """A workbook given as a sheet: one line saying to save it as CSV."""
-    if path.suffix.lower() in WORKBOOK_SUFFIXES:
+    suffix = PurePosixPath(path).suffix if isinstance(path, str) else path.suffix
+    if suffix.lower() in WORKBOOK_SUFFIXES:
         raise UserError(
-            f"{what}: a spreadsheet workbook ({path.suffix}); save the sheet as 'CSV UTF-8' "
+            f"{what}: a spreadsheet workbook ({suffix}); save the sheet as 'CSV UTF-8' "
             "(File > Save As) and give the .csv"
         )
 
 
-def _decode(path: Path, what: str) -> tuple[str, str]:
-    """The text and how it was decoded ("" for plain UTF-8, the common case)."""
+def _raw_bytes(path: SheetPath, what: str) -> bytes:
+    """The sheet's bytes, at most `MAX_SHEET_BYTES` of them, from disk or from its bucket."""
     refuse_workbook(path, what)
+    if isinstance(path, str):
+        from distmed.data.remote import read_object  # pyarrow, only for a sheet in a bucket
+
+        return read_object(path, what, MAX_SHEET_BYTES)
     if not path.is_file():
         raise UserError(f"{what}: file not found")
     if path.stat().st_size > MAX_SHEET_BYTES:
         raise UserError(f"{what}: {path.stat().st_size >> 20} MiB is not a labels sheet")
-    raw = path.read_bytes()
+    return path.read_bytes()
+
+
+def _decode(path: SheetPath, what: str) -> tuple[str, str]:
+    """The text and how it was decoded ("" for plain UTF-8, the common case)."""
+    raw = _raw_bytes(path, what)
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return _decode_as(raw, "utf-16", what), "UTF-16"  # Excel's "Unicode Text"
     if raw.startswith(codecs.BOM_UTF8):
@@ -349,7 +363,7 @@ def file_of_cell(base: Path, text: str, where: str) -> tuple[Path, str]:
                 f"{where}: the path {shorten(text)} cannot name a file ({reason}); fix the cell"
             ) from exc
     drive = (
-        " (a Windows path: give paths relative to the sheet)" if _WINDOWS_DRIVE.match(text) else ""
+        " (a Windows path: give paths relative to the sheet)" if WINDOWS_DRIVE.match(text) else ""
     )
     twin = _unicode_twin(base, candidates[-1])
     raise UserError(
