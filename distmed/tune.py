@@ -26,7 +26,6 @@ from distmed.cli import (
 from distmed.errors import UserError
 
 if TYPE_CHECKING:  # for annotations; imported where used, after parsing
-    from distmed import pipeline
     from distmed.space import SearchSpaceFile
 
 MAX_TRIALS = 100_000  # --num-samples, --max-concurrent: beyond any search one cluster runs
@@ -38,7 +37,6 @@ EXAMPLES = """examples (a shipped space by name, or a YAML path):
   python -m distmed.tune --space resnet --data /data/xray --address auto \\
       --storage s3://bucket/distmed --workers 2 --wandb-project xray
   python -m distmed.tune --space demo --name demo-1 --resume
-  python -m distmed.tune --space ./my_space.yaml --mlflow-uri http://127.0.0.1:5000
 """
 
 
@@ -140,7 +138,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(pipeline.describe_search(spec))
         return 0
-    ctx = _context(args)
+    name, resume = _name(args)
+    ctx = pipeline.RunContext.create(name, args.storage, args.resume, args.verbose, resume)
     record = pipeline.claim(ctx, spec, args.nested, args.force_unlock, args.locks)
     prepared = pipeline.prepare(spec.base, pipeline.batch_sizes(spec))
     if record is not None:  # a resumed search: on the images it started with
@@ -174,27 +173,23 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
 
-def _context(args: argparse.Namespace) -> pipeline.RunContext:
-    """The run's name and places, after the checks that need no data."""
-    from distmed import pipeline
-
+def _name(args: argparse.Namespace) -> tuple[str, str]:
+    """The run's name and its --resume command, after the checks that need no data."""
     if args.resume and not args.name:
         raise UserError("--resume needs --name: the experiment to continue (a folder in --storage)")
     name = args.name or f"{Path(args.space).stem[:80]}-{datetime.now():%Y%m%d-%H%M%S}"
-    resume = resume_command("distmed.tune", args.argv, name)
-    return pipeline.RunContext.create(name, args.storage, args.resume, args.verbose, resume)
+    return name, resume_command("distmed.tune", args.argv, name)
 
 
 def _load_spec(args: argparse.Namespace) -> SearchSpaceFile:
     from distmed.space import load_space
 
-    overrides = overrides_from_args(args)
-    if args.gpus_per_worker is not None:
-        overrides.append(f"scaling.gpus_per_worker={args.gpus_per_worker}")
-    if args.wandb_project:
-        overrides.append(f"tracking.wandb.project={args.wandb_project}")
-    if args.mlflow_uri:
-        overrides.append(f"tracking.mlflow.uri={args.mlflow_uri}")
+    named = {  # this CLI's own options that set a config key
+        "scaling.gpus_per_worker": args.gpus_per_worker,
+        "tracking.wandb.project": args.wandb_project or None,
+        "tracking.mlflow.uri": args.mlflow_uri or None,
+    }
+    overrides = overrides_from_args(args) + [f"{k}={v}" for k, v in named.items() if v is not None]
     spec = load_space(args.space, overrides)
     given = {"num_samples": args.num_samples, "max_concurrent": args.max_concurrent}
     updates = {key: value for key, value in given.items() if value is not None}
