@@ -62,7 +62,7 @@ def scan_bucket(uri: str, cfg: DataConfig) -> DataIndex:
         listing = filesystem.get_file_info(fs.FileSelector(prefix, recursive=True))
     except (OSError, ValueError) as exc:
         raise UserError(
-            f"data.root {shown(uri)}: cannot list it ({' '.join(str(exc).split())[:160]}); "
+            f"data.root {shown(uri)}: cannot list it ({_reason(exc)}); "
             "check the name and this machine's credentials"
         ) from exc
     rows = []  # (split, class, uri, size, mtime)
@@ -202,7 +202,7 @@ def _bucket_versions(bucket: str, uris: list[str]) -> dict[str, str]:
     except (OSError, ValueError) as exc:
         raise UserError(
             f"{shown(bucket)}: cannot look up the objects the sheet names "
-            f"({' '.join(str(exc).split())[:160]}); check the name and this machine's credentials"
+            f"({_reason(exc)}); check the name and this machine's credentials"
         ) from exc
     wanted = set(paths)
     return {
@@ -232,9 +232,14 @@ def read_object(uri: str, what: str, limit: int) -> bytes:
             raw = stream.read(limit + 1)
     except (OSError, ValueError) as exc:
         raise UserError(
-            f"{what}: cannot read it ({' '.join(str(exc).split())[:160]}); check the name and "
+            f"{what}: cannot read it ({_reason(exc)}); check the name and "
             "this machine's credentials"
         ) from exc
     if len(raw) > limit:  # grown since it was looked up
         raise UserError(f"{what}: over {limit >> 20} MiB is not a labels sheet")
     return bytes(raw)
+
+
+def _reason(exc: BaseException) -> str:
+    """A storage error's message on one line, cut to 160 characters (pyarrow's can be long)."""
+    return " ".join(str(exc).split())[:160]
