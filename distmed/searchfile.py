@@ -134,6 +134,10 @@ def check_same_search(
     before.pop(IMAGES_KEY, None)  # check_same_images compares those
     if not any(k.startswith(NEWER_KEYS) for k in before):
         before.update({k: v for k, v in now.items() if k.startswith(NEWER_KEYS)})
+    # A setting added to distmed after the search started is absent from its record; at its
+    # default it keeps the behaviour the search ran with (new keys default to the old way).
+    defaults = _default_record(spec, nested)
+    before.update({k: v for k, v in now.items() if k not in before and v == defaults.get(k, v)})
     differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if differ:
         first = differ[0]
@@ -144,6 +148,12 @@ def check_same_search(
             "or start a new --name"
         )
     return record
+
+
+def _default_record(spec: SearchSpaceFile, nested: int | None) -> dict[str, Any]:
+    """`search_record` of `spec` with every base and search setting at distmed's default."""
+    blank = spec.model_copy(update={"base": type(spec.base)(), "search": type(spec.search)()})
+    return search_record(blank, nested)
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -132,3 +132,18 @@ def test_a_search_recorded_before_sampler_settings_existed_still_resumes(tmp_pat
     old = {k: v for k, v in record.items() if not k.startswith(NEWER_KEYS)}
     (exp / SEARCH_FILE).write_text(json.dumps(old))
     check_same_search(str(exp), load_space(DEMO))  # its restored study keeps its own sampler
+
+
+def test_a_setting_added_since_the_search_started_resumes_at_its_default_only(tmp_path):
+    # A search recorded by an older distmed has no entry for a key added since; at its
+    # default the key keeps the old behaviour, so the resume goes on. A value the old
+    # search never ran with is refused, naming the key.
+    exp = tmp_path / "exp"
+    _record(str(exp))
+    record = json.loads((exp / SEARCH_FILE).read_text())
+    key = "base.train.precise_bn_images"
+    assert record.pop(key) == 0
+    (exp / SEARCH_FILE).write_text(json.dumps(record))
+    check_same_search(str(exp), load_space(DEMO))
+    with pytest.raises(UserError, match=rf"{key} was None, now 512"):
+        check_same_search(str(exp), load_space(DEMO, ["train.precise_bn_images=512"]))
