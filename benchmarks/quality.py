@@ -55,18 +55,22 @@ PUBLISHED = {
         "distmed before (ResNet-18 search)": 0.875,
     },
 }
-# Per data set: what makes a search fit the hour. PneumoniaMNIST (5,232 train + val images)
-# as search_spaces/medmnist28.yaml trains it (2 folds, 3 epochs); BreastMNIST (702) needs
-# more steps per trial (3 folds of ~470, batch 32, 12 epochs), as benchmarks/medmnist.py found.
+# Per data set: what makes a search fit about 40 minutes. PneumoniaMNIST (5,232 train + val
+# images) as search_spaces/medmnist28.yaml trains it (2 folds, 3 epochs); BreastMNIST (702)
+# needs more steps per trial (3 folds of ~470, batch 32, 12 epochs), as benchmarks/medmnist.py
+# found. 8 trials give each of the 4 archs two on average (the first run's 6 left MobileNet
+# and EfficientNet with one each).
 SEARCH_SETTINGS: dict[str, dict[str, Any]] = {
     "pneumoniamnist": {
         "base": {"train": {"epochs": 3}},
-        "search": {"num_samples": 6, "scheduler": {"grace_period": 1}},
+        # Grace 2: the first epoch is the warm-up (optim.warmup_epochs: 1); the first run
+        # judged 5 of 6 trials on it.
+        "search": {"num_samples": 8, "scheduler": {"grace_period": 2}},
         "space": {},
     },
     "breastmnist": {
         "base": {"train": {"epochs": 12, "batch_size": 32}, "cv": {"folds": 3}},
-        "search": {"num_samples": 6, "scheduler": {"grace_period": 4}},
+        "search": {"num_samples": 8, "scheduler": {"grace_period": 4}},
         "space": {"train.batch_size": {"choice": [16, 32]}},
     },
 }
