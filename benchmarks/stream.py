@@ -219,12 +219,18 @@ def decode_and_tag(batch: dict[str, np.ndarray], options: dict[str, Any]) -> dic
 
 
 def read_share(spec: Any, positions: np.ndarray, batch: int) -> dict[str, Any]:
-    """Drain one rank's share; returns images, seconds and which node decoded how many."""
-    from distmed.data.stream import stream_dataset
+    """Drain one rank's share as `stream_batches` reads it (windows, read ahead); returns
+    images, seconds and which node decoded how many."""
+    from distmed.data.stream import read_ahead, window_datasets
+
+    def chunks() -> Any:
+        for dataset in window_datasets(spec, positions, batch, decoder=decode_and_tag):
+            yield from dataset.iter_batches(
+                batch_size=batch, batch_format="numpy", prefetch_batches=spec.prefetch_batches
+            )
 
     started, count, nodes = time.perf_counter(), 0, Counter()
-    dataset = stream_dataset(spec, positions, decoder=decode_and_tag)
-    for chunk in dataset.iter_batches(batch_size=batch, batch_format="numpy"):
+    for chunk in read_ahead(chunks(), spec.prefetch_batches):
         count += len(chunk["position"])
         nodes.update(chunk["node"].tolist())
     return {"images": count, "seconds": time.perf_counter() - started, "decoded_on": nodes}

@@ -87,3 +87,41 @@ def test_multilabel_folds_train_through_ray_train(ray_session, tmp_path: Path):
     )
     oof_labels = np.concatenate([np.asarray(f.val_labels, dtype=float) for f in result.folds])
     assert np.isnan(oof_labels[:, 3]).sum() == np.isnan(task.targets(raw)[:, 3]).sum()
+
+
+def test_a_streamed_pass_reads_in_windows_in_order_with_the_decoders_pixels(
+    ray_session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """#35: one epoch's rows are read as consecutive windows (one Ray Data dataset each, so
+    the object store holds a window's index, not the epoch's), and the batches still come in
+    the drawn order, full but the last, with each file's decoded pixels."""
+    from conftest import write_image_folder
+
+    from distmed.config import DataConfig
+    from distmed.data import scan_source
+    from distmed.data import stream as stream_module
+    from distmed.data.stream import StreamSpec, decode_batch, epoch_positions, stream_batches
+
+    root = write_image_folder(tmp_path / "d", {"a": 12, "b": 11}, size=20)
+    data = DataConfig(root=str(root), image_size=16)
+    paths = [str(p) for p in scan_source(data).pool.paths]
+    spec = StreamSpec(paths=paths, options=data.decode_settings(), decode_cpus=0.5, window=7)
+    built: list[list[int]] = []
+    real = stream_module.stream_dataset
+
+    def spy(spec: StreamSpec, positions: np.ndarray, decoder=decode_batch):
+        built.append(np.asarray(positions).tolist())
+        return real(spec, positions, decoder)
+
+    monkeypatch.setattr(stream_module, "stream_dataset", spy)
+    order = epoch_positions(np.arange(23), 5, 1, 0, 1, True)
+    batches = list(stream_batches(spec, order, batch_size=3))
+    assert [len(w) for w in built] == [6, 6, 6, 5]  # windows of 7 rows cut to whole batches
+    assert sum(built, []) == order.tolist()
+    assert [len(rows) for _, rows in batches] == [3] * 7 + [2]
+    assert np.concatenate([rows.numpy() for _, rows in batches]).tolist() == order.tolist()
+    expected = decode_batch(
+        {"position": order, "path": np.array([paths[p] for p in order], dtype=object)},
+        data.decode_settings().model_dump(mode="json"),
+    )["image"]
+    assert np.array_equal(np.concatenate([images.numpy() for images, _ in batches]), expected)

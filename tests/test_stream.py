@@ -344,3 +344,49 @@ def test_the_report_of_a_streamed_test_split_says_why_it_has_no_gradcam(tmp_path
     run = SimpleNamespace(test={"images_path": np.array("")})
     section = runreport.gradcam_section(run, tmp_path, None)  # type: ignore[arg-type]
     assert "streamed (data.loader: stream)" in section and "Grad-CAM skipped" in section
+
+
+def test_read_ahead_keeps_the_order_and_raises_the_producers_error_in_its_place():
+    from distmed.data.stream import read_ahead
+
+    assert list(read_ahead(iter(range(10)), depth=3)) == list(range(10))
+
+    def failing():
+        yield from (1, 2)
+        raise UserError("cannot decode x.png")
+
+    seen = []
+    with pytest.raises(UserError, match="x.png"):
+        for item in read_ahead(failing(), depth=4):
+            seen.append(item)
+    assert seen == [1, 2]
+
+
+def test_a_reader_that_stops_early_stops_and_closes_the_source():
+    import threading
+
+    from distmed.data.stream import read_ahead
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            n = 0
+            while True:
+                yield n
+                n += 1
+        finally:
+            closed.set()  # a Ray Data iteration ends here
+
+    reader = read_ahead(endless(), depth=2)
+    assert [next(reader) for _ in range(5)] == [0, 1, 2, 3, 4]
+    reader.close()
+    assert closed.wait(timeout=5)
+
+
+@pytest.mark.parametrize(("window", "batch", "rows"), [(2048, 64, 2048), (2048, 48, 2016),
+                                                       (100, 256, 256), (7, 3, 6)])  # fmt: skip
+def test_a_window_is_whole_batches_and_at_least_one(window: int, batch: int, rows: int):
+    from distmed.data.stream import window_rows
+
+    assert window_rows(window, batch) == rows

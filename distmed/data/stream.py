@@ -2,8 +2,12 @@
 rows are decoded by the cache's own decoder in Ray Data tasks, spread over the cluster's CPUs.
 
 What crosses into the Train workers is `StreamSpec`: file paths or URIs and decode settings,
-never pixels. Each worker builds, per epoch, a dataset of its own rows in a seeded order
-(`epoch_positions`) and reads it with `iter_torch_batches` (prefetching). Why not
+never pixels. Each worker draws, per epoch, its own rows in a seeded order (`epoch_positions`)
+and reads them with `iter_torch_batches` (prefetching), one window of WINDOW_ROWS rows at a
+time: a Ray Data dataset built from rows keeps every input block (a row's position and path, a
+few hundred bytes) in the object store while it runs, so one dataset per epoch would grow the
+store with the data set. Windows bound it (two windows' index at most: the one being read and
+the next, which a reader thread starts while the step consumes the last batches). Why not
 `TorchTrainer(datasets=...)` and `get_dataset_shard`: its `streaming_split` hands blocks to
 ranks as they finish (a rank's rows differ run to run), replays the same plan every epoch (no
 per-epoch seed) and, with `equal=True`, drops rows a validation pass must score; a rank's
@@ -18,8 +22,10 @@ channel; `to_model_input` expands it to the same model input).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,6 +44,10 @@ if TYPE_CHECKING:
 DECODE_CHUNK = 64
 # Batches each worker's iterator decodes ahead of the step (Ray Data's prefetch_batches).
 PREFETCH_BATCHES = 4
+# Rows of one Ray Data dataset (rounded to whole batches): its input blocks, ~0.5 MB of index
+# at 2048 rows, are what a streamed epoch keeps in the object store besides decoded pixels in
+# flight. 32 decoding tasks a window keep every node of a small cluster busy.
+WINDOW_ROWS = 2048
 # A streamed row's channels (`stream_row`): what `best_model.pt` records as the layout the
 # model was trained from (a grey image's cached row has 1; the model input is the same).
 STREAM_CHANNELS = 3
@@ -56,6 +66,7 @@ class StreamSpec(BaseModel):
     options: DecodeSettings
     decode_cpus: float = Field(1.0, gt=0)
     prefetch_batches: int = Field(PREFETCH_BATCHES, ge=1)
+    window: int = Field(WINDOW_ROWS, ge=1, description="rows per dataset (`window_rows`)")
 
 
 def split_stream(
@@ -163,20 +174,98 @@ def stream_dataset(spec: StreamSpec, positions: np.ndarray, decoder: Any = decod
     return dataset
 
 
+def window_rows(window: int, batch_size: int) -> int:
+    """Rows per dataset: `window` (StreamSpec.window) rounded down to whole batches, at least
+    one batch, so that only the last window of a pass ends in a partial batch."""
+    return batch_size * max(1, window // batch_size)
+
+
+def window_datasets(
+    spec: StreamSpec, positions: np.ndarray, batch_size: int, decoder: Any = decode_batch
+) -> Iterator[Any]:
+    """`stream_dataset` of each consecutive window of `positions` (`window_rows` each), in
+    order; each is built when the one before has been read."""
+    step = window_rows(spec.window, batch_size)
+    for start in range(0, len(positions), step):
+        yield stream_dataset(spec, positions[start : start + step], decoder)
+
+
 def stream_batches(
     spec: StreamSpec, positions: np.ndarray, batch_size: int, pin_memory: bool = False
 ) -> Iterator[tuple[Any, Any]]:
     """(uint8 images (B, 3, S, S), pool positions (B,)) torch batches of `positions`, in that
     order, decoded by Ray Data tasks across the cluster while the caller trains on the last.
+    Every batch has `batch_size` rows but the last. The object store holds at most two
+    windows' index rows and the pixels in flight, whatever len(positions) is.
 
     Needs a running Ray session (a Train worker has one).
+
+    Raises:
+        UserError: a file cannot be decoded (`decode_batch`), when its batch is reached.
     """
     if len(positions) == 0:
         return iter(())
-    batches = stream_dataset(spec, positions).iter_torch_batches(
-        batch_size=batch_size,
-        prefetch_batches=spec.prefetch_batches,
-        device="cpu",  # the loop moves and augments the batch on the training device
-        pin_memory=pin_memory,
-    )
-    return ((b["image"], b["position"]) for b in batches)
+
+    def batches() -> Iterator[dict[str, Any]]:
+        for dataset in window_datasets(spec, positions, batch_size):
+            yield from dataset.iter_torch_batches(
+                batch_size=batch_size,
+                prefetch_batches=spec.prefetch_batches,
+                device="cpu",  # the loop moves and augments the batch on the training device
+                pin_memory=pin_memory,
+            )
+
+    return ((b["image"], b["position"]) for b in read_ahead(batches(), spec.prefetch_batches))
+
+
+Item = TypeVar("Item")
+
+
+def read_ahead(items: Iterable[Item], depth: int) -> Iterator[Item]:
+    """`items`, produced by a thread up to `depth` ahead of the consumer: while the caller
+    works on the last batches of one window, the next window's decoding has started.
+
+    The producer's exception is raised in the consumer at its place in the sequence. A
+    consumer that stops early (closes the generator, or it is collected) stops the thread,
+    which closes `items` (ending a Ray Data iteration).
+    """
+    ready: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def offer(entry: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        source = iter(items)
+        try:
+            for item in source:
+                if not offer(("item", item)):
+                    break
+            else:
+                offer(("end", None))
+        except BaseException as error:  # handed to the consumer, raised there
+            offer(("error", error))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="distmed-stream-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join(timeout=1.0)  # a producer waiting on Ray Data sees `stop` at its next item
