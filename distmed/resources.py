@@ -233,8 +233,13 @@ def plan_workers(
 
     Default CPUs per worker: the cluster's CPUs split evenly over all workers of all
     concurrent runs, so one local run gets every core. Inside Tune each trial's driver
-    holds TRIAL_CPU, which is left out of the split so that the last worker still fits;
-    `reserve_cpus` are left out too (a streamed run's Ray Data decoding tasks need them).
+    holds TRIAL_CPU, which is left out of the split so that the last worker still fits.
+    `reserve_cpus` (a streamed run's decoding task, `stream.decode_reserve`) is left out on
+    EVERY node, with the trials' slivers: the workers then hold at most the rest, so however
+    Ray places them the free CPUs add up to `reserve_cpus` per node and one node at least
+    has a decoding task's CPUs free (were every node short of it, the sum would be too).
+    A cluster-wide reserve did not do that: 3 trials on 3 nodes of 2 CPUs took 1.65 CPUs a
+    worker, left 0.34 free on each node, and the 1-CPU decoding tasks waited forever.
     """
     total = cluster_capacity()
     cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
@@ -247,8 +252,14 @@ def plan_workers(
             f"scaling.num_workers={cfg.num_workers} CPU workers need {workers} CPUs but the "
             f"cluster has {cpus:g}; lower --workers (or set scaling.cpus_per_worker to share)"
         )
-    spare = cpus - TRIAL_CPU * concurrent - reserve_cpus
-    per_worker = cfg.cpus_per_worker or _default_cpus(spare, workers, use_gpu, cfg)
+    shapes = node_shapes()
+    if reserve_cpus > 0:
+        held = reserve_cpus + TRIAL_CPU * concurrent  # on each node
+        shapes = [{**shape, "CPU": max(0.0, shape.get("CPU", 0.0) - held)} for shape in shapes]
+        spare = sum(shape["CPU"] for shape in shapes)
+    else:
+        spare = cpus - TRIAL_CPU * concurrent
+    per_worker = cfg.cpus_per_worker or _default_cpus(spare, workers, use_gpu, cfg, shapes)
     if cfg.num_workers * per_worker > spare + 1e-9:
         raise UserError(
             f"scaling.num_workers={cfg.num_workers} x {per_worker:g} CPU needs "
@@ -272,10 +283,12 @@ def concurrency_limit(
 
     Each trial's workers need their CPUs (and GPUs); the trial's own driver is idle while
     its workers train and reserves only a sliver of a CPU, so it never blocks them.
-    `reserve_cpus` stay out of every trial's reach (a streamed search's decoding tasks).
+    `reserve_cpus` on every node stay out of every trial's reach (a streamed search's
+    decoding tasks, `plan_workers`).
     """
     total = cluster_capacity()
-    cpus, gpus = float(total.get("CPU", 0)) - reserve_cpus, float(total.get("GPU", 0))
+    held = reserve_cpus * len(node_shapes()) if reserve_cpus > 0 else 0.0
+    cpus, gpus = float(total.get("CPU", 0)) - held, float(total.get("GPU", 0))
     per_trial_cpus = cfg.num_workers * (cfg.cpus_per_worker or 1.0) + TRIAL_CPU
     fits = int(cpus // per_trial_cpus) if cfg.cpus_per_worker else int(cpus // cfg.num_workers)
     if _want_gpu(cfg, gpus):
@@ -361,15 +374,17 @@ def _check_gpus(cfg: ScalingSection, gpus: float) -> None:
         )
 
 
-def _default_cpus(spare: float, workers: int, use_gpu: bool, cfg: ScalingSection) -> float:
-    """An even share of the cluster's CPUs, cut so that the workers fit on its nodes.
+def _default_cpus(
+    spare: float, workers: int, use_gpu: bool, cfg: ScalingSection, shapes: list[dict[str, float]]
+) -> float:
+    """An even share of the cluster's CPUs, cut so that the workers fit on its nodes
+    (`shapes`: each node's resources, less what is reserved on it).
 
     A GPU worker gets at most its GPU share of the CPUs of the leanest GPU node, so every
     GPU of every node can be used. CPU workers get the largest share at which all of them
     can be placed, each on one node (one worker on a 2 + 1 CPU cluster: 2; two: 1 each).
     """
     share = _even_share(spare, workers)
-    shapes = node_shapes()
     if use_gpu:
         per_gpu = [s.get("CPU", 0.0) / s["GPU"] for s in shapes if s.get("GPU", 0.0) > 0]
         limit = min(per_gpu) * cfg.gpus_per_worker if per_gpu else share

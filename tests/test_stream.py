@@ -390,3 +390,36 @@ def test_a_window_is_whole_batches_and_at_least_one(window: int, batch: int, row
     from distmed.data.stream import window_rows
 
     assert window_rows(window, batch) == rows
+
+
+@pytest.mark.parametrize(
+    ("nodes", "trials", "decode"),
+    [([2, 2, 2], 3, 1.0), ([2, 2, 2], 2, 1.0), ([4, 2], 3, 0.5), ([8, 8, 8, 8], 4, 1.0),
+     ([3, 3], 1, 1.5), ([16], 2, 1.0)],
+)  # fmt: skip
+def test_however_ray_places_a_streamed_search_some_node_keeps_a_decoding_task_s_cpus(
+    fake_cluster,  # noqa: F811  (the fixture imported above)
+    nodes: list[int],
+    trials: int,
+    decode: float,
+):
+    """#35: the workers and trial drivers of a streamed search never leave every node short
+    of one decoding task's CPUs, whichever node Ray puts each of them on (all placements
+    tried), else the stream waits forever (3 trials on 3 x 2 CPUs did, at 1.65 a worker)."""
+    import itertools
+
+    from distmed.resources import TRIAL_CPU
+
+    fake_cluster([{"CPU": float(n)} for n in nodes])
+    one = ScalingSection(num_workers=1)
+    concurrent = concurrency_limit(trials, trials, one, decode)
+    each = plan_workers(one, concurrent=concurrent, reserve_cpus=decode).cpus_per_worker
+    assert concurrent >= 1 and each > 0
+    # Each of the trials' workers and drivers on any node with room for it.
+    for places in itertools.product(range(len(nodes)), repeat=2 * concurrent):
+        free = [float(n) for n in nodes]
+        for slot, node in enumerate(places):
+            free[node] -= each if slot < concurrent else TRIAL_CPU
+        if min(free) < -1e-9:
+            continue  # Ray would not put it there
+        assert max(free) >= decode - 1e-9, (places, free)
