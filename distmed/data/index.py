@@ -5,6 +5,7 @@ of it. Index, split, load and transform stay separate steps; folds are index ari
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -107,3 +108,26 @@ def _drop_from_split(split: Split, skipped: dict[str, str]) -> Split:
         if split.versions is not None
         else None,
     )
+
+
+def files_fingerprint(pool: Split, test: Split | None) -> str:
+    """sha256 over every sample's id, file size and modification time (an object's URI and
+    version) and label."""
+    digest = hashlib.sha256()
+    for split in (pool, test):
+        if split is None:
+            continue
+        if split.uris is not None:
+            stamps = [f"{u}|{v}" for u, v in zip(split.uris, split.versions or [], strict=True)]
+        else:
+            stamps = [f"{s.st_size}|{s.st_mtime_ns}" for s in (p.stat() for p in split.paths or [])]
+        for sample_id, stamp, label in zip(split.ids, stamps, split.labels, strict=True):
+            digest.update(f"{sample_id}|{stamp}|{_label_text(label)}\n".encode())
+    return digest.hexdigest()
+
+
+def _label_text(label: np.ndarray | np.integer) -> str:
+    """A class number as written; a row of finding codes as `1,0,-1,nan`."""
+    if np.ndim(label) == 0:
+        return f"{label}"
+    return ",".join(f"{code:g}" for code in np.asarray(label).tolist())

@@ -21,11 +21,11 @@ import numpy as np
 
 from distmed.config import DataConfig
 from distmed.data.decode import UnreadableImage, is_dicom, read_dicom
-from distmed.data.index import DataIndex, Split
-from distmed.data.labels import NORMALIZE_HINT, classes_of, spelling_key
+from distmed.data.groups import group_lookup
+from distmed.data.index import DataIndex, Split, files_fingerprint
+from distmed.data.labels import NORMALIZE_HINT, classes_of, require_two_classes, spelling_key
 from distmed.data.layout import image_files
 from distmed.data.sheets import Sheet, cell_text, read_header, read_sheet
-from distmed.data.sources import _fingerprint_files, _group_lookup, _require_two_classes
 from distmed.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -137,14 +137,14 @@ def scan_keyed_sheet(csv_path: Path, key: KeyColumn, cfg: DataConfig) -> DataInd
         fix="fix the sheet",
         unit="images",  # a row labels every image of its patient or study
     )
-    _require_two_classes(classes.names, f"{csv_path} (labels of the images found)")
+    require_two_classes(classes.names, f"{csv_path} (labels of the images found)")
     pool = _split(base, images, rows, classes.number_of, _groups(cfg, base))
     return DataIndex(
         name=csv_path.stem,
         class_names=classes.names,
         pool=pool,
         test=None,
-        fingerprint=_fingerprint_files(pool, None),
+        fingerprint=files_fingerprint(pool, None),
         layout=f"sheet {csv_path.name} keyed by {key.keyword} ({sheet.dialect}; DICOM images "
         "below its folder)",
         ignored=ignored,
@@ -299,7 +299,7 @@ def _warn_unused(
 
 def _groups(cfg: DataConfig, base: Path) -> Callable[[_Image], str]:
     """Patients group the folds: the header's PatientID unless data.group_* says otherwise."""
-    lookup = _group_lookup(cfg, base) if (cfg.group_regex or cfg.group_csv) else None
+    lookup = group_lookup(cfg, base) if (cfg.group_regex or cfg.group_csv) else None
     if lookup is not None:
         found = lookup
         return lambda image: found(image.path.relative_to(base).as_posix(), image.path)

@@ -351,3 +351,11 @@ def _quote(label: str) -> str:
     if label.isprintable() and len(label) <= 40:
         return f"`{label}`"
     return shorten(label)
+
+
+def require_two_classes(class_names: list[str], where: str) -> None:
+    if len(class_names) < 2:
+        raise UserError(
+            f"data.root {where}: only one class ({', '.join(class_names)}); "
+            "a classifier needs at least two class folders"
+        )
