@@ -366,8 +366,8 @@ def _streamed_search(tmp_path: Path, root: str) -> list[str]:
     """`distmed.tune` arguments of a tiny streamed search: 2 trials side by side, 1 epoch."""
     spec = {
         "base": {
-            # Each trial's 0.01-CPU sliver leaves its node 0.99 CPU free at most: decoding
-            # tasks of 1 CPU would never start (docs/data.md, streaming).
+            # Half a CPU per decoding task, kept free on each of the 3 nodes: with 1 CPU
+            # kept on each, only one trial of 2 x 1-CPU workers would fit at a time.
             "data": {"root": root, "image_size": 32, "loader": "stream", "stream_decode_cpus": 0.5},
             "model": {"weights": "none"},
             "train": {"epochs": 1, "batch_size": 8, "amp": "off"},
