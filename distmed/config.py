@@ -476,7 +476,9 @@ class ScalingSection(_Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks) per run")
     use_gpu: bool | Literal["auto"] = Field("auto", description="auto: GPU when Ray sees one")
     cpus_per_worker: float | None = Field(
-        None, gt=0, description="default: the node's CPUs shared between the workers"
+        None,
+        gt=0,
+        description="default: the node's CPUs shared between the workers (streamed GPU worker: 2)",
     )
     gpus_per_worker: float = Field(
         1.0, gt=0, le=8, description="GPUs per worker; a fraction packs trials onto one GPU"

@@ -30,6 +30,11 @@ from distmed.errors import UserError
 log = logging.getLogger(__name__)
 # CPU reserved by each Tune trial's own driver function: it only waits on its Train workers.
 TRIAL_CPU = 0.01
+# Default CPUs of a streamed run's GPU worker: its training loop and Ray Data's batch
+# iterator (pinning, host-to-device). Decoding runs in Ray Data tasks on the node's other
+# CPUs, so a worker that held its GPU's whole CPU share would starve its own input; Ray
+# Train's own default is 1 CPU per worker. Not yet measured on a GPU (docs/data.md).
+STREAM_GPU_WORKER_CPUS = 2.0
 # Written by `ray up` on the head node: the node types the autoscaler may launch.
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
 # Set to 1 to keep the session folder (Ray's logs) of the local instance distmed started.
@@ -260,6 +265,8 @@ def plan_workers(
     else:
         spare = cpus - TRIAL_CPU * concurrent
     per_worker = cfg.cpus_per_worker or _default_cpus(spare, workers, use_gpu, cfg, shapes)
+    if use_gpu and reserve_cpus > 0 and cfg.cpus_per_worker is None:
+        per_worker = min(per_worker, STREAM_GPU_WORKER_CPUS)  # the rest decodes for it
     if cfg.num_workers * per_worker > spare + 1e-9:
         raise UserError(
             f"scaling.num_workers={cfg.num_workers} x {per_worker:g} CPU needs "

@@ -199,3 +199,18 @@ def test_capacity_of_the_shipped_aws_cluster_as_ray_up_writes_it(fake_cluster):
     assert capacity["CPU"] == 8 + 4 * 8 + 48
     layout = plan_workers(ScalingSection(num_workers=1), concurrent=8)
     assert layout.use_gpu and layout.cpus_per_worker == 8.0
+
+
+def test_a_streamed_gpu_worker_leaves_its_node_s_cpus_to_the_decoding_tasks(fake_cluster):
+    """#35: from the cache a GPU worker takes its GPU's share of the node's CPUs (its loader
+    processes use them); streamed, Ray Data decodes on the node's CPUs, so the worker keeps
+    two and the rest feed it. A set `cpus_per_worker` is used as given."""
+    from distmed.resources import STREAM_GPU_WORKER_CPUS
+
+    fake_cluster([{"CPU": 16, "GPU": 2}, {"CPU": 16, "GPU": 2}])
+    scaling = ScalingSection(num_workers=4)
+    assert plan_workers(scaling).cpus_per_worker == 8.0
+    streamed = plan_workers(scaling, reserve_cpus=1.0)
+    assert streamed.use_gpu and streamed.cpus_per_worker == STREAM_GPU_WORKER_CPUS == 2.0
+    given = ScalingSection(num_workers=4, cpus_per_worker=6)
+    assert plan_workers(given, reserve_cpus=1.0).cpus_per_worker == 6
