@@ -137,7 +137,9 @@ def check_same_search(
     # A setting added to distmed after the search started is absent from its record; at its
     # default it keeps the behaviour the search ran with (new keys default to the old way).
     defaults = _default_record(spec, nested)
-    before.update({k: v for k, v in now.items() if k not in before and v == defaults.get(k, v)})
+    before.update(
+        {k: v for k, v in now.items() if k not in before and k in defaults and v == defaults[k]}
+    )
     differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if differ:
         first = differ[0]
@@ -151,8 +153,10 @@ def check_same_search(
 
 
 def _default_record(spec: SearchSpaceFile, nested: int | None) -> dict[str, Any]:
-    """`search_record` of `spec` with every base and search setting at distmed's default."""
-    blank = spec.model_copy(update={"base": type(spec.base)(), "search": type(spec.search)()})
+    """`search_record` with every base and search setting at distmed's default, no space."""
+    blank = spec.model_copy(
+        update={"base": type(spec.base)(), "search": type(spec.search)(), "space": {}}
+    )
     return search_record(blank, nested)
 
 

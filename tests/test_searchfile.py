@@ -147,3 +147,9 @@ def test_a_setting_added_since_the_search_started_resumes_at_its_default_only(tm
     check_same_search(str(exp), load_space(DEMO))
     with pytest.raises(UserError, match=rf"{key} was None, now 512"):
         check_same_search(str(exp), load_space(DEMO, ["train.precise_bn_images=512"]))
+    # A searched parameter the record lacks is a new search, whatever its values.
+    searched = next(k for k in record if k.startswith("space."))
+    record.pop(searched)
+    (exp / SEARCH_FILE).write_text(json.dumps(record))
+    with pytest.raises(UserError, match=rf"{searched} was None"):
+        check_same_search(str(exp), load_space(DEMO))
