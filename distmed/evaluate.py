@@ -662,15 +662,7 @@ def findings_record(
     assert isinstance(task, MultilabelTask)
     columns = task.columns(scores.labels, scores.probs)
     return {
-        "model": str(model.resolve()),
-        "data": _where(data),
-        "data_name": source.name,
-        "data_layout": source.layout,
-        "split": split,
-        "num_images": len(scores.labels),
-        "class_names": scores.class_names,
-        "data_class_names": source.class_names,
-        "class_map": class_map,
+        **_what_was_scored(model, data, source, split, scores, class_map),
         "multilabel": True,
         "scored_findings": list(task.scored),
         "unscored_findings": scores.unscored,
@@ -687,8 +679,7 @@ def findings_record(
         "absent_classes": scores.absent_classes(),
         "positive_class": None,
         "threshold_source": threshold.source if threshold else None,
-        "distmed_version": __version__,
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **_made_by(),
     }
 
 
@@ -708,6 +699,27 @@ def evaluation_record(
 
     counts = np.bincount(scores.labels, minlength=len(scores.class_names))
     return {
+        **_what_was_scored(model, data, source, split, scores, class_map),
+        "images_per_class": dict(zip(scores.class_names, counts.tolist(), strict=True)),
+        "absent_classes": scores.absent_classes(),
+        "positive_class": (
+            scores.task.positive_class if isinstance(scores.task, BinaryTask) else None
+        ),
+        "threshold_source": threshold.source if threshold else None,
+        **_made_by(),
+    }
+
+
+def _what_was_scored(
+    model: Path,
+    data: str,
+    source: DataIndex,
+    split: str,
+    scores: Scores,
+    class_map: dict[str, str],
+) -> dict[str, Any]:
+    """The fields every evaluation.json opens with: the model, the data and what it holds."""
+    return {
         "model": str(model.resolve()),
         "data": _where(data),
         "data_name": source.name,
@@ -717,12 +729,12 @@ def evaluation_record(
         "class_names": scores.class_names,
         "data_class_names": source.class_names,
         "class_map": class_map,
-        "images_per_class": dict(zip(scores.class_names, counts.tolist(), strict=True)),
-        "absent_classes": scores.absent_classes(),
-        "positive_class": (
-            scores.task.positive_class if isinstance(scores.task, BinaryTask) else None
-        ),
-        "threshold_source": threshold.source if threshold else None,
+    }
+
+
+def _made_by() -> dict[str, str]:
+    """distmed's version and the time of the evaluation (UTC), closing each record."""
+    return {
         "distmed_version": __version__,
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
