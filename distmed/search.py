@@ -495,12 +495,32 @@ def build_scheduler(spec: SearchSpaceFile):
     sched = spec.search.scheduler
     if sched.type == "none":
         return FIFOScheduler()
+    warn_of_rungs_in_warmup(spec)
     return ASHAScheduler(
         time_attr="training_iteration",  # one Tune iteration per epoch report
         max_t=max_epochs(spec),
         grace_period=min(sched.grace_period, max_epochs(spec)),
         reduction_factor=sched.reduction_factor,
     )
+
+
+def warn_of_rungs_in_warmup(spec: SearchSpaceFile) -> str | None:
+    """Say (log, and return) when ASHA's first rung falls within the learning-rate warm-up:
+    trials are then stopped on scores taken while their rate still ramps up, which ranks
+    them by how fast they warm up (benchmarks/BENCHMARKS.md part 8: the search benchmark's
+    grace period 1 with a 1-epoch warm-up)."""
+    dist = spec.space.get("optim.warmup_epochs")
+    warmup = int(max(dist.probe_values())) if dist else spec.base.optim.warmup_epochs
+    grace = min(spec.search.scheduler.grace_period, max_epochs(spec))
+    if warmup == 0 or grace > warmup or grace >= max_epochs(spec):
+        return None
+    message = (
+        f"search.scheduler.grace_period {grace} is within optim.warmup_epochs {warmup}: ASHA "
+        "will stop trials on scores taken while their learning rate still warms up; set "
+        f"grace_period to {warmup + 1} or more"
+    )
+    log.warning(message)
+    return message
 
 
 def max_epochs(spec: SearchSpaceFile) -> int:

@@ -752,3 +752,39 @@ def test_best_config_stores_the_data_folder_as_an_absolute_path(tmp_path, monkey
     cfg = best_config(base, row("t", lr=0.003, name="adamw"))
     assert cfg.data.root == str(tmp_path / "images")
     assert best_config(load_space(DEMO).base, row("t", lr=0.003, name="adamw")).data.root == "demo"
+
+
+@pytest.mark.parametrize(
+    ("grace", "warmup", "warned"),
+    [("1", "1", True), ("2", "1", False), ("2", "2", True), ("1", "0", False), ("6", "6", False)],
+)
+def test_asha_rungs_within_the_warmup_are_said_once_the_scheduler_is_built(
+    tmp_path, caplog, grace, warmup, warned
+):
+    """A grace period that ends inside the warm-up judges trials on a ramping learning rate
+    (the search benchmark's 1 and 1); at the last epoch ASHA stops nothing, so no warning."""
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        f"base:\n  train:\n    epochs: 6\n  optim:\n    warmup_epochs: {warmup}\n"
+        f"search:\n  scheduler:\n    grace_period: {grace}\n"
+        "space:\n  optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
+    )
+    with caplog.at_level("WARNING", logger="distmed.search"):
+        build_scheduler(load_space(path))
+    said = [r.getMessage() for r in caplog.records if "warm" in r.getMessage()]
+    assert bool(said) is warned, said
+    if warned:
+        assert f"grace_period {grace} is within optim.warmup_epochs {warmup}" in said[0]
+        assert f"grace_period to {int(warmup) + 1} or more" in said[0]
+
+
+def test_a_searched_warmup_counts_at_its_longest(tmp_path):
+    from distmed.search import warn_of_rungs_in_warmup
+
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "base:\n  train:\n    epochs: 6\n"
+        "search:\n  scheduler:\n    grace_period: 2\n"
+        "space:\n  optim.warmup_epochs: {choice: [0, 2]}\n"
+    )
+    assert "within optim.warmup_epochs 2" in warn_of_rungs_in_warmup(load_space(path))
