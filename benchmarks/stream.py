@@ -6,8 +6,9 @@
 
 Per size: generated class-folder PNGs; three `ray start` nodes (own CPUs, small object
 stores). One reader task per node plays a Train rank (`epoch_positions`' share) and drains
-`stream_dataset` for one epoch (a training pass and a validation pass, as `sharedpass`
-reads), tagging each row with the node its decoding task ran on. Sampled every 0.5 s: the
+its rows for one epoch as a Train worker reads them (windows of `stream_dataset`, read ahead:
+a training pass and a validation pass, as `sharedpass` reads), tagging each row with the node
+its decoding task ran on. Sampled every 0.5 s: the
 resident memory of each node's process tree (its raylet and the workers under it) and each
 node's object-store use. Also: k filtered passes (what training each fold apart would read)
 against the shared pass, and the cache on one node (its one-off decode, then an epoch read).
