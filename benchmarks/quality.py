@@ -34,7 +34,14 @@ from typing import Any
 
 import yaml
 
-from benchmarks.common import REPO, git_commit, machine_info, markdown_table, write_result
+from benchmarks.common import (
+    REPO,
+    RESULTS,
+    git_commit,
+    machine_info,
+    markdown_table,
+    write_result,
+)
 from benchmarks.medmnist import SHARED, load_run, merged, run_tune
 
 SPACE = REPO / "search_spaces" / "backbones.yaml"
@@ -121,10 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
-    payload = {"plan": plan, "searches": {}, "ablation": {}}
-    # Written before the first command: nothing about the outcome is chosen after this.
-    path = write_result(RESULT_NAME, payload)
-    print(f"[quality] plan written to {path}", flush=True)
+    payload = continued_payload(plan) if args.only else None
+    if payload is None:
+        payload = {"plan": plan, "searches": {}, "ablation": {}}
+        # Written before the first command: nothing about the outcome is chosen after this.
+        path = write_result(RESULT_NAME, payload)
+        print(f"[quality] plan written to {path}", flush=True)
     for dataset in DATASETS:
         if args.only in (None, f"search-{dataset}"):
             payload["searches"][dataset] = run_search(dataset, plan, args)
@@ -135,6 +144,22 @@ def main(argv: list[str] | None = None) -> int:
             write_result(RESULT_NAME, payload)
     print(report(payload))
     return 0
+
+
+def continued_payload(plan: dict[str, Any]) -> dict[str, Any] | None:
+    """The results file of the run this `--only` continues: its plan (written before that
+    run's first command) and its other parts kept. None when there is none, or when its
+    plan's searches or ablation differ from today's (then the part runs under a new plan)."""
+    path = RESULTS / f"{RESULT_NAME}.json"
+    if not path.is_file():
+        return None
+    payload = json.loads(path.read_text())
+    before = payload.get("plan", {})
+    same = all(before.get(k) == plan[k] for k in ("searches", "ablation", "published_test_roc_auc"))
+    if not same:
+        return None
+    print(f"[quality] continuing {path} (plan written {before.get('written_utc')})", flush=True)
+    return payload
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -289,7 +314,7 @@ def run_ablation(name: str, item: dict[str, Any], args: argparse.Namespace) -> d
     return {
         **item,
         "cv_roc_auc": result["mean_roc_auc"],
-        "fold_roc_auc": [f["metrics"]["roc_auc"] for f in result.get("folds", [])],
+        "fold_roc_auc": [f["roc_auc"] for f in result["folds"]],
         "wall_s": round(wall, 1),
     }
 
