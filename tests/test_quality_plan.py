@@ -11,7 +11,8 @@ from distmed.errors import UserError
 def test_the_plan_validates_every_space_and_ablation_config(capsys, tmp_path):
     assert quality.main(["--plan", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "search pneumoniamnist: 6 trials" in out and "ablation on breastmnist" in out
+    trials = quality.SEARCH_SETTINGS["pneumoniamnist"]["search"]["num_samples"]
+    assert f"search pneumoniamnist: {trials} trials" in out and "ablation on breastmnist" in out
     assert not any(tmp_path.iterdir())  # --plan writes nothing
     plan = quality.build_plan(quality.parse_args(["--seeds", "0", "1"]))
     runs = plan["ablation"]["runs"]
@@ -26,3 +27,19 @@ def test_a_broken_ablation_row_is_refused_before_anything_runs(monkeypatch, tmp_
     monkeypatch.setitem(quality.ABLATION_ROWS, "bad", ["train.mixup_alpha=-1"])
     with pytest.raises(UserError, match="mixup_alpha"):
         quality.main(["--plan", "--workdir", str(tmp_path)])
+
+
+def test_a_part_run_alone_continues_the_results_written_under_the_same_plan(monkeypatch, tmp_path):
+    """`--only ablation` after the searches keeps their results and the plan as written
+    before they ran; under another plan it starts a new results file."""
+    import json
+
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    plan = quality.build_plan(quality.parse_args([]))
+    assert quality.continued_payload(plan) is None  # nothing written yet
+    earlier = {**plan, "written_utc": "2026-12-05T16:45:17+00:00", "commit": "abc"}
+    written = {"plan": earlier, "searches": {"breastmnist": {"best_cv_roc_auc": 0.86}}}
+    (tmp_path / f"{quality.RESULT_NAME}.json").write_text(json.dumps(written))
+    assert quality.continued_payload(plan) == written
+    other = quality.build_plan(quality.parse_args(["--seeds", "0", "1"]))
+    assert quality.continued_payload(other) is None
