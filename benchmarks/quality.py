@@ -63,10 +63,10 @@ PUBLISHED = {
     },
 }
 # Per data set: what makes a search fit about 40 minutes. PneumoniaMNIST (5,232 train + val
-# images) as search_spaces/medmnist28.yaml trains it (2 folds, 3 epochs); BreastMNIST (702)
-# needs more steps per trial (3 folds of ~470, batch 32, 12 epochs), as benchmarks/medmnist.py
-# found. 8 trials give each of the 4 archs two on average (the first run's 6 left MobileNet
-# and EfficientNet with one each).
+# images) as search_spaces/medmnist28.yaml trains it (2 folds, 3 epochs); BreastMNIST (624)
+# needs more steps per trial (3 folds of ~416 training images, batch 32, 12 epochs), as
+# benchmarks/medmnist.py found. 8 trials give each of the 4 archs two on average (the first
+# run's 6 left MobileNet and EfficientNet with one each).
 SEARCH_SETTINGS: dict[str, dict[str, Any]] = {
     "pneumoniamnist": {
         "base": {"train": {"epochs": 3}},
