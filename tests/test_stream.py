@@ -423,3 +423,25 @@ def test_however_ray_places_a_streamed_search_some_node_keeps_a_decoding_task_s_
         if min(free) < -1e-9:
             continue  # Ray would not put it there
         assert max(free) >= decode - 1e-9, (places, free)
+
+
+def test_ray_data_s_lines_about_streamed_datasets_are_dropped_and_no_others():
+    """A rank reads ~25 windows a pass: Ray Data's start and 'finished' lines for each would
+    flood the console. Only ours go, and never a warning."""
+    import logging
+
+    from distmed.data.stream import RAY_DATA_EXECUTOR_LOGGER, quiet_stream_logs
+
+    executor = logging.getLogger(RAY_DATA_EXECUTOR_LOGGER)
+    quiet_stream_logs()
+    quiet_stream_logs()  # once is enough; twice adds nothing
+    assert [type(f).__name__ for f in executor.filters].count("_WithoutStreamDatasets") == 1
+
+    def kept(level: int, message: str) -> bool:
+        record = executor.makeRecord(executor.name, level, __file__, 1, message, (), None)
+        return executor.filter(record)
+
+    ours = "Dataset distmed_stream_a1b2_0 execution finished in 5.38 seconds"
+    assert not kept(logging.INFO, ours)
+    assert kept(logging.WARNING, ours)
+    assert kept(logging.INFO, "Dataset dataset_a1b2_0 execution finished in 5.38 seconds")

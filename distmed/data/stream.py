@@ -21,6 +21,7 @@ channel; `to_model_input` expands it to the same model input).
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
@@ -48,6 +49,11 @@ PREFETCH_BATCHES = 4
 # at 2048 rows, are what a streamed epoch keeps in the object store besides decoded pixels in
 # flight. 32 decoding tasks a window keep every node of a small cluster busy.
 WINDOW_ROWS = 2048
+# The name of every streamed dataset: Ray Data logs three INFO lines per dataset it runs
+# (start, plan, "finished in"), which a rank reading ~25 windows a pass would print by the
+# hundred; `quiet_stream_logs` drops those of ours, and only those.
+STREAM_DATASET_NAME = "distmed_stream"
+RAY_DATA_EXECUTOR_LOGGER = "ray.data._internal.execution.streaming_executor"
 # A streamed row's channels (`stream_row`): what `best_model.pt` records as the layout the
 # model was trained from (a grey image's cached row has 1; the model input is the same).
 STREAM_CHANNELS = 3
@@ -170,8 +176,29 @@ def stream_dataset(spec: StreamSpec, positions: np.ndarray, decoder: Any = decod
         num_cpus=spec.decode_cpus,
     )
     dataset.context.execution_options.preserve_order = True  # the seeded order, as drawn
-    dataset.context.enable_progress_bars = False  # two passes an epoch per rank: noise
+    dataset.context.enable_progress_bars = False  # windows, two passes an epoch per rank: noise
+    dataset.context.print_on_execution_start = False
+    dataset.set_name(STREAM_DATASET_NAME)
+    quiet_stream_logs()
     return dataset
+
+
+class _WithoutStreamDatasets(logging.Filter):
+    """Drops Ray Data's per-dataset INFO lines about distmed's streamed datasets."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or (
+            f"Dataset {STREAM_DATASET_NAME}_" not in record.getMessage()
+        )
+
+
+def quiet_stream_logs() -> None:
+    """Keep Ray Data's start and "execution finished" lines of streamed datasets out of this
+    process's logs (console and Ray Data's files); its warnings, errors and lines about any
+    other dataset are kept. Idempotent."""
+    executor = logging.getLogger(RAY_DATA_EXECUTOR_LOGGER)
+    if not any(isinstance(f, _WithoutStreamDatasets) for f in executor.filters):
+        executor.addFilter(_WithoutStreamDatasets())
 
 
 def window_rows(window: int, batch_size: int) -> int:
