@@ -6,8 +6,9 @@ never pixels. Each worker draws, per epoch, its own rows in a seeded order (`epo
 and reads them with `iter_torch_batches` (prefetching), one window of WINDOW_ROWS rows at a
 time: a Ray Data dataset built from rows keeps every input block (a row's position and path, a
 few hundred bytes) in the object store while it runs, so one dataset per epoch would grow the
-store with the data set. Windows bound it (two windows' index at most: the one being read and
-the next, which a reader thread starts while the step consumes the last batches). Why not
+store with the data set. Windows bound those rows (two windows at most: the one being read and
+the next, which a reader thread starts while the step consumes the last batches); the spec's
+list of all paths still reaches each node through the object store (BENCHMARKS.md part 10). Why not
 `TorchTrainer(datasets=...)` and `get_dataset_shard`: its `streaming_split` hands blocks to
 ranks as they finish (a rank's rows differ run to run), replays the same plan every epoch (no
 per-epoch seed) and, with `equal=True`, drops rows a validation pass must score; a rank's
