@@ -8,12 +8,12 @@ Per size: generated class-folder PNGs; three `ray start` nodes (own CPUs, small 
 stores). One reader task per node plays a Train rank (`epoch_positions`' share) and drains
 its rows for one epoch as a Train worker reads them (windows of `stream_dataset`, read ahead:
 a training pass and a validation pass, as `sharedpass` reads), tagging each row with the node
-its decoding task ran on. Sampled every 0.5 s: the
-resident memory of each node's process tree (its raylet and the workers under it) and each
-node's object-store use. Also: k filtered passes (what training each fold apart would read)
-against the shared pass, and the cache on one node (its one-off decode, then an epoch read).
-No model: this is the data path's delivery, images/s per node. Results:
-benchmarks/results/stream.json (+ a markdown table for BENCHMARKS.md).
+its decoding task ran on. Sampled every 0.5 s: the resident memory of each node's process
+tree (its raylet and the workers under it) and each node's object-store use. Also: k
+filtered passes (what training each fold apart would read) against the shared pass, and the
+cache on one node (its one-off decode, then an epoch read). No model: this is the data path's
+delivery, images/s per node. Results: benchmarks/results/stream.json (+ a markdown table for
+BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """What a source holds once scanned: `Split` (ids, labels, groups, files or arrays) and
 `DataIndex` (classes, the CV pool, the held-back test split), plus the results' description
-of it. Index, split, load and transform stay separate steps; folds are index arithmetic.
+of it and the files' fingerprint that keys the decoded cache. Index, split, load and transform
+stay separate steps; folds are index arithmetic.
 """
 
 from __future__ import annotations

@@ -354,6 +354,11 @@ def _quote(label: str) -> str:
 
 
 def require_two_classes(class_names: list[str], where: str) -> None:
+    """Refuse a single-label source with fewer than two classes (`where`: the source).
+
+    Raises:
+        UserError: one class only, naming `where`.
+    """
     if len(class_names) < 2:
         raise UserError(
             f"data.root {where}: only one class ({', '.join(class_names)}); "
