@@ -267,6 +267,13 @@ def plan_workers(
     per_worker = cfg.cpus_per_worker or _default_cpus(spare, workers, use_gpu, cfg, shapes)
     if use_gpu and reserve_cpus > 0 and cfg.cpus_per_worker is None:
         per_worker = min(per_worker, STREAM_GPU_WORKER_CPUS)  # the rest decodes for it
+    if reserve_cpus > 0 and per_worker < 0.01:  # Ray refuses an empty bundle, in a traceback
+        largest = max((shape.get("CPU", 0.0) + held for shape in shapes), default=0.0)
+        raise UserError(
+            f"data.stream_decode_cpus={reserve_cpus:g} is kept free on every node for the "
+            f"decoding tasks, which leaves the Train workers no CPU on nodes of {largest:g} "
+            "CPUs; lower it (0.5 or 1) or add CPUs"
+        )
     if cfg.num_workers * per_worker > spare + 1e-9:
         raise UserError(
             f"scaling.num_workers={cfg.num_workers} x {per_worker:g} CPU needs "

@@ -445,3 +445,14 @@ def test_ray_data_s_lines_about_streamed_datasets_are_dropped_and_no_others():
     assert not kept(logging.INFO, ours)
     assert kept(logging.WARNING, ours)
     assert kept(logging.INFO, "Dataset dataset_a1b2_0 execution finished in 5.38 seconds")
+
+
+def test_a_decoding_reserve_that_leaves_the_workers_no_cpu_is_one_line(
+    fake_cluster,  # noqa: F811  (the fixture imported above)
+):
+    """stream_decode_cpus as large as a node: the workers would get an empty share, which Ray
+    refuses with a traceback from inside its controller (a new user's try)."""
+    fake_cluster([{"CPU": 2.0}])
+    with pytest.raises(UserError, match=r"stream_decode_cpus=2 .* nodes of 2 CPUs; lower it"):
+        plan_workers(ScalingSection(num_workers=1), reserve_cpus=2.0)
+    assert plan_workers(ScalingSection(num_workers=1), reserve_cpus=0.5).cpus_per_worker == 1.5
