@@ -37,6 +37,7 @@ PRIVATE_NAMES: tuple[str, ...] = (
     "ray.air._internal.mlflow:_MLflowLoggerUtil._get_client",
     "ray.train.v2.api.data_parallel_trainer:DataParallelTrainer._register_sigint_handler",
     "ray.train._internal.storage:logger",
+    "ray.data._internal.execution.streaming_executor:logger",
 )
 
 # Tune's driver stops a search on this signal the way its own Ctrl-C handler does (saves the
@@ -52,6 +53,9 @@ RAY_WRITE_LOGGERS = (
     "ray.tune.logger.tensorboardx",
     "ray.train._internal.storage",
 )
+# Ray Data's executor logs three INFO lines per dataset run (start, plan, "finished"): the
+# streamed loader drops those of its own datasets (distmed.data.stream.quiet_stream_logs).
+RAY_DATA_EXECUTOR_LOGGER = "ray.data._internal.execution.streaming_executor"
 # Tune installs no SIGINT handler of its own while this is set (distmed installs one instead).
 TUNE_DISABLE_SIGINT_HANDLER = "TUNE_DISABLE_SIGINT_HANDLER"
 

@@ -125,3 +125,25 @@ def test_a_streamed_pass_reads_in_windows_in_order_with_the_decoders_pixels(
         data.decode_settings().model_dump(mode="json"),
     )["image"]
     assert np.array_equal(np.concatenate([images.numpy() for images, _ in batches]), expected)
+
+
+def test_a_streamed_file_that_cannot_be_decoded_ends_on_its_one_line(ray_session, tmp_path: Path):
+    """#35 (a new user's try): the decoding task's UserError reaches the reader as itself,
+    not as Ray Data's 'UDF failed to process a data block', so the CLI says which file."""
+    from conftest import write_image_folder
+
+    from distmed.config import DataConfig
+    from distmed.data import scan_source
+    from distmed.data.stream import StreamSpec, stream_batches
+    from distmed.failures import user_error_cause
+
+    root = write_image_folder(tmp_path / "d", {"a": 4, "b": 4}, size=20)
+    (root / "a" / "broken.png").write_bytes(b"not a png")
+    data = DataConfig(root=str(root), image_size=16)
+    paths = [str(p) for p in scan_source(data).pool.paths] + [str(root / "a" / "broken.png")]
+    spec = StreamSpec(paths=paths, options=data.decode_settings(), decode_cpus=0.5)
+    with pytest.raises(Exception) as raised:
+        list(stream_batches(spec, np.arange(len(paths)), batch_size=4))
+    cause = user_error_cause(raised.value)
+    assert cause is not None and "broken.png" in str(cause), repr(raised.value)[:500]
+    assert "cannot decode" in str(cause)

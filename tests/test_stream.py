@@ -430,7 +430,8 @@ def test_ray_data_s_lines_about_streamed_datasets_are_dropped_and_no_others():
     flood the console. Only ours go, and never a warning."""
     import logging
 
-    from distmed.data.stream import RAY_DATA_EXECUTOR_LOGGER, quiet_stream_logs
+    from distmed._ray_compat import RAY_DATA_EXECUTOR_LOGGER
+    from distmed.data.stream import quiet_stream_logs
 
     executor = logging.getLogger(RAY_DATA_EXECUTOR_LOGGER)
     quiet_stream_logs()

@@ -54,7 +54,6 @@ WINDOW_ROWS = 2048
 # (start, plan, "finished in"), which a rank reading ~25 windows a pass would print by the
 # hundred; `quiet_stream_logs` drops those of ours, and only those.
 STREAM_DATASET_NAME = "distmed_stream"
-RAY_DATA_EXECUTOR_LOGGER = "ray.data._internal.execution.streaming_executor"
 # A streamed row's channels (`stream_row`): what `best_model.pt` records as the layout the
 # model was trained from (a grey image's cached row has 1; the model input is the same).
 STREAM_CHANNELS = 3
@@ -179,6 +178,9 @@ def stream_dataset(spec: StreamSpec, positions: np.ndarray, decoder: Any = decod
     dataset.context.execution_options.preserve_order = True  # the seeded order, as drawn
     dataset.context.enable_progress_bars = False  # windows, two passes an epoch per rank: noise
     dataset.context.print_on_execution_start = False
+    # decode_batch's UserError (a file that cannot be decoded, named) as itself, so that the
+    # run ends on its one line; Ray Data's UserCodeException would hide it in a traceback.
+    dataset.context.raise_original_map_exception = True
     dataset.set_name(STREAM_DATASET_NAME)
     quiet_stream_logs()
     return dataset
@@ -197,6 +199,8 @@ def quiet_stream_logs() -> None:
     """Keep Ray Data's start and "execution finished" lines of streamed datasets out of this
     process's logs (console and Ray Data's files); its warnings, errors and lines about any
     other dataset are kept. Idempotent."""
+    from distmed._ray_compat import RAY_DATA_EXECUTOR_LOGGER
+
     executor = logging.getLogger(RAY_DATA_EXECUTOR_LOGGER)
     if not any(isinstance(f, _WithoutStreamDatasets) for f in executor.filters):
         executor.addFilter(_WithoutStreamDatasets())
