@@ -155,6 +155,14 @@ def _wait_until_served(url: str, proc: subprocess.Popen, timeout_s: float = 300)
     pytest.fail(f"the app did not serve {url} within {timeout_s} s")
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the app's process before it starts: SIGINT as a terminal delivers it. A suite
+    started in the background (`cmd &` in a script) ignores SIGINT, every child inherits
+    that, and Python then installs no KeyboardInterrupt handler: the app never saw the
+    test's Ctrl-C (its 120 s timeouts in background CI runs, with no shutdown line)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.serial  # the app's Ctrl-C shutdown within its bound needs the cores
 def test_uploads_are_bounded_private_and_removed_on_ctrl_c(tmp_path: Path):
     """`python -m distmed.app` as a user runs it: a file over --max-upload-mb is refused
@@ -169,6 +177,7 @@ def test_uploads_are_bounded_private_and_removed_on_ctrl_c(tmp_path: Path):
          "--port", str(port), "--max-upload-mb", "1"],
         env={**os.environ, "TMPDIR": str(temp), "GRADIO_TEMP_DIR": ""},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/"
     try:
