@@ -263,18 +263,18 @@ def plan_workers(
             f"scaling.num_workers={cfg.num_workers} CPU workers need {workers} CPUs but the "
             f"cluster has {cpus:g}; lower --workers (or set scaling.cpus_per_worker to share)"
         )
-    shapes = node_shapes()
+    nodes = node_shapes()
     if reserve_cpus > 0:
         held = reserve_cpus + TRIAL_CPU * concurrent  # on each node
-        shapes = [{**shape, "CPU": max(0.0, shape.get("CPU", 0.0) - held)} for shape in shapes]
+        shapes = [{**shape, "CPU": max(0.0, shape.get("CPU", 0.0) - held)} for shape in nodes]
         spare = sum(shape["CPU"] for shape in shapes)
     else:
-        spare = cpus - TRIAL_CPU * concurrent
+        shapes, spare = nodes, cpus - TRIAL_CPU * concurrent
     per_worker = cfg.cpus_per_worker or _default_cpus(spare, workers, use_gpu, cfg, shapes)
     if use_gpu and reserve_cpus > 0 and cfg.cpus_per_worker is None:
         per_worker = min(per_worker, STREAM_GPU_WORKER_CPUS)  # the rest decodes for it
     if reserve_cpus > 0 and per_worker < 0.01:  # Ray refuses an empty bundle, in a traceback
-        largest = max((shape.get("CPU", 0.0) + held for shape in shapes), default=0.0)
+        largest = max((node.get("CPU", 0.0) for node in nodes), default=0.0)
         raise UserError(
             f"data.stream_decode_cpus={reserve_cpus:g} is kept free on every node for the "
             f"decoding tasks, which leaves the Train workers no CPU on nodes of {largest:g} "
