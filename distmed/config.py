@@ -644,6 +644,8 @@ def format_validation_error(exc: ValidationError, known: Collection[str] = ()) -
     """
     parts = []
     for err in exc.errors():
+        # A validator's own ValueError is our sentence: without pydantic's "Value error, ".
+        message = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
         key = key if len(key) <= 80 else shorten(key)  # a hostile --set or YAML key
         if err["type"] == "extra_forbidden":
@@ -652,9 +654,9 @@ def format_validation_error(exc: ValidationError, known: Collection[str] = ()) -
             parts.append(f"{key}: unknown key (check the spelling; see docs/config.md){hint}")
         elif err["type"] == "missing" or not err["loc"]:
             # The input here is the whole enclosing mapping: quoting it helps nobody.
-            parts.append(f"{key}: required, missing" if err["loc"] else err["msg"])
+            parts.append(f"{key}: required, missing" if err["loc"] else message)
         else:
-            parts.append(f"{key}: {err['msg']} (got {shorten(err.get('input'))})")
+            parts.append(f"{key}: {message} (got {shorten(err.get('input'))})")
     return "; ".join(parts)
 
 

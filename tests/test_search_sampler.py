@@ -77,6 +77,7 @@ def test_bad_sampler_settings_are_one_line_naming_the_key(tmp_path, search, expe
     with pytest.raises(UserError) as info:
         load_space(path)
     assert expected in str(info.value) and len(str(info.value).splitlines()) == 1
+    assert "Value error" not in str(info.value)  # a validator's sentence, not pydantic's prefix
 
 
 # --------------------------------------------------------------------------- warm start
