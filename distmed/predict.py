@@ -122,7 +122,30 @@ def _run(args: argparse.Namespace) -> int:
             toward = f"finding {args.finding}" if args.finding else "the most probable finding"
         print(flat_note(flat, cam_dir, toward=toward), file=sys.stderr)
     print(f"{len(results) - len(bad)} of {len(results)} images predicted on {device} -> {output}")
+    print(decision_note(saved, threshold, given=args.threshold is not None))
     return EXIT_SOME_UNREADABLE if bad else 0
+
+
+def decision_note(saved: SavedModel, threshold: float | None, given: bool) -> str:
+    """Which CSV column is the model's decision, and by what rule (one line)."""
+    if saved.multilabel is not None:
+        return (
+            "decision: label_<finding> (1 when prob_<finding> reaches that finding's threshold); "
+            "predicted_findings lists the findings at 1"
+        )
+    if not saved.binary:
+        return "decision: predicted_class, the most probable class (prob_<class> columns)"
+    positive = saved.class_names[saved.positive_index or 0]
+    if threshold is None:
+        return (
+            "decision: predicted_class, the more probable class (no operating threshold, so "
+            "label_at_threshold is empty)"
+        )
+    source = "given with --threshold" if given else "chosen on the search's out-of-fold predictions"
+    return (
+        f"decision: label_at_threshold ({positive} when prob_{positive} >= {threshold:.4g}, the "
+        f"operating threshold {source}); predicted_class is the more probable class (0.5)"
+    )
 
 
 def collect_images(inputs: Sequence[str]) -> list[Path]:

@@ -3,6 +3,7 @@ models, and the search's rule for which trial's checkpoints to keep. No Ray clus
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -279,3 +280,23 @@ def test_a_threshold_that_is_not_a_probability_is_refused_by_predict_and_evaluat
     assert not (tmp_path / "p.csv").exists()
     assert evaluate.main([*argv, "--data", str(images), "--output", str(tmp_path / "e")]) == 2
     assert refused in capsys.readouterr().err
+
+
+def test_predict_says_which_column_is_the_decision_and_by_what_rule(
+    ensemble_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    """A new user could not tell predicted_class (argmax) from label_at_threshold."""
+    images = write_image_folder(tmp_path / "images", {"a": 3}, size=SIZE)
+    out = tmp_path / "p.csv"
+    argv = ["--model", str(ensemble_model), str(images), "--output", str(out)]
+    assert predict.main([*argv, "--threshold", "0.3"]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("decision:")]
+    positive = CLASSES[1]
+    assert said == [
+        f"decision: label_at_threshold ({positive} when prob_{positive} >= 0.3, the operating "
+        "threshold given with --threshold); predicted_class is the more probable class (0.5)"
+    ]
+    rows = list(csv.DictReader(out.open()))
+    assert rows and all(
+        (r["label_at_threshold"] == positive) == (float(r[f"prob_{positive}"]) >= 0.3) for r in rows
+    )
