@@ -149,6 +149,30 @@ def test_class_folders_are_checked_as_labels(tmp_path, capsys):
     assert np.bincount(index.pool.labels).tolist() == [5, 4]
 
 
+def test_class_folders_that_differ_between_splits_only_in_case_are_spellings(tmp_path):
+    """A new user's export: `train/normal` and `test/Normal ` are one class written two ways;
+    refused as spellings (not as 'different classes'), merged with normalize_labels, the test
+    split's images labelled as the train split's class of that name."""
+    root = tmp_path / "d"
+    write_image_folder(root / "train", {"normal": 4, "Effusion": 3})
+    write_image_folder(root / "test", {"Normal ": 2, "effusion": 2}, seed=2)
+    with pytest.raises(
+        UserError,
+        match=r"`Effusion` ×3, `effusion` ×2 differ only in case.*"
+        r"`normal` = `Normal `: merge the folders or set data.normalize_labels",
+    ):
+        scan_source(DataConfig(root=str(root)))
+    index = scan_source(DataConfig(root=str(root), normalize_labels=True))
+    assert index.class_names == ["Effusion", "normal"]  # the most common spellings
+    assert np.bincount(index.pool.labels).tolist() == [3, 4]
+    assert np.bincount(index.test.labels).tolist() == [2, 2]
+    named = {
+        p.parent.name: index.class_names[k] for p, k in zip(index.test.paths, index.test.labels)
+    }
+    assert named == {"Normal ": "normal", "effusion": "Effusion"}
+    assert set(index.merged_labels) == {"normal", "Effusion"}
+
+
 # --------------------------------------------------------------------------- columns
 
 

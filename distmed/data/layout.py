@@ -25,6 +25,7 @@ from distmed.data.decode import (
     is_image_file,
     read_dicom,
 )
+from distmed.data.labels import spelling_key
 from distmed.errors import UserError
 
 # Folder name (lower case) -> the split it is. Anything else at the top level is a class.
@@ -193,17 +194,26 @@ def read_layout(root: Path) -> FolderLayout:
         for split, folder in ordered.items()
     }
     train_names = sorted(files_by_split["train"])
+    train_keys = {spelling_key(name) for name in train_names}
     for split, classes in files_by_split.items():
-        if sorted(classes) != train_names:
+        if {spelling_key(name) for name in classes} != train_keys:
             raise UserError(
                 f"data.root {data_root}: class folders of {ordered[split].name}/ "
                 f"{sorted(classes)} differ from {ordered['train'].name}/ {train_names}; every "
                 "split needs the same classes"
             )
+    # Folders that differ between splits only in case or spaces (`train/normal`,
+    # `test/Normal`) are spellings of one label: every spelling is listed in every split
+    # (empty where absent), so that `labels.classes_of` stops on them, naming the spellings,
+    # or merges them with data.normalize_labels, as it does within one folder.
+    names = sorted(set().union(*files_by_split.values()))
+    for classes in files_by_split.values():
+        for name in names:
+            classes.setdefault(name, [])
     return FolderLayout(
         root,
         data_root,
-        train_names,
+        names,
         files_by_split,
         {split: folder.name for split, folder in ordered.items()},
         walker.ignored,
