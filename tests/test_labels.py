@@ -347,6 +347,31 @@ def test_npz_labels_that_are_not_class_numbers(tmp_path, capsys, labels, message
     assert str(path) in err and len(err) < 300
 
 
+@pytest.mark.parametrize("where", ["test-only", "val-only"])
+def test_a_class_with_no_image_to_learn_from_stops(tmp_path, capsys, where):
+    """A new user's .npz: class 2 only in the test split (no warning before) stops, naming it
+    and its test images; a class only in val (part of the CV pool) is learnable."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 12), ("val", 6), ("test", 9)):
+        k = 3 if split == where.split("-")[0] else 2
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 8, 8), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % k).reshape(n, 1)
+    path = tmp_path / "extra.npz"
+    np.savez(path, **arrays)
+    if where == "val-only":
+        assert scan(path).class_names == ["0", "1", "2"]
+        return
+    with pytest.raises(
+        UserError,
+        match=r"class\(es\) '2' \(3 in test\) have no image in train "
+        r"\+ val \(18 images\), so no model can learn them",
+    ):
+        scan(path)
+    err = refusal(path, capsys=capsys)
+    assert str(path) in err and len(err.splitlines()) == 1
+
+
 def test_npz_labels_beyond_data_class_names(tmp_path):
     path = write_npz(tmp_path / "named.npz", np.array([0, 1, 2, 1, 0]))
     with pytest.raises(

@@ -364,3 +364,33 @@ def require_two_classes(class_names: list[str], where: str) -> None:
             f"data.root {where}: only one class ({', '.join(class_names)}); "
             "a classifier needs at least two class folders"
         )
+
+
+def require_test_classes_in_pool(
+    class_names: list[str], pool: np.ndarray, test: np.ndarray | None, where: str
+) -> None:
+    """Refuse a single-label source whose test split holds a class the cross-validation pool
+    (train + val) has no image of: no model can learn it, and its test metrics would score a
+    class never trained (a class number shifted between splits, a test-only class). A class
+    no split holds (named in `data.class_names` on purpose) is left alone.
+
+    Args:
+        pool, test: (N,) class numbers of the pool and of the test split (None: no test).
+
+    Raises:
+        UserError: naming the classes, their test images and where (`where`: the source).
+    """
+    if test is None:
+        return
+    in_pool = np.bincount(pool, minlength=len(class_names))
+    in_test = np.bincount(test, minlength=len(class_names))
+    absent = [k for k in range(len(class_names)) if in_pool[k] == 0 and in_test[k] > 0]
+    if not absent:
+        return
+    named = ", ".join(f"{shorten(class_names[k])} ({in_test[k]} in test)" for k in absent[:SHOWN])
+    more = f" and {len(absent) - SHOWN} more" if len(absent) > SHOWN else ""
+    raise UserError(
+        f"{where}: class(es) {named}{more} have no image in train + val ({len(pool)} images), "
+        "so no model can learn them; check the labels (a class number shifted between "
+        "splits?), or take those images out of the test split"
+    )

@@ -23,7 +23,13 @@ from distmed.data.findings import (
 )
 from distmed.data.groups import group_lookup
 from distmed.data.index import SPLITS, DataIndex, Split, files_fingerprint
-from distmed.data.labels import Classes, check_class_numbers, classes_of, require_two_classes
+from distmed.data.labels import (
+    Classes,
+    check_class_numbers,
+    classes_of,
+    require_test_classes_in_pool,
+    require_two_classes,
+)
 from distmed.data.layout import ALL, FolderLayout, read_layout
 from distmed.data.manifest import scan_manifest
 from distmed.data.objects import is_uri
@@ -50,6 +56,9 @@ def scan_source(cfg: DataConfig) -> DataIndex:
         check_finding_keys(cfg, index.class_names)
     else:
         refuse_finding_keys(cfg, index.name)
+        test = None if index.test is None else index.test.labels
+        where = f"data {shown(cfg.manifest or cfg.root or index.name)}"
+        require_test_classes_in_pool(index.class_names, index.pool.labels, test, where)
     return index
 
 
