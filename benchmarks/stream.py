@@ -5,11 +5,13 @@
     python -m benchmarks.stream               # 25,000 and 50,000 generated 28 px PNGs
 
 Per size: generated class-folder PNGs; three `ray start` nodes (own CPUs, small object
-stores). One reader task per node plays a Train rank (`epoch_positions`' share) and drains
-its rows for one epoch as a Train worker reads them (windows of `stream_dataset`, read ahead:
-a training pass and a validation pass, as `sharedpass` reads), tagging each row with the node
-its decoding task ran on. Sampled every 0.5 s: the resident memory of each node's process
-tree (its raylet and the workers under it) and each node's object-store use. Also: k
+stores). The pool's file list is published as a run publishes it (an index file in storage,
+`StreamSpec.published`). One reader task per node plays a Train rank (drawing its own
+`epoch_positions` share) and drains its rows for one epoch as a Train worker reads them
+(windows of `stream_dataset`, read ahead: a training pass and a validation pass, as
+`sharedpass` reads), tagging each row with the node its decoding task ran on. Sampled every
+0.5 s: the resident memory of each node's process tree (its raylet and the workers under it)
+and each node's object-store use. Also: k
 filtered passes (what training each fold apart would read) against the shared pass, and the
 cache on one node (its one-off decode, then an epoch read). No model: this is the data path's
 delivery, images/s per node. Results: benchmarks/results/stream.json (+ a markdown table for
@@ -219,10 +221,17 @@ def decode_and_tag(batch: dict[str, np.ndarray], options: dict[str, Any]) -> dic
     return {**decode_batch(batch, options), "node": np.array([node] * len(batch["position"]))}
 
 
-def read_share(spec: Any, positions: np.ndarray, batch: int) -> dict[str, Any]:
+def read_share(spec: Any, share: dict[str, Any], batch: int) -> dict[str, Any]:
     """Drain one rank's share as `stream_batches` reads it (windows, read ahead); returns
-    images, seconds and which node decoded how many."""
-    from distmed.data.stream import read_ahead, window_datasets
+    images, seconds and which node decoded how many. `share`: {rank, world, train, fold}, the
+    rank drawing its own positions (`epoch_positions`) as a Train rank does, so no position
+    list crosses into Ray (fold: the pool without that fold, `None`: the whole pool)."""
+    from distmed.data.stream import epoch_positions, read_ahead, window_datasets
+
+    pool = np.arange(spec.rows)
+    if share["fold"] is not None:
+        pool = pool[pool % FOLDS != share["fold"]]
+    positions = epoch_positions(pool, 0, 0, share["rank"], share["world"], share["train"])
 
     def chunks() -> Any:
         for dataset in window_datasets(spec, positions, batch, decoder=decode_and_tag):
@@ -237,11 +246,14 @@ def read_share(spec: Any, positions: np.ndarray, batch: int) -> dict[str, Any]:
     return {"images": count, "seconds": time.perf_counter() - started, "decoded_on": nodes}
 
 
-def run_ranks(spec: Any, shares: list[np.ndarray], batch: int) -> list[dict[str, Any]]:
+def run_ranks(
+    spec: Any, world: int, train: bool, batch: int, fold: int | None = None
+) -> list[dict[str, Any]]:
     """One reader task per node (SPREAD), each draining its share at the same time."""
     import ray
 
     remote = ray.remote(num_cpus=0, scheduling_strategy="SPREAD")(read_share)
+    shares = [{"rank": r, "world": world, "train": train, "fold": fold} for r in range(world)]
     return ray.get([remote.remote(spec, share, batch) for share in shares])
 
 
@@ -250,7 +262,7 @@ def measure(size: int, args: argparse.Namespace) -> dict[str, Any]:
 
     from distmed.config import DataConfig
     from distmed.data import build_cache, load_cached, scan_source
-    from distmed.data.stream import StreamSpec, epoch_positions
+    from distmed.data.stream import StreamSpec
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dmstream"))
     temp = Path(tempfile.mkdtemp(prefix="dmr", dir="/tmp"))  # Ray's socket paths stay short
@@ -258,22 +270,20 @@ def measure(size: int, args: argparse.Namespace) -> dict[str, Any]:
     cfg = DataConfig(root=str(root), image_size=args.image_size, cache_dir=str(work / "cache"))
     index = scan_source(cfg)
     paths = [str(p) for p in index.pool.paths or []]
+    # As a run publishes it (`pipeline.connect`): the file list as an index file in storage.
     spec = StreamSpec(paths=paths, options=cfg.decode_settings(), decode_cpus=0.5)
-    positions = np.arange(len(index.pool))
-    folds = np.arange(len(positions)) % FOLDS
+    spec = spec.published(str(work / "storage"))
     nodes = args.nodes
     cluster = Cluster(nodes, args.cpus_per_node, args.object_store_mib, temp)
     result: dict[str, Any] = {"images": size}
     try:
         ray.init(address=cluster.address, logging_level="ERROR")
         cluster.join()
-        train = [epoch_positions(positions, 0, 0, r, nodes, True) for r in range(nodes)]
-        val = [epoch_positions(positions, 0, 0, r, nodes, False) for r in range(nodes)]
-        run_ranks(spec, val, 64)  # untimed: workers start and import on every node first
+        run_ranks(spec, nodes, False, 64)  # untimed: workers start and import on every node
         sampler = Sampler()
         sampler.start()
         started = time.perf_counter()
-        shared = run_ranks(spec, train, 64) + run_ranks(spec, val, 64)
+        shared = run_ranks(spec, nodes, True, 64) + run_ranks(spec, nodes, False, 64)
         result["shared_pass_s"] = time.perf_counter() - started
         result.update(sampler.stop())
         result["images_per_s_per_node"] = [
@@ -285,10 +295,8 @@ def measure(size: int, args: argparse.Namespace) -> dict[str, Any]:
         result["decodes_per_node"] = sorted(decoded.values())
         started = time.perf_counter()
         for fold in range(FOLDS):  # what training each fold apart reads: k filtered passes
-            rows = positions[folds != fold]
-            shares = [epoch_positions(rows, 0, 0, r, nodes, True) for r in range(nodes)]
-            run_ranks(spec, shares, 64)
-        run_ranks(spec, val, 64)
+            run_ranks(spec, nodes, True, 64, fold)
+        run_ranks(spec, nodes, False, 64)
         result["filtered_passes_s"] = time.perf_counter() - started
     finally:
         # Before the nodes go: an exception raised while connected to a dying cluster hung in

@@ -605,6 +605,8 @@ def fit_folds(
     detail_uri: str | None = None,
 ):
     """One `TorchTrainer` fit of `distmed.worker.train_folds` over the plan's folds."""
+    if plan.stream is not None:  # the file list as an index file, not a list in the store
+        plan = replace(plan, stream=plan.stream.published(storage_uri(storage)))
     trainer = TorchTrainer(
         # Ray's annotation wants None back; Ray Train v2 returns rank 0's value.
         train_folds,  # type: ignore[arg-type]

@@ -380,7 +380,7 @@ def predict_streamed(
     Raises:
         RuntimeError: the batches did not cover every position exactly once.
     """
-    chosen = np.arange(len(spec.paths)) if positions is None else np.asarray(positions)
+    chosen = np.arange(spec.rows) if positions is None else np.asarray(positions)
     if read is None:
         read = lambda order: stream_batches(spec, order, batch_size)  # noqa: E731
     runtime = Runtime(device, mean=input_stats(model)[0], std=input_stats(model)[1])

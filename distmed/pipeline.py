@@ -5,7 +5,7 @@ Shaped like torchvision's `references/classification/train.py` `main`: a front d
 typed inputs and calls these stages in order, each a short function over the rooms below:
 
     prepare     scan -> inspect -> weights check -> folds and decoded cache   (before Ray)
-    connect     Ray, and the decoded images shared with other nodes
+    connect     Ray; the decoded images shared with other nodes, a stream's file index written
     run_search  the Tuner -> rows -> trials.csv -> interrupted? best and runner-up
     finalize    refit -> fold models -> temperature and operating threshold on the best
                 trial's out-of-fold predictions -> best_model.pt written once -> the test
@@ -285,14 +285,21 @@ def warm_start(
     return load_warm_start(run_dir, spec, prepared.data.index, size)
 
 
-def connect(data: PreparedData, address: str | None, worker_logs: bool = True) -> PreparedData:
+def connect(
+    data: PreparedData, address: str | None, storage: str, worker_logs: bool = True
+) -> PreparedData:
     """Start or join Ray; with `address`, the decoded images go to the object store, as
-    workers may run on nodes without this node's cache."""
+    workers may run on nodes without this node's cache. A streamed pool's file list goes to
+    an index file under `storage` (the run's, which every node reads; `StreamSpec.published`)
+    before the plan crosses into Ray."""
     # Tune snapshots the search state every 10+ s by default; every 5 s bounds what a
     # killed driver loses (trials that ended since the last snapshot run again).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
     start_ray(address, worker_logs=worker_logs)
-    return replace(data, plan=share_images(data.plan)) if address else data
+    plan = data.plan
+    if plan.stream is not None:
+        plan = replace(plan, stream=plan.stream.published(storage_uri(storage)))
+    return replace(data, plan=share_images(plan) if address else plan)
 
 
 # --------------------------------------------------------------------------- search

@@ -81,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         _hold_output(args, output)
     output.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, output / "config.yaml")
-    plan = pipeline.connect(prepared.data, args.address).plan
+    plan = pipeline.connect(prepared.data, args.address, str(output / "ray")).plan
     layout = plan_workers(cfg.scaling, reserve_cpus=decode_reserve(cfg.data))
     print(
         f"distmed {__version__}: {index.name}, {len(index.pool)} images, "

@@ -147,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
     warm = pipeline.warm_start(args.warm_start, spec, prepared, ctx, args.nested)
     # An impossible K is refused before Ray starts or the name is taken.
     outer = outer_assignment(prepared.data, args.nested, spec) if args.nested else None
-    data = pipeline.connect(prepared.data, args.address, worker_logs=args.verbose)
+    data = pipeline.connect(prepared.data, args.address, ctx.experiment_uri, args.verbose)
     pipeline.open_results(ctx)
     if not ctx.resume:
         record_search(ctx.experiment_uri, spec, prepared.data.index, args.nested)

@@ -360,6 +360,15 @@ def test_streamed_cv_and_search_on_three_nodes_match_the_cached_run(
     assert test["labels"].tolist() == truth.tolist()  # ... in the cache's order
     np.testing.assert_allclose(test["probs"], probs, atol=1e-5)
     assert str(test["images_path"]) == ""  # nothing decoded was kept
+    # The pool's file list reached the trials and the refit as one index file in the search's
+    # storage (#35: not as a list in the object store), as the CV run's did in its own.
+    from distmed.data.streamindex import index_paths
+
+    for storage in (out, tmp_path / "ray"):
+        (index,) = (storage / "stream-index").glob("*.arrow")
+        pool = [str(p) for p in cached.index.pool.paths]
+        listed = index_paths(str(index), np.arange(len(pool)))
+        assert [p.removeprefix("file://") for p in listed] == pool, storage  # the search's: URIs
 
 
 def _streamed_search(tmp_path: Path, root: str) -> list[str]:

@@ -167,7 +167,8 @@ def test_class_folders_that_differ_between_splits_only_in_case_are_spellings(tmp
     assert np.bincount(index.pool.labels).tolist() == [3, 4]
     assert np.bincount(index.test.labels).tolist() == [2, 2]
     named = {
-        p.parent.name: index.class_names[k] for p, k in zip(index.test.paths, index.test.labels)
+        p.parent.name: index.class_names[k]
+        for p, k in zip(index.test.paths, index.test.labels, strict=True)
     }
     assert named == {"Normal ": "normal", "effusion": "Effusion"}
     assert set(index.merged_labels) == {"normal", "Effusion"}

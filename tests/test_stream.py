@@ -4,7 +4,9 @@ seeded epoch order, fold routing, and one shared pass training and scoring every
 
 from __future__ import annotations
 
+import pickle
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -224,11 +226,15 @@ def test_images_in_an_s3_bucket_train_every_fold_without_a_local_copy(
     assert index.pool.uris[0] == f"s3://{BUCKET}/data/neg/p00_img00.png"
     plan = prepare_data(cfg, index).plan
     options = cfg.data.decode_settings().model_dump(mode="json")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node-tmp"))  # the node's copy
+    (tmp_path / "node-tmp").mkdir()
+    stream = plan.stream.published(f"s3://{BUCKET}/runs/r1")  # the file list in the bucket
+    assert stream.paths is None and stream.index.startswith(f"s3://{BUCKET}/runs/r1/")
 
     def read(order: np.ndarray):  # the streamed reader's batches, without Ray Data
         for start in range(0, len(order), 6):
             rows = order[start : start + 6]
-            paths = np.array([plan.stream.paths[p] for p in rows], dtype=object)
+            paths = np.array(stream.files(rows), dtype=object)
             out = decode_batch({"position": rows, "path": paths}, options)
             yield torch.from_numpy(out["image"]), torch.from_numpy(out["position"])
 
@@ -244,6 +250,50 @@ def test_images_in_an_s3_bucket_train_every_fold_without_a_local_copy(
         assert fold.val_indices.tolist() == sorted(spec["val"])
         assert np.isfinite(fold.history[-1]["train_loss"])
     assert not list(tmp_path.rglob("*.png"))  # nothing downloaded to keep
+    assert [p.name for p in (tmp_path / "node-tmp" / "distmed-stream-index").iterdir()] == [
+        stream.index.rsplit("/", 1)[1]
+    ]  # the index, copied once to the node
+
+
+def test_a_published_stream_sends_the_same_bytes_into_ray_whatever_the_pool_s_size(
+    tmp_path: Path,
+):
+    """#35: the file list goes to an index file in the run's storage; what crosses into Ray
+    (the pickled spec) no longer grows with the number of images, and the files read back
+    at any positions, in their order, are the scanned ones."""
+    options = DataConfig(root=str(tmp_path), image_size=16).decode_settings()
+    sizes = {}
+    for count in (50, 5000):
+        paths = [f"/data/set-{count}/class-{i % 3}/image-{i:06d}.png" for i in range(count)]
+        spec = StreamSpec(paths=paths, options=options)
+        published = spec.published(str(tmp_path / "storage"))
+        assert published.paths is None and published.rows == count == spec.rows
+        sizes[count] = len(pickle.dumps(published))
+        order = np.random.default_rng(count).permutation(count)[:40]
+        assert published.files(order) == [paths[p] for p in order] == spec.files(order)
+    assert abs(sizes[5000] - sizes[50]) <= 8, sizes  # the name's count: 2 more digits
+    files = sorted((tmp_path / "storage" / "stream-index").iterdir())
+    assert len(files) == 2 and all(not f.name.startswith(".") for f in files)
+
+
+def test_a_stream_index_is_written_once_per_file_list_and_refuses_a_foreign_position(
+    tmp_path: Path,
+):
+    options = DataConfig(root=str(tmp_path), image_size=16).decode_settings()
+    spec = StreamSpec(paths=["a.png", "b.png", "c.png"], options=options)
+    first = spec.published(str(tmp_path))
+    stamp = Path(first.index).stat().st_mtime_ns
+    again = spec.published(str(tmp_path))  # a second trial, a resume: the same file, kept
+    assert again.index == first.index and Path(first.index).stat().st_mtime_ns == stamp
+    other = StreamSpec(paths=["a.png", "c.png", "b.png"], options=options).published(str(tmp_path))
+    assert other.index != first.index  # another order is another index
+    assert again.published(str(tmp_path / "elsewhere")) == again  # published stays put
+    with pytest.raises(IndexError, match="outside the stream index"):
+        first.files(np.array([3]))
+    with pytest.raises(ValueError, match="either paths or an index"):
+        StreamSpec(options=options)
+    with pytest.raises(ValueError, match="either paths or an index"):
+        StreamSpec(paths=["a.png"], index=first.index, options=options)
 
 
 def _split_folder(root: Path) -> Path:

@@ -7,8 +7,9 @@ and reads them with `iter_torch_batches` (prefetching), one window of WINDOW_ROW
 time: a Ray Data dataset built from rows keeps every input block (a row's position and path, a
 few hundred bytes) in the object store while it runs, so one dataset per epoch would grow the
 store with the data set. Windows bound those rows (two windows at most: the one being read and
-the next, which a reader thread starts while the step consumes the last batches); the spec's
-list of all paths still reaches each node through the object store (BENCHMARKS.md part 10). Why not
+the next, which a reader thread starts while the step consumes the last batches); the pool's
+file list travels as an index file in the run's storage, not in the object store
+(`StreamSpec.published`, `distmed.data.streamindex`; BENCHMARKS.md part 10). Why not
 `TorchTrainer(datasets=...)` and `get_dataset_shard`: its `streaming_split` hands blocks to
 ranks as they finish (a rank's rows differ run to run), replays the same plan every epoch (no
 per-epoch seed) and, with `equal=True`, drops rows a validation pass must score; a rank's
@@ -30,11 +31,12 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distmed.data.decode import try_decode
 from distmed.data.objects import readable_file
 from distmed.data.settings import DecodeSettings
+from distmed.data.streamindex import index_paths, write_index
 from distmed.errors import UserError
 
 if TYPE_CHECKING:
@@ -62,17 +64,50 @@ STREAM_CHANNELS = 3
 class StreamSpec(BaseModel):
     """What a Train worker needs to stream the CV pool: files, decoding and task resources.
 
-    `paths[i]` is pool position i (a local path every node can read, or an s3:// / gs://
-    URI read through pyarrow with the node's own credential chain).
+    The files, position i -> a local path every node can read or an s3:// / gs:// URI read
+    through pyarrow with the node's own credential chain, are either `paths` (the driver's
+    list, as scanned) or, once `published`, `index`: an Arrow IPC file in the run's storage
+    (`distmed.data.streamindex`), so that what crosses into Ray stays the same size whatever
+    the number of images. `rows`: how many files.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    paths: list[str]
+    paths: list[str] | None = None
+    index: str | None = None
+    rows: int = Field(0, ge=0)
     options: DecodeSettings
     decode_cpus: float = Field(1.0, gt=0)
     prefetch_batches: int = Field(PREFETCH_BATCHES, ge=1)
     window: int = Field(WINDOW_ROWS, ge=1, description="rows per dataset (`window_rows`)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _count_rows(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("paths") is not None:
+            return {**values, "rows": len(values["paths"])}
+        return values
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StreamSpec:
+        if (self.paths is None) == (self.index is None):
+            raise ValueError("a StreamSpec has either paths or an index file, not both")
+        return self
+
+    def published(self, storage: str) -> StreamSpec:
+        """This spec with its paths written as an index file under `storage` (an absolute
+        folder or a URI every node reads; `streamindex.write_index`); itself when it is."""
+        if self.paths is None:
+            return self
+        location = write_index(self.paths, storage)
+        return self.model_copy(update={"paths": None, "index": location})
+
+    def files(self, positions: np.ndarray) -> list[str]:
+        """The files at pool `positions`, in that order."""
+        if self.paths is not None:
+            return [self.paths[int(p)] for p in positions]
+        assert self.index is not None  # _one_source
+        return index_paths(self.index, positions)
 
 
 def split_stream(
@@ -163,7 +198,10 @@ def stream_dataset(spec: StreamSpec, positions: np.ndarray, decoder: Any = decod
     """
     import ray.data
 
-    rows = [{"position": int(p), "path": spec.paths[int(p)]} for p in positions]
+    rows = [
+        {"position": int(p), "path": path}
+        for p, path in zip(positions, spec.files(positions), strict=True)
+    ]
     # from_items builds the blocks in this process; from_arrow would run a 1-CPU metadata
     # task per block, which never starts where trials and workers leave every node less
     # than a whole free CPU (a streamed search): only the decoding tasks need CPUs.
