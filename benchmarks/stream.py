@@ -184,12 +184,15 @@ def object_store_use() -> dict[str, float]:
 
 
 class Sampler(threading.Thread):
-    """Peak per-node RSS and object-store use while a measurement runs."""
+    """Per-node RSS and object-store use while a measurement runs: the peaks, and the
+    object store's median and first- and last-third means (a store that fills as the pass
+    goes on, a leak, shows as last > first; a peak alone also grows with the number of
+    samples it is the maximum of)."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.rss: dict[int, float] = {}
-        self.store: dict[str, float] = {}
+        self.store: dict[str, list[float]] = {}
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -197,14 +200,25 @@ class Sampler(threading.Thread):
             for key, value in node_memory().items():
                 self.rss[key] = max(self.rss.get(key, 0.0), value)
             for node, value in object_store_use().items():
-                self.store[node] = max(self.store.get(node, 0.0), value)
+                self.store.setdefault(node, []).append(value)
 
     def stop(self) -> dict[str, Any]:
         self.done.set()
         self.join()
+        # Nodes in the order of their peaks, the same order in every list.
+        series = sorted((np.asarray(v) for v in self.store.values()), key=np.max)
+
+        def per_node(stat: Any) -> list[float]:
+            return [round(float(stat(v)), 1) for v in series]
+
+        third = lambda v: max(1, len(v) // 3)  # noqa: E731
         return {
             "peak_rss_mib_per_node": sorted(round(v, 1) for v in self.rss.values()),
-            "peak_object_store_mib_per_node": sorted(round(v, 1) for v in self.store.values()),
+            "peak_object_store_mib_per_node": per_node(np.max),
+            "median_object_store_mib_per_node": per_node(np.median),
+            "first_third_object_store_mib_per_node": per_node(lambda v: v[: third(v)].mean()),
+            "last_third_object_store_mib_per_node": per_node(lambda v: v[-third(v) :].mean()),
+            "object_store_samples_per_node": [len(v) for v in series],
         }
 
 

@@ -23,10 +23,12 @@ channel; `to_model_input` expands it to the same model input).
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import queue
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -56,6 +58,10 @@ WINDOW_ROWS = 2048
 # (start, plan, "finished in"), which a rank reading ~25 windows a pass would print by the
 # hundred; `quiet_stream_logs` drops those of ours, and only those.
 STREAM_DATASET_NAME = "distmed_stream"
+# A full garbage collection (~0.1 s in a Train worker) at most this often frees the windows
+# read since the last one (`window_datasets`): under 2% of a reader's time, and the store
+# holds the windows of at most this many seconds, whatever the data set's size.
+RELEASE_EVERY_S = 5.0
 # A streamed row's channels (`stream_row`): what `best_model.pt` records as the layout the
 # model was trained from (a grey image's cached row has 1; the model input is the same).
 STREAM_CHANNELS = 3
@@ -254,10 +260,25 @@ def window_datasets(
     spec: StreamSpec, positions: np.ndarray, batch_size: int, decoder: Any = decode_batch
 ) -> Iterator[Any]:
     """`stream_dataset` of each consecutive window of `positions` (`window_rows` each), in
-    order; each is built when the one before has been read."""
+    order; each is built when the one before has been read. A read window's blocks are
+    released (`_release_read_windows`) at most every RELEASE_EVERY_S."""
     step = window_rows(spec.window, batch_size)
+    released = time.monotonic()
     for start in range(0, len(positions), step):
-        yield stream_dataset(spec, positions[start : start + step], decoder)
+        dataset = stream_dataset(spec, positions[start : start + step], decoder)
+        yield dataset
+        del dataset
+        if time.monotonic() - released >= RELEASE_EVERY_S:
+            _release_read_windows()
+            released = time.monotonic()
+
+
+def _release_read_windows() -> None:
+    # A read Ray Data dataset keeps its input blocks (its rows' positions and paths) in the
+    # object store through reference cycles, until Python's full garbage collection, which a
+    # Train worker's heap makes rare and ~0.1 s long: measured, a window's blocks piled up
+    # per window until one ran, so the store's peak grew with the epoch's length.
+    gc.collect()
 
 
 def stream_batches(
