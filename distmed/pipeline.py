@@ -125,6 +125,7 @@ from distmed.searchfile import check_new_search, check_same_search
 from distmed.space import SearchSpaceFile
 from distmed.summary import DataSummary, RunSummary
 from distmed.task.base import Task
+from distmed.task.factory import task_of_index
 from distmed.task.multilabel import MultilabelTask
 from distmed.task.single import BinaryTask
 from distmed.tracking import (
@@ -274,15 +275,40 @@ def warm_start(
     """
     if not run_dir or ctx.resume:
         return None
+    _refuse_warm_start_nested(nested)
+    size = None
+    if spec.search.multi_objective:
+        size = model_size_of(spec, prepared.data.plan.task.num_outputs)
+    return load_warm_start(run_dir, spec, prepared.data.index, size)
+
+
+def _refuse_warm_start_nested(nested: int | None) -> None:
     if nested:
         raise UserError(
             "--warm-start with --nested: each outer fold searches other images; warm-start "
             "a plain search"
         )
-    size = None
-    if spec.search.multi_objective:
-        size = model_size_of(spec, prepared.data.plan.task.num_outputs)
-    return load_warm_start(run_dir, spec, prepared.data.index, size)
+
+
+def dry_run(spec: SearchSpaceFile, run_dir: str | None, nested: int | None) -> str:
+    """`--dry-run`: `describe_search`'s text, after the checks that need neither Ray nor a
+    decoded image: the base's local weights file (sha256, strict load) and, with
+    --warm-start, the earlier search against the data source's images (scanned, not decoded).
+
+    Raises:
+        UserError: a bad weights file, or a --warm-start folder that `warm_start` refuses.
+    """
+    if spec.base.model.weights not in ("none", "imagenet"):  # ImageNet: a download, no check
+        check_weights(spec.base.model)
+    if run_dir:
+        _refuse_warm_start_nested(nested)
+        index = scan_source(spec.base.data)
+        size = None
+        if spec.search.multi_objective:
+            task = task_of_index(index, spec.base.data, spec.base.cv.folds)
+            size = model_size_of(spec, task.num_outputs)
+        load_warm_start(run_dir, spec, index, size)
+    return describe_search(spec)
 
 
 def connect(

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. 0.95 (default: Youden's J)",
     )
     parser.add_argument(
-        "--dry-run", action="store_true", help="print the resolved base config and space, then exit"
+        "--dry-run", action="store_true", help="check, print the resolved search, then exit"
     )
     parser.add_argument(
         "--verbose", action="store_true", help="show Ray's own logs and Tune's full status"
@@ -136,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
     spec = _load_spec(args)
     pipeline.warn_frozen_random_stages(spec)
     if args.dry_run:
-        print(pipeline.describe_search(spec))
+        print(pipeline.dry_run(spec, args.warm_start, args.nested))
         return 0
     name, resume = _name(args)
     ctx = pipeline.RunContext.create(name, args.storage, args.resume, args.verbose, resume)

@@ -226,7 +226,12 @@ def test_two_objective_warm_start_scores_the_model_size(tmp_path):
     json.dumps(warm.record())  # summary.json keeps it
 
 
-def test_the_cli_refuses_a_warm_start_from_other_images_before_ray(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["run", "dry-run"])
+def test_the_cli_refuses_a_warm_start_from_other_images_before_ray(
+    tmp_path, capsys, monkeypatch, dry_run
+):
+    """--dry-run checks --warm-start too (a new user's dry run printed the config and the
+    real run then stopped); on the same images it prints the resolved search."""
     from distmed import pipeline, tune
 
     def settings(root: Path) -> list[str]:
@@ -238,9 +243,23 @@ def test_the_cli_refuses_a_warm_start_from_other_images_before_ray(tmp_path, cap
     other = write_image_folder(tmp_path / "b", {"neg": 36, "lesion": 36}, size=20)
     monkeypatch.setattr(pipeline, "connect", lambda *a, **k: pytest.fail("Ray started"))
     argv = ["--space", str(DEMO), "--storage", str(tmp_path / "runs"), *settings(other)]
-    assert tune.main([*argv, "--warm-start", str(earlier)]) == 2
+    assert tune.main([*argv, *dry_run, "--warm-start", str(earlier)]) == 2
     err = capsys.readouterr().err
     assert "ran on other images" in err and len(err.strip().splitlines()) == 1
+    if dry_run:
+        same = ["--space", str(DEMO), *settings(first), *dry_run, "--warm-start", str(earlier)]
+        assert tune.main(same) == 0
+        assert "sampler (resolved)" in capsys.readouterr().out
+
+
+def test_a_dry_run_checks_a_local_weights_file(tmp_path, capsys):
+    from distmed import tune
+
+    missing = tmp_path / "resnet18-local.pt"
+    argv = ["--space", str(DEMO), "--dry-run", "--set", f"model.weights={missing}"]
+    assert tune.main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and len(err.strip().splitlines()) == 1
 
 
 def test_two_objective_searcher_takes_warm_trials_and_prunes_unfinished_ones():
