@@ -84,6 +84,17 @@ def exception_chain(exc: BaseException) -> Iterator[BaseException]:
                 stack.append(inner)
 
 
+def raised_user_error(exc: BaseException) -> UserError | None:
+    """The `UserError` distmed raised somewhere behind `exc` (bad input: the same on every
+    attempt), or None."""
+    for current in exception_chain(exc):
+        # Not Tune's RayTaskError(UserError): an instance of UserError too, but its text is
+        # Ray's wrapper; its `cause`, later in the chain, is the user's error itself.
+        if isinstance(current, UserError) and not _is_ray_error(current):
+            return current
+    return None
+
+
 def memory_error(exc: BaseException) -> UserError | None:
     """A `UserError` saying what ran out and what to lower, when `exc` is out of memory."""
     chain = list(exception_chain(exc))
@@ -123,12 +134,10 @@ def user_error_cause(exc: BaseException, disk_hint: str | None = None) -> UserEr
     `file write failed`). So is a file or folder this user may not read or write (EACCES,
     EPERM, EROFS): one line naming it.
     """
+    raised = raised_user_error(exc)
+    if raised is not None:
+        return raised
     chain = list(exception_chain(exc))
-    for current in chain:
-        # Not Tune's RayTaskError(UserError): an instance of UserError too, but its text is
-        # Ray's wrapper; its `cause`, later in the chain, is the user's error itself.
-        if isinstance(current, UserError) and not _is_ray_error(current):
-            return current
     memory = memory_error(exc)
     if memory is not None:
         return memory

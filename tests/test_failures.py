@@ -173,3 +173,19 @@ def test_the_console_line_of_an_errored_trial_names_the_cause(capsys):
     err = capsys.readouterr().err
     assert err.startswith("  trial t1 errored: out of memory: Ray's memory monitor killed")
     assert err.rstrip().endswith("(details: /results/exp/trial_t1/error.txt)")
+
+
+def test_a_worker_s_user_error_ends_the_fit_instead_of_being_retried():
+    """Ray Train retried a worker group that failed on bad input (a streamed file that cannot
+    be decoded) `scaling.max_failures` times, each attempt failing the same way; the fit's
+    callback raises the UserError, which Ray Train's failure policy does not retry (measured
+    by hand: one worker-group start instead of three with max_failures 2)."""
+    from distmed.cv import StopOnUserError
+
+    callback = StopOnUserError()
+    callback.after_exception(None, {0: RuntimeError("a worker crashed"), 1: OSError("reset")})
+    wrapped = RuntimeError("ray::RayTrainWorker.run() failed")
+    wrapped.__cause__ = UserError("data.loader stream: cannot decode a/p00.png (truncated)")
+    with pytest.raises(UserError, match="cannot decode a/p00.png") as raised:
+        callback.after_exception(None, {0: RuntimeError("peer gone"), 1: wrapped})
+    assert raised.value is wrapped.__cause__  # the user's error itself, not Ray's wrapper
