@@ -136,6 +136,7 @@ from distmed.tracking import (
     wandb_callbacks,
 )
 from distmed.tunestate import check_state
+from distmed.uris import shown
 from distmed.warmstart import WarmStart, load_warm_start, model_size_of
 
 MODEL_FILE = "best_model.pt"
@@ -257,7 +258,27 @@ def prepare(cfg: ExperimentConfig, batch_sizes: Sequence[int] = ()) -> Prepared:
     else:  # a bucket: the driver reads no image (`distmed.data.remote`)
         inspection = bucket_summary(scanned)
     check_weights(cfg.model)  # a bad weights file fails before the (slow) first decode
+    refuse_unreadable_stream(cfg, inspection)
     return Prepared(prepare_data(cfg, scanned, batch_sizes), inspection)
+
+
+def refuse_unreadable_stream(cfg: ExperimentConfig, inspection: dict[str, Any]) -> None:
+    """Stop a streamed run on files the inspection could not read, before Ray starts: a
+    stream cannot leave a file out (every rank must see the same rows), and a decoding task
+    would otherwise stop the run on it only once training reached it.
+
+    Raises:
+        UserError: naming how many, the first ones and the fixes.
+    """
+    unreadable = inspection.get("unreadable") or {}
+    if cfg.data.loader != "stream" or not unreadable.get("count"):
+        return
+    raise UserError(
+        f"data.loader stream: {unreadable['count']} image file(s) in "
+        f"{shown(cfg.data.root or cfg.data.manifest or '')} cannot be read, e.g. "
+        f"{'; '.join(unreadable['first'][:2])}; a stream cannot leave files out: fix or "
+        "remove them, or use data.loader: cache with data.skip_invalid: true"
+    )
 
 
 def warm_start(

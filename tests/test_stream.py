@@ -507,3 +507,18 @@ def test_a_decoding_reserve_that_leaves_the_workers_no_cpu_is_one_line(
     with pytest.raises(UserError, match=r"stream_decode_cpus=2 .* nodes of 2 CPUs; lower it"):
         plan_workers(ScalingSection(num_workers=1), reserve_cpus=2.0)
     assert plan_workers(ScalingSection(num_workers=1), reserve_cpus=0.5).cpus_per_worker == 1.5
+
+
+def test_a_streamed_run_stops_on_files_the_inspection_cannot_read_before_ray(tmp_path: Path):
+    """A truncated PNG (its header reads) stopped a streamed run only once a decoding task
+    reached it inside a Train worker; the inspection has read it already, so the run stops
+    before Ray, naming it (the cache leaves it out only when asked, data.skip_invalid)."""
+    from distmed import pipeline
+
+    root = write_image_folder(tmp_path / "d", {"a": 6, "b": 6}, size=20)
+    broken = sorted((root / "a").glob("*.png"))[0]
+    broken.write_bytes(broken.read_bytes()[:60])
+    with pytest.raises(UserError, match=r"1 image file\(s\) in .* cannot be read, e\.g\. a/"):
+        pipeline.prepare(_config(root, loader="stream"))
+    cfg = _config(root, skip_invalid=True, cache_dir=str(tmp_path / "c"))
+    assert len(pipeline.prepare(cfg).data.index.pool) == 11  # the cache, asked, leaves it out
