@@ -29,6 +29,7 @@ from distmed.config import CVConfig, ExperimentConfig
 from distmed.cvstats import corrected_standard_error
 from distmed.data import CachedData, DataIndex, Split, build_cache, drop_samples
 from distmed.data.stream import STREAM_CHANNELS, StreamSpec, split_stream
+from distmed.data.streamindex import write_plan_arrays
 from distmed.errors import UserError, shorten
 from distmed.failures import raised_user_error
 from distmed.loop import checkpoint_bytes
@@ -623,8 +624,11 @@ def fit_folds(
     detail_uri: str | None = None,
 ):
     """One `TorchTrainer` fit of `distmed.worker.train_folds` over the plan's folds."""
-    if plan.stream is not None:  # the file list as an index file, not a list in the store
+    labels, folds, arrays = plan.labels, [FoldIndices(**spec) for spec in plan.folds], None
+    if plan.stream is not None:  # per-image lists as files in storage, not in the store
         plan = replace(plan, stream=plan.stream.published(storage_uri(storage)))
+        arrays = write_plan_arrays(plan.labels, plan.folds, storage_uri(storage))
+        labels, folds = [], []
     trainer = TorchTrainer(
         # Ray's annotation wants None back; Ray Train v2 returns rank 0's value.
         train_folds,  # type: ignore[arg-type]
@@ -632,13 +636,14 @@ def fit_folds(
             config=cfg,
             images_path=plan.images_path,
             images_ref=plan.images_ref,
-            labels=plan.labels,
+            labels=labels,
             task=plan.task,
-            folds=[FoldIndices(**spec) for spec in plan.folds],
+            folds=folds,
             folds_per_repeat=plan.folds_per_repeat,
             threads=layout.threads,
             detail_uri=detail_uri,
             stream=plan.stream,
+            plan_arrays=arrays,
         ).to_loop_config(),
         scaling_config=ScalingConfig(
             num_workers=layout.num_workers,

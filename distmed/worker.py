@@ -28,6 +28,7 @@ from distmed import _ray_compat
 from distmed.config import ExperimentConfig, TrainConfig
 from distmed.data import load_cached
 from distmed.data.stream import StreamSpec, stream_batches
+from distmed.data.streamindex import read_plan_arrays
 from distmed.loop import (
     FoldData,
     FoldRun,
@@ -79,6 +80,9 @@ class WorkerConfig(_Plain):
     threads: int = Field(ge=1)  # torch threads per worker
     detail_uri: str | None = None  # where rank 0 keeps per-fold histories and predictions
     stream: StreamSpec | None = None  # data.loader stream: files decoded by Ray Data tasks
+    # A streamed fit's labels and folds as a file in the run's storage (`labels` and `folds`
+    # then empty here): `streamindex.write_plan_arrays`, read back by `from_loop_config`.
+    plan_arrays: str | None = None
 
     def to_loop_config(self) -> dict[str, Any]:
         """The dict Ray carries; the ObjectRef stays an object (Ray passes it through)."""
@@ -87,6 +91,9 @@ class WorkerConfig(_Plain):
 
     @classmethod
     def from_loop_config(cls, loop_config: dict[str, Any]) -> WorkerConfig:
+        if loop_config.get("plan_arrays"):
+            labels, folds = read_plan_arrays(loop_config["plan_arrays"])
+            loop_config = {**loop_config, "labels": labels, "folds": folds}
         return cls.model_validate(loop_config)
 
 

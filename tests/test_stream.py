@@ -522,3 +522,32 @@ def test_a_streamed_run_stops_on_files_the_inspection_cannot_read_before_ray(tmp
         pipeline.prepare(_config(root, loader="stream"))
     cfg = _config(root, skip_invalid=True, cache_dir=str(tmp_path / "c"))
     assert len(pipeline.prepare(cfg).data.index.pool) == 11  # the cache, asked, leaves it out
+
+
+def test_a_streamed_fit_s_labels_and_folds_cross_into_ray_as_a_file(tmp_path: Path):
+    """#35: what a streamed fit's workers receive (the train loop's config) no longer grows
+    with the images: labels and fold lists (~17 bytes an image for 5 folds) are an .npz in
+    the run's storage, read back on the worker's side into the same WorkerConfig."""
+    from distmed.data.streamindex import read_plan_arrays, write_plan_arrays
+    from distmed.worker import FoldIndices, WorkerConfig
+
+    cfg = _config(tmp_path)
+    options = cfg.data.decode_settings()
+    sizes = {}
+    for count in (60, 6000):
+        labels = (np.arange(count) % 2).tolist()
+        folds = fold_specs(np.arange(count) % 3, 3) + [{"train": list(range(count)), "val": None}]
+        paths = [f"/d/{i}.png" for i in range(count)]
+        stream = StreamSpec(paths=paths, options=options).published(str(tmp_path))
+        common = {"config": cfg, "images_path": "", "task": BinaryTask(("a", "b"), 1)}
+        common |= {"threads": 1, "stream": stream}
+        location = write_plan_arrays(labels, folds, str(tmp_path))
+        sent = WorkerConfig(labels=[], folds=[], plan_arrays=location, **common).to_loop_config()
+        sizes[count] = len(pickle.dumps(sent))
+        direct = WorkerConfig(labels=labels, folds=[FoldIndices(**f) for f in folds], **common)
+        received = WorkerConfig.from_loop_config(sent)
+        assert received.labels == direct.labels and received.folds == direct.folds
+        assert received.folds[-1].val is None and received.folds[0].val == folds[0]["val"]
+        assert write_plan_arrays(labels, folds, str(tmp_path)) == location  # written once
+    assert abs(sizes[6000] - sizes[60]) <= 16, sizes
+    assert read_plan_arrays(location)[0] == (np.arange(6000) % 2).tolist()
