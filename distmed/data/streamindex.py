@@ -75,12 +75,14 @@ def write_plan_arrays(labels: Sequence[Any], folds: Sequence[dict[str, Any]], st
     for key, array in arrays.items():
         digest.update(f"{key}:{len(array)};".encode())
         digest.update(array.tobytes())
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+
+    def write(sink: Any) -> None:  # only when the file is not there yet (every fit asks)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        sink.write(buffer.getvalue())
+
     name = f"plan-{digest.hexdigest()[:32]}.npz"
-    return _write_once(
-        f"{storage.rstrip('/')}/{INDEX_FOLDER}/{name}", lambda sink: sink.write(buffer.getvalue())
-    )
+    return _write_once(f"{storage.rstrip('/')}/{INDEX_FOLDER}/{name}", write)
 
 
 def read_plan_arrays(location: str) -> tuple[list[Any], list[dict[str, Any]]]:
