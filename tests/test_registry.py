@@ -76,7 +76,9 @@ def test_the_registered_model_predicts_like_distmed_predict(
     with mlflow.start_run():
         uri = log_and_register(best_model, "lesions")
     assert uri == "models:/lesions/1"
-    loaded = mlflow.pyfunc.load_model(uri)
+    # dst_path: MLflow otherwise downloads into a temporary folder it never removes.
+    (tmp_path / "downloaded").mkdir()
+    loaded = mlflow.pyfunc.load_model(uri, dst_path=str(tmp_path / "downloaded"))
     images, paths = _images(tmp_path / "images", mode)
     probs = loaded.predict(images)
     assert probs.shape == (len(paths), 2) and probs.dtype == np.float32

@@ -348,7 +348,11 @@ def _check_registered_model(uri: str, out: Path, test: Path, printed: str, tmp_p
 
     assert "MLflow: registered the best model as models:/distmed-test-model/1" in printed
     mlflow.set_tracking_uri(uri)
-    loaded = mlflow.pyfunc.load_model("models:/distmed-test-model/1")
+    # dst_path: MLflow otherwise downloads into a temporary folder it never removes.
+    (tmp_path / "downloaded").mkdir()
+    loaded = mlflow.pyfunc.load_model(
+        "models:/distmed-test-model/1", dst_path=str(tmp_path / "downloaded")
+    )
     paths = sorted(test.rglob("*.png"))
     pixels = np.stack([np.asarray(Image.open(p)) for p in paths])[..., None]  # grey: C = 1
     probs = loaded.predict(pixels)
