@@ -33,6 +33,8 @@ PRIVATE_NAMES: tuple[str, ...] = (
     "ray.air.integrations.wandb:WandbLoggerCallback._start_logging_actor",
     "ray.air.integrations.wandb:WandbLoggerCallback._logger_actor_cls",
     "ray.air.integrations.wandb:WandbLoggerCallback#_remote_logger_class",
+    "ray.air.integrations.wandb:WandbLoggerCallback._signal_logging_actor_stop",
+    "ray.air.integrations.wandb:WandbLoggerCallback#_trial_logging_actors",
     "ray.air.integrations.mlflow:MLflowLoggerCallback#_trial_runs",
     "ray.air._internal.mlflow:_MLflowLoggerUtil._get_client",
     "ray.train.v2.api.data_parallel_trainer:DataParallelTrainer._register_sigint_handler",

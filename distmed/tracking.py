@@ -62,9 +62,11 @@ def wandb_callbacks(cfg: WandbConfig, group: str, run_dir: Path) -> list[Any]:
             upload_checkpoints=False,
             mode=mode,
             dir=str(run_dir),
-            # At the end (or a Ctrl-C) Tune waits this long (s) for uploads, not 30 minutes;
-            # what is not uploaded by then stays in run_dir for `wandb sync`.
-            upload_timeout=int(os.environ.get("DISTMED_WANDB_UPLOAD_TIMEOUT_S", "10")),
+            # At the end (or a Ctrl-C) Tune waits at most this long (s) for the logging actors
+            # to finish, not 30 minutes; what is not uploaded by then stays in run_dir for
+            # `wandb sync`. Every actor is told to finish first (below), so the wait ends when
+            # they have: 10 s lost an offline run's last metrics on a loaded machine.
+            upload_timeout=int(os.environ.get("DISTMED_WANDB_UPLOAD_TIMEOUT_S", "120")),
         )
     ]
 
@@ -86,6 +88,14 @@ def _callback_class() -> type:
                     max_task_retries=-1,
                 )(self._logger_actor_cls)
             super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
+
+        def on_experiment_end(self, trials, **info):
+            # Tune tells a trial's logging actor to finish only when the trial ends: after a
+            # Ctrl-C the running trials' actors would wait on their queues until Ray's wait
+            # timed out and killed them. An actor that was told already ignores the second end.
+            for trial in list(self._trial_logging_actors):
+                self._signal_logging_actor_stop(trial=trial)
+            super().on_experiment_end(trials, **info)
 
     return NodeKeyWandbLoggerCallback
 
