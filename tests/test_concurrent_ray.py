@@ -43,7 +43,8 @@ FAKE_WANDB_KEY = "c0ffee0123456789abcdef0123456789abcdfake"
 FAKE_AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYsecretDISTMED"  # also moto's key
 BUCKET = "distmed-test"
 # Generous bounds for 2 loaded cores; a hang (the fault these tests guard) blows through them.
-SEARCH_TIMEOUT_S = 300
+# A search alone: ~60 s; beside the suite's 4 processes one first epoch took 194 s.
+SEARCH_TIMEOUT_S = 600
 STOP_TIMEOUT_S = 90
 
 
@@ -298,7 +299,8 @@ def _bucket_statuses(client, prefix: str) -> list[str]:
 
 def _second_trial_trains(search: Search) -> tuple[str, str]:
     """(first trial, second trial) once the first completed and the second reported epoch 1."""
-    done = re.search(r"trial (\w+) completed", search.wait_for(r"trial \w+ completed", 300))[1]
+    completed = search.wait_for(r"trial \w+ completed", SEARCH_TIMEOUT_S)
+    done = re.search(r"trial (\w+) completed", completed)[1]
     line = search.wait_for(rf"trial (?!{done})\w+ epoch 1:", SEARCH_TIMEOUT_S)
     return done, re.search(r"trial (\w+) epoch", line)[1]
 

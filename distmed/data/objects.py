@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -47,17 +48,24 @@ def readable_file(path: str) -> Iterator[Path]:
     if not is_uri(path):
         yield Path(path)
         return
-    from pyarrow import fs
-
-    filesystem, inner = fs.FileSystem.from_uri(path)
-    handle, name = tempfile.mkstemp(suffix=suffix_of(Path(inner)), prefix="distmed-object-")
+    handle, name = tempfile.mkstemp(suffix=suffix_of(Path(path)), prefix="distmed-object-")
     try:
-        with os.fdopen(handle, "wb") as out, filesystem.open_input_stream(inner) as source:
-            while chunk := source.read(1 << 20):
-                out.write(chunk)
+        with os.fdopen(handle, "wb") as out:
+            copy_object(path, out)
         yield Path(name)
     finally:
         os.unlink(name)
+
+
+def copy_object(uri: str, out: BinaryIO) -> None:
+    """Write the bytes of the object at `uri` into `out`, 1 MiB at a time, read through
+    pyarrow's filesystem for its scheme with this node's default credential chain."""
+    from pyarrow import fs
+
+    filesystem, inner = fs.FileSystem.from_uri(uri)
+    with filesystem.open_input_stream(inner) as source:
+        while chunk := source.read(1 << 20):
+            out.write(chunk)
 
 
 def stored_row_path(store: Path, uri: str, version: str) -> Path:

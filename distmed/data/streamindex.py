@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from distmed.data.objects import is_uri
+from distmed.data.objects import copy_object, is_uri
 
 INDEX_FOLDER = "stream-index"  # under the run's storage
 PATH_COLUMN = "path"
@@ -151,19 +151,15 @@ def _local_copy(location: str) -> Path:
     once per node (the name is the content's hash, so a present copy is the same file)."""
     if not is_uri(location):
         return Path(location)
-    import pyarrow.fs
-
-    filesystem, inner = pyarrow.fs.FileSystem.from_uri(location)
     folder = Path(tempfile.gettempdir()) / "distmed-stream-index"
     folder.mkdir(parents=True, exist_ok=True)
-    local = folder / Path(inner).name
+    local = folder / location.rstrip("/").rsplit("/", 1)[-1]
     if local.is_file():
         return local
     handle, staged = tempfile.mkstemp(dir=folder, prefix=f".{local.name}.")
     try:
-        with os.fdopen(handle, "wb") as out, filesystem.open_input_stream(inner) as source:
-            while chunk := source.read(1 << 20):
-                out.write(chunk)
+        with os.fdopen(handle, "wb") as out:
+            copy_object(location, out)
         os.replace(staged, local)
     finally:
         Path(staged).unlink(missing_ok=True)
