@@ -52,7 +52,9 @@ SAMPLERS: dict[str, dict[str, Any]] = {
 }
 SCHEDULERS: dict[str, dict[str, Any]] = {
     "asha": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
-    "fifo": {"type": "none"},
+    # grace_period is unused without ASHA; pinned so that a change of the shipped space's
+    # default (1 -> 2 on 2026-12-05) does not make --resume refuse a search started before it.
+    "fifo": {"type": "none", "grace_period": 1},
 }
 METHODS = [f"{s}+{c}" for s in SAMPLERS for c in SCHEDULERS]
 REFERENCE = "random+fifo"
