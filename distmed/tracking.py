@@ -94,7 +94,11 @@ def _callback_class() -> type:
             # Ctrl-C the running trials' actors would wait on their queues until Ray's wait
             # timed out and killed them. An actor that was told already ignores the second end.
             for trial in list(self._trial_logging_actors):
-                self._signal_logging_actor_stop(trial=trial)
+                try:
+                    self._signal_logging_actor_stop(trial=trial)
+                except Exception as exc:  # its queue's actor died with a node: Ray's wait
+                    # below then kills the logger; the search's results must still be written.
+                    log.warning("W&B: could not finish the run of trial %s: %s", trial, exc)
             super().on_experiment_end(trials, **info)
 
     return NodeKeyWandbLoggerCallback

@@ -37,3 +37,24 @@ def test_every_running_trials_actor_is_told_to_finish_before_the_wait(tmp_path: 
     callback.on_experiment_end(trials=[])
 
     assert events == [("told", "running"), ("told", "ended"), ("wait", 120)]
+
+
+def test_a_trial_whose_queue_is_gone_does_not_stop_the_others(tmp_path: Path, monkeypatch, caplog):
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    (callback,) = wandb_callbacks(WandbConfig(project="p", mode="offline"), "g", tmp_path)
+    told: list[object] = []
+
+    def signal(self, trial):
+        if trial == "lost":
+            raise RuntimeError("queue actor died")
+        told.append(trial)
+
+    monkeypatch.setattr(WandbLoggerCallback, "_signal_logging_actor_stop", signal)
+    monkeypatch.setattr(WandbLoggerCallback, "_cleanup_logging_actors", lambda self, **kw: None)
+    callback._trial_logging_actors = {"lost": object(), "fine": object()}
+
+    callback.on_experiment_end(trials=[])
+
+    assert told == ["fine"]
+    assert "could not finish the run of trial lost: queue actor died" in caplog.text
