@@ -225,14 +225,17 @@ class Sampler(threading.Thread):
 # --------------------------------------------------------------------------- measurements
 
 
-def decode_and_tag(batch: dict[str, np.ndarray], options: dict[str, Any]) -> dict[str, Any]:
+def decode_and_tag(
+    batch: dict[str, np.ndarray], options: dict[str, Any], index: str | None = None
+) -> dict[str, Any]:
     """`decode_batch`, plus the node each row was decoded on (inside the decoding task)."""
     import ray
 
     from distmed.data.stream import decode_batch
 
     node = ray.get_runtime_context().get_node_id()
-    return {**decode_batch(batch, options), "node": np.array([node] * len(batch["position"]))}
+    decoded = decode_batch(batch, options, index)
+    return {**decoded, "node": np.array([node] * len(batch["position"]))}
 
 
 def read_share(spec: Any, share: dict[str, Any], batch: int) -> dict[str, Any]:

@@ -126,6 +126,24 @@ def test_a_streamed_pass_reads_in_windows_in_order_with_the_decoders_pixels(
     )["image"]
     assert np.array_equal(np.concatenate([images.numpy() for images, _ in batches]), expected)
 
+    # Published (the file list in an index file), a row is its position only: the decoding
+    # task reads its files from the index, and the pixels are the same.
+    def tagged(batch, options, index=None):
+        keys = ",".join(sorted(batch))
+        return {
+            **decode_batch(batch, options, index),
+            "keys": np.array([keys] * len(batch["position"])),
+        }
+
+    published = spec.published(str(tmp_path / "storage"))
+    read = [
+        rows
+        for dataset in stream_module.window_datasets(published, order, 3, decoder=tagged)
+        for rows in dataset.iter_batches(batch_size=None, batch_format="numpy")
+    ]
+    assert {key for rows in read for key in rows["keys"]} == {"position"}
+    assert np.array_equal(np.concatenate([rows["image"] for rows in read]), expected)
+
     # The object refs this reader holds stay bounded however many windows it reads: Ray
     # Data's reference cycles kept every read window's blocks until a full collection
     # (#35's object store growing with the data set; ~2 refs a window were left here).

@@ -4,12 +4,13 @@ rows are decoded by the cache's own decoder in Ray Data tasks, spread over the c
 What crosses into the Train workers is `StreamSpec`: file paths or URIs and decode settings,
 never pixels. Each worker draws, per epoch, its own rows in a seeded order (`epoch_positions`)
 and reads them with `iter_torch_batches` (prefetching), one window of WINDOW_ROWS rows at a
-time: a Ray Data dataset built from rows keeps every input block (a row's position and path, a
-few hundred bytes) in the object store while it runs, so one dataset per epoch would grow the
-store with the data set. Windows bound those rows (two windows at most: the one being read and
-the next, which a reader thread starts while the step consumes the last batches); the pool's
-file list travels as an index file in the run's storage, not in the object store
-(`StreamSpec.published`, `distmed.data.streamindex`; BENCHMARKS.md part 10). Why not
+time: a Ray Data dataset built from rows keeps every input block in the object store while it
+runs, so one dataset per epoch would grow the store with the data set. Windows bound those rows
+(two windows at most: the one being read and the next, which a reader thread starts while the
+step consumes the last batches); the pool's file list travels as an index file in the run's
+storage, not in the object store (`StreamSpec.published`, `distmed.data.streamindex`), so a
+row is its position only (8 bytes; the decoding task reads its files from the index) where
+it was position and path (~100 bytes; BENCHMARKS.md part 10). Why not
 `TorchTrainer(datasets=...)` and `get_dataset_shard`: its `streaming_split` hands blocks to
 ranks as they finish (a rank's rows differ run to run), replays the same plan every epoch (no
 per-epoch seed) and, with `equal=True`, drops rows a validation pass must score; a rank's
@@ -50,9 +51,10 @@ if TYPE_CHECKING:
 DECODE_CHUNK = 64
 # Batches each worker's iterator decodes ahead of the step (Ray Data's prefetch_batches).
 PREFETCH_BATCHES = 4
-# Rows of one Ray Data dataset (rounded to whole batches): its input blocks, ~0.5 MB of index
-# at 2048 rows, are what a streamed epoch keeps in the object store besides decoded pixels in
-# flight. 32 decoding tasks a window keep every node of a small cluster busy.
+# Rows of one Ray Data dataset (rounded to whole batches): its input blocks (16 KB of positions
+# at 2048 rows; 0.1-0.5 MB with paths, an unpublished spec) are what a streamed epoch keeps in the
+# object store besides decoded pixels in flight. 32 decoding tasks a window keep every node of
+# a small cluster busy.
 WINDOW_ROWS = 2048
 # The name of every streamed dataset: Ray Data logs three INFO lines per dataset it runs
 # (start, plan, "finished in"), which a rank reading ~25 windows a pass would print by the
@@ -151,8 +153,12 @@ def stream_row(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image.transpose(2, 0, 1))
 
 
-def decode_batch(batch: dict[str, np.ndarray], options: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Ray Data's map function: rows {position, path} -> {position, image (B, 3, S, S) uint8}.
+def decode_batch(
+    batch: dict[str, np.ndarray], options: dict[str, Any], index: str | None = None
+) -> dict[str, np.ndarray]:
+    """Ray Data's map function: rows {position} (their files read from the stream `index`,
+    `StreamSpec.index`) or {position, path} (`index` None) -> {position, image (B, 3, S, S)
+    uint8}.
 
     The decoder is the cache's (`decode.try_decode`). An unreadable file stops the run with
     its name: every rank must see the same number of rows, so a row cannot silently vanish
@@ -163,7 +169,7 @@ def decode_batch(batch: dict[str, np.ndarray], options: dict[str, Any]) -> dict[
     """
     settings = DecodeSettings.model_validate(options)
     size = settings.image_size
-    paths = batch["path"]
+    paths = batch["path"] if index is None else index_paths(index, batch["position"])
     images = np.empty((len(paths), 3, size, size), dtype=np.uint8)
     for row, path in enumerate(paths):
         with readable_file(str(path)) as local:
@@ -204,17 +210,22 @@ def stream_dataset(spec: StreamSpec, positions: np.ndarray, decoder: Any = decod
     """
     import ray.data
 
-    rows = [
-        {"position": int(p), "path": path}
-        for p, path in zip(positions, spec.files(positions), strict=True)
-    ]
+    # A published spec's rows are positions only (8 bytes a row): each decoding task reads
+    # its files from the index, so a window's input blocks in the object store stay small.
+    if spec.index is not None:
+        rows: list[dict[str, Any]] = [{"position": int(p)} for p in positions]
+    else:
+        rows = [
+            {"position": int(p), "path": path}
+            for p, path in zip(positions, spec.files(positions), strict=True)
+        ]
     # from_items builds the blocks in this process; from_arrow would run a 1-CPU metadata
     # task per block, which never starts where trials and workers leave every node less
     # than a whole free CPU (a streamed search): only the decoding tasks need CPUs.
     blocks = max(1, math.ceil(len(rows) / DECODE_CHUNK))
     dataset = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
         decoder,
-        fn_kwargs={"options": spec.options.model_dump(mode="json")},
+        fn_kwargs={"options": spec.options.model_dump(mode="json"), "index": spec.index},
         batch_size=None,  # one block, one task
         batch_format="numpy",
         num_cpus=spec.decode_cpus,
