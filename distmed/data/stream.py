@@ -298,7 +298,7 @@ def stream_batches(
     """(uint8 images (B, 3, S, S), pool positions (B,)) torch batches of `positions`, in that
     order, decoded by Ray Data tasks across the cluster while the caller trains on the last.
     Every batch has `batch_size` rows but the last. The object store holds at most two
-    windows' index rows and the pixels in flight, whatever len(positions) is.
+    windows' rows and the pixels in flight, whatever len(positions) is.
 
     Needs a running Ray session (a Train worker has one).
 
