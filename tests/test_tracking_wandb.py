@@ -42,6 +42,7 @@ def test_every_running_trials_actor_is_told_to_finish_before_the_wait(tmp_path: 
 def test_a_trial_whose_queue_is_gone_does_not_stop_the_others(tmp_path: Path, monkeypatch, caplog):
     from ray.air.integrations.wandb import WandbLoggerCallback
 
+    monkeypatch.setenv("WANDB_MODE", "offline")  # wandb_callbacks sets it: restored after
     (callback,) = wandb_callbacks(WandbConfig(project="p", mode="offline"), "g", tmp_path)
     told: list[object] = []
 
