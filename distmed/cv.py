@@ -624,11 +624,12 @@ def fit_folds(
     detail_uri: str | None = None,
 ):
     """One `TorchTrainer` fit of `distmed.worker.train_folds` over the plan's folds."""
-    labels, folds, arrays = plan.labels, [FoldIndices(**spec) for spec in plan.folds], None
-    if plan.stream is not None:  # per-image lists as files in storage, not in the store
-        plan = replace(plan, stream=plan.stream.published(storage_uri(storage)))
-        arrays = write_plan_arrays(plan.labels, plan.folds, storage_uri(storage))
-        labels, folds = [], []
+    uri = storage_uri(storage)
+    if plan.stream is None:
+        labels, folds, arrays = plan.labels, [FoldIndices(**spec) for spec in plan.folds], None
+    else:  # per-image lists as files in storage, not in the store
+        plan = replace(plan, stream=plan.stream.published(uri))
+        labels, folds, arrays = [], [], write_plan_arrays(plan.labels, plan.folds, uri)
     trainer = TorchTrainer(
         # Ray's annotation wants None back; Ray Train v2 returns rank 0's value.
         train_folds,  # type: ignore[arg-type]
@@ -652,7 +653,7 @@ def fit_folds(
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=storage_uri(storage),
+            storage_path=uri,
             checkpoint_config=CheckpointConfig(num_to_keep=1),  # k models + optimisers each
             failure_config=FailureConfig(
                 max_failures=layout.max_failures,
@@ -663,7 +664,6 @@ def fit_folds(
             callbacks=[*callbacks, StopOnUserError()],  # type: ignore[list-item]  # v2 (above)
         ),
     )
-    uri = storage_uri(storage)
     if "://" not in uri:  # what an earlier, failed write of this run left half-written
         for name in delete_partial_checkpoints(Path(uri) / run_name):
             log.warning("removed the unfinished checkpoint %s of an earlier attempt", name)
