@@ -351,24 +351,37 @@ def latest_checkpoint(run_uri: str) -> str | None:
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
+def registered_checkpoints(run_dir: Path) -> tuple[set[str], dict[str, Any] | None]:
+    """The `checkpoint_*` folder names Ray Train registered in a local run, and the metrics
+    of its latest one (None when it registered none, or `run_dir` has no readable snapshot).
+
+    Only a registered checkpoint is resumed from: Ray Train reads its snapshot, not the folders.
+    """
+    try:
+        snapshot = json.loads((run_dir / CHECKPOINT_SNAPSHOT).read_text())
+    except (OSError, ValueError):
+        return set(), None
+    if not isinstance(snapshot, dict):
+        return set(), None
+    latest = snapshot.get("latest_checkpoint_result")
+    results = [*snapshot.get("checkpoint_results", []), latest]
+    names = {r["checkpoint_dir_name"] for r in results if isinstance(r, dict)}
+    metrics = latest.get("metrics") if isinstance(latest, dict) else None
+    return names, metrics if isinstance(metrics, dict) else None
+
+
 def delete_partial_checkpoints(run_dir: Path) -> list[str]:
     """Remove `checkpoint_*` folders of a local Ray Train run that Ray never registered.
 
     A write that failed (a full disk, a killed worker) leaves a half-written checkpoint
     folder that no resume reads (Ray resumes from the checkpoints its snapshot lists) and
-    that keeps its disk full. Called before a run starts or resumes in `run_dir`, when
+    that keeps its disk full; a Ctrl-C can leave whole ones that Ray had not registered yet,
+    which no resume reads either. Called before a run starts or resumes in `run_dir`, when
     nothing writes there. Returns the names removed.
     """
     if not run_dir.is_dir():
         return []
-    registered: set[str] = set()
-    with contextlib.suppress(OSError, ValueError):
-        snapshot = json.loads((run_dir / CHECKPOINT_SNAPSHOT).read_text())
-        results = [
-            *snapshot.get("checkpoint_results", []),
-            snapshot.get("latest_checkpoint_result"),
-        ]
-        registered = {r["checkpoint_dir_name"] for r in results if isinstance(r, dict)}
+    registered, _ = registered_checkpoints(run_dir)
     removed = []
     for folder in sorted(run_dir.glob("checkpoint_*")):
         if folder.is_dir() and folder.name not in registered:

@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from distmed import _ray_compat
-from distmed.artifacts import check_free_space, delete_partial_checkpoints
+from distmed.artifacts import check_free_space, delete_partial_checkpoints, registered_checkpoints
 from distmed.config import CVConfig, ExperimentConfig
 from distmed.cvstats import corrected_standard_error
 from distmed.data import CachedData, DataIndex, Split, build_cache, drop_samples
@@ -39,6 +39,7 @@ from distmed.task.base import Task
 from distmed.task.factory import task_of_index
 from distmed.task.multilabel import FINDING_AUC_PREFIX as FINDING
 from distmed.task.multilabel import MULTILABEL_LOSS_REFUSAL, MultilabelTask
+from distmed.uris import shown
 from distmed.worker import STATE_FILE, FoldIndices, WorkerConfig, train_folds
 
 log = logging.getLogger(__name__)
@@ -666,7 +667,11 @@ def fit_folds(
     )
     if "://" not in uri:  # what an earlier, failed write of this run left half-written
         for name in delete_partial_checkpoints(Path(uri) / run_name):
-            log.warning("removed the unfinished checkpoint %s of an earlier attempt", name)
+            log.warning(
+                "removed checkpoint %s of an earlier attempt: Ray Train never registered it "
+                "(written during a failure or after a Ctrl-C), so no resume can read it",
+                name,
+            )
         need = checkpoint_bytes(cfg, plan.task.num_outputs, len(plan.folds))
         check_free_space(Path(uri), need, "the results folder")
     try:
@@ -679,6 +684,26 @@ def fit_folds(
             raise
         raise explained from exc
     return result
+
+
+def interrupted_fit_text(storage: str | Path, run_name: str) -> str:
+    """What a Ctrl-C'd fit in `storage/run_name` keeps, for `distmed.train`'s one line: Ray
+    Train resumes from the last checkpoint it registered (its snapshot, read here for a local
+    folder), which rerunning the same command into the same output does."""
+    uri = storage_uri(storage)
+    where = shown(f"{uri.rstrip('/')}/{run_name}")
+    if "://" in uri:
+        return f"training stopped; rerun the same command to resume from its checkpoint in {where}"
+    _, latest = registered_checkpoints(Path(uri) / run_name)
+    if latest is None:
+        return (
+            "training stopped before its first checkpoint was registered: rerunning the "
+            "same command starts again from epoch 1"
+        )
+    return (
+        f"training stopped; epoch {latest.get('epoch', '?')} is saved in {where}: rerun the "
+        "same command (same --output) to resume from there"
+    )
 
 
 def explain_fit_error(error: BaseException, layout: WorkerLayout) -> BaseException:

@@ -61,9 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from distmed import pipeline
+    from distmed import _ray_compat, pipeline
     from distmed.config import dump_config, load_config
-    from distmed.cv import cross_validate, finding_auc_text, score_caveat
+    from distmed.cv import cross_validate, finding_auc_text, interrupted_fit_text, score_caveat
     from distmed.data.stream import decode_reserve
     from distmed.model import warn_frozen_random_stages
     from distmed.resources import plan_workers
@@ -90,7 +90,13 @@ def _run(args: argparse.Namespace) -> int:
         f"{' + GPU' if layout.use_gpu else ''}",
         flush=True,
     )
-    result = cross_validate(cfg, plan, layout, output / "ray", run_name(cfg, index))
+    name = run_name(cfg, index)
+    # Ray Train's own Ctrl-C handler would end the process silently with status 1.
+    with _ray_compat.train_keeps_ctrl_c():
+        try:
+            result = cross_validate(cfg, plan, layout, output / "ray", name)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(interrupted_fit_text(output / "ray", name)) from None
     wall = time.perf_counter() - started
     data = prepared.data
     warnings = {"thin_validation_folds": data.thin_folds, "test_split_gaps": data.test_gaps}

@@ -180,3 +180,23 @@ def test_a_finished_run_whose_checkpoints_went_is_removed_an_unfinished_one_kept
     assert remove_run_without_checkpoints(str(run)) is True
     assert not run.exists() and (tmp_path / "refit").is_dir()
     assert remove_run_without_checkpoints(str(run)) is False  # nothing there: nothing to do
+
+
+def test_registered_checkpoints_name_the_latest_epoch_and_survive_a_bad_snapshot(tmp_path):
+    from distmed.artifacts import CHECKPOINT_SNAPSHOT, registered_checkpoints
+    from distmed.cv import interrupted_fit_text
+
+    run = tmp_path / "cv-abc"
+    assert registered_checkpoints(run) == (set(), None)
+    assert "starts again from epoch 1" in interrupted_fit_text(tmp_path, "cv-abc")
+    run.mkdir()
+    older = {"checkpoint_dir_name": "checkpoint_1", "metrics": {"epoch": 1}}
+    latest = {"checkpoint_dir_name": "checkpoint_2", "metrics": {"epoch": 2}}
+    snapshot = {"checkpoint_results": [older, latest], "latest_checkpoint_result": latest}
+    (run / CHECKPOINT_SNAPSHOT).write_text(json.dumps(snapshot))
+    assert registered_checkpoints(run) == ({"checkpoint_1", "checkpoint_2"}, {"epoch": 2})
+    assert "epoch 2 is saved in" in interrupted_fit_text(tmp_path, "cv-abc")
+    (run / CHECKPOINT_SNAPSHOT).write_text("[1, 2")  # torn write: nothing registered
+    assert registered_checkpoints(run) == (set(), None)
+    (run / CHECKPOINT_SNAPSHOT).write_text("[1, 2]")  # valid JSON, not Ray's shape
+    assert registered_checkpoints(run) == (set(), None)

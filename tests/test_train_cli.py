@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -223,3 +224,43 @@ def test_tune_names_a_bad_set_item_not_the_shipped_space(capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert err.startswith("error: --set cv.folds=1: cv.folds: ") and "demo.yaml" not in err
+
+
+def test_ctrl_c_in_the_fit_says_which_epoch_is_saved_and_how_to_resume(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Ray Train's own SIGINT handler ended `distmed.train` silently with status 1 (a new
+    user's try); now Ctrl-C is a KeyboardInterrupt naming the registered epoch, exit 130."""
+    import json
+
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from distmed import cv, pipeline, resources
+    from distmed.artifacts import CHECKPOINT_SNAPSHOT
+
+    root = write_image_folder(tmp_path / "data", {"a": 8, "b": 8})
+    ray_handler = DataParallelTrainer.__dict__["_register_sigint_handler"]
+    monkeypatch.setattr(pipeline, "connect", lambda data, *a, **k: data)
+    layout = SimpleNamespace(num_workers=1, cpus_per_worker=1, use_gpu=False)
+    monkeypatch.setattr(resources, "plan_workers", lambda *a, **k: layout)
+    seen = {}
+
+    def interrupted_fit(cfg, plan, layout, storage, run_name, *args, **kwargs):
+        seen["handler"] = DataParallelTrainer.__dict__["_register_sigint_handler"]
+        run = Path(storage) / run_name
+        run.mkdir(parents=True)
+        latest = {"checkpoint_dir_name": "checkpoint_b", "metrics": {"epoch": 3}}
+        snapshot = {"checkpoint_results": [latest], "latest_checkpoint_result": latest}
+        (run / CHECKPOINT_SNAPSHOT).write_text(json.dumps(snapshot))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cv, "cross_validate", interrupted_fit)
+    out = tmp_path / "out"
+    argv = ["--data", str(root), "--output", str(out), "--set", "cv.folds=2"]
+    argv += ["--set", "model.weights=none", "--set", "train.batch_size=4"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert seen["handler"] is not ray_handler  # Ray's handler kept out during the fit
+    assert DataParallelTrainer.__dict__["_register_sigint_handler"] is ray_handler  # restored
+    assert err.startswith("interrupted: training stopped; epoch 3 is saved in ")
+    assert str(out / "ray" / "cv-") in err and "rerun the same command" in err
