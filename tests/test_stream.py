@@ -94,6 +94,21 @@ def test_an_unreadable_file_in_a_stream_is_named(tmp_path: Path):
         decode_batch(batch, options)
 
 
+def test_an_object_this_node_cannot_read_is_one_line_naming_it_and_the_credentials(tmp_path):
+    """A node without read access to the bucket (a new user's try: every task failed and Ray
+    Train restarted the workers until it gave up, exit 1) stops at a UserError naming the
+    object, this node and what to give it; here a file:// object gone since the listing."""
+    root = write_image_folder(tmp_path / "d", {"a": 3, "b": 3}, size=24)
+    gone = f"file://{root / 'a' / 'gone.png'}"
+    batch = {"position": np.array([0]), "path": np.array([gone], dtype=object)}
+    options = _config(root).data.decode_settings().model_dump(mode="json")
+    with pytest.raises(UserError) as caught:
+        decode_batch(batch, options)
+    message = str(caught.value)
+    assert len(message.splitlines()) == 1 and f"cannot read {gone} on node " in message
+    assert "FileNotFoundError" in message and "credentials" in message
+
+
 def test_epoch_order_is_seeded_split_evenly_over_ranks_and_validation_keeps_every_image():
     positions = np.arange(3, 26)  # 23 images
     shares = [epoch_positions(positions, 7, 2, rank, 3, True) for rank in range(3)]

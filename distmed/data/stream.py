@@ -27,10 +27,13 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import platform
 import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -40,7 +43,7 @@ from distmed.data.decode import try_decode
 from distmed.data.objects import readable_file
 from distmed.data.settings import DecodeSettings
 from distmed.data.streamindex import index_paths, write_index
-from distmed.errors import UserError
+from distmed.errors import UserError, first_line
 
 if TYPE_CHECKING:
     from distmed.config import DataConfig
@@ -172,7 +175,7 @@ def decode_batch(
     paths = batch["path"] if index is None else index_paths(index, batch["position"])
     images = np.empty((len(paths), 3, size, size), dtype=np.uint8)
     for row, path in enumerate(paths):
-        with readable_file(str(path)) as local:
+        with readable_object(str(path)) as local:
             image, reason = try_decode(local, settings)
         if image is None:
             raise UserError(
@@ -181,6 +184,29 @@ def decode_batch(
             )
         images[row] = stream_row(image)
     return {"position": np.asarray(batch["position"], dtype=np.int64), "image": images}
+
+
+@contextmanager
+def readable_object(path: str) -> Iterator[Path]:
+    """`objects.readable_file` in a decoding task, where a bucket that this node cannot read
+    (no credentials in its chain, a key gone) is the one line naming the object and the node:
+    Ray Train would otherwise retry the whole worker group on a failure that repeats.
+
+    Raises:
+        UserError: the object cannot be read on this node (pyarrow already retried).
+    """
+    try:
+        with readable_file(path) as local:
+            yield local
+    except OSError as exc:
+        if "://" not in path:
+            raise
+        raise UserError(
+            f"data.loader stream: cannot read {path} on node {platform.node()} "
+            f"({type(exc).__name__}: {first_line(exc)}); every node that decodes must read "
+            "the bucket with its own credentials (environment, profile or instance role: "
+            "docs/data.md, 'Training from a bucket')"
+        ) from exc
 
 
 def epoch_positions(
