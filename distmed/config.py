@@ -42,7 +42,11 @@ DEFAULT_ARCH = "resnet18"
 class _Section(BaseModel):
     # coerce_numbers_to_str: YAML reads a class named 0 or a folder named 2024 as an int.
     model_config = ConfigDict(
-        extra="forbid", frozen=True, validate_default=True, coerce_numbers_to_str=True
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+        coerce_numbers_to_str=True,
+        allow_inf_nan=False,  # nan passes no bound check with a message that fits it
     )
 
 

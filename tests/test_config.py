@@ -269,6 +269,16 @@ def test_out_of_range_names_dotted_path(item, dotted):
     assert f"(got {item.split('=')[1]})" in message  # the offending value is quoted back
 
 
+@pytest.mark.parametrize(
+    "item", ["optim.lr=nan", "data.stream_decode_cpus=nan", "optim.weight_decay=inf"]
+)
+def test_nan_and_infinity_are_refused_as_not_finite_on_every_float_key(item):
+    """nan fails every bound check, so it was refused as 'less than or equal to 64'."""
+    with pytest.raises(UserError) as info:
+        load_config(None, [item])
+    assert item.split("=")[0] in str(info.value) and "finite number" in str(info.value)
+
+
 def test_boundaries_are_accepted():
     cfg = load_config(None, ["train.epochs=1", "model.unfreeze=0", "cv.folds=2"])
     assert (cfg.train.epochs, cfg.model.unfreeze, cfg.cv.folds) == (1, 0, 2)

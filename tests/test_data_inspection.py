@@ -161,6 +161,22 @@ def test_the_scored_class_of_a_binary_set_is_said(tmp_path, capsys):
     assert inspect(three)["positive_class"] is None  # multi-class: every class is scored
 
 
+def test_a_sheet_with_ids_in_its_label_column_gets_a_note(tmp_path, capsys):
+    """A new user's sheet with `group` and `label` swapped inspected as 40 classes of 2
+    images without a word; a real set of a few classes gets no note."""
+    root = write_image_folder(tmp_path / "d", {"lesion": 40, "normal": 40})
+    files = sorted(root.rglob("*.png"))
+    sheet = root / "swapped.csv"
+    ids = [f.parent.name[0] + f.name.split("_")[0] for f in files]  # l00, n00: 2 images each
+    rows = [f"{f.relative_to(root)},{f.parent.name},{i}" for f, i in zip(files, ids, strict=True)]
+    sheet.write_text("path,group,label\n" + "\n".join(rows) + "\n")
+    assert inspect_main([str(sheet)]) == 0
+    text = capsys.readouterr().out
+    assert "note: 40 classes with a median of 2 image(s) each: is the label the one you" in text
+    assert inspect_main([str(root)]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_unreadable_reasons_are_whole_and_the_file_named_in_full(tmp_path, capsys):
     """A decoder's reason naming the file's long path was cut mid-path at 60 characters
     (new-user try): the listing names the file, its reason is said whole and counted once."""

@@ -173,7 +173,34 @@ def _format_classes(summary: dict[str, Any]) -> list[str]:
         lines.append(
             f"  {split}: {info['images']} images ({per_class}){_patients_note(summary, split)}"
         )
+    note = _many_classes_note(summary)
+    if note:
+        lines.append(f"  note: {note}")
     return lines
+
+
+# More classes than this, with fewer images than MIN_CLASS_IMAGES in the median class, reads
+# like a column of ids taken for the labels (a new user's sheet with `group` and `label`
+# swapped inspected as 100 classes of 2 images without a word).
+MANY_CLASSES = 10
+MIN_CLASS_IMAGES = 3
+
+
+def _many_classes_note(summary: dict[str, Any]) -> str | None:
+    totals: dict[str, int] = {}
+    for info in summary["splits"].values():
+        for name, count in info["per_class"].items():
+            totals[name] = totals.get(name, 0) + count
+    if len(totals) <= MANY_CLASSES:
+        return None
+    median = float(np.median(list(totals.values())))
+    if median >= MIN_CLASS_IMAGES:
+        return None
+    return (
+        f"{len(totals)} classes with a median of {median:g} image(s) each: is the label the "
+        "one you meant? (a patient or image id read as the label makes each one a class; a "
+        "sheet's label column is `label`, its patient column `group`)"
+    )
 
 
 def _patients_note(summary: dict[str, Any], split: str) -> str:
