@@ -32,7 +32,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -195,18 +195,19 @@ def readable_object(path: str) -> Iterator[Path]:
     Raises:
         UserError: the object cannot be read on this node (pyarrow already retried).
     """
-    try:
-        with readable_file(path) as local:
-            yield local
-    except OSError as exc:
-        if "://" not in path:
-            raise
-        raise UserError(
-            f"data.loader stream: cannot read {path} on node {platform.node()} "
-            f"({type(exc).__name__}: {first_line(exc)}); every node that decodes must read "
-            "the bucket with its own credentials (environment, profile or instance role: "
-            "docs/data.md, 'Training from a bucket')"
-        ) from exc
+    with ExitStack() as stack:
+        try:  # the read only: what the caller does with the copy is not a read failure
+            local = stack.enter_context(readable_file(path))
+        except OSError as exc:
+            if "://" not in path:
+                raise
+            raise UserError(
+                f"data.loader stream: cannot read {path} on node {platform.node()} "
+                f"({type(exc).__name__}: {first_line(exc)}); every node that decodes must "
+                "read the bucket with its own credentials (environment, profile or instance "
+                "role: docs/data.md, 'Training from a bucket')"
+            ) from exc
+        yield local
 
 
 def epoch_positions(
