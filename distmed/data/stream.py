@@ -40,7 +40,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distmed.data.decode import try_decode
-from distmed.data.objects import readable_file
+from distmed.data.objects import is_uri, readable_file
 from distmed.data.settings import DecodeSettings
 from distmed.data.streamindex import index_paths, write_index
 from distmed.errors import UserError, first_line
@@ -199,7 +199,7 @@ def readable_object(path: str) -> Iterator[Path]:
         try:  # the read only: what the caller does with the copy is not a read failure
             local = stack.enter_context(readable_file(path))
         except OSError as exc:
-            if "://" not in path:
+            if not is_uri(path):
                 raise
             raise UserError(
                 f"data.loader stream: cannot read {path} on node {platform.node()} "
