@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import ray
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold  # type: ignore[import-untyped]
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
@@ -31,7 +31,7 @@ from distmed.data import CachedData, DataIndex, Split, build_cache, drop_samples
 from distmed.data.stream import STREAM_CHANNELS, StreamSpec, split_stream
 from distmed.data.streamindex import write_plan_arrays
 from distmed.errors import UserError, shorten
-from distmed.failures import raised_user_error
+from distmed.fitcallbacks import StopOnUserError
 from distmed.loop import checkpoint_bytes
 from distmed.metrics import METRIC_NAMES
 from distmed.resources import WorkerLayout
@@ -596,23 +596,6 @@ def cross_validate(
     check_batch_fits(cfg.train.batch_size, plan.smallest_train_fold())
     result = fit_folds(cfg, plan, layout, storage, run_name, callbacks, detail_uri)
     return _to_cv_result(result.return_value, result.checkpoint, plan.folds_per_repeat)
-
-
-class StopOnUserError(UserCallback):
-    """Ends a fit at a worker's `UserError` instead of retrying it `scaling.max_failures`
-    times. Ray Train retries every failure of the worker group, but bad input fails every
-    attempt the same way (a streamed file that cannot be decoded, a weights file): each retry
-    restarted the workers and printed another traceback before the one line. An exception
-    raised by a callback ends the controller's step as a `ControllerError`, which Ray
-    Train's failure policy does not retry; the `UserError` inside it is the CLI's one line
-    (`failures.user_error_cause` walks `controller_failure`). Runs on the controller.
-    """
-
-    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-        for error in worker_exceptions.values():
-            raised = raised_user_error(error)
-            if raised is not None:
-                raise raised
 
 
 def fit_folds(

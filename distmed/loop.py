@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -802,27 +802,6 @@ def _finding_means(latest: list[dict[str, float]]) -> dict[str, float]:
         values = [r[key] for r in latest if np.isfinite(r.get(key, math.nan))]
         out[f"cv_{key[len('val_') :]}"] = float(np.mean(values)) if values else math.nan
     return out
-
-
-def format_epoch(
-    metrics: Mapping[str, Any], epochs: int | None = None, seconds: float | None = None
-) -> str:
-    """One console line for an epoch report (`epoch_metrics`'s keys), without a prefix.
-
-    E.g. "epoch 3/10: CV ROC-AUC 0.8123 ± 0.0210, train loss 0.4100, 12 s". The AUC part
-    appears only when the report has one (a refit has no validation data); `epochs` adds
-    the "/N" and `seconds` the wall time. Both the search's trial lines and the refit's
-    lines use it, so the two read alike.
-    """
-    total = f"/{epochs}" if epochs is not None else ""
-    parts = []
-    if "cv_roc_auc" in metrics:
-        std = metrics.get("cv_roc_auc_std", math.nan)
-        parts.append(f"CV ROC-AUC {metrics['cv_roc_auc']:.4f} ± {std:.4f}")
-    parts.append(f"train loss {metrics.get('train_loss', math.nan):.4f}")
-    if seconds is not None:
-        parts.append(f"{seconds:.0f} s")
-    return f"epoch {metrics.get('epoch')}{total}: {', '.join(parts)}"
 
 
 def checkpoint_due(epoch: int, train: TrainConfig, last: bool) -> bool:

@@ -10,11 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import ray.exceptions
@@ -25,7 +24,7 @@ import torch
 from distmed.artifacts import latest_checkpoint
 from distmed.config import ExperimentConfig
 from distmed.cv import FoldPlan, fit_folds
-from distmed.loop import format_epoch
+from distmed.fitcallbacks import RefitEpochLines
 from distmed.resources import WorkerLayout
 from distmed.worker import STATE_FILE
 
@@ -88,36 +87,6 @@ def refit(
     with result.checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
     return state["folds"][0]["model"]
-
-
-class RefitEpochLines(ray.train.UserCallback):
-    """One line per refit epoch for the console: "refit epoch 3/10: train loss 0.4100, 12 s".
-
-    During the search, Tune brings each epoch to the driver (`search.EpochLines`); the
-    refit runs outside Tune, and Ray Train calls this on its controller, an actor whose
-    output reaches the console only with --verbose (`log_to_driver`). So each line goes to
-    `send` (a Ray queue's `put`; `relay_lines` prints it in the driver). The seconds are
-    those since the previous report; the first also covers starting the workers.
-    """
-
-    def __init__(
-        self, epochs: int, send: Callable[[str], Any], clock: Callable[[], float] = time.time
-    ) -> None:
-        self.epochs = epochs
-        self.send = send
-        self.clock = clock  # wall time: set here, read on the controller (same node)
-        self._last = clock()
-
-    def after_report(
-        self,
-        run_context: Any,
-        metrics: list[dict[str, Any]],
-        checkpoint: ray.train.Checkpoint | None,
-    ) -> None:
-        """`metrics[i]`: what rank i reported (`loop.epoch_metrics`); rank 0's is shown."""
-        now = self.clock()
-        self.send(f"refit {format_epoch(metrics[0], self.epochs, now - self._last)}")
-        self._last = now
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ from distmed.artifacts import delete_checkpoints
 from distmed.config import ExperimentConfig
 from distmed.cv import FoldPlan, cross_validate
 from distmed.failures import describe
-from distmed.loop import format_epoch
+from distmed.fitcallbacks import ReportToTune, format_epoch
 from distmed.pareto import ModelSize
 from distmed.resources import TRIAL_CPU, WorkerLayout
 from distmed.results import completed_score
@@ -157,19 +157,6 @@ class CVOptunaSearch(OptunaSearch):
                     else {k: v for k, v in result.items() if k != self.metric}
                 )
         super().on_trial_complete(trial_id, result, error)
-
-
-class ReportToTune(TuneReportCallback):
-    """Train's epoch reports to the trial, each with `extra` metrics added (the model size
-    for a two-objective search: Tune requires every objective in every result)."""
-
-    def __init__(self, extra: dict[str, Any]) -> None:
-        super().__init__()
-        self.extra = extra
-
-    def after_report(self, run_context, metrics, checkpoint):
-        with_extra = [{**metrics[0], **self.extra}, *metrics[1:]] if metrics else metrics
-        super().after_report(run_context, with_extra, checkpoint)
 
 
 class EpochLines(ray.tune.Callback):

@@ -180,7 +180,7 @@ def test_a_worker_s_user_error_ends_the_fit_instead_of_being_retried():
     be decoded) `scaling.max_failures` times, each attempt failing the same way; the fit's
     callback raises the UserError, which Ray Train's failure policy does not retry (measured
     by hand: one worker-group start instead of three with max_failures 2)."""
-    from distmed.cv import StopOnUserError
+    from distmed.fitcallbacks import StopOnUserError
 
     callback = StopOnUserError()
     callback.after_exception(None, {0: RuntimeError("a worker crashed"), 1: OSError("reset")})

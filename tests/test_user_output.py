@@ -21,10 +21,10 @@ from conftest import write_image_folder
 
 from distmed import plots, predict, runreport, scorecard
 from distmed.config import ExperimentConfig
+from distmed.fitcallbacks import RefitEpochLines, format_epoch
 from distmed.gradcam import FLAT_MAP_NOTE, gradcam_maps, is_flat
-from distmed.loop import format_epoch
 from distmed.model import build_model
-from distmed.refit import RefitEpochLines, relay_lines
+from distmed.refit import relay_lines
 from distmed.savedmodel import save_model
 from distmed.search import (
     HIDDEN_STATUS_LINES,
