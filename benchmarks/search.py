@@ -6,6 +6,8 @@ PneumoniaMNIST at 28 px, several seeds, through the real `distmed.tune` CLI.
     python -m benchmarks.search --plan               # what would run and its estimated time
     python -m benchmarks.search --seeds 0 --datasets breastmnist   # a slice
     python -m benchmarks.search --resume             # continue interrupted searches
+        # (and keep the searches the results file records: an earlier session's, whose
+        # --workdir is gone; each run there carries the machine and commit it ran on)
 
 Every search has the same budget (`--trials`, default 24, `--concurrent` 2 at a time) on a
 fixed subset of each data set's CV pool (`--pool` images, 2 folds, 3 epochs: the subset and
@@ -77,20 +79,51 @@ def main(argv: list[str] | None = None) -> int:
     print(plan_text(plan, args), flush=True)
     if args.plan:
         return 0
+    # Searches finished in an earlier session, on another machine maybe, whose --workdir is
+    # gone: the results file keeps each one whole (its trials, timing and machine).
+    keep = args.resume or args.report_only
+    recorded = recorded_runs(RESULTS / "search_methods.json", args) if keep else {}
     if not args.report_only:
         for dataset in args.datasets:
             data = subset_for(dataset, args)
             for _, method, seed in (p for p in plan if p[0] == dataset):
+                if run_name(dataset, method, seed) in recorded:
+                    print(f"[search] {run_name(dataset, method, seed)}: recorded, kept")
+                    continue
                 run_one(data, dataset, method, seed, args)
                 # After every search: a stopped benchmark keeps what it finished. A fault in
                 # the bookkeeping must not end the searches still to run (the final report,
                 # or --report-only, then shows it).
                 try:
-                    report(finished_runs(args.workdir), args)
+                    report({**recorded, **finished_runs(args.workdir)}, args)
                 except Exception as error:  # noqa: BLE001
                     print(f"[search] interim report failed: {error!r}", flush=True)
-    report(finished_runs(args.workdir), args)
+    report({**recorded, **finished_runs(args.workdir)}, args)
     return 0
+
+
+# The settings every search of one benchmark shares: runs recorded under others are not merged.
+# (Data sets, seeds and methods are slices of one benchmark.)
+SHARED_SETTINGS = ("trials", "concurrent", "pool", "epochs")
+
+
+def recorded_runs(path: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The finished searches the results file at `path` records, by run name, each with the
+    machine it ran on (the file's own for runs recorded before runs carried theirs); empty when
+    there is no file. Raises SystemExit when the file's shared settings differ from `args`."""
+    import json
+
+    if not path.is_file():
+        return {}
+    recorded = json.loads(path.read_text())
+    theirs = {k: recorded["settings"].get(k) for k in SHARED_SETTINGS}
+    ours = {k: getattr(args, k) for k in SHARED_SETTINGS}
+    if theirs != ours:
+        raise SystemExit(
+            f"{path}: recorded with {theirs}, this run has {ours}: rerun with those settings, "
+            "or move the file away to start a new benchmark"
+        )
+    return {name: {"machine": recorded["machine"], **run} for name, run in recorded["runs"].items()}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -112,7 +145,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="skip finished searches and continue interrupted ones (others start afresh)",
+        help="skip finished searches (in --workdir or recorded in the results file) and continue "
+        "interrupted ones (others start afresh)",
     )
     parser.add_argument(
         "--report-only",
@@ -208,8 +242,9 @@ def run_one(
     # The subset's --data comes after run_tune's own (the full file): argparse keeps the last.
     extra = ("--data", str(data))
     resume = args.resume and out.is_dir()  # an interrupted search continues, a new one starts
+    machine = machine_info()  # this search's: the code it imports is the tree's now
     timing = run_tune(name, space, dataset, args.workdir, resume, extra=extra, lock=args.lock)
-    timing_path.write_text(json.dumps(timing))
+    timing_path.write_text(json.dumps({**timing, "machine": machine}))
     print(f"[search] {name}: {time.perf_counter() - started:.0f} s", flush=True)
     return finished_run(args.workdir, name)
 
@@ -584,16 +619,13 @@ def report(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
     machine = machine_info()
     summary = summarise(runs, datasets, seeds)
     plot = plot_curves(runs, datasets, RESULTS / "search_methods.png")
-    settings = {
-        k: v
-        for k, v in vars(args).items()
-        if k not in ("workdir", "plan", "resume", "report_only", "lock", "datasets", "seeds")
-    }
+    settings = {k: getattr(args, k) for k in SHARED_SETTINGS}
+    methods = [m for m in METHODS if any(r["method"] == m for r in runs.values())]
     write_result(
         "search_methods",
         {
             "machine": machine,
-            "settings": {**settings, "datasets": datasets, "seeds": seeds},
+            "settings": {**settings, "methods": methods, "datasets": datasets, "seeds": seeds},
             "reference": REFERENCE,
             "target_method": TARGET_METHOD,
             "summary": summary,

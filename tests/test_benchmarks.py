@@ -252,6 +252,42 @@ def test_search_benchmark_spaces_are_valid_distmed_spaces(tmp_path):
             assert resolved["n_startup_trials"] == 10 and resolved["constant_liar"] is False
 
 
+def test_search_benchmark_keeps_searches_recorded_in_an_earlier_session(tmp_path, monkeypatch):
+    """A search recorded in the results file (its --workdir gone with an earlier machine) is
+    neither run again nor dropped: the next report holds it beside the new ones, each with
+    the machine it ran on; a file recorded under other settings is refused."""
+    import json
+
+    from benchmarks import search
+
+    args = _search_args("--resume")
+    settings = {k: getattr(args, k) for k in search.SHARED_SETTINGS}
+    recorded = {"dataset": "breastmnist", "trials": [], "best_cv_roc_auc": 0.7, "seed": 0}
+    name = search.run_name("breastmnist", "random+fifo", 0)
+    results = tmp_path / "search_methods.json"
+    results.write_text(
+        json.dumps(
+            {"machine": {"cpu_model": "earlier"}, "settings": settings, "runs": {name: recorded}}
+        )
+    )
+    kept = search.recorded_runs(results, args)
+    assert kept == {name: {"machine": {"cpu_model": "earlier"}, **recorded}}
+
+    monkeypatch.setattr(search, "RESULTS", tmp_path)
+    monkeypatch.setattr(search, "subset_for", lambda dataset, args: tmp_path / f"{dataset}.npz")
+    ran, reported = [], []
+    monkeypatch.setattr(search, "run_one", lambda data, d, m, s, args: ran.append((d, m, s)))
+    monkeypatch.setattr(search, "finished_runs", lambda workdir: {"new": {"seed": 1}})
+    monkeypatch.setattr(search, "report", lambda runs, args: reported.append(runs))
+    argv = ["--workdir", str(tmp_path / "w"), "--resume", "--datasets", "breastmnist"]
+    assert search.main([*argv, "--seeds", "0", "--methods", "random+fifo"]) == 0
+    assert ran == [] and reported[-1] == {**kept, "new": {"seed": 1}}
+
+    other = search.parse_args(["--workdir", "/tmp/unused", "--resume", "--trials", "12"])
+    with pytest.raises(SystemExit, match=r"search_methods.json: recorded with .*'trials': 24"):
+        search.recorded_runs(results, other)
+
+
 def test_search_benchmark_measures_cost_to_random_searchs_final_best():
     from benchmarks import search
 
