@@ -2,11 +2,11 @@
 
 Ray Train runs a fit's callbacks on its controller, an actor process that unpickles them, so
 it imports this module once per fit (once per trial of a search). The controller imports
-torch and `ray.train.torch` anyway; this module adds only the callbacks' own needs. It once
-lived in `cv.py`, `search.py` and `refit.py`, whose imports (scikit-learn, scipy, Optuna,
-the data package) cost every fit's controller ~1.7 CPU-s more on a 2-core AMD EPYC
-(`python -c "import ray.train.torch, distmed.search"` 5.6 CPU-s against 3.9 for this
-module; `tests/test_fitcallbacks.py` keeps them out).
+torch and `ray.train.torch` anyway; this module adds only the callbacks' own needs. They
+once lived in `cv.py`, `search.py` and `refit.py`, whose imports (scikit-learn, scipy, Optuna,
+the data package) cost every fit's controller ~1.3-1.8 CPU-s more on a 2-core AMD EPYC
+(`python -c "import ray.train.torch, distmed.search"` 5.6 CPU-s, with `distmed.cv` 5.0,
+against 3.7-3.9 with this module; `tests/test_fitcallbacks.py` keeps them out).
 """
 
 from __future__ import annotations
