@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 # What the modules the callbacks once lived in (cv, search, refit) pulled into every
-# controller: ~1.7 CPU-s a fit on 2 cores (distmed/fitcallbacks.py's docstring).
+# controller: ~1.3-1.8 CPU-s a fit on 2 cores (distmed/fitcallbacks.py's docstring).
 HEAVY = ("sklearn", "scipy", "optuna", "iterstrat", "distmed.cv", "distmed.search")
 
 
