@@ -87,18 +87,18 @@ def main(argv: list[str] | None = None) -> int:
         for dataset in args.datasets:
             data = subset_for(dataset, args)
             for _, method, seed in (p for p in plan if p[0] == dataset):
-                if run_name(dataset, method, seed) in recorded:
-                    print(f"[search] {run_name(dataset, method, seed)}: recorded, kept")
+                if (name := run_name(dataset, method, seed)) in recorded:
+                    print(f"[search] {name}: recorded, kept")
                     continue
                 run_one(data, dataset, method, seed, args)
                 # After every search: a stopped benchmark keeps what it finished. A fault in
                 # the bookkeeping must not end the searches still to run (the final report,
                 # or --report-only, then shows it).
                 try:
-                    report({**recorded, **finished_runs(args.workdir)}, args)
+                    report(recorded | finished_runs(args.workdir), args)
                 except Exception as error:  # noqa: BLE001
                     print(f"[search] interim report failed: {error!r}", flush=True)
-    report({**recorded, **finished_runs(args.workdir)}, args)
+    report(recorded | finished_runs(args.workdir), args)
     return 0
 
 
