@@ -6,6 +6,8 @@ ablation of each recipe element on BreastMNIST, through the real CLIs.
     python -m benchmarks.quality                     # everything (planned for ~1 h on 2 idle cores)
     python -m benchmarks.quality --only ablation     # one part (search-pneumoniamnist,
                                                      # search-breastmnist, ablation)
+    python -m benchmarks.quality --round 2           # the second plan: ResNet-18 with the
+                                                     # 28 px stem, no ablation (~1 h)
 
 Protocol. Everything that decides the outcome is written to the results file before the
 first command runs, so before any test split is read: each search's exact space file (the
@@ -17,7 +19,9 @@ test split by `distmed.tune` itself, and compared with MedMNIST v2's from-scratc
 (benchmarks/BENCHMARKS.md). The ablation cross-validates one fixed configuration
 (`python -m distmed.train`, CV only, no test split) with each recipe element switched on
 alone, same folds and seeds, and reports CV ROC-AUC and wall time per element.
-Results: `benchmarks/results/quality-backbones.json`, rewritten after each part.
+Results: `benchmarks/results/quality-backbones.json` (round 2: `quality-r2.json`), rewritten
+after each part. A round is a plan written once; a later round says in its plan (`why`) what
+it changed after the earlier rounds' results and which test scores had been read by then.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -87,6 +92,64 @@ SEARCH_SETTINGS: dict[str, dict[str, Any]] = {
 MINUTES_PER_TRIAL = {"pneumoniamnist": 3.5, "breastmnist": 3.5}
 MINUTES_PER_ABLATION_RUN = 1.5
 
+# Round 2 (2026-12-06), written after round 1's results (BENCHMARKS.md part 9) and before any
+# of its own runs. What changed and why, from round 1's CV side only:
+# - ResNet-18, the arch round 1's CV selected on both sets, with the 28 px stem of MedMNIST
+#   v2's own ResNets (3x3 conv, stride 1, no max-pool: `model.stem: small`), the reference
+#   this benchmark compares with; the ImageNet stem leaves a 1x1 map at layer4 at 28 px.
+# - BreastMNIST 30 epochs: at 12, ASHA stopped 6 of 8 trials at CV 0.52-0.65.
+# - Focal loss and mixup out of the space: each lowered CV in round 1's ablation (-0.017,
+#   -0.012); the search's other recipe keys (label smoothing, EMA) stay searched.
+# Disclosed in the results file: the small stem's BreastMNIST test scores (part 6, post hoc
+# searches) were read before this plan was written.
+ROUND2_WHY = (
+    "ResNet-18 (round 1's CV choice on both sets) with MedMNIST v2's 28 px stem "
+    "(model.stem: small); BreastMNIST 30 epochs (round 1: 6 of 8 trials stopped at 12); focal "
+    "loss and mixup out of the space (round 1's ablation: both lowered CV). Test scores of "
+    "small-stem BreastMNIST searches (BENCHMARKS.md part 6, post hoc) were read before this plan."
+)
+# Keys of the backbones space that round 2 drops (None) or fixes in its base.
+ROUND2_DROPPED: dict[str, Any] = {"model.arch": None, "train.loss": None, "train.mixup_alpha": None}
+ROUND2_SETTINGS: dict[str, dict[str, Any]] = {
+    "pneumoniamnist": {
+        "base": {"model": {"arch": "resnet18", "stem": "small"}, "train": {"epochs": 3}},
+        "search": {"num_samples": 6, "scheduler": {"grace_period": 2}},
+        "space": dict(ROUND2_DROPPED),
+    },
+    "breastmnist": {
+        "base": {
+            "model": {"arch": "resnet18", "stem": "small"},
+            "train": {"epochs": 30, "batch_size": 32},
+            "cv": {"folds": 3},
+        },
+        "search": {"num_samples": 6, "scheduler": {"grace_period": 8}},
+        "space": {**ROUND2_DROPPED, "train.batch_size": {"choice": [16, 32]}},
+    },
+}
+# The small stem runs layer1 at 28x28 instead of 7x7: ~10x a round-1 ResNet-18 trial's compute
+# per epoch (BENCHMARKS.md part 6: ~8 min for a 30-epoch BreastMNIST trial); ASHA stops about
+# half the trials at the grace period.
+ROUND2_MINUTES_PER_TRIAL = {"pneumoniamnist": 4.5, "breastmnist": 5.0}
+
+
+@dataclass(frozen=True)
+class Round:
+    """One pre-registered quality run: its results file, its run folders
+    (`runs/<dataset>-<method>`), its per-set settings and whether it runs the ablation."""
+
+    result_name: str
+    method: str
+    settings: dict[str, dict[str, Any]]
+    minutes_per_trial: dict[str, float]
+    ablation: bool
+    why: str
+
+
+ROUNDS = {
+    1: Round(RESULT_NAME, METHOD, SEARCH_SETTINGS, MINUTES_PER_TRIAL, True, "the first plan"),
+    2: Round("quality-r2", "r2", ROUND2_SETTINGS, ROUND2_MINUTES_PER_TRIAL, False, ROUND2_WHY),
+}
+
 ABLATION_DATASET = "breastmnist"
 # One fixed configuration (the backbones base at BreastMNIST's settings, ResNet-18); each row
 # switches one element on. Same cv.seed and train.seed everywhere.
@@ -122,6 +185,7 @@ SEEDS = (0,)
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    result_name = ROUNDS[args.round].result_name
     plan = build_plan(args)
     check_plan(plan)
     print(plan_text(plan))
@@ -132,16 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     if payload is None:
         payload = {"plan": plan, "searches": {}, "ablation": {}}
         # Written before the first command: nothing about the outcome is chosen after this.
-        path = write_result(RESULT_NAME, payload)
+        path = write_result(result_name, payload)
         print(f"[quality] plan written to {path}", flush=True)
     for dataset in DATASETS:
         if args.only in (None, f"search-{dataset}"):
             payload["searches"][dataset] = run_search(dataset, plan, args)
-            write_result(RESULT_NAME, payload)
+            write_result(result_name, payload)
     if args.only in (None, "ablation"):
         for name, item in plan["ablation"]["runs"].items():
             payload["ablation"][name] = run_ablation(name, item, args)
-            write_result(RESULT_NAME, payload)
+            write_result(result_name, payload)
     print(report(payload))
     return 0
 
@@ -150,7 +214,7 @@ def continued_payload(plan: dict[str, Any]) -> dict[str, Any] | None:
     """The results file of the run this `--only` continues: its plan (written before that
     run's first command) and its other parts kept. None when there is none, or when its
     plan's searches or ablation differ from today's (then the part runs under a new plan)."""
-    path = RESULTS / f"{RESULT_NAME}.json"
+    path = RESULTS / f"{ROUNDS[plan.get('round', 1)].result_name}.json"
     if not path.is_file():
         return None
     payload = json.loads(path.read_text())
@@ -173,33 +237,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--workdir", type=Path, default=REPO / "runs" / "quality", help="spaces, runs, logs"
     )
     parser.add_argument("--resume", action="store_true", help="continue interrupted searches")
+    parser.add_argument(
+        "--round",
+        type=int,
+        choices=sorted(ROUNDS),
+        default=1,
+        help="which pre-registered plan: 1 (backbones searched, ablation) or 2 (ResNet-18 with "
+        "the 28 px stem, longer BreastMNIST schedule; no ablation)",
+    )
     return parser.parse_args(argv)
 
 
-def space_spec(dataset: str) -> dict[str, Any]:
-    """The backbones space with `dataset`'s settings (the exact file each search runs)."""
+def space_spec(dataset: str, round_: int = 1) -> dict[str, Any]:
+    """The backbones space with `dataset`'s settings in `round_` (the exact file each search
+    runs); a space key set to None is dropped from the search."""
     spec = yaml.safe_load(SPACE.read_text())
-    settings = SEARCH_SETTINGS[dataset]
+    settings = ROUNDS[round_].settings[dataset]
     spec["base"] = merged(spec["base"], settings["base"])
     spec["search"] = merged(spec["search"], settings["search"])
-    spec["space"] = {**spec["space"], **copy.deepcopy(settings["space"])}
+    # A searched key is replaced whole (a `choice` must not merge into a `loguniform`).
+    changed = {**spec["space"], **copy.deepcopy(settings["space"])}
+    spec["space"] = {key: value for key, value in changed.items() if value is not None}
     return spec
 
 
 def build_plan(args: argparse.Namespace) -> dict[str, Any]:
     """Everything fixed before the first run: spaces, budgets, seeds, ablation, references."""
     commit, dirty = git_commit()
-    searches = {
-        d: {
-            "space": space_spec(d),
+    round_ = ROUNDS[args.round]
+    searches = {}
+    for d in DATASETS:
+        spec = space_spec(d, args.round)
+        searches[d] = {
+            "space": spec,
             "data": str(SHARED / f"{d}.npz"),
-            "trials": space_spec(d)["search"]["num_samples"],
-            "search_seed": space_spec(d)["search"]["seed"],
-            "cv_seed": space_spec(d)["base"]["cv"]["seed"],
-            "estimated_min": MINUTES_PER_TRIAL[d] * space_spec(d)["search"]["num_samples"] + 3,
+            "trials": spec["search"]["num_samples"],
+            "search_seed": spec["search"]["seed"],
+            "cv_seed": spec["base"]["cv"]["seed"],
+            "estimated_min": round_.minutes_per_trial[d] * spec["search"]["num_samples"] + 3,
         }
-        for d in DATASETS
-    }
     runs = {
         f"{name} / seed {seed}": {
             "element": name,
@@ -208,12 +284,15 @@ def build_plan(args: argparse.Namespace) -> dict[str, Any]:
         }
         for name, changes in ABLATION_ROWS.items()
         for seed in args.seeds
+        if round_.ablation
     }
     return {
         "written_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "commit": commit,
         "dirty": dirty,
         "machine": machine_info(),
+        "round": args.round,
+        "why": round_.why,
         "selection": "each search's best CV ROC-AUC trial, refit on train + val; test once",
         "published_test_roc_auc": PUBLISHED,
         "searches": searches,
@@ -247,7 +326,10 @@ def check_plan(plan: dict[str, Any]) -> None:
 
 
 def plan_text(plan: dict[str, Any]) -> str:
-    lines = ["[quality] plan (fixed before any data is read):"]
+    lines = [
+        f"[quality] round {plan.get('round', 1)} plan (fixed before any data is read): "
+        f"{plan.get('why', '')}"
+    ]
     total = plan["ablation"]["estimated_min"]
     for dataset, search in plan["searches"].items():
         space = ", ".join(search["space"]["space"])
@@ -258,21 +340,25 @@ def plan_text(plan: dict[str, Any]) -> str:
         )
         total += search["estimated_min"]
     ablation = plan["ablation"]
-    lines.append(
-        f"  ablation on {ablation['dataset']}: {len(ablation['runs'])} CV runs "
-        f"({', '.join(ABLATION_ROWS)}); ~{ablation['estimated_min']:.0f} min"
-    )
+    if ablation["runs"]:
+        lines.append(
+            f"  ablation on {ablation['dataset']}: {len(ablation['runs'])} CV runs "
+            f"({', '.join(ABLATION_ROWS)}); ~{ablation['estimated_min']:.0f} min"
+        )
+    else:
+        lines.append("  no ablation in this round (round 1's table stands)")
     lines.append(f"  total ~{total:.0f} min on 2 idle cores (estimate from BENCHMARKS.md)")
     return "\n".join(lines)
 
 
 def run_search(dataset: str, plan: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """`distmed.tune` over the planned space; its refit model is scored once on the test."""
-    name = f"{dataset}-{METHOD}"
+    method = ROUNDS[plan.get("round", 1)].method
+    name = f"{dataset}-{method}"
     space = args.workdir / f"{name}.yaml"
     space.write_text(yaml.safe_dump(plan["searches"][dataset]["space"], sort_keys=False))
     timing = run_tune(name, space, dataset, args.workdir, args.resume)
-    run = load_run(args.workdir, dataset, METHOD)
+    run = load_run(args.workdir, dataset, method)
     run.update(timing)
     return {
         "best_cv_roc_auc": run["best_cv_roc_auc"],
@@ -322,12 +408,13 @@ def run_ablation(name: str, item: dict[str, Any], args: argparse.Namespace) -> d
 def report(payload: dict[str, Any]) -> str:
     """The comparison table and the ablation table, as markdown."""
     rows = []
+    round_ = payload["plan"].get("round", 1)
     for dataset, search in payload["searches"].items():
         arch = (search.get("best_config") or {}).get("model", {}).get("arch", "?")
         rows.append(
             [
                 dataset,
-                f"distmed backbones search (selected: {arch})",
+                f"distmed round {round_} search (selected: {arch})",
                 f"{search['best_cv_roc_auc']:.4f}",
                 f"{search['test_metrics']['roc_auc']:.3f}",
                 f"{search['wall_s'] / 60:.0f} min",

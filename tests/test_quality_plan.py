@@ -43,3 +43,29 @@ def test_a_part_run_alone_continues_the_results_written_under_the_same_plan(monk
     assert quality.continued_payload(plan) == written
     other = quality.build_plan(quality.parse_args(["--seeds", "0", "1"]))
     assert quality.continued_payload(other) is None
+
+
+def test_round_two_is_its_own_plan_with_its_own_results_file(capsys, monkeypatch, tmp_path):
+    """`--round 2` validates its spaces, drops the keys it names from the search, runs no
+    ablation, records why it differs, and continues only a results file of its own."""
+    import json
+
+    assert quality.main(["--plan", "--round", "2", "--workdir", str(tmp_path)]) == 0
+    assert "no ablation in this round" in capsys.readouterr().out
+    plan = quality.build_plan(quality.parse_args(["--round", "2"]))
+    assert plan["round"] == 2 and "were read before this plan" in plan["why"]
+    assert plan["ablation"]["runs"] == {}
+    for search in plan["searches"].values():
+        space = search["space"]
+        assert space["base"]["model"] == {**space["base"]["model"], "stem": "small"}
+        assert not {"model.arch", "train.loss", "train.mixup_alpha"} & set(space["space"])
+        assert "optim.lr" in space["space"] and search["trials"] == 6
+    breast = plan["searches"]["breastmnist"]["space"]
+    assert breast["base"]["train"]["epochs"] == 30
+    assert breast["space"]["train.batch_size"] == {"choice": [16, 32]}  # replaced, not merged
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    first = quality.build_plan(quality.parse_args([]))
+    (tmp_path / f"{quality.RESULT_NAME}.json").write_text(json.dumps({"plan": first}))
+    assert quality.continued_payload(plan) is None  # round 1's file is not round 2's
+    (tmp_path / "quality-r2.json").write_text(json.dumps({"plan": plan, "searches": {}}))
+    assert quality.continued_payload(plan) == {"plan": plan, "searches": {}}
