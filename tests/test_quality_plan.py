@@ -69,3 +69,12 @@ def test_round_two_is_its_own_plan_with_its_own_results_file(capsys, monkeypatch
     assert quality.continued_payload(plan) is None  # round 1's file is not round 2's
     (tmp_path / "quality-r2.json").write_text(json.dumps({"plan": plan, "searches": {}}))
     assert quality.continued_payload(plan) == {"plan": plan, "searches": {}}
+    # a corrected time estimate is not a new plan; a changed budget is
+    monkeypatch.setitem(quality.ROUND2_MINUTES_PER_TRIAL, "breastmnist", 40.0)
+    round_two = quality.parse_args(["--round", "2"])
+    re_estimated = quality.build_plan(round_two)
+    minutes = [p["searches"]["breastmnist"]["estimated_min"] for p in (plan, re_estimated)]
+    assert minutes[0] != minutes[1]
+    assert quality.continued_payload(re_estimated) == {"plan": plan, "searches": {}}
+    monkeypatch.setitem(quality.ROUND2_SETTINGS["breastmnist"]["search"], "num_samples", 7)
+    assert quality.continued_payload(quality.build_plan(round_two)) is None
