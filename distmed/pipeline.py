@@ -199,20 +199,21 @@ def warn_frozen_random_stages(spec: SearchSpaceFile) -> None:
     model_warning(model, min(counts) if counts else None)
 
 
-def describe_search(spec: SearchSpaceFile) -> str:
+def describe_search(spec: SearchSpaceFile, warm: WarmStart | None = None) -> str:
     """The resolved base config, search settings and space as YAML (`--dry-run`); the
-    sampler as built for `max_concurrent` trials at once (fewer if the cluster is smaller)."""
+    sampler as built for `max_concurrent` trials at once (fewer if the cluster is smaller);
+    with `warm`, what --warm-start would feed the sampler."""
     search = spec.search
     concurrent = min(search.max_concurrent, search.num_samples)
-    return yaml.safe_dump(
-        {
-            "base": spec.base.model_dump(mode="json"),
-            "search": search.model_dump(mode="json"),
-            "sampler (resolved)": resolve_sampler(search, concurrent),
-            "space": spec.space_as_dict(),
-        },
-        sort_keys=False,
-    )
+    described = {
+        "base": spec.base.model_dump(mode="json"),
+        "search": search.model_dump(mode="json"),
+        "sampler (resolved)": resolve_sampler(search, concurrent),
+        "space": spec.space_as_dict(),
+    }
+    if warm is not None:
+        described["warm start"] = warm.record()
+    return yaml.safe_dump(described, sort_keys=False)
 
 
 def batch_sizes(spec: SearchSpaceFile) -> list[int]:
@@ -300,7 +301,10 @@ def warm_start(
     size = None
     if spec.search.multi_objective:
         size = model_size_of(spec, prepared.data.plan.task.num_outputs)
-    return load_warm_start(run_dir, spec, prepared.data.index, size)
+    warm = load_warm_start(run_dir, spec, prepared.data.index, size)
+    for line in warm.warnings():
+        print(f"warning: {line}", file=sys.stderr, flush=True)
+    return warm
 
 
 def _refuse_warm_start_nested(nested: int | None) -> None:
@@ -328,7 +332,10 @@ def dry_run(spec: SearchSpaceFile, run_dir: str | None, nested: int | None) -> s
         if spec.search.multi_objective:
             task = task_of_index(index, spec.base.data, spec.base.cv.folds)
             size = model_size_of(spec, task.num_outputs)
-        load_warm_start(run_dir, spec, index, size)
+        warm = load_warm_start(run_dir, spec, index, size)
+        for line in warm.warnings():
+            print(f"warning: {line}", file=sys.stderr, flush=True)
+        return describe_search(spec, warm)
     return describe_search(spec)
 
 

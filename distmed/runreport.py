@@ -314,6 +314,8 @@ def sampler_text(summary: RunSummary) -> str:
             f"; warm-started with {warm['trials_used']} completed trial(s) of {warm['from']} "
             f"({warm['skipped']} outside this space left out)"
         )
+        if warm.get("settings_changed"):  # recorded since 2026-12-06
+            text += f", scored with other fixed settings: {'; '.join(warm['settings_changed'])}"
     return text
 
 

@@ -8,6 +8,11 @@ space's distributions, when it lacks a key the new space searches, or when it se
 the new space fixes at another value than the trial's. The others go into the Optuna study
 as completed trials before the first new trial is sampled (`search.CVOptunaSearch`); they
 count toward TPE's random start-up like any finished trial.
+
+Fixed settings may differ (a longer schedule, more folds, a larger image size: the issue's
+"second search on a bigger budget"), but then the earlier scores are on another scale than
+the new ones; `WarmStart.changed` names them and the search warns, as it does when no trial
+was usable.
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ import optuna
 
 from distmed.artifacts import read_text_uri
 from distmed.data import DataIndex
-from distmed.errors import UserError
-from distmed.searchfile import IMAGES_KEY, SEARCH_FILE, images_hash
+from distmed.errors import UserError, shorten
+from distmed.searchfile import IMAGES_KEY, SEARCH_FILE, images_hash, search_record
 from distmed.space import SearchSpaceFile, optuna_distributions
 
 TRIALS_FILE = "trials.csv"
 # trials.csv's columns after the parameters (`results.write_trials_csv`)
 _FIRST_SCORE_COLUMN = "cv_roc_auc"
+# Fixed settings whose change keeps scores comparable: other draws of the same procedure.
+_COMPARABLE_ANYWAY = ("base.train.seed", "base.cv.seed")
 
 
 @dataclass(frozen=True)
@@ -42,10 +49,33 @@ class WarmStart:
     params: list[dict[str, Any]] = field(default_factory=list)
     values: list[list[float]] = field(default_factory=list)  # one value per objective
     skipped: int = 0
+    # fixed settings that differ from the earlier search's, as "key old -> new"
+    changed: tuple[str, ...] = ()
 
     def record(self) -> dict[str, Any]:
         """What summary.json keeps of it."""
-        return {"from": self.source, "trials_used": len(self.params), "skipped": self.skipped}
+        return {
+            "from": self.source,
+            "trials_used": len(self.params),
+            "skipped": self.skipped,
+            "settings_changed": list(self.changed),
+        }
+
+    def warnings(self) -> list[str]:
+        """One line per thing the user should know before trusting the warm start."""
+        out = []
+        if not self.params:
+            out.append(
+                f"--warm-start {self.source}: no completed trial of it fits this space "
+                f"({self.skipped} left out); this search starts cold"
+            )
+        if self.changed:
+            out.append(
+                f"--warm-start {self.source}: its trials were scored with other fixed "
+                f"settings ({'; '.join(self.changed)}); the sampler takes their CV ROC-AUC as "
+                "if comparable with this search's"
+            )
+        return out
 
 
 def load_warm_start(
@@ -70,7 +100,8 @@ def load_warm_start(
             "results folder of an earlier distmed.tune search (e.g. runs/NAME)"
         )
     try:
-        before = json.loads(record_text).get(IMAGES_KEY)
+        record = json.loads(record_text)
+        before = record.get(IMAGES_KEY)
     except (ValueError, AttributeError) as exc:
         raise UserError(f"--warm-start {run_dir}: {SEARCH_FILE} is not a search record") from exc
     if before != images_hash(index):
@@ -79,7 +110,32 @@ def load_warm_start(
             f"sizes or classes differ from --data {index.name}); warm-start only from a "
             "search on the same data"
         )
-    return _fitting_trials(run_dir, trials_text, spec, model_size)
+    warm = _fitting_trials(run_dir, trials_text, spec, model_size)
+    return WarmStart(
+        warm.source, warm.params, warm.values, warm.skipped, changed_settings(record, spec)
+    )
+
+
+def changed_settings(record: dict[str, Any], spec: SearchSpaceFile) -> tuple[str, ...]:
+    """Fixed settings (`base.*` of the search records) that differ between the earlier
+    search and `spec`, as "key old -> new". Left out: keys either search searched (their
+    base value is not what the trials ran with), the seeds, and keys only one record has (a
+    setting one distmed version lacks)."""
+    now = search_record(spec)
+    # "space.optim.lr.loguniform" -> "optim.lr"
+    searched = {
+        k[len("space.") :].rsplit(".", 1)[0] for k in (*record, *now) if k.startswith("space.")
+    }
+    out = []
+    for key in sorted(set(record) & set(now)):
+        name = key[len("base.") :]
+        if not key.startswith("base.") or key in _COMPARABLE_ANYWAY:
+            continue
+        if any(name == s or name.startswith(f"{s}.") for s in searched):
+            continue
+        if record[key] != now[key]:
+            out.append(f"{name} {shorten(record[key])} -> {shorten(now[key])}")
+    return tuple(out)
 
 
 def _fitting_trials(

@@ -456,7 +456,12 @@ def test_report_shows_the_sampler_importance_and_pareto_front(finished_run: Path
     summary.model_copy(
         update={
             "sampler": {"algorithm": "tpe", "n_startup_trials": 3, "constant_liar": True},
-            "warm_start": {"from": "runs/earlier", "trials_used": 5, "skipped": 1},
+            "warm_start": {
+                "from": "runs/earlier",
+                "trials_used": 5,
+                "skipped": 1,
+                "settings_changed": ["train.epochs 3 -> 30"],
+            },
             "param_importance": {
                 "method": "fANOVA (optuna)",
                 "num_trials": 12,
@@ -470,5 +475,7 @@ def test_report_shows_the_sampler_importance_and_pareto_front(finished_run: Path
     page = (run / runreport.REPORT).read_text()
     assert (run / runreport.FIGURES / "pareto_front.png").stat().st_size > 5000
     assert "on 12 completed trials" in page and "optim.lr 70%" in page
+    assert "not the task in general" in page
     assert "constant_liar True" in page and "warm-started with 5 completed trial(s)" in page
+    assert "other fixed settings: train.epochs 3 -&gt; 30" in page
     assert "t1 (refitted)" in page and "within one standard error" in page

@@ -153,6 +153,53 @@ def test_warm_start_from_other_images_or_no_search_is_refused_in_one_line(tmp_pa
         load_warm_start(str(tmp_path / "nothing"), spec, index)
 
 
+def test_warm_start_names_fixed_settings_that_changed_and_warns_when_nothing_fits(tmp_path):
+    """A longer or differently folded search may warm-start from a shorter one, but its
+    scores are on another scale: the changed fixed settings are named (seeds and searched
+    keys are not changes), and a warm start with no usable trial says it starts cold."""
+    spec, index = _demo()
+    rows = [{"id": "a", "params": _params(1e-3), "auc": 0.81, "status": "completed"}]
+    run = str(_earlier_search(tmp_path, spec, index, rows))
+    same = load_warm_start(run, spec, index)
+    assert same.changed == () and same.warnings() == []
+
+    changes = ["train.epochs=7", "cv.folds=3", "train.seed=5", "cv.seed=9"]
+    longer = load_space(DEMO, changes)
+    # the base's lr differs too, but lr is searched: no trial ran with the base value
+    base = longer.base.model_dump(mode="json")
+    base["optim"]["lr"] = 0.5
+    longer = longer.model_copy(
+        update={"space": spec.space, "base": type(longer.base).model_validate(base)}
+    )
+    warm = load_warm_start(run, longer, index)
+    assert len(warm.params) == 1  # still used
+    assert [c.split()[0] for c in warm.changed] == ["cv.folds", "train.epochs"]
+    assert f"train.epochs {spec.base.train.epochs} -> 7" in warm.changed
+    assert warm.record()["settings_changed"] == list(warm.changed)
+    (line,) = warm.warnings()
+    assert "other fixed settings" in line and "cv.folds" in line
+
+    narrower = spec.space | {
+        "optim.lr": parse_distribution(DEMO, "optim.lr", {"uniform": [0.1, 0.2]})
+    }
+    cold = load_warm_start(run, spec.model_copy(update={"space": narrower}), index)
+    assert cold.params == [] and cold.skipped == 1
+    assert any("starts cold" in w for w in cold.warnings())
+
+
+def test_dry_run_shows_what_the_warm_start_would_feed_the_sampler(tmp_path, capsys):
+    import yaml
+
+    from distmed.pipeline import dry_run
+
+    spec, index = _demo()
+    rows = [{"id": "a", "params": _params(1e-3), "auc": 0.81, "status": "completed"}]
+    run = str(_earlier_search(tmp_path, spec, index, rows))
+    shown = yaml.safe_load(dry_run(spec, run, None))["warm start"]
+    assert shown["trials_used"] == 1 and shown["skipped"] == 0 and shown["settings_changed"] == []
+    assert "warning" not in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- importance
 
 
