@@ -322,10 +322,15 @@ def _check_values_fit(
             ExperimentConfig.model_validate(raw)
         except ValidationError as exc:
             with_arch = f" with model.arch={arch}" if arch is not None else ""
+            # The randint hint only where a continuous range can draw a fraction.
+            hint = {
+                "choice": "list only values the config takes",
+                "randint": "use bounds the config takes",
+            }.get(dist.kind, "for whole numbers use randint or choice")
+            every = ", for every arch in the space" if with_arch else ""
             raise UserError(
                 f"{path}: space.{key} can produce {shorten(value)}{with_arch}, which the config "
-                f"rejects ({format_validation_error(exc)}); for whole numbers use randint or "
-                "choice" + (", and bounds every arch in the space takes" if with_arch else "")
+                f"rejects ({format_validation_error(exc)}); {hint}{every}"
             ) from exc
 
 

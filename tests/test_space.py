@@ -376,8 +376,14 @@ def test_bad_distribution_is_a_user_error_naming_the_key(tmp_path, line, expecte
     [
         ("model.unfreeze: {randint: [0, 9]}", ["space.model.unfreeze", "can produce 9"]),
         ("train.batch_size: {choice: [0, 32]}", ["space.train.batch_size", "can produce 0"]),
-        ("optim.name: {choice: [adam, lion]}", ["space.optim.name", "can produce 'lion'"]),
-        ("optim.lr: {loguniform: [1.0e-4, 20.0]}", ["space.optim.lr", "can produce 20.0"]),
+        (
+            "optim.name: {choice: [adam, lion]}",
+            ["space.optim.name", "can produce 'lion'", "list only values the config takes"],
+        ),
+        (
+            "optim.lr: {loguniform: [1.0e-4, 20.0]}",
+            ["space.optim.lr", "can produce 20.0", "use randint or choice"],
+        ),
         (
             "model.head_dropout: {uniform: [0.5, 1.0]}",
             ["space.model.head_dropout", "can produce 1.0"],
@@ -392,6 +398,8 @@ def test_value_the_config_rejects_is_a_user_error(tmp_path, line, expected):
     for part in expected:
         assert part in message
     assert "config rejects" in message
+    # the whole-number hint only where a continuous range can draw a fraction
+    assert ("randint" in message.split("rejects")[-1]) == ("uniform" in line)
 
 
 @pytest.mark.parametrize(
