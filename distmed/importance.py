@@ -74,5 +74,6 @@ def importance_text(record: dict[str, Any] | None) -> str:
     ranked = ", ".join(f"{k} {v:.0%}" for k, v in record["importances"].items())
     return (
         f"Parameter importance ({record['method']}, on {record['num_trials']} completed "
-        f"trials; shares of the CV ROC-AUC's variance across them): {ranked}."
+        f"trials; shares of the CV ROC-AUC's variance across them): {ranked}. It describes "
+        "these trials over this space, not the task in general."
     )

@@ -81,5 +81,6 @@ def choose_on_front(front: Sequence[FrontPoint]) -> FrontPoint | None:
 
 RULE = (
     "the smallest model on the front whose CV ROC-AUC is within one standard error of the "
-    "front's best (the one-standard-error rule)"
+    "front's best (the one-standard-error rule; the CV standard error corrected for "
+    "overlapping training folds, Nadeau & Bengio 2003)"
 )
