@@ -278,14 +278,41 @@ def test_search_benchmark_keeps_searches_recorded_in_an_earlier_session(tmp_path
     ran, reported = [], []
     monkeypatch.setattr(search, "run_one", lambda data, d, m, s, args: ran.append((d, m, s)))
     monkeypatch.setattr(search, "finished_runs", lambda workdir: {"new": {"seed": 1}})
-    monkeypatch.setattr(search, "report", lambda runs, args: reported.append(runs))
+    monkeypatch.setattr(
+        search, "report", lambda runs, args, ran_here=True: reported.append((runs, ran_here))
+    )
     argv = ["--workdir", str(tmp_path / "w"), "--resume", "--datasets", "breastmnist"]
     assert search.main([*argv, "--seeds", "0", "--methods", "random+fifo"]) == 0
-    assert ran == [] and reported[-1] == {**kept, "new": {"seed": 1}}
+    # nothing ran here: the report must not record this machine as the file's
+    assert ran == [] and reported[-1] == ({**kept, "new": {"seed": 1}}, False)
 
     other = search.parse_args(["--workdir", "/tmp/unused", "--resume", "--trials", "12"])
     with pytest.raises(SystemExit, match=r"search_methods.json: recorded with .*'trials': 24"):
         search.recorded_runs(results, other)
+
+
+def test_a_report_with_no_search_run_here_keeps_the_files_machine(tmp_path, monkeypatch):
+    """`--report-only` on another machine rewrites the tables, not the file's provenance."""
+    import json
+
+    from benchmarks import common, search
+
+    monkeypatch.setattr(search, "RESULTS", tmp_path)
+    written = []
+    monkeypatch.setattr(common, "write_result", lambda name, payload: written.append(payload))
+    monkeypatch.setattr(search, "plot_curves", lambda *a: tmp_path / "x.png")
+    monkeypatch.setattr(search, "results_table", lambda *a: "")
+    monkeypatch.setattr(search, "cost_table", lambda *a: "")
+    monkeypatch.setattr(search, "machine_info", lambda: {"cpu_model": "here"})
+    monkeypatch.setattr(search, "machine_line", lambda machine: "")
+    (tmp_path / "search_methods.json").write_text(json.dumps({"machine": {"cpu_model": "there"}}))
+    runs = {"r": {"dataset": "breastmnist", "seed": 0, "method": "random+fifo"}}
+    summary = {"breastmnist": {"target_over_reference_per_seed": {}}}
+    monkeypatch.setattr(search, "summarise", lambda *a: summary)
+    args = _search_args()
+    search.report(runs, args, ran_here=False)
+    search.report(runs, args, ran_here=True)
+    assert [w["machine"]["cpu_model"] for w in written] == ["there", "here"]
 
 
 def test_search_benchmark_measures_cost_to_random_searchs_final_best():
