@@ -453,6 +453,8 @@ def _fit_tuner(
         flush=True,
     )
     print(f"sampler: {sampler_text(sampler, search.objectives, warm)}", flush=True)
+    if note := startup_note(sampler, search.num_samples):
+        print(f"note: {note}", flush=True)
     keep_secrets_out_of_ray()
     EndedTrials.ended.clear()
     if ctx.resume:
@@ -485,6 +487,18 @@ def sampler_text(
             f" ({warm.skipped} outside this space left out)"
         )
     return text
+
+
+def startup_note(sampler: dict[str, Any], num_samples: int) -> str | None:
+    """A line when TPE's random start-up covers the whole budget (so no trial is guided)."""
+    startup = sampler.get("n_startup_trials")
+    if startup is None or startup < num_samples:
+        return None
+    return (
+        f"n_startup_trials {startup} >= num_samples {num_samples}: every trial is a random "
+        "start-up trial, TPE guides none (give more trials, or a smaller "
+        "search.sampler.n_startup_trials)"
+    )
 
 
 def folds_text(cv: CVConfig) -> str:

@@ -80,6 +80,18 @@ def test_bad_sampler_settings_are_one_line_naming_the_key(tmp_path, search, expe
     assert "Value error" not in str(info.value)  # a validator's sentence, not pydantic's prefix
 
 
+def test_a_budget_inside_tpes_start_up_is_said_to_be_random_search():
+    from distmed.pipeline import startup_note
+
+    spec, _ = _demo()
+    for trials, random_only in ((3, True), (4, False), (12, False)):
+        search = spec.search.model_copy(update={"num_samples": trials})
+        note = startup_note(resolve_sampler(search, 1), trials)
+        assert (note is not None and "TPE guides none" in note) == random_only
+    random = spec.search.model_copy(update={"algorithm": "random", "num_samples": 2})
+    assert startup_note(resolve_sampler(random, 1), 2) is None
+
+
 # --------------------------------------------------------------------------- warm start
 
 
