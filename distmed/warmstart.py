@@ -22,7 +22,7 @@ import io
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +111,7 @@ def load_warm_start(
             "search on the same data"
         )
     warm = _fitting_trials(run_dir, trials_text, spec, model_size)
-    return WarmStart(
-        warm.source, warm.params, warm.values, warm.skipped, changed_settings(record, spec)
-    )
+    return replace(warm, changed=changed_settings(record, spec))
 
 
 def changed_settings(record: dict[str, Any], spec: SearchSpaceFile) -> tuple[str, ...]:
