@@ -301,7 +301,11 @@ def warm_start(
     size = None
     if spec.search.multi_objective:
         size = model_size_of(spec, prepared.data.plan.task.num_outputs)
-    warm = load_warm_start(run_dir, spec, prepared.data.index, size)
+    return _warned(load_warm_start(run_dir, spec, prepared.data.index, size))
+
+
+def _warned(warm: WarmStart) -> WarmStart:
+    """`warm`, after its warnings are printed (a search's and --dry-run's alike)."""
     for line in warm.warnings():
         print(f"warning: {line}", file=sys.stderr, flush=True)
     return warm
@@ -332,10 +336,7 @@ def dry_run(spec: SearchSpaceFile, run_dir: str | None, nested: int | None) -> s
         if spec.search.multi_objective:
             task = task_of_index(index, spec.base.data, spec.base.cv.folds)
             size = model_size_of(spec, task.num_outputs)
-        warm = load_warm_start(run_dir, spec, index, size)
-        for line in warm.warnings():
-            print(f"warning: {line}", file=sys.stderr, flush=True)
-        return describe_search(spec, warm)
+        return describe_search(spec, _warned(load_warm_start(run_dir, spec, index, size)))
     return describe_search(spec)
 
 
