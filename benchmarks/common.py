@@ -77,10 +77,13 @@ def usable_cpus() -> int:
 
 
 def git_commit() -> tuple[str, bool]:
-    """(HEAD commit, whether tracked files differ from it); ('unknown', False) outside git."""
+    """(HEAD commit, whether tracked files differ from it); ('unknown', False) outside git.
+    The results folder is left out: a benchmark rewrites its results file between its parts,
+    which changes no code the next part runs."""
     try:
         commit = _git("rev-parse", "HEAD")
-        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+        outputs = f":(exclude){RESULTS.relative_to(REPO)}"
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", outputs))
     except (OSError, subprocess.CalledProcessError):
         return "unknown", False
     return commit, dirty

@@ -49,7 +49,8 @@ from benchmarks.common import (
 )
 from benchmarks.medmnist import SHARED, load_run, merged, run_tune
 
-SPACE = REPO / "search_spaces" / "backbones.yaml"
+SPACES_DIR = "search_spaces"
+SPACE = REPO / SPACES_DIR / "backbones.yaml"
 RESULT_NAME = "quality-backbones"
 DATASETS = ("pneumoniamnist", "breastmnist")
 METHOD = "backbones"  # the run folder: runs/<dataset>-backbones (medmnist.load_run's layout)
@@ -233,10 +234,14 @@ def continued_payload(plan: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _decisive(part: Any) -> Any:
-    """A plan part without its time estimates (`estimated_min`): an estimate corrected after
-    a measurement decides nothing about the outcome, so it does not make a new plan."""
+    """A plan part without its time estimates (`estimated_min`) and with the space file named
+    from the repository's root: an estimate corrected after a measurement, or the folder the
+    checkout lay in when the plan was written (a worktree, a clone), decides nothing about the
+    outcome, so neither makes a new plan."""
     if isinstance(part, dict):
         return {k: _decisive(v) for k, v in part.items() if k != "estimated_min"}
+    if isinstance(part, str) and f"/{SPACES_DIR}/" in part:
+        return part[part.index(f"/{SPACES_DIR}/") + 1 :]
     return part
 
 
@@ -312,7 +317,7 @@ def build_plan(args: argparse.Namespace) -> dict[str, Any]:
         "searches": searches,
         "ablation": {
             "dataset": ABLATION_DATASET,
-            "config": str(SPACE) + " (its base)",
+            "config": f"{SPACE.relative_to(REPO)} (its base)",
             "runs": runs,
             "estimated_min": MINUTES_PER_ABLATION_RUN * len(runs),
         },
@@ -371,6 +376,7 @@ def run_search(dataset: str, plan: dict[str, Any], args: argparse.Namespace) -> 
     name = f"{dataset}-{method}"
     space = args.workdir / f"{name}.yaml"
     space.write_text(yaml.safe_dump(plan["searches"][dataset]["space"], sort_keys=False))
+    ran = _provenance()
     timing = run_tune(name, space, dataset, args.workdir, args.resume)
     run = load_run(args.workdir, dataset, method)
     run.update(timing)
@@ -384,7 +390,16 @@ def run_search(dataset: str, plan: dict[str, Any], args: argparse.Namespace) -> 
         "wall_s": timing["wall_s"],
         "machine_cpu_s": timing["machine_cpu_s"],
         "disturbance": timing["disturbance"],
+        "ran": ran,
     }
+
+
+def _provenance() -> dict[str, Any]:
+    """The code and time a part ran at: a continued plan's parts may run at later commits
+    than the one the plan was written at (`plan.commit`)."""
+    commit, dirty = git_commit()
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    return {"commit": commit, "dirty": dirty, "started_utc": started}
 
 
 def run_ablation(name: str, item: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -403,19 +418,21 @@ def run_ablation(name: str, item: dict[str, Any], args: argparse.Namespace) -> d
         *(arg for o in item["overrides"] for arg in ("--set", o)),
     ]
     print(f"[quality] ablation {name}: {' '.join(command[2:])}", flush=True)
+    ran = _provenance()
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with (out.parent / f"{out.name}.log").open("w") as log:
         done = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - started
     if done.returncode != 0:
-        return {**item, "error": f"exit {done.returncode}", "wall_s": round(wall, 1)}
+        return {**item, "error": f"exit {done.returncode}", "wall_s": round(wall, 1), "ran": ran}
     result = json.loads((out / "cv_result.json").read_text())
     return {
         **item,
         "cv_roc_auc": result["mean_roc_auc"],
         "fold_roc_auc": [f["roc_auc"] for f in result["folds"]],
         "wall_s": round(wall, 1),
+        "ran": ran,
     }
 
 

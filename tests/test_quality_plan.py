@@ -78,3 +78,52 @@ def test_round_two_is_its_own_plan_with_its_own_results_file(capsys, monkeypatch
     assert quality.continued_payload(re_estimated) == {"plan": plan, "searches": {}}
     monkeypatch.setitem(quality.ROUND2_SETTINGS["breastmnist"]["search"], "num_samples", 7)
     assert quality.continued_payload(quality.build_plan(round_two)) is None
+
+
+def test_a_plan_written_in_another_checkout_is_continued(monkeypatch, tmp_path):
+    """The space file's folder (a worktree, a clone) is not part of the plan: a part run from
+    another checkout continues the results file; its own commit is recorded beside it."""
+    import json
+
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    plan = quality.build_plan(quality.parse_args(["--round", "2"]))
+    assert not plan["ablation"]["config"].startswith("/")  # named from the repository's root
+    elsewhere = {
+        **plan,
+        "ablation": {
+            **plan["ablation"],
+            "config": "/work/q-tree/search_spaces/backbones.yaml (its base)",
+        },
+    }
+    written = {"plan": elsewhere, "searches": {}}
+    (tmp_path / "quality-r2.json").write_text(json.dumps(written))
+    assert quality.continued_payload(plan) == written
+    moved = {**plan["ablation"], "config": "/work/q-tree/search_spaces/medmnist28.yaml (its base)"}
+    (tmp_path / "quality-r2.json").write_text(json.dumps({"plan": {**plan, "ablation": moved}}))
+    assert quality.continued_payload(plan) is None  # another space file is another plan
+
+
+def test_the_commit_record_ignores_rewritten_results_but_not_code(monkeypatch, tmp_path):
+    """`dirty` says whether the code differs from HEAD; a results file rewritten between a
+    benchmark's parts is output, not code."""
+    import subprocess
+
+    from benchmarks import common
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "r.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "start")
+    monkeypatch.setattr(common, "REPO", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", results)
+    assert common.git_commit()[1] is False
+    (results / "r.json").write_text('{"searches": {}}')
+    assert common.git_commit()[1] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert common.git_commit()[1] is True
