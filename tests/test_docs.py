@@ -124,3 +124,32 @@ def test_readme_relative_links_resolve():
     assert relative, "the README links its docs"
     missing = [t for t in relative if not (ROOT / t.split("#")[0]).exists()]
     assert not missing, f"README.md links to missing files: {missing}"
+
+
+def _layout_rows() -> dict[str, str]:
+    """docs/development.md's package layout table: first cell (backticked names) -> the row."""
+    text = (DOCS / "development.md").read_text(encoding="utf-8")
+    table = text.split("## Package layout", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    return {cell: line for line in rows for cell in [line.split("|")[1]]}
+
+
+def test_the_package_layout_table_names_every_module():
+    """Each module of `distmed/` is named in the layout table: a top-level module in a row's
+    first cell, a sub-package's module in its package's row (`data/`: `index`, ...)."""
+    rows = _layout_rows()
+    first_cells = " ".join(rows)
+    unnamed = []
+    for path in sorted((ROOT / "distmed").rglob("*.py")):
+        relative = path.relative_to(ROOT / "distmed")
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        if len(relative.parts) == 1:
+            named = f"`{path.name}`" in first_cells
+        else:
+            package = f"`{relative.parts[0]}/`"
+            row = next((line for cell, line in rows.items() if package in cell), "")
+            named = f"`{path.stem}`" in row
+        if not named:
+            unnamed.append(str(relative))
+    assert not unnamed, f"docs/development.md's package layout table lacks {unnamed}"
