@@ -82,7 +82,7 @@ def test_round_two_is_its_own_plan_with_its_own_results_file(capsys, monkeypatch
 
 def test_a_plan_written_in_another_checkout_is_continued(monkeypatch, tmp_path):
     """The space file's folder (a worktree, a clone) is not part of the plan: a part run from
-    another checkout continues the results file; its own commit is recorded beside it."""
+    another checkout continues the results file; another space file is another plan."""
     import json
 
     monkeypatch.setattr(quality, "RESULTS", tmp_path)
