@@ -813,7 +813,7 @@ def format_results(
         f"{counts['completed']} completed, {counts['stopped']} stopped early, "
         f"{counts['diverged']} diverged, {counts['errored']} errored; "
         f"best CV ROC-AUC {best.cv_roc_auc:.4f} ± {best.cv_roc_auc_se:.4f} SE "
-        f"(fold std {best.cv_roc_auc_std:.4f}; trial {best.trial_id})"
+        f"(Nadeau-Bengio corrected; fold std {best.cv_roc_auc_std:.4f}; trial {best.trial_id})"
     )
     caveat = score_caveat(best.fold_aucs, summary.data.thin_validation_folds)
     if caveat is not None:

@@ -120,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     print(
         f"CV ROC-AUC {result.mean_roc_auc:.4f} ± {result.se_roc_auc:.4f} SE "
-        f"(fold std {result.std_roc_auc:.4f}, {len(result.folds)} folds)  "
+        f"(Nadeau-Bengio corrected; fold std {result.std_roc_auc:.4f}, {len(result.folds)} folds)  "
         f"-> {output / 'cv_result.json'}"
     )
     if isinstance(plan.task, MultilabelTask):
