@@ -53,6 +53,12 @@ def corrected_standard_error(scores: Sequence[float], folds_per_repeat: int) -> 
     return math.sqrt((1.0 / values.size + 1.0 / (folds_per_repeat - 1)) * variance)
 
 
+def score_text(mean: float, se: float, std: float, detail: str) -> str:
+    """A CV score as the final lines print it: `mean ± SE`, the SE named as corrected, beside
+    the folds' (population) std and `detail`, e.g. "; trial ab12" or ", 5 folds"."""
+    return f"{mean:.4f} ± {se:.4f} SE (Nadeau-Bengio corrected; fold std {std:.4f}{detail})"
+
+
 def interval(mean: float, se: float) -> tuple[float, float]:
     """The approximate 95% interval mean ± 1.96 SE (normal quantile, not Student's t)."""
     return mean - Z95 * se, mean + Z95 * se

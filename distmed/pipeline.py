@@ -61,6 +61,7 @@ from distmed.cv import (
     storage_uri,
     trained_channels,
 )
+from distmed.cvstats import score_text
 from distmed.data import describe_index, inspect_data, scan_source
 from distmed.data.remote import bucket_summary
 from distmed.data.stream import decode_reserve
@@ -812,8 +813,10 @@ def format_results(
     lines.append(
         f"{counts['completed']} completed, {counts['stopped']} stopped early, "
         f"{counts['diverged']} diverged, {counts['errored']} errored; "
-        f"best CV ROC-AUC {best.cv_roc_auc:.4f} ± {best.cv_roc_auc_se:.4f} SE "
-        f"(Nadeau-Bengio corrected; fold std {best.cv_roc_auc_std:.4f}; trial {best.trial_id})"
+        "best CV ROC-AUC "
+        + score_text(
+            best.cv_roc_auc, best.cv_roc_auc_se, best.cv_roc_auc_std, f"; trial {best.trial_id}"
+        )
     )
     caveat = score_caveat(best.fold_aucs, summary.data.thin_validation_folds)
     if caveat is not None:

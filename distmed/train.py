@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from distmed import __version__
 from distmed.artifacts import write_json_atomic
 from distmed.cli import add_common_options, overrides_from_args, run_command
+from distmed.cvstats import score_text
 from distmed.errors import UserError
 from distmed.runlock import hold_results_folder
 
@@ -119,9 +120,14 @@ def _run(args: argparse.Namespace) -> int:
             f"lower optim.lr or use train.amp=off (history: {output / 'cv_result.json'})"
         )
     print(
-        f"CV ROC-AUC {result.mean_roc_auc:.4f} ± {result.se_roc_auc:.4f} SE "
-        f"(Nadeau-Bengio corrected; fold std {result.std_roc_auc:.4f}, {len(result.folds)} folds)  "
-        f"-> {output / 'cv_result.json'}"
+        "CV ROC-AUC "
+        + score_text(
+            result.mean_roc_auc,
+            result.se_roc_auc,
+            result.std_roc_auc,
+            f", {len(result.folds)} folds",
+        )
+        + f"  -> {output / 'cv_result.json'}"
     )
     if isinstance(plan.task, MultilabelTask):
         print(f"  {finding_auc_text(plan.task, result.mean_metrics())}")

@@ -69,3 +69,10 @@ def test_interval_is_mean_plus_minus_1_96_se():
 )
 def test_separable(best, other, expected):
     assert separable(best, other) is expected
+
+
+def test_the_score_text_names_the_corrected_se_beside_the_fold_std():
+    from distmed.cvstats import score_text
+
+    text = score_text(0.91234, 0.01666, 0.0096, "; trial ab12")
+    assert text == "0.9123 ± 0.0167 SE (Nadeau-Bengio corrected; fold std 0.0096; trial ab12)"
