@@ -234,12 +234,17 @@ def continued_payload(plan: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _decisive(part: Any) -> Any:
-    """A plan part without its time estimates (`estimated_min`) and with the space file named
-    from the repository's root: an estimate corrected after a measurement, or the folder the
-    checkout lay in when the plan was written (a worktree, a clone), decides nothing about the
-    outcome, so neither makes a new plan."""
+    """A plan part without its time estimates (`estimated_min`), with the space file named
+    from the repository's root and each data file by its name: an estimate corrected after a
+    measurement, the folder the checkout lay in when the plan was written (a worktree, a
+    clone) or the one the shared data lies in on this host decides nothing about the outcome,
+    so none of them makes a new plan."""
     if isinstance(part, dict):
-        return {k: _decisive(v) for k, v in part.items() if k != "estimated_min"}
+        return {
+            k: Path(v).name if k == "data" and isinstance(v, str) else _decisive(v)
+            for k, v in part.items()
+            if k != "estimated_min"
+        }
     if isinstance(part, str) and f"/{SPACES_DIR}/" in part:
         return part[part.index(f"/{SPACES_DIR}/") + 1 :]
     return part

@@ -103,6 +103,25 @@ def test_a_plan_written_in_another_checkout_is_continued(monkeypatch, tmp_path):
     assert quality.continued_payload(plan) is None  # another space file is another plan
 
 
+def test_a_plan_whose_data_lay_in_another_shared_folder_is_continued(monkeypatch, tmp_path):
+    """The folder the shared data lay in on the host that wrote the plan is not part of the
+    plan; another data file is."""
+    import json
+
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    plan = quality.build_plan(quality.parse_args(["--round", "2"]))
+
+    def with_data(path: str) -> dict:
+        searches = {d: {**part, "data": path.format(d=d)} for d, part in plan["searches"].items()}
+        return {"plan": {**plan, "searches": searches}, "searches": {}}
+
+    written = with_data("/mnt/elsewhere/shared/data/{d}.npz")
+    (tmp_path / "quality-r2.json").write_text(json.dumps(written))
+    assert quality.continued_payload(plan) == written
+    (tmp_path / "quality-r2.json").write_text(json.dumps(with_data("/mnt/x/{d}_224.npz")))
+    assert quality.continued_payload(plan) is None
+
+
 def test_the_commit_record_ignores_rewritten_results_but_not_code(monkeypatch, tmp_path):
     """`dirty` says whether the code differs from HEAD; a results file rewritten between a
     benchmark's parts is output, not code."""
