@@ -50,7 +50,7 @@ from distmed.calibration import (
     oof_finding_thresholds,
     oof_threshold,
 )
-from distmed.config import CVConfig, ExperimentConfig
+from distmed.config import CVConfig, ExperimentConfig, ModelConfig
 from distmed.cv import (
     FoldPlan,
     PreparedData,
@@ -123,7 +123,7 @@ from distmed.search import (
     trial_run_name,
 )
 from distmed.searchfile import check_new_search, check_same_search
-from distmed.space import SearchSpaceFile
+from distmed.space import ARCH_KEY, SearchSpaceFile
 from distmed.summary import DataSummary, RunSummary
 from distmed.task.base import Task
 from distmed.task.factory import task_of_index
@@ -251,15 +251,33 @@ def claim(
     return record
 
 
-def prepare(cfg: ExperimentConfig, batch_sizes: Sequence[int] = ()) -> Prepared:
+def models_to_check(spec: SearchSpaceFile) -> list[ModelConfig]:
+    """The base's model section, then each pair of an arch and a local weights file the space
+    can draw: a file that fits only the base's arch would otherwise error every trial of
+    another arch, inside Ray, after the first decode."""
+    base = spec.base.model
+    archs = spec.space[ARCH_KEY].probe_values() if ARCH_KEY in spec.space else [base.arch]
+    files = spec.space["model.weights"].probe_values() if "model.weights" in spec.space else []
+    files = [w for w in [base.weights, *files] if w not in ("none", "imagenet")]
+    drawn = [base.model_copy(update={"arch": a, "weights": w}) for a in archs for w in files]
+    return [base, *(m for m in drawn if (m.arch, m.weights) != (base.arch, base.weights))]
+
+
+def prepare(
+    cfg: ExperimentConfig,
+    batch_sizes: Sequence[int] = (),
+    models: Sequence[ModelConfig] = (),
+) -> Prepared:
     """Index, data summary, folds and decoded cache; every input error (duplicates too, with
-    `data.on_duplicates: error`; a bad weights file) before Ray and the slow first decode."""
+    `data.on_duplicates: error`; a bad weights file, for `cfg.model` or each of `models`
+    where given) before Ray and the slow first decode."""
     scanned = scan_source(cfg.data)
     if scanned.pool.uris is None:
         inspection = inspect_data(scanned, cfg.data)
     else:  # a bucket: the driver reads no image (`distmed.data.remote`)
         inspection = bucket_summary(scanned)
-    check_weights(cfg.model)  # a bad weights file fails before the (slow) first decode
+    for model in models or [cfg.model]:  # a bad weights file fails before the slow first decode
+        check_weights(model)
     refuse_unreadable_stream(cfg, inspection)
     return Prepared(prepare_data(cfg, scanned, batch_sizes), inspection)
 
@@ -322,14 +340,16 @@ def _refuse_warm_start_nested(nested: int | None) -> None:
 
 def dry_run(spec: SearchSpaceFile, run_dir: str | None, nested: int | None) -> str:
     """`--dry-run`: `describe_search`'s text, after the checks that need neither Ray nor a
-    decoded image: the base's local weights file (sha256, strict load) and, with
+    decoded image: each local weights file against each arch the space can draw (sha256,
+    strict load; `models_to_check`) and, with
     --warm-start, the earlier search against the data source's images (scanned, not decoded).
 
     Raises:
         UserError: a bad weights file, or a --warm-start folder that `warm_start` refuses.
     """
-    if spec.base.model.weights not in ("none", "imagenet"):  # ImageNet: a download, no check
-        check_weights(spec.base.model)
+    for model in models_to_check(spec):
+        if model.weights not in ("none", "imagenet"):  # ImageNet: a download, no check
+            check_weights(model)
     if run_dir:
         _refuse_warm_start_nested(nested)
         index = scan_source(spec.base.data)

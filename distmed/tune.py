@@ -141,7 +141,9 @@ def _run(args: argparse.Namespace) -> int:
     name, resume = _name(args)
     ctx = pipeline.RunContext.create(name, args.storage, args.resume, args.verbose, resume)
     record = pipeline.claim(ctx, spec, args.nested, args.force_unlock, args.locks)
-    prepared = pipeline.prepare(spec.base, pipeline.batch_sizes(spec))
+    prepared = pipeline.prepare(
+        spec.base, pipeline.batch_sizes(spec), pipeline.models_to_check(spec)
+    )
     if record is not None:  # a resumed search: on the images it started with
         check_same_images(ctx.experiment_uri, record, prepared.data.index)
     warm = pipeline.warm_start(args.warm_start, spec, prepared, ctx, args.nested)

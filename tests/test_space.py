@@ -10,10 +10,12 @@ from types import SimpleNamespace
 import numpy as np
 import optuna
 import pytest
+import torch
 import yaml
+from torchvision import models
 
 from distmed.config import ExperimentConfig, config_fields
-from distmed.errors import UserError
+from distmed.errors import EXIT_USER_ERROR, UserError
 from distmed.model import ARCHS
 from distmed.search import (
     build_sampler,
@@ -141,7 +143,7 @@ RANDOM_INIT = "base:\n model:\n  weights: none\n"  # the default is imagenet
         ("model.unfreeze: {randint: [4, 5]}", RANDOM_INIT + "  stem: small\n", None),
         # trials may draw pretrained weights: no warning for the space as a whole
         (
-            "model.unfreeze: {randint: [0, 5]}\nmodel.weights: {choice: [none, w.pt]}",
+            "model.unfreeze: {randint: [0, 5]}\nmodel.weights: {choice: [none, W]}",
             RANDOM_INIT,
             None,
         ),
@@ -152,6 +154,10 @@ def test_search_warns_when_trials_can_freeze_random_init_stages(
 ):
     from distmed.tune import main
 
+    if " W]" in space:  # a weights file the dry run can load into the base arch
+        weights = tmp_path / "w.pt"
+        torch.save(models.resnet18(weights=None).state_dict(), weights)
+        space = space.replace(" W]", f" {weights}]")
     path = space_file(tmp_path, space, top)
     with caplog.at_level("WARNING", logger="distmed.model"):
         assert main(["--space", str(path), "--dry-run"]) == 0
@@ -162,6 +168,33 @@ def test_search_warns_when_trials_can_freeze_random_init_stages(
         [message] = warnings
         assert "model.unfreeze searched down to" in message
         assert f"freezes {frozen} at random init" in message
+
+
+@pytest.mark.parametrize(
+    ("where", "space"),
+    [
+        ("base", "model.arch: {choice: [resnet18, mobilenet_v3_large]}"),
+        ("space", "model.weights: {choice: [none, W]}\nmodel.arch: {choice: [resnet18, resnet34]}"),
+    ],
+)
+def test_a_weights_file_is_checked_against_every_arch_the_space_can_draw(
+    tmp_path, capsys, where, space
+):
+    """A file that fits one drawn arch and not another would error every trial of the other,
+    inside Ray; the dry run (and the search, before its first decode) refuse it in one line."""
+    from distmed.pipeline import models_to_check
+    from distmed.tune import main
+
+    weights = tmp_path / "resnet18.pt"
+    torch.save(models.resnet18(weights=None).state_dict(), weights)
+    top = f"base:\n model:\n  weights: {weights}\n" if where == "base" else RANDOM_INIT
+    path = space_file(tmp_path, space.replace(" W]", f" {weights}]"), top)
+    other = "mobilenet_v3_large" if where == "base" else "resnet34"
+    checked = [(m.arch, m.weights) for m in models_to_check(load_space(path))]
+    assert ("resnet18", str(weights)) in checked and (other, str(weights)) in checked
+    assert main(["--space", str(path), "--dry-run"]) == EXIT_USER_ERROR
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"model.weights {weights}: does not fit {other}" in line
 
 
 # --------------------------------------------------------------------------- distributions
