@@ -47,6 +47,7 @@ from distmed.space import (
     to_tune_domains,
 )
 from distmed.tunestate import RecordTuneState, check_state, remember_tuner_file
+from distmed.uris import shown
 
 if TYPE_CHECKING:
     from distmed.warmstart import WarmStart
@@ -160,7 +161,15 @@ class CVOptunaSearch(OptunaSearch):
 
 
 class EpochLines(ray.tune.Callback):
-    """One line per trial per epoch, and one when a trial ends (stdout, driver side)."""
+    """One line per trial per epoch, and one when a trial ends (stdout, driver side).
+
+    `experiment`: the search's folder (or URI) in its storage, where an errored trial's
+    error file outlives the run (Tune's `trial.error_file` is the driver's staging copy,
+    inside the Ray session folder removed when the command ends).
+    """
+
+    def __init__(self, experiment: str = "") -> None:
+        self.experiment = experiment
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         # Tune times each report itself: the seconds since the trial's previous one.
@@ -174,12 +183,18 @@ class EpochLines(ray.tune.Callback):
         print(f"  trial {trial.trial_id} {state}: CV ROC-AUC {auc:.4f}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        where = trial.error_file or "trials.csv"
+        where = self._kept_error_file(trial) or "trials.csv"
         print(
             f"  trial {trial.trial_id} errored: {trial_error_line(trial)} (details: {where})",
             file=sys.stderr,
             flush=True,
         )
+
+    def _kept_error_file(self, trial) -> str | None:
+        name, folder = trial.run_metadata.error_filename, trial.storage.trial_dir_name
+        if not (self.experiment and name and folder):
+            return None
+        return shown(f"{self.experiment.rstrip('/')}/{folder}/{name}")
 
 
 def trial_error_line(trial) -> str:
@@ -463,7 +478,7 @@ def build_tuner(
             name=name,
             storage_path=storage,
             callbacks=[
-                EpochLines(),
+                EpochLines(experiment_path(storage, name)),
                 EndedTrials(),
                 KeepBestCheckpoints(context.train_storage),
                 RecordTuneState(experiment_path(storage, name)),  # for --resume's check

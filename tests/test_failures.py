@@ -8,6 +8,7 @@ import argparse
 import csv
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import cloudpickle
 import pytest
@@ -157,7 +158,11 @@ class _ErroredTrial:
     """The part of a Tune Trial that EpochLines reads once Tune has saved its error."""
 
     trial_id = "t1"
-    error_file = "/results/exp/trial_t1/error.txt"
+    # Tune's own pointer: the driver's staging copy, in the Ray session folder that is
+    # removed when the command ends.
+    error_file = "/tmp/ray/session_1/artifacts/driver_artifacts/exp/run_t1/error.txt"
+    run_metadata = SimpleNamespace(error_filename="error.txt")
+    storage = SimpleNamespace(trial_dir_name="run_t1")
 
     def get_pickled_error(self):
         return None  # OutOfMemoryError is no RayTaskError: Tune keeps only its text
@@ -166,13 +171,16 @@ class _ErroredTrial:
         return f"Failure # 1 (occurred at 2026-12-05_04-12-00)\n{MONITOR_TEXT}\n"
 
 
-def test_the_console_line_of_an_errored_trial_names_the_cause(capsys):
+@pytest.mark.parametrize("experiment", ["/results/exp", "s3://bucket/runs/exp/"])
+def test_the_console_line_of_an_errored_trial_names_the_cause_and_the_kept_file(capsys, experiment):
+    """The line points at the copy in the search's storage, which outlives the command."""
     from distmed.search import EpochLines
 
-    EpochLines().on_trial_error(0, [], _ErroredTrial())
+    EpochLines(experiment).on_trial_error(0, [], _ErroredTrial())
     err = capsys.readouterr().err
     assert err.startswith("  trial t1 errored: out of memory: Ray's memory monitor killed")
-    assert err.rstrip().endswith("(details: /results/exp/trial_t1/error.txt)")
+    kept = f"{experiment.rstrip('/')}/run_t1/error.txt"
+    assert err.rstrip().endswith(f"(details: {kept})")
 
 
 def test_a_worker_s_user_error_ends_the_fit_instead_of_being_retried():
