@@ -121,6 +121,7 @@ from distmed.search import (
     resolve_sampler,
     restore_tuner,
     trial_run_name,
+    warn_of_scheduler,
 )
 from distmed.searchfile import check_new_search, check_same_search
 from distmed.space import ARCH_KEY, SearchSpaceFile
@@ -350,6 +351,7 @@ def dry_run(spec: SearchSpaceFile, run_dir: str | None, nested: int | None) -> s
     for model in models_to_check(spec):
         if model.weights not in ("none", "imagenet"):  # ImageNet: a download, no check
             check_weights(model)
+    warn_of_scheduler(spec)
     if run_dir:
         _refuse_warm_start_nested(nested)
         index = scan_source(spec.base.data)

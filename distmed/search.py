@@ -497,13 +497,38 @@ def build_scheduler(spec: SearchSpaceFile):
     sched = spec.search.scheduler
     if sched.type == "none":
         return FIFOScheduler()
-    warn_of_rungs_in_warmup(spec)
+    warn_of_scheduler(spec)
     return ASHAScheduler(
         time_attr="training_iteration",  # one Tune iteration per epoch report
         max_t=max_epochs(spec),
         grace_period=min(sched.grace_period, max_epochs(spec)),
         reduction_factor=sched.reduction_factor,
     )
+
+
+def warn_of_scheduler(spec: SearchSpaceFile) -> list[str]:
+    """ASHA settings under which its stops mean little or nothing, said before the search
+    (and by --dry-run): `warn_of_rungs_in_warmup`, `warn_of_no_rung`."""
+    if spec.search.scheduler.type == "none":
+        return []
+    said = (warn_of_rungs_in_warmup(spec), warn_of_no_rung(spec))
+    return [message for message in said if message]
+
+
+def warn_of_no_rung(spec: SearchSpaceFile) -> str | None:
+    """Say (log, and return) when ASHA's grace period is not under the trials' epochs: its
+    first rung is then the last epoch, so it stops no trial and every trial runs in full."""
+    grace, epochs = spec.search.scheduler.grace_period, max_epochs(spec)
+    if grace < epochs:
+        return None
+    lower = f"set grace_period to at most {epochs - 1}, or " if epochs > 1 else ""
+    message = (
+        f"search.scheduler.grace_period {grace} is not under train.epochs {epochs}: ASHA can "
+        f"stop no trial, so every trial runs all its epochs; {lower}set "
+        "search.scheduler.type: none (no early stopping)"
+    )
+    log.warning(message)
+    return message
 
 
 def warn_of_rungs_in_warmup(spec: SearchSpaceFile) -> str | None:

@@ -778,6 +778,39 @@ def test_asha_rungs_within_the_warmup_are_said_once_the_scheduler_is_built(
         assert f"grace_period to {int(warmup) + 1} or more" in said[0]
 
 
+@pytest.mark.parametrize(
+    ("epochs", "grace", "scheduler", "advice"),
+    [
+        ("6", "6", "asha", "set grace_period to at most 5, or set search.scheduler.type: none"),
+        ("1", "2", "asha", "epochs; set search.scheduler.type: none"),
+        ("6", "5", "asha", None),
+        ("2", "2", "none", None),  # no ASHA: nothing to stop
+    ],
+)
+def test_a_grace_period_not_under_the_epochs_is_said_by_the_dry_run(
+    tmp_path, caplog, epochs, grace, scheduler, advice
+):
+    """ASHA's first rung at (or past) the last epoch stops no trial: the search would run
+    every trial in full while the space file says it stops the poor ones early."""
+    from distmed.tune import main
+
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        f"base:\n  model: {{weights: none}}\n  train:\n    epochs: {epochs}\n"
+        f"search:\n  scheduler:\n    type: {scheduler}\n    grace_period: {grace}\n"
+        "space:\n  optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
+    )
+    with caplog.at_level("WARNING", logger="distmed.search"):
+        assert main(["--space", str(path), "--dry-run"]) == 0
+    said = [r.getMessage() for r in caplog.records if "stop no trial" in r.getMessage()]
+    if advice is None:
+        assert said == []
+    else:
+        [message] = said
+        assert f"grace_period {grace} is not under train.epochs {epochs}" in message
+        assert advice in message
+
+
 def test_a_searched_warmup_counts_at_its_longest(tmp_path):
     from distmed.search import warn_of_rungs_in_warmup
 
