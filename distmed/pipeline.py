@@ -102,6 +102,7 @@ from distmed.results import (
 )
 from distmed.runlock import hold_results_folder
 from distmed.runreport import REPORT, report_after_search
+from distmed.sampling import warn_of_double_balancing as sampling_warning
 from distmed.savedmodel import (
     FindingThresholds,
     FoldModels,
@@ -199,6 +200,18 @@ def warn_frozen_random_stages(spec: SearchSpaceFile) -> None:
     unfreeze = space.get("model.unfreeze")
     counts = [v for v in unfreeze.probe_values() if v != "all"] if unfreeze else []
     model_warning(model, min(counts) if counts else None)
+
+
+def warn_of_double_balancing(spec: SearchSpaceFile) -> None:
+    """`sampling.warn_of_double_balancing` for the trials the space can draw."""
+    train = spec.base.train
+
+    def drawn(key: str, base: str) -> list[str]:
+        return list(spec.space[key].probe_values()) if key in spec.space else [base]
+
+    sampling_warning(
+        drawn("train.sampler", train.sampler), drawn("train.class_weights", train.class_weights)
+    )
 
 
 def describe_search(spec: SearchSpaceFile, warm: WarmStart | None = None) -> str:

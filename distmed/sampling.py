@@ -10,7 +10,8 @@ This is MONAI's and Catalyst's DistributedWeightedRandomSampler idea; it sits be
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+import logging
+from collections.abc import Collection, Iterator, Sized
 
 import numpy as np
 import torch
@@ -19,8 +20,24 @@ from torch.utils.data import DistributedSampler
 
 from distmed.errors import UserError
 
+log = logging.getLogger(__name__)
+
 # Keeps fold seeds apart from `loop.epoch_seed`'s stream (any fixed odd constant would do).
 _FOLD_STRIDE = 7_919
+
+
+def warn_of_double_balancing(samplers: Collection[str], class_weights: Collection[str]) -> None:
+    """Log a warning when a run (or a trial a search can draw: every value of each key)
+    balances the classes twice. Balanced draws already show each class equally often; loss
+    weights of 1 / class frequency, taken from the fold's labels rather than the draws, then
+    weigh each rare image up by the class-size ratio again. Not an error: a valid, if rarely
+    wanted, experiment."""
+    if "balanced" in samplers and "balanced" in class_weights:
+        log.warning(
+            "train.sampler: balanced with train.class_weights: balanced weighs the classes "
+            "twice (the draws already balance them, the loss weights then favour the rarer "
+            "classes again); keep one: set train.class_weights: none or train.sampler: shuffle"
+        )
 
 
 class BalancedSampler(DistributedSampler):

@@ -68,6 +68,7 @@ def _run(args: argparse.Namespace) -> int:
     from distmed.data.stream import decode_reserve
     from distmed.model import warn_frozen_random_stages
     from distmed.resources import plan_workers
+    from distmed.sampling import warn_of_double_balancing
     from distmed.task.multilabel import MultilabelTask
 
     started = time.perf_counter()
@@ -75,6 +76,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.output:  # two runs into one --output would train into one Ray run: one at a time
         _hold_output(args, Path(args.output))
     warn_frozen_random_stages(cfg.model)
+    warn_of_double_balancing([cfg.train.sampler], [cfg.train.class_weights])
     prepared = pipeline.prepare(cfg)
     index, assignment = prepared.data.index, prepared.data.assignment
     output = Path(args.output or _default_output(index)).resolve()

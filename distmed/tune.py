@@ -135,6 +135,7 @@ def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     spec = _load_spec(args)
     pipeline.warn_frozen_random_stages(spec)
+    pipeline.warn_of_double_balancing(spec)
     if args.dry_run:
         print(pipeline.dry_run(spec, args.warm_start, args.nested))
         return 0

@@ -96,3 +96,36 @@ def test_a_fold_trains_from_the_balanced_stream():
     assert isinstance(sampler, BalancedSampler) and len(fold.train_loader) == 60 // 8
     drawn = np.concatenate([batch_labels.numpy() for _, batch_labels, _ in fold.train_loader])
     assert np.bincount(drawn, minlength=3).min() >= 8  # class c: 2 images, drawn about 19 times
+
+
+@pytest.mark.parametrize(
+    ("sets", "space", "warned"),
+    [
+        (["train.sampler=balanced"], "optim.lr: {loguniform: [1.0e-4, 1.0e-2]}", True),
+        ([], "train.sampler: {choice: [shuffle, balanced]}", True),  # some trials draw both
+        ([], "optim.lr: {loguniform: [1.0e-4, 1.0e-2]}", False),
+        (
+            ["train.sampler=balanced", "train.class_weights=none"],
+            "optim.lr: {uniform: [0.1, 1]}",
+            False,
+        ),
+    ],
+)
+def test_balancing_the_classes_twice_is_said_before_the_search(
+    tmp_path, caplog, sets, space, warned
+):
+    """Balanced draws with loss weights of 1 / class frequency weigh rare classes twice."""
+    from distmed.tune import main
+
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "base:\n  model: {weights: none}\n  train: {class_weights: balanced}\n"
+        f"space:\n  {space}\n"
+    )
+    overrides = [arg for value in sets for arg in ("--set", value)]
+    with caplog.at_level("WARNING", logger="distmed.sampling"):
+        assert main(["--space", str(path), "--dry-run", *overrides]) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "distmed.sampling"]
+    assert len(said) == int(warned), said
+    if warned:
+        assert "weighs the classes twice" in said[0] and "train.class_weights: none" in said[0]
