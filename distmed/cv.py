@@ -96,6 +96,17 @@ class CVResult:
         return float(np.std(self.fold_aucs))
 
     @property
+    def constant_folds(self) -> list[int]:
+        """Folds whose model gave every validation image the same probabilities (to 1e-6):
+        their ROC-AUC of 0.5 is a tie by construction, not a chance-level ranking (e.g. a
+        net from random init whose BatchNorm statistics are still their initial values)."""
+        return [
+            f.fold
+            for f in self.folds
+            if len(f.val_probs) > 1 and float(np.ptp(np.asarray(f.val_probs), axis=0).max()) <= 1e-6
+        ]
+
+    @property
     def se_roc_auc(self) -> float:
         """Standard error of `mean_roc_auc` (`cvstats.corrected_standard_error`)."""
         return corrected_standard_error(self.fold_aucs, self.folds_per_repeat or len(self.folds))
@@ -341,13 +352,23 @@ def gaps_in_test_split(index: DataIndex, task: Task | None = None) -> str | None
     return f"the test split ({len(index.test)} images) {'; '.join(parts)}"
 
 
-def score_caveat(fold_aucs: Sequence[float], thin_folds: str | None) -> str | None:
+def score_caveat(
+    fold_aucs: Sequence[float], thin_folds: str | None, constant_folds: Sequence[int] = ()
+) -> str | None:
     """What a CV score line must add to stay honest: how many folds had a defined ROC-AUC,
-    and that the folds hold too few images of a class (`thin_validation_folds`)."""
+    which folds' model predicted one value for every image (`CVResult.constant_folds`), and
+    that the folds hold too few images of a class (`thin_validation_folds`)."""
     finite = sum(math.isfinite(a) for a in fold_aucs)
     notes = []
     if finite < len(fold_aucs):
         notes.append(f"only {finite} of {len(fold_aucs)} folds have a defined ROC-AUC")
+    if constant_folds:
+        folds = ", ".join(str(k + 1) for k in constant_folds)
+        notes.append(
+            f"fold(s) {folds} gave every validation image the same probability: the model "
+            "learned nothing there, its 0.5 is a tie (train longer, check optim.lr; from "
+            "random init set train.precise_bn_images, see docs/training.md)"
+        )
     if thin_folds is not None:
         notes.append(
             f"folds hold fewer than {MIN_VALIDATION_IMAGES} images of a class (see the "

@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     if isinstance(plan.task, MultilabelTask):
         print(f"  {finding_auc_text(plan.task, result.mean_metrics())}")
-    caveat = score_caveat(result.fold_aucs, prepared.data.thin_folds)
+    caveat = score_caveat(result.fold_aucs, prepared.data.thin_folds, result.constant_folds)
     if caveat is not None:
         print(f"  {caveat}")
     return 0

@@ -135,6 +135,26 @@ def test_the_score_line_says_what_thin_folds_and_undefined_folds_are_worth():
     assert undefined is not None and "only 2 of 3 folds have a defined ROC-AUC" in undefined
 
 
+def test_a_fold_whose_model_predicts_one_value_for_every_image_is_said():
+    """Constant predictions score ROC-AUC 0.5 by ties (seen: EfficientNet-B0 from random init
+    without precise BN after one epoch), which reads like a chance-level ranking."""
+    from distmed.cv import CVResult, FoldResult
+
+    def fold(k: int, probs: list[list[float]]) -> FoldResult:
+        metrics = {"roc_auc": 0.5}
+        return FoldResult(k, 1, metrics, [], list(range(3)), [0, 1, 1], probs)
+
+    same = [[0.4, 0.6]] * 3
+    almost = [[0.4, 0.6], [0.4 + 1e-8, 0.6 - 1e-8], [0.4, 0.6]]  # float noise of one value
+    ranked = [[0.4, 0.6], [0.3, 0.7], [0.45, 0.55]]
+    result = CVResult([fold(0, same), fold(1, ranked), fold(2, almost)], "fp32", "cpu", 1)
+    assert result.constant_folds == [0, 2]
+    assert CVResult([fold(0, ranked)], "fp32", "cpu", 1).constant_folds == []
+    caveat = score_caveat(result.fold_aucs, None, result.constant_folds)
+    assert caveat is not None and "fold(s) 1, 3 gave every validation image the same" in caveat
+    assert score_caveat(result.fold_aucs, None, []) is None
+
+
 def test_summary_keeps_the_warnings_and_is_strict_json(tmp_path: Path):
     summary = RunSummary(
         name="case29",
