@@ -7,6 +7,7 @@ that names its dotted path before any work starts. Dicts exist only at process b
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from collections.abc import Collection, Sequence
@@ -647,9 +648,8 @@ def format_validation_error(exc: ValidationError, known: Collection[str] = ()) -
     list from a hostile file, and an error must stay one readable line.
     """
     parts = []
-    for err in exc.errors():
-        # A validator's own ValueError is our sentence: without pydantic's "Value error, ".
-        message = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+    for err in _union_members_merged(exc.errors()):
+        message = _message(err)
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
         key = key if len(key) <= 80 else shorten(key)  # a hostile --set or YAML key
         if err["type"] == "extra_forbidden":
@@ -662,6 +662,37 @@ def format_validation_error(exc: ValidationError, known: Collection[str] = ()) -
         else:
             parts.append(f"{key}: {message} (got {shorten(err.get('input'))})")
     return "; ".join(parts)
+
+
+# The last part of an error's location when pydantic tried each member of a union field
+# (`int | Literal['all']`): 'constrained-int', "literal['all']", 'function-after[...]'.
+_UNION_MEMBER = re.compile(r"^(constrained-)?(int|float|str|bool)$|^[a-z-]+\[.*\]$")
+
+
+def _message(err: Any) -> str:
+    # A validator's own ValueError is our sentence: without pydantic's "Value error, ".
+    return str(err["ctx"]["error"]) if err["type"] == "value_error" else str(err["msg"])
+
+
+def _union_members_merged(errors: list[Any]) -> list[Any]:
+    """pydantic's errors with each union field's members folded into one error at the
+    field's own key: `model.unfreeze: Input should be greater than or equal to 0 or 'all'`,
+    not one line per member under pydantic's names for them."""
+    merged: dict[tuple[Any, ...], Any] = {}
+    out = []
+    for err in errors:
+        loc = tuple(err["loc"])
+        if not (loc and isinstance(loc[-1], str) and _UNION_MEMBER.match(loc[-1])):
+            out.append(err)
+            continue
+        field_loc = loc[:-1]
+        if field_loc in merged:
+            first = merged[field_loc]
+            first["msg"] = f"{first['msg']} or {_message(err).removeprefix('Input should be ')}"
+            continue
+        merged[field_loc] = {**err, "loc": field_loc, "type": "union", "msg": _message(err)}
+        out.append(merged[field_loc])
+    return out
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

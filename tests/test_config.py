@@ -247,6 +247,23 @@ def test_wrong_type_names_dotted_path(item, dotted):
 
 
 @pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("-1", "Input should be greater than or equal to 0 or 'all' (got -1)"),
+        ("everything", "unable to parse string as an integer or 'all' (got 'everything')"),
+    ],
+)
+def test_a_field_of_several_types_gets_one_problem_at_its_own_key(value, said):
+    """`model.unfreeze` takes a count or `all`: one part at the key, not one per member of
+    the union under pydantic's names for them (`constrained-int`, `literal['all']`)."""
+    with pytest.raises(UserError) as info:
+        load_config(None, [f"model.unfreeze={value}"])
+    message = str(info.value)
+    assert said in message and message.count("model.unfreeze: ") == 1
+    assert "constrained" not in message and "literal[" not in message
+
+
+@pytest.mark.parametrize(
     ("item", "dotted"),
     [
         ("train.epochs=0", "train.epochs"),
