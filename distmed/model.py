@@ -559,7 +559,8 @@ def warn_frozen_random_stages(cfg: ModelConfig, lowest_unfreeze: int | None = No
     if lowest_unfreeze is None:
         where, fix = f"model.unfreeze={unfreeze}", f"set model.unfreeze={arch.depth}"
     else:
-        where, fix = f"model.unfreeze searched down to {unfreeze}", "take it out of the space"
+        where = f"model.unfreeze searched down to {unfreeze} in {cfg.arch}"
+        fix = "take it out of the space"
     log.warning(
         "model.weights=none with %s freezes %s at random init for the whole run; %s to "
         "train every stage, or give pretrained weights (model.weights=imagenet or a .pt file)",

@@ -199,7 +199,9 @@ def warn_frozen_random_stages(spec: SearchSpaceFile) -> None:
         model = model.model_copy(update={"stem": "imagenet"})  # a stem that can be frozen
     unfreeze = space.get("model.unfreeze")
     counts = [v for v in unfreeze.probe_values() if v != "all"] if unfreeze else []
-    model_warning(model, min(counts) if counts else None)
+    archs = space[ARCH_KEY].probe_values() if ARCH_KEY in space else [model.arch]
+    for arch in archs:  # each arch's own stages: the same count freezes other ones
+        model_warning(model.model_copy(update={"arch": arch}), min(counts) if counts else None)
 
 
 def warn_of_double_balancing(spec: SearchSpaceFile) -> None:

@@ -170,6 +170,19 @@ def test_search_warns_when_trials_can_freeze_random_init_stages(
         assert f"freezes {frozen} at random init" in message
 
 
+def test_the_frozen_random_stages_warning_names_each_drawn_arch_s_own_stages(tmp_path, caplog):
+    """Unfreeze 5 trains every stage of a ResNet and freezes four of EfficientNet-B0's nine."""
+    from distmed.tune import main
+
+    space = "model.arch: {choice: [resnet18, efficientnet_b0]}\nmodel.unfreeze: {choice: [5]}"
+    path = space_file(tmp_path, space, RANDOM_INIT)
+    with caplog.at_level("WARNING", logger="distmed.model"):
+        assert main(["--space", str(path), "--dry-run"]) == 0
+    [message] = [r.getMessage() for r in caplog.records if r.name == "distmed.model"]
+    assert "searched down to 5 in efficientnet_b0" in message
+    assert "freezes features.3, features.2, features.1, stem at random init" in message
+
+
 @pytest.mark.parametrize(
     ("where", "space"),
     [
