@@ -600,9 +600,15 @@ def _example_mapping(
     uncovered = [m for m in model_classes if m not in renamed]
     if len(unknown) == 1 and len(uncovered) == 1:
         return f"{old}={uncovered[0]}"
+    if not uncovered:  # every model class has its data: the unknown ones are extra folders
+        return (
+            f"DATA=MODEL for each data class whose images are of that model class; leave out "
+            f"any other folder (such as {old})"
+        )
+    extra = "; leave out any folder of no model class" if len(unknown) > len(uncovered) else ""
     return (
-        f"DATA=MODEL for each data class whose images are of that model class; leave out any "
-        f"other folder (such as {old})"
+        f"DATA=MODEL for each data class whose images are of a model class ({', '.join(uncovered)}"
+        f" not yet mapped); names are not paired by position{extra}"
     )
 
 

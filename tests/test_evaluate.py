@@ -151,6 +151,11 @@ def test_classes_are_matched_by_name_and_a_mismatch_is_one_line(
     assert evaluate.main([*argv, "--class-map", "healthy=NORMAL"]) == 2
     err = capsys.readouterr().err  # 2 data classes left for 1 model class: no pairing guessed
     assert "=PNEUMONIA" not in err.split("e.g.")[-1] and "DATA=MODEL for each" in err
+    assert "(PNEUMONIA not yet mapped)" in err and "leave out any folder of no model" in err
+    renamed = write_image_folder(tmp_path / "site_f", {"healthy": 2, "sick": 2})
+    assert evaluate.main(["--model", str(model_file), "--data", str(renamed)]) == 2
+    err = capsys.readouterr().err  # no class in common: no folder to leave out
+    assert "(NORMAL, PNEUMONIA not yet mapped)" in err and "such as" not in err
 
     assert evaluate.main([*base, "--class-map", "nope=NORMAL"]) == 2
     assert "has no class 'nope'" in capsys.readouterr().err
