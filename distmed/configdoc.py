@@ -55,6 +55,9 @@ spaces, colons and non-ASCII are part of it).
 Frozen stages keep their BatchNorm layers in eval mode. `imagenet` weights download through
 torchvision (internet needed once); offline, point `model.weights` at a local `.pth` state dict
 (with `model.weights_sha256`), or use `--space scratch`; the error says both in one line.
+The file is the backbone as torchvision saves it, ImageNet's 1000-class head included (the
+new head replaces it), loaded strictly; keys saved from a DDP wrapper (`module.` prefix) load
+too. A search over `model.arch` checks the file against every arch it can draw, before Ray.
 """
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from distmed.artifacts import read_torch_file
 from distmed.errors import UserError
@@ -475,9 +476,15 @@ def load_backbone_weights(model: nn.Module, cfg: ModelConfig) -> None:
     except RuntimeError as exc:  # torch lists missing/unexpected keys and shape mismatches
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = (lines[1] if len(lines) > 1 else lines[0])[:160]
+        head = f"size mismatch for {ARCHS[cfg.arch].head}."
+        hint = (
+            "a backbone file keeps torchvision's 1000-class ImageNet head (a distmed "
+            "best_model.pt is a trained model for evaluate/predict, not model.weights)"
+            if head in str(exc)
+            else "check model.arch or the file"
+        )
         raise UserError(
-            f"model.weights {path}: does not fit {cfg.arch} ({detail}); "
-            "check model.arch or the file"
+            f"model.weights {path}: does not fit {cfg.arch} ({detail}); {hint}"
         ) from exc
 
 
@@ -520,6 +527,9 @@ def read_state_dict(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
         raise UserError(
             f"model.weights {path}: expected a state dict, found {type(state).__name__}"
         )
+    # Saved from a DDP or DataParallel wrapper: every key starts with `module.`.
+    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+        consume_prefix_in_state_dict_if_present(state, "module.")
     return state
 
 

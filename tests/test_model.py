@@ -219,6 +219,24 @@ def test_weights_with_wrong_keys_fail_strictly(tmp_path, resnet18_file):
         build_model(model_cfg(weights=str(path)), 2)
 
 
+def test_weights_saved_from_a_ddp_wrapper_load_without_its_module_prefix(tmp_path, resnet18_file):
+    _, state = resnet18_file
+    path = tmp_path / "ddp.pt"
+    torch.save({f"module.{k}": v for k, v in state.items()}, path)
+    model = build_model(model_cfg(weights=str(path)), 2)
+    assert torch.equal(model.state_dict()["conv1.weight"], state["conv1.weight"])
+
+
+def test_a_fine_tuned_head_is_refused_with_what_a_backbone_file_holds(tmp_path, resnet18_file):
+    """A state dict with a 2-class head (a fine-tuned model) is no backbone file: the line
+    says the file needs torchvision's ImageNet head, not just 'check the file'."""
+    _, state = resnet18_file
+    path = tmp_path / "finetuned.pt"
+    torch.save(dict(state, **{"fc.weight": torch.zeros(2, 512), "fc.bias": torch.zeros(2)}), path)
+    with pytest.raises(UserError, match="size mismatch for fc.weight.*1000-class ImageNet head"):
+        build_model(model_cfg(weights=str(path)), 2)
+
+
 def test_weights_for_another_arch_fail_strictly(tmp_path):
     path = tmp_path / "resnet34.pt"
     torch.save(models.resnet34().state_dict(), path)
