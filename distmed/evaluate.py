@@ -136,7 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from distmed.data import scan_source
+    from distmed.inference import tta_of
     from distmed.scorecard import Scores, score, scorecard_json
+    from distmed.tta import describe as describe_tta
 
     path = model_path(args)
     if args.bootstrap < MIN_RESAMPLES:
@@ -159,6 +161,7 @@ def _run(args: argparse.Namespace) -> int:
     temperature = saved.calibration.temperature if saved.calibration else None
     own_data = is_training_data(args.data, saved.config.data.root)
     record.update(ensemble=args.ensemble, temperature=temperature, training_data=own_data)
+    record.update(tta=describe_tta(tta_of(model)))
     record.update(scorecard_json(card), skipped_files=kept.skipped)
     write_evaluation(output, record, scores, card)
     for sample_id, reason in kept.skipped.items():
@@ -207,7 +210,9 @@ def _run_findings(
     import numpy as np
 
     from distmed.data import scan_source
+    from distmed.inference import tta_of
     from distmed.scorecard import score, scorecard_json
+    from distmed.tta import describe as describe_tta
 
     threshold = finding_threshold(args.threshold, saved)
     training = evaluation_data_config(saved.config.data, args.data, args.skip_invalid)
@@ -224,6 +229,7 @@ def _run_findings(
     record = findings_record(path, args.data, source, split, scores, class_map, threshold)
     own_data = is_training_data(args.data, saved.config.data.root)
     record.update(ensemble=args.ensemble, temperature=None, training_data=own_data)
+    record.update(tta=describe_tta(tta_of(model)))
     if saved.finding_calibration is not None:
         record["temperature"] = saved.finding_calibration.temperatures.tolist()
     record.update(missing_findings=match.missing, ignored_columns=ignored + match.extra)
@@ -858,14 +864,16 @@ def summary_line(record: dict[str, Any], card: Scorecard, device: torch.device) 
     low, high = card.argmax.ci["roc_auc"]
     shown = "undefined" if np.isnan(auc) else f"{auc:.4f} (95% CI {low:.4f}-{high:.4f})"
     scored = f"{record['num_images']} images of {record['data_name']} ({record['split']}) scored"
+    tta = record.get("tta", "none")
+    views = "" if tta == "none" else f"; test-time augmentation: {tta}"
     if record.get("multilabel"):
         return (
             f"{scored} by the {model_text(record)} on {device}: mean ROC-AUC over "
-            f"{len(record['scored_findings'])} finding(s) {shown}"
+            f"{len(record['scored_findings'])} finding(s) {shown}{views}"
         )
     return (
         f"{scored} by the {model_text(record)} on {device}: ROC-AUC {shown}, accuracy "
-        f"{card.argmax.point['accuracy']:.4f}"
+        f"{card.argmax.point['accuracy']:.4f}{views}"
     )
 
 

@@ -87,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from distmed.inference import choose_device, load_inference_model, predict_batches
+    from distmed.inference import choose_device, load_inference_model, predict_batches, tta_of
+    from distmed.tta import describe as describe_tta
 
     path = model_path(args)
     if args.batch_size < 1:
@@ -121,7 +122,12 @@ def _run(args: argparse.Namespace) -> int:
         if saved.multilabel is not None:
             toward = f"finding {args.finding}" if args.finding else "the most probable finding"
         print(flat_note(flat, cam_dir, toward=toward), file=sys.stderr)
-    print(f"{len(results) - len(bad)} of {len(results)} images predicted on {device} -> {output}")
+    tta = describe_tta(tta_of(model))
+    with_tta = "" if tta == "none" else f" with test-time augmentation: {tta}"
+    print(
+        f"{len(results) - len(bad)} of {len(results)} images predicted on {device}{with_tta} "
+        f"-> {output}"
+    )
     print(decision_note(saved, threshold, given=args.threshold is not None))
     return EXIT_SOME_UNREADABLE if bad else 0
 

@@ -45,6 +45,16 @@ def forward_passes(cfg: AugmentConfig | None) -> int:
     return 1 + cfg.tta_draws
 
 
+def describe(cfg: AugmentConfig | None) -> str:
+    """What a prediction averages, for a terminal line and evaluation.json: 'none', or the
+    views and their cost, e.g. 'flips (2 forward passes an image)'."""
+    if not active(cfg):
+        return "none"
+    assert cfg is not None
+    views = "flips" if cfg.tta == "flips" else f"policy, {cfg.tta_draws} draws"
+    return f"{views} ({forward_passes(cfg)} forward passes an image)"
+
+
 def flip_dims(cfg: AugmentConfig) -> list[tuple[int, ...]]:
     """The flips of tta=flips as `torch.flip` dims, () being the image itself."""
     dims: list[tuple[int, ...]] = [()]

@@ -14,6 +14,7 @@ from conftest import saved_record, write_image_folder
 from torch import nn
 from torch.utils.data import DataLoader
 
+from distmed import evaluate as evaluate_cli
 from distmed import export, predict
 from distmed.config import AugmentConfig, ExperimentConfig
 from distmed.data import CachedImageDataset, to_model_input
@@ -22,7 +23,7 @@ from distmed.loop import FoldData, Runtime, build_fold, evaluate
 from distmed.loop import predict as predict_loader
 from distmed.model import build_model
 from distmed.task import BinaryTask
-from distmed.tta import FlipAveraged, forward_passes
+from distmed.tta import FlipAveraged, describe, forward_passes
 
 TWO = BinaryTask(("neg", "pos"), 1)
 CPU = Runtime(torch.device("cpu"))
@@ -106,6 +107,11 @@ def test_forward_passes_state_the_cost():
     assert forward_passes(FLIPS) == 2  # horizontal only by default
     assert forward_passes(AugmentConfig(tta="flips", vflip=True)) == 4
     assert forward_passes(AugmentConfig(tta="policy", tta_draws=5)) == 6
+    assert describe(None) == describe(AugmentConfig()) == "none"
+    assert describe(FLIPS) == "flips (2 forward passes an image)"
+    assert describe(AugmentConfig(tta="policy", tta_draws=5)) == (
+        "policy, 5 draws (6 forward passes an image)"
+    )
 
 
 def test_validation_scores_the_tta_average():
@@ -147,11 +153,15 @@ def _flip_mean(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         return (model(inputs).softmax(1) + model(inputs.flip(-1)).softmax(1)) / 2
 
 
-def test_predict_and_export_average_the_saved_models_flips(flip_model: Path, tmp_path: Path):
+def test_predict_and_export_average_the_saved_models_flips(
+    flip_model: Path, tmp_path: Path, capsys
+):
     model, _ = load_inference_model(flip_model)
     folder = write_image_folder(tmp_path / "images", {"a": 3}, size=SIZE)
     out = tmp_path / "predictions.csv"
     assert predict.main(["--model", str(flip_model), str(folder), "--output", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "3 of 3 images predicted on cpu with test-time augmentation: flips (2 forward" in said
     inputs = to_model_input(torch.randint(0, 256, (4, 3, SIZE, SIZE), dtype=torch.uint8))
     target = tmp_path / "model.onnx"
     argv = ["--model", str(flip_model), "--format", "onnx", "--output", str(target)]
@@ -172,6 +182,19 @@ def test_predict_and_export_average_the_saved_models_flips(flip_model: Path, tmp
     expected = _flip_mean(model, to_model_input(torch.from_numpy(decoded)))
     written = np.array([[float(row["prob_neg"]), float(row["prob_pos"])] for row in rows])
     np.testing.assert_allclose(written, expected.numpy(), atol=2e-6)
+
+
+def test_evaluate_says_and_records_the_test_time_augmentation(
+    flip_model: Path, tmp_path: Path, capsys
+):
+    folder = write_image_folder(tmp_path / "images", {"neg": 3, "pos": 3}, size=SIZE)
+    out = tmp_path / "evaluation"
+    argv = ["--model", str(flip_model), "--data", str(folder), "--cpu", "--bootstrap", "20"]
+    assert evaluate_cli.main([*argv, "--output", str(out)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "; test-time augmentation: flips (2 forward passes an image) -> " in line
+    record = json.loads((out / evaluate_cli.EVALUATION_JSON).read_text())
+    assert record["tta"] == "flips (2 forward passes an image)"
 
 
 def test_flip_averaged_graph_equals_the_tta_prediction():
