@@ -199,22 +199,16 @@ def warn_frozen_random_stages(spec: SearchSpaceFile) -> None:
         model = model.model_copy(update={"stem": "imagenet"})  # a stem that can be frozen
     unfreeze = space.get("model.unfreeze")
     counts = [v for v in unfreeze.probe_values() if v != "all"] if unfreeze else []
-    for arch in drawn(spec, ARCH_KEY, model.arch):  # each arch's stages: a count freezes others
+    for arch in spec.drawn(ARCH_KEY, model.arch):  # each arch's stages: a count freezes others
         model_warning(model.model_copy(update={"arch": arch}), min(counts) if counts else None)
-
-
-def drawn(spec: SearchSpaceFile, key: str, base: Any) -> list[Any]:
-    """The values of dotted `key` the space's trials can take (`Distribution.probe_values`),
-    or `base` (the base's value) when the space does not search it."""
-    return list(spec.space[key].probe_values()) if key in spec.space else [base]
 
 
 def warn_of_double_balancing(spec: SearchSpaceFile) -> None:
     """`sampling.warn_of_double_balancing` for the trials the space can draw."""
     train = spec.base.train
     sampling_warning(
-        drawn(spec, "train.sampler", train.sampler),
-        drawn(spec, "train.class_weights", train.class_weights),
+        spec.drawn("train.sampler", train.sampler),
+        spec.drawn("train.class_weights", train.class_weights),
     )
 
 
@@ -274,8 +268,8 @@ def models_to_check(spec: SearchSpaceFile) -> list[ModelConfig]:
     can draw: a file that fits only the base's arch would otherwise error every trial of
     another arch, inside Ray, after the first decode."""
     base = spec.base.model
-    files = set(drawn(spec, "model.weights", base.weights)) - {"none", "imagenet"}
-    pairs = [(a, w) for a in drawn(spec, ARCH_KEY, base.arch) for w in sorted(files)]
+    files = set(spec.drawn("model.weights", base.weights)) - {"none", "imagenet"}
+    pairs = [(a, w) for a in spec.drawn(ARCH_KEY, base.arch) for w in sorted(files)]
     others = [pair for pair in pairs if pair != (base.arch, base.weights)]
     return [base, *(base.model_copy(update={"arch": a, "weights": w}) for a, w in others)]
 

@@ -536,8 +536,7 @@ def warn_of_rungs_in_warmup(spec: SearchSpaceFile) -> str | None:
     trials are then stopped on scores taken while their rate still ramps up, which ranks
     them by how fast they warm up (benchmarks/BENCHMARKS.md part 8: the search benchmark's
     grace period 1 with a 1-epoch warm-up)."""
-    dist = spec.space.get("optim.warmup_epochs")
-    warmup = int(max(dist.probe_values())) if dist else spec.base.optim.warmup_epochs
+    warmup = int(max(spec.drawn("optim.warmup_epochs", spec.base.optim.warmup_epochs)))
     grace = min(spec.search.scheduler.grace_period, max_epochs(spec))
     if warmup == 0 or grace > warmup or grace >= max_epochs(spec):
         return None
@@ -552,8 +551,7 @@ def warn_of_rungs_in_warmup(spec: SearchSpaceFile) -> str | None:
 
 def max_epochs(spec: SearchSpaceFile) -> int:
     """The most epochs any trial can run (the space may search `train.epochs` itself)."""
-    dist = spec.space.get("train.epochs")
-    return int(max(dist.probe_values())) if dist else spec.base.train.epochs
+    return int(max(spec.drawn("train.epochs", spec.base.train.epochs)))
 
 
 def restore_tuner(path: str, context: TrialContext) -> ray.tune.Tuner:

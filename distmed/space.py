@@ -152,6 +152,11 @@ class SearchSpaceFile(_Strict):
         """The space in its file form, `{key: {kind: [args]}}` (for summaries and --dry-run)."""
         return {key: {dist.kind: list(dist.args)} for key, dist in self.space.items()}
 
+    def drawn(self, key: str, base: Any) -> list[Any]:
+        """The values of dotted `key` the trials can take (`Distribution.probe_values`), or
+        `base` (the base's value) when the space does not search it."""
+        return list(self.space[key].probe_values()) if key in self.space else [base]
+
     def with_search(self, **updates: Any) -> SearchSpaceFile:
         """A copy with search settings replaced (CLI flags), validated like the file."""
         try:
